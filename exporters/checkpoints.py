@@ -1,0 +1,176 @@
+"""Reading checkpoints in the forms people save them, and fitting state dicts to a network.
+
+Forms: a state dict (bare, or nested in a training-checkpoint dict under ``state_dict``,
+``model``, ``model_state_dict``, ``net`` or ``ema``), a whole pickled ``nn.Module``, a
+TorchScript archive, and a ``.safetensors`` file.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ensemble.errors import EnsError
+
+#: Keys under which training scripts nest the weights, in the order they are tried.
+NESTED_KEYS = ("state_dict", "model", "model_state_dict", "net", "ema")
+#: Prefixes that wrappers add to every key: DataParallel/DDP, Lightning-style modules, torch.compile.
+KEY_PREFIXES = ("module.", "model.", "_orig_mod.")
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint file holds: either tensors by name or a runnable module."""
+
+    path: Path
+    kind: str  #: "state_dict", "module" or "torchscript"
+    state_dict: dict[str, torch.Tensor] | None = None
+    module: nn.Module | None = None
+    found_under: str | None = None  #: the nesting key the weights came from, if any
+    notes: list[str] = field(default_factory=list)
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open ``path`` and classify what it holds; raise :class:`EnsError` if it is no checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise EnsError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise EnsError(f"{path}: empty file, not a checkpoint")
+    if path.suffix == ".safetensors":
+        return Checkpoint(path, "state_dict", state_dict=_load_safetensors(path))
+    if _is_torchscript(path):
+        try:
+            module = torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:
+            raise EnsError(f"{path}: unreadable TorchScript archive ({_short(exc)})") from None
+        return Checkpoint(path, "torchscript", module=module.eval())
+    obj, notes = _torch_load(path)
+    checkpoint = _classify(path, obj)
+    checkpoint.notes[:0] = notes
+    return checkpoint
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise EnsError(f"{path}: not a safetensors file ({_short(exc)})") from None
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    # torch.save archives hold <root>/data.pkl; TorchScript ones add <root>/constants.pkl and code/.
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
+def _torch_load(path: Path) -> tuple[object, list[str]]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), []
+    except pickle.UnpicklingError as exc:
+        if "weights_only" not in str(exc):
+            raise EnsError(f"{path}: not a PyTorch checkpoint ({_short(exc)})") from None
+    except Exception as exc:
+        raise EnsError(f"{path}: not a PyTorch checkpoint ({_short(exc)})") from None
+    # The file pickles more than tensors and plain containers: a whole nn.Module, or a training
+    # checkpoint that also stores e.g. an argparse Namespace. Unpickling it runs code named in
+    # the file, which is what the user asked for by exporting their own model.
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except (AttributeError, ModuleNotFoundError) as exc:
+        raise EnsError(
+            f"{path}: cannot unpickle it, a class it needs is not importable ({_short(exc)}); "
+            "save a state_dict instead and pass --arch"
+        ) from None
+    except Exception as exc:
+        raise EnsError(f"{path}: not a PyTorch checkpoint ({_short(exc)})") from None
+    return obj, ["the file holds pickled Python objects: loading it ran code from it (export only files you trust)"]
+
+
+def _is_state_dict(obj: object) -> bool:
+    return (isinstance(obj, Mapping) and len(obj) > 0
+            and all(isinstance(k, str) for k in obj)
+            and all(isinstance(v, torch.Tensor) for v in obj.values()))
+
+
+def _classify(path: Path, obj: object) -> Checkpoint:
+    if isinstance(obj, nn.Module):
+        return Checkpoint(path, "module", module=obj.eval())
+    if _is_state_dict(obj):
+        return Checkpoint(path, "state_dict", state_dict=dict(obj))
+    if isinstance(obj, Mapping):
+        for key in NESTED_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, nn.Module):
+                return Checkpoint(path, "module", module=inner.eval(), found_under=key)
+            if _is_state_dict(inner):
+                return Checkpoint(path, "state_dict", state_dict=dict(inner), found_under=key)
+        keys = ", ".join(map(str, list(obj)[:8]))
+        raise EnsError(
+            f"{path}: a dict with keys [{keys}] but no weights under any of {', '.join(NESTED_KEYS)}"
+        )
+    raise EnsError(f"{path}: holds a {type(obj).__name__}, not a state_dict, model or training checkpoint")
+
+
+def _prefix_variants(keys: list[str]) -> list[tuple[str, ...]]:
+    """Successive wrapper prefixes shared by every key, e.g. ('_orig_mod.', 'module.')."""
+    variants: list[tuple[str, ...]] = [()]
+    current = keys
+    while True:
+        prefix = next((p for p in KEY_PREFIXES if current and all(k.startswith(p) for k in current)), None)
+        if prefix is None:
+            return variants
+        current = [k[len(prefix):] for k in current]
+        variants.append(variants[-1] + (prefix,))
+
+
+def strip_prefixes(state_dict: Mapping[str, torch.Tensor], target_keys: set[str]) -> tuple[dict[str, torch.Tensor], str]:
+    """Remove wrapper prefixes so that the keys match ``target_keys`` best.
+
+    Prefixes are stripped only when every key has them, and only as far as it makes more keys
+    match the network (a network whose own keys start with ``model.`` keeps them). Returns the
+    new dict and the prefix removed ("" when none).
+    """
+    keys = list(state_dict)
+    best, best_overlap = (), -1
+    for variant in _prefix_variants(keys):
+        n = len("".join(variant))
+        overlap = sum(k[n:] in target_keys for k in keys)
+        if overlap > best_overlap:
+            best, best_overlap = variant, overlap
+    n = len("".join(best))
+    return {k[n:]: v for k, v in state_dict.items()}, "".join(best)
+
+
+def fit_report(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> str | None:
+    """One line naming the keys and shapes that keep ``state_dict`` from loading strictly, or None."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}"
+              for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    parts = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                         ("shape mismatches (checkpoint vs model)", shapes)):
+        if items:
+            more = f" (+{len(items) - 4} more)" if len(items) > 4 else ""
+            parts.append(f"{label}: {', '.join(items[:4])}{more}")
+    return "; ".join(parts) or None

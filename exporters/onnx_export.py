@@ -1,0 +1,407 @@
+"""Checkpoint -> verified, self-describing ONNX file.
+
+The exported graph takes uint8 RGB images in NHWC layout and does the cast, scaling and
+mean/std normalisation itself, so inference ships bytes, not floats::
+
+    image  uint8   (batch, height, width, 3)
+    logits float32 (batch, num_classes)
+
+Every export is verified before it is written: ``onnx.checker`` (full check), then
+onnxruntime against torch on the same uint8 batch at the model's size and at a second size.
+The file appears at its path only when all of that passed.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from ensemble import __version__
+from ensemble.errors import EnsError
+from ensemble.fileio import atomic_path, sha256_file
+from ensemble.metadata import (INPUT_NAME, OUTPUT_NAME, RESIZE_POLICIES, ModelMetadata,
+                               Verification)
+from exporters import architectures
+from exporters.checkpoints import Checkpoint, fit_report, load_checkpoint, strip_prefixes
+from exporters.classes import load_class_ids
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+OPSET = 17
+#: Bounds of the parity check: fp32 graphs must match torch closely and agree on every top-1;
+#: fp16 graphs round every activation, so only their top-1 agreement is bounded.
+FP32_MAX_ABS_DIFF = 1e-3
+FP16_MIN_TOP1_AGREEMENT = 0.99
+CHECK_BATCH = 4
+#: Ops that make up the in-graph preprocessing; kept in float32 by the fp16 conversion.
+_PREPROCESS_OPS = {"Transpose", "Cast", "Mul", "Add", "Sub", "Div"}
+#: State-dict keys of auxiliary heads (Inception v3, GoogLeNet), dropped for inference.
+_AUX_PREFIXES = ("AuxLogits.", "aux1.", "aux2.")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to export. ``None`` means "the architecture's or checkpoint's own value"."""
+
+    arch: str | None = None
+    arch_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    num_classes: int | None = None
+    input_size: int | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    resize: str = "center-crop"
+    crop_pct: float = 0.875
+    classes: Path | None = None
+    fp16: bool = False
+    opset: int = OPSET
+    check_batch: int = CHECK_BATCH
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    metadata: ModelMetadata
+    notes: tuple[str, ...]
+    seconds: float
+
+
+class UInt8NHWC(nn.Module):
+    """Wraps a classifier so it takes uint8 NHWC RGB images and normalises them itself."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.model = model
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        # (x / 255 - mean) / std folded into one multiply-add.
+        self.register_buffer("scale", 1.0 / (255.0 * std_t), persistent=False)
+        self.register_buffer("shift", -mean_t / std_t, persistent=False)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = image.permute(0, 3, 1, 2).to(torch.float32)
+        out = self.model(x * self.scale + self.shift)
+        logits = getattr(out, "logits", out)  # InceptionOutputs / GoogLeNetOutputs
+        return logits
+
+
+def default_output_path(checkpoint: Path, fp16: bool) -> Path:
+    return checkpoint.with_suffix(".fp16.onnx" if fp16 else ".onnx")
+
+
+def second_size(size: int) -> int:
+    """The second verification size: one step of the default multi-scale TTA (x 8/7)."""
+    return int(round(size * 8 / 7))
+
+
+def check_images(batch: int, size: int, seed: int = 0) -> torch.Tensor:
+    """A deterministic uint8 NHWC batch of smooth, photo-like images (not white noise)."""
+    gen = torch.Generator().manual_seed(seed + size)
+    coarse = torch.rand(batch, 3, 6, 6, generator=gen) * 255
+    smooth = nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+    noise = torch.randn(batch, 3, size, size, generator=gen) * 12
+    return (smooth + noise).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None,
+                      options: ExportOptions = ExportOptions()) -> ExportResult:
+    """Export ``checkpoint`` to a verified ONNX file at ``out`` and return what was written."""
+    start = time.perf_counter()
+    checkpoint = Path(checkpoint)
+    out = Path(out) if out is not None else default_output_path(checkpoint, options.fp16)
+    _check_options(options, out)
+    ckpt = load_checkpoint(checkpoint)
+    model, arch_name, default_size, notes = _prepare_model(ckpt, options)
+    size = options.input_size or default_size
+    wrapper = UInt8NHWC(model, options.mean, options.std).eval()
+
+    num_classes = _num_classes_from_output(wrapper, size, options, checkpoint)
+    class_ids = load_class_ids(options.classes, num_classes) if options.classes else None
+
+    size2 = second_size(size)
+    dynamic = _runs_at(wrapper, size2)
+    if not dynamic:
+        notes.append(f"{arch_name} only takes {size} px inputs: exported with a fixed height and width")
+    graph = _to_onnx(wrapper, size, dynamic, options.opset)
+    sizes = [size, size2] if dynamic else [size]
+    references = {s: _torch_logits(wrapper, check_images(options.check_batch, s)) for s in sizes}
+    try:
+        checks = _verify(graph, references, options.check_batch, "fp32")
+    except _SizeMismatch as exc:
+        # The trace froze a shape that depends on the input size (a Python int in the model's
+        # forward): keep the export, but fixed to the size it was traced at.
+        notes.append(f"the traced graph is not size-dynamic ({exc}); exported with a fixed {size} px input")
+        dynamic, sizes = False, [size]
+        graph = _to_onnx(wrapper, size, False, options.opset)
+        references = {size: references[size]}
+        checks = _verify(graph, references, options.check_batch, "fp32")
+    if options.fp16:
+        graph = _to_fp16(graph)
+        checks += _verify(graph, references, options.check_batch, "fp16")
+
+    metadata = ModelMetadata(
+        architecture=arch_name,
+        num_classes=num_classes,
+        input_size=size,
+        mean=tuple(float(v) for v in options.mean),
+        std=tuple(float(v) for v in options.std),
+        resize=options.resize,
+        crop_pct=options.crop_pct,
+        dynamic_size=dynamic,
+        precision="fp16" if options.fp16 else "fp32",
+        class_ids=class_ids,
+        arch_kwargs=dict(options.arch_kwargs),
+        checkpoint=checkpoint.name,
+        checkpoint_sha256=sha256_file(checkpoint),
+        verification=tuple(checks),
+        exporter=f"ens {__version__}",
+        opset=options.opset,
+        torch_version=torch.__version__,
+        onnx_version=onnx.__version__,
+    )
+    _write(graph, metadata, out)
+    return ExportResult(path=out, metadata=metadata, notes=tuple(notes),
+                        seconds=time.perf_counter() - start)
+
+
+def _check_options(options: ExportOptions, out: Path) -> None:
+    if out.suffix != ".onnx":
+        raise EnsError(f"-o {out}: the output file must end in .onnx")
+    for name, values in (("--mean", options.mean), ("--std", options.std)):
+        if len(values) != 3:
+            raise EnsError(f"{name}: expected three values R,G,B, got {len(values)}")
+        if any(not (0.0 <= v <= 1.0) for v in values):
+            raise EnsError(f"{name} {','.join(map(str, values))}: values are fractions of 255 in [0, 1] "
+                           "(e.g. 0.485,0.456,0.406)")
+    if any(v <= 0 for v in options.std):
+        raise EnsError(f"--std {','.join(map(str, options.std))}: every value must be positive")
+    if options.input_size is not None and not 16 <= options.input_size <= 4096:
+        raise EnsError(f"--input-size {options.input_size}: expected 16 to 4096 pixels")
+    if options.num_classes is not None and options.num_classes < 1:
+        raise EnsError(f"--num-classes {options.num_classes}: must be at least 1")
+    if options.resize not in RESIZE_POLICIES:
+        raise EnsError(f"--resize {options.resize}: choose one of {', '.join(RESIZE_POLICIES)}")
+    if not 0.0 < options.crop_pct <= 1.0:
+        raise EnsError(f"--crop-pct {options.crop_pct}: expected a fraction in (0, 1]")
+    if options.check_batch < 2:
+        raise EnsError("the check batch needs at least 2 images")
+
+
+def _prepare_model(ckpt: Checkpoint, options: ExportOptions) -> tuple[nn.Module, str, int, list[str]]:
+    """The eval-mode network, its architecture label, its default input size, and notes."""
+    notes = list(ckpt.notes)
+    if ckpt.found_under:
+        notes.append(f"weights taken from the checkpoint's {ckpt.found_under!r} entry")
+    if ckpt.kind == "state_dict":
+        return _build_from_state_dict(ckpt, options, notes)
+
+    model = ckpt.module
+    assert model is not None
+    kwargs = dict(options.arch_kwargs)
+    if architectures.is_inception(model) and "transform_input" in kwargs:
+        model.transform_input = bool(kwargs.pop("transform_input"))
+    if kwargs:
+        raise EnsError(f"{ckpt.path}: holds a whole model, so --arch-kwargs {sorted(kwargs)} cannot apply "
+                       "(they are for building a network from a state_dict)")
+    if ckpt.kind == "module" and architectures.strip_aux_heads(model):
+        notes.append("dropped the auxiliary head (it only serves training)")
+    if options.arch:
+        label = options.arch
+        default_size = architectures.INPUT_SIZES.get(options.arch, architectures.DEFAULT_INPUT_SIZE)
+    else:
+        cls = type(model)
+        label = getattr(model, "original_name", None) if ckpt.kind == "torchscript" else None
+        label = label or f"{cls.__module__}:{cls.__qualname__}"
+        default_size = architectures.default_size_for_module(model)
+    return model.eval(), label, default_size, notes
+
+
+def _build_from_state_dict(ckpt: Checkpoint, options: ExportOptions,
+                           notes: list[str]) -> tuple[nn.Module, str, int, list[str]]:
+    if not options.arch:
+        raise EnsError(f"{ckpt.path}: holds only weights (a state_dict); name the network with --arch, "
+                       "e.g. --arch resnet50")
+    arch = architectures.resolve(options.arch)
+    state_dict = ckpt.state_dict
+    assert state_dict is not None
+    try:
+        with torch.device("meta"):  # only key names and the head are needed here: no memory, no init
+            probe = arch.build(None, options.arch_kwargs)
+    except EnsError:
+        raise
+    except Exception:  # a factory that cannot build on the meta device
+        probe = arch.build(None, options.arch_kwargs)
+    state_dict, prefix = strip_prefixes(state_dict, set(probe.state_dict()))
+    if prefix:
+        notes.append(f"removed the key prefix {prefix!r}")
+    aux = [k for k in state_dict if k.startswith(_AUX_PREFIXES) and k not in probe.state_dict()]
+    if aux:
+        state_dict = {k: v for k, v in state_dict.items() if k not in aux}
+        notes.append(f"dropped {len(aux)} auxiliary-head tensors (they only serve training)")
+    if arch.name == "inception_v3" and "transform_input" not in options.arch_kwargs:
+        notes.append("inception_v3 with transform_input=False; if it was fine-tuned from torchvision's "
+                     "ImageNet weights, pass --arch-kwargs '{\"transform_input\": true}'")
+
+    head_name, head = architectures.find_head(probe)
+    head_weight = state_dict.get(f"{head_name}.weight")
+    found = int(head_weight.shape[0]) if head_weight is not None else None
+    if options.num_classes is not None and found is not None and options.num_classes != found:
+        raise EnsError(f"--num-classes {options.num_classes} contradicts {ckpt.path}: its classifier "
+                       f"{head_name}.weight has {found} rows")
+    num_classes = options.num_classes or found
+    model = arch.build(num_classes, options.arch_kwargs)
+    if num_classes is not None:
+        name, layer = architectures.find_head(model)
+        if architectures.head_size(layer) != num_classes:
+            architectures.replace_head(model, name, num_classes)
+    problem = fit_report(state_dict, model)
+    if problem:
+        raise EnsError(f"{ckpt.path}: weights do not fit {arch.name}: {problem}")
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval(), arch.name, arch.default_input_size, notes
+
+
+def _torch_logits(wrapper: nn.Module, images: torch.Tensor) -> np.ndarray:
+    with torch.inference_mode():
+        return wrapper(images).float().numpy()
+
+
+def _runs_at(wrapper: nn.Module, size: int) -> bool:
+    try:
+        _torch_logits(wrapper, check_images(2, size))
+    except Exception:
+        return False
+    return True
+
+
+def _num_classes_from_output(wrapper: nn.Module, size: int, options: ExportOptions, source: Path) -> int:
+    # Runs the model once in eval mode before tracing, which also proves it takes this size.
+    try:
+        out = _torch_logits(wrapper, check_images(2, size))
+    except Exception as exc:
+        raise EnsError(f"{source}: the model does not run on {size} px inputs ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); set --input-size") from None
+    if out.ndim != 2 or out.shape[0] != 2:
+        raise EnsError(f"{source}: the model returns shape {tuple(out.shape)}, expected (batch, classes)")
+    if options.num_classes is not None and out.shape[1] != options.num_classes:
+        raise EnsError(f"--num-classes {options.num_classes} contradicts {source}: the model predicts "
+                       f"{out.shape[1]} classes")
+    return int(out.shape[1])
+
+
+def _to_onnx(wrapper: nn.Module, size: int, dynamic: bool, opset: int) -> onnx.ModelProto:
+    axes = {0: "batch", 1: "height", 2: "width"} if dynamic else {0: "batch"}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # The TorchScript-based exporter is deprecated upstream but is what torch 2.14 (pinned)
+        # runs fastest and most robustly on torchvision models and TorchScript archives; its
+        # tracer warnings are covered by the parity check at a second size.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapper, (check_images(2, size),), buffer,  # batch of 2 keeps the batch axis dynamic
+            dynamo=False, opset_version=opset, do_constant_folding=True,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: {0: "batch"}},
+        )
+    graph = onnx.load_from_string(buffer.getvalue())
+    try:
+        onnx.checker.check_model(graph, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise EnsError(f"the exported graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
+    return graph
+
+
+class _SizeMismatch(Exception):
+    pass
+
+
+def _session(graph: onnx.ModelProto):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _verify(graph: onnx.ModelProto, references: Mapping[int, np.ndarray], batch: int,
+            precision: str) -> list[Verification]:
+    """Run onnxruntime on the check batches and compare with torch's logits, else fail."""
+    session = _session(graph)
+    checks = []
+    first = min(references)
+    for size, expected in references.items():
+        try:
+            got = session.run([OUTPUT_NAME], {INPUT_NAME: check_images(batch, size).numpy()})[0]
+        except Exception as exc:
+            if size != first:
+                raise _SizeMismatch(f"onnxruntime fails at {size} px: {str(exc).splitlines()[0][:120]}") from None
+            raise EnsError(f"onnxruntime cannot run the exported {precision} graph: {str(exc).splitlines()[0]}") from None
+        check = Verification(
+            precision=precision, size=size, batch=batch,
+            max_abs_diff=float(np.abs(got.astype(np.float64) - expected).max()),
+            top1_agreement=float((got.argmax(1) == expected.argmax(1)).mean()),
+        )
+        if precision == "fp32" and (check.max_abs_diff > FP32_MAX_ABS_DIFF or check.top1_agreement < 1.0):
+            message = (f"max |logit difference| {check.max_abs_diff:.2e} (bound {FP32_MAX_ABS_DIFF:g}), "
+                       f"top-1 agreement {check.top1_agreement:.0%}")
+            if size != first:
+                raise _SizeMismatch(f"at {size} px {message}")
+            raise EnsError(f"verification failed: onnxruntime differs from torch at {size} px: {message}")
+        if precision == "fp16" and check.top1_agreement < FP16_MIN_TOP1_AGREEMENT:
+            raise EnsError(f"fp16 verification failed at {size} px: top-1 agreement {check.top1_agreement:.0%} "
+                           f"< {FP16_MIN_TOP1_AGREEMENT:.0%} (max |logit difference| {check.max_abs_diff:.2e}); "
+                           "export without --fp16")
+        checks.append(check)
+    return checks
+
+
+def _preprocessing_nodes(graph: onnx.ModelProto) -> list[str]:
+    """Names of the nodes between the uint8 input and the network proper."""
+    reached = {INPUT_NAME}
+    names = []
+    for node in graph.graph.node:  # nodes are stored in topological order
+        if node.op_type in _PREPROCESS_OPS and any(i in reached for i in node.input):
+            reached.update(node.output)
+            names.append(node.name)
+    return names
+
+
+def _to_fp16(graph: onnx.ModelProto) -> onnx.ModelProto:
+    from onnxconverter_common import float16
+
+    # The preprocessing stays float32: the converter would otherwise retype the uint8 -> float
+    # Cast's output without changing the Cast (an invalid graph), and normalisation is cheap.
+    named = onnx.ModelProto()
+    named.CopyFrom(graph)
+    for i, node in enumerate(named.graph.node):
+        if not node.name:
+            node.name = f"node_{i}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = float16.convert_float_to_float16(
+            named, keep_io_types=True, node_block_list=_preprocessing_nodes(named))
+    try:
+        onnx.checker.check_model(converted, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise EnsError(f"the fp16 graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
+    return converted
+
+
+def _write(graph: onnx.ModelProto, metadata: ModelMetadata, out: Path) -> None:
+    graph.producer_name = "ens"
+    graph.producer_version = __version__
+    del graph.metadata_props[:]
+    for key, value in metadata.to_props().items():
+        graph.metadata_props.add(key=key, value=value)
+    with atomic_path(out) as tmp:
+        onnx.save(graph, str(tmp))
+
+
+__all__ = ["ExportOptions", "ExportResult", "UInt8NHWC", "export_checkpoint", "default_output_path",
+           "check_images", "second_size", "IMAGENET_MEAN", "IMAGENET_STD"]
