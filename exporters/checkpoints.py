@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ class Checkpoint:
 
     path: Path
     kind: str  #: "state_dict", "module" or "torchscript"
-    state_dict: dict[str, torch.Tensor] | None = None
+    state_dict: Mapping[str, torch.Tensor] | None = None
     module: nn.Module | None = None
     found_under: str | None = None  #: the nesting key the weights came from, if any
     notes: list[str] = field(default_factory=list)
@@ -115,14 +116,14 @@ def _classify(path: Path, obj: object) -> Checkpoint:
     if isinstance(obj, nn.Module):
         return Checkpoint(path, "module", module=obj.eval())
     if _is_state_dict(obj):
-        return Checkpoint(path, "state_dict", state_dict=dict(obj))
+        return Checkpoint(path, "state_dict", state_dict=obj)
     if isinstance(obj, Mapping):
         for key in NESTED_KEYS:
             inner = obj.get(key)
             if isinstance(inner, nn.Module):
                 return Checkpoint(path, "module", module=inner.eval(), found_under=key)
             if _is_state_dict(inner):
-                return Checkpoint(path, "state_dict", state_dict=dict(inner), found_under=key)
+                return Checkpoint(path, "state_dict", state_dict=inner, found_under=key)
         keys = ", ".join(map(str, list(obj)[:8]))
         raise EnsError(
             f"{path}: a dict with keys [{keys}] but no weights under any of {', '.join(NESTED_KEYS)}"
@@ -156,8 +157,30 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor], target_keys: set[str]
         overlap = sum(k[n:] in target_keys for k in keys)
         if overlap > best_overlap:
             best, best_overlap = variant, overlap
-    n = len("".join(best))
-    return {k[n:]: v for k, v in state_dict.items()}, "".join(best)
+    prefix = "".join(best)
+    stripped = OrderedDict((k[len(prefix):], v) for k, v in state_dict.items())
+    # torch.save keeps per-module versions in the dict's `_metadata` (MNASNet's loader needs
+    # them); they are keyed by module path, so strip the same prefix there.
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        stripped._metadata = OrderedDict(  # type: ignore[attr-defined]
+            (key[len(prefix):] if key.startswith(prefix) else "", value)
+            for key, value in metadata.items()
+            if key.startswith(prefix) or key == prefix[:-1] or not prefix)
+    return stripped, prefix
+
+
+def with_module_versions(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> Mapping[str, torch.Tensor]:
+    """``state_dict`` carrying per-module versions: its own where saved, else the model's.
+
+    Files that lose ``_metadata`` (safetensors, dicts rebuilt by training scripts) would
+    otherwise make loaders that check versions (MNASNet) refuse the weights.
+    """
+    versions = OrderedDict(getattr(model.state_dict(), "_metadata", {}))
+    versions.update(getattr(state_dict, "_metadata", {}) or {})
+    result = OrderedDict(state_dict)
+    result._metadata = versions  # type: ignore[attr-defined]
+    return result
 
 
 def fit_report(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> str | None:

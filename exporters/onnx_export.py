@@ -31,7 +31,8 @@ from ensemble.fileio import atomic_path, sha256_file
 from ensemble.metadata import (INPUT_NAME, OUTPUT_NAME, RESIZE_POLICIES, ModelMetadata,
                                Verification)
 from exporters import architectures
-from exporters.checkpoints import Checkpoint, fit_report, load_checkpoint, strip_prefixes
+from exporters.checkpoints import (Checkpoint, fit_report, load_checkpoint, strip_prefixes,
+                                   with_module_versions)
 from exporters.classes import load_class_ids
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -88,9 +89,7 @@ class UInt8NHWC(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         x = image.permute(0, 3, 1, 2).to(torch.float32)
-        out = self.model(x * self.scale + self.shift)
-        logits = getattr(out, "logits", out)  # InceptionOutputs / GoogLeNetOutputs
-        return logits
+        return self.model(x * self.scale + self.shift)
 
 
 def default_output_path(checkpoint: Path, fp16: bool) -> Path:
@@ -244,7 +243,8 @@ def _build_from_state_dict(ckpt: Checkpoint, options: ExportOptions,
         notes.append(f"removed the key prefix {prefix!r}")
     aux = [k for k in state_dict if k.startswith(_AUX_PREFIXES) and k not in probe.state_dict()]
     if aux:
-        state_dict = {k: v for k, v in state_dict.items() if k not in aux}
+        for key in aux:
+            del state_dict[key]
         notes.append(f"dropped {len(aux)} auxiliary-head tensors (they only serve training)")
     if arch.name == "inception_v3" and "transform_input" not in options.arch_kwargs:
         notes.append("inception_v3 with transform_input=False; if it was fine-tuned from torchvision's "
@@ -265,13 +265,16 @@ def _build_from_state_dict(ckpt: Checkpoint, options: ExportOptions,
     problem = fit_report(state_dict, model)
     if problem:
         raise EnsError(f"{ckpt.path}: weights do not fit {arch.name}: {problem}")
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(with_module_versions(state_dict, model), strict=True)
     return model.eval(), arch.name, arch.default_input_size, notes
 
 
 def _torch_logits(wrapper: nn.Module, images: torch.Tensor) -> np.ndarray:
     with torch.inference_mode():
-        return wrapper(images).float().numpy()
+        out = wrapper(images)
+    if not isinstance(out, torch.Tensor):
+        raise EnsError(f"the model returns a {type(out).__name__}, expected a (batch, classes) tensor of logits")
+    return out.float().numpy()
 
 
 def _runs_at(wrapper: nn.Module, size: int) -> bool:
@@ -286,6 +289,8 @@ def _num_classes_from_output(wrapper: nn.Module, size: int, options: ExportOptio
     # Runs the model once in eval mode before tracing, which also proves it takes this size.
     try:
         out = _torch_logits(wrapper, check_images(2, size))
+    except EnsError:
+        raise
     except Exception as exc:
         raise EnsError(f"{source}: the model does not run on {size} px inputs ({type(exc).__name__}: "
                        f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); set --input-size") from None
@@ -297,8 +302,12 @@ def _num_classes_from_output(wrapper: nn.Module, size: int, options: ExportOptio
     return int(out.shape[1])
 
 
-def _to_onnx(wrapper: nn.Module, size: int, dynamic: bool, opset: int) -> onnx.ModelProto:
+def _to_onnx(wrapper: UInt8NHWC, size: int, dynamic: bool, opset: int) -> onnx.ModelProto:
     axes = {0: "batch", 1: "height", 2: "width"} if dynamic else {0: "batch"}
+    if isinstance(wrapper.model, torch.jit.ScriptModule):
+        # A TorchScript archive cannot be traced through as a submodule; scripting the
+        # wrapper too hands the exporter one TorchScript graph.
+        wrapper = torch.jit.script(wrapper)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         # The TorchScript-based exporter is deprecated upstream but is what torch 2.14 (pinned)

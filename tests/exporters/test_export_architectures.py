@@ -1,0 +1,90 @@
+"""Every architecture the competition's users bring: parity at two sizes, fp16, metadata."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ensemble.metadata import read_metadata
+from exporters import ExportOptions, export_checkpoint
+from exporters.onnx_export import FP32_MAX_ABS_DIFF, second_size
+
+from tests.exporters.helpers import NUM_CLASSES, build, onnx_logits, reference_logits, random_images
+
+# (architecture, small test input size): random weights and small inputs keep it fast.
+ARCHS = [
+    ("mnasnet1_0", 64),
+    ("inception_v3", 80),  # Inception v3 needs at least 75 px
+    ("wide_resnet50_2", 64),
+    ("resnet50", 64),
+    ("efficientnet_b0", 64),
+    ("mobilenet_v3_large", 64),
+    ("convnext_tiny", 64),
+]
+
+
+@pytest.fixture(scope="module", params=ARCHS, ids=[a for a, _ in ARCHS])
+def exported(request, tmp_path_factory):
+    arch, size = request.param
+    model = build(arch, size)
+    folder = tmp_path_factory.mktemp(arch)
+    ckpt = folder / f"{arch}.pth"
+    torch.save(model.state_dict(), ckpt)
+    result = export_checkpoint(ckpt, options=ExportOptions(arch=arch, input_size=size))
+    return arch, size, model, ckpt, result
+
+
+def test_parity_at_two_sizes(exported):
+    arch, size, model, ckpt, result = exported
+    assert result.path == ckpt.with_suffix(".onnx") and result.path.is_file()
+    checks = result.metadata.verification
+    assert [(c.precision, c.size) for c in checks] == [("fp32", size), ("fp32", second_size(size))]
+    assert all(c.max_abs_diff <= FP32_MAX_ABS_DIFF and c.top1_agreement == 1.0 for c in checks)
+    # Independently of the exporter's own check: the graph equals the model fed with images
+    # normalised outside the graph, at the default size and at another size.
+    for s in (size, size + 24):
+        images = random_images(3, s)
+        got = onnx_logits(result.path, images)
+        want = reference_logits(model, images)
+        assert got.shape == (3, NUM_CLASSES) and got.dtype == np.float32
+        np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-4)
+        assert (got.argmax(1) == want.argmax(1)).all()
+
+
+def test_metadata_round_trip(exported):
+    arch, size, _, ckpt, result = exported
+    meta = read_metadata(result.path)
+    assert meta == result.metadata
+    assert (meta.architecture, meta.num_classes, meta.input_size) == (arch, NUM_CLASSES, size)
+    assert meta.dynamic_size and meta.precision == "fp32"
+    assert meta.mean == (0.485, 0.456, 0.406) and meta.std == (0.229, 0.224, 0.225)
+    assert meta.checkpoint == ckpt.name
+    import hashlib
+
+    assert meta.checkpoint_sha256 == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert meta.opset == 17 and meta.torch_version == torch.__version__
+    assert meta.exporter.startswith("ens ")
+
+
+def test_fp16(exported):
+    arch, size, model, ckpt, _ = exported
+    result = export_checkpoint(ckpt, options=ExportOptions(arch=arch, input_size=size, fp16=True))
+    assert result.path == ckpt.with_suffix(".fp16.onnx")
+    meta = read_metadata(result.path)
+    assert meta.precision == "fp16"
+    fp16_checks = [c for c in meta.verification if c.precision == "fp16"]
+    assert [c.size for c in fp16_checks] == [size, second_size(size)]
+    assert all(c.top1_agreement >= 0.99 for c in fp16_checks)
+
+    import onnx
+
+    graph = onnx.load(str(result.path))
+    assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert graph.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in graph.graph.initializer)
+    images = random_images(4, size, seed=3)
+    got = onnx_logits(result.path, images)
+    want = reference_logits(model, images)
+    assert got.dtype == np.float32
+    assert np.abs(got - want).max() < 0.05 * max(1.0, np.abs(want).max())
