@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -49,7 +50,9 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         return Checkpoint(path, "state_dict", state_dict=_load_safetensors(path))
     if _is_torchscript(path):
         try:
-            module = torch.jit.load(str(path), map_location="cpu")
+            with warnings.catch_warnings():  # TorchScript is deprecated upstream, still supported in 2.14
+                warnings.simplefilter("ignore", FutureWarning)
+                module = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:
             raise EnsError(f"{path}: unreadable TorchScript archive ({_short(exc)})") from None
         return Checkpoint(path, "torchscript", module=module.eval())

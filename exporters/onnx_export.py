@@ -307,7 +307,9 @@ def _to_onnx(wrapper: UInt8NHWC, size: int, dynamic: bool, opset: int) -> onnx.M
     if isinstance(wrapper.model, torch.jit.ScriptModule):
         # A TorchScript archive cannot be traced through as a submodule; scripting the
         # wrapper too hands the exporter one TorchScript graph.
-        wrapper = torch.jit.script(wrapper)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            wrapper = torch.jit.script(wrapper)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         # The TorchScript-based exporter is deprecated upstream but is what torch 2.14 (pinned)
