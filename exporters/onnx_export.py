@@ -220,7 +220,9 @@ def _prepare_model(ckpt: Checkpoint, options: ExportOptions) -> tuple[nn.Module,
         label = getattr(model, "original_name", None) if ckpt.kind == "torchscript" else None
         label = label or f"{cls.__module__}:{cls.__qualname__}"
         default_size = architectures.default_size_for_module(model)
-    return model.eval(), label, default_size, notes
+    # Models saved in half precision (or bfloat16) run in float32 here; the graph's
+    # precision is chosen by --fp16, not by how the file was saved.
+    return model.float().eval(), label, default_size, notes
 
 
 def _build_from_state_dict(ckpt: Checkpoint, options: ExportOptions,

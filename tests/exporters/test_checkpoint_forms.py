@@ -78,6 +78,21 @@ def test_whole_pickled_module(mnasnet, tmp_path):
     assert any("ran code" in note for note in result.notes)
 
 
+def test_half_precision_files_export_in_float32(mnasnet, tmp_path):
+    import copy
+
+    half = copy.deepcopy(mnasnet).half()
+    torch.save(half, tmp_path / "half_module.pt")
+    torch.save(half.state_dict(), tmp_path / "half_weights.pt")
+    reference = copy.deepcopy(half).float()
+    for ckpt, arch in ((tmp_path / "half_module.pt", None), (tmp_path / "half_weights.pt", "mnasnet1_0")):
+        result = export_checkpoint(ckpt, options=ExportOptions(arch=arch, input_size=SIZE))
+        assert result.metadata.precision == "fp32"
+        images = random_images(2, SIZE, seed=5)
+        np.testing.assert_allclose(onnx_logits(result.path, images), reference_logits(reference, images),
+                                   atol=1e-3, rtol=1e-4)
+
+
 def test_module_inside_a_training_dict(mnasnet, tmp_path):
     torch.save({"epoch": 3, "model": mnasnet}, tmp_path / "whole.pt")
     result = _export_and_compare(mnasnet, tmp_path / "whole.pt", arch="mnasnet1_0")
