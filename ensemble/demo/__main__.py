@@ -1,0 +1,3 @@
+from ensemble.demo.run import main
+
+main()
