@@ -1,0 +1,132 @@
+"""Ensemble selection with replacement (Caruana, Niculescu-Mizil, Crew and Ksikes, "Ensemble
+Selection from Libraries of Models", ICML 2004)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import logsumexp
+
+from weights_search.base import Blender
+from weights_search.functional import MIXTURE, check_members, true_class_log_probs
+from weights_search.margins import MixtureMargins
+from weights_search.mixture import informative_rows, mixture_nll
+
+#: What a selection round minimises: the mixture's NLL, or its top-1 error.
+SCORES = ("nll", "accuracy")
+
+
+@dataclass(frozen=True)
+class GreedyStep:
+    """One selection: in bag ``bag``, member ``member`` was added; ``score`` is the bag's
+    ensemble score right after (mixture NLL, or top-1 error, on the rows selection uses)."""
+
+    bag: int
+    member: int
+    score: float
+
+
+class GreedyBlend(Blender):
+    """Ensemble selection with replacement (Caruana et al., ICML 2004); weights are selection counts.
+
+    Each bag starts from its ``n_init`` best single members (sorted initialisation, one
+    selection each), then runs ``n_rounds`` rounds; a round adds the member (again, if it is
+    already in) whose addition gives the best ``score``: ``"nll"``, the NLL of the mixture whose
+    weights are the selection counts (the default: smooth, and it rewards calibration), or
+    ``"accuracy"``, its top-1 error (ties count as errors, see :mod:`weights_search.margins`).
+    Ties between candidates go to the lower member index.
+
+    Bagging: each of ``n_bags`` bags draws ``round(bag_fraction * M)`` members (at least 1)
+    without replacement, with ``seed``; the counts of all bags are added up. The default, one
+    bag of every member, is plain selection.
+
+    ``weights_``: counts / total. ``counts_``: ``(M,)`` selections over all bags.
+    ``trajectory_``: the :class:`GreedyStep` of every selection, bag by bag, in order.
+    ``train_score_``: the score of the final weights on the fitting rows.
+    """
+
+    fusion = MIXTURE
+
+    def __init__(self, n_rounds: int = 50, n_init: int = 1, score: str = "nll",
+                 n_bags: int = 1, bag_fraction: float = 1.0, seed: int = 0) -> None:
+        if score not in SCORES:
+            raise ValueError(f"unknown greedy score {score!r}; choose from: {', '.join(SCORES)}")
+        if n_rounds < 0 or n_init < 0 or n_rounds + n_init < 1:
+            raise ValueError(f"n_rounds and n_init must be non-negative and add up to at least 1, got {n_rounds} and {n_init}")
+        if n_bags < 1:
+            raise ValueError(f"n_bags must be at least 1, got {n_bags}")
+        if not 0 < bag_fraction <= 1:
+            raise ValueError(f"bag_fraction must lie in (0, 1], got {bag_fraction}")
+        self.n_rounds = n_rounds
+        self.n_init = n_init
+        self.score = score
+        self.n_bags = n_bags
+        self.bag_fraction = bag_fraction
+        self.seed = seed
+
+    def fit(self, log_probs: np.ndarray, labels: np.ndarray) -> "GreedyBlend":
+        log_probs, labels = check_members(log_probs, labels)
+        n_members = log_probs.shape[0]
+        bag_size = max(1, round(self.bag_fraction * n_members))
+        if self.n_init > bag_size:
+            raise ValueError(f"n_init={self.n_init} exceeds the {bag_size} members in each bag")
+        scorer = _NllScorer(log_probs, labels) if self.score == "nll" else _ErrorScorer(log_probs, labels)
+        rng = np.random.default_rng(self.seed)
+        total = np.zeros(n_members, dtype=np.int64)
+        steps: list[GreedyStep] = []
+        for bag in range(self.n_bags):
+            members = np.sort(rng.choice(n_members, size=bag_size, replace=False))
+            counts = np.zeros(n_members, dtype=np.int64)
+            alone = scorer.each_added(counts)[members]
+            for m in members[np.argsort(alone, kind="stable")[: self.n_init]]:
+                after = float(scorer.each_added(counts)[m])
+                counts[m] += 1
+                steps.append(GreedyStep(bag, int(m), after))
+            for _ in range(self.n_rounds):
+                candidates = scorer.each_added(counts)[members]
+                best = int(np.argmin(candidates))
+                counts[members[best]] += 1
+                steps.append(GreedyStep(bag, int(members[best]), float(candidates[best])))
+            total += counts
+        self.counts_ = total
+        self.weights_ = total / total.sum()
+        self.trajectory_ = tuple(steps)
+        self.train_score_ = scorer.score(self.weights_)
+        return self
+
+
+class _NllScorer:
+    """Mixture NLL of selection counts, from the ``(M, N)`` true-class log-probabilities.
+
+    Rows where no member gives the true class a non-zero probability are left out of the
+    selection and its trajectory (every candidate would score ``inf`` there); :meth:`score`,
+    which gives ``train_score_``, still counts them.
+    """
+
+    def __init__(self, log_probs: np.ndarray, labels: np.ndarray) -> None:
+        self.true_lp = true_class_log_probs(log_probs, labels)
+        self.kept = self.true_lp[:, informative_rows(self.true_lp)]
+        if not self.kept.size:
+            raise ValueError("no member gives the true class a non-zero probability on any row: nothing to select")
+
+    def each_added(self, counts: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore"):
+            log_sum = logsumexp(self.kept + np.log(counts)[:, None], axis=0)
+        return -(np.logaddexp(log_sum, self.kept) - np.log(counts.sum() + 1)).mean(axis=1)
+
+    def score(self, weights: np.ndarray) -> float:
+        return mixture_nll(self.true_lp, weights)
+
+
+class _ErrorScorer:
+    """Top-1 error of the mixture of selection counts (see :class:`MixtureMargins`)."""
+
+    def __init__(self, log_probs: np.ndarray, labels: np.ndarray) -> None:
+        self.margins = MixtureMargins(log_probs, labels)
+
+    def each_added(self, counts: np.ndarray) -> np.ndarray:
+        return 1.0 - self.margins.count_each_added(counts.astype(np.float64)) / self.margins.n_rows
+
+    def score(self, weights: np.ndarray) -> float:
+        return 1.0 - self.margins.count(np.asarray(weights, dtype=np.float64)) / self.margins.n_rows
