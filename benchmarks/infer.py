@@ -1,0 +1,195 @@
+"""`ens infer` end to end against the models alone and against a plain torch DataLoader loop.
+
+    .venv/bin/python benchmarks/infer.py            # 512 images
+    .venv/bin/python benchmarks/infer.py --quick    # 64 images
+
+On a generated iNaturalist-like set (JPEGs, longest side 800 px, the usual photo aspect ratios,
+photo-like content at quality 90) and two exported networks (resnet50 and mnasnet1_0, 1010
+classes, 224 px, random weights: speed does not depend on them), with flip TTA, all measured in
+this one run:
+
+* model only: the same onnxruntime sessions (ens's own :class:`~ensemble.runtime.Runner`) on
+  preloaded uint8 batches of identity + flip, no decoding, no files;
+* ens infer: :func:`ensemble.infer.infer` in this process, the whole run: decoding workers,
+  sessions, chunks and stores (each run writes a fresh store). "loop" leaves out the start
+  (sessions, worker start) and the store assembly, which do not grow with the data set;
+* torch loop: torchvision models in eval / inference mode, a DataLoader decoding with PIL and
+  torchvision transforms (Resize 256, CenterCrop 224, ToTensor, Normalize), one forward pass
+  per model and view, as a plain script would do it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ensemble.datasets import load_split  # noqa: E402
+from ensemble.infer import InferOptions, infer  # noqa: E402
+from ensemble.runtime import Runner, cpu_threads, load_model  # noqa: E402
+from ensemble.store import read_store  # noqa: E402
+
+ARCHS = ("resnet50", "mnasnet1_0")
+#: (width, height) ratios of iNat photos, with rough frequencies: mostly 4:3 landscape.
+ASPECTS = [((4, 3), 0.45), ((3, 4), 0.2), ((3, 2), 0.15), ((1, 1), 0.1), ((2, 3), 0.05), ((16, 9), 0.05)]
+
+
+def make_images(folder: Path, count: int, seed: int = 0) -> Path:
+    """``count`` JPEGs under ``folder``, longest side 800 (a few smaller), and a COCO json."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    ratios = [a for a, _ in ASPECTS]
+    weights = np.array([w for _, w in ASPECTS])
+    images = []
+    (folder / "test2019").mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        (rw, rh) = ratios[rng.choice(len(ratios), p=weights / weights.sum())]
+        longest = 800 if rng.random() < 0.9 else int(rng.integers(400, 800))
+        w, h = (longest, round(longest * rh / rw)) if rw >= rh else (round(longest * rw / rh), longest)
+        coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+        smooth = np.asarray(coarse.resize((w, h), Image.Resampling.BICUBIC), np.int16)
+        pixels = np.clip(smooth + rng.normal(0, 10, (h, w, 3)), 0, 255).astype(np.uint8)
+        name = f"test2019/{i:06d}.jpg"
+        Image.fromarray(pixels).save(folder / name, quality=90)
+        images.append({"id": 268243 + i, "width": w, "height": h, "file_name": name})
+    (folder / "test2019.json").write_text(json.dumps({"images": images}))
+    return folder / "test2019.json"
+
+
+def export_models(folder: Path) -> list[Path]:
+    import torch
+    import torchvision
+
+    from exporters import ExportOptions, export_checkpoint
+
+    paths = []
+    for arch in ARCHS:
+        out = folder / f"{arch}.onnx"
+        if not out.exists():
+            torch.manual_seed(0)
+            model = torchvision.models.get_model(arch, weights=None, num_classes=1010).eval()
+            torch.save(model.state_dict(), folder / f"{arch}.pth")
+            export_checkpoint(folder / f"{arch}.pth", out, ExportOptions(arch=arch, input_size=224))
+        paths.append(out)
+    return paths
+
+
+def model_only(paths: list[Path], count: int, batch: int) -> float:
+    """Seconds for the sessions alone on ``count`` images as identity + flip batches."""
+    runners = [Runner(load_model(p), "cpu") for p in paths]
+    stacked = np.random.default_rng(0).integers(0, 256, (2 * batch, 224, 224, 3), dtype=np.uint8)
+    for runner in runners:
+        runner(stacked)  # warm-up: memory arenas, kernel choice
+    start = time.perf_counter()
+    for _ in range(-(-count // batch)):
+        for runner in runners:
+            runner(stacked)
+    return time.perf_counter() - start
+
+
+def ens_infer(paths: list[Path], index: Path, out: Path, batch: int, workers: int | None) -> tuple[float, float, int]:
+    """(wall seconds, loop seconds, decoding processes) of one `ens infer` run."""
+    shutil.rmtree(out, ignore_errors=True)
+    split = load_split(index)
+    start = time.perf_counter()
+    result = infer(paths, [split], InferOptions(tta=("flip",), batch_size=batch, workers=workers, out=out))
+    wall = time.perf_counter() - start
+    loop = read_store(result.stores[0].path).manifest["seconds"]
+    return wall, loop, result.workers
+
+
+def torch_loop(folder: Path, index: Path, count: int, batch: int, workers: int) -> float:
+    import torch
+    import torchvision
+    from torchvision import transforms
+
+    split = load_split(index)
+    transform = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+                                    transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(split)
+
+        def __getitem__(self, i):
+            return transform(Image.open(split.paths[i]).convert("RGB"))
+
+    models = []
+    for arch in ARCHS:
+        model = torchvision.models.get_model(arch, weights=None, num_classes=1010).eval()
+        model.load_state_dict(torch.load(folder / f"{arch}.pth"))
+        models.append(model)
+    loader = torch.utils.data.DataLoader(Images(), batch_size=batch, num_workers=workers)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for x in loader:
+            for model in models:
+                for view in (x, torch.flip(x, dims=[3])):
+                    model(view)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="64 images instead of 512")
+    parser.add_argument("--images", type=int, help="number of images (overrides --quick)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--workers", type=int, help="ens decoding processes [default: ens's own]")
+    parser.add_argument("--work", type=Path, help="keep images and models here between runs")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of model-only and ens infer; the best counts")
+    parser.add_argument("--skip-torch", action="store_true")
+    args = parser.parse_args()
+    count = args.images or (64 if args.quick else 512)
+
+    import onnxruntime as ort
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        index = work / f"images{count}" / "test2019.json"
+        start = time.perf_counter()
+        if not index.exists():
+            make_images(index.parent, count)
+        sizes = [p.stat().st_size for p in load_split(index).paths]
+        print(f"{count} JPEGs, longest side 800, mean {np.mean(sizes) / 1e3:.0f} kB "
+              f"(ready in {time.perf_counter() - start:.0f} s)")
+        start = time.perf_counter()
+        paths = export_models(work)
+        print(f"models: {', '.join(ARCHS)} at 224 px, 1010 classes (ready in {time.perf_counter() - start:.0f} s)")
+        print(f"{cpu_threads()} cores; onnxruntime {ort.__version__}, torch {torch.__version__} "
+              f"({torch.get_num_threads()} threads); batch {args.batch}, tta flip\n")
+
+        # Interleaved repeats, best of each: other processes on a shared machine only slow runs down.
+        bases, runs = [], []
+        for _ in range(args.repeat):
+            bases.append(model_only(paths, count, args.batch))
+            runs.append(ens_infer(paths, index, work / "runs", args.batch, args.workers))
+            print(f"  model only {bases[-1]:6.2f} s, ens infer {runs[-1][0]:6.2f} s (loop {runs[-1][1]:6.2f} s)")
+        base = min(bases)
+        wall, loop, workers = min(runs)[0], min(r[1] for r in runs), runs[0][2]
+        ratios = [r[0] / b for r, b in zip(runs, bases)]
+        print(f"  whole run / model only, pair by pair: {', '.join(f'{x:.2f}' for x in ratios)} "
+              f"(median {float(np.median(ratios)):.2f})\n")
+        rows = [("model only (preloaded arrays)", base), (f"ens infer, loop ({workers} decoding)", loop),
+                ("ens infer, whole run", wall)]
+        if not args.skip_torch:
+            rows.append(("torch + DataLoader", torch_loop(work, index, count, args.batch, max(1, workers))))
+        print(f"{'':34} {'seconds':>8} {'images/s':>9} {'vs model only':>14}")
+        for name, seconds in rows:
+            print(f"{name:34} {seconds:8.2f} {count / seconds:9.2f} {seconds / base:13.2f}x")
+        if not args.skip_torch:
+            print(f"\nens infer (whole run) is {rows[-1][1] / wall:.1f}x faster than the torch loop")
+
+
+if __name__ == "__main__":
+    main()

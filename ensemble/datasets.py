@@ -1,0 +1,148 @@
+"""Dataset splits: which images to run, in which order, under which ids.
+
+Two sources:
+
+* a COCO / iNaturalist json (``val2019.json``, ``test2019.json``): ``images`` give ``id`` and
+  ``file_name`` relative to the json's folder; ``annotations`` (when labelled) give each image's
+  ``category_id``. ``--data DIR --split val,test`` is short for ``DIR/val2019.json`` and
+  ``DIR/test2019.json`` (``DIR/<split>.json`` and a folder ``DIR/<split>`` are also tried);
+* a plain folder of images: every image file below it, sorted, its id the path relative to the
+  folder (``/``-separated).
+
+Rows keep the json's image order (a folder's sorted order); that order is the row order of every
+logit store made from the split. Validation happens here: a split without images or with a
+repeated id is an :class:`EnsError` naming the file and the id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from ensemble.errors import EnsError
+from ensemble.fileio import sha256_file
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+#: ``--split NAME`` -> candidate names under ``--data``, first match wins (iNat 2017-2019 use a
+#: year suffix, 2021 does not).
+_SPLIT_FILES = ("{}2019.json", "{}.json", "{}")
+
+
+@dataclass(frozen=True)
+class Split:
+    """The images of one dataset split, in row order.
+
+    ``ids[i]`` (int for a json, relative path for a folder) names the image at ``paths[i]``;
+    ``labels[i]`` is its category id, or ``None`` where the json has no annotation for it;
+    ``labels`` is ``None`` for an unlabelled split. ``sha256`` identifies the source: the json
+    file's bytes, or for a folder the sorted relative paths and file sizes.
+    """
+
+    name: str
+    source: Path
+    ids: tuple[int | str, ...]
+    paths: tuple[Path, ...]
+    sha256: str
+    labels: tuple[int | None, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def split_name(source: str | os.PathLike) -> str:
+    """The store name of a split: ``val2019.json`` -> ``val``; a folder keeps its whole name
+    (``test2019/`` -> ``test2019``), so its store never replaces that of ``test2019.json``."""
+    path = Path(source)
+    if path.suffix != ".json":
+        return path.name
+    return re.sub(r"(?<=[A-Za-z_])(19|20)\d\d$", "", path.stem) or path.stem
+
+
+def resolve_splits(data: str | os.PathLike, names: Sequence[str]) -> list[Path]:
+    """``--data DIR --split a,b``: the json file (or image folder) of each split name."""
+    data = Path(data)
+    if not data.is_dir():
+        raise EnsError(f"--data {data}: no such folder")
+    paths = []
+    for name in names:
+        candidates = [data / pattern.format(name) for pattern in _SPLIT_FILES]
+        found = next((c for c in candidates if c.exists()), None)
+        if found is None:
+            tried = ", ".join(c.name for c in candidates)
+            raise EnsError(f"--split {name}: none of {tried} in {data}")
+        paths.append(found)
+    return paths
+
+
+def load_split(source: str | os.PathLike, name: str | None = None) -> Split:
+    """The split held by a COCO/iNat json file or an image folder."""
+    source = Path(source)
+    name = name or split_name(source)
+    if source.is_dir():
+        return _load_folder(source, name)
+    if not source.is_file():
+        raise EnsError(f"{source}: no such file or folder")
+    return _load_json(source, name)
+
+
+def _load_json(path: Path, name: str) -> Split:
+    try:
+        doc = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EnsError(f"{path}: not a JSON file ({exc})") from None
+    images = doc.get("images") if isinstance(doc, dict) else None
+    if not isinstance(images, list):
+        raise EnsError(f"{path}: no \"images\" list (expected a COCO / iNaturalist json)")
+    if not images:
+        raise EnsError(f"{path}: no images")
+    root = path.parent
+    ids, paths, seen = [], [], set()
+    for i, image in enumerate(images):
+        if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
+            raise EnsError(f"{path}: images[{i}] lacks \"id\" or \"file_name\"")
+        image_id = image["id"]
+        if isinstance(image_id, bool) or not isinstance(image_id, (int, str)):
+            raise EnsError(f"{path}: images[{i}] has id {image_id!r}; expected an integer or a string")
+        if image_id in seen:
+            raise EnsError(f"{path}: duplicate image id {image_id!r}")
+        seen.add(image_id)
+        ids.append(image_id)
+        paths.append(root / image["file_name"])
+    if len({type(i) for i in ids}) > 1:
+        raise EnsError(f"{path}: image ids mix integers and strings")
+    return Split(name=name, source=path, ids=tuple(ids), paths=tuple(paths),
+                 sha256=sha256_file(path), labels=_labels(doc, ids, path))
+
+
+def _labels(doc: dict, ids: list, path: Path) -> tuple[int | None, ...] | None:
+    annotations = doc.get("annotations")
+    if not annotations:
+        return None
+    by_image = {}
+    for i, ann in enumerate(annotations):
+        if not isinstance(ann, dict) or "image_id" not in ann or "category_id" not in ann:
+            raise EnsError(f"{path}: annotations[{i}] lacks \"image_id\" or \"category_id\"")
+        by_image[ann["image_id"]] = ann["category_id"]
+    return tuple(by_image.get(i) for i in ids)
+
+
+def _load_folder(folder: Path, name: str) -> Split:
+    files = sorted(
+        p for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    if not files:
+        raise EnsError(f"{folder}: no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    ids = tuple(p.relative_to(folder).as_posix() for p in files)
+    # Hashing every image would cost a read of the whole set; names and sizes catch the changes
+    # that matter (files added, removed, replaced by a re-encode).
+    digest = hashlib.sha256()
+    for image_id, path in zip(ids, files):
+        digest.update(f"{image_id}\t{path.stat().st_size}\n".encode())
+    return Split(name=name, source=folder, ids=ids, paths=tuple(files), sha256=digest.hexdigest())

@@ -1,0 +1,411 @@
+"""`ens infer`: many models, test-time augmentation, one logit store per (model, split).
+
+The run, for each split::
+
+    split rows --chunks--> batches --Decoder (workers, prefetch)--> arrays per geometry
+        --> for each model: one forward pass per input shape (all its views of that shape
+            stacked: identity + flip of a batch is one 2B batch) --> (views, batch, classes)
+        --> merge --> chunk files --> (at the end) logits.npy, ids.npy, manifest.json
+
+Each image is decoded once per run, whatever the number of models and views (the arrays of
+the one decode are keyed by geometry, and models with equal preprocessing share them). Batches
+have a fixed shape: ``batch_size`` images, the last one padded. Chunks are ``chunk_size`` rows
+(a multiple of the batch size, so batches never straddle chunks and an image always shares its
+batch with the same images); a killed run resumes at the first chunk some model lacks and ends
+with the same bytes as an uninterrupted one (see :mod:`ensemble.store`).
+
+Unreadable images (missing, empty, truncated, not an image) stop the run by default, naming the
+image; with ``on_bad_image="skip"`` they get no row in the store and are listed in its manifest.
+Progress goes to a callback as :class:`Event` s; presenting it is the caller's business.
+
+Decoding processes come from a fork server, so a script that calls :func:`infer` with workers
+needs the usual ``if __name__ == "__main__":`` guard around its entry point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from ensemble import __version__
+from ensemble.datasets import Split
+from ensemble.decode import DecodedBatch, Decoder
+from ensemble.errors import EnsError
+from ensemble.runtime import (ForeignPreprocess, Model, Runner, available_providers, cpu_threads,
+                              device_choices, load_model, select_device)
+from ensemble.store import DTYPES, StoreWriter, read_store, store_path
+from ensemble.tta import DEFAULT_SCALES, Geometry, View, geometry, hflip, merge, merge_mode, plan_views, view_size
+
+BAD_IMAGE_POLICIES = ("fail", "skip")
+
+
+@dataclass(frozen=True)
+class InferOptions:
+    """How to run. ``workers=None`` picks a default for the device: a quarter of the cores on
+    CPU (the model needs the rest), all cores but one on a GPU. ``chunk_size`` (images per
+    resumable chunk) is rounded up to a multiple of ``batch_size``."""
+
+    tta: tuple[str, ...] = ()
+    scales: tuple[float, ...] = DEFAULT_SCALES
+    merge: str = "mean-logits"
+    keep_views: bool = False
+    device: str = "auto"
+    batch_size: int = 32
+    workers: int | None = None
+    on_bad_image: str = "fail"
+    dtype: str = "float16"
+    chunk_size: int = 1024
+    out: Path = Path("runs")
+    foreign: ForeignPreprocess = ForeignPreprocess()
+
+
+@dataclass(frozen=True)
+class Event:
+    """Progress of a run, for the caller to show.
+
+    ``kind``: ``note`` (a line in ``message``), ``start`` (a split begins; ``done`` counts rows
+    finished by an earlier run), ``batch``, ``chunk`` (a chunk is safely on disk), ``done``.
+    ``images_per_s`` is this run's rate over all models; ``eta_s`` is ``None`` until known.
+    """
+
+    kind: str
+    split: str = ""
+    done: int = 0
+    total: int = 0
+    images_per_s: float = 0.0
+    eta_s: float | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """One store of the run. ``computed`` is False when it was already complete."""
+
+    model: Path
+    split: str
+    path: Path
+    rows: int
+    classes: int
+    skipped: int
+    computed: bool
+    images_per_s: float | None
+
+
+@dataclass(frozen=True)
+class InferResult:
+    device: str
+    provider: str
+    workers: int
+    stores: tuple[StoreResult, ...]
+    decodes: int  #: image files decoded by this run
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Group:
+    """A model's views sharing one input size: one forward pass of ``len(members)`` batches."""
+
+    size: int
+    members: tuple[tuple[Geometry, bool], ...]  # (geometry, flipped) per view
+    rows: tuple[int, ...]  # the views' indices in the model's view list
+
+
+@dataclass(eq=False)
+class _Loaded:
+    model: Model
+    runner: Runner
+    groups: tuple[_Group, ...]
+    seconds: float = 0.0  # time inside the runner, this split
+
+
+@dataclass
+class _Chunk:
+    """Rows of one chunk collected for one model, batch by batch."""
+
+    scores: list[np.ndarray] = field(default_factory=list)
+    views: list[np.ndarray] = field(default_factory=list)
+
+
+def _groups(model: Model, views: Sequence[View]) -> tuple[_Group, ...]:
+    pre = model.preprocess
+    by_size: dict[int, list[int]] = {}
+    for i, view in enumerate(views):
+        by_size.setdefault(view_size(pre, view), []).append(i)
+    return tuple(
+        _Group(size, tuple((geometry(pre, views[i]), views[i].flip) for i in rows), tuple(rows))
+        for size, rows in by_size.items()
+    )
+
+
+def _check_options(options: InferOptions) -> None:
+    merge_mode(options.merge)
+    if options.device not in device_choices():
+        raise EnsError(f"--device {options.device}: choose from {', '.join(device_choices())}")
+    if options.on_bad_image not in BAD_IMAGE_POLICIES:
+        raise EnsError(f"--on-bad-image {options.on_bad_image}: choose from {', '.join(BAD_IMAGE_POLICIES)}")
+    if options.dtype not in DTYPES:
+        raise EnsError(f"--dtype {options.dtype}: choose from {', '.join(DTYPES)}")
+    if options.batch_size < 1:
+        raise EnsError(f"--batch-size {options.batch_size}: must be at least 1")
+    if options.workers is not None and options.workers < 0:
+        raise EnsError(f"--workers {options.workers}: must be 0 (decode in this process) or more")
+    if options.chunk_size < 1:
+        raise EnsError(f"--chunk-size {options.chunk_size}: must be at least 1")
+
+
+def _load_models(paths: Sequence[Path], options: InferOptions, views: Sequence[View]) -> list[Model]:
+    if not paths:
+        raise EnsError("no model given")
+    models = [load_model(p, options.foreign) for p in paths]
+    stems: dict[str, Path] = {}
+    for model in models:
+        if model.name in stems:
+            raise EnsError(f"{model.path} and {stems[model.name]} would share the store folder "
+                           f"{model.name!r}; rename one")
+        stems[model.name] = model.path
+    if options.foreign.given and not any(m.foreign for m in models):
+        raise EnsError("--input-size, --mean, --std, --resize and --crop-pct are for ONNX files "
+                       "without ens metadata; every model given has its own")
+    for model in models:
+        sizes = sorted({view_size(model.preprocess, v) for v in views})
+        if not model.metadata.dynamic_size and sizes != [model.metadata.input_size]:
+            raise EnsError(f"{model.path}: takes only {model.metadata.input_size} px inputs, but the TTA "
+                           f"views need {', '.join(map(str, sizes))} px; drop scale from --tta")
+    return models
+
+
+def infer(models: Sequence[str | Path], splits: Sequence[Split], options: InferOptions = InferOptions(),
+          progress: Callable[[Event], None] | None = None) -> InferResult:
+    """Run every model on every split with TTA and write their logit stores under ``options.out``.
+
+    Raises :class:`EnsError` for bad options, models or images (see the module docstring).
+    """
+    start = time.perf_counter()
+    report = progress or (lambda event: None)
+    _check_options(options)
+    views = plan_views(options.tta, options.scales)
+    loaded_models = _load_models([Path(p) for p in models], options, views)
+
+    device = select_device(options.device, available_providers())
+    workers = options.workers
+    if workers is None:
+        cores = cpu_threads()
+        workers = max(1, cores // 4) if device == "cpu" else max(1, cores - 1)
+    batch = options.batch_size
+    chunk_size = -(-options.chunk_size // batch) * batch
+    groups = [_groups(m, views) for m in loaded_models]
+    geometries = tuple(dict.fromkeys(g for model_groups in groups for group in model_groups
+                                     for g, _ in group.members))
+    results: list[StoreResult] = []
+    decodes = 0
+    # The decoding processes start first, so that they come up while the sessions load.
+    with Decoder(geometries, batch, workers) as decoder:
+        cache = Path(options.out) / ".trt-cache" if device == "tensorrt" else None
+        loaded = [_Loaded(m, Runner(m, device, cache), g) for m, g in zip(loaded_models, groups)]
+        provider = loaded[0].runner.provider
+        chosen = " (--device auto)" if options.device == "auto" else ""
+        decoding = (f"{workers} decoding process{'es' if workers > 1 else ''}" if workers
+                    else "decoding in this process")
+        report(Event("note", message=f"device {device}{chosen}: {provider}, {decoding}"))
+        for split in splits:
+            run = _SplitRun(split, loaded, views, options, decoder, device, provider, chunk_size, report)
+            results.extend(run.execute())
+            decodes += run.decodes
+    return InferResult(device=device, provider=provider, workers=workers, stores=tuple(results),
+                       decodes=decodes, seconds=time.perf_counter() - start)
+
+
+class _SplitRun:
+    """All models on one split: resume state, the batch loop, chunk and store writing."""
+
+    def __init__(self, split: Split, loaded: Sequence[_Loaded], views: Sequence[View],
+                 options: InferOptions, decoder: Decoder, device: str, provider: str,
+                 chunk_size: int, report: Callable[[Event], None]):
+        self.split, self.loaded, self.views, self.options = split, loaded, views, options
+        self.decoder, self.chunk_size, self.report = decoder, chunk_size, report
+        self.batch = options.batch_size
+        self.decodes = 0
+        self.decode_wait = 0.0
+        # One input buffer per distinct stack of views, filled once per batch: models with the
+        # same preprocessing and views share it.
+        self._buffers: dict[tuple, np.ndarray] = {}
+        self._filled: set[tuple] = set()
+        self.writers = {}
+        self.base = {}
+        for item in loaded:
+            model = item.model
+            meta = model.metadata
+            key = {
+                "model_sha256": model.sha256, "dataset_sha256": split.sha256, "rows": len(split),
+                "preprocess": dataclasses.asdict(model.preprocess), "mean": list(meta.mean),
+                "std": list(meta.std), "views": [v.name for v in views], "merge": options.merge,
+                "dtype": options.dtype, "keep_views": options.keep_views, "batch_size": self.batch,
+                "chunk_size": chunk_size, "provider": provider,
+                # The reduced JPEG decode follows the largest canvas of the run's models.
+                "decode_min_side": decoder.min_side,
+            }
+            self.writers[model.name] = StoreWriter(store_path(options.out, model.path, split.name),
+                                                   key, len(split), chunk_size)
+            self.base[model.name] = {
+                "model": {"file": str(model.path), "sha256": model.sha256, "architecture": meta.architecture,
+                          "input_size": meta.input_size, "mean": list(meta.mean), "std": list(meta.std),
+                          "resize": meta.resize, "crop_pct": meta.crop_pct,
+                          "interpolation": meta.interpolation, "precision": meta.precision,
+                          "class_ids": None if meta.class_ids is None else list(meta.class_ids),
+                          "foreign": model.foreign},
+                "dataset": {"split": split.name, "source": str(split.source), "sha256": split.sha256,
+                            "images": len(split)},
+                "tta": {"views": [v.name for v in views], "merge": options.merge},
+                "device": device, "provider": provider, "batch_size": self.batch,
+                "chunk_size": chunk_size, "ens_version": __version__,
+            }
+
+    def execute(self) -> list[StoreResult]:
+        todo = self._open()
+        chunks = sorted({c for item in todo for c in self._missing(item)})
+        processed, seconds = self._run(todo, chunks)
+        return self._finish(todo, processed, seconds)
+
+    def _missing(self, item: _Loaded) -> list[int]:
+        writer = self.writers[item.model.name]
+        return [c for c in range(writer.chunks) if c not in writer.done]
+
+    def _open(self) -> list[_Loaded]:
+        """Open every store; the models whose store is not complete with these arguments."""
+        todo = []
+        for item in self.loaded:
+            writer = self.writers[item.model.name]
+            if writer.open(self.base[item.model.name]):
+                self.report(Event("note", self.split.name,
+                                  message=f"{writer.path}: complete, with the same arguments; kept"))
+            else:
+                todo.append(item)
+        return todo
+
+    def _run(self, todo: Sequence[_Loaded], chunks: Sequence[int]) -> tuple[int, float]:
+        """Decode the chunks' images once, run the models that lack each chunk, save chunks.
+
+        Returns the number of images processed and the seconds it took.
+        """
+        split, total = self.split, len(self.split)
+        before = total - sum(self._chunk_rows(c) for c in chunks)
+        if todo and before:
+            self.report(Event("note", split.name, message=f"{split.name}: resuming, {before} of {total} images done"))
+        self.report(Event("start", split.name, done=before, total=total))
+        needs = {c: [item for item in todo if c in self._missing(item)] for c in chunks}
+        pending: dict[int, dict[str, _Chunk]] = {}
+        bad: dict[int, list[tuple[int, str]]] = {}
+        for item in todo:
+            item.seconds = 0.0
+        started, processed, waited = time.perf_counter(), 0, self.decoder.waited
+        for decoded in self.decoder.map(self._batches(chunks)):
+            self.decodes += decoded.decodes
+            self._check_bad(decoded)
+            c = decoded.start // self.chunk_size
+            bad.setdefault(c, []).extend((decoded.start - c * self.chunk_size + r, why) for r, why in decoded.bad)
+            parts = pending.setdefault(c, {item.model.name: _Chunk() for item in needs[c]})
+            self._filled.clear()
+            for item in needs[c]:
+                self._forward(item, decoded, parts[item.model.name])
+            processed += decoded.count
+            rate = processed / max(time.perf_counter() - started, 1e-9)
+            done = before + processed
+            event = Event("batch", split.name, done, total, rate, (total - done) / rate)
+            self.report(event)
+            if decoded.start + decoded.count == c * self.chunk_size + self._chunk_rows(c):
+                self._write_chunk(c, pending.pop(c), bad.pop(c, []))
+                self.report(dataclasses.replace(event, kind="chunk"))
+        self.decode_wait = self.decoder.waited - waited
+        return processed, time.perf_counter() - started
+
+    def _finish(self, todo: Sequence[_Loaded], processed: int, seconds: float) -> list[StoreResult]:
+        """Assemble the stores computed now; report every store of the split."""
+        split = self.split
+        rate = processed / seconds if processed and seconds else None
+        results = []
+        for item in self.loaded:
+            writer = self.writers[item.model.name]
+            if item in todo:
+                manifest = writer.finish(split.ids, split.paths, {
+                    **self.base[item.model.name], "workers": self.decoder.workers,
+                    "images_per_s": rate, "seconds": seconds if processed else None,
+                    # Time the models waited for decoding; large means: more --workers.
+                    "decode_wait_s": self.decode_wait if processed else None,
+                    "model_images_per_s": processed / item.seconds if processed and item.seconds else None})
+            else:
+                manifest = dict(read_store(writer.path).manifest)
+            results.append(StoreResult(model=item.model.path, split=split.name, path=writer.path,
+                                       rows=manifest["rows"], classes=manifest["classes"],
+                                       skipped=len(manifest["skipped"]), computed=item in todo,
+                                       images_per_s=rate if item in todo else None))
+        self.report(Event("done", split.name, len(split), len(split), rate or 0.0, 0.0))
+        return results
+
+    def _chunk_rows(self, c: int) -> int:
+        return min(self.chunk_size, len(self.split) - c * self.chunk_size)
+
+    def _batches(self, chunks: Sequence[int]) -> Iterator[tuple[int, Sequence[Path]]]:
+        for c in chunks:
+            first = c * self.chunk_size
+            end = first + self._chunk_rows(c)
+            for lo in range(first, end, self.batch):
+                yield lo, self.split.paths[lo:min(lo + self.batch, end)]
+
+    def _check_bad(self, decoded: DecodedBatch) -> None:
+        for row, reason in decoded.bad:
+            index = decoded.start + row
+            image_id, path = self.split.ids[index], self.split.paths[index]
+            if self.options.on_bad_image == "fail":
+                raise EnsError(f"image {image_id!r} ({path}): {reason}; --on-bad-image skip leaves "
+                               "such images out")
+            self.report(Event("note", self.split.name, message=f"skipped image {image_id!r} ({path}): {reason}"))
+
+    def _forward(self, item: _Loaded, decoded: DecodedBatch, into: _Chunk) -> None:
+        """Run one model's views of a batch; append merged scores (and views) of its real rows."""
+        count, batch = decoded.count, self.batch
+        outputs: list[np.ndarray | None] = [None] * len(self.views)
+        for group in item.groups:
+            stacked = self._stack(group, decoded)
+            tick = time.perf_counter()
+            logits = item.runner(stacked)
+            item.seconds += time.perf_counter() - tick
+            for j, row in enumerate(group.rows):
+                outputs[row] = logits[j * batch:j * batch + count]
+        per_view = np.stack(outputs)  # (views, count, classes)
+        good = np.ones(count, bool)
+        good[[r for r, _ in decoded.bad]] = False
+        finite = np.isfinite(per_view).all(axis=(0, 2)) | ~good
+        if not finite.all():
+            index = decoded.start + int(np.argmin(finite))
+            raise EnsError(f"{item.model.path}: non-finite logits for image {self.split.ids[index]!r} "
+                           f"({self.split.paths[index]})")
+        # Bad rows hold the logits of a blank image: finite, written, then dropped by their mask.
+        into.scores.append(merge(per_view, self.options.merge))
+        if self.options.keep_views:
+            into.views.append(per_view)
+
+    def _stack(self, group: _Group, decoded: DecodedBatch) -> np.ndarray:
+        """The group's views of the batch as one ``(views * batch, size, size, 3)`` array."""
+        batch = self.batch
+        stacked = self._buffers.get(group.members)
+        if stacked is None:
+            stacked = np.empty((len(group.members) * batch, group.size, group.size, 3), np.uint8)
+            self._buffers[group.members] = stacked
+        if group.members not in self._filled:
+            for j, (geo, flipped) in enumerate(group.members):
+                source = decoded.arrays[geo]
+                stacked[j * batch:(j + 1) * batch] = hflip(source) if flipped else source
+            self._filled.add(group.members)
+        return stacked
+
+    def _write_chunk(self, c: int, parts: dict[str, _Chunk], bad: list[tuple[int, str]]) -> None:
+        keep = np.ones(self._chunk_rows(c), bool)
+        keep[[r for r, _ in bad]] = False
+        for name, part in parts.items():
+            views = np.concatenate(part.views, axis=1) if part.views else None
+            self.writers[name].write_chunk(c, np.concatenate(part.scores), keep, bad, views)

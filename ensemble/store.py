@@ -1,0 +1,283 @@
+"""The logit store: what `ens infer` writes for one (model, split) and `ens blend` reads.
+
+Layout of ``<out>/<model file stem>/<split>/``::
+
+    logits.npy     (rows, classes)         float16 (default) or float32: the merged TTA scores
+    ids.npy        (rows,)                 int64 image ids (or unicode paths for a folder split)
+    views.npy      (views, rows, classes)  per-view logits, same dtype; only with --keep-views
+    manifest.json  what made the arrays, and ``"complete": true`` once they are all in place
+
+Row ``i`` of ``logits`` (and of every view) belongs to image ``ids[i]``; rows follow the split's
+order, less any image skipped as unreadable (listed under ``"skipped"`` in the manifest, with
+its path and the reason). ``softmax(logits[i])`` is the merged probability whatever the merge
+mode (``mean-logits`` stores logits, ``mean-probs`` and ``gmean`` log-probabilities). Column
+``j`` is category ``class_ids[j]`` (the manifest's ``model.class_ids``; ``null`` means ``j``).
+All ``.npy`` files are plain arrays that memory-map; :func:`read_store` is the one reader.
+
+``manifest.json`` (format 1)::
+
+    format, complete        1, true once every array is in place
+    rows, classes, dtype    the shape and dtype of logits.npy
+    keep_views              whether views.npy exists
+    model                   file, sha256, architecture, input_size, mean, std, resize, crop_pct,
+                            interpolation, precision, class_ids (null: column j is category j),
+                            foreign (no ens metadata: preprocessing from the command line)
+    dataset                 split, source (json file or folder), sha256, images (before skips)
+    tta                     views (names, in views.npy order; "identity" first), merge
+    device, provider        e.g. "cuda", "CUDAExecutionProvider"
+    batch_size, chunk_size, workers
+    images_per_s, seconds   the last run's rate over all its models, and its duration
+    model_images_per_s      the rate of this model's forward passes alone
+    decode_wait_s           time the models waited for decoding (large: use more --workers)
+    skipped                 [{id, path, reason}] of images left out (--on-bad-image skip)
+    run_key                 digest of the arguments that determine the arrays
+
+Resuming: while a store is being computed its manifest says ``"complete": false`` and its rows
+accumulate as one file per finished chunk under ``.partial/`` (each written atomically, so a
+chunk file exists exactly when the chunk is done), beside ``.partial/key.json``, the arguments
+that determine the values. A rerun with the same key computes only the missing chunks; at the
+end the chunks are concatenated (in order, so the bytes equal an uninterrupted run's), the
+arrays renamed into place, the manifest rewritten complete, and ``.partial`` removed. A rerun
+with another key starts the store afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ensemble.errors import EnsError
+from ensemble.fileio import atomic_path, write_bytes_atomic
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LOGITS = "logits.npy"
+IDS = "ids.npy"
+VIEWS = "views.npy"
+PARTIAL = ".partial"
+DTYPES = ("float16", "float32")
+
+
+def store_path(out: str | os.PathLike, model: str | os.PathLike, split: str) -> Path:
+    """``<out>/<model file stem>/<split>``: where the store of ``model`` on ``split`` lives."""
+    return Path(out) / Path(model).stem / split
+
+
+@dataclass(frozen=True)
+class LogitStore:
+    """A complete store, its arrays memory-mapped read-only.
+
+    ``logits``: ``(rows, classes)``; ``ids``: ``(rows,)``; ``views``: ``(views, rows, classes)``
+    or ``None`` when the run did not keep them; ``manifest``: the parsed ``manifest.json``.
+    """
+
+    path: Path
+    logits: np.ndarray
+    ids: np.ndarray
+    manifest: Mapping[str, Any]
+    views: np.ndarray | None = None
+
+    @property
+    def view_names(self) -> tuple[str, ...]:
+        return tuple(self.manifest["tta"]["views"])
+
+    @property
+    def class_ids(self) -> tuple[int | str, ...] | None:
+        ids = self.manifest["model"]["class_ids"]
+        return None if ids is None else tuple(ids)
+
+    @property
+    def skipped_ids(self) -> tuple[int | str, ...]:
+        return tuple(s["id"] for s in self.manifest["skipped"])
+
+
+def read_store(path: str | os.PathLike) -> LogitStore:
+    """Open the store at ``path`` (its folder, or its manifest.json) for reading.
+
+    Raises :class:`EnsError` when it is missing, incomplete (an interrupted run: rerun the same
+    ``ens infer`` to finish it), from a newer ens, or its arrays disagree with its manifest.
+    """
+    path = Path(path)
+    if path.name == MANIFEST:
+        path = path.parent
+    manifest = _read_manifest(path)
+    if manifest is None:
+        raise EnsError(f"{path}: not a logit store (no {MANIFEST})")
+    if manifest.get("format", 0) > FORMAT_VERSION:
+        raise EnsError(f"{path}: store format {manifest['format']} is newer than this ens "
+                       f"understands ({FORMAT_VERSION}); upgrade ens")
+    if not manifest.get("complete"):
+        raise EnsError(f"{path}: incomplete logit store (its run was interrupted); run the same "
+                       "`ens infer` again to finish it")
+    try:
+        logits = np.load(path / LOGITS, mmap_mode="r")
+        ids = np.load(path / IDS, mmap_mode="r")
+        views = np.load(path / VIEWS, mmap_mode="r") if manifest["keep_views"] else None
+    except (OSError, ValueError) as exc:
+        raise EnsError(f"{path}: unreadable store array ({exc})") from None
+    rows, classes = manifest["rows"], manifest["classes"]
+    expected = [(LOGITS, logits, (rows, classes)), (IDS, ids, (rows,))]
+    if views is not None:
+        expected.append((VIEWS, views, (len(manifest["tta"]["views"]), rows, classes)))
+    for name, array, shape in expected:
+        if array.shape != shape:
+            raise EnsError(f"{path / name}: shape {array.shape}, but the manifest says {shape}")
+    return LogitStore(path=path, logits=logits, ids=ids, manifest=manifest, views=views)
+
+
+def _read_manifest(path: Path) -> dict | None:
+    try:
+        return json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise EnsError(f"{path / MANIFEST}: unreadable ({exc})") from None
+
+
+def _write_json(path: Path, value: Mapping[str, Any]) -> None:
+    write_bytes_atomic(path, (json.dumps(value, indent=2) + "\n").encode())
+
+
+def to_dtype(scores: np.ndarray, dtype: str) -> np.ndarray:
+    """``scores`` as the store's dtype, clipped so no finite score becomes an infinity."""
+    limit = np.finfo(dtype).max
+    return np.clip(scores, -limit, limit).astype(dtype)
+
+
+def run_key(values: Mapping[str, Any]) -> str:
+    """A digest of the arguments that determine a store's arrays."""
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+
+
+class StoreWriter:
+    """Writes one store chunk by chunk, resuming from the chunks a killed run finished.
+
+    ``key`` holds everything that determines the arrays (model and dataset hashes, views,
+    merge, dtype, batch and chunk sizes, provider); chunk ``c`` covers split rows
+    ``[c * chunk_size, (c + 1) * chunk_size)``.
+    """
+
+    def __init__(self, path: Path, key: Mapping[str, Any], rows: int, chunk_size: int):
+        self.path = Path(path)
+        self.key = dict(key)
+        self.digest = run_key(self.key)
+        self.rows = rows
+        self.chunk_size = chunk_size
+        self.chunks = -(-rows // chunk_size)
+        self.done: set[int] = set()
+
+    @property
+    def partial(self) -> Path:
+        return self.path / PARTIAL
+
+    def _chunk_file(self, index: int) -> Path:
+        return self.partial / f"chunk-{index:06d}.npz"
+
+    def open(self, manifest: Mapping[str, Any]) -> bool:
+        """Prepare to write; ``True`` when a complete store with this key is already there.
+
+        Otherwise the store is marked incomplete (``manifest`` plus ``"complete": false``),
+        chunks of an earlier run with the same key are kept (:attr:`done`) and anything else
+        under ``.partial`` is removed.
+        """
+        existing = _read_manifest(self.path)
+        if existing is not None and existing.get("complete") and existing.get("run_key") == self.digest:
+            shutil.rmtree(self.partial, ignore_errors=True)  # a run killed just after finishing
+            return True
+        # The manifest goes incomplete first, so that no reader trusts arrays about to change.
+        _write_json(self.path / MANIFEST, {"format": FORMAT_VERSION, "complete": False, **manifest,
+                                           "run_key": self.digest})
+        key_file = self.partial / "key.json"
+        try:
+            same = json.loads(key_file.read_text()) == self.key
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            _write_json(key_file, self.key)
+        self.done = {i for i in range(self.chunks) if self._chunk_file(i).is_file()}
+        return False
+
+    def write_chunk(self, index: int, logits: np.ndarray, keep: np.ndarray,
+                    bad: Sequence[tuple[int, str]] = (), views: np.ndarray | None = None) -> None:
+        """Record chunk ``index``: ``logits`` ``(rows, classes)`` scores of every row of the
+        chunk, ``keep`` ``(rows,)`` bool (False for skipped images), ``bad`` ``(row in chunk,
+        reason)`` pairs, ``views`` ``(views, rows, classes)`` when the views are kept."""
+        dtype = self.key["dtype"]
+        arrays = {
+            "logits": to_dtype(logits, dtype),
+            "keep": np.asarray(keep, bool),
+            "bad_rows": np.array([r for r, _ in bad], np.int64),
+            "bad_reasons": np.array([reason for _, reason in bad], str),
+        }
+        if views is not None:
+            arrays["views"] = to_dtype(views, dtype)
+        with atomic_path(self._chunk_file(index)) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **arrays)
+        self.done.add(index)
+
+    def finish(self, ids: Sequence[int | str], paths: Sequence[os.PathLike],
+               manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """Concatenate the chunks into the final arrays and mark the store complete.
+
+        ``ids`` and ``paths`` are the split's, in row order; returns the manifest written.
+        """
+        missing = sorted(set(range(self.chunks)) - self.done)
+        if missing:
+            raise RuntimeError(f"{self.path}: chunks {missing} are not written yet")
+        keep, skipped = [], []
+        for index in range(self.chunks):
+            with np.load(self._chunk_file(index)) as chunk:
+                keep.append(chunk["keep"])
+                first = index * self.chunk_size
+                for row, reason in zip(chunk["bad_rows"].tolist(), chunk["bad_reasons"].tolist()):
+                    skipped.append({"id": ids[first + row], "path": str(paths[first + row]), "reason": reason})
+        keep = np.concatenate(keep)
+        rows = int(keep.sum())
+        kept_ids = np.asarray(ids)[keep]
+        if kept_ids.dtype.kind in "iu":
+            kept_ids = kept_ids.astype(np.int64)
+        with np.load(self._chunk_file(0)) as chunk:
+            classes = chunk["logits"].shape[1]
+            num_views = chunk["views"].shape[0] if "views" in chunk else 0
+        dtype = self.key["dtype"]
+
+        self._concatenate(LOGITS, (rows, classes), dtype, "logits", axis=0)
+        if num_views:
+            self._concatenate(VIEWS, (num_views, rows, classes), dtype, "views", axis=1)
+        else:
+            (self.path / VIEWS).unlink(missing_ok=True)
+        with atomic_path(self.path / IDS) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, kept_ids.reshape(rows))
+        complete = {"format": FORMAT_VERSION, "complete": True, "rows": rows, "classes": int(classes),
+                    "dtype": dtype, "keep_views": bool(num_views), **manifest, "skipped": skipped,
+                    "run_key": self.digest}
+        _write_json(self.path / MANIFEST, complete)
+        shutil.rmtree(self.partial, ignore_errors=True)
+        return complete
+
+    def _concatenate(self, name: str, shape: tuple[int, ...], dtype: str, field: str, axis: int) -> None:
+        with atomic_path(self.path / name) as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+            row = 0
+            for index in range(self.chunks):
+                with np.load(self._chunk_file(index)) as chunk:
+                    keep = chunk["keep"]
+                    part = np.compress(keep, chunk[field], axis=axis)
+                count = part.shape[axis]
+                if axis == 0:
+                    out[row:row + count] = part
+                else:
+                    out[:, row:row + count] = part
+                row += count
+            out.flush()
+            del out

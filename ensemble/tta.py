@@ -1,0 +1,252 @@
+"""Test-time augmentation: which views of an image a model sees, and how their logits merge.
+
+Pure maths on numpy arrays; no file or model IO. A *view* is one way of turning an image into
+the model's input: a scale of the model's size, a crop position and an optional horizontal
+flip. The ``--tta`` names add axes of views and the views are their product, identity first::
+
+    flip    flips (no, yes)
+    scale   scales (1.0 plus ``--scales``)
+    crop5   positions (centre, top-left, top-right, bottom-left, bottom-right)
+    crop10  crop5 and flip
+
+How a view becomes pixels is its :class:`Geometry`: resize the image onto a *canvas*, then cut
+a square from it. Views of different models that have equal geometries share one array, cut
+from the single decode of each image (:mod:`ensemble.decode`); flips are applied to whole
+batches here (:func:`hflip`), not decoded separately.
+
+Merging turns ``(views, batch, classes)`` logits into ``(batch, classes)`` scores whose softmax
+is the merged probability. ``mean-probs`` and ``gmean`` work in log space through
+:func:`log_softmax`, so no probability underflows to a log of zero and no merge returns NaN for
+finite logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ensemble.errors import EnsError
+
+#: ``--scales`` default: the multi-scale TTA of timm's validation recipes (x 7/8 and x 8/7).
+DEFAULT_SCALES = (0.875, 1.0, 1.143)
+POSITIONS = ("center", "top-left", "top-right", "bottom-left", "bottom-right")
+_POSITION_LABELS = {"top-left": "tl", "top-right": "tr", "bottom-left": "bl", "bottom-right": "br"}
+#: The canvas a policy resizes onto: the shorter side to a length, or a square.
+CANVASES = ("short", "square")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+
+
+@dataclass(frozen=True)
+class View:
+    """One test-time view: the model's size times ``scale``, a crop position, a flip."""
+
+    scale: float = 1.0
+    position: str = "center"
+    flip: bool = False
+
+    @property
+    def name(self) -> str:
+        """A stable label: ``identity``, ``flip``, ``scale0.875``, ``crop-tl+flip``, ..."""
+        parts = []
+        if self.scale != 1.0:
+            parts.append(f"scale{self.scale:g}")
+        if self.position != "center":
+            parts.append(f"crop-{_POSITION_LABELS[self.position]}")
+        if self.flip:
+            parts.append("flip")
+        return "+".join(parts) or "identity"
+
+
+@dataclass(frozen=True)
+class _Axes:
+    scales: tuple[float, ...] = (1.0,)
+    positions: tuple[str, ...] = ("center",)
+    flips: tuple[bool, ...] = (False,)
+
+
+#: ``--tta`` name -> how it widens the view axes (given ``--scales``).
+TTA: dict[str, Callable[[_Axes, tuple[float, ...]], _Axes]] = {
+    "identity": lambda axes, scales: axes,
+    "flip": lambda axes, scales: dataclasses.replace(axes, flips=(False, True)),
+    "scale": lambda axes, scales: dataclasses.replace(axes, scales=scales),
+    "crop5": lambda axes, scales: dataclasses.replace(axes, positions=POSITIONS),
+    "crop10": lambda axes, scales: dataclasses.replace(axes, positions=POSITIONS, flips=(False, True)),
+}
+
+
+def tta_mode(name: str) -> Callable[[_Axes, tuple[float, ...]], _Axes]:
+    """The registered TTA ``name``; :class:`EnsError` naming the valid choices otherwise."""
+    try:
+        return TTA[name]
+    except KeyError:
+        raise EnsError(f"--tta {name}: choose from {', '.join(TTA)}") from None
+
+
+def plan_views(tta: Sequence[str], scales: Sequence[float] = DEFAULT_SCALES) -> tuple[View, ...]:
+    """The views for ``--tta`` names: identity first, then scale x position x flip, no repeats."""
+    for scale in scales:
+        if not (math.isfinite(scale) and 0.1 <= scale <= 10):
+            raise EnsError(f"--scales {','.join(f'{s:g}' for s in scales)}: each scale must lie in [0.1, 10]")
+    # Identity is always a view, so 1.0 leads the scales whatever order the user gave.
+    ordered = tuple(dict.fromkeys((1.0, *(float(s) for s in scales))))
+    axes = _Axes()
+    for name in tta:
+        axes = tta_mode(name)(axes, ordered)
+    views = (View(s, p, f) for s, p, f in itertools.product(axes.scales, axes.positions, axes.flips))
+    return tuple(dict.fromkeys(views))
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a model wants its input made (the fields of :class:`~ensemble.metadata.ModelMetadata`)."""
+
+    input_size: int
+    resize: str = "center-crop"
+    crop_pct: float = 0.875
+    interpolation: str = "bilinear"
+
+    @classmethod
+    def of(cls, meta) -> "Preprocess":
+        return cls(meta.input_size, meta.resize, meta.crop_pct, meta.interpolation)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How one decoded image becomes one ``(size, size, 3)`` uint8 array.
+
+    Resize the image onto the canvas (``short``: its shorter side becomes ``canvas_size``, the
+    aspect ratio kept; ``square``: ``canvas_size`` x ``canvas_size``), then cut the ``size``
+    square at ``position``. Equal geometries give equal arrays, whichever model asked.
+    """
+
+    canvas: str
+    canvas_size: int
+    size: int
+    position: str = "center"
+    interpolation: str = "bilinear"
+
+
+def _canvas_side(size: int, crop_pct: float) -> int:
+    # timm's rule (floor of size / crop_pct); the epsilon keeps 224 / 0.875 at 256, not 255.
+    return int(math.floor(size / crop_pct + 1e-6))
+
+
+def view_size(pre: Preprocess, view: View) -> int:
+    """The input side a model gets for ``view``."""
+    return int(round(pre.input_size * view.scale))
+
+
+def geometry(pre: Preprocess, view: View) -> Geometry:
+    """Where ``view``'s pixels come from for a model with preprocessing ``pre``.
+
+    ``center-crop``: the shorter side goes to size / crop_pct and the crops (centre or corner,
+    as torchvision's FiveCrop) are cut from that canvas. ``squash``: the centre view is the
+    whole image squashed to size x size (the model's own view); corner crops come from the
+    image squashed to (size / crop_pct) squared.
+    """
+    size = view_size(pre, view)
+    if pre.resize == "center-crop":
+        canvas, side = "short", _canvas_side(size, pre.crop_pct)
+    elif pre.resize == "squash":
+        canvas = "square"
+        side = size if view.position == "center" else _canvas_side(size, pre.crop_pct)
+    else:
+        raise EnsError(f"resize policy {pre.resize!r}: this ens knows center-crop and squash")
+    if pre.interpolation not in INTERPOLATIONS:
+        raise EnsError(f"interpolation {pre.interpolation!r}: this ens knows {', '.join(INTERPOLATIONS)}")
+    return Geometry(canvas, side, size, view.position, pre.interpolation)
+
+
+def canvas_shape(height: int, width: int, canvas: str, canvas_size: int) -> tuple[int, int]:
+    """``(height, width)`` of an image of that size resized onto the canvas (torchvision's Resize)."""
+    if canvas == "square":
+        return canvas_size, canvas_size
+    if height <= width:
+        return canvas_size, int(canvas_size * width / height)
+    return int(canvas_size * height / width), canvas_size
+
+
+def crop_box(height: int, width: int, size: int, position: str) -> tuple[int, int]:
+    """``(top, left)`` of the ``size`` square at ``position`` in a ``(height, width)`` canvas.
+
+    The centre is rounded as torchvision's CenterCrop does. A canvas smaller than ``size`` (only
+    from a crop_pct above 1) is not supported: :func:`crop` pads nothing.
+    """
+    if position == "center":
+        return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    top = 0 if position.startswith("top") else height - size
+    left = 0 if position.endswith("left") else width - size
+    return top, left
+
+
+def crop(image: np.ndarray, size: int, position: str) -> np.ndarray:
+    """The ``(size, size, 3)`` view at ``position`` of an ``(height, width, 3)`` image."""
+    height, width = image.shape[:2]
+    if height < size or width < size:
+        raise ValueError(f"a {height}x{width} canvas cannot hold a {size} px crop")
+    top, left = crop_box(height, width, size, position)
+    return image[top:top + size, left:left + size]
+
+
+def hflip(batch: np.ndarray) -> np.ndarray:
+    """Mirror ``(batch, height, width, channels)`` images left to right (a view, not a copy)."""
+    return batch[:, :, ::-1]
+
+
+def log_softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """``log(softmax(logits))`` without overflow: finite wherever the logits are finite."""
+    x = np.asarray(logits, dtype=np.float64)
+    shifted = x - x.max(axis=axis, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+
+
+def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
+    top = x.max(axis=axis)
+    return top + np.log(np.exp(x - np.expand_dims(top, axis)).sum(axis=axis))
+
+
+def _mean_logits(views: np.ndarray) -> np.ndarray:
+    return views.astype(np.float64).mean(axis=0)
+
+
+def _mean_probs(views: np.ndarray) -> np.ndarray:
+    # log(mean_v softmax(x_v)) = logsumexp_v(log_softmax(x_v)) - log(V): no log of an underflow.
+    return _logsumexp(log_softmax(views), axis=0) - math.log(views.shape[0])
+
+
+def _gmean(views: np.ndarray) -> np.ndarray:
+    # The log of the geometric mean of probabilities, up to a per-row constant that softmax drops.
+    return log_softmax(views).mean(axis=0)
+
+
+#: ``--merge`` name -> ``(views, batch, classes)`` logits to ``(batch, classes)`` float64 scores.
+MERGES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "mean-logits": _mean_logits,
+    "mean-probs": _mean_probs,
+    "gmean": _gmean,
+}
+
+
+def merge_mode(name: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The registered merge ``name``; :class:`EnsError` naming the valid choices otherwise."""
+    try:
+        return MERGES[name]
+    except KeyError:
+        raise EnsError(f"--merge {name}: choose from {', '.join(MERGES)}") from None
+
+
+def merge(views: np.ndarray, mode: str = "mean-logits") -> np.ndarray:
+    """Merge ``(views, batch, classes)`` logits into ``(batch, classes)`` float64 scores.
+
+    ``mean-logits``: the mean logit. ``mean-probs``: log of the mean probability. ``gmean``:
+    mean log-probability (the log of the geometric mean, unnormalised). In every mode
+    ``softmax(result)`` is the merged probability, and finite logits give finite results.
+    """
+    if views.ndim != 3:
+        raise ValueError(f"expected (views, batch, classes) logits, got shape {views.shape}")
+    return merge_mode(mode)(views)

@@ -1,0 +1,179 @@
+"""Bad input (images, splits, models), device selection and models from elsewhere."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from ensemble.datasets import load_split
+from ensemble.errors import EnsError
+from ensemble.infer import InferOptions, infer
+from ensemble.runtime import (ForeignPreprocess, Runner, available_providers, load_model,
+                              select_device)
+from ensemble.store import MANIFEST, read_store
+
+from tests.ensemble.conftest import MEAN, STD, run_onnx, tiny_onnx, write_images
+
+BAD = ("missing", "empty", "truncated", "text")
+
+
+@pytest.fixture
+def bad_split(tmp_path):
+    """A json split of 8 images where images 2, 3, 5 and 6 are missing, empty, truncated, text."""
+    folder = tmp_path / "data"
+    paths = write_images(folder / "images", [(40, 30)] * 8)
+    paths[2].unlink()
+    paths[3].write_bytes(b"")
+    paths[5].write_bytes(paths[5].read_bytes()[:300])
+    paths[6].write_text("this is not an image")
+    images = [{"id": 100 + i, "file_name": str(p.relative_to(folder))} for i, p in enumerate(paths)]
+    (folder / "val2019.json").write_text(json.dumps({"images": images}))
+    return load_split(folder / "val2019.json")
+
+
+def _options(tmp_path, **kw):
+    return InferOptions(**{"workers": 0, "batch_size": 2, "chunk_size": 2, "out": tmp_path / "runs", **kw})
+
+
+def _subset(split, rows):
+    return dataclasses.replace(split, ids=tuple(split.ids[i] for i in rows),
+                               paths=tuple(split.paths[i] for i in rows))
+
+
+@pytest.mark.parametrize("index", [2, 3, 5, 6], ids=BAD)
+def test_each_bad_image_stops_the_run_naming_it(tiny, tmp_path, bad_split, index):
+    split = _subset(bad_split, [0, 1, index, 4])
+    with pytest.raises(EnsError, match=rf"image {100 + index} \(.*img{index:03d}.jpg\): .*--on-bad-image skip"):
+        infer([tiny], [split], _options(tmp_path))
+    manifest = json.loads((tmp_path / "runs" / "tiny" / "val" / MANIFEST).read_text())
+    assert manifest["complete"] is False
+    with pytest.raises(EnsError, match="incomplete"):
+        read_store(tmp_path / "runs" / "tiny" / "val")
+
+
+def test_skip_leaves_bad_images_out_and_lists_them(tiny, tmp_path, bad_split):
+    result = infer([tiny], [bad_split], _options(tmp_path, on_bad_image="skip"))
+    store = read_store(result.stores[0].path)
+    assert store.ids.tolist() == [100, 101, 104, 107]
+    assert store.logits.shape == (4, 5)
+    skipped = {s["id"]: s["reason"] for s in store.manifest["skipped"]}
+    assert list(skipped) == [102, 103, 105, 106]
+    assert skipped[102] == "missing file"
+    assert (skipped[103], skipped[106]) == ("empty file", "not an image Pillow can read")
+    assert "truncated" in skipped[105].lower()
+    # The rows kept are the rows a clean run of those images gives.
+    clean = dataclasses.replace(_subset(bad_split, [0, 1, 4, 7]), name="clean")
+    result = infer([tiny], [clean], _options(tmp_path, dtype="float32"))
+    np.testing.assert_allclose(read_store(result.stores[0].path).logits, store.logits, rtol=1e-3, atol=1e-3)
+
+
+def test_a_failed_run_resumes_with_skip(tiny, tmp_path, bad_split):
+    with pytest.raises(EnsError, match="image 102"):
+        infer([tiny], [bad_split], _options(tmp_path))
+    # Chunk 0 (ids 100, 101) was saved; the rerun with skip starts after it.
+    result = infer([tiny], [bad_split], _options(tmp_path, on_bad_image="skip"))
+    assert result.decodes == 6
+    assert read_store(result.stores[0].path).ids.tolist() == [100, 101, 104, 107]
+
+
+def test_fixed_size_model_refuses_scale_views(tmp_path, bad_split):
+    fixed = tiny_onnx(tmp_path / "fixed.onnx", dynamic=False)
+    with pytest.raises(EnsError, match=r"fixed.onnx: takes only 32 px inputs, but the TTA views need 28, 32, 37 px"):
+        infer([fixed], [bad_split], _options(tmp_path, tta=("scale",)))
+    folder = load_split(tmp_path / "data" / "images")  # crops and flips keep the size: fine
+    infer([fixed], [folder], _options(tmp_path, tta=("crop10",), on_bad_image="skip"))
+
+
+def test_models_sharing_a_store_folder_are_refused(tmp_path, bad_split):
+    a = tiny_onnx(tmp_path / "x" / "tiny.onnx")
+    b = tiny_onnx(tmp_path / "y" / "tiny.onnx")
+    with pytest.raises(EnsError, match="would share the store folder 'tiny'"):
+        infer([a, b], [bad_split], _options(tmp_path))
+
+
+def test_non_finite_logits_name_the_model_and_image(tmp_path):
+    path = tiny_onnx(tmp_path / "nan.onnx")
+    model = onnx.load(str(path))
+    for init in model.graph.initializer:
+        if init.name == "bias":
+            init.CopyFrom(numpy_helper.from_array(np.full(5, np.nan, np.float32), "bias"))
+    onnx.save(model, str(path))
+    write_images(tmp_path / "imgs", [(40, 30)])
+    with pytest.raises(EnsError, match=r"nan.onnx: non-finite logits for image 'img000.jpg'"):
+        infer([path], [load_split(tmp_path / "imgs")], _options(tmp_path))
+
+
+def test_device_selection():
+    cpu_only = ["AzureExecutionProvider", "CPUExecutionProvider"]
+    gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert select_device("auto", cpu_only) == "cpu"
+    assert select_device("auto", gpu) == "cuda"  # TensorRT only on request
+    assert select_device("tensorrt", gpu) == "tensorrt"
+    assert select_device("cpu", gpu) == "cpu"
+    with pytest.raises(EnsError, match="--device cuda: this onnxruntime offers only AzureExecutionProvider, "
+                                       "CPUExecutionProvider, not CUDAExecutionProvider; install onnxruntime-gpu"):
+        select_device("cuda", cpu_only)
+    with pytest.raises(EnsError, match="--device tpu: choose from auto, cpu, cuda, tensorrt"):
+        select_device("tpu", cpu_only)
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in available_providers(), reason="this machine has CUDA")
+def test_auto_runs_on_cpu_and_cuda_is_refused_here(tiny, tmp_path):
+    write_images(tmp_path / "imgs", [(40, 30)])
+    split = load_split(tmp_path / "imgs")
+    events = []
+    result = infer([tiny], [split], _options(tmp_path), progress=events.append)
+    assert (result.device, result.provider) == ("cpu", "CPUExecutionProvider")
+    assert events[0].kind == "note" and "device cpu (--device auto): CPUExecutionProvider" in events[0].message
+    assert read_store(result.stores[0].path).manifest["provider"] == "CPUExecutionProvider"
+    with pytest.raises(EnsError, match="--device cuda: .*install onnxruntime-gpu"):
+        infer([tiny], [split], _options(tmp_path, device="cuda"))
+
+
+def test_io_binding_path_gives_the_same_logits(tiny):
+    model = load_model(tiny)
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    plain = Runner(model, "cpu")(images)
+    bound = Runner(model, "cpu", bind=True)
+    np.testing.assert_array_equal(bound(images), plain)
+    np.testing.assert_array_equal(bound(images[::-1].copy()), plain[::-1])  # buffers are reused
+
+
+def test_foreign_float_model_normalised_by_the_options_equals_the_ens_model(tmp_path):
+    ens_model = tiny_onnx(tmp_path / "ens.onnx", seed=3)
+    foreign = tiny_onnx(tmp_path / "foreign.onnx", seed=3, float_nchw=True)
+    write_images(tmp_path / "imgs", [(40, 30), (30, 50)])
+    split = load_split(tmp_path / "imgs")
+    given = ForeignPreprocess(input_size=32, mean=MEAN, std=STD)
+    result = infer([ens_model, foreign], [split], _options(tmp_path, tta=("flip",), dtype="float32", foreign=given))
+    ens_store, foreign_store = (read_store(s.path) for s in result.stores)
+    np.testing.assert_allclose(foreign_store.logits, ens_store.logits, rtol=1e-5, atol=1e-5)
+    assert foreign_store.manifest["model"]["foreign"] is True
+    assert foreign_store.manifest["model"]["mean"] == list(MEAN)
+
+
+def test_foreign_models_need_their_options(tmp_path):
+    foreign = tiny_onnx(tmp_path / "foreign.onnx", float_nchw=True)
+    fixed = tiny_onnx(tmp_path / "fixed.onnx", float_nchw=True, dynamic=False, size=48)
+    nhwc = tiny_onnx(tmp_path / "nhwc.onnx", metadata=False)
+    with pytest.raises(EnsError, match="foreign.onnx: has no ens metadata and takes any size; give --input-size"):
+        load_model(foreign, ForeignPreprocess(mean=MEAN, std=STD))
+    with pytest.raises(EnsError, match="foreign.onnx: has no ens metadata and takes float NCHW input; give --mean"):
+        load_model(foreign, ForeignPreprocess(input_size=32))
+    with pytest.raises(EnsError, match="fixed.onnx: takes 48x48 inputs, not --input-size 32"):
+        load_model(fixed, ForeignPreprocess(input_size=32, mean=MEAN, std=STD))
+    assert load_model(fixed, ForeignPreprocess(mean=MEAN, std=STD)).metadata.input_size == 48
+    with pytest.raises(EnsError, match="nhwc.onnx: takes uint8 NHWC images and normalises them itself"):
+        load_model(nhwc, ForeignPreprocess(input_size=32, mean=MEAN, std=STD))
+    model = load_model(nhwc, ForeignPreprocess(input_size=32))
+    images = np.zeros((1, 32, 32, 3), np.uint8)
+    np.testing.assert_array_equal(Runner(model, "cpu")(images), run_onnx(nhwc, images))
+    write_images(tmp_path / "imgs", [(40, 30)])
+    with pytest.raises(EnsError, match="--input-size, --mean, --std, --resize and --crop-pct are for ONNX files"):
+        infer([tiny_onnx(tmp_path / "ens.onnx")], [load_split(tmp_path / "imgs")],
+              _options(tmp_path, foreign=ForeignPreprocess(input_size=32)))

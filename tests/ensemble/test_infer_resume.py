@@ -1,0 +1,142 @@
+"""Interrupted runs: a rerun with the same arguments resumes and ends byte-identical."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ensemble import store as store_module
+from ensemble.datasets import load_split
+from ensemble.errors import EnsError
+from ensemble.infer import InferOptions, infer
+from ensemble.store import MANIFEST, PARTIAL, VIEWS, read_store
+
+from tests.ensemble.conftest import make_inat, store_bytes, tiny_onnx
+
+MODELS = ("a", "b")
+
+
+class Killed(Exception):
+    pass
+
+
+def _kill_after(chunks: int):
+    seen = []
+
+    def progress(event):
+        if event.kind == "chunk":
+            seen.append(event)
+            if len(seen) == chunks:
+                raise Killed
+
+    return progress
+
+
+@pytest.fixture
+def setup(tmp_path, inat):
+    models = [tiny_onnx(tmp_path / "a.onnx", size=32), tiny_onnx(tmp_path / "b.onnx", size=40, seed=1)]
+    splits = [load_split(inat / "val2019.json"), load_split(inat / "test2019.json")]
+    return models, splits
+
+
+def _options(out, **kw):
+    return InferOptions(**{"tta": ("flip", "scale"), "keep_views": True, "workers": 0, "batch_size": 2,
+                           "chunk_size": 2, "out": out, **kw})
+
+
+def _all_bytes(out):
+    return {(m, s): store_bytes(out / m / s) for m in MODELS for s in ("val", "test")}
+
+
+@pytest.mark.parametrize("kill_after", [1, 3, 4])
+def test_resume_after_an_interruption_is_byte_identical(setup, tmp_path, kill_after):
+    models, splits = setup
+    infer(models, splits, _options(tmp_path / "whole"))
+
+    out = tmp_path / "resumed"
+    with pytest.raises(Killed):
+        infer(models, splits, _options(out), progress=_kill_after(kill_after))
+    if kill_after < 3:  # val (6 images = 3 chunks) is not finished
+        for m in MODELS:
+            assert json.loads((out / m / "val" / MANIFEST).read_text())["complete"] is False
+            with pytest.raises(EnsError, match="incomplete"):
+                read_store(out / m / "val")
+    result = infer(models, splits, _options(out))
+    # Only the images of chunks not yet saved are decoded again.
+    assert result.decodes == 11 - 2 * kill_after
+    assert _all_bytes(out) == _all_bytes(tmp_path / "whole")
+    assert not any((out / m / s / PARTIAL).exists() for m in MODELS for s in ("val", "test"))
+
+
+def test_a_kill_while_assembling_the_store_resumes(setup, tmp_path, monkeypatch):
+    models, splits = setup
+    infer(models, splits, _options(tmp_path / "whole"))
+    out = tmp_path / "resumed"
+    original = store_module.StoreWriter._concatenate
+
+    def dies_on_views(self, name, *args, **kw):
+        if name == VIEWS:
+            raise Killed  # logits.npy is already replaced; the manifest still says incomplete
+        return original(self, name, *args, **kw)
+
+    monkeypatch.setattr(store_module.StoreWriter, "_concatenate", dies_on_views)
+    with pytest.raises(Killed):
+        infer(models, splits, _options(out))
+    with pytest.raises(EnsError, match="incomplete"):
+        read_store(out / "a" / "val")
+    monkeypatch.setattr(store_module.StoreWriter, "_concatenate", original)
+    assert infer(models, splits, _options(out)).decodes == 5  # test's; val's chunks were all saved
+    assert _all_bytes(out) == _all_bytes(tmp_path / "whole")
+
+
+def test_same_arguments_keep_a_complete_store_and_others_recompute(setup, tmp_path):
+    models, splits = setup
+    out = tmp_path / "runs"
+    infer(models, splits, _options(out))
+    again = infer(models, splits, _options(out))
+    assert again.decodes == 0 and not any(s.computed for s in again.stores)
+    changed = infer(models, splits, _options(out, tta=("flip",)))
+    assert changed.decodes == 11 and all(s.computed for s in changed.stores)
+    assert read_store(out / "a" / "val").view_names == ("identity", "flip")
+
+
+def test_sigkilled_cli_run_resumes_byte_identical(tmp_path):
+    """A real kill: `ens infer` hangs on a FIFO in place of image 4, is SIGKILLed with its
+    decoding processes once chunks 0-3 are saved, and the rerun finishes the store."""
+    data = make_inat(tmp_path / "inat", n_val=8, n_test=1)
+    model = tiny_onnx(tmp_path / "tiny.onnx")
+    val = load_split(data / "val2019.json")
+    args = [sys.executable, "-m", "ensemble", "infer", str(model), "--data", str(data), "--split", "val",
+            "--tta", "flip", "--batch-size", "1", "--chunk-size", "1", "--workers", "1"]
+    subprocess.run([*args, "--out", str(tmp_path / "whole")], check=True, capture_output=True, timeout=120)
+
+    fifo = val.paths[4]
+    real = fifo.read_bytes()
+    fifo.unlink()
+    os.mkfifo(fifo)  # opening it blocks until a writer comes: the run stops right there
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*args, "--out", str(out)], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = out / "tiny" / "val" / PARTIAL
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(partial.glob("chunk-*.npz"))) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the run and its decoding processes
+        proc.wait(timeout=30)
+    assert sorted(p.name for p in partial.glob("chunk-*.npz")) == [f"chunk-{i:06d}.npz" for i in range(4)]
+    assert json.loads((out / "tiny" / "val" / MANIFEST).read_text())["complete"] is False
+
+    fifo.unlink()
+    fifo.write_bytes(real)
+    done = subprocess.run([*args, "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "resuming, 4 of 8 images done" in done.stderr
+    assert store_bytes(out / "tiny" / "val") == store_bytes(tmp_path / "whole" / "tiny" / "val")

@@ -1,0 +1,204 @@
+"""TTA through the whole inference path: pixels, logits, batching and decode counts.
+
+References are computed independently of ens: torchvision's own transforms (Resize, FiveCrop,
+hflip) on PIL images, and onnxruntime run on those explicit views one at a time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from PIL import Image
+
+from ensemble import decode
+from ensemble.datasets import load_split
+from ensemble.decode import decode_image
+from ensemble.infer import InferOptions, infer
+from ensemble.metadata import ModelMetadata
+from ensemble.runtime import Runner
+from ensemble.store import read_store
+from ensemble.tta import Preprocess, geometry, plan_views, view_size
+
+from tests.ensemble.conftest import run_onnx, tiny_onnx, write_images
+
+F = pytest.importorskip("torchvision.transforms.functional")
+
+SIZES = [(60, 45), (45, 70), (50, 50), (97, 40)]
+SCALES = (0.875, 1.143)
+CORNERS = {"top-left": 0, "top-right": 1, "bottom-left": 2, "bottom-right": 3, "center": 4}
+
+
+def reference_view(path, size, crop_pct, resize, view):
+    """One view of an image by torchvision's transforms, as uint8 (s, s, 3)."""
+    image = Image.open(path).convert("RGB")
+    s = round(size * view.scale)
+    side = math.floor(s / crop_pct + 1e-6)
+    if resize == "squash":
+        image = F.resize(image, [s, s] if view.position == "center" else [side, side])
+    else:
+        image = F.resize(image, side)
+    out = F.five_crop(image, [s, s])[CORNERS[view.position]]
+    return np.asarray(F.hflip(out) if view.flip else out)
+
+
+@pytest.fixture
+def pngs(tmp_path):
+    """A folder split of PNGs (lossless, and no reduced JPEG decoding, so pixels are exact)."""
+    write_images(tmp_path / "images", SIZES, ".png")
+    return load_split(tmp_path / "images")
+
+
+@pytest.mark.parametrize("resize", ["center-crop", "squash"])
+def test_decoded_views_equal_torchvision_pixels(pngs, resize):
+    pre = Preprocess(32, resize, 0.875)
+    views = [v for v in plan_views(["crop5", "scale"], SCALES) if not v.flip]
+    geometries = [geometry(pre, v) for v in views]
+    for path in pngs.paths:
+        arrays = decode_image(path, geometries)
+        for view, geo in zip(views, geometries):
+            np.testing.assert_array_equal(arrays[geo], reference_view(path, 32, 0.875, resize, view),
+                                          err_msg=f"{path.name} {view.name}")
+
+
+def pixel_model(path, size=32):
+    """An ens model whose logits are its input pixels: (batch, size * size * 3)."""
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["image"], ["f"], to=TensorProto.FLOAT),
+         helper.make_node("Reshape", ["f", "shape"], ["logits"])],
+        "pixels", [helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", size, size, 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", size * size * 3])],
+        [helper.make_tensor("shape", TensorProto.INT64, [2], [-1, size * size * 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    meta = ModelMetadata("pixels", size * size * 3, size, (0, 0, 0), (1, 1, 1), dynamic_size=False)
+    for key, value in meta.to_props().items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_stored_views_are_exactly_the_torchvision_crops(pngs, tmp_path):
+    model = pixel_model(tmp_path / "pixels.onnx")
+    options = InferOptions(tta=("crop10",), keep_views=True, dtype="float32", workers=0, batch_size=3,
+                           out=tmp_path / "runs")
+    infer([model], [pngs], options)
+    store = read_store(tmp_path / "runs" / "pixels" / "images")
+    views = plan_views(["crop10"])
+    assert store.view_names == tuple(v.name for v in views) and len(views) == 10
+    for i, path in enumerate(pngs.paths):
+        for v, view in enumerate(views):
+            want = reference_view(path, 32, 0.875, "center-crop", view).reshape(-1)
+            np.testing.assert_array_equal(store.views[v, i], want, err_msg=f"{path.name} {view.name}")
+        np.testing.assert_allclose(store.logits[i], store.views[:, i].mean(0), rtol=1e-6)
+
+
+def _log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("merge", ["mean-logits", "mean-probs", "gmean"])
+def test_tta_logits_equal_the_model_on_explicit_views(pngs, tmp_path, merge):
+    model = tiny_onnx(tmp_path / "tiny.onnx", size=32)
+    options = InferOptions(tta=("flip", "scale", "crop5"), scales=SCALES, merge=merge, keep_views=True,
+                           dtype="float32", workers=0, batch_size=3, out=tmp_path / "runs")
+    infer([model], [pngs], options)
+    store = read_store(tmp_path / "runs" / "tiny" / "images")
+    views = plan_views(["flip", "scale", "crop5"], SCALES)
+    assert len(views) == 30
+    want = np.stack([
+        np.stack([run_onnx(model, reference_view(path, 32, 0.875, "center-crop", v)[None])[0]
+                  for path in pngs.paths])
+        for v in views]).astype(np.float64)  # (views, images, classes)
+    np.testing.assert_allclose(store.views, want, rtol=1e-4, atol=1e-4)
+    merged = {
+        "mean-logits": want.mean(0),
+        "mean-probs": np.log(np.exp(_log_softmax(want)).mean(0)),
+        "gmean": _log_softmax(want).mean(0),
+    }[merge]
+    np.testing.assert_allclose(store.logits, merged, rtol=1e-4, atol=1e-4)
+
+
+def test_views_of_one_size_run_as_one_batch(pngs, tmp_path, monkeypatch):
+    model = tiny_onnx(tmp_path / "tiny.onnx", size=32)
+    shapes = []
+    original = Runner.__call__
+
+    def spy(self, batch):
+        shapes.append(batch.shape)
+        return original(self, batch)
+
+    monkeypatch.setattr(Runner, "__call__", spy)
+    options = InferOptions(tta=("flip", "scale"), scales=SCALES, workers=0, batch_size=3, out=tmp_path / "runs")
+    infer([model], [pngs], options)
+    # 4 images in batches of 3: two batches (the last padded), three sizes, identity + flip each.
+    assert shapes == [(6, 32, 32, 3), (6, 28, 28, 3), (6, 37, 37, 3)] * 2
+
+
+def test_one_decode_per_image_whatever_the_models_and_views(pngs, tmp_path, monkeypatch):
+    models = [tiny_onnx(tmp_path / "a.onnx", size=32),
+              tiny_onnx(tmp_path / "b.onnx", size=40, crop_pct=0.95, seed=1),
+              tiny_onnx(tmp_path / "c.onnx", size=24, resize="squash", seed=2)]
+    opened = []
+    original = decode._load
+
+    def counting(path, min_side):
+        opened.append(str(path))
+        return original(path, min_side)
+
+    monkeypatch.setattr(decode, "_load", counting)
+    options = InferOptions(tta=("flip", "scale", "crop5"), workers=0, batch_size=3, out=tmp_path / "runs")
+    result = infer(models, [pngs], options)
+    assert sorted(opened) == sorted(map(str, pngs.paths))
+    assert result.decodes == len(pngs)
+    assert {s.path.parent.name for s in result.stores} == {"a", "b", "c"}
+
+
+def test_one_decode_per_image_in_worker_processes(pngs, tmp_path):
+    models = [tiny_onnx(tmp_path / "a.onnx", size=32), tiny_onnx(tmp_path / "b.onnx", size=40, seed=1)]
+    options = InferOptions(tta=("flip", "crop5"), workers=2, batch_size=1, out=tmp_path / "runs")
+    result = infer(models, [pngs], options)
+    assert result.decodes == len(pngs) and result.workers == 2
+    # The same arrays decoded in workers or inline give the same stores.
+    inline = infer(models, [pngs], InferOptions(tta=("flip", "crop5"), workers=0, batch_size=1,
+                                                out=tmp_path / "inline"))
+    for a, b in zip(result.stores, inline.stores):
+        np.testing.assert_array_equal(read_store(a.path).logits, read_store(b.path).logits)
+
+
+def test_reduced_jpeg_decode_orientation_and_colour_modes(tmp_path):
+    big = tmp_path / "big.jpg"
+    write_images(tmp_path / "w", [(800, 600)])[0].rename(big)
+    # draft: a 48 px canvas needs at most a 1/8 decode of 600 px (75 px), never the full image.
+    assert min(decode._load(big, 48).size) == 75
+    assert min(decode._load(big, 300).size) == 300
+    assert min(decode._load(big, 301).size) == 600
+
+    image = Image.new("RGB", (60, 40), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: rotate 90 degrees clockwise to display
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    assert decode._load(tmp_path / "rotated.jpg", 40).size == (40, 60)
+    assert decode._load(tmp_path / "rotated.jpg", 10).size == (10, 15)  # 1/4 decode, then rotated
+
+    Image.new("L", (40, 30), 77).save(tmp_path / "gray.jpg")
+    Image.new("CMYK", (40, 30), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    Image.new("RGBA", (40, 30), (1, 2, 3, 0)).save(tmp_path / "rgba.png")
+    Image.new("P", (40, 30), 5).save(tmp_path / "palette.gif")
+    Image.new("I;16", (40, 30), 300).save(tmp_path / "deep.png")
+    geo = geometry(Preprocess(16), plan_views([])[0])
+    for name in ("gray.jpg", "cmyk.jpg", "rgba.png", "palette.gif", "deep.png"):
+        array = decode_image(tmp_path / name, [geo])[geo]
+        assert array.shape == (16, 16, 3) and array.dtype == np.uint8, name
+    gray = decode_image(tmp_path / "gray.jpg", [geo])[geo]
+    assert (gray == gray[..., :1]).all() and abs(int(gray[0, 0, 0]) - 77) <= 2
+    assert decode_image(tmp_path / "cmyk.jpg", [geo])[geo][8, 8, 0] > 200  # red stays red
+
+
+def test_view_sizes_follow_the_scales():
+    pre = Preprocess(32)
+    assert sorted({view_size(pre, v) for v in plan_views(["scale"], SCALES)}) == [28, 32, 37]
