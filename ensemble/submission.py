@@ -1,0 +1,338 @@
+"""The competition CSV: formats, the checks every file passes before it is written, the writing.
+
+A format (:data:`FORMATS`, looked up with :func:`get_format`) names the header, how many
+category ids each row carries and where the dataset keeps its test images and categories.
+Every format here is scored like this (``COMPETITION.md``): a grader sorts the rows by id,
+requires exactly the test ids, splits ``predicted`` on whitespace and compares the first
+``scored`` ids, read as integers, with the truth; any further ids are ignored.
+
+Checks work on the file's text: each CSV is read with every cell as a string (nothing becomes
+NaN, nothing is rounded through a float), and :func:`check_rows` finds the first problem:
+non-integer, duplicated, missing or extra ids, empty or NaN predictions, the wrong number of
+category ids per row, category ids the dataset does not know and, with a sample submission,
+ids other than the sample's. The message names the first offending lines (the header is
+line 1). ``ens submit`` runs the same checks on the rows it builds from ``ens blend`` output
+before it writes anything, and ``ens submit --check`` on any CSV.
+
+Written files hold one row per test image, ids ascending, ``\\n`` line ends, no index column,
+and are byte-for-byte reproducible (gzip ones too: the gzip header carries no time or name).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ensemble.datasets import load_split
+from ensemble.errors import EnsError
+from ensemble.fileio import write_bytes_atomic
+
+#: How many offending lines or ids an error message names before "and N more".
+_SHOWN = 5
+#: Ids and category ids: decimal digits, at most 18 so that every value fits in int64.
+_INTEGER = r"[0-9]{1,18}"
+#: Cells that hold no category id: empty (also what pandas writes for NaN) or NaN spelled out.
+_EMPTY = ("", "nan", "NaN", "NAN")
+
+
+@dataclass(frozen=True)
+class SubmissionFormat:
+    """One competition's CSV.
+
+    ``top_k`` category ids per row, most confident first, space separated; the grader scores
+    the first ``scored`` of them. ``test_file`` (under ``--data``) lists the test images;
+    ``category_files`` are the jsons whose ``categories`` give the known category ids (the
+    union of those present).
+    """
+
+    name: str
+    id_column: str
+    predicted_column: str
+    top_k: int
+    scored: int
+    test_file: str
+    category_files: tuple[str, ...]
+
+    @property
+    def header(self) -> str:
+        return f"{self.id_column},{self.predicted_column}"
+
+
+FORMATS: dict[str, SubmissionFormat] = {
+    # iNat 2019 at FGVC6: top-1 error, five ids encouraged.
+    "inat2019": SubmissionFormat("inat2019", "id", "predicted", 5, 1, "test2019.json",
+                                 ("train2019.json", "val2019.json", "test2019.json")),
+    # iNat 2018 at FGVC5: top-3 error, so three ids.
+    "inat2018": SubmissionFormat("inat2018", "id", "predicted", 3, 3, "test2018.json",
+                                 ("train2018.json", "val2018.json", "test2018.json")),
+    # iNat 2021 at FGVC8: top-1 error like 2019, capitalised header, files without a year.
+    # Five ids as in 2019: only the first is scored, the rest keep the ranking for reading.
+    "inat2021": SubmissionFormat("inat2021", "Id", "Predicted", 5, 1, "public_test.json",
+                                 ("train.json", "train_mini.json", "val.json", "public_test.json")),
+}
+
+
+def get_format(name: str) -> SubmissionFormat:
+    """The format registered as ``name``."""
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise EnsError(f"--format {name}: choose one of {', '.join(FORMATS)}") from None
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What a submission is checked against.
+
+    ``test_ids``: ``(images,)`` int64, sorted, from ``test_source``; ``categories``:
+    ``(categories,)`` int64, sorted, the known category ids; ``sample_ids``: ``(rows,)`` int64
+    sorted ids of the sample submission at ``sample_source``, or ``None`` without one.
+    """
+
+    test_source: Path
+    test_ids: np.ndarray
+    categories: np.ndarray
+    sample_source: Path | None = None
+    sample_ids: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Submission:
+    """Checked rows ready to write: ``ids`` ``(rows,)`` int64 ascending, ``categories``
+    ``(rows, top_k)`` int64, most confident first."""
+
+    format: SubmissionFormat
+    ids: np.ndarray
+    categories: np.ndarray
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+def read_csv_text(path: str | os.PathLike) -> pd.DataFrame:
+    """A CSV (or ``.csv.gz``) with every cell kept as its text; short rows get empty cells."""
+    path = Path(path)
+    if not path.is_file():
+        raise EnsError(f"{path}: no such file")
+    try:
+        # header=None keeps the header line as written (pandas would rename a repeated name).
+        table = pd.read_csv(path, header=None, dtype=str, keep_default_na=False, na_filter=False)
+    except pd.errors.EmptyDataError:
+        raise EnsError(f"{path}: empty file, expected a header line") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError) as exc:
+        reason = " ".join(str(exc).split())
+        raise EnsError(f"{path}: not a readable CSV ({reason})") from None
+    frame = table.iloc[1:].reset_index(drop=True)
+    frame.columns = [str(c) for c in table.iloc[0]]
+    return frame
+
+
+def load_reference(data: str | os.PathLike, fmt: SubmissionFormat,
+                   sample: str | os.PathLike | None = None) -> Reference:
+    """The test ids and known categories under ``--data DIR`` and, optionally, a sample's ids."""
+    data = Path(data)
+    if not data.is_dir():
+        raise EnsError(f"--data {data}: no such folder")
+    test_source = data / fmt.test_file
+    if not test_source.is_file():
+        raise EnsError(f"--data {data}: no {fmt.test_file} (the test images of --format {fmt.name})")
+    split = load_split(test_source)
+    if any(not isinstance(i, int) for i in split.ids):
+        raise EnsError(f"{test_source}: image ids are not integers; {fmt.name} submissions need integer ids")
+    categories = _categories(data, fmt)
+    sample_source = sample_ids = None
+    if sample is not None:
+        sample_source = Path(sample)
+        sample_ids = _sample_ids(sample_source, fmt)
+    return Reference(test_source=test_source, test_ids=np.sort(np.asarray(split.ids, dtype=np.int64)),
+                     categories=categories, sample_source=sample_source, sample_ids=sample_ids)
+
+
+def _categories(data: Path, fmt: SubmissionFormat) -> np.ndarray:
+    known: set[int] = set()
+    for name in fmt.category_files:
+        path = data / name
+        if not path.is_file():
+            continue
+        try:
+            doc = json.loads(path.read_bytes())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise EnsError(f"{path}: not a JSON file ({exc})") from None
+        for i, category in enumerate(doc.get("categories") or () if isinstance(doc, dict) else ()):
+            cid = category.get("id") if isinstance(category, dict) else None
+            if isinstance(cid, bool) or not isinstance(cid, int):
+                raise EnsError(f"{path}: categories[{i}] has id {cid!r}; expected an integer")
+            known.add(cid)
+    if not known:
+        raise EnsError(f"--data {data}: no categories in any of {', '.join(fmt.category_files)}")
+    return np.array(sorted(known), dtype=np.int64)
+
+
+def _sample_ids(path: Path, fmt: SubmissionFormat) -> np.ndarray:
+    frame = read_csv_text(path)
+    check_header(frame, fmt, f"--sample {path}")
+    ids = frame[fmt.id_column]
+    bad = ~ids.str.fullmatch(_INTEGER)
+    if bad.any():
+        raise EnsError(f"--sample {path}: non-integer id on {_lines(bad)}")
+    return np.sort(ids.astype(np.int64).to_numpy())
+
+
+def read_predictions(path: str | os.PathLike, fmt: SubmissionFormat) -> pd.DataFrame:
+    """``ens blend``'s ``predictions.csv`` (``id,category_1..K,prob_1..K``) as the two text
+    columns of ``fmt``: the id, and the first ``fmt.top_k`` categories joined by spaces.
+
+    Row ``i`` stays line ``i + 2`` of the file, so check messages name its lines.
+    """
+    frame = read_csv_text(path)
+    columns = list(frame.columns)
+    numbered = sorted(int(c.split("_")[1]) for c in columns if re.fullmatch(r"category_[0-9]+", c))
+    if not columns or columns[0] != "id" or not numbered or numbered != list(range(1, len(numbered) + 1)):
+        raise EnsError(f"{path}: header {_header(frame)}; expected id,category_1,...,category_K,prob_1,...,prob_K "
+                       "(the predictions.csv of `ens blend`)")
+    if len(numbered) < fmt.top_k:
+        raise EnsError(f"{path}: {len(numbered)} categories per row (category_1..category_{len(numbered)}); "
+                       f"--format {fmt.name} needs {fmt.top_k}: blend again with top-k {fmt.top_k} or more")
+    predicted = frame["category_1"]
+    for k in range(2, fmt.top_k + 1):
+        predicted = predicted + " " + frame[f"category_{k}"]
+    return pd.DataFrame({fmt.id_column: frame["id"], fmt.predicted_column: predicted})
+
+
+# --------------------------------------------------------------------------------------- checking
+
+def check_header(frame: pd.DataFrame, fmt: SubmissionFormat, source: str | os.PathLike) -> None:
+    """The header must be exactly the format's."""
+    if ",".join(frame.columns) != fmt.header:
+        raise EnsError(f"{source}: header {_header(frame)}; --format {fmt.name} expects {fmt.header}")
+
+
+def check_rows(frame: pd.DataFrame, fmt: SubmissionFormat, reference: Reference,
+               source: str | os.PathLike) -> Submission:
+    """Check the text rows of a submission against ``reference``; return them as numbers.
+
+    ``frame`` holds the format's two columns as strings, row ``i`` being line ``i + 2`` of
+    ``source``. The first problem found raises :class:`EnsError` naming ``source`` and the
+    first offending lines (or, for missing ids, the ids).
+    """
+    ids = frame[fmt.id_column]
+    predicted = frame[fmt.predicted_column]
+
+    not_int = ~ids.str.fullmatch(_INTEGER)
+    if not_int.any():
+        raise EnsError(f"{source}: non-integer id on {_lines(not_int, ids)}")
+    values = ids.astype(np.int64).to_numpy()
+    repeated = pd.Series(values).duplicated(keep="first").to_numpy()
+    if repeated.any():
+        raise EnsError(f"{source}: duplicated id on {_lines(repeated, ids)}")
+    extra = ~np.isin(values, reference.test_ids)
+    if extra.any():
+        raise EnsError(f"{source}: id not in {reference.test_source.name} on {_lines(extra, ids)}")
+    missing = np.setdiff1d(reference.test_ids, values)
+    if missing.size:
+        raise EnsError(f"{source}: {_count(missing.size, 'test id')} of {reference.test_source.name} missing: "
+                       f"{_listed(missing)}")
+    if reference.sample_ids is not None:
+        _check_sample(values, ids, reference, source)
+
+    tokens = predicted.str.split(" ")
+    flat = tokens.explode()  # one token per entry, indexed by row
+    empty = flat.isin(_EMPTY).groupby(level=0).any().to_numpy()
+    if empty.any():
+        raise EnsError(f"{source}: empty or NaN category ids on {_lines(empty, predicted)}")
+    wrong = (tokens.str.len() != fmt.top_k).to_numpy()
+    if wrong.any():
+        raise EnsError(f"{source}: {fmt.name} expects {fmt.top_k} category ids separated by single spaces; "
+                       f"other counts on {_lines(wrong, predicted)}")
+    not_int = (~flat.str.fullmatch(_INTEGER)).groupby(level=0).any().to_numpy()
+    if not_int.any():
+        raise EnsError(f"{source}: non-integer category ids on {_lines(not_int, predicted)}")
+    categories = flat.astype(np.int64).to_numpy().reshape(-1, fmt.top_k)
+    unknown = ~np.isin(categories, reference.categories)
+    if unknown.any():
+        raise EnsError(f"{source}: category ids {_listed(np.unique(categories[unknown]))} are not among the "
+                       f"{reference.categories.size} categories of the dataset; on {_lines(unknown.any(axis=1))}")
+
+    order = np.argsort(values, kind="stable")
+    return Submission(format=fmt, ids=values[order], categories=categories[order])
+
+
+def _check_sample(values: np.ndarray, ids: pd.Series, reference: Reference, source) -> None:
+    name = reference.sample_source.name
+    extra = ~np.isin(values, reference.sample_ids)
+    if extra.any():
+        raise EnsError(f"{source}: id not in the sample {name} on {_lines(extra, ids)}")
+    missing = np.setdiff1d(reference.sample_ids, values)
+    if missing.size:
+        raise EnsError(f"{source}: {_count(missing.size, 'id')} of the sample {name} missing: {_listed(missing)}")
+
+
+def _lines(mask, values: pd.Series | None = None) -> str:
+    """``lines 3 ('x'), 7 ('y') and 4 more`` for the rows where ``mask`` is true."""
+    rows = np.flatnonzero(np.asarray(mask))
+    shown = [f"{r + 2} ({values.iloc[r]!r})" if values is not None else str(r + 2) for r in rows[:_SHOWN]]
+    more = f" and {rows.size - _SHOWN} more" if rows.size > _SHOWN else ""
+    return f"line{'s' if rows.size > 1 else ''} {', '.join(shown)}{more}"
+
+
+def _header(frame: pd.DataFrame, width: int = 60) -> str:
+    text = ",".join(frame.columns)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' if n != 1 else ''}"
+
+
+def _listed(values: np.ndarray) -> str:
+    more = f" and {values.size - _SHOWN} more" if values.size > _SHOWN else ""
+    return ", ".join(str(v) for v in values[:_SHOWN]) + more
+
+
+def check_file(path: str | os.PathLike, fmt: SubmissionFormat, reference: Reference) -> Submission:
+    """``ens submit --check``: all checks on any CSV, hand-made ones included."""
+    frame = read_csv_text(path)
+    check_header(frame, fmt, path)
+    return check_rows(frame, fmt, reference, path)
+
+
+# ---------------------------------------------------------------------------------------- writing
+
+def render(submission: Submission) -> bytes:
+    """The CSV bytes: header, then one ``id,c1 c2 ...`` line per row in ``submission`` order."""
+    fmt = submission.format
+    cells = pd.DataFrame(submission.categories).astype(str)
+    predicted = cells[0]
+    for k in range(1, cells.shape[1]):
+        predicted = predicted + " " + cells[k]
+    lines = pd.Series(submission.ids).astype(str) + "," + predicted
+    return (fmt.header + "\n" + "".join(line + "\n" for line in lines)).encode("ascii")
+
+
+def submission_path(folder: str | os.PathLike, name: str, when: dt.datetime, compress: bool) -> Path:
+    """``<folder>/<UTC time>_<name>.csv[.gz]``; ``-2``, ``-3``... appended should that be taken."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise EnsError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
+    stem = f"{when.astimezone(dt.timezone.utc):%Y%m%dT%H%M%SZ}_{name}"
+    suffix = ".csv.gz" if compress else ".csv"
+    path, n = Path(folder) / f"{stem}{suffix}", 1
+    while path.exists():
+        n += 1
+        path = Path(folder) / f"{stem}-{n}{suffix}"
+    return path
+
+
+def write_submission(submission: Submission, path: str | os.PathLike) -> Path:
+    """Write atomically; gzip when ``path`` ends in ``.gz`` (mtime 0, so equal rows give equal bytes)."""
+    path = Path(path)
+    data = render(submission)
+    write_bytes_atomic(path, gzip.compress(data, mtime=0) if path.suffix == ".gz" else data)
+    return path
+
