@@ -160,6 +160,276 @@ def info(
                    f"of {check['batch']}")
 
 
+@app.command()
+def infer(
+    ctx: typer.Context,
+    models: Annotated[list[Path], typer.Argument(metavar="MODEL.onnx...", help="ONNX files written by `ens export` (others: see --input-size).", show_default=False)],
+    data: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Dataset folder in the iNaturalist layout, with --split.")] = None,
+    split: Annotated[Optional[str], typer.Option(metavar="NAMES", help="Splits under --data, comma-separated: val means DIR/val2019.json (else DIR/val.json or the image folder DIR/val).", show_default="val,test")] = None,
+    index: Annotated[Optional[Path], typer.Option(metavar="FILE.json", help="One split instead of --data: a COCO/iNat json, or a folder of images (ids are relative paths).")] = None,
+    tta: Annotated[str, typer.Option(metavar="NAMES", help="Views beside identity, comma-separated: flip, scale, crop5, crop10 (= crop5 and flip); they combine.")] = "",
+    scales: Annotated[str, typer.Option(metavar="S,S,...", help="Factors of the model's input size for the scale views.")] = "0.875,1,1.143",
+    merge: Annotated[str, typer.Option(help="How views merge: mean-logits, mean-probs (mean probability) or gmean (geometric mean of probabilities).")] = "mean-logits",
+    keep_views: Annotated[bool, typer.Option("--keep-views", help="Also store every view's logits (views.npy).")] = False,
+    device: Annotated[str, typer.Option(help="auto (CUDA when onnxruntime offers it, else CPU), cpu, cuda or tensorrt.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per batch; a forward pass takes all views of one input size at once (batch x views).")] = 32,
+    workers: Annotated[Optional[int], typer.Option(help="Decoding processes; 0 decodes in this process.", show_default="a quarter of the cores on CPU, all but one with a GPU")] = None,
+    on_bad_image: Annotated[str, typer.Option(help="An unreadable image: fail (stop, naming it) or skip (leave it out, listed in the manifest).")] = "fail",
+    out: Annotated[Path, typer.Option(metavar="DIR", help="Stores go to DIR/<model file stem>/<split>/.")] = Path("runs"),
+    dtype: Annotated[str, typer.Option(help="Stored logits: float16 or float32.")] = "float16",
+    chunk_size: Annotated[int, typer.Option(help="Images per resumable chunk (rounded up to a multiple of --batch-size).")] = 1024,
+    input_size: Annotated[Optional[int], typer.Option(help="For ONNX files without ens metadata: input height and width.", show_default="the graph's, when fixed")] = None,
+    mean: Annotated[Optional[str], typer.Option(metavar="R,G,B", help="For ONNX files without ens metadata that take float NCHW input: normalisation mean, fractions of 255.")] = None,
+    std: Annotated[Optional[str], typer.Option(metavar="R,G,B", help="Likewise, the normalisation std.")] = None,
+    resize: Annotated[Optional[str], typer.Option(help="For ONNX files without ens metadata: center-crop or squash.", show_default="center-crop")] = None,
+    crop_pct: Annotated[Optional[float], typer.Option(help="For ONNX files without ens metadata: the center-crop fraction.", show_default="0.875")] = None,
+) -> None:
+    """Run models with test-time augmentation into logit stores.
+
+    One store per model and split. Each image is decoded once for all models and views. A killed run, started again with the
+    same arguments, resumes from its last saved chunk. A store holds logits.npy (rows, classes),
+    ids.npy (image ids in row order), manifest.json and, with --keep-views, views.npy.
+    """
+    with _user_errors(ctx):
+        from ensemble.cli_progress import InferProgress, format_seconds
+        from ensemble.datasets import load_split, resolve_splits
+        from ensemble.infer import InferOptions
+        from ensemble.infer import infer as run_infer
+        from ensemble.metadata import RESIZE_POLICIES
+        from ensemble.runtime import ForeignPreprocess
+
+        if (data is None) == (index is None):
+            raise EnsError("give the images with either --data DIR [--split val,test] or --index FILE.json")
+        if split is not None and data is None:
+            raise EnsError("--split names splits under --data DIR")
+        if data is not None:
+            names = [s.strip() for s in (split or "val,test").split(",") if s.strip()]
+            if not names:
+                raise EnsError(f"--split {split!r}: name at least one split, e.g. val,test")
+            splits = [load_split(p, name) for p, name in zip(resolve_splits(data, names), names)]
+        else:
+            splits = [load_split(index)]
+        try:
+            scale_values = tuple(float(s) for s in scales.split(","))
+        except ValueError:
+            raise EnsError(f"--scales {scales}: expected numbers separated by commas, e.g. 0.875,1,1.143") from None
+        if resize is not None and resize not in RESIZE_POLICIES:
+            raise EnsError(f"--resize {resize}: choose one of {', '.join(RESIZE_POLICIES)}")
+        if crop_pct is not None and not 0.0 < crop_pct <= 1.0:
+            raise EnsError(f"--crop-pct {crop_pct}: expected a fraction in (0, 1]")
+        if std is not None and any(v <= 0 for v in _floats3(std, "--std")):
+            raise EnsError(f"--std {std}: every value must be positive")
+        options = InferOptions(
+            tta=tuple(t.strip() for t in tta.split(",") if t.strip()),
+            scales=scale_values,
+            merge=merge,
+            keep_views=keep_views,
+            device=device,
+            batch_size=batch_size,
+            workers=workers,
+            on_bad_image=on_bad_image,
+            dtype=dtype,
+            chunk_size=chunk_size,
+            out=out,
+            foreign=ForeignPreprocess(
+                input_size=input_size,
+                mean=_floats3(mean, "--mean") if mean else None,
+                std=_floats3(std, "--std") if std else None,
+                resize=resize,
+                crop_pct=crop_pct,
+            ),
+        )
+        with InferProgress() as progress:
+            result = run_infer(models, splits, options, progress)
+    for store in result.stores:
+        if not store.computed:
+            continue
+        skipped = f", {store.skipped} skipped" if store.skipped else ""
+        typer.echo(f"wrote {store.path}: {store.rows} x {store.classes} {dtype}{skipped}")
+    typer.echo(f"{len(result.stores)} stores ({sum(s.computed for s in result.stores)} computed), "
+               f"{len(models)} models, {len(splits)} splits, tta {','.join(options.tta) or 'none'} "
+               f"({merge}); decoded {result.decodes} images in {format_seconds(result.seconds)} "
+               f"on {result.provider}")
+
+
+@app.command()
+def blend(
+    ctx: typer.Context,
+    runs: Annotated[Path, typer.Option(help="Folder of logit stores written by `ens infer`.")] = Path("runs"),
+    models: Annotated[Optional[str], typer.Option(metavar="a,b,c", help="Models (folders under --runs) to blend [default: every model with a store for the split].")] = None,
+    optimize: Annotated[Optional[str], typer.Option(metavar="SPLIT", help="Labelled split to fit the weights on, e.g. val.")] = None,
+    apply: Annotated[Optional[str], typer.Option(metavar="SPLIT", help="Split to fuse into top-k predictions [default: test, when every model has it].")] = None,
+    data: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Competition folder: labels come from DIR/<split>2019.json [default: the json the stores were made from].")] = None,
+    method: Annotated[str, typer.Option(help="uniform | nll | logit | greedy | accuracy.")] = "nll",
+    temperature: Annotated[bool, typer.Option("--temperature", help="Fit one temperature per member before blending.")] = False,
+    views: Annotated[bool, typer.Option("--views", help="Weight (model, TTA view) pairs; needs stores made with --keep-views.")] = False,
+    cv: Annotated[int, typer.Option(metavar="K", help="Folds of the cross-validated estimate.")] = 5,
+    fallback: Annotated[Optional[str], typer.Option(metavar="uniform", help="Use equal weights when the method does not beat them on CV.")] = None,
+    weights: Annotated[Optional[Path], typer.Option(metavar="blend.json", help="Apply saved weights instead of fitting.")] = None,
+    top_k: Annotated[int, typer.Option(help="Categories per image in predictions.csv.")] = 5,
+    out: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Blend folder [default: blends/<method>].")] = None,
+) -> None:
+    """Fit blend weights on validation, report honest CV estimates, fuse the test logits.
+
+    Writes DIR/blend.json (weights, temperatures, CV table, input hashes) and
+    DIR/predictions.csv (id, top-k category ids and probabilities) for `ens submit`.
+    """
+    with _user_errors(ctx):
+        from ensemble.blend import BlendOptions, available_models, run_blend
+
+        model_list = tuple(m.strip() for m in models.split(",") if m.strip()) if models else None
+        if apply is None and weights is None:
+            candidates = model_list or available_models(runs, optimize or "val")
+            apply_split = "test" if candidates and all((runs / m / "test" / "manifest.json").is_file()
+                                                       for m in candidates) else None
+        else:
+            apply_split = apply
+        options = BlendOptions(runs=runs, models=model_list, optimize=optimize, apply=apply_split, data=data,
+                               method=method, temperature=temperature, views=views, cv=cv, fallback=fallback,
+                               weights=weights, top_k=top_k, out=out)
+        result = run_blend(options)
+    record = result.record
+    for note in result.notes:
+        typer.echo(f"note: {note}")
+    if "cv" in record and "applied_from" not in record:
+        _print_cv_table(record)
+    typer.echo("weights: " + ", ".join(f"{name} {w:.3f}" for name, w in record["weights"].items()))
+    if record.get("temperatures"):
+        typer.echo("temperatures: " + ", ".join(f"{n} {t:.2f}" for n, t in record["temperatures"].items()))
+    typer.echo(f"wrote {result.out / 'blend.json'}")
+    if result.predictions is not None:
+        typer.echo(f"wrote {result.predictions} ({result.rows} images of {record['apply']['split']}, "
+                   f"top-{top_k})")
+
+
+def _print_cv_table(record: dict) -> None:
+    cv = record["cv"]
+    k = cv["top_k"]
+    typer.echo(f"{cv['folds']}-fold CV on {record['optimize']['split']} ({record['optimize']['rows']} images)"
+               + (", temperatures fitted per fold" if cv["temperature"] else ""))
+    width = max(len(r["name"]) for r in cv["rows"]) + 2
+    typer.echo(f"{'':<{width}}{'top-1':>7}  {'95% interval':<15}{f'top-{k}':>7}{'NLL':>8}")
+    for row in cv["rows"]:
+        mark = "  <- used" if row["name"] == cv["chosen"] else ""
+        typer.echo(f"{row['name']:<{width}}{row['top1']:>7.4f}  [{row['top1_low']:.4f}, {row['top1_high']:.4f}]"
+                   f"{row['topk']:>7.4f}{row['nll']:>8.4f}{mark}")
+
+
+@app.command()
+def submit(
+    ctx: typer.Context,
+    predictions: Annotated[Optional[Path], typer.Argument(metavar="PREDICTIONS", help="The predictions.csv of `ens blend`, or the blend folder holding it.", show_default=False)] = None,
+    data: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Competition files: the test json (test2019.json for inat2019) and the jsons whose categories are the known category ids.")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="Competition format: inat2019 (id,predicted; 5 ids), inat2018 (3 ids) or inat2021 (Id,Predicted; 5 ids).", show_default="inat2019")] = None,
+    name: Annotated[Optional[str], typer.Option(help="File name after the timestamp.", show_default="the blend folder's name")] = None,
+    sample: Annotated[Optional[Path], typer.Option(metavar="FILE", help="A sample submission (kaggle_sample_submission.csv): the ids must also be exactly its ids.")] = None,
+    compress: Annotated[bool, typer.Option("--gzip", help="Write submissions/<time>_<name>.csv.gz.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check, write and record the file; upload nothing.")] = False,
+    competition: Annotated[Optional[str], typer.Option(metavar="C", help="Kaggle competition to upload to, e.g. inaturalist-2019-fgvc6 (with -m).")] = None,
+    message: Annotated[Optional[str], typer.Option("-m", "--message", metavar="MSG", help="Submission message shown on Kaggle (with --competition).")] = None,
+    check: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Only run the checks on FILE, any CSV (with --data, --format, --sample); write nothing.")] = None,
+    retry: Annotated[Optional[int], typer.Option(metavar="ID", help="Upload ledger entry ID again (after upload-failed, or a dry run given --competition and -m).")] = None,
+) -> None:
+    """Write a checked Kaggle submission CSV, record it in the ledger and upload it.
+
+    The CSV goes to submissions/<UTC time>_<name>.csv, one row per test image, ids ascending.
+    Before it is written it must hold every test id of --data exactly once and nothing else,
+    integer ids, the format's number of category ids per row, and only category ids the
+    dataset knows. Uploads use the official kaggle client, the optional kaggle extra of ens.
+    """
+    with _user_errors(ctx):
+        from ensemble import submit as flow
+
+        given = {"PREDICTIONS": predictions is not None, "--data": data is not None, "--format": fmt is not None,
+                 "--name": name is not None, "--sample": sample is not None, "--gzip": compress,
+                 "--dry-run": dry_run, "--competition": competition is not None, "-m": message is not None}
+
+        def refuse(mode: str, allowed: set[str]) -> None:
+            extra = [option for option, present in given.items() if present and option not in allowed]
+            if extra:
+                raise EnsError(f"{mode} does not take {', '.join(extra)}")
+
+        if check is not None and retry is not None:
+            raise EnsError("--check and --retry do not go together")
+        if check is not None:
+            refuse("--check", {"--data", "--format", "--sample"})
+            if data is None:
+                raise EnsError("--check FILE needs --data DIR (the test ids and categories to check against)")
+            checked = flow.check(check, data, fmt or flow.DEFAULT_FORMAT, sample)
+            fmt_spec = checked.format
+            against = fmt_spec.test_file + (f" and {sample.name}" if sample is not None else "")
+            typer.echo(f"ok: {check}: {len(checked.ids)} rows, {fmt_spec.name} ({fmt_spec.header}, "
+                       f"{fmt_spec.top_k} known category ids per row), every id of {against} once")
+            return
+        if retry is not None:
+            refuse("--retry", {"--competition", "-m"})
+            result = flow.retry(retry, competition, message)
+        else:
+            if predictions is None or data is None:
+                raise EnsError("give PREDICTIONS and --data DIR (or --check FILE, or --retry ID)")
+            if dry_run and (competition is not None or message is not None):
+                raise EnsError("--dry-run uploads nothing: leave out --competition and -m")
+            if not dry_run and (competition is None or message is None):
+                raise EnsError("give --competition C -m MSG to upload, or --dry-run to only write and record the file")
+            options = flow.SubmitOptions(format=fmt or flow.DEFAULT_FORMAT, name=name, sample=sample, compress=compress,
+                                         competition=competition, message=message)
+            result = flow.submit(predictions, data, options)
+            typer.echo(f"wrote {result.path} ({result.entry.rows} rows, {result.entry.format})")
+    entry = result.entry
+    if result.receipt is None:
+        typer.echo(f"ledger entry {entry.id}: not-uploaded (dry run)")
+        return
+    ref = f"Kaggle submission {result.receipt.ref}" if result.receipt.ref else "Kaggle"
+    typer.echo(f"uploaded {result.path} to {entry.competition}: {ref} says {result.receipt.message!r}")
+    typer.echo(f"ledger entry {entry.id}: uploaded; `ens submissions --refresh` fetches its score")
+
+
+def _ledger_table(entries) -> list[str]:
+    """The ledger as aligned text columns. CV is shown as top-1 error (1 - top-1 accuracy) so
+    that it reads like the leaderboard scores of the top-1 competitions beside it."""
+
+    def number(value):
+        return "" if value is None else f"{value:.4f}"
+
+    def cv_error(e):
+        if e.cv_top1 is None:
+            return ""
+        return f"{1 - e.cv_top1:.4f} ({1 - e.cv_top1_high:.4f}-{1 - e.cv_top1_low:.4f})"
+
+    header = ("ID", "created", "file", "status", "kaggle", "CV top-1 error", "public", "private", "message")
+    rows = [(str(e.id), e.created, e.file, e.status, e.kaggle_status or "", cv_error(e), number(e.public_score),
+             number(e.private_score), e.message or "") for e in entries]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+
+
+@app.command()
+def submissions(
+    ctx: typer.Context,
+    refresh: Annotated[bool, typer.Option("--refresh", help="First fetch status and scores of the uploaded files from Kaggle.")] = False,
+) -> None:
+    """List the submission ledger: files, CV estimates, upload status, leaderboard scores.
+
+    The ledger is submissions/ledger.sqlite, one row per file `ens submit` wrote.
+    """
+    with _user_errors(ctx):
+        from ensemble import submit as flow
+        from ensemble.ledger import Ledger
+
+        if refresh:
+            result = flow.refresh()
+            entries = result.entries
+            typer.echo(f"Kaggle lists {result.found} of the {result.asked} files an upload was tried for"
+                       if result.asked else "no upload tried yet: no scores to fetch")
+        else:
+            entries = Ledger(flow.SUBMISSIONS).entries()
+    if not entries:
+        typer.echo(f"no submissions recorded in {flow.SUBMISSIONS}/ yet")
+        return
+    for line in _ledger_table(entries):
+        typer.echo(line)
+
+
 def main() -> None:
     app()
 

@@ -31,7 +31,7 @@ def test_help_lists_only_working_commands():
     assert result.exit_code == 0
     commands = {line.split()[1] for line in result.stdout.splitlines()
                 if line.startswith("│ ") and len(line.split()) > 2 and line.split()[1].isalpha()}
-    assert commands == {"export", "info"}
+    assert commands == {"export", "info", "infer", "blend", "submit", "submissions"}
 
 
 def test_export_end_to_end(checkpoint):

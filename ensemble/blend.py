@@ -1,0 +1,378 @@
+"""`ens blend`: logit stores in, blend weights and fused top-k predictions out.
+
+The maths lives in :mod:`weights_search` (pure arrays); this module reads the stores, checks
+that they line up, finds the validation labels, runs the cross-validated report and the final
+fit, streams the applied split through the fitted blend, and writes the two output files of a
+blend folder (``blends/<name>/``)::
+
+    blend.json        method, members, weights, temperatures, the CV table, the sha256 of every
+                      input store, the label source; `ens blend --weights` re-applies it
+    predictions.csv   id,category_1..category_K,prob_1..prob_K: one row per image of the
+                      applied split, real dataset category ids, most probable first
+
+A *member* is a model (``resnet50``) or, with ``--views``, one TTA view of a model
+(``resnet50/flip``).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ensemble import __version__
+from ensemble.errors import EnsError
+from ensemble.fileio import atomic_path
+from ensemble.store import IDS, LOGITS, MANIFEST, VIEWS, LogitStore, read_store
+
+BLEND_FILE = "blend.json"
+PREDICTIONS_FILE = "predictions.csv"
+FORMAT_VERSION = 1
+#: Rows checked for NaN / inf, and fused, per step: bounded memory whatever the split size.
+CHUNK_ROWS = 2048
+
+
+@dataclass(frozen=True)
+class BlendOptions:
+    """What `ens blend` does. ``optimize``: the labelled split to fit on (None with ``weights``);
+    ``apply``: the split to fuse (None: fit only); ``weights``: a saved blend.json to re-apply
+    instead of fitting; ``fallback``: "uniform" to use equal weights when the fitted method
+    does not beat them on CV."""
+
+    runs: Path = Path("runs")
+    models: tuple[str, ...] | None = None
+    optimize: str | None = "val"
+    apply: str | None = "test"
+    data: Path | None = None
+    method: str = "nll"
+    temperature: bool = False
+    views: bool = False
+    cv: int = 5
+    fallback: str | None = None
+    weights: Path | None = None
+    top_k: int = 5
+    out: Path | None = None
+
+
+@dataclass(frozen=True)
+class BlendResult:
+    out: Path  #: the blend folder
+    record: Mapping[str, Any]  #: what blend.json holds
+    predictions: Path | None  #: predictions.csv, None when no split was applied
+    rows: int  #: rows of predictions.csv
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and checking the stores
+
+
+@dataclass(frozen=True)
+class _Split:
+    """The stores of one split, one per model, checked to line up."""
+
+    name: str
+    stores: tuple[LogitStore, ...]
+    models: tuple[str, ...]
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.stores[0].ids
+
+    @property
+    def class_ids(self) -> tuple[int | str, ...]:
+        ids = self.stores[0].class_ids
+        return tuple(range(self.stores[0].logits.shape[1])) if ids is None else ids
+
+    def members(self, views: bool) -> tuple[list[str], list[np.ndarray]]:
+        """Member names and their ``(rows, classes)`` arrays (memory-mapped, not copied)."""
+        names, arrays = [], []
+        for model, store in zip(self.models, self.stores):
+            if not views:
+                names.append(model)
+                arrays.append(store.logits)
+                continue
+            if store.views is None:
+                raise EnsError(f"{store.path}: no per-view logits; rerun `ens infer` with --keep-views "
+                               "to blend views")
+            for v, view in enumerate(store.view_names):
+                names.append(f"{model}/{view}")
+                arrays.append(store.views[v])
+        return names, arrays
+
+
+def available_models(runs: Path, split: str) -> tuple[str, ...]:
+    """Model folders under ``runs`` that hold a store for ``split``, sorted by name."""
+    if not runs.is_dir():
+        raise EnsError(f"--runs {runs}: no such folder")
+    return tuple(sorted(p.name for p in runs.iterdir() if (p / split / MANIFEST).is_file()))
+
+
+def _open_split(runs: Path, models: Sequence[str], split: str) -> _Split:
+    stores = []
+    for model in models:
+        path = runs / model / split
+        if not (path / MANIFEST).is_file():
+            raise EnsError(f"{path}: no logit store; run `ens infer` on the {split} split for {model}")
+        stores.append(read_store(path))
+    _check_aligned(split, models, stores)
+    return _Split(split, tuple(stores), tuple(models))
+
+
+def _check_aligned(split: str, models: Sequence[str], stores: Sequence[LogitStore]) -> None:
+    first, ref = models[0], stores[0]
+    for model, store in zip(models[1:], stores[1:]):
+        if store.logits.shape[1] != ref.logits.shape[1]:
+            raise EnsError(f"{split}: {model} predicts {store.logits.shape[1]} classes, {first} "
+                           f"{ref.logits.shape[1]}")
+        if store.class_ids != ref.class_ids:
+            raise EnsError(f"{split}: {model} and {first} map their outputs to different category ids "
+                           "(export them with the same --classes)")
+        if store.ids.shape != ref.ids.shape or not np.array_equal(store.ids, ref.ids):
+            raise EnsError(f"{split}: the image ids of {model} and {first} differ: {_id_difference(ref.ids, store.ids)}")
+    for model, store in zip(models, stores):
+        for start in range(0, store.logits.shape[0], CHUNK_ROWS):
+            finite = np.isfinite(store.logits[start:start + CHUNK_ROWS]).all(axis=1)
+            if not finite.all():
+                bad = store.ids[start + np.flatnonzero(~finite)[:3]]
+                raise EnsError(f"{store.path}: {model} has NaN or infinite logits, first at image ids "
+                               f"{', '.join(map(str, bad))}")
+
+
+def _id_difference(a: np.ndarray, b: np.ndarray) -> str:
+    if a.shape != b.shape:
+        only_a = np.setdiff1d(a, b)[:3]
+        only_b = np.setdiff1d(b, a)[:3]
+        return (f"{a.size} against {b.size} images; only in the first: {', '.join(map(str, only_a)) or '-'}; "
+                f"only in the second: {', '.join(map(str, only_b)) or '-'}")
+    row = int(np.flatnonzero(a != b)[0])
+    return f"row {row} is image {a[row]} in one and {b[row]} in the other"
+
+
+def store_digest(store: LogitStore, views: bool) -> str:
+    """sha256 over the store's arrays (ids, logits, and views when they are blended)."""
+    digest = hashlib.sha256()
+    names = [IDS, LOGITS] + ([VIEWS] if views and store.views is not None else [])
+    for name in names:
+        with open(store.path / name, "rb") as fh:
+            while block := fh.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Labels
+
+
+def label_source(split: _Split, data: Path | None) -> Path:
+    """The json holding the split's labels: ``DIR/<split>2019.json``, else the store's own json."""
+    if data is not None:
+        path = data / f"{split.name}2019.json"
+        if not path.is_file():
+            raise EnsError(f"--data {data}: no {path.name} with the {split.name} labels")
+        return path
+    source = split.stores[0].manifest.get("dataset", {}).get("source")
+    if source and str(source).endswith(".json") and Path(source).is_file():
+        return Path(source)
+    raise EnsError(f"{split.stores[0].path}: the {split.name} split did not come from a json with labels; "
+                   "give --data DIR")
+
+
+def load_labels(path: Path, ids: np.ndarray, class_ids: Sequence[int | str]) -> np.ndarray:
+    """Column index of each image's true category, ``(rows,)`` int64, in the order of ``ids``."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EnsError(f"{path}: unreadable label file ({exc})") from None
+    truth: dict[Any, Any] = {}
+    for ann in data.get("annotations") or []:
+        truth[ann.get("image_id")] = ann.get("category_id")
+    if not truth:
+        raise EnsError(f"{path}: no annotations, so no labels to fit blend weights on")
+    column = {c: j for j, c in enumerate(class_ids)}
+    missing = [i for i in ids.tolist() if i not in truth]
+    if missing:
+        raise EnsError(f"{path}: {len(missing)} images have no label, first ids {', '.join(map(str, missing[:5]))}")
+    unknown = [(i, truth[i]) for i in ids.tolist() if truth[i] not in column]
+    if unknown:
+        image, category = unknown[0]
+        raise EnsError(f"{path}: image {image} is labelled {category!r}, a category the models do not predict "
+                       f"({len(unknown)} such images)")
+    return np.fromiter((column[truth[i]] for i in ids.tolist()), dtype=np.int64, count=ids.size)
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+
+
+def run_blend(options: BlendOptions) -> BlendResult:
+    """Fit (or load) the blend, report CV, fuse the applied split, write the blend folder."""
+    if options.weights is None and options.optimize is None:
+        raise EnsError("give --optimize SPLIT to fit weights, or --weights blend.json to apply saved ones")
+    if options.weights is not None and options.optimize is not None:
+        raise EnsError("--weights applies saved weights without fitting; drop --optimize")
+    if options.top_k < 1:
+        raise EnsError(f"--top-k {options.top_k}: must be at least 1")
+    if options.fallback not in (None, "uniform"):
+        raise EnsError(f"--fallback {options.fallback}: the only fallback is uniform")
+    saved = _read_blend_json(options.weights) if options.weights is not None else None
+
+    split_for_models = options.optimize or options.apply
+    if split_for_models is None:
+        raise EnsError("--weights needs --apply SPLIT: there is nothing to fit")
+    models = options.models or (tuple(saved["models"]) if saved else available_models(options.runs, split_for_models))
+    if not models:
+        raise EnsError(f"--runs {options.runs}: no model has a {split_for_models} store; run `ens infer` first")
+    if len(set(models)) != len(models):
+        raise EnsError(f"--models names a model twice: {', '.join(models)}")
+    notes: list[str] = []
+
+    if saved is not None:
+        blend, record, views = _saved_blend(saved, options, models)
+    else:
+        views = options.views
+        blend, record = _fit(options, models, views, notes)
+
+    out = options.out or Path("blends") / (record["method"] if saved is None else options.weights.parent.name)
+    predictions, rows = None, 0
+    if options.apply is not None:
+        split = _open_split(options.runs, models, options.apply)
+        names, arrays = split.members(views)
+        if names != record["members"]:
+            raise EnsError(f"{options.apply}: its members {', '.join(names)} differ from the blend's "
+                           f"{', '.join(record['members'])}")
+        if saved is not None and saved.get("class_ids") is not None and list(split.class_ids) != saved["class_ids"]:
+            raise EnsError(f"{options.weights}: fitted on other category ids than the {options.apply} stores have")
+        record["apply"] = {"split": options.apply, "rows": int(split.ids.size),
+                           "stores": {m: store_digest(s, views) for m, s in zip(models, split.stores)}}
+        predictions = out / PREDICTIONS_FILE
+        rows = _write_predictions(predictions, split, arrays, blend, options.top_k)
+    _write_json(out / BLEND_FILE, record)
+    return BlendResult(out=out, record=record, predictions=predictions, rows=rows, notes=tuple(notes))
+
+
+def _fit(options: BlendOptions, models: Sequence[str], views: bool, notes: list[str]) -> tuple[Any, dict]:
+    import weights_search as ws
+
+    split = _open_split(options.runs, models, options.optimize)
+    names, arrays = split.members(views)
+    labels_path = label_source(split, options.data)
+    labels = load_labels(labels_path, split.ids, split.class_ids)
+    logits = np.stack([np.asarray(a, dtype=np.float32) for a in arrays])
+    if options.cv < 2:
+        raise EnsError(f"--cv {options.cv}: cross-validation needs at least 2 folds")
+    try:
+        report = ws.cross_validate(logits, labels, options.method, n_folds=options.cv,
+                                   temperature=options.temperature, member_names=names, top_k=options.top_k)
+        method = options.method
+        fallback_used = False
+        if options.method != "uniform" and not report.beats_uniform:
+            notes.append(f"{options.method} does not beat uniform weights on {options.cv}-fold CV "
+                         f"(top-1 {report.method_row.top1:.4f} vs {report.uniform_row.top1:.4f})"
+                         + ("; --fallback uniform: using uniform weights" if options.fallback else
+                            "; --fallback uniform would use equal weights"))
+            if options.fallback == "uniform":
+                method, fallback_used = "uniform", True
+        blend = ws.fit_blend(logits, labels, method, temperature=options.temperature)
+    except ValueError as exc:
+        raise EnsError(f"blend: {exc}") from None
+    del logits
+    record = {
+        "format": FORMAT_VERSION,
+        "ens": __version__,
+        "method": method,
+        "requested_method": options.method,
+        "fallback": fallback_used,
+        "fusion": blend.fusion,
+        "params": dict(blend.params),
+        "models": list(models),
+        "members": names,
+        "views": views,
+        "weights": dict(zip(names, blend.weights)),
+        "temperatures": None if blend.temperatures is None else dict(zip(names, blend.temperatures)),
+        "train_score": blend.train_score,
+        "class_ids": list(split.class_ids),
+        "optimize": {"split": options.optimize, "rows": int(split.ids.size),
+                     "stores": {m: store_digest(s, views) for m, s in zip(models, split.stores)}},
+        "labels": str(labels_path),
+        "stores": {m: store_digest(s, views) for m, s in zip(models, split.stores)},
+        "cv": {"folds": report.n_folds, "top_k": report.top_k, "temperature": report.temperature,
+               "chosen": "uniform" if fallback_used or method == "uniform" else report.method_row.name,
+               "beats_uniform": report.beats_uniform,
+               "rows": [asdict(r) for r in report.rows]},
+    }
+    return blend, record
+
+
+def _read_blend_json(path: Path) -> dict:
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EnsError(f"--weights {path}: no such file") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EnsError(f"--weights {path}: not a blend.json ({exc})") from None
+    for key in ("method", "fusion", "models", "members", "weights"):
+        if key not in record:
+            raise EnsError(f"--weights {path}: not a blend.json (no {key!r})")
+    if record.get("format", 1) > FORMAT_VERSION:
+        raise EnsError(f"--weights {path}: blend format {record['format']} is newer than this ens understands")
+    return record
+
+
+def _saved_blend(saved: dict, options: BlendOptions, models: Sequence[str]) -> tuple[Any, dict, bool]:
+    import weights_search as ws
+
+    unknown = [m for m in saved["models"] if m not in models]
+    if unknown:
+        raise EnsError(f"--weights {options.weights}: names models that are not given: {', '.join(unknown)}")
+    extra = [m for m in models if m not in saved["models"]]
+    if extra:
+        raise EnsError(f"--weights {options.weights}: has no weight for {', '.join(extra)}")
+    members = saved["members"]
+    temps = saved.get("temperatures")
+    try:
+        blend = ws.Blend(method=saved["method"], fusion=saved["fusion"],
+                         weights=tuple(float(saved["weights"][m]) for m in members),
+                         temperatures=None if temps is None else tuple(float(temps[m]) for m in members),
+                         params=saved.get("params", {}))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise EnsError(f"--weights {options.weights}: inconsistent blend.json ({exc})") from None
+    record = dict(saved)
+    record["models"] = list(saved["models"])
+    record["applied_from"] = str(options.weights)
+    return blend, record, bool(saved.get("views", False))
+
+
+def _write_predictions(path: Path, split: _Split, arrays: Sequence[np.ndarray], blend: Any, top_k: int) -> int:
+    import weights_search as ws
+
+    class_ids = np.asarray(split.class_ids, dtype=object)
+    k = min(top_k, len(class_ids))
+    ids = split.ids
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh, lineterminator="\n")
+            writer.writerow(["id"] + [f"category_{i + 1}" for i in range(k)] + [f"prob_{i + 1}" for i in range(k)])
+            for start, log_probs in ws.blend_chunks(arrays, blend, CHUNK_ROWS):
+                top, probs = ws.top_k(log_probs, k)
+                cats = class_ids[top]
+                for row in range(top.shape[0]):
+                    writer.writerow([ids[start + row], *cats[row], *(f"{p:.6g}" for p in probs[row])])
+    return int(ids.size)
+
+
+def _write_json(path: Path, value: Mapping[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=2, default=_json_default) + "\n", encoding="utf-8")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
