@@ -16,6 +16,7 @@ A *member* is a model (``resnet50``) or, with ``--views``, one TTA view of a mod
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -86,23 +87,23 @@ class _Split:
 
     @property
     def class_ids(self) -> tuple[int | str, ...]:
-        ids = self.stores[0].class_ids
-        return tuple(range(self.stores[0].logits.shape[1])) if ids is None else ids
+        return _class_ids(self.stores[0])
 
     def members(self, views: bool) -> tuple[list[str], list[np.ndarray]]:
-        """Member names and their ``(rows, classes)`` arrays (memory-mapped, not copied)."""
+        """Member names and their ``(rows, classes)`` arrays (memory-mapped, not copied), each
+        checked to hold only finite values."""
         names, arrays = [], []
         for model, store in zip(self.models, self.stores):
             if not views:
                 names.append(model)
-                arrays.append(store.logits)
+                arrays.append(_check_finite(store, model, store.logits))
                 continue
             if store.views is None:
                 raise EnsError(f"{store.path}: no per-view logits; rerun `ens infer` with --keep-views "
                                "to blend views")
             for v, view in enumerate(store.view_names):
                 names.append(f"{model}/{view}")
-                arrays.append(store.views[v])
+                arrays.append(_check_finite(store, f"{model}/{view}", store.views[v]))
         return names, arrays
 
 
@@ -130,28 +131,41 @@ def _check_aligned(split: str, models: Sequence[str], stores: Sequence[LogitStor
         if store.logits.shape[1] != ref.logits.shape[1]:
             raise EnsError(f"{split}: {model} predicts {store.logits.shape[1]} classes, {first} "
                            f"{ref.logits.shape[1]}")
-        if store.class_ids != ref.class_ids:
+        if _class_ids(store) != _class_ids(ref):
             raise EnsError(f"{split}: {model} and {first} map their outputs to different category ids "
                            "(export them with the same --classes)")
         if store.ids.shape != ref.ids.shape or not np.array_equal(store.ids, ref.ids):
-            raise EnsError(f"{split}: the image ids of {model} and {first} differ: {_id_difference(ref.ids, store.ids)}")
-    for model, store in zip(models, stores):
-        for start in range(0, store.logits.shape[0], CHUNK_ROWS):
-            finite = np.isfinite(store.logits[start:start + CHUNK_ROWS]).all(axis=1)
-            if not finite.all():
-                bad = store.ids[start + np.flatnonzero(~finite)[:3]]
-                raise EnsError(f"{store.path}: {model} has NaN or infinite logits, first at image ids "
-                               f"{', '.join(map(str, bad))}")
+            raise EnsError(f"{split}: the image ids of {model} and {first} differ: "
+                           f"{_id_difference(first, ref.ids, model, store.ids)}")
 
 
-def _id_difference(a: np.ndarray, b: np.ndarray) -> str:
+def _class_ids(store: LogitStore) -> tuple[int | str, ...]:
+    """Column j's category id; a store without a mapping (``null``) predicts category j."""
+    ids = store.class_ids
+    return tuple(range(store.logits.shape[1])) if ids is None else ids
+
+
+def _check_finite(store: LogitStore, member: str, array: np.ndarray) -> np.ndarray:
+    """``array`` (``(rows, classes)``, from ``store``) unchanged once it is checked, chunk by chunk,
+    to hold no NaN or infinity; otherwise an EnsError naming the store, the member and the ids."""
+    for start in range(0, array.shape[0], CHUNK_ROWS):
+        finite = np.isfinite(array[start:start + CHUNK_ROWS]).all(axis=1)
+        if not finite.all():
+            bad = store.ids[start + np.flatnonzero(~finite)[:3]]
+            raise EnsError(f"{store.path}: {member} has NaN or infinite logits, first at image ids "
+                           f"{', '.join(map(str, bad))}")
+    return array
+
+
+def _id_difference(name_a: str, a: np.ndarray, name_b: str, b: np.ndarray) -> str:
     if a.shape != b.shape:
         only_a = np.setdiff1d(a, b)[:3]
         only_b = np.setdiff1d(b, a)[:3]
-        return (f"{a.size} against {b.size} images; only in the first: {', '.join(map(str, only_a)) or '-'}; "
-                f"only in the second: {', '.join(map(str, only_b)) or '-'}")
-    row = int(np.flatnonzero(a != b)[0])
-    return f"row {row} is image {a[row]} in one and {b[row]} in the other"
+        return (f"{a.size} against {b.size} images; only in {name_a}: {', '.join(map(str, only_a)) or '-'}; "
+                f"only in {name_b}: {', '.join(map(str, only_b)) or '-'}")
+    rows = np.flatnonzero(a != b)
+    first = ", ".join(f"{a[r]} in {name_a} and {b[r]} in {name_b} at row {r}" for r in rows[:3])
+    return f"{rows.size} rows differ, first: {first}"
 
 
 def store_digest(store: LogitStore, views: bool) -> str:
@@ -234,12 +248,13 @@ def run_blend(options: BlendOptions) -> BlendResult:
 
     if saved is not None:
         blend, record, views = _saved_blend(saved, options, models)
+        models = tuple(record["models"])  # the blend's member order, whatever the order of --models
     else:
         views = options.views
         blend, record = _fit(options, models, views, notes)
 
-    out = options.out or Path("blends") / (record["method"] if saved is None else options.weights.parent.name)
-    predictions, rows = None, 0
+    out = options.out or Path("blends") / (options.method if saved is None else options.weights.parent.name)
+    split = arrays = None
     if options.apply is not None:
         split = _open_split(options.runs, models, options.apply)
         names, arrays = split.members(views)
@@ -250,9 +265,18 @@ def run_blend(options: BlendOptions) -> BlendResult:
             raise EnsError(f"{options.weights}: fitted on other category ids than the {options.apply} stores have")
         record["apply"] = {"split": options.apply, "rows": int(split.ids.size),
                            "stores": {m: store_digest(s, views) for m, s in zip(models, split.stores)}}
-        predictions = out / PREDICTIONS_FILE
-        rows = _write_predictions(predictions, split, arrays, blend, options.top_k)
-    _write_json(out / BLEND_FILE, record)
+    # Both files appear together or not at all: each is written beside its final name and only
+    # renamed into place (predictions first) once both are complete.
+    predictions, rows = (out / PREDICTIONS_FILE if split is not None else None), 0
+    with contextlib.ExitStack() as stack:
+        blend_tmp = stack.enter_context(atomic_path(out / BLEND_FILE))
+        if split is not None:
+            rows = _write_predictions(stack.enter_context(atomic_path(predictions)), split, arrays, blend,
+                                      options.top_k)
+        _write_json(blend_tmp, record)
+    if split is None:
+        # A fit-only run leaves no predictions.csv of an earlier blend beside its new blend.json.
+        (out / PREDICTIONS_FILE).unlink(missing_ok=True)
     return BlendResult(out=out, record=record, predictions=predictions, rows=rows, notes=tuple(notes))
 
 
@@ -282,6 +306,7 @@ def _fit(options: BlendOptions, models: Sequence[str], views: bool, notes: list[
     except ValueError as exc:
         raise EnsError(f"blend: {exc}") from None
     del logits
+    stores = {m: store_digest(s, views) for m, s in zip(models, split.stores)}
     record = {
         "format": FORMAT_VERSION,
         "ens": __version__,
@@ -297,10 +322,9 @@ def _fit(options: BlendOptions, models: Sequence[str], views: bool, notes: list[
         "temperatures": None if blend.temperatures is None else dict(zip(names, blend.temperatures)),
         "train_score": blend.train_score,
         "class_ids": list(split.class_ids),
-        "optimize": {"split": options.optimize, "rows": int(split.ids.size),
-                     "stores": {m: store_digest(s, views) for m, s in zip(models, split.stores)}},
+        "optimize": {"split": options.optimize, "rows": int(split.ids.size), "stores": stores},
         "labels": str(labels_path),
-        "stores": {m: store_digest(s, views) for m, s in zip(models, split.stores)},
+        "stores": stores,
         "cv": {"folds": report.n_folds, "top_k": report.top_k, "temperature": report.temperature,
                "chosen": "uniform" if fallback_used or method == "uniform" else report.method_row.name,
                "beats_uniform": report.beats_uniform,
@@ -349,26 +373,29 @@ def _saved_blend(saved: dict, options: BlendOptions, models: Sequence[str]) -> t
 
 
 def _write_predictions(path: Path, split: _Split, arrays: Sequence[np.ndarray], blend: Any, top_k: int) -> int:
+    """Write predictions.csv to ``path`` (a temporary file: the caller renames it into place)."""
     import weights_search as ws
 
     class_ids = np.asarray(split.class_ids, dtype=object)
     k = min(top_k, len(class_ids))
     ids = split.ids
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh, lineterminator="\n")
-            writer.writerow(["id"] + [f"category_{i + 1}" for i in range(k)] + [f"prob_{i + 1}" for i in range(k)])
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["id"] + [f"category_{i + 1}" for i in range(k)] + [f"prob_{i + 1}" for i in range(k)])
+        try:
             for start, log_probs in ws.blend_chunks(arrays, blend, CHUNK_ROWS):
                 top, probs = ws.top_k(log_probs, k)
                 cats = class_ids[top]
                 for row in range(top.shape[0]):
                     writer.writerow([ids[start + row], *cats[row], *(f"{p:.6g}" for p in probs[row])])
+        except ValueError as exc:
+            raise EnsError(f"{split.name}: cannot fuse its stores ({exc})") from None
     return int(ids.size)
 
 
 def _write_json(path: Path, value: Mapping[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(value, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    """Write ``value`` as JSON to ``path`` (a temporary file: the caller renames it into place)."""
+    path.write_text(json.dumps(value, indent=2, default=_json_default) + "\n", encoding="utf-8")
 
 
 def _json_default(value: Any) -> Any:

@@ -258,7 +258,7 @@ def blend(
     runs: Annotated[Path, typer.Option(help="Folder of logit stores written by `ens infer`.")] = Path("runs"),
     models: Annotated[Optional[str], typer.Option(metavar="a,b,c", help="Models (folders under --runs) to blend [default: every model with a store for the split].")] = None,
     optimize: Annotated[Optional[str], typer.Option(metavar="SPLIT", help="Labelled split to fit the weights on, e.g. val.")] = None,
-    apply: Annotated[Optional[str], typer.Option(metavar="SPLIT", help="Split to fuse into top-k predictions [default: test, when every model has it].")] = None,
+    apply: Annotated[Optional[str], typer.Option(metavar="SPLIT", help="Split to fuse into top-k predictions [default: test, when every model has it; with --weights, test].")] = None,
     data: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Competition folder: labels come from DIR/<split>2019.json [default: the json the stores were made from].")] = None,
     method: Annotated[str, typer.Option(help="uniform | nll | logit | greedy | accuracy.")] = "nll",
     temperature: Annotated[bool, typer.Option("--temperature", help="Fit one temperature per member before blending.")] = False,
@@ -278,12 +278,13 @@ def blend(
         from ensemble.blend import BlendOptions, available_models, run_blend
 
         model_list = tuple(m.strip() for m in models.split(",") if m.strip()) if models else None
-        if apply is None and weights is None:
-            candidates = model_list or available_models(runs, optimize or "val")
+        if apply is None and weights is None and optimize is not None:
+            candidates = model_list or available_models(runs, optimize)
             apply_split = "test" if candidates and all((runs / m / "test" / "manifest.json").is_file()
                                                        for m in candidates) else None
         else:
-            apply_split = apply
+            # Saved weights are only ever applied: to test unless --apply names another split.
+            apply_split = apply or ("test" if weights is not None else None)
         options = BlendOptions(runs=runs, models=model_list, optimize=optimize, apply=apply_split, data=data,
                                method=method, temperature=temperature, views=views, cv=cv, fallback=fallback,
                                weights=weights, top_k=top_k, out=out)
