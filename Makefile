@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)
-	$(BIN)/python -m ensemble.demo
+	$(BIN)/ens demo
 
 clean:
 	rm -rf .demo build *.egg-info

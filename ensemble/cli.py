@@ -260,10 +260,10 @@ def blend(
     optimize: Annotated[Optional[str], typer.Option(metavar="SPLIT", help="Labelled split to fit the weights on, e.g. val.")] = None,
     apply: Annotated[Optional[str], typer.Option(metavar="SPLIT", help="Split to fuse into top-k predictions [default: test, when every model has it; with --weights, test].")] = None,
     data: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Competition folder: labels come from DIR/<split>2019.json [default: the json the stores were made from].")] = None,
-    method: Annotated[str, typer.Option(help="uniform | nll | logit | greedy | accuracy.")] = "nll",
+    method: Annotated[Optional[str], typer.Option(help="uniform | nll | logit | greedy | accuracy.", show_default="nll")] = None,
     temperature: Annotated[bool, typer.Option("--temperature", help="Fit one temperature per member before blending.")] = False,
     views: Annotated[bool, typer.Option("--views", help="Weight (model, TTA view) pairs; needs stores made with --keep-views.")] = False,
-    cv: Annotated[int, typer.Option(metavar="K", help="Folds of the cross-validated estimate.")] = 5,
+    cv: Annotated[Optional[int], typer.Option(metavar="K", help="Folds of the cross-validated estimate.", show_default="5")] = None,
     fallback: Annotated[Optional[str], typer.Option(metavar="uniform", help="Use equal weights when the method does not beat them on CV.")] = None,
     weights: Annotated[Optional[Path], typer.Option(metavar="blend.json", help="Apply saved weights instead of fitting.")] = None,
     top_k: Annotated[int, typer.Option(help="Categories per image in predictions.csv.")] = 5,
@@ -285,9 +285,17 @@ def blend(
         else:
             # Saved weights are only ever applied: to test unless --apply names another split.
             apply_split = apply or ("test" if weights is not None else None)
+        if weights is not None:
+            fitting = {"--method": method is not None, "--temperature": temperature, "--views": views,
+                       "--cv": cv is not None, "--fallback": fallback is not None, "--data": data is not None}
+            given = [name for name, used in fitting.items() if used]
+            if given:
+                raise EnsError(f"--weights applies saved weights as they are; {', '.join(given)} only "
+                               "apply when fitting with --optimize")
         options = BlendOptions(runs=runs, models=model_list, optimize=optimize, apply=apply_split, data=data,
-                               method=method, temperature=temperature, views=views, cv=cv, fallback=fallback,
-                               weights=weights, top_k=top_k, out=out)
+                               method=method or "nll", temperature=temperature, views=views,
+                               cv=5 if cv is None else cv, fallback=fallback, weights=weights, top_k=top_k,
+                               out=out)
         result = run_blend(options)
     record = result.record
     for note in result.notes:
@@ -429,6 +437,30 @@ def submissions(
         return
     for line in _ledger_table(entries):
         typer.echo(line)
+
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option(metavar="DIR", help="Work folder: data, checkpoints, runs, blends, submissions.")] = Path(".demo"),
+    quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes and one epoch: the whole path in under a minute, not a meaningful table.")] = False,
+) -> None:
+    """Run the whole pipeline on a small competition built from real images.
+
+    Builds an iNat-2019-layout competition from scikit-learn's digits, trains three
+    architectures briefly on the CPU (cached), then runs ens export, ens infer --tta flip,scale,
+    ens blend --optimize val and ens submit --dry-run, and scores the CSV against the answers.
+    """
+    with _user_errors(ctx):
+        from ensemble.demo.run import DemoSettings, format_table, run_demo
+
+        settings = DemoSettings.quick() if quick else DemoSettings()
+        result = run_demo(out, settings, log=typer.echo)
+    typer.echo("")
+    for line in format_table(result, settings.cv):
+        typer.echo(line)
+    typer.echo(f"demo finished in {result.seconds:.0f} s")
 
 
 def main() -> None:

@@ -1,3 +1,5 @@
-from ensemble.demo.run import main
+import sys
 
-main()
+from ensemble.cli import app
+
+app(["demo", *sys.argv[1:]])

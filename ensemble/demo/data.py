@@ -37,10 +37,13 @@ ICONIC = "Digits"
 class DemoSpec:
     """Sizes of the generated competition; the defaults make the demo, tests shrink them."""
 
-    canvas: int = 112  #: side of the square canvas, pixels (real iNat photos: up to 800)
+    canvas: int = 96  #: side of the square canvas, pixels (real iNat photos: up to 800)
     val_per_class: int = 25
     test_per_class: int = 50
     train_per_class: int | None = None  #: None: every remaining digit (~100 per class)
+    #: Photos per training digit, each on its own canvas: with one, a network memorises the
+    #: backgrounds instead of learning the digits (iNat too has several photos per individual).
+    train_copies: int = 3
     seed: int = 0
 
 
@@ -70,9 +73,9 @@ def _split(labels: np.ndarray, spec: DemoSpec, rng: np.random.Generator) -> dict
 
 def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
     """A colourful, blotchy background with some fine grain: float32 (size, size, 3) in 0..255."""
-    coarse = rng.uniform(50, 205, (3, 3, 3)).astype(np.uint8)
+    coarse = rng.uniform(50, 205, (2, 2, 3)).astype(np.uint8)
     base = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC), np.float32)
-    blobs = rng.normal(0, 14, (size // 14, size // 14, 3))
+    blobs = rng.normal(0, 5, (size // 14, size // 14, 3))
     blobs = np.asarray(Image.fromarray(np.clip(blobs + 128, 0, 255).astype(np.uint8))
                        .resize((size, size), Image.BILINEAR), np.float32) - 128
     grain = rng.normal(0, 4, (size, size, 3))
@@ -81,14 +84,15 @@ def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
 
 def render(digit: np.ndarray, rng: np.random.Generator, canvas: int) -> Image.Image:
     """Draw one 8x8 digit (values 0..16) small, at a random place and scale, on a textured canvas."""
-    side = int(rng.integers(canvas * 28 // 100, canvas * 55 // 100 + 1))
+    side = int(rng.integers(canvas * 45 // 100, canvas * 70 // 100 + 1))
     mask = Image.fromarray((digit / 16.0 * 255).astype(np.uint8)).resize((side, side), Image.BICUBIC)
     mask = np.asarray(mask.filter(ImageFilter.GaussianBlur(side / 40)), np.float32)[..., None] / 255.0
     background = _texture(rng, canvas)
     y, x = (int(v) for v in rng.integers(0, canvas - side + 1, size=2))
     patch = background[y:y + side, x:x + side]
-    # A colour that stands out from the patch it lands on: the opposite of its mean, jittered.
-    ink = np.clip(255 - patch.mean((0, 1)) + rng.normal(0, 25, 3), 0, 255)
+    # Dark ink on a light patch, light ink on a dark one, tinted: visible, as a photo's subject is.
+    light = patch.mean() < 128
+    ink = np.clip((rng.uniform(200, 255) if light else rng.uniform(0, 55)) + rng.normal(0, 30, 3), 0, 255)
     background[y:y + side, x:x + side] = patch * (1 - mask) + ink * mask
     return Image.fromarray(background.round().astype(np.uint8))
 
@@ -124,7 +128,8 @@ def make_competition(root: str | Path, spec: DemoSpec = DemoSpec()) -> Competiti
     files: dict[str, list[tuple[dict, int]]] = {}
     for split in ("train", "val", "test"):
         rows = []
-        for index in splits[split]:
+        copies = spec.train_copies if split == "train" else 1
+        for index in np.repeat(splits[split], copies):
             label = int(digits.target[index])
             data = _jpeg(render(digits.images[index], rng, spec.canvas))
             name = hashlib.md5(data).hexdigest() + ".jpg"

@@ -1,0 +1,83 @@
+"""`ens demo`: its data generator, and a shortened run of the whole pipeline."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ensemble.cli import app
+from ensemble.demo.data import CATEGORY_OFFSET, DemoSpec, _split, make_competition
+from ensemble.demo.run import DemoSettings, format_table, run_demo
+
+SMALL = DemoSpec(canvas=48, val_per_class=3, test_per_class=2, train_per_class=3, train_copies=2)
+
+
+def test_splits_are_disjoint_and_stratified():
+    labels = np.repeat(np.arange(10), 30)
+    parts = _split(labels, DemoSpec(val_per_class=20, test_per_class=5), np.random.default_rng(0))
+    sets = {name: set(idx.tolist()) for name, idx in parts.items()}
+    assert not sets["train"] & sets["val"] and not sets["train"] & sets["test"] and not sets["val"] & sets["test"]
+    assert sum(map(len, sets.values())) == labels.size
+    assert (np.bincount(labels[parts["val"]]) == 20).all() and (np.bincount(labels[parts["test"]]) == 5).all()
+    with pytest.raises(ValueError, match="no images left for training"):
+        _split(labels, DemoSpec(val_per_class=20, test_per_class=10), np.random.default_rng(0))
+
+
+def test_competition_layout(tmp_path):
+    comp = make_competition(tmp_path / "data", SMALL)
+    root = comp.root
+    assert comp.counts == {"train": 60, "val": 30, "test": 20}
+    train, val, test = (json.loads((root / f"{s}2019.json").read_text()) for s in ("train", "val", "test"))
+    assert "annotations" not in test and "categories" not in test  # test labels are not in the data
+    assert [c["id"] for c in val["categories"]] == [CATEGORY_OFFSET + d for d in range(10)]
+    for doc in (train, val):
+        by_image = {a["image_id"]: a["category_id"] for a in doc["annotations"]}
+        for image in doc["images"]:
+            # train_val2019/{iconic category}/{category id}/{md5}.jpg, as downloaded
+            parts = image["file_name"].split("/")
+            assert parts[0] == "train_val2019" and int(parts[2]) == by_image[image["id"]]
+            assert (root / image["file_name"]).is_file()
+    assert all(im["file_name"].startswith("test2019/") for im in test["images"])
+    ids = [im["id"] for doc in (train, val, test) for im in doc["images"]]
+    assert len(set(ids)) == len(ids)
+    assert min(im["id"] for im in test["images"]) > max(im["id"] for im in val["images"])  # as on Kaggle
+    with open(comp.answers, newline="") as fh:
+        answers = {int(r["id"]): int(r["category_id"]) for r in csv.DictReader(fh)}
+    assert comp.answers.parent != root and set(answers) == {im["id"] for im in test["images"]}
+    with open(root / "kaggle_sample_submission.csv", newline="") as fh:
+        sample = list(csv.DictReader(fh))
+    assert [int(r["id"]) for r in sample] == [im["id"] for im in test["images"]]
+    from PIL import Image
+
+    with Image.open(root / test["images"][0]["file_name"]) as image:
+        assert image.format == "JPEG" and image.size == (48, 48) and image.mode == "RGB"
+
+
+def test_shortened_demo_end_to_end(tmp_path):
+    lines: list[str] = []
+    work = tmp_path / "demo"
+    result = run_demo(work, DemoSettings.quick(), log=lines.append)
+    steps = [line for line in lines if line.startswith("[")]
+    assert [s[:5] for s in steps] == [f"[{i}/6]" for i in range(1, 7)]
+    assert any(line.startswith("  $ ens infer") and "--tta flip,scale" in line for line in lines)
+    assert result.submission.is_file() and result.submission.parent == work / "submissions"
+
+    check = CliRunner().invoke(app, ["submit", "--check", str(result.submission), "--data", str(work / "data")])
+    assert check.exit_code == 0, check.output
+
+    names = [row.name for row in result.rows]
+    assert names[:3] == sorted(["resnet18", "mobilenet_v2", "mobilenet_v3_small"]) and "uniform" in names
+    assert all(0 <= row.test_error <= 1 and row.cv_low <= row.cv_top1 <= row.cv_high for row in result.rows)
+    table = format_table(result, 2)
+    assert table[0].split() [:3] == ["CV", "top-1", "on"] and table[-1] == f"submission: {result.submission}"
+    assert len(table) == len(result.rows) + 2
+
+    # A rerun reuses the data and the checkpoints.
+    again: list[str] = []
+    run_demo(work, DemoSettings.quick(), log=again.append)
+    assert any(line.startswith("  reused") and "data" in line for line in again)
+    assert sum(line.startswith("  reused") and ".pt" in line for line in again) == 3
