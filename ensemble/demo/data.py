@@ -8,9 +8,10 @@ canvas and saved as JPEG, so that localisation and scale matter as they do for i
     DIR/test2019/<md5>.jpg                              test images
     DIR/train2019.json, val2019.json, test2019.json     COCO-style annotation files
     DIR/kaggle_sample_submission.csv                    id,predicted for every test image
-    answers.csv (beside DIR, not in it)                 id,category_id of the test images
+    DIR_answers.csv (beside DIR, not in it)             id,category_id of the test images
 
-Splits are by original digit image (no digit appears in two splits); test labels go only to
+Splits are by original digit image (no digit appears in two splits; each training digit is
+drawn ``train_copies`` times, on different canvases); test labels go only to
 the answers file, which only the demo's scoring reads. Category ids are ``CATEGORY_OFFSET +
 digit`` rather than the bare output index, so the class mapping is exercised end to end.
 """

@@ -47,7 +47,7 @@ class DemoSettings:
     def quick(cls) -> "DemoSettings":
         """Tiny sizes and one epoch: the whole path in well under a minute, for tests."""
         return cls(spec=DemoSpec(canvas=48, val_per_class=4, test_per_class=3, train_per_class=4, train_copies=1),
-                   cv=2, recipes=tuple(Recipe(r.arch, r.save_as, epochs=1, input_size=32) for r in cls().recipes))
+                   cv=2, recipes=tuple(Recipe(r.arch, r.save_as, epochs=1, input_size=40) for r in cls().recipes))
 
 
 @dataclass(frozen=True)
@@ -178,9 +178,10 @@ def format_table(result: DemoResult, cv_folds: int) -> list[str]:
     labels = [f"{r.name} (blend)" if r.name == result.method and r.name != "uniform" else r.name
               for r in result.rows]
     width = max(map(len, labels)) + 2
-    lines = [f"{'':<{width}}{f'CV top-1 on val ({cv_folds}-fold, 95% interval)':<36}{'top-1 error on test':>20}"]
+    header = f"CV top-1 on val ({cv_folds}-fold, 95% interval)"
+    lines = [f"{'':<{width}}{header:<{len(header) + 2}}{'top-1 error on test':>19}"]
     for label, row in zip(labels, result.rows):
         cv = f"{row.cv_top1:.3f} [{row.cv_low:.3f}, {row.cv_high:.3f}]"
-        lines.append(f"{label:<{width}}{cv:<36}{row.test_error:>20.3f}")
+        lines.append(f"{label:<{width}}{cv:<{len(header) + 2}}{row.test_error:>19.3f}")
     lines.append(f"submission: {result.submission}")
     return lines

@@ -32,7 +32,7 @@ def test_help_lists_only_working_commands():
     section = result.stdout.split("Commands")[1]
     # Rows of the commands box start "│ name  help"; wrapped help lines start with more spaces.
     commands = {line.split()[1] for line in section.splitlines() if line.startswith("│ ") and line[2] != " "}
-    assert commands == {"export", "info", "infer", "blend", "submit", "submissions"}
+    assert commands == {"export", "info", "infer", "blend", "submit", "submissions", "demo"}
 
 
 def test_export_end_to_end(checkpoint):
