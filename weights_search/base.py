@@ -52,3 +52,11 @@ class Blender(ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"{type(self).__name__}({args})"
+
+
+def check_solver_options(max_iter: int, tol: float) -> None:
+    """Shared argument checks of the methods fitted by an iterative scipy solver."""
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be at least 1, got {max_iter}")
+    if not tol > 0:
+        raise ValueError(f"tol must be positive, got {tol}")

@@ -11,7 +11,7 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import logsumexp
 
-from weights_search.base import Blender
+from weights_search.base import Blender, check_solver_options
 from weights_search.functional import MIXTURE, true_class_log_probs
 
 
@@ -88,10 +88,7 @@ class NllBlend(Blender):
     fusion = MIXTURE
 
     def __init__(self, max_iter: int = 1000, tol: float = 1e-8) -> None:
-        if max_iter < 1:
-            raise ValueError(f"max_iter must be at least 1, got {max_iter}")
-        if not tol > 0:
-            raise ValueError(f"tol must be positive, got {tol}")
+        check_solver_options(max_iter, tol)
         self.max_iter = max_iter
         self.tol = tol
 

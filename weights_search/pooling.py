@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize
 
-from weights_search.base import Blender
+from weights_search.base import Blender, check_solver_options
 from weights_search.functional import GEOMETRIC, LOG_FLOOR, check_members
 
 
@@ -64,10 +64,7 @@ class LogitBlend(Blender):
     fusion = GEOMETRIC
 
     def __init__(self, max_iter: int = 200, tol: float = 1e-7) -> None:
-        if max_iter < 1:
-            raise ValueError(f"max_iter must be at least 1, got {max_iter}")
-        if not tol > 0:
-            raise ValueError(f"tol must be positive, got {tol}")
+        check_solver_options(max_iter, tol)
         self.max_iter = max_iter
         self.tol = tol
 
