@@ -29,6 +29,7 @@ import numpy as np
 from ensemble import __version__
 from ensemble.errors import EnsError
 from ensemble.fileio import atomic_path
+import weights_search as ws
 from ensemble.store import IDS, LOGITS, MANIFEST, VIEWS, LogitStore, read_store
 
 BLEND_FILE = "blend.json"
@@ -230,6 +231,8 @@ def run_blend(options: BlendOptions) -> BlendResult:
         raise EnsError("give --optimize SPLIT to fit weights, or --weights blend.json to apply saved ones")
     if options.weights is not None and options.optimize is not None:
         raise EnsError("--weights applies saved weights without fitting; drop --optimize")
+    if options.cv < 2:
+        raise EnsError(f"--cv {options.cv}: cross-validation needs at least 2 folds")
     if options.top_k < 1:
         raise EnsError(f"--top-k {options.top_k}: must be at least 1")
     if options.fallback not in (None, "uniform"):
@@ -281,15 +284,11 @@ def run_blend(options: BlendOptions) -> BlendResult:
 
 
 def _fit(options: BlendOptions, models: Sequence[str], views: bool, notes: list[str]) -> tuple[Any, dict]:
-    import weights_search as ws
-
     split = _open_split(options.runs, models, options.optimize)
     names, arrays = split.members(views)
     labels_path = label_source(split, options.data)
     labels = load_labels(labels_path, split.ids, split.class_ids)
     logits = np.stack([np.asarray(a, dtype=np.float32) for a in arrays])
-    if options.cv < 2:
-        raise EnsError(f"--cv {options.cv}: cross-validation needs at least 2 folds")
     try:
         report = ws.cross_validate(logits, labels, options.method, n_folds=options.cv,
                                    temperature=options.temperature, member_names=names, top_k=options.top_k)
@@ -349,8 +348,6 @@ def _read_blend_json(path: Path) -> dict:
 
 
 def _saved_blend(saved: dict, options: BlendOptions, models: Sequence[str]) -> tuple[Any, dict, bool]:
-    import weights_search as ws
-
     unknown = [m for m in saved["models"] if m not in models]
     if unknown:
         raise EnsError(f"--weights {options.weights}: names models that are not given: {', '.join(unknown)}")
@@ -374,8 +371,6 @@ def _saved_blend(saved: dict, options: BlendOptions, models: Sequence[str]) -> t
 
 def _write_predictions(path: Path, split: _Split, arrays: Sequence[np.ndarray], blend: Any, top_k: int) -> int:
     """Write predictions.csv to ``path`` (a temporary file: the caller renames it into place)."""
-    import weights_search as ws
-
     class_ids = np.asarray(split.class_ids, dtype=object)
     k = min(top_k, len(class_ids))
     ids = split.ids

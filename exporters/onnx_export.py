@@ -122,23 +122,27 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None,
     size = options.input_size or default_size
     wrapper = UInt8NHWC(model, options.mean, options.std).eval()
 
-    num_classes = _num_classes_from_output(wrapper, size, options, checkpoint)
+    # The torch logits of the check batches, computed once: they prove the model runs at its
+    # size (in eval mode, before tracing), give the number of classes, tell whether the
+    # network takes a second size, and are what the ONNX graph is verified against.
+    references = {size: _reference_logits(wrapper, size, options, checkpoint)}
+    num_classes = int(references[size].shape[1])
     class_ids = load_class_ids(options.classes, num_classes) if options.classes else None
 
     size2 = second_size(size)
-    dynamic = _runs_at(wrapper, size2)
-    if not dynamic:
+    try:
+        references[size2] = _torch_logits(wrapper, check_images(options.check_batch, size2))
+    except Exception:
         notes.append(f"{arch_name} only takes {size} px inputs: exported with a fixed height and width")
+    dynamic = size2 in references
     graph = _to_onnx(wrapper, size, dynamic, options.opset)
-    sizes = [size, size2] if dynamic else [size]
-    references = {s: _torch_logits(wrapper, check_images(options.check_batch, s)) for s in sizes}
     try:
         checks = _verify(graph, references, options.check_batch, "fp32")
     except _SizeMismatch as exc:
         # The trace froze a shape that depends on the input size (a Python int in the model's
         # forward): keep the export, but fixed to the size it was traced at.
         notes.append(f"the traced graph is not size-dynamic ({exc}); exported with a fixed {size} px input")
-        dynamic, sizes = False, [size]
+        dynamic = False
         graph = _to_onnx(wrapper, size, False, options.opset)
         references = {size: references[size]}
         checks = _verify(graph, references, options.check_batch, "fp32")
@@ -279,29 +283,21 @@ def _torch_logits(wrapper: nn.Module, images: torch.Tensor) -> np.ndarray:
     return out.float().numpy()
 
 
-def _runs_at(wrapper: nn.Module, size: int) -> bool:
+def _reference_logits(wrapper: nn.Module, size: int, options: ExportOptions, source: Path) -> np.ndarray:
+    """Torch logits of the check batch at ``size``; user errors when the model cannot make them."""
     try:
-        _torch_logits(wrapper, check_images(2, size))
-    except Exception:
-        return False
-    return True
-
-
-def _num_classes_from_output(wrapper: nn.Module, size: int, options: ExportOptions, source: Path) -> int:
-    # Runs the model once in eval mode before tracing, which also proves it takes this size.
-    try:
-        out = _torch_logits(wrapper, check_images(2, size))
+        out = _torch_logits(wrapper, check_images(options.check_batch, size))
     except EnsError:
         raise
     except Exception as exc:
         raise EnsError(f"{source}: the model does not run on {size} px inputs ({type(exc).__name__}: "
                        f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); set --input-size") from None
-    if out.ndim != 2 or out.shape[0] != 2:
+    if out.ndim != 2 or out.shape[0] != options.check_batch:
         raise EnsError(f"{source}: the model returns shape {tuple(out.shape)}, expected (batch, classes)")
     if options.num_classes is not None and out.shape[1] != options.num_classes:
         raise EnsError(f"--num-classes {options.num_classes} contradicts {source}: the model predicts "
                        f"{out.shape[1]} classes")
-    return int(out.shape[1])
+    return out
 
 
 def _to_onnx(wrapper: UInt8NHWC, size: int, dynamic: bool, opset: int) -> onnx.ModelProto:
