@@ -87,14 +87,14 @@ def export(
     arch: Annotated[Optional[str], typer.Option(help="Network to build for a state_dict: a torchvision model name (resnet50, inception_v3, ...) or package.module:callable.")] = None,
     arch_kwargs: Annotated[Optional[str], typer.Option("--arch-kwargs", metavar="JSON", help="Keyword arguments for the builder, e.g. '{\"transform_input\": true}'.")] = None,
     num_classes: Annotated[Optional[int], typer.Option(help="Number of classes; read from the classifier weights when omitted.")] = None,
-    input_size: Annotated[Optional[int], typer.Option(help="Input height and width in pixels [default: 299 for inception_v3, else 224].")] = None,
+    input_size: Annotated[Optional[int], typer.Option(help="Input height and width in pixels \\[default: 299 for inception_v3, else 224].")] = None,
     mean: Annotated[str, typer.Option(metavar="R,G,B", help="Normalisation mean, as fractions of 255.")] = "0.485,0.456,0.406",
     std: Annotated[str, typer.Option(metavar="R,G,B", help="Normalisation std, as fractions of 255.")] = "0.229,0.224,0.225",
     resize: Annotated[str, typer.Option(help="How inference fits images to the input: center-crop (shorter side to size/crop-pct, then centre crop) or squash.")] = "center-crop",
     crop_pct: Annotated[float, typer.Option(help="Fraction of the resized image kept by center-crop.")] = 0.875,
     classes: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Output index -> category id: a JSON list, or a COCO json whose categories sorted by id give the order.")] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Write a float16 model (uint8 input and float32 output kept).")] = False,
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="OUT.onnx", help="Output file [default: the checkpoint's path with .onnx, or .fp16.onnx].")] = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="OUT.onnx", help="Output file \\[default: the checkpoint's path with .onnx, or .fp16.onnx].")] = None,
 ) -> None:
     """Export a checkpoint to a verified, self-describing ONNX file.
 
@@ -256,10 +256,10 @@ def infer(
 def blend(
     ctx: typer.Context,
     runs: Annotated[Path, typer.Option(help="Folder of logit stores written by `ens infer`.")] = Path("runs"),
-    models: Annotated[Optional[str], typer.Option(metavar="a,b,c", help="Models (folders under --runs) to blend [default: every model with a store for the split].")] = None,
+    models: Annotated[Optional[str], typer.Option(metavar="a,b,c", help="Models (folders under --runs) to blend \\[default: every model with a store for the split].")] = None,
     optimize: Annotated[Optional[str], typer.Option(metavar="SPLIT", help="Labelled split to fit the weights on, e.g. val.")] = None,
-    apply: Annotated[Optional[str], typer.Option(metavar="SPLIT", help="Split to fuse into top-k predictions [default: test, when every model has it; with --weights, test].")] = None,
-    data: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Competition folder: labels come from DIR/<split>2019.json [default: the json the stores were made from].")] = None,
+    apply: Annotated[Optional[str], typer.Option(metavar="SPLIT", help="Split to fuse into top-k predictions \\[default: test, when every model has it; with --weights, test].")] = None,
+    data: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Competition folder: labels come from DIR/<split>2019.json \\[default: the json the stores were made from].")] = None,
     method: Annotated[Optional[str], typer.Option(help="uniform | nll | logit | greedy | accuracy.", show_default="nll")] = None,
     temperature: Annotated[bool, typer.Option("--temperature", help="Fit one temperature per member before blending.")] = False,
     views: Annotated[bool, typer.Option("--views", help="Weight (model, TTA view) pairs; needs stores made with --keep-views.")] = False,
@@ -267,7 +267,7 @@ def blend(
     fallback: Annotated[Optional[str], typer.Option(metavar="uniform", help="Use equal weights when the method does not beat them on CV.")] = None,
     weights: Annotated[Optional[Path], typer.Option(metavar="blend.json", help="Apply saved weights instead of fitting.")] = None,
     top_k: Annotated[int, typer.Option(help="Categories per image in predictions.csv.")] = 5,
-    out: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Blend folder [default: blends/<method>].")] = None,
+    out: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Blend folder \\[default: blends/<method>].")] = None,
 ) -> None:
     """Fit blend weights on validation, report honest CV estimates, fuse the test logits.
 

@@ -45,6 +45,9 @@ class DemoSpec:
     #: Photos per training digit, each on its own canvas: with one, a network memorises the
     #: backgrounds instead of learning the digits (iNat too has several photos per individual).
     train_copies: int = 3
+    #: Side of the digit's 8x8 box, as a fraction of the canvas side: drawn at a random scale in
+    #: this range (the strokes fill about three quarters of the box).
+    digit_scale: tuple[float, float] = (0.6, 0.85)
     seed: int = 0
 
 
@@ -83,9 +86,16 @@ def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(base + blobs + grain, 0, 255).astype(np.float32)
 
 
-def render(digit: np.ndarray, rng: np.random.Generator, canvas: int) -> Image.Image:
-    """Draw one 8x8 digit (values 0..16) small, at a random place and scale, on a textured canvas."""
-    side = int(rng.integers(canvas * 45 // 100, canvas * 70 // 100 + 1))
+def render(digit: np.ndarray, rng: np.random.Generator, canvas: int,
+           scale: tuple[float, float] = DemoSpec.digit_scale) -> Image.Image:
+    """Draw one 8x8 digit (values 0..16) at a random place and scale on a textured canvas.
+
+    ``scale`` bounds the side of the digit's box as a fraction of the canvas side.
+    """
+    low, high = scale
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"digit scale {scale}: want 0 < low <= high <= 1")
+    side = int(rng.integers(round(canvas * low), round(canvas * high) + 1))
     mask = Image.fromarray((digit / 16.0 * 255).astype(np.uint8)).resize((side, side), Image.BICUBIC)
     mask = np.asarray(mask.filter(ImageFilter.GaussianBlur(side / 40)), np.float32)[..., None] / 255.0
     background = _texture(rng, canvas)
@@ -132,7 +142,7 @@ def make_competition(root: str | Path, spec: DemoSpec = DemoSpec()) -> Competiti
         copies = spec.train_copies if split == "train" else 1
         for index in np.repeat(splits[split], copies):
             label = int(digits.target[index])
-            data = _jpeg(render(digits.images[index], rng, spec.canvas))
+            data = _jpeg(render(digits.images[index], rng, spec.canvas, spec.digit_scale))
             name = hashlib.md5(data).hexdigest() + ".jpg"
             rel = (f"test2019/{name}" if split == "test"
                    else f"train_val2019/{ICONIC}/{CATEGORY_OFFSET + label}/{name}")

@@ -42,6 +42,11 @@ class Recipe:
     lr: float = 3e-3
     batch_size: int = 48
     seed: int = 0
+    #: Train in NHWC memory format: oneDNN's depthwise convolutions run 1.5-2x faster in it on
+    #: the CPU, plain ResNets a little slower.
+    channels_last: bool = False
+    #: Overrides the architecture's classifier dropout (None keeps torchvision's default).
+    dropout: float | None = None
 
     @property
     def needs_arch(self) -> bool:
@@ -97,6 +102,8 @@ def train(recipe: Recipe, images: np.ndarray, labels: np.ndarray, num_classes: i
     torch.manual_seed(recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
     extra = {"aux_logits": False, "init_weights": True} if recipe.arch == "googlenet" else {}
+    if recipe.dropout is not None:
+        extra["dropout"] = recipe.dropout
     model = torchvision.models.get_model(recipe.arch, weights=None, num_classes=num_classes, **extra)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -105,7 +112,9 @@ def train(recipe: Recipe, images: np.ndarray, labels: np.ndarray, num_classes: i
     steps = recipe.epochs * -(-len(x_all) // recipe.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=steps, pct_start=0.25)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    layout = torch.channels_last if recipe.channels_last else torch.contiguous_format
+    model = model.to(memory_format=layout)
     model.train()
     for epoch in range(recipe.epochs):
         order = torch.randperm(len(x_all), generator=generator)
@@ -114,7 +123,7 @@ def train(recipe: Recipe, images: np.ndarray, labels: np.ndarray, num_classes: i
             idx = order[i:i + recipe.batch_size]
             if len(idx) < 2:  # BatchNorm needs two samples
                 continue
-            logits = model(_augment(x_all[idx], generator))
+            logits = model(_augment(x_all[idx], generator).contiguous(memory_format=layout))
             loss = loss_fn(logits, y_all[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -125,7 +134,7 @@ def train(recipe: Recipe, images: np.ndarray, labels: np.ndarray, num_classes: i
         log(f"    {recipe.arch} epoch {epoch + 1}/{recipe.epochs}: loss {total / len(order):.3f}, "
             f"train top-1 {correct / len(order):.3f} ({time.perf_counter() - start:.1f} s)")
     _recalibrate_batchnorm(model, x_all, recipe.batch_size)
-    return model.eval()
+    return model.to(memory_format=torch.contiguous_format).eval()
 
 
 def _recalibrate_batchnorm(model, images, batch_size: int) -> None:

@@ -35,6 +35,17 @@ def test_help_lists_only_working_commands():
     assert commands == {"export", "info", "infer", "blend", "submit", "submissions", "demo"}
 
 
+@pytest.mark.parametrize("command, default", [
+    (["export"], "[default: 299 for inception_v3, else 224]"),
+    (["blend"], "[default: every model with a store for the split]"),
+])
+def test_help_shows_computed_defaults(command, default):
+    # Rich reads "[...]" as markup and drops it unless escaped; the defaults must reach the user.
+    result = runner.invoke(app, [*command, "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    assert default in " ".join(line.strip("│ ") for line in result.stdout.splitlines())
+
+
 def test_export_end_to_end(checkpoint):
     result = runner.invoke(app, ["export", str(checkpoint), "--arch", "resnet18", "--input-size", "64"])
     assert result.exit_code == 0, result.output

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ensemble.cli import app
-from ensemble.demo.data import CATEGORY_OFFSET, DemoSpec, _split, make_competition
+from ensemble.demo.data import CATEGORY_OFFSET, DemoSpec, _split, make_competition, render
 from ensemble.demo.run import DemoSettings, format_table, run_demo
 
 SMALL = DemoSpec(canvas=48, val_per_class=3, test_per_class=2, train_per_class=3, train_copies=2)
@@ -25,6 +25,18 @@ def test_splits_are_disjoint_and_stratified():
     assert (np.bincount(labels[parts["val"]]) == 20).all() and (np.bincount(labels[parts["test"]]) == 5).all()
     with pytest.raises(ValueError, match="no images left for training"):
         _split(labels, DemoSpec(val_per_class=20, test_per_class=10), np.random.default_rng(0))
+
+
+def test_render_places_the_digit_at_the_asked_scale():
+    digit = np.zeros((8, 8))
+    digit[1:7, 3:5] = 16  # a bar
+    blank = np.asarray(render(np.zeros((8, 8)), np.random.default_rng(1), 64, (0.5, 0.5)), np.float32)
+    drawn = np.asarray(render(digit, np.random.default_rng(1), 64, (0.5, 0.5)), np.float32)
+    changed = np.abs(drawn - blank).sum(axis=2) > 30  # same background, so only the ink differs
+    rows, cols = np.flatnonzero(changed.any(axis=1)), np.flatnonzero(changed.any(axis=0))
+    assert 16 <= rows[-1] - rows[0] + 1 <= 32 and cols[-1] - cols[0] + 1 < rows[-1] - rows[0] + 1
+    with pytest.raises(ValueError, match="digit scale"):
+        render(digit, np.random.default_rng(0), 64, (0.9, 0.5))
 
 
 def test_competition_layout(tmp_path):
@@ -70,7 +82,7 @@ def test_shortened_demo_end_to_end(tmp_path):
     assert check.exit_code == 0, check.output
 
     names = [row.name for row in result.rows]
-    assert names[:3] == sorted(["resnet18", "mobilenet_v2", "mobilenet_v3_small"]) and "uniform" in names
+    assert names[:3] == ["resnet18", "mobilenet_v3_small", "densenet121"] and "uniform" in names
     assert all(0 <= row.test_error <= 1 and row.cv_low <= row.cv_top1 <= row.cv_high for row in result.rows)
     table = format_table(result, 2)
     assert table[0].split() [:3] == ["CV", "top-1", "on"] and table[-1] == f"submission: {result.submission}"
