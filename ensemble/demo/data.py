@@ -1,8 +1,8 @@
 """A small competition in the exact iNat 2019 layout, from real images shipped with scikit-learn.
 
 scikit-learn's bundled handwritten digits (1,797 images of 8x8 pixels, 10 classes) are each
-drawn small, at a random place and scale, in a random colour, on a larger textured colour
-canvas and saved as JPEG, so that localisation and scale matter as they do for iNat photos::
+drawn at a random place and scale (their box 60-85% of the side), in a random colour, on a
+larger textured colour canvas and saved as JPEG, so that localisation and scale matter as they do for iNat photos::
 
     DIR/train_val2019/Digits/<category id>/<md5>.jpg     train and validation images
     DIR/test2019/<md5>.jpg                              test images

@@ -88,8 +88,16 @@ def test_shortened_demo_end_to_end(tmp_path):
     assert table[0].split() [:3] == ["CV", "top-1", "on"] and table[-1] == f"submission: {result.submission}"
     assert len(table) == len(result.rows) + 2
 
-    # A rerun reuses the data and the checkpoints.
-    again: list[str] = []
-    run_demo(work, DemoSettings.quick(), log=again.append)
-    assert any(line.startswith("  reused") and "data" in line for line in again)
-    assert sum(line.startswith("  reused") and ".pt" in line for line in again) == 3
+    # A rerun through the CLI reuses the data and the checkpoints, blends only this run's
+    # models (not a store an earlier demo left in runs/) and prints the table.
+    import shutil
+
+    shutil.copytree(work / "runs" / "resnet18", work / "runs" / "old_model")
+    again = CliRunner().invoke(app, ["demo", "--quick", "--out", str(work)])
+    assert again.exit_code == 0, again.output
+    lines = again.stdout.splitlines()
+    assert any(line.startswith("  reused") and "data" in line for line in lines)
+    assert sum(line.startswith("  reused") and ".pt" in line for line in lines) == 3
+    blend = json.loads((work / "blends" / "demo" / "blend.json").read_text())
+    assert blend["members"] == ["resnet18", "mobilenet_v3_small", "densenet121"]
+    assert any(line.startswith("nll (blend)") for line in lines) and lines[-2].startswith("submission: ")
