@@ -33,7 +33,7 @@ from scipy.optimize import minimize
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from weights_search import (  # noqa: E402
-    METHODS, MIXTURE, Blend, blend_chunks, cross_validate, fit_temperatures, get_method, log_softmax, top_k)
+    METHODS, MIXTURE, FittedBlend, blend_chunks, cross_validate, fit_temperatures, get_method, log_softmax, top_k)
 from weights_search.metrics import mean_nll, top1  # noqa: E402
 
 N_CLASSES = 1010
@@ -110,7 +110,7 @@ def time_methods(logits: np.ndarray, labels: np.ndarray, repeats: int) -> list[d
     for _ in range(repeats):
         seconds, weights = slsqp_baseline(logits, labels)
         times.append(seconds)
-    blended = Blend("slsqp", MIXTURE, tuple(np.clip(weights, 0, None))).log_proba(logits)
+    blended = FittedBlend("slsqp", MIXTURE, tuple(np.clip(weights, 0, None))).log_proba(logits)
     rows.append({"method": "SLSQP (numerical)", "seconds": min(times), "nll": mean_nll(blended, labels),
                  "top1": top1(blended, labels)})
     return rows
@@ -137,7 +137,7 @@ def fuse_child(folder: str, n_members: int) -> None:
     paths = sorted(Path(folder).glob("member*.npy"))[:n_members]
     stores = [np.load(p, mmap_mode="r") for p in paths]
     weights = np.random.default_rng(0).dirichlet(np.ones(n_members))
-    blend = Blend("nll", "mixture", tuple(weights), tuple(np.linspace(0.8, 1.5, n_members)))
+    blend = FittedBlend("nll", "mixture", tuple(weights), tuple(np.linspace(0.8, 1.5, n_members)))
     n_rows = stores[0].shape[0]
     ids = np.empty((n_rows, 5), dtype=np.int64)
     probs = np.empty((n_rows, 5), dtype=np.float32)

@@ -8,9 +8,9 @@ photo-like content at quality 90) and two exported networks (resnet50 and mnasne
 classes, 224 px, random weights: speed does not depend on them), with flip TTA, all measured in
 this one run:
 
-* model only: the same onnxruntime sessions (ens's own :class:`~ensemble.runtime.Runner`) on
+* model only: the same onnxruntime sessions (ens's own :class:`~ensemble.inference.runtime.Runner`) on
   preloaded uint8 batches of identity + flip, no decoding, no files;
-* ens infer: :func:`ensemble.infer.infer` in this process, the whole run: decoding workers,
+* ens infer: :func:`ensemble.inference.run.infer` in this process, the whole run: decoding workers,
   sessions, chunks and stores (each run writes a fresh store). "loop" leaves out the start
   (sessions, worker start) and the store assembly, which do not grow with the data set;
 * torch loop: torchvision models in eval / inference mode, a DataLoader decoding with PIL and
@@ -33,9 +33,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ensemble.datasets import load_split  # noqa: E402
-from ensemble.infer import InferOptions, infer  # noqa: E402
-from ensemble.runtime import Runner, cpu_threads, load_model  # noqa: E402
-from ensemble.store import read_store  # noqa: E402
+from ensemble.inference.run import InferOptions, infer  # noqa: E402
+from ensemble.inference.runtime import Runner, cpu_threads, load_model  # noqa: E402
+from ensemble.inference.store import read_store  # noqa: E402
 
 ARCHS = ("resnet50", "mnasnet1_0")
 #: (width, height) ratios of iNat photos, with rough frequencies: mostly 4:3 landscape.

@@ -5,9 +5,18 @@ The pipeline flows one way::
     checkpoint -> exporters (torch -> ONNX) -> ensemble (inference, blending, submission)
                                                weights_search (blend weights, pure maths)
 
-This package holds the command line (:mod:`ensemble.cli`) and the parts of the pipeline that
-run without torch; :mod:`ensemble.metadata` is the contract between an exported ONNX file and
-everything that reads it.
+The stages, in the order data flows through them::
+
+    exporters/               ens export   checkpoint -> verified ONNX (the only part needing torch)
+    ensemble/inference/      ens infer    ONNX x split x TTA views -> logit stores
+    ensemble/blending.py     ens blend    stores -> fitted weights (maths in weights_search/)
+                                          -> predictions.csv
+    ensemble/submission/     ens submit   predictions.csv -> checked CSV, ledger, Kaggle upload
+
+Shared by the stages: :mod:`ensemble.cli` (the command line, and nothing else),
+:mod:`ensemble.metadata` (the contract between an exported ONNX file and everything that reads
+it), :mod:`ensemble.datasets` (splits and the one rule for finding their files),
+:mod:`ensemble.errors` and :mod:`ensemble.fileio`. Everything here runs without torch.
 """
 
 __version__ = "0.1.0"

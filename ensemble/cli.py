@@ -193,10 +193,10 @@ def infer(
     with _user_errors(ctx):
         from ensemble.cli_progress import InferProgress, format_seconds
         from ensemble.datasets import load_split, resolve_splits
-        from ensemble.infer import InferOptions
-        from ensemble.infer import infer as run_infer
+        from ensemble.inference.run import InferOptions
+        from ensemble.inference.run import infer as run_infer
         from ensemble.metadata import RESIZE_POLICIES
-        from ensemble.runtime import ForeignPreprocess
+        from ensemble.inference.runtime import ForeignPreprocess
 
         if (data is None) == (index is None):
             raise EnsError("give the images with either --data DIR [--split val,test] or --index FILE.json")
@@ -275,7 +275,7 @@ def blend(
     DIR/predictions.csv (id, top-k category ids and probabilities) for `ens submit`.
     """
     with _user_errors(ctx):
-        from ensemble.blend import BlendOptions, available_models, run_blend
+        from ensemble.blending import BlendOptions, available_models, run_blend
 
         model_list = tuple(m.strip() for m in models.split(",") if m.strip()) if models else None
         if apply is None and weights is None and optimize is not None:
@@ -347,7 +347,7 @@ def submit(
     dataset knows. Uploads use the official kaggle client, the optional kaggle extra of ens.
     """
     with _user_errors(ctx):
-        from ensemble import submit as flow
+        from ensemble.submission import submit as flow
 
         given = {"PREDICTIONS": predictions is not None, "--data": data is not None, "--format": fmt is not None,
                  "--name": name is not None, "--sample": sample is not None, "--gzip": compress,
@@ -422,8 +422,8 @@ def submissions(
     The ledger is submissions/ledger.sqlite, one row per file `ens submit` wrote.
     """
     with _user_errors(ctx):
-        from ensemble import submit as flow
-        from ensemble.ledger import Ledger
+        from ensemble.submission import submit as flow
+        from ensemble.submission.ledger import Ledger
 
         if refresh:
             result = flow.refresh()

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import TextIO
 
-from ensemble.infer import Event
+from ensemble.inference.run import Event
 
 
 def format_seconds(seconds: float | None) -> str:
@@ -26,7 +26,7 @@ def format_seconds(seconds: float | None) -> str:
 
 
 class InferProgress:
-    """A callable for :func:`ensemble.infer.infer`'s ``progress``; use it as a context manager."""
+    """A callable for :func:`ensemble.inference.run.infer`'s ``progress``; use it as a context manager."""
 
     def __init__(self, stream: TextIO | None = None, interval: float = 10.0):
         self.stream = stream if stream is not None else sys.stderr  # looked up late: tests swap it

@@ -11,7 +11,7 @@ A member is whatever is stacked on the first axis: a model, or a (model, view) p
 
 from weights_search.accuracy import AccuracyBlend
 from weights_search.base import Blender
-from weights_search.blend import Blend, blend_chunks, fit_blend
+from weights_search.fitted import FittedBlend, blend_chunks, fit_blend
 from weights_search.cv import CvReport, CvRow, cross_val_log_probs, cross_validate, stratified_folds
 from weights_search.functional import FUSIONS, GEOMETRIC, MIXTURE, fuse, log_softmax, top_k
 from weights_search.greedy import GreedyBlend, GreedyStep
@@ -23,7 +23,7 @@ from weights_search.temperature import TEMPERATURE_BOUNDS, fit_temperature, fit_
 
 __all__ = [
     "DEFAULT_METHOD", "FUSIONS", "GEOMETRIC", "METHODS", "MIXTURE", "TEMPERATURE_BOUNDS",
-    "AccuracyBlend", "Blend", "Blender", "CvReport", "CvRow", "GreedyBlend", "GreedyStep", "LogitBlend",
+    "AccuracyBlend", "FittedBlend", "Blender", "CvReport", "CvRow", "GreedyBlend", "GreedyStep", "LogitBlend",
     "NllBlend", "UniformBlend",
     "blend_chunks", "bootstrap_ci", "correct_at_k", "cross_val_log_probs", "cross_validate", "fit_blend",
     "fit_temperature", "fit_temperatures", "fuse", "get_method", "log_softmax", "mean_nll", "stratified_folds",

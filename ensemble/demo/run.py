@@ -112,7 +112,7 @@ def _error(ids: Sequence[int], predicted: Sequence[int], answers: dict[int, int]
 
 def run_demo(workdir: Path = Path(".demo"), settings: DemoSettings = DemoSettings(),
              log: Callable[[str], None] = print) -> DemoResult:
-    from ensemble.store import read_store
+    from ensemble.inference.store import read_store
     from weights_search import MIXTURE, fuse, log_softmax
 
     start = time.perf_counter()

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from weights_search.blend import Blend, blend_chunks, fit_blend
+from weights_search.fitted import FittedBlend, blend_chunks, fit_blend
 from weights_search.functional import GEOMETRIC, MIXTURE, fuse, log_softmax
 from weights_search.registry import get_method
 from weights_search.temperature import fit_temperatures
@@ -39,7 +39,7 @@ def test_fit_blend_with_temperatures_fits_them_first():
 
 def test_blend_applies_temperatures_then_fuses():
     logits, _ = _problem(2)
-    blend = Blend("nll", MIXTURE, (0.2, 0.5, 0.3), (1.5, 0.7, 1.0))
+    blend = FittedBlend("nll", MIXTURE, (0.2, 0.5, 0.3), (1.5, 0.7, 1.0))
     expected = fuse(log_softmax(logits, np.array([1.5, 0.7, 1.0])), np.array([0.2, 0.5, 0.3]), MIXTURE)
     np.testing.assert_array_equal(blend.log_proba(logits), expected)
 
@@ -52,7 +52,7 @@ def test_chunks_from_memory_mapped_float16_stores_equal_one_pass(tmp_path, fusio
         paths.append(tmp_path / f"member{m}.npy")
         np.save(paths[-1], member)
     stores = [np.load(p, mmap_mode="r") for p in paths]
-    blend = Blend("x", fusion, (0.2, 0.0, 1.3), (1.2, 1.0, 0.8))
+    blend = FittedBlend("x", fusion, (0.2, 0.0, 1.3), (1.2, 1.0, 0.8))
     starts, parts = zip(*blend_chunks(stores, blend, chunk_rows=300))
     assert starts == (0, 300, 600, 900)
     np.testing.assert_array_equal(np.concatenate(parts), blend.log_proba(logits))
@@ -60,10 +60,10 @@ def test_chunks_from_memory_mapped_float16_stores_equal_one_pass(tmp_path, fusio
 
 def test_bad_blends_and_members_are_refused():
     with pytest.raises(ValueError, match="choose from: mixture, geometric"):
-        Blend("nll", "mean", (1.0,))
+        FittedBlend("nll", "mean", (1.0,))
     with pytest.raises(ValueError, match="2 temperatures for 1 weights"):
-        Blend("nll", MIXTURE, (1.0,), (1.0, 2.0))
-    blend = Blend("nll", MIXTURE, (0.5, 0.5))
+        FittedBlend("nll", MIXTURE, (1.0,), (1.0, 2.0))
+    blend = FittedBlend("nll", MIXTURE, (0.5, 0.5))
     with pytest.raises(ValueError, match="1 members for a blend of 2"):
         next(blend_chunks([np.zeros((3, 4))], blend))
     with pytest.raises(ValueError, match="one shape"):

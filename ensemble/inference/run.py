@@ -12,7 +12,7 @@ the one decode are keyed by geometry, and models with equal preprocessing share 
 have a fixed shape: ``batch_size`` images, the last one padded. Chunks are ``chunk_size`` rows
 (a multiple of the batch size, so batches never straddle chunks and an image always shares its
 batch with the same images); a killed run resumes at the first chunk some model lacks and ends
-with the same bytes as an uninterrupted one (see :mod:`ensemble.store`).
+with the same bytes as an uninterrupted one (see :mod:`ensemble.inference.store`).
 
 Unreadable images (missing, empty, truncated, not an image) stop the run by default, naming the
 image; with ``on_bad_image="skip"`` they get no row in the store and are listed in its manifest.
@@ -34,12 +34,12 @@ import numpy as np
 
 from ensemble import __version__
 from ensemble.datasets import Split
-from ensemble.decode import DecodedBatch, Decoder
+from ensemble.inference.decode import DecodedBatch, Decoder
 from ensemble.errors import EnsError
-from ensemble.runtime import (ForeignPreprocess, Model, Runner, available_providers, cpu_threads,
+from ensemble.inference.runtime import (ForeignPreprocess, Model, Runner, available_providers, cpu_threads,
                               device_choices, load_model, select_device)
-from ensemble.store import DTYPES, StoreWriter, read_store, store_path
-from ensemble.tta import DEFAULT_SCALES, Geometry, View, geometry, hflip, merge, merge_mode, plan_views, view_size
+from ensemble.inference.store import DTYPES, StoreWriter, read_store, store_path
+from ensemble.inference.tta import DEFAULT_SCALES, Geometry, View, geometry, hflip, merge, merge_mode, plan_views, view_size
 
 BAD_IMAGE_POLICIES = ("fail", "skip")
 

@@ -12,10 +12,10 @@ from onnx import numpy_helper
 
 from ensemble.datasets import load_split
 from ensemble.errors import EnsError
-from ensemble.infer import InferOptions, infer
-from ensemble.runtime import (ForeignPreprocess, Runner, available_providers, load_model,
+from ensemble.inference.run import InferOptions, infer
+from ensemble.inference.runtime import (ForeignPreprocess, Runner, available_providers, load_model,
                               select_device)
-from ensemble.store import MANIFEST, read_store
+from ensemble.inference.store import MANIFEST, read_store
 
 from tests.ensemble.conftest import MEAN, STD, run_onnx, tiny_onnx, write_images
 

@@ -26,7 +26,7 @@ import numpy as np
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
 from ensemble.metadata import PREFIX, ModelMetadata
-from ensemble.tta import Preprocess
+from ensemble.inference.tta import Preprocess
 
 #: ``--device`` -> onnxruntime providers, in priority order.
 DEVICES: dict[str, tuple[str, ...]] = {

@@ -11,11 +11,11 @@ import time
 
 import pytest
 
-from ensemble import store as store_module
+from ensemble.inference import store as store_module
 from ensemble.datasets import load_split
 from ensemble.errors import EnsError
-from ensemble.infer import InferOptions, infer
-from ensemble.store import MANIFEST, PARTIAL, VIEWS, read_store
+from ensemble.inference.run import InferOptions, infer
+from ensemble.inference.store import MANIFEST, PARTIAL, VIEWS, read_store
 
 from tests.ensemble.conftest import make_inat, store_bytes, tiny_onnx
 

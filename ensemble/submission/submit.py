@@ -15,12 +15,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ensemble import kaggle_api
+from ensemble.submission import kaggle_client
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
-from ensemble.kaggle_api import Receipt, UploadError
-from ensemble.ledger import Blend, Entry, Ledger, read_blend
-from ensemble.submission import (Submission, check_file, check_rows, get_format, load_reference,
+from ensemble.submission.kaggle_client import Receipt, UploadError
+from ensemble.submission.ledger import BlendProvenance, Entry, Ledger, read_blend
+from ensemble.submission.formats import (Submission, check_file, check_rows, get_format, load_reference,
                                  read_predictions, submission_path, write_submission)
 
 #: Where files and ledger go, relative to the working folder.
@@ -74,7 +74,7 @@ class Predictions:
     is not a blend's ``predictions.csv``) and the default file name."""
 
     csv: Path
-    blend: Blend | None
+    blend: BlendProvenance | None
     source: str
     name: str
 
@@ -96,7 +96,7 @@ def submit(predictions: str | os.PathLike, data: str | os.PathLike, options: Sub
            folder: str | os.PathLike = SUBMISSIONS) -> SubmitResult:
     """Check the predictions against ``--data``, write the CSV, record it, upload it."""
     fmt = get_format(options.format)
-    kaggle = kaggle_api.connect() if options.competition is not None else None
+    kaggle = kaggle_client.connect() if options.competition is not None else None
     source = resolve_predictions(predictions)
     reference = load_reference(data, fmt, options.sample)
     checked = check_rows(read_predictions(source.csv, fmt), fmt, reference, source.csv)
@@ -131,10 +131,10 @@ def retry(entry_id: int, competition: str | None = None, message: str | None = N
     if sha256_file(path) != entry.sha256:
         raise EnsError(f"ledger entry {entry_id}: {path} changed since it was recorded (sha256 differs); "
                        "write a new file with `ens submit`")
-    return _upload(kaggle_api.connect(), ledger, entry, path, competition, message)
+    return _upload(kaggle_client.connect(), ledger, entry, path, competition, message)
 
 
-def _upload(kaggle: kaggle_api.Kaggle, ledger: Ledger, entry: Entry, path: Path, competition: str,
+def _upload(kaggle: kaggle_client.Kaggle, ledger: Ledger, entry: Entry, path: Path, competition: str,
             message: str) -> SubmitResult:
     try:
         receipt = kaggle.submit(str(path), competition, message)
@@ -156,11 +156,11 @@ def refresh(folder: str | os.PathLike = SUBMISSIONS) -> RefreshResult:
     tried = [e for e in ledger.entries() if e.competition is not None]
     found = 0
     if tried:
-        kaggle = kaggle_api.connect()
+        kaggle = kaggle_client.connect()
         for competition in sorted({e.competition for e in tried}):
             remote = kaggle.submissions(competition)
             by_ref = {s.ref: s for s in remote}
-            by_name: dict[str, kaggle_api.RemoteSubmission] = {}
+            by_name: dict[str, kaggle_client.RemoteSubmission] = {}
             for s in reversed(remote):  # listed newest first: the newest of a name wins
                 by_name[s.file_name] = s
             for entry in (e for e in tried if e.competition == competition):

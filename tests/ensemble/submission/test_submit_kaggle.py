@@ -7,12 +7,12 @@ import sys
 
 import pytest
 
-from ensemble import kaggle_api
+from ensemble.submission import kaggle_client
 from ensemble.errors import EnsError
-from ensemble.kaggle_api import UploadError
+from ensemble.submission.kaggle_client import UploadError
 
-from tests.ensemble.kaggle_standin import basic_auth, quiet_import
-from tests.ensemble.submit_data import standin  # noqa: F401  (fixture)
+from tests.ensemble.submission.kaggle_standin import basic_auth, quiet_import
+from tests.ensemble.submission.submit_data import standin  # noqa: F401  (fixture)
 
 COMPETITION = "inaturalist-2019-fgvc6"
 
@@ -25,7 +25,7 @@ def csv_file(tmp_path):
 
 
 def test_successful_upload_calls_the_three_endpoints_with_the_credentials(standin, csv_file):
-    receipt = kaggle_api.connect().submit(str(csv_file), COMPETITION, "first try")
+    receipt = kaggle_client.connect().submit(str(csv_file), COMPETITION, "first try")
     assert receipt.ref == 5000 and receipt.message == f"Successfully submitted to {COMPETITION}"
     assert standin.names() == ["StartSubmissionUpload", "upload", "CreateSubmission"]
     start, put, create = standin.calls
@@ -42,21 +42,21 @@ def test_successful_upload_calls_the_three_endpoints_with_the_credentials(standi
 def test_server_error(standin, csv_file, call):
     standin.fail[call] = (500, {})
     with pytest.raises(UploadError, match=f"Kaggle answered 500 to {call}: Internal Server Error"):
-        kaggle_api.connect().submit(str(csv_file), COMPETITION, "m")
+        kaggle_client.connect().submit(str(csv_file), COMPETITION, "m")
     assert standin.submissions == []
 
 
 def test_failed_transfer_of_the_file(standin, csv_file):
     standin.fail["upload"] = (403, {})
     with pytest.raises(UploadError, match="transfer of the file to Kaggle's storage failed"):
-        kaggle_api.connect().submit(str(csv_file), COMPETITION, "m")
+        kaggle_client.connect().submit(str(csv_file), COMPETITION, "m")
     assert "CreateSubmission" not in standin.names()
 
 
 def test_refused_file_carries_kaggles_reason(standin, csv_file):
     standin.fail["CreateSubmission"] = (400, {"code": 400, "message": "Submission must have 35350 rows"})
     with pytest.raises(UploadError) as info:
-        kaggle_api.connect().submit(str(csv_file), COMPETITION, "m")
+        kaggle_client.connect().submit(str(csv_file), COMPETITION, "m")
     assert str(info.value) == "Kaggle answered 400 to CreateSubmission: Submission must have 35350 rows"
 
 
@@ -67,11 +67,11 @@ def test_network_down(standin, csv_file, monkeypatch):
     for var in ("HTTP_PROXY", "http_proxy"):
         monkeypatch.setenv(var, closed)
     with pytest.raises(UploadError, match=r"^could not reach Kaggle \(ProxyError"):
-        kaggle_api.connect().submit(str(csv_file), COMPETITION, "m")
+        kaggle_client.connect().submit(str(csv_file), COMPETITION, "m")
 
 
 def test_listing_follows_pages_and_parses_scores(standin, csv_file):
-    client = kaggle_api.connect()
+    client = kaggle_client.connect()
     refs = [client.submit(str(csv_file), COMPETITION, f"try {i}").ref for i in range(3)]
     standin.score(refs[0], "0.18100", "0.18500")
     standin.submissions[0]["status"] = "ERROR"
@@ -90,7 +90,7 @@ def test_listing_error_is_one_line(standin):
     standin.fail["ListSubmissions"] = (403, {"code": 403, "message": "You must accept the rules"})
     with pytest.raises(EnsError, match=f"^listing the submissions to {COMPETITION} failed: Kaggle answered 403 to "
                                        "ListSubmissions: You must accept the rules$"):
-        kaggle_api.connect().submissions(COMPETITION)
+        kaggle_client.connect().submissions(COMPETITION)
 
 
 def test_missing_credentials(standin, monkeypatch, tmp_path, capsys):
@@ -98,8 +98,8 @@ def test_missing_credentials(standin, monkeypatch, tmp_path, capsys):
         monkeypatch.delenv(var)
     monkeypatch.setattr(quiet_import(), "config", str(tmp_path / "no-kaggle.json"))
     with pytest.raises(EnsError) as info:
-        kaggle_api.connect()
-    assert str(info.value) == kaggle_api.NO_CREDENTIALS
+        kaggle_client.connect()
+    assert str(info.value) == kaggle_client.NO_CREDENTIALS
     assert capsys.readouterr().out == ""  # the client's help page stays inside
     assert standin.calls == []
 
@@ -108,7 +108,7 @@ def test_absent_client(monkeypatch):
     monkeypatch.setitem(sys.modules, "kaggle.api.kaggle_api_extended", None)
     with pytest.raises(EnsError, match=r"^the Kaggle client is not installed or incomplete \(.*\): "
                                        r"pip install 'ens\[kaggle\]'$"):
-        kaggle_api.connect()
+        kaggle_client.connect()
 
 
 def test_nothing_leaves_the_machine(standin):

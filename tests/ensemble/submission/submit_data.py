@@ -1,5 +1,5 @@
 """Tiny competition files for the `ens submit` tests, and the fixture that points the real
-Kaggle client at the stand-in (:mod:`tests.ensemble.kaggle_standin`)."""
+Kaggle client at the stand-in (:mod:`tests.ensemble.submission.kaggle_standin`)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Mapping, Sequence
 import numpy as np
 import pytest
 
-from ensemble.submission import FORMATS, SubmissionFormat
+from ensemble.submission.formats import FORMATS, SubmissionFormat
 
-from tests.ensemble.kaggle_standin import KEY, USERNAME, KaggleStandIn, quiet_import, running
+from tests.ensemble.submission.kaggle_standin import KEY, USERNAME, KaggleStandIn, quiet_import, running
 
 #: Test image ids in json order (not sorted, as nothing promises that).
 TEST_IDS = (268245, 268243, 268248, 268244, 268246, 268247)

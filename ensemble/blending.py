@@ -1,4 +1,4 @@
-"""`ens blend`: logit stores in, blend weights and fused top-k predictions out.
+"""Stage 3, `ens blend`: logit stores in, blend weights and fused top-k predictions out.
 
 The maths lives in :mod:`weights_search` (pure arrays); this module reads the stores, checks
 that they line up, finds the validation labels, runs the cross-validated report and the final
@@ -30,7 +30,7 @@ from ensemble import __version__
 from ensemble.errors import EnsError
 from ensemble.fileio import atomic_path
 import weights_search as ws
-from ensemble.store import IDS, LOGITS, MANIFEST, VIEWS, LogitStore, read_store
+from ensemble.inference.store import IDS, LOGITS, MANIFEST, VIEWS, LogitStore, read_store
 
 BLEND_FILE = "blend.json"
 PREDICTIONS_FILE = "predictions.csv"
@@ -357,7 +357,7 @@ def _saved_blend(saved: dict, options: BlendOptions, models: Sequence[str]) -> t
     members = saved["members"]
     temps = saved.get("temperatures")
     try:
-        blend = ws.Blend(method=saved["method"], fusion=saved["fusion"],
+        blend = ws.FittedBlend(method=saved["method"], fusion=saved["fusion"],
                          weights=tuple(float(saved["weights"][m]) for m in members),
                          temperatures=None if temps is None else tuple(float(temps[m]) for m in members),
                          params=saved.get("params", {}))

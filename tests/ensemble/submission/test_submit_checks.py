@@ -10,9 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from ensemble.cli import app
-from ensemble.submission import FORMATS
+from ensemble.submission.formats import FORMATS
 
-from tests.ensemble.submit_data import BLEND, TEST_IDS, make_blend, make_data, ranked, write_csv
+from tests.ensemble.submission.submit_data import BLEND, TEST_IDS, make_blend, make_data, ranked, write_csv
 
 runner = CliRunner()
 ROWS = ranked()

@@ -13,7 +13,7 @@ from weights_search.temperature import fit_temperatures
 
 
 @dataclass(frozen=True)
-class Blend:
+class FittedBlend:
     """Everything needed to fuse new member logits: what ``blend.json`` records.
 
     ``weights``: one per member, in member order, combined by ``fusion``; ``temperatures``: one
@@ -40,7 +40,7 @@ class Blend:
 
 
 def fit_blend(logits: np.ndarray, labels: np.ndarray, method: str = DEFAULT_METHOD,
-              params: Mapping[str, Any] | None = None, *, temperature: bool = False) -> Blend:
+              params: Mapping[str, Any] | None = None, *, temperature: bool = False) -> FittedBlend:
     """Fit temperatures (when ``temperature``) and then ``method``'s weights on all labelled rows.
 
     ``logits``: ``(M, N, C)`` member logits (float16 or float32); ``labels``: ``(N,)``.
@@ -49,12 +49,12 @@ def fit_blend(logits: np.ndarray, labels: np.ndarray, method: str = DEFAULT_METH
     blender = get_method(method, **dict(params or {}))
     temperatures = fit_temperatures(logits, labels) if temperature else None
     blender.fit(log_softmax(logits, temperatures), labels)
-    return Blend(method=method, fusion=blender.fusion, weights=tuple(float(w) for w in blender.weights_),
+    return FittedBlend(method=method, fusion=blender.fusion, weights=tuple(float(w) for w in blender.weights_),
                  temperatures=None if temperatures is None else tuple(float(t) for t in temperatures),
                  params=blender.params, train_score=blender.train_score_)
 
 
-def blend_chunks(members: Sequence[np.ndarray], blend: Blend, chunk_rows: int = 2048) -> Iterator[tuple[int, np.ndarray]]:
+def blend_chunks(members: Sequence[np.ndarray], blend: FittedBlend, chunk_rows: int = 2048) -> Iterator[tuple[int, np.ndarray]]:
     """Fuse a split chunk by chunk: yields ``(first row, (n, C) float32 log-probs)`` in row order.
 
     ``members``: one ``(N, C)`` array per member, in the blend's member order; memory-mapped

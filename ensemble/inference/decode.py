@@ -1,7 +1,7 @@
 """Decoding images into model-ready uint8 arrays: each image once, in worker processes.
 
 One decode of an image serves every model and every view of a run: :func:`decode_image` opens
-the file once and returns, for each requested :class:`~ensemble.tta.Geometry`, the
+the file once and returns, for each requested :class:`~ensemble.inference.tta.Geometry`, the
 ``(size, size, 3)`` uint8 RGB array (resizes onto each distinct canvas, crops cut from those).
 The decode itself
 
@@ -36,7 +36,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ensemble.tta import Geometry, canvas_shape, crop
+from ensemble.inference.tta import Geometry, canvas_shape, crop
 
 #: Decoded batches waiting for the model take at most about this much memory (at least one
 #: batch per worker, plus one).
@@ -170,7 +170,7 @@ class Decoder:
     def __enter__(self) -> "Decoder":
         if self.workers > 0:
             context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["ensemble.decode"])
+            context.set_forkserver_preload(["ensemble.inference.decode"])
             self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_worker_init)
             self._pool.submit(int)  # the first task starts the processes: now, not at the first batch
         return self

@@ -9,14 +9,14 @@ import sqlite3
 
 import pytest
 
-from ensemble import kaggle_api
+from ensemble.submission import kaggle_client
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
-from ensemble.kaggle_api import UploadError
-from ensemble.ledger import Ledger, read_blend
-from ensemble.submit import SubmitOptions, refresh, retry, submit
+from ensemble.submission.kaggle_client import UploadError
+from ensemble.submission.ledger import Ledger, read_blend
+from ensemble.submission.submit import SubmitOptions, refresh, retry, submit
 
-from tests.ensemble.submit_data import BLEND, TEST_IDS, make_blend, make_data, standin  # noqa: F401  (fixture)
+from tests.ensemble.submission.submit_data import BLEND, TEST_IDS, make_blend, make_data, standin  # noqa: F401  (fixture)
 
 COMPETITION = "inaturalist-2019-fgvc6"
 UPLOAD = SubmitOptions(competition=COMPETITION, message="greedy blend")
@@ -121,7 +121,7 @@ def test_retry_refuses_a_changed_or_missing_file(work, standin):
 
 
 def test_missing_credentials_write_nothing(work, standin, monkeypatch):
-    monkeypatch.setattr(kaggle_api, "connect", lambda: (_ for _ in ()).throw(EnsError(kaggle_api.NO_CREDENTIALS)))
+    monkeypatch.setattr(kaggle_client, "connect", lambda: (_ for _ in ()).throw(EnsError(kaggle_client.NO_CREDENTIALS)))
     with pytest.raises(EnsError, match="^no Kaggle credentials"):
         submit("blends/greedy", "data", UPLOAD)
     assert not (work / "submissions").exists()
@@ -144,7 +144,7 @@ def test_refresh_stores_scores_next_to_the_cv_estimate(work, standin):
     assert dry.kaggle_status is None and failed.kaggle_status is None and failed.status == "upload-failed"
 
     # An upload whose reply was lost: Kaggle has the file, the ledger says it failed.
-    kaggle_api.connect().submit(str(work / "submissions" / failed.file), COMPETITION, "greedy blend")
+    kaggle_client.connect().submit(str(work / "submissions" / failed.file), COMPETITION, "greedy blend")
     result = refresh()
     assert result.found == 2
     healed = result.entries[2]
@@ -152,7 +152,7 @@ def test_refresh_stores_scores_next_to_the_cv_estimate(work, standin):
 
 
 def test_refresh_without_uploads_needs_no_client(work, monkeypatch):
-    monkeypatch.setattr(kaggle_api, "connect", lambda: pytest.fail("no upload was tried"))
+    monkeypatch.setattr(kaggle_client, "connect", lambda: pytest.fail("no upload was tried"))
     submit("blends/greedy", "data", SubmitOptions())
     assert (refresh().asked, refresh().found) == (0, 0)
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ensemble import submit as flow
+from ensemble.submission import submit as flow
 from ensemble.cli import app
 from ensemble.errors import EnsError
 
-from tests.ensemble.submit_data import TEST_IDS, make_blend, make_data, ranked, standin  # noqa: F401  (fixture)
+from tests.ensemble.submission.submit_data import TEST_IDS, make_blend, make_data, ranked, standin  # noqa: F401  (fixture)
 
 runner = CliRunner()
 COMPETITION = "inaturalist-2019-fgvc6"

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 
 from ensemble.errors import EnsError
-from ensemble.submission import FORMATS, Submission, get_format, render, submission_path, write_submission
-from ensemble.submit import SubmitOptions, check, submit
+from ensemble.submission.formats import FORMATS, Submission, get_format, render, submission_path, write_submission
+from ensemble.submission.submit import SubmitOptions, check, submit
 
-from tests.ensemble.submit_data import KNOWN, TEST_IDS, make_blend, make_data, ranked, write_csv
+from tests.ensemble.submission.submit_data import KNOWN, TEST_IDS, make_blend, make_data, ranked, write_csv
 
 GOLDEN = {
     "inat2019": b"id,predicted\n268243,71 108 339 341 560\n268244,5 4 3 2 1\n",

@@ -11,7 +11,7 @@ flip. The ``--tta`` names add axes of views and the views are their product, ide
 
 How a view becomes pixels is its :class:`Geometry`: resize the image onto a *canvas*, then cut
 a square from it. Views of different models that have equal geometries share one array, cut
-from the single decode of each image (:mod:`ensemble.decode`); flips are applied to whole
+from the single decode of each image (:mod:`ensemble.inference.decode`); flips are applied to whole
 batches here (:func:`hflip`), not decoded separately.
 
 Merging turns ``(views, batch, classes)`` logits into ``(batch, classes)`` scores whose softmax

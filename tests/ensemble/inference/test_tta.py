@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ensemble.errors import EnsError
-from ensemble.tta import (MERGES, POSITIONS, TTA, Geometry, Preprocess, View, canvas_shape, crop,
+from ensemble.inference.tta import (MERGES, POSITIONS, TTA, Geometry, Preprocess, View, canvas_shape, crop,
                           crop_box, geometry, hflip, log_softmax, merge, plan_views, view_size)
 
 

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from ensemble.cli import app
 from ensemble.datasets import load_split
 from ensemble.fileio import sha256_file
-from ensemble.store import read_store
-from ensemble.tta import plan_views
+from ensemble.inference.store import read_store
+from ensemble.inference.tta import plan_views
 
 from tests.ensemble.conftest import CLASSES, make_inat, run_onnx, tiny_onnx
 
@@ -32,7 +32,7 @@ def one_line_error(result, pattern):
 
 
 def test_infer_exported_and_tiny_models_on_val_and_test(exported_model, tmp_path):
-    from tests.ensemble.test_infer_tta import reference_view
+    from tests.ensemble.inference.test_infer_tta import reference_view
 
     data = make_inat(tmp_path / "inat", n_val=6, n_test=5)
     tiny = tiny_onnx(tmp_path / "tiny.onnx", class_ids=[10, 11, 12, 13, 14])
@@ -118,7 +118,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
 
 @pytest.mark.parametrize("device", ["cuda", "tensorrt"])
 def test_unavailable_device_is_a_clear_error(tmp_path, device):
-    from ensemble.runtime import available_providers
+    from ensemble.inference.runtime import available_providers
 
     if "CUDAExecutionProvider" in available_providers():
         pytest.skip("this machine has onnxruntime-gpu")

@@ -82,7 +82,7 @@ CREATE TABLE IF NOT EXISTS submissions (
 
 
 @dataclass(frozen=True)
-class Blend:
+class BlendProvenance:
     """Where a submission's rows came from, read from ``blend.json`` beside ``predictions.csv``.
 
     ``cv_top1*`` are the cross-validated top-1 accuracy of the blend that was used and its
@@ -131,7 +131,7 @@ def utc_now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def read_blend(path: str | os.PathLike) -> Blend:
+def read_blend(path: str | os.PathLike) -> BlendProvenance:
     """The provenance in a ``blend.json`` written by `ens blend`."""
     path = Path(path)
     try:
@@ -162,7 +162,7 @@ def read_blend(path: str | os.PathLike) -> Blend:
             raise EnsError(f"{path}: cv.chosen {chosen!r} names none of cv.rows")
         top1, low, high = (float(field(row, key, (int, float), f"cv.rows[{chosen!r}].")) for key in
                            ("top1", "top1_low", "top1_high"))
-    return Blend(method=method, members=tuple(members), weights={k: float(v) for k, v in weights.items()},
+    return BlendProvenance(method=method, members=tuple(members), weights={k: float(v) for k, v in weights.items()},
                  cv_top1=top1, cv_top1_low=low, cv_top1_high=high)
 
 
@@ -207,7 +207,7 @@ class Ledger:
             pass
 
     def record(self, *, file: str, sha256: str, created: str, format: str, rows: int, source: str,
-               blend: Blend | None) -> Entry:
+               blend: BlendProvenance | None) -> Entry:
         """Insert a freshly written file as ``not-uploaded``."""
         values = dict(file=file, sha256=sha256, created=created, format=format, rows=rows, source=source,
                       status="not-uploaded")

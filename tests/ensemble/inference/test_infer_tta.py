@@ -14,14 +14,14 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
-from ensemble import decode
+from ensemble.inference import decode
 from ensemble.datasets import load_split
-from ensemble.decode import decode_image
-from ensemble.infer import InferOptions, infer
+from ensemble.inference.decode import decode_image
+from ensemble.inference.run import InferOptions, infer
 from ensemble.metadata import ModelMetadata
-from ensemble.runtime import Runner
-from ensemble.store import read_store
-from ensemble.tta import Preprocess, geometry, plan_views, view_size
+from ensemble.inference.runtime import Runner
+from ensemble.inference.store import read_store
+from ensemble.inference.tta import Preprocess, geometry, plan_views, view_size
 
 from tests.ensemble.conftest import run_onnx, tiny_onnx, write_images
 
