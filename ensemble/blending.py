@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ensemble import __version__
+from ensemble.datasets import find_split
 from ensemble.errors import EnsError
 from ensemble.fileio import atomic_path
 import weights_search as ws
@@ -185,12 +186,11 @@ def store_digest(store: LogitStore, views: bool) -> str:
 
 
 def label_source(split: _Split, data: Path | None) -> Path:
-    """The json holding the split's labels: ``DIR/<split>2019.json``, else the store's own json."""
+    """The json holding the split's labels: the split's file under ``--data`` (found by the rule
+    every command uses, :func:`ensemble.datasets.find_split`), else the json the stores were
+    made from."""
     if data is not None:
-        path = data / f"{split.name}2019.json"
-        if not path.is_file():
-            raise EnsError(f"--data {data}: no {path.name} with the {split.name} labels")
-        return path
+        return find_split(data, split.name, folders=False)
     source = split.stores[0].manifest.get("dataset", {}).get("source")
     if source and str(source).endswith(".json") and Path(source).is_file():
         return Path(source)

@@ -4,8 +4,10 @@ Two sources:
 
 * a COCO / iNaturalist json (``val2019.json``, ``test2019.json``): ``images`` give ``id`` and
   ``file_name`` relative to the json's folder; ``annotations`` (when labelled) give each image's
-  ``category_id``. ``--data DIR --split val,test`` is short for ``DIR/val2019.json`` and
-  ``DIR/test2019.json`` (``DIR/<split>.json`` and a folder ``DIR/<split>`` are also tried);
+  ``category_id``. ``--data DIR --split val,test`` finds each split's file with
+  :func:`find_split`, the one rule every command uses: ``val2019.json``, ``val2018.json``,
+  ``val2017.json``, then iNat 2021's ``val.json`` (whose test split is ``public_test.json``),
+  then an image folder ``DIR/val``;
 * a plain folder of images: every image file below it, sorted, its id the path relative to the
   folder (``/``-separated).
 
@@ -28,9 +30,11 @@ from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
-#: ``--split NAME`` -> candidate names under ``--data``, first match wins (iNat 2017-2019 use a
-#: year suffix, 2021 does not).
-_SPLIT_FILES = ("{}2019.json", "{}.json", "{}")
+#: Years whose iNat layout puts the year in the split's file name (``val2019.json``), newest first;
+#: iNat 2021 does not (``val.json``, ``train_mini.json``, ``public_test.json``).
+_YEARS = (2019, 2018, 2017)
+#: Other names a split goes by in some layout.
+_ALIASES = {"test": ("public_test.json",)}
 
 
 @dataclass(frozen=True)
@@ -63,20 +67,42 @@ def split_name(source: str | os.PathLike) -> str:
     return re.sub(r"(?<=[A-Za-z_])(19|20)\d\d$", "", path.stem) or path.stem
 
 
-def resolve_splits(data: str | os.PathLike, names: Sequence[str]) -> list[Path]:
-    """``--data DIR --split a,b``: the json file (or image folder) of each split name."""
+def split_candidates(name: str, year: int | None = None, folders: bool = True) -> list[str]:
+    """The names :func:`find_split` tries for split ``name``, first match wins.
+
+    ``year`` (a competition's, e.g. 2021 for ``--format inat2021``) puts that layout's name
+    first; ``folders`` adds the image folder ``name`` last.
+    """
+    generic = [f"{name}{y}.json" for y in _YEARS] + [f"{name}.json", *_ALIASES.get(name, ())]
+    if year is not None:
+        own = [f"{name}.json", *_ALIASES.get(name, ())] if year not in _YEARS else [f"{name}{year}.json"]
+        generic = own + [c for c in generic if c not in own]
+    return generic + ([name] if folders else [])
+
+
+def find_split(data: str | os.PathLike, name: str, *, year: int | None = None, folders: bool = True,
+               required: bool = True, option: str = "--data") -> Path | None:
+    """The file (or image folder) of split ``name`` under ``data``, in any iNat layout.
+
+    ``None`` when there is none and not ``required``; otherwise an :class:`EnsError` that lists
+    every name tried. ``option`` names the command-line option that gave ``data``.
+    """
     data = Path(data)
     if not data.is_dir():
-        raise EnsError(f"--data {data}: no such folder")
-    paths = []
-    for name in names:
-        candidates = [data / pattern.format(name) for pattern in _SPLIT_FILES]
-        found = next((c for c in candidates if c.exists()), None)
-        if found is None:
-            tried = ", ".join(c.name for c in candidates)
-            raise EnsError(f"--split {name}: none of {tried} in {data}")
-        paths.append(found)
-    return paths
+        raise EnsError(f"{option} {data}: no such folder")
+    candidates = split_candidates(name, year, folders)
+    for candidate in candidates:
+        path = data / candidate
+        if path.is_file() or (folders and path.is_dir() and candidate == name):
+            return path
+    if not required:
+        return None
+    raise EnsError(f"{option} {data}: no {name} split (looked for {', '.join(candidates)})")
+
+
+def resolve_splits(data: str | os.PathLike, names: Sequence[str]) -> list[Path]:
+    """``--data DIR --split a,b``: the json file (or image folder) of each split name."""
+    return [find_split(data, name) for name in names]
 
 
 def load_split(source: str | os.PathLike, name: str | None = None) -> Split:

@@ -422,7 +422,7 @@ def test_bad_options_and_labels(work, tmp_path):
     one_line_error(ens("blend", "--runs", work.runs, "--optimize", "val", "--data", unlabelled, "--out", out),
                    f"{unlabelled / 'val2019.json'}: 2 images have no label, first ids 4, 9")
     one_line_error(ens("blend", "--runs", work.runs, "--optimize", "val", "--data", tmp_path, "--out", out),
-                   f"--data {tmp_path}: no val2019.json")
+                   f"--data {tmp_path}: no val split (looked for val2019.json")
     assert not out.exists()
 
 

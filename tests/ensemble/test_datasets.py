@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ensemble.datasets import load_split, resolve_splits, split_name
+from ensemble.datasets import find_split, load_split, resolve_splits, split_name
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
 
@@ -28,10 +28,41 @@ def test_short_form_maps_split_names_to_files(inat, tmp_path):
     assert resolve_splits(inat, ["val", "test"]) == [inat / "val2019.json", inat / "test2019.json"]
     (inat / "extra.json").write_text((inat / "val2019.json").read_text())
     assert resolve_splits(inat, ["extra"]) == [inat / "extra.json"]
-    with pytest.raises(EnsError, match=r"--split train: none of train2019.json, train.json, train in"):
+    with pytest.raises(EnsError, match=r"--data .*: no train split \(looked for train2019.json, train2018.json, "
+                                       r"train2017.json, train.json, train\)"):
         resolve_splits(inat, ["train"])
     with pytest.raises(EnsError, match="--data .*nowhere: no such folder"):
         resolve_splits(tmp_path / "nowhere", ["val"])
+
+
+@pytest.mark.parametrize("layout, files", [
+    ("inat2017", {"val": "val2017.json", "test": "test2017.json"}),
+    ("inat2018", {"val": "val2018.json", "test": "test2018.json"}),
+    ("inat2021", {"val": "val.json", "test": "public_test.json"}),
+])
+def test_one_rule_finds_every_inat_layout(tmp_path, layout, files):
+    for name in files.values():
+        (tmp_path / name).write_text("{}")
+    for split, name in files.items():
+        assert find_split(tmp_path, split) == tmp_path / name
+
+
+def test_a_competition_year_prefers_its_own_layout(tmp_path):
+    for name in ("test2019.json", "test.json", "public_test.json", "test2018.json"):
+        (tmp_path / name).write_text("{}")
+    assert find_split(tmp_path, "test") == tmp_path / "test2019.json"
+    assert find_split(tmp_path, "test", year=2021) == tmp_path / "test.json"
+    assert find_split(tmp_path, "test", year=2018) == tmp_path / "test2018.json"
+    (tmp_path / "test.json").unlink()
+    assert find_split(tmp_path, "test", year=2021) == tmp_path / "public_test.json"
+
+
+def test_folders_only_where_images_may_come_from_a_folder(tmp_path):
+    (tmp_path / "val").mkdir()
+    assert find_split(tmp_path, "val") == tmp_path / "val"
+    assert find_split(tmp_path, "val", folders=False, required=False) is None
+    with pytest.raises(EnsError, match=r"no val split \(looked for val2019.json, .*, val.json\)$"):
+        find_split(tmp_path, "val", folders=False)
 
 
 def test_split_names():
