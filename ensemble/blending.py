@@ -29,7 +29,7 @@ import numpy as np
 from ensemble import __version__
 from ensemble.datasets import find_split
 from ensemble.errors import EnsError
-from ensemble.fileio import atomic_path
+from ensemble.fileio import atomic_path, json_text
 import weights_search as ws
 from ensemble.inference.store import IDS, LOGITS, MANIFEST, VIEWS, LogitStore, read_store
 
@@ -276,7 +276,7 @@ def run_blend(options: BlendOptions) -> BlendResult:
         if split is not None:
             rows = _write_predictions(stack.enter_context(atomic_path(predictions)), split, arrays, blend,
                                       options.top_k)
-        _write_json(blend_tmp, record)
+        blend_tmp.write_text(json_text(record), encoding="utf-8")
     if split is None:
         # A fit-only run leaves no predictions.csv of an earlier blend beside its new blend.json.
         (out / PREDICTIONS_FILE).unlink(missing_ok=True)
@@ -386,15 +386,3 @@ def _write_predictions(path: Path, split: _Split, arrays: Sequence[np.ndarray], 
         except ValueError as exc:
             raise EnsError(f"{split.name}: cannot fuse its stores ({exc})") from None
     return int(ids.size)
-
-
-def _write_json(path: Path, value: Mapping[str, Any]) -> None:
-    """Write ``value`` as JSON to ``path`` (a temporary file: the caller renames it into place)."""
-    path.write_text(json.dumps(value, indent=2, default=_json_default) + "\n", encoding="utf-8")
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-

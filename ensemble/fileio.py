@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
@@ -43,3 +44,21 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through :func:`atomic_path`."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def json_text(value: Any) -> str:
+    """``value`` as indented JSON text with a final newline; numpy scalars become numbers."""
+    return json.dumps(value, indent=2, default=_json_default) + "\n"
+
+
+def write_json_atomic(path: str | os.PathLike, value: Any) -> None:
+    """Write ``value`` as JSON (:func:`json_text`) to ``path`` through :func:`atomic_path`."""
+    write_bytes_atomic(path, json_text(value).encode("utf-8"))
+
+
+def _json_default(value: Any) -> Any:
+    import numpy as np  # deferred: fileio is imported where numpy is not otherwise needed
+
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

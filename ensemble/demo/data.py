@@ -21,14 +21,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
 
-from ensemble.fileio import atomic_path
+from ensemble.fileio import atomic_path, write_json_atomic
 
 CATEGORY_OFFSET = 100
 ICONIC = "Digits"
@@ -120,11 +119,6 @@ def _categories() -> list[dict]:
             for d in range(10)]
 
 
-def _write_json(path: Path, value: dict) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(value), encoding="utf-8")
-
-
 def make_competition(root: str | Path, spec: DemoSpec = DemoSpec()) -> Competition:
     """Write the competition under ``root`` (and ``answers.csv`` beside it); return where."""
     from sklearn.datasets import load_digits
@@ -157,13 +151,13 @@ def make_competition(root: str | Path, spec: DemoSpec = DemoSpec()) -> Competiti
 
     licenses = [{"id": 0, "name": "BSD-3-Clause (scikit-learn)", "url": ""}]
     for split in ("train", "val"):
-        _write_json(root / f"{split}2019.json", {
+        write_json_atomic(root / f"{split}2019.json", {
             "info": info, "licenses": licenses, "categories": _categories(),
             "images": [image for image, _ in files[split]],
             "annotations": [{"id": image["id"], "image_id": image["id"], "category_id": cat}
                             for image, cat in files[split]],
         })
-    _write_json(root / "test2019.json", {"info": info, "licenses": licenses,
+    write_json_atomic(root / "test2019.json", {"info": info, "licenses": licenses,
                                          "images": [image for image, _ in files["test"]]})
     with atomic_path(root / "kaggle_sample_submission.csv") as tmp:
         with open(tmp, "w", newline="") as fh:

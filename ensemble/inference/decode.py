@@ -1,17 +1,20 @@
 """Decoding images into model-ready uint8 arrays: each image once, in worker processes.
 
 One decode of an image serves every model and every view of a run: :func:`decode_image` opens
-the file once and returns, for each requested :class:`~ensemble.inference.tta.Geometry`, the
+the file and returns, for each requested :class:`~ensemble.inference.tta.Geometry`, the
 ``(size, size, 3)`` uint8 RGB array (resizes onto each distinct canvas, crops cut from those).
 The decode itself
 
 * asks libjpeg for a reduced-size decode (Pillow's ``draft``: 1/2, 1/4 or 1/8 in the DCT
-  domain) whenever the largest canvas needed is at most half the stored size;
+  domain) whenever a model's largest canvas is at most half the stored size;
 * applies the EXIF orientation (phone photos are stored sideways);
 * converts grayscale, CMYK, palette, RGBA, ... to RGB.
 
-Because ``draft`` is chosen from the largest canvas of the whole run, the pixels a model sees
-depend on which other models share the run; within one set of models they never change.
+The reduction is chosen per model (each geometry carries the shorter side its model's decode
+keeps, ``Geometry.min_side``), never from the whole run, so the pixels a model sees, and so
+its logit store, do not depend on which other models share the run. Models whose needs give
+the same reduction share one decode; a JPEG that a 560 px model needs whole and a 224 px model
+only at 1/2 is decoded twice, the second time at a quarter of the cost.
 
 :class:`Decoder` runs :func:`decode_batch` in worker processes (or inline with ``workers=0``),
 keeps a bounded number of batches in flight ahead of the consumer, and yields them in order.
@@ -56,7 +59,8 @@ class DecodedBatch:
 
     ``arrays[g]`` is uint8 ``(batch_size, g.size, g.size, 3)``; rows past ``count`` (padding)
     and rows of bad images are zeros. ``bad`` holds ``(row, reason)`` of each image that could
-    not be read. ``decodes`` counts the image files decoded to make the batch.
+    not be read. ``decodes`` counts the decodes made for the batch: one per image, plus one per
+    further JPEG reduction some model needed.
     """
 
     start: int
@@ -66,61 +70,85 @@ class DecodedBatch:
     decodes: int = 0
 
 
-def _load(path: str | Path, min_side: int) -> Image.Image:
-    """Open, decode (reduced when ``min_side`` allows), orient and convert one image to RGB."""
-    with Image.open(path) as image:
-        width, height = image.size
-        if image.format == "JPEG" and min_side * 2 <= min(width, height):
-            # draft picks the largest DCT reduction that keeps both sides >= the request, so
-            # the shorter side stays >= min_side; orientation swaps sides but not the minimum.
-            ratio = min_side / min(width, height)
-            image.draft("RGB", (max(1, int(width * ratio + 0.999)), max(1, int(height * ratio + 0.999))))
+def _open(path: str | Path, min_side: int) -> Image.Image:
+    """Open one image, set up for a reduced decode when ``min_side`` allows; nothing decoded yet.
+
+    The image's ``size`` is already the size the decode will have.
+    """
+    image = Image.open(path)
+    width, height = image.size
+    if image.format == "JPEG" and min_side * 2 <= min(width, height):
+        # draft picks the largest DCT reduction that keeps both sides >= the request, so the
+        # shorter side stays >= min_side; orientation swaps sides but not the minimum.
+        ratio = min_side / min(width, height)
+        image.draft("RGB", (max(1, int(width * ratio + 0.999)), max(1, int(height * ratio + 0.999))))
+    return image
+
+
+def _finish(image: Image.Image) -> Image.Image:
+    """Decode an opened image, orient it and convert it to RGB; the file is closed after."""
+    with image:
         image.load()
         ImageOps.exif_transpose(image, in_place=True)
         # convert copies even an RGB image, which detaches the result from the closed file.
         return image.convert("RGB")
 
 
-def _min_side(geometries: Iterable[Geometry]) -> int:
-    # Both canvas kinds need the decoded shorter side to reach canvas_size to avoid upsampling.
-    return max(g.canvas_size for g in geometries)
+def _load(path: str | Path, min_side: int) -> Image.Image:
+    """Open, decode (reduced when ``min_side`` allows), orient and convert one image to RGB."""
+    return _finish(_open(path, min_side))
 
 
-def decode_image(path: str | Path, geometries: Sequence[Geometry],
-                 min_side: int | None = None) -> dict[Geometry, np.ndarray]:
-    """Decode ``path`` once and cut every geometry from it: ``{geometry: (size, size, 3) uint8}``.
+def decode_image(path: str | Path, geometries: Sequence[Geometry]) -> dict[Geometry, np.ndarray]:
+    """Decode ``path`` and cut every geometry from it: ``{geometry: (size, size, 3) uint8}``.
 
-    ``min_side`` (default: the largest canvas among ``geometries``) bounds the reduced decode;
-    pass the same value for every image of a run so that its pixels do not depend on the batch.
-    Raises whatever Pillow raises for a missing, empty, truncated or foreign file.
+    Geometries whose ``min_side`` gives the same reduced decode share it. Raises whatever Pillow raises for a missing, empty,
+    truncated or foreign file.
     """
-    image = _load(path, min_side if min_side is not None else _min_side(geometries))
-    canvases: dict[tuple[str, int, str], np.ndarray] = {}
-    out = {}
-    for g in geometries:
-        key = (g.canvas, g.canvas_size, g.interpolation)
-        if key not in canvases:
-            height, width = canvas_shape(image.height, image.width, g.canvas, g.canvas_size)
-            resized = image.resize((width, height), _RESAMPLE[g.interpolation])
-            canvases[key] = np.asarray(resized)
-        out[g] = crop(canvases[key], g.size, g.position)
+    out, _ = _decode_image(path, geometries)
     return out
 
 
-def decode_batch(start: int, paths: Sequence[str], batch_size: int, geometries: Sequence[Geometry],
-                 min_side: int) -> DecodedBatch:
+def _decode_image(path: str | Path, geometries: Sequence[Geometry]) -> tuple[dict[Geometry, np.ndarray], int]:
+    by_side: dict[int, list[Geometry]] = {}
+    for g in geometries:
+        by_side.setdefault(g.min_side, []).append(g)
+    decoded: dict[tuple[int, int], Image.Image] = {}  # the decode's stored size -> the image
+    canvases: dict[tuple, np.ndarray] = {}
+    out = {}
+    for side, members in sorted(by_side.items(), reverse=True):
+        opened = _open(path, side)
+        if opened.size in decoded:
+            opened.close()  # another model's decode has exactly these pixels
+            image = decoded[opened.size]
+        else:
+            image = decoded[opened.size] = _finish(opened)
+        for g in members:
+            key = (image.size, g.canvas, g.canvas_size, g.interpolation)
+            if key not in canvases:
+                height, width = canvas_shape(image.height, image.width, g.canvas, g.canvas_size)
+                canvases[key] = np.asarray(image.resize((width, height), _RESAMPLE[g.interpolation]))
+            out[g] = crop(canvases[key], g.size, g.position)
+    return out, len(decoded)
+
+
+def decode_batch(start: int, paths: Sequence[str], batch_size: int,
+                 geometries: Sequence[Geometry]) -> DecodedBatch:
     """Decode ``paths`` (at most ``batch_size``) into one fixed-shape :class:`DecodedBatch`."""
     arrays = {g: np.zeros((batch_size, g.size, g.size, 3), np.uint8) for g in geometries}
     bad = []
+    decodes = 0
     for row, path in enumerate(paths):
         try:
-            views = decode_image(path, geometries, min_side)
+            views, count = _decode_image(path, geometries)
         except Exception as exc:  # any file Pillow cannot turn into pixels is a bad image
             bad.append((row, _reason(exc, path)))
+            decodes += 1
             continue
+        decodes += count
         for g, view in views.items():
             arrays[g][row] = view
-    return DecodedBatch(start=start, count=len(paths), arrays=arrays, bad=tuple(bad), decodes=len(paths))
+    return DecodedBatch(start=start, count=len(paths), arrays=arrays, bad=tuple(bad), decodes=decodes)
 
 
 def _reason(exc: Exception, path: str | Path) -> str:
@@ -154,13 +182,11 @@ class Decoder:
     batch_size: int
     workers: int = 1
     prefetch: int | None = None
-    min_side: int = field(init=False)
     #: Seconds the consumer spent waiting for decoded batches (the decoding was the bottleneck).
     waited: float = field(init=False, default=0.0)
     _pool: ProcessPoolExecutor | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        self.min_side = _min_side(self.geometries)
         if self.prefetch is None:
             # Two batches per worker keep every worker busy; many large views (crop10 x scales)
             # make batches big, so the memory waiting in the queue is bounded too.
@@ -182,7 +208,7 @@ class Decoder:
 
     def map(self, batches: Iterable[tuple[int, Sequence[str]]]) -> Iterator[DecodedBatch]:
         """``(start row, paths)`` batches -> :class:`DecodedBatch` es, in the same order."""
-        args = (self.batch_size, self.geometries, self.min_side)
+        args = (self.batch_size, self.geometries)
         if self._pool is None:
             for start, paths in batches:
                 yield decode_batch(start, paths, *args)

@@ -25,6 +25,7 @@ needs the usual ``if __name__ == "__main__":`` guard around its entry point.
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,13 +34,14 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ensemble import __version__
-from ensemble.datasets import Split
+from ensemble.datasets import Split, split_name
 from ensemble.inference.decode import DecodedBatch, Decoder
 from ensemble.errors import EnsError
 from ensemble.inference.runtime import (ForeignPreprocess, Model, Runner, available_providers, cpu_threads,
                               device_choices, load_model, select_device)
 from ensemble.inference.store import DTYPES, StoreWriter, read_store, store_path
-from ensemble.inference.tta import DEFAULT_SCALES, Geometry, View, geometry, hflip, merge, merge_mode, plan_views, view_size
+from ensemble.inference.tta import (DEFAULT_SCALES, Geometry, View, geometries, hflip, merge, merge_mode, plan_views,
+                                    view_size)
 
 BAD_IMAGE_POLICIES = ("fail", "skip")
 
@@ -133,13 +135,49 @@ class _Chunk:
 
 def _groups(model: Model, views: Sequence[View]) -> tuple[_Group, ...]:
     pre = model.preprocess
+    geos = geometries(pre, views)
     by_size: dict[int, list[int]] = {}
     for i, view in enumerate(views):
         by_size.setdefault(view_size(pre, view), []).append(i)
     return tuple(
-        _Group(size, tuple((geometry(pre, views[i]), views[i].flip) for i in rows), tuple(rows))
+        _Group(size, tuple((geos[i], views[i].flip) for i in rows), tuple(rows))
         for size, rows in by_size.items()
     )
+
+
+def finishing_command(model: Model, split: Split, options: InferOptions, device: str) -> str:
+    """The `ens infer` command that makes exactly the store of ``model`` on ``split`` with these
+    options: the one to rerun to finish it after an interruption."""
+    args = ["ens", "infer", str(model.path)]
+    if split_name(split.source) == split.name:
+        args += ["--index", str(split.source)]
+    else:
+        args += ["--data", str(split.source.parent), "--split", split.name]
+    defaults = InferOptions()
+    if options.tta:
+        args += ["--tta", ",".join(options.tta)]
+        if "scale" in options.tta and tuple(options.scales) != tuple(defaults.scales):
+            args += ["--scales", ",".join(f"{s:g}" for s in options.scales)]
+    for flag, value, default in (("--merge", options.merge, defaults.merge),
+                                 ("--batch-size", options.batch_size, defaults.batch_size),
+                                 ("--chunk-size", options.chunk_size, defaults.chunk_size),
+                                 ("--dtype", options.dtype, defaults.dtype),
+                                 ("--on-bad-image", options.on_bad_image, defaults.on_bad_image)):
+        if value != default:
+            args += [flag, str(value)]
+    if options.keep_views:
+        args.append("--keep-views")
+    args += ["--device", device, "--out", str(options.out)]
+    if model.foreign:
+        meta, given = model.metadata, options.foreign
+        args += ["--input-size", str(meta.input_size)]
+        if given.mean is not None:
+            args += ["--mean", ",".join(f"{v:g}" for v in meta.mean), "--std", ",".join(f"{v:g}" for v in meta.std)]
+        if given.resize is not None:
+            args += ["--resize", meta.resize]
+        if given.crop_pct is not None:
+            args += ["--crop-pct", f"{meta.crop_pct:g}"]
+    return shlex.join(args)
 
 
 def _check_options(options: InferOptions) -> None:
@@ -246,8 +284,8 @@ class _SplitRun:
                 "std": list(meta.std), "views": [v.name for v in views], "merge": options.merge,
                 "dtype": options.dtype, "keep_views": options.keep_views, "batch_size": self.batch,
                 "chunk_size": chunk_size, "provider": provider,
-                # The reduced JPEG decode follows the largest canvas of the run's models.
-                "decode_min_side": decoder.min_side,
+                # The reduced JPEG decode keeps this model's largest canvas (not the run's).
+                "decode_side": item.groups[0].members[0][0].min_side,
             }
             self.writers[model.name] = StoreWriter(store_path(options.out, model.path, split.name),
                                                    key, len(split), chunk_size)
@@ -263,6 +301,7 @@ class _SplitRun:
                 "tta": {"views": [v.name for v in views], "merge": options.merge},
                 "device": device, "provider": provider, "batch_size": self.batch,
                 "chunk_size": chunk_size, "ens_version": __version__,
+                "command": finishing_command(model, split, options, device),
             }
 
     def execute(self) -> list[StoreResult]:

@@ -25,7 +25,7 @@ import numpy as np
 
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
-from ensemble.metadata import PREFIX, ModelMetadata
+from ensemble.metadata import IMAGENET_MEAN, IMAGENET_STD, PREFIX, ModelMetadata, rgb_text
 from ensemble.inference.tta import Preprocess
 
 #: ``--device`` -> onnxruntime providers, in priority order.
@@ -188,7 +188,7 @@ def adapt_foreign(graph, pre: ForeignPreprocess, source: str):
         return graph, size, fixed is None, classes
     if pre.mean is None or pre.std is None:
         raise EnsError(f"{source}: has no ens metadata and takes float NCHW input; give --mean and "
-                       "--std (fractions of 255, e.g. 0.485,0.456,0.406 and 0.229,0.224,0.225)")
+                       f"--std (fractions of 255, e.g. {rgb_text(IMAGENET_MEAN)} and {rgb_text(IMAGENET_STD)})")
     mean = np.asarray(pre.mean, np.float64).reshape(1, 3, 1, 1)
     std = np.asarray(pre.std, np.float64).reshape(1, 3, 1, 1)
     original = inputs[0].name
@@ -233,6 +233,26 @@ def session_providers(device: str, cache_dir: Path | None = None) -> list[Any]:
     return providers
 
 
+#: Words in onnxruntime's messages that mean the device ran out of memory.
+_OUT_OF_MEMORY = ("out of memory", "failed to allocate", "bad_alloc", "cudaerrormemoryallocation",
+                  "cuda_error_out_of_memory", "available memory")
+
+
+def run_failure(path: Path, shape: Sequence[int], exc: Exception) -> str:
+    """One line for an onnxruntime failure during a run: the model, the input shape, a hint."""
+    text = " ".join(str(exc).split())
+    reason = f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+    images, height, width = shape[0], shape[1], shape[2]
+    if any(word in text.lower() for word in _OUT_OF_MEMORY):
+        hint = ("out of memory: a smaller --batch-size bounds the images of one forward pass "
+                "(batch x views of one size)")
+    else:
+        hint = (f"the graph refuses {height}x{width} inputs or this batch; check that the model takes "
+                "this size (drop scale from --tta, or set --input-size for a model without ens metadata)")
+    return (f"{path}: onnxruntime failed on a ({images}, {height}, {width}, 3) uint8 batch ({reason}); "
+            f"{hint}; the chunks already saved are kept")
+
+
 def cpu_threads() -> int:
     """The cores this process may use (not the machine's: containers and taskset limit it)."""
     try:
@@ -259,7 +279,7 @@ class Runner:
             # Idle threads sleep instead of spinning: the decoding processes share these cores,
             # and a spinning thread takes their time (measured: 10-30% slower runs on 2 cores).
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 3  # onnxruntime's warnings are not the user's business
+        options.log_severity_level = 4  # its warnings are not the user's business, its errors reach them as EnsError
         source = model.graph if model.graph is not None else str(model.path)
         try:
             self.session = ort.InferenceSession(source, options, providers=session_providers(device, cache_dir))
@@ -272,18 +292,22 @@ class Runner:
             raise EnsError(f"{model.path}: {DEVICES[device][0]} did not load (onnxruntime fell back to "
                            f"{self.provider}); check the CUDA / cuDNN / TensorRT libraries it needs")
         self.device = device
+        self.path = model.path
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.bind = device != "cpu" if bind is None else bind
         self._bound: dict[tuple[int, ...], tuple[Any, Any]] = {}
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        if not self.bind:
-            return self.session.run([self.output_name], {self.input_name: batch})[0]
-        binding, inp = self._binding(batch.shape)
-        inp.update_inplace(np.ascontiguousarray(batch))
-        self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        try:
+            if not self.bind:
+                return self.session.run([self.output_name], {self.input_name: batch})[0]
+            binding, inp = self._binding(batch.shape)
+            inp.update_inplace(np.ascontiguousarray(batch))
+            self.session.run_with_iobinding(binding)
+            return binding.copy_outputs_to_cpu()[0]
+        except Exception as exc:  # onnxruntime raises its own Fail, RuntimeException, ... types
+            raise EnsError(run_failure(self.path, batch.shape, exc)) from None
 
     def _binding(self, shape: tuple[int, ...]):
         import onnxruntime as ort

@@ -31,14 +31,20 @@ All ``.npy`` files are plain arrays that memory-map; :func:`read_store` is the o
     decode_wait_s           time the models waited for decoding (large: use more --workers)
     skipped                 [{id, path, reason}] of images left out (--on-bad-image skip)
     run_key                 digest of the arguments that determine the arrays
+    command                 the `ens infer` command that makes (or finishes) exactly this store
 
-Resuming: while a store is being computed its manifest says ``"complete": false`` and its rows
-accumulate as one file per finished chunk under ``.partial/`` (each written atomically, so a
-chunk file exists exactly when the chunk is done), beside ``.partial/key.json``, the arguments
-that determine the values. A rerun with the same key computes only the missing chunks; at the
-end the chunks are concatenated (in order, so the bytes equal an uninterrupted run's), the
-arrays renamed into place, the manifest rewritten complete, and ``.partial`` removed. A rerun
-with another key starts the store afresh.
+Resuming: while a store is being computed its rows accumulate as one file per finished chunk
+under ``.partial/`` (each written atomically, so a chunk file exists exactly when the chunk is
+done), beside ``.partial/key.json``, the arguments that determine the values. A rerun with the
+same key computes only the missing chunks; at the end the manifest is marked incomplete, the
+chunks are concatenated (in order, so the bytes equal an uninterrupted run's), the arrays
+renamed into place, the manifest rewritten complete, and ``.partial`` removed. A new store's
+manifest says ``"complete": false`` from the start, with the command that finishes it.
+
+A complete store is replaced only at that last step: a run with other arguments that is
+interrupted leaves the earlier store complete and readable (its chunks wait in ``.partial``
+for a rerun of that run), and a run with the store's own arguments reuses it, whatever other
+models share the run.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ensemble.errors import EnsError
-from ensemble.fileio import atomic_path, write_bytes_atomic
+from ensemble.fileio import atomic_path, write_json_atomic
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -114,8 +120,9 @@ def read_store(path: str | os.PathLike) -> LogitStore:
         raise EnsError(f"{path}: store format {manifest['format']} is newer than this ens "
                        f"understands ({FORMAT_VERSION}); upgrade ens")
     if not manifest.get("complete"):
-        raise EnsError(f"{path}: incomplete logit store (its run was interrupted); run the same "
-                       "`ens infer` again to finish it")
+        command = manifest.get("command")
+        finish = f"finish it with: {command}" if command else "run the same `ens infer` again to finish it"
+        raise EnsError(f"{path}: incomplete logit store (its run was interrupted); {finish}")
     try:
         logits = np.load(path / LOGITS, mmap_mode="r")
         ids = np.load(path / IDS, mmap_mode="r")
@@ -139,10 +146,6 @@ def _read_manifest(path: Path) -> dict | None:
         return None
     except (OSError, ValueError) as exc:
         raise EnsError(f"{path / MANIFEST}: unreadable ({exc})") from None
-
-
-def _write_json(path: Path, value: Mapping[str, Any]) -> None:
-    write_bytes_atomic(path, (json.dumps(value, indent=2) + "\n").encode())
 
 
 def to_dtype(scores: np.ndarray, dtype: str) -> np.ndarray:
@@ -183,27 +186,31 @@ class StoreWriter:
     def open(self, manifest: Mapping[str, Any]) -> bool:
         """Prepare to write; ``True`` when a complete store with this key is already there.
 
-        Otherwise the store is marked incomplete (``manifest`` plus ``"complete": false``),
-        chunks of an earlier run with the same key are kept (:attr:`done`) and anything else
-        under ``.partial`` is removed.
+        Otherwise chunks of an earlier run with the same key are kept (:attr:`done`) and
+        anything else under ``.partial`` is removed. A store with no complete arrays is marked
+        incomplete (``manifest`` plus ``"complete": false``); a complete store made with other
+        arguments stays complete and readable until :meth:`finish` replaces it.
         """
         existing = _read_manifest(self.path)
-        if existing is not None and existing.get("complete") and existing.get("run_key") == self.digest:
-            shutil.rmtree(self.partial, ignore_errors=True)  # a run killed just after finishing
-            return True
-        # The manifest goes incomplete first, so that no reader trusts arrays about to change.
-        _write_json(self.path / MANIFEST, {"format": FORMAT_VERSION, "complete": False, **manifest,
-                                           "run_key": self.digest})
         key_file = self.partial / "key.json"
         try:
             same = json.loads(key_file.read_text()) == self.key
         except (OSError, ValueError):
             same = False
+        if existing is not None and existing.get("complete") and existing.get("run_key") == self.digest:
+            if same:
+                shutil.rmtree(self.partial, ignore_errors=True)  # a run killed just after finishing
+            return True
+        if existing is None or not existing.get("complete"):
+            write_json_atomic(self.path / MANIFEST, self._manifest(manifest, complete=False))
         if not same:
             shutil.rmtree(self.partial, ignore_errors=True)
-            _write_json(key_file, self.key)
+            write_json_atomic(key_file, self.key)
         self.done = {i for i in range(self.chunks) if self._chunk_file(i).is_file()}
         return False
+
+    def _manifest(self, manifest: Mapping[str, Any], complete: bool, **values: Any) -> dict[str, Any]:
+        return {"format": FORMAT_VERSION, "complete": complete, **values, **manifest, "run_key": self.digest}
 
     def write_chunk(self, index: int, logits: np.ndarray, keep: np.ndarray,
                     bad: Sequence[tuple[int, str]] = (), views: np.ndarray | None = None) -> None:
@@ -250,6 +257,8 @@ class StoreWriter:
             num_views = chunk["views"].shape[0] if "views" in chunk else 0
         dtype = self.key["dtype"]
 
+        # From here the arrays change: no reader may trust them until the manifest is complete.
+        write_json_atomic(self.path / MANIFEST, self._manifest(manifest, complete=False))
         self._concatenate(LOGITS, (rows, classes), dtype, "logits", axis=0)
         if num_views:
             self._concatenate(VIEWS, (num_views, rows, classes), dtype, "views", axis=1)
@@ -258,10 +267,9 @@ class StoreWriter:
         with atomic_path(self.path / IDS) as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, kept_ids.reshape(rows))
-        complete = {"format": FORMAT_VERSION, "complete": True, "rows": rows, "classes": int(classes),
-                    "dtype": dtype, "keep_views": bool(num_views), **manifest, "skipped": skipped,
-                    "run_key": self.digest}
-        _write_json(self.path / MANIFEST, complete)
+        complete = self._manifest({**manifest, "skipped": skipped}, complete=True, rows=rows,
+                                  classes=int(classes), dtype=dtype, keep_views=bool(num_views))
+        write_json_atomic(self.path / MANIFEST, complete)
         shutil.rmtree(self.partial, ignore_errors=True)
         return complete
 

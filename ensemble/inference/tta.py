@@ -121,7 +121,10 @@ class Geometry:
 
     Resize the image onto the canvas (``short``: its shorter side becomes ``canvas_size``, the
     aspect ratio kept; ``square``: ``canvas_size`` x ``canvas_size``), then cut the ``size``
-    square at ``position``. Equal geometries give equal arrays, whichever model asked.
+    square at ``position``. ``decode_side`` (0: ``canvas_size``) is the shorter side a reduced
+    JPEG decode must keep: the largest canvas among the views of the model that asked (see
+    :func:`geometries`), so what a model sees never depends on the other models of a run.
+    Equal geometries give equal arrays, whichever model asked.
     """
 
     canvas: str
@@ -129,6 +132,12 @@ class Geometry:
     size: int
     position: str = "center"
     interpolation: str = "bilinear"
+    decode_side: int = 0
+
+    @property
+    def min_side(self) -> int:
+        """The shorter side the decoded image keeps before it is resized onto the canvas."""
+        return self.decode_side or self.canvas_size
 
 
 def _canvas_side(size: int, crop_pct: float) -> int:
@@ -160,6 +169,14 @@ def geometry(pre: Preprocess, view: View) -> Geometry:
     if pre.interpolation not in INTERPOLATIONS:
         raise EnsError(f"interpolation {pre.interpolation!r}: this ens knows {', '.join(INTERPOLATIONS)}")
     return Geometry(canvas, side, size, view.position, pre.interpolation)
+
+
+def geometries(pre: Preprocess, views: Sequence[View]) -> tuple[Geometry, ...]:
+    """The geometry of each of a model's views, all decoded alike: from one decode whose shorter
+    side keeps the largest canvas of these views (so a reduced decode never upsamples a view)."""
+    plain = [geometry(pre, view) for view in views]
+    side = max(g.canvas_size for g in plain)
+    return tuple(dataclasses.replace(g, decode_side=side) for g in plain)
 
 
 def canvas_shape(height: int, width: int, canvas: str, canvas_size: int) -> tuple[int, int]:

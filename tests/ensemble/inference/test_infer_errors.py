@@ -177,3 +177,58 @@ def test_foreign_models_need_their_options(tmp_path):
     with pytest.raises(EnsError, match="--input-size, --mean, --std, --resize and --crop-pct are for ONNX files"):
         infer([tiny_onnx(tmp_path / "ens.onnx")], [load_split(tmp_path / "imgs")],
               _options(tmp_path, foreign=ForeignPreprocess(input_size=32)))
+
+
+def _fails_on_bright_pixels(path):
+    """A model that onnxruntime cannot run on a batch holding a pixel of 200 or more: the
+    batch's brightest value indexes a table of 200 entries (Gather fails out of bounds)."""
+    model = onnx.load(str(tiny_onnx(path, size=32)))
+    graph = model.graph
+    graph.initializer.append(numpy_helper.from_array(np.zeros(200, np.float32), "table"))
+    graph.output[0].name = "logits"
+    for node in graph.node:
+        if node.output[0] == "logits":
+            node.output[0] = "raw_logits"
+    graph.node.extend([
+        onnx.helper.make_node("ReduceMax", ["image"], ["brightest"], keepdims=0),
+        onnx.helper.make_node("Cast", ["brightest"], ["index"], to=onnx.TensorProto.INT64),
+        onnx.helper.make_node("Gather", ["table", "index"], ["looked_up"]),
+        onnx.helper.make_node("Add", ["raw_logits", "looked_up"], ["logits"]),
+    ])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_an_onnxruntime_failure_is_one_line_and_keeps_finished_chunks(tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from ensemble.cli import app
+
+    model = _fails_on_bright_pixels(tmp_path / "picky.onnx")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(6):  # image 4 (the third chunk of two) holds a bright pixel
+        pixels = np.full((40, 40, 3), 90, np.uint8)
+        pixels[10:30, 10:30] = 250 if i == 4 else 150
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+    result = CliRunner().invoke(app, ["infer", str(model), "--index", str(folder), "--batch-size", "2",
+                                      "--chunk-size", "2", "--workers", "0", "--out", str(tmp_path / "runs")])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith(f"error: {model}: onnxruntime failed on a (2, 32, 32, 3) uint8 batch (")
+    assert "the graph refuses 32x32 inputs or this batch" in lines[-1]
+    assert "Traceback" not in result.output
+    partial = tmp_path / "runs" / "picky" / "images" / ".partial"
+    assert sorted(p.name for p in partial.glob("chunk-*.npz")) == ["chunk-000000.npz", "chunk-000001.npz"]
+
+
+def test_out_of_memory_points_at_the_batch_size():
+    from ensemble.inference.runtime import run_failure
+
+    error = RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested "
+                         "buffer of size 9437184000")
+    line = run_failure("m.onnx", (320, 560, 560, 3), error)
+    assert line.startswith("m.onnx: onnxruntime failed on a (320, 560, 560, 3) uint8 batch (RuntimeError: ")
+    assert "out of memory: a smaller --batch-size" in line and "\n" not in line

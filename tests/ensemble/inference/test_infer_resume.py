@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+from typer.testing import CliRunner
 
+from ensemble.cli import app
 from ensemble.inference import store as store_module
 from ensemble.datasets import load_split
 from ensemble.errors import EnsError
@@ -104,6 +107,54 @@ def test_same_arguments_keep_a_complete_store_and_others_recompute(setup, tmp_pa
     changed = infer(models, splits, _options(out, tta=("flip",)))
     assert changed.decodes == 11 and all(s.computed for s in changed.stores)
     assert read_store(out / "a" / "val").view_names == ("identity", "flip")
+
+
+def test_a_complete_store_is_reused_whatever_else_is_in_the_run(setup, tmp_path):
+    models, splits = setup
+    out = tmp_path / "runs"
+    infer(models[:1], splits, _options(out))
+    before = {s: store_bytes(out / "a" / s) for s in ("val", "test")}
+    # b has a larger canvas than a: the run's decodes differ, a's own inputs do not.
+    both = infer(models, splits, _options(out))
+    assert {(s.path.parent.name, s.computed) for s in both.stores} == {("a", False), ("b", True)}
+    assert {s: store_bytes(out / "a" / s) for s in ("val", "test")} == before
+
+
+def test_an_interrupted_run_with_other_arguments_leaves_the_complete_store_readable(setup, tmp_path):
+    models, splits = setup
+    out = tmp_path / "runs"
+    infer(models, splits, _options(out))
+    before = _all_bytes(out)
+
+    def killed_before_first_chunk(event):
+        if event.kind == "batch":
+            raise Killed
+
+    with pytest.raises(Killed):
+        infer(models, splits, _options(out, tta=("flip",), chunk_size=4), progress=killed_before_first_chunk)
+    assert _all_bytes(out) == before
+    assert read_store(out / "a" / "val").view_names == read_store(tmp_path / "runs" / "b" / "val").view_names
+    assert len(read_store(out / "a" / "val").view_names) == 6  # identity, flip x three scales
+
+
+def test_the_incomplete_store_error_gives_the_command_that_finishes_it(tmp_path, inat):
+    model = tiny_onnx(tmp_path / "a.onnx", size=32)
+    val = load_split(inat / "val2019.json")
+    options = _options(tmp_path / "runs", merge="gmean")
+    infer([model], [val], _options(tmp_path / "whole", merge="gmean"))
+    with pytest.raises(Killed):
+        infer([model], [val], options, progress=_kill_after(1))
+    with pytest.raises(EnsError) as info:
+        read_store(tmp_path / "runs" / "a" / "val")
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'runs' / 'a' / 'val'}: incomplete logit store (its run was "
+                              "interrupted); finish it with: ens infer ")
+    command = shlex.split(message.split("finish it with: ", 1)[1])
+    assert command[:3] == ["ens", "infer", str(model)]
+    result = CliRunner().invoke(app, command[1:] + ["--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "1 stores (1 computed)" in result.output
+    assert store_bytes(tmp_path / "runs" / "a" / "val") == store_bytes(tmp_path / "whole" / "a" / "val")
 
 
 def test_sigkilled_cli_run_resumes_byte_identical(tmp_path):

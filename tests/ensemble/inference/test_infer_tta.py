@@ -6,6 +6,7 @@ hflip) on PIL images, and onnxruntime run on those explicit views one at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -144,18 +145,38 @@ def test_one_decode_per_image_whatever_the_models_and_views(pngs, tmp_path, monk
               tiny_onnx(tmp_path / "b.onnx", size=40, crop_pct=0.95, seed=1),
               tiny_onnx(tmp_path / "c.onnx", size=24, resize="squash", seed=2)]
     opened = []
-    original = decode._load
+    original = decode._finish
 
-    def counting(path, min_side):
-        opened.append(str(path))
-        return original(path, min_side)
+    def counting(image):
+        opened.append(image.filename)
+        return original(image)
 
-    monkeypatch.setattr(decode, "_load", counting)
+    monkeypatch.setattr(decode, "_finish", counting)
     options = InferOptions(tta=("flip", "scale", "crop5"), workers=0, batch_size=3, out=tmp_path / "runs")
     result = infer(models, [pngs], options)
     assert sorted(opened) == sorted(map(str, pngs.paths))
     assert result.decodes == len(pngs)
     assert {s.path.parent.name for s in result.stores} == {"a", "b", "c"}
+
+
+def test_a_models_pixels_do_not_depend_on_the_other_models_of_the_run(tmp_path):
+    """Large JPEGs: the 24 px model alone is decoded at 1/8; beside a 150 px model it still is
+    (a second, reduced decode), so its store is the same whichever models share the run."""
+    paths = write_images(tmp_path / "big", [(800, 600), (640, 960)], suffix=".jpg")
+    split = load_split(tmp_path / "big")
+    small = tiny_onnx(tmp_path / "small.onnx", size=24)
+    large = tiny_onnx(tmp_path / "large.onnx", size=150, seed=1)
+    options = dict(tta=("flip",), workers=0, batch_size=2)
+    alone = infer([small], [split], InferOptions(**options, out=tmp_path / "alone"))
+    both = infer([small, large], [split], InferOptions(**options, out=tmp_path / "both"))
+    assert alone.decodes == len(paths) and both.decodes == 2 * len(paths)
+    np.testing.assert_array_equal(read_store(tmp_path / "both" / "small" / "big").logits,
+                                  read_store(tmp_path / "alone" / "small" / "big").logits)
+    # ... whereas the 24 px views cut from the full decode are other pixels.
+    geo = geometry(Preprocess(24), plan_views([])[0])
+    reduced = decode.decode_image(paths[0], [geo])[geo]
+    full = decode.decode_image(paths[0], [dataclasses.replace(geo, decode_side=600)])
+    assert not np.array_equal(reduced, next(iter(full.values())))
 
 
 def test_one_decode_per_image_in_worker_processes(pngs, tmp_path):

@@ -95,12 +95,19 @@ def test_resume_keeps_finished_chunks_and_ends_byte_identical(tmp_path):
     for name in (LOGITS, IDS, VIEWS):
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
 
-    # Complete with the same key: nothing to do. Another key: start over.
+    # Complete with the same key: nothing to do. Another key: start over, but the complete
+    # store stays as it was, readable, until the other run finishes.
     assert StoreWriter(tmp_path / "resumed", KEY, 5, 2).open({}) is True
+    before = json.loads((tmp_path / "resumed" / MANIFEST).read_text())
     other = StoreWriter(tmp_path / "resumed", {**KEY, "model_sha256": "other"}, 5, 2)
     assert other.open({}) is False and other.done == set()
-    with pytest.raises(EnsError, match="incomplete logit store"):
-        read_store(tmp_path / "resumed")
+    other.write_chunk(0, logits[:2] + 1, np.ones(2, bool), views=views[:, :2])
+    assert json.loads((tmp_path / "resumed" / MANIFEST).read_text()) == before
+    assert (tmp_path / "resumed" / LOGITS).read_bytes() == (tmp_path / "whole" / LOGITS).read_bytes()
+    # Rerunning the first arguments keeps the store, and the other run's chunks for later.
+    assert StoreWriter(tmp_path / "resumed", KEY, 5, 2).open({}) is True
+    assert StoreWriter(tmp_path / "resumed", {**KEY, "model_sha256": "other"}, 5, 2).open({}) is False
+    assert (tmp_path / "resumed" / PARTIAL / "chunk-000000.npz").is_file()
 
 
 def test_a_changed_key_discards_partial_chunks(tmp_path):
