@@ -6,7 +6,9 @@ fit, streams the applied split through the fitted blend, and writes the two outp
 blend folder (``blends/<name>/``)::
 
     blend.json        method, members, weights, temperatures, the CV table, the sha256 of every
-                      input store, the label source; `ens blend --weights` re-applies it
+                      input store, the label source, and each model's provenance (model file
+                      sha256, preprocessing, TTA views and merge); `ens blend --weights`
+                      re-applies it, to stores made the same way only
     predictions.csv   id,category_1..category_K,prob_1..prob_K: one row per image of the
                       applied split, real dataset category ids, most probable first
 
@@ -35,27 +37,34 @@ from ensemble.inference.store import IDS, LOGITS, MANIFEST, VIEWS, LogitStore, r
 
 BLEND_FILE = "blend.json"
 PREDICTIONS_FILE = "predictions.csv"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-model provenance, checked against every applied store
 #: Rows checked for NaN / inf, and fused, per step: bounded memory whatever the split size.
 CHUNK_ROWS = 2048
 
 
 @dataclass(frozen=True)
 class BlendOptions:
-    """What `ens blend` does. ``optimize``: the labelled split to fit on (None with ``weights``);
-    ``apply``: the split to fuse (None: fit only); ``weights``: a saved blend.json to re-apply
-    instead of fitting; ``fallback``: "uniform" to use equal weights when the fitted method
-    does not beat them on CV."""
+    """What `ens blend` does. ``None`` means "the library's default", stated here once.
+
+    ``optimize``: the labelled split to fit on (None with ``weights``). ``apply``: the split to
+    fuse; None: ``test`` when every model has a test store (fit only otherwise), and always
+    ``test`` with ``weights``. ``weights``: a saved blend.json to re-apply instead of fitting;
+    the fitting options (``method``: nll, ``cv``: 5 folds, ``temperature``, ``views``,
+    ``fallback``, ``data``) are refused with it. ``fallback``: "uniform" to use equal weights
+    when the fitted method does not beat them on CV. ``out``: the blend folder; None:
+    ``blends/<method>`` for a fit, ``<the fitted folder>-<apply split>`` beside the fitted
+    folder for ``weights`` (a saved blend is never overwritten by applying it).
+    """
 
     runs: Path = Path("runs")
     models: tuple[str, ...] | None = None
-    optimize: str | None = "val"
-    apply: str | None = "test"
+    optimize: str | None = None
+    apply: str | None = None
     data: Path | None = None
-    method: str = "nll"
+    method: str | None = None
     temperature: bool = False
     views: bool = False
-    cv: int = 5
+    cv: int | None = None
     fallback: str | None = None
     weights: Path | None = None
     top_k: int = 5
@@ -226,47 +235,40 @@ def load_labels(path: Path, ids: np.ndarray, class_ids: Sequence[int | str]) -> 
 
 
 def run_blend(options: BlendOptions) -> BlendResult:
-    """Fit (or load) the blend, report CV, fuse the applied split, write the blend folder."""
-    if options.weights is None and options.optimize is None:
-        raise EnsError("give --optimize SPLIT to fit weights, or --weights blend.json to apply saved ones")
-    if options.weights is not None and options.optimize is not None:
-        raise EnsError("--weights applies saved weights without fitting; drop --optimize")
-    if options.cv < 2:
-        raise EnsError(f"--cv {options.cv}: cross-validation needs at least 2 folds")
-    if options.top_k < 1:
-        raise EnsError(f"--top-k {options.top_k}: must be at least 1")
-    if options.fallback not in (None, "uniform"):
-        raise EnsError(f"--fallback {options.fallback}: the only fallback is uniform")
-    saved = _read_blend_json(options.weights) if options.weights is not None else None
+    """Fit (or load) the blend, report CV, fuse the applied split, write the blend folder.
 
-    split_for_models = options.optimize or options.apply
-    if split_for_models is None:
-        raise EnsError("--weights needs --apply SPLIT: there is nothing to fit")
-    models = options.models or (tuple(saved["models"]) if saved else available_models(options.runs, split_for_models))
-    if not models:
-        raise EnsError(f"--runs {options.runs}: no model has a {split_for_models} store; run `ens infer` first")
-    if len(set(models)) != len(models):
-        raise EnsError(f"--models names a model twice: {', '.join(models)}")
+    Every member's stores of the fitted and the applied split (or the saved blend and the
+    applied split) must come from the same model file, preprocessing and TTA
+    (:func:`check_provenance`); nothing is written otherwise.
+    """
+    _check_options(options)
+    saved = _read_blend_json(options.weights) if options.weights is not None else None
+    models = _models(options, saved)
     notes: list[str] = []
 
     if saved is not None:
         blend, record, views = _saved_blend(saved, options, models)
         models = tuple(record["models"])  # the blend's member order, whatever the order of --models
+        reference, reference_name = saved["provenance"], str(options.weights)
     else:
         views = options.views
-        blend, record = _fit(options, models, views, notes)
+        fitted = _open_split(options.runs, models, options.optimize)
+        blend, record = _fit(options, fitted, views, notes)
+        reference, reference_name = record["provenance"], f"{options.optimize} store"
+    apply = _apply_split(options, models)
+    out = _out_folder(options, apply)
 
-    out = options.out or Path("blends") / (options.method if saved is None else options.weights.parent.name)
     split = arrays = None
-    if options.apply is not None:
-        split = _open_split(options.runs, models, options.apply)
+    if apply is not None:
+        split = _open_split(options.runs, models, apply)
+        check_provenance(reference, reference_name, split)
         names, arrays = split.members(views)
         if names != record["members"]:
-            raise EnsError(f"{options.apply}: its members {', '.join(names)} differ from the blend's "
+            raise EnsError(f"{apply}: its members {', '.join(names)} differ from the blend's "
                            f"{', '.join(record['members'])}")
         if saved is not None and saved.get("class_ids") is not None and list(split.class_ids) != saved["class_ids"]:
-            raise EnsError(f"{options.weights}: fitted on other category ids than the {options.apply} stores have")
-        record["apply"] = {"split": options.apply, "rows": int(split.ids.size),
+            raise EnsError(f"{options.weights}: fitted on other category ids than the {apply} stores have")
+        record["apply"] = {"split": apply, "rows": int(split.ids.size),
                            "stores": {m: store_digest(s, views) for m, s in zip(models, split.stores)}}
     # Both files appear together or not at all: each is written beside its final name and only
     # renamed into place (predictions first) once both are complete.
@@ -283,19 +285,123 @@ def run_blend(options: BlendOptions) -> BlendResult:
     return BlendResult(out=out, record=record, predictions=predictions, rows=rows, notes=tuple(notes))
 
 
-def _fit(options: BlendOptions, models: Sequence[str], views: bool, notes: list[str]) -> tuple[Any, dict]:
-    split = _open_split(options.runs, models, options.optimize)
+def _check_options(options: BlendOptions) -> None:
+    if options.weights is None and options.optimize is None:
+        raise EnsError("give --optimize SPLIT to fit weights, or --weights blend.json to apply saved ones")
+    if options.weights is not None:
+        if options.optimize is not None:
+            raise EnsError("--weights applies saved weights without fitting; drop --optimize")
+        fitting = {"--method": options.method is not None, "--temperature": options.temperature,
+                   "--views": options.views, "--cv": options.cv is not None,
+                   "--fallback": options.fallback is not None, "--data": options.data is not None}
+        given = [name for name, used in fitting.items() if used]
+        if given:
+            raise EnsError(f"--weights applies saved weights as they are; {', '.join(given)} only "
+                           "apply when fitting with --optimize")
+    if options.cv is not None and options.cv < 2:
+        raise EnsError(f"--cv {options.cv}: cross-validation needs at least 2 folds")
+    if options.top_k < 1:
+        raise EnsError(f"--top-k {options.top_k}: must be at least 1")
+    if options.fallback not in (None, "uniform"):
+        raise EnsError(f"--fallback {options.fallback}: the only fallback is uniform")
+
+
+def _models(options: BlendOptions, saved: dict | None) -> tuple[str, ...]:
+    """The models to blend: ``--models``, the saved blend's, or every model with a fit store."""
+    split = options.optimize or options.apply or "test"
+    models = options.models or (tuple(saved["models"]) if saved else available_models(options.runs, split))
+    if not models:
+        raise EnsError(f"--runs {options.runs}: no model has a {split} store; run `ens infer` first")
+    if len(set(models)) != len(models):
+        raise EnsError(f"--models names a model twice: {', '.join(models)}")
+    return tuple(models)
+
+
+def _apply_split(options: BlendOptions, models: Sequence[str]) -> str | None:
+    """``--apply``, else ``test``: always for saved weights, for a fit when every model has it."""
+    if options.apply is not None or options.weights is not None:
+        return options.apply or "test"
+    has_test = all((options.runs / m / "test" / MANIFEST).is_file() for m in models)
+    return "test" if has_test else None
+
+
+def _out_folder(options: BlendOptions, apply: str | None) -> Path:
+    if options.weights is None:
+        return options.out or Path("blends") / (options.method or ws.DEFAULT_METHOD)
+    fitted = options.weights.parent
+    out = options.out or fitted.with_name(f"{fitted.name}-{apply}")
+    if out.resolve() == fitted.resolve():
+        raise EnsError(f"--out {out}: holds the blend that --weights {options.weights} reads; applying it "
+                       f"writes to another folder (leave out --out for {fitted.with_name(fitted.name + '-' + str(apply))})")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Provenance: what made a member's stores
+
+#: The fields two stores of one member must share (``manifest.json`` keys), as the error names
+#: them. The stored dtype may differ: float16 and float32 stores of one run blend alike.
+PROVENANCE_FIELDS = {
+    "model_sha256": "model file sha256",
+    "input_size": "input size",
+    "resize": "resize policy",
+    "crop_pct": "crop fraction",
+    "mean": "mean",
+    "std": "std",
+    "interpolation": "interpolation",
+    "views": "TTA views",
+    "merge": "TTA merge",
+}
+
+
+def provenance(store: LogitStore) -> dict[str, Any]:
+    """What made ``store``'s logits: the model file's sha256, its preprocessing and the TTA views
+    (their names carry the scales) and merge. Two stores blend together only when these agree."""
+    model, tta = store.manifest["model"], store.manifest["tta"]
+    return {"model_sha256": model["sha256"], "input_size": model["input_size"], "resize": model["resize"],
+            "crop_pct": model["crop_pct"], "mean": list(model["mean"]), "std": list(model["std"]),
+            "interpolation": model.get("interpolation", "bilinear"), "views": list(tta["views"]),
+            "merge": tta["merge"]}
+
+
+def check_provenance(reference: Mapping[str, Mapping[str, Any]], reference_name: str, split: "_Split") -> None:
+    """Each model's store of ``split`` must have been made as ``reference[model]`` says;
+    otherwise one :class:`EnsError` naming the model and the first field that differs."""
+    for model, store in zip(split.models, split.stores):
+        want, got = reference.get(model), provenance(store)
+        if want is None:
+            raise EnsError(f"{reference_name}: records nothing of how {model} was made")
+        for key, label in PROVENANCE_FIELDS.items():
+            if want.get(key) != got[key]:
+                raise EnsError(f"{model}: its {split.name} store was made with {label} {_shown(got[key])}, the "
+                               f"{reference_name} with {_shown(want.get(key))}; blend stores of one model file, "
+                               "preprocessing and TTA (rerun `ens infer` on both splits alike)")
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, str) and len(value) == 64:
+        return value[:12] + "..."  # a sha256
+    if isinstance(value, list):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return str(value)
+
+
+def _fit(options: BlendOptions, split: _Split, views: bool, notes: list[str]) -> tuple[Any, dict]:
+    models = split.models
+    method_asked = options.method or ws.DEFAULT_METHOD
+    folds = 5 if options.cv is None else options.cv
     names, arrays = split.members(views)
     labels_path = label_source(split, options.data)
     labels = load_labels(labels_path, split.ids, split.class_ids)
+    notes.extend(class_order_warnings(split, labels))
     logits = np.stack([np.asarray(a, dtype=np.float32) for a in arrays])
     try:
-        report = ws.cross_validate(logits, labels, options.method, n_folds=options.cv,
+        report = ws.cross_validate(logits, labels, method_asked, n_folds=folds,
                                    temperature=options.temperature, member_names=names, top_k=options.top_k)
-        method = options.method
+        method = method_asked
         fallback_used = False
-        if options.method != "uniform" and not report.beats_uniform:
-            notes.append(f"{options.method} does not beat uniform weights on {options.cv}-fold CV "
+        if method_asked != "uniform" and not report.beats_uniform:
+            notes.append(f"{method_asked} does not beat uniform weights on {folds}-fold CV "
                          f"(top-1 {report.method_row.top1:.4f} vs {report.uniform_row.top1:.4f})"
                          + ("; --fallback uniform: using uniform weights" if options.fallback else
                             "; --fallback uniform would use equal weights"))
@@ -310,7 +416,7 @@ def _fit(options: BlendOptions, models: Sequence[str], views: bool, notes: list[
         "format": FORMAT_VERSION,
         "ens": __version__,
         "method": method,
-        "requested_method": options.method,
+        "requested_method": method_asked,
         "fallback": fallback_used,
         "fusion": blend.fusion,
         "params": dict(blend.params),
@@ -324,12 +430,43 @@ def _fit(options: BlendOptions, models: Sequence[str], views: bool, notes: list[
         "optimize": {"split": options.optimize, "rows": int(split.ids.size), "stores": stores},
         "labels": str(labels_path),
         "stores": stores,
+        "provenance": {m: provenance(s) for m, s in zip(models, split.stores)},
         "cv": {"folds": report.n_folds, "top_k": report.top_k, "temperature": report.temperature,
                "chosen": "uniform" if fallback_used or method == "uniform" else report.method_row.name,
                "beats_uniform": report.beats_uniform,
                "rows": [asdict(r) for r in report.rows]},
     }
     return blend, record
+
+
+#: A model below this many times chance top-1 ...
+CHANCE_FACTOR = 3
+#: ... while the best model reaches this top-1 (and twice the first bound) is likely mis-mapped.
+STRONG_TOP1 = 0.5
+
+
+def class_order_warnings(split: _Split, labels: np.ndarray) -> list[str]:
+    """Notes for models that score near chance on the fitted split while the best is far above.
+
+    The usual cause is a class order trap: a model trained on torchvision's ``ImageFolder``
+    (folders sorted as strings: "10" before "2") exported with ``--classes train2019.json``
+    (categories sorted as numbers) predicts the right thing in the wrong columns.
+    """
+    classes = len(split.class_ids)
+    scores = {}
+    for model, store in zip(split.models, split.stores):
+        predicted = np.concatenate([np.argmax(store.logits[i:i + CHUNK_ROWS], axis=1)
+                                    for i in range(0, store.logits.shape[0], CHUNK_ROWS)])
+        scores[model] = float((predicted == labels).mean())
+    best = max(scores, key=scores.get)
+    bound = CHANCE_FACTOR / classes
+    if scores[best] < max(STRONG_TOP1, 2 * bound):
+        return []
+    return [f"{model} scores top-1 {score:.3f} on {split.name}, under {CHANCE_FACTOR}x chance (1/{classes}), while "
+            f"{best} scores {scores[best]:.3f}: its output columns are likely in another order than its "
+            "--classes says; if it was trained on a torchvision ImageFolder, re-export it with "
+            "`ens export --classes TRAIN_FOLDER` (ImageFolder's order)"
+            for model, score in scores.items() if score < bound]
 
 
 def _read_blend_json(path: Path) -> dict:
@@ -344,6 +481,9 @@ def _read_blend_json(path: Path) -> dict:
             raise EnsError(f"--weights {path}: not a blend.json (no {key!r})")
     if record.get("format", 1) > FORMAT_VERSION:
         raise EnsError(f"--weights {path}: blend format {record['format']} is newer than this ens understands")
+    if not isinstance(record.get("provenance"), dict):
+        raise EnsError(f"--weights {path}: records no provenance of its models (an older ens wrote it), so its "
+                       "stores cannot be checked against the applied ones; fit it again with --optimize")
     return record
 
 

@@ -10,6 +10,7 @@ same numbers as in one call.
 from __future__ import annotations
 
 import numpy as np
+from scipy import special
 
 MIXTURE = "mixture"
 GEOMETRIC = "geometric"
@@ -46,11 +47,9 @@ def log_softmax(logits: np.ndarray, temperatures: np.ndarray | float | None = No
         out /= t.reshape(t.shape + (1,) * (out.ndim - t.ndim))
     # One member (or the whole array) at a time keeps the temporaries small.
     for block in out if out.ndim == 3 else (out,):
-        top = block.max(axis=-1, keepdims=True)
-        if not np.isfinite(top).all():
+        if not np.isfinite(block.max(axis=-1)).all():
             raise ValueError("logits have a row whose largest value is not finite (all -inf, +inf or NaN)")
-        block -= top
-        block -= np.log(np.exp(block).sum(axis=-1, keepdims=True))
+        block[...] = special.log_softmax(block, axis=-1)
     return out
 
 

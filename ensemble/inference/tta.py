@@ -16,7 +16,7 @@ batches here (:func:`hflip`), not decoded separately.
 
 Merging turns ``(views, batch, classes)`` logits into ``(batch, classes)`` scores whose softmax
 is the merged probability. ``mean-probs`` and ``gmean`` work in log space through
-:func:`log_softmax`, so no probability underflows to a log of zero and no merge returns NaN for
+:func:`scipy.special.log_softmax`, so no probability underflows to a log of zero and no merge returns NaN for
 finite logits.
 """
 
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
+from scipy.special import log_softmax, logsumexp
 
 from ensemble.errors import EnsError
 
@@ -215,30 +216,22 @@ def hflip(batch: np.ndarray) -> np.ndarray:
     return batch[:, :, ::-1]
 
 
-def log_softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
-    """``log(softmax(logits))`` without overflow: finite wherever the logits are finite."""
-    x = np.asarray(logits, dtype=np.float64)
-    shifted = x - x.max(axis=axis, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
-
-
-def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
-    top = x.max(axis=axis)
-    return top + np.log(np.exp(x - np.expand_dims(top, axis)).sum(axis=axis))
-
-
 def _mean_logits(views: np.ndarray) -> np.ndarray:
     return views.astype(np.float64).mean(axis=0)
 
 
+def _log_softmax(views: np.ndarray) -> np.ndarray:
+    return log_softmax(views.astype(np.float64), axis=-1)
+
+
 def _mean_probs(views: np.ndarray) -> np.ndarray:
     # log(mean_v softmax(x_v)) = logsumexp_v(log_softmax(x_v)) - log(V): no log of an underflow.
-    return _logsumexp(log_softmax(views), axis=0) - math.log(views.shape[0])
+    return logsumexp(_log_softmax(views), axis=0) - math.log(views.shape[0])
 
 
 def _gmean(views: np.ndarray) -> np.ndarray:
     # The log of the geometric mean of probabilities, up to a per-row constant that softmax drops.
-    return log_softmax(views).mean(axis=0)
+    return _log_softmax(views).mean(axis=0)
 
 
 #: ``--merge`` name -> ``(views, batch, classes)`` logits to ``(batch, classes)`` float64 scores.

@@ -125,9 +125,19 @@ def store_sha256(store: Path, views: bool = False) -> str:
     return hashlib.sha256(b"".join((store / n).read_bytes() for n in names)).hexdigest()
 
 
+def _labels(work: Work) -> np.ndarray:
+    """Column index of each val image's true category, in store row order."""
+    doc = json.loads((work.data / "val2019.json").read_text())
+    truth = {a["image_id"]: a["category_id"] for a in doc["annotations"]}
+    ids = np.load(work.runs / "m0" / "val" / "ids.npy").tolist()
+    return np.array([PERM.index(truth[i]) for i in ids])
+
+
 def test_optimize_val_applies_test_and_reports_cv(work, tmp_path):
     out = tmp_path / "blend"
-    result = ok(ens("blend", "--runs", work.runs, "--optimize", "val", "--data", work.data, "--out", out))
+    # Top-3 of 5 classes: a top-k that can miss (top-5 of 5 always hits).
+    result = ok(ens("blend", "--runs", work.runs, "--optimize", "val", "--data", work.data, "--out", out,
+                    "--top-k", 3))
     record = json.loads((out / "blend.json").read_text())
 
     assert (record["method"], record["requested_method"], record["fusion"]) == ("nll", "nll", "mixture")
@@ -142,27 +152,134 @@ def test_optimize_val_applies_test_and_reports_cv(work, tmp_path):
     assert record["apply"] == {"split": "test", "rows": len(TEST_IDS),
                                "stores": {m: store_sha256(work.runs / m / "test") for m in MODELS}}
     cv = record["cv"]
-    assert (cv["folds"], cv["top_k"], cv["temperature"], cv["chosen"]) == (5, 5, False, "nll")
+    assert (cv["folds"], cv["top_k"], cv["temperature"], cv["chosen"]) == (5, 3, False, "nll")
     assert [(r["name"], r["kind"]) for r in cv["rows"]] == [
         *((m, "member") for m in MODELS), ("uniform", "uniform"), ("nll", "method")]
+    # A single model's CV row involves no fitting: its scores are the model's own on all of val.
+    labels = _labels(work)
+    for model, row in zip(MODELS, cv["rows"]):
+        logits = np.load(work.runs / model / "val" / "logits.npy").astype(np.float64)
+        ranks = (logits > logits[np.arange(labels.size), labels][:, None]).sum(axis=1)
+        assert row["top1"] == pytest.approx((ranks == 0).mean())
+        assert row["topk"] == pytest.approx((ranks < 3).mean())
+    assert {r["topk"] for r in cv["rows"]} != {1.0}
     for row in cv["rows"]:
-        assert all(isinstance(row[key], float) for key in METRICS), row
-        assert 0 <= row["top1_low"] <= row["top1"] <= row["top1_high"] <= 1 and row["topk"] == 1.0
-    assert isinstance(cv["beats_uniform"], bool)
+        assert row["top1_low"] <= row["top1"] <= row["top1_high"] and row["top1"] <= row["topk"]
+    rows = {r["name"]: r for r in cv["rows"]}
+    assert cv["beats_uniform"] == ((rows["nll"]["top1"], -rows["nll"]["nll"])
+                                   > (rows["uniform"]["top1"], -rows["uniform"]["nll"]))
 
-    rows = check_predictions(out / "predictions.csv", work.runs, record, "test")
+    rows = check_predictions(out / "predictions.csv", work.runs, record, "test", k=3)
     assert [int(r[0]) for r in rows] == TEST_IDS
 
     lines = result.stdout.splitlines()
     assert lines[0] == f"5-fold CV on val ({len(VAL_IDS)} images)"
-    assert lines[1].split() == ["top-1", "95%", "interval", "top-5", "NLL"]
+    assert lines[1].split() == ["top-1", "95%", "interval", "top-3", "NLL"]
     for line, row in zip(lines[2:7], cv["rows"]):
         assert line.split()[:2] == [row["name"], f"{row['top1']:.4f}"]
         assert f"[{row['top1_low']:.4f}, {row['top1_high']:.4f}]" in line and f"{row['nll']:.4f}" in line
         assert line.endswith("<- used") == (row["name"] == "nll")
     assert lines[7] == "weights: " + ", ".join(f"{m} {record['weights'][m]:.3f}" for m in MODELS)
     assert lines[8:] == [f"wrote {out / 'blend.json'}",
-                         f"wrote {out / 'predictions.csv'} ({len(TEST_IDS)} images of test, top-5)"]
+                         f"wrote {out / 'predictions.csv'} ({len(TEST_IDS)} images of test, top-3)"]
+
+
+def test_stores_made_differently_are_never_blended(work, tmp_path):
+    """Fit on val stores made with flip TTA; test stores made otherwise stop the blend."""
+    infer_args = ("--data", work.data, "--split", "test", "--workers", 0, "--keep-views")
+    out = tmp_path / "blend"
+    fit = ("blend", "--optimize", "val", "--data", work.data, "--out", out)
+
+    runs = copy_runs(work, tmp_path / "views")
+    ok(ens("infer", work.onnx[1], *infer_args, "--out", runs))  # no --tta flip
+    one_line_error(ens(*fit, "--runs", runs), "m1: its test store was made with TTA views [identity], the val "
+                                              "store with [identity, flip]")
+    runs = copy_runs(work, tmp_path / "merge")
+    ok(ens("infer", work.onnx[1], *infer_args, "--tta", "flip", "--merge", "gmean", "--out", runs))
+    one_line_error(ens(*fit, "--runs", runs), "m1: its test store was made with TTA merge gmean, the val store "
+                                              "with mean-logits")
+    # The same file name, other weights: a re-export between the two runs.
+    runs = copy_runs(work, tmp_path / "reexport")
+    again = tiny_onnx(tmp_path / "reexport" / "m2.onnx", seed=11, class_ids=PERM)
+    ok(ens("infer", again, *infer_args, "--tta", "flip", "--out", runs))
+    one_line_error(ens(*fit, "--runs", runs), "m2: its test store was made with model file sha256 ",
+                   "the val store with ")
+    assert not out.exists()
+
+    # Saved weights are checked against the stores they are applied to, in the same way.
+    fitted = tmp_path / "fitted"
+    ok(ens(*fit[:-1], fitted, "--runs", work.runs))
+    one_line_error(ens("blend", "--runs", runs, "--weights", fitted / "blend.json", "--out", out),
+                   f"m2: its test store was made with model file sha256 ", f"the {fitted / 'blend.json'} with ")
+    assert not out.exists()
+
+    # Only the stored dtype differs: that blends.
+    runs = copy_runs(work, tmp_path / "dtype")
+    ok(ens("infer", work.onnx[0], *infer_args, "--tta", "flip", "--dtype", "float32", "--out", runs))
+    ok(ens(*fit, "--runs", runs))
+    assert (out / "predictions.csv").is_file()
+
+
+def test_a_blend_json_without_provenance_is_refused(work, tmp_path):
+    fitted = tmp_path / "fitted"
+    ok(ens("blend", "--runs", work.runs, "--optimize", "val", "--data", work.data, "--out", fitted))
+    record = json.loads((fitted / "blend.json").read_text())
+    del record["provenance"]
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(record))
+    one_line_error(ens("blend", "--runs", work.runs, "--weights", old, "--out", tmp_path / "out"),
+                   f"--weights {old}: records no provenance of its models", "fit it again with --optimize")
+
+
+def test_applying_saved_weights_never_replaces_the_fitted_blend(work, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ok(ens("blend", "--runs", work.runs, "--optimize", "val", "--data", work.data))
+    fitted = Path("blends") / "nll"
+    before = {p.name: p.read_bytes() for p in fitted.iterdir()}
+    result = ok(ens("blend", "--runs", work.runs, "--weights", fitted / "blend.json", "--apply", "val"))
+    assert f"wrote {Path('blends') / 'nll-val' / 'predictions.csv'} ({len(VAL_IDS)} images of val" in result.stdout
+    ok(ens("blend", "--runs", work.runs, "--weights", fitted / "blend.json"))
+    assert {p.name: p.read_bytes() for p in fitted.iterdir()} == before
+    assert (Path("blends") / "nll-test" / "predictions.csv").read_bytes() == before["predictions.csv"]
+    one_line_error(ens("blend", "--runs", work.runs, "--weights", fitted / "blend.json", "--out", fitted),
+                   f"--out {fitted}: holds the blend that --weights {fitted / 'blend.json'} reads")
+    assert {p.name: p.read_bytes() for p in fitted.iterdir()} == before
+
+
+def test_labels_of_an_inat2021_layout(work, tmp_path):
+    data = tmp_path / "inat2021"
+    data.mkdir()
+    shutil.copy(work.data / "val2019.json", data / "val.json")
+    out = tmp_path / "blend"
+    ok(ens("blend", "--runs", work.runs, "--optimize", "val", "--data", data, "--out", out))
+    assert json.loads((out / "blend.json").read_text())["labels"] == str(data / "val.json")
+
+
+def test_a_model_near_chance_beside_a_strong_one_is_flagged(tmp_path):
+    """Twenty classes: m_good predicts the labels; m_shifted predicts them one column off, as a
+    model exported with the wrong class order does."""
+    classes = 20
+    data = make_inat(tmp_path / "inat", n_val=40, n_test=4, categories=classes)
+    runs = tmp_path / "runs"
+    for i, name in enumerate(("m_good", "m_shifted", "m_weak")):
+        model = tiny_onnx(tmp_path / f"{name}.onnx", classes=classes, seed=i)
+        ok(ens("infer", model, "--data", data, "--split", "val", "--workers", 0, "--keep-views", "--out", runs))
+    doc = json.loads((data / "val2019.json").read_text())
+    truth = {a["image_id"]: a["category_id"] for a in doc["annotations"]}
+    labels = np.array([truth[i] for i in np.load(runs / "m_good" / "val" / "ids.npy").tolist()])
+    rng = np.random.default_rng(0)
+    good = rng.normal(0, 1, (labels.size, classes))
+    good[np.arange(labels.size), labels] += 8
+    weak = rng.normal(0, 1, (labels.size, classes))
+    weak[np.arange(labels.size)[:12], labels[:12]] += 6  # 12 of 40 right: 0.30, above 3x chance (0.15)
+    for name, logits in (("m_good", good), ("m_shifted", np.roll(good, 1, axis=1)), ("m_weak", weak)):
+        _rewrite(runs / name / "val", logits=logits.astype(np.float16))
+    result = ok(ens("blend", "--runs", runs, "--optimize", "val", "--out", tmp_path / "blend"))
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1, notes
+    assert notes[0].startswith("note: m_shifted scores top-1 0.000 on val, under 3x chance (1/20), while m_good "
+                               "scores 1.000")
+    assert "`ens export --classes TRAIN_FOLDER`" in notes[0]
 
 
 def test_saved_weights_are_applied_without_refitting(work, tmp_path, monkeypatch):
