@@ -102,13 +102,27 @@ def find_split(data: str | os.PathLike, name: str, *, year: int | None = None, f
 
 def resolve_splits(data: str | os.PathLike, names: Sequence[str]) -> list[Path]:
     """``--data DIR --split a,b``: the json file (or image folder) of each split name."""
-    return [find_split(data, name) for name in names]
+    return [find_split(data, check_store_name(name, "--split")) for name in names]
+
+
+def check_store_name(name: str, what: str) -> str:
+    """``name`` when it is one plain folder name that a store may be called; else EnsError.
+
+    Stores live at ``<out>/<model>/<split>``: a name with a separator, ``.``/``..`` or a
+    leading dot (``.partial``, ``.trt-cache``) would write outside its folder or over ens's own.
+    """
+    if (not name or name.startswith(".") or any(c in name for c in "/\\\0")
+            or Path(name).is_absolute() or len(name) > 200):
+        raise EnsError(f"{what} {name!r}: a store is named after it, so it must be one plain folder name "
+                       "(no '/', not starting with '.')")
+    return name
 
 
 def load_split(source: str | os.PathLike, name: str | None = None) -> Split:
     """The split held by a COCO/iNat json file or an image folder."""
     source = Path(source)
-    name = name or split_name(source)
+    name = check_store_name(name or split_name(source.resolve() if source.name in ("", ".", "..") else source),
+                            "split" if name is None else "--split")
     if source.is_dir():
         return _load_folder(source, name)
     if not source.is_file():

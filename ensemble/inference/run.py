@@ -34,7 +34,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ensemble import __version__
-from ensemble.datasets import Split, split_name
+from ensemble.datasets import Split, check_store_name, split_name
 from ensemble.inference.decode import DecodedBatch, Decoder
 from ensemble.errors import EnsError
 from ensemble.inference.runtime import (ForeignPreprocess, Model, Runner, available_providers, cpu_threads,
@@ -202,6 +202,7 @@ def _load_models(paths: Sequence[Path], options: InferOptions, views: Sequence[V
     models = [load_model(p, options.foreign) for p in paths]
     stems: dict[str, Path] = {}
     for model in models:
+        check_store_name(model.name, f"model file {model.path}:")
         if model.name in stems:
             raise EnsError(f"{model.path} and {stems[model.name]} would share the store folder "
                            f"{model.name!r}; rename one")
@@ -305,10 +306,14 @@ class _SplitRun:
             }
 
     def execute(self) -> list[StoreResult]:
-        todo = self._open()
-        chunks = sorted({c for item in todo for c in self._missing(item)})
-        processed, seconds = self._run(todo, chunks)
-        return self._finish(todo, processed, seconds)
+        try:
+            todo = self._open()
+            chunks = sorted({c for item in todo for c in self._missing(item)})
+            processed, seconds = self._run(todo, chunks)
+            return self._finish(todo, processed, seconds)
+        finally:
+            for writer in self.writers.values():
+                writer.release()
 
     def _missing(self, item: _Loaded) -> list[int]:
         writer = self.writers[item.model.name]
@@ -323,6 +328,8 @@ class _SplitRun:
                 self.report(Event("note", self.split.name,
                                   message=f"{writer.path}: complete, with the same arguments; kept"))
             else:
+                if writer.note:
+                    self.report(Event("note", self.split.name, message=writer.note))
                 todo.append(item)
         return todo
 

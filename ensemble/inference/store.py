@@ -59,6 +59,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 from ensemble.errors import EnsError
 from ensemble.fileio import atomic_path, write_json_atomic
 
@@ -68,6 +73,7 @@ LOGITS = "logits.npy"
 IDS = "ids.npy"
 VIEWS = "views.npy"
 PARTIAL = ".partial"
+LOCK = ".lock"
 DTYPES = ("float16", "float32")
 
 
@@ -119,10 +125,13 @@ def read_store(path: str | os.PathLike) -> LogitStore:
     if manifest.get("format", 0) > FORMAT_VERSION:
         raise EnsError(f"{path}: store format {manifest['format']} is newer than this ens "
                        f"understands ({FORMAT_VERSION}); upgrade ens")
+    if not isinstance(manifest, dict):
+        raise EnsError(f"{path / MANIFEST}: not a store manifest (a JSON object is expected)")
     if not manifest.get("complete"):
         command = manifest.get("command")
         finish = f"finish it with: {command}" if command else "run the same `ens infer` again to finish it"
         raise EnsError(f"{path}: incomplete logit store (its run was interrupted); {finish}")
+    check_manifest(path / MANIFEST, manifest)
     try:
         logits = np.load(path / LOGITS, mmap_mode="r")
         ids = np.load(path / IDS, mmap_mode="r")
@@ -137,6 +146,53 @@ def read_store(path: str | os.PathLike) -> LogitStore:
         if array.shape != shape:
             raise EnsError(f"{path / name}: shape {array.shape}, but the manifest says {shape}")
     return LogitStore(path=path, logits=logits, ids=ids, manifest=manifest, views=views)
+
+
+def check_manifest(source: Path, manifest: Mapping[str, Any]) -> None:
+    """Every field of a complete manifest that ens reads, with its type; :class:`EnsError`
+    naming ``source`` and the first field that is missing or malformed."""
+
+    def fail(field: str, expected: str) -> None:
+        raise EnsError(f"{source}: field {field!r} is missing or not {expected}; the store is damaged "
+                       "(delete it and rerun `ens infer`)")
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    def count(value: Any, least: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+    top = {"rows": lambda v: count(v, 0), "classes": lambda v: count(v, 1), "dtype": lambda v: v in DTYPES,
+           "keep_views": lambda v: isinstance(v, bool), "run_key": lambda v: isinstance(v, str),
+           "model": lambda v: isinstance(v, dict), "dataset": lambda v: isinstance(v, dict),
+           "tta": lambda v: isinstance(v, dict), "skipped": lambda v: isinstance(v, list)}
+    kinds = {"rows": "an integer >= 0", "classes": "an integer >= 1", "dtype": f"one of {', '.join(DTYPES)}",
+             "keep_views": "true or false", "run_key": "a string", "skipped": "a list"}
+    for field, valid in top.items():
+        if not valid(manifest.get(field)):
+            fail(field, kinds.get(field, "an object"))
+    model, tta = manifest["model"], manifest["tta"]
+    checks = {
+        "model.sha256": (isinstance(model.get("sha256"), str), "a string"),
+        "model.input_size": (count(model.get("input_size"), 1), "an integer >= 1"),
+        "model.mean": (isinstance(model.get("mean"), list) and len(model["mean"]) == 3
+                       and all(map(number, model["mean"])), "three numbers"),
+        "model.std": (isinstance(model.get("std"), list) and len(model["std"]) == 3
+                      and all(map(number, model["std"])), "three numbers"),
+        "model.resize": (isinstance(model.get("resize"), str), "a string"),
+        "model.crop_pct": (number(model.get("crop_pct")), "a number"),
+        "model.class_ids": (model.get("class_ids") is None or (isinstance(model["class_ids"], list)
+                            and len(model["class_ids"]) == manifest["classes"]),
+                            f"null or a list of {manifest['classes']} category ids"),
+        "tta.views": (isinstance(tta.get("views"), list) and len(tta["views"]) >= 1
+                      and all(isinstance(v, str) for v in tta["views"]), "a non-empty list of view names"),
+        "tta.merge": (isinstance(tta.get("merge"), str), "a string"),
+        "skipped": (all(isinstance(x, dict) and "id" in x for x in manifest["skipped"]),
+                    "a list of {id, path, reason}"),
+    }
+    for field, (valid, expected) in checks.items():
+        if not valid:
+            fail(field, expected)
 
 
 def _read_manifest(path: Path) -> dict | None:
@@ -175,6 +231,39 @@ class StoreWriter:
         self.chunk_size = chunk_size
         self.chunks = -(-rows // chunk_size)
         self.done: set[int] = set()
+        #: Why a complete store with this key is computed again (it failed its integrity check).
+        self.note: str | None = None
+        self._lock: int | None = None
+
+    def lock(self) -> None:
+        """Take the store's advisory lock (``.lock``, held until :meth:`release` or the process
+        ends, however it ends); :class:`EnsError` when another process holds it."""
+        if self._lock is not None or fcntl is None:  # no fcntl (Windows): no locking
+            return
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise EnsError(f"{self.path}: cannot create the store folder ({exc.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise EnsError(f"{self.path}: in use by another ens infer (pid {holder}); wait for it to end, "
+                           "or write to another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock = fd
+
+    def release(self) -> None:
+        """Let go of the lock (closing the file releases it)."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def __del__(self) -> None:
+        self.release()
 
     @property
     def partial(self) -> Path:
@@ -191,7 +280,17 @@ class StoreWriter:
         incomplete (``manifest`` plus ``"complete": false``); a complete store made with other
         arguments stays complete and readable until :meth:`finish` replaces it.
         """
-        existing = _read_manifest(self.path)
+        self.lock()
+        try:
+            existing = _read_manifest(self.path)
+        except EnsError as exc:  # an unreadable manifest: the store is computed afresh
+            self.note, existing = f"{exc}; computing the store again", None
+        if existing is not None and existing.get("complete") and existing.get("run_key") == self.digest:
+            try:
+                read_store(self.path)
+            except EnsError as exc:  # e.g. a truncated logits.npy: the arrays fail their own check
+                self.note = f"{exc}; computing it again"
+                existing = None
         key_file = self.partial / "key.json"
         try:
             same = json.loads(key_file.read_text()) == self.key
@@ -271,6 +370,7 @@ class StoreWriter:
                                   classes=int(classes), dtype=dtype, keep_views=bool(num_views))
         write_json_atomic(self.path / MANIFEST, complete)
         shutil.rmtree(self.partial, ignore_errors=True)
+        self.release()
         return complete
 
     def _concatenate(self, name: str, shape: tuple[int, ...], dtype: str, field: str, axis: int) -> None:

@@ -232,3 +232,82 @@ def test_out_of_memory_points_at_the_batch_size():
     line = run_failure("m.onnx", (320, 560, 560, 3), error)
     assert line.startswith("m.onnx: onnxruntime failed on a (320, 560, 560, 3) uint8 batch (RuntimeError: ")
     assert "out of memory: a smaller --batch-size" in line and "\n" not in line
+
+
+@pytest.mark.parametrize("how", ["--split ../../x", "--split /abs/path", "--index .."])
+def test_store_paths_never_escape_the_out_folder(tmp_path, how):
+    from typer.testing import CliRunner
+
+    from ensemble.cli import app
+
+    data = tmp_path / "data"
+    write_images(data / "x", [(40, 30)] * 2)
+    (data / "x.json").write_text("{}")
+    model = tiny_onnx(tmp_path / "tiny.onnx")
+    option, value = how.split()
+    args = ["--data", str(data), "--split", value] if option == "--split" else ["--index", str(data / "x" / value)]
+    before = {p for p in tmp_path.rglob("*")}
+    result = CliRunner().invoke(app, ["infer", str(model), *args, "--workers", "0", "--out", str(tmp_path / "runs")])
+    if option == "--index":
+        # data/x/.. is the folder data: its store is runs/tiny/data, like any folder's.
+        assert result.exit_code == 0, result.output
+        assert read_store(tmp_path / "runs" / "tiny" / "data").ids.tolist() == ["x/img000.jpg", "x/img001.jpg"]
+        written = {p for p in tmp_path.rglob("*")} - before
+        assert all(p.is_relative_to(tmp_path / "runs") for p in written), written
+        return
+    assert result.exit_code == 2, result.output
+    assert f"--split {value!r}: a store is named after it, so it must be one plain folder name" in result.output
+    assert {p for p in tmp_path.rglob("*")} == before
+
+
+def test_a_second_run_on_a_store_in_use_is_refused(tmp_path, tiny):
+    """An advisory lock per store: another run on the same store stops at once, naming the pid;
+    other stores in the same --out stay usable meanwhile."""
+    import os
+
+    from typer.testing import CliRunner
+
+    from ensemble.cli import app
+    from ensemble.inference.store import StoreWriter
+
+    folder = tmp_path / "images"
+    write_images(folder, [(40, 30)] * 3)
+    holder = StoreWriter(tmp_path / "runs" / "tiny" / "images", {"held": True}, 3, 3)
+    holder.lock()
+    args = ["infer", str(tiny), "--index", str(folder), "--workers", "0", "--out", str(tmp_path / "runs")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert (f"error: {tmp_path / 'runs' / 'tiny' / 'images'}: in use by another ens infer (pid {os.getpid()})"
+            in result.output)
+    assert not (tmp_path / "runs" / "tiny" / "images" / MANIFEST).exists()
+    other = tiny_onnx(tmp_path / "other.onnx", seed=3)
+    assert CliRunner().invoke(app, ["infer", str(other), *args[2:]]).exit_code == 0
+    holder.release()
+    assert CliRunner().invoke(app, args).exit_code == 0
+    read_store(tmp_path / "runs" / "tiny" / "images")
+
+
+def test_a_complete_store_that_fails_its_own_check_is_computed_again(tmp_path, tiny):
+    from typer.testing import CliRunner
+
+    from ensemble.cli import app
+
+    folder = tmp_path / "images"
+    write_images(folder, [(40, 30)] * 4)
+    args = ["infer", str(tiny), "--index", str(folder), "--workers", "0", "--out", str(tmp_path / "runs")]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    store = tmp_path / "runs" / "tiny" / "images"
+    whole = (store / "logits.npy").read_bytes()
+    (store / "logits.npy").write_bytes(whole[:-20])  # truncated by hand
+    with pytest.raises(EnsError, match="unreadable store array|shape"):
+        read_store(store)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "computing it again" in result.output and "1 stores (1 computed)" in result.output
+    assert (store / "logits.npy").read_bytes() == whole
+
+    manifest = json.loads((store / MANIFEST).read_text())
+    manifest["tta"]["views"] = "identity"
+    (store / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(EnsError, match=r"manifest.json: field 'tta.views' is missing or not a non-empty list"):
+        read_store(store)
