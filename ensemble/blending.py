@@ -22,6 +22,7 @@ import contextlib
 import csv
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -31,7 +32,7 @@ import numpy as np
 from ensemble import __version__
 from ensemble.datasets import find_split
 from ensemble.errors import EnsError
-from ensemble.fileio import atomic_path, json_text
+from ensemble.fileio import atomic_path, json_text, sha256_file
 import weights_search as ws
 from ensemble.inference.store import IDS, LOGITS, MANIFEST, VIEWS, LogitStore, read_store
 
@@ -255,7 +256,7 @@ def run_blend(options: BlendOptions) -> BlendResult:
         fitted = _open_split(options.runs, models, options.optimize)
         blend, record = _fit(options, fitted, views, notes)
         reference, reference_name = record["provenance"], f"{options.optimize} store"
-    apply = _apply_split(options, models)
+    apply = _apply_split(options, models, notes)
     out = _out_folder(options, apply)
 
     split = arrays = None
@@ -279,9 +280,11 @@ def run_blend(options: BlendOptions) -> BlendResult:
             rows = _write_predictions(stack.enter_context(atomic_path(predictions)), split, arrays, blend,
                                       options.top_k)
         blend_tmp.write_text(json_text(record), encoding="utf-8")
-    if split is None:
-        # A fit-only run leaves no predictions.csv of an earlier blend beside its new blend.json.
-        (out / PREDICTIONS_FILE).unlink(missing_ok=True)
+    if split is None and (out / PREDICTIONS_FILE).exists():
+        # Predictions of an earlier blend beside the new blend.json would be submitted as its own.
+        (out / PREDICTIONS_FILE).unlink()
+        notes.append(f"removed {out / PREDICTIONS_FILE}: it held an earlier blend's predictions, and this "
+                     "run applied nothing")
     return BlendResult(out=out, record=record, predictions=predictions, rows=rows, notes=tuple(notes))
 
 
@@ -317,12 +320,18 @@ def _models(options: BlendOptions, saved: dict | None) -> tuple[str, ...]:
     return tuple(models)
 
 
-def _apply_split(options: BlendOptions, models: Sequence[str]) -> str | None:
+def _apply_split(options: BlendOptions, models: Sequence[str], notes: list[str]) -> str | None:
     """``--apply``, else ``test``: always for saved weights, for a fit when every model has it."""
     if options.apply is not None or options.weights is not None:
         return options.apply or "test"
-    has_test = all((options.runs / m / "test" / MANIFEST).is_file() for m in models)
-    return "test" if has_test else None
+    lacking = [m for m in models if not (options.runs / m / "test" / MANIFEST).is_file()]
+    if not lacking:
+        return "test"
+    if len(lacking) < len(models):
+        notes.append(f"fitted only: {', '.join(lacking)} {'has' if len(lacking) == 1 else 'have'} no test store "
+                     f"under {options.runs} (run `ens infer` on test for {'it' if len(lacking) == 1 else 'them'}, "
+                     "then apply the saved weights with --weights)")
+    return None
 
 
 def _out_folder(options: BlendOptions, apply: str | None) -> Path:
@@ -393,6 +402,7 @@ def _fit(options: BlendOptions, split: _Split, views: bool, notes: list[str]) ->
     names, arrays = split.members(views)
     labels_path = label_source(split, options.data)
     labels = load_labels(labels_path, split.ids, split.class_ids)
+    notes.extend(label_warnings(split, labels_path))
     notes.extend(class_order_warnings(split, labels))
     logits = np.stack([np.asarray(a, dtype=np.float32) for a in arrays])
     try:
@@ -439,6 +449,20 @@ def _fit(options: BlendOptions, split: _Split, views: bool, notes: list[str]) ->
     return blend, record
 
 
+def label_warnings(split: _Split, labels_path: Path) -> list[str]:
+    """A note when the label file is not the json the stores were made from (its sha256 differs
+    from the one the stores record): the same ids may then carry other labels."""
+    recorded = split.stores[0].manifest.get("dataset", {})
+    if not str(recorded.get("source", "")).endswith(".json") or recorded.get("sha256") is None:
+        return []  # the stores came from an image folder: there is no json to compare with
+    actual = sha256_file(labels_path)
+    if actual == recorded["sha256"]:
+        return []
+    return [f"the labels in {labels_path} (sha256 {actual[:12]}...) are not from the json the {split.name} stores "
+            f"were made from, {recorded['source']} (sha256 {recorded['sha256'][:12]}...); check that they "
+            "label the same images"]
+
+
 #: A model below this many times chance top-1 ...
 CHANCE_FACTOR = 3
 #: ... while the best model reaches this top-1 (and twice the first bound) is likely mis-mapped.
@@ -476,15 +500,58 @@ def _read_blend_json(path: Path) -> dict:
         raise EnsError(f"--weights {path}: no such file") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise EnsError(f"--weights {path}: not a blend.json ({exc})") from None
+    check_blend_record(record, f"--weights {path}")
+    return record
+
+
+def check_blend_record(record: Any, source: str) -> None:
+    """Every field of a ``blend.json`` that applying it reads, with its type; :class:`EnsError`
+    naming ``source`` and the first field that is missing or malformed."""
+    if not isinstance(record, dict):
+        raise EnsError(f"{source}: not a blend.json (a JSON object is expected)")
     for key in ("method", "fusion", "models", "members", "weights"):
         if key not in record:
-            raise EnsError(f"--weights {path}: not a blend.json (no {key!r})")
-    if record.get("format", 1) > FORMAT_VERSION:
-        raise EnsError(f"--weights {path}: blend format {record['format']} is newer than this ens understands")
+            raise EnsError(f"{source}: not a blend.json (no {key!r})")
+    fmt = record.get("format", 1)
+    if not isinstance(fmt, int) or isinstance(fmt, bool):
+        raise EnsError(f"{source}: field 'format' is not an integer")
+    if fmt > FORMAT_VERSION:
+        raise EnsError(f"{source}: blend format {fmt} is newer than this ens understands")
     if not isinstance(record.get("provenance"), dict):
-        raise EnsError(f"--weights {path}: records no provenance of its models (an older ens wrote it), so its "
+        raise EnsError(f"{source}: records no provenance of its models (an older ens wrote it), so its "
                        "stores cannot be checked against the applied ones; fit it again with --optimize")
-    return record
+
+    def names(value: Any) -> bool:
+        return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    members = record["members"] if names(record["members"]) else []
+    temps = record.get("temperatures")
+    checks = {
+        "method": (isinstance(record["method"], str), "a string"),
+        "fusion": (record["fusion"] in ws.FUSIONS, f"one of {', '.join(ws.FUSIONS)}"),
+        "models": (names(record["models"]) and len(set(record["models"])) == len(record["models"]),
+                   "a list of distinct model names"),
+        "members": (bool(members) and len(set(members)) == len(members), "a list of distinct member names"),
+        "weights": (isinstance(record["weights"], dict) and list(record["weights"]) == members
+                    and all(number(w) and w >= 0 for w in record["weights"].values()),
+                    "an object member -> weight >= 0, one per member in member order"),
+        "temperatures": (temps is None or (isinstance(temps, dict) and list(temps) == members
+                                           and all(number(t) and t > 0 for t in temps.values())),
+                         "null or an object member -> temperature > 0"),
+        "views": (isinstance(record.get("views", False), bool), "true or false"),
+        "params": (isinstance(record.get("params", {}), dict), "an object"),
+        "class_ids": (record.get("class_ids") is None or isinstance(record["class_ids"], list), "a list"),
+    }
+    for key, (valid, expected) in checks.items():
+        if not valid:
+            raise EnsError(f"{source}: field {key!r} is malformed; expected {expected}")
+    for model in record["models"]:
+        given = record["provenance"].get(model)
+        if not isinstance(given, dict) or any(k not in given for k in PROVENANCE_FIELDS):
+            raise EnsError(f"{source}: field 'provenance.{model}' lacks some of {', '.join(PROVENANCE_FIELDS)}")
 
 
 def _saved_blend(saved: dict, options: BlendOptions, models: Sequence[str]) -> tuple[Any, dict, bool]:
@@ -496,13 +563,10 @@ def _saved_blend(saved: dict, options: BlendOptions, models: Sequence[str]) -> t
         raise EnsError(f"--weights {options.weights}: has no weight for {', '.join(extra)}")
     members = saved["members"]
     temps = saved.get("temperatures")
-    try:
-        blend = ws.FittedBlend(method=saved["method"], fusion=saved["fusion"],
-                         weights=tuple(float(saved["weights"][m]) for m in members),
-                         temperatures=None if temps is None else tuple(float(temps[m]) for m in members),
-                         params=saved.get("params", {}))
-    except (KeyError, ValueError, TypeError) as exc:
-        raise EnsError(f"--weights {options.weights}: inconsistent blend.json ({exc})") from None
+    blend = ws.FittedBlend(method=saved["method"], fusion=saved["fusion"],
+                           weights=tuple(float(saved["weights"][m]) for m in members),
+                           temperatures=None if temps is None else tuple(float(temps[m]) for m in members),
+                           params=saved.get("params", {}))
     record = dict(saved)
     record["models"] = list(saved["models"])
     record["applied_from"] = str(options.weights)

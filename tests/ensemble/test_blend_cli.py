@@ -412,9 +412,13 @@ def test_apply_defaults_to_test_only_when_every_model_has_it(work, tmp_path):
     result = ok(ens("blend", "--runs", runs, "--optimize", "val", "--data", work.data, "--out", out))
     record = json.loads((out / "blend.json").read_text())
     assert "apply" not in record and record["models"] == list(MODELS)
-    # A fit-only run leaves no stale predictions beside its new blend.json.
+    # A fit-only run leaves no stale predictions beside its new blend.json, and says why.
     assert sorted(p.name for p in out.iterdir()) == ["blend.json"]
     assert result.stdout.splitlines()[-1] == f"wrote {out / 'blend.json'}"
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note: ")]
+    assert notes[0].startswith(f"note: fitted only: m2 has no test store under {runs} (run `ens infer` on test")
+    assert notes[-1] == (f"note: removed {out / 'predictions.csv'}: it held an earlier blend's predictions, and "
+                         "this run applied nothing")
     one_line_error(ens("blend", "--runs", runs, "--optimize", "val", "--data", work.data, "--apply", "test",
                        "--out", tmp_path / "bad"), f"{runs / 'm2' / 'test'}: no logit store")
     assert not (tmp_path / "bad").exists()
@@ -547,3 +551,38 @@ def test_labels_default_to_the_json_the_stores_were_made_from(work, tmp_path):
     out = tmp_path / "blend"
     ok(ens("blend", "--runs", work.runs, "--optimize", "val", "--out", out))
     assert json.loads((out / "blend.json").read_text())["labels"] == str(work.data / "val2019.json")
+
+
+def test_labels_from_another_json_than_the_stores_are_flagged(work, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    doc = json.loads((work.data / "val2019.json").read_text())
+    doc["info"] = {"note": "relabelled"}
+    (other / "val2019.json").write_text(json.dumps(doc))
+    result = ok(ens("blend", "--runs", work.runs, "--optimize", "val", "--data", other, "--out", tmp_path / "b"))
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and notes[0].startswith(f"note: the labels in {other / 'val2019.json'} (sha256 ")
+    assert f"are not from the json the val stores were made from, {work.data / 'val2019.json'}" in notes[0]
+    same = ok(ens("blend", "--runs", work.runs, "--optimize", "val", "--data", work.data, "--out", tmp_path / "c"))
+    assert "note: " not in same.stdout
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("weights", {"m0": -1.0, "m1": 1.0, "m2": 1.0}, "field 'weights' is malformed; expected an object member -> "
+                                                     "weight >= 0"),
+    ("weights", {"m0": 1.0, "m1": 1.0}, "field 'weights' is malformed"),
+    ("fusion", "average", "field 'fusion' is malformed; expected one of mixture, geometric"),
+    ("temperatures", {"m0": 0, "m1": 1, "m2": 1}, "field 'temperatures' is malformed"),
+    ("members", "m0", "field 'members' is malformed"),
+    ("format", "2", "field 'format' is not an integer"),
+])
+def test_a_malformed_blend_json_is_one_line(work, tmp_path, field, value, message):
+    fitted = tmp_path / "fitted"
+    ok(ens("blend", "--runs", work.runs, "--optimize", "val", "--data", work.data, "--out", fitted))
+    record = json.loads((fitted / "blend.json").read_text())
+    record[field] = value
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(record))
+    one_line_error(ens("blend", "--runs", work.runs, "--weights", bad, "--out", tmp_path / "out"),
+                   f"--weights {bad}: {message}")
+    assert not (tmp_path / "out").exists()
