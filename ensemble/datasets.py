@@ -105,6 +105,19 @@ def resolve_splits(data: str | os.PathLike, names: Sequence[str]) -> list[Path]:
     return [find_split(data, check_store_name(name, "--split")) for name in names]
 
 
+def check_regular_file(path: str | os.PathLike, option: str = "") -> Path:
+    """``path`` when it is a regular file; :class:`EnsError` when it is missing, or is a FIFO,
+    device or socket (reading one could block forever, so it is never opened)."""
+    path = Path(path)
+    label = f"{option} {path}" if option else str(path)
+    if not path.exists():
+        raise EnsError(f"{label}: no such file or folder")
+    if not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a FIFO, device or socket)"
+        raise EnsError(f"{label}: {kind}; expected a file")
+    return path
+
+
 def check_store_name(name: str, what: str) -> str:
     """``name`` when it is one plain folder name that a store may be called; else EnsError.
 
@@ -125,8 +138,7 @@ def load_split(source: str | os.PathLike, name: str | None = None) -> Split:
                             "split" if name is None else "--split")
     if source.is_dir():
         return _load_folder(source, name)
-    if not source.is_file():
-        raise EnsError(f"{source}: no such file or folder")
+    check_regular_file(source)
     return _load_json(source, name)
 
 

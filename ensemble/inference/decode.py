@@ -30,6 +30,7 @@ import itertools
 import multiprocessing
 import os
 import signal
+import stat
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -70,11 +71,17 @@ class DecodedBatch:
     decodes: int = 0
 
 
+class NotRegularFile(OSError):
+    """A FIFO, device or socket where an image file should be: reading it could wait forever."""
+
+
 def _open(path: str | Path, min_side: int) -> Image.Image:
     """Open one image, set up for a reduced decode when ``min_side`` allows; nothing decoded yet.
 
     The image's ``size`` is already the size the decode will have.
     """
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise NotRegularFile(path)
     image = Image.open(path)
     width, height = image.size
     if image.format == "JPEG" and min_side * 2 <= min(width, height):
@@ -155,6 +162,8 @@ def _reason(exc: Exception, path: str | Path) -> str:
     """Why an image could not be read, in a few words (the caller names the path)."""
     if isinstance(exc, FileNotFoundError):
         return "missing file"
+    if isinstance(exc, NotRegularFile):
+        return "not a regular file (a FIFO, device or socket)"
     if isinstance(exc, UnidentifiedImageError):
         return "empty file" if os.path.getsize(path) == 0 else "not an image Pillow can read"
     text = str(exc).splitlines()[0] if str(exc) else ""

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ensemble.datasets import check_regular_file
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
 from ensemble.metadata import IMAGENET_MEAN, IMAGENET_STD, PREFIX, ModelMetadata, rgb_text
@@ -111,9 +112,7 @@ def load_model(path: str | os.PathLike, foreign: ForeignPreprocess | None = None
     """Read a model's contract: its ens metadata, or ``foreign`` for a file without any."""
     import onnx
 
-    path = Path(path)
-    if not path.is_file():
-        raise EnsError(f"{path}: no such file")
+    path = check_regular_file(path)
     try:
         graph = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError, ValueError, ... for foreign bytes

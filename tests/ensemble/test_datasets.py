@@ -120,3 +120,16 @@ def test_generated_dataset_is_reproducible(tmp_path):
     a = make_inat(tmp_path / "a")
     b = make_inat(tmp_path / "b")
     assert (a / "val2019.json").read_bytes() == (b / "val2019.json").read_bytes()
+
+
+def test_special_files_are_refused_not_read(tmp_path):
+    import os
+
+    from ensemble.inference.runtime import load_model
+
+    os.mkfifo(tmp_path / "val2019.json")
+    os.mkfifo(tmp_path / "model.onnx")
+    with pytest.raises(EnsError, match=r"val2019.json: not a regular file \(a FIFO, device or socket\); expected a file"):
+        load_split(tmp_path / "val2019.json")
+    with pytest.raises(EnsError, match=r"model.onnx: not a regular file"):
+        load_model(tmp_path / "model.onnx")

@@ -158,8 +158,8 @@ def test_the_incomplete_store_error_gives_the_command_that_finishes_it(tmp_path,
 
 
 def test_sigkilled_cli_run_resumes_byte_identical(tmp_path):
-    """A real kill: `ens infer` hangs on a FIFO in place of image 4, is SIGKILLed with its
-    decoding processes once chunks 0-3 are saved, and the rerun finishes the store."""
+    """A real kill: `ens infer` hangs opening image 4 (tests/ensemble/inference/hang), is
+    SIGKILLed with its decoding processes once chunks 0-3 are saved, and the rerun finishes."""
     data = make_inat(tmp_path / "inat", n_val=8, n_test=1)
     model = tiny_onnx(tmp_path / "tiny.onnx")
     val = load_split(data / "val2019.json")
@@ -167,27 +167,40 @@ def test_sigkilled_cli_run_resumes_byte_identical(tmp_path):
             "--tta", "flip", "--batch-size", "1", "--chunk-size", "1", "--workers", "1"]
     subprocess.run([*args, "--out", str(tmp_path / "whole")], check=True, capture_output=True, timeout=120)
 
-    fifo = val.paths[4]
-    real = fifo.read_bytes()
-    fifo.unlink()
-    os.mkfifo(fifo)  # opening it blocks until a writer comes: the run stops right there
     out = tmp_path / "killed"
-    proc = subprocess.Popen([*args, "--out", str(out)], start_new_session=True,
+    hang = os.path.join(os.path.dirname(__file__), "hang")
+    env = {**os.environ, "ENS_TEST_HANG": str(val.paths[4]),
+           "PYTHONPATH": os.pathsep.join(filter(None, [hang, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([*args, "--out", str(out)], start_new_session=True, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = out / "tiny" / "val" / PARTIAL
     try:
         deadline = time.monotonic() + 60
         while len(list(partial.glob("chunk-*.npz"))) < 4 and time.monotonic() < deadline:
             time.sleep(0.05)
+        time.sleep(0.5)  # had it not hung at image 4, chunk 4 would appear now
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # its own session: the run and its decoding processes
         proc.wait(timeout=30)
     assert sorted(p.name for p in partial.glob("chunk-*.npz")) == [f"chunk-{i:06d}.npz" for i in range(4)]
     assert json.loads((out / "tiny" / "val" / MANIFEST).read_text())["complete"] is False
 
-    fifo.unlink()
-    fifo.write_bytes(real)
     done = subprocess.run([*args, "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "resuming, 4 of 8 images done" in done.stderr
     assert store_bytes(out / "tiny" / "val") == store_bytes(tmp_path / "whole" / "tiny" / "val")
+
+
+def test_a_fifo_in_place_of_an_image_is_refused_not_waited_on(tmp_path):
+    data = make_inat(tmp_path / "inat", n_val=3, n_test=1)
+    model = tiny_onnx(tmp_path / "tiny.onnx")
+    val = load_split(data / "val2019.json")
+    val.paths[1].unlink()
+    os.mkfifo(val.paths[1])  # opening it for reading would wait for a writer forever
+    args = [sys.executable, "-m", "ensemble", "infer", str(model), "--data", str(data), "--split", "val",
+            "--workers", "1", "--out", str(tmp_path / "runs")]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: image 1 ({val.paths[1]}): not a regular file (a FIFO, device or socket); --on-bad-image skip "
+        "leaves such images out")
