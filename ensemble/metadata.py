@@ -38,6 +38,40 @@ OUTPUT_NAME = "logits"
 #: ``input_size`` square (the torchvision / timm evaluation recipe).
 #: ``squash``: resize both sides to ``input_size``, ignoring the aspect ratio.
 RESIZE_POLICIES = ("center-crop", "squash")
+#: Resampling filters an export may ask inference to resize with (``ens export
+#: --interpolation``): torchvision's default, and the bicubic of timm's pretrained models.
+INTERPOLATIONS = ("bilinear", "bicubic")
+#: The ImageNet normalisation (fractions of 255) of torchvision's and timm's pretrained models.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def rgb_text(values) -> str:
+    """``R,G,B`` as the command line takes it: ``(0.485, 0.456, 0.406)`` -> ``0.485,0.456,0.406``."""
+    return ",".join(f"{v:g}" for v in values)
+
+
+def check_preprocess(*, mean=None, std=None, resize: str | None = None, crop_pct: float | None = None,
+                     interpolation: str | None = None) -> None:
+    """Raise :class:`EnsError` naming the option (``--mean``, ``--crop-pct``, ...) of the first
+    preprocessing value out of range; ``None`` means not given. The one check of these values,
+    for ``ens export`` and for the foreign models of ``ens infer``."""
+    for name, values, example in (("--mean", mean, IMAGENET_MEAN), ("--std", std, IMAGENET_STD)):
+        if values is None:
+            continue
+        if len(values) != 3:
+            raise EnsError(f"{name}: expected three values R,G,B, got {len(values)}")
+        if any(not (0.0 <= v <= 1.0) for v in values):
+            raise EnsError(f"{name} {rgb_text(values)}: values are fractions of 255 in [0, 1] "
+                           f"(e.g. {rgb_text(example)})")
+    if std is not None and any(v <= 0 for v in std):
+        raise EnsError(f"--std {rgb_text(std)}: every value must be positive")
+    if resize is not None and resize not in RESIZE_POLICIES:
+        raise EnsError(f"--resize {resize}: choose one of {', '.join(RESIZE_POLICIES)}")
+    if crop_pct is not None and not 0.0 < crop_pct <= 1.0:
+        raise EnsError(f"--crop-pct {crop_pct:g}: expected a fraction in (0, 1]")
+    if interpolation is not None and interpolation not in INTERPOLATIONS:
+        raise EnsError(f"--interpolation {interpolation}: choose one of {', '.join(INTERPOLATIONS)}")
 
 
 @dataclass(frozen=True)
@@ -126,9 +160,10 @@ def read_metadata(path: str | os.PathLike) -> ModelMetadata:
     """
     import onnx  # deferred: importing onnx costs ~0.2 s, and --help should not pay it
 
-    path = os.fspath(path)
     if not os.path.isfile(path):
-        raise EnsError(f"{path}: no such file")
+        kind = "no such file" if not os.path.exists(path) else "not a regular file"
+        raise EnsError(f"{os.fspath(path)}: {kind}")
+    path = os.fspath(path)
     try:
         model = onnx.load(path, load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError, ValueError, ... for foreign bytes

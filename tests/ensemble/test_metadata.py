@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from ensemble.errors import EnsError
-from ensemble.metadata import ModelMetadata, Verification, read_metadata
+from ensemble.metadata import ModelMetadata, Verification, check_preprocess, read_metadata
 
 
 def _identity_model(props: dict[str, str]) -> onnx.ModelProto:
@@ -61,3 +61,34 @@ def test_missing_required_field(tmp_path):
     onnx.save(_identity_model(props), str(tmp_path / "partial.onnx"))
     with pytest.raises(EnsError, match="partial.onnx: ens metadata lacks num_classes"):
         read_metadata(tmp_path / "partial.onnx")
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"mean": (123.7, 116.3, 103.5)}, "--mean 123.7,116.3,103.5: values are fractions of 255 in [0, 1] "
+                                      "(e.g. 0.485,0.456,0.406)"),
+    ({"mean": (0.5, 0.5)}, "--mean: expected three values R,G,B, got 2"),
+    ({"std": (58.4, 57.1, 57.4)}, "--std 58.4,57.1,57.4: values are fractions of 255 in [0, 1] "
+                                  "(e.g. 0.229,0.224,0.225)"),
+    ({"std": (0.2, 0.0, 0.2)}, "--std 0.2,0,0.2: every value must be positive"),
+    ({"resize": "stretch"}, "--resize stretch: choose one of center-crop, squash"),
+    ({"crop_pct": 0.0}, "--crop-pct 0: expected a fraction in (0, 1]"),
+    ({"crop_pct": 1.5}, "--crop-pct 1.5: expected a fraction in (0, 1]"),
+    ({"crop_pct": float("nan")}, "--crop-pct nan: expected a fraction in (0, 1]"),
+    ({"interpolation": "nearest"}, "--interpolation nearest: choose one of bilinear, bicubic"),
+    ({"interpolation": "BICUBIC"}, "--interpolation BICUBIC: choose one of bilinear, bicubic"),
+])
+def test_check_preprocess_names_the_option_at_fault(given, message):
+    with pytest.raises(EnsError) as info:
+        check_preprocess(**given)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("given", [
+    {},  # nothing given, nothing to check
+    {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)},  # the bounds of fractions of 255
+    {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "resize": "squash", "crop_pct": 1.0,
+     "interpolation": "bicubic"},
+    {"resize": "center-crop", "crop_pct": 1e-3, "interpolation": "bilinear"},
+])
+def test_check_preprocess_accepts_the_valid_range(given):
+    check_preprocess(**given)
