@@ -1,5 +1,6 @@
 # Two entry points: `make demo` and `make test`. Both create .venv when it is missing and
-# install the project into it (editable, with its test extras) when pyproject.toml changed.
+# install the project into it (editable, with its test extras, at the tested versions of
+# constraints.txt) when pyproject.toml or constraints.txt changed.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -12,8 +13,8 @@ install: $(STAMP)
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 test: $(STAMP)

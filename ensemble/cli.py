@@ -103,7 +103,20 @@ def export(
     onnxruntime at two input sizes before the file is written.
     """
     with _user_errors(ctx):
-        from exporters import ExportOptions, export_checkpoint
+        try:
+            from exporters import ExportOptions, export_checkpoint
+
+            # Imported where they are used; checked here, before any work.
+            if fp16:
+                import onnxconverter_common  # noqa: F401
+            if checkpoint.suffix == ".safetensors":
+                import safetensors.torch  # noqa: F401
+        except ImportError as exc:  # the export extra is not installed (`pip install ens` is core only)
+            missing = (exc.name or "").partition(".")[0]
+            if missing not in ("torch", "torchvision", "onnxconverter_common", "safetensors"):
+                raise
+            package = {"onnxconverter_common": "onnxconverter-common"}.get(missing, missing)
+            raise EnsError(f"ens export needs {package}, which this install lacks: pip install 'ens[export]'") from None
 
         options = ExportOptions(
             arch=arch,
@@ -453,7 +466,23 @@ def demo(
     ens blend --optimize val and ens submit --dry-run, and scores the CSV against the answers.
     """
     with _user_errors(ctx):
-        from ensemble.demo.run import DemoSettings, format_table, run_demo
+        try:
+            # The trainer imports torch and torchvision, the data builder sklearn, where they are
+            # used: checked here, before any work (sklearn only found, its import takes seconds).
+            import importlib.util
+
+            import torch  # noqa: F401
+            import torchvision  # noqa: F401
+
+            if importlib.util.find_spec("sklearn") is None:
+                raise ModuleNotFoundError("No module named 'sklearn'", name="sklearn")
+            from ensemble.demo.run import DemoSettings, format_table, run_demo
+        except ImportError as exc:  # the demo extra is not installed (`pip install ens` is core only)
+            missing = (exc.name or "").partition(".")[0]
+            if missing not in ("torch", "torchvision", "sklearn", "onnxconverter_common", "safetensors"):
+                raise
+            package = {"sklearn": "scikit-learn", "onnxconverter_common": "onnxconverter-common"}.get(missing, missing)
+            raise EnsError(f"ens demo needs {package}, which this install lacks: pip install 'ens[demo]'") from None
 
         settings = DemoSettings.quick() if quick else DemoSettings()
         result = run_demo(out, settings, log=typer.echo)
