@@ -341,10 +341,11 @@ def _print_cv_table(record: dict) -> None:
 def submit(
     ctx: typer.Context,
     predictions: Annotated[Optional[Path], typer.Argument(metavar="PREDICTIONS", help="The predictions.csv of `ens blend`, or the blend folder holding it.", show_default=False)] = None,
-    data: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Competition files: the test json (test2019.json for inat2019) and the jsons whose categories are the known category ids.")] = None,
+    data: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Competition files: the test json (test2019.json, test2018.json or public_test.json, by --format) and the train/val jsons whose categories are the known category ids.")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="Competition format: inat2019 (id,predicted; 5 ids), inat2018 (3 ids) or inat2021 (Id,Predicted; 5 ids).", show_default="inat2019")] = None,
     name: Annotated[Optional[str], typer.Option(help="File name after the timestamp.", show_default="the blend folder's name")] = None,
     sample: Annotated[Optional[Path], typer.Option(metavar="FILE", help="A sample submission (kaggle_sample_submission.csv): the ids must also be exactly its ids.")] = None,
+    missing: Annotated[Optional[str], typer.Option(metavar="fail|prior", help="Test ids the predictions lack (images `ens infer --on-bad-image skip` left out): fail, or prior: give each the most frequent classes of the train json (else of the predictions), recorded in the ledger.", show_default="fail")] = None,
     compress: Annotated[bool, typer.Option("--gzip", help="Write submissions/<time>_<name>.csv.gz.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check, write and record the file; upload nothing.")] = False,
     competition: Annotated[Optional[str], typer.Option(metavar="C", help="Kaggle competition to upload to, e.g. inaturalist-2019-fgvc6 (with -m).")] = None,
@@ -363,8 +364,9 @@ def submit(
         from ensemble.submission import submit as flow
 
         given = {"PREDICTIONS": predictions is not None, "--data": data is not None, "--format": fmt is not None,
-                 "--name": name is not None, "--sample": sample is not None, "--gzip": compress,
-                 "--dry-run": dry_run, "--competition": competition is not None, "-m": message is not None}
+                 "--name": name is not None, "--sample": sample is not None, "--missing": missing is not None,
+                 "--gzip": compress, "--dry-run": dry_run, "--competition": competition is not None,
+                 "-m": message is not None}
 
         def refuse(mode: str, allowed: set[str]) -> None:
             extra = [option for option, present in given.items() if present and option not in allowed]
@@ -378,9 +380,9 @@ def submit(
             if data is None:
                 raise EnsError("--check FILE needs --data DIR (the test ids and categories to check against)")
             checked = flow.check(check, data, fmt or flow.DEFAULT_FORMAT, sample)
-            fmt_spec = checked.format
-            against = fmt_spec.test_file + (f" and {sample.name}" if sample is not None else "")
-            typer.echo(f"ok: {check}: {len(checked.ids)} rows, {fmt_spec.name} ({fmt_spec.header}, "
+            fmt_spec = checked.submission.format
+            against = checked.reference.test_source.name + (f" and {sample.name}" if sample is not None else "")
+            typer.echo(f"ok: {check}: {len(checked.submission.ids)} rows, {fmt_spec.name} ({fmt_spec.header}, "
                        f"{fmt_spec.top_k} known category ids per row), every id of {against} once")
             return
         if retry is not None:
@@ -394,9 +396,15 @@ def submit(
             if not dry_run and (competition is None or message is None):
                 raise EnsError("give --competition C -m MSG to upload, or --dry-run to only write and record the file")
             options = flow.SubmitOptions(format=fmt or flow.DEFAULT_FORMAT, name=name, sample=sample, compress=compress,
-                                         competition=competition, message=message)
+                                         competition=competition, message=message,
+                                         missing=missing or flow.DEFAULT_MISSING)
             result = flow.submit(predictions, data, options)
             typer.echo(f"wrote {result.path} ({result.entry.rows} rows, {result.entry.format})")
+            if result.prior is not None:
+                prior = result.prior
+                typer.echo(f"filled {result.entry.filled} row{'s' if result.entry.filled != 1 else ''} missing from "
+                           f"the predictions with {prior.source} ({' '.join(map(str, prior.categories))}: the most "
+                           f"frequent classes of {prior.origin})")
     entry = result.entry
     if result.receipt is None:
         typer.echo(f"ledger entry {entry.id}: not-uploaded (dry run)")
@@ -408,7 +416,8 @@ def submit(
 
 def _ledger_table(entries) -> list[str]:
     """The ledger as aligned text columns. CV is shown as top-1 error (1 - top-1 accuracy) so
-    that it reads like the leaderboard scores of the top-1 competitions beside it."""
+    that it reads like the leaderboard scores of the top-1 competitions beside it; ``filled``
+    (rows `--missing prior` filled, and from what) is blank where none was."""
 
     def number(value):
         return "" if value is None else f"{value:.4f}"
@@ -418,9 +427,12 @@ def _ledger_table(entries) -> list[str]:
             return ""
         return f"{1 - e.cv_top1:.4f} ({1 - e.cv_top1_high:.4f}-{1 - e.cv_top1_low:.4f})"
 
-    header = ("ID", "created", "file", "status", "kaggle", "CV top-1 error", "public", "private", "message")
-    rows = [(str(e.id), e.created, e.file, e.status, e.kaggle_status or "", cv_error(e), number(e.public_score),
-             number(e.private_score), e.message or "") for e in entries]
+    def filled(e):
+        return f"{e.filled} {e.fill_source or ''}".rstrip() if e.filled else ""
+
+    header = ("ID", "created", "file", "filled", "status", "kaggle", "CV top-1 error", "public", "private", "message")
+    rows = [(str(e.id), e.created, e.file, filled(e), e.status, e.kaggle_status or "", cv_error(e),
+             number(e.public_score), number(e.private_score), e.message or "") for e in entries]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
 

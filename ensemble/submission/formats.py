@@ -1,7 +1,10 @@
 """The competition CSV: formats, the checks every file passes before it is written, the writing.
 
 A format (:data:`FORMATS`, looked up with :func:`get_format`) names the header, how many
-category ids each row carries and where the dataset keeps its test images and categories.
+category ids each row carries, its competition's year and the splits that hold its test images
+and categories; the files of those splits are found under ``--data`` by the one rule every
+command uses, :func:`ensemble.datasets.find_split`, the format's own layout first
+(``test2019.json``, ``test2018.json``, iNat 2021's ``public_test.json``).
 Every format here is scored like this (``COMPETITION.md``): a grader sorts the rows by id,
 requires exactly the test ids, splits ``predicted`` on whitespace and compares the first
 ``scored`` ids, read as integers, with the truth; any further ids are ignored.
@@ -12,7 +15,8 @@ non-integer, duplicated, missing or extra ids, empty or NaN predictions, the wro
 category ids per row, category ids the dataset does not know and, with a sample submission,
 ids other than the sample's. The message names the first offending lines (the header is
 line 1). ``ens submit`` runs the same checks on the rows it builds from ``ens blend`` output
-before it writes anything, and ``ens submit --check`` on any CSV.
+before it writes anything (missing test ids are no error there when ``--missing prior`` fills
+them, :mod:`ensemble.submission.prior`), and ``ens submit --check`` on any CSV.
 
 Written files hold one row per test image, ids ascending, ``\\n`` line ends, no index column,
 and are byte-for-byte reproducible (gzip ones too: the gzip header carries no time or name).
@@ -31,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ensemble.datasets import load_split
+from ensemble.datasets import find_split, load_split, split_candidates
 from ensemble.errors import EnsError
 from ensemble.fileio import write_bytes_atomic
 
@@ -48,9 +52,9 @@ class SubmissionFormat:
     """One competition's CSV.
 
     ``top_k`` category ids per row, most confident first, space separated; the grader scores
-    the first ``scored`` of them. ``test_file`` (under ``--data``) lists the test images;
-    ``category_files`` are the jsons whose ``categories`` give the known category ids (the
-    union of those present).
+    the first ``scored`` of them. ``year`` picks the file names :func:`find_split` tries first.
+    ``test_split`` lists the test images; the ``categories`` of the ``category_splits`` found
+    give the known category ids (the union of those present).
     """
 
     name: str
@@ -58,8 +62,9 @@ class SubmissionFormat:
     predicted_column: str
     top_k: int
     scored: int
-    test_file: str
-    category_files: tuple[str, ...]
+    year: int
+    test_split: str
+    category_splits: tuple[str, ...]
 
     @property
     def header(self) -> str:
@@ -68,15 +73,14 @@ class SubmissionFormat:
 
 FORMATS: dict[str, SubmissionFormat] = {
     # iNat 2019 at FGVC6: top-1 error, five ids encouraged.
-    "inat2019": SubmissionFormat("inat2019", "id", "predicted", 5, 1, "test2019.json",
-                                 ("train2019.json", "val2019.json", "test2019.json")),
+    "inat2019": SubmissionFormat("inat2019", "id", "predicted", 5, 1, 2019, "test", ("train", "val", "test")),
     # iNat 2018 at FGVC5: top-3 error, so three ids.
-    "inat2018": SubmissionFormat("inat2018", "id", "predicted", 3, 3, "test2018.json",
-                                 ("train2018.json", "val2018.json", "test2018.json")),
-    # iNat 2021 at FGVC8: top-1 error like 2019, capitalised header, files without a year.
-    # Five ids as in 2019: only the first is scored, the rest keep the ranking for reading.
-    "inat2021": SubmissionFormat("inat2021", "Id", "Predicted", 5, 1, "public_test.json",
-                                 ("train.json", "train_mini.json", "val.json", "public_test.json")),
+    "inat2018": SubmissionFormat("inat2018", "id", "predicted", 3, 3, 2018, "test", ("train", "val", "test")),
+    # iNat 2021 at FGVC8: top-1 error like 2019, capitalised header, files without a year
+    # (public_test.json, train_mini.json). Five ids as in 2019: only the first is scored, the
+    # rest keep the ranking for reading.
+    "inat2021": SubmissionFormat("inat2021", "Id", "Predicted", 5, 1, 2021, "test",
+                                 ("train", "train_mini", "val", "test")),
 }
 
 
@@ -134,15 +138,23 @@ def read_csv_text(path: str | os.PathLike) -> pd.DataFrame:
     return frame
 
 
+def find_test_file(data: str | os.PathLike, fmt: SubmissionFormat) -> Path:
+    """The json of the format's test split under ``data`` (``test2019.json``, ``public_test.json``...)."""
+    found = find_split(data, fmt.test_split, year=fmt.year, folders=False, required=False)
+    if found is None:
+        tried = split_candidates(fmt.test_split, fmt.year, folders=False)
+        raise EnsError(f"--data {data}: no {fmt.test_split} json for --format {fmt.name} "
+                       f"(looked for {', '.join(tried)})")
+    return found
+
+
 def load_reference(data: str | os.PathLike, fmt: SubmissionFormat,
                    sample: str | os.PathLike | None = None) -> Reference:
     """The test ids and known categories under ``--data DIR`` and, optionally, a sample's ids."""
     data = Path(data)
     if not data.is_dir():
         raise EnsError(f"--data {data}: no such folder")
-    test_source = data / fmt.test_file
-    if not test_source.is_file():
-        raise EnsError(f"--data {data}: no {fmt.test_file} (the test images of --format {fmt.name})")
+    test_source = find_test_file(data, fmt)
     split = load_split(test_source)
     if any(not isinstance(i, int) for i in split.ids):
         raise EnsError(f"{test_source}: image ids are not integers; {fmt.name} submissions need integer ids")
@@ -155,23 +167,35 @@ def load_reference(data: str | os.PathLike, fmt: SubmissionFormat,
                      categories=categories, sample_source=sample_source, sample_ids=sample_ids)
 
 
+def read_json(path: Path) -> object:
+    """A json file's document; an unreadable file is an :class:`EnsError` naming it."""
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EnsError(f"{path}: not a JSON file ({exc})") from None
+
+
 def _categories(data: Path, fmt: SubmissionFormat) -> np.ndarray:
     known: set[int] = set()
-    for name in fmt.category_files:
-        path = data / name
-        if not path.is_file():
-            continue
-        try:
-            doc = json.loads(path.read_bytes())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise EnsError(f"{path}: not a JSON file ({exc})") from None
+    found: list[Path] = []
+    absent: list[str] = []
+    for split in fmt.category_splits:
+        path = find_split(data, split, year=fmt.year, folders=False, required=False)
+        if path is None:
+            absent.append(split)
+        else:
+            found.append(path)
+    for path in found:
+        doc = read_json(path)
         for i, category in enumerate(doc.get("categories") or () if isinstance(doc, dict) else ()):
             cid = category.get("id") if isinstance(category, dict) else None
             if isinstance(cid, bool) or not isinstance(cid, int):
                 raise EnsError(f"{path}: categories[{i}] has id {cid!r}; expected an integer")
             known.add(cid)
     if not known:
-        raise EnsError(f"--data {data}: no categories in any of {', '.join(fmt.category_files)}")
+        where = ("any of " if len(found) > 1 else "") + ", ".join(p.name for p in found)
+        raise EnsError(f"--data {data}: no categories in {where}"
+                       + (f" and no {' or '.join(absent)} json" if absent else ""))
     return np.array(sorted(known), dtype=np.int64)
 
 
@@ -215,12 +239,14 @@ def check_header(frame: pd.DataFrame, fmt: SubmissionFormat, source: str | os.Pa
 
 
 def check_rows(frame: pd.DataFrame, fmt: SubmissionFormat, reference: Reference,
-               source: str | os.PathLike) -> Submission:
+               source: str | os.PathLike, *, allow_missing: bool = False, hint: str = "") -> Submission:
     """Check the text rows of a submission against ``reference``; return them as numbers.
 
     ``frame`` holds the format's two columns as strings, row ``i`` being line ``i + 2`` of
     ``source``. The first problem found raises :class:`EnsError` naming ``source`` and the
-    first offending lines (or, for missing ids, the ids).
+    first offending lines (or, for missing ids, the ids, followed by ``hint``).
+    ``allow_missing``: test ids absent from ``frame`` are no error, for a caller that fills
+    them; with a sample, they must then be among the sample's ids.
     """
     ids = frame[fmt.id_column]
     predicted = frame[fmt.predicted_column]
@@ -236,11 +262,11 @@ def check_rows(frame: pd.DataFrame, fmt: SubmissionFormat, reference: Reference,
     if extra.any():
         raise EnsError(f"{source}: id not in {reference.test_source.name} on {_lines(extra, ids)}")
     missing = np.setdiff1d(reference.test_ids, values)
-    if missing.size:
+    if missing.size and not allow_missing:
         raise EnsError(f"{source}: {_count(missing.size, 'test id')} of {reference.test_source.name} missing: "
-                       f"{_listed(missing)}")
+                       f"{_listed(missing)}{hint}")
     if reference.sample_ids is not None:
-        _check_sample(values, ids, reference, source)
+        _check_sample(values, ids, reference, source, missing)
 
     tokens = predicted.str.split(" ")
     flat = tokens.explode()  # one token per entry, indexed by row
@@ -264,12 +290,16 @@ def check_rows(frame: pd.DataFrame, fmt: SubmissionFormat, reference: Reference,
     return Submission(format=fmt, ids=values[order], categories=categories[order])
 
 
-def _check_sample(values: np.ndarray, ids: pd.Series, reference: Reference, source) -> None:
+def _check_sample(values: np.ndarray, ids: pd.Series, reference: Reference, source, to_fill: np.ndarray) -> None:
     name = reference.sample_source.name
     extra = ~np.isin(values, reference.sample_ids)
     if extra.any():
         raise EnsError(f"{source}: id not in the sample {name} on {_lines(extra, ids)}")
-    missing = np.setdiff1d(reference.sample_ids, values)
+    unsampled = np.setdiff1d(to_fill, reference.sample_ids)
+    if unsampled.size:
+        raise EnsError(f"{source}: {_count(unsampled.size, 'test id')} of {reference.test_source.name} to fill "
+                       f"{'are' if unsampled.size > 1 else 'is'} not in the sample {name}: {_listed(unsampled)}")
+    missing = np.setdiff1d(reference.sample_ids, np.union1d(values, to_fill))
     if missing.size:
         raise EnsError(f"{source}: {_count(missing.size, 'id')} of the sample {name} missing: {_listed(missing)}")
 

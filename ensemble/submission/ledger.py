@@ -29,7 +29,15 @@ kaggle_status       Kaggle's scoring state from ``--refresh``: pending, complete
 public_score        public leaderboard score from ``--refresh``
 private_score       private leaderboard score from ``--refresh``
 refreshed           UTC time of the last ``--refresh`` that found the submission
+filled              rows not in the predictions that ``--missing prior`` filled (0: none)
+fill_source         what the filled rows hold: ``train-prior`` (the most frequent classes
+                    of the train json) or ``blend-prior`` (those the blend predicts most
+                    often); NULL when none was filled
 ==================  ====================================================================
+
+Columns added after a ledger was created (``filled``, ``fill_source``) are added to it, with
+their defaults, the first time this ens opens it; ``user_version`` changes only for changes an
+older ens could not live with.
 
 A row is inserted ``not-uploaded`` right after its file is written and only then is an upload
 tried, so a crash mid-upload leaves a row that ``--retry`` can finish, never a file that an
@@ -76,9 +84,13 @@ CREATE TABLE IF NOT EXISTS submissions (
     kaggle_status TEXT,
     public_score REAL,
     private_score REAL,
-    refreshed TEXT
+    refreshed TEXT,
+    filled INTEGER NOT NULL DEFAULT 0,
+    fill_source TEXT
 )
 """
+#: Columns younger than the table: name -> definition, added to older ledgers on open.
+_ADDED = {"filled": "INTEGER NOT NULL DEFAULT 0", "fill_source": "TEXT"}
 
 
 @dataclass(frozen=True)
@@ -124,6 +136,8 @@ class Entry:
     public_score: float | None
     private_score: float | None
     refreshed: str | None
+    filled: int = 0
+    fill_source: str | None = None
 
 
 def utc_now() -> str:
@@ -195,6 +209,8 @@ class Ledger:
                 elif version != _SCHEMA_VERSION:
                     raise EnsError(f"{self.path}: ledger schema version {version}; this ens reads version "
                                    f"{_SCHEMA_VERSION}")
+                else:
+                    _add_columns(con)
                 yield con
         except sqlite3.DatabaseError as exc:
             raise EnsError(f"{self.path}: not a usable ledger ({exc})") from None
@@ -207,10 +223,10 @@ class Ledger:
             pass
 
     def record(self, *, file: str, sha256: str, created: str, format: str, rows: int, source: str,
-               blend: BlendProvenance | None) -> Entry:
+               blend: BlendProvenance | None, filled: int = 0, fill_source: str | None = None) -> Entry:
         """Insert a freshly written file as ``not-uploaded``."""
         values = dict(file=file, sha256=sha256, created=created, format=format, rows=rows, source=source,
-                      status="not-uploaded")
+                      status="not-uploaded", filled=filled, fill_source=fill_source)
         if blend is not None:
             values.update(blend_method=blend.method, blend_members=json.dumps(list(blend.members)),
                           blend_weights=json.dumps(dict(blend.weights)), cv_top1=blend.cv_top1,
@@ -264,6 +280,19 @@ class Ledger:
             count = con.execute("SELECT COUNT(*) FROM submissions").fetchone()[0]
             raise EnsError(f"ledger entry {entry_id}: no such entry in {self.path} ({count} entries)")
         return _entry(row)
+
+
+def _add_columns(con: sqlite3.Connection) -> None:
+    """Add the :data:`_ADDED` columns a ledger written by an older ens lacks."""
+    def absent() -> list[str]:
+        present = {row["name"] for row in con.execute("PRAGMA table_info(submissions)")}
+        return [name for name in _ADDED if name not in present]
+
+    if absent():
+        # Take the write lock, then look again: another ens may have migrated in between.
+        con.execute("BEGIN IMMEDIATE")
+        for name in absent():
+            con.execute(f"ALTER TABLE submissions ADD COLUMN {name} {_ADDED[name]}")
 
 
 def _entry(row: sqlite3.Row) -> Entry:

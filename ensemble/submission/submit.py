@@ -2,26 +2,31 @@
 
 The order inside :func:`submit` is what keeps files, ledger and Kaggle consistent: the Kaggle
 client and its credentials are tried first (nothing is written when they are missing), then
-the rows are checked, the file written atomically, its ledger row inserted as
-``not-uploaded``, and only then the upload tried, its outcome (``uploaded`` or
-``upload-failed``) stored in the same row. :func:`retry` uploads a recorded file again after
+the rows are checked (with ``--missing prior``, the test ids they lack filled from a prior,
+:mod:`ensemble.submission.prior`, before anything is written), the file written atomically,
+its ledger row inserted as ``not-uploaded``, and only then the upload tried, its outcome
+(``uploaded`` or ``upload-failed``) stored in the same row. :func:`retry` uploads a recorded file again after
 checking that its bytes are still those recorded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from ensemble.submission import kaggle_client
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
 from ensemble.submission.kaggle_client import Receipt, UploadError
 from ensemble.submission.ledger import BlendProvenance, Entry, Ledger, read_blend
-from ensemble.submission.formats import (Submission, check_file, check_rows, get_format, load_reference,
-                                 read_predictions, submission_path, write_submission)
+from ensemble.submission.formats import (Reference, Submission, check_file, check_rows, get_format,
+                                         load_reference, read_predictions, submission_path, write_submission)
+from ensemble.submission.prior import DEFAULT_MISSING, HINT, Prior, check_missing, fill, find_prior
 
 #: Where files and ledger go, relative to the working folder.
 SUBMISSIONS = Path("submissions")
@@ -34,8 +39,9 @@ BLEND = "blend.json"
 class SubmitOptions:
     """How `ens submit` writes and uploads. ``name``: the file name after the timestamp, ``None``
     for the blend folder's name; ``sample``: a sample submission whose ids the file must also
-    hold exactly; ``compress``: write ``.csv.gz``. ``competition`` and ``message`` together
-    mean upload; both ``None`` mean a dry run."""
+    hold exactly; ``compress``: write ``.csv.gz``; ``missing``: what test ids the predictions
+    lack get, ``fail`` or ``prior`` (:data:`ensemble.submission.prior.MISSING`). ``competition``
+    and ``message`` together mean upload; both ``None`` mean a dry run."""
 
     format: str = DEFAULT_FORMAT
     name: str | None = None
@@ -43,19 +49,31 @@ class SubmitOptions:
     compress: bool = False
     competition: str | None = None
     message: str | None = None
+    missing: str = DEFAULT_MISSING
 
     def __post_init__(self):
+        check_missing(self.missing)
         if (self.competition is None) != (self.message is None):
             raise EnsError("an upload needs both --competition C and -m MSG")
 
 
 @dataclass(frozen=True)
 class SubmitResult:
-    """The written (or retried) file, its ledger row, and Kaggle's receipt (``None`` for a dry run)."""
+    """The written (or retried) file, its ledger row, Kaggle's receipt (``None`` for a dry run)
+    and the prior its ``entry.filled`` filled rows hold (``None`` when none was filled)."""
 
     path: Path
     entry: Entry
     receipt: Receipt | None
+    prior: Prior | None = None
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """What ``ens submit --check`` found: the checked rows and what they were checked against."""
+
+    submission: Submission
+    reference: Reference
 
 
 @dataclass(frozen=True)
@@ -99,17 +117,25 @@ def submit(predictions: str | os.PathLike, data: str | os.PathLike, options: Sub
     kaggle = kaggle_client.connect() if options.competition is not None else None
     source = resolve_predictions(predictions)
     reference = load_reference(data, fmt, options.sample)
-    checked = check_rows(read_predictions(source.csv, fmt), fmt, reference, source.csv)
+    checked = check_rows(read_predictions(source.csv, fmt), fmt, reference, source.csv,
+                         allow_missing=options.missing == "prior", hint=HINT)
+    missing = np.setdiff1d(reference.test_ids, checked.ids)
+    prior = None
+    if missing.size:
+        prior = find_prior(data, fmt, reference, checked, source.csv)
+        checked = fill(checked, missing, prior)
 
     ledger = Ledger(folder)
     ledger.ensure()
     now = dt.datetime.now(dt.timezone.utc)
     path = write_submission(checked, submission_path(folder, options.name or source.name, now, options.compress))
     entry = ledger.record(file=path.name, sha256=sha256_file(path), created=f"{now:%Y-%m-%dT%H:%M:%SZ}",
-                          format=fmt.name, rows=len(checked.ids), source=source.source, blend=source.blend)
+                          format=fmt.name, rows=len(checked.ids), source=source.source, blend=source.blend,
+                          filled=int(missing.size), fill_source=None if prior is None else prior.source)
     if kaggle is None:
-        return SubmitResult(path=path, entry=entry, receipt=None)
-    return _upload(kaggle, ledger, entry, path, options.competition, options.message)
+        return SubmitResult(path=path, entry=entry, receipt=None, prior=prior)
+    result = _upload(kaggle, ledger, entry, path, options.competition, options.message)
+    return dataclasses.replace(result, prior=prior)
 
 
 def retry(entry_id: int, competition: str | None = None, message: str | None = None,
@@ -175,7 +201,8 @@ def refresh(folder: str | os.PathLike = SUBMISSIONS) -> RefreshResult:
 
 
 def check(file: str | os.PathLike, data: str | os.PathLike, format: str = DEFAULT_FORMAT,
-          sample: str | os.PathLike | None = None) -> Submission:
+          sample: str | os.PathLike | None = None) -> CheckResult:
     """``ens submit --check``: every check on any CSV; nothing is written."""
     fmt = get_format(format)
-    return check_file(file, fmt, load_reference(data, fmt, sample))
+    reference = load_reference(data, fmt, sample)
+    return CheckResult(submission=check_file(file, fmt, reference), reference=reference)

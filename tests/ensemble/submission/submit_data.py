@@ -22,14 +22,27 @@ VAL_CATEGORIES = (20, 42, 99, 101)
 KNOWN = tuple(sorted(set(TRAIN_CATEGORIES) | set(VAL_CATEGORIES)))
 
 
-def make_data(folder: Path, fmt: SubmissionFormat = FORMATS["inat2019"], ids: Sequence[int] = TEST_IDS) -> Path:
-    """The format's test json (no categories, as 2019's) and two category jsons."""
+#: The file names of each format's competition, as downloaded: test, train and val json.
+LAYOUTS = {
+    "inat2019": ("test2019.json", "train2019.json", "val2019.json"),
+    "inat2018": ("test2018.json", "train2018.json", "val2018.json"),
+    "inat2021": ("public_test.json", "train.json", "val.json"),
+}
+
+
+def make_data(folder: Path, fmt: SubmissionFormat = FORMATS["inat2019"], ids: Sequence[int] = TEST_IDS,
+              train_labels: Sequence[int] = ()) -> Path:
+    """The format's test json (no categories, as 2019's), and train and val jsons whose
+    categories are the known ids; the train json has one annotation per ``train_labels``."""
     folder.mkdir(parents=True, exist_ok=True)
+    test, train, val = LAYOUTS[fmt.name]
     images = [{"id": i, "file_name": f"test/{i}.jpg", "width": 8, "height": 8} for i in ids]
-    (folder / fmt.test_file).write_text(json.dumps({"images": images}))
-    for name, cats in zip(fmt.category_files, (TRAIN_CATEGORIES, VAL_CATEGORIES)):
-        (folder / name).write_text(json.dumps({"images": [], "annotations": [],
-                                               "categories": [{"id": c, "name": f"species {c}"} for c in cats]}))
+    (folder / test).write_text(json.dumps({"images": images}))
+    annotations = [{"id": j, "image_id": j, "category_id": c} for j, c in enumerate(train_labels)]
+    for name, cats, anns in ((train, TRAIN_CATEGORIES, annotations), (val, VAL_CATEGORIES, [])):
+        (folder / name).write_text(json.dumps({
+            "images": [{"id": a["image_id"], "file_name": f"train/{a['image_id']}.jpg"} for a in anns],
+            "annotations": anns, "categories": [{"id": c, "name": f"species {c}"} for c in cats]}))
     return folder
 
 

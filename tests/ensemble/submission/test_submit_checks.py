@@ -146,11 +146,15 @@ def test_data_folder_problems(work):
     fails(["submit", "--check", good, "--data", "nowhere"], "--data nowhere: no such folder")
     (work / "empty").mkdir()
     fails(["submit", "--check", good, "--data", "empty"],
-          "--data empty: no test2019.json (the test images of --format inat2019)")
-    for name in ("train2019.json", "val2019.json"):
-        (work / "data" / name).unlink()
+          "--data empty: no test json for --format inat2019 (looked for test2019.json, test2018.json, "
+          "test2017.json, test.json, public_test.json)")
+    fails(["submit", "--check", good, "--data", "empty", "--format", "inat2021"],
+          "--data empty: no test json for --format inat2021 (looked for test.json, public_test.json, "
+          "test2019.json, test2018.json, test2017.json)")
+    (work / "data" / "train2019.json").write_text(json.dumps({"images": [], "categories": []}))
+    (work / "data" / "val2019.json").unlink()
     fails(["submit", "--check", good, "--data", "data"],
-          "--data data: no categories in any of train2019.json, val2019.json, test2019.json")
+          "--data data: no categories in any of train2019.json, test2019.json and no val json")
 
 
 # -- the predictions side of `ens submit` ------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from typer.testing import CliRunner
 from ensemble.submission import submit as flow
 from ensemble.cli import app
 from ensemble.errors import EnsError
+from ensemble.submission.formats import FORMATS
 
 from tests.ensemble.submission.submit_data import TEST_IDS, make_blend, make_data, ranked, standin  # noqa: F401  (fixture)
 
@@ -52,12 +54,12 @@ def seen(monkeypatch):
 
 def test_options_reach_the_library(seen):
     result = ens("submit", "blends/x", "--data", "data", "--format", "inat2021", "--name", "try2", "--sample",
-                 "s.csv", "--gzip", "--competition", COMPETITION, "-m", "two models")
+                 "s.csv", "--gzip", "--competition", COMPETITION, "-m", "two models", "--missing", "prior")
     one_error(result, "stop here")
     args, kwargs = seen["submit"]
     assert args == (Path("blends/x"), Path("data"),
                     flow.SubmitOptions(format="inat2021", name="try2", sample=Path("s.csv"), compress=True,
-                                       competition=COMPETITION, message="two models"))
+                                       competition=COMPETITION, message="two models", missing="prior"))
     one_error(ens("submit", "blends/x", "--data", "data", "--dry-run"), "stop here")
     assert seen["submit"][0][2] == flow.SubmitOptions()
 
@@ -85,6 +87,9 @@ def test_check_retry_and_refresh_reach_the_library(seen):
     (("p.csv", "--retry", "1", "--data", "d", "--format", "inat2019"),
      "--retry does not take PREDICTIONS, --data, --format"),
     (("--check", "f.csv", "--retry", "1"), "--check and --retry do not go together"),
+    (("--check", "f.csv", "--data", "d", "--missing", "prior"), "--check does not take --missing"),
+    (("--retry", "1", "--missing", "fail"), "--retry does not take --missing"),
+    (("p.csv", "--data", "d", "--dry-run", "--missing", "zero"), "--missing zero: choose one of fail, prior"),
 ])
 def test_option_combinations(seen, args, expected):
     one_error(ens("submit", *args), expected)
@@ -116,8 +121,8 @@ def test_end_to_end_dry_run_retry_refresh(work, standin):
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0] == "Kaggle lists 1 of the 1 files an upload was tried for"
-    assert lines[1].split() == ["ID", "created", "file", "status", "kaggle", "CV", "top-1", "error", "public",
-                                "private", "message"]
+    assert lines[1].split() == ["ID", "created", "file", "filled", "status", "kaggle", "CV", "top-1", "error",
+                                "public", "private", "message"]
     assert lines[2].split() == ["1", lines[2].split()[1], path.name, "uploaded", "complete", "0.2500",
                                 "(0.2300-0.2700)", "0.2600", "blend", "of", "two"]
 
@@ -144,3 +149,51 @@ def test_empty_ledger(work):
     result = ens("submissions", "--refresh")
     assert result.exit_code == 0 and result.stdout.splitlines() == [
         "no upload tried yet: no scores to fetch", "no submissions recorded in submissions/ yet"]
+
+
+def _categories(path: Path, cats) -> None:
+    path.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": c} for c in cats]}))
+
+
+@pytest.mark.parametrize("train", ["train.json", "train_mini.json"])
+def test_inat2021_finds_its_own_files(tmp_path, monkeypatch, train):
+    """public_test.json and train.json (or train_mini.json) / val.json, not the 2019 files beside them."""
+    monkeypatch.chdir(tmp_path)
+    make_data(tmp_path / "data", FORMATS["inat2021"])
+    if train != "train.json":
+        (tmp_path / "data" / "train.json").rename(tmp_path / "data" / train)
+    # Another year's files in the same folder: other test ids, other categories.
+    make_data(tmp_path / "data", FORMATS["inat2019"], ids=(1, 2, 3))
+    for name in ("train2019.json", "val2019.json"):
+        _categories(tmp_path / "data" / name, [500])
+    # Each row holds categories that only train (3, 7, 11) or only val (42, 99, 101) knows.
+    rows = {i: [3, 42, 7, 99, 11] if n % 2 else [101, 11, 42, 3, 20] for n, i in enumerate(TEST_IDS)}
+    make_blend(tmp_path / "blends" / "x", rows)
+    result = ens("submit", "blends/x", "--data", "data", "--format", "inat2021", "--dry-run")
+    assert result.exit_code == 0, result.output
+    path = Path(result.stdout.split()[1])
+    assert path.read_text() == "Id,Predicted\n" + "".join(f"{i},{' '.join(map(str, rows[i]))}\n"
+                                                          for i in sorted(TEST_IDS))
+    result = ens("submit", "--check", path, "--data", "data", "--format", "inat2021")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == (f"ok: {path}: 6 rows, inat2021 (Id,Predicted, 5 known category ids per row), "
+                             "every id of public_test.json once\n")
+
+
+def test_inat2018_finds_test2018(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_data(tmp_path / "data", FORMATS["inat2018"])
+    make_data(tmp_path / "other", FORMATS["inat2019"], ids=(1, 2, 3))
+    for name in ("test2019.json", "train2019.json", "val2019.json"):
+        (tmp_path / "other" / name).rename(tmp_path / "data" / name)
+    _categories(tmp_path / "data" / "train2019.json", [500])
+    make_blend(tmp_path / "blends" / "x")
+    result = ens("submit", "blends/x", "--data", "data", "--format", "inat2018", "--dry-run")
+    assert result.exit_code == 0, result.output
+    path = Path(result.stdout.split()[1])
+    rows = ranked()
+    assert path.read_text() == "id,predicted\n" + "".join(f"{i},{' '.join(map(str, rows[i][:3]))}\n"
+                                                          for i in sorted(TEST_IDS))
+    result = ens("submit", "--check", path, "--data", "data", "--format", "inat2018")
+    assert result.stdout == (f"ok: {path}: 6 rows, inat2018 (id,predicted, 3 known category ids per row), "
+                             "every id of test2018.json once\n")

@@ -1,0 +1,121 @@
+"""Rows for the test ids the predictions lack: ``ens submit --missing prior``.
+
+``ens infer --on-bad-image skip`` leaves unreadable test images out of the stores, so the
+blend's ``predictions.csv`` lacks their ids, and a file must hold every test id. With
+``--missing prior`` every such id gets the same row, a ranking of classes made without the
+image (:class:`Prior`), from the first source that has one:
+
+* ``train-prior``: the classes most frequent among the ``annotations[].category_id`` of the
+  train json under ``--data`` (found by :func:`ensemble.datasets.find_split`; iNat 2021's
+  ``train_mini.json`` is not used, it holds the same number of images of every class). The
+  best guess for an image one knows nothing of, under the usual assumption that test and
+  train share the class frequencies.
+* ``blend-prior``, when there is no train json or it has no annotations: the classes the blend
+  ranks first most often (``category_1`` of the rows present); a tie goes to the class that
+  appears more often anywhere in the rows' top-k.
+
+In both, a remaining tie goes to the smaller category id, and known categories never counted
+rank after all counted ones, so a row always holds ``top_k`` distinct known category ids.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ensemble.datasets import find_split
+from ensemble.errors import EnsError
+from ensemble.submission.formats import Reference, Submission, SubmissionFormat, read_json
+
+#: ``--missing`` choices: what happens to test ids the predictions lack.
+MISSING = {
+    "fail": "stop with an error naming them (the default)",
+    "prior": "fill each with the most frequent classes: of the train json, else of the blend's predictions",
+}
+DEFAULT_MISSING = "fail"
+#: What ``--missing fail`` adds to the message that names the missing ids.
+HINT = ("; --missing prior fills them with the most frequent classes (of the train json, else of "
+        "these predictions)")
+
+
+def check_missing(name: str) -> str:
+    """``name`` if it is a ``--missing`` choice."""
+    if name not in MISSING:
+        raise EnsError(f"--missing {name}: choose one of {', '.join(MISSING)}")
+    return name
+
+
+@dataclass(frozen=True)
+class Prior:
+    """The row every missing id gets: ``categories`` ``(top_k,)`` int64, most likely first.
+    ``source``: ``train-prior`` or ``blend-prior``; ``origin``: the file that was counted."""
+
+    source: str
+    origin: Path
+    categories: np.ndarray
+
+
+def rank(categories: np.ndarray, *counts: np.ndarray, k: int) -> np.ndarray:
+    """The first ``k`` of ``categories`` ``(n,)`` ordered by ``counts[0]`` ``(n,)`` descending,
+    ties by ``counts[1]`` descending and so on, last ties by the smaller category id."""
+    order = np.lexsort((categories, *(-c for c in reversed(counts))))
+    return categories[order[:k]]
+
+
+def train_prior(path: Path, reference: Reference, k: int) -> Prior | None:
+    """The ``k`` classes most frequent among the annotations of the train json at ``path``;
+    ``None`` when it has none."""
+    doc = read_json(path)
+    annotations = doc.get("annotations") if isinstance(doc, dict) else None
+    if not annotations:
+        return None
+    if not isinstance(annotations, list):
+        raise EnsError(f"{path}: 'annotations' is not a list")
+    labels = np.empty(len(annotations), dtype=np.int64)
+    for i, ann in enumerate(annotations):
+        cid = ann.get("category_id") if isinstance(ann, dict) else None
+        if isinstance(cid, bool) or not isinstance(cid, int):
+            raise EnsError(f"{path}: annotations[{i}] has category_id {cid!r}; expected an integer")
+        labels[i] = cid
+    unknown = np.setdiff1d(labels, reference.categories)
+    if unknown.size:
+        raise EnsError(f"{path}: annotations name category ids {', '.join(map(str, unknown[:5]))}"
+                       f"{' and more' if unknown.size > 5 else ''}, not among the {reference.categories.size} "
+                       "categories of the dataset")
+    counts = np.bincount(np.searchsorted(reference.categories, labels), minlength=reference.categories.size)
+    return Prior("train-prior", path, rank(reference.categories, counts, k=k))
+
+
+def blend_prior(submission: Submission, origin: Path, reference: Reference) -> Prior:
+    """The classes ``submission`` (checked rows of the predictions) ranks first most often."""
+    if submission.ids.size == 0:
+        raise EnsError(f"{origin}: no rows to count the most frequent classes from, and --data has no train json "
+                       "with annotations: --missing prior has nothing to fill with")
+    positions = np.searchsorted(reference.categories, submission.categories)
+    first = np.bincount(positions[:, 0], minlength=reference.categories.size)
+    anywhere = np.bincount(positions.ravel(), minlength=reference.categories.size)
+    return Prior("blend-prior", origin, rank(reference.categories, first, anywhere, k=submission.format.top_k))
+
+
+def find_prior(data: str | os.PathLike, fmt: SubmissionFormat, reference: Reference, submission: Submission,
+               origin: Path) -> Prior:
+    """The train prior when ``data`` has a train json with annotations, else the blend prior of
+    ``submission``, the checked rows read from ``origin``."""
+    if reference.categories.size < fmt.top_k:
+        raise EnsError(f"--missing prior: the dataset knows {reference.categories.size} categories; a row of "
+                       f"--format {fmt.name} needs {fmt.top_k} distinct ones")
+    train = find_split(data, "train", year=fmt.year, folders=False, required=False)
+    prior = train_prior(train, reference, fmt.top_k) if train is not None else None
+    return prior or blend_prior(submission, origin, reference)
+
+
+def fill(submission: Submission, ids: np.ndarray, prior: Prior) -> Submission:
+    """``submission`` with a row of ``prior`` for each of ``ids`` ``(n,)`` (ids it lacks), ids ascending."""
+    ids = np.concatenate([submission.ids, ids.astype(np.int64)])
+    rows = np.broadcast_to(prior.categories, (ids.size - submission.ids.size, prior.categories.size))
+    categories = np.concatenate([submission.categories.reshape(-1, prior.categories.size), rows])
+    order = np.argsort(ids, kind="stable")
+    return Submission(format=submission.format, ids=ids[order], categories=categories[order])
