@@ -25,6 +25,7 @@ import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -81,7 +82,7 @@ def copy_sources(dst: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def core(tmp_path_factory) -> Core:
+def core(tmp_path_factory) -> Iterator[Core]:
     root = tmp_path_factory.mktemp("core_install")
     src = copy_sources(root / "src")
     venv = root / "venv"
@@ -93,7 +94,8 @@ def core(tmp_path_factory) -> Core:
     installed = Core(bin_, env)
     ok(installed.run(bin_ / "python", "-m", "pip", "install", "--quiet", "--no-input", "--disable-pip-version-check",
                      "-c", REPO / "constraints.txt", src, cwd=root, timeout=1800))
-    return installed
+    yield installed
+    shutil.rmtree(venv, ignore_errors=True)  # about 0.5 GB; pytest keeps the last runs' temp folders
 
 
 @pytest.fixture(scope="module")
