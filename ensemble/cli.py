@@ -17,6 +17,7 @@ import typer
 
 from ensemble import __version__
 from ensemble.errors import EnsError
+from ensemble.metadata import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, ModelMetadata, rgb_text
 
 app = typer.Typer(
     name="ens",
@@ -88,11 +89,12 @@ def export(
     arch_kwargs: Annotated[Optional[str], typer.Option("--arch-kwargs", metavar="JSON", help="Keyword arguments for the builder, e.g. '{\"transform_input\": true}'.")] = None,
     num_classes: Annotated[Optional[int], typer.Option(help="Number of classes; read from the classifier weights when omitted.")] = None,
     input_size: Annotated[Optional[int], typer.Option(help="Input height and width in pixels \\[default: 299 for inception_v3, else 224].")] = None,
-    mean: Annotated[str, typer.Option(metavar="R,G,B", help="Normalisation mean, as fractions of 255.")] = "0.485,0.456,0.406",
-    std: Annotated[str, typer.Option(metavar="R,G,B", help="Normalisation std, as fractions of 255.")] = "0.229,0.224,0.225",
-    resize: Annotated[str, typer.Option(help="How inference fits images to the input: center-crop (shorter side to size/crop-pct, then centre crop) or squash.")] = "center-crop",
-    crop_pct: Annotated[float, typer.Option(help="Fraction of the resized image kept by center-crop.")] = 0.875,
-    classes: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Output index -> category id: a JSON list, or a COCO json whose categories sorted by id give the order.")] = None,
+    mean: Annotated[Optional[str], typer.Option(metavar="R,G,B", help=f"Normalisation mean, as fractions of 255 \\[default: {rgb_text(IMAGENET_MEAN)} (ImageNet)].")] = None,
+    std: Annotated[Optional[str], typer.Option(metavar="R,G,B", help=f"Normalisation std, as fractions of 255 \\[default: {rgb_text(IMAGENET_STD)} (ImageNet)].")] = None,
+    resize: Annotated[Optional[str], typer.Option(help=f"How inference fits images to the input: center-crop (shorter side to size/crop-pct, then centre crop) or squash \\[default: {ModelMetadata.resize}].")] = None,
+    crop_pct: Annotated[Optional[float], typer.Option(help=f"Fraction of the resized image kept by center-crop \\[default: {ModelMetadata.crop_pct:g}].")] = None,
+    interpolation: Annotated[Optional[str], typer.Option(help=f"Resampling filter inference resizes images with: {' or '.join(INTERPOLATIONS)} (timm's pretrained models use bicubic) \\[default: {ModelMetadata.interpolation}].")] = None,
+    classes: Annotated[Optional[Path], typer.Option(metavar="FILE|DIR", help="Output index -> category id: the training images' folder (ImageFolder's order: class folder names sorted as strings, 10 before 2), a JSON list, or a COCO json whose categories sorted by id give the order.")] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Write a float16 model (uint8 input and float32 output kept).")] = False,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="OUT.onnx", help="Output file \\[default: the checkpoint's path with .onnx, or .fp16.onnx].")] = None,
 ) -> None:
@@ -118,17 +120,18 @@ def export(
             package = {"onnxconverter_common": "onnxconverter-common"}.get(missing, missing)
             raise EnsError(f"ens export needs {package}, which this install lacks: pip install 'ens[export]'") from None
 
+        # An option left out (None) keeps ExportOptions' own default.
+        preprocess = {"mean": _floats3(mean, "--mean") if mean is not None else None,
+                      "std": _floats3(std, "--std") if std is not None else None,
+                      "resize": resize, "crop_pct": crop_pct, "interpolation": interpolation}
         options = ExportOptions(
             arch=arch,
             arch_kwargs=_json_object(arch_kwargs, "--arch-kwargs") if arch_kwargs else {},
             num_classes=num_classes,
             input_size=input_size,
-            mean=_floats3(mean, "--mean"),
-            std=_floats3(std, "--std"),
-            resize=resize,
-            crop_pct=crop_pct,
             classes=classes,
             fp16=fp16,
+            **{k: v for k, v in preprocess.items() if v is not None},
         )
         result = export_checkpoint(checkpoint, output, options)
     meta = result.metadata
@@ -208,7 +211,7 @@ def infer(
         from ensemble.datasets import load_split, resolve_splits
         from ensemble.inference.run import InferOptions
         from ensemble.inference.run import infer as run_infer
-        from ensemble.metadata import RESIZE_POLICIES
+        from ensemble.metadata import check_preprocess
         from ensemble.inference.runtime import ForeignPreprocess
 
         if (data is None) == (index is None):
@@ -226,12 +229,14 @@ def infer(
             scale_values = tuple(float(s) for s in scales.split(","))
         except ValueError:
             raise EnsError(f"--scales {scales}: expected numbers separated by commas, e.g. 0.875,1,1.143") from None
-        if resize is not None and resize not in RESIZE_POLICIES:
-            raise EnsError(f"--resize {resize}: choose one of {', '.join(RESIZE_POLICIES)}")
-        if crop_pct is not None and not 0.0 < crop_pct <= 1.0:
-            raise EnsError(f"--crop-pct {crop_pct}: expected a fraction in (0, 1]")
-        if std is not None and any(v <= 0 for v in _floats3(std, "--std")):
-            raise EnsError(f"--std {std}: every value must be positive")
+        foreign = ForeignPreprocess(
+            input_size=input_size,
+            mean=_floats3(mean, "--mean") if mean is not None else None,
+            std=_floats3(std, "--std") if std is not None else None,
+            resize=resize,
+            crop_pct=crop_pct,
+        )
+        check_preprocess(mean=foreign.mean, std=foreign.std, resize=resize, crop_pct=crop_pct)
         options = InferOptions(
             tta=tuple(t.strip() for t in tta.split(",") if t.strip()),
             scales=scale_values,
@@ -244,13 +249,7 @@ def infer(
             dtype=dtype,
             chunk_size=chunk_size,
             out=out,
-            foreign=ForeignPreprocess(
-                input_size=input_size,
-                mean=_floats3(mean, "--mean") if mean else None,
-                std=_floats3(std, "--std") if std else None,
-                resize=resize,
-                crop_pct=crop_pct,
-            ),
+            foreign=foreign,
         )
         with InferProgress() as progress:
             result = run_infer(models, splits, options, progress)

@@ -24,7 +24,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from ensemble.errors import EnsError
 
@@ -46,12 +46,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def rgb_text(values) -> str:
+def rgb_text(values: Sequence[float]) -> str:
     """``R,G,B`` as the command line takes it: ``(0.485, 0.456, 0.406)`` -> ``0.485,0.456,0.406``."""
     return ",".join(f"{v:g}" for v in values)
 
 
-def check_preprocess(*, mean=None, std=None, resize: str | None = None, crop_pct: float | None = None,
+def check_preprocess(*, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                     resize: str | None = None, crop_pct: float | None = None,
                      interpolation: str | None = None) -> None:
     """Raise :class:`EnsError` naming the option (``--mean``, ``--crop-pct``, ...) of the first
     preprocessing value out of range; ``None`` means not given. The one check of these values,

@@ -1,8 +1,9 @@
-"""The ``--classes`` file: which dataset category id each output column stands for."""
+"""The ``--classes`` file or folder: which dataset category id each output column stands for."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from ensemble.errors import EnsError
@@ -11,12 +12,16 @@ from ensemble.errors import EnsError
 def load_class_ids(path: str | Path, num_classes: int) -> tuple[int | str, ...]:
     """Read the mapping from output index to category id.
 
-    Accepted: a JSON list (``ids[i]`` is the category id of output ``i``), or a COCO / iNat
-    annotation file, whose ``categories`` sorted by ``id`` give the order (the order of
-    ``sorted(category ids)``, as a training script that enumerates them would use). Strings
-    that spell integers become integers, so folder names from ``ImageFolder`` work.
+    Accepted: an image folder tree, one subfolder per class, in the order torchvision's
+    ``ImageFolder`` gives them (folder names sorted as strings, so "10" comes before "2"); a
+    JSON list (``ids[i]`` is the category id of output ``i``); or a COCO / iNat annotation
+    file, whose ``categories`` sorted by ``id`` give the order (the order of ``sorted(category
+    ids)``, as a training script that enumerates them would use). Strings that spell integers
+    become integers, so folder names are category ids.
     """
     path = Path(path)
+    if path.is_dir():
+        return _checked(image_folder_classes(path), num_classes, path)
     if not path.is_file():
         raise EnsError(f"--classes {path}: no such file")
     try:
@@ -35,9 +40,30 @@ def load_class_ids(path: str | Path, num_classes: int) -> tuple[int | str, ...]:
         ids = data
     else:
         raise EnsError(f"--classes {path}: expected a JSON list of category ids or a COCO json")
-    ids = [_as_id(v, path) for v in ids]
+    return _checked(ids, num_classes, path)
+
+
+def image_folder_classes(folder: Path) -> list[str]:
+    """The class names of an ``ImageFolder`` at ``folder``, in its label order.
+
+    torchvision's ``find_classes``: every subfolder (hidden ones and links to folders too),
+    names sorted as strings.
+    """
+    try:
+        names = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    except OSError as exc:
+        raise EnsError(f"--classes {folder}: cannot list the folder ({exc.strerror})") from None
+    if not names:
+        raise EnsError(f"--classes {folder}: a folder without class subfolders (expected the training "
+                       "images' ImageFolder root, one subfolder per class)")
+    return names
+
+
+def _checked(values: list, num_classes: int, path: Path) -> tuple[int | str, ...]:
+    ids = [_as_id(v, path) for v in values]
     if len(ids) != num_classes:
-        raise EnsError(f"--classes {path}: lists {len(ids)} categories but the model predicts {num_classes}")
+        found = f"holds {len(ids)} class folders" if path.is_dir() else f"lists {len(ids)} categories"
+        raise EnsError(f"--classes {path}: {found} but the model predicts {num_classes}")
     seen: set[int | str] = set()
     for i, v in enumerate(ids):
         if v in seen:

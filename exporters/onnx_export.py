@@ -28,15 +28,13 @@ from torch import nn
 from ensemble import __version__
 from ensemble.errors import EnsError
 from ensemble.fileio import atomic_path, sha256_file
-from ensemble.metadata import (INPUT_NAME, OUTPUT_NAME, RESIZE_POLICIES, ModelMetadata,
-                               Verification)
+from ensemble.metadata import (IMAGENET_MEAN, IMAGENET_STD, INPUT_NAME, OUTPUT_NAME, ModelMetadata,
+                               Verification, check_preprocess)
 from exporters import architectures
 from exporters.checkpoints import (Checkpoint, fit_report, load_checkpoint, strip_prefixes,
                                    with_module_versions)
 from exporters.classes import load_class_ids
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 OPSET = 17
 #: Bounds of the parity check: fp32 graphs must match torch closely and agree on every top-1;
 #: fp16 graphs round every activation, so only their top-1 agreement is bounded.
@@ -51,7 +49,10 @@ _AUX_PREFIXES = ("AuxLogits.", "aux1.", "aux2.")
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """How to export. ``None`` means "the architecture's or checkpoint's own value"."""
+    """How to export. ``None`` means "the architecture's or checkpoint's own value".
+
+    The preprocessing defaults are the ImageNet recipe and :class:`ModelMetadata`'s own.
+    """
 
     arch: str | None = None
     arch_kwargs: Mapping[str, Any] = field(default_factory=dict)
@@ -59,8 +60,9 @@ class ExportOptions:
     input_size: int | None = None
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    resize: str = "center-crop"
-    crop_pct: float = 0.875
+    resize: str = ModelMetadata.resize
+    crop_pct: float = ModelMetadata.crop_pct
+    interpolation: str = ModelMetadata.interpolation
     classes: Path | None = None
     fp16: bool = False
     opset: int = OPSET
@@ -158,6 +160,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None,
         std=tuple(float(v) for v in options.std),
         resize=options.resize,
         crop_pct=options.crop_pct,
+        interpolation=options.interpolation,
         dynamic_size=dynamic,
         precision="fp16" if options.fp16 else "fp32",
         class_ids=class_ids,
@@ -178,22 +181,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None,
 def _check_options(options: ExportOptions, out: Path) -> None:
     if out.suffix != ".onnx":
         raise EnsError(f"-o {out}: the output file must end in .onnx")
-    for name, values in (("--mean", options.mean), ("--std", options.std)):
-        if len(values) != 3:
-            raise EnsError(f"{name}: expected three values R,G,B, got {len(values)}")
-        if any(not (0.0 <= v <= 1.0) for v in values):
-            raise EnsError(f"{name} {','.join(map(str, values))}: values are fractions of 255 in [0, 1] "
-                           "(e.g. 0.485,0.456,0.406)")
-    if any(v <= 0 for v in options.std):
-        raise EnsError(f"--std {','.join(map(str, options.std))}: every value must be positive")
+    check_preprocess(mean=options.mean, std=options.std, resize=options.resize, crop_pct=options.crop_pct,
+                     interpolation=options.interpolation)
     if options.input_size is not None and not 16 <= options.input_size <= 4096:
         raise EnsError(f"--input-size {options.input_size}: expected 16 to 4096 pixels")
     if options.num_classes is not None and options.num_classes < 1:
         raise EnsError(f"--num-classes {options.num_classes}: must be at least 1")
-    if options.resize not in RESIZE_POLICIES:
-        raise EnsError(f"--resize {options.resize}: choose one of {', '.join(RESIZE_POLICIES)}")
-    if not 0.0 < options.crop_pct <= 1.0:
-        raise EnsError(f"--crop-pct {options.crop_pct}: expected a fraction in (0, 1]")
     if options.check_batch < 2:
         raise EnsError("the check batch needs at least 2 images")
 

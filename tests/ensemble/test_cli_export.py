@@ -37,6 +37,7 @@ def test_help_lists_only_working_commands():
 
 @pytest.mark.parametrize("command, default", [
     (["export"], "[default: 299 for inception_v3, else 224]"),
+    (["export"], "[default: 0.485,0.456,0.406 (ImageNet)]"),
     (["blend"], "[default: every model with a store for the split]"),
 ])
 def test_help_shows_computed_defaults(command, default):
@@ -86,15 +87,28 @@ def test_options_reach_the_library(monkeypatch, tmp_path):
         "export", "ck.pt", "--arch", "inception_v3", "--arch-kwargs", '{"transform_input": true}',
         "--num-classes", "1010", "--input-size", "560", "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25",
         "--classes", "cats.json", "--fp16", "-o", str(tmp_path / "x.onnx"), "--resize", "squash", "--crop-pct", "1",
+        "--interpolation", "bicubic",
     ])
     assert result.exit_code == 2
     assert seen["out"] == tmp_path / "x.onnx"
     assert str(seen["checkpoint"]) == "ck.pt"
     assert seen["options"] == ExportOptions(
         arch="inception_v3", arch_kwargs={"transform_input": True}, num_classes=1010, input_size=560,
-        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), resize="squash", crop_pct=1.0,
+        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), resize="squash", crop_pct=1.0, interpolation="bicubic",
         classes=seen["options"].classes, fp16=True)
     assert str(seen["options"].classes) == "cats.json"
+
+
+def test_options_left_out_keep_the_librarys_defaults(monkeypatch):
+    seen = {}
+
+    def fake_export(checkpoint, out, options):
+        seen.update(options=options)
+        raise EnsError("stop here")
+
+    monkeypatch.setattr(exporters, "export_checkpoint", fake_export)
+    assert runner.invoke(app, ["export", "ck.pt"]).exit_code == 2
+    assert seen["options"] == ExportOptions()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -103,6 +117,7 @@ def test_options_reach_the_library(monkeypatch, tmp_path):
     (["export", "x.pt", "--arch-kwargs", "[1]"], "error: --arch-kwargs: expected a JSON object"),
     (["export", "x.pt", "--mean", "0.5,0.5"], "error: --mean 0.5,0.5: expected three numbers R,G,B, got 2"),
     (["export", "x.pt", "--std", "a,b,c"], "error: --std a,b,c: expected three numbers R,G,B"),
+    (["export", "x.pt", "--interpolation", "nearest"], "error: --interpolation nearest: choose one of bilinear, bicubic"),
     (["info", "nothing.onnx"], "error: nothing.onnx: no such file"),
 ])
 def test_user_errors_are_one_line_and_exit_2(args, message):
@@ -134,3 +149,113 @@ def test_debug_shows_the_traceback():
 def test_version():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.stdout.startswith("ens ")
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--mean", "123.7,116.3,103.5"), ("--std", "0.2,0,0.2"), ("--resize", "stretch"), ("--crop-pct", "1.5"),
+])
+def test_export_and_infer_share_the_preprocessing_checks(tmp_path, option, value):
+    from tests.ensemble.conftest import write_images
+
+    write_images(tmp_path / "images", [(40, 30)], ".png")
+    exported = runner.invoke(app, ["export", "x.pt", option, value])
+    inferred = runner.invoke(app, ["infer", str(tmp_path / "m.onnx"), "--index", str(tmp_path / "images"),
+                                   "--out", str(tmp_path / "runs"), option, value])
+    assert exported.exit_code == inferred.exit_code == 2
+    assert exported.stderr.startswith(f"error: {option} ")
+    assert exported.stderr.strip() == inferred.stderr.strip().splitlines()[-1]
+
+
+#: Colours of the classes of a tiny ImageFolder training set; folder names are category ids.
+COLOURS = {"1": (220, 40, 40), "2": (40, 200, 60), "10": (50, 60, 210), "11": (230, 220, 50)}
+
+
+def test_class_folder_gives_the_labels_of_imagefolder_training(tmp_path):
+    """A model trained on ImageFolder("train") predicts label 1 for folder "10" (the folder names
+    sorted as strings). Exported with --classes train, `ens infer` must map its columns back so
+    that every image's predicted category is the name of the folder it lies in."""
+    import numpy as np
+    import torchvision
+    from PIL import Image
+    from torch import nn
+
+    from ensemble.inference.store import read_store
+    from ensemble.metadata import IMAGENET_MEAN, IMAGENET_STD
+
+    train = tmp_path / "train"
+    for name, rgb in COLOURS.items():
+        (train / name).mkdir(parents=True)
+        for i, size in enumerate([(40, 30), (30, 44)]):
+            Image.new("RGB", size, rgb).save(train / name / f"{i}.png")
+    folder = torchvision.datasets.ImageFolder(str(train))
+    assert folder.classes == ["1", "10", "11", "2"]  # the trap: not 1, 2, 10, 11
+
+    # "Trained": logit k = -|x - colour of class k|^2 + |x|^2 on the normalised mean colour x.
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    protos = torch.stack([(torch.tensor(COLOURS[c], dtype=torch.float32) / 255 - mean) / std for c in folder.classes])
+    head = nn.Linear(3, len(protos))
+    with torch.no_grad():
+        head.weight.copy_(2 * protos)
+        head.bias.copy_(-(protos ** 2).sum(1))
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), head).eval()
+    with torch.no_grad():  # right on ImageFolder's own labels, as after training
+        for path, label in folder.samples:
+            pixels = torch.tensor(np.asarray(Image.open(path)), dtype=torch.float32).permute(2, 0, 1)[None]
+            assert int(model((pixels / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)).argmax()) == label
+    torch.save(model, tmp_path / "colours.pt")
+
+    result = runner.invoke(app, ["export", str(tmp_path / "colours.pt"), "--input-size", "32", "--classes", str(train)])
+    assert result.exit_code == 0, result.output
+    onnx_file = tmp_path / "colours.onnx"
+    info = json.loads(runner.invoke(app, ["info", str(onnx_file), "--json"]).stdout)
+    assert info["class_ids"] == [1, 10, 11, 2]
+
+    ran = runner.invoke(app, ["infer", str(onnx_file), "--index", str(train), "--out", str(tmp_path / "runs"),
+                              "--workers", "0", "--dtype", "float32"])
+    assert ran.exit_code == 0, ran.output
+    store = read_store(tmp_path / "runs" / "colours" / "train")
+    predicted = [store.class_ids[j] for j in np.asarray(store.logits).argmax(1)]
+    assert len(predicted) == 8
+    assert predicted == [int(image_id.split("/")[0]) for image_id in store.ids.tolist()]
+
+
+def test_interpolation_is_stored_and_used_by_infer(checkpoint, tmp_path):
+    """The same network exported with --interpolation bicubic and bilinear: `ens infer` feeds
+    each the images resized with its own filter (PIL's, as torchvision's Resize on PIL images)."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    from ensemble.inference.store import read_store
+    from tests.ensemble.conftest import run_onnx, write_images
+
+    models = {}
+    for interpolation in ("bilinear", "bicubic"):
+        models[interpolation] = tmp_path / f"{interpolation}.onnx"
+        result = runner.invoke(app, ["export", str(checkpoint), "--arch", "resnet18", "--input-size", "32",
+                                     "--interpolation", interpolation, "-o", str(models[interpolation])])
+        assert result.exit_code == 0, result.output
+    info = json.loads(runner.invoke(app, ["info", str(models["bicubic"]), "--json"]).stdout)
+    assert info["interpolation"] == "bicubic"
+
+    # PNGs (exact pixels, no reduced JPEG decode), larger than the 36 px canvas: a real resize.
+    images = tmp_path / "images"
+    write_images(images, [(64, 48), (48, 70), (90, 60), (50, 50)], ".png")
+    ran = runner.invoke(app, ["infer", *map(str, models.values()), "--index", str(images), "--workers", "0",
+                              "--dtype", "float32", "--out", str(tmp_path / "runs")])
+    assert ran.exit_code == 0, ran.output
+    stores = {name: read_store(tmp_path / "runs" / name / "images") for name in models}
+
+    def expected(name: str, mode: InterpolationMode) -> np.ndarray:
+        views = []
+        for image_id in stores[name].ids.tolist():
+            image = F.resize(Image.open(images / image_id).convert("RGB"), 36, interpolation=mode)  # 32 / 0.875
+            views.append(np.asarray(F.center_crop(image, [32, 32])))
+        return run_onnx(models[name], np.stack(views))
+
+    bicubic, bilinear = np.asarray(stores["bicubic"].logits), np.asarray(stores["bilinear"].logits)
+    np.testing.assert_allclose(bicubic, expected("bicubic", InterpolationMode.BICUBIC), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(bilinear, expected("bilinear", InterpolationMode.BILINEAR), atol=1e-4, rtol=1e-4)
+    # ... and the two filters give other logits (here by 1.5e-2), well beyond that tolerance.
+    assert np.abs(bicubic - bilinear).max() > 10 * 1e-4

@@ -8,7 +8,7 @@ import torch
 
 from ensemble.metadata import read_metadata
 from exporters import ExportOptions, export_checkpoint
-from exporters.onnx_export import FP32_MAX_ABS_DIFF, second_size
+from exporters.onnx_export import second_size
 
 from tests.exporters.helpers import NUM_CLASSES, build, onnx_logits, reference_logits, random_images
 
@@ -22,6 +22,10 @@ ARCHS = [
     ("mobilenet_v3_large", 64),
     ("convnext_tiny", 64),
 ]
+#: This test's own bounds for the written graphs against torch on fresh images (not the
+#: exporter's: a test that reused its constants would pass whatever they were set to).
+FP32_ATOL, FP32_RTOL = 1e-3, 1e-4
+FP16_MAX_DIFF_FRACTION = 0.05  #: of the largest |logit| (at least 1)
 
 
 @pytest.fixture(scope="module", params=ARCHS, ids=[a for a, _ in ARCHS])
@@ -40,15 +44,14 @@ def test_parity_at_two_sizes(exported):
     assert result.path == ckpt.with_suffix(".onnx") and result.path.is_file()
     checks = result.metadata.verification
     assert [(c.precision, c.size) for c in checks] == [("fp32", size), ("fp32", second_size(size))]
-    assert all(c.max_abs_diff <= FP32_MAX_ABS_DIFF and c.top1_agreement == 1.0 for c in checks)
-    # Independently of the exporter's own check: the graph equals the model fed with images
-    # normalised outside the graph, at the default size and at another size.
+    # Not the exporter's check batch, not its bound: the written graph equals the model fed with
+    # images normalised outside the graph, at the default size and at a size never verified.
     for s in (size, size + 24):
         images = random_images(3, s)
         got = onnx_logits(result.path, images)
         want = reference_logits(model, images)
         assert got.shape == (3, NUM_CLASSES) and got.dtype == np.float32
-        np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-4)
+        np.testing.assert_allclose(got, want, atol=FP32_ATOL, rtol=FP32_RTOL)
         assert (got.argmax(1) == want.argmax(1)).all()
 
 
@@ -59,6 +62,7 @@ def test_metadata_round_trip(exported):
     assert (meta.architecture, meta.num_classes, meta.input_size) == (arch, NUM_CLASSES, size)
     assert meta.dynamic_size and meta.precision == "fp32"
     assert meta.mean == (0.485, 0.456, 0.406) and meta.std == (0.229, 0.224, 0.225)
+    assert (meta.resize, meta.crop_pct, meta.interpolation) == ("center-crop", 0.875, "bilinear")
     assert meta.checkpoint == ckpt.name
     import hashlib
 
@@ -75,7 +79,6 @@ def test_fp16(exported):
     assert meta.precision == "fp16"
     fp16_checks = [c for c in meta.verification if c.precision == "fp16"]
     assert [c.size for c in fp16_checks] == [size, second_size(size)]
-    assert all(c.top1_agreement >= 0.99 for c in fp16_checks)
 
     import onnx
 
@@ -87,4 +90,4 @@ def test_fp16(exported):
     got = onnx_logits(result.path, images)
     want = reference_logits(model, images)
     assert got.dtype == np.float32
-    assert np.abs(got - want).max() < 0.05 * max(1.0, np.abs(want).max())
+    assert np.abs(got - want).max() < FP16_MAX_DIFF_FRACTION * max(1.0, np.abs(want).max())

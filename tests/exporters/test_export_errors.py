@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ensemble.errors import EnsError
+from ensemble.metadata import read_metadata
 from exporters import ExportOptions, export_checkpoint
 from exporters import onnx_export
 
@@ -138,6 +139,7 @@ def test_unpicklable_model(tmp_path, monkeypatch):
     ("input_size", 8, "--input-size 8"),
     ("resize", "stretch", "--resize stretch: choose one of center-crop, squash"),
     ("crop_pct", 1.5, "--crop-pct 1.5"),
+    ("interpolation", "lanczos", "--interpolation lanczos: choose one of bilinear, bicubic"),
 ])
 def test_bad_options(weights, option, value, match):
     _fails(match, weights, arch="resnet18", **{option: value})
@@ -170,6 +172,18 @@ def test_classes_mapping_is_stored(weights, tmp_path):
     result = export_checkpoint(weights, tmp_path / "m.onnx", ExportOptions(
         arch="resnet18", input_size=SIZE, classes=tmp_path / "folders.json"))
     assert result.metadata.class_ids == (0, 1, 10, 100, 2, 3, "a")
+
+
+def test_classes_from_an_image_folder_in_imagefolder_order(weights, tmp_path):
+    train = tmp_path / "train"
+    for name in ("1", "2", "3", "10", "11", "12", "20"):  # "10" < "2" as strings
+        (train / name).mkdir(parents=True)
+        (train / name / "image.jpg").write_bytes(b"")
+    result = export_checkpoint(weights, tmp_path / "m.onnx", ExportOptions(
+        arch="resnet18", input_size=SIZE, classes=train))
+    assert read_metadata(result.path).class_ids == (1, 10, 11, 12, 2, 20, 3)
+    (tmp_path / "flat").mkdir()
+    _fails("--classes .*flat: a folder without class subfolders", weights, arch="resnet18", classes=tmp_path / "flat")
 
 
 def test_failed_verification_leaves_no_file_and_keeps_an_old_one(weights, monkeypatch):
