@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 from pathlib import Path
 from typing import Annotated, Iterator, Optional
@@ -59,6 +60,32 @@ def _user_errors(ctx: typer.Context) -> Iterator[None]:
             raise
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    except OSError as exc:  # the file system said no (a full disk, a read-only folder, a file in the way)
+        if ctx.obj is not None and ctx.obj.debug:
+            raise
+        typer.echo(f"error: {os_error(exc)}", err=True)
+        raise typer.Exit(2) from None
+
+
+#: What to do about the file-system errors a run may meet, by errno.
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full: free space and run the same command again (finished work is kept)",
+    errno.EDQUOT: "the disk quota is used up: free space and run the same command again",
+    errno.EROFS: "the file system is read-only: write somewhere else",
+    errno.EACCES: "no permission: write somewhere else, or fix the folder's permissions",
+    errno.EPERM: "not permitted: write somewhere else, or fix the folder's permissions",
+    errno.ENOTDIR: "a file stands where a folder is needed: move it, or write somewhere else",
+    errno.EEXIST: "a file stands where a folder is needed: move it, or write somewhere else",
+    errno.EISDIR: "a folder stands where a file is needed",
+}
+
+
+def os_error(exc: OSError) -> str:
+    """One line for an operating-system error: the file, what went wrong, what to do."""
+    where = exc.filename if exc.filename is not None else "ens"
+    what = exc.strerror or str(exc) or type(exc).__name__
+    hint = _OS_HINTS.get(exc.errno)
+    return f"{where}: {what}" + (f"; {hint}" if hint else "")
 
 
 def _floats3(text: str, option: str) -> tuple[float, float, float]:
@@ -279,7 +306,7 @@ def blend(
     fallback: Annotated[Optional[str], typer.Option(metavar="uniform", help="Use equal weights when the method does not beat them on CV.")] = None,
     weights: Annotated[Optional[Path], typer.Option(metavar="blend.json", help="Apply saved weights instead of fitting.")] = None,
     top_k: Annotated[int, typer.Option(help="Categories per image in predictions.csv.")] = 5,
-    out: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Blend folder \\[default: blends/<method>].")] = None,
+    out: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Blend folder \\[default: blends/<method>; with --weights, <its folder>-<split> beside it].")] = None,
 ) -> None:
     """Fit blend weights on validation, report honest CV estimates, fuse the test logits.
 
@@ -287,27 +314,12 @@ def blend(
     DIR/predictions.csv (id, top-k category ids and probabilities) for `ens submit`.
     """
     with _user_errors(ctx):
-        from ensemble.blending import BlendOptions, available_models, run_blend
+        from ensemble.blending import BlendOptions, run_blend
 
         model_list = tuple(m.strip() for m in models.split(",") if m.strip()) if models else None
-        if apply is None and weights is None and optimize is not None:
-            candidates = model_list or available_models(runs, optimize)
-            apply_split = "test" if candidates and all((runs / m / "test" / "manifest.json").is_file()
-                                                       for m in candidates) else None
-        else:
-            # Saved weights are only ever applied: to test unless --apply names another split.
-            apply_split = apply or ("test" if weights is not None else None)
-        if weights is not None:
-            fitting = {"--method": method is not None, "--temperature": temperature, "--views": views,
-                       "--cv": cv is not None, "--fallback": fallback is not None, "--data": data is not None}
-            given = [name for name, used in fitting.items() if used]
-            if given:
-                raise EnsError(f"--weights applies saved weights as they are; {', '.join(given)} only "
-                               "apply when fitting with --optimize")
-        options = BlendOptions(runs=runs, models=model_list, optimize=optimize, apply=apply_split, data=data,
-                               method=method or "nll", temperature=temperature, views=views,
-                               cv=5 if cv is None else cv, fallback=fallback, weights=weights, top_k=top_k,
-                               out=out)
+        options = BlendOptions(runs=runs, models=model_list, optimize=optimize, apply=apply, data=data,
+                               method=method, temperature=temperature, views=views, cv=cv, fallback=fallback,
+                               weights=weights, top_k=top_k, out=out)
         result = run_blend(options)
     record = result.record
     for note in result.notes:
