@@ -215,7 +215,7 @@ def infer(
     merge: Annotated[str, typer.Option(help="How views merge: mean-logits, mean-probs (mean probability) or gmean (geometric mean of probabilities).")] = "mean-logits",
     keep_views: Annotated[bool, typer.Option("--keep-views", help="Also store every view's logits (views.npy).")] = False,
     device: Annotated[str, typer.Option(help="auto (CUDA when onnxruntime offers it, else CPU), cpu, cuda or tensorrt.")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Images per batch; a forward pass takes all views of one input size at once (batch x views).")] = 32,
+    batch_size: Annotated[int, typer.Option(help="Images per batch and per forward pass (each view of a batch is one pass).")] = 32,
     workers: Annotated[Optional[int], typer.Option(help="Decoding processes; 0 decodes in this process.", show_default="a quarter of the cores on CPU, all but one with a GPU")] = None,
     on_bad_image: Annotated[str, typer.Option(help="An unreadable image: fail (stop, naming it) or skip (leave it out, listed in the manifest).")] = "fail",
     out: Annotated[Path, typer.Option(metavar="DIR", help="Stores go to DIR/<model file stem>/<split>/.")] = Path("runs"),
@@ -226,6 +226,9 @@ def infer(
     std: Annotated[Optional[str], typer.Option(metavar="R,G,B", help="Likewise, the normalisation std.")] = None,
     resize: Annotated[Optional[str], typer.Option(help="For ONNX files without ens metadata: center-crop or squash.", show_default="center-crop")] = None,
     crop_pct: Annotated[Optional[float], typer.Option(help="For ONNX files without ens metadata: the center-crop fraction.", show_default="0.875")] = None,
+    cudnn_search: Annotated[Optional[str], typer.Option(help="GPU: cuDNN's convolution algorithm search, heuristic, exhaustive (slow first batch per input shape) or default.", show_default="heuristic")] = None,
+    gpu_mem_limit: Annotated[Optional[float], typer.Option(metavar="GIB", help="GPU: memory each model's session may hold, in GiB.", show_default="no limit")] = None,
+    trt_fp16: Annotated[bool, typer.Option("--trt-fp16", help="TensorRT: float16 engines for float32 models too (float16 models always get them).")] = False,
 ) -> None:
     """Run models with test-time augmentation into logit stores.
 
@@ -277,6 +280,9 @@ def infer(
             chunk_size=chunk_size,
             out=out,
             foreign=foreign,
+            gpu_mem_limit=gpu_mem_limit,
+            trt_fp16=trt_fp16,
+            **({"cudnn_search": cudnn_search} if cudnn_search is not None else {}),
         )
         with InferProgress() as progress:
             result = run_infer(models, splits, options, progress)

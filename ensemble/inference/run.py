@@ -3,8 +3,8 @@
 The run, for each split::
 
     split rows --chunks--> batches --Decoder (workers, prefetch)--> arrays per geometry
-        --> for each model: one forward pass per input shape (all its views of that shape
-            stacked: identity + flip of a batch is one 2B batch) --> (views, batch, classes)
+        --> for each model: one forward pass per view (batch_size images: --batch-size bounds
+            every pass, whatever the views) --> (views, batch, classes)
         --> merge --> chunk files --> (at the end) logits.npy, ids.npy, manifest.json
 
 Each image is decoded once per run, whatever the number of models and views (the arrays of
@@ -37,8 +37,9 @@ from ensemble import __version__
 from ensemble.datasets import Split, check_store_name, split_name
 from ensemble.inference.decode import DecodedBatch, Decoder
 from ensemble.errors import EnsError
-from ensemble.inference.runtime import (ForeignPreprocess, Model, Runner, available_providers, cpu_threads,
-                              device_choices, load_model, select_device)
+from ensemble.inference.runtime import (TRT_CACHE, ForeignPreprocess, GpuOptions, Model, Runner,
+                                        available_providers, check_gpu_options, cpu_threads, device_choices,
+                                        load_model, prepare_trt_cache, probe_device, select_device)
 from ensemble.inference.store import DTYPES, StoreWriter, read_store, store_path
 from ensemble.inference.tta import (DEFAULT_SCALES, Geometry, View, geometries, hflip, merge, merge_mode, plan_views,
                                     view_size)
@@ -49,8 +50,11 @@ BAD_IMAGE_POLICIES = ("fail", "skip")
 @dataclass(frozen=True)
 class InferOptions:
     """How to run. ``workers=None`` picks a default for the device: a quarter of the cores on
-    CPU (the model needs the rest), all cores but one on a GPU. ``chunk_size`` (images per
-    resumable chunk) is rounded up to a multiple of ``batch_size``."""
+    CPU (the model needs the rest), all cores but one on a GPU. ``batch_size`` is the images of
+    one decoded batch and of one forward pass. ``chunk_size`` (images per resumable chunk) is
+    rounded up to a multiple of ``batch_size``. ``cudnn_search``, ``gpu_mem_limit`` (GiB per
+    model) and ``trt_fp16`` only matter on a GPU (see :class:`~ensemble.inference.runtime.GpuOptions`).
+    """
 
     tta: tuple[str, ...] = ()
     scales: tuple[float, ...] = DEFAULT_SCALES
@@ -64,6 +68,9 @@ class InferOptions:
     chunk_size: int = 1024
     out: Path = Path("runs")
     foreign: ForeignPreprocess = ForeignPreprocess()
+    cudnn_search: str = "heuristic"
+    gpu_mem_limit: float | None = None
+    trt_fp16: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,7 +117,7 @@ class InferResult:
 
 @dataclass(frozen=True)
 class _Group:
-    """A model's views sharing one input size: one forward pass of ``len(members)`` batches."""
+    """A model's views sharing one input size (one forward pass each)."""
 
     size: int
     members: tuple[tuple[Geometry, bool], ...]  # (geometry, flipped) per view
@@ -194,6 +201,7 @@ def _check_options(options: InferOptions) -> None:
         raise EnsError(f"--workers {options.workers}: must be 0 (decode in this process) or more")
     if options.chunk_size < 1:
         raise EnsError(f"--chunk-size {options.chunk_size}: must be at least 1")
+    check_gpu_options(GpuOptions(options.cudnn_search, options.gpu_mem_limit))
 
 
 def _load_models(paths: Sequence[Path], options: InferOptions, views: Sequence[View]) -> list[Model]:
@@ -218,6 +226,21 @@ def _load_models(paths: Sequence[Path], options: InferOptions, views: Sequence[V
     return models
 
 
+def resolve_device(requested: str, gpu: GpuOptions = GpuOptions()) -> tuple[str, str | None]:
+    """``(device, fallback)``: the device to run on and, when ``auto`` found CUDA listed but
+    unable to run and fell back to the CPU, why (for a warning and the manifests).
+
+    An explicit ``cuda`` or ``tensorrt`` that cannot run is an :class:`EnsError` instead.
+    """
+    device = select_device(requested, available_providers())
+    why = probe_device(device, gpu)
+    if why is None:
+        return device, None
+    if requested != "auto":
+        raise EnsError(f"--device {requested}: {why}; check the CUDA / cuDNN / TensorRT libraries it needs")
+    return "cpu", f"--device auto: {why}; running on the CPU"
+
+
 def infer(models: Sequence[str | Path], splits: Sequence[Split], options: InferOptions = InferOptions(),
           progress: Callable[[Event], None] | None = None) -> InferResult:
     """Run every model on every split with TTA and write their logit stores under ``options.out``.
@@ -230,7 +253,10 @@ def infer(models: Sequence[str | Path], splits: Sequence[Split], options: InferO
     views = plan_views(options.tta, options.scales)
     loaded_models = _load_models([Path(p) for p in models], options, views)
 
-    device = select_device(options.device, available_providers())
+    gpu = GpuOptions(options.cudnn_search, options.gpu_mem_limit, options.trt_fp16)
+    device, fallback = resolve_device(options.device, gpu)
+    if fallback:
+        report(Event("note", message=f"warning: {fallback}"))
     workers = options.workers
     if workers is None:
         cores = cpu_threads()
@@ -244,15 +270,22 @@ def infer(models: Sequence[str | Path], splits: Sequence[Split], options: InferO
     decodes = 0
     # The decoding processes start first, so that they come up while the sessions load.
     with Decoder(geometries, batch, workers) as decoder:
-        cache = Path(options.out) / ".trt-cache" if device == "tensorrt" else None
-        loaded = [_Loaded(m, Runner(m, device, cache), g) for m, g in zip(loaded_models, groups)]
+        if device == "tensorrt":
+            gpu = dataclasses.replace(gpu, trt_cache=prepare_trt_cache(Path(options.out) / TRT_CACHE))
+        loaded = []
+        for model, model_groups in zip(loaded_models, groups):
+            sizes = [group.size for group in model_groups]
+            runner = Runner(model, device, gpu, images=batch, sizes=sizes)
+            if device != "cpu":
+                runner.warm_up(batch, sizes)  # before the first rate: cuDNN picks algorithms per shape
+            loaded.append(_Loaded(model, runner, model_groups))
         provider = loaded[0].runner.provider
         chosen = " (--device auto)" if options.device == "auto" else ""
         decoding = (f"{workers} decoding process{'es' if workers > 1 else ''}" if workers
                     else "decoding in this process")
         report(Event("note", message=f"device {device}{chosen}: {provider}, {decoding}"))
         for split in splits:
-            run = _SplitRun(split, loaded, views, options, decoder, device, provider, chunk_size, report)
+            run = _SplitRun(split, loaded, views, options, decoder, device, provider, chunk_size, report, fallback)
             results.extend(run.execute())
             decodes += run.decodes
     return InferResult(device=device, provider=provider, workers=workers, stores=tuple(results),
@@ -264,16 +297,16 @@ class _SplitRun:
 
     def __init__(self, split: Split, loaded: Sequence[_Loaded], views: Sequence[View],
                  options: InferOptions, decoder: Decoder, device: str, provider: str,
-                 chunk_size: int, report: Callable[[Event], None]):
+                 chunk_size: int, report: Callable[[Event], None], fallback: str | None = None):
         self.split, self.loaded, self.views, self.options = split, loaded, views, options
         self.decoder, self.chunk_size, self.report = decoder, chunk_size, report
         self.batch = options.batch_size
         self.decodes = 0
         self.decode_wait = 0.0
-        # One input buffer per distinct stack of views, filled once per batch: models with the
-        # same preprocessing and views share it.
-        self._buffers: dict[tuple, np.ndarray] = {}
-        self._filled: set[tuple] = set()
+        # One mirrored copy per flipped geometry, made once per batch: models with the same
+        # preprocessing share it.
+        self._buffers: dict[Geometry, np.ndarray] = {}
+        self._filled: set[Geometry] = set()
         self.writers = {}
         self.base = {}
         for item in loaded:
@@ -300,7 +333,7 @@ class _SplitRun:
                 "dataset": {"split": split.name, "source": str(split.source), "sha256": split.sha256,
                             "images": len(split)},
                 "tta": {"views": [v.name for v in views], "merge": options.merge},
-                "device": device, "provider": provider, "batch_size": self.batch,
+                "device": device, "provider": provider, "device_fallback": fallback, "batch_size": self.batch,
                 "chunk_size": chunk_size, "ens_version": __version__,
                 "command": finishing_command(model, split, options, device),
             }
@@ -413,15 +446,15 @@ class _SplitRun:
 
     def _forward(self, item: _Loaded, decoded: DecodedBatch, into: _Chunk) -> None:
         """Run one model's views of a batch; append merged scores (and views) of its real rows."""
-        count, batch = decoded.count, self.batch
+        count = decoded.count
         outputs: list[np.ndarray | None] = [None] * len(self.views)
         for group in item.groups:
-            stacked = self._stack(group, decoded)
-            tick = time.perf_counter()
-            logits = item.runner(stacked)
-            item.seconds += time.perf_counter() - tick
-            for j, row in enumerate(group.rows):
-                outputs[row] = logits[j * batch:j * batch + count]
+            for (geo, flipped), row in zip(group.members, group.rows):
+                view = self._view(geo, flipped, decoded)
+                tick = time.perf_counter()
+                logits = item.runner(view)
+                item.seconds += time.perf_counter() - tick
+                outputs[row] = logits[:count]
         per_view = np.stack(outputs)  # (views, count, classes)
         good = np.ones(count, bool)
         good[[r for r, _ in decoded.bad]] = False
@@ -435,19 +468,19 @@ class _SplitRun:
         if self.options.keep_views:
             into.views.append(per_view)
 
-    def _stack(self, group: _Group, decoded: DecodedBatch) -> np.ndarray:
-        """The group's views of the batch as one ``(views * batch, size, size, 3)`` array."""
-        batch = self.batch
-        stacked = self._buffers.get(group.members)
-        if stacked is None:
-            stacked = np.empty((len(group.members) * batch, group.size, group.size, 3), np.uint8)
-            self._buffers[group.members] = stacked
-        if group.members not in self._filled:
-            for j, (geo, flipped) in enumerate(group.members):
-                source = decoded.arrays[geo]
-                stacked[j * batch:(j + 1) * batch] = hflip(source) if flipped else source
-            self._filled.add(group.members)
-        return stacked
+    def _view(self, geo: Geometry, flipped: bool, decoded: DecodedBatch) -> np.ndarray:
+        """One view of the batch, ``(batch, size, size, 3)``: the decoded array itself, or its
+        mirror image, made once per batch for every model that shares the geometry."""
+        source = decoded.arrays[geo]
+        if not flipped:
+            return source
+        if geo not in self._filled:
+            mirrored = self._buffers.get(geo)
+            if mirrored is None:
+                mirrored = self._buffers[geo] = np.empty_like(source)
+            np.copyto(mirrored, hflip(source))
+            self._filled.add(geo)
+        return self._buffers[geo]
 
     def _write_chunk(self, c: int, parts: dict[str, _Chunk], bad: list[tuple[int, str]]) -> None:
         keep = np.ones(self._chunk_rows(c), bool)

@@ -8,15 +8,18 @@ the graph. An ONNX file from elsewhere (no ens metadata) is brought to that cont
 GPU, normalised there. Its input size, mean and std come from the command line.
 
 Devices (``--device``): ``cpu``; ``cuda`` (onnxruntime-gpu); ``tensorrt`` (TensorRT engines
-cached under ``<out>/.trt-cache``, CUDA and CPU as fallbacks for unsupported nodes); ``auto``
-takes CUDA when this onnxruntime offers it, else CPU. ``auto`` never picks TensorRT on its own:
-its engines take minutes to build per input shape, which must be asked for.
+cached under ``<out>/.trt-cache``, one profile per input size, CUDA and CPU as fallbacks for
+unsupported nodes); ``auto`` takes CUDA when this onnxruntime offers it and it loads
+(:func:`probe_device`), else CPU. ``auto`` never picks TensorRT on its own: its engines take
+minutes to build, which must be asked for. GPU sessions get their settings from
+:class:`GpuOptions` through :func:`session_providers`, a pure function the tests check.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -220,16 +223,91 @@ def adapt_foreign(graph, pre: ForeignPreprocess, source: str):
     return graph, size, fixed is None, classes
 
 
-def session_providers(device: str, cache_dir: Path | None = None) -> list[Any]:
-    """onnxruntime's ``providers`` argument for a selected device."""
-    providers: list[Any] = list(DEVICES[device])
+#: ``--cudnn-search`` -> onnxruntime's ``cudnn_conv_algo_search``. ``heuristic`` (the default)
+#: asks cuDNN's heuristics once per shape; ``exhaustive`` (onnxruntime's own default) benchmarks
+#: every algorithm on the first batch of each new input shape, seconds per shape and model, which
+#: multi-scale TTA multiplies; ``default`` takes cuDNN's default algorithm without asking.
+CUDNN_SEARCH = {"heuristic": "HEURISTIC", "exhaustive": "EXHAUSTIVE", "default": "DEFAULT"}
+#: Folder of TensorRT engine and timing caches, under ``--out``.
+TRT_CACHE = ".trt-cache"
+
+
+@dataclass(frozen=True)
+class GpuOptions:
+    """How sessions use a GPU (ignored on the CPU).
+
+    ``gpu_mem_limit``: GiB each model's memory arena may grow to (``None``: no limit); the arena
+    grows by what is asked (``kSameAsRequested``), not by doubling, so several models' sessions
+    share a card. ``trt_fp16``: TensorRT engines in float16 for float32 models as well (float16
+    models always get them). ``trt_cache``: where TensorRT keeps its engines and timing cache, so
+    a rerun starts in seconds (``ens infer`` puts it at ``<out>/.trt-cache``).
+    """
+
+    cudnn_search: str = "heuristic"
+    gpu_mem_limit: float | None = None
+    trt_fp16: bool = False
+    trt_cache: Path | None = None
+
+
+def check_gpu_options(options: GpuOptions) -> None:
+    if options.cudnn_search not in CUDNN_SEARCH:
+        raise EnsError(f"--cudnn-search {options.cudnn_search}: choose from {', '.join(CUDNN_SEARCH)}")
+    limit = options.gpu_mem_limit
+    if limit is not None and not (np.isfinite(limit) and limit > 0):
+        raise EnsError(f"--gpu-mem-limit {limit:g}: must be a number of GiB above 0")
+
+
+def trt_profile(input_name: str, images: int, sizes: Sequence[int]) -> dict[str, str]:
+    """TensorRT optimisation profiles: one per input size, batches of 1 to ``images`` images.
+
+    Without them TensorRT builds an engine per input shape it meets (minutes each); with them
+    one engine takes every shape a run feeds (onnxruntime makes a profile of each repeat of an
+    input name).
+    """
+    def shapes(batch: int) -> str:
+        return ",".join(f"{input_name}:{batch}x{s}x{s}x3" for s in sorted(set(sizes)))
+
+    return {"trt_profile_min_shapes": shapes(1), "trt_profile_opt_shapes": shapes(images),
+            "trt_profile_max_shapes": shapes(images)}
+
+
+def session_providers(device: str, options: GpuOptions = GpuOptions(), *, input_name: str = "image",
+                      images: int = 32, sizes: Sequence[int] = (), fp16: bool = False) -> list[Any]:
+    """onnxruntime's ``providers`` argument for a selected device.
+
+    ``images``: the most images one forward pass holds; ``sizes``: the input sizes the model
+    gets (its TensorRT profiles); ``fp16``: the model is float16 (TensorRT builds fp16 engines).
+    """
+    if device == "cpu":
+        return list(DEVICES["cpu"])
+    cuda: dict[str, Any] = {"cudnn_conv_algo_search": CUDNN_SEARCH[options.cudnn_search],
+                            "arena_extend_strategy": "kSameAsRequested",
+                            "do_copy_in_default_stream": True}
+    if options.gpu_mem_limit is not None:
+        cuda["gpu_mem_limit"] = int(options.gpu_mem_limit * (1 << 30))
+    providers: list[Any] = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
     if device == "tensorrt":
-        options = {"trt_engine_cache_enable": True, "trt_timing_cache_enable": True}
-        if cache_dir is not None:
-            options["trt_engine_cache_path"] = str(cache_dir)
-            options["trt_timing_cache_path"] = str(cache_dir)
-        providers[0] = (providers[0], options)
+        trt: dict[str, Any] = {"trt_fp16_enable": bool(fp16 or options.trt_fp16),
+                               "trt_engine_cache_enable": True, "trt_timing_cache_enable": True}
+        if options.trt_cache is not None:
+            trt["trt_engine_cache_path"] = str(options.trt_cache)
+            trt["trt_timing_cache_path"] = str(options.trt_cache)
+        if options.gpu_mem_limit is not None:
+            trt["trt_max_workspace_size"] = int(options.gpu_mem_limit * (1 << 30))
+        if sizes:
+            trt.update(trt_profile(input_name, images, sizes))
+        providers.insert(0, ("TensorrtExecutionProvider", trt))
     return providers
+
+
+def prepare_trt_cache(folder: Path) -> Path:
+    """Create the TensorRT cache folder and its parents: the provider makes only the last level
+    and fails when ``--out`` does not exist yet (sessions open before any store is written)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EnsError(f"{folder}: cannot create the TensorRT cache folder ({exc.strerror or exc})") from None
+    return folder
 
 
 #: Words in onnxruntime's messages that mean the device ran out of memory.
@@ -263,12 +341,18 @@ def cpu_threads() -> int:
 class Runner:
     """One opened model: ``runner(batch)`` maps uint8 ``(n, h, w, 3)`` to float32 ``(n, classes)``.
 
-    On a GPU device the input and output stay bound to device buffers (IO binding), one pair
-    per input shape; batches have fixed shapes, so they are allocated once. ``bind`` forces
-    binding on CPU as well (tests use it to run that path without a GPU).
+    ``images`` is the most images one call gets and ``sizes`` the input sizes it gets (they
+    shape TensorRT's profiles and the warm-up). There is no IO binding: a batch goes to the
+    device with ``session.run``. Binding bought nothing here: onnxruntime's Python API copies a
+    numpy batch from pageable memory synchronously either way (it offers no pinned host buffer
+    nor a stream to overlap the next copy with this compute), the uint8 input is a quarter of
+    the float32 it replaces, and the output (``n x classes`` floats) is small; pinned, overlapped
+    copies would need CUDA from outside onnxruntime (torch or cupy), which ``ens infer`` does not
+    depend on.
     """
 
-    def __init__(self, model: Model, device: str, cache_dir: Path | None = None, bind: bool | None = None):
+    def __init__(self, model: Model, device: str, gpu: GpuOptions = GpuOptions(), *, images: int = 32,
+                 sizes: Sequence[int] = ()):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -280,8 +364,10 @@ class Runner:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 4  # its warnings are not the user's business, its errors reach them as EnsError
         source = model.graph if model.graph is not None else str(model.path)
+        providers = session_providers(device, gpu, input_name=_input_name(model), images=images, sizes=sizes,
+                                      fp16=model.metadata.precision == "fp16")
         try:
-            self.session = ort.InferenceSession(source, options, providers=session_providers(device, cache_dir))
+            self.session = ort.InferenceSession(source, options, providers=providers)
         except Exception as exc:
             raise EnsError(f"{model.path}: onnxruntime cannot open it on {device} "
                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
@@ -294,29 +380,59 @@ class Runner:
         self.path = model.path
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
-        self.bind = device != "cpu" if bind is None else bind
-        self._bound: dict[tuple[int, ...], tuple[Any, Any]] = {}
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         try:
-            if not self.bind:
-                return self.session.run([self.output_name], {self.input_name: batch})[0]
-            binding, inp = self._binding(batch.shape)
-            inp.update_inplace(np.ascontiguousarray(batch))
-            self.session.run_with_iobinding(binding)
-            return binding.copy_outputs_to_cpu()[0]
+            return self.session.run([self.output_name], {self.input_name: batch})[0]
         except Exception as exc:  # onnxruntime raises its own Fail, RuntimeException, ... types
             raise EnsError(run_failure(self.path, batch.shape, exc)) from None
 
-    def _binding(self, shape: tuple[int, ...]):
-        import onnxruntime as ort
+    def warm_up(self, images: int, sizes: Sequence[int]) -> None:
+        """Run one zero batch of each input shape: on a GPU the first pass of a shape picks
+        convolution algorithms (and TensorRT may build), which is not the run's rate."""
+        for size in sorted(set(sizes)):
+            self(np.zeros((images, size, size, 3), np.uint8))
 
-        if shape not in self._bound:
-            where = "cpu" if self.device == "cpu" else "cuda"
-            binding = self.session.io_binding()
-            inp = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.uint8, where, 0)
-            binding.bind_ortvalue_input(self.input_name, inp)
-            # The output's class count is not always in the graph; let onnxruntime size it.
-            binding.bind_output(self.output_name, where)
-            self._bound[shape] = (binding, inp)
-        return self._bound[shape]
+
+def _input_name(model: Model) -> str:
+    if model.graph is not None:
+        return "image"  # adapt_foreign names it so
+    import onnx
+
+    graph = onnx.load(str(model.path), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+    return next((i.name for i in graph.input if i.name not in initializers), "image")
+
+
+def probe_device(device: str, gpu: GpuOptions = GpuOptions()) -> str | None:
+    """Why ``device``'s provider cannot run here, or ``None`` when it can.
+
+    Opens a one-node graph on it: onnxruntime-gpu lists CUDA among its providers whether or not
+    the CUDA and cuDNN libraries load, and when they do not it falls back to the CPU (or, in
+    some versions, raises).
+    """
+    if device == "cpu":
+        return None
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Identity", ["x"], ["y"])
+    graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    probe.ir_version = 8
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    # The probe needs no engine: CUDA alone says whether the libraries load.
+    providers = session_providers("cuda", gpu)
+    try:
+        with warnings.catch_warnings():  # the fallback is reported as one warning line by the caller
+            warnings.simplefilter("ignore")
+            session = ort.InferenceSession(probe.SerializeToString(), options, providers=providers)
+    except Exception as exc:  # a missing libcudnn, a driver too old, ...
+        text = str(exc).splitlines()[0][:200] if str(exc) else ""
+        return f"CUDAExecutionProvider failed to load ({type(exc).__name__}: {text})"
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        return ("CUDAExecutionProvider did not load (onnxruntime fell back to the CPU: the CUDA or "
+                "cuDNN libraries it needs are missing or do not match)")
+    return None

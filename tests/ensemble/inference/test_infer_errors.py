@@ -135,15 +135,6 @@ def test_auto_runs_on_cpu_and_cuda_is_refused_here(tiny, tmp_path):
         infer([tiny], [split], _options(tmp_path, device="cuda"))
 
 
-def test_io_binding_path_gives_the_same_logits(tiny):
-    model = load_model(tiny)
-    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-    plain = Runner(model, "cpu")(images)
-    bound = Runner(model, "cpu", bind=True)
-    np.testing.assert_array_equal(bound(images), plain)
-    np.testing.assert_array_equal(bound(images[::-1].copy()), plain[::-1])  # buffers are reused
-
-
 def test_foreign_float_model_normalised_by_the_options_equals_the_ens_model(tmp_path):
     ens_model = tiny_onnx(tmp_path / "ens.onnx", seed=3)
     foreign = tiny_onnx(tmp_path / "foreign.onnx", seed=3, float_nchw=True)

@@ -20,9 +20,9 @@ from ensemble.datasets import load_split
 from ensemble.inference.decode import decode_image
 from ensemble.inference.run import InferOptions, infer
 from ensemble.metadata import ModelMetadata
-from ensemble.inference.runtime import Runner
+from ensemble.inference.runtime import Runner, load_model
 from ensemble.inference.store import read_store
-from ensemble.inference.tta import Preprocess, geometry, plan_views, view_size
+from ensemble.inference.tta import Preprocess, geometries, geometry, plan_views, view_size
 
 from tests.ensemble.conftest import run_onnx, tiny_onnx, write_images
 
@@ -124,7 +124,7 @@ def test_tta_logits_equal_the_model_on_explicit_views(pngs, tmp_path, merge):
     np.testing.assert_allclose(store.logits, merged, rtol=1e-4, atol=1e-4)
 
 
-def test_views_of_one_size_run_as_one_batch(pngs, tmp_path, monkeypatch):
+def test_batch_size_bounds_every_forward_pass_and_the_logits_do_not_change(pngs, tmp_path, monkeypatch):
     model = tiny_onnx(tmp_path / "tiny.onnx", size=32)
     shapes = []
     original = Runner.__call__
@@ -134,10 +134,31 @@ def test_views_of_one_size_run_as_one_batch(pngs, tmp_path, monkeypatch):
         return original(self, batch)
 
     monkeypatch.setattr(Runner, "__call__", spy)
-    options = InferOptions(tta=("flip", "scale"), scales=SCALES, workers=0, batch_size=3, out=tmp_path / "runs")
+    options = InferOptions(tta=("flip", "scale"), scales=SCALES, workers=0, batch_size=3, dtype="float32",
+                           keep_views=True, out=tmp_path / "runs")
     infer([model], [pngs], options)
-    # 4 images in batches of 3: two batches (the last padded), three sizes, identity + flip each.
-    assert shapes == [(6, 32, 32, 3), (6, 28, 28, 3), (6, 37, 37, 3)] * 2
+    # 4 images in batches of 3 (the last padded), six views: no pass holds more than 3 images.
+    assert shapes == [(3, 32, 32, 3), (3, 32, 32, 3), (3, 28, 28, 3), (3, 28, 28, 3),
+                      (3, 37, 37, 3), (3, 37, 37, 3)] * 2
+    # The same bytes as all views of one size in one pass (what ens did before): on the CPU
+    # provider an image's logits do not depend on the other images of its pass.
+    monkeypatch.setattr(Runner, "__call__", original)
+    store = read_store(tmp_path / "runs" / "tiny" / "images")
+    runner = Runner(load_model(model), "cpu")
+    views = plan_views(["flip", "scale"], SCALES)
+    geos = geometries(Preprocess(32), views)
+    for size in (32, 28, 37):
+        rows = [i for i, v in enumerate(views) if view_size(Preprocess(32), v) == size]
+        for lo in (0, 3):
+            passes = []
+            for i in rows:
+                batch = np.zeros((3, size, size, 3), np.uint8)  # padded as ens pads
+                for r, path in enumerate(pngs.paths[lo:lo + 3]):
+                    batch[r] = decode_image(path, [geos[i]])[geos[i]]
+                passes.append(batch[:, :, ::-1] if views[i].flip else batch)
+            count = len(pngs.paths[lo:lo + 3])
+            logits = runner(np.concatenate(passes)).reshape(len(rows), 3, -1)[:, :count]
+            np.testing.assert_array_equal(store.views[rows, lo:lo + count], logits)
 
 
 def test_one_decode_per_image_whatever_the_models_and_views(pngs, tmp_path, monkeypatch):
