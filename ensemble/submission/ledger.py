@@ -39,28 +39,46 @@ Columns added after a ledger was created (``filled``, ``fill_source``) are added
 their defaults, the first time this ens opens it; ``user_version`` changes only for changes an
 older ens could not live with.
 
-A row is inserted ``not-uploaded`` right after its file is written and only then is an upload
-tried, so a crash mid-upload leaves a row that ``--retry`` can finish, never a file that an
-upload sent but the ledger does not know.
+Writing a file and inserting its row is one step (:meth:`Ledger.record`): the ledger's write
+lock is taken first, waiting at most :data:`LOCK_WAIT` seconds for another process, so a
+locked or damaged ledger stops `ens submit` before the file is written; if the file cannot be
+written, or its row cannot be inserted or committed (a full disk), the file is removed and the
+row rolled back. So there is never a row whose file is missing; only a process killed between
+the file and the commit can leave a file without a row. The row is ``not-uploaded`` and only
+then is an upload tried, so a crash mid-upload leaves a row that ``--retry`` can finish, never
+a file that an upload sent but the ledger does not know.
+
+A ledger is *damaged* when sqlite cannot read it (not a database, malformed), when it lacks
+the ``submissions`` table or one of its columns, or when it is a database with other tables
+that ens did not make (``user_version`` 0); an empty or new file becomes a ledger. Every value
+of a row read is checked (:data:`CHECKS`): a hand edit that left a non-JSON ``blend_members``
+or a text where a number belongs is one line naming the row and the column.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as dt
+import errno
 import json
+import math
 import os
+import re
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from ensemble.errors import EnsError
+from ensemble.fileio import sha256_file
+from ensemble.submission.prior import SOURCES as FILL_SOURCES
 
 LEDGER = "ledger.sqlite"
+#: Seconds a command waits for another process's lock on the ledger before it gives up.
+LOCK_WAIT = 5.0
+STATUSES = ("not-uploaded", "uploaded", "upload-failed")
 _SCHEMA_VERSION = 1
-_SCHEMA = """
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS submissions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     file TEXT NOT NULL UNIQUE,
@@ -77,7 +95,7 @@ CREATE TABLE IF NOT EXISTS submissions (
     cv_top1 REAL,
     cv_top1_low REAL,
     cv_top1_high REAL,
-    status TEXT NOT NULL CHECK (status IN ('not-uploaded', 'uploaded', 'upload-failed')),
+    status TEXT NOT NULL CHECK (status IN ({', '.join(repr(s) for s in STATUSES)})),
     error TEXT,
     kaggle_ref INTEGER,
     uploaded TEXT,
@@ -193,61 +211,115 @@ class Ledger:
         self.path = self.folder / LEDGER
 
     @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, *, write: bool) -> Iterator[sqlite3.Connection]:
+        """One transaction, committed when the block ends and rolled back if it raises; sqlite's
+        errors become one line (:meth:`_failure`). ``write`` takes the write lock first."""
         self.folder.mkdir(parents=True, exist_ok=True)
         try:
-            con = sqlite3.connect(self.path)
+            con = sqlite3.connect(self.path, timeout=LOCK_WAIT, isolation_level=None)
         except sqlite3.Error as exc:
-            raise EnsError(f"{self.path}: cannot open the ledger ({exc})") from None
+            raise self._failure(exc) from None
         con.row_factory = sqlite3.Row
         try:
-            with con:
-                version = con.execute("PRAGMA user_version").fetchone()[0]
-                if version == 0:
-                    con.execute(_SCHEMA)
-                    con.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-                elif version != _SCHEMA_VERSION:
-                    raise EnsError(f"{self.path}: ledger schema version {version}; this ens reads version "
-                                   f"{_SCHEMA_VERSION}")
-                else:
-                    _add_columns(con)
-                yield con
-        except sqlite3.DatabaseError as exc:
-            raise EnsError(f"{self.path}: not a usable ledger ({exc})") from None
+            con.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            changes = self._schema_changes(con)
+            if changes and not write:
+                # Take the write lock, then look again: another ens may have made them in between.
+                con.execute("ROLLBACK")
+                con.execute("BEGIN IMMEDIATE")
+                changes = self._schema_changes(con)
+            for statement in changes:
+                con.execute(statement)
+            yield con
+            if con.in_transaction:  # the block may have committed itself
+                con.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise self._failure(exc) from None
         finally:
-            con.close()
+            con.close()  # without the COMMIT above, this rolls back
 
-    def ensure(self) -> None:
-        """Create the ledger, or check that the one there is readable, before a file is written."""
-        with self._connect():
-            pass
+    def _schema_changes(self, con: sqlite3.Connection) -> list[str]:
+        """What makes this file a current ledger: the table for a new (empty) file, the
+        :data:`_ADDED` columns for an older ledger, nothing for a current one."""
+        version = con.execute("PRAGMA user_version").fetchone()[0]
+        tables = [row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+                  if not row[0].startswith("sqlite_")]
+        if version == 0:
+            if tables:
+                raise self._damaged(f"user_version 0 and the tables {', '.join(tables)}: not made by ens")
+            return [_SCHEMA, f"PRAGMA user_version = {_SCHEMA_VERSION}"]
+        if version != _SCHEMA_VERSION:
+            raise EnsError(f"{self.path}: ledger schema version {version}; this ens reads version {_SCHEMA_VERSION}")
+        if "submissions" not in tables:
+            raise self._damaged("no submissions table")
+        present = {row["name"] for row in con.execute("PRAGMA table_info(submissions)")}
+        lost = [name for name in CHECKS if name not in present and name not in _ADDED]
+        if lost:
+            raise self._damaged(f"the submissions table lacks the column{'s' if len(lost) > 1 else ''} "
+                                f"{', '.join(lost)}")
+        return [f"ALTER TABLE submissions ADD COLUMN {name} {_ADDED[name]}" for name in _ADDED if name not in present]
 
-    def record(self, *, file: str, sha256: str, created: str, format: str, rows: int, source: str,
+    def _failure(self, exc: sqlite3.Error) -> Exception:
+        """The one-line error for what sqlite raised: locked, damaged, a full disk (an OSError,
+        which the command line words like any other), or anything else."""
+        kind = _kind(exc)
+        if kind == "locked":
+            return EnsError(f"{self.path}: the ledger is locked by another process (still after {LOCK_WAIT:g} s); "
+                            "run the command again once it is done (another `ens submit`, or a sqlite client "
+                            "holding a transaction open)")
+        if kind == "damaged":
+            return self._damaged(str(exc))
+        if kind == "full":
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+        return EnsError(f"{self.path}: cannot use the ledger ({exc})")
+
+    def _damaged(self, reason: str) -> EnsError:
+        return EnsError(f"{self.path}: the ledger is damaged ({reason}); restore it from a copy, or move it aside "
+                        "to start a new one")
+
+    def record(self, write: Callable[[], Path], *, created: str, format: str, rows: int, source: str,
                blend: BlendProvenance | None, filled: int = 0, fill_source: str | None = None) -> Entry:
-        """Insert a freshly written file as ``not-uploaded``."""
-        values = dict(file=file, sha256=sha256, created=created, format=format, rows=rows, source=source,
-                      status="not-uploaded", filled=filled, fill_source=fill_source)
-        if blend is not None:
-            values.update(blend_method=blend.method, blend_members=json.dumps(list(blend.members)),
-                          blend_weights=json.dumps(dict(blend.weights)), cv_top1=blend.cv_top1,
-                          cv_top1_low=blend.cv_top1_low, cv_top1_high=blend.cv_top1_high)
-        with self._connect() as con:
-            cursor = con.execute(f"INSERT INTO submissions ({', '.join(values)}) "
-                                 f"VALUES ({', '.join('?' * len(values))})", tuple(values.values()))
-            return self._get(con, cursor.lastrowid)
+        """Write a file and insert its row as ``not-uploaded``, as one step.
+
+        The write lock is taken first, so a locked or damaged ledger stops before anything is
+        written; then ``write()`` writes the file into the folder and returns its path, and the
+        row, with the file's sha256, is inserted and committed. If anything fails, the file is
+        removed and the row rolled back.
+        """
+        path, committed = None, False
+        try:
+            with self._transaction(write=True) as con:
+                path = write()
+                values = dict(file=path.name, sha256=sha256_file(path), created=created, format=format, rows=rows,
+                              source=source, status="not-uploaded", filled=filled, fill_source=fill_source)
+                if blend is not None:
+                    values.update(blend_method=blend.method, blend_members=json.dumps(list(blend.members)),
+                                  blend_weights=json.dumps(dict(blend.weights)), cv_top1=blend.cv_top1,
+                                  cv_top1_low=blend.cv_top1_low, cv_top1_high=blend.cv_top1_high)
+                cursor = con.execute(f"INSERT INTO submissions ({', '.join(values)}) "
+                                     f"VALUES ({', '.join('?' * len(values))})", tuple(values.values()))
+                entry = self._get(con, cursor.lastrowid)
+                con.execute("COMMIT")
+                committed = True
+        except BaseException:
+            if path is not None and not committed:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            raise
+        return entry
 
     def get(self, entry_id: int) -> Entry:
         if not self.path.is_file():
             raise EnsError(f"ledger entry {entry_id}: there is no ledger at {self.path}")
-        with self._connect() as con:
+        with self._transaction(write=False) as con:
             return self._get(con, entry_id)
 
     def entries(self) -> list[Entry]:
         """All rows, oldest first; none when there is no ledger yet."""
         if not self.path.is_file():
             return []
-        with self._connect() as con:
-            return [_entry(row) for row in con.execute("SELECT * FROM submissions ORDER BY id")]
+        with self._transaction(write=False) as con:
+            return [self._entry(row) for row in con.execute("SELECT * FROM submissions ORDER BY id")]
 
     def upload_tried(self, entry_id: int, competition: str, message: str, *, kaggle_ref: int | None = None,
                      error: str | None = None) -> Entry:
@@ -256,7 +328,7 @@ class Ledger:
             status, uploaded = "uploaded", utc_now()
         else:
             status, uploaded = "upload-failed", None
-        with self._connect() as con:
+        with self._transaction(write=True) as con:
             con.execute("UPDATE submissions SET competition = ?, message = ?, status = ?, error = ?, kaggle_ref = ?, "
                         "uploaded = ? WHERE id = ?", (competition, message, status, error, kaggle_ref, uploaded,
                                                       entry_id))
@@ -266,7 +338,7 @@ class Ledger:
                      private_score: float | None, error: str | None, uploaded: str | None) -> Entry:
         """Store what Kaggle lists for an entry's submission. Kaggle listing it proves the
         upload happened, so the row becomes ``uploaded`` even if a crash kept it from saying so."""
-        with self._connect() as con:
+        with self._transaction(write=True) as con:
             con.execute("UPDATE submissions SET status = 'uploaded', kaggle_ref = ?, kaggle_status = ?, "
                         "public_score = ?, private_score = ?, error = ?, uploaded = COALESCE(uploaded, ?), "
                         "refreshed = ? WHERE id = ?",
@@ -279,28 +351,137 @@ class Ledger:
         if row is None:
             count = con.execute("SELECT COUNT(*) FROM submissions").fetchone()[0]
             raise EnsError(f"ledger entry {entry_id}: no such entry in {self.path} ({count} entries)")
-        return _entry(row)
+        return self._entry(row)
+
+    def _entry(self, row: sqlite3.Row) -> Entry:
+        """The row as an :class:`Entry`, every value checked against :data:`CHECKS`."""
+        values = dict(row)
+        fields: dict[str, Any] = {}
+        for column, (convert, what, nullable) in CHECKS.items():
+            value = values[column]
+            if value is None and nullable:
+                fields[column] = None
+                continue
+            fields[column] = _INVALID if value is None else convert(value)
+            if fields[column] is _INVALID:
+                raise self._bad_value(values, column, what + (" or NULL" if nullable else ""))
+        for column in ("cv_top1_low", "cv_top1_high"):  # the table shows the interval with the estimate
+            if fields["cv_top1"] is not None and fields[column] is None:
+                raise self._bad_value(values, column, f"{CHECKS[column][1]} (cv_top1 is set)")
+        return Entry(**fields)
+
+    def _bad_value(self, values: dict, column: str, what: str) -> EnsError:
+        value = values[column]
+        shown = "NULL" if value is None else repr(value)
+        if len(shown) > 40:
+            shown = shown[:37] + "..."
+        return EnsError(f"{self.path}: ledger entry {values['id']}: {column} {shown} is not {what}; correct the row "
+                        "with a sqlite client")
 
 
-def _add_columns(con: sqlite3.Connection) -> None:
-    """Add the :data:`_ADDED` columns a ledger written by an older ens lacks."""
-    def absent() -> list[str]:
-        present = {row["name"] for row in con.execute("PRAGMA table_info(submissions)")}
-        return [name for name in _ADDED if name not in present]
-
-    if absent():
-        # Take the write lock, then look again: another ens may have migrated in between.
-        con.execute("BEGIN IMMEDIATE")
-        for name in absent():
-            con.execute(f"ALTER TABLE submissions ADD COLUMN {name} {_ADDED[name]}")
+#: sqlite's primary result codes that mean something to the user, and (for Python 3.10, whose
+#: exceptions carry no code) the words of their messages.
+_KINDS = {5: "locked", 6: "locked", 11: "damaged", 26: "damaged", 13: "full"}
+_KIND_WORDS = {"is locked": "locked", "malformed": "damaged", "not a database": "damaged", "is full": "full"}
 
 
-def _entry(row: sqlite3.Row) -> Entry:
-    values = dict(row)
-    for key in ("blend_members", "blend_weights"):
-        if values[key] is not None:
-            values[key] = json.loads(values[key])
-    if values["blend_members"] is not None:
-        values["blend_members"] = tuple(values["blend_members"])
-    return Entry(**{f.name: values[f.name] for f in dataclasses.fields(Entry)})
+def _kind(exc: sqlite3.Error) -> str | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return _KINDS.get(code & 0xFF)
+    return next((kind for words, kind in _KIND_WORDS.items() if words in str(exc)), None)
 
+
+# ---------------------------------------------------------------------------- row values
+
+_INVALID = object()
+
+
+def _text(value: object) -> object:
+    return value if isinstance(value, str) else _INVALID
+
+
+def _whole(value: object) -> object:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else _INVALID
+
+
+def _number(value: object) -> object:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else _INVALID
+
+
+def _fraction(value: object) -> object:
+    number = _number(value)
+    return number if number is not _INVALID and 0 <= number <= 1 else _INVALID
+
+
+def _json(value: object) -> object:
+    if not isinstance(value, str):
+        return _INVALID
+    try:
+        return json.loads(value)
+    except ValueError:
+        return _INVALID
+
+
+def _names(value: object) -> object:
+    doc = _json(value)
+    return tuple(doc) if isinstance(doc, list) and all(isinstance(m, str) for m in doc) else _INVALID
+
+
+def _weights(value: object) -> object:
+    doc = _json(value)
+    if not isinstance(doc, dict):
+        return _INVALID
+    weights = {name: _number(w) for name, w in doc.items()}
+    return _INVALID if _INVALID in weights.values() else weights
+
+
+def _file_name(value: object) -> object:
+    """A plain name: ``--retry`` joins it to the submissions folder, so it must stay inside it."""
+    ok = isinstance(value, str) and value not in ("", ".", "..") and not re.search(r"[/\\\x00]", value)
+    return value if ok else _INVALID
+
+
+def _sha256(value: object) -> object:
+    return value if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) else _INVALID
+
+
+def _one_of(choices: tuple[str, ...]) -> tuple[Callable[[object], object], str]:
+    return (lambda value: value if value in choices else _INVALID), f"one of {', '.join(choices)}"
+
+
+_TEXT = (_text, "text")
+_WHOLE = (_whole, "a whole number >= 0")
+_FRACTION = (_fraction, "a number from 0 to 1")
+_NUMBER = (_number, "a finite number")
+
+#: Every column: how its value is checked (and converted: JSON to a tuple or dict, numbers to
+#: float), what it must be, and whether NULL is allowed.
+CHECKS: dict[str, tuple[Callable[[object], object], str, bool]] = {
+    "id": (*_WHOLE, False),
+    "file": (_file_name, "a file name inside the submissions folder", False),
+    "sha256": (_sha256, "64 hex digits", False),
+    "created": (*_TEXT, False),
+    "format": (*_TEXT, False),
+    "rows": (*_WHOLE, False),
+    "competition": (*_TEXT, True),
+    "message": (*_TEXT, True),
+    "source": (*_TEXT, False),
+    "blend_method": (*_TEXT, True),
+    "blend_members": (_names, "a JSON list of names", True),
+    "blend_weights": (_weights, "a JSON object of member weights", True),
+    "cv_top1": (*_FRACTION, True),
+    "cv_top1_low": (*_FRACTION, True),
+    "cv_top1_high": (*_FRACTION, True),
+    "status": (*_one_of(STATUSES), False),
+    "error": (*_TEXT, True),
+    "kaggle_ref": (*_WHOLE, True),
+    "uploaded": (*_TEXT, True),
+    "kaggle_status": (*_TEXT, True),
+    "public_score": (*_NUMBER, True),
+    "private_score": (*_NUMBER, True),
+    "refreshed": (*_TEXT, True),
+    "filled": (*_WHOLE, False),
+    "fill_source": (*_one_of(FILL_SOURCES), True),
+}

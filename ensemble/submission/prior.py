@@ -36,6 +36,9 @@ MISSING = {
     "prior": "fill each with the most frequent classes: of the train json, else of the blend's predictions",
 }
 DEFAULT_MISSING = "fail"
+#: What filled rows hold, as the ledger's ``fill_source`` records it.
+TRAIN_PRIOR, BLEND_PRIOR = "train-prior", "blend-prior"
+SOURCES = (TRAIN_PRIOR, BLEND_PRIOR)
 #: What ``--missing fail`` adds to the message that names the missing ids.
 HINT = ("; --missing prior fills them with the most frequent classes (of the train json, else of "
         "these predictions)")
@@ -86,7 +89,7 @@ def train_prior(path: Path, reference: Reference, k: int) -> Prior | None:
                        f"{' and more' if unknown.size > 5 else ''}, not among the {reference.categories.size} "
                        "categories of the dataset")
     counts = np.bincount(np.searchsorted(reference.categories, labels), minlength=reference.categories.size)
-    return Prior("train-prior", path, rank(reference.categories, counts, k=k))
+    return Prior(TRAIN_PRIOR, path, rank(reference.categories, counts, k=k))
 
 
 def blend_prior(submission: Submission, origin: Path, reference: Reference) -> Prior:
@@ -97,7 +100,7 @@ def blend_prior(submission: Submission, origin: Path, reference: Reference) -> P
     positions = np.searchsorted(reference.categories, submission.categories)
     first = np.bincount(positions[:, 0], minlength=reference.categories.size)
     anywhere = np.bincount(positions.ravel(), minlength=reference.categories.size)
-    return Prior("blend-prior", origin, rank(reference.categories, first, anywhere, k=submission.format.top_k))
+    return Prior(BLEND_PRIOR, origin, rank(reference.categories, first, anywhere, k=submission.format.top_k))
 
 
 def find_prior(data: str | os.PathLike, fmt: SubmissionFormat, reference: Reference, submission: Submission,

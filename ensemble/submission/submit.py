@@ -3,10 +3,12 @@
 The order inside :func:`submit` is what keeps files, ledger and Kaggle consistent: the Kaggle
 client and its credentials are tried first (nothing is written when they are missing), then
 the rows are checked (with ``--missing prior``, the test ids they lack filled from a prior,
-:mod:`ensemble.submission.prior`, before anything is written), the file written atomically,
-its ledger row inserted as ``not-uploaded``, and only then the upload tried, its outcome
-(``uploaded`` or ``upload-failed``) stored in the same row. :func:`retry` uploads a recorded file again after
-checking that its bytes are still those recorded.
+:mod:`ensemble.submission.prior`, before anything is written), then, holding the ledger's
+write lock (:meth:`~ensemble.submission.ledger.Ledger.record`), the file created under a
+name no other file has and its ledger row inserted as ``not-uploaded`` (both or neither),
+and only then the upload tried, its outcome (``uploaded`` or ``upload-failed``) stored in
+the same row. :func:`retry` uploads a recorded file again after checking that its bytes are
+still those recorded.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from ensemble.fileio import sha256_file
 from ensemble.submission.kaggle_client import Receipt, UploadError
 from ensemble.submission.ledger import BlendProvenance, Entry, Ledger, read_blend
 from ensemble.submission.formats import (Reference, Submission, check_file, check_rows, get_format,
-                                         load_reference, read_predictions, submission_path, write_submission)
+                                         load_reference, read_predictions, submission_bytes, submission_path,
+                                         write_new)
 from ensemble.submission.prior import DEFAULT_MISSING, HINT, Prior, check_missing, fill, find_prior
 
 #: Where files and ledger go, relative to the working folder.
@@ -125,17 +128,23 @@ def submit(predictions: str | os.PathLike, data: str | os.PathLike, options: Sub
         prior = find_prior(data, fmt, reference, checked, source.csv)
         checked = fill(checked, missing, prior)
 
+    now = _now()
+    first_choice = submission_path(folder, options.name or source.name, now, options.compress)
+    content = submission_bytes(checked, options.compress)  # made before the ledger is locked, to lock it briefly
     ledger = Ledger(folder)
-    ledger.ensure()
-    now = dt.datetime.now(dt.timezone.utc)
-    path = write_submission(checked, submission_path(folder, options.name or source.name, now, options.compress))
-    entry = ledger.record(file=path.name, sha256=sha256_file(path), created=f"{now:%Y-%m-%dT%H:%M:%SZ}",
+    entry = ledger.record(lambda: write_new(first_choice, content), created=f"{now:%Y-%m-%dT%H:%M:%SZ}",
                           format=fmt.name, rows=len(checked.ids), source=source.source, blend=source.blend,
                           filled=int(missing.size), fill_source=None if prior is None else prior.source)
+    path = Path(folder) / entry.file
     if kaggle is None:
         return SubmitResult(path=path, entry=entry, receipt=None, prior=prior)
     result = _upload(kaggle, ledger, entry, path, options.competition, options.message)
     return dataclasses.replace(result, prior=prior)
+
+
+def _now() -> dt.datetime:
+    """The UTC time a file is named and recorded with (tests fix it)."""
+    return dt.datetime.now(dt.timezone.utc)
 
 
 def retry(entry_id: int, competition: str | None = None, message: str | None = None,

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from ensemble.errors import EnsError
-from ensemble.submission.formats import FORMATS, Submission, get_format, render, submission_path, write_submission
+from ensemble.submission.formats import (FORMATS, Submission, get_format, render, submission_bytes, submission_path,
+                                         write_new)
 from ensemble.submission.submit import SubmitOptions, check, submit
 
 from tests.ensemble.submission.submit_data import KNOWN, TEST_IDS, make_blend, make_data, ranked, write_csv
@@ -29,10 +30,10 @@ def test_exact_bytes(name, tmp_path):
     cats = np.array([[71, 108, 339, 341, 560], [5, 4, 3, 2, 1]])[:, :fmt.top_k]
     sub = Submission(format=fmt, ids=np.array([268243, 268244]), categories=cats)
     assert render(sub) == GOLDEN[name]
-    assert write_submission(sub, tmp_path / "a.csv").read_bytes() == GOLDEN[name]
-    first = write_submission(sub, tmp_path / "a.csv.gz").read_bytes()
+    assert write_new(tmp_path / "a.csv", submission_bytes(sub, compress=False)).read_bytes() == GOLDEN[name]
+    first = write_new(tmp_path / "a.csv.gz", submission_bytes(sub, compress=True)).read_bytes()
     assert gzip.decompress(first) == GOLDEN[name]
-    assert write_submission(sub, tmp_path / "b.csv.gz").read_bytes() == first  # no time or name inside
+    assert submission_bytes(sub, compress=True) == first  # no time or name inside
 
 
 def test_registry_lookup_names_the_choices():
@@ -59,8 +60,12 @@ def test_file_name(tmp_path):
     first = submission_path(tmp_path, "greedy-5", when, compress=False)
     assert first.name == "20190531T142501Z_greedy-5.csv"
     first.write_text("taken")
-    assert submission_path(tmp_path, "greedy-5", when, compress=False).name == "20190531T142501Z_greedy-5-2.csv"
-    assert submission_path(tmp_path, "greedy-5", when, compress=True).name == "20190531T142501Z_greedy-5.csv.gz"
+    assert write_new(first, b"mine").name == "20190531T142501Z_greedy-5-2.csv"  # a free name, nothing replaced
+    assert first.read_text() == "taken"
+    gz = submission_path(tmp_path, "greedy-5", when, compress=True)
+    assert gz.name == "20190531T142501Z_greedy-5.csv.gz"
+    gz.write_text("taken")
+    assert write_new(gz, b"mine").name == "20190531T142501Z_greedy-5-2.csv.gz"
     with pytest.raises(EnsError, match=r"^--name 'a/b': use letters"):
         submission_path(tmp_path, "a/b", when, compress=False)
 

@@ -160,7 +160,7 @@ def test_refresh_without_uploads_needs_no_client(work, monkeypatch):
 def test_a_foreign_or_newer_ledger_is_refused(work):
     (work / "submissions").mkdir()
     (work / "submissions" / "ledger.sqlite").write_text("not a database")
-    with pytest.raises(EnsError, match="^submissions/ledger.sqlite: not a usable ledger"):
+    with pytest.raises(EnsError, match=r"^submissions/ledger.sqlite: the ledger is damaged \(file is not a database\)"):
         submit("blends/greedy", "data", SubmitOptions())
     assert [p.name for p in (work / "submissions").iterdir()] == ["ledger.sqlite"]  # no CSV without its record
     (work / "submissions" / "ledger.sqlite").unlink()

@@ -179,7 +179,8 @@ def test_a_ledger_of_the_old_schema_gains_the_columns(work):
         con.execute(OLD_SCHEMA)
         con.execute("PRAGMA user_version = 1")
         con.execute("INSERT INTO submissions (file, sha256, created, format, rows, source, status) "
-                    "VALUES ('old.csv', 'ab', '2019-05-30T10:00:00Z', 'inat2019', 6, 'blends/old', 'not-uploaded')")
+                    f"VALUES ('old.csv', '{'ab' * 32}', '2019-05-30T10:00:00Z', 'inat2019', 6, 'blends/old', "
+                    "'not-uploaded')")
     con.close()
 
     table = ens("submissions")
