@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -189,6 +190,8 @@ def test_sigkilled_cli_run_resumes_byte_identical(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "resuming, 4 of 8 images done" in done.stderr
     assert store_bytes(out / "tiny" / "val") == store_bytes(tmp_path / "whole" / "tiny" / "val")
+    # The killed run could not unlink its shared-memory blocks: the rerun did.
+    assert not list(Path("/dev/shm").glob(f"ens-{proc.pid}-*"))
 
 
 def test_a_fifo_in_place_of_an_image_is_refused_not_waited_on(tmp_path):
