@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from weights_search.base import Blender
-from weights_search.functional import MIXTURE, check_members
+from weights_search.base import MixtureBlender
 from weights_search.margins import MixtureMargins
+from weights_search.prior import MixtureScores
 
 
-class AccuracyBlend(Blender):
+class AccuracyBlend(MixtureBlender):
     """Weights on the simplex that maximise the number of validation rows a mixture gets right.
 
     Top-1 is piecewise constant in the weights, so gradients are useless. Starting from equal
@@ -24,11 +24,12 @@ class AccuracyBlend(Blender):
     overstate what the weights do on new images, and read the cross-validated report (fitted on
     K-1 folds, scored on the held-out one) to see how it does held out.
 
-    ``train_score_``: top-1 error on the fitting rows (ties count as errors).
-    ``n_passes_``: passes run.
-    """
+    With a prior, the rows counted are those the corrected mixture gets right at the round's
+    ``tau`` (see :func:`weights_search.prior.fit_mixture_prior`; ``tau`` itself is fitted by NLL).
 
-    fusion = MIXTURE
+    ``train_score_``: top-1 error on the fitting rows (ties count as errors).
+    ``n_passes_``: passes run (by the last round, with a prior).
+    """
 
     def __init__(self, max_passes: int = 20, n_random: int = 8, seed: int = 0) -> None:
         if max_passes < 1:
@@ -39,9 +40,8 @@ class AccuracyBlend(Blender):
         self.n_random = n_random
         self.seed = seed
 
-    def fit(self, log_probs: np.ndarray, labels: np.ndarray) -> "AccuracyBlend":
-        log_probs, labels = check_members(log_probs, labels)
-        margins = MixtureMargins(log_probs, labels)
+    def _fit_scores(self, scores: MixtureScores, start: np.ndarray | None) -> np.ndarray:
+        margins = MixtureMargins(scores.log_probs, scores.labels)
         n_members = margins.n_members
         rng = np.random.default_rng(self.seed)
         weights = np.full(n_members, 1.0 / n_members)
@@ -64,7 +64,7 @@ class AccuracyBlend(Blender):
                 break
         self.weights_ = weights
         self.train_score_ = 1.0 - right / margins.n_rows
-        return self
+        return self.weights_
 
 
 def _feasible_steps(weights: np.ndarray, direction: np.ndarray) -> tuple[float, float]:

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import logsumexp
 
-from weights_search.base import Blender
-from weights_search.functional import MIXTURE, check_members, true_class_log_probs
+from weights_search.base import MixtureBlender
 from weights_search.margins import MixtureMargins
 from weights_search.mixture import informative_rows, mixture_nll
+from weights_search.prior import MixtureScores
 
 #: What a selection round minimises: the mixture's NLL, or its top-1 error.
 SCORES = ("nll", "accuracy")
@@ -27,7 +27,7 @@ class GreedyStep:
     score: float
 
 
-class GreedyBlend(Blender):
+class GreedyBlend(MixtureBlender):
     """Ensemble selection with replacement (Caruana et al., ICML 2004); weights are selection counts.
 
     Each bag starts from its ``n_init`` best single members (sorted initialisation, one
@@ -41,12 +41,13 @@ class GreedyBlend(Blender):
     without replacement, with ``seed``; the counts of all bags are added up. The default, one
     bag of every member, is plain selection.
 
+    With a prior, every score is that of the corrected mixture at the round's ``tau`` (see
+    :func:`weights_search.prior.fit_mixture_prior`; ``tau`` itself is fitted by NLL).
+
     ``weights_``: counts / total. ``counts_``: ``(M,)`` selections over all bags.
     ``trajectory_``: the :class:`GreedyStep` of every selection, bag by bag, in order.
     ``train_score_``: the score of the final weights on the fitting rows.
     """
-
-    fusion = MIXTURE
 
     def __init__(self, n_rounds: int = 50, n_init: int = 1, score: str = "nll",
                  n_bags: int = 1, bag_fraction: float = 1.0, seed: int = 0) -> None:
@@ -65,13 +66,12 @@ class GreedyBlend(Blender):
         self.bag_fraction = bag_fraction
         self.seed = seed
 
-    def fit(self, log_probs: np.ndarray, labels: np.ndarray) -> "GreedyBlend":
-        log_probs, labels = check_members(log_probs, labels)
-        n_members = log_probs.shape[0]
+    def _fit_scores(self, scores: MixtureScores, start: np.ndarray | None) -> np.ndarray:
+        n_members = scores.true_lp.shape[0]
         bag_size = max(1, round(self.bag_fraction * n_members))
         if self.n_init > bag_size:
             raise ValueError(f"n_init={self.n_init} exceeds the {bag_size} members in each bag")
-        scorer = _NllScorer(log_probs, labels) if self.score == "nll" else _ErrorScorer(log_probs, labels)
+        scorer = _NllScorer(scores) if self.score == "nll" else _ErrorScorer(scores)
         rng = np.random.default_rng(self.seed)
         total = np.zeros(n_members, dtype=np.int64)
         steps: list[GreedyStep] = []
@@ -93,37 +93,48 @@ class GreedyBlend(Blender):
         self.weights_ = total / total.sum()
         self.trajectory_ = tuple(steps)
         self.train_score_ = scorer.score(self.weights_)
-        return self
+        return self.weights_
 
 
 class _NllScorer:
-    """Mixture NLL of selection counts, from the ``(M, N)`` true-class log-probabilities.
+    """Mixture NLL of selection counts, from the ``(M, N)`` true-class log-probabilities (and,
+    corrected for a prior, the ``(M, N)`` log-normalisers: see :mod:`weights_search.mixture`).
 
     Rows where no member gives the true class a non-zero probability are left out of the
     selection and its trajectory (every candidate would score ``inf`` there); :meth:`score`,
     which gives ``train_score_``, still counts them.
     """
 
-    def __init__(self, log_probs: np.ndarray, labels: np.ndarray) -> None:
-        self.true_lp = true_class_log_probs(log_probs, labels)
-        self.kept = self.true_lp[:, informative_rows(self.true_lp)]
+    def __init__(self, scores: MixtureScores) -> None:
+        self.true_lp, self.log_norm = scores.true_lp, scores.log_norm
+        rows = informative_rows(self.true_lp)
+        self.kept = self.true_lp[:, rows]
+        self.kept_norm = None if self.log_norm is None else self.log_norm[:, rows]
         if not self.kept.size:
             raise ValueError("no member gives the true class a non-zero probability on any row: nothing to select")
 
     def each_added(self, counts: np.ndarray) -> np.ndarray:
+        nll = -self._log_added(self.kept, counts)
+        if self.kept_norm is None:
+            return nll + np.log(counts.sum() + 1)
+        return nll + self._log_added(self.kept_norm, counts)
+
+    @staticmethod
+    def _log_added(x: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """``(M,)``: ``mean_n log (sum_k counts_k exp(x[k, n]) + exp(x[m, n]))`` for each ``m``."""
         with np.errstate(divide="ignore"):
-            log_sum = logsumexp(self.kept + np.log(counts)[:, None], axis=0)
-        return -(np.logaddexp(log_sum, self.kept) - np.log(counts.sum() + 1)).mean(axis=1)
+            log_sum = logsumexp(x + np.log(counts)[:, None], axis=0)
+        return np.logaddexp(log_sum, x).mean(axis=1)
 
     def score(self, weights: np.ndarray) -> float:
-        return mixture_nll(self.true_lp, weights)
+        return mixture_nll(self.true_lp, weights, self.log_norm)
 
 
 class _ErrorScorer:
     """Top-1 error of the mixture of selection counts (see :class:`MixtureMargins`)."""
 
-    def __init__(self, log_probs: np.ndarray, labels: np.ndarray) -> None:
-        self.margins = MixtureMargins(log_probs, labels)
+    def __init__(self, scores: MixtureScores) -> None:
+        self.margins = MixtureMargins(scores.log_probs, scores.labels)
 
     def each_added(self, counts: np.ndarray) -> np.ndarray:
         return 1.0 - self.margins.count_each_added(counts.astype(np.float64)) / self.margins.n_rows

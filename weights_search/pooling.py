@@ -4,6 +4,10 @@ The pooled prediction is ``log q[n] = s[n] - logsumexp_c s[n]`` with
 ``s[n] = sum_m w_m log p_m[n]`` (a weighted geometric mean of the members' probabilities,
 renormalised). The weights are not normalised: their sum also sharpens (> 1) or flattens (< 1)
 the pooled distribution, so they act as a shared temperature as well. The NLL is convex in ``w``.
+
+The prior correction (:mod:`weights_search.prior`) subtracts ``tau * log pi`` from the pooled
+logits ``s``: one more term of the same weighted sum, as if ``-log pi`` were a member with
+weight ``tau``. The NLL stays convex in ``(w, tau)``, and both are fitted together exactly.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from scipy.optimize import minimize
 
 from weights_search.base import Blender, check_solver_options
 from weights_search.functional import GEOMETRIC, LOG_FLOOR, check_members
+from weights_search.prior import TAU_BOUNDS, LogitAdjustment
 
 
 def pooled_nll_and_grad(weights: np.ndarray, relative: np.ndarray) -> tuple[float, np.ndarray]:
@@ -38,9 +43,17 @@ def pooled_nll_and_grad(weights: np.ndarray, relative: np.ndarray) -> tuple[floa
     return float(nll), grad
 
 
-def relative_log_probs(log_probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """``(M, N, C)`` float32: log-probabilities clipped at ``LOG_FLOOR``, minus the true class's."""
-    relative = np.maximum(log_probs, np.float32(LOG_FLOOR), dtype=np.float32)
+def relative_log_probs(log_probs: np.ndarray, labels: np.ndarray, log_prior: np.ndarray | None = None) -> np.ndarray:
+    """``(M, N, C)`` float32: log-probabilities clipped at ``LOG_FLOOR``, minus the true class's.
+
+    With a ``(C,)`` ``log_prior``, ``(M + 1, N, C)``: the last entry is the prior correction's,
+    ``-log_prior`` minus its true-class value (its weight is ``tau``).
+    """
+    n_members, n_rows, n_classes = log_probs.shape
+    relative = np.empty((n_members + (log_prior is not None), n_rows, n_classes), dtype=np.float32)
+    np.maximum(log_probs, np.float32(LOG_FLOOR), out=relative[:n_members], dtype=np.float32)
+    if log_prior is not None:
+        relative[n_members] = -np.asarray(log_prior, dtype=np.float32)
     relative -= relative[:, np.arange(labels.size), labels][:, :, None]
     return relative
 
@@ -59,6 +72,8 @@ class LogitBlend(Blender):
     buys failing line searches (five times the evaluations in ``benchmarks/blend.py``).
     ``train_score_``: NLL of the pooled prediction on the fitting rows. ``n_iter_``: iterations.
     Each evaluation reads the whole ``(M, N, C)`` stack twice (two float32 matrix-vector products).
+    With a prior, ``tau`` is one more variable of the same fit, bounded to
+    :data:`~weights_search.prior.TAU_BOUNDS` (or fixed at the given value), starting from 0.
     """
 
     fusion = GEOMETRIC
@@ -68,13 +83,21 @@ class LogitBlend(Blender):
         self.max_iter = max_iter
         self.tol = tol
 
-    def fit(self, log_probs: np.ndarray, labels: np.ndarray) -> "LogitBlend":
+    def fit(self, log_probs: np.ndarray, labels: np.ndarray, prior: LogitAdjustment | None = None) -> "LogitBlend":
         log_probs, labels = check_members(log_probs, labels)
         n_members = log_probs.shape[0]
-        result = minimize(pooled_nll_and_grad, np.zeros(n_members), args=(relative_log_probs(log_probs, labels),),
-                          jac=True, method="L-BFGS-B", bounds=[(0.0, None)] * n_members,
+        bounds = [(0.0, None)] * n_members
+        start = np.zeros(n_members)
+        if prior is not None:
+            prior.check(log_probs.shape[2])
+            bounds.append(TAU_BOUNDS if prior.tau is None else (prior.tau, prior.tau))
+            start = np.append(start, 0.0 if prior.tau is None else prior.tau)
+        relative = relative_log_probs(log_probs, labels, None if prior is None else prior.log_prior)
+        result = minimize(pooled_nll_and_grad, start, args=(relative,), jac=True, method="L-BFGS-B", bounds=bounds,
                           options={"maxiter": self.max_iter, "ftol": self.tol, "gtol": self.tol})
-        self.weights_ = np.asarray(result.x, dtype=np.float64)
+        x = np.asarray(result.x, dtype=np.float64)
+        self.weights_ = x[:n_members]
+        self.tau_, self.log_prior_ = (None, None) if prior is None else (float(x[n_members]), prior.log_prior)
         self.n_iter_ = int(result.nit)
         self.train_score_ = float(result.fun)
         return self

@@ -80,7 +80,7 @@ class FoldSpy(Blender):
         self.folds = folds
         self.seen = seen
 
-    def fit(self, log_probs, labels):
+    def fit(self, log_probs, labels, prior=None):
         rows = _rows_of(log_probs[0])
         self.seen.append(rows)
         missing = [f for f, held_out in enumerate(self.folds) if not np.isin(held_out, rows).any()]
