@@ -33,9 +33,11 @@ filled              rows not in the predictions that ``--missing prior`` filled 
 fill_source         what the filled rows hold: ``train-prior`` (the most frequent classes
                     of the train json) or ``blend-prior`` (those the blend predicts most
                     often); NULL when none was filled
+prior_tau           ``tau`` of the blend's long-tail prior correction (``ens blend --prior``);
+                    NULL without one
 ==================  ====================================================================
 
-Columns added after a ledger was created (``filled``, ``fill_source``) are added to it, with
+Columns added after a ledger was created (``filled``, ``fill_source``, ``prior_tau``) are added to it, with
 their defaults, the first time this ens opens it; ``user_version`` changes only for changes an
 older ens could not live with.
 
@@ -104,11 +106,12 @@ CREATE TABLE IF NOT EXISTS submissions (
     private_score REAL,
     refreshed TEXT,
     filled INTEGER NOT NULL DEFAULT 0,
-    fill_source TEXT
+    fill_source TEXT,
+    prior_tau REAL
 )
 """
 #: Columns younger than the table: name -> definition, added to older ledgers on open.
-_ADDED = {"filled": "INTEGER NOT NULL DEFAULT 0", "fill_source": "TEXT"}
+_ADDED = {"filled": "INTEGER NOT NULL DEFAULT 0", "fill_source": "TEXT", "prior_tau": "REAL"}
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,8 @@ class BlendProvenance:
     """Where a submission's rows came from, read from ``blend.json`` beside ``predictions.csv``.
 
     ``cv_top1*`` are the cross-validated top-1 accuracy of the blend that was used and its
-    interval; ``None`` when the blend ran without cross-validation.
+    interval; ``None`` when the blend ran without cross-validation. ``prior_tau``: ``tau`` of
+    its prior correction, ``None`` without one.
     """
 
     method: str
@@ -125,6 +129,7 @@ class BlendProvenance:
     cv_top1: float | None
     cv_top1_low: float | None
     cv_top1_high: float | None
+    prior_tau: float | None = None
 
 
 @dataclass(frozen=True)
@@ -156,6 +161,7 @@ class Entry:
     refreshed: str | None
     filled: int = 0
     fill_source: str | None = None
+    prior_tau: float | None = None
 
 
 def utc_now() -> str:
@@ -194,8 +200,10 @@ def read_blend(path: str | os.PathLike) -> BlendProvenance:
             raise EnsError(f"{path}: cv.chosen {chosen!r} names none of cv.rows")
         top1, low, high = (float(field(row, key, (int, float), f"cv.rows[{chosen!r}].")) for key in
                            ("top1", "top1_low", "top1_high"))
+    prior = doc.get("prior")
+    tau = None if prior is None else float(field(prior, "tau", (int, float), "prior."))
     return BlendProvenance(method=method, members=tuple(members), weights={k: float(v) for k, v in weights.items()},
-                 cv_top1=top1, cv_top1_low=low, cv_top1_high=high)
+                 cv_top1=top1, cv_top1_low=low, cv_top1_high=high, prior_tau=tau)
 
 
 def _kind_name(kind) -> str:
@@ -295,7 +303,8 @@ class Ledger:
                 if blend is not None:
                     values.update(blend_method=blend.method, blend_members=json.dumps(list(blend.members)),
                                   blend_weights=json.dumps(dict(blend.weights)), cv_top1=blend.cv_top1,
-                                  cv_top1_low=blend.cv_top1_low, cv_top1_high=blend.cv_top1_high)
+                                  cv_top1_low=blend.cv_top1_low, cv_top1_high=blend.cv_top1_high,
+                                  prior_tau=blend.prior_tau)
                 cursor = con.execute(f"INSERT INTO submissions ({', '.join(values)}) "
                                      f"VALUES ({', '.join('?' * len(values))})", tuple(values.values()))
                 entry = self._get(con, cursor.lastrowid)
@@ -484,4 +493,5 @@ CHECKS: dict[str, tuple[Callable[[object], object], str, bool]] = {
     "refreshed": (*_TEXT, True),
     "filled": (*_WHOLE, False),
     "fill_source": (*_one_of(FILL_SOURCES), True),
+    "prior_tau": (*_NUMBER, True),
 }
