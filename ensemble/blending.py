@@ -6,14 +6,20 @@ fit, streams the applied split through the fitted blend, and writes the two outp
 blend folder (``blends/<name>/``)::
 
     blend.json        method, members, weights, temperatures, the CV table, the sha256 of every
-                      input store, the label source, and each model's provenance (model file
-                      sha256, preprocessing, TTA views and merge); `ens blend --weights`
-                      re-applies it, to stores made the same way only
+                      input store, the label source, each model's provenance (model file
+                      sha256, preprocessing, TTA views and merge) and the long-tail prior
+                      correction (the prior file's sha256, the class counts, tau); `ens blend
+                      --weights` re-applies it, to stores made the same way only
     predictions.csv   id,category_1..category_K,prob_1..prob_K: one row per image of the
                       applied split, real dataset category ids, most probable first
 
 A *member* is a model (``resnet50``) or, with ``--views``, one TTA view of a model
 (``resnet50/flip``).
+
+``--prior FILE`` gives the training class counts (:func:`read_class_counts`: a COCO/iNat json's
+annotations, a JSON object ``{"category_id": count}`` or a CSV ``category_id,count``), mapped to
+the output columns through the stores' class ids; the blend's prediction is then corrected for
+that prior after fusion (:mod:`weights_search.prior`), ``tau`` fitted with the weights.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import csv
 import hashlib
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -30,7 +37,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ensemble import __version__
-from ensemble.datasets import find_split
+from ensemble.datasets import check_regular_file, find_split
 from ensemble.errors import EnsError
 from ensemble.fileio import atomic_path, json_text, sha256_file
 import weights_search as ws
@@ -38,7 +45,9 @@ from ensemble.inference.store import IDS, LOGITS, MANIFEST, VIEWS, LogitStore, r
 
 BLEND_FILE = "blend.json"
 PREDICTIONS_FILE = "predictions.csv"
-FORMAT_VERSION = 2  # 2: per-model provenance, checked against every applied store
+#: 2: per-model provenance, checked against every applied store; 3: the prior correction (an older
+#: ens would apply a blend.json without it, silently).
+FORMAT_VERSION = 3
 #: Rows checked for NaN / inf, and fused, per step: bounded memory whatever the split size.
 CHUNK_ROWS = 2048
 
@@ -51,10 +60,13 @@ class BlendOptions:
     fuse; None: ``test`` when every model has a test store (fit only otherwise), and always
     ``test`` with ``weights``. ``weights``: a saved blend.json to re-apply instead of fitting;
     the fitting options (``method``: nll, ``cv``: 5 folds, ``temperature``, ``views``,
-    ``fallback``, ``data``) are refused with it. ``fallback``: "uniform" to use equal weights
-    when the fitted method does not beat them on CV. ``out``: the blend folder; None:
-    ``blends/<method>`` for a fit, ``<the fitted folder>-<apply split>`` beside the fitted
-    folder for ``weights`` (a saved blend is never overwritten by applying it).
+    ``fallback``, ``data``, ``prior``) are refused with it. ``fallback``: "uniform" to use equal
+    weights when the fitted method does not beat them on CV. ``prior``: the training class counts
+    (see :func:`read_class_counts`) to correct the blend for; ``prior_tau``: "auto" (fit ``tau``
+    with the weights, the default with ``prior``) or a number in
+    :data:`weights_search.TAU_BOUNDS`. ``out``: the blend folder; None: ``blends/<method>`` for
+    a fit, ``<the fitted folder>-<apply split>`` beside the fitted folder for ``weights`` (a
+    saved blend is never overwritten by applying it).
     """
 
     runs: Path = Path("runs")
@@ -70,6 +82,8 @@ class BlendOptions:
     weights: Path | None = None
     top_k: int = 5
     out: Path | None = None
+    prior: Path | None = None
+    prior_tau: str | None = None
 
 
 @dataclass(frozen=True)
@@ -232,6 +246,144 @@ def load_labels(path: Path, ids: np.ndarray, class_ids: Sequence[int | str]) -> 
 
 
 # --------------------------------------------------------------------------------------------
+# The training prior (--prior)
+
+
+def read_class_counts(path: Path) -> dict[int | str, int]:
+    """The training images per category id in ``path``, in any of three forms:
+
+    - a COCO/iNat json (``train2019.json``): the number of ``annotations`` of each
+      ``category_id``; the categories listed under ``categories`` that no annotation names count 0;
+    - a JSON object ``{"category_id": count, ...}``;
+    - a CSV of lines ``category_id,count`` (``.csv``; a header line ``category_id,count`` is allowed).
+
+    Ids that spell integers become integers, as the models' class ids do. A count must be a
+    non-negative integer; an id may appear once. Anything else is an :class:`EnsError` naming
+    the file and the entry.
+    """
+    check_regular_file(path, "--prior")
+    label = f"--prior {path}"
+    if path.suffix.lower() == ".csv":
+        return _csv_counts(path, label)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EnsError(f"{label}: not a JSON file ({exc}); give a COCO/iNat json, a JSON object "
+                       "{\"category_id\": count} or a CSV category_id,count") from None
+    if not isinstance(doc, dict):
+        raise EnsError(f"{label}: expected a JSON object (a COCO/iNat json or {{\"category_id\": count}})")
+    if "annotations" in doc or "images" in doc or "categories" in doc:
+        return _coco_counts(doc, label)
+    counts: dict[int | str, int] = {}
+    for key, value in doc.items():
+        counts[_category(key)] = _count(value, f"{label}: the count of category {key!r}")
+    if not counts:
+        raise EnsError(f"{label}: no categories")
+    return counts
+
+
+def _coco_counts(doc: dict, label: str) -> dict[int | str, int]:
+    annotations = doc.get("annotations")
+    if not isinstance(annotations, list) or not annotations:
+        raise EnsError(f"{label}: a COCO json without annotations (a test split?); give the training json, "
+                       "whose annotations are counted")
+    counts: dict[int | str, int] = {}
+    for category in doc.get("categories") or []:
+        if isinstance(category, dict) and isinstance(category.get("id"), (int, str)):
+            counts.setdefault(_category(category["id"]), 0)
+    for i, annotation in enumerate(annotations):
+        category = annotation.get("category_id") if isinstance(annotation, dict) else None
+        if not isinstance(category, (int, str)) or isinstance(category, bool):
+            raise EnsError(f"{label}: annotations[{i}] has no category_id")
+        category = _category(category)
+        counts[category] = counts.get(category, 0) + 1
+    return counts
+
+
+def _csv_counts(path: Path, label: str) -> dict[int | str, int]:
+    counts: dict[int | str, int] = {}
+    lines: dict[int | str, int] = {}
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise EnsError(f"{label}: not a readable CSV ({exc})") from None
+    for number, row in enumerate(rows, start=1):
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        if number == 1 and [cell.strip() for cell in row] == ["category_id", "count"]:
+            continue
+        if len(row) != 2:
+            raise EnsError(f"{label}: line {number} has {len(row)} fields; expected category_id,count")
+        category = _category(row[0].strip())
+        if category in lines:
+            raise EnsError(f"{label}: line {number} counts category {row[0].strip()} again (first on line "
+                           f"{lines[category]})")
+        text = row[1].strip()
+        counts[category] = _count(int(text) if re.fullmatch(r"[+-]?\d+", text) else text,
+                                  f"{label}: line {number}: the count {text!r}")
+        lines[category] = number
+    if not counts:
+        raise EnsError(f"{label}: no lines category_id,count")
+    return counts
+
+
+def _category(value: int | str) -> int | str:
+    """A category id as the models' class ids hold it: a string that spells an integer is one."""
+    if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+        return int(value)
+    return value
+
+
+def _count(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise EnsError(f"{what} is not a non-negative integer")
+    return value
+
+
+def prior_counts(counts: Mapping[int | str, int], class_ids: Sequence[int | str], path: Path) -> np.ndarray:
+    """``(C,)`` int64: the count of each output column's category (``class_ids``, the stores'
+    mapping, the same for every model). A category the models predict that ``counts`` lacks, or
+    one in ``counts`` that no model predicts, is an :class:`EnsError` naming them."""
+    columns = list(class_ids)
+    missing = [c for c in columns if c not in counts]
+    if missing:
+        raise EnsError(f"--prior {path}: no count for {len(missing)} of the {len(columns)} categories the models "
+                       f"predict: {_ids(missing)}")
+    known = set(columns)
+    extra = [c for c in counts if c not in known]
+    if extra:
+        raise EnsError(f"--prior {path}: counts {len(extra)} categories that no model predicts: {_ids(extra)} "
+                       "(were the models exported with other --classes?)")
+    return np.array([counts[c] for c in columns], dtype=np.int64)
+
+
+def _ids(values: Sequence[Any], shown: int = 5) -> str:
+    return ", ".join(map(str, values[:shown])) + (f" and {len(values) - shown} more" if len(values) > shown else "")
+
+
+def prior_notes(counts: np.ndarray, class_ids: Sequence[int | str], path: Path) -> list[str]:
+    """A note naming the categories without a training image, and how they are counted."""
+    zero = [c for c, n in zip(class_ids, counts) if n == 0]
+    if not zero:
+        return []
+    return [f"--prior {path}: {len(zero)} of the {len(counts)} categories have no training image ({_ids(zero)}); "
+            f"each is counted as {ws.ZERO_COUNT:g} images (half the rarest possible count), so that its "
+            "log-prior stays finite"]
+
+
+def prior_hint(data: Path | None, given: bool) -> list[str]:
+    """When ``--data`` holds a training json and no ``--prior`` was given, the flag to try."""
+    if data is None or given:
+        return []
+    train = find_split(data, "train", folders=False, required=False)
+    if train is None:
+        return []
+    return [f"{train} holds the training labels: add --prior {train} to correct the blend for the models' "
+            "long-tailed training prior (logit adjustment, tau fitted on validation)"]
+
+
+# --------------------------------------------------------------------------------------------
 # The command
 
 
@@ -296,17 +448,37 @@ def _check_options(options: BlendOptions) -> None:
             raise EnsError("--weights applies saved weights without fitting; drop --optimize")
         fitting = {"--method": options.method is not None, "--temperature": options.temperature,
                    "--views": options.views, "--cv": options.cv is not None,
-                   "--fallback": options.fallback is not None, "--data": options.data is not None}
+                   "--fallback": options.fallback is not None, "--data": options.data is not None,
+                   "--prior": options.prior is not None, "--prior-tau": options.prior_tau is not None}
         given = [name for name, used in fitting.items() if used]
         if given:
-            raise EnsError(f"--weights applies saved weights as they are; {', '.join(given)} only "
-                           "apply when fitting with --optimize")
+            raise EnsError(f"--weights applies saved weights (and their prior correction) as they are; "
+                           f"{', '.join(given)} only apply when fitting with --optimize")
+    if options.prior_tau is not None and options.prior is None:
+        raise EnsError(f"--prior-tau {options.prior_tau}: give --prior FILE, the training class counts it weighs")
+    prior_tau(options)
     if options.cv is not None and options.cv < 2:
         raise EnsError(f"--cv {options.cv}: cross-validation needs at least 2 folds")
     if options.top_k < 1:
         raise EnsError(f"--top-k {options.top_k}: must be at least 1")
     if options.fallback not in (None, "uniform"):
         raise EnsError(f"--fallback {options.fallback}: the only fallback is uniform")
+
+
+def prior_tau(options: BlendOptions) -> float | None:
+    """``--prior-tau``: None to fit tau (``auto``, the default), else the number given."""
+    text = options.prior_tau
+    if text is None or text == "auto":
+        return None
+    low, high = ws.TAU_BOUNDS
+    try:
+        tau = float(text)
+    except ValueError:
+        tau = math.nan
+    if not low <= tau <= high:
+        raise EnsError(f"--prior-tau {text}: expected auto or a number from {low:g} to {high:g} "
+                       "(0: no correction, 1: divide by the prior once)")
+    return tau
 
 
 def _models(options: BlendOptions, saved: dict | None) -> tuple[str, ...]:
@@ -404,20 +576,29 @@ def _fit(options: BlendOptions, split: _Split, views: bool, notes: list[str]) ->
     labels = load_labels(labels_path, split.ids, split.class_ids)
     notes.extend(label_warnings(split, labels_path))
     notes.extend(class_order_warnings(split, labels))
+    adjustment = counts = None
+    if options.prior is not None:
+        counts = prior_counts(read_class_counts(options.prior), split.class_ids, options.prior)
+        notes.extend(prior_notes(counts, split.class_ids, options.prior))
+        adjustment = ws.LogitAdjustment(ws.class_log_prior(counts), prior_tau(options))
+    notes.extend(prior_hint(options.data, options.prior is not None))
     logits = np.stack([np.asarray(a, dtype=np.float32) for a in arrays])
     try:
-        report = ws.cross_validate(logits, labels, method_asked, n_folds=folds,
-                                   temperature=options.temperature, member_names=names, top_k=options.top_k)
+        report = ws.cross_validate(logits, labels, method_asked, n_folds=folds, temperature=options.temperature,
+                                   member_names=names, top_k=options.top_k, prior=adjustment)
         method = method_asked
         fallback_used = False
         if method_asked != "uniform" and not report.beats_uniform:
-            notes.append(f"{method_asked} does not beat uniform weights on {folds}-fold CV "
+            uniform = report.uniform_row.name if report.prior else "uniform weights"
+            notes.append(f"{report.method_row.name} does not beat {uniform} on {folds}-fold CV "
                          f"(top-1 {report.method_row.top1:.4f} vs {report.uniform_row.top1:.4f})"
-                         + ("; --fallback uniform: using uniform weights" if options.fallback else
+                         + (f"; --fallback uniform: using {uniform}" if options.fallback else
                             "; --fallback uniform would use equal weights"))
             if options.fallback == "uniform":
                 method, fallback_used = "uniform", True
-        blend = ws.fit_blend(logits, labels, method, temperature=options.temperature)
+        if adjustment is not None:
+            notes.extend(_prior_cv_note(report, method))
+        blend = ws.fit_blend(logits, labels, method, temperature=options.temperature, prior=adjustment)
     except ValueError as exc:
         raise EnsError(f"blend: {exc}") from None
     del logits
@@ -441,12 +622,27 @@ def _fit(options: BlendOptions, split: _Split, views: bool, notes: list[str]) ->
         "labels": str(labels_path),
         "stores": stores,
         "provenance": {m: provenance(s) for m, s in zip(models, split.stores)},
+        "prior": None if adjustment is None else {
+            "file": str(options.prior), "sha256": sha256_file(options.prior),
+            "counts": counts.tolist(), "zero_count": ws.ZERO_COUNT,
+            "tau": blend.tau, "tau_fitted": adjustment.tau is None},
         "cv": {"folds": report.n_folds, "top_k": report.top_k, "temperature": report.temperature,
-               "chosen": "uniform" if fallback_used or method == "uniform" else report.method_row.name,
+               "prior": report.prior, "fold_taus": list(report.fold_taus),
+               "chosen": report.uniform_row.name if fallback_used or method == "uniform" else report.method_row.name,
                "beats_uniform": report.beats_uniform,
                "rows": [asdict(r) for r in report.rows]},
     }
     return blend, record
+
+
+def _prior_cv_note(report: Any, method: str) -> list[str]:
+    """A note when the blend corrected for the prior does not beat it uncorrected on CV."""
+    kind = "uniform" if method == "uniform" else "method"
+    corrected, plain = report.row(kind, True), report.row(kind, False)
+    if (corrected.top1, -corrected.nll) > (plain.top1, -plain.nll):
+        return []
+    return [f"{corrected.name} does not beat {plain.name} on {report.n_folds}-fold CV (top-1 {corrected.top1:.4f} "
+            f"vs {plain.top1:.4f}); the correction is applied as --prior asks: leave --prior out to blend without it"]
 
 
 def label_warnings(split: _Split, labels_path: Path) -> list[str]:
@@ -544,6 +740,9 @@ def check_blend_record(record: Any, source: str) -> None:
         "views": (isinstance(record.get("views", False), bool), "true or false"),
         "params": (isinstance(record.get("params", {}), dict), "an object"),
         "class_ids": (record.get("class_ids") is None or isinstance(record["class_ids"], list), "a list"),
+        "prior": (_prior_record_ok(record.get("prior"), record.get("class_ids"), number),
+                  f"null or an object with counts (one non-negative integer per class id), zero_count > 0 "
+                  f"and tau from {ws.TAU_BOUNDS[0]:g} to {ws.TAU_BOUNDS[1]:g}"),
     }
     for key, (valid, expected) in checks.items():
         if not valid:
@@ -552,6 +751,19 @@ def check_blend_record(record: Any, source: str) -> None:
         given = record["provenance"].get(model)
         if not isinstance(given, dict) or any(k not in given for k in PROVENANCE_FIELDS):
             raise EnsError(f"{source}: field 'provenance.{model}' lacks some of {', '.join(PROVENANCE_FIELDS)}")
+
+
+def _prior_record_ok(prior: Any, class_ids: Any, number) -> bool:
+    if prior is None:
+        return True
+    if not isinstance(prior, dict) or not isinstance(class_ids, list):
+        return False
+    counts = prior.get("counts")
+    low, high = ws.TAU_BOUNDS
+    return (isinstance(counts, list) and len(counts) == len(class_ids)
+            and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
+            and number(prior.get("zero_count")) and prior["zero_count"] > 0
+            and number(prior.get("tau")) and low <= prior["tau"] <= high)
 
 
 def _saved_blend(saved: dict, options: BlendOptions, models: Sequence[str]) -> tuple[Any, dict, bool]:
@@ -563,10 +775,13 @@ def _saved_blend(saved: dict, options: BlendOptions, models: Sequence[str]) -> t
         raise EnsError(f"--weights {options.weights}: has no weight for {', '.join(extra)}")
     members = saved["members"]
     temps = saved.get("temperatures")
+    prior = saved.get("prior")
+    log_prior = None if prior is None else tuple(ws.class_log_prior(prior["counts"], prior["zero_count"]).tolist())
     blend = ws.FittedBlend(method=saved["method"], fusion=saved["fusion"],
                            weights=tuple(float(saved["weights"][m]) for m in members),
                            temperatures=None if temps is None else tuple(float(temps[m]) for m in members),
-                           params=saved.get("params", {}))
+                           params=saved.get("params", {}), log_prior=log_prior,
+                           tau=None if prior is None else float(prior["tau"]))
     record = dict(saved)
     record["models"] = list(saved["models"])
     record["applied_from"] = str(options.weights)

@@ -313,10 +313,12 @@ def blend(
     weights: Annotated[Optional[Path], typer.Option(metavar="blend.json", help="Apply saved weights instead of fitting.")] = None,
     top_k: Annotated[int, typer.Option(help="Categories per image in predictions.csv.")] = 5,
     out: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Blend folder \\[default: blends/<method>; with --weights, <its folder>-<split> beside it].")] = None,
+    prior: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Training class counts to correct the blend for (long-tail logit adjustment): a COCO/iNat json (its annotations are counted, e.g. data/train2019.json), a JSON object {\"category_id\": count} or a CSV category_id,count.")] = None,
+    prior_tau: Annotated[Optional[str], typer.Option(metavar="auto|FLOAT", help="Strength of the prior correction: auto fits it with the weights on the fitted split; a number from 0 (none) to 3 fixes it (1 divides by the prior once).", show_default="auto, with --prior")] = None,
 ) -> None:
     """Fit blend weights on validation, report honest CV estimates, fuse the test logits.
 
-    Writes DIR/blend.json (weights, temperatures, CV table, input hashes) and
+    Writes DIR/blend.json (weights, temperatures, prior correction, CV table, input hashes) and
     DIR/predictions.csv (id, top-k category ids and probabilities) for `ens submit`.
     """
     with _user_errors(ctx):
@@ -325,7 +327,7 @@ def blend(
         model_list = tuple(m.strip() for m in models.split(",") if m.strip()) if models else None
         options = BlendOptions(runs=runs, models=model_list, optimize=optimize, apply=apply, data=data,
                                method=method, temperature=temperature, views=views, cv=cv, fallback=fallback,
-                               weights=weights, top_k=top_k, out=out)
+                               weights=weights, top_k=top_k, out=out, prior=prior, prior_tau=prior_tau)
         result = run_blend(options)
     record = result.record
     for note in result.notes:
@@ -335,17 +337,37 @@ def blend(
     typer.echo("weights: " + ", ".join(f"{name} {w:.3f}" for name, w in record["weights"].items()))
     if record.get("temperatures"):
         typer.echo("temperatures: " + ", ".join(f"{n} {t:.2f}" for n, t in record["temperatures"].items()))
+    if record.get("prior"):
+        typer.echo(_prior_line(record))
     typer.echo(f"wrote {result.out / 'blend.json'}")
     if result.predictions is not None:
         typer.echo(f"wrote {result.predictions} ({result.rows} images of {record['apply']['split']}, "
                    f"top-{top_k})")
 
 
+def _prior_line(record: dict) -> str:
+    """What the blend's prior correction is and where its tau came from."""
+    prior = record["prior"]
+    if "applied_from" in record:
+        how = f"from {record['applied_from']}"
+    elif prior.get("tau_fitted"):
+        taus = record.get("cv", {}).get("fold_taus") or []
+        how = f"fitted with the weights on {record['optimize']['split']}" + (
+            f"; {min(taus):.3f}-{max(taus):.3f} in the CV folds" if taus else "")
+    else:
+        how = "given"
+    counts = [c for c in prior["counts"] if c > 0] or [0]
+    return (f"prior: tau {prior['tau']:.3f} ({how}); {prior.get('file')}, {len(prior['counts'])} classes, "
+            f"{min(counts)}-{max(counts)} training images per class")
+
+
 def _print_cv_table(record: dict) -> None:
     cv = record["cv"]
     k = cv["top_k"]
     typer.echo(f"{cv['folds']}-fold CV on {record['optimize']['split']} ({record['optimize']['rows']} images)"
-               + (", temperatures fitted per fold" if cv["temperature"] else ""))
+               + (", temperatures fitted per fold" if cv["temperature"] else "")
+               + (", +prior: corrected for --prior, tau fitted per fold" if cv.get("prior") and
+                  record["prior"].get("tau_fitted") else ", +prior: corrected for --prior" if cv.get("prior") else ""))
     width = max(len(r["name"]) for r in cv["rows"]) + 2
     typer.echo(f"{'':<{width}}{'top-1':>7}  {'95% interval':<15}{f'top-{k}':>7}{'NLL':>8}")
     for row in cv["rows"]:
