@@ -40,6 +40,9 @@ OPSET = 17
 #: fp16 graphs round every activation, so only their top-1 agreement is bounded.
 FP32_MAX_ABS_DIFF = 1e-3
 FP16_MIN_TOP1_AGREEMENT = 0.99
+#: An fp16 graph's activations must stay this many times below float16's largest value (65504)
+#: on the check images: other images can go higher, and past it a GPU gives inf logits.
+FP16_HEADROOM = 4.0
 CHECK_BATCH = 4
 #: Ops that make up the in-graph preprocessing; kept in float32 by the fp16 conversion.
 _PREPROCESS_OPS = {"Transpose", "Cast", "Mul", "Add", "Sub", "Div"}
@@ -149,6 +152,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None,
         references = {size: references[size]}
         checks = _verify(graph, references, options.check_batch, "fp32")
     if options.fp16:
+        notes.append(_fp16_headroom(graph, sorted(references), options.check_batch))
         graph = _to_fp16(graph)
         checks += _verify(graph, references, options.check_batch, "fp16")
 
@@ -361,6 +365,47 @@ def _verify(graph: onnx.ModelProto, references: Mapping[int, np.ndarray], batch:
                            "export without --fp16")
         checks.append(check)
     return checks
+
+
+def _fp16_headroom(graph: onnx.ModelProto, sizes: Sequence[int], batch: int) -> str:
+    """Check that the float32 graph's activations on the check images stay :data:`FP16_HEADROOM`
+    times below float16's largest value; a note with the largest one, else :class:`EnsError`
+    naming the first layer that comes nearer.
+
+    The fp16 graph's own check cannot see an overflow: on the CPU provider onnxruntime runs its
+    convolutions in float32, so an activation past 65504, inf on a GPU, stays finite here.
+    """
+    import onnxruntime as ort
+
+    skip = set(_preprocessing_nodes(graph))
+    producers = {out: node for node in graph.graph.node if node.name not in skip for out in node.output
+                 if node.op_type != "Constant"}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(graph)
+    outputs = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in producers if name not in outputs)
+    options = ort.SessionOptions()
+    # Unfused, so each node's output is the graph's own (a fused Conv+Relu hides the Conv's).
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs() if o.name in producers]
+    largest = dict.fromkeys(names, 0.0)
+    for size in sizes:
+        images = check_images(batch, size).numpy()
+        for i in range(len(images)):  # one image at a time: every activation of a batch is a lot of memory
+            for name, value in zip(names, session.run(names, {INPUT_NAME: images[i:i + 1]})):
+                if value.dtype.kind == "f" and value.size:
+                    largest[name] = max(largest[name], float(np.abs(value.astype(np.float64)).max()))
+    limit = float(np.finfo(np.float16).max)
+    for name in names:  # in graph order: the first layer that comes near the limit
+        if largest[name] * FP16_HEADROOM > limit:
+            node = producers[name]
+            raise EnsError(f"--fp16: layer {node.name or name} ({node.op_type}) reaches {largest[name]:.4g} on the "
+                           f"check images, within {FP16_HEADROOM:g}x of float16's largest value ({limit:.0f}); "
+                           "in float16 it would overflow to inf on a GPU: export without --fp16")
+    worst = max(names, key=largest.get)
+    return (f"fp16: largest activation {largest[worst]:.4g} (layer {producers[worst].name or worst}), "
+            f"{limit / max(largest[worst], 1e-30):.0f}x below float16's limit")
 
 
 def _preprocessing_nodes(graph: onnx.ModelProto) -> list[str]:
