@@ -10,13 +10,6 @@ The decode itself
 * applies the EXIF orientation (phone photos are stored sideways);
 * converts grayscale, CMYK, palette, RGBA, ... to RGB.
 
-For each model the decoded image is resized once, onto the model's largest canvas (its
-``decode_side``); the model's smaller canvases (``scale`` views below 1, corner crops of a
-squash model) are resized from that canvas, not from the decode, so three resizes of the full
-decode become one plus two of a canvas. Their sizes still follow the decoded image's (as
-torchvision's Resize of the image gives them), and the source of each depends on the model's
-own views only.
-
 The reduction is chosen per model (each geometry carries the shorter side its model's decode
 keeps, ``Geometry.min_side``), never from the whole run, so the pixels a model sees, and so
 its logit store, do not depend on which other models share the run. Models whose needs give
@@ -134,20 +127,8 @@ def _decode_image(path: str | Path, geometries: Sequence[Geometry]) -> tuple[dic
     for g in geometries:
         by_side.setdefault(g.min_side, []).append(g)
     decoded: dict[tuple[int, int], Image.Image] = {}  # the decode's stored size -> the image
-    canvases: dict[tuple, Image.Image] = {}
-    arrays: dict[tuple, np.ndarray] = {}
+    canvases: dict[tuple, np.ndarray] = {}
     out = {}
-
-    def canvas(image: Image.Image, kind: str, side: int, interpolation: str, origin: int) -> tuple:
-        """The key of ``image`` resized onto a canvas, from the decode (``origin`` 0) or from
-        its canvas of side ``origin``."""
-        key = (image.size, kind, side, interpolation, origin)
-        if key not in canvases:
-            source = image if not origin else canvases[canvas(image, kind, origin, interpolation, 0)]
-            height, width = canvas_shape(image.height, image.width, kind, side)
-            canvases[key] = source.resize((width, height), _RESAMPLE[interpolation])
-        return key
-
     for side, members in sorted(by_side.items(), reverse=True):
         opened = _open(path, side)
         if opened.size in decoded:
@@ -156,14 +137,11 @@ def _decode_image(path: str | Path, geometries: Sequence[Geometry]) -> tuple[dic
         else:
             image = decoded[opened.size] = _finish(opened)
         for g in members:
-            # A model's largest canvas (its decode side) is resized from the decode, its smaller
-            # ones from that canvas: a fraction of the work with multi-scale TTA. The source
-            # depends on the model's own views only, never on the other models of the run.
-            origin = g.min_side if g.canvas_size < g.min_side else 0
-            key = canvas(image, g.canvas, g.canvas_size, g.interpolation, origin)
-            if key not in arrays:
-                arrays[key] = np.asarray(canvases[key])
-            out[g] = crop(arrays[key], g.size, g.position)
+            key = (image.size, g.canvas, g.canvas_size, g.interpolation)
+            if key not in canvases:
+                height, width = canvas_shape(image.height, image.width, g.canvas, g.canvas_size)
+                canvases[key] = np.asarray(image.resize((width, height), _RESAMPLE[g.interpolation]))
+            out[g] = crop(canvases[key], g.size, g.position)
     return out, len(decoded)
 
 

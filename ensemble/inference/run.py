@@ -320,9 +320,6 @@ class _SplitRun:
                 "chunk_size": chunk_size, "provider": provider,
                 # The reduced JPEG decode keeps this model's largest canvas (not the run's).
                 "decode_side": item.groups[0].members[0][0].min_side,
-                # Smaller canvases are resized from the model's largest one (since ens 0.x, issue
-                # 14): stores and partial chunks made by the earlier rule are not reused.
-                "canvases": "from-largest",
             }
             self.writers[model.name] = StoreWriter(store_path(options.out, model.path, split.name),
                                                    key, len(split), chunk_size)

@@ -33,31 +33,15 @@ SCALES = (0.875, 1.143)
 CORNERS = {"top-left": 0, "top-right": 1, "bottom-left": 2, "bottom-right": 3, "center": 4}
 
 
-def _side(size, crop_pct, resize, view):
-    """The canvas side torchvision resizes to for ``view`` (square for squash)."""
-    s = round(size * view.scale)
-    side = math.floor(s / crop_pct + 1e-6)
-    return s if resize == "squash" and view.position == "center" else side
-
-
-def reference_view(path, size, crop_pct, resize, view, views=None):
-    """One view of an image by torchvision's transforms, as uint8 (s, s, 3).
-
-    With ``views`` (all the model's views), as ens makes it: a canvas smaller than the model's
-    largest is resized from that largest canvas, to the size a resize of the image would give.
-    """
+def reference_view(path, size, crop_pct, resize, view):
+    """One view of an image by torchvision's transforms, as uint8 (s, s, 3)."""
     image = Image.open(path).convert("RGB")
     s = round(size * view.scale)
-    side = _side(size, crop_pct, resize, view)
-    largest = max(_side(size, crop_pct, resize, v) for v in views) if views else side
-    squash = resize == "squash"
-    target = [side, side] if squash else side
-    if largest > side:
-        w, h = image.size
-        # torchvision's Resize(side) of the image: the shorter side to side, the other scaled.
-        target = [side, side] if squash else ([side, int(side * w / h)] if h <= w else [int(side * h / w), side])
-        image = F.resize(image, [largest, largest] if squash else largest)
-    image = F.resize(image, target)
+    side = math.floor(s / crop_pct + 1e-6)
+    if resize == "squash":
+        image = F.resize(image, [s, s] if view.position == "center" else [side, side])
+    else:
+        image = F.resize(image, side)
     out = F.five_crop(image, [s, s])[CORNERS[view.position]]
     return np.asarray(F.hflip(out) if view.flip else out)
 
@@ -73,16 +57,12 @@ def pngs(tmp_path):
 def test_decoded_views_equal_torchvision_pixels(pngs, resize):
     pre = Preprocess(32, resize, 0.875)
     views = [v for v in plan_views(["crop5", "scale"], SCALES) if not v.flip]
-    plain = [geometry(pre, v) for v in views]  # each canvas resized from the decode
-    derived = geometries(pre, views)  # as ens runs them: smaller canvases from the largest one
-    assert len({g.canvas_size for g in derived}) > 1 and {g.decode_side for g in derived} == {42}
+    geometries = [geometry(pre, v) for v in views]
     for path in pngs.paths:
-        arrays = decode_image(path, plain + list(derived))
-        for view, geo, model_geo in zip(views, plain, derived):
+        arrays = decode_image(path, geometries)
+        for view, geo in zip(views, geometries):
             np.testing.assert_array_equal(arrays[geo], reference_view(path, 32, 0.875, resize, view),
                                           err_msg=f"{path.name} {view.name}")
-            np.testing.assert_array_equal(arrays[model_geo], reference_view(path, 32, 0.875, resize, view, views),
-                                          err_msg=f"{path.name} {view.name} (from the largest canvas)")
 
 
 def pixel_model(path, size=32):
@@ -132,7 +112,7 @@ def test_tta_logits_equal_the_model_on_explicit_views(pngs, tmp_path, merge):
     views = plan_views(["flip", "scale", "crop5"], SCALES)
     assert len(views) == 30
     want = np.stack([
-        np.stack([run_onnx(model, reference_view(path, 32, 0.875, "center-crop", v, views)[None])[0]
+        np.stack([run_onnx(model, reference_view(path, 32, 0.875, "center-crop", v)[None])[0]
                   for path in pngs.paths])
         for v in views]).astype(np.float64)  # (views, images, classes)
     np.testing.assert_allclose(store.views, want, rtol=1e-4, atol=1e-4)
