@@ -142,3 +142,23 @@ def test_a_cpu_only_onnxruntime_is_not_a_fallback(tiny, tmp_path):
                    events.append)
     assert not any(e.message.startswith("warning") for e in events)
     assert read_store(result.stores[0].path).manifest["device_fallback"] is None
+
+
+def test_gpu_options_reach_the_library_from_the_cli(tiny, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(run_module, "_check_options", lambda options: seen.append(options) or _stop())
+    args = ["infer", str(tiny), "--index", str(tmp_path), "--out", str(tmp_path / "runs")]
+    write_images(tmp_path / "imgs", [(40, 30)])
+    args[3] = str(tmp_path / "imgs")
+    CliRunner().invoke(app, args)
+    CliRunner().invoke(app, args + ["--cudnn-search", "exhaustive", "--gpu-mem-limit", "2.5", "--trt-fp16"])
+    assert [(o.cudnn_search, o.gpu_mem_limit, o.trt_fp16) for o in seen] == [
+        ("heuristic", None, False), ("exhaustive", 2.5, True)]
+    monkeypatch.undo()
+    result = CliRunner().invoke(app, args + ["--cudnn-search", "fast"])
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: --cudnn-search fast: choose from heuristic, exhaustive, default"
+
+
+def _stop():
+    raise EnsError("stopped by the test")
