@@ -111,7 +111,7 @@ def _json_object(text: str, option: str) -> dict:
 @app.command()
 def export(
     ctx: typer.Context,
-    checkpoint: Annotated[Path, typer.Argument(help="A state_dict / training checkpoint (.pt, .pth, .safetensors), a pickled model, or a TorchScript archive.", show_default=False)],
+    checkpoint: Annotated[Path, typer.Argument(help="A state_dict / training checkpoint (.pt, .pth, .safetensors), a pickled model (with --trust-pickle), or a TorchScript archive.", show_default=False)],
     arch: Annotated[Optional[str], typer.Option(help="Network to build for a state_dict: a torchvision model name (resnet50, inception_v3, ...) or package.module:callable.")] = None,
     arch_kwargs: Annotated[Optional[str], typer.Option("--arch-kwargs", metavar="JSON", help="Keyword arguments for the builder, e.g. '{\"transform_input\": true}'.")] = None,
     num_classes: Annotated[Optional[int], typer.Option(help="Number of classes; read from the classifier weights when omitted.")] = None,
@@ -120,9 +120,10 @@ def export(
     std: Annotated[Optional[str], typer.Option(metavar="R,G,B", help=f"Normalisation std, as fractions of 255 \\[default: {rgb_text(IMAGENET_STD)} (ImageNet)].")] = None,
     resize: Annotated[Optional[str], typer.Option(help=f"How inference fits images to the input: center-crop (shorter side to size/crop-pct, then centre crop) or squash \\[default: {ModelMetadata.resize}].")] = None,
     crop_pct: Annotated[Optional[float], typer.Option(help=f"Fraction of the resized image kept by center-crop \\[default: {ModelMetadata.crop_pct:g}].")] = None,
-    interpolation: Annotated[Optional[str], typer.Option(help=f"Resampling filter inference resizes images with: {' or '.join(INTERPOLATIONS)} (timm's pretrained models use bicubic) \\[default: {ModelMetadata.interpolation}].")] = None,
+    interpolation: Annotated[Optional[str], typer.Option(help=f"Resampling filter inference resizes images with: {', '.join(INTERPOLATIONS)} (timm's pretrained models use bicubic) \\[default: {ModelMetadata.interpolation}].")] = None,
     classes: Annotated[Optional[Path], typer.Option(metavar="FILE|DIR", help="Output index -> category id: the training images' folder (ImageFolder's order: class folder names sorted as strings, 10 before 2), a JSON list, or a COCO json whose categories sorted by id give the order.")] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Write a float16 model (uint8 input and float32 output kept).")] = False,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Load a checkpoint that pickles Python objects beyond tensors (a whole model): that runs code from the file, so only for files you trust. State dicts, TorchScript and safetensors need no flag.")] = False,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="OUT.onnx", help="Output file \\[default: the checkpoint's path with .onnx, or .fp16.onnx].")] = None,
 ) -> None:
     """Export a checkpoint to a verified, self-describing ONNX file.
@@ -158,6 +159,7 @@ def export(
             input_size=input_size,
             classes=classes,
             fp16=fp16,
+            trust_pickle=trust_pickle,
             **{k: v for k, v in preprocess.items() if v is not None},
         )
         result = export_checkpoint(checkpoint, output, options)

@@ -39,8 +39,13 @@ OUTPUT_NAME = "logits"
 #: ``squash``: resize both sides to ``input_size``, ignoring the aspect ratio.
 RESIZE_POLICIES = ("center-crop", "squash")
 #: Resampling filters an export may ask inference to resize with (``ens export
-#: --interpolation``): torchvision's default, and the bicubic of timm's pretrained models.
-INTERPOLATIONS = ("bilinear", "bicubic")
+#: --interpolation``), as Pillow and torchvision's ``Resize`` on images name them: torchvision's
+#: default, the bicubic of timm's pretrained models, and the two others both offer. The one
+#: list: what export accepts, what metadata may say, and what inference decodes.
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos")
+PRECISIONS = ("fp32", "fp16")
+#: Input sizes, in pixels, an export may have.
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 16, 4096
 #: The ImageNet normalisation (fractions of 255) of torchvision's and timm's pretrained models.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -56,23 +61,37 @@ def check_preprocess(*, mean: Sequence[float] | None = None, std: Sequence[float
                      interpolation: str | None = None) -> None:
     """Raise :class:`EnsError` naming the option (``--mean``, ``--crop-pct``, ...) of the first
     preprocessing value out of range; ``None`` means not given. The one check of these values,
-    for ``ens export`` and for the foreign models of ``ens infer``."""
-    for name, values, example in (("--mean", mean, IMAGENET_MEAN), ("--std", std, IMAGENET_STD)):
-        if values is None:
+    for ``ens export`` and for the foreign models of ``ens infer``; :meth:`ModelMetadata.from_props`
+    applies the same rules to the ``ens.*`` keys of a file."""
+    values = {"mean": mean, "std": std, "resize": resize, "crop_pct": crop_pct, "interpolation": interpolation}
+    found = _preprocess_problem(values)
+    if found is None:
+        return
+    name, shown, problem = found
+    value = values[name]
+    text = rgb_text(value) if name in ("mean", "std") else f"{value:g}" if name == "crop_pct" else value
+    raise EnsError(f"--{name.replace('_', '-')}{f' {text}' if shown else ''}: {problem}")
+
+
+def _preprocess_problem(values: Mapping[str, Any]) -> tuple[str, bool, str] | None:
+    """The first value out of range as ``(field, whether the message shows it, problem)``."""
+    for name, example in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
+        rgb = values.get(name)
+        if rgb is None:
             continue
-        if len(values) != 3:
-            raise EnsError(f"{name}: expected three values R,G,B, got {len(values)}")
-        if any(not (0.0 <= v <= 1.0) for v in values):
-            raise EnsError(f"{name} {rgb_text(values)}: values are fractions of 255 in [0, 1] "
-                           f"(e.g. {rgb_text(example)})")
-    if std is not None and any(v <= 0 for v in std):
-        raise EnsError(f"--std {rgb_text(std)}: every value must be positive")
-    if resize is not None and resize not in RESIZE_POLICIES:
-        raise EnsError(f"--resize {resize}: choose one of {', '.join(RESIZE_POLICIES)}")
-    if crop_pct is not None and not 0.0 < crop_pct <= 1.0:
-        raise EnsError(f"--crop-pct {crop_pct:g}: expected a fraction in (0, 1]")
-    if interpolation is not None and interpolation not in INTERPOLATIONS:
-        raise EnsError(f"--interpolation {interpolation}: choose one of {', '.join(INTERPOLATIONS)}")
+        if len(rgb) != 3:
+            return name, False, f"expected three values R,G,B, got {len(rgb)}"
+        if any(not (0.0 <= v <= 1.0) for v in rgb):
+            return name, True, f"values are fractions of 255 in [0, 1] (e.g. {rgb_text(example)})"
+        if name == "std" and any(v <= 0 for v in rgb):
+            return name, True, "every value must be positive"
+    if values.get("resize") is not None and values["resize"] not in RESIZE_POLICIES:
+        return "resize", True, f"choose one of {', '.join(RESIZE_POLICIES)}"
+    if values.get("crop_pct") is not None and not 0.0 < values["crop_pct"] <= 1.0:
+        return "crop_pct", True, "expected a fraction in (0, 1]"
+    if values.get("interpolation") is not None and values["interpolation"] not in INTERPOLATIONS:
+        return "interpolation", True, f"choose one of {', '.join(INTERPOLATIONS)}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -126,32 +145,127 @@ class ModelMetadata:
 
     @classmethod
     def from_props(cls, props: Mapping[str, str], source: str = "model") -> "ModelMetadata":
-        """Inverse of :meth:`to_props`; ``source`` names the file in error messages."""
+        """Inverse of :meth:`to_props`; ``source`` names the file in error messages.
+
+        Every field is checked here, for `ens info` and `ens infer` alike: a hand-edited or
+        foreign value gets one line naming the file and the key (``ens.num_classes 0: ...``).
+        Keys this version does not know (from a newer ens of the same format) are ignored.
+        """
         raw = {k[len(PREFIX):]: v for k, v in props.items() if k.startswith(PREFIX)}
         if "format" not in raw:
             raise EnsError(f"{source}: no ens metadata (it was not written by `ens export`)")
-        try:
-            values = {k: json.loads(v) for k, v in raw.items()}
-        except json.JSONDecodeError as exc:
-            raise EnsError(f"{source}: unreadable ens metadata ({exc})") from None
+        values = {}
+        for key, text in raw.items():
+            try:
+                values[key] = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise EnsError(f"{source}: {PREFIX}{key} {_shown(text)}: not JSON ({exc.msg})") from None
+
+        def bad(key: str, problem: str) -> EnsError:
+            return EnsError(f"{source}: {PREFIX}{key} {_shown(raw[key])}: {problem}")
+
+        if not _is_int(values["format"]) or values["format"] < 1:
+            raise bad("format", "expected a positive integer")
         if values["format"] > FORMAT_VERSION:
             raise EnsError(
                 f"{source}: ens metadata format {values['format']} is newer than this ens "
                 f"understands ({FORMAT_VERSION}); upgrade ens"
             )
-        known = {f.name for f in dataclasses.fields(cls)}
-        missing = [f.name for f in dataclasses.fields(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        missing = [name for name, f in fields.items()
                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-                   and f.name not in values]
+                   and name not in values]
         if missing:
             raise EnsError(f"{source}: ens metadata lacks {', '.join(missing)}")
-        values = {k: v for k, v in values.items() if k in known}
+        values = {k: v for k, v in values.items() if k in fields}
+        for key, value in values.items():
+            problem = _FIELD_CHECKS[key](value)
+            if problem:
+                raise bad(key, problem)
+        found = _preprocess_problem(values)
+        if found is not None:
+            raise bad(found[0], found[2])
+        ids = values.get("class_ids")
+        if ids is not None:
+            if len(ids) != values["num_classes"]:
+                raise bad("class_ids", f"lists {len(ids)} category ids but {PREFIX}num_classes is "
+                                       f"{values['num_classes']}")
+            seen: set[int | str] = set()
+            for category in ids:
+                if category in seen:
+                    raise bad("class_ids", f"category id {category!r} appears twice")
+                seen.add(category)
+            values["class_ids"] = tuple(ids)
         values["mean"] = tuple(values["mean"])
         values["std"] = tuple(values["std"])
-        if values.get("class_ids") is not None:
-            values["class_ids"] = tuple(values["class_ids"])
         values["verification"] = tuple(Verification(**v) for v in values.get("verification", ()))
         return cls(**values)
+
+
+def _shown(text: str, limit: int = 60) -> str:
+    """A metadata value as the file holds it, shortened for a one-line message."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_check(value: Any) -> bool:
+    return (isinstance(value, dict) and set(value) == {f.name for f in dataclasses.fields(Verification)}
+            and value["precision"] in PRECISIONS and _is_int(value["size"]) and value["size"] > 0
+            and _is_int(value["batch"]) and value["batch"] > 0
+            and _is_number(value["max_abs_diff"]) and _is_number(value["top1_agreement"]))
+
+
+def _class_ids_problem(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        return "expected a list of category ids or null"
+    if not all(isinstance(i, (int, str)) and not isinstance(i, bool) for i in value):
+        return "category ids must be integers or strings"
+    return None
+
+
+def _expect(ok, problem: str):
+    return lambda value: None if ok(value) else problem
+
+
+_STRING = _expect(lambda v: isinstance(v, str), "expected a string")
+_THREE_NUMBERS = _expect(lambda v: isinstance(v, list) and len(v) == 3 and all(map(_is_number, v)),
+                         "expected three numbers R,G,B")
+#: The type and range of each field's JSON value; the preprocessing ranges are
+#: :func:`_preprocess_problem`'s, shared with the command-line options.
+_FIELD_CHECKS = {
+    "format": _expect(lambda v: _is_int(v) and v >= 1, "expected a positive integer"),
+    "architecture": _STRING,
+    "num_classes": _expect(lambda v: _is_int(v) and v >= 1, "expected a positive integer"),
+    "input_size": _expect(lambda v: _is_int(v) and MIN_INPUT_SIZE <= v <= MAX_INPUT_SIZE,
+                          f"expected an integer from {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE} (pixels)"),
+    "mean": _THREE_NUMBERS,
+    "std": _THREE_NUMBERS,
+    "resize": _expect(lambda v: v in RESIZE_POLICIES, f"choose one of {', '.join(RESIZE_POLICIES)}"),
+    "crop_pct": _expect(lambda v: _is_number(v) and 0.0 < v <= 1.0, "expected a fraction in (0, 1]"),
+    "interpolation": _expect(lambda v: v in INTERPOLATIONS, f"choose one of {', '.join(INTERPOLATIONS)}"),
+    "dynamic_size": _expect(lambda v: isinstance(v, bool), "expected true or false"),
+    "precision": _expect(lambda v: v in PRECISIONS, f"choose one of {', '.join(PRECISIONS)}"),
+    "class_ids": _class_ids_problem,
+    "arch_kwargs": _expect(lambda v: isinstance(v, dict), "expected a JSON object"),
+    "checkpoint": _STRING,
+    "checkpoint_sha256": _STRING,
+    "verification": _expect(lambda v: isinstance(v, list) and all(map(_is_check, v)),
+                            "expected a list of checks, each with precision, size, batch, max_abs_diff, "
+                            "top1_agreement"),
+    "exporter": _STRING,
+    "opset": _expect(lambda v: _is_int(v) and v >= 0, "expected a non-negative integer"),
+    "torch_version": _STRING,
+    "onnx_version": _STRING,
+}
 
 
 def read_metadata(path: str | os.PathLike) -> ModelMetadata:

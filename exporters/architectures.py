@@ -48,7 +48,7 @@ class Architecture:
         when their signature names it, otherwise the caller replaces the head
         (:func:`replace_head`).
         """
-        kwargs = dict(kwargs)
+        given, kwargs = dict(kwargs), dict(kwargs)
         if self.is_torchvision:
             kwargs["weights"] = None
             if self.name == "inception_v3":
@@ -65,8 +65,10 @@ class Architecture:
             kwargs["num_classes"] = num_classes
         try:
             model = self.builder(**kwargs)
-        except TypeError as exc:
-            raise EnsError(f"--arch {self.name}: cannot build it with --arch-kwargs {kwargs_text(kwargs)} ({exc})") from None
+        except Exception as exc:  # builders check their arguments with TypeError, ValueError, assert, ...
+            classes = f" and num_classes={num_classes}" if "num_classes" in kwargs and "num_classes" not in given else ""
+            raise EnsError(f"--arch {self.name}: cannot build it with --arch-kwargs {kwargs_text(given)}{classes} "
+                           f"({type(exc).__name__}: {_first_line(exc)})") from None
         if not isinstance(model, nn.Module):
             raise EnsError(f"--arch {self.name}: the factory returned {type(model).__name__}, not a torch.nn.Module")
         return model
@@ -74,6 +76,11 @@ class Architecture:
 
 def kwargs_text(kwargs: Mapping[str, Any]) -> str:
     return "{" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k != "weights") + "}"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else "no message"
 
 
 def _accepts(fn: Callable[..., Any], name: str) -> bool:

@@ -3,12 +3,21 @@
 Forms: a state dict (bare, or nested in a training-checkpoint dict under ``state_dict``,
 ``model``, ``model_state_dict``, ``net`` or ``ema``), a whole pickled ``nn.Module``, a
 TorchScript archive, and a ``.safetensors`` file.
+
+Unpickling can run any code the file names, so pickles are read with ``torch.load(...,
+weights_only=True)``, which builds only tensors and plain containers (and the
+``argparse.Namespace`` that training scripts store beside the weights). A file that pickles
+anything else (a whole model, ...) is refused before any of it runs, unless the caller trusts
+it (``ens export --trust-pickle``). TorchScript archives and safetensors files hold no pickled
+Python code and need no trust.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
+import re
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -25,6 +34,10 @@ from ensemble.errors import EnsError
 NESTED_KEYS = ("state_dict", "model", "model_state_dict", "net", "ema")
 #: Prefixes that wrappers add to every key: DataParallel/DDP, Lightning-style modules, torch.compile.
 KEY_PREFIXES = ("module.", "model.", "_orig_mod.")
+#: Classes a checkpoint may pickle beside tensors without being trusted: plain attribute bags
+#: whose unpickling runs no code (timm's and torchvision's training scripts save their args so).
+SAFE_CLASSES = (argparse.Namespace,)
+TRUST_OPTION = "--trust-pickle"
 
 
 @dataclass
@@ -39,8 +52,12 @@ class Checkpoint:
     notes: list[str] = field(default_factory=list)
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Open ``path`` and classify what it holds; raise :class:`EnsError` if it is no checkpoint."""
+def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Checkpoint:
+    """Open ``path`` and classify what it holds; raise :class:`EnsError` if it is no checkpoint.
+
+    ``trust_pickle``: also unpickle Python objects beyond tensors (a whole model), which runs
+    code named in the file; without it such a file is refused before anything in it runs.
+    """
     path = Path(path)
     if not path.is_file():
         raise EnsError(f"{path}: no such file")
@@ -56,7 +73,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         except Exception as exc:
             raise EnsError(f"{path}: unreadable TorchScript archive ({_short(exc)})") from None
         return Checkpoint(path, "torchscript", module=module.eval())
-    obj, notes = _torch_load(path)
+    obj, notes = _torch_load(path, trust_pickle)
     checkpoint = _classify(path, obj)
     checkpoint.notes[:0] = notes
     return checkpoint
@@ -86,17 +103,23 @@ def _is_torchscript(path: Path) -> bool:
     return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
 
 
-def _torch_load(path: Path) -> tuple[object, list[str]]:
+def _torch_load(path: Path, trust_pickle: bool) -> tuple[object, list[str]]:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True), []
+        with torch.serialization.safe_globals(list(SAFE_CLASSES)):
+            return torch.load(path, map_location="cpu", weights_only=True), []
     except pickle.UnpicklingError as exc:
-        if "weights_only" not in str(exc):
-            raise EnsError(f"{path}: not a PyTorch checkpoint ({_short(exc)})") from None
+        # The weights-only unpickler names each class or function it refuses to import:
+        # "Unsupported global: GLOBAL torchvision.models.resnet.ResNet", "... GLOBAL posix.system".
+        refused = _REFUSED_GLOBAL.search(str(exc))
+        if refused is None:
+            raise EnsError(f"{path}: not a PyTorch checkpoint ({_unpickler_reason(exc)})") from None
     except Exception as exc:
         raise EnsError(f"{path}: not a PyTorch checkpoint ({_short(exc)})") from None
-    # The file pickles more than tensors and plain containers: a whole nn.Module, or a training
-    # checkpoint that also stores e.g. an argparse Namespace. Unpickling it runs code named in
-    # the file, which is what the user asked for by exporting their own model.
+    # The file pickles more than tensors and plain containers: a whole nn.Module, or objects
+    # of other classes. Unpickling it runs code named in the file.
+    if not trust_pickle:
+        raise EnsError(f"{path}: holds pickled code objects ({_pickled_classes(path, refused.group(1))}); loading "
+                       f"it runs code from the file: pass {TRUST_OPTION} only for checkpoints you trust")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except (AttributeError, ModuleNotFoundError) as exc:
@@ -106,7 +129,34 @@ def _torch_load(path: Path) -> tuple[object, list[str]]:
         ) from None
     except Exception as exc:
         raise EnsError(f"{path}: not a PyTorch checkpoint ({_short(exc)})") from None
-    return obj, ["the file holds pickled Python objects: loading it ran code from it (export only files you trust)"]
+    return obj, [f"loaded with {TRUST_OPTION}: unpickling ran code from the file"]
+
+
+_REFUSED_GLOBAL = re.compile(r"\bGLOBAL ([\w.]+)")
+
+
+def _unpickler_reason(exc: pickle.UnpicklingError) -> str:
+    """What the weights-only unpickler met, without torch's paragraph about ``weights_only``."""
+    _, marker, rest = str(exc).partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in rest.splitlines() if line.strip()] if marker else []
+    return lines[0][:200] if lines else _short(exc)
+
+
+def _pickled_classes(path: Path, first: str, shown: int = 3) -> str:
+    """What a refused pickle names, read from its opcodes without running any of it:
+    ``a whole model: torchvision.models.resnet.ResNet, ...`` or ``posix.system``.
+    ``first``: the name the unpickler stopped at (all a legacy, not zip, file tells)."""
+    try:
+        with torch.serialization.safe_globals(list(SAFE_CLASSES)):
+            names = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) | {first}
+    except Exception:  # the legacy format (before torch 1.6), which it cannot read
+        names = {first}
+    # The project's own classes first: torch's layers say little about what the file is.
+    ordered = sorted(names, key=lambda name: (name.startswith("torch."), name))
+    text = ", ".join(ordered[:shown]) + (f", +{len(ordered) - shown} more" if len(ordered) > shown else "")
+    if any(name.startswith("torch.nn.modules.") for name in names):
+        return f"a whole model: {text}"
+    return text
 
 
 def _is_state_dict(obj: object) -> bool:

@@ -14,6 +14,7 @@ The file appears at its path only when all of that passed.
 from __future__ import annotations
 
 import io
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -28,8 +29,8 @@ from torch import nn
 from ensemble import __version__
 from ensemble.errors import EnsError
 from ensemble.fileio import atomic_path, sha256_file
-from ensemble.metadata import (IMAGENET_MEAN, IMAGENET_STD, INPUT_NAME, OUTPUT_NAME, ModelMetadata,
-                               Verification, check_preprocess)
+from ensemble.metadata import (IMAGENET_MEAN, IMAGENET_STD, INPUT_NAME, MAX_INPUT_SIZE, MIN_INPUT_SIZE,
+                               OUTPUT_NAME, ModelMetadata, Verification, check_preprocess)
 from exporters import architectures
 from exporters.checkpoints import (Checkpoint, fit_report, load_checkpoint, strip_prefixes,
                                    with_module_versions)
@@ -44,6 +45,9 @@ FP16_MIN_TOP1_AGREEMENT = 0.99
 #: on the check images: other images can go higher, and past it a GPU gives inf logits.
 FP16_HEADROOM = 4.0
 CHECK_BATCH = 4
+#: More classes than any classification dataset has (ImageNet-21k: 21,841; iNat 2021: 10,000):
+#: a classifier beyond it is a wrong file or key, and building it would take gigabytes.
+MAX_CLASSES = 1_000_000
 #: Ops that make up the in-graph preprocessing; kept in float32 by the fp16 conversion.
 _PREPROCESS_OPS = {"Transpose", "Cast", "Mul", "Add", "Sub", "Div"}
 #: State-dict keys of auxiliary heads (Inception v3, GoogLeNet), dropped for inference.
@@ -68,6 +72,8 @@ class ExportOptions:
     interpolation: str = ModelMetadata.interpolation
     classes: Path | None = None
     fp16: bool = False
+    #: Unpickle Python objects beyond tensors (a whole model): runs code from the file.
+    trust_pickle: bool = False
     opset: int = OPSET
     check_batch: int = CHECK_BATCH
 
@@ -120,9 +126,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None,
     """Export ``checkpoint`` to a verified ONNX file at ``out`` and return what was written."""
     start = time.perf_counter()
     checkpoint = Path(checkpoint)
+    given = out is not None
     out = Path(out) if out is not None else default_output_path(checkpoint, options.fp16)
     _check_options(options, out)
-    ckpt = load_checkpoint(checkpoint)
+    _check_output(out, given)
+    ckpt = load_checkpoint(checkpoint, trust_pickle=options.trust_pickle)
     model, arch_name, default_size, notes = _prepare_model(ckpt, options)
     size = options.input_size or default_size
     wrapper = UInt8NHWC(model, options.mean, options.std).eval()
@@ -187,12 +195,40 @@ def _check_options(options: ExportOptions, out: Path) -> None:
         raise EnsError(f"-o {out}: the output file must end in .onnx")
     check_preprocess(mean=options.mean, std=options.std, resize=options.resize, crop_pct=options.crop_pct,
                      interpolation=options.interpolation)
-    if options.input_size is not None and not 16 <= options.input_size <= 4096:
-        raise EnsError(f"--input-size {options.input_size}: expected 16 to 4096 pixels")
+    if options.input_size is not None and not MIN_INPUT_SIZE <= options.input_size <= MAX_INPUT_SIZE:
+        raise EnsError(f"--input-size {options.input_size}: expected {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE} pixels")
     if options.num_classes is not None and options.num_classes < 1:
         raise EnsError(f"--num-classes {options.num_classes}: must be at least 1")
+    if options.num_classes is not None and options.num_classes > MAX_CLASSES:
+        raise EnsError(f"--num-classes {options.num_classes}: at most {MAX_CLASSES:,}")
     if options.check_batch < 2:
         raise EnsError("the check batch needs at least 2 images")
+
+
+def _check_output(out: Path, given: bool) -> None:
+    """Refuse an output path the file cannot be written to, before any work is done.
+
+    The file goes to a temporary name in ``out``'s folder, created with its parents, then
+    renamed onto ``out``: so ``out`` must not be a folder, and the nearest existing folder on
+    the way must be a folder this user may write in (``os.access`` also says no for a
+    read-only file system). ``given``: whether ``out`` came from ``-o``.
+    """
+    where = f"-o {out}" if given else str(out)
+    hint = "" if given else " with -o"
+    if out.is_dir():
+        raise EnsError(f"{where}: a folder stands there; name the .onnx file to write{hint}")
+    folder = out.parent
+    while True:
+        try:
+            os.lstat(folder)
+            break
+        except (FileNotFoundError, NotADirectoryError):  # not there yet, or a file on its path
+            folder = folder.parent
+    if not folder.is_dir():
+        raise EnsError(f"{where}: {folder} is a file, not a folder; move it, or write somewhere else{hint}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise EnsError(f"{where}: cannot write in {folder} (no permission, or a read-only file system); "
+                       f"write somewhere else{hint}")
 
 
 def _prepare_model(ckpt: Checkpoint, options: ExportOptions) -> tuple[nn.Module, str, int, list[str]]:
@@ -237,9 +273,7 @@ def _build_from_state_dict(ckpt: Checkpoint, options: ExportOptions,
     try:
         with torch.device("meta"):  # only key names and the head are needed here: no memory, no init
             probe = arch.build(None, options.arch_kwargs)
-    except EnsError:
-        raise
-    except Exception:  # a factory that cannot build on the meta device
+    except EnsError:  # also a factory that cannot build on the meta device: the CPU tells
         probe = arch.build(None, options.arch_kwargs)
     state_dict, prefix = strip_prefixes(state_dict, set(probe.state_dict()))
     if prefix:
@@ -255,6 +289,8 @@ def _build_from_state_dict(ckpt: Checkpoint, options: ExportOptions,
 
     head_name, head = architectures.find_head(probe)
     head_weight = state_dict.get(f"{head_name}.weight")
+    if head_weight is not None:
+        _check_head(head_weight, head, f"{head_name}.weight", arch.name, ckpt.path)
     found = int(head_weight.shape[0]) if head_weight is not None else None
     if options.num_classes is not None and found is not None and options.num_classes != found:
         raise EnsError(f"--num-classes {options.num_classes} contradicts {ckpt.path}: its classifier "
@@ -270,6 +306,20 @@ def _build_from_state_dict(ckpt: Checkpoint, options: ExportOptions,
         raise EnsError(f"{ckpt.path}: weights do not fit {arch.name}: {problem}")
     model.load_state_dict(with_module_versions(state_dict, model), strict=True)
     return model.eval(), arch.name, arch.default_input_size, notes
+
+
+def _check_head(weight: torch.Tensor, probe_head: nn.Module, key: str, arch: str, source: Path) -> None:
+    """Refuse a classifier weight that the architecture cannot take, or of an implausible
+    number of classes, from its shape alone: before a network of that many outputs is built."""
+    shape = tuple(weight.shape)
+    expected = tuple(probe_head.weight.shape[1:])
+    if shape[1:] != expected:
+        inputs = expected[0] if expected else 0
+        raise EnsError(f"{source}: {key} has shape {shape}, but {arch}'s classifier takes {inputs} inputs: "
+                       f"expected (classes, {', '.join(map(str, expected))})")
+    if shape[0] > MAX_CLASSES:
+        raise EnsError(f"{source}: {key} has shape {shape}: {shape[0]:,} classes is implausible (ens exports at "
+                       f"most {MAX_CLASSES:,}); is it the right file?")
 
 
 def _torch_logits(wrapper: nn.Module, images: torch.Tensor) -> np.ndarray:

@@ -19,9 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ensemble.fileio import atomic_path
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ensemble.metadata import IMAGENET_MEAN, IMAGENET_STD
 
 #: How the demo saves each checkpoint, as users do.
 SAVE_FORMS = {

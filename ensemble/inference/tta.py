@@ -32,6 +32,7 @@ import numpy as np
 from scipy.special import log_softmax, logsumexp
 
 from ensemble.errors import EnsError
+from ensemble.metadata import INTERPOLATIONS
 
 #: ``--scales`` default: the multi-scale TTA of timm's validation recipes (x 7/8 and x 8/7).
 DEFAULT_SCALES = (0.875, 1.0, 1.143)
@@ -39,7 +40,6 @@ POSITIONS = ("center", "top-left", "top-right", "bottom-left", "bottom-right")
 _POSITION_LABELS = {"top-left": "tl", "top-right": "tr", "bottom-left": "bl", "bottom-right": "br"}
 #: The canvas a policy resizes onto: the shorter side to a length, or a square.
 CANVASES = ("short", "square")
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 
 
 @dataclass(frozen=True)

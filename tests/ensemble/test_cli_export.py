@@ -87,7 +87,7 @@ def test_options_reach_the_library(monkeypatch, tmp_path):
         "export", "ck.pt", "--arch", "inception_v3", "--arch-kwargs", '{"transform_input": true}',
         "--num-classes", "1010", "--input-size", "560", "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25",
         "--classes", "cats.json", "--fp16", "-o", str(tmp_path / "x.onnx"), "--resize", "squash", "--crop-pct", "1",
-        "--interpolation", "bicubic",
+        "--interpolation", "bicubic", "--trust-pickle",
     ])
     assert result.exit_code == 2
     assert seen["out"] == tmp_path / "x.onnx"
@@ -95,7 +95,7 @@ def test_options_reach_the_library(monkeypatch, tmp_path):
     assert seen["options"] == ExportOptions(
         arch="inception_v3", arch_kwargs={"transform_input": True}, num_classes=1010, input_size=560,
         mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), resize="squash", crop_pct=1.0, interpolation="bicubic",
-        classes=seen["options"].classes, fp16=True)
+        classes=seen["options"].classes, fp16=True, trust_pickle=True)
     assert str(seen["options"].classes) == "cats.json"
 
 
@@ -117,7 +117,8 @@ def test_options_left_out_keep_the_librarys_defaults(monkeypatch):
     (["export", "x.pt", "--arch-kwargs", "[1]"], "error: --arch-kwargs: expected a JSON object"),
     (["export", "x.pt", "--mean", "0.5,0.5"], "error: --mean 0.5,0.5: expected three numbers R,G,B, got 2"),
     (["export", "x.pt", "--std", "a,b,c"], "error: --std a,b,c: expected three numbers R,G,B"),
-    (["export", "x.pt", "--interpolation", "nearest"], "error: --interpolation nearest: choose one of bilinear, bicubic"),
+    (["export", "x.pt", "--interpolation", "area"],
+     "error: --interpolation area: choose one of bilinear, bicubic, nearest, lanczos"),
     (["info", "nothing.onnx"], "error: nothing.onnx: no such file"),
 ])
 def test_user_errors_are_one_line_and_exit_2(args, message):
@@ -204,7 +205,8 @@ def test_class_folder_gives_the_labels_of_imagefolder_training(tmp_path):
             assert int(model((pixels / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)).argmax()) == label
     torch.save(model, tmp_path / "colours.pt")
 
-    result = runner.invoke(app, ["export", str(tmp_path / "colours.pt"), "--input-size", "32", "--classes", str(train)])
+    result = runner.invoke(app, ["export", str(tmp_path / "colours.pt"), "--input-size", "32", "--classes", str(train),
+                                 "--trust-pickle"])
     assert result.exit_code == 0, result.output
     onnx_file = tmp_path / "colours.onnx"
     info = json.loads(runner.invoke(app, ["info", str(onnx_file), "--json"]).stdout)
@@ -259,3 +261,105 @@ def test_interpolation_is_stored_and_used_by_infer(checkpoint, tmp_path):
     np.testing.assert_allclose(bilinear, expected("bilinear", InterpolationMode.BILINEAR), atol=1e-4, rtol=1e-4)
     # ... and the two filters give other logits (here by 1.5e-2), well beyond that tolerance.
     assert np.abs(bicubic - bilinear).max() > 10 * 1e-4
+
+
+class _RunsAShellCommand:
+    """What a malicious checkpoint holds: unpickling it calls os.system."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (self.command,)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_before_it_runs(tmp_path, checkpoint):
+    import shlex
+
+    marker = tmp_path / "it-ran"
+    weights = torch.load(checkpoint, weights_only=True)
+    torch.save({**weights, "callback": _RunsAShellCommand(f"touch {shlex.quote(str(marker))}")}, tmp_path / "evil.pt")
+    result = runner.invoke(app, ["export", str(tmp_path / "evil.pt"), "--arch", "resnet18", "--input-size", "64"])
+    assert result.exit_code == 2
+    assert not marker.exists()
+    assert result.stderr.strip() == (
+        f"error: {tmp_path / 'evil.pt'}: holds pickled code objects (posix.system); loading it runs code from "
+        "the file: pass --trust-pickle only for checkpoints you trust")
+    assert result.stdout == "" and not (tmp_path / "evil.onnx").exists()
+
+
+def test_an_output_folder_this_user_cannot_write_is_refused_before_the_checkpoint_is_read(tmp_path):
+    """Permissions do not bind root: as root, the command runs after dropping to the user nobody."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    import textwrap
+    from pathlib import Path
+
+    # Not under tmp_path: pytest keeps that private to its user, and nobody must reach the folder.
+    folder = Path(tempfile.mkdtemp(prefix="ens-read-only-"))
+    out = folder / "sub" / "m.onnx"
+    script = textwrap.dedent(f"""
+        import os, sys
+        import ensemble.cli, exporters
+        from typer.testing import CliRunner
+        # Everything the command imports is loaded first: the interpreter's files may be root's only.
+        CliRunner().invoke(ensemble.cli.app, ["export", "--help"])
+        if os.geteuid() == 0:
+            os.setgroups([]); os.setgid(65534); os.setuid(65534)
+        sys.argv = ["ens", "export", "missing.pt", "-o", {str(out)!r}]
+        ensemble.cli.main()
+    """)
+    try:
+        folder.chmod(0o555)
+        ran = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[2], capture_output=True,
+                             text=True)
+        assert ran.returncode == 2, ran.stderr
+        assert ran.stderr.strip() == (f"error: -o {out}: cannot write in {folder} (no permission, or a read-only "
+                                      "file system); write somewhere else")
+        assert list(folder.iterdir()) == []
+    finally:
+        folder.chmod(0o755)
+        shutil.rmtree(folder)
+
+
+#: One hand-edited ``ens.*`` value per kind of damage, as `ens info` and `ens infer` report it.
+EDITS = [
+    ("num_classes", "0", "expected a positive integer"),
+    ("input_size", "-32", "expected an integer from 16 to 4096 (pixels)"),
+    ("crop_pct", "0", "expected a fraction in (0, 1]"),
+    ("class_ids", "[1, 2]", "lists 2 category ids but ens.num_classes is 5"),
+    ("class_ids", "[1, 2, 3, 4, 1]", "category id 1 appears twice"),
+    ("resize", '"stretch"', "choose one of center-crop, squash"),
+    ("interpolation", '"area"', "choose one of bilinear, bicubic, nearest, lanczos"),
+    ("mean", "[0.5, 0.5]", "expected three numbers R,G,B"),
+    ("std", '"0.2"', "expected three numbers R,G,B"),
+    ("dynamic_size", "1", "expected true or false"),
+]
+
+
+@pytest.mark.parametrize("field, value, problem", EDITS, ids=[f"{f}={v}" for f, v, _ in EDITS])
+def test_hand_edited_metadata_is_one_line_from_info_and_infer_alike(tmp_path, field, value, problem):
+    import onnx
+
+    from tests.ensemble.conftest import tiny_onnx, write_images
+
+    path = tiny_onnx(tmp_path / "m.onnx")
+    model = onnx.load(str(path))
+    for prop in model.metadata_props:
+        if prop.key == f"ens.{field}":
+            prop.value = value
+    onnx.save(model, str(path))
+    write_images(tmp_path / "images", [(40, 30)], ".png")
+
+    expected = f"error: {path}: ens.{field} {value}: {problem}"
+    shown = runner.invoke(app, ["info", str(path)])
+    inferred = runner.invoke(app, ["infer", str(path), "--index", str(tmp_path / "images"), "--workers", "0",
+                                   "--out", str(tmp_path / "runs")])
+    for result in (shown, inferred):
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip() == expected
+    assert not (tmp_path / "runs").exists()

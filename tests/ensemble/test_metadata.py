@@ -74,8 +74,8 @@ def test_missing_required_field(tmp_path):
     ({"crop_pct": 0.0}, "--crop-pct 0: expected a fraction in (0, 1]"),
     ({"crop_pct": 1.5}, "--crop-pct 1.5: expected a fraction in (0, 1]"),
     ({"crop_pct": float("nan")}, "--crop-pct nan: expected a fraction in (0, 1]"),
-    ({"interpolation": "nearest"}, "--interpolation nearest: choose one of bilinear, bicubic"),
-    ({"interpolation": "BICUBIC"}, "--interpolation BICUBIC: choose one of bilinear, bicubic"),
+    ({"interpolation": "area"}, "--interpolation area: choose one of bilinear, bicubic, nearest, lanczos"),
+    ({"interpolation": "BICUBIC"}, "--interpolation BICUBIC: choose one of bilinear, bicubic, nearest, lanczos"),
 ])
 def test_check_preprocess_names_the_option_at_fault(given, message):
     with pytest.raises(EnsError) as info:
@@ -89,6 +89,67 @@ def test_check_preprocess_names_the_option_at_fault(given, message):
     {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "resize": "squash", "crop_pct": 1.0,
      "interpolation": "bicubic"},
     {"resize": "center-crop", "crop_pct": 1e-3, "interpolation": "bilinear"},
+    {"interpolation": "nearest"}, {"interpolation": "lanczos"},  # inference decodes them too
 ])
 def test_check_preprocess_accepts_the_valid_range(given):
     check_preprocess(**given)
+
+
+CHECKS = "expected a list of checks, each with precision, size, batch, max_abs_diff, top1_agreement"
+#: Hand-edited or foreign values of one ``ens.*`` key of META (3 classes), and what they break.
+BAD_PROPS = [
+    ("format", '"1"', "expected a positive integer"),
+    ("format", "0", "expected a positive integer"),
+    ("architecture", "5", "expected a string"),
+    ("num_classes", "0", "expected a positive integer"),
+    ("num_classes", "-3", "expected a positive integer"),
+    ("num_classes", '"3"', "expected a positive integer"),
+    ("num_classes", "2.5", "expected a positive integer"),
+    ("num_classes", "true", "expected a positive integer"),
+    ("input_size", "0", "expected an integer from 16 to 4096 (pixels)"),
+    ("input_size", "-224", "expected an integer from 16 to 4096 (pixels)"),
+    ("input_size", "1000000", "expected an integer from 16 to 4096 (pixels)"),
+    ("dynamic_size", '"yes"', "expected true or false"),
+    ("mean", "[0.5, 0.5]", "expected three numbers R,G,B"),
+    ("mean", '"0.5,0.5,0.5"', "expected three numbers R,G,B"),
+    ("mean", '[0.5, "a", 0.5]', "expected three numbers R,G,B"),
+    ("mean", "[123.7, 116.3, 103.5]", "values are fractions of 255 in [0, 1] (e.g. 0.485,0.456,0.406)"),
+    ("std", "[0.2, 0, 0.2]", "every value must be positive"),
+    ("std", "null", "expected three numbers R,G,B"),
+    ("resize", '"stretch"', "choose one of center-crop, squash"),
+    ("resize", "1", "choose one of center-crop, squash"),
+    ("crop_pct", "0", "expected a fraction in (0, 1]"),
+    ("crop_pct", "-0.5", "expected a fraction in (0, 1]"),
+    ("crop_pct", '"0.875"', "expected a fraction in (0, 1]"),
+    ("interpolation", '"area"', "choose one of bilinear, bicubic, nearest, lanczos"),
+    ("precision", '"int8"', "choose one of fp32, fp16"),
+    ("class_ids", "[10, 11]", "lists 2 category ids but ens.num_classes is 3"),
+    ("class_ids", "[10, 11, 12, 13]", "lists 4 category ids but ens.num_classes is 3"),
+    ("class_ids", "[10, 11, 10]", "category id 10 appears twice"),
+    ("class_ids", "[10, 11, true]", "category ids must be integers or strings"),
+    ("class_ids", '"10,11,12"', "expected a list of category ids or null"),
+    ("arch_kwargs", "[]", "expected a JSON object"),
+    ("checkpoint_sha256", "null", "expected a string"),
+    ("opset", '"17"', "expected a non-negative integer"),
+    ("verification", '"none"', CHECKS),
+    ("verification", '[{"precision": "fp32"}]', CHECKS),
+    ("verification", '[{"precision": "fp32", "size": 0, "batch": 4, "max_abs_diff": 0.0, '
+                      '"top1_agreement": 1.0}]', CHECKS),
+]
+
+
+@pytest.mark.parametrize("field, value, problem", BAD_PROPS, ids=[f"{f}={v}" for f, v, _ in BAD_PROPS])
+def test_bad_metadata_values_name_the_file_and_the_key(tmp_path, field, value, problem):
+    onnx.save(_identity_model(META.to_props() | {f"ens.{field}": value}), str(tmp_path / "m.onnx"))
+    with pytest.raises(EnsError) as info:
+        read_metadata(tmp_path / "m.onnx")
+    shown = value if len(value) <= 60 else value[:57] + "..."  # a long value is cut to keep one short line
+    assert str(info.value) == f"{tmp_path / 'm.onnx'}: ens.{field} {shown}: {problem}"
+
+
+def test_every_interpolation_metadata_may_name_is_one_inference_decodes():
+    from ensemble.inference import decode, tta
+    from ensemble.metadata import INTERPOLATIONS
+
+    assert tta.INTERPOLATIONS is INTERPOLATIONS
+    assert set(decode._RESAMPLE) == set(INTERPOLATIONS)

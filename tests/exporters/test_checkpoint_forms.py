@@ -73,7 +73,7 @@ def test_prefix_kept_when_the_network_has_it():
 
 def test_whole_pickled_module(mnasnet, tmp_path):
     torch.save(mnasnet, tmp_path / "whole.pt")
-    result = _export_and_compare(mnasnet, tmp_path / "whole.pt")
+    result = _export_and_compare(mnasnet, tmp_path / "whole.pt", trust_pickle=True)
     assert result.metadata.architecture == "torchvision.models.mnasnet:MNASNet"
     assert any("ran code" in note for note in result.notes)
 
@@ -86,7 +86,7 @@ def test_half_precision_files_export_in_float32(mnasnet, tmp_path):
     torch.save(half.state_dict(), tmp_path / "half_weights.pt")
     reference = copy.deepcopy(half).float()
     for ckpt, arch in ((tmp_path / "half_module.pt", None), (tmp_path / "half_weights.pt", "mnasnet1_0")):
-        result = export_checkpoint(ckpt, options=ExportOptions(arch=arch, input_size=SIZE))
+        result = export_checkpoint(ckpt, options=ExportOptions(arch=arch, input_size=SIZE, trust_pickle=arch is None))
         assert result.metadata.precision == "fp32"
         images = random_images(2, SIZE, seed=5)
         np.testing.assert_allclose(onnx_logits(result.path, images), reference_logits(reference, images),
@@ -95,7 +95,7 @@ def test_half_precision_files_export_in_float32(mnasnet, tmp_path):
 
 def test_module_inside_a_training_dict(mnasnet, tmp_path):
     torch.save({"epoch": 3, "model": mnasnet}, tmp_path / "whole.pt")
-    result = _export_and_compare(mnasnet, tmp_path / "whole.pt", arch="mnasnet1_0")
+    result = _export_and_compare(mnasnet, tmp_path / "whole.pt", arch="mnasnet1_0", trust_pickle=True)
     assert result.metadata.architecture == "mnasnet1_0"  # --arch labels a whole model
 
 
@@ -162,7 +162,7 @@ def test_inception_transform_input(inception, tmp_path):
 
 def test_inception_whole_module_with_aux_head(inception, tmp_path):
     torch.save(inception, tmp_path / "inc.pt")
-    result = _export_and_compare(inception, tmp_path / "inc.pt", input_size=80)
+    result = _export_and_compare(inception, tmp_path / "inc.pt", input_size=80, trust_pickle=True)
     assert "dropped the auxiliary head (it only serves training)" in result.notes
 
 

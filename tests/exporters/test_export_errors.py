@@ -104,16 +104,161 @@ def test_num_classes_contradicts_weights(weights):
 
 def test_num_classes_contradicts_whole_model(tmp_path):
     torch.save(build("resnet18", SIZE), tmp_path / "whole.pt")
-    _fails(f"--num-classes 10 contradicts .* predicts {NUM_CLASSES} classes", tmp_path / "whole.pt", num_classes=10)
+    _fails(f"--num-classes 10 contradicts .* predicts {NUM_CLASSES} classes", tmp_path / "whole.pt", num_classes=10,
+           trust_pickle=True)
 
 
 def test_arch_kwargs_do_not_apply_to_a_whole_model(tmp_path):
     torch.save(build("resnet18", SIZE), tmp_path / "whole.pt")
-    _fails("holds a whole model, so --arch-kwargs", tmp_path / "whole.pt", arch_kwargs={"dropout": 0.3})
+    _fails("holds a whole model, so --arch-kwargs", tmp_path / "whole.pt", arch_kwargs={"dropout": 0.3},
+           trust_pickle=True)
 
 
 def test_bad_arch_kwargs(weights):
     _fails("cannot build it with --arch-kwargs", weights, arch="resnet18", arch_kwargs={"no_such_option": 1})
+
+
+@pytest.mark.parametrize("kwargs, raised", [
+    ({"replace_stride_with_dilation": [True]}, "ValueError: replace_stride_with_dilation should be None or a "
+                                               "3-element tuple"),
+    ({"groups": 2}, "ValueError: BasicBlock only supports groups=1 and base_width=64"),
+    ({"replace_stride_with_dilation": [False, False, True]}, "NotImplementedError: Dilation > 1 not supported"),
+])
+def test_arch_kwargs_the_builder_rejects_with_any_exception(weights, kwargs, raised):
+    # torchvision checks its arguments with ValueError, NotImplementedError, assert, ...: not only TypeError.
+    message = _fails("cannot build it with --arch-kwargs", weights, arch="resnet18", arch_kwargs=kwargs)
+    shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    assert message.startswith(f"--arch resnet18: cannot build it with --arch-kwargs {{{shown}}} ({raised}")
+
+
+@pytest.fixture
+def no_giant_build(monkeypatch):
+    """Fail the test if a network with an implausible head is built (gigabytes, minutes)."""
+    from exporters import architectures
+
+    build = architectures.Architecture.build
+
+    def guarded(self, num_classes, kwargs):
+        assert num_classes is None or num_classes <= 100_000, f"built {self.name} with {num_classes} classes"
+        return build(self, num_classes, kwargs)
+
+    monkeypatch.setattr(architectures.Architecture, "build", guarded)
+
+
+def test_a_classifier_that_contradicts_the_architecture_is_refused_unbuilt(tmp_path, no_giant_build):
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in build("resnet18", SIZE).state_dict().items()}
+    state["fc.weight"] = torch.zeros(5_000_000, 1, dtype=torch.float16)  # resnet18's head takes 512 features
+    state["fc.bias"] = torch.zeros(5_000_000, dtype=torch.float16)
+    save_file(state, str(tmp_path / "odd.safetensors"))
+    message = _fails("fc.weight", tmp_path / "odd.safetensors", arch="resnet18")
+    assert message == (f"{tmp_path / 'odd.safetensors'}: fc.weight has shape (5000000, 1), but resnet18's "
+                       "classifier takes 512 inputs: expected (classes, 512)")
+
+
+def test_an_implausible_number_of_classes_is_refused_unbuilt(tmp_path, no_giant_build):
+    state = build("resnet18", SIZE).state_dict()
+    # 2 million rows of 512 (4 GB as a network) stored in a few bytes: an expanded view keeps one value.
+    state["fc.weight"] = torch.zeros(1).expand(2_000_000, 512)
+    state["fc.bias"] = torch.zeros(1).expand(2_000_000)
+    torch.save(state, tmp_path / "huge.pt")
+    message = _fails("fc.weight", tmp_path / "huge.pt", arch="resnet18")
+    assert message == (f"{tmp_path / 'huge.pt'}: fc.weight has shape (2000000, 512): 2,000,000 classes is "
+                       "implausible (ens exports at most 1,000,000); is it the right file?")
+
+
+def test_num_classes_beyond_the_bound(weights):
+    _fails("--num-classes 2000000: at most 1,000,000", weights, arch="resnet18", num_classes=2_000_000)
+
+
+class _RunsAShellCommand:
+    """What a malicious checkpoint holds: unpickling it calls os.system."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (self.command,)
+
+
+def test_code_in_a_checkpoint_does_not_run_without_trust_pickle(weights, tmp_path):
+    import shlex
+
+    marker = tmp_path / "it-ran"
+    evil = {"state_dict": torch.load(weights, weights_only=True),
+            "callback": _RunsAShellCommand(f"touch {shlex.quote(str(marker))}")}
+    torch.save(evil, tmp_path / "evil.pt")
+    message = _fails("holds pickled code objects", tmp_path / "evil.pt", arch="resnet18")
+    assert not marker.exists()
+    assert message == (f"{tmp_path / 'evil.pt'}: holds pickled code objects (posix.system); loading it runs code "
+                       "from the file: pass --trust-pickle only for checkpoints you trust")
+
+
+def test_a_whole_model_needs_trust_pickle(tmp_path):
+    torch.save(build("resnet18", SIZE), tmp_path / "whole.pt")
+    message = _fails("holds pickled code objects", tmp_path / "whole.pt")
+    assert message.startswith(f"{tmp_path / 'whole.pt'}: holds pickled code objects (a whole model: ")
+    assert "torchvision.models.resnet.ResNet" in message
+    assert message.endswith("loading it runs code from the file: pass --trust-pickle only for checkpoints you trust")
+    result = export_checkpoint(tmp_path / "whole.pt", options=ExportOptions(input_size=SIZE, trust_pickle=True))
+    assert result.metadata.num_classes == NUM_CLASSES
+    assert "loaded with --trust-pickle: unpickling ran code from the file" in result.notes
+
+
+def test_a_whole_model_in_the_legacy_format_needs_trust_pickle(tmp_path):
+    # torch.save's format before torch 1.6 (not a zip): the unpickler's refusal names the class.
+    torch.save(build("resnet18", SIZE), tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    message = _fails("holds pickled code objects", tmp_path / "old.pt")
+    assert message == (f"{tmp_path / 'old.pt'}: holds pickled code objects (torchvision.models.resnet.ResNet); "
+                       "loading it runs code from the file: pass --trust-pickle only for checkpoints you trust")
+
+
+def test_an_argparse_namespace_in_a_training_checkpoint_needs_no_trust(weights, tmp_path):
+    import argparse
+
+    # timm's and torchvision's reference training scripts save their arguments this way.
+    torch.save({"state_dict": torch.load(weights, weights_only=True), "args": argparse.Namespace(lr=0.1, arch="r18")},
+               tmp_path / "timm_style.pth")
+    result = export_checkpoint(tmp_path / "timm_style.pth", tmp_path / "t.onnx",
+                               ExportOptions(arch="resnet18", input_size=SIZE))
+    assert not any("ran code" in note for note in result.notes)
+
+
+def test_an_existing_folder_at_the_output_path(weights, tmp_path, monkeypatch):
+    (tmp_path / "m.onnx").mkdir()
+    monkeypatch.setattr(onnx_export, "load_checkpoint", _must_not_load)
+    with pytest.raises(EnsError) as info:
+        export_checkpoint(weights, tmp_path / "m.onnx", ExportOptions(arch="resnet18"))
+    assert str(info.value) == f"-o {tmp_path / 'm.onnx'}: a folder stands there; name the .onnx file to write"
+
+
+@pytest.mark.parametrize("below", ["m.onnx", "sub/m.onnx"])
+def test_a_file_where_the_output_folder_should_be(weights, tmp_path, monkeypatch, below):
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    monkeypatch.setattr(onnx_export, "load_checkpoint", _must_not_load)
+    out = tmp_path / "notes.txt" / below
+    with pytest.raises(EnsError) as info:
+        export_checkpoint(weights, out, ExportOptions(arch="resnet18"))
+    assert str(info.value) == (f"-o {out}: {tmp_path / 'notes.txt'} is a file, not a folder; move it, or write "
+                               "somewhere else")
+    assert (tmp_path / "notes.txt").read_text() == "a file, not a folder"
+
+
+def test_the_default_output_beside_the_checkpoint_is_checked_too(weights, tmp_path, monkeypatch):
+    (tmp_path / "r18.onnx").mkdir()
+    (tmp_path / "r18.pt").write_bytes(weights.read_bytes())
+    monkeypatch.setattr(onnx_export, "load_checkpoint", _must_not_load)
+    with pytest.raises(EnsError) as info:
+        export_checkpoint(tmp_path / "r18.pt", options=ExportOptions(arch="resnet18"))
+    assert str(info.value) == (f"{tmp_path / 'r18.onnx'}: a folder stands there; name the .onnx file to write "
+                               "with -o")
+
+
+def _must_not_load(*args, **kwargs):
+    raise AssertionError("the checkpoint was loaded before the output location was checked")
 
 
 def test_unpicklable_model(tmp_path, monkeypatch):
@@ -130,7 +275,7 @@ def test_unpicklable_model(tmp_path, monkeypatch):
     torch.save(gone_module.Net(), tmp_path / "net.pt")
     (tmp_path / "gone_module.py").unlink()
     sys.modules.pop("gone_module")
-    _fails("cannot unpickle it, a class it needs is not importable", tmp_path / "net.pt")
+    _fails("cannot unpickle it, a class it needs is not importable", tmp_path / "net.pt", trust_pickle=True)
 
 
 @pytest.mark.parametrize("option, value, match", [
@@ -139,7 +284,7 @@ def test_unpicklable_model(tmp_path, monkeypatch):
     ("input_size", 8, "--input-size 8"),
     ("resize", "stretch", "--resize stretch: choose one of center-crop, squash"),
     ("crop_pct", 1.5, "--crop-pct 1.5"),
-    ("interpolation", "lanczos", "--interpolation lanczos: choose one of bilinear, bicubic"),
+    ("interpolation", "area", "--interpolation area: choose one of bilinear, bicubic, nearest, lanczos"),
 ])
 def test_bad_options(weights, option, value, match):
     _fails(match, weights, arch="resnet18", **{option: value})
@@ -206,7 +351,8 @@ def test_model_that_does_not_take_the_size(tmp_path):
     torch.save(build("resnet18", SIZE), tmp_path / "whole.pt")
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten(), torch.nn.Linear(2 * 30 * 30, 4))
     torch.save(model, tmp_path / "flat.pt")
-    _fails("flat.pt: the model does not run on 64 px inputs .* set --input-size", tmp_path / "flat.pt")
+    _fails("flat.pt: the model does not run on 64 px inputs .* set --input-size", tmp_path / "flat.pt",
+           trust_pickle=True)
 
 
 def test_model_that_returns_no_tensor(tmp_path, monkeypatch):
@@ -223,4 +369,4 @@ def test_model_that_returns_no_tensor(tmp_path, monkeypatch):
     import dict_out
 
     torch.save(dict_out.Net(), tmp_path / "net.pt")
-    _fails("the model returns a dict, expected a .batch, classes. tensor", tmp_path / "net.pt")
+    _fails("the model returns a dict, expected a .batch, classes. tensor", tmp_path / "net.pt", trust_pickle=True)
