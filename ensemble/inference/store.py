@@ -25,6 +25,7 @@ All ``.npy`` files are plain arrays that memory-map; :func:`read_store` is the o
     dataset                 split, source (json file or folder), sha256, images (before skips)
     tta                     views (names, in views.npy order; "identity" first), merge
     device, provider        e.g. "cuda", "CUDAExecutionProvider"
+    device_fallback         why --device auto ran on the CPU although CUDA was listed (else null)
     batch_size, chunk_size, workers
     images_per_s, seconds   the last run's rate over all its models, and its duration
     model_images_per_s      the rate of this model's forward passes alone
