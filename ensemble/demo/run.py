@@ -137,6 +137,8 @@ def run_demo(workdir: Path = Path(".demo"), settings: DemoSettings = DemoSetting
                 "--classes", "data/train2019.json", "--resize", "squash"]
         if recipe.needs_arch:
             args += ["--arch", recipe.arch]
+        if recipe.save_as == "whole-model":
+            args.append("--trust-pickle")  # the demo made this pickle itself
         _ens(workdir, args, log)
         models.append(path.with_suffix(".onnx").relative_to(workdir))
     log(f"  ({time.perf_counter() - t:.1f} s)")
