@@ -276,7 +276,10 @@ def read_class_counts(path: Path) -> dict[int | str, int]:
         return _coco_counts(doc, label)
     counts: dict[int | str, int] = {}
     for key, value in doc.items():
-        counts[_category(key)] = _count(value, f"{label}: the count of category {key!r}")
+        category = _category(key)
+        if category in counts:
+            raise EnsError(f"{label}: counts category {category} twice")
+        counts[category] = _count(value, f"{label}: the count of category {key!r}")
     if not counts:
         raise EnsError(f"{label}: no categories")
     return counts

@@ -514,9 +514,11 @@ def demo(
 ) -> None:
     """Run the whole pipeline on a small competition built from real images.
 
-    Builds an iNat-2019-layout competition from scikit-learn's digits, trains three
-    architectures briefly on the CPU (cached), then runs ens export, ens infer --tta flip,scale,
-    ens blend --optimize val and ens submit --dry-run, and scores the CSV against the answers.
+    Builds an iNat-2019-layout competition from scikit-learn's digits (a long-tailed training
+    split, balanced validation and test), trains three architectures briefly on the CPU
+    (cached), then runs ens export, ens infer --tta flip,scale, ens blend --optimize val (then
+    again with --prior data/train2019.json) and ens submit --dry-run, and scores the CSV
+    against the answers.
     """
     with _user_errors(ctx):
         try:

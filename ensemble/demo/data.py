@@ -14,6 +14,11 @@ Splits are by original digit image (no digit appears in two splits; each trainin
 drawn ``train_copies`` times, on different canvases); test labels go only to
 the answers file, which only the demo's scoring reads. Category ids are ``CATEGORY_OFFSET +
 digit`` rather than the bare output index, so the class mapping is exercised end to end.
+
+Validation and test hold the same number of images of every digit, as iNat 2019's do; the
+training split is long-tailed like iNat's (``DemoSpec.long_tail``): the digits, in a random
+order, keep ever fewer training images, so models trained on it over-predict the common ones,
+which ``ens blend --prior data/train2019.json`` corrects.
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ class DemoSpec:
     #: Side of the digit's 8x8 box, as a fraction of the canvas side: drawn at a random scale in
     #: this range (the strokes fill about three quarters of the box).
     digit_scale: tuple[float, float] = (0.6, 0.85)
+    #: The training split's long tail: the k-th digit of a random order keeps ``long_tail ** k``
+    #: of its training digits (at least one); 0.7 gives about 100 down to 4. None: balanced.
+    long_tail: float | None = 0.7
     seed: int = 0
 
 
@@ -58,9 +66,14 @@ class Competition:
 
 
 def _split(labels: np.ndarray, spec: DemoSpec, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Indices of the original digits per split, disjoint, stratified by class."""
+    """Indices of the original digits per split, disjoint; val and test stratified by class, train
+    long-tailed when ``spec.long_tail`` says so."""
     parts: dict[str, list[int]] = {"train": [], "val": [], "test": []}
-    for digit in np.unique(labels):
+    digits = np.unique(labels)
+    if spec.long_tail is not None and not 0 < spec.long_tail <= 1:
+        raise ValueError(f"long_tail {spec.long_tail}: want a fraction in (0, 1]")
+    rank = dict(zip(rng.permutation(digits).tolist(), range(digits.size)))
+    for digit in digits:
         idx = rng.permutation(np.flatnonzero(labels == digit))
         val, test = idx[:spec.val_per_class], idx[spec.val_per_class:spec.val_per_class + spec.test_per_class]
         train = idx[spec.val_per_class + spec.test_per_class:]
@@ -68,6 +81,8 @@ def _split(labels: np.ndarray, spec: DemoSpec, rng: np.random.Generator) -> dict
             train = train[:spec.train_per_class]
         if len(train) == 0:
             raise ValueError(f"digit {digit}: no images left for training; lower val/test per class")
+        if spec.long_tail is not None:
+            train = train[:max(1, round(len(train) * spec.long_tail ** rank[int(digit)]))]
         parts["val"] += val.tolist()
         parts["test"] += test.tolist()
         parts["train"] += train.tolist()

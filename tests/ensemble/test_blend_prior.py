@@ -325,6 +325,7 @@ def test_counts_that_do_not_fit_the_models_are_one_line(work, tmp_path, change, 
     ("float.csv", "103,4.5\n", "line 1: the count '4.5' is not a non-negative integer"),
     ("empty.csv", "category_id,count\n", "no lines category_id,count"),
     ("list.json", "[1, 2]", "expected a JSON object"),
+    ("twice.json", '{"103": 4, "0103": 5}', "counts category 103 twice"),
     ("broken.json", "{", "not a JSON file"),
 ])
 def test_malformed_prior_files_are_one_line(work, tmp_path, name, text, message):

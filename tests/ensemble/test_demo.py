@@ -13,20 +13,32 @@ from ensemble.cli import app
 from ensemble.demo.data import CATEGORY_OFFSET, DemoSpec, _split, make_competition, render
 from ensemble.demo.run import DemoSettings, format_table, run_demo
 from ensemble.inference.store import read_store
-from weights_search import fuse, log_softmax
+from weights_search import FittedBlend, class_log_prior
 
-SMALL = DemoSpec(canvas=48, val_per_class=3, test_per_class=2, train_per_class=3, train_copies=2)
+SMALL = DemoSpec(canvas=48, val_per_class=3, test_per_class=2, train_per_class=3, train_copies=2, long_tail=None)
 
 
 def test_splits_are_disjoint_and_stratified():
     labels = np.repeat(np.arange(10), 30)
-    parts = _split(labels, DemoSpec(val_per_class=20, test_per_class=5), np.random.default_rng(0))
+    parts = _split(labels, DemoSpec(val_per_class=20, test_per_class=5, long_tail=None), np.random.default_rng(0))
     sets = {name: set(idx.tolist()) for name, idx in parts.items()}
     assert not sets["train"] & sets["val"] and not sets["train"] & sets["test"] and not sets["val"] & sets["test"]
     assert sum(map(len, sets.values())) == labels.size
     assert (np.bincount(labels[parts["val"]]) == 20).all() and (np.bincount(labels[parts["test"]]) == 5).all()
     with pytest.raises(ValueError, match="no images left for training"):
         _split(labels, DemoSpec(val_per_class=20, test_per_class=10), np.random.default_rng(0))
+
+
+def test_the_training_split_is_long_tailed_and_val_and_test_are_balanced():
+    labels = np.repeat(np.arange(10), 130)
+    parts = _split(labels, DemoSpec(val_per_class=20, test_per_class=10), np.random.default_rng(0))
+    assert (np.bincount(labels[parts["val"]]) == 20).all() and (np.bincount(labels[parts["test"]]) == 10).all()
+    train = np.bincount(labels[parts["train"]], minlength=10)
+    # The k-th digit of a random order keeps 0.7 ** k of its 100 training digits.
+    assert sorted(train, reverse=True) == [max(1, round(100 * 0.7 ** k)) for k in range(10)]
+    assert train.argmax() != 0 or train.argmin() != 9  # the order is shuffled, not the digits' own
+    with pytest.raises(ValueError, match="long_tail 1.5"):
+        _split(labels, DemoSpec(long_tail=1.5), np.random.default_rng(0))
 
 
 def test_render_places_the_digit_at_the_asked_scale():
@@ -84,16 +96,22 @@ def test_shortened_demo_end_to_end(tmp_path):
     assert check.exit_code == 0, check.output
 
     names = [row.name for row in result.rows]
-    assert names[:3] == ["resnet18", "mobilenet_v3_small", "densenet121"] and "uniform" in names
+    assert names == ["resnet18", "mobilenet_v3_small", "densenet121", "uniform", "uniform+prior", "nll", "nll+prior"]
+    assert result.method == "nll+prior"
     assert all(row.cv_low <= row.cv_top1 <= row.cv_high for row in result.rows)
+    # The plain blend notes the flag that corrects for the training prior; the demo then uses it.
+    assert any(line.startswith("    note: data/train2019.json holds the training labels: add --prior "
+                               "data/train2019.json") for line in lines)
     # At toy sizes the models are near chance, so no accuracy is asserted; the stages must agree
     # exactly instead: the submitted top-1 of every test image is the stores fused with
-    # blend.json's weights (columns mapped to category ids), and the table's blend row is that
-    # submission scored against the answers only the demo holds.
+    # blend.json's weights and corrected with its prior (columns mapped to category ids), and
+    # the table's blend row is that submission scored against the answers only the demo holds.
     blend = json.loads((work / "blends" / "demo" / "blend.json").read_text())
     stores = [read_store(work / "runs" / member / "test") for member in blend["members"]]
-    fused = fuse(log_softmax(np.stack([np.asarray(s.logits, np.float32) for s in stores])),
-                 np.array([blend["weights"][m] for m in blend["members"]]), blend["fusion"])
+    prior = blend["prior"]
+    fitted = FittedBlend(blend["method"], blend["fusion"], tuple(blend["weights"][m] for m in blend["members"]),
+                         log_prior=tuple(class_log_prior(prior["counts"], prior["zero_count"])), tau=prior["tau"])
+    fused = fitted.log_proba(np.stack([np.asarray(s.logits, np.float32) for s in stores]))
     blended = dict(zip(map(int, stores[0].ids), np.asarray(stores[0].class_ids)[fused.argmax(1)].tolist()))
     with open(result.submission, newline="") as fh:
         submitted = {int(r["id"]): int(r["predicted"].split()[0]) for r in csv.DictReader(fh)}
@@ -118,4 +136,4 @@ def test_shortened_demo_end_to_end(tmp_path):
     assert sum(line.startswith("  reused") and ".pt" in line for line in lines) == 3
     blend = json.loads((work / "blends" / "demo" / "blend.json").read_text())
     assert blend["members"] == ["resnet18", "mobilenet_v3_small", "densenet121"]
-    assert any(line.startswith("nll (blend)") for line in lines) and lines[-2].startswith("submission: ")
+    assert any(line.startswith("nll+prior (blend)") for line in lines) and lines[-2].startswith("submission: ")
