@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 import torchvision
 
@@ -27,6 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exporters import ExportOptions, export_checkpoint  # noqa: E402
 from exporters.onnx_export import UInt8NHWC, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from ensemble.inference.runtime import onnxruntime  # noqa: E402
+
+ort = onnxruntime()
 
 FULL = ["mnasnet1_0", "inception_v3", "wide_resnet50_2", "resnet50", "efficientnet_b0",
         "mobilenet_v3_large", "convnext_tiny"]

@@ -185,7 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.images:
         cfg["images"] = args.images
 
-    import onnxruntime as ort
+    from ensemble.inference.runtime import onnxruntime
+
+    ort = onnxruntime()
     import torch
 
     device = "cpu" if args.cpu else "cuda"

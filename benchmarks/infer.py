@@ -160,7 +160,9 @@ def main() -> None:
     count = args.images or (64 if args.quick else 512)
     tta = tuple(t for t in args.tta.split(",") if t)
 
-    import onnxruntime as ort
+    from ensemble.inference.runtime import onnxruntime
+
+    ort = onnxruntime()
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:

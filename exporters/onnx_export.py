@@ -380,7 +380,9 @@ class _SizeMismatch(Exception):
 
 
 def _session(graph: onnx.ModelProto):
-    import onnxruntime as ort
+    from ensemble.inference.runtime import onnxruntime
+
+    ort = onnxruntime()
 
     return ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
 
@@ -425,7 +427,9 @@ def _fp16_headroom(graph: onnx.ModelProto, sizes: Sequence[int], batch: int) -> 
     The fp16 graph's own check cannot see an overflow: on the CPU provider onnxruntime runs its
     convolutions in float32, so an activation past 65504, inf on a GPU, stays finite here.
     """
-    import onnxruntime as ort
+    from ensemble.inference.runtime import onnxruntime
+
+    ort = onnxruntime()
 
     skip = set(_preprocessing_nodes(graph))
     producers = {out: node for node in graph.graph.node if node.name not in skip for out in node.output

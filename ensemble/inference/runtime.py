@@ -63,10 +63,21 @@ def select_device(requested: str, available: Sequence[str]) -> str:
     return requested
 
 
-def available_providers() -> list[str]:
+def onnxruntime():
+    """The onnxruntime module, with its telemetry switched off.
+
+    onnxruntime 1.32 on Linux sends usage events to Microsoft from a background thread (through
+    any HTTPS proxy it finds). ens runs where there is no internet (Kaggle notebooks with it
+    off) and should send nothing anywhere, so every session ens opens comes after this.
+    """
     import onnxruntime as ort
 
-    return ort.get_available_providers()
+    ort.disable_telemetry_events()
+    return ort
+
+
+def available_providers() -> list[str]:
+    return onnxruntime().get_available_providers()
 
 
 @dataclass(frozen=True)
@@ -353,7 +364,7 @@ class Runner:
 
     def __init__(self, model: Model, device: str, gpu: GpuOptions = GpuOptions(), *, images: int = 32,
                  sizes: Sequence[int] = ()):
-        import onnxruntime as ort
+        ort = onnxruntime()
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -413,7 +424,7 @@ def probe_device(device: str, gpu: GpuOptions = GpuOptions()) -> str | None:
     """
     if device == "cpu":
         return None
-    import onnxruntime as ort
+    ort = onnxruntime()
     from onnx import TensorProto, helper
 
     node = helper.make_node("Identity", ["x"], ["y"])

@@ -302,3 +302,17 @@ def test_a_complete_store_that_fails_its_own_check_is_computed_again(tmp_path, t
     (store / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(EnsError, match=r"manifest.json: field 'tta.views' is missing or not a non-empty list"):
         read_store(store)
+
+
+def test_onnxruntime_telemetry_is_off_before_a_session_opens(tiny, monkeypatch):
+    import onnxruntime as ort
+
+    from ensemble.inference.runtime import Runner
+
+    calls = []
+    monkeypatch.setattr(ort, "disable_telemetry_events", lambda: calls.append("off"))
+    monkeypatch.setattr(ort, "InferenceSession", lambda *a, **k: calls.append("session") or (_ for _ in ()).throw(
+        RuntimeError("stop here")))
+    with pytest.raises(EnsError):
+        Runner(load_model(tiny), "cpu")
+    assert calls[:2] == ["off", "session"]
