@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ensemble.datasets import check_regular_file
 from ensemble.errors import EnsError
 
 #: Keys under which training scripts nest the weights, in the order they are tried.
@@ -58,9 +59,7 @@ def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Chec
     ``trust_pickle``: also unpickle Python objects beyond tensors (a whole model), which runs
     code named in the file; without it such a file is refused before anything in it runs.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise EnsError(f"{path}: no such file")
+    path = check_regular_file(path)  # a FIFO or device is refused, never read (it could block)
     if path.stat().st_size == 0:
         raise EnsError(f"{path}: empty file, not a checkpoint")
     if path.suffix == ".safetensors":

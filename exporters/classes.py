@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from ensemble.datasets import check_regular_file
 from ensemble.errors import EnsError
 
 
@@ -22,8 +23,7 @@ def load_class_ids(path: str | Path, num_classes: int) -> tuple[int | str, ...]:
     path = Path(path)
     if path.is_dir():
         return _checked(image_folder_classes(path), num_classes, path)
-    if not path.is_file():
-        raise EnsError(f"--classes {path}: no such file")
+    check_regular_file(path, "--classes")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -370,3 +370,16 @@ def test_model_that_returns_no_tensor(tmp_path, monkeypatch):
 
     torch.save(dict_out.Net(), tmp_path / "net.pt")
     _fails("the model returns a dict, expected a .batch, classes. tensor", tmp_path / "net.pt", trust_pickle=True)
+
+
+def test_a_fifo_checkpoint_or_classes_file_is_refused_not_read(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "model.pt")
+    with pytest.raises(EnsError, match=r"model.pt: not a regular file \(a FIFO, device or socket\)"):
+        export_checkpoint(tmp_path / "model.pt", tmp_path / "out.onnx", ExportOptions(arch="resnet18"))
+    from exporters.classes import load_class_ids
+
+    os.mkfifo(tmp_path / "classes.json")
+    with pytest.raises(EnsError, match=r"--classes .*classes.json: not a regular file"):
+        load_class_ids(tmp_path / "classes.json", 5)
