@@ -123,6 +123,14 @@ class UniformBlend(MixtureBlender):
         self.train_score_ = mixture_nll(scores.true_lp, self.weights_, scores.log_norm)
         return self.weights_
 
+    def _fit_prior(self, problem: MixturePrior, tau: float | None) -> float:
+        # The weights do not depend on tau: one exact fit of tau, no rounds.
+        if tau is None:
+            n_members = problem.probs.shape[0]
+            tau = problem.fit_tau(np.full(n_members, 1.0 / n_members))
+        self._fit_scores(problem.at(tau), None)
+        return tau
+
 
 class NllBlend(MixtureBlender):
     """Weights on the simplex that minimise the validation NLL of the mixture.
@@ -187,10 +195,7 @@ class NllBlend(MixtureBlender):
             if not rows.any():
                 raise ValueError("no member gives the true class a non-zero probability on any row: nothing to fit")
             arrays = (scores.true_lp, scores.true_shift, scores.log_norm, scores.tilt_mean, scores.tilt_var)
-            # Each round starts from the last one's solution and its inverse-Hessian estimate,
-            # members it nearly dropped lifted to weights e**-8 of the largest, where their
-            # gradient is not yet lost: the last round may have judged them with a poor model.
-            theta = np.maximum(theta, theta.max() - 8.0)
+            # Each round starts from the last one's solution and its inverse-Hessian estimate.
             result = minimize(prior_nll_and_grad, np.append(theta - theta.mean(), point),
                               args=(*(a[..., rows] for a in arrays), point), jac=True, method="BFGS",
                               options={"maxiter": self.max_iter, "gtol": self.tol, "hess_inv0": curvature})

@@ -51,6 +51,8 @@ MAX_ROUNDS = 10
 #: third cumulant of the log-prior over the curvature (measured: ``0.5 d**2``), under 1e-3 at 0.02.
 TAU_STEP = 0.5
 TAU_NEAR = 0.02
+#: Rows of the member stack per block when the normalisers' moments are summed.
+MOMENT_ROWS = 128
 
 
 def class_log_prior(counts: np.ndarray, zero_count: float = ZERO_COUNT) -> np.ndarray:
@@ -171,16 +173,23 @@ class MixturePrior:
         tilt = np.exp(-tau * self.shift)
         flat = self.probs.reshape(-1, n_classes)
         mean = var = None
-        total = (flat @ tilt.astype(np.float32)).astype(np.float64)
         if moments:
-            # Moments about the middle of the shifts keep the variance free of cancellation; three
-            # matrix-vector products run faster here than one product with a (C, 3) matrix.
+            # Moments about the middle of the shifts keep the variance free of cancellation. The
+            # stack is read once, in blocks of rows small enough to stay in cache for the product
+            # with the (C, 3) basis (one product over the whole stack runs slower than three
+            # matrix-vector products here; blocks of 128 rows run faster than either).
             centre = (self.shift.max() + self.shift.min()) / 2
             a = self.shift - centre
-            mean = (flat @ (a * tilt).astype(np.float32)).astype(np.float64) / total
-            var = (flat @ (a * a * tilt).astype(np.float32)).astype(np.float64) / total - mean * mean
-            var = np.maximum(var, 0.0).reshape(n_members, n_rows)
+            basis = np.stack([tilt, a * tilt, a * a * tilt], axis=1).astype(np.float32)
+            sums = np.empty((flat.shape[0], 3), dtype=np.float32)
+            for start in range(0, flat.shape[0], MOMENT_ROWS):
+                np.matmul(flat[start:start + MOMENT_ROWS], basis, out=sums[start:start + MOMENT_ROWS])
+            sums = sums.astype(np.float64)
+            total, mean = sums[:, 0], sums[:, 1] / sums[:, 0]
+            var = np.maximum(sums[:, 2] / total - mean * mean, 0.0).reshape(n_members, n_rows)
             mean = (mean + centre).reshape(n_members, n_rows)
+        else:
+            total = (flat @ tilt.astype(np.float32)).astype(np.float64)
         log_norm = np.log(total).reshape(n_members, n_rows)
         return MixtureScores(self.log_probs, self.labels, self.true_lp - tau * self.true_shift, log_norm,
                              self.shift, tau, mean, var)

@@ -202,7 +202,7 @@ def test_alternating_fits_stop_after_max_rounds(monkeypatch):
     taus = iter(np.linspace(0.1, 2.9, 50))
     monkeypatch.setattr(MixturePrior, "fit_tau", lambda self, weights, start=1.0: float(next(taus)))
     seen = []
-    method = get_method("uniform")
+    method = get_method("greedy", n_rounds=3)
     original = method._fit_scores
     monkeypatch.setattr(method, "_fit_scores", lambda scores, start: seen.append(scores.tau) or original(scores, start))
     method.fit(log_softmax(logits), labels, LogitAdjustment(log_prior))
