@@ -169,3 +169,30 @@ def exported_model(tmp_path_factory) -> Path:
     checkpoint = folder / "resnet18.pth"
     torch.save(model.state_dict(), checkpoint)
     return export_checkpoint(checkpoint, options=ExportOptions(arch="resnet18", input_size=32)).path
+
+
+# The command line, as the end-to-end tests drive it ------------------------------------------
+
+
+def ens(*args):
+    """Run `ens ARGS...` in this process (typer's CliRunner); arguments may be paths or numbers."""
+    from typer.testing import CliRunner
+
+    from ensemble.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def ok(result):
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def one_line_error(result, *patterns):
+    """The run failed with exit 2 and exactly one `error:` line, the last, holding each pattern."""
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and result.stderr.strip().endswith(errors[0]), result.stderr
+    for pattern in patterns:
+        assert pattern in errors[0], errors[0]
+    return errors[0]

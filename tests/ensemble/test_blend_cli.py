@@ -17,14 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 import weights_search
-from ensemble.cli import app
 
-from tests.ensemble.conftest import make_inat, tiny_onnx
+from tests.ensemble.conftest import ens, make_inat, ok, one_line_error, tiny_onnx
 
-runner = CliRunner()
 MODELS = ("m0", "m1", "m2")
 #: Column j of every tiny model is category PERM[j].
 PERM = (3, 0, 4, 1, 2)
@@ -33,22 +30,6 @@ TEST_IDS = list(range(15, 22))
 METRICS = ("top1", "top1_low", "top1_high", "topk", "nll")
 
 
-def ens(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(result):
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def one_line_error(result, *patterns):
-    assert result.exit_code == 2, result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and result.stderr.strip().endswith(errors[0]), result.stderr
-    for pattern in patterns:
-        assert pattern in errors[0], errors[0]
-    return errors[0]
 
 
 @dataclass(frozen=True)

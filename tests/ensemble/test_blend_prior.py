@@ -25,13 +25,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
-from typer.testing import CliRunner
 
-from ensemble.cli import app
 from ensemble.metadata import ModelMetadata
 from ensemble.submission.ledger import Ledger
 
-runner = CliRunner()
+from tests.ensemble.conftest import ens, ok, one_line_error
+
 #: Column j of every model predicts digit COLUMN_DIGIT[j], dataset category 100 + that digit.
 COLUMN_DIGIT = (3, 0, 7, 1, 9, 2, 8, 5, 4, 6)
 CATEGORY = tuple(100 + d for d in COLUMN_DIGIT)
@@ -41,22 +40,6 @@ TAIL_ORDER = (4, 1, 8, 0, 6, 2, 9, 5, 7, 3)
 VAL_PER_CLASS, TEST_PER_CLASS = 15, 25
 
 
-def ens(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(result):
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def one_line_error(result, *patterns):
-    assert result.exit_code == 2, result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and result.stderr.strip().endswith(errors[0]), result.stderr
-    for pattern in patterns:
-        assert pattern in errors[0], errors[0]
-    return errors[0]
 
 
 def notes(result) -> list[str]:
