@@ -35,14 +35,14 @@ import numpy as np
 
 from ensemble import __version__
 from ensemble.datasets import Split, check_store_name, split_name
-from ensemble.inference.decode import DecodedBatch, Decoder
+from ensemble.inference.decode import Decoder
 from ensemble.errors import EnsError
 from ensemble.inference.runtime import (TRT_CACHE, ForeignPreprocess, GpuOptions, Model, Runner,
                                         available_providers, check_gpu_options, cpu_threads, device_choices,
                                         load_model, prepare_trt_cache, probe_device, select_device)
 from ensemble.inference.store import DTYPES, StoreWriter, read_store, store_path
-from ensemble.inference.tta import (DEFAULT_SCALES, Geometry, View, geometries, hflip, merge, merge_mode, plan_views,
-                                    view_size)
+from ensemble.inference.forward import BatchOutput, LocalEngine, ModelPass, run_geometries, view_groups
+from ensemble.inference.tta import DEFAULT_SCALES, View, merge_mode, plan_views, view_size
 
 BAD_IMAGE_POLICIES = ("fail", "skip")
 
@@ -115,20 +115,8 @@ class InferResult:
     seconds: float
 
 
-@dataclass(frozen=True)
-class _Group:
-    """A model's views sharing one input size (one forward pass each)."""
-
-    size: int
-    members: tuple[tuple[Geometry, bool], ...]  # (geometry, flipped) per view
-    rows: tuple[int, ...]  # the views' indices in the model's view list
-
-
 @dataclass(eq=False)
-class _Loaded:
-    model: Model
-    runner: Runner
-    groups: tuple[_Group, ...]
+class _Loaded(ModelPass):
     seconds: float = 0.0  # time inside the runner, this split
 
 
@@ -138,18 +126,6 @@ class _Chunk:
 
     scores: list[np.ndarray] = field(default_factory=list)
     views: list[np.ndarray] = field(default_factory=list)
-
-
-def _groups(model: Model, views: Sequence[View]) -> tuple[_Group, ...]:
-    pre = model.preprocess
-    geos = geometries(pre, views)
-    by_size: dict[int, list[int]] = {}
-    for i, view in enumerate(views):
-        by_size.setdefault(view_size(pre, view), []).append(i)
-    return tuple(
-        _Group(size, tuple((geos[i], views[i].flip) for i in rows), tuple(rows))
-        for size, rows in by_size.items()
-    )
 
 
 def finishing_command(model: Model, split: Split, options: InferOptions, device: str) -> str:
@@ -263,13 +239,11 @@ def infer(models: Sequence[str | Path], splits: Sequence[Split], options: InferO
         workers = max(1, cores // 4) if device == "cpu" else max(1, cores - 1)
     batch = options.batch_size
     chunk_size = -(-options.chunk_size // batch) * batch
-    groups = [_groups(m, views) for m in loaded_models]
-    geometries = tuple(dict.fromkeys(g for model_groups in groups for group in model_groups
-                                     for g, _ in group.members))
+    groups = [view_groups(m, views) for m in loaded_models]
     results: list[StoreResult] = []
     decodes = 0
     # The decoding processes start first, so that they come up while the sessions load.
-    with Decoder(geometries, batch, workers) as decoder:
+    with Decoder(run_geometries(groups), batch, workers) as decoder:
         if device == "tensorrt":
             gpu = dataclasses.replace(gpu, trt_cache=prepare_trt_cache(Path(options.out) / TRT_CACHE))
         loaded = []
@@ -285,7 +259,8 @@ def infer(models: Sequence[str | Path], splits: Sequence[Split], options: InferO
                     else "decoding in this process")
         report(Event("note", message=f"device {device}{chosen}: {provider}, {decoding}"))
         for split in splits:
-            run = _SplitRun(split, loaded, views, options, decoder, device, provider, chunk_size, report, fallback)
+            engine = LocalEngine(decoder, loaded, options.merge)
+            run = _SplitRun(split, loaded, views, options, engine, device, provider, chunk_size, report, fallback)
             results.extend(run.execute())
             decodes += run.decodes
     return InferResult(device=device, provider=provider, workers=workers, stores=tuple(results),
@@ -296,17 +271,13 @@ class _SplitRun:
     """All models on one split: resume state, the batch loop, chunk and store writing."""
 
     def __init__(self, split: Split, loaded: Sequence[_Loaded], views: Sequence[View],
-                 options: InferOptions, decoder: Decoder, device: str, provider: str,
+                 options: InferOptions, engine: LocalEngine, device: str, provider: str,
                  chunk_size: int, report: Callable[[Event], None], fallback: str | None = None):
         self.split, self.loaded, self.views, self.options = split, loaded, views, options
-        self.decoder, self.chunk_size, self.report = decoder, chunk_size, report
+        self.engine, self.chunk_size, self.report = engine, chunk_size, report
         self.batch = options.batch_size
         self.decodes = 0
         self.decode_wait = 0.0
-        # One mirrored copy per flipped geometry, made once per batch: models with the same
-        # preprocessing share it.
-        self._buffers: dict[Geometry, np.ndarray] = {}
-        self._filled: set[Geometry] = set()
         self.writers = {}
         self.base = {}
         for item in loaded:
@@ -381,25 +352,33 @@ class _SplitRun:
         bad: dict[int, list[tuple[int, str]]] = {}
         for item in todo:
             item.seconds = 0.0
-        started, processed, waited = time.perf_counter(), 0, self.decoder.waited
-        for decoded in self.decoder.map(self._batches(chunks)):
-            self.decodes += decoded.decodes
-            self._check_bad(decoded)
-            c = decoded.start // self.chunk_size
-            bad.setdefault(c, []).extend((decoded.start - c * self.chunk_size + r, why) for r, why in decoded.bad)
+        started, processed, waited = time.perf_counter(), 0, self.engine.waited
+        seconds = {item.model.name: item for item in todo}
+
+        def lacking(start: int) -> list[str]:
+            return [item.model.name for item in needs[start // self.chunk_size]]
+
+        for out in self.engine.run(self._batches(chunks), lacking):
+            self.decodes += out.decodes
+            self._check_bad(out)
+            c = out.start // self.chunk_size
+            bad.setdefault(c, []).extend((out.start - c * self.chunk_size + r, why) for r, why in out.bad)
             parts = pending.setdefault(c, {item.model.name: _Chunk() for item in needs[c]})
-            self._filled.clear()
-            for item in needs[c]:
-                self._forward(item, decoded, parts[item.model.name])
-            processed += decoded.count
+            for name, result in out.models.items():
+                self._check_finite(seconds[name].model, out, result.views)
+                seconds[name].seconds += result.seconds
+                parts[name].scores.append(result.scores)
+                if self.options.keep_views:
+                    parts[name].views.append(result.views)
+            processed += out.count
             rate = processed / max(time.perf_counter() - started, 1e-9)
             done = before + processed
             event = Event("batch", split.name, done, total, rate, (total - done) / rate)
             self.report(event)
-            if decoded.start + decoded.count == c * self.chunk_size + self._chunk_rows(c):
+            if out.start + out.count == c * self.chunk_size + self._chunk_rows(c):
                 self._write_chunk(c, pending.pop(c), bad.pop(c, []))
                 self.report(dataclasses.replace(event, kind="chunk"))
-        self.decode_wait = self.decoder.waited - waited
+        self.decode_wait = self.engine.waited - waited
         return processed, time.perf_counter() - started
 
     def _finish(self, todo: Sequence[_Loaded], processed: int, seconds: float) -> list[StoreResult]:
@@ -411,7 +390,7 @@ class _SplitRun:
             writer = self.writers[item.model.name]
             if item in todo:
                 manifest = writer.finish(split.ids, split.paths, {
-                    **self.base[item.model.name], "workers": self.decoder.workers,
+                    **self.base[item.model.name], "workers": self.engine.workers,
                     "images_per_s": rate, "seconds": seconds if processed else None,
                     # Time the models waited for decoding; large means: more --workers.
                     "decode_wait_s": self.decode_wait if processed else None,
@@ -435,52 +414,25 @@ class _SplitRun:
             for lo in range(first, end, self.batch):
                 yield lo, self.split.paths[lo:min(lo + self.batch, end)]
 
-    def _check_bad(self, decoded: DecodedBatch) -> None:
-        for row, reason in decoded.bad:
-            index = decoded.start + row
+    def _check_bad(self, out: BatchOutput) -> None:
+        for row, reason in out.bad:
+            index = out.start + row
             image_id, path = self.split.ids[index], self.split.paths[index]
             if self.options.on_bad_image == "fail":
                 raise EnsError(f"image {image_id!r} ({path}): {reason}; --on-bad-image skip leaves "
                                "such images out")
             self.report(Event("note", self.split.name, message=f"skipped image {image_id!r} ({path}): {reason}"))
 
-    def _forward(self, item: _Loaded, decoded: DecodedBatch, into: _Chunk) -> None:
-        """Run one model's views of a batch; append merged scores (and views) of its real rows."""
-        count = decoded.count
-        outputs: list[np.ndarray | None] = [None] * len(self.views)
-        for group in item.groups:
-            for (geo, flipped), row in zip(group.members, group.rows):
-                view = self._view(geo, flipped, decoded)
-                tick = time.perf_counter()
-                logits = item.runner(view)
-                item.seconds += time.perf_counter() - tick
-                outputs[row] = logits[:count]
-        per_view = np.stack(outputs)  # (views, count, classes)
-        good = np.ones(count, bool)
-        good[[r for r, _ in decoded.bad]] = False
+    def _check_finite(self, model: Model, out: BatchOutput, per_view: np.ndarray) -> None:
+        """``per_view``: ``(views, count, classes)``. Bad rows hold the logits of a blank image:
+        finite, written, then dropped by their mask."""
+        good = np.ones(out.count, bool)
+        good[[r for r, _ in out.bad]] = False
         finite = np.isfinite(per_view).all(axis=(0, 2)) | ~good
         if not finite.all():
-            index = decoded.start + int(np.argmin(finite))
-            raise EnsError(f"{item.model.path}: non-finite logits for image {self.split.ids[index]!r} "
+            index = out.start + int(np.argmin(finite))
+            raise EnsError(f"{model.path}: non-finite logits for image {self.split.ids[index]!r} "
                            f"({self.split.paths[index]})")
-        # Bad rows hold the logits of a blank image: finite, written, then dropped by their mask.
-        into.scores.append(merge(per_view, self.options.merge))
-        if self.options.keep_views:
-            into.views.append(per_view)
-
-    def _view(self, geo: Geometry, flipped: bool, decoded: DecodedBatch) -> np.ndarray:
-        """One view of the batch, ``(batch, size, size, 3)``: the decoded array itself, or its
-        mirror image, made once per batch for every model that shares the geometry."""
-        source = decoded.arrays[geo]
-        if not flipped:
-            return source
-        if geo not in self._filled:
-            mirrored = self._buffers.get(geo)
-            if mirrored is None:
-                mirrored = self._buffers[geo] = np.empty_like(source)
-            np.copyto(mirrored, hflip(source))
-            self._filled.add(geo)
-        return self._buffers[geo]
 
     def _write_chunk(self, c: int, parts: dict[str, _Chunk], bad: list[tuple[int, str]]) -> None:
         keep = np.ones(self._chunk_rows(c), bool)
