@@ -1,0 +1,370 @@
+"""What `ens report` shows, computed from a blend folder: no plotting, no HTML here.
+
+Inputs, each checked before use:
+
+- ``BLEND_DIR/blend.json`` (:func:`ensemble.blending.check_blend_record`);
+- the logit stores of the fitted split, found under ``runs/`` beside the blend's ``blends/``
+  folder (the layout `ens blend` writes: ``<work>/blends/<name>`` and ``<work>/runs``), else
+  under ``./runs``; a store is used only when its sha256 is the one blend.json records for it;
+- the labels of the fitted split: ``--data DIR``'s split file, else the file blend.json names
+  (as given, then relative to the work folder);
+- the training class counts: blend.json's prior, else ``train2019.json`` (any iNat layout) under
+  ``--data`` or beside the labels file;
+- the submission ledger: ``<work>/submissions/ledger.sqlite``, else ``./submissions/ledger.sqlite``.
+
+Every array is computed chunk by chunk over the stores (memory-mapped), so memory stays
+bounded whatever the split's size.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+import weights_search as ws
+from ensemble.blending import (BLEND_FILE, CHUNK_ROWS, check_blend_record, load_labels, prior_counts,
+                               read_class_counts, store_digest)
+from ensemble.datasets import find_split
+from ensemble.errors import EnsError
+from ensemble.fileio import sha256_file
+from ensemble.inference.store import MANIFEST, LogitStore, read_store
+from weights_search import calibration as cal
+
+#: Thumbnails of the most confidently wrong images, at most.
+HARDEST = 24
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """One predictor's top class on every row of the fitted split: ``(N,)`` float64 confidence
+    and ``(N,)`` int64 column."""
+
+    confidence: np.ndarray
+    predicted: np.ndarray
+
+    def correct(self, labels: np.ndarray) -> np.ndarray:
+        return self.predicted == labels
+
+
+@dataclass(frozen=True)
+class HardImage:
+    """One confidently wrong image of the blend."""
+
+    id: int | str
+    path: Path | None  #: None when the labels file names no image file for it
+    true_name: str
+    predicted_name: str
+    confidence: float  #: the blend's probability of its (wrong) prediction
+    true_probability: float  #: the blend's probability of the true class
+    boxes: Mapping[str, tuple[float, float, float, float]]  #: model -> normalised x0, y0, x1, y1
+
+
+@dataclass(frozen=True)
+class LedgerPoint:
+    """A ledger row with a CV estimate and a leaderboard score, as top-1 error."""
+
+    id: int
+    file: str
+    cv_error: float
+    cv_error_low: float
+    cv_error_high: float
+    public: float | None
+    private: float | None
+    this_blend: bool  #: the row's source is this blend folder
+
+
+@dataclass(frozen=True)
+class ReportData:
+    """Everything the page shows. ``models`` / ``members``: as in blend.json; ``labels``: ``(N,)``
+    columns of the fitted split; ``missing``: section -> the one line saying what would enable it."""
+
+    blend_dir: Path
+    record: Mapping[str, Any]
+    split: str
+    labels_path: Path
+    runs: Path
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+    models: tuple[str, ...]
+    members: tuple[str, ...]
+    model_predictions: Mapping[str, Predictions]
+    #: per model, with its fitted temperature; empty when the blend has none (or blends views)
+    tempered_predictions: Mapping[str, Predictions]
+    member_predictions: np.ndarray  #: ``(M, N)`` int64 predicted columns per member
+    member_correct: np.ndarray  #: ``(M, N)`` bool
+    blend: Predictions
+    counts: np.ndarray | None  #: ``(C,)`` training counts per column
+    counts_source: str | None
+    hardest: tuple[HardImage, ...]
+    wrong: int  #: rows the blend gets wrong
+    ledger: Path | None
+    ledger_points: tuple[LedgerPoint, ...]
+    notes: tuple[str, ...] = field(default_factory=tuple)
+    missing: Mapping[str, str] = field(default_factory=dict)
+
+
+def read_blend_record(blend_dir: Path) -> tuple[Path, dict]:
+    """``BLEND_DIR/blend.json``, parsed and checked."""
+    if not blend_dir.is_dir():
+        raise EnsError(f"{blend_dir}: no such blend folder")
+    path = blend_dir / BLEND_FILE
+    if not path.is_file():
+        raise EnsError(f"{blend_dir}: no {BLEND_FILE}; give the folder `ens blend` wrote (blends/<name>)")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EnsError(f"{path}: not a blend.json ({exc})") from None
+    check_blend_record(record, str(path))
+    optimize = record.get("optimize")
+    if (not isinstance(optimize, dict) or not isinstance(optimize.get("split"), str)
+            or not isinstance(optimize.get("stores"), dict)):
+        raise EnsError(f"{path}: records no fitted split ('optimize'), so there is nothing to report on")
+    return path, record
+
+
+def work_folder(blend_dir: Path) -> Path:
+    """The folder `ens blend` ran in: the parent of ``blends/`` holding ``blend_dir``."""
+    return blend_dir.resolve().parent.parent
+
+
+def _candidates(blend_dir: Path, name: str) -> list[Path]:
+    """``<work>/name``, then ``./name`` when it is another folder."""
+    found = [work_folder(blend_dir) / name]
+    if Path(name).resolve() != found[0]:
+        found.append(Path(name))
+    return found
+
+
+def open_stores(blend_json: Path, record: Mapping[str, Any], blend_dir: Path) -> tuple[Path, list[LogitStore]]:
+    """The fitted split's store of every model, the very ones blend.json records (by sha256)."""
+    split, wanted = record["optimize"]["split"], record["optimize"]["stores"]
+    views = bool(record.get("views", False))
+    problems = []
+    for runs in _candidates(blend_dir, "runs"):
+        stores = []
+        for model in record["models"]:
+            path = runs / model / split
+            if not (path / MANIFEST).is_file():
+                problems.append(f"no store at {path}")
+                break
+            store = read_store(path)
+            if store_digest(store, views) != wanted.get(model):
+                problems.append(f"{path} is not the store the blend was fitted on (its sha256 differs)")
+                break
+            stores.append(store)
+        else:
+            return runs, stores
+    raise EnsError(f"{blend_json}: the {split} stores it was fitted on are not found ({'; '.join(problems)}); "
+                   "run `ens report` from the folder that holds runs/")
+
+
+def find_labels(blend_json: Path, record: Mapping[str, Any], blend_dir: Path, data: Path | None) -> Path:
+    """The labels file of the fitted split: ``--data``'s, else the one blend.json names."""
+    split = record["optimize"]["split"]
+    if data is not None:
+        return find_split(data, split, folders=False)
+    named = record.get("labels")
+    if isinstance(named, str) and named:
+        for path in (Path(named), work_folder(blend_dir) / named):
+            if path.is_file():
+                return path
+    raise EnsError(f"{blend_json}: the labels file it names ({named}) is not found from here or from "
+                   f"{work_folder(blend_dir)}; give --data DIR (the folder holding the {split} json)")
+
+
+def _category_names(labels_doc: Mapping[str, Any], class_ids: Sequence[Any]) -> tuple[str, ...]:
+    names = {c.get("id"): c.get("name") for c in labels_doc.get("categories") or [] if isinstance(c, dict)}
+    return tuple(f"{names[c]} ({c})" if names.get(c) not in (None, "") else str(c) for c in class_ids)
+
+
+def _image_paths(labels_path: Path, labels_doc: Mapping[str, Any]) -> dict[Any, Path]:
+    return {image["id"]: labels_path.parent / image["file_name"] for image in labels_doc.get("images") or []
+            if isinstance(image, dict) and isinstance(image.get("file_name"), str)}
+
+
+def training_counts(record: Mapping[str, Any], class_ids: Sequence[Any], data: Path | None,
+                    labels_path: Path) -> tuple[np.ndarray | None, str | None]:
+    """``(C,)`` training counts per column and where they came from, or ``(None, None)``."""
+    prior = record.get("prior")
+    if prior is not None:
+        return np.asarray(prior["counts"], dtype=np.int64), f"the blend's --prior ({prior.get('file')})"
+    for folder in ([data] if data is not None else []) + [labels_path.parent]:
+        path = find_split(folder, "train", folders=False, required=False)
+        if path is not None:
+            return prior_counts(read_class_counts(path), class_ids, path), str(path)
+    return None, None
+
+
+def _predict(arrays: Sequence[np.ndarray], temperatures: Sequence[float | None]) -> list[Predictions]:
+    """Top class and its probability of each ``(N, C)`` array, chunk by chunk."""
+    n_rows = arrays[0].shape[0]
+    out = [(np.empty(n_rows), np.empty(n_rows, dtype=np.int64)) for _ in arrays]
+    for start in range(0, n_rows, CHUNK_ROWS):
+        for (conf, pred), array, t in zip(out, arrays, temperatures):
+            log_probs = ws.log_softmax(array[start:start + CHUNK_ROWS], t)
+            top = np.argmax(log_probs, axis=1)
+            pred[start:start + top.size] = top
+            conf[start:start + top.size] = np.exp(log_probs[np.arange(top.size), top].astype(np.float64))
+    return [Predictions(conf, pred) for conf, pred in out]
+
+
+def fitted_blend(record: Mapping[str, Any]) -> ws.FittedBlend:
+    """The blend blend.json records, as :mod:`weights_search` applies it."""
+    members = record["members"]
+    temps = record.get("temperatures")
+    prior = record.get("prior")
+    return ws.FittedBlend(method=record["method"], fusion=record["fusion"],
+                          weights=tuple(float(record["weights"][m]) for m in members),
+                          temperatures=None if temps is None else tuple(float(temps[m]) for m in members),
+                          params=record.get("params", {}),
+                          log_prior=None if prior is None else
+                          tuple(ws.class_log_prior(prior["counts"], prior["zero_count"]).tolist()),
+                          tau=None if prior is None else float(prior["tau"]))
+
+
+def _member_arrays(record: Mapping[str, Any], stores: Sequence[LogitStore]) -> list[np.ndarray]:
+    by_model = dict(zip(record["models"], stores))
+    arrays = []
+    for member in record["members"]:
+        model, _, view = member.partition("/")
+        store = by_model[model]
+        if not view:
+            arrays.append(store.logits)
+        elif store.views is None or view not in store.view_names:
+            raise EnsError(f"{store.path}: holds no view {view!r} of the blend's member {member}")
+        else:
+            arrays.append(store.views[store.view_names.index(view)])
+    return arrays
+
+
+def _blend_predictions(blend: ws.FittedBlend, arrays: Sequence[np.ndarray],
+                       labels: np.ndarray) -> tuple[Predictions, np.ndarray]:
+    """The blend's top class and confidence per row, and ``(N,)`` its probability of the label."""
+    n_rows = labels.size
+    conf, pred, true_p = np.empty(n_rows), np.empty(n_rows, dtype=np.int64), np.empty(n_rows)
+    try:
+        for start, log_probs in ws.blend_chunks(arrays, blend, CHUNK_ROWS):
+            rows = np.arange(log_probs.shape[0])
+            top = np.argmax(log_probs, axis=1)
+            stop = start + top.size
+            pred[start:stop] = top
+            conf[start:stop] = np.exp(log_probs[rows, top].astype(np.float64))
+            true_p[start:stop] = np.exp(log_probs[rows, labels[start:stop]].astype(np.float64))
+    except ValueError as exc:
+        raise EnsError(f"cannot fuse the stores as blend.json says ({exc})") from None
+    return Predictions(conf, pred), true_p
+
+
+def hardest_images(blend: Predictions, true_p: np.ndarray, labels: np.ndarray, ids: np.ndarray,
+                   models: Sequence[str], stores: Sequence[LogitStore], names: Sequence[str],
+                   paths: Mapping[Any, Path], limit: int = HARDEST) -> tuple[HardImage, ...]:
+    """The ``limit`` wrong rows of the blend with the highest confidence, most confident first."""
+    wrong = np.flatnonzero(blend.predicted != labels)
+    order = wrong[np.argsort(-blend.confidence[wrong], kind="stable")][:limit]
+    images = []
+    for row in order.tolist():
+        boxes = {}
+        for model, store in zip(models, stores):
+            store_boxes = getattr(store, "boxes", None)  # CAM boxes, when the store has them
+            if store_boxes is not None:
+                box = np.asarray(store_boxes[row], dtype=np.float64)
+                if np.isfinite(box).all():
+                    boxes[model] = tuple(float(v) for v in box)
+        image_id = ids[row].item()
+        images.append(HardImage(id=image_id, path=paths.get(image_id), true_name=names[labels[row]],
+                                predicted_name=names[blend.predicted[row]],
+                                confidence=float(blend.confidence[row]), true_probability=float(true_p[row]),
+                                boxes=boxes))
+    return tuple(images)
+
+
+def ledger_points(blend_dir: Path) -> tuple[Path | None, tuple[LedgerPoint, ...]]:
+    """The ledger found for this blend and its rows with a CV estimate and a leaderboard score."""
+    from ensemble.submission.ledger import LEDGER, Ledger
+
+    for folder in _candidates(blend_dir, "submissions"):
+        if (folder / LEDGER).is_file():
+            break
+    else:
+        return None, ()
+    ledger = Ledger(folder)
+    work = folder.resolve().parent  # `ens submit` ran here: sources are relative to it
+    mine = blend_dir.resolve()
+    points = []
+    for e in ledger.entries():
+        if e.cv_top1 is None or (e.public_score is None and e.private_score is None):
+            continue
+        source = (work / e.source).resolve()
+        this = mine in (source, source.parent)  # the folder, or its predictions.csv
+        points.append(LedgerPoint(e.id, e.file, 1 - e.cv_top1, 1 - e.cv_top1_high, 1 - e.cv_top1_low,
+                                  e.public_score, e.private_score, this))
+    return ledger.path, tuple(points)
+
+
+def build_report(blend_dir: Path, data: Path | None = None) -> ReportData:
+    """Read and check the blend folder's inputs and compute every section's numbers."""
+    blend_dir = Path(blend_dir)
+    blend_json, record = read_blend_record(blend_dir)
+    runs, stores = open_stores(blend_json, record, blend_dir)
+    models, members = tuple(record["models"]), tuple(record["members"])
+    class_ids = record.get("class_ids") or list(range(stores[0].logits.shape[1]))
+    if stores[0].logits.shape[1] != len(class_ids):
+        raise EnsError(f"{blend_json}: names {len(class_ids)} class ids, its stores predict "
+                       f"{stores[0].logits.shape[1]} classes")
+    labels_path = find_labels(blend_json, record, blend_dir, data)
+    ids = stores[0].ids
+    labels = load_labels(labels_path, ids, class_ids)
+    labels_doc = json.loads(labels_path.read_text(encoding="utf-8"))  # load_labels has checked it parses
+    names = _category_names(labels_doc, class_ids)
+    notes = []
+    recorded = stores[0].manifest.get("dataset", {})
+    if str(recorded.get("source", "")).endswith(".json") and recorded.get("sha256") not in (None,
+                                                                                            sha256_file(labels_path)):
+        notes.append(f"the labels in {labels_path} are not from the json the stores were made from "
+                     f"({recorded['source']}); check that they label the same images")
+
+    temps = record.get("temperatures")
+    model_preds = dict(zip(models, _predict([s.logits for s in stores], [None] * len(stores))))
+    tempered = {}
+    if temps is not None and not record.get("views"):
+        tempered = dict(zip(models, _predict([s.logits for s in stores], [float(temps[m]) for m in models])))
+    arrays = _member_arrays(record, stores)
+    member_preds = (list(model_preds.values()) if not record.get("views")
+                    else _predict(arrays, [None] * len(arrays)))
+    member_predicted = np.stack([p.predicted for p in member_preds])
+    blend, true_p = _blend_predictions(fitted_blend(record), arrays, labels)
+
+    missing: dict[str, str] = {}
+    if not isinstance(record.get("cv"), dict) or not record["cv"].get("rows"):
+        missing["summary-cv"] = (f"{blend_json} holds no cross-validation table: fit the blend with "
+                                 "`ens blend --optimize SPLIT` to compare it with uniform and each model")
+    if len(members) < 2:
+        missing["diversity"] = "a blend of one member has no pairs to compare: blend two models or more"
+    counts, counts_source = training_counts(record, class_ids, data, labels_path)
+    if counts is None:
+        missing["longtail"] = ("no training class counts: blend with --prior TRAIN_JSON, or give --data DIR "
+                               "holding the training json (train2019.json), to see accuracy by class frequency")
+    elif len(class_ids) < len(cal.BUCKETS):
+        counts = None
+        missing["longtail"] = f"fewer than {len(cal.BUCKETS)} classes: no head, middle and tail to tell apart"
+    hardest = hardest_images(blend, true_p, labels, ids, models, stores, names,
+                             _image_paths(labels_path, labels_doc))
+    wrong = int((blend.predicted != labels).sum())
+    if not hardest:
+        missing["hardest"] = f"the blend gets every image of {record['optimize']['split']} right: no wrong image to show"
+    ledger, points = ledger_points(blend_dir)
+    if not points:
+        where = ledger or " or ".join(str(p / "ledger.sqlite") for p in _candidates(blend_dir, "submissions"))
+        missing["leaderboard"] = (f"no ledger row with both a CV estimate and a leaderboard score (in {where}): "
+                                  "`ens submit` a blend, then `ens submissions --refresh` fetches its scores")
+    return ReportData(blend_dir=blend_dir, record=record, split=record["optimize"]["split"], labels_path=labels_path,
+                      runs=runs, labels=labels, class_names=names, models=models, members=members,
+                      model_predictions=model_preds, tempered_predictions=tempered,
+                      member_predictions=member_predicted,
+                      member_correct=member_predicted == labels[None, :], blend=blend, counts=counts,
+                      counts_source=counts_source, hardest=hardest, wrong=wrong, ledger=ledger,
+                      ledger_points=points, notes=tuple(notes), missing=missing)

@@ -1,0 +1,188 @@
+"""The report's figures: matplotlib figures rendered to inline SVG text.
+
+matplotlib is imported here only (the ``report`` extra), through its object-oriented
+``Figure`` (no pyplot: no global figure state, no GUI backend). Text stays text in the SVG
+(``svg.fonttype = none``): the page's own sans-serif draws it, so nothing is embedded or fetched
+and the figures stay small. Each function takes plain numbers and returns one ``<svg>`` element.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from typing import Mapping, Sequence
+
+import numpy as np
+from matplotlib import rc_context
+from matplotlib.figure import Figure
+
+from weights_search.calibration import Reliability
+
+#: Colours of the predictors, in order (matplotlib's tab10), and of the blend.
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+           "#bcbd22", "#17becf")
+BLEND_COLOUR = "#111111"
+_STYLE = {"svg.fonttype": "none", "svg.hashsalt": "ens-report", "font.size": 9, "axes.titlesize": 9,
+          "axes.spines.top": False, "axes.spines.right": False, "font.family": "sans-serif"}
+
+
+def colour(index: int) -> str:
+    return PALETTE[index % len(PALETTE)]
+
+
+def to_svg(fig: Figure, label: str) -> str:
+    """``fig`` as one ``<svg>`` element (no XML prolog), tagged for the page and its test."""
+    buffer = io.StringIO()
+    fig.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
+    text = buffer.getvalue()
+    text = text[text.index("<svg"):]
+    return text.replace("<svg", f'<svg class="figure" role="img" aria-label="{label}"', 1)
+
+
+def _figure(width: float, height: float) -> Figure:
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def cv_chart(rows: Sequence[Mapping], chosen: str) -> str:
+    """Dot-and-interval chart of the CV top-1 of every row (members, uniform, method), the
+    chosen blend drawn black; ``rows``: blend.json's ``cv.rows``."""
+    with rc_context(_STYLE):
+        fig = _figure(6.0, 0.35 * len(rows) + 0.9)
+        ax = fig.add_subplot()
+        for y, row in enumerate(rows):
+            mine = row["name"] == chosen
+            c = BLEND_COLOUR if mine else ("#888888" if row["kind"] != "member" else colour(y))
+            ax.errorbar(row["top1"], y, xerr=[[row["top1"] - row["top1_low"]], [row["top1_high"] - row["top1"]]],
+                        fmt="o", color=c, ms=7 if mine else 5, capsize=3, lw=2 if mine else 1.2)
+        ax.set_yticks(range(len(rows)), [r["name"] + ("  (used)" if r["name"] == chosen else "") for r in rows])
+        ax.invert_yaxis()
+        ax.set_xlabel("CV top-1 with 95% bootstrap interval")
+        ax.grid(axis="x", alpha=0.3)
+        return to_svg(fig, "CV top-1 per row")
+
+
+def weights_chart(weights: Mapping[str, float], models: Sequence[str]) -> str:
+    """Bars of the blend weights, one per member, coloured by model (members ``model/view``
+    when the blend used views)."""
+    names = list(weights)
+    with rc_context(_STYLE):
+        fig = _figure(6.0, 0.3 * len(names) + 0.8)
+        ax = fig.add_subplot()
+        colours = [colour(models.index(n.partition("/")[0])) if n.partition("/")[0] in models else "#888888"
+                   for n in names]
+        values = [weights[n] for n in names]
+        ax.barh(range(len(names)), values, color=colours)
+        for y, v in enumerate(values):
+            ax.text(v, y, f" {v:.3f}", va="center", fontsize=8)
+        ax.set_yticks(range(len(names)), names)
+        ax.invert_yaxis()
+        ax.set_xlim(0, max(max(values), 1e-12) * 1.18)
+        ax.set_xlabel("weight")
+        return to_svg(fig, "blend weights")
+
+
+def reliability_chart(panels: Sequence[tuple[str, Reliability, Reliability | None]]) -> str:
+    """Small multiples of reliability diagrams: ``(title, before, after temperature or None)``
+    per panel; accuracy per confidence bin against the diagonal, ECE in each title."""
+    cols = min(len(panels), 4)
+    nrows = math.ceil(len(panels) / cols)
+    with rc_context(_STYLE):
+        fig = _figure(2.1 * cols + 0.3, 2.2 * nrows + 0.2)
+        axes = np.atleast_1d(fig.subplots(nrows, cols, sharex=True, sharey=True, squeeze=False)).ravel()
+        for ax, (title, before, after) in zip(axes, panels):
+            ax.plot([0, 1], [0, 1], color="#bbbbbb", lw=1, ls="--")
+            width = 1 / before.count.size
+            ax.bar(before.edges[:-1], np.nan_to_num(before.accuracy), width=width, align="edge",
+                   color="#9ecae1", edgecolor="#3182bd", lw=0.5, label="before T" if after else None)
+            heading = f"{title}\nECE {before.ece:.3f}"
+            if after is not None:
+                shown = after.count > 0
+                ax.plot(after.confidence[shown], after.accuracy[shown], "o-", color="#d62728", ms=3, lw=1,
+                        label="after T")
+                heading += f" → {after.ece:.3f} (T)"
+            ax.set_title(heading)
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1)
+            ax.set_aspect("equal")
+        for ax in axes[len(panels):]:
+            ax.set_visible(False)
+        for ax in axes[::cols]:
+            ax.set_ylabel("accuracy")
+        for ax in axes[:len(panels)][-cols:]:
+            ax.set_xlabel("confidence")
+        return to_svg(fig, "reliability diagrams")
+
+
+def heatmap(matrix: np.ndarray, names: Sequence[str], title: str, vmin: float, vmax: float, cmap: str) -> str:
+    """An annotated ``(M, M)`` matrix over the member names (NaN cells left blank)."""
+    m = len(names)
+    size = min(1.0 + 0.55 * m, 7.0)
+    with rc_context(_STYLE):
+        fig = _figure(size + 1.4, size)
+        ax = fig.add_subplot()
+        image = ax.imshow(np.ma.masked_invalid(matrix), vmin=vmin, vmax=vmax, cmap=cmap)
+        ax.set_xticks(range(m), names, rotation=45, ha="right")
+        ax.set_yticks(range(m), names)
+        ax.spines[:].set_visible(False)
+        if m <= 10:
+            for i in range(m):
+                for j in range(m):
+                    if np.isfinite(matrix[i, j]):
+                        ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                                color="white" if abs(matrix[i, j] - vmin) > 0.6 * (vmax - vmin) else "black")
+        ax.set_title(title)
+        fig.colorbar(image, ax=ax, shrink=0.8)
+        return to_svg(fig, title)
+
+
+def bucket_chart(accuracy: np.ndarray, names: Sequence[str], buckets: Sequence[str]) -> str:
+    """Grouped bars: ``(P, B)`` accuracy of each predictor (the blend last) per frequency bucket."""
+    p, b = accuracy.shape
+    width = 0.8 / p
+    with rc_context(_STYLE):
+        fig = _figure(6.0, 2.8)
+        ax = fig.add_subplot()
+        for i, name in enumerate(names):
+            c = BLEND_COLOUR if i == p - 1 else colour(i)
+            ax.bar(np.arange(b) + (i - (p - 1) / 2) * width, np.nan_to_num(accuracy[i]), width, color=c, label=name)
+        ax.set_xticks(range(b), buckets)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("top-1 on the fitted split")
+        ax.legend(fontsize=7, ncols=min(p, 5), loc="upper center", bbox_to_anchor=(0.5, -0.15), frameon=False)
+        return to_svg(fig, "accuracy by class frequency")
+
+
+def leaderboard_chart(points: Sequence) -> str:
+    """CV top-1 error (with its interval) against the public (filled) and private (hollow)
+    leaderboard scores of ledger rows, with the line y = x; this blend's rows in black."""
+    with rc_context(_STYLE):
+        fig = _figure(4.2, 3.8)
+        ax = fig.add_subplot()
+        values = []
+        for pt in points:
+            c = BLEND_COLOUR if pt.this_blend else colour(0)
+            for score, filled in ((pt.public, True), (pt.private, False)):
+                if score is None:
+                    continue
+                ax.errorbar(pt.cv_error, score, xerr=[[pt.cv_error - pt.cv_error_low], [pt.cv_error_high - pt.cv_error]],
+                            fmt="o", color=c, mfc=c if filled else "white", capsize=2, lw=1)
+                ax.annotate(str(pt.id), (pt.cv_error, score), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                values += [score, pt.cv_error_low, pt.cv_error_high]
+        low, high = min(values), max(values)
+        pad = max((high - low) * 0.15, 0.01)
+        ax.plot([low - pad, high + pad], [low - pad, high + pad], color="#bbbbbb", ls="--", lw=1)
+        ax.set_xlim(low - pad, high + pad)
+        ax.set_ylim(low - pad, high + pad)
+        ax.set_xlabel("CV top-1 error (95% interval)")
+        ax.set_ylabel("leaderboard score")
+        ax.plot([], [], "o", color="#555555", label="public")
+        ax.plot([], [], "o", color="#555555", mfc="white", label="private")
+        ax.legend(fontsize=7, frameon=False)
+        return to_svg(fig, "CV against leaderboard")
+
+
+def svg_size(svg: str) -> tuple[float, float]:
+    """The ``width`` and ``height`` (in pt) an SVG from :func:`to_svg` declares."""
+    match = re.search(r'width="([\d.]+)pt" height="([\d.]+)pt"', svg)
+    return (float(match.group(1)), float(match.group(2))) if match else (0.0, 0.0)
