@@ -21,6 +21,11 @@ keeps a bounded number of batches in flight ahead of the consumer, and yields th
 Workers write each batch straight into a block of shared memory (one block per batch in flight,
 reused), so only a few numbers travel through the pipes, not the pixels (a batch of 32 at
 560 px with ``scale`` is 241 MiB); all blocks together stay within :data:`PREFETCH_BYTES`.
+For models with a cam view the batch also holds each :class:`~ensemble.inference.tta.CamSource`:
+the region the model's identity view sees, cut from the same decode (whose reduction keeps
+what the crops need, see :func:`~ensemble.inference.tta.geometries`), at most ``side`` px on
+its longer side, in the top-left corner of a ``(side, side)`` square per row, with its size and
+place in the image (:class:`CropSource`).
 Batches have a fixed shape: the last one is padded with zero images. A file that cannot be read
 as an image is not an exception here: it is reported in :attr:`DecodedBatch.bad` and its rows
 are zeros, so the caller decides whether to stop or skip.
@@ -45,7 +50,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ensemble.inference.tta import Geometry, canvas_shape, crop
+from ensemble.inference.tta import CamSource, Geometry, canvas_shape, crop, source_box
 
 #: Decoded batches, in flight and waiting for the model, take at most this much memory, or two
 #: batches when one is larger than half of it. Fewer batches than workers may then be decoded
@@ -61,13 +66,29 @@ _RESAMPLE = {
 
 
 @dataclass(frozen=True)
+class CropSource:
+    """One :class:`~ensemble.inference.tta.CamSource` of a batch.
+
+    ``pixels``: uint8 ``(batch, side, side, 3)``, row ``i``'s region in ``pixels[i, :h, :w]``
+    with ``(h, w) = shapes[i]`` (int32 ``(batch, 2)``; ``(0, 0)`` for padding and bad rows);
+    ``regions``: float32 ``(batch, 4)``, where that region lies in the image, normalised
+    ``(x0, y0, x1, y1)``.
+    """
+
+    pixels: np.ndarray
+    shapes: np.ndarray
+    regions: np.ndarray
+
+
+@dataclass(frozen=True)
 class DecodedBatch:
     """One batch of images as arrays, one per geometry.
 
     ``arrays[g]`` is uint8 ``(batch_size, g.size, g.size, 3)``; rows past ``count`` (padding)
     and rows of bad images are zeros. ``bad`` holds ``(row, reason)`` of each image that could
     not be read. ``decodes`` counts the decodes made for the batch: one per image, plus one per
-    further JPEG reduction some model needed.
+    further JPEG reduction some model needed. ``sources``: the :class:`CropSource` of each
+    model's cam views.
     """
 
     start: int
@@ -75,6 +96,7 @@ class DecodedBatch:
     arrays: dict[Geometry, np.ndarray]
     bad: tuple[tuple[int, str], ...] = ()
     decodes: int = 0
+    sources: dict[CamSource, CropSource] = field(default_factory=dict)
 
 
 class NotRegularFile(OSError):
@@ -118,17 +140,37 @@ def decode_image(path: str | Path, geometries: Sequence[Geometry]) -> dict[Geome
     Geometries whose ``min_side`` gives the same reduced decode share it. Raises whatever Pillow raises for a missing, empty,
     truncated or foreign file.
     """
-    out, _ = _decode_image(path, geometries)
+    out, _, _ = _decode_image(path, geometries)
     return out
 
 
-def _decode_image(path: str | Path, geometries: Sequence[Geometry]) -> tuple[dict[Geometry, np.ndarray], int]:
-    by_side: dict[int, list[Geometry]] = {}
+def cut_source(image: Image.Image, source: CamSource) -> tuple[np.ndarray, np.ndarray]:
+    """``(pixels (h, w, 3) uint8, region (4,) float32)``: the region of a decoded image that
+    ``source``'s identity view sees, shrunk to at most ``source.side`` on its longer side, and
+    where it lies, normalised ``(x0, y0, x1, y1)``."""
+    x0, y0, x1, y1 = source_box(image.height, image.width, source.geometry)
+    width, height = x1 - x0, y1 - y0
+    if max(width, height) > source.side:
+        ratio = source.side / max(width, height)
+        size = (max(1, min(source.side, int(width * ratio + 0.5))), max(1, min(source.side, int(height * ratio + 0.5))))
+        pixels = image.resize(size, _RESAMPLE[source.geometry.interpolation], box=(x0, y0, x1, y1))
+    else:
+        pixels = image.crop((x0, y0, x1, y1))
+    region = np.array([x0 / image.width, y0 / image.height, x1 / image.width, y1 / image.height], np.float32)
+    return np.asarray(pixels), region
+
+
+def _decode_image(path: str | Path, geometries: Sequence[Geometry], sources: Sequence[CamSource] = ()
+                  ) -> tuple[dict[Geometry, np.ndarray], dict[CamSource, tuple[np.ndarray, np.ndarray]], int]:
+    by_side: dict[int, list[Geometry | CamSource]] = {}
     for g in geometries:
         by_side.setdefault(g.min_side, []).append(g)
+    for source in sources:  # cut from its model's decode: min_side keeps what the crops need
+        by_side.setdefault(source.geometry.min_side, []).append(source)
     decoded: dict[tuple[int, int], Image.Image] = {}  # the decode's stored size -> the image
     canvases: dict[tuple, np.ndarray] = {}
     out = {}
+    cuts = {}
     for side, members in sorted(by_side.items(), reverse=True):
         opened = _open(path, side)
         if opened.size in decoded:
@@ -137,70 +179,108 @@ def _decode_image(path: str | Path, geometries: Sequence[Geometry]) -> tuple[dic
         else:
             image = decoded[opened.size] = _finish(opened)
         for g in members:
+            if isinstance(g, CamSource):
+                cuts[g] = cut_source(image, g)
+                continue
             key = (image.size, g.canvas, g.canvas_size, g.interpolation)
             if key not in canvases:
                 height, width = canvas_shape(image.height, image.width, g.canvas, g.canvas_size)
                 canvases[key] = np.asarray(image.resize((width, height), _RESAMPLE[g.interpolation]))
             out[g] = crop(canvases[key], g.size, g.position)
-    return out, len(decoded)
+    return out, cuts, len(decoded)
+
+
+def _new_sources(batch_size: int, sources: Sequence[CamSource]) -> dict[CamSource, CropSource]:
+    return {s: CropSource(np.zeros((batch_size, s.side, s.side, 3), np.uint8), np.zeros((batch_size, 2), np.int32),
+                          np.zeros((batch_size, 4), np.float32)) for s in sources}
 
 
 def decode_batch(start: int, paths: Sequence[str], batch_size: int, geometries: Sequence[Geometry],
-                 out: dict[Geometry, np.ndarray] | None = None) -> DecodedBatch:
+                 out: dict[Geometry, np.ndarray] | None = None, sources: Sequence[CamSource] = (),
+                 out_sources: dict[CamSource, CropSource] | None = None) -> DecodedBatch:
     """Decode ``paths`` (at most ``batch_size``) into one fixed-shape :class:`DecodedBatch`.
 
-    ``out``: arrays to fill (a reused shared-memory block) instead of new ones; every row is
-    written, padding and bad images as zeros.
+    ``out`` (and ``out_sources``): arrays to fill (a reused shared-memory block) instead of new
+    ones; every row is written, padding and bad images as zeros (a source's pixels past its
+    recorded shape are left as they are: nothing reads them).
     """
     arrays = out if out is not None else {g: np.zeros((batch_size, g.size, g.size, 3), np.uint8)
                                           for g in geometries}
+    crops = out_sources if out_sources is not None else _new_sources(batch_size, sources)
     bad = []
     decodes = 0
     for row, path in enumerate(paths):
         try:
-            views, count = _decode_image(path, geometries)
+            views, cuts, count = _decode_image(path, geometries, sources)
         except Exception as exc:  # any file Pillow cannot turn into pixels is a bad image
             bad.append((row, _reason(exc, path)))
             decodes += 1
             if out is not None:
                 for g in geometries:
                     arrays[g][row] = 0
+            for s in sources:
+                crops[s].shapes[row] = 0
+                crops[s].regions[row] = 0
             continue
         decodes += count
         for g, view in views.items():
             arrays[g][row] = view
+        for s, (pixels, region) in cuts.items():
+            height, width = pixels.shape[:2]
+            crops[s].pixels[row, :height, :width] = pixels
+            crops[s].shapes[row] = (height, width)
+            crops[s].regions[row] = region
     if out is not None:
         for g in geometries:
             arrays[g][len(paths):] = 0
-    return DecodedBatch(start=start, count=len(paths), arrays=arrays, bad=tuple(bad), decodes=decodes)
+    for s in sources:
+        crops[s].shapes[len(paths):] = 0
+        crops[s].regions[len(paths):] = 0
+    return DecodedBatch(start=start, count=len(paths), arrays=arrays, bad=tuple(bad), decodes=decodes,
+                        sources=crops)
 
 
-def _layout(batch_size: int, geometries: Sequence[Geometry]) -> tuple[list[int], int]:
-    """Byte offsets of each geometry's array in a block, and the block's size."""
+def _fields(batch_size: int, geometries: Sequence[Geometry], sources: Sequence[CamSource]) -> list[tuple]:
+    """``(key, shape, dtype)`` of every array of a block: the geometries', then each source's
+    pixels, shapes and regions."""
+    fields = [(g, (batch_size, g.size, g.size, 3), np.uint8) for g in geometries]
+    for s in sources:
+        fields += [((s, "pixels"), (batch_size, s.side, s.side, 3), np.uint8),
+                   ((s, "shapes"), (batch_size, 2), np.int32), ((s, "regions"), (batch_size, 4), np.float32)]
+    return fields
+
+
+def _layout(batch_size: int, geometries: Sequence[Geometry], sources: Sequence[CamSource] = ()) -> tuple[list[int], int]:
+    """Byte offsets of each array of a block (:func:`_fields`' order), and the block's size."""
     offsets, total = [], 0
-    for g in geometries:
+    for _, shape, dtype in _fields(batch_size, geometries, sources):
+        total = -(-total // 64) * 64  # every array aligned, whatever its dtype
         offsets.append(total)
-        total += batch_size * g.size * g.size * 3
+        total += int(np.prod(shape)) * np.dtype(dtype).itemsize
     return offsets, total
 
 
-def _arrays(buffer, batch_size: int, geometries: Sequence[Geometry]) -> dict[Geometry, np.ndarray]:
-    offsets, _ = _layout(batch_size, geometries)
-    return {g: np.ndarray((batch_size, g.size, g.size, 3), np.uint8, buffer, offset)
-            for g, offset in zip(geometries, offsets)}
+def _arrays(buffer, batch_size: int, geometries: Sequence[Geometry], sources: Sequence[CamSource] = ()
+            ) -> tuple[dict[Geometry, np.ndarray], dict[CamSource, CropSource]]:
+    offsets, _ = _layout(batch_size, geometries, sources)
+    views = {key: np.ndarray(shape, dtype, buffer, offset)
+             for (key, shape, dtype), offset in zip(_fields(batch_size, geometries, sources), offsets)}
+    return ({g: views[g] for g in geometries},
+            {s: CropSource(views[s, "pixels"], views[s, "shapes"], views[s, "regions"]) for s in sources})
 
 
 #: In a worker: the blocks it has attached, by name (attached once, kept for the pool's life).
-_ATTACHED: dict[str, tuple[shared_memory.SharedMemory, dict]] = {}
+_ATTACHED: dict[str, tuple[shared_memory.SharedMemory, tuple]] = {}
 
 
 def _decode_into(block: str, start: int, paths: Sequence[str], batch_size: int,
-                 geometries: Sequence[Geometry]) -> tuple[int, int, tuple, int]:
+                 geometries: Sequence[Geometry], sources: Sequence[CamSource] = ()) -> tuple[int, int, tuple, int]:
     """In a worker: decode a batch into the shared block ``block``; ``(start, count, bad, decodes)``."""
     if block not in _ATTACHED:
         memory = shared_memory.SharedMemory(block)
-        _ATTACHED[block] = (memory, _arrays(memory.buf, batch_size, geometries))
-    decoded = decode_batch(start, paths, batch_size, geometries, _ATTACHED[block][1])
+        _ATTACHED[block] = (memory, _arrays(memory.buf, batch_size, geometries, sources))
+    arrays, crops = _ATTACHED[block][1]
+    decoded = decode_batch(start, paths, batch_size, geometries, arrays, sources, crops)
     return decoded.start, decoded.count, decoded.bad, decoded.decodes
 
 
@@ -281,13 +361,14 @@ class Decoder:
     batch_size: int
     workers: int = 1
     prefetch: int | None = None
+    sources: tuple[CamSource, ...] = ()
     #: Seconds the consumer spent waiting for decoded batches (the decoding was the bottleneck).
     waited: float = field(init=False, default=0.0)
     _pool: ProcessPoolExecutor | None = field(init=False, default=None)
     _blocks: list = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
-        self.batch_bytes = _layout(self.batch_size, self.geometries)[1]
+        self.batch_bytes = _layout(self.batch_size, self.geometries, self.sources)[1]
         if self.prefetch is None:
             self.prefetch = queue_batches(self.workers, self.batch_bytes)
 
@@ -307,7 +388,7 @@ class Decoder:
             try:
                 for i in range(self.prefetch):
                     memory = shared_memory.SharedMemory(f"{prefix}-{i}", create=True, size=max(self.batch_bytes, 1))
-                    self._blocks.append((memory, _arrays(memory.buf, self.batch_size, self.geometries)))
+                    self._blocks.append((memory, _arrays(memory.buf, self.batch_size, self.geometries, self.sources)))
             except BaseException:
                 self.__exit__()
                 raise
@@ -327,10 +408,10 @@ class Decoder:
 
     def map(self, batches: Iterable[tuple[int, Sequence[str]]]) -> Iterator[DecodedBatch]:
         """``(start row, paths)`` batches -> :class:`DecodedBatch` es, in the same order."""
-        args = (self.batch_size, self.geometries)
+        args = (self.batch_size, self.geometries, self.sources)
         if self._pool is None:
             for start, paths in batches:
-                yield decode_batch(start, paths, *args)
+                yield decode_batch(start, paths, self.batch_size, self.geometries, sources=self.sources)
             return
         pool = self._pool
 
@@ -345,7 +426,8 @@ class Decoder:
             tick = time.perf_counter()
             start, count, bad, decodes = future.result()
             self.waited += time.perf_counter() - tick
-            yield DecodedBatch(start=start, count=count, arrays=self._blocks[block][1], bad=bad, decodes=decodes)
+            arrays, crops = self._blocks[block][1]
+            yield DecodedBatch(start=start, count=count, arrays=arrays, bad=bad, decodes=decodes, sources=crops)
             # The consumer is done with this block: it takes the next batch.
             following = next(batches, None)
             if following is not None:

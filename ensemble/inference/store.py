@@ -5,6 +5,8 @@ Layout of ``<out>/<model file stem>/<split>/``::
     logits.npy     (rows, classes)         float16 (default) or float32: the merged TTA scores
     ids.npy        (rows,)                 int64 image ids (or unicode paths for a folder split)
     views.npy      (views, rows, classes)  per-view logits, same dtype; only with --keep-views
+    boxes.npy      (rows, 4)               float32 cam boxes, normalised (x0, y0, x1, y1) of the
+                                           image; only with a cam view (--tta cam)
     manifest.json  what made the arrays, and ``"complete": true`` once they are all in place
 
 Row ``i`` of ``logits`` (and of every view) belongs to image ``ids[i]``; rows follow the split's
@@ -19,11 +21,13 @@ All ``.npy`` files are plain arrays that memory-map; :func:`read_store` is the o
     format, complete        1, true once every array is in place
     rows, classes, dtype    the shape and dtype of logits.npy
     keep_views              whether views.npy exists
+    boxes                   whether boxes.npy exists (absent in stores of older ens: false)
     model                   file, sha256, architecture, input_size, mean, std, resize, crop_pct,
                             interpolation, precision, class_ids (null: column j is category j),
                             foreign (no ens metadata: preprocessing from the command line)
     dataset                 split, source (json file or folder), sha256, images (before skips)
-    tta                     views (names, in views.npy order; "identity" first), merge
+    tta                     views (names, in views.npy order; "identity" first), merge, cam
+                            (threshold, pad, min of the cam views' boxes; null without them)
     device, provider        e.g. "cuda", "CUDAExecutionProvider"
     device_fallback         why --device auto ran on the CPU although CUDA was listed (else null)
     batch_size, chunk_size, workers
@@ -73,6 +77,7 @@ MANIFEST = "manifest.json"
 LOGITS = "logits.npy"
 IDS = "ids.npy"
 VIEWS = "views.npy"
+BOXES = "boxes.npy"
 PARTIAL = ".partial"
 LOCK = ".lock"
 DTYPES = ("float16", "float32")
@@ -88,7 +93,9 @@ class LogitStore:
     """A complete store, its arrays memory-mapped read-only.
 
     ``logits``: ``(rows, classes)``; ``ids``: ``(rows,)``; ``views``: ``(views, rows, classes)``
-    or ``None`` when the run did not keep them; ``manifest``: the parsed ``manifest.json``.
+    or ``None`` when the run did not keep them; ``manifest``: the parsed ``manifest.json``;
+    ``boxes``: float32 ``(rows, 4)`` cam boxes, normalised ``(x0, y0, x1, y1)``, or ``None``
+    when the run had no cam view.
     """
 
     path: Path
@@ -96,6 +103,7 @@ class LogitStore:
     ids: np.ndarray
     manifest: Mapping[str, Any]
     views: np.ndarray | None = None
+    boxes: np.ndarray | None = None
 
     @property
     def view_names(self) -> tuple[str, ...]:
@@ -137,16 +145,19 @@ def read_store(path: str | os.PathLike) -> LogitStore:
         logits = np.load(path / LOGITS, mmap_mode="r")
         ids = np.load(path / IDS, mmap_mode="r")
         views = np.load(path / VIEWS, mmap_mode="r") if manifest["keep_views"] else None
+        boxes = np.load(path / BOXES, mmap_mode="r") if manifest.get("boxes") else None
     except (OSError, ValueError) as exc:
         raise EnsError(f"{path}: unreadable store array ({exc})") from None
     rows, classes = manifest["rows"], manifest["classes"]
     expected = [(LOGITS, logits, (rows, classes)), (IDS, ids, (rows,))]
     if views is not None:
         expected.append((VIEWS, views, (len(manifest["tta"]["views"]), rows, classes)))
+    if boxes is not None:
+        expected.append((BOXES, boxes, (rows, 4)))
     for name, array, shape in expected:
         if array.shape != shape:
             raise EnsError(f"{path / name}: shape {array.shape}, but the manifest says {shape}")
-    return LogitStore(path=path, logits=logits, ids=ids, manifest=manifest, views=views)
+    return LogitStore(path=path, logits=logits, ids=ids, manifest=manifest, views=views, boxes=boxes)
 
 
 def check_manifest(source: Path, manifest: Mapping[str, Any]) -> None:
@@ -166,9 +177,10 @@ def check_manifest(source: Path, manifest: Mapping[str, Any]) -> None:
     top = {"rows": lambda v: count(v, 0), "classes": lambda v: count(v, 1), "dtype": lambda v: v in DTYPES,
            "keep_views": lambda v: isinstance(v, bool), "run_key": lambda v: isinstance(v, str),
            "model": lambda v: isinstance(v, dict), "dataset": lambda v: isinstance(v, dict),
-           "tta": lambda v: isinstance(v, dict), "skipped": lambda v: isinstance(v, list)}
+           "tta": lambda v: isinstance(v, dict), "skipped": lambda v: isinstance(v, list),
+           "boxes": lambda v: v is None or isinstance(v, bool)}
     kinds = {"rows": "an integer >= 0", "classes": "an integer >= 1", "dtype": f"one of {', '.join(DTYPES)}",
-             "keep_views": "true or false", "run_key": "a string", "skipped": "a list"}
+             "keep_views": "true or false", "run_key": "a string", "skipped": "a list", "boxes": "true or false"}
     for field, valid in top.items():
         if not valid(manifest.get(field)):
             fail(field, kinds.get(field, "an object"))
@@ -313,10 +325,12 @@ class StoreWriter:
         return {"format": FORMAT_VERSION, "complete": complete, **values, **manifest, "run_key": self.digest}
 
     def write_chunk(self, index: int, logits: np.ndarray, keep: np.ndarray,
-                    bad: Sequence[tuple[int, str]] = (), views: np.ndarray | None = None) -> None:
+                    bad: Sequence[tuple[int, str]] = (), views: np.ndarray | None = None,
+                    boxes: np.ndarray | None = None) -> None:
         """Record chunk ``index``: ``logits`` ``(rows, classes)`` scores of every row of the
         chunk, ``keep`` ``(rows,)`` bool (False for skipped images), ``bad`` ``(row in chunk,
-        reason)`` pairs, ``views`` ``(views, rows, classes)`` when the views are kept."""
+        reason)`` pairs, ``views`` ``(views, rows, classes)`` when the views are kept, ``boxes``
+        ``(rows, 4)`` with a cam view."""
         dtype = self.key["dtype"]
         arrays = {
             "logits": to_dtype(logits, dtype),
@@ -326,6 +340,8 @@ class StoreWriter:
         }
         if views is not None:
             arrays["views"] = to_dtype(views, dtype)
+        if boxes is not None:
+            arrays["boxes"] = np.asarray(boxes, np.float32)
         with atomic_path(self._chunk_file(index)) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, **arrays)
@@ -355,6 +371,7 @@ class StoreWriter:
         with np.load(self._chunk_file(0)) as chunk:
             classes = chunk["logits"].shape[1]
             num_views = chunk["views"].shape[0] if "views" in chunk else 0
+            has_boxes = "boxes" in chunk
         dtype = self.key["dtype"]
 
         # From here the arrays change: no reader may trust them until the manifest is complete.
@@ -364,11 +381,16 @@ class StoreWriter:
             self._concatenate(VIEWS, (num_views, rows, classes), dtype, "views", axis=1)
         else:
             (self.path / VIEWS).unlink(missing_ok=True)
+        if has_boxes:
+            self._concatenate(BOXES, (rows, 4), "float32", "boxes", axis=0)
+        else:
+            (self.path / BOXES).unlink(missing_ok=True)
         with atomic_path(self.path / IDS) as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, kept_ids.reshape(rows))
         complete = self._manifest({**manifest, "skipped": skipped}, complete=True, rows=rows,
-                                  classes=int(classes), dtype=dtype, keep_views=bool(num_views))
+                                  classes=int(classes), dtype=dtype, keep_views=bool(num_views),
+                                  boxes=has_boxes)
         write_json_atomic(self.path / MANIFEST, complete)
         shutil.rmtree(self.partial, ignore_errors=True)
         self.release()

@@ -8,11 +8,15 @@ flip. The ``--tta`` names add axes of views and the views are their product, ide
     scale   scales (1.0 plus ``--scales``)
     crop5   positions (centre, top-left, top-right, bottom-left, bottom-right)
     crop10  crop5 and flip
+    cam     a crop of where the model looks (with flip: flipped too), after the other views
 
 How a view becomes pixels is its :class:`Geometry`: resize the image onto a *canvas*, then cut
 a square from it. Views of different models that have equal geometries share one array, cut
 from the single decode of each image (:mod:`ensemble.inference.decode`); flips are applied to whole
-batches here (:func:`hflip`), not decoded separately.
+batches here (:func:`hflip`), not decoded separately. A cam view has no geometry of its own: its
+pixels are cut, after the identity view's forward pass, from a :class:`CamSource` (the region
+the identity view sees, kept at the decode's resolution) where the model's class activation
+map points (:mod:`ensemble.inference.cam`).
 
 Merging turns ``(views, batch, classes)`` logits into ``(batch, classes)`` scores whose softmax
 is the merged probability. ``mean-probs`` and ``gmean`` work in log space through
@@ -32,6 +36,7 @@ import numpy as np
 from scipy.special import log_softmax, logsumexp
 
 from ensemble.errors import EnsError
+from ensemble.inference.cam import CamSettings
 from ensemble.metadata import INTERPOLATIONS
 
 #: ``--scales`` default: the multi-scale TTA of timm's validation recipes (x 7/8 and x 8/7).
@@ -44,16 +49,18 @@ CANVASES = ("short", "square")
 
 @dataclass(frozen=True)
 class View:
-    """One test-time view: the model's size times ``scale``, a crop position, a flip."""
+    """One test-time view: the model's size times ``scale``, a crop position, a flip; or, with
+    ``cam``, the crop where the model's class activation map points (at the model's size)."""
 
     scale: float = 1.0
     position: str = "center"
     flip: bool = False
+    cam: bool = False
 
     @property
     def name(self) -> str:
-        """A stable label: ``identity``, ``flip``, ``scale0.875``, ``crop-tl+flip``, ..."""
-        parts = []
+        """A stable label: ``identity``, ``flip``, ``scale0.875``, ``crop-tl+flip``, ``cam+flip``, ..."""
+        parts = ["cam"] if self.cam else []
         if self.scale != 1.0:
             parts.append(f"scale{self.scale:g}")
         if self.position != "center":
@@ -68,6 +75,7 @@ class _Axes:
     scales: tuple[float, ...] = (1.0,)
     positions: tuple[str, ...] = ("center",)
     flips: tuple[bool, ...] = (False,)
+    cam: bool = False
 
 
 #: ``--tta`` name -> how it widens the view axes (given ``--scales``).
@@ -77,6 +85,7 @@ TTA: dict[str, Callable[[_Axes, tuple[float, ...]], _Axes]] = {
     "scale": lambda axes, scales: dataclasses.replace(axes, scales=scales),
     "crop5": lambda axes, scales: dataclasses.replace(axes, positions=POSITIONS),
     "crop10": lambda axes, scales: dataclasses.replace(axes, positions=POSITIONS, flips=(False, True)),
+    "cam": lambda axes, scales: dataclasses.replace(axes, cam=True),
 }
 
 
@@ -89,7 +98,8 @@ def tta_mode(name: str) -> Callable[[_Axes, tuple[float, ...]], _Axes]:
 
 
 def plan_views(tta: Sequence[str], scales: Sequence[float] = DEFAULT_SCALES) -> tuple[View, ...]:
-    """The views for ``--tta`` names: identity first, then scale x position x flip, no repeats."""
+    """The views for ``--tta`` names: identity first, then scale x position x flip, no repeats;
+    then, with ``cam``, the cam view and (with flips) its mirror image."""
     for scale in scales:
         if not (math.isfinite(scale) and 0.1 <= scale <= 10):
             raise EnsError(f"--scales {','.join(f'{s:g}' for s in scales)}: each scale must lie in [0.1, 10]")
@@ -98,7 +108,9 @@ def plan_views(tta: Sequence[str], scales: Sequence[float] = DEFAULT_SCALES) -> 
     axes = _Axes()
     for name in tta:
         axes = tta_mode(name)(axes, ordered)
-    views = (View(s, p, f) for s, p, f in itertools.product(axes.scales, axes.positions, axes.flips))
+    views = [View(s, p, f) for s, p, f in itertools.product(axes.scales, axes.positions, axes.flips)]
+    if axes.cam:
+        views += [View(flip=f, cam=True) for f in axes.flips]
     return tuple(dict.fromkeys(views))
 
 
@@ -172,12 +184,67 @@ def geometry(pre: Preprocess, view: View) -> Geometry:
     return Geometry(canvas, side, size, view.position, pre.interpolation)
 
 
-def geometries(pre: Preprocess, views: Sequence[View]) -> tuple[Geometry, ...]:
+def geometries(pre: Preprocess, views: Sequence[View], cam_min: float = CamSettings.min_size) -> tuple[Geometry, ...]:
     """The geometry of each of a model's views, all decoded alike: from one decode whose shorter
-    side keeps the largest canvas of these views (so a reduced decode never upsamples a view)."""
-    plain = [geometry(pre, view) for view in views]
+    side keeps the largest canvas of these views (so a reduced decode never upsamples a view)
+    and, with a cam view, the pixels its crops need (:func:`cam_source`; ``cam_min``:
+    ``--cam-min``). A cam view's entry is the identity view's geometry, whose forward pass it
+    follows."""
+    plain = [geometry(pre, dataclasses.replace(view, cam=False)) for view in views]
     side = max(g.canvas_size for g in plain)
+    if any(view.cam for view in views):
+        side = max(side, _cam_decode_side(pre, cam_source_side(pre, cam_min)))
     return tuple(dataclasses.replace(g, decode_side=side) for g in plain)
+
+
+#: The longest side a :class:`CamSource` keeps, whatever ``--cam-min``: bounds the memory of the
+#: decoded batches (iNat photos, at most 800 px, are never shrunk by it).
+CAM_SOURCE_MAX = 1024
+
+
+@dataclass(frozen=True)
+class CamSource:
+    """The pixels a model's cam views crop from: the region of the image that its identity view
+    (``geometry``) sees, as decoded, shrunk (aspect kept) only where its longer side exceeds
+    ``side``. Models with equal sources share one array."""
+
+    geometry: Geometry
+    side: int
+
+
+def cam_source_side(pre: Preprocess, cam_min: float) -> int:
+    """The longest side a model's cam source keeps: the smallest crop (``cam_min`` of the
+    region) then still has the model's input size in pixels, so nothing the crop pass could use
+    is thrown away; at most :data:`CAM_SOURCE_MAX`."""
+    return min(int(math.ceil(pre.input_size / cam_min - 1e-9)), CAM_SOURCE_MAX)
+
+
+def _cam_decode_side(pre: Preprocess, side: int) -> int:
+    """The shorter side a reduced decode must keep so that the region keeps ``side`` pixels."""
+    if pre.resize == "squash":  # the whole image: its longer side is at least the shorter
+        return side
+    size = pre.input_size
+    return int(math.ceil(side * _canvas_side(size, pre.crop_pct) / size))
+
+
+def cam_source(pre: Preprocess, views: Sequence[View], cam_min: float = CamSettings.min_size) -> CamSource:
+    """The :class:`CamSource` of a model with these views (one of them a cam view)."""
+    return CamSource(geometries(pre, views, cam_min)[0], cam_source_side(pre, cam_min))
+
+
+def source_box(height: int, width: int, geometry: Geometry) -> tuple[int, int, int, int]:
+    """``(x0, y0, x1, y1)`` pixels of a ``(height, width)`` decoded image that the centre view
+    ``geometry`` sees: the whole image on a square canvas; on a ``short`` canvas the crop,
+    mapped back through the resize."""
+    if geometry.canvas == "square":
+        return 0, 0, width, height
+    canvas_h, canvas_w = canvas_shape(height, width, geometry.canvas, geometry.canvas_size)
+    top, left = crop_box(canvas_h, canvas_w, geometry.size, geometry.position)
+    sx, sy = width / canvas_w, height / canvas_h
+    x0, y0 = int(math.floor(left * sx + 0.5)), int(math.floor(top * sy + 0.5))
+    x1 = min(int(math.floor((left + geometry.size) * sx + 0.5)), width)
+    y1 = min(int(math.floor((top + geometry.size) * sy + 0.5)), height)
+    return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
 
 
 def canvas_shape(height: int, width: int, canvas: str, canvas_size: int) -> tuple[int, int]:
