@@ -535,7 +535,10 @@ PROVENANCE_FIELDS = {
     "interpolation": "interpolation",
     "views": "TTA views",
     "merge": "TTA merge",
+    "cam": "cam view settings",
 }
+#: Fields a record of an older ens may lack; missing, they read as null (older stores had no cam view).
+_LATER_FIELDS = ("cam",)
 
 
 def provenance(store: LogitStore) -> dict[str, Any]:
@@ -545,7 +548,7 @@ def provenance(store: LogitStore) -> dict[str, Any]:
     return {"model_sha256": model["sha256"], "input_size": model["input_size"], "resize": model["resize"],
             "crop_pct": model["crop_pct"], "mean": list(model["mean"]), "std": list(model["std"]),
             "interpolation": model.get("interpolation", "bilinear"), "views": list(tta["views"]),
-            "merge": tta["merge"]}
+            "merge": tta["merge"], "cam": tta.get("cam")}
 
 
 def check_provenance(reference: Mapping[str, Mapping[str, Any]], reference_name: str, split: "_Split") -> None:
@@ -752,7 +755,7 @@ def check_blend_record(record: Any, source: str) -> None:
             raise EnsError(f"{source}: field {key!r} is malformed; expected {expected}")
     for model in record["models"]:
         given = record["provenance"].get(model)
-        if not isinstance(given, dict) or any(k not in given for k in PROVENANCE_FIELDS):
+        if not isinstance(given, dict) or any(k not in given for k in PROVENANCE_FIELDS if k not in _LATER_FIELDS):
             raise EnsError(f"{source}: field 'provenance.{model}' lacks some of {', '.join(PROVENANCE_FIELDS)}")
 
 
