@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	touch $(STAMP)
 
 test: $(STAMP)
+	bash .ci/ensure-browser
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)
