@@ -15,6 +15,9 @@ each prefixed ``ens.`` and JSON-encoded::
 
 The graph itself always takes ``image``: uint8 RGB, NHWC ``(batch, height, width, 3)`` and
 returns ``logits``: float32 ``(batch, num_classes)``; normalisation happens inside the graph.
+A network whose head is global average pooling + one linear layer has a second output,
+``cam``: float32 ``(batch, h, w)``, the class activation map of each image's top-1 class on the
+last feature map's grid (``ens.cam`` says whether there is one, and from which feature map).
 This module needs only ``onnx``, so inference machines without torch can read it.
 """
 
@@ -32,6 +35,8 @@ FORMAT_VERSION = 1
 PREFIX = "ens."
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
+#: The optional second output: ``cam[b, y, x] = W[argmax_b] · F[b, :, y, x]``, float32 (batch, h, w).
+CAM_OUTPUT = "cam"
 
 #: How an image of any size becomes the model's square input.
 #: ``center-crop``: resize the shorter side to ``input_size / crop_pct``, then take the centred
@@ -111,6 +116,11 @@ class ModelMetadata:
 
     ``class_ids[i]`` is the dataset category id of output column ``i``; ``None`` means the
     columns are the category ids themselves (0 .. num_classes - 1).
+
+    ``cam`` is the name of the graph's class-activation-map output (:data:`CAM_OUTPUT`), or
+    ``None`` when it has none; ``cam_feature`` names the feature map it is computed from. Both
+    travel in the one key ``ens.cam``: ``null`` or ``{"output": "cam", "feature": NAME}``
+    (files written before it existed read as no CAM).
     """
 
     architecture: str
@@ -132,6 +142,8 @@ class ModelMetadata:
     opset: int = 0
     torch_version: str = ""
     onnx_version: str = ""
+    cam: str | None = None
+    cam_feature: str | None = None
     format: int = FORMAT_VERSION
 
     def category_id(self, column: int) -> int | str:
@@ -141,6 +153,9 @@ class ModelMetadata:
     def to_props(self) -> dict[str, str]:
         """The ``metadata_props`` entries, ``ens.<field>`` -> JSON text."""
         values = dataclasses.asdict(self)
+        feature = values.pop("cam_feature")
+        if values["cam"] is not None:
+            values["cam"] = {"output": values["cam"], "feature": feature}
         return {PREFIX + key: json.dumps(value, sort_keys=True) for key, value in values.items()}
 
     @classmethod
@@ -177,7 +192,8 @@ class ModelMetadata:
                    and name not in values]
         if missing:
             raise EnsError(f"{source}: ens metadata lacks {', '.join(missing)}")
-        values = {k: v for k, v in values.items() if k in fields}
+        # cam_feature has no key of its own: it travels inside ens.cam.
+        values = {k: v for k, v in values.items() if k in fields and k != "cam_feature"}
         for key, value in values.items():
             problem = _FIELD_CHECKS[key](value)
             if problem:
@@ -199,6 +215,9 @@ class ModelMetadata:
         values["mean"] = tuple(values["mean"])
         values["std"] = tuple(values["std"])
         values["verification"] = tuple(Verification(**v) for v in values.get("verification", ()))
+        cam = values.pop("cam", None)
+        if cam is not None:
+            values["cam"], values["cam_feature"] = cam["output"], cam["feature"]
         return cls(**values)
 
 
@@ -230,6 +249,12 @@ def _class_ids_problem(value: Any) -> str | None:
     if not all(isinstance(i, (int, str)) and not isinstance(i, bool) for i in value):
         return "category ids must be integers or strings"
     return None
+
+
+def _is_cam(value: Any) -> bool:
+    return value is None or (isinstance(value, dict) and set(value) == {"output", "feature"}
+                             and value["output"] == CAM_OUTPUT
+                             and isinstance(value["feature"], str) and value["feature"] != "")
 
 
 def _expect(ok, problem: str):
@@ -265,6 +290,7 @@ _FIELD_CHECKS = {
     "opset": _expect(lambda v: _is_int(v) and v >= 0, "expected a non-negative integer"),
     "torch_version": _STRING,
     "onnx_version": _STRING,
+    "cam": _expect(_is_cam, f'expected null or {{"output": "{CAM_OUTPUT}", "feature": NAME}}'),
 }
 
 

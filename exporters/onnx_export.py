@@ -5,10 +5,11 @@ mean/std normalisation itself, so inference ships bytes, not floats::
 
     image  uint8   (batch, height, width, 3)
     logits float32 (batch, num_classes)
+    cam    float32 (batch, h, w)    only for a global-average-pooling + linear head (exporters.cam)
 
 Every export is verified before it is written: ``onnx.checker`` (full check), then
-onnxruntime against torch on the same uint8 batch at the model's size and at a second size.
-The file appears at its path only when all of that passed.
+onnxruntime against torch on the same uint8 batch at the model's size and at a second size,
+the logits and the CAM alike. The file appears at its path only when all of that passed.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from torch import nn
 from ensemble import __version__
 from ensemble.errors import EnsError
 from ensemble.fileio import atomic_path, sha256_file
-from ensemble.metadata import (IMAGENET_MEAN, IMAGENET_STD, INPUT_NAME, MAX_INPUT_SIZE, MIN_INPUT_SIZE,
-                               OUTPUT_NAME, ModelMetadata, Verification, check_preprocess)
+from ensemble.metadata import (CAM_OUTPUT, IMAGENET_MEAN, IMAGENET_STD, INPUT_NAME, MAX_INPUT_SIZE,
+                               MIN_INPUT_SIZE, OUTPUT_NAME, ModelMetadata, Verification, check_preprocess)
 from exporters import architectures
+from exporters.cam import CamHead, WithCam, check_cam_head, find_cam_head
 from exporters.checkpoints import (Checkpoint, fit_report, load_checkpoint, strip_prefixes,
                                    with_module_versions)
 from exporters.classes import load_class_ids
@@ -41,6 +43,10 @@ OPSET = 17
 #: fp16 graphs round every activation, so only their top-1 agreement is bounded.
 FP32_MAX_ABS_DIFF = 1e-3
 FP16_MIN_TOP1_AGREEMENT = 0.99
+#: Bounds of the CAM's check, as fractions of the largest |CAM value| (at least 1): a CAM value
+#: sums as many products as the feature map has channels, so its rounding grows with its size.
+FP32_CAM_MAX_DIFF = 1e-4
+FP16_CAM_MAX_DIFF = 0.05
 #: An fp16 graph's activations must stay this many times below float16's largest value (65504)
 #: on the check images: other images can go higher, and past it a GPU gives inf logits.
 FP16_HEADROOM = 4.0
@@ -72,6 +78,8 @@ class ExportOptions:
     interpolation: str = ModelMetadata.interpolation
     classes: Path | None = None
     fp16: bool = False
+    #: Add the ``cam`` output when the network's head allows it (global average pooling + linear).
+    cam: bool = True
     #: Unpickle Python objects beyond tensors (a whole model): runs code from the file.
     trust_pickle: bool = False
     opset: int = OPSET
@@ -99,8 +107,11 @@ class UInt8NHWC(nn.Module):
         self.register_buffer("shift", -mean_t / std_t, persistent=False)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = image.permute(0, 3, 1, 2).to(torch.float32)
-        return self.model(x * self.scale + self.shift)
+        return self.model(self.normalise(image))
+
+    def normalise(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(batch, height, width, 3)`` -> the network's float32 ``(batch, 3, height, width)``."""
+        return image.permute(0, 3, 1, 2).to(torch.float32) * self.scale + self.shift
 
 
 def default_output_path(checkpoint: Path, fp16: bool) -> Path:
@@ -147,22 +158,32 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None,
         references[size2] = _torch_logits(wrapper, check_images(options.check_batch, size2))
     except Exception:
         notes.append(f"{arch_name} only takes {size} px inputs: exported with a fixed height and width")
+    head = _cam_head(model, wrapper, references, options.check_batch, notes) if options.cam else None
+    cams: dict[int, np.ndarray] = {}
+    if head is not None:
+        wrapper = UInt8NHWC(WithCam(head), options.mean, options.std).eval()
+        cams = {s: _reference_cam(head, wrapper, s, references[s], options.check_batch) for s in references}
     dynamic = size2 in references
-    graph = _to_onnx(wrapper, size, dynamic, options.opset)
+    graph = _to_onnx(wrapper, size, dynamic, options.opset, cam=head is not None)
     try:
-        checks = _verify(graph, references, options.check_batch, "fp32")
+        checks, cam_checks = _verify(graph, references, cams, options.check_batch, "fp32")
     except _SizeMismatch as exc:
         # The trace froze a shape that depends on the input size (a Python int in the model's
         # forward): keep the export, but fixed to the size it was traced at.
         notes.append(f"the traced graph is not size-dynamic ({exc}); exported with a fixed {size} px input")
         dynamic = False
-        graph = _to_onnx(wrapper, size, False, options.opset)
+        graph = _to_onnx(wrapper, size, False, options.opset, cam=head is not None)
         references = {size: references[size]}
-        checks = _verify(graph, references, options.check_batch, "fp32")
+        cams = {size: cams[size]} if cams else {}
+        checks, cam_checks = _verify(graph, references, cams, options.check_batch, "fp32")
     if options.fp16:
         notes.append(_fp16_headroom(graph, sorted(references), options.check_batch))
         graph = _to_fp16(graph)
-        checks += _verify(graph, references, options.check_batch, "fp16")
+        fp16_checks, fp16_cam_checks = _verify(graph, references, cams, options.check_batch, "fp16")
+        checks += fp16_checks
+        cam_checks += fp16_cam_checks
+    if head is not None:
+        notes.append(_cam_note(head, cams, cam_checks))
 
     metadata = ModelMetadata(
         architecture=arch_name,
@@ -184,6 +205,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None,
         opset=options.opset,
         torch_version=torch.__version__,
         onnx_version=onnx.__version__,
+        cam=CAM_OUTPUT if head is not None else None,
+        cam_feature=head.feature if head is not None else None,
     )
     _write(graph, metadata, out)
     return ExportResult(path=out, metadata=metadata, notes=tuple(notes),
@@ -347,8 +370,36 @@ def _reference_logits(wrapper: nn.Module, size: int, options: ExportOptions, sou
     return out
 
 
-def _to_onnx(wrapper: UInt8NHWC, size: int, dynamic: bool, opset: int) -> onnx.ModelProto:
+def _cam_head(model: nn.Module, wrapper: UInt8NHWC, references: Mapping[int, np.ndarray], batch: int,
+              notes: list[str]) -> CamHead | None:
+    """The network's GAP + linear head when it gives the network's own logits at every check
+    size; else ``None``, with a note saying why there is no CAM output."""
+    found = find_cam_head(model)
+    if isinstance(found, str):
+        notes.append(f"no cam output: {found}")
+        return None
+    for size, logits in references.items():
+        problem = check_cam_head(found, wrapper.normalise(check_images(batch, size)), torch.from_numpy(logits))
+        if problem:
+            notes.append(f"no cam output: {problem}")
+            return None
+    return found
+
+
+def _reference_cam(head: CamHead, wrapper: UInt8NHWC, size: int, logits: np.ndarray, batch: int) -> np.ndarray:
+    """The CAM of the check batch at ``size`` computed in torch, in float64, from the feature map
+    and the classifier weights: ``(batch, h, w)``; ``logits``: torch's, whose top-1 it maps."""
+    with torch.inference_mode():
+        _, feature = head.model(wrapper.normalise(check_images(batch, size)))
+        rows = head.weight.detach().double()[torch.from_numpy(logits.argmax(1))]
+        return torch.einsum("bc,bchw->bhw", rows, feature.double()).numpy()
+
+
+def _to_onnx(wrapper: UInt8NHWC, size: int, dynamic: bool, opset: int, cam: bool = False) -> onnx.ModelProto:
     axes = {0: "batch", 1: "height", 2: "width"} if dynamic else {0: "batch"}
+    outputs = {OUTPUT_NAME: {0: "batch"}}
+    if cam:
+        outputs[CAM_OUTPUT] = {0: "batch", 1: "cam_height", 2: "cam_width"} if dynamic else {0: "batch"}
     if isinstance(wrapper.model, torch.jit.ScriptModule):
         # A TorchScript archive cannot be traced through as a submodule; scripting the
         # wrapper too hands the exporter one TorchScript graph.
@@ -364,8 +415,8 @@ def _to_onnx(wrapper: UInt8NHWC, size: int, dynamic: bool, opset: int) -> onnx.M
         torch.onnx.export(
             wrapper, (check_images(2, size),), buffer,  # batch of 2 keeps the batch axis dynamic
             dynamo=False, opset_version=opset, do_constant_folding=True,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: {0: "batch"}},
+            input_names=[INPUT_NAME], output_names=list(outputs),
+            dynamic_axes={INPUT_NAME: axes, **outputs},
         )
     graph = onnx.load_from_string(buffer.getvalue())
     try:
@@ -387,15 +438,17 @@ def _session(graph: onnx.ModelProto):
     return ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-def _verify(graph: onnx.ModelProto, references: Mapping[int, np.ndarray], batch: int,
-            precision: str) -> list[Verification]:
-    """Run onnxruntime on the check batches and compare with torch's logits, else fail."""
+def _verify(graph: onnx.ModelProto, references: Mapping[int, np.ndarray], cams: Mapping[int, np.ndarray],
+            batch: int, precision: str) -> tuple[list[Verification], list[str]]:
+    """Run onnxruntime on the check batches and compare with torch's logits, and with torch's
+    CAMs when ``cams`` has them, else fail. Returns the logit checks and a line per CAM check."""
     session = _session(graph)
-    checks = []
+    checks, cam_checks = [], []
     first = min(references)
+    names = [OUTPUT_NAME, CAM_OUTPUT] if cams else [OUTPUT_NAME]
     for size, expected in references.items():
         try:
-            got = session.run([OUTPUT_NAME], {INPUT_NAME: check_images(batch, size).numpy()})[0]
+            got, *cam = session.run(names, {INPUT_NAME: check_images(batch, size).numpy()})
         except Exception as exc:
             if size != first:
                 raise _SizeMismatch(f"onnxruntime fails at {size} px: {str(exc).splitlines()[0][:120]}") from None
@@ -416,7 +469,37 @@ def _verify(graph: onnx.ModelProto, references: Mapping[int, np.ndarray], batch:
                            f"< {FP16_MIN_TOP1_AGREEMENT:.0%} (max |logit difference| {check.max_abs_diff:.2e}); "
                            "export without --fp16")
         checks.append(check)
-    return checks
+        if cams:
+            cam_checks.append((precision, _verify_cam(cam[0], cams[size], size, size == first, precision)))
+    return checks, cam_checks
+
+
+def _cam_note(head: CamHead, cams: Mapping[int, np.ndarray], checks: Sequence[tuple[str, float]]) -> str:
+    size = min(cams)
+    h, w = cams[size].shape[1:]
+    worst = {precision: max(d for p, d in checks if p == precision) for precision, _ in checks}
+    diffs = ", ".join(f"{diff:.2e} {precision}" for precision, diff in worst.items())
+    largest = max(float(np.abs(c).max()) for c in cams.values())
+    return (f"cam output: the top-1 class's activation map on {head.feature} ({h}x{w} at {size} px), verified "
+            f"against torch at {' and '.join(f'{s} px' for s in sorted(cams))}: max |cam diff| {diffs} "
+            f"(largest |cam| {largest:.3g})")
+
+
+def _verify_cam(got: np.ndarray, expected: np.ndarray, size: int, first: bool, precision: str) -> float:
+    """Compare onnxruntime's CAM ``(batch, h, w)`` with torch's: the largest difference, else fail."""
+    scale = max(1.0, float(np.abs(expected).max()))
+    bound = (FP32_CAM_MAX_DIFF if precision == "fp32" else FP16_CAM_MAX_DIFF) * scale
+    if got.shape != expected.shape or got.dtype != np.float32:
+        problem = f"cam output is {got.dtype} {got.shape}, torch's CAM float32 {expected.shape}"
+    else:
+        diff = float(np.abs(got.astype(np.float64) - expected).max())
+        if diff <= bound:
+            return diff
+        problem = f"max |cam difference| {diff:.2e} (bound {bound:.2e}, {bound / scale:g} of the largest |cam|)"
+    if precision == "fp32" and not first:
+        raise _SizeMismatch(f"at {size} px the {problem}")
+    raise EnsError(f"{precision} verification failed: onnxruntime's cam differs from torch's at {size} px: "
+                   f"{problem}; export with --no-cam{' or without --fp16' if precision == 'fp16' else ''}")
 
 
 def _fp16_headroom(graph: onnx.ModelProto, sizes: Sequence[int], batch: int) -> str:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import onnx
 import pytest
 from onnx import TensorProto, helper
 
 from ensemble.errors import EnsError
-from ensemble.metadata import ModelMetadata, Verification, check_preprocess, read_metadata
+from ensemble.metadata import CAM_OUTPUT, ModelMetadata, Verification, check_preprocess, read_metadata
 
 
 def _identity_model(props: dict[str, str]) -> onnx.ModelProto:
@@ -41,6 +44,35 @@ def test_props_are_plain_json_under_the_ens_prefix():
     assert props["ens.num_classes"] == "3"
     assert props["ens.class_ids"] == "[10, 11, 12]"
     assert props["ens.format"] == "1"
+
+
+WITH_CAM = dataclasses.replace(META, cam=CAM_OUTPUT, cam_feature="layer4.2.relu")
+
+
+def test_cam_round_trip_in_one_key(tmp_path):
+    props = WITH_CAM.to_props()
+    assert json.loads(props["ens.cam"]) == {"output": "cam", "feature": "layer4.2.relu"}
+    assert "ens.cam_feature" not in props
+    assert json.loads(META.to_props()["ens.cam"]) is None
+    for meta in (WITH_CAM, META):
+        onnx.save(_identity_model(meta.to_props()), str(tmp_path / "m.onnx"))
+        assert read_metadata(tmp_path / "m.onnx") == meta
+    assert read_metadata(tmp_path / "m.onnx").cam is None
+
+
+def test_a_file_from_before_the_cam_reads_as_no_cam(tmp_path):
+    props = {k: v for k, v in WITH_CAM.to_props().items() if k != "ens.cam"}
+    onnx.save(_identity_model(props), str(tmp_path / "old.onnx"))
+    meta = read_metadata(tmp_path / "old.onnx")
+    assert meta.cam is None and meta.cam_feature is None
+    assert meta == META
+
+
+def test_a_stray_cam_feature_key_is_not_read(tmp_path):
+    # The feature travels inside ens.cam only; a key of its own is an unknown key, ignored.
+    props = META.to_props() | {"ens.cam_feature": '"layer4"'}
+    onnx.save(_identity_model(props), str(tmp_path / "m.onnx"))
+    assert read_metadata(tmp_path / "m.onnx").cam_feature is None
 
 
 def test_foreign_onnx_has_no_metadata(tmp_path):
@@ -95,6 +127,7 @@ def test_check_preprocess_accepts_the_valid_range(given):
     check_preprocess(**given)
 
 
+CAM = 'expected null or {"output": "cam", "feature": NAME}'
 CHECKS = "expected a list of checks, each with precision, size, batch, max_abs_diff, top1_agreement"
 #: Hand-edited or foreign values of one ``ens.*`` key of META (3 classes), and what they break.
 BAD_PROPS = [
@@ -135,6 +168,13 @@ BAD_PROPS = [
     ("verification", '[{"precision": "fp32"}]', CHECKS),
     ("verification", '[{"precision": "fp32", "size": 0, "batch": 4, "max_abs_diff": 0.0, '
                       '"top1_agreement": 1.0}]', CHECKS),
+    ("cam", '"cam"', CAM),
+    ("cam", "true", CAM),
+    ("cam", '{"output": "cam"}', CAM),
+    ("cam", '{"output": "heatmap", "feature": "layer4"}', CAM),
+    ("cam", '{"output": "cam", "feature": ""}', CAM),
+    ("cam", '{"output": "cam", "feature": 4}', CAM),
+    ("cam", '{"output": "cam", "feature": "layer4", "size": 7}', CAM),
 ]
 
 

@@ -77,6 +77,35 @@ def onnx_logits(path, images: np.ndarray) -> np.ndarray:
     return session.run(["logits"], {"image": images})[0]
 
 
+def torch_cam(model: nn.Module, images: np.ndarray, feature_of, after, head_of):
+    """``(logits, cam)`` of the model on uint8 NHWC images, the CAM from a hooked feature map."""
+    seen = []
+    hook = feature_of(model).register_forward_hook(lambda _m, _i, out: seen.append(out))
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).double() / 255.0
+    x = (x - torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(1, 3, 1, 1)) / \
+        torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(1, 3, 1, 1)
+    try:
+        with torch.no_grad():
+            logits = model(x.float())
+    finally:
+        hook.remove()
+    feature = seen[-1] if after is None else after(seen[-1])
+    weight = head_of(model).weight.detach().double()
+    top1 = logits.argmax(1)
+    cam = np.stack([np.tensordot(weight[c].numpy(), feature[i].double().numpy(), axes=(0, 0))
+                    for i, c in enumerate(top1.tolist())])
+    return logits.numpy(), cam
+
+
+def run_outputs(path, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Every output of the ONNX file at ``path`` on ``images``, by name."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, {"image": images})))
+
+
 def random_images(batch: int, size: int, seed: int = 1) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return rng.integers(0, 256, size=(batch, size, size, 3), dtype=np.uint8)
