@@ -42,6 +42,7 @@ th, td { padding: 0.15em 0.7em; text-align: right; border-bottom: 1px solid #eee
 th:first-child, td:first-child { text-align: left; }
 tr.used td { font-weight: bold; }
 svg.figure { display: block; max-width: 100%; height: auto; margin: 0.5em 0; }
+.row { display: flex; flex-wrap: wrap; align-items: center; gap: 0 2em; }
 .thumbs { display: flex; flex-wrap: wrap; gap: 0.6em; }
 figure.thumb { margin: 0; width: 168px; font-size: 0.75em; }
 figure.thumb img { display: block; max-width: 160px; max-height: 160px; border: 1px solid #ccc; }
@@ -86,15 +87,15 @@ def summary(data: ReportData) -> str:
                      + f'. The blend in use: <b data-key="chosen">{_e(chosen)}</b>'
                      + ("" if cv.get("beats_uniform", True) else
                         " (the method did not beat uniform weights on CV)") + ".</p>")
-        parts.append(plots.cv_chart(cv["rows"], chosen))
         k = cv["top_k"]
         rows = "".join(
             f'<tr data-row="{_e(r["name"])}"{_USED if r["name"] == chosen else ""}>'
             f'<td>{_e(r["name"])}</td>{_num(r["top1"], "top1")}{_num(r["top1_low"], "top1_low")}'
             f'{_num(r["top1_high"], "top1_high")}{_num(r["topk"], "topk")}{_num(r["nll"], "nll")}</tr>'
             for r in cv["rows"])
-        parts.append(f'<table class="cv"><tr><th></th><th>CV top-1</th><th>low</th><th>high</th><th>top-{k}</th>'
-                     f'<th>NLL</th></tr>{rows}</table>')
+        parts.append(f'<div class="row">{plots.cv_chart(cv["rows"], chosen)}'
+                     f'<table class="cv"><tr><th></th><th>CV top-1</th><th>low</th><th>high</th><th>top-{k}</th>'
+                     f'<th>NLL</th></tr>{rows}</table></div>')
     else:
         parts.append(f'<p class="missing">Not shown: {_e(data.missing["summary-cv"])}.</p>')
     temps = record.get("temperatures") or {}
@@ -103,13 +104,13 @@ def summary(data: ReportData) -> str:
                  f'{"s" if len(data.members) != 1 else ""}'
                  + (" (one per model and TTA view: blended with --views)" if record.get("views") else "")
                  + ". Its weights" + (" and temperatures" if temps else "") + ":</p>")
-    parts.append(plots.weights_chart(record["weights"], list(data.models)))
     weight_rows = "".join(
         f'<tr data-member="{_e(m)}"><td>{_e(m)}</td>{_num(w, "weight")}'
         + (_num(temps[m], "temperature", 3) if temps else "") + "</tr>"
         for m, w in record["weights"].items())
-    parts.append(f'<table class="weights"><tr><th>member</th><th>weight</th>'
-                 f'{"<th>temperature</th>" if temps else ""}</tr>{weight_rows}</table>')
+    parts.append(f'<div class="row">{plots.weights_chart(record["weights"], list(data.models))}'
+                 f'<table class="weights"><tr><th>member</th><th>weight</th>'
+                 f'{"<th>temperature</th>" if temps else ""}</tr>{weight_rows}</table></div>')
     prior = record.get("prior")
     if prior:
         how = "fitted with the weights" if prior.get("tau_fitted") else "given"
@@ -148,12 +149,16 @@ def calibration(data: ReportData) -> str:
             + (" Red: after each model's fitted temperature (fitted on these rows, so in-sample)." if tempered else "")
             + (" The blend's temperatures are per view: the models' panels show them without." if
                data.record.get("temperatures") and data.record.get("views") else "")
-            + " The blend's panel is the blend as applied"
-            + (", temperatures and prior correction included." if data.record.get("prior") or
-               data.record.get("temperatures") else ".") + "</p>")
-    return _section("calibration", lead + plots.reliability_chart(panels)
-                    + f'<table class="ece"><tr><th></th><th>ECE</th>{"<th>ECE after T</th>" if tempered else ""}</tr>'
-                    f"{table}</table>")
+            + " The blend's panel is the blend as applied" + _included(data.record) + ".</p>")
+    return _section("calibration", f'{lead}<div class="row">{plots.reliability_chart(panels)}'
+                    f'<table class="ece"><tr><th></th><th>ECE</th>{"<th>ECE after T</th>" if tempered else ""}</tr>'
+                    f"{table}</table></div>")
+
+
+def _included(record: Mapping[str, Any]) -> str:
+    parts = [name for name, key in (("its temperatures", "temperatures"), ("the prior correction", "prior"))
+             if record.get(key)]
+    return ", " + " and ".join(parts) + " included" if parts else ""
 
 
 def diversity(data: ReportData) -> str:
@@ -169,10 +174,10 @@ def diversity(data: ReportData) -> str:
     lead = (f'<p class="lead">On {_e(data.split)}: how often two members are wrong on the same images (correlation '
             "of their errors, left) and how often they predict different classes (right). A weaker member whose "
             "errors fall elsewhere corrects the others, which is why it can still earn weight.</p>")
-    return _section("diversity", lead
+    return _section("diversity", lead + '<div class="row">'
                     + plots.heatmap(corr, members, "error correlation", -1.0, 1.0, "RdBu_r")
                     + plots.heatmap(disagree, members, "disagreement", 0.0, max(float(disagree.max()), 1e-9), "Oranges")
-                    + f'<table class="members"><tr><th>member</th><th>top-1</th><th>weight</th></tr>{table}</table>')
+                    + f'</div><table class="members"><tr><th>member</th><th>top-1</th><th>weight</th></tr>{table}</table>')
 
 
 def longtail(data: ReportData) -> str:

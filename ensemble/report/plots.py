@@ -48,7 +48,7 @@ def cv_chart(rows: Sequence[Mapping], chosen: str) -> str:
     """Dot-and-interval chart of the CV top-1 of every row (members, uniform, method), the
     chosen blend drawn black; ``rows``: blend.json's ``cv.rows``."""
     with rc_context(_STYLE):
-        fig = _figure(6.0, 0.35 * len(rows) + 0.9)
+        fig = _figure(4.2, 0.32 * len(rows) + 0.8)
         ax = fig.add_subplot()
         for y, row in enumerate(rows):
             mine = row["name"] == chosen
@@ -67,7 +67,7 @@ def weights_chart(weights: Mapping[str, float], models: Sequence[str]) -> str:
     when the blend used views)."""
     names = list(weights)
     with rc_context(_STYLE):
-        fig = _figure(6.0, 0.3 * len(names) + 0.8)
+        fig = _figure(5.0, 0.28 * len(names) + 0.8)
         ax = fig.add_subplot()
         colours = [colour(models.index(n.partition("/")[0])) if n.partition("/")[0] in models else "#888888"
                    for n in names]
