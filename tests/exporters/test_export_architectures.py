@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -10,7 +11,8 @@ from ensemble.metadata import read_metadata
 from exporters import ExportOptions, export_checkpoint
 from exporters.onnx_export import second_size
 
-from tests.exporters.helpers import NUM_CLASSES, build, onnx_logits, reference_logits, random_images
+from tests.exporters.helpers import (NUM_CLASSES, build, onnx_logits, reference_logits, random_images,
+                                     run_outputs, torch_cam)
 
 # (architecture, small test input size): random weights and small inputs keep it fast.
 ARCHS = [
@@ -26,6 +28,16 @@ ARCHS = [
 #: exporter's: a test that reused its constants would pass whatever they were set to).
 FP32_ATOL, FP32_RTOL = 1e-3, 1e-4
 FP16_MAX_DIFF_FRACTION = 0.05  #: of the largest |logit| (at least 1)
+#: Where each architecture's CAM comes from, read through a hook on the network's own module:
+#: (feature-map module, classifier). MobileNetV3 and ConvNeXt have none (an MLP head; a
+#: LayerNorm between the pooling and the linear layer).
+CAM_SOURCES = {
+    "mnasnet1_0": (lambda m: m.layers, lambda m: m.classifier[1]),
+    "inception_v3": (lambda m: m.Mixed_7c, lambda m: m.fc),
+    "wide_resnet50_2": (lambda m: m.layer4, lambda m: m.fc),
+    "resnet50": (lambda m: m.layer4, lambda m: m.fc),
+    "efficientnet_b0": (lambda m: m.features, lambda m: m.classifier[1]),
+}
 
 
 @pytest.fixture(scope="module", params=ARCHS, ids=[a for a, _ in ARCHS])
@@ -91,3 +103,20 @@ def test_fp16(exported):
     want = reference_logits(model, images)
     assert got.dtype == np.float32
     assert np.abs(got - want).max() < FP16_MAX_DIFF_FRACTION * max(1.0, np.abs(want).max())
+
+
+def test_cam_output(exported):
+    arch, size, model, _, result = exported
+    outputs = [o.name for o in onnx.load(str(result.path)).graph.output]
+    if arch not in CAM_SOURCES:
+        assert outputs == ["logits"] and result.metadata.cam is None
+        assert any(n.startswith("no cam output: ") for n in result.notes)
+        return
+    assert outputs == ["logits", "cam"] and read_metadata(result.path).cam == "cam"
+    feature_of, head_of = CAM_SOURCES[arch]
+    for s in (size, size + 24):
+        images = random_images(2, s, seed=s)
+        _, want = torch_cam(model, images, feature_of, None, head_of)
+        got = run_outputs(result.path, images)["cam"]
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
