@@ -1,6 +1,8 @@
 # Two entry points: `make demo` and `make test`. Both create .venv when it is missing and
 # install the project into it (editable, with its test extras, at the tested versions of
 # constraints.txt) when pyproject.toml or constraints.txt changed.
+# `make test` also installs Debian's chromium when missing (as root), for the report's browser
+# test (.ci/ensure-browser).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

@@ -7,7 +7,7 @@ Inputs, each checked before use:
   folder (the layout `ens blend` writes: ``<work>/blends/<name>`` and ``<work>/runs``), else
   under ``./runs``; a store is used only when its sha256 is the one blend.json records for it;
 - the labels of the fitted split: ``--data DIR``'s split file, else the file blend.json names
-  (as given, then relative to the work folder);
+  (relative to the work folder, then as given);
 - the training class counts: blend.json's prior, else ``train2019.json`` (any iNat layout) under
   ``--data`` or beside the labels file;
 - the submission ledger: ``<work>/submissions/ledger.sqlite``, else ``./submissions/ledger.sqlite``.
@@ -169,7 +169,8 @@ def find_labels(blend_json: Path, record: Mapping[str, Any], blend_dir: Path, da
         return find_split(data, split, folders=False)
     named = record.get("labels")
     if isinstance(named, str) and named:
-        for path in (Path(named), work_folder(blend_dir) / named):
+        # A relative path is relative to where `ens blend` ran: most likely the work folder.
+        for path in (work_folder(blend_dir) / named, Path(named)):
             if path.is_file():
                 return path
     raise EnsError(f"{blend_json}: the labels file it names ({named}) is not found from here or from "

@@ -9,6 +9,9 @@ category ``PERM[j]``) and three blends of them:
 - ``views``: one member per model and TTA view, with temperatures;
 - ``single``: one model, blended with ``--data`` pointing at a copy of the val json alone (no
   training json beside it: no long-tail section, and no pairs for the diversity section).
+
+:func:`copy_work` copies the runs and a blend where a test may add a ledger (:func:`add_ledger`)
+or change a store.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from ensemble.submission.ledger import BlendProvenance, Ledger
 
 from tests.ensemble.conftest import ens, make_inat, ok, tiny_onnx
 
@@ -61,3 +66,24 @@ def work(tmp_path_factory) -> Work:
     ok(ens(*fit, "--data", data, "--views", "--temperature", "--out", root / "blends/views"))
     ok(ens(*fit, "--data", bare, "--models", "m1", "--out", root / "blends/single"))
     return Work(root, data, runs, root / "blends/full", root / "blends/views", root / "blends/single", bare)
+
+
+def copy_work(work, tmp_path: Path, blend: str = "full") -> Path:
+    """The runs and one blend folder under ``tmp_path``, laid out as `ens blend` writes them."""
+    shutil.copytree(work.runs, tmp_path / "runs")
+    shutil.copytree(getattr(work, blend), tmp_path / "blends" / blend)
+    return tmp_path / "blends" / blend
+
+
+def add_ledger(root: Path, source: str, cv: tuple[float, float, float], public: float | None,
+               private: float | None) -> int:
+    ledger = Ledger(root / "submissions")
+    n = len(ledger.entries())
+    path = root / "submissions" / f"s{n}.csv"
+    entry = ledger.record(lambda: (path.write_text("id,predicted\n"), path)[1], created="2026-01-01T00:00:00Z",
+                          format="inat2019", rows=0, source=source,
+                          blend=BlendProvenance("nll", ("m0",), {"m0": 1.0}, *cv))
+    if public is not None or private is not None:
+        ledger.store_scores(entry.id, kaggle_ref=100 + n, kaggle_status="complete", public_score=public,
+                            private_score=private, error=None, uploaded=None)
+    return entry.id

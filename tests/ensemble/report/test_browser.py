@@ -24,7 +24,7 @@ import pytest
 from ensemble.report import write_report
 from ensemble.report.page import SECTIONS
 
-from tests.ensemble.report.test_report import add_ledger, copy_work
+from tests.ensemble.report.conftest import add_ledger, copy_work
 
 
 @pytest.fixture(scope="module")

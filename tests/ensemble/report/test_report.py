@@ -23,11 +23,10 @@ from ensemble.report import build as report_build
 from ensemble.report.build import build_report
 from ensemble.report.images import thumbnail
 from ensemble.report.page import SECTIONS
-from ensemble.submission.ledger import Ledger
 from weights_search import calibration as cal
 
 from tests.ensemble.conftest import ens, ok, one_line_error
-from tests.ensemble.report.conftest import MODELS, PERM, TRAIN_COUNTS
+from tests.ensemble.report.conftest import MODELS, PERM, TRAIN_COUNTS, add_ledger, copy_work
 
 
 @pytest.fixture(autouse=True)
@@ -167,29 +166,6 @@ def test_long_tail_counts_come_from_the_prior_or_the_training_json(work):
     data = build_report(work.views)  # no --prior: train2019.json beside val2019.json
     long_tail_by_hand(work, data)
     assert data.counts_source.endswith("train2019.json")
-
-
-def copy_work(work, tmp_path: Path, blend: str = "full") -> Path:
-    """The runs and one blend folder under ``tmp_path``, laid out as `ens blend` writes them."""
-    shutil.copytree(work.runs, tmp_path / "runs")
-    shutil.copytree(getattr(work, blend), tmp_path / "blends" / blend)
-    return tmp_path / "blends" / blend
-
-
-def add_ledger(root: Path, source: str, cv: tuple[float, float, float], public: float | None,
-               private: float | None) -> int:
-    from ensemble.submission.ledger import BlendProvenance
-
-    ledger = Ledger(root / "submissions")
-    n = len(ledger.entries())
-    path = root / "submissions" / f"s{n}.csv"
-    entry = ledger.record(lambda: (path.write_text("id,predicted\n"), path)[1], created="2026-01-01T00:00:00Z",
-                          format="inat2019", rows=0, source=source,
-                          blend=BlendProvenance("nll", ("m0",), {"m0": 1.0}, *cv))
-    if public is not None or private is not None:
-        ledger.store_scores(entry.id, kaggle_ref=100 + n, kaggle_status="complete", public_score=public,
-                            private_score=private, error=None, uploaded=None)
-    return entry.id
 
 
 def test_leaderboard_from_the_ledger(work, tmp_path):
