@@ -93,7 +93,7 @@ def summary(data: ReportData) -> str:
             f'<td>{_e(r["name"])}</td>{_num(r["top1"], "top1")}{_num(r["top1_low"], "top1_low")}'
             f'{_num(r["top1_high"], "top1_high")}{_num(r["topk"], "topk")}{_num(r["nll"], "nll")}</tr>'
             for r in cv["rows"])
-        parts.append(f'<div class="row">{plots.cv_chart(cv["rows"], chosen)}'
+        parts.append(f'<div class="row">{plots.cv_chart(cv["rows"], chosen, list(data.models))}'
                      f'<table class="cv"><tr><th></th><th>CV top-1</th><th>low</th><th>high</th><th>top-{k}</th>'
                      f'<th>NLL</th></tr>{rows}</table></div>')
     else:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import math
-import re
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -44,15 +43,21 @@ def _figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def cv_chart(rows: Sequence[Mapping], chosen: str) -> str:
-    """Dot-and-interval chart of the CV top-1 of every row (members, uniform, method), the
-    chosen blend drawn black; ``rows``: blend.json's ``cv.rows``."""
+def _model_colour(name: str, models: Sequence[str]) -> str:
+    """A member's colour: its model's (``model`` or ``model/view``), grey for anything else."""
+    model = name.partition("/")[0]
+    return colour(models.index(model)) if model in models else "#888888"
+
+
+def cv_chart(rows: Sequence[Mapping], chosen: str, models: Sequence[str]) -> str:
+    """Dot-and-interval chart of the CV top-1 of every row (members in their model's colour,
+    uniform and the method grey, the chosen blend black); ``rows``: blend.json's ``cv.rows``."""
     with rc_context(_STYLE):
         fig = _figure(4.2, 0.32 * len(rows) + 0.8)
         ax = fig.add_subplot()
         for y, row in enumerate(rows):
             mine = row["name"] == chosen
-            c = BLEND_COLOUR if mine else ("#888888" if row["kind"] != "member" else colour(y))
+            c = BLEND_COLOUR if mine else ("#888888" if row["kind"] != "member" else _model_colour(row["name"], models))
             ax.errorbar(row["top1"], y, xerr=[[row["top1"] - row["top1_low"]], [row["top1_high"] - row["top1"]]],
                         fmt="o", color=c, ms=7 if mine else 5, capsize=3, lw=2 if mine else 1.2)
         ax.set_yticks(range(len(rows)), [r["name"] + ("  (used)" if r["name"] == chosen else "") for r in rows])
@@ -69,8 +74,7 @@ def weights_chart(weights: Mapping[str, float], models: Sequence[str]) -> str:
     with rc_context(_STYLE):
         fig = _figure(5.0, 0.28 * len(names) + 0.8)
         ax = fig.add_subplot()
-        colours = [colour(models.index(n.partition("/")[0])) if n.partition("/")[0] in models else "#888888"
-                   for n in names]
+        colours = [_model_colour(n, models) for n in names]
         values = [weights[n] for n in names]
         ax.barh(range(len(names)), values, color=colours)
         for y, v in enumerate(values):
@@ -181,8 +185,3 @@ def leaderboard_chart(points: Sequence) -> str:
         ax.legend(fontsize=7, frameon=False)
         return to_svg(fig, "CV against leaderboard")
 
-
-def svg_size(svg: str) -> tuple[float, float]:
-    """The ``width`` and ``height`` (in pt) an SVG from :func:`to_svg` declares."""
-    match = re.search(r'width="([\d.]+)pt" height="([\d.]+)pt"', svg)
-    return (float(match.group(1)), float(match.group(2))) if match else (0.0, 0.0)
