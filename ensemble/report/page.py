@@ -108,7 +108,8 @@ def summary(data: ReportData) -> str:
         f'<tr data-member="{_e(m)}"><td>{_e(m)}</td>{_num(w, "weight")}'
         + (_num(temps[m], "temperature", 3) if temps else "") + "</tr>"
         for m, w in record["weights"].items())
-    parts.append(f'<div class="row">{plots.weights_chart(record["weights"], list(data.models))}'
+    tau = record["prior"]["tau"] if record.get("prior") else None
+    parts.append(f'<div class="row">{plots.weights_chart(record["weights"], list(data.models), tau)}'
                  f'<table class="weights"><tr><th>member</th><th>weight</th>'
                  f'{"<th>temperature</th>" if temps else ""}</tr>{weight_rows}</table></div>')
     prior = record.get("prior")

@@ -67,9 +67,9 @@ def cv_chart(rows: Sequence[Mapping], chosen: str, models: Sequence[str]) -> str
         return to_svg(fig, "CV top-1 per row")
 
 
-def weights_chart(weights: Mapping[str, float], models: Sequence[str]) -> str:
+def weights_chart(weights: Mapping[str, float], models: Sequence[str], tau: float | None = None) -> str:
     """Bars of the blend weights, one per member, coloured by model (members ``model/view``
-    when the blend used views)."""
+    when the blend used views); ``tau`` of the prior correction in the title when there is one."""
     names = list(weights)
     with rc_context(_STYLE):
         fig = _figure(5.0, 0.28 * len(names) + 0.8)
@@ -83,6 +83,8 @@ def weights_chart(weights: Mapping[str, float], models: Sequence[str]) -> str:
         ax.invert_yaxis()
         ax.set_xlim(0, max(max(values), 1e-12) * 1.18)
         ax.set_xlabel("weight")
+        if tau is not None:
+            ax.set_title(f"then corrected for the training prior: tau = {tau:.3f}", loc="left")
         return to_svg(fig, "blend weights")
 
 
