@@ -26,8 +26,8 @@ All ``.npy`` files are plain arrays that memory-map; :func:`read_store` is the o
                             interpolation, precision, class_ids (null: column j is category j),
                             foreign (no ens metadata: preprocessing from the command line)
     dataset                 split, source (json file or folder), sha256, images (before skips)
-    tta                     views (names, in views.npy order; "identity" first), merge, cam
-                            (threshold, pad, min of the cam views' boxes; null without them)
+    tta                     views (names, in views.npy order; "identity" first), merge, and with
+                            a cam view cam (threshold, pad, min of its boxes)
     device, provider        e.g. "cuda", "CUDAExecutionProvider"
     device_fallback         why --device auto ran on the CPU although CUDA was listed (else null)
     batch_size, chunk_size, workers
