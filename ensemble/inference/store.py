@@ -31,6 +31,9 @@ All ``.npy`` files are plain arrays that memory-map; :func:`read_store` is the o
     device, provider        e.g. "cuda", "CUDAExecutionProvider"
     device_fallback         why --device auto ran on the CPU although CUDA was listed (else null)
     batch_size, chunk_size, workers
+    engine, cluster         local or ray; for ray, the cluster's cpus, gpus, nodes and
+                            inference_actors (else null). Not in run_key: both engines make the
+                            same arrays, so either resumes or keeps the other's store
     images_per_s, seconds   the last run's rate over all its models, and its duration
     model_images_per_s      the rate of this model's forward passes alone
     decode_wait_s           time the models waited for decoding (large: use more --workers)
@@ -206,6 +209,13 @@ def check_manifest(source: Path, manifest: Mapping[str, Any]) -> None:
     for field, (valid, expected) in checks.items():
         if not valid:
             fail(field, expected)
+    # Stores made before --engine existed say neither: the local engine made them.
+    if manifest.get("engine", "local") not in ("local", "ray"):
+        fail("engine", "local or ray")
+    cluster = manifest.get("cluster")
+    if cluster is not None and not (isinstance(cluster, dict)
+                                    and all(count(cluster.get(k), 0) for k in ("cpus", "gpus", "nodes"))):
+        fail("cluster", "null or {cpus, gpus, nodes} (integers)")
 
 
 def _read_manifest(path: Path) -> dict | None:
