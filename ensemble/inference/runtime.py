@@ -29,7 +29,7 @@ import numpy as np
 from ensemble.datasets import check_regular_file
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
-from ensemble.metadata import IMAGENET_MEAN, IMAGENET_STD, PREFIX, ModelMetadata, rgb_text
+from ensemble.metadata import IMAGENET_MEAN, IMAGENET_STD, OUTPUT_NAME, PREFIX, ModelMetadata, rgb_text
 from ensemble.inference.tta import Preprocess
 
 #: ``--device`` -> onnxruntime providers, in priority order.
@@ -390,13 +390,28 @@ class Runner:
         self.device = device
         self.path = model.path
         self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[0].name
+        outputs = [o.name for o in self.session.get_outputs()]
+        # An ens graph may also output its CAM (after the logits): plain passes ask for the logits alone.
+        self.output_name = OUTPUT_NAME if not model.foreign and OUTPUT_NAME in outputs else outputs[0]
+        #: The class activation map output (``None``: the model has none; see :meth:`with_cam`).
+        self.cam_name = model.metadata.cam
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         try:
             return self.session.run([self.output_name], {self.input_name: batch})[0]
         except Exception as exc:  # onnxruntime raises its own Fail, RuntimeException, ... types
             raise EnsError(run_failure(self.path, batch.shape, exc)) from None
+
+    def with_cam(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(logits, cam)`` of one pass: float32 ``(n, classes)`` and each image's top-1 class
+        activation map, float32 ``(n, h, w)`` on the last feature map's grid."""
+        if self.cam_name is None:
+            raise EnsError(f"{self.path}: has no cam output; re-export it with `ens export` (without --no-cam)")
+        try:
+            logits, cam = self.session.run([self.output_name, self.cam_name], {self.input_name: batch})
+        except Exception as exc:  # onnxruntime raises its own Fail, RuntimeException, ... types
+            raise EnsError(run_failure(self.path, batch.shape, exc)) from None
+        return logits, cam
 
     def warm_up(self, images: int, sizes: Sequence[int]) -> None:
         """Run one zero batch of each input shape: on a GPU the first pass of a shape picks
