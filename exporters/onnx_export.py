@@ -439,9 +439,10 @@ def _session(graph: onnx.ModelProto):
 
 
 def _verify(graph: onnx.ModelProto, references: Mapping[int, np.ndarray], cams: Mapping[int, np.ndarray],
-            batch: int, precision: str) -> tuple[list[Verification], list[str]]:
+            batch: int, precision: str) -> tuple[list[Verification], list[tuple[str, float]]]:
     """Run onnxruntime on the check batches and compare with torch's logits, and with torch's
-    CAMs when ``cams`` has them, else fail. Returns the logit checks and a line per CAM check."""
+    CAMs when ``cams`` has them, else fail. Returns the logit checks and, per CAM check,
+    ``(precision, max |cam difference|)``."""
     session = _session(graph)
     checks, cam_checks = [], []
     first = min(references)
@@ -475,6 +476,7 @@ def _verify(graph: onnx.ModelProto, references: Mapping[int, np.ndarray], cams: 
 
 
 def _cam_note(head: CamHead, cams: Mapping[int, np.ndarray], checks: Sequence[tuple[str, float]]) -> str:
+    """One line: where the CAM comes from, its grid, and its largest difference per precision."""
     size = min(cams)
     h, w = cams[size].shape[1:]
     worst = {precision: max(d for p, d in checks if p == precision) for precision, _ in checks}
