@@ -241,3 +241,18 @@ def test_class_activation_map_golden():
     logits = torch.tensor([[5., 1., 0.], [0., 0., 3.]])  # top-1: class 0, class 2
     cam = class_activation_map(logits, feature, weight)
     assert cam.tolist() == [[[1., 12.], [3., -6.]], [[2., 0.], [0., 2.]]]
+
+
+def test_plain_inference_asks_for_the_logits_alone(resnet, tmp_path):
+    from ensemble.inference.runtime import Runner, load_model
+
+    _, ckpt = resnet
+    path = export_checkpoint(ckpt, tmp_path / "r18.onnx", ExportOptions(arch="resnet18", input_size=64)).path
+    runner = Runner(load_model(path), "cpu")
+    requested = []
+    session_run = runner.session.run
+    runner.session.run = lambda names, feeds: requested.append(names) or session_run(names, feeds)
+    images = random_images(2, 64)
+    logits = runner(images)
+    assert requested == [["logits"]]
+    np.testing.assert_array_equal(logits, run(path, images)["logits"])
