@@ -92,7 +92,7 @@ def find_cam_head(model: nn.Module) -> CamHead | str:
         node = node.args[0]
     feature = _pooled(traced, node)
     if feature is None:
-        return f"the input of its classifier {classifier} is not a global average pooling"
+        return f"its classifier {classifier} is not one linear layer on a global average pooling"
     output.args = ((result, feature),)
     graph.lint()
     split = fx.GraphModule(traced, graph)

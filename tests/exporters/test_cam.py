@@ -148,7 +148,7 @@ def test_a_head_that_is_not_gap_and_one_linear_exports_without_cam(tmp_path):
     result = export_checkpoint(tmp_path / "mlp.pt", options=ExportOptions(input_size=32, trust_pickle=True))
     assert [o.name for o in onnx.load(str(result.path)).graph.output] == ["logits"]
     assert read_metadata(result.path).cam is None
-    assert "no cam output: the input of its classifier fc is not a global average pooling" in result.notes
+    assert "no cam output: its classifier fc is not one linear layer on a global average pooling" in result.notes
 
 
 def test_a_torchscript_archive_exports_without_cam_and_says_so(tmp_path):
