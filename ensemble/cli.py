@@ -123,13 +123,15 @@ def export(
     interpolation: Annotated[Optional[str], typer.Option(help=f"Resampling filter inference resizes images with: {', '.join(INTERPOLATIONS)} (timm's pretrained models use bicubic) \\[default: {ModelMetadata.interpolation}].")] = None,
     classes: Annotated[Optional[Path], typer.Option(metavar="FILE|DIR", help="Output index -> category id: the training images' folder (ImageFolder's order: class folder names sorted as strings, 10 before 2), a JSON list, or a COCO json whose categories sorted by id give the order.")] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Write a float16 model (uint8 input and float32 output kept).")] = False,
+    no_cam: Annotated[bool, typer.Option("--no-cam", help="Leave out the cam output (the top-1 class's activation map, added when the head is global average pooling + one linear layer).")] = False,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Load a checkpoint that pickles Python objects beyond tensors (a whole model): that runs code from the file, so only for files you trust. State dicts, TorchScript and safetensors need no flag.")] = False,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="OUT.onnx", help="Output file \\[default: the checkpoint's path with .onnx, or .fp16.onnx].")] = None,
 ) -> None:
     """Export a checkpoint to a verified, self-describing ONNX file.
 
     The graph takes uint8 RGB images (batch, height, width, 3) and returns float32 logits
-    (batch, classes). Every export is checked with onnx.checker and compared with torch by
+    (batch, classes), and for a global-average-pooling + linear head also cam (batch, h, w),
+    the top-1 class's activation map on the last feature map. Every export is checked with onnx.checker and compared with torch by
     onnxruntime at two input sizes before the file is written.
     """
     with _user_errors(ctx):
@@ -159,6 +161,7 @@ def export(
             input_size=input_size,
             classes=classes,
             fp16=fp16,
+            cam=not no_cam,
             trust_pickle=trust_pickle,
             **{k: v for k, v in preprocess.items() if v is not None},
         )
@@ -212,8 +215,11 @@ def infer(
     data: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Dataset folder in the iNaturalist layout, with --split.")] = None,
     split: Annotated[Optional[str], typer.Option(metavar="NAMES", help="Splits under --data, comma-separated: val means DIR/val2019.json (else val2018.json, val2017.json, iNat 2021's val.json, or the image folder DIR/val).", show_default="val,test")] = None,
     index: Annotated[Optional[Path], typer.Option(metavar="FILE.json", help="One split instead of --data: a COCO/iNat json, or a folder of images (ids are relative paths).")] = None,
-    tta: Annotated[str, typer.Option(metavar="NAMES", help="Views beside identity, comma-separated: flip, scale, crop5, crop10 (= crop5 and flip); they combine.")] = "",
+    tta: Annotated[str, typer.Option(metavar="NAMES", help="Views beside identity, comma-separated: flip, scale, crop5, crop10 (= crop5 and flip); they combine. cam: a crop of where the model looks (its class activation map), classified again (flipped too with flip).")] = "",
     scales: Annotated[str, typer.Option(metavar="S,S,...", help="Factors of the model's input size for the scale views.")] = "0.875,1,1.143",
+    cam_threshold: Annotated[Optional[float], typer.Option(help="cam view: keep the map at or above this fraction of its range (the part around the maximum).", show_default="0.2")] = None,
+    cam_pad: Annotated[Optional[float], typer.Option(help="cam view: grow the box by this fraction of its size on each side.", show_default="0.1")] = None,
+    cam_min: Annotated[Optional[float], typer.Option(help="cam view: the box is at least this fraction of the shorter side of what the model's full view sees.", show_default="0.25")] = None,
     merge: Annotated[str, typer.Option(help="How views merge: mean-logits, mean-probs (mean probability) or gmean (geometric mean of probabilities).")] = "mean-logits",
     keep_views: Annotated[bool, typer.Option("--keep-views", help="Also store every view's logits (views.npy).")] = False,
     device: Annotated[str, typer.Option(help="auto (CUDA when onnxruntime offers it, else CPU), cpu, cuda or tensorrt.")] = "auto",
@@ -231,6 +237,8 @@ def infer(
     cudnn_search: Annotated[Optional[str], typer.Option(help="GPU: cuDNN's convolution algorithm search, heuristic, exhaustive (slow first batch per input shape) or default.", show_default="heuristic")] = None,
     gpu_mem_limit: Annotated[Optional[float], typer.Option(metavar="GIB", help="GPU: memory each model's session may hold, in GiB.", show_default="no limit")] = None,
     trt_fp16: Annotated[bool, typer.Option("--trt-fp16", help="TensorRT: float16 engines for float32 models too (float16 models always get them).")] = False,
+    engine: Annotated[str, typer.Option(help="local (this machine) or ray (a Ray cluster: decoding in CPU tasks, one model actor per GPU; the extra ens[ray]); both write the same stores.")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option(metavar="auto|HOST:PORT", help="--engine ray: the cluster to join.", show_default="RAY_ADDRESS, else a running local cluster, else a new one")] = None,
 ) -> None:
     """Run models with test-time augmentation into logit stores.
 
@@ -272,6 +280,9 @@ def infer(
         options = InferOptions(
             tta=tuple(t.strip() for t in tta.split(",") if t.strip()),
             scales=scale_values,
+            cam_threshold=cam_threshold,
+            cam_pad=cam_pad,
+            cam_min=cam_min,
             merge=merge,
             keep_views=keep_views,
             device=device,
@@ -284,6 +295,8 @@ def infer(
             foreign=foreign,
             gpu_mem_limit=gpu_mem_limit,
             trt_fp16=trt_fp16,
+            engine=engine,
+            ray_address=ray_address,
             **({"cudnn_search": cudnn_search} if cudnn_search is not None else {}),
         )
         with InferProgress() as progress:
@@ -503,6 +516,36 @@ def submissions(
         return
     for line in _ledger_table(entries):
         typer.echo(line)
+
+
+@app.command()
+def report(
+    ctx: typer.Context,
+    blend_dir: Annotated[Path, typer.Argument(metavar="BLEND_DIR", help="A blend folder written by `ens blend` (blends/<name>).", show_default=False)],
+    data: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Dataset folder: the fitted split's labels and image files, and the training json (train2019.json) for the long-tail section.", show_default="the labels file blend.json names")] = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="FILE.html", help="Where to write the page \\[default: BLEND_DIR/report.html].")] = None,
+) -> None:
+    """Write one self-contained HTML page that shows why the blend is what it is.
+
+    Summary (CV top-1 against uniform and each model, the weights),
+    calibration (reliability diagrams, ECE), diversity (error correlation),
+    long tail (accuracy by class frequency), the most confidently wrong
+    images, and CV against the leaderboard from the ledger. Opens offline.
+    """
+    with _user_errors(ctx):
+        try:
+            import matplotlib  # noqa: F401  (the report extra; imported where the figures are drawn)
+        except ImportError:
+            raise EnsError("ens report needs matplotlib, which this install lacks: pip install 'ens[report]'") from None
+        from ensemble.report import write_report
+
+        result = write_report(blend_dir, data, output)
+    for note in result.notes:
+        typer.echo(f"note: {note}")
+    for section, line in result.missing.items():
+        typer.echo(f"{section}: not shown: {line}")
+    typer.echo(f"wrote {result.path} ({result.size / 1e6:.2f} MB, {sum(result.sections.values())} of "
+               f"{len(result.sections)} sections)")
 
 
 

@@ -6,6 +6,12 @@ and hands the decoded arrays to a :class:`Forward`, which runs every model that 
 on each of its TTA views and merges them. What an engine may not change: the view plan
 (:func:`view_groups`), the batch shapes (``batch_size`` images per forward pass, the last batch
 padded) and the merge, so that every engine writes the same stores.
+
+A model with cam views (:class:`CamPlan`) runs them inside :class:`Forward` too: its identity
+view's pass also returns the class activation map, from which each image's box is found
+(:func:`ensemble.inference.cam.cam_box`), cut from the batch's :class:`~ensemble.inference.decode.CropSource`,
+resized to the model's input and classified in one more pass per cam view; the boxes travel in
+:attr:`ModelOutput.boxes`.
 """
 
 from __future__ import annotations
@@ -16,9 +22,12 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ensemble.inference.decode import DecodedBatch, Decoder
+from PIL import Image
+
+from ensemble.inference.cam import CamSettings, cam_box, to_image
+from ensemble.inference.decode import _RESAMPLE, CropSource, DecodedBatch, Decoder
 from ensemble.inference.runtime import Model, Runner
-from ensemble.inference.tta import Geometry, View, geometries, hflip, merge, view_size
+from ensemble.inference.tta import CamSource, Geometry, View, cam_source, geometries, hflip, merge, view_size
 
 
 @dataclass(frozen=True)
@@ -30,13 +39,15 @@ class ViewGroup:
     rows: tuple[int, ...]  # the views' indices in the model's view list
 
 
-def view_groups(model: Model, views: Sequence[View]) -> tuple[ViewGroup, ...]:
-    """``model``'s views grouped by input size, in the order of ``views``."""
+def view_groups(model: Model, views: Sequence[View], cam: CamSettings = CamSettings()) -> tuple[ViewGroup, ...]:
+    """``model``'s views grouped by input size, in the order of ``views``; cam views are not in
+    them (see :func:`cam_plan`), but their needs shape the decode (``cam.min_size``)."""
     pre = model.preprocess
-    geos = geometries(pre, views)
+    geos = geometries(pre, views, cam.min_size)
     by_size: dict[int, list[int]] = {}
     for i, view in enumerate(views):
-        by_size.setdefault(view_size(pre, view), []).append(i)
+        if not view.cam:
+            by_size.setdefault(view_size(pre, view), []).append(i)
     return tuple(
         ViewGroup(size, tuple((geos[i], views[i].flip) for i in rows), tuple(rows))
         for size, rows in by_size.items()
@@ -48,6 +59,34 @@ def run_geometries(groups: Iterable[Sequence[ViewGroup]]) -> tuple[Geometry, ...
     return tuple(dict.fromkeys(g for model_groups in groups for group in model_groups for g, _ in group.members))
 
 
+@dataclass(frozen=True)
+class CamPlan:
+    """A model's cam views: where their crops come from, how their boxes are found, and their
+    rows in the model's view list (``flips``: whether each is mirrored)."""
+
+    source: CamSource
+    settings: CamSettings
+    size: int  # the model's input side: the crops are resized to it
+    rows: tuple[int, ...]
+    flips: tuple[bool, ...]
+
+
+def cam_plan(model: Model, views: Sequence[View], cam: CamSettings = CamSettings()) -> CamPlan | None:
+    """``model``'s :class:`CamPlan`, or ``None`` when ``views`` hold no cam view. Identity is
+    ``views[0]`` (:func:`~ensemble.inference.tta.plan_views`): its pass gives the maps."""
+    rows = tuple(i for i, view in enumerate(views) if view.cam)
+    if not rows:
+        return None
+    pre = model.preprocess
+    return CamPlan(cam_source(pre, views, cam.min_size), cam, pre.input_size, rows,
+                   tuple(views[i].flip for i in rows))
+
+
+def run_sources(plans: Iterable[CamPlan | None]) -> tuple[CamSource, ...]:
+    """The cam sources a decode must produce for models with these plans, each once."""
+    return tuple(dict.fromkeys(plan.source for plan in plans if plan is not None))
+
+
 @dataclass(eq=False)
 class ModelPass:
     """One model ready to run: its session and its views grouped by input size."""
@@ -55,6 +94,7 @@ class ModelPass:
     model: Model
     runner: Runner
     groups: tuple[ViewGroup, ...]
+    cam: CamPlan | None = None
 
 
 @dataclass(frozen=True)
@@ -62,12 +102,15 @@ class ModelOutput:
     """One model's results for the real rows of one batch.
 
     ``scores``: merged, ``(count, classes)``; ``views``: ``(views, count, classes)``, the
-    per-view logits before merging; ``seconds``: time inside the model's session.
+    per-view logits before merging; ``seconds``: time inside the model's session; ``boxes``:
+    float32 ``(count, 4)``, each image's cam box, normalised ``(x0, y0, x1, y1)`` of the image
+    (zeros for bad images), or ``None`` without cam views.
     """
 
     scores: np.ndarray
     views: np.ndarray
     seconds: float
+    boxes: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +137,7 @@ class Forward:
         self.merge_mode = merge_mode
         self._buffers: dict[Geometry, np.ndarray] = {}
         self._filled: set[Geometry] = set()
+        self._crops: dict[tuple[int, int], np.ndarray] = {}  # (batch, size) -> the crop batch, reused
 
     def __call__(self, decoded: DecodedBatch, passes: Sequence[ModelPass]) -> BatchOutput:
         self._filled.clear()
@@ -102,17 +146,55 @@ class Forward:
 
     def _model(self, item: ModelPass, decoded: DecodedBatch) -> ModelOutput:
         count = decoded.count
-        outputs: list[np.ndarray | None] = [None] * sum(len(g.rows) for g in item.groups)
+        plan = item.cam
+        outputs: list[np.ndarray | None] = [None] * (sum(len(g.rows) for g in item.groups)
+                                                     + (len(plan.rows) if plan else 0))
         seconds = 0.0
+        maps = None
         for group in item.groups:
             for (geo, flipped), row in zip(group.members, group.rows):
                 view = self._view(geo, flipped, decoded)
+                tick = time.perf_counter()
+                if plan is not None and row == 0:
+                    logits, maps = item.runner.with_cam(view)
+                else:
+                    logits = item.runner(view)
+                seconds += time.perf_counter() - tick
+                outputs[row] = logits[:count]
+        boxes = None
+        if plan is not None:
+            crops, boxes = self._crop(plan, decoded, maps)
+            for flipped, row in zip(plan.flips, plan.rows):
+                view = np.ascontiguousarray(hflip(crops)) if flipped else crops
                 tick = time.perf_counter()
                 logits = item.runner(view)
                 seconds += time.perf_counter() - tick
                 outputs[row] = logits[:count]
         per_view = np.stack(outputs)  # (views, count, classes)
-        return ModelOutput(merge(per_view, self.merge_mode), per_view, seconds)
+        return ModelOutput(merge(per_view, self.merge_mode), per_view, seconds, boxes)
+
+    def _crop(self, plan: CamPlan, decoded: DecodedBatch, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The cam crops of a batch, uint8 ``(batch, size, size, 3)`` (zeros for padding and bad
+        rows), and the boxes of its real rows, float32 ``(count, 4)``. ``maps``: the identity
+        pass's ``(batch, h, w)`` class activation maps."""
+        source: CropSource = decoded.sources[plan.source]
+        batch = maps.shape[0]
+        crops = self._crops.get((batch, plan.size))
+        if crops is None:
+            crops = self._crops[batch, plan.size] = np.empty((batch, plan.size, plan.size, 3), np.uint8)
+        crops[:] = 0
+        boxes = np.zeros((decoded.count, 4), np.float32)
+        bad = {row for row, _ in decoded.bad}
+        resample = _RESAMPLE[plan.source.geometry.interpolation]
+        for row in range(decoded.count):
+            if row in bad:
+                continue
+            height, width = (int(v) for v in source.shapes[row])
+            box = cam_box(maps[row], height, width, plan.settings)
+            region = Image.fromarray(source.pixels[row, :height, :width])
+            crops[row] = np.asarray(region.resize((plan.size, plan.size), resample, box=box))
+            boxes[row] = to_image(box, height, width, source.regions[row])
+        return crops, boxes
 
     def _view(self, geo: Geometry, flipped: bool, decoded: DecodedBatch) -> np.ndarray:
         """One view of the batch, ``(batch, size, size, 3)``: the decoded array itself, or its
@@ -134,11 +216,12 @@ class LocalEngine:
     :class:`Forward` in this process, batch after batch, in order."""
 
     name = "local"
+    cluster = None
 
-    def __init__(self, decoder: Decoder, passes: Sequence[ModelPass], merge_mode: str):
+    def __init__(self, decoder: Decoder, passes: Sequence[ModelPass], forward: Forward):
         self.decoder = decoder
         self.passes = {item.model.name: item for item in passes}
-        self.forward = Forward(merge_mode)
+        self.forward = forward
 
     @property
     def workers(self) -> int:

@@ -24,12 +24,13 @@ needs the usual ``if __name__ == "__main__":`` guard around its entry point.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -41,10 +42,15 @@ from ensemble.inference.runtime import (TRT_CACHE, ForeignPreprocess, GpuOptions
                                         available_providers, check_gpu_options, cpu_threads, device_choices,
                                         load_model, prepare_trt_cache, probe_device, select_device)
 from ensemble.inference.store import DTYPES, StoreWriter, read_store, store_path
-from ensemble.inference.forward import BatchOutput, LocalEngine, ModelPass, run_geometries, view_groups
+from ensemble.inference.cam import CamSettings
+from ensemble.inference.forward import (BatchOutput, Forward, LocalEngine, ModelPass, cam_plan, run_geometries,
+                                        run_sources, view_groups)
 from ensemble.inference.tta import DEFAULT_SCALES, View, merge_mode, plan_views, view_size
 
 BAD_IMAGE_POLICIES = ("fail", "skip")
+#: ``--engine``: this machine (:class:`~ensemble.inference.forward.LocalEngine`) or a Ray cluster
+#: (:mod:`ensemble.inference.ray_engine`, the optional extra ``ray``).
+ENGINES = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,30 @@ class InferOptions:
     cudnn_search: str = "heuristic"
     gpu_mem_limit: float | None = None
     trt_fp16: bool = False
+    #: The cam views' box (:class:`~ensemble.inference.cam.CamSettings`); ``None``: its default.
+    cam_threshold: float | None = None
+    cam_pad: float | None = None
+    cam_min: float | None = None
+    engine: str = "local"
+    #: ``--engine ray``: the cluster to join; ``None`` is Ray's own resolution (``RAY_ADDRESS``,
+    #: a running local cluster, else a new one on this machine).
+    ray_address: str | None = None
+
+
+class Engine(Protocol):
+    """What :class:`_SplitRun` needs of an engine: the batches' outputs in order, and figures
+    for the manifest (``cluster``: the Ray cluster's resources, ``None`` for this machine)."""
+
+    name: str
+    cluster: dict | None
+
+    @property
+    def workers(self) -> int: ...
+
+    @property
+    def waited(self) -> float: ...
+
+    def run(self, batches, needs) -> Iterator[BatchOutput]: ...
 
 
 @dataclass(frozen=True)
@@ -126,6 +156,7 @@ class _Chunk:
 
     scores: list[np.ndarray] = field(default_factory=list)
     views: list[np.ndarray] = field(default_factory=list)
+    boxes: list[np.ndarray] = field(default_factory=list)
 
 
 def finishing_command(model: Model, split: Split, options: InferOptions, device: str) -> str:
@@ -150,6 +181,17 @@ def finishing_command(model: Model, split: Split, options: InferOptions, device:
             args += [flag, str(value)]
     if options.keep_views:
         args.append("--keep-views")
+    if "cam" in options.tta:
+        cam, default_cam = cam_settings(options), CamSettings()
+        for flag, value, default in (("--cam-threshold", cam.threshold, default_cam.threshold),
+                                     ("--cam-pad", cam.pad, default_cam.pad),
+                                     ("--cam-min", cam.min_size, default_cam.min_size)):
+            if value != default:
+                args += [flag, f"{value:g}"]
+    if options.engine != defaults.engine:
+        args += ["--engine", options.engine]
+        if options.ray_address is not None:
+            args += ["--ray-address", options.ray_address]
     args += ["--device", device, "--out", str(options.out)]
     if model.foreign:
         meta, given = model.metadata, options.foreign
@@ -163,8 +205,20 @@ def finishing_command(model: Model, split: Split, options: InferOptions, device:
     return shlex.join(args)
 
 
+def cam_settings(options: InferOptions) -> CamSettings:
+    """The cam views' settings: the options given, the library's defaults for the others."""
+    given = {"threshold": options.cam_threshold, "pad": options.cam_pad, "min_size": options.cam_min}
+    return CamSettings(**{k: v for k, v in given.items() if v is not None})
+
+
 def _check_options(options: InferOptions) -> None:
     merge_mode(options.merge)
+    cam_settings(options).check()
+    if "cam" not in options.tta:
+        for flag, value in (("--cam-threshold", options.cam_threshold), ("--cam-pad", options.cam_pad),
+                            ("--cam-min", options.cam_min)):
+            if value is not None:
+                raise EnsError(f"{flag} is for the cam view; add cam to --tta")
     if options.device not in device_choices():
         raise EnsError(f"--device {options.device}: choose from {', '.join(device_choices())}")
     if options.on_bad_image not in BAD_IMAGE_POLICIES:
@@ -177,6 +231,10 @@ def _check_options(options: InferOptions) -> None:
         raise EnsError(f"--workers {options.workers}: must be 0 (decode in this process) or more")
     if options.chunk_size < 1:
         raise EnsError(f"--chunk-size {options.chunk_size}: must be at least 1")
+    if options.engine not in ENGINES:
+        raise EnsError(f"--engine {options.engine}: choose from {', '.join(ENGINES)}")
+    if options.ray_address is not None and options.engine != "ray":
+        raise EnsError("--ray-address is for --engine ray")
     check_gpu_options(GpuOptions(options.cudnn_search, options.gpu_mem_limit))
 
 
@@ -195,6 +253,10 @@ def _load_models(paths: Sequence[Path], options: InferOptions, views: Sequence[V
         raise EnsError("--input-size, --mean, --std, --resize and --crop-pct are for ONNX files "
                        "without ens metadata; every model given has its own")
     for model in models:
+        if any(v.cam for v in views) and model.metadata.cam is None:
+            raise EnsError(f"{model.path}: has no cam output (a class activation map), so --tta cam cannot "
+                           "run on it; export it again with this ens (its head must be global average pooling "
+                           "+ one linear layer), or drop cam from --tta")
         sizes = sorted({view_size(model.preprocess, v) for v in views})
         if not model.metadata.dynamic_size and sizes != [model.metadata.input_size]:
             raise EnsError(f"{model.path}: takes only {model.metadata.input_size} px inputs, but the TTA "
@@ -229,7 +291,75 @@ def infer(models: Sequence[str | Path], splits: Sequence[Split], options: InferO
     views = plan_views(options.tta, options.scales)
     loaded_models = _load_models([Path(p) for p in models], options, views)
 
-    gpu = GpuOptions(options.cudnn_search, options.gpu_mem_limit, options.trt_fp16)
+    chunk_size = -(-options.chunk_size // options.batch_size) * options.batch_size
+    if options.engine == "ray":
+        from ensemble.inference.ray_engine import ray_engine as opened
+    else:
+        opened = _local_engine
+    results: list[StoreResult] = []
+    decodes = 0
+    with opened(loaded_models, views, options, report) as ready:
+        for split in splits:
+            run = _SplitRun(split, ready.loaded, views, options, ready.engine, ready.device, ready.provider,
+                            chunk_size, report, ready.fallback)
+            results.extend(run.execute())
+            decodes += run.decodes
+    return InferResult(device=ready.device, provider=ready.provider, workers=ready.engine.workers,
+                       stores=tuple(results), decodes=decodes, seconds=time.perf_counter() - start)
+
+
+@dataclass(frozen=True)
+class Ready:
+    """An engine ready to run: its sessions (``loaded``, without runners where they live in
+    other processes), the device they run on, its provider, and why ``auto`` fell back to the CPU."""
+
+    engine: Engine
+    loaded: Sequence[_Loaded]
+    device: str
+    provider: str
+    fallback: str | None = None
+
+
+def gpu_options(options: InferOptions) -> GpuOptions:
+    return GpuOptions(options.cudnn_search, options.gpu_mem_limit, options.trt_fp16)
+
+
+def make_forward(options: InferOptions) -> Forward:
+    """The compute of one decoded batch for these options; every engine builds its own here."""
+    return Forward(options.merge)
+
+
+def open_passes(models: Sequence[Model], views: Sequence[View], options: InferOptions, device: str,
+                gpu: GpuOptions, sessions: bool = True) -> list[_Loaded]:
+    """Open every model's session on ``device``, with its views grouped by input size; every
+    engine opens its sessions here (in this process, or in each of its workers). ``sessions=False``:
+    the plan alone (``runner`` is ``None``), for a driver whose sessions live in its workers."""
+    loaded = []
+    cam = cam_settings(options)
+    for model in models:
+        groups = view_groups(model, views, cam)
+        sizes = [group.size for group in groups]
+        runner = Runner(model, device, gpu, images=options.batch_size, sizes=sizes) if sessions else None
+        if device != "cpu" and runner is not None:
+            runner.warm_up(options.batch_size, sizes)  # before the first rate: cuDNN picks algorithms per shape
+        loaded.append(_Loaded(model, runner, groups, cam_plan(model, views, cam)))
+    return loaded
+
+
+def decode_needs(models: Sequence[Model], views: Sequence[View], options: InferOptions) -> dict:
+    """What every engine's decode must produce for these models: ``{"geometries": ...,
+    "sources": ...}``, each once (the keyword arguments of :class:`~ensemble.inference.decode.Decoder`
+    and :func:`~ensemble.inference.decode.decode_batch`)."""
+    cam = cam_settings(options)
+    return {"geometries": run_geometries(view_groups(m, views, cam) for m in models),
+            "sources": run_sources(cam_plan(m, views, cam) for m in models)}
+
+
+@contextlib.contextmanager
+def _local_engine(models: Sequence[Model], views: Sequence[View], options: InferOptions,
+                  report: Callable[[Event], None]) -> Iterator[Ready]:
+    """This machine: decoding processes feeding sessions in this process."""
+    gpu = gpu_options(options)
     device, fallback = resolve_device(options.device, gpu)
     if fallback:
         report(Event("note", message=f"warning: {fallback}"))
@@ -237,41 +367,24 @@ def infer(models: Sequence[str | Path], splits: Sequence[Split], options: InferO
     if workers is None:
         cores = cpu_threads()
         workers = max(1, cores // 4) if device == "cpu" else max(1, cores - 1)
-    batch = options.batch_size
-    chunk_size = -(-options.chunk_size // batch) * batch
-    groups = [view_groups(m, views) for m in loaded_models]
-    results: list[StoreResult] = []
-    decodes = 0
     # The decoding processes start first, so that they come up while the sessions load.
-    with Decoder(run_geometries(groups), batch, workers) as decoder:
+    with Decoder(batch_size=options.batch_size, workers=workers, **decode_needs(models, views, options)) as decoder:
         if device == "tensorrt":
             gpu = dataclasses.replace(gpu, trt_cache=prepare_trt_cache(Path(options.out) / TRT_CACHE))
-        loaded = []
-        for model, model_groups in zip(loaded_models, groups):
-            sizes = [group.size for group in model_groups]
-            runner = Runner(model, device, gpu, images=batch, sizes=sizes)
-            if device != "cpu":
-                runner.warm_up(batch, sizes)  # before the first rate: cuDNN picks algorithms per shape
-            loaded.append(_Loaded(model, runner, model_groups))
+        loaded = open_passes(models, views, options, device, gpu)
         provider = loaded[0].runner.provider
         chosen = " (--device auto)" if options.device == "auto" else ""
         decoding = (f"{workers} decoding process{'es' if workers > 1 else ''}" if workers
                     else "decoding in this process")
         report(Event("note", message=f"device {device}{chosen}: {provider}, {decoding}"))
-        for split in splits:
-            engine = LocalEngine(decoder, loaded, options.merge)
-            run = _SplitRun(split, loaded, views, options, engine, device, provider, chunk_size, report, fallback)
-            results.extend(run.execute())
-            decodes += run.decodes
-    return InferResult(device=device, provider=provider, workers=workers, stores=tuple(results),
-                       decodes=decodes, seconds=time.perf_counter() - start)
+        yield Ready(LocalEngine(decoder, loaded, make_forward(options)), loaded, device, provider, fallback)
 
 
 class _SplitRun:
     """All models on one split: resume state, the batch loop, chunk and store writing."""
 
     def __init__(self, split: Split, loaded: Sequence[_Loaded], views: Sequence[View],
-                 options: InferOptions, engine: LocalEngine, device: str, provider: str,
+                 options: InferOptions, engine: Engine, device: str, provider: str,
                  chunk_size: int, report: Callable[[Event], None], fallback: str | None = None):
         self.split, self.loaded, self.views, self.options = split, loaded, views, options
         self.engine, self.chunk_size, self.report = engine, chunk_size, report
@@ -292,6 +405,8 @@ class _SplitRun:
                 # The reduced JPEG decode keeps this model's largest canvas (not the run's).
                 "decode_side": item.groups[0].members[0][0].min_side,
             }
+            if item.cam is not None:  # only then: stores without cam views keep their keys
+                key["cam"] = item.cam.settings.record()
             self.writers[model.name] = StoreWriter(store_path(options.out, model.path, split.name),
                                                    key, len(split), chunk_size)
             self.base[model.name] = {
@@ -303,9 +418,12 @@ class _SplitRun:
                           "foreign": model.foreign},
                 "dataset": {"split": split.name, "source": str(split.source), "sha256": split.sha256,
                             "images": len(split)},
-                "tta": {"views": [v.name for v in views], "merge": options.merge},
+                "tta": {"views": [v.name for v in views], "merge": options.merge,
+                        **({} if item.cam is None else {"cam": item.cam.settings.record()})},
                 "device": device, "provider": provider, "device_fallback": fallback, "batch_size": self.batch,
                 "chunk_size": chunk_size, "ens_version": __version__,
+                # Not in the key: both engines compute the same arrays, so either resumes the other's.
+                "engine": engine.name, "cluster": engine.cluster,
                 "command": finishing_command(model, split, options, device),
             }
 
@@ -370,6 +488,8 @@ class _SplitRun:
                 parts[name].scores.append(result.scores)
                 if self.options.keep_views:
                     parts[name].views.append(result.views)
+                if result.boxes is not None:
+                    parts[name].boxes.append(result.boxes)
             processed += out.count
             rate = processed / max(time.perf_counter() - started, 1e-9)
             done = before + processed
@@ -439,4 +559,5 @@ class _SplitRun:
         keep[[r for r, _ in bad]] = False
         for name, part in parts.items():
             views = np.concatenate(part.views, axis=1) if part.views else None
-            self.writers[name].write_chunk(c, np.concatenate(part.scores), keep, bad, views)
+            boxes = np.concatenate(part.boxes) if part.boxes else None
+            self.writers[name].write_chunk(c, np.concatenate(part.scores), keep, bad, views, boxes)
