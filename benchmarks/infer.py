@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/infer.py            # 512 images
     .venv/bin/python benchmarks/infer.py --quick    # 64 images
+    .venv/bin/python benchmarks/infer.py --engine ray --skip-torch   # the Ray engine against the local one
 
 On a generated iNaturalist-like set (JPEGs, longest side 800 px, the usual photo aspect ratios,
 photo-like content at quality 90) and two exported networks (resnet50 and mnasnet1_0, 1010
@@ -17,6 +18,10 @@ default), all measured in this one run:
 * torch loop: torchvision models in eval / inference mode, a DataLoader decoding with PIL and
   torchvision transforms (Resize 256, CenterCrop 224, ToTensor, Normalize), one forward pass
   per model and view, as a plain script would do it.
+
+With ``--engine ray``: ``ens infer --engine ray`` on a local Ray cluster started in this process
+(all of this machine's cores; its start-up timed and reported apart, not in the runs) against
+the local engine, runs interleaved, the same images, models and views.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from ensemble.inference.tta import plan_views, view_size  # noqa: E402
 ARCHS = ("resnet50", "mnasnet1_0")
 #: End to end on the CPU against the sessions alone (issue 14).
 GOAL = 1.07
+#: The Ray engine's whole run against the local engine's (issue 16).
+RAY_GOAL = 1.3
 #: (width, height) ratios of iNat photos, with rough frequencies: mostly 4:3 landscape.
 ASPECTS = [((4, 3), 0.45), ((3, 4), 0.2), ((3, 2), 0.15), ((1, 1), 0.1), ((2, 3), 0.05), ((16, 9), 0.05)]
 
@@ -104,12 +111,12 @@ def model_only(paths: list[Path], count: int, batch: int, tta: tuple[str, ...]) 
 
 
 def ens_infer(paths: list[Path], index: Path, out: Path, batch: int, workers: int | None,
-              tta: tuple[str, ...]) -> tuple[float, float, int]:
+              tta: tuple[str, ...], engine: str = "local") -> tuple[float, float, int]:
     """(wall seconds, loop seconds, decoding processes) of one `ens infer` run."""
     shutil.rmtree(out, ignore_errors=True)
     split = load_split(index)
     start = time.perf_counter()
-    result = infer(paths, [split], InferOptions(tta=tta, batch_size=batch, workers=workers, out=out))
+    result = infer(paths, [split], InferOptions(tta=tta, batch_size=batch, workers=workers, out=out, engine=engine))
     wall = time.perf_counter() - start
     loop = read_store(result.stores[0].path).manifest["seconds"]
     return wall, loop, result.workers
@@ -146,6 +153,39 @@ def torch_loop(folder: Path, index: Path, count: int, batch: int, workers: int) 
     return time.perf_counter() - start
 
 
+def ray_against_local(paths: list[Path], index: Path, work: Path, count: int, batch: int, workers: int | None,
+                      tta: tuple[str, ...], repeat: int) -> None:
+    """The Ray engine's runs against the local engine's, interleaved, best of each."""
+    import logging
+
+    import ray
+
+    start = time.perf_counter()
+    ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    startup = time.perf_counter() - start
+    resources = ray.cluster_resources()
+    print(f"Ray {ray.__version__}: a local cluster of {resources.get('CPU', 0):.0f} CPUs, "
+          f"{resources.get('GPU', 0):.0f} GPUs, started in {startup:.1f} s (not in the runs below)")
+    try:
+        runs: dict[str, list] = {"local": [], "ray": []}
+        for _ in range(repeat):
+            for engine in runs:
+                runs[engine].append(ens_infer(paths, index, work / "runs", batch, workers, tta, engine))
+            print(f"  local {runs['local'][-1][0]:6.2f} s, ray {runs['ray'][-1][0]:6.2f} s "
+                  f"(loops {runs['local'][-1][1]:6.2f} s, {runs['ray'][-1][1]:6.2f} s)")
+    finally:
+        ray.shutdown()
+    local = min(r[0] for r in runs["local"])
+    print(f"\n{'':36} {'seconds':>8} {'images/s':>9} {'vs local':>9}")
+    for engine, label in (("local", "local engine, whole run"), ("ray", "ray engine, whole run")):
+        wall, loop = min(r[0] for r in runs[engine]), min(r[1] for r in runs[engine])
+        print(f"{label:36} {wall:8.2f} {count / wall:9.2f} {wall / local:8.2f}x")
+        print(f"{f'  its loop ({runs[engine][0][2]} decoding)':36} {loop:8.2f} {count / loop:9.2f}")
+    ratio = min(r[0] for r in runs["ray"]) / local
+    print(f"\ngoal: the Ray engine within {RAY_GOAL:.2f}x of the local engine: {ratio:.2f}x, "
+          f"{'met' if ratio <= RAY_GOAL else 'not met'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="64 images instead of 512")
@@ -156,6 +196,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs of model-only and ens infer; the best counts")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--tta", default="flip", help="ens infer's --tta (the torch loop always does flip)")
+    parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="ray: the Ray engine against the local engine instead of the model-only and torch runs")
     args = parser.parse_args()
     count = args.images or (64 if args.quick else 512)
     tta = tuple(t for t in args.tta.split(",") if t)
@@ -181,6 +223,9 @@ def main() -> None:
         print(f"{cpu_threads()} cores; onnxruntime {ort.__version__}, torch {torch.__version__} "
               f"({torch.get_num_threads()} threads); batch {args.batch}, tta {args.tta}\n")
 
+        if args.engine == "ray":
+            ray_against_local(paths, index, work, count, args.batch, args.workers, tta, args.repeat)
+            return
         # Interleaved repeats, best of each: other processes on a shared machine only slow runs down.
         bases, runs = [], []
         for _ in range(args.repeat):
