@@ -231,6 +231,7 @@ class RayEngine:
             return
         ray, pool = self.ray, self.pool
         context = ray.data.DataContext.get_current()
+        before = context.execution_options.preserve_order, context.enable_progress_bars
         context.execution_options.preserve_order = True  # rows come back in the split's order
         context.enable_progress_bars = False  # ens shows its own
         data = ray.data.from_items(items, override_num_blocks=len(items))  # a block per batch
@@ -260,6 +261,8 @@ class RayEngine:
             close = getattr(rows, "close", None)
             if close is not None:
                 close()  # stops the dataset's execution: its actors give their resources back
+            # The caller's own datasets (a notebook's) keep their settings.
+            context.execution_options.preserve_order, context.enable_progress_bars = before
 
 
 @contextlib.contextmanager

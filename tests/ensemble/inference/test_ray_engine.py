@@ -137,15 +137,16 @@ def test_a_killed_inference_actor_is_restarted_and_the_run_completes(cluster, se
     retries its batches, and the stores equal the local engine's."""
     _, _, models, splits = setup
     killed, later = [], set()
+    earlier = _actor_pids()  # an earlier test's actors, if Ray has not ended them yet
 
     def kill_at_first_chunk(event):
         if event.kind == "chunk" and event.split == "val" and not killed:
-            pids = _actor_pids()
+            pids = _actor_pids() - earlier
             assert len(pids) == 1 and event.done < event.total
             killed.append(pids.pop())
             os.kill(killed[0], signal.SIGKILL)
         elif killed and event.kind in ("batch", "chunk"):
-            later.update(_actor_pids())
+            later.update(_actor_pids() - earlier)
 
     infer(models, splits[:1], _options(tmp_path, engine="ray"), progress=kill_at_first_chunk)
     assert killed and later and killed[0] not in later  # a new actor made the rest of the rows
