@@ -274,6 +274,9 @@ def ray_engine(models: Sequence[Model], views: Sequence[View], options: InferOpt
     if options.workers == 0:
         raise EnsError("--workers 0 decodes in this process; with --engine ray images are decoded in Ray "
                        "tasks: give 1 or more, or leave it out (every CPU the inference actors leave free)")
+    if options.device == "tensorrt":
+        raise EnsError("--device tensorrt: not with --engine ray yet (its engine cache is per machine); "
+                       "use --device cuda")
     started = _connect(ray, options.ray_address)
     try:
         # Ray Data logs every dataset's start and plan, warns that its progress bars are off, and
@@ -286,9 +289,6 @@ def ray_engine(models: Sequence[Model], views: Sequence[View], options: InferOpt
         if fallback:
             report(Event("note", message=f"warning: {fallback}"))
         pool = plan_pool(resources, device, options.workers)
-        if device == "tensorrt":
-            raise EnsError("--device tensorrt: not with --engine ray yet (its engine cache is per machine); "
-                           "use --device cuda")
         provider = DEVICES[device][0]
         engine = RayEngine(ray, models, views, options, device, gpu, resources, pool)
         chosen = " (--device auto)" if options.device == "auto" else ""

@@ -219,6 +219,10 @@ def test_options_that_only_ray_takes_are_refused_without_it(setup, tmp_path):
         infer(models, splits, _options(tmp_path, ray_address="auto"))
     with pytest.raises(EnsError, match="^--engine spark: choose from local, ray$"):
         infer(models, splits, _options(tmp_path, engine="spark"))
+    with pytest.raises(EnsError, match="^--workers 0 decodes in this process; with --engine ray images are "):
+        infer(models, splits, _options(tmp_path, engine="ray", workers=0))
+    with pytest.raises(EnsError, match=r"^--device tensorrt: not with --engine ray yet"):
+        infer(models, splits, _options(tmp_path, engine="ray", device="tensorrt"))
 
 
 def test_an_address_without_a_cluster_is_a_one_line_error(setup, tmp_path):
