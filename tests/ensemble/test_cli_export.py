@@ -32,7 +32,7 @@ def test_help_lists_only_working_commands():
     section = result.stdout.split("Commands")[1]
     # Rows of the commands box start "│ name  help"; wrapped help lines start with more spaces.
     commands = {line.split()[1] for line in section.splitlines() if line.startswith("│ ") and line[2] != " "}
-    assert commands == {"export", "info", "infer", "blend", "submit", "submissions", "demo"}
+    assert commands == {"export", "info", "infer", "blend", "submit", "submissions", "report", "demo"}
 
 
 @pytest.mark.parametrize("command, default", [
@@ -58,14 +58,27 @@ def test_export_end_to_end(checkpoint):
     assert any(line.startswith("  verified fp32 at 64 px: max |logit diff|") and line.endswith("top-1 agrees on 4/4")
                for line in lines)
     assert any(line.startswith("  verified fp32 at 73 px") for line in lines)
+    assert any(line.startswith("  note: cam output: the top-1 class's activation map on layer4.1.relu (2x2 at 64 px), "
+                               "verified against torch at 64 px and 73 px: max |cam diff| ") for line in lines)
     assert lines[-1].startswith(f"wrote {out} (")
 
     info = runner.invoke(app, ["info", str(out)])
     assert info.exit_code == 0
     assert "architecture       resnet18" in info.stdout
     assert "verified           fp32 at 64 px" in info.stdout
+    assert "cam                cam\n" in info.stdout and "cam_feature        layer4.1.relu\n" in info.stdout
     as_json = json.loads(runner.invoke(app, ["info", str(out), "--json"]).stdout)
     assert as_json["num_classes"] == NUM_CLASSES and as_json["input_size"] == 64
+
+
+def test_no_cam(checkpoint, tmp_path):
+    out = tmp_path / "plain.onnx"
+    result = runner.invoke(app, ["export", str(checkpoint), "--arch", "resnet18", "--input-size", "64", "--no-cam",
+                                 "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "cam" not in result.stdout.replace(str(out), "")
+    info = runner.invoke(app, ["info", str(out)])
+    assert "cam                None\n" in info.stdout
 
 
 def test_fp16_default_name(checkpoint):
@@ -87,7 +100,7 @@ def test_options_reach_the_library(monkeypatch, tmp_path):
         "export", "ck.pt", "--arch", "inception_v3", "--arch-kwargs", '{"transform_input": true}',
         "--num-classes", "1010", "--input-size", "560", "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25",
         "--classes", "cats.json", "--fp16", "-o", str(tmp_path / "x.onnx"), "--resize", "squash", "--crop-pct", "1",
-        "--interpolation", "bicubic", "--trust-pickle",
+        "--interpolation", "bicubic", "--trust-pickle", "--no-cam",
     ])
     assert result.exit_code == 2
     assert seen["out"] == tmp_path / "x.onnx"
@@ -95,7 +108,7 @@ def test_options_reach_the_library(monkeypatch, tmp_path):
     assert seen["options"] == ExportOptions(
         arch="inception_v3", arch_kwargs={"transform_input": True}, num_classes=1010, input_size=560,
         mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), resize="squash", crop_pct=1.0, interpolation="bicubic",
-        classes=seen["options"].classes, fp16=True, trust_pickle=True)
+        classes=seen["options"].classes, fp16=True, trust_pickle=True, cam=False)
     assert str(seen["options"].classes) == "cats.json"
 
 
@@ -338,6 +351,7 @@ EDITS = [
     ("mean", "[0.5, 0.5]", "expected three numbers R,G,B"),
     ("std", '"0.2"', "expected three numbers R,G,B"),
     ("dynamic_size", "1", "expected true or false"),
+    ("cam", '{"output": "cam"}', 'expected null or {"output": "cam", "feature": NAME}'),
 ]
 
 
