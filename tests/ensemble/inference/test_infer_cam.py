@@ -321,3 +321,22 @@ def test_the_cam_sources_count_in_the_decoding_memory_bound():
     assert with_cam.batch_bytes >= plain.batch_bytes + 32 * 1024 * 1024 * 3
     assert plain.prefetch == 10 and with_cam.prefetch < 10
     assert with_cam.prefetch * with_cam.batch_bytes <= PREFETCH_BYTES
+
+
+def test_the_ray_engine_writes_the_same_cam_stores(tmp_path):
+    """The cam view lives in the shared pieces (decode_batch's sources, Forward, _SplitRun), so
+    the Ray engine gets it as is: byte-identical stores, boxes included."""
+    ray = pytest.importorskip("ray")
+    folder = pasted(tmp_path / "images", [(100, 40), (150, 120), (210, 60), (120, 100), (90, 30)])
+    models = [cam_onnx(tmp_path / "a.onnx", positive=True), cam_onnx(tmp_path / "b.onnx", seed=1, resize="squash")]
+    split = load_split(folder)
+    options = dict(tta=("cam", "flip"), keep_views=True, chunk_size=2)
+    infer(models, [split], _options(tmp_path / "local", **options))
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        infer(models, [split], _options(tmp_path / "ray", **options, engine="ray", workers=None))
+    finally:
+        ray.shutdown()
+    for name in ("a", "b"):
+        assert "boxes.npy" in store_bytes(tmp_path / "ray" / name / "images")
+        assert store_bytes(tmp_path / "ray" / name / "images") == store_bytes(tmp_path / "local" / name / "images")
