@@ -6,7 +6,8 @@
 3. runs the public commands, each in a subprocess, in the work folder: `ens export` for each
    checkpoint, `ens infer --tta flip,scale` on val and test, `ens blend --optimize val` (which
    notes that data/train2019.json could correct the long-tailed training prior), the same with
-   `--prior data/train2019.json`, `ens submit --dry-run` of the corrected blend; then scores
+   `--prior data/train2019.json`, `ens report` of that blend (its path printed), `ens submit
+   --dry-run` of the corrected blend; then scores
    the CSV against the answers only the demo holds;
 4. prints one table: per model, uniform and the nll blend, each without and with the prior
    correction, CV top-1 on validation and top-1 error on test, and the submission's path.
@@ -71,6 +72,7 @@ class DemoResult:
     submission: Path
     method: str
     seconds: float
+    report: Path | None = None  #: the `ens report` page of the demo's blend
 
 
 def _step(log: Callable[[str], None], number: int, title: str):
@@ -149,13 +151,16 @@ def run_demo(workdir: Path = Path(".demo"), settings: DemoSettings = DemoSetting
     log(f"  ({time.perf_counter() - t:.1f} s)")
 
     t = _step(log, 5, "ens blend: weights fitted on val, cross-validated, applied to test; then corrected for "
-                      "the long-tailed training prior")
+                      "the long-tailed training prior; ens report explains it")
     # --models: blend this run's models only, not stores an earlier demo left in runs/.
     names = ",".join(Path(m).stem for m in models)
     fit = ["blend", "--optimize", "val", "--data", "data", "--models", names, "--cv", str(settings.cv)]
     _ens(workdir, [*fit, "--out", "blends/plain"], log)
     _ens(workdir, [*fit, "--prior", "data/train2019.json", "--out", "blends/demo"], log)
     blend = json.loads((workdir / "blends/demo/blend.json").read_text())
+    _ens(workdir, ["report", "blends/demo"], log)
+    report = workdir / "blends/demo/report.html"
+    log(f"  the blend explained, one page to open in a browser: {report}")
     log(f"  ({time.perf_counter() - t:.1f} s)")
 
     t = _step(log, 6, "ens submit --dry-run: a checked Kaggle CSV, recorded in the ledger")
@@ -174,7 +179,7 @@ def run_demo(workdir: Path = Path(".demo"), settings: DemoSettings = DemoSetting
     table = tuple(Row(r["name"], r["top1"], r["top1_low"], r["top1_high"], test_error[r["name"]])
                   for r in blend["cv"]["rows"] if r["name"] in test_error)
     return DemoResult(rows=table, submission=submission, method=blend["cv"]["chosen"],
-                      seconds=time.perf_counter() - start)
+                      seconds=time.perf_counter() - start, report=report)
 
 
 def _other_test_errors(workdir: Path, competition: Competition, models: Sequence[str], blend: dict,
