@@ -125,6 +125,23 @@ def test_a_photo_pasted_small_is_where_the_box_goes(tmp_path):
     np.testing.assert_allclose(boxes[1] - boxes[0], [90, 100, 90, 100], atol=3)
 
 
+def test_the_box_is_on_the_image_as_displayed_exif_orientation_applied(tmp_path):
+    """A photo stored sideways with an EXIF orientation tag gets the box and the cam view of the
+    same photo stored upright: the box is in the displayed image's frame."""
+    folder = pasted(tmp_path / "images", [(110, 50)])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: rotate 90 degrees clockwise to display
+    Image.open(folder / "img0.png").transpose(Image.Transpose.ROTATE_90).save(folder / "img1.png", exif=exif)
+    model = cam_onnx(tmp_path / "texture.onnx", positive=True)
+    infer([model], [load_split(folder)], _options(tmp_path / "runs", keep_views=True))
+    store = read_store(tmp_path / "runs" / "texture" / "images")
+    rows = {str(name): row for row, name in enumerate(store.ids)}
+    upright, sideways = rows["img0.png"], rows["img1.png"]
+    assert store.boxes[upright][2] - store.boxes[upright][0] < 0.5  # a box around the photo, not the frame
+    np.testing.assert_array_equal(store.boxes[sideways], store.boxes[upright])
+    np.testing.assert_array_equal(store.views[:, sideways], store.views[:, upright])
+
+
 def test_the_cam_view_classifies_the_crop_of_the_full_resolution_image(tmp_path):
     """Its logits are the model's on the box cut from the image file itself, resized to the input."""
     folder = pasted(tmp_path / "images", [(100, 40), (150, 120), (210, 60)])
