@@ -200,6 +200,13 @@ def training_counts(record: Mapping[str, Any], class_ids: Sequence[Any], data: P
     return None, None
 
 
+def _probability(log_probs: np.ndarray) -> np.ndarray:
+    """float64 probabilities of float32 log-probabilities, at most 1: a fused row's top entry can
+    round to a few 1e-7 above 0 (mixture weights normalised in float32), and the calibration
+    maths refuses a confidence above 1."""
+    return np.minimum(np.exp(log_probs.astype(np.float64)), 1.0)
+
+
 def _predict(arrays: Sequence[np.ndarray], temperatures: Sequence[float | None]) -> list[Predictions]:
     """Top class and its probability of each ``(N, C)`` array, chunk by chunk."""
     n_rows = arrays[0].shape[0]
@@ -209,7 +216,7 @@ def _predict(arrays: Sequence[np.ndarray], temperatures: Sequence[float | None])
             log_probs = ws.log_softmax(array[start:start + CHUNK_ROWS], t)
             top = np.argmax(log_probs, axis=1)
             pred[start:start + top.size] = top
-            conf[start:start + top.size] = np.exp(log_probs[np.arange(top.size), top].astype(np.float64))
+            conf[start:start + top.size] = _probability(log_probs[np.arange(top.size), top])
     return [Predictions(conf, pred) for conf, pred in out]
 
 
@@ -253,8 +260,8 @@ def _blend_predictions(blend: ws.FittedBlend, arrays: Sequence[np.ndarray],
             top = np.argmax(log_probs, axis=1)
             stop = start + top.size
             pred[start:stop] = top
-            conf[start:stop] = np.exp(log_probs[rows, top].astype(np.float64))
-            true_p[start:stop] = np.exp(log_probs[rows, labels[start:stop]].astype(np.float64))
+            conf[start:stop] = _probability(log_probs[rows, top])
+            true_p[start:stop] = _probability(log_probs[rows, labels[start:stop]])
     except ValueError as exc:
         raise EnsError(f"cannot fuse the stores as blend.json says ({exc})") from None
     return Predictions(conf, pred), true_p

@@ -102,6 +102,23 @@ def test_temperatures_show_calibration_before_and_after(work):
     assert f'<tr data-row="blend"><td>blend</td><td data-key="ece">{blend.ece:.4f}</td>' in page
 
 
+def test_a_certain_blend_rounding_above_probability_one_still_has_a_reliability_diagram():
+    """Mixture weights normalised in float32 can put a certain row's fused log-probability a few
+    1e-7 above 0; its confidence is 1, not a ValueError from the calibration maths."""
+    import weights_search as ws
+
+    logits = np.zeros((2, 4, 10), np.float32)
+    logits[:, :, 0] = 50  # both members certain of column 0
+    blend = ws.FittedBlend(method="nll", fusion="mixture", weights=(0.325, 0.675))
+    assert blend.log_proba(logits).max() > 0  # the float32 rounding this test is about
+    labels = np.array([0, 0, 1, 0])
+    predictions, true_p = report_build._blend_predictions(blend, list(logits), labels)
+    assert predictions.predicted.tolist() == [0, 0, 0, 0]
+    assert predictions.confidence.tolist() == [1.0] * 4 and true_p[[0, 1, 3]].tolist() == [1.0] * 3
+    diagram = cal.reliability(predictions.confidence, predictions.correct(labels))
+    assert diagram.count[-1] == 4 and diagram.ece == pytest.approx(0.25)
+
+
 def cells(page: str, table: str) -> dict[str, dict[str, float]]:
     """``{row: {key: exact value}}`` of a table's ``data-value`` cells."""
     body = re.search(rf'<table class="{table}">(.*?)</table>', page, re.S).group(1)
