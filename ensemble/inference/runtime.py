@@ -133,7 +133,12 @@ def load_model(path: str | os.PathLike, foreign: ForeignPreprocess | None = None
         raise EnsError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
     props = {p.key: p.value for p in graph.metadata_props}
     if PREFIX + "format" in props:
-        return Model(path=path, sha256=sha256_file(path), metadata=ModelMetadata.from_props(props, str(path)))
+        metadata = ModelMetadata.from_props(props, str(path))
+        outputs = [o.name for o in graph.graph.output]
+        if metadata.cam is not None and metadata.cam not in outputs:
+            raise EnsError(f"{path}: its metadata names a {metadata.cam!r} output, but the graph's outputs are "
+                           f"{', '.join(outputs)}; export it again with `ens export`")
+        return Model(path=path, sha256=sha256_file(path), metadata=metadata)
     return _load_foreign(path, graph, foreign or ForeignPreprocess())
 
 

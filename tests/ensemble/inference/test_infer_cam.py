@@ -173,6 +173,20 @@ def test_a_model_without_a_cam_output_is_refused_by_name_before_any_work(tmp_pat
     assert "drop cam from --tta" in line
 
 
+def test_metadata_naming_a_cam_output_the_graph_lacks_is_one_line(tmp_path, inat):
+    # The network without its cam output, its metadata still saying it has one (an edited file).
+    path = cam_onnx(tmp_path / "lying.onnx", cam=False)
+    graph = onnx.load(str(path))
+    cam_meta = ModelMetadata(architecture="texture", num_classes=CLASSES, input_size=64, mean=MEAN, std=STD,
+                             dynamic_size=True, cam=CAM_OUTPUT, cam_feature="features").to_props()
+    for prop in graph.metadata_props:
+        prop.value = cam_meta.get(prop.key, prop.value)
+    onnx.save(graph, str(path))
+    one_line_error(ens("infer", path, "--index", inat / "val2019.json", "--tta", "cam", "--out", tmp_path / "runs"),
+                   "lying.onnx: its metadata names a 'cam' output, but the graph's outputs are logits;")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_cam_options_are_checked_and_need_the_cam_view(tmp_path, inat):
     model = cam_onnx(tmp_path / "m.onnx")
     split = ("--index", inat / "val2019.json", "--out", tmp_path / "runs")
