@@ -416,6 +416,9 @@ class Runner:
             logits, cam = self.session.run([self.output_name, self.cam_name], {self.input_name: batch})
         except Exception as exc:  # onnxruntime raises its own Fail, RuntimeException, ... types
             raise EnsError(run_failure(self.path, batch.shape, exc)) from None
+        if cam.ndim != 3 or cam.shape[0] != batch.shape[0] or 0 in cam.shape:
+            raise EnsError(f"{self.path}: its {self.cam_name!r} output has shape {cam.shape}, not a class "
+                           f"activation map per image ({batch.shape[0]}, h, w); export it again with `ens export`")
         return logits, cam
 
     def warm_up(self, images: int, sizes: Sequence[int]) -> None:

@@ -31,11 +31,14 @@ CELL = 4
 
 
 def cam_onnx(path: Path, *, size: int = 64, classes: int = CLASSES, resize: str = "center-crop",
-             crop_pct: float = 0.875, seed: int = 0, positive: bool = False, cam: bool = True) -> Path:
+             crop_pct: float = 0.875, seed: int = 0, positive: bool = False, cam: bool = True,
+             cam_equation: str = "bc,bchw->bhw") -> Path:
     """A texture classifier with a ``cam`` output (the ens contract: uint8 NHWC in).
 
     ``positive``: every head weight above 0, so the top-1 class's map is high exactly where the
     image has edges. ``cam=False``: the same network without the output (and metadata saying so).
+    ``cam_equation``: how the map is made from the head's row and the features (a broken one
+    for the error tests).
     """
     rng = np.random.default_rng(seed)
     kernel = np.zeros((8, 3, 3, 3), np.float32)
@@ -67,8 +70,9 @@ def cam_onnx(path: Path, *, size: int = 64, classes: int = CLASSES, resize: str 
     if cam:
         nodes += [helper.make_node("ArgMax", ["logits"], ["top1"], axis=1, keepdims=0),
                   helper.make_node("Gather", ["head_t", "top1"], ["row"], axis=0),
-                  helper.make_node("Einsum", ["row", "features"], [CAM_OUTPUT], equation="bc,bchw->bhw")]
-        outputs.append(helper.make_tensor_value_info(CAM_OUTPUT, TensorProto.FLOAT, ["batch", "h", "w"]))
+                  helper.make_node("Einsum", ["row", "features"], [CAM_OUTPUT], equation=cam_equation)]
+        outputs.append(helper.make_tensor_value_info(CAM_OUTPUT, TensorProto.FLOAT,
+                                                     ["batch", "h", "w"][:len(cam_equation.split("->")[1])]))
     image = helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", "height", "width", 3])
     graph = helper.make_graph(nodes, "texture", [image], outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -185,6 +189,13 @@ def test_metadata_naming_a_cam_output_the_graph_lacks_is_one_line(tmp_path, inat
     one_line_error(ens("infer", path, "--index", inat / "val2019.json", "--tta", "cam", "--out", tmp_path / "runs"),
                    "lying.onnx: its metadata names a 'cam' output, but the graph's outputs are logits;")
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_cam_output_that_is_no_map_per_image_is_one_line(tmp_path, inat):
+    model = cam_onnx(tmp_path / "flat.onnx", cam_equation="bc,bchw->bh")  # (batch, h): no map
+    one_line_error(ens("infer", model, "--index", inat / "val2019.json", "--tta", "cam", "--workers", 0,
+                       "--out", tmp_path / "runs"),
+                   "flat.onnx: its 'cam' output has shape (32, 16), not a class activation map per image (32, h, w)")
 
 
 def test_cam_options_are_checked_and_need_the_cam_view(tmp_path, inat):
