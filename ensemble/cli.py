@@ -237,7 +237,7 @@ def infer(
     cudnn_search: Annotated[Optional[str], typer.Option(help="GPU: cuDNN's convolution algorithm search, heuristic, exhaustive (slow first batch per input shape) or default.", show_default="heuristic")] = None,
     gpu_mem_limit: Annotated[Optional[float], typer.Option(metavar="GIB", help="GPU: memory each model's session may hold, in GiB.", show_default="no limit")] = None,
     trt_fp16: Annotated[bool, typer.Option("--trt-fp16", help="TensorRT: float16 engines for float32 models too (float16 models always get them).")] = False,
-    engine: Annotated[str, typer.Option(help="local (this machine) or ray (a Ray cluster: decoding in CPU tasks, one model actor per GPU; needs the optional extra ray); both write the same stores.")] = "local",
+    engine: Annotated[str, typer.Option(metavar="local|ray", help="local (this machine) or ray (a Ray cluster: decoding in CPU tasks, one model actor per GPU; needs the optional extra ray); both write the same stores.")] = "local",
     ray_address: Annotated[Optional[str], typer.Option(metavar="auto|HOST:PORT", help="--engine ray: the cluster to join.", show_default="RAY_ADDRESS, else a running local cluster, else a new one")] = None,
 ) -> None:
     """Run models with test-time augmentation into logit stores.

@@ -134,3 +134,7 @@ def test_help_shows_the_documented_surface():
     for option in ("--data", "--split", "--index", "--tta", "--scales", "--merge", "--keep-views", "--device",
                    "--batch-size", "--workers", "--on-bad-image", "--out", "--input-size", "--mean", "--std"):
         assert option in result.output
+    # Issue 16's surface: --engine local|ray [--ray-address auto|HOST:PORT].
+    wide = CliRunner().invoke(app, ["infer", "--help"], terminal_width=200).stdout
+    assert "--engine local|ray" in " ".join(wide.split())
+    assert "--ray-address auto|HOST:PORT" in " ".join(wide.split())
