@@ -237,8 +237,13 @@ def test_a_store_without_cam_has_no_boxes(tmp_path, inat):
 
 def test_each_image_is_decoded_once_with_the_cam_view(tmp_path):
     """Two models sharing preprocessing, cam and flip: one decode per image, the crops'
-    sources cut from it."""
-    folder = pasted(tmp_path / "images", [(100, 40), (150, 120), (210, 60)])
+    sources cut from it. JPEGs, so that a decode reduced for the full view alone (360 x 240 px
+    at 1/2 keeps its 73 px canvas) would differ from the one the crops need: a second decode."""
+    folder = pasted(tmp_path / "png", [(100, 40), (150, 120), (210, 60)])
+    (tmp_path / "images").mkdir()
+    for png in sorted(folder.iterdir()):
+        Image.open(png).save(tmp_path / "images" / f"{png.stem}.jpg", quality=95)
+    folder = tmp_path / "images"
     models = [cam_onnx(tmp_path / "a.onnx", positive=True), cam_onnx(tmp_path / "b.onnx", seed=1)]
     result = infer(models, [load_split(folder)], _options(tmp_path / "runs", tta=("cam", "flip")))
     assert result.decodes == 3
