@@ -32,7 +32,8 @@ def confidence_and_correct(log_probs: np.ndarray, labels: np.ndarray) -> tuple[n
         raise ValueError(f"expected log_probs (n_samples, n_classes) and labels (n_samples,), "
                          f"got {log_probs.shape} and {labels.shape}")
     predicted = np.argmax(log_probs, axis=1)
-    confidence = np.exp(log_probs[np.arange(labels.size), predicted].astype(np.float64))
+    # At most 1: float32 log-probabilities of a fused blend can round a few 1e-7 above 0.
+    confidence = np.minimum(np.exp(log_probs[np.arange(labels.size), predicted].astype(np.float64)), 1.0)
     return confidence, predicted == labels
 
 

@@ -15,6 +15,9 @@ def test_confidence_is_the_largest_probability_and_ties_go_to_the_lower_column()
     confidence, correct = confidence_and_correct(log_probs, np.array([1, 1, 0]))
     np.testing.assert_allclose(confidence, [0.5, 0.4, 0.8])
     assert correct.tolist() == [True, False, False]  # row 1: the tie predicts column 0
+    # A log-probability rounded just above 0 (as a float32 blend can give) is a confidence of 1.
+    confidence, _ = confidence_and_correct(np.array([[1.2e-7, -30.0]], np.float32), np.array([0]))
+    assert confidence.tolist() == [1.0] and reliability(confidence, np.ones(1)).count[-1] == 1
 
 
 def test_bins_are_closed_on_the_right_and_zero_joins_the_first():
