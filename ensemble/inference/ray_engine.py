@@ -14,10 +14,11 @@ runs on every core of its machine (``intra_op_num_threads``, as in the local eng
 keeps its results reproducible): more actors on one node would only fight over the cores. The
 CPUs the actors leave free decode, one task per CPU.
 
-Ray restarts a killed actor and retries its batch (Ray Data's defaults for actor pools:
-``max_restarts=-1``, ``max_task_retries=-1``), and a decoding task lost with its worker is run
-again (Ray's default: up to three times), so a run that loses a worker still ends with every
-row, in order. A killed driver loses the cluster's work in flight, not the chunks on disk:
+Ray restarts a killed actor (Ray Data's default for actor pools: ``max_restarts=-1``) and runs
+its batches again, each up to :data:`BATCH_RETRIES` times (a batch that kills every actor it
+reaches then fails the run in one line), and a decoding task lost with its worker is run again
+(Ray's default: up to three times), so a run that loses a worker still ends with every row, in
+order. A killed driver loses the cluster's work in flight, not the chunks on disk:
 rerun it, and it resumes.
 
 Ray is imported here only, and only when ``--engine ray`` is asked for (the optional extra
@@ -31,6 +32,7 @@ import contextlib
 import logging
 import socket
 import time
+import warnings
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from ensemble.errors import EnsError
@@ -43,6 +45,11 @@ from ensemble.inference.tta import View
 
 #: The share of a node's CPUs a CPU inference actor reserves; the rest decode.
 MODEL_SHARE = 0.75
+#: Times a batch is run again after the inference actor running it died (Ray's own default for
+#: a task, which the decoding tasks get). Ray Data's default for actors is without end: a batch
+#: that kills every actor it reaches (out of memory, a crash inside onnxruntime) would restart
+#: actors forever while the progress stands still.
+BATCH_RETRIES = 3
 _INSTALL = "--engine ray needs Ray: pip install 'ens[ray]' (from a clone: pip install '.[ray]')"
 
 
@@ -241,9 +248,14 @@ class RayEngine:
         data = data.map(_decode, fn_kwargs={"batch_size": self.options.batch_size, "needs": self.needs},
                         compute=ray.data.TaskPoolStrategy(size=pool["decoders"]), num_cpus=1,
                         memory=self.batch_bytes)
-        data = data.map(_Infer, fn_constructor_args=(self.models, self.views, self.options, self.device, self.gpu),
-                        compute=ray.data.ActorPoolStrategy(size=pool["actors"]), num_cpus=pool["actor_cpus"],
-                        num_gpus=pool["actor_gpus"])
+        with warnings.catch_warnings():
+            # Ray 2.60 takes max_task_retries only among its remote args, which it says it will
+            # drop in 2.64 (a DeprecationWarning the user can do nothing about).
+            warnings.simplefilter("ignore", DeprecationWarning)
+            data = data.map(_Infer, fn_constructor_args=(self.models, self.views, self.options, self.device,
+                                                         self.gpu),
+                            compute=ray.data.ActorPoolStrategy(size=pool["actors"]), num_cpus=pool["actor_cpus"],
+                            num_gpus=pool["actor_gpus"], max_task_retries=BATCH_RETRIES)
         rows = iter(data.iter_rows())
         try:
             while True:
