@@ -91,6 +91,10 @@ def test_shortened_demo_end_to_end(tmp_path):
     assert [s[:5] for s in steps] == [f"[{i}/6]" for i in range(1, 7)]
     assert any(line.startswith("  $ ens infer") and "--tta flip,scale" in line for line in lines)
     assert result.submission.is_file() and result.submission.parent == work / "submissions"
+    # The report of the demo's blend is written and its path printed (issue 15).
+    assert result.report == work / "blends" / "demo" / "report.html"
+    assert result.report.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert any(line.startswith("  the blend explained") and line.endswith(str(result.report)) for line in lines)
 
     check = CliRunner().invoke(app, ["submit", "--check", str(result.submission), "--data", str(work / "data")])
     assert check.exit_code == 0, check.output
