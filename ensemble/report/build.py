@@ -123,7 +123,27 @@ def read_blend_record(blend_dir: Path) -> tuple[Path, dict]:
     if (not isinstance(optimize, dict) or not isinstance(optimize.get("split"), str)
             or not isinstance(optimize.get("stores"), dict)):
         raise EnsError(f"{path}: records no fitted split ('optimize'), so there is nothing to report on")
+    if not _cv_ok(record.get("cv"), optimize):
+        raise EnsError(f"{path}: field 'cv' is malformed; expected folds, top_k, temperature, chosen and rows of "
+                       "{name, kind, top1, top1_low, top1_high, topk, nll}, as `ens blend` writes them")
     return path, record
+
+
+def _cv_ok(cv: Any, optimize: Mapping[str, Any]) -> bool:
+    """Whether blend.json's CV table (None: none) holds what the summary shows."""
+    if cv is None:
+        return True
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    rows = cv.get("rows") if isinstance(cv, dict) else None
+    return (isinstance(cv, dict) and isinstance(cv.get("folds"), int) and isinstance(cv.get("top_k"), int)
+            and isinstance(cv.get("temperature"), bool) and isinstance(cv.get("chosen"), str)
+            and isinstance(optimize.get("rows"), int) and isinstance(rows, list)
+            and all(isinstance(r, dict) and isinstance(r.get("name"), str) and isinstance(r.get("kind"), str)
+                    and all(number(r.get(k)) for k in ("top1", "top1_low", "top1_high", "topk", "nll"))
+                    for r in rows))
 
 
 def work_folder(blend_dir: Path) -> Path:

@@ -279,6 +279,14 @@ def test_bad_inputs_are_one_line_and_write_nothing(work, tmp_path):
     (broken / "blend.json").write_text('{"method": "nll"')
     one_line_error(ens("report", broken, "-o", out), f"{broken / 'blend.json'}: not a blend.json")
 
+    # A CV table without the numbers the summary shows.
+    bad_cv = tmp_path / "badcv" / "blends" / "full"
+    shutil.copytree(work.full, bad_cv)
+    record = json.loads((bad_cv / "blend.json").read_text())
+    del record["cv"]["rows"][0]["top1"]
+    (bad_cv / "blend.json").write_text(json.dumps(record))
+    one_line_error(ens("report", bad_cv, "-o", out), f"{bad_cv / 'blend.json'}: field 'cv' is malformed")
+
     # The blend folder without the runs beside it, run from a folder without runs/.
     lone = tmp_path / "lone" / "blends" / "full"
     shutil.copytree(work.full, lone)
