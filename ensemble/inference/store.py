@@ -36,7 +36,9 @@ All ``.npy`` files are plain arrays that memory-map; :func:`read_store` is the o
                             same arrays, so either resumes or keeps the other's store
     images_per_s, seconds   the last run's rate over all its models, and its duration
     model_images_per_s      the rate of this model's forward passes alone
-    decode_wait_s           time the models waited for decoding (large: use more --workers)
+    decode_wait_s           time the models waited for decoding (large: use more --workers); for
+                            engine ray, the time the driver waited for the cluster's results
+                            (decoding and inference both: a Ray run's rate is in images_per_s)
     skipped                 [{id, path, reason}] of images left out (--on-bad-image skip)
     run_key                 digest of the arguments that determine the arrays
     command                 the `ens infer` command that makes (or finishes) exactly this store
