@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import time
 import warnings
@@ -103,8 +104,11 @@ def _connect(ray, address: str | None) -> bool:
     """Join the cluster (or start one); ``True`` when this call started the connection."""
     if ray.is_initialized():  # a caller's own ray.init (a notebook, the tests): use that cluster
         return False
-    where = f"--ray-address {address}" if address else "Ray's default address (RAY_ADDRESS, else a new local cluster)"
-    _check_reachable(address, where)
+    # Without --ray-address, ray.init reads RAY_ADDRESS: an unreachable one is refused at once too.
+    env = None if address else os.environ.get("RAY_ADDRESS") or None
+    where = (f"--ray-address {address}" if address else f"RAY_ADDRESS={env}" if env else
+             "Ray's default address (a running local cluster, else a new one)")
+    _check_reachable(address or env, where)
     try:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     except Exception as exc:  # ConnectionError, RuntimeError, ValueError, ... from ray.init
@@ -119,7 +123,7 @@ def _check_reachable(address: str | None, where: str) -> None:
         return
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        raise EnsError(f"--ray-address {address}: expected auto or HOST:PORT (the head node's GCS port, "
+        raise EnsError(f"{where}: expected auto or HOST:PORT (the head node's GCS port, "
                        "6379 unless `ray start --head --port` said otherwise)")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()

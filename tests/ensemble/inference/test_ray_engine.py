@@ -226,17 +226,22 @@ def test_options_that_only_ray_takes_are_refused_without_it(setup, tmp_path):
         infer(models, splits, _options(tmp_path, engine="ray", device="tensorrt"))
 
 
-def test_an_address_without_a_cluster_is_a_one_line_error(setup, tmp_path):
+@pytest.mark.parametrize("given", ["option", "RAY_ADDRESS"])
+def test_an_address_without_a_cluster_is_a_one_line_error(setup, tmp_path, given):
     _, data, models, _ = setup
     with socket.socket() as free:  # a port nothing listens on
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    option = ["--ray-address", address] if given == "option" else []
+    env = {**os.environ, "RAY_ADDRESS": address} if given == "RAY_ADDRESS" else os.environ
     done = subprocess.run([sys.executable, "-m", "ensemble", "infer", str(models[0]), "--data", str(data),
-                           "--split", "test", "--engine", "ray", "--ray-address", f"127.0.0.1:{port}",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=180)
+                           "--split", "test", "--engine", "ray", *option, "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=180, env=env)
     assert done.returncode == 2, done.stderr
+    where = f"--ray-address {address}" if given == "option" else f"RAY_ADDRESS={address}"
     assert done.stderr.strip().splitlines() == [
-        f"error: --ray-address 127.0.0.1:{port}: cannot connect to a Ray cluster (Connection refused); "
+        f"error: {where}: cannot connect to a Ray cluster (Connection refused); "
         "start one with `ray start --head` there, or check the host and port"]
 
 
