@@ -772,6 +772,20 @@ def _prior_record_ok(prior: Any, class_ids: Any, number) -> bool:
             and number(prior.get("tau")) and low <= prior["tau"] <= high)
 
 
+def fitted_from_record(record: Mapping[str, Any]) -> ws.FittedBlend:
+    """The blend a checked blend.json records (:func:`check_blend_record`), as
+    :mod:`weights_search` applies it: `ens blend --weights` and `ens report` both fuse with this."""
+    members = record["members"]
+    temps = record.get("temperatures")
+    prior = record.get("prior")
+    log_prior = None if prior is None else tuple(ws.class_log_prior(prior["counts"], prior["zero_count"]).tolist())
+    return ws.FittedBlend(method=record["method"], fusion=record["fusion"],
+                          weights=tuple(float(record["weights"][m]) for m in members),
+                          temperatures=None if temps is None else tuple(float(temps[m]) for m in members),
+                          params=record.get("params", {}), log_prior=log_prior,
+                          tau=None if prior is None else float(prior["tau"]))
+
+
 def _saved_blend(saved: dict, options: BlendOptions, models: Sequence[str]) -> tuple[Any, dict, bool]:
     unknown = [m for m in saved["models"] if m not in models]
     if unknown:
@@ -779,15 +793,7 @@ def _saved_blend(saved: dict, options: BlendOptions, models: Sequence[str]) -> t
     extra = [m for m in models if m not in saved["models"]]
     if extra:
         raise EnsError(f"--weights {options.weights}: has no weight for {', '.join(extra)}")
-    members = saved["members"]
-    temps = saved.get("temperatures")
-    prior = saved.get("prior")
-    log_prior = None if prior is None else tuple(ws.class_log_prior(prior["counts"], prior["zero_count"]).tolist())
-    blend = ws.FittedBlend(method=saved["method"], fusion=saved["fusion"],
-                           weights=tuple(float(saved["weights"][m]) for m in members),
-                           temperatures=None if temps is None else tuple(float(temps[m]) for m in members),
-                           params=saved.get("params", {}), log_prior=log_prior,
-                           tau=None if prior is None else float(prior["tau"]))
+    blend = fitted_from_record(saved)
     record = dict(saved)
     record["models"] = list(saved["models"])
     record["applied_from"] = str(options.weights)

@@ -26,8 +26,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 import weights_search as ws
-from ensemble.blending import (BLEND_FILE, CHUNK_ROWS, check_blend_record, load_labels, prior_counts,
-                               read_class_counts, store_digest)
+from ensemble.blending import (BLEND_FILE, CHUNK_ROWS, check_blend_record, fitted_from_record, load_labels,
+                               prior_counts, read_class_counts, store_digest)
 from ensemble.datasets import find_split
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
@@ -240,20 +240,6 @@ def _predict(arrays: Sequence[np.ndarray], temperatures: Sequence[float | None])
     return [Predictions(conf, pred) for conf, pred in out]
 
 
-def fitted_blend(record: Mapping[str, Any]) -> ws.FittedBlend:
-    """The blend blend.json records, as :mod:`weights_search` applies it."""
-    members = record["members"]
-    temps = record.get("temperatures")
-    prior = record.get("prior")
-    return ws.FittedBlend(method=record["method"], fusion=record["fusion"],
-                          weights=tuple(float(record["weights"][m]) for m in members),
-                          temperatures=None if temps is None else tuple(float(temps[m]) for m in members),
-                          params=record.get("params", {}),
-                          log_prior=None if prior is None else
-                          tuple(ws.class_log_prior(prior["counts"], prior["zero_count"]).tolist()),
-                          tau=None if prior is None else float(prior["tau"]))
-
-
 def _member_arrays(record: Mapping[str, Any], stores: Sequence[LogitStore]) -> list[np.ndarray]:
     by_model = dict(zip(record["models"], stores))
     arrays = []
@@ -364,7 +350,7 @@ def build_report(blend_dir: Path, data: Path | None = None) -> ReportData:
     member_preds = (list(model_preds.values()) if not record.get("views")
                     else _predict(arrays, [None] * len(arrays)))
     member_predicted = np.stack([p.predicted for p in member_preds])
-    blend, true_p = _blend_predictions(fitted_blend(record), arrays, labels)
+    blend, true_p = _blend_predictions(fitted_from_record(record), arrays, labels)
 
     missing: dict[str, str] = {}
     if not isinstance(record.get("cv"), dict) or not record["cv"].get("rows"):
