@@ -143,7 +143,8 @@ def heatmap(matrix: np.ndarray, names: Sequence[str], title: str, vmin: float, v
 
 
 def bucket_chart(accuracy: np.ndarray, names: Sequence[str], buckets: Sequence[str]) -> str:
-    """Grouped bars: ``(P, B)`` accuracy of each predictor (the blend last) per frequency bucket."""
+    """Grouped bars: ``(P, B)`` accuracy of each predictor (the blend last) per frequency bucket;
+    a NaN (a bucket without rows) gets no bar, and a bucket with no bar at all says "no images"."""
     p, b = accuracy.shape
     width = 0.8 / p
     with rc_context(_STYLE):
@@ -151,7 +152,11 @@ def bucket_chart(accuracy: np.ndarray, names: Sequence[str], buckets: Sequence[s
         ax = fig.add_subplot()
         for i, name in enumerate(names):
             c = BLEND_COLOUR if i == p - 1 else colour(i)
-            ax.bar(np.arange(b) + (i - (p - 1) / 2) * width, np.nan_to_num(accuracy[i]), width, color=c, label=name)
+            # Only the measured buckets: a bar of 0 would read as "all wrong" where the table says "-".
+            shown = np.flatnonzero(np.isfinite(accuracy[i]))
+            ax.bar(shown + (i - (p - 1) / 2) * width, accuracy[i][shown], width, color=c, label=name)
+        for empty in np.flatnonzero(~np.isfinite(accuracy).any(axis=0)):
+            ax.text(empty, 0.5, "no images", ha="center", va="center", color="#888888", fontsize=8)
         ax.set_xticks(range(b), buckets)
         ax.set_ylim(0, 1)
         ax.set_ylabel("top-1 on the fitted split")

@@ -237,6 +237,20 @@ def test_cam_boxes_are_drawn_on_the_thumbnails(work, monkeypatch):
     assert "No CAM boxes" in write_report(work.full).path.read_text()
 
 
+def test_an_empty_frequency_bucket_has_no_bar_and_says_so():
+    """A bucket without rows is "-" in the table: in the chart it is no bar (not a bar of 0, which
+    would read as every image wrong) and a "no images" mark."""
+    from ensemble.report.plots import bucket_chart
+
+    full = np.array([[0.5, 0.4, 1.0], [0.7, 0.6, 0.9]])
+    empty = full.copy()
+    empty[:, 1] = np.nan
+    names, buckets = ["m0", "blend"], ["head", "middle", "tail"]
+    bars = [len(re.findall(r'<g id="patch_', bucket_chart(a, names, buckets))) for a in (full, empty)]
+    assert bars[1] == bars[0] - 2  # one bar fewer per predictor
+    assert "no images" in bucket_chart(empty, names, buckets) and "no images" not in bucket_chart(full, names, buckets)
+
+
 def decode(uri: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB"), dtype=int)
 
