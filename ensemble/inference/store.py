@@ -205,6 +205,10 @@ def check_manifest(source: Path, manifest: Mapping[str, Any]) -> None:
         "tta.views": (isinstance(tta.get("views"), list) and len(tta["views"]) >= 1
                       and all(isinstance(v, str) for v in tta["views"]), "a non-empty list of view names"),
         "tta.merge": (isinstance(tta.get("merge"), str), "a string"),
+        # Only with a cam view; blends compare it across a model's stores.
+        "tta.cam": (tta.get("cam") is None or (isinstance(tta["cam"], dict) and set(tta["cam"]) == {"threshold", "pad", "min"}
+                                               and all(map(number, tta["cam"].values()))),
+                    "absent, null or {threshold, pad, min} (numbers)"),
         "skipped": (all(isinstance(x, dict) and "id" in x for x in manifest["skipped"]),
                     "a list of {id, path, reason}"),
     }

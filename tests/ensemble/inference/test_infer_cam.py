@@ -227,6 +227,18 @@ def test_cam_settings_are_in_the_store_key_manifest_and_command(tmp_path, inat):
     assert not infer([model], [split], _options(out, cam_threshold=0.6, cam_min=0.5)).stores[0].computed
 
 
+def test_a_damaged_cam_record_in_a_store_manifest_is_one_line(tmp_path, inat):
+    model = cam_onnx(tmp_path / "m.onnx")
+    infer([model], [load_split(inat / "val2019.json")], _options(tmp_path / "runs"))
+    path = tmp_path / "runs" / "m" / "val" / MANIFEST
+    manifest = json.loads(path.read_text())
+    for damaged in ({"threshold": 0.2, "pad": 0.1}, "0.2,0.1,0.25", {"threshold": "0.2", "pad": 0.1, "min": 0.25}):
+        path.write_text(json.dumps({**manifest, "tta": {**manifest["tta"], "cam": damaged}}))
+        with pytest.raises(EnsError, match=r"manifest\.json: field 'tta\.cam' is missing or not absent, null or "
+                                           r"\{threshold, pad, min\} \(numbers\); the store is damaged"):
+            read_store(path.parent)
+
+
 def test_a_store_without_cam_has_no_boxes(tmp_path, inat):
     model = cam_onnx(tmp_path / "m.onnx")
     infer([model], [load_split(inat / "val2019.json")], _options(tmp_path / "runs", tta=("flip",)))
