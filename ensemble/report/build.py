@@ -221,22 +221,29 @@ def training_counts(record: Mapping[str, Any], class_ids: Sequence[Any], data: P
 
 
 def _probability(log_probs: np.ndarray) -> np.ndarray:
-    """float64 probabilities of float32 log-probabilities, at most 1: a fused row's top entry can
-    round to a few 1e-7 above 0 (mixture weights normalised in float32), and the calibration
-    maths refuses a confidence above 1."""
+    """float64 probabilities of float32 log-probabilities, at most 1 (a fused row's entry can
+    round to a few 1e-7 above 0), as :func:`~weights_search.calibration.confidence_and_correct`
+    takes the confidence."""
     return np.minimum(np.exp(log_probs.astype(np.float64)), 1.0)
 
 
-def _predict(arrays: Sequence[np.ndarray], temperatures: Sequence[float | None]) -> list[Predictions]:
+def _top(log_probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(n,)`` confidence and top column of ``(n, C)`` log-probabilities: the confidence is the
+    calibration maths' own (its clipping and its argmax), so the report's diagrams and hardest
+    images rank rows by the number the reliability diagram bins."""
+    confidence, _ = cal.confidence_and_correct(log_probs, labels)
+    return confidence, np.argmax(log_probs, axis=1)  # np.argmax, as there: the first of tied classes
+
+
+def _predict(arrays: Sequence[np.ndarray], temperatures: Sequence[float | None],
+             labels: np.ndarray) -> list[Predictions]:
     """Top class and its probability of each ``(N, C)`` array, chunk by chunk."""
     n_rows = arrays[0].shape[0]
     out = [(np.empty(n_rows), np.empty(n_rows, dtype=np.int64)) for _ in arrays]
     for start in range(0, n_rows, CHUNK_ROWS):
+        stop = min(start + CHUNK_ROWS, n_rows)
         for (conf, pred), array, t in zip(out, arrays, temperatures):
-            log_probs = ws.log_softmax(array[start:start + CHUNK_ROWS], t)
-            top = np.argmax(log_probs, axis=1)
-            pred[start:start + top.size] = top
-            conf[start:start + top.size] = _probability(log_probs[np.arange(top.size), top])
+            conf[start:stop], pred[start:stop] = _top(ws.log_softmax(array[start:stop], t), labels[start:stop])
     return [Predictions(conf, pred) for conf, pred in out]
 
 
@@ -262,12 +269,9 @@ def _blend_predictions(blend: ws.FittedBlend, arrays: Sequence[np.ndarray],
     conf, pred, true_p = np.empty(n_rows), np.empty(n_rows, dtype=np.int64), np.empty(n_rows)
     try:
         for start, log_probs in ws.blend_chunks(arrays, blend, CHUNK_ROWS):
-            rows = np.arange(log_probs.shape[0])
-            top = np.argmax(log_probs, axis=1)
-            stop = start + top.size
-            pred[start:stop] = top
-            conf[start:stop] = _probability(log_probs[rows, top])
-            true_p[start:stop] = _probability(log_probs[rows, labels[start:stop]])
+            stop = start + log_probs.shape[0]
+            conf[start:stop], pred[start:stop] = _top(log_probs, labels[start:stop])
+            true_p[start:stop] = _probability(log_probs[np.arange(stop - start), labels[start:stop]])
     except ValueError as exc:
         raise EnsError(f"cannot fuse the stores as blend.json says ({exc})") from None
     return Predictions(conf, pred), true_p
@@ -283,9 +287,8 @@ def hardest_images(blend: Predictions, true_p: np.ndarray, labels: np.ndarray, i
     for row in order.tolist():
         boxes = {}
         for model, store in zip(models, stores):
-            store_boxes = getattr(store, "boxes", None)  # CAM boxes, when the store has them
-            if store_boxes is not None:
-                box = np.asarray(store_boxes[row], dtype=np.float64)
+            if store.boxes is not None:  # CAM boxes, when the store has them
+                box = np.asarray(store.boxes[row], dtype=np.float64)
                 if np.isfinite(box).all():
                     boxes[model] = tuple(float(v) for v in box)
         image_id = ids[row].item()
@@ -342,13 +345,13 @@ def build_report(blend_dir: Path, data: Path | None = None) -> ReportData:
                      f"({recorded['source']}); check that they label the same images")
 
     temps = record.get("temperatures")
-    model_preds = dict(zip(models, _predict([s.logits for s in stores], [None] * len(stores))))
+    model_preds = dict(zip(models, _predict([s.logits for s in stores], [None] * len(stores), labels)))
     tempered = {}
     if temps is not None and not record.get("views"):
-        tempered = dict(zip(models, _predict([s.logits for s in stores], [float(temps[m]) for m in models])))
+        tempered = dict(zip(models, _predict([s.logits for s in stores], [float(temps[m]) for m in models], labels)))
     arrays = _member_arrays(record, stores)
     member_preds = (list(model_preds.values()) if not record.get("views")
-                    else _predict(arrays, [None] * len(arrays)))
+                    else _predict(arrays, [None] * len(arrays), labels))
     member_predicted = np.stack([p.predicted for p in member_preds])
     blend, true_p = _blend_predictions(fitted_from_record(record), arrays, labels)
 

@@ -10,14 +10,13 @@ import json
 import re
 import shutil
 import sys
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from ensemble.inference.store import LogitStore
 from ensemble.report import write_report
 from ensemble.report import build as report_build
 from ensemble.report.build import build_report
@@ -205,13 +204,6 @@ def test_leaderboard_from_the_ledger(work, tmp_path):
     assert f'<tr data-row="{mine}" class="used">' in page and f'<tr data-row="{other}">' in page
 
 
-@dataclass(frozen=True)
-class BoxedStore(LogitStore):
-    """A store as issue 13 extends it, one CAM box per row, for a LogitStore that lacks them."""
-
-    boxes: np.ndarray | None = None  # noqa: the field issue 13 adds (redefined harmlessly once it has)
-
-
 def test_cam_boxes_are_drawn_on_the_thumbnails(work, monkeypatch):
     rows = np.load(work.runs / "m0" / "val" / "ids.npy").size
     given = {m: np.tile(np.array([[0.1, 0.2, 0.6, 0.9]], np.float32) + 0.05 * i, (rows, 1)) for i, m in enumerate(MODELS)}
@@ -220,10 +212,8 @@ def test_cam_boxes_are_drawn_on_the_thumbnails(work, monkeypatch):
 
     def with_boxes(path):
         store = real(path)
-        boxes = given[Path(path).parent.name]
-        if "boxes" in {f.name for f in fields(LogitStore)}:  # issue 13's stores carry them
-            return replace(store, boxes=boxes)
-        return BoxedStore(**{f.name: getattr(store, f.name) for f in fields(LogitStore)}, boxes=boxes)
+        assert store.boxes is None  # the fixture's stores are not CAM runs: the boxes below are the only ones
+        return replace(store, boxes=given[Path(path).parent.name])
 
     monkeypatch.setattr(report_build, "read_store", with_boxes)
     data = build_report(work.full)
