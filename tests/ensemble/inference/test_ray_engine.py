@@ -26,8 +26,6 @@ ray = pytest.importorskip("ray")
 
 MODELS = ("a", "b")
 SPLITS = ("val", "test")
-#: The start of the process title Ray gives the actors of ens's inference map.
-ACTOR_TITLE = "ray::MapWorker(Map(_Infer))"
 
 
 @pytest.fixture(scope="module")
@@ -119,39 +117,71 @@ def test_bad_images_follow_on_bad_image_as_in_the_local_engine(cluster, tmp_path
     assert read_store(tmp_path / "ray" / "a" / "val").skipped_ids == (3,)
 
 
-def _actor_pids() -> set[int]:
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            except OSError:
-                continue
-            if title.startswith(ACTOR_TITLE):  # idle, or ".submit" and so on while it works
-                pids.add(int(entry.name))
-    return pids
+SLOW_BATCH = '''
+import os
+_LOG = os.environ.get("ENS_TEST_BATCH_LOG")
+if _LOG:
+    import time
+    from ensemble.inference import forward
+
+    _call = forward.Forward.__call__
+
+    def _logged(self, decoded, passes):
+        # "pid start" of every batch begun, then slowly: a kill lands while a batch is running.
+        fd = os.open(_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, f"{os.getpid()} {decoded.start}\\n".encode())
+        finally:
+            os.close(fd)
+        time.sleep(float(os.environ["ENS_TEST_BATCH_SECONDS"]))
+        return _call(self, decoded, passes)
+
+    forward.Forward.__call__ = _logged
+'''
 
 
-def test_a_killed_inference_actor_is_restarted_and_the_run_completes(cluster, setup, local, tmp_path):
-    """The actor is SIGKILLed while the run still lacks most of its rows; Ray starts a new one,
-    retries its batches, and the stores equal the local engine's."""
-    _, _, models, splits = setup
-    killed, later = [], set()
-    earlier = _actor_pids()  # an earlier test's actors, if Ray has not ended them yet
+def _hooked(tmp_path: Path, hook: str, **env: str) -> dict[str, str]:
+    """The environment of a driver whose Python processes, and so its cluster's, import ``hook``."""
+    folder = tmp_path / "hook"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(hook)
+    return {**os.environ, **env, "PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
 
-    def kill_at_first_chunk(event):
-        if event.kind == "chunk" and event.split == "val" and not killed:
-            pids = _actor_pids() - earlier
-            assert len(pids) == 1 and event.done < event.total
-            killed.append(pids.pop())
-            os.kill(killed[0], signal.SIGKILL)
-        elif killed and event.kind in ("batch", "chunk"):
-            later.update(_actor_pids() - earlier)
 
-    infer(models, splits[:1], _options(tmp_path, engine="ray"), progress=kill_at_first_chunk)
-    assert killed and later and killed[0] not in later  # a new actor made the rest of the rows
+def _starts(log: Path) -> list[tuple[int, int]]:
+    return [tuple(map(int, line.split())) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_a_killed_inference_actor_is_restarted_and_its_batch_run_again(setup, local, tmp_path):
+    """The inference actor is SIGKILLed while it runs a batch (a cluster of its own whose actors
+    log each batch they begin and take 2 s over it): a new actor runs that batch again, and the
+    stores equal the local engine's."""
+    _, data, models, _ = setup
+    log = tmp_path / "batches.log"
+    env = _hooked(tmp_path, SLOW_BATCH, ENS_TEST_BATCH_LOG=str(log), ENS_TEST_BATCH_SECONDS="2")
+    env.pop("RAY_ADDRESS", None)
+    args = [sys.executable, "-m", "ensemble", "infer", *map(str, models), "--data", str(data), "--split", "val",
+            "--tta", "flip,scale", "--keep-views", "--batch-size", "2", "--chunk-size", "2", "--engine", "ray",
+            "--ray-address", "local", "--out", str(tmp_path / "runs")]
+    with open(tmp_path / "stderr", "w") as stderr:
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300  # generous: a new cluster on a loaded machine
+            while not _starts(log) and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.05)
+            assert _starts(log), (tmp_path / "stderr").read_text()
+            killed, lost = _starts(log)[-1]  # the batch it has just begun, 2 s from its end
+            os.kill(killed, signal.SIGKILL)
+            assert proc.wait(timeout=400) == 0, (tmp_path / "stderr").read_text()
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    starts = _starts(log)
+    assert {start for _, start in starts} == set(range(0, 12, 2))
+    assert [start for pid, start in starts if pid == killed][-1] == lost
+    assert any(start == lost for pid, start in starts if pid != killed)  # run again, by another actor
     for m in MODELS:
-        assert store_bytes(tmp_path / m / "val") == store_bytes(local / m / "val")
+        assert store_bytes(tmp_path / "runs" / m / "val") == store_bytes(local / m / "val")
 
 
 HANG_CHUNK = '''
@@ -165,6 +195,7 @@ if _CHUNK:
 
     def _hanging_write(self, index, *args, **kwargs):
         if index == int(_CHUNK):
+            open(os.environ["ENS_TEST_HANG_MARK"], "w").close()  # the test's sign that it hangs here
             while True:
                 time.sleep(3600)
         return _write(self, index, *args, **kwargs)
@@ -180,20 +211,17 @@ def test_a_killed_driver_rerun_resumes_from_its_saved_chunks(cluster, setup, loc
     args = [sys.executable, "-m", "ensemble", "infer", *map(str, models), "--data", str(data), "--split", "val",
             "--tta", "flip,scale", "--keep-views", "--batch-size", "2", "--chunk-size", "2", "--engine", "ray",
             "--ray-address", cluster, "--out", str(tmp_path)]
-    hang = tmp_path / "hang"
-    hang.mkdir()
-    (hang / "sitecustomize.py").write_text(HANG_CHUNK)
-    env = {**os.environ, "ENS_TEST_HANG_CHUNK": "3",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(hang), os.environ.get("PYTHONPATH")]))}
+    mark = tmp_path / "hanging"
+    env = _hooked(tmp_path, HANG_CHUNK, ENS_TEST_HANG_CHUNK="3", ENS_TEST_HANG_MARK=str(mark))
     proc = subprocess.Popen(args, start_new_session=True, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     partial = tmp_path / "a" / "val" / PARTIAL
     try:
-        # Generous: on a loaded machine Ray's workers start slowly; the loop ends once the chunks are there.
+        # Generous: on a loaded machine Ray's workers start slowly; the loop ends once it hangs.
         deadline = time.monotonic() + 300
-        while len(list(partial.glob("chunk-*.npz"))) < 3 and time.monotonic() < deadline:
+        while not mark.exists() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.1)
-        time.sleep(1)  # had it not hung at chunk 3, chunk 3 would appear now
+        assert mark.exists()  # at chunk 3's write, with chunks 0-2 saved
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
@@ -326,11 +354,7 @@ def test_a_batch_that_kills_every_actor_fails_the_run_in_one_line(setup, tmp_pat
     batch of rows 4-5: Ray runs it again on restarted actors a bounded number of times, then the
     run stops with one line, rather than restarting actors forever with the progress stuck."""
     _, data, models, _ = setup
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(CRASH_BATCH)
-    env = {**os.environ, "ENS_TEST_CRASH_ROW": "4",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
+    env = _hooked(tmp_path, CRASH_BATCH, ENS_TEST_CRASH_ROW="4")
     env.pop("RAY_ADDRESS", None)
     # --ray-address local: a new cluster, started by this driver with its environment (the hook).
     done = subprocess.run([sys.executable, "-m", "ensemble", "infer", str(models[0]), "--data", str(data), "--split",
