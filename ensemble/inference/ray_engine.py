@@ -51,6 +51,9 @@ MODEL_SHARE = 0.75
 #: that kills every actor it reaches (out of memory, a crash inside onnxruntime) would restart
 #: actors forever while the progress stands still.
 BATCH_RETRIES = 3
+_BATCH_KILLS = (f"the Ray cluster failed the run: a batch killed its inference actor each of the {BATCH_RETRIES + 1} "
+                "times it ran (out of memory, or a crash inside onnxruntime); the chunks already saved are "
+                "kept; try a smaller --batch-size, and ens --debug to see Ray's error")
 _INSTALL = "--engine ray needs Ray: pip install 'ens[ray]' (from a clone: pip install '.[ray]')"
 
 
@@ -86,9 +89,27 @@ def user_error(exc: BaseException) -> EnsError | None:
     return None
 
 
+def _actor_died(exc: BaseException) -> bool:
+    """Whether a RayActorError (ActorDiedError, ActorUnavailableError) is among the exceptions
+    Ray wraps ``exc`` in."""
+    from ray.exceptions import RayActorError
+
+    seen, stack = set(), [exc]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, RayActorError):
+            return True
+        stack += [getattr(current, "cause", None), current.__cause__, current.__context__]
+    return False
+
+
 @contextlib.contextmanager
-def _failures(what: str) -> Iterator[None]:
-    """Ray's exceptions as one line: a worker's own EnsError as it is, anything else as ``what``."""
+def _failures(what: str, actor_died: str | None = None) -> Iterator[None]:
+    """Ray's exceptions as one line: a worker's own EnsError as it is, an actor's death as
+    ``actor_died`` when given, anything else as ``what``."""
     try:
         yield
     except EnsError:
@@ -97,6 +118,8 @@ def _failures(what: str) -> Iterator[None]:
         found = user_error(exc)
         if found is not None:
             raise EnsError(str(found)) from None
+        if actor_died is not None and _actor_died(exc):
+            raise EnsError(actor_died) from exc  # --debug shows Ray's own error under it
         raise EnsError(f"{what} ({_first_line(exc)})") from None
 
 
@@ -264,8 +287,10 @@ class RayEngine:
         try:
             while True:
                 tick = time.perf_counter()
+                # An actor that dies is restarted and its batch run again: a death that reaches here
+                # is a batch that killed its actor every time it ran, which a rerun would only repeat.
                 with _failures("the Ray cluster failed the run; the chunks already saved are kept, rerun "
-                               "the same command to resume"):
+                               "the same command to resume", actor_died=_BATCH_KILLS):
                     row = next(rows, None)
                 self.waited += time.perf_counter() - tick
                 if row is None:
