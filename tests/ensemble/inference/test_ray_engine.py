@@ -370,3 +370,26 @@ def test_a_batch_that_kills_every_actor_fails_the_run_in_one_line(setup, tmp_pat
                       "already saved are kept; try a smaller --batch-size, and ens --debug to see Ray's error"], done.stderr
     assert "Deprecat" not in done.stderr
     assert not (tmp_path / "runs" / "a" / "val" / "logits.npy").exists()
+
+
+def test_a_decoding_tasks_memory_request_is_its_decoded_batch_cam_sources_included(tmp_path):
+    """The decoding tasks' ``memory=`` is the size of what they hold: a cam run's batch carries
+    each cam source's crop buffers besides the views' pixels."""
+    from ensemble.inference.decode import decode_batch
+    from ensemble.inference.ray_engine import RayEngine
+    from ensemble.inference.runtime import GpuOptions, load_model
+    from ensemble.inference.tta import plan_views
+
+    from tests.ensemble.inference.test_infer_cam import cam_onnx
+
+    data = make_inat(tmp_path / "inat", n_val=3, n_test=1)
+    options = _options(tmp_path / "out", tta=("flip", "cam"), batch_size=3)
+    engine = RayEngine(None, [load_model(cam_onnx(tmp_path / "c.onnx"))], plan_views(options.tta), options, "cpu",
+                       GpuOptions(), {"cpus": 2, "gpus": 0, "nodes": 1},
+                       {"actors": 1, "actor_cpus": 1, "actor_gpus": 0, "decoders": 1})
+    assert engine.needs["sources"]  # a cam run: its batches hold crop sources
+    batch = decode_batch(0, [str(p) for p in load_split(data / "val2019.json").paths], 3, **engine.needs)
+    held = sum(a.nbytes for a in batch.arrays.values())
+    held += sum(s.pixels.nbytes + s.shapes.nbytes + s.regions.nbytes for s in batch.sources.values())
+    fields = len(batch.arrays) + 3 * len(batch.sources)
+    assert held <= engine.batch_bytes < held + 64 * fields  # the arrays, each 64-byte aligned
