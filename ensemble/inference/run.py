@@ -213,12 +213,12 @@ def cam_settings(options: InferOptions) -> CamSettings:
 
 def _check_options(options: InferOptions) -> None:
     merge_mode(options.merge)
-    cam_settings(options).check()
     if "cam" not in options.tta:
         for flag, value in (("--cam-threshold", options.cam_threshold), ("--cam-pad", options.cam_pad),
                             ("--cam-min", options.cam_min)):
             if value is not None:
                 raise EnsError(f"{flag} is for the cam view; add cam to --tta")
+    cam_settings(options).check()
     if options.device not in device_choices():
         raise EnsError(f"--device {options.device}: choose from {', '.join(device_choices())}")
     if options.on_bad_image not in BAD_IMAGE_POLICIES:

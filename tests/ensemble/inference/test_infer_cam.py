@@ -205,6 +205,8 @@ def test_cam_options_are_checked_and_need_the_cam_view(tmp_path, inat):
     one_line_error(ens("infer", model, *split, "--tta", "cam", "--cam-pad", "-1"), "--cam-pad -1")
     one_line_error(ens("infer", model, *split, "--tta", "cam", "--cam-min", "0"), "--cam-min 0")
     one_line_error(ens("infer", model, *split, "--tta", "flip", "--cam-min", "0.5"), "--cam-min is for the cam view")
+    # Without the cam view, a value out of range is first of all a flag that does not apply.
+    one_line_error(ens("infer", model, *split, "--tta", "flip", "--cam-min", "0"), "--cam-min is for the cam view")
 
 
 def test_cam_settings_are_in_the_store_key_manifest_and_command(tmp_path, inat):
