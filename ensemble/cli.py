@@ -471,7 +471,8 @@ def submit(
 def _ledger_table(entries) -> list[str]:
     """The ledger as aligned text columns. CV is shown as top-1 error (1 - top-1 accuracy) so
     that it reads like the leaderboard scores of the top-1 competitions beside it; ``filled``
-    (rows `--missing prior` filled, and from what) is blank where none was."""
+    (rows `--missing prior` filled, and from what) is blank where none was, and ``tau`` (the
+    blend's long-tail prior correction, `ens blend --prior`) where the blend had none."""
 
     def number(value):
         return "" if value is None else f"{value:.4f}"
@@ -484,9 +485,11 @@ def _ledger_table(entries) -> list[str]:
     def filled(e):
         return f"{e.filled} {e.fill_source or ''}".rstrip() if e.filled else ""
 
-    header = ("ID", "created", "file", "filled", "status", "kaggle", "CV top-1 error", "public", "private", "message")
+    header = ("ID", "created", "file", "filled", "status", "kaggle", "CV top-1 error", "tau", "public", "private",
+              "message")
     rows = [(str(e.id), e.created, e.file, filled(e), e.status, e.kaggle_status or "", cv_error(e),
-             number(e.public_score), number(e.private_score), e.message or "") for e in entries]
+             "" if e.prior_tau is None else f"{e.prior_tau:.3f}", number(e.public_score), number(e.private_score),
+             e.message or "") for e in entries]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
 

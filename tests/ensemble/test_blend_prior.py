@@ -229,6 +229,9 @@ def test_the_prior_correction_clearly_lowers_the_test_error(work, tmp_path, monk
     with sqlite3.connect("submissions/ledger.sqlite") as con:
         assert con.execute("SELECT prior_tau FROM submissions WHERE id = 2").fetchone()[0] == pytest.approx(prior["tau"])
     con.close()
+    header, plain_row, prior_row = ok(ens("submissions")).stdout.splitlines()
+    tau_at = header.index("tau")  # the columns are aligned: a cell starts where its header does
+    assert plain_row[tau_at:tau_at + 5].strip() == "" and prior_row[tau_at:].split()[0] == f"{prior['tau']:.3f}"
 
     # --weights applies the same correction to the stores: the same predictions, and it says so.
     again = ok(ens("blend", "--runs", work.runs, "--weights", "blends/prior/blend.json", "--out", "blends/again"))
