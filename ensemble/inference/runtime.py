@@ -135,6 +135,16 @@ def load_model(path: str | os.PathLike, foreign: ForeignPreprocess | None = None
     if PREFIX + "format" in props:
         metadata = ModelMetadata.from_props(props, str(path))
         outputs = [o.name for o in graph.graph.output]
+        logits = next((o for o in graph.graph.output if o.name == OUTPUT_NAME), None)
+        if logits is None:
+            raise EnsError(f"{path}: has ens metadata but no {OUTPUT_NAME!r} output (its outputs: "
+                           f"{', '.join(outputs)}); export it again with `ens export`")
+        dims = logits.type.tensor_type.shape.dim
+        width = _dim(dims[1]) if len(dims) == 2 else None
+        if width is not None and width != metadata.num_classes:
+            # class_ids name num_classes columns: another width would map scores to the wrong classes.
+            raise EnsError(f"{path}: its metadata says {metadata.num_classes} classes, but its "
+                           f"{OUTPUT_NAME!r} output has {width} columns; export it again with `ens export`")
         if metadata.cam is not None and metadata.cam not in outputs:
             raise EnsError(f"{path}: its metadata names a {metadata.cam!r} output, but the graph's outputs are "
                            f"{', '.join(outputs)}; export it again with `ens export`")
