@@ -63,15 +63,32 @@ def tiny_onnx(path: Path, *, size: int = 32, classes: int = CLASSES, dynamic: bo
     graph = helper.make_graph(nodes, "tiny", [inp], [out], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
+    meta = None
     if metadata and not float_nchw:
         meta = ModelMetadata(architecture="tiny", num_classes=classes, input_size=size, mean=MEAN,
                              std=STD, resize=resize, crop_pct=crop_pct, dynamic_size=dynamic,
                              class_ids=None if class_ids is None else tuple(class_ids))
+    return save_model(model, path, meta)
+
+
+def save_model(model, path: Path, meta: ModelMetadata | None = None) -> Path:
+    """Check the ONNX ``model`` and write it to ``path``, with ``meta`` as its ens metadata."""
+    if meta is not None:
         for key, value in meta.to_props().items():
             model.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
+    return path
+
+
+def replace_metadata(path: Path, meta: ModelMetadata) -> Path:
+    """Overwrite the ens metadata of the ONNX file at ``path`` with ``meta``: a hand-edited file."""
+    graph = onnx.load(str(path))
+    props = meta.to_props()
+    for prop in graph.metadata_props:
+        prop.value = props.get(prop.key, prop.value)
+    onnx.save(graph, str(path))
     return path
 
 

@@ -25,7 +25,8 @@ from ensemble.inference.run import InferOptions, infer
 from ensemble.inference.store import MANIFEST, read_store
 from ensemble.metadata import CAM_OUTPUT, ModelMetadata
 
-from tests.ensemble.conftest import CLASSES, MEAN, STD, make_inat, one_line_error, ens, ok, run_onnx, store_bytes, tiny_onnx
+from tests.ensemble.conftest import (CLASSES, MEAN, STD, ens, make_inat, ok, one_line_error, replace_metadata, run_onnx,
+                                     save_model, store_bytes, tiny_onnx)
 
 CELL = 4
 
@@ -80,12 +81,7 @@ def cam_onnx(path: Path, *, size: int = 64, classes: int = CLASSES, resize: str 
     meta = ModelMetadata(architecture="texture", num_classes=classes, input_size=size, mean=MEAN, std=STD,
                          resize=resize, crop_pct=crop_pct, dynamic_size=True,
                          cam=CAM_OUTPUT if cam else None, cam_feature="features" if cam else None)
-    for key, value in meta.to_props().items():
-        model.metadata_props.add(key=key, value=value)
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+    return save_model(model, path, meta)
 
 
 def photo_patch(side: int) -> Image.Image:
@@ -179,13 +175,9 @@ def test_a_model_without_a_cam_output_is_refused_by_name_before_any_work(tmp_pat
 
 def test_metadata_naming_a_cam_output_the_graph_lacks_is_one_line(tmp_path, inat):
     # The network without its cam output, its metadata still saying it has one (an edited file).
-    path = cam_onnx(tmp_path / "lying.onnx", cam=False)
-    graph = onnx.load(str(path))
-    cam_meta = ModelMetadata(architecture="texture", num_classes=CLASSES, input_size=64, mean=MEAN, std=STD,
-                             dynamic_size=True, cam=CAM_OUTPUT, cam_feature="features").to_props()
-    for prop in graph.metadata_props:
-        prop.value = cam_meta.get(prop.key, prop.value)
-    onnx.save(graph, str(path))
+    path = replace_metadata(cam_onnx(tmp_path / "lying.onnx", cam=False), ModelMetadata(
+        architecture="texture", num_classes=CLASSES, input_size=64, mean=MEAN, std=STD, dynamic_size=True,
+        cam=CAM_OUTPUT, cam_feature="features"))
     one_line_error(ens("infer", path, "--index", inat / "val2019.json", "--tta", "cam", "--out", tmp_path / "runs"),
                    "lying.onnx: its metadata names a 'cam' output, but the graph's outputs are logits;")
     assert not (tmp_path / "runs").exists()

@@ -18,7 +18,7 @@ from ensemble.inference.runtime import (ForeignPreprocess, Runner, available_pro
 from ensemble.inference.store import MANIFEST, read_store
 from ensemble.metadata import ModelMetadata
 
-from tests.ensemble.conftest import CLASSES, MEAN, STD, run_onnx, tiny_onnx, write_images
+from tests.ensemble.conftest import CLASSES, MEAN, STD, replace_metadata, run_onnx, tiny_onnx, write_images
 
 BAD = ("missing", "empty", "truncated", "text")
 
@@ -321,13 +321,8 @@ def test_onnxruntime_telemetry_is_off_before_a_session_opens(tiny, monkeypatch):
 
 def test_metadata_whose_class_count_differs_from_the_logits_width_is_refused(tmp_path):
     # An edited file: metadata for CLASSES + 1 classes on a graph whose logits have CLASSES columns.
-    path = tiny_onnx(tmp_path / "wide.onnx")
-    graph = onnx.load(str(path))
-    props = ModelMetadata(architecture="tiny", num_classes=CLASSES + 1, input_size=32, mean=MEAN, std=STD,
-                          dynamic_size=True).to_props()
-    for prop in graph.metadata_props:
-        prop.value = props.get(prop.key, prop.value)
-    onnx.save(graph, str(path))
+    path = replace_metadata(tiny_onnx(tmp_path / "wide.onnx"), ModelMetadata(
+        architecture="tiny", num_classes=CLASSES + 1, input_size=32, mean=MEAN, std=STD, dynamic_size=True))
     with pytest.raises(EnsError, match=rf"wide.onnx: its metadata says {CLASSES + 1} classes, but its 'logits' "
                                        rf"output has {CLASSES} columns"):
         load_model(path)
