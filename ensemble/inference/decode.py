@@ -260,6 +260,11 @@ def _layout(batch_size: int, geometries: Sequence[Geometry], sources: Sequence[C
     return offsets, total
 
 
+def batch_bytes(batch_size: int, geometries: Sequence[Geometry], sources: Sequence[CamSource] = ()) -> int:
+    """The bytes of one decoded batch (a shared-memory block of the local engine), cam sources included."""
+    return _layout(batch_size, geometries, sources)[1]
+
+
 def _arrays(buffer, batch_size: int, geometries: Sequence[Geometry], sources: Sequence[CamSource] = ()
             ) -> tuple[dict[Geometry, np.ndarray], dict[CamSource, CropSource]]:
     offsets, _ = _layout(batch_size, geometries, sources)
@@ -368,7 +373,7 @@ class Decoder:
     _blocks: list = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
-        self.batch_bytes = _layout(self.batch_size, self.geometries, self.sources)[1]
+        self.batch_bytes = batch_bytes(self.batch_size, self.geometries, self.sources)
         if self.prefetch is None:
             self.prefetch = queue_batches(self.workers, self.batch_bytes)
 

@@ -37,9 +37,7 @@ import warnings
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from ensemble.errors import EnsError
-# _layout: the local engine's size of one decoded batch (its shared-memory block), cam sources
-# included; one definition of that size for both engines.
-from ensemble.inference.decode import _layout, decode_batch
+from ensemble.inference.decode import batch_bytes, decode_batch
 from ensemble.inference.forward import BatchOutput
 from ensemble.inference.run import (Event, InferOptions, Ready, decode_needs, gpu_options, make_forward, open_passes,
                                     resolve_device)
@@ -248,7 +246,7 @@ class RayEngine:
         self.device, self.gpu, self.pool = device, gpu, pool
         self.needs = decode_needs(models, views, options)
         #: One decoded batch: every geometry's pixels and every cam source's crop buffers.
-        self.batch_bytes = _layout(options.batch_size, self.needs["geometries"], self.needs["sources"])[1]
+        self.batch_bytes = batch_bytes(options.batch_size, self.needs["geometries"], self.needs["sources"])
         self.cluster = {"cpus": resources["cpus"], "gpus": resources["gpus"], "nodes": resources["nodes"],
                         "inference_actors": pool["actors"]}
         self.waited = 0.0
