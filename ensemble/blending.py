@@ -116,21 +116,27 @@ class _Split:
         return _class_ids(self.stores[0])
 
     def members(self, views: bool) -> tuple[list[str], list[np.ndarray]]:
-        """Member names and their ``(rows, classes)`` arrays (memory-mapped, not copied), each
-        checked to hold only finite values."""
-        names, arrays = [], []
-        for model, store in zip(self.models, self.stores):
-            if not views:
-                names.append(model)
-                arrays.append(_check_finite(store, model, store.logits))
-                continue
-            if store.views is None:
-                raise EnsError(f"{store.path}: no per-view logits; rerun `ens infer` with --keep-views "
-                               "to blend views")
-            for v, view in enumerate(store.view_names):
-                names.append(f"{model}/{view}")
-                arrays.append(_check_finite(store, f"{model}/{view}", store.views[v]))
-        return names, arrays
+        return member_arrays(self.models, self.stores, views)
+
+
+def member_arrays(models: Sequence[str], stores: Sequence[LogitStore],
+                  views: bool) -> tuple[list[str], list[np.ndarray]]:
+    """The blend members of ``models``' ``stores``: each model, or with ``views`` each
+    ``model/view``; their names and ``(rows, classes)`` arrays (memory-mapped, not copied), each
+    checked to hold only finite values."""
+    names, arrays = [], []
+    for model, store in zip(models, stores):
+        if not views:
+            names.append(model)
+            arrays.append(_check_finite(store, model, store.logits))
+            continue
+        if store.views is None:
+            raise EnsError(f"{store.path}: no per-view logits; rerun `ens infer` with --keep-views "
+                           "to blend views")
+        for v, view in enumerate(store.view_names):
+            names.append(f"{model}/{view}")
+            arrays.append(_check_finite(store, f"{model}/{view}", store.views[v]))
+    return names, arrays
 
 
 def available_models(runs: Path, split: str) -> tuple[str, ...]:

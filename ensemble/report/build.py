@@ -27,7 +27,7 @@ import numpy as np
 
 import weights_search as ws
 from ensemble.blending import (BLEND_FILE, CHUNK_ROWS, check_blend_record, fitted_from_record, load_labels,
-                               prior_counts, read_class_counts, store_digest)
+                               member_arrays, prior_counts, read_class_counts, store_digest)
 from ensemble.datasets import find_split
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
@@ -247,18 +247,12 @@ def _predict(arrays: Sequence[np.ndarray], temperatures: Sequence[float | None],
     return [Predictions(conf, pred) for conf, pred in out]
 
 
-def _member_arrays(record: Mapping[str, Any], stores: Sequence[LogitStore]) -> list[np.ndarray]:
-    by_model = dict(zip(record["models"], stores))
-    arrays = []
-    for member in record["members"]:
-        model, _, view = member.partition("/")
-        store = by_model[model]
-        if not view:
-            arrays.append(store.logits)
-        elif store.views is None or view not in store.view_names:
-            raise EnsError(f"{store.path}: holds no view {view!r} of the blend's member {member}")
-        else:
-            arrays.append(store.views[store.view_names.index(view)])
+def _member_arrays(blend_json: Path, record: Mapping[str, Any], stores: Sequence[LogitStore]) -> list[np.ndarray]:
+    """The ``(N, C)`` arrays of the blend's members, made from the stores as `ens blend` makes them."""
+    names, arrays = member_arrays(record["models"], stores, bool(record.get("views")))
+    if names != list(record["members"]):
+        raise EnsError(f"{blend_json}: its members {', '.join(record['members'])} are not those of its stores "
+                       f"({', '.join(names)})")
     return arrays
 
 
@@ -349,7 +343,7 @@ def build_report(blend_dir: Path, data: Path | None = None) -> ReportData:
     tempered = {}
     if temps is not None and not record.get("views"):
         tempered = dict(zip(models, _predict([s.logits for s in stores], [float(temps[m]) for m in models], labels)))
-    arrays = _member_arrays(record, stores)
+    arrays = _member_arrays(blend_json, record, stores)
     member_preds = (list(model_preds.values()) if not record.get("views")
                     else _predict(arrays, [None] * len(arrays), labels))
     member_predicted = np.stack([p.predicted for p in member_preds])
