@@ -542,19 +542,22 @@ PROVENANCE_FIELDS = {
     "views": "TTA views",
     "merge": "TTA merge",
     "cam": "cam view settings",
+    "pixels": "pixel pipeline version",
 }
-#: Fields a record of an older ens may lack; missing, they read as null (older stores had no cam view).
-_LATER_FIELDS = ("cam",)
+#: Fields a record of an older ens may lack, and what they read as then (older stores had no
+#: cam view, and their pixels were version 1).
+_LATER_FIELDS = {"cam": None, "pixels": 1}
 
 
 def provenance(store: LogitStore) -> dict[str, Any]:
-    """What made ``store``'s logits: the model file's sha256, its preprocessing and the TTA views
-    (their names carry the scales) and merge. Two stores blend together only when these agree."""
+    """What made ``store``'s logits: the model file's sha256, its preprocessing, the version of the
+    pixel pipeline, and the TTA views (their names carry the scales) and merge. Two stores blend
+    together only when these agree."""
     model, tta = store.manifest["model"], store.manifest["tta"]
     return {"model_sha256": model["sha256"], "input_size": model["input_size"], "resize": model["resize"],
             "crop_pct": model["crop_pct"], "mean": list(model["mean"]), "std": list(model["std"]),
             "interpolation": model.get("interpolation", "bilinear"), "views": list(tta["views"]),
-            "merge": tta["merge"], "cam": tta.get("cam")}
+            "merge": tta["merge"], "cam": tta.get("cam"), "pixels": store.manifest.get("pixels", 1)}
 
 
 def check_provenance(reference: Mapping[str, Mapping[str, Any]], reference_name: str, split: "_Split") -> None:
@@ -565,9 +568,10 @@ def check_provenance(reference: Mapping[str, Mapping[str, Any]], reference_name:
         if want is None:
             raise EnsError(f"{reference_name}: records nothing of how {model} was made")
         for key, label in PROVENANCE_FIELDS.items():
-            if want.get(key) != got[key]:
+            wanted = want.get(key, _LATER_FIELDS.get(key))
+            if wanted != got[key]:
                 raise EnsError(f"{model}: its {split.name} store was made with {label} {_shown(got[key])}, the "
-                               f"{reference_name} with {_shown(want.get(key))}; blend stores of one model file, "
+                               f"{reference_name} with {_shown(wanted)}; blend stores of one model file, "
                                "preprocessing and TTA (rerun `ens infer` on both splits alike)")
 
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from ensemble import __version__
 from ensemble.datasets import Split, check_store_name, split_name
-from ensemble.inference.decode import Decoder
+from ensemble.inference.decode import PIXELS, Decoder
 from ensemble.errors import EnsError
 from ensemble.inference.runtime import (TRT_CACHE, ForeignPreprocess, GpuOptions, Model, Runner,
                                         available_providers, check_gpu_options, cpu_threads, device_choices,
@@ -403,7 +403,7 @@ class _SplitRun:
                 "dtype": options.dtype, "keep_views": options.keep_views, "batch_size": self.batch,
                 "chunk_size": chunk_size, "provider": provider,
                 # The reduced JPEG decode keeps this model's largest canvas (not the run's).
-                "decode_side": item.groups[0].members[0][0].min_side,
+                "decode_side": item.groups[0].members[0][0].min_side, "pixels": PIXELS,
             }
             if item.cam is not None:  # only then: stores without cam views keep their keys
                 key["cam"] = item.cam.settings.record()
@@ -420,6 +420,7 @@ class _SplitRun:
                             "images": len(split)},
                 "tta": {"views": [v.name for v in views], "merge": options.merge,
                         **({} if item.cam is None else {"cam": item.cam.settings.record()})},
+                "pixels": PIXELS,
                 "device": device, "provider": provider, "device_fallback": fallback, "batch_size": self.batch,
                 "chunk_size": chunk_size, "ens_version": __version__,
                 # Not in the key: both engines compute the same arrays, so either resumes the other's.

@@ -215,6 +215,9 @@ def check_manifest(source: Path, manifest: Mapping[str, Any]) -> None:
     for field, (valid, expected) in checks.items():
         if not valid:
             fail(field, expected)
+    # Stores made before the field existed have version 1 pixels (ensemble.inference.decode.PIXELS).
+    if not count(manifest.get("pixels", 1), 1):
+        fail("pixels", "absent or an integer >= 1")
     # Stores made before --engine existed say neither: the local engine made them.
     if manifest.get("engine", "local") not in ("local", "ray"):
         fail("engine", "local or ray")
