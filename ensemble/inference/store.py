@@ -26,6 +26,8 @@ All ``.npy`` files are plain arrays that memory-map; :func:`read_store` is the o
                             interpolation, precision, class_ids (null: column j is category j),
                             foreign (no ens metadata: preprocessing from the command line)
     dataset                 split, source (json file or folder), sha256, images (before skips)
+    pixels                  the version of how views are made from decoded images
+                            (``ensemble.inference.decode.PIXELS``; absent in older stores: 1)
     tta                     views (names, in views.npy order; "identity" first), merge, and with
                             a cam view cam (threshold, pad, min of its boxes)
     device, provider        e.g. "cuda", "CUDAExecutionProvider"
