@@ -279,7 +279,7 @@ def read_class_counts(path: Path) -> dict[int | str, int]:
     if not isinstance(doc, dict):
         raise EnsError(f"{label}: expected a JSON object (a COCO/iNat json or {{\"category_id\": count}})")
     if "annotations" in doc or "images" in doc or "categories" in doc:
-        return _coco_counts(doc, label)
+        return coco_counts(doc, label)
     counts: dict[int | str, int] = {}
     for key, value in doc.items():
         category = _category(key)
@@ -291,7 +291,11 @@ def read_class_counts(path: Path) -> dict[int | str, int]:
     return counts
 
 
-def _coco_counts(doc: dict, label: str) -> dict[int | str, int]:
+def coco_counts(doc: dict, label: str) -> dict[int | str, int]:
+    """The annotations of each ``category_id`` of a COCO/iNat json ``doc`` (its ``categories``
+    that no annotation names count 0); :class:`EnsError` starting with ``label`` when it has no
+    annotations or one lacks its category. The one counter of training images: ``ens blend
+    --prior`` and ``ens submit --missing prior`` both count with it."""
     annotations = doc.get("annotations")
     if not isinstance(annotations, list) or not annotations:
         raise EnsError(f"{label}: a COCO json without annotations (a test split?); give the training json, "

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ensemble.blending import coco_counts
 from ensemble.datasets import find_split
 from ensemble.errors import EnsError
 from ensemble.submission.formats import Reference, Submission, SubmissionFormat, read_json
@@ -69,26 +70,20 @@ def rank(categories: np.ndarray, *counts: np.ndarray, k: int) -> np.ndarray:
 
 
 def train_prior(path: Path, reference: Reference, k: int) -> Prior | None:
-    """The ``k`` classes most frequent among the annotations of the train json at ``path``;
+    """The ``k`` classes most frequent among the annotations of the train json at ``path``
+    (counted by :func:`ensemble.blending.coco_counts`, as ``ens blend --prior`` counts them);
     ``None`` when it has none."""
     doc = read_json(path)
-    annotations = doc.get("annotations") if isinstance(doc, dict) else None
-    if not annotations:
+    if not isinstance(doc, dict) or not doc.get("annotations"):
         return None
-    if not isinstance(annotations, list):
-        raise EnsError(f"{path}: 'annotations' is not a list")
-    labels = np.empty(len(annotations), dtype=np.int64)
-    for i, ann in enumerate(annotations):
-        cid = ann.get("category_id") if isinstance(ann, dict) else None
-        if isinstance(cid, bool) or not isinstance(cid, int):
-            raise EnsError(f"{path}: annotations[{i}] has category_id {cid!r}; expected an integer")
-        labels[i] = cid
-    unknown = np.setdiff1d(labels, reference.categories)
-    if unknown.size:
+    counted = coco_counts(doc, str(path))
+    known = set(reference.categories.tolist())
+    unknown = sorted((c for c, n in counted.items() if n and c not in known), key=lambda c: (isinstance(c, str), c))
+    if unknown:
         raise EnsError(f"{path}: annotations name category ids {', '.join(map(str, unknown[:5]))}"
-                       f"{' and more' if unknown.size > 5 else ''}, not among the {reference.categories.size} "
+                       f"{' and more' if len(unknown) > 5 else ''}, not among the {reference.categories.size} "
                        "categories of the dataset")
-    counts = np.bincount(np.searchsorted(reference.categories, labels), minlength=reference.categories.size)
+    counts = np.array([counted.get(int(c), 0) for c in reference.categories], np.int64)
     return Prior(TRAIN_PRIOR, path, rank(reference.categories, counts, k=k))
 
 
