@@ -1,11 +1,13 @@
-"""Writing files atomically and hashing them."""
+"""Writing files atomically (replacing, or only ever creating: :func:`write_new`) and hashing them."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -71,3 +73,86 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+#: What ``link`` raises on a file system without hard links (FAT, exFAT, some network mounts).
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+#: A new file, for bytes as given (``O_BINARY``: no newline translation on Windows).
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+
+
+def write_new(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to a file that did not exist: ``path``, or if that is taken ``<stem>-2<suffix>``,
+    ``-3``... (the suffix being ``.csv.gz`` or the last one). Returns the path written.
+
+    No file is ever replaced, so two writers that chose the same name in the same second both
+    keep their bytes: the data goes to a hidden temporary file beside ``path``, is flushed to
+    disk, and is then hard-linked to the first free name (a link fails where a file exists, an
+    atomic test-and-create), so readers see it complete or not at all. Where the file system
+    has no hard links, the name is claimed by an exclusive create and the temporary file moved
+    onto it (readers may see it empty for a moment). On any failure nothing remains; an
+    OSError without a file name (``write`` on a full disk) is raised again naming ``path``.
+    """
+    path = Path(path)
+    suffix = ".csv.gz" if path.name.endswith(".csv.gz") else path.suffix
+    stem = path.name[:len(path.name) - len(suffix)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _create_temporary(path)
+    try:
+        _write_and_close(fd, data, path)
+        target, n = path, 1
+        while not _claim(tmp, target):
+            n += 1
+            target = path.with_name(f"{stem}-{n}{suffix}")
+        return target
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_and_close(fd: int, data: bytes, path: Path) -> None:
+    """Write all of ``data`` to ``fd``, flush it to disk and close it; errors name ``path``."""
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)  # a full disk may only say so here, and this is before the name is taken
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+        raise
+
+
+def _create_temporary(path: Path) -> tuple[int, Path]:
+    """A new hidden file beside ``path``, open for writing, with the permissions a plain open()
+    gives (mkstemp's would be private)."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, _NEW_FILE, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def _claim(tmp: Path, target: Path) -> bool:
+    """Give ``tmp``'s bytes the name ``target`` if no file has it; ``False`` if one does."""
+    try:
+        os.link(tmp, target)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+    try:
+        os.close(os.open(target, _NEW_FILE, 0o666))
+    except FileExistsError:
+        return False
+    try:
+        os.replace(tmp, target)  # onto the empty file this call made, nobody else's
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    return True

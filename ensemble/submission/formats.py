@@ -20,19 +20,17 @@ them, :mod:`ensemble.submission.prior`), and ``ens submit --check`` on any CSV.
 
 Written files hold one row per test image, ids ascending, ``\\n`` line ends, no index column,
 and are byte-for-byte reproducible (gzip ones too: the gzip header carries no time or name).
-A file is only ever created, never replaced (:func:`write_new`): a name already taken, even
+A file is only ever created, never replaced (:func:`ensemble.fileio.write_new`): a name already taken, even
 by a run that chose it in the same second, gets ``-2``, ``-3``...
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import errno
 import gzip
 import json
 import os
 import re
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +39,7 @@ import pandas as pd
 
 from ensemble.datasets import find_split, load_split, split_candidates
 from ensemble.errors import EnsError
+from ensemble.fileio import write_new
 
 #: How many offending lines or ids an error message names before "and N more".
 _SHOWN = 5
@@ -362,86 +361,3 @@ def submission_bytes(submission: Submission, compress: bool) -> bytes:
     """:func:`render`, gzipped with mtime 0 when ``compress`` (so equal rows give equal bytes)."""
     data = render(submission)
     return gzip.compress(data, mtime=0) if compress else data
-
-
-#: What ``link`` raises on a file system without hard links (FAT, exFAT, some network mounts).
-_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
-#: A new file, for bytes as given (``O_BINARY``: no newline translation on Windows).
-_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-
-
-def write_new(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to a file that did not exist: ``path``, or if that is taken ``<stem>-2<suffix>``,
-    ``-3``... (the suffix being ``.csv.gz`` or the last one). Returns the path written.
-
-    No file is ever replaced, so two writers that chose the same name in the same second both
-    keep their bytes: the data goes to a hidden temporary file beside ``path``, is flushed to
-    disk, and is then hard-linked to the first free name (a link fails where a file exists, an
-    atomic test-and-create), so readers see it complete or not at all. Where the file system
-    has no hard links, the name is claimed by an exclusive create and the temporary file moved
-    onto it (readers may see it empty for a moment). On any failure nothing remains; an
-    OSError without a file name (``write`` on a full disk) is raised again naming ``path``.
-    """
-    path = Path(path)
-    suffix = ".csv.gz" if path.name.endswith(".csv.gz") else path.suffix
-    stem = path.name[:len(path.name) - len(suffix)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_temporary(path)
-    try:
-        _write_and_close(fd, data, path)
-        target, n = path, 1
-        while not _claim(tmp, target):
-            n += 1
-            target = path.with_name(f"{stem}-{n}{suffix}")
-        return target
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_and_close(fd: int, data: bytes, path: Path) -> None:
-    """Write all of ``data`` to ``fd``, flush it to disk and close it; errors name ``path``."""
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)  # a full disk may only say so here, and this is before the name is taken
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        if exc.filename is None:
-            raise OSError(exc.errno, exc.strerror, str(path)) from None
-        raise
-
-
-def _create_temporary(path: Path) -> tuple[int, Path]:
-    """A new hidden file beside ``path``, open for writing, with the permissions a plain open()
-    gives (mkstemp's would be private)."""
-    while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            return os.open(tmp, _NEW_FILE, 0o666), tmp
-        except FileExistsError:
-            continue
-
-
-def _claim(tmp: Path, target: Path) -> bool:
-    """Give ``tmp``'s bytes the name ``target`` if no file has it; ``False`` if one does."""
-    try:
-        os.link(tmp, target)
-        return True
-    except FileExistsError:
-        return False
-    except OSError as exc:
-        if exc.errno not in _NO_HARD_LINKS:
-            raise
-    try:
-        os.close(os.open(target, _NEW_FILE, 0o666))
-    except FileExistsError:
-        return False
-    try:
-        os.replace(tmp, target)  # onto the empty file this call made, nobody else's
-    except BaseException:
-        target.unlink(missing_ok=True)
-        raise
-    return True

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from ensemble.cli import app
 from ensemble.errors import EnsError
+from ensemble import fileio
 from ensemble.fileio import sha256_file
 from ensemble.submission import formats
 from ensemble.submission import ledger as ledger_module
@@ -126,7 +127,7 @@ def test_write_new_never_replaces_a_file(tmp_path, monkeypatch):
 
     def run(n):
         try:
-            written[n] = formats.write_new(path, f"writer {n}\n".encode())
+            written[n] = fileio.write_new(path, f"writer {n}\n".encode())
         except BaseException as exc:
             errors.append(exc)
             barrier.abort()
@@ -153,8 +154,8 @@ def test_write_new_without_hard_links(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "link", link)
     path = tmp_path / "x.csv.gz"
     path.write_bytes(b"first")
-    assert formats.write_new(path, b"second") == tmp_path / "x-2.csv.gz"
-    assert formats.write_new(path, b"third") == tmp_path / "x-3.csv.gz"
+    assert fileio.write_new(path, b"second") == tmp_path / "x-2.csv.gz"
+    assert fileio.write_new(path, b"third") == tmp_path / "x-3.csv.gz"
     assert [p.read_bytes() for p in sorted(tmp_path.iterdir())] == [b"second", b"third", b"first"]
 
 
@@ -274,7 +275,7 @@ def test_a_full_disk_while_recording_removes_the_file(work, monkeypatch):
         return con
 
     written = []
-    monkeypatch.setattr(flow, "write_new", lambda *args: written.append(formats.write_new(*args)) or written[-1])
+    monkeypatch.setattr(flow, "write_new", lambda *args: written.append(fileio.write_new(*args)) or written[-1])
     monkeypatch.setattr(sqlite3, "connect", connect)
     with pytest.raises(OSError) as info:
         submit("blends/greedy", "data", SubmitOptions())
