@@ -11,12 +11,14 @@ A model with cam views (:class:`CamPlan`) runs them inside :class:`Forward` too:
 view's pass also returns the class activation map, from which each image's box is found
 (:func:`ensemble.inference.cam.cam_box`), cut from the batch's :class:`~ensemble.inference.decode.CropSource`,
 resized to the model's input and classified in one more pass per cam view; the boxes travel in
-:attr:`ModelOutput.boxes`.
+:attr:`ModelOutput.boxes`. The rows of a batch are resized on a few threads (Pillow lets go of
+the GIL while it resamples), while the sessions wait for the crops.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -26,8 +28,14 @@ from PIL import Image
 
 from ensemble.inference.cam import CamSettings, cam_box, to_image
 from ensemble.inference.decode import _RESAMPLE, CropSource, DecodedBatch, Decoder
-from ensemble.inference.runtime import Model, Runner
+from ensemble.inference.runtime import Model, Runner, cpu_threads
 from ensemble.inference.tta import CamSource, Geometry, View, cam_source, geometries, hflip, merge, view_size
+
+
+#: The most threads resizing one batch's cam crops. The decoding processes share the cores, but
+#: while the crops are resized the sessions wait for them; past this, a batch of 32 rows gives
+#: each thread too few to gain more.
+CROP_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -131,13 +139,36 @@ class Forward:
 
     Mirrored views are made once per batch and geometry and shared by the models with the same
     preprocessing. One instance per engine worker; not thread-safe.
+
+    ``threads``: the threads resizing a batch's cam crops (default: the cores this process may
+    use, at most :data:`CROP_THREADS`; 1 resizes in the calling thread). They are started with
+    the first batch that needs them and stopped by :meth:`close` (or leaving a ``with`` block);
+    a batch after that starts them again.
     """
 
-    def __init__(self, merge_mode: str):
+    def __init__(self, merge_mode: str, threads: int | None = None):
         self.merge_mode = merge_mode
+        self.threads = max(1, min(cpu_threads(), CROP_THREADS) if threads is None else threads)
         self._buffers: dict[Geometry, np.ndarray] = {}
         self._filled: set[Geometry] = set()
         self._crops: dict[tuple[int, int], np.ndarray] = {}  # (batch, size) -> the crop batch, reused
+        self._pool: ThreadPoolExecutor | None = None
+
+    def close(self) -> None:
+        """Stop the crop threads (after the rows they are resizing)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def __enter__(self) -> Forward:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:
+        # Threads do not pickle: a copy starts its own when it needs them.
+        return {**self.__dict__, "_pool": None}
 
     def __call__(self, decoded: DecodedBatch, passes: Sequence[ModelPass]) -> BatchOutput:
         self._filled.clear()
@@ -186,15 +217,27 @@ class Forward:
         boxes = np.zeros((decoded.count, 4), np.float32)
         bad = {row for row, _ in decoded.bad}
         resample = _RESAMPLE[plan.source.geometry.interpolation]
-        for row in range(decoded.count):
-            if row in bad:
-                continue
+
+        def crop(row: int) -> None:  # writes row ``row`` of crops and boxes, nothing else
             height, width = (int(v) for v in source.shapes[row])
             box = cam_box(maps[row], height, width, plan.settings)
             region = Image.fromarray(source.pixels[row, :height, :width])
             crops[row] = np.asarray(region.resize((plan.size, plan.size), resample, box=box))
             boxes[row] = to_image(box, height, width, source.regions[row])
+
+        rows = [row for row in range(decoded.count) if row not in bad]
+        if self.threads == 1 or len(rows) < 2:
+            for row in rows:
+                crop(row)
+        else:
+            # list(): every row done before the crops are read; a row's exception raised here.
+            list(self._crop_pool().map(crop, rows))
         return crops, boxes
+
+    def _crop_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ens-crop")
+        return self._pool
 
     def _view(self, geo: Geometry, flipped: bool, decoded: DecodedBatch) -> np.ndarray:
         """One view of the batch, ``(batch, size, size, 3)``: the decoded array itself, or its
@@ -236,5 +279,8 @@ class LocalEngine:
             needs: Callable[[int], Sequence[str]]) -> Iterator[BatchOutput]:
         """``(start row, paths)`` batches -> their outputs, in order; ``needs(start)`` names the
         models that lack the batch."""
-        for decoded in self.decoder.map(batches):
-            yield self.forward(decoded, [self.passes[name] for name in needs(decoded.start)])
+        try:
+            for decoded in self.decoder.map(batches):
+                yield self.forward(decoded, [self.passes[name] for name in needs(decoded.start)])
+        finally:
+            self.forward.close()  # no idle crop threads outlive the run
