@@ -37,7 +37,7 @@ from scipy.special import log_softmax, logsumexp
 
 from ensemble.errors import EnsError
 from ensemble.inference.cam import CamSettings
-from ensemble.metadata import INTERPOLATIONS
+from ensemble.metadata import check_preprocess
 
 #: ``--scales`` default: the multi-scale TTA of timm's validation recipes (x 7/8 and x 8/7).
 DEFAULT_SCALES = (0.875, 1.0, 1.143)
@@ -171,16 +171,15 @@ def geometry(pre: Preprocess, view: View) -> Geometry:
     whole image squashed to size x size (the model's own view); corner crops come from the
     image squashed to (size / crop_pct) squared.
     """
+    # Metadata and foreign-model options are checked when read; this keeps a hand-made
+    # Preprocess to the same rules (the one check, ensemble.metadata.check_preprocess).
+    check_preprocess(resize=pre.resize, interpolation=pre.interpolation)
     size = view_size(pre, view)
     if pre.resize == "center-crop":
         canvas, side = "short", _canvas_side(size, pre.crop_pct)
-    elif pre.resize == "squash":
+    else:  # squash
         canvas = "square"
         side = size if view.position == "center" else _canvas_side(size, pre.crop_pct)
-    else:
-        raise EnsError(f"resize policy {pre.resize!r}: this ens knows center-crop and squash")
-    if pre.interpolation not in INTERPOLATIONS:
-        raise EnsError(f"interpolation {pre.interpolation!r}: this ens knows {', '.join(INTERPOLATIONS)}")
     return Geometry(canvas, side, size, view.position, pre.interpolation)
 
 

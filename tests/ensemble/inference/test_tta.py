@@ -60,6 +60,15 @@ def test_geometry_follows_the_imagenet_recipe():
     assert geometry(squash, View(position="bottom-right")) == Geometry("square", 256, 224, "bottom-right", "bilinear")
 
 
+def test_geometry_refuses_a_policy_or_filter_ens_does_not_know():
+    """A hand-made Preprocess meets the rules metadata and options are checked by: an unknown
+    resize policy is never taken for a squash."""
+    with pytest.raises(EnsError, match="--resize stretch: choose one of center-crop, squash"):
+        geometry(Preprocess(224, "stretch"), View())
+    with pytest.raises(EnsError, match="--interpolation box: choose one of bilinear, bicubic, nearest, lanczos"):
+        geometry(Preprocess(224, interpolation="box"), View())
+
+
 def test_canvas_and_crop_boxes():
     assert canvas_shape(600, 800, "short", 256) == (256, 341)
     assert canvas_shape(800, 600, "short", 256) == (341, 256)
