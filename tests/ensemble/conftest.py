@@ -210,6 +210,7 @@ def one_line_error(result, *patterns):
     assert result.exit_code == 2, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and result.stderr.strip().endswith(errors[0]), result.stderr
+    assert "Traceback" not in result.output, result.output
     for pattern in patterns:
         assert pattern in errors[0], errors[0]
     return errors[0]

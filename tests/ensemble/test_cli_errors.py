@@ -11,18 +11,9 @@ from typer.testing import CliRunner
 from ensemble.cli import app
 from ensemble.inference import store as store_module
 
-from tests.ensemble.conftest import make_inat, tiny_onnx
+from tests.ensemble.conftest import make_inat, one_line_error, tiny_onnx
 
 runner = CliRunner()
-
-
-def _one_line(result, *parts):
-    assert result.exit_code == 2, result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in result.output, result.output
-    for part in parts:
-        assert part in errors[0], errors[0]
-    return errors[0]
 
 
 def test_a_full_disk_during_infer_is_one_line_and_keeps_finished_chunks(tmp_path, monkeypatch):
@@ -39,7 +30,7 @@ def test_a_full_disk_during_infer_is_one_line_and_keeps_finished_chunks(tmp_path
     monkeypatch.setattr(store_module.np, "savez", savez)
     args = ["infer", str(model), "--data", str(data), "--split", "val", "--batch-size", "2", "--chunk-size", "2",
             "--workers", "0", "--out", str(tmp_path / "runs")]
-    _one_line(runner.invoke(app, args), "No space left on device; the disk is full: free space and run the same "
+    one_line_error(runner.invoke(app, args), "No space left on device; the disk is full: free space and run the same "
                                         "command again")
     partial = tmp_path / "runs" / "tiny" / "val" / ".partial"
     assert sorted(p.name for p in partial.iterdir()) == ["chunk-000000.npz", "chunk-000001.npz", "key.json"]
@@ -52,7 +43,7 @@ def test_a_file_where_the_out_folder_should_be(tmp_path):
     data = make_inat(tmp_path / "inat", n_val=2, n_test=1)
     model = tiny_onnx(tmp_path / "tiny.onnx")
     (tmp_path / "runs").write_text("not a folder")
-    _one_line(runner.invoke(app, ["infer", str(model), "--data", str(data), "--split", "val", "--workers", "0",
+    one_line_error(runner.invoke(app, ["infer", str(model), "--data", str(data), "--split", "val", "--workers", "0",
                                   "--out", str(tmp_path / "runs")]),
               str(tmp_path / "runs" / "tiny" / "val"))
 
@@ -74,7 +65,7 @@ def test_a_full_disk_while_blending_leaves_no_partial_files(tmp_path, monkeypatc
 
     monkeypatch.setattr(pathlib.Path, "write_text", full)
     out = tmp_path / "blend"
-    _one_line(runner.invoke(app, ["blend", "--runs", str(runs), "--optimize", "val", "--cv", "2", "--out", str(out)]),
+    one_line_error(runner.invoke(app, ["blend", "--runs", str(runs), "--optimize", "val", "--cv", "2", "--out", str(out)]),
               "No space left on device; the disk is full")
     assert not out.exists() or list(out.iterdir()) == []
     monkeypatch.setattr(pathlib.Path, "write_text", real)
