@@ -347,8 +347,8 @@ def run_failure(path: Path, shape: Sequence[int], exc: Exception) -> str:
     reason = f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
     images, height, width = shape[0], shape[1], shape[2]
     if any(word in text.lower() for word in _OUT_OF_MEMORY):
-        hint = ("out of memory: a smaller --batch-size bounds the images of one forward pass "
-                "(batch x views of one size)")
+        hint = ("out of memory: a smaller --batch-size bounds the images of every forward pass "
+                "(one pass per view)")
     else:
         hint = (f"the graph refuses {height}x{width} inputs or this batch; check that the model takes "
                 "this size (drop scale from --tta, or set --input-size for a model without ens metadata)")
