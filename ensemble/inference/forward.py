@@ -32,9 +32,9 @@ from ensemble.inference.runtime import Model, Runner, cpu_threads
 from ensemble.inference.tta import CamSource, Geometry, View, cam_source, geometries, hflip, merge, view_size
 
 
-#: The most threads resizing one batch's cam crops. The decoding processes share the cores, but
-#: while the crops are resized the sessions wait for them; past this, a batch of 32 rows gives
-#: each thread too few to gain more.
+#: The most threads resizing one batch's cam crops. While they work the sessions wait for them,
+#: but the decoding processes share the cores; at 8 a batch of 32 (the default) is 4 rows a
+#: thread already, and more threads would mostly take cores from the decoding.
 CROP_THREADS = 8
 
 
