@@ -21,7 +21,10 @@ Everything in one run, on real images that scikit-learn ships (its 1,797 handwri
   on the small set with the small CNN (a model so cheap that decoding and the crops' resizing
   set the pace), and on iNat-like photos (JPEGs, longest side 800, from benchmarks/infer.py)
   with torchvision's resnet50 at 224 px (1010 classes, random weights: speed does not depend on
-  them), where the forward passes do, as with the models of a competition.
+  them), where the forward passes do, as with the models of a competition;
+* the time of the cam crops alone on those photos (each image's box cut and resized to the
+  model's input, :class:`~ensemble.inference.forward.Forward`'s part between the identity pass
+  and the cam pass, while the sessions wait): one row after another against Forward's threads.
 """
 
 from __future__ import annotations
@@ -159,6 +162,38 @@ def time_runs(label: str, model: Path, split, work: Path) -> None:
           f"(goal: at most {GOAL}x, {'met' if cam / plain <= GOAL else 'NOT met'})", flush=True)
 
 
+def time_crops(label: str, model: Path, split, batch_size: int = 32) -> None:
+    """Print the time of the cam view's crops of ``split``'s batches, in one thread and on
+    :class:`Forward`'s threads, and their ratio (the maps from the model's identity pass)."""
+    from ensemble.inference.decode import decode_batch
+    from ensemble.inference.forward import Forward
+    from ensemble.inference.run import gpu_options, open_passes, run_geometries, run_sources
+    from ensemble.inference.runtime import load_model
+    from ensemble.inference.tta import plan_views
+
+    options = InferOptions(tta=("cam",), batch_size=batch_size)
+    item = open_passes([load_model(model)], plan_views(options.tta), options, "cpu", gpu_options(options))[0]
+    identity = item.groups[0].members[0][0]
+    batches = []
+    for start in range(0, len(split), batch_size):
+        decoded = decode_batch(start, [str(p) for p in split.paths[start:start + batch_size]], batch_size,
+                               run_geometries([item.groups]), sources=run_sources([item.cam]))
+        batches.append((decoded, item.runner.with_cam(decoded.arrays[identity])[1]))
+    times = []
+    for threads in (1, None):  # None: as ens infer makes it
+        with Forward(options.merge, threads=threads) as forward:
+            best = float("inf")
+            for _ in range(3):
+                tick = time.perf_counter()
+                for decoded, maps in batches:
+                    forward._crop(item.cam, decoded, maps)
+                best = min(best, time.perf_counter() - tick)
+            times.append((forward.threads, best))
+    (_, one), (threads, pooled) = times
+    print(f"{label}, {len(split)} images: {one / len(split) * 1e3:.2f} ms an image in one thread, "
+          f"{pooled / len(split) * 1e3:.2f} ms on {threads} threads: {one / pooled:.2f}x faster", flush=True)
+
+
 def _photos(folder: Path, count: int) -> Path:
     import importlib.util
 
@@ -218,7 +253,11 @@ def main() -> None:
         print("\ntime of whole runs, best of 2: identity only, then --tta cam")
         time_runs("small_net, 64 px, small set", model, load_split(work / "small"), work)
         photos = load_split(_photos(work / "photos", photo_count))
-        time_runs("resnet50, 224 px, iNat-like photos", _resnet50(work), photos, work)
+        resnet50 = _resnet50(work)
+        time_runs("resnet50, 224 px, iNat-like photos", resnet50, photos, work)
+        print("\ntime of the cam crops alone (box cut and resized to the input), best of 3: one thread, then "
+              "Forward's threads")
+        time_crops("resnet50, 224 px, iNat-like photos", resnet50, photos)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
