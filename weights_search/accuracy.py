@@ -41,7 +41,7 @@ class AccuracyBlend(MixtureBlender):
         self.seed = seed
 
     def _fit_scores(self, scores: MixtureScores, start: np.ndarray | None) -> np.ndarray:
-        margins = MixtureMargins(scores.log_probs, scores.labels)
+        margins = MixtureMargins(scores.members, scores.labels, scores.class_shift)
         n_members = margins.n_members
         rng = np.random.default_rng(self.seed)
         weights = np.full(n_members, 1.0 / n_members)

@@ -108,33 +108,58 @@ class _NllScorer:
     def __init__(self, scores: MixtureScores) -> None:
         self.true_lp, self.log_norm = scores.true_lp, scores.log_norm
         rows = informative_rows(self.true_lp)
-        self.kept = self.true_lp[:, rows]
-        self.kept_norm = None if self.log_norm is None else self.log_norm[:, rows]
-        if not self.kept.size:
+        kept = self.true_lp[:, rows]
+        if not kept.size:
             raise ValueError("no member gives the true class a non-zero probability on any row: nothing to select")
+        self.kept = _Exponentials(kept)
+        self.kept_norm = None if self.log_norm is None else _Exponentials(self.log_norm[:, rows])
 
     def each_added(self, counts: np.ndarray) -> np.ndarray:
-        nll = -self._log_added(self.kept, counts)
+        nll = -self.kept.log_added(counts)
         if self.kept_norm is None:
             return nll + np.log(counts.sum() + 1)
-        return nll + self._log_added(self.kept_norm, counts)
-
-    @staticmethod
-    def _log_added(x: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """``(M,)``: ``mean_n log (sum_k counts_k exp(x[k, n]) + exp(x[m, n]))`` for each ``m``."""
-        with np.errstate(divide="ignore"):
-            log_sum = logsumexp(x + np.log(counts)[:, None], axis=0)
-        return np.logaddexp(log_sum, x).mean(axis=1)
+        return nll + self.kept_norm.log_added(counts)
 
     def score(self, weights: np.ndarray) -> float:
         return mixture_nll(self.true_lp, weights, self.log_norm)
+
+
+class _Exponentials:
+    """An ``(M, n)`` float64 matrix ``x`` (entries finite or -inf, every column with a finite
+    maximum), held as ``exp(x - top)`` with ``top`` the column maxima, for :meth:`log_added`.
+
+    A selection round asks :meth:`log_added` for every candidate at once; with the exponentials
+    taken once here, that is one matrix-vector product and one log of ``(M, n)`` per round
+    instead of a log-sum-exp and a ``logaddexp`` (exp, log1p) over ``(M, n)``: a fit with a prior
+    asks it of two such matrices, in every round of ``tau``.
+    """
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.x = x
+        self.top = x.max(axis=0)
+        # A finite entry so far below its column's maximum that its exponential underflows would
+        # count as -inf here: such a matrix takes the log-sum-exp path, exact at any range.
+        self.exact = not np.isfinite(self.top).all()
+        if not self.exact:
+            self.exp = np.exp(x - self.top)
+            self.exact = bool((np.isfinite(x) & (self.exp < np.finfo(np.float64).tiny)).any())
+
+    def log_added(self, counts: np.ndarray) -> np.ndarray:
+        """``(M,)``: ``mean_n log (sum_k counts_k exp(x[k, n]) + exp(x[m, n]))`` for each ``m``."""
+        if self.exact:
+            with np.errstate(divide="ignore"):
+                log_sum = logsumexp(self.x + np.log(counts)[:, None], axis=0)
+            return np.logaddexp(log_sum, self.x).mean(axis=1)
+        total = counts.astype(np.float64) @ self.exp
+        with np.errstate(divide="ignore"):
+            return np.log(self.exp + total).mean(axis=1) + self.top.mean()
 
 
 class _ErrorScorer:
     """Top-1 error of the mixture of selection counts (see :class:`MixtureMargins`)."""
 
     def __init__(self, scores: MixtureScores) -> None:
-        self.margins = MixtureMargins(scores.log_probs, scores.labels)
+        self.margins = MixtureMargins(scores.members, scores.labels, scores.class_shift)
 
     def each_added(self, counts: np.ndarray) -> np.ndarray:
         return 1.0 - self.margins.count_each_added(counts.astype(np.float64)) / self.margins.n_rows

@@ -22,19 +22,25 @@ from weights_search.functional import check_members
 class MixtureMargins:
     """Counts the rows a mixture gets right, for any weights.
 
-    ``log_probs``: ``(M, N, C)`` member log-probabilities; ``labels``: ``(N,)``. Weights given to
-    the methods are ``(M,)`` and non-negative; only their direction matters.
+    ``log_probs``: ``(M, N, C)`` member log-probabilities; ``labels``: ``(N,)``; ``class_shift``:
+    None, or ``(C,)`` of the dtype of ``log_probs``, subtracted from every member's scores first
+    (the prior correction, :class:`weights_search.prior.MixtureScores`), one member at a time
+    rather than as a corrected copy of the stack. Weights given to the methods are ``(M,)`` and
+    non-negative; only their direction matters.
     """
 
-    def __init__(self, log_probs: np.ndarray, labels: np.ndarray) -> None:
+    def __init__(self, log_probs: np.ndarray, labels: np.ndarray, class_shift: np.ndarray | None = None) -> None:
         log_probs, labels = check_members(log_probs, labels)
         n_members, n_rows, n_classes = log_probs.shape
         rows = np.arange(n_rows)
         true = log_probs[:, rows, labels]
+        if class_shift is not None:
+            true = true - class_shift[labels]
         rival = np.zeros((n_rows, n_classes), dtype=bool)
         dominant = np.ones((n_rows, n_classes), dtype=bool)
         for m in range(n_members):
-            at_least = log_probs[m] >= true[m][:, None]
+            scores = log_probs[m] if class_shift is None else log_probs[m] - class_shift
+            at_least = scores >= true[m][:, None]
             rival |= at_least
             dominant &= at_least
         rival[rows, labels] = False
@@ -45,8 +51,11 @@ class MixtureMargins:
         pair_row = active[local_row]
         margins = np.empty((pair_row.size, n_members))
         for m in range(n_members):
+            rival_lp = log_probs[m, pair_row, rival_class]
+            if class_shift is not None:
+                rival_lp = rival_lp - class_shift[rival_class]
             margins[:, m] = (np.exp(true[m, pair_row].astype(np.float64))
-                             - np.exp(log_probs[m, pair_row, rival_class].astype(np.float64)))
+                             - np.exp(rival_lp.astype(np.float64)))
         self.n_members = n_members
         self.n_rows = n_rows
         self.n_always = int(always.sum())
@@ -54,12 +63,22 @@ class MixtureMargins:
         self.margins = margins
         #: Index in :attr:`margins` where each active row's pairs begin.
         self.starts = np.flatnonzero(np.diff(local_row, prepend=-1))
+        self._last: tuple[np.ndarray, np.ndarray] | None = None
+
+    def _at(self, weights: np.ndarray) -> np.ndarray:
+        """``(K,)`` ``margins @ weights``; the last one is kept, since a search scores many lines
+        from the same weights (and counts the rows right at them first)."""
+        if self._last is not None and np.array_equal(self._last[0], weights) and self._last[0].dtype == weights.dtype:
+            return self._last[1]
+        product = self.margins @ weights
+        self._last = (np.array(weights), product)
+        return product
 
     def count(self, weights: np.ndarray) -> int:
         """Rows right under the mixture with ``(M,)`` weights."""
         if not self.starts.size:
             return self.n_always
-        worst = np.minimum.reduceat(self.margins @ weights, self.starts)
+        worst = np.minimum.reduceat(self._at(weights), self.starts)
         return self.n_always + int((worst > 0).sum())
 
     def count_each_added(self, base: np.ndarray) -> np.ndarray:
@@ -79,7 +98,7 @@ class MixtureMargins:
         """
         if not self.starts.size or t_low >= t_high:
             return self.count(weights), 0.0
-        at0 = self.margins @ weights
+        at0 = self._at(weights)
         slope = self.margins @ direction
         with np.errstate(divide="ignore", invalid="ignore"):
             root = -at0 / slope

@@ -116,35 +116,54 @@ class MixtureScores:
     or None (0: the plain blend). The corrected mixture's probability of the true class is then
     ``sum_m w_m exp(true_lp[m]) / sum_m w_m exp(log_norm[m])``. :attr:`log_probs` (``(M, N, C)``,
     the member log-probabilities minus ``tau * shift``, not renormalised) ranks classes as the
-    corrected mixture does, for the methods that count rows right.
+    corrected mixture does, for the methods that count rows right; :attr:`class_shift` is that
+    ``(C,)`` float32 ``tau * shift`` (None when 0), for those that subtract it member by member.
 
     When asked for (:meth:`MixturePrior.at`), ``tilt_mean`` and ``tilt_var`` (``(M, N)``) are the
     mean and variance of ``shift`` under each member's corrected distribution: the first two
     derivatives of ``log_norm`` in ``tau`` are ``-tilt_mean`` and ``tilt_var``. ``true_shift``:
     ``(N,)``, ``shift`` of each row's true class.
+
+    ``log_norm`` may be given as a function of no arguments instead, called on first use (a
+    pass over the member stack that the methods counting rows right never need).
     """
 
     def __init__(self, log_probs: np.ndarray, labels: np.ndarray, true_lp: np.ndarray,
-                 log_norm: np.ndarray | None = None, shift: np.ndarray | None = None, tau: float = 0.0,
-                 tilt_mean: np.ndarray | None = None, tilt_var: np.ndarray | None = None) -> None:
+                 log_norm: np.ndarray | Callable[[], np.ndarray] | None = None, shift: np.ndarray | None = None,
+                 tau: float = 0.0, tilt_mean: np.ndarray | None = None, tilt_var: np.ndarray | None = None) -> None:
         self.labels = labels
         self.true_lp = true_lp
-        self.log_norm = log_norm
+        self._log_norm = log_norm
         self._log_probs = log_probs
         self._shift = shift
         self.tau = tau
         self.tilt_mean = tilt_mean
         self.tilt_var = tilt_var
 
+    @cached_property
+    def log_norm(self) -> np.ndarray | None:
+        return self._log_norm() if callable(self._log_norm) else self._log_norm
+
     @property
     def true_shift(self) -> np.ndarray:
         return self._shift[self.labels]
 
+    @property
+    def members(self) -> np.ndarray:
+        """The ``(M, N, C)`` member log-probabilities, without the correction."""
+        return self._log_probs
+
+    @cached_property
+    def class_shift(self) -> np.ndarray | None:
+        if self._shift is None or self.tau == 0:
+            return None
+        return np.float32(self.tau) * self._shift.astype(np.float32)
+
     @cached_property
     def log_probs(self) -> np.ndarray:
-        if self._shift is None or self.tau == 0:
+        if self.class_shift is None:
             return self._log_probs
-        return self._log_probs - np.float32(self.tau) * self._shift.astype(np.float32)
+        return self._log_probs - self.class_shift
 
 
 class MixturePrior:
@@ -188,9 +207,11 @@ class MixturePrior:
             total, mean = sums[:, 0], sums[:, 1] / sums[:, 0]
             var = np.maximum(sums[:, 2] / total - mean * mean, 0.0).reshape(n_members, n_rows)
             mean = (mean + centre).reshape(n_members, n_rows)
+            log_norm = np.log(total).reshape(n_members, n_rows)
         else:
-            total = (flat @ tilt.astype(np.float32)).astype(np.float64)
-        log_norm = np.log(total).reshape(n_members, n_rows)
+            def log_norm() -> np.ndarray:
+                total = (flat @ tilt.astype(np.float32)).astype(np.float64)
+                return np.log(total).reshape(n_members, n_rows)
         return MixtureScores(self.log_probs, self.labels, self.true_lp - tau * self.true_shift, log_norm,
                              self.shift, tau, mean, var)
 
