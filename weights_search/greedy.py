@@ -143,6 +143,9 @@ class _Exponentials:
         if not self.exact:
             self.exp = np.exp(x - self.top)
             self.exact = bool((np.isfinite(x) & (self.exp < np.finfo(np.float64).tiny)).any())
+            self.top_mean = self.top.mean()
+            self.has_zeros = not (self.exp > 0).all()  # -inf entries: their log warns
+            self._buffer = np.empty_like(self.exp)  # reused: the log is most of a round's time
 
     def log_added(self, counts: np.ndarray) -> np.ndarray:
         """``(M,)``: ``mean_n log (sum_k counts_k exp(x[k, n]) + exp(x[m, n]))`` for each ``m``."""
@@ -151,8 +154,13 @@ class _Exponentials:
                 log_sum = logsumexp(self.x + np.log(counts)[:, None], axis=0)
             return np.logaddexp(log_sum, self.x).mean(axis=1)
         total = counts.astype(np.float64) @ self.exp
-        with np.errstate(divide="ignore"):
-            return np.log(self.exp + total).mean(axis=1) + self.top.mean()
+        out = np.add(self.exp, total, out=self._buffer)
+        if self.has_zeros:
+            with np.errstate(divide="ignore"):
+                np.log(out, out=out)
+        else:
+            np.log(out, out=out)
+        return out.sum(axis=1) / out.shape[1] + self.top_mean
 
 
 class _ErrorScorer:
