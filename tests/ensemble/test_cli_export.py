@@ -248,13 +248,16 @@ def test_interpolation_is_stored_and_used_by_infer(checkpoint, tmp_path):
     models = {}
     for interpolation in ("bilinear", "bicubic"):
         models[interpolation] = tmp_path / f"{interpolation}.onnx"
+        # squash: the whole image resized to the input, the one resize whose pixels are exactly
+        # torchvision's (a centre crop resizes only its region: within 2 levels, test_infer_tta).
         result = runner.invoke(app, ["export", str(checkpoint), "--arch", "resnet18", "--input-size", "32",
-                                     "--interpolation", interpolation, "-o", str(models[interpolation])])
+                                     "--resize", "squash", "--interpolation", interpolation,
+                                     "-o", str(models[interpolation])])
         assert result.exit_code == 0, result.output
     info = json.loads(runner.invoke(app, ["info", str(models["bicubic"]), "--json"]).stdout)
     assert info["interpolation"] == "bicubic"
 
-    # PNGs (exact pixels, no reduced JPEG decode), larger than the 36 px canvas: a real resize.
+    # PNGs (exact pixels, no reduced JPEG decode), larger than the 32 px input: a real resize.
     images = tmp_path / "images"
     write_images(images, [(64, 48), (48, 70), (90, 60), (50, 50)], ".png")
     ran = runner.invoke(app, ["infer", *map(str, models.values()), "--index", str(images), "--workers", "0",
@@ -265,8 +268,8 @@ def test_interpolation_is_stored_and_used_by_infer(checkpoint, tmp_path):
     def expected(name: str, mode: InterpolationMode) -> np.ndarray:
         views = []
         for image_id in stores[name].ids.tolist():
-            image = F.resize(Image.open(images / image_id).convert("RGB"), 36, interpolation=mode)  # 32 / 0.875
-            views.append(np.asarray(F.center_crop(image, [32, 32])))
+            image = F.resize(Image.open(images / image_id).convert("RGB"), [32, 32], interpolation=mode)
+            views.append(np.asarray(image))
         return run_onnx(models[name], np.stack(views))
 
     bicubic, bilinear = np.asarray(stores["bicubic"].logits), np.asarray(stores["bilinear"].logits)
