@@ -199,14 +199,17 @@ def _decode_image(path: str | Path, geometries: Sequence[Geometry], sources: Seq
 def canvas_views(image: Image.Image, geometries: Sequence[Geometry]) -> dict[Geometry, np.ndarray]:
     """Each geometry's ``(size, size, 3)`` uint8 view of one decoded image.
 
-    Geometries on the same canvas share one resize, and it covers only the part of the canvas
-    their crops cut (:func:`resize_region`): a centre crop of a 4:3 photo is 57% of its canvas.
+    Geometries on the same canvas with the same crop size share one resize, and it covers only
+    the part of the canvas their crops cut (:func:`resize_region`): a centre crop of a 4:3 photo
+    is 57% of its canvas. The crop size is part of the group because the region's pixels depend
+    (by rounding) on the region: views of one size have the run's positions whichever model asks,
+    so a model's pixels never depend on the other models of a run.
     """
-    by_canvas: dict[tuple[str, int, str], list[Geometry]] = {}
+    by_canvas: dict[tuple[str, int, str, int], list[Geometry]] = {}
     for g in geometries:
-        by_canvas.setdefault((g.canvas, g.canvas_size, g.interpolation), []).append(g)
+        by_canvas.setdefault((g.canvas, g.canvas_size, g.interpolation, g.size), []).append(g)
     out = {}
-    for (canvas, side, interpolation), group in by_canvas.items():
+    for (canvas, side, interpolation, _), group in by_canvas.items():
         height, width = canvas_shape(image.height, image.width, canvas, side)
         for g in group:
             if height < g.size or width < g.size:
@@ -226,17 +229,18 @@ def resize_region(image: Image.Image, canvas: tuple[int, int], region: tuple[int
     """The ``(left, top, right, bottom)`` pixels of ``image`` resized to ``canvas`` ``(width,
     height)``, as uint8 ``(bottom - top, right - left, 3)``, computing only those pixels.
 
-    Two passes, the horizontal first, as Pillow's whole-image resize runs them; the region's
-    filter coefficients are computed from its own offsets, so a pixel may differ from the whole
-    canvas's by rounding: measured on photos, at most 2 levels, at 0.02-0.13% of the pixels.
-    (One Pillow call with a box may run the vertical pass first, which moved pixels by up to
-    45 levels with ``lanczos``.) ``nearest`` resizes the whole canvas: there a rounding
-    difference picks another source pixel.
+    Two passes, the horizontal first, as Pillow's whole-image resize runs them on images at most
+    twice as tall as wide; the region's filter coefficients are computed from its own offsets,
+    so a pixel may differ from the whole canvas's by rounding: measured on photos, at most 2
+    levels, at 0.02-0.13% of the pixels. (One Pillow call with a box may run the vertical pass
+    first, which moved pixels by up to 45 levels with ``lanczos``.) The whole canvas is resized
+    for ``nearest`` (a rounding difference there picks another source pixel) and for images
+    taller than 2:1 (Pillow 13 runs their vertical pass first).
     """
     width, height = canvas
     left, top, right, bottom = region
     resample = _RESAMPLE[interpolation]
-    if region == (0, 0, width, height) or interpolation == "nearest":
+    if region == (0, 0, width, height) or interpolation == "nearest" or image.height > 2 * image.width:
         return np.asarray(image.resize(canvas, resample))[top:bottom, left:right]
     sx, sy = image.width / width, image.height / height
     # Only the rows the vertical pass reads (its filter's reach beyond the region included) go

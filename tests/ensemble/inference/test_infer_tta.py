@@ -94,6 +94,44 @@ def test_centre_views_resize_only_their_region_within_rounding_of_torchvision(tm
     assert made and (interpolation == "nearest") == any(width > widest for width, _ in made)
 
 
+def test_a_canvas_region_is_the_whole_canvas_resize_on_noise(tmp_path):
+    """Random noise shows a clipped filter at once: the region (centre, top and bottom strips,
+    rows beyond the filter's reach cut off before the horizontal pass) is the whole canvas's
+    resize within 1 level for every filter, upsampling and downsampling; an image taller than
+    2:1, whose vertical pass Pillow runs first, gets the whole canvas: exact."""
+    rng = np.random.default_rng(3)
+    for width, height, canvas in [(640, 480, (341, 256)), (800, 600, (853, 640)), (300, 500, (224, 373))]:
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        for interpolation in INTERPOLATIONS:
+            whole = np.asarray(image.resize(canvas, decode._RESAMPLE[interpolation])).astype(np.int16)
+            w, h = canvas
+            for region in [((w - 200) // 2, (h - 200) // 2, (w + 200) // 2, (h + 200) // 2),
+                           (10, 0, w - 10, 40), (0, h - 40, w, h)]:
+                left, top, right, bottom = region
+                got = decode.resize_region(image, canvas, region, interpolation)
+                diff = np.abs(got - whole[top:bottom, left:right])
+                assert diff.max() <= (0 if interpolation == "nearest" else 1), (width, interpolation, region)
+    tall = Image.fromarray(rng.integers(0, 256, (430, 200, 3), dtype=np.uint8))
+    for interpolation in INTERPOLATIONS:
+        whole = np.asarray(tall.resize((128, 275), decode._RESAMPLE[interpolation]))
+        np.testing.assert_array_equal(decode.resize_region(tall, (128, 275), (10, 70, 118, 205), interpolation),
+                                      whole[70:205, 10:118])
+
+
+def test_a_models_pixels_do_not_depend_on_another_model_on_the_same_canvas(pngs):
+    """A 28 px model (crop_pct 0.875) and a 32 px one (crop_pct 1) share the 32 px canvas; the
+    first one's views are the same alone and beside the other (whose larger crop would widen a
+    shared region and move the first one's pixels by rounding)."""
+    views = plan_views(["crop5"])
+    small = [geometry(Preprocess(28, "center-crop", 0.875, "bicubic"), v) for v in views[:1]]
+    large = [geometry(Preprocess(32, "center-crop", 1.0, "bicubic"), v) for v in views]
+    assert small[0].canvas_size == large[0].canvas_size == 32
+    for path in pngs.paths:
+        alone = decode_image(path, small)
+        beside = decode_image(path, small + large)
+        np.testing.assert_array_equal(beside[small[0]], alone[small[0]], err_msg=path.name)
+
+
 def test_a_store_of_another_pixel_pipeline_is_made_again(pngs, tmp_path, monkeypatch):
     """A complete store whose key lacks this ens's pixel version (one made before the region
     resize) is not kept: its arrays came from other pixels."""
