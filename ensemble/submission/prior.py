@@ -76,6 +76,8 @@ def train_prior(path: Path, reference: Reference, k: int) -> Prior | None:
     doc = read_json(path)
     if not isinstance(doc, dict) or not doc.get("annotations"):
         return None
+    if not isinstance(doc["annotations"], list):
+        raise EnsError(f"{path}: 'annotations' is not a list")
     counted = coco_counts(doc, str(path))
     known = set(reference.categories.tolist())
     unknown = sorted((c for c, n in counted.items() if n and c not in known), key=lambda c: (isinstance(c, str), c))

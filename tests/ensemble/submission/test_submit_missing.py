@@ -149,6 +149,15 @@ def test_a_train_json_with_unknown_labels_is_refused(work):
               "the dataset")
 
 
+def test_a_train_json_whose_annotations_are_not_a_list_is_refused(work):
+    train = work / "data" / "train2019.json"
+    doc = json.loads(train.read_text())
+    doc["annotations"] = {"0": doc["annotations"][0]}
+    train.write_text(json.dumps(doc))
+    one_error(ens("submit", "blends/x", "--data", "data", "--dry-run", "--missing", "prior"),
+              f"{Path('data/train2019.json')}: 'annotations' is not a list")
+
+
 def test_upload_with_filled_rows(work, standin):
     result = ens("submit", "blends/x", "--data", "data", "--missing", "prior", "--competition", COMPETITION,
                  "-m", "two images skipped")
