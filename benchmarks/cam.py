@@ -43,11 +43,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ensemble.datasets import load_split  # noqa: E402
+from ensemble.formats.dataset import load_split  # noqa: E402
 from ensemble.demo.data import render  # noqa: E402
 from ensemble.inference.run import InferOptions, infer  # noqa: E402
-from ensemble.inference.store import read_store  # noqa: E402
-from ensemble.metadata import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from ensemble.formats.store import read_store  # noqa: E402
+from ensemble.formats.model import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 #: `ens infer --tta cam` against identity only (issue 13): the crop pass is one more forward pass.
 GOAL = 2.2

@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.infer import make_images  # noqa: E402
-from ensemble.datasets import load_split  # noqa: E402
+from ensemble.formats.dataset import load_split  # noqa: E402
 from ensemble.inference.decode import _RESAMPLE, _load, decode_image  # noqa: E402
 from ensemble.inference.tta import Preprocess, canvas_shape, crop, geometries, plan_views  # noqa: E402
 

@@ -34,12 +34,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ensemble.datasets import load_split  # noqa: E402
+from ensemble.formats.dataset import load_split  # noqa: E402
 from ensemble.inference.decode import Decoder  # noqa: E402
 from ensemble.inference.run import InferOptions, infer  # noqa: E402
 from ensemble.inference.runtime import Runner, cpu_threads, load_model  # noqa: E402
 from ensemble.inference.tta import geometries, plan_views, view_size  # noqa: E402
-from ensemble.inference.store import read_store  # noqa: E402
+from ensemble.formats.store import read_store  # noqa: E402
 
 GPU = {"archs": ("resnet50", "mnasnet1_0"), "sizes": (224, 560), "batch": 32, "seconds": 3.0,
        "run_archs": ("resnet50", "mnasnet1_0", "efficientnet_b0"), "run_size": 448, "images": 1024}

@@ -38,10 +38,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ensemble.datasets import load_split  # noqa: E402
+from ensemble.formats.dataset import load_split  # noqa: E402
 from ensemble.inference.run import InferOptions, infer  # noqa: E402
 from ensemble.inference.runtime import Runner, cpu_threads, load_model  # noqa: E402
-from ensemble.inference.store import read_store  # noqa: E402
+from ensemble.formats.store import read_store  # noqa: E402
 from ensemble.inference.tta import plan_views, view_size  # noqa: E402
 
 ARCHS = ("resnet50", "mnasnet1_0")

@@ -18,7 +18,7 @@ import typer
 
 from ensemble import __version__
 from ensemble.errors import EnsError
-from ensemble.metadata import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, ModelMetadata, rgb_text
+from ensemble.formats.model import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, ModelMetadata, rgb_text
 
 app = typer.Typer(
     name="ens",
@@ -188,7 +188,7 @@ def info(
 ) -> None:
     """Show the metadata `ens export` stored in an ONNX file."""
     with _user_errors(ctx):
-        from ensemble.metadata import read_metadata
+        from ensemble.formats.model import read_metadata
 
         meta = read_metadata(model)
     values = dataclasses.asdict(meta)
@@ -248,10 +248,10 @@ def infer(
     """
     with _user_errors(ctx):
         from ensemble.cli_progress import InferProgress, format_seconds
-        from ensemble.datasets import load_split, resolve_splits
+        from ensemble.formats.dataset import load_split, resolve_splits
         from ensemble.inference.run import InferOptions
         from ensemble.inference.run import infer as run_infer
-        from ensemble.metadata import check_preprocess
+        from ensemble.formats.model import check_preprocess
         from ensemble.inference.runtime import ForeignPreprocess
 
         if (data is None) == (index is None):
@@ -337,7 +337,7 @@ def blend(
     DIR/predictions.csv (id, top-k category ids and probabilities) for `ens submit`.
     """
     with _user_errors(ctx):
-        from ensemble.blending import BlendOptions, run_blend
+        from ensemble.blend.run import BlendOptions, run_blend
 
         model_list = tuple(m.strip() for m in models.split(",") if m.strip()) if models else None
         options = BlendOptions(runs=runs, models=model_list, optimize=optimize, apply=apply, data=data,
@@ -505,7 +505,7 @@ def submissions(
     """
     with _user_errors(ctx):
         from ensemble.submission import submit as flow
-        from ensemble.submission.ledger import Ledger
+        from ensemble.formats.ledger import Ledger
 
         if refresh:
             result = flow.refresh()

@@ -188,8 +188,8 @@ def _other_test_errors(workdir: Path, competition: Competition, models: Sequence
     (blends/plain), each without and with the prior correction of ``blend`` (uniform's tau
     fitted here on val, as `ens blend --method uniform --prior` would)."""
     import weights_search as ws
-    from ensemble.blending import load_labels
-    from ensemble.inference.store import read_store
+    from ensemble.formats.dataset import load_labels
+    from ensemble.formats.store import read_store
 
     def stack(split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         stores = [read_store(workdir / "runs" / m / split) for m in models]

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ensemble.fileio import atomic_path
-from ensemble.metadata import IMAGENET_MEAN, IMAGENET_STD
+from ensemble.formats.model import IMAGENET_MEAN, IMAGENET_STD
 
 #: How the demo saves each checkpoint, as users do.
 SAVE_FORMS = {

@@ -1,7 +1,7 @@
 """The cam view's box: where a class activation map says the subject is, as a square to crop.
 
 Pure maths on numpy arrays; no file or model IO. A model exported with a CAM output
-(:data:`ensemble.metadata.CAM_OUTPUT`) gives, with its identity view's logits, a ``(h, w)`` map
+(:data:`ensemble.formats.model.CAM_OUTPUT`) gives, with its identity view's logits, a ``(h, w)`` map
 per image: the top-1 class's classifier row dotted with the last feature map. Its grid covers
 the *region* of the image that the identity view sees (the centred ``crop_pct`` square of a
 ``center-crop`` model, the whole image for ``squash``). :func:`cam_box` turns it into the pixel

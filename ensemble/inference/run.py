@@ -12,7 +12,7 @@ the one decode are keyed by geometry, and models with equal preprocessing share 
 have a fixed shape: ``batch_size`` images, the last one padded. Chunks are ``chunk_size`` rows
 (a multiple of the batch size, so batches never straddle chunks and an image always shares its
 batch with the same images); a killed run resumes at the first chunk some model lacks and ends
-with the same bytes as an uninterrupted one (see :mod:`ensemble.inference.store`).
+with the same bytes as an uninterrupted one (see :mod:`ensemble.formats.store`).
 
 Unreadable images (missing, empty, truncated, not an image) stop the run by default, naming the
 image; with ``on_bad_image="skip"`` they get no row in the store and are listed in its manifest.
@@ -35,13 +35,13 @@ from typing import Callable, Iterator, Protocol, Sequence
 import numpy as np
 
 from ensemble import __version__
-from ensemble.datasets import Split, check_store_name, split_name
+from ensemble.formats.dataset import Split, check_store_name, split_name
 from ensemble.inference.decode import PIXELS, Decoder
 from ensemble.errors import EnsError
 from ensemble.inference.runtime import (TRT_CACHE, ForeignPreprocess, GpuOptions, Model, Runner,
                                         available_providers, check_gpu_options, cpu_threads, device_choices,
                                         load_model, prepare_trt_cache, probe_device, select_device)
-from ensemble.inference.store import DTYPES, StoreWriter, read_store, store_path
+from ensemble.formats.store import DTYPES, StoreWriter, read_store, store_path
 from ensemble.inference.cam import CamSettings
 from ensemble.inference.forward import (BatchOutput, Forward, LocalEngine, ModelPass, cam_plan, run_geometries,
                                         run_sources, view_groups)

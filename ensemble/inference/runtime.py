@@ -26,10 +26,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ensemble.datasets import check_regular_file
+from ensemble.formats.dataset import check_regular_file
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
-from ensemble.metadata import IMAGENET_MEAN, IMAGENET_STD, OUTPUT_NAME, PREFIX, ModelMetadata, rgb_text
+from ensemble.formats.model import IMAGENET_MEAN, IMAGENET_STD, OUTPUT_NAME, PREFIX, ModelMetadata, rgb_text
 from ensemble.inference.tta import Preprocess
 
 #: ``--device`` -> onnxruntime providers, in priority order.

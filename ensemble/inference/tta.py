@@ -37,7 +37,7 @@ from scipy.special import log_softmax, logsumexp
 
 from ensemble.errors import EnsError
 from ensemble.inference.cam import CamSettings
-from ensemble.metadata import check_preprocess
+from ensemble.formats.model import check_preprocess
 
 #: ``--scales`` default: the multi-scale TTA of timm's validation recipes (x 7/8 and x 8/7).
 DEFAULT_SCALES = (0.875, 1.0, 1.143)
@@ -116,7 +116,7 @@ def plan_views(tta: Sequence[str], scales: Sequence[float] = DEFAULT_SCALES) -> 
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How a model wants its input made (the fields of :class:`~ensemble.metadata.ModelMetadata`)."""
+    """How a model wants its input made (the fields of :class:`~ensemble.formats.model.ModelMetadata`)."""
 
     input_size: int
     resize: str = "center-crop"
@@ -172,7 +172,7 @@ def geometry(pre: Preprocess, view: View) -> Geometry:
     image squashed to (size / crop_pct) squared.
     """
     # Metadata and foreign-model options are checked when read; this keeps a hand-made
-    # Preprocess to the same rules (the one check, ensemble.metadata.check_preprocess).
+    # Preprocess to the same rules (the one check, ensemble.formats.model.check_preprocess).
     check_preprocess(resize=pre.resize, interpolation=pre.interpolation)
     size = view_size(pre, view)
     if pre.resize == "center-crop":

@@ -2,7 +2,7 @@
 
 Inputs, each checked before use:
 
-- ``BLEND_DIR/blend.json`` (:func:`ensemble.blending.check_blend_record`);
+- ``BLEND_DIR/blend.json`` (:func:`ensemble.formats.blend.check_blend_record`);
 - the logit stores of the fitted split, found under ``runs/`` beside the blend's ``blends/``
   folder (the layout `ens blend` writes: ``<work>/blends/<name>`` and ``<work>/runs``), else
   under ``./runs``; a store is used only when its sha256 is the one blend.json records for it;
@@ -26,12 +26,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 import weights_search as ws
-from ensemble.blending import (BLEND_FILE, CHUNK_ROWS, check_blend_record, fitted_from_record, load_labels,
-                               member_arrays, prior_counts, read_class_counts, store_digest)
-from ensemble.datasets import find_split
+from ensemble.blend.stores import CHUNK_ROWS, member_arrays, store_digest
+from ensemble.blend.prior import prior_counts
+from ensemble.formats.blend import BLEND_FILE, check_blend_record, fitted_from_record
+from ensemble.formats.dataset import load_labels, read_class_counts
+from ensemble.formats.dataset import find_split
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
-from ensemble.inference.store import MANIFEST, LogitStore, read_store
+from ensemble.formats.store import MANIFEST, LogitStore, read_store
 from weights_search import calibration as cal
 
 #: Thumbnails of the most confidently wrong images, at most.
@@ -295,7 +297,7 @@ def hardest_images(blend: Predictions, true_p: np.ndarray, labels: np.ndarray, i
 
 def ledger_points(blend_dir: Path) -> tuple[Path | None, tuple[LedgerPoint, ...]]:
     """The ledger found for this blend and its rows with a CV estimate and a leaderboard score."""
-    from ensemble.submission.ledger import LEDGER, Ledger
+    from ensemble.formats.ledger import LEDGER, Ledger
 
     for folder in _candidates(blend_dir, "submissions"):
         if (folder / LEDGER).is_file():

@@ -3,7 +3,7 @@
 A format (:data:`FORMATS`, looked up with :func:`get_format`) names the header, how many
 category ids each row carries, its competition's year and the splits that hold its test images
 and categories; the files of those splits are found under ``--data`` by the one rule every
-command uses, :func:`ensemble.datasets.find_split`, the format's own layout first
+command uses, :func:`ensemble.formats.dataset.find_split`, the format's own layout first
 (``test2019.json``, ``test2018.json``, iNat 2021's ``public_test.json``).
 Every format here is scored like this (``COMPETITION.md``): a grader sorts the rows by id,
 requires exactly the test ids, splits ``predicted`` on whitespace and compares the first
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ensemble.datasets import find_split, load_split, split_candidates
+from ensemble.formats.dataset import find_split, load_split, split_candidates
 from ensemble.errors import EnsError
 from ensemble.fileio import write_new
 

@@ -6,7 +6,7 @@ blend's ``predictions.csv`` lacks their ids, and a file must hold every test id.
 image (:class:`Prior`), from the first source that has one:
 
 * ``train-prior``: the classes most frequent among the ``annotations[].category_id`` of the
-  train json under ``--data`` (found by :func:`ensemble.datasets.find_split`; iNat 2021's
+  train json under ``--data`` (found by :func:`ensemble.formats.dataset.find_split`; iNat 2021's
   ``train_mini.json`` is not used, it holds the same number of images of every class). The
   best guess for an image one knows nothing of, under the usual assumption that test and
   train share the class frequencies.
@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble.blending import coco_counts
-from ensemble.datasets import find_split
+from ensemble.formats.dataset import coco_counts
+from ensemble.formats.dataset import find_split
+from ensemble.formats.ledger import BLEND_PRIOR, FILL_SOURCES, TRAIN_PRIOR
 from ensemble.errors import EnsError
 from ensemble.submission.formats import Reference, Submission, SubmissionFormat, read_json
 
@@ -38,8 +39,7 @@ MISSING = {
 }
 DEFAULT_MISSING = "fail"
 #: What filled rows hold, as the ledger's ``fill_source`` records it.
-TRAIN_PRIOR, BLEND_PRIOR = "train-prior", "blend-prior"
-SOURCES = (TRAIN_PRIOR, BLEND_PRIOR)
+SOURCES = FILL_SOURCES
 #: What ``--missing fail`` adds to the message that names the missing ids.
 HINT = ("; --missing prior fills them with the most frequent classes (of the train json, else of "
         "these predictions)")
@@ -71,7 +71,7 @@ def rank(categories: np.ndarray, *counts: np.ndarray, k: int) -> np.ndarray:
 
 def train_prior(path: Path, reference: Reference, k: int) -> Prior | None:
     """The ``k`` classes most frequent among the annotations of the train json at ``path``
-    (counted by :func:`ensemble.blending.coco_counts`, as ``ens blend --prior`` counts them);
+    (counted by :func:`ensemble.formats.dataset.coco_counts`, as ``ens blend --prior`` counts them);
     ``None`` when it has none."""
     doc = read_json(path)
     if not isinstance(doc, dict) or not doc.get("annotations"):

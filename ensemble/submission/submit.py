@@ -4,7 +4,7 @@ The order inside :func:`submit` is what keeps files, ledger and Kaggle consisten
 client and its credentials are tried first (nothing is written when they are missing), then
 the rows are checked (with ``--missing prior``, the test ids they lack filled from a prior,
 :mod:`ensemble.submission.prior`, before anything is written), then, holding the ledger's
-write lock (:meth:`~ensemble.submission.ledger.Ledger.record`), the file created under a
+write lock (:meth:`~ensemble.formats.ledger.Ledger.record`), the file created under a
 name no other file has and its ledger row inserted as ``not-uploaded`` (both or neither),
 and only then the upload tried, its outcome (``uploaded`` or ``upload-failed``) stored in
 the same row. :func:`retry` uploads a recorded file again after checking that its bytes are
@@ -25,7 +25,7 @@ from ensemble.submission import kaggle_client
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
 from ensemble.submission.kaggle_client import Receipt, UploadError
-from ensemble.submission.ledger import BlendProvenance, Entry, Ledger, read_blend
+from ensemble.formats.ledger import BlendProvenance, Entry, Ledger, read_blend
 from ensemble.submission.formats import (Reference, Submission, check_file, check_rows, get_format,
                                          load_reference, read_predictions, submission_bytes, submission_path,
                                          write_new)

@@ -451,7 +451,7 @@ def test_predictions_that_fail_leave_the_blend_folder_as_it_was(work, tmp_path, 
         return real_top_k(log_probs, k)
 
     monkeypatch.setattr(weights_search, "top_k", failing_top_k)
-    monkeypatch.setattr("ensemble.blending.CHUNK_ROWS", 3)
+    monkeypatch.setattr("ensemble.blend.run.CHUNK_ROWS", 3)
     one_line_error(ens("blend", "--runs", work.runs, "--optimize", "val", "--data", work.data, "--out", out),
                    "test: cannot fuse its stores (disk on fire)")
     assert len(calls) == 2

@@ -26,8 +26,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from ensemble.metadata import ModelMetadata
-from ensemble.submission.ledger import Ledger
+from ensemble.formats.model import ModelMetadata
+from ensemble.formats.ledger import Ledger
 
 from tests.ensemble.conftest import ens, ok, one_line_error
 

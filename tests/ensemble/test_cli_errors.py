@@ -9,7 +9,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from ensemble.cli import app
-from ensemble.inference import store as store_module
+from ensemble.formats import store as store_module
 
 from tests.ensemble.conftest import make_inat, one_line_error, tiny_onnx
 

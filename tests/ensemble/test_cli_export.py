@@ -193,8 +193,8 @@ def test_class_folder_gives_the_labels_of_imagefolder_training(tmp_path):
     from PIL import Image
     from torch import nn
 
-    from ensemble.inference.store import read_store
-    from ensemble.metadata import IMAGENET_MEAN, IMAGENET_STD
+    from ensemble.formats.store import read_store
+    from ensemble.formats.model import IMAGENET_MEAN, IMAGENET_STD
 
     train = tmp_path / "train"
     for name, rgb in COLOURS.items():
@@ -242,7 +242,7 @@ def test_interpolation_is_stored_and_used_by_infer(checkpoint, tmp_path):
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as F
 
-    from ensemble.inference.store import read_store
+    from ensemble.formats.store import read_store
     from tests.ensemble.conftest import run_onnx, write_images
 
     models = {}

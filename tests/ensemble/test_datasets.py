@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ensemble.datasets import find_split, load_split, resolve_splits, split_name
+from ensemble.formats.dataset import find_split, load_split, resolve_splits, split_name
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from ensemble.cli import app
 from ensemble.demo.data import CATEGORY_OFFSET, DemoSpec, _split, make_competition, render
 from ensemble.demo.run import DemoSettings, format_table, run_demo
-from ensemble.inference.store import read_store
+from ensemble.formats.store import read_store
 from weights_search import FittedBlend, class_log_prior
 
 SMALL = DemoSpec(canvas=48, val_per_class=3, test_per_class=2, train_per_class=3, train_copies=2, long_tail=None)

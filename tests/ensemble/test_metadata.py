@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from ensemble.errors import EnsError
-from ensemble.metadata import CAM_OUTPUT, ModelMetadata, Verification, check_preprocess, read_metadata
+from ensemble.formats.model import CAM_OUTPUT, ModelMetadata, Verification, check_preprocess, read_metadata
 
 
 def _identity_model(props: dict[str, str]) -> onnx.ModelProto:
@@ -189,7 +189,7 @@ def test_bad_metadata_values_name_the_file_and_the_key(tmp_path, field, value, p
 
 def test_every_interpolation_metadata_may_name_is_one_inference_decodes():
     from ensemble.inference import decode, tta
-    from ensemble.metadata import INTERPOLATIONS
+    from ensemble.formats.model import INTERPOLATIONS
 
     assert set(decode._RESAMPLE) == set(decode._SUPPORT) == set(INTERPOLATIONS)
     for name in INTERPOLATIONS:  # tta takes every one (it checks with metadata.check_preprocess)

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ensemble.errors import EnsError
-from ensemble.metadata import read_metadata
+from ensemble.formats.model import read_metadata
 from exporters import ExportOptions, export_checkpoint
 from exporters import cam as cam_module
 from exporters.cam import class_activation_map, find_cam_head

@@ -7,7 +7,7 @@ import onnx
 import pytest
 import torch
 
-from ensemble.metadata import read_metadata
+from ensemble.formats.model import read_metadata
 from exporters import ExportOptions, export_checkpoint
 from exporters.onnx_export import second_size
 

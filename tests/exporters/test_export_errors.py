@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ensemble.errors import EnsError
-from ensemble.metadata import read_metadata
+from ensemble.formats.model import read_metadata
 from exporters import ExportOptions, export_checkpoint
 from exporters import onnx_export
 

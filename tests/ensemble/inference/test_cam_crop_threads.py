@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ensemble.datasets import load_split
+from ensemble.formats.dataset import load_split
 from ensemble.inference.cam import CamSettings, cam_box, to_image
 from ensemble.inference.decode import decode_batch
 from ensemble.inference.forward import CamPlan, Forward

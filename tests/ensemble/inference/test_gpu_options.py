@@ -10,13 +10,13 @@ import pytest
 from typer.testing import CliRunner
 
 from ensemble.cli import app
-from ensemble.datasets import load_split
+from ensemble.formats.dataset import load_split
 from ensemble.errors import EnsError
 from ensemble.inference import run as run_module
 from ensemble.inference import runtime
 from ensemble.inference.run import InferOptions, infer
 from ensemble.inference.runtime import GpuOptions, Runner, session_providers
-from ensemble.inference.store import read_store
+from ensemble.formats.store import read_store
 
 from tests.ensemble.conftest import write_images
 

@@ -18,12 +18,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from ensemble.datasets import load_split
+from ensemble.formats.dataset import load_split
 from ensemble.errors import EnsError
 from ensemble.inference.decode import decode_batch
 from ensemble.inference.run import InferOptions, infer
-from ensemble.inference.store import MANIFEST, read_store
-from ensemble.metadata import CAM_OUTPUT, ModelMetadata
+from ensemble.formats.store import MANIFEST, read_store
+from ensemble.formats.model import CAM_OUTPUT, ModelMetadata
 
 from tests.ensemble.conftest import (CLASSES, MEAN, STD, ens, make_inat, ok, one_line_error, replace_metadata, run_onnx,
                                      save_model, store_bytes, tiny_onnx)

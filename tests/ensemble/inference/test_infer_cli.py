@@ -9,9 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from ensemble.cli import app
-from ensemble.datasets import load_split
+from ensemble.formats.dataset import load_split
 from ensemble.fileio import sha256_file
-from ensemble.inference.store import read_store
+from ensemble.formats.store import read_store
 from ensemble.inference.tta import plan_views
 
 from tests.ensemble.conftest import CLASSES, make_inat, run_onnx, tiny_onnx

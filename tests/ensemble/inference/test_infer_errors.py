@@ -10,13 +10,13 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from ensemble.datasets import load_split
+from ensemble.formats.dataset import load_split
 from ensemble.errors import EnsError
 from ensemble.inference.run import InferOptions, infer
 from ensemble.inference.runtime import (ForeignPreprocess, Runner, available_providers, load_model,
                               select_device)
-from ensemble.inference.store import MANIFEST, read_store
-from ensemble.metadata import ModelMetadata
+from ensemble.formats.store import MANIFEST, read_store
+from ensemble.formats.model import ModelMetadata
 
 from tests.ensemble.conftest import CLASSES, MEAN, STD, replace_metadata, run_onnx, tiny_onnx, write_images
 
@@ -260,7 +260,7 @@ def test_a_second_run_on_a_store_in_use_is_refused(tmp_path, tiny):
     from typer.testing import CliRunner
 
     from ensemble.cli import app
-    from ensemble.inference.store import StoreWriter
+    from ensemble.formats.store import StoreWriter
 
     folder = tmp_path / "images"
     write_images(folder, [(40, 30)] * 3)

@@ -15,11 +15,11 @@ import pytest
 from typer.testing import CliRunner
 
 from ensemble.cli import app
-from ensemble.inference import store as store_module
-from ensemble.datasets import load_split
+from ensemble.formats import store as store_module
+from ensemble.formats.dataset import load_split
 from ensemble.errors import EnsError
 from ensemble.inference.run import InferOptions, infer
-from ensemble.inference.store import MANIFEST, PARTIAL, VIEWS, read_store
+from ensemble.formats.store import MANIFEST, PARTIAL, VIEWS, read_store
 
 from tests.ensemble.conftest import make_inat, store_bytes, tiny_onnx
 

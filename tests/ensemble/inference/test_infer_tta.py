@@ -17,13 +17,13 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 from ensemble.inference import decode
-from ensemble.inference import store as store_module
-from ensemble.datasets import load_split
+from ensemble.formats import store as store_module
+from ensemble.formats.dataset import load_split
 from ensemble.inference.decode import decode_image
 from ensemble.inference.run import InferOptions, infer
-from ensemble.metadata import INTERPOLATIONS, ModelMetadata
+from ensemble.formats.model import INTERPOLATIONS, ModelMetadata
 from ensemble.inference.runtime import Runner, load_model
-from ensemble.inference.store import read_store
+from ensemble.formats.store import read_store
 from ensemble.inference.tta import Preprocess, geometries, geometry, plan_views, view_size
 
 from tests.ensemble.conftest import run_onnx, tiny_onnx, write_images

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from ensemble.datasets import load_split
+from ensemble.formats.dataset import load_split
 from ensemble.errors import EnsError
 from ensemble.inference.run import InferOptions, infer
-from ensemble.inference.store import MANIFEST, PARTIAL, read_store
+from ensemble.formats.store import MANIFEST, PARTIAL, read_store
 
 from tests.ensemble.conftest import make_inat, store_bytes, tiny_onnx
 
@@ -188,7 +188,7 @@ import os
 _CHUNK = os.environ.get("ENS_TEST_HANG_CHUNK")
 if _CHUNK:
     import time
-    from ensemble.inference import store
+    from ensemble.formats import store
 
     _write = store.StoreWriter.write_chunk
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ensemble.errors import EnsError
-from ensemble.inference.store import (IDS, LOGITS, MANIFEST, PARTIAL, VIEWS, StoreWriter, read_store,
+from ensemble.formats.store import (IDS, LOGITS, MANIFEST, PARTIAL, VIEWS, StoreWriter, read_store,
                             store_path, to_dtype)
 
 KEY = {"model_sha256": "m", "dataset_sha256": "d", "dtype": "float32"}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from ensemble.submission.ledger import BlendProvenance, Ledger
+from ensemble.formats.ledger import BlendProvenance, Ledger
 
 from tests.ensemble.conftest import ens, make_inat, ok, tiny_onnx
 

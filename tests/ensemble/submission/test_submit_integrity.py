@@ -21,9 +21,9 @@ from ensemble.errors import EnsError
 from ensemble import fileio
 from ensemble.fileio import sha256_file
 from ensemble.submission import formats
-from ensemble.submission import ledger as ledger_module
+from ensemble.formats import ledger as ledger_module
 from ensemble.submission import submit as flow
-from ensemble.submission.ledger import Ledger
+from ensemble.formats.ledger import Ledger
 from ensemble.submission.submit import SubmitOptions, submit
 
 from tests.ensemble.submission.submit_data import BLEND, TEST_IDS, make_blend, make_data, ranked

@@ -13,7 +13,7 @@ from ensemble.submission import kaggle_client
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
 from ensemble.submission.kaggle_client import UploadError
-from ensemble.submission.ledger import Ledger, read_blend
+from ensemble.formats.ledger import Ledger, read_blend
 from ensemble.submission.submit import SubmitOptions, refresh, retry, submit
 
 from tests.ensemble.submission.submit_data import BLEND, TEST_IDS, make_blend, make_data, standin  # noqa: F401  (fixture)

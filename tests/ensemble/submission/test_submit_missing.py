@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ensemble.cli import app
-from ensemble.submission.ledger import Ledger
+from ensemble.formats.ledger import Ledger
 
 from tests.ensemble.submission.submit_data import (KNOWN, TEST_IDS, make_blend, make_data, ranked, standin,  # noqa: F401
                                                    write_csv)

@@ -73,13 +73,15 @@ from typing import Any, Callable, Iterator, Mapping
 
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
-from ensemble.submission.prior import SOURCES as FILL_SOURCES
 
 LEDGER = "ledger.sqlite"
 #: Seconds a command waits for another process's lock on the ledger before it gives up.
 LOCK_WAIT = 5.0
 STATUSES = ("not-uploaded", "uploaded", "upload-failed")
 _SCHEMA_VERSION = 1
+#: What filled rows hold (``ens submit --missing prior``), as ``fill_source`` records it.
+TRAIN_PRIOR, BLEND_PRIOR = "train-prior", "blend-prior"
+FILL_SOURCES = (TRAIN_PRIOR, BLEND_PRIOR)
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS submissions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,

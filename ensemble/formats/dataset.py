@@ -18,13 +18,16 @@ repeated id is an :class:`EnsError` naming the file and the id.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
+
+import numpy as np
 
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
@@ -198,3 +201,129 @@ def _load_folder(folder: Path, name: str) -> Split:
     for image_id, path in zip(ids, files):
         digest.update(f"{image_id}\t{path.stat().st_size}\n".encode())
     return Split(name=name, source=folder, ids=ids, paths=tuple(files), sha256=digest.hexdigest())
+
+
+# --------------------------------------------------------------------------------------------
+# Labels and training class counts
+
+
+def load_labels(path: Path, ids: np.ndarray, class_ids: Sequence[int | str]) -> np.ndarray:
+    """Column index of each image's true category, ``(rows,)`` int64, in the order of ``ids``."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EnsError(f"{path}: unreadable label file ({exc})") from None
+    truth: dict[Any, Any] = {}
+    for ann in data.get("annotations") or []:
+        truth[ann.get("image_id")] = ann.get("category_id")
+    if not truth:
+        raise EnsError(f"{path}: no annotations, so no labels to fit blend weights on")
+    column = {c: j for j, c in enumerate(class_ids)}
+    missing = [i for i in ids.tolist() if i not in truth]
+    if missing:
+        raise EnsError(f"{path}: {len(missing)} images have no label, first ids {', '.join(map(str, missing[:5]))}")
+    unknown = [(i, truth[i]) for i in ids.tolist() if truth[i] not in column]
+    if unknown:
+        image, category = unknown[0]
+        raise EnsError(f"{path}: image {image} is labelled {category!r}, a category the models do not predict "
+                       f"({len(unknown)} such images)")
+    return np.fromiter((column[truth[i]] for i in ids.tolist()), dtype=np.int64, count=ids.size)
+
+
+def read_class_counts(path: Path) -> dict[int | str, int]:
+    """The training images per category id in ``path``, in any of three forms:
+
+    - a COCO/iNat json (``train2019.json``): the number of ``annotations`` of each
+      ``category_id``; the categories listed under ``categories`` that no annotation names count 0;
+    - a JSON object ``{"category_id": count, ...}``;
+    - a CSV of lines ``category_id,count`` (``.csv``; a header line ``category_id,count`` is allowed).
+
+    Ids that spell integers become integers, as the models' class ids do. A count must be a
+    non-negative integer; an id may appear once. Anything else is an :class:`EnsError` naming
+    the file and the entry.
+    """
+    check_regular_file(path, "--prior")
+    label = f"--prior {path}"
+    if path.suffix.lower() == ".csv":
+        return _csv_counts(path, label)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EnsError(f"{label}: not a JSON file ({exc}); give a COCO/iNat json, a JSON object "
+                       "{\"category_id\": count} or a CSV category_id,count") from None
+    if not isinstance(doc, dict):
+        raise EnsError(f"{label}: expected a JSON object (a COCO/iNat json or {{\"category_id\": count}})")
+    if "annotations" in doc or "images" in doc or "categories" in doc:
+        return coco_counts(doc, label)
+    counts: dict[int | str, int] = {}
+    for key, value in doc.items():
+        category = _category(key)
+        if category in counts:
+            raise EnsError(f"{label}: counts category {category} twice")
+        counts[category] = _count(value, f"{label}: the count of category {key!r}")
+    if not counts:
+        raise EnsError(f"{label}: no categories")
+    return counts
+
+
+def coco_counts(doc: dict, label: str) -> dict[int | str, int]:
+    """The annotations of each ``category_id`` of a COCO/iNat json ``doc`` (its ``categories``
+    that no annotation names count 0); :class:`EnsError` starting with ``label`` when it has no
+    annotations or one lacks its category. The one counter of training images: ``ens blend
+    --prior`` and ``ens submit --missing prior`` both count with it."""
+    annotations = doc.get("annotations")
+    if not isinstance(annotations, list) or not annotations:
+        raise EnsError(f"{label}: a COCO json without annotations (a test split?); give the training json, "
+                       "whose annotations are counted")
+    counts: dict[int | str, int] = {}
+    for category in doc.get("categories") or []:
+        if isinstance(category, dict) and isinstance(category.get("id"), (int, str)):
+            counts.setdefault(_category(category["id"]), 0)
+    for i, annotation in enumerate(annotations):
+        category = annotation.get("category_id") if isinstance(annotation, dict) else None
+        if not isinstance(category, (int, str)) or isinstance(category, bool):
+            raise EnsError(f"{label}: annotations[{i}] has no category_id")
+        category = _category(category)
+        counts[category] = counts.get(category, 0) + 1
+    return counts
+
+
+def _csv_counts(path: Path, label: str) -> dict[int | str, int]:
+    counts: dict[int | str, int] = {}
+    lines: dict[int | str, int] = {}
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise EnsError(f"{label}: not a readable CSV ({exc})") from None
+    for number, row in enumerate(rows, start=1):
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        if number == 1 and [cell.strip() for cell in row] == ["category_id", "count"]:
+            continue
+        if len(row) != 2:
+            raise EnsError(f"{label}: line {number} has {len(row)} fields; expected category_id,count")
+        category = _category(row[0].strip())
+        if category in lines:
+            raise EnsError(f"{label}: line {number} counts category {row[0].strip()} again (first on line "
+                           f"{lines[category]})")
+        text = row[1].strip()
+        counts[category] = _count(int(text) if re.fullmatch(r"[+-]?\d+", text) else text,
+                                  f"{label}: line {number}: the count {text!r}")
+        lines[category] = number
+    if not counts:
+        raise EnsError(f"{label}: no lines category_id,count")
+    return counts
+
+
+def _category(value: int | str) -> int | str:
+    """A category id as the models' class ids hold it: a string that spells an integer is one."""
+    if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+        return int(value)
+    return value
+
+
+def _count(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise EnsError(f"{what} is not a non-negative integer")
+    return value

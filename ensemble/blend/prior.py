@@ -1,0 +1,80 @@
+"""``ens blend --prior``: the training class counts mapped to the output columns, the notes on
+them, and ``--prior-tau``."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+import weights_search as ws
+from ensemble.errors import EnsError
+from ensemble.formats.dataset import find_split
+
+def prior_counts(counts: Mapping[int | str, int], class_ids: Sequence[int | str], path: Path) -> np.ndarray:
+    """``(C,)`` int64: the count of each output column's category (``class_ids``, the stores'
+    mapping, the same for every model). A category the models predict that ``counts`` lacks, or
+    one in ``counts`` that no model predicts, is an :class:`EnsError` naming them."""
+    columns = list(class_ids)
+    missing = [c for c in columns if c not in counts]
+    if missing:
+        raise EnsError(f"--prior {path}: no count for {len(missing)} of the {len(columns)} categories the models "
+                       f"predict: {_ids(missing)}")
+    known = set(columns)
+    extra = [c for c in counts if c not in known]
+    if extra:
+        raise EnsError(f"--prior {path}: counts {len(extra)} categories that no model predicts: {_ids(extra)} "
+                       "(were the models exported with other --classes?)")
+    return np.array([counts[c] for c in columns], dtype=np.int64)
+
+
+def _ids(values: Sequence[Any], shown: int = 5) -> str:
+    return ", ".join(map(str, values[:shown])) + (f" and {len(values) - shown} more" if len(values) > shown else "")
+
+
+def prior_notes(counts: np.ndarray, class_ids: Sequence[int | str], path: Path) -> list[str]:
+    """A note naming the categories without a training image, and how they are counted."""
+    zero = [c for c, n in zip(class_ids, counts) if n == 0]
+    if not zero:
+        return []
+    return [f"--prior {path}: {len(zero)} of the {len(counts)} categories have no training image ({_ids(zero)}); "
+            f"each is counted as {ws.ZERO_COUNT:g} images (half the rarest possible count), so that its "
+            "log-prior stays finite"]
+
+
+def prior_hint(data: Path | None, given: bool) -> list[str]:
+    """When ``--data`` holds a training json and no ``--prior`` was given, the flag to try."""
+    if data is None or given:
+        return []
+    train = find_split(data, "train", folders=False, required=False)
+    if train is None:
+        return []
+    return [f"{train} holds the training labels: add --prior {train} to correct the blend for the models' "
+            "long-tailed training prior (logit adjustment, tau fitted on validation)"]
+
+
+def prior_tau(text: str | None) -> float | None:
+    """``--prior-tau``: None to fit tau (``auto``, the default), else the number given."""
+    if text is None or text == "auto":
+        return None
+    low, high = ws.TAU_BOUNDS
+    try:
+        tau = float(text)
+    except ValueError:
+        tau = math.nan
+    if not low <= tau <= high:
+        raise EnsError(f"--prior-tau {text}: expected auto or a number from {low:g} to {high:g} "
+                       "(0: no correction, 1: divide by the prior once)")
+    return tau
+
+
+def prior_cv_note(report: Any, method: str) -> list[str]:
+    """A note when the blend corrected for the prior does not beat it uncorrected on CV."""
+    kind = "uniform" if method == "uniform" else "method"
+    corrected, plain = report.row(kind, True), report.row(kind, False)
+    if (corrected.top1, -corrected.nll) > (plain.top1, -plain.nll):
+        return []
+    return [f"{corrected.name} does not beat {plain.name} on {report.n_folds}-fold CV (top-1 {corrected.top1:.4f} "
+            f"vs {plain.top1:.4f}); the correction is applied as --prior asks: leave --prior out to blend without it"]

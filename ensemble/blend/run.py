@@ -1,0 +1,275 @@
+"""`ens blend`: fit (or load) the blend, report CV, fuse the applied split, write the blend folder."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+import weights_search as ws
+from ensemble import __version__
+from ensemble.blend.checks import class_order_warnings, label_warnings
+from ensemble.blend.prior import prior_counts, prior_cv_note, prior_hint, prior_notes, prior_tau
+from ensemble.blend.stores import (CHUNK_ROWS, BlendSplit, available_models, check_provenance, label_source,
+                                   open_split, store_digest)
+from ensemble.errors import EnsError
+from ensemble.fileio import atomic_path, json_text, sha256_file
+from ensemble.formats.blend import BLEND_FILE, FORMAT_VERSION, fitted_from_record, provenance, read_blend_json
+from ensemble.formats.dataset import load_labels, read_class_counts
+from ensemble.formats.predictions import PREDICTIONS_FILE, write_predictions
+from ensemble.formats.store import MANIFEST
+
+@dataclass(frozen=True)
+class BlendOptions:
+    """What `ens blend` does. ``None`` means "the library's default", stated here once.
+
+    ``optimize``: the labelled split to fit on (None with ``weights``). ``apply``: the split to
+    fuse; None: ``test`` when every model has a test store (fit only otherwise), and always
+    ``test`` with ``weights``. ``weights``: a saved blend.json to re-apply instead of fitting;
+    the fitting options (``method``: nll, ``cv``: 5 folds, ``temperature``, ``views``,
+    ``fallback``, ``data``, ``prior``) are refused with it. ``fallback``: "uniform" to use equal
+    weights when the fitted method does not beat them on CV. ``prior``: the training class counts
+    (see :func:`ensemble.formats.dataset.read_class_counts`) to correct the blend for; ``prior_tau``: "auto" (fit ``tau``
+    with the weights, the default with ``prior``) or a number in
+    :data:`weights_search.TAU_BOUNDS`. ``out``: the blend folder; None: ``blends/<method>`` for
+    a fit, ``<the fitted folder>-<apply split>`` beside the fitted folder for ``weights`` (a
+    saved blend is never overwritten by applying it).
+    """
+
+    runs: Path = Path("runs")
+    models: tuple[str, ...] | None = None
+    optimize: str | None = None
+    apply: str | None = None
+    data: Path | None = None
+    method: str | None = None
+    temperature: bool = False
+    views: bool = False
+    cv: int | None = None
+    fallback: str | None = None
+    weights: Path | None = None
+    top_k: int = 5
+    out: Path | None = None
+    prior: Path | None = None
+    prior_tau: str | None = None
+
+
+@dataclass(frozen=True)
+class BlendResult:
+    out: Path  #: the blend folder
+    record: Mapping[str, Any]  #: what blend.json holds
+    predictions: Path | None  #: predictions.csv, None when no split was applied
+    rows: int  #: rows of predictions.csv
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def run_blend(options: BlendOptions) -> BlendResult:
+    """Fit (or load) the blend, report CV, fuse the applied split, write the blend folder.
+
+    Every member's stores of the fitted and the applied split (or the saved blend and the
+    applied split) must come from the same model file, preprocessing and TTA
+    (:func:`check_provenance`); nothing is written otherwise.
+    """
+    _check_options(options)
+    saved = read_blend_json(options.weights) if options.weights is not None else None
+    models = _models(options, saved)
+    notes: list[str] = []
+
+    if saved is not None:
+        blend, record, views = _saved_blend(saved, options, models)
+        models = tuple(record["models"])  # the blend's member order, whatever the order of --models
+        reference, reference_name = saved["provenance"], str(options.weights)
+    else:
+        views = options.views
+        fitted = open_split(options.runs, models, options.optimize)
+        blend, record = _fit(options, fitted, views, notes)
+        reference, reference_name = record["provenance"], f"{options.optimize} store"
+    apply = _apply_split(options, models, notes)
+    out = _out_folder(options, apply)
+
+    split = arrays = None
+    if apply is not None:
+        split = open_split(options.runs, models, apply)
+        check_provenance(reference, reference_name, split)
+        names, arrays = split.members(views)
+        if names != record["members"]:
+            raise EnsError(f"{apply}: its members {', '.join(names)} differ from the blend's "
+                           f"{', '.join(record['members'])}")
+        if saved is not None and saved.get("class_ids") is not None and list(split.class_ids) != saved["class_ids"]:
+            raise EnsError(f"{options.weights}: fitted on other category ids than the {apply} stores have")
+        record["apply"] = {"split": apply, "rows": int(split.ids.size),
+                           "stores": {m: store_digest(s, views) for m, s in zip(models, split.stores)}}
+    # Both files appear together or not at all: each is written beside its final name and only
+    # renamed into place (predictions first) once both are complete.
+    predictions, rows = (out / PREDICTIONS_FILE if split is not None else None), 0
+    with contextlib.ExitStack() as stack:
+        blend_tmp = stack.enter_context(atomic_path(out / BLEND_FILE))
+        if split is not None:
+            rows = _write_predictions(stack.enter_context(atomic_path(predictions)), split, arrays, blend,
+                                      options.top_k)
+        blend_tmp.write_text(json_text(record), encoding="utf-8")
+    if split is None and (out / PREDICTIONS_FILE).exists():
+        # Predictions of an earlier blend beside the new blend.json would be submitted as its own.
+        (out / PREDICTIONS_FILE).unlink()
+        notes.append(f"removed {out / PREDICTIONS_FILE}: it held an earlier blend's predictions, and this "
+                     "run applied nothing")
+    return BlendResult(out=out, record=record, predictions=predictions, rows=rows, notes=tuple(notes))
+
+
+def _check_options(options: BlendOptions) -> None:
+    if options.weights is None and options.optimize is None:
+        raise EnsError("give --optimize SPLIT to fit weights, or --weights blend.json to apply saved ones")
+    if options.weights is not None:
+        if options.optimize is not None:
+            raise EnsError("--weights applies saved weights without fitting; drop --optimize")
+        fitting = {"--method": options.method is not None, "--temperature": options.temperature,
+                   "--views": options.views, "--cv": options.cv is not None,
+                   "--fallback": options.fallback is not None, "--data": options.data is not None,
+                   "--prior": options.prior is not None, "--prior-tau": options.prior_tau is not None}
+        given = [name for name, used in fitting.items() if used]
+        if given:
+            raise EnsError(f"--weights applies saved weights (and their prior correction) as they are; "
+                           f"{', '.join(given)} only apply when fitting with --optimize")
+    if options.prior_tau is not None and options.prior is None:
+        raise EnsError(f"--prior-tau {options.prior_tau}: give --prior FILE, the training class counts it weighs")
+    prior_tau(options.prior_tau)
+    if options.cv is not None and options.cv < 2:
+        raise EnsError(f"--cv {options.cv}: cross-validation needs at least 2 folds")
+    if options.top_k < 1:
+        raise EnsError(f"--top-k {options.top_k}: must be at least 1")
+    if options.fallback not in (None, "uniform"):
+        raise EnsError(f"--fallback {options.fallback}: the only fallback is uniform")
+
+
+def _models(options: BlendOptions, saved: dict | None) -> tuple[str, ...]:
+    """The models to blend: ``--models``, the saved blend's, or every model with a fit store."""
+    split = options.optimize or options.apply or "test"
+    models = options.models or (tuple(saved["models"]) if saved else available_models(options.runs, split))
+    if not models:
+        raise EnsError(f"--runs {options.runs}: no model has a {split} store; run `ens infer` first")
+    if len(set(models)) != len(models):
+        raise EnsError(f"--models names a model twice: {', '.join(models)}")
+    return tuple(models)
+
+
+def _apply_split(options: BlendOptions, models: Sequence[str], notes: list[str]) -> str | None:
+    """``--apply``, else ``test``: always for saved weights, for a fit when every model has it."""
+    if options.apply is not None or options.weights is not None:
+        return options.apply or "test"
+    lacking = [m for m in models if not (options.runs / m / "test" / MANIFEST).is_file()]
+    if not lacking:
+        return "test"
+    if len(lacking) < len(models):
+        notes.append(f"fitted only: {', '.join(lacking)} {'has' if len(lacking) == 1 else 'have'} no test store "
+                     f"under {options.runs} (run `ens infer` on test for {'it' if len(lacking) == 1 else 'them'}, "
+                     "then apply the saved weights with --weights)")
+    return None
+
+
+def _out_folder(options: BlendOptions, apply: str | None) -> Path:
+    if options.weights is None:
+        return options.out or Path("blends") / (options.method or ws.DEFAULT_METHOD)
+    fitted = options.weights.parent
+    out = options.out or fitted.with_name(f"{fitted.name}-{apply}")
+    if out.resolve() == fitted.resolve():
+        raise EnsError(f"--out {out}: holds the blend that --weights {options.weights} reads; applying it "
+                       f"writes to another folder (leave out --out for {fitted.with_name(fitted.name + '-' + str(apply))})")
+    return out
+
+
+def _fit(options: BlendOptions, split: BlendSplit, views: bool, notes: list[str]) -> tuple[Any, dict]:
+    models = split.models
+    method_asked = options.method or ws.DEFAULT_METHOD
+    folds = 5 if options.cv is None else options.cv
+    names, arrays = split.members(views)
+    labels_path = label_source(split, options.data)
+    labels = load_labels(labels_path, split.ids, split.class_ids)
+    notes.extend(label_warnings(split, labels_path))
+    notes.extend(class_order_warnings(split, labels))
+    adjustment = counts = None
+    if options.prior is not None:
+        counts = prior_counts(read_class_counts(options.prior), split.class_ids, options.prior)
+        notes.extend(prior_notes(counts, split.class_ids, options.prior))
+        adjustment = ws.LogitAdjustment(ws.class_log_prior(counts), prior_tau(options.prior_tau))
+    notes.extend(prior_hint(options.data, options.prior is not None))
+    logits = np.stack([np.asarray(a, dtype=np.float32) for a in arrays])
+    try:
+        report = ws.cross_validate(logits, labels, method_asked, n_folds=folds, temperature=options.temperature,
+                                   member_names=names, top_k=options.top_k, prior=adjustment)
+        method = method_asked
+        fallback_used = False
+        if method_asked != "uniform" and not report.beats_uniform:
+            uniform = report.uniform_row.name if report.prior else "uniform weights"
+            notes.append(f"{report.method_row.name} does not beat {uniform} on {folds}-fold CV "
+                         f"(top-1 {report.method_row.top1:.4f} vs {report.uniform_row.top1:.4f})"
+                         + (f"; --fallback uniform: using {uniform}" if options.fallback else
+                            "; --fallback uniform would use equal weights"))
+            if options.fallback == "uniform":
+                method, fallback_used = "uniform", True
+        if adjustment is not None:
+            notes.extend(prior_cv_note(report, method))
+        blend = ws.fit_blend(logits, labels, method, temperature=options.temperature, prior=adjustment)
+    except ValueError as exc:
+        raise EnsError(f"blend: {exc}") from None
+    del logits
+    stores = {m: store_digest(s, views) for m, s in zip(models, split.stores)}
+    record = {
+        "format": FORMAT_VERSION,
+        "ens": __version__,
+        "method": method,
+        "requested_method": method_asked,
+        "fallback": fallback_used,
+        "fusion": blend.fusion,
+        "params": dict(blend.params),
+        "models": list(models),
+        "members": names,
+        "views": views,
+        "weights": dict(zip(names, blend.weights)),
+        "temperatures": None if blend.temperatures is None else dict(zip(names, blend.temperatures)),
+        "train_score": blend.train_score,
+        "class_ids": list(split.class_ids),
+        "optimize": {"split": options.optimize, "rows": int(split.ids.size), "stores": stores},
+        "labels": str(labels_path),
+        "stores": stores,
+        "provenance": {m: provenance(s) for m, s in zip(models, split.stores)},
+        "prior": None if adjustment is None else {
+            "file": str(options.prior), "sha256": sha256_file(options.prior),
+            "counts": counts.tolist(), "zero_count": ws.ZERO_COUNT,
+            "tau": blend.tau, "tau_fitted": adjustment.tau is None},
+        "cv": {"folds": report.n_folds, "top_k": report.top_k, "temperature": report.temperature,
+               "prior": report.prior, "fold_taus": list(report.fold_taus),
+               "chosen": report.uniform_row.name if fallback_used or method == "uniform" else report.method_row.name,
+               "beats_uniform": report.beats_uniform,
+               "rows": [asdict(r) for r in report.rows]},
+    }
+    return blend, record
+
+
+def _saved_blend(saved: dict, options: BlendOptions, models: Sequence[str]) -> tuple[Any, dict, bool]:
+    unknown = [m for m in saved["models"] if m not in models]
+    if unknown:
+        raise EnsError(f"--weights {options.weights}: names models that are not given: {', '.join(unknown)}")
+    extra = [m for m in models if m not in saved["models"]]
+    if extra:
+        raise EnsError(f"--weights {options.weights}: has no weight for {', '.join(extra)}")
+    blend = fitted_from_record(saved)
+    record = dict(saved)
+    record["models"] = list(saved["models"])
+    record["applied_from"] = str(options.weights)
+    return blend, record, bool(saved.get("views", False))
+
+def _write_predictions(path: Path, split: BlendSplit, arrays: Sequence[np.ndarray], blend: Any, top_k: int) -> int:
+    """Fuse ``arrays`` block by block into predictions.csv at ``path`` (a temporary file)."""
+    k = min(top_k, len(split.class_ids))
+
+    def blocks():
+        for start, log_probs in ws.blend_chunks(arrays, blend, CHUNK_ROWS):
+            top, probs = ws.top_k(log_probs, k)
+            yield start, top, probs
+
+    try:
+        return write_predictions(path, split.ids, split.class_ids, blocks(), k)
+    except ValueError as exc:
+        raise EnsError(f"{split.name}: cannot fuse its stores ({exc})") from None
