@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ensemble.datasets import check_regular_file
+from ensemble.formats.dataset import check_regular_file
 from ensemble.errors import EnsError
 
 #: Keys under which training scripts nest the weights, in the order they are tried.

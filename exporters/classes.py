@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from ensemble.datasets import check_regular_file
+from ensemble.formats.dataset import check_regular_file
 from ensemble.errors import EnsError
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from ensemble import __version__
 from ensemble.errors import EnsError
 from ensemble.fileio import atomic_path, sha256_file
-from ensemble.metadata import (CAM_OUTPUT, IMAGENET_MEAN, IMAGENET_STD, INPUT_NAME, MAX_INPUT_SIZE,
+from ensemble.formats.model import (CAM_OUTPUT, IMAGENET_MEAN, IMAGENET_STD, INPUT_NAME, MAX_INPUT_SIZE,
                                MIN_INPUT_SIZE, OUTPUT_NAME, ModelMetadata, Verification, check_preprocess)
 from exporters import architectures
 from exporters.cam import CamHead, WithCam, check_cam_head, find_cam_head
