@@ -27,9 +27,10 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ensemble.errors import EnsError
+from ensemble.formats.common import is_count, is_id, is_name, is_number
 
 FORMAT_VERSION = 1
 PREFIX = "ens."
@@ -179,8 +180,8 @@ class ModelMetadata:
         def bad(key: str, problem: str) -> EnsError:
             return EnsError(f"{source}: {PREFIX}{key} {_shown(raw[key])}: {problem}")
 
-        if not _is_int(values["format"]) or values["format"] < 1:
-            raise bad("format", "expected a positive integer")
+        if not is_count(values["format"], 1):
+            raise bad("format", _POSITIVE)
         if values["format"] > FORMAT_VERSION:
             raise EnsError(
                 f"{source}: ens metadata format {values['format']} is newer than this ens "
@@ -195,9 +196,9 @@ class ModelMetadata:
         # cam_feature has no key of its own: it travels inside ens.cam.
         values = {k: v for k, v in values.items() if k in fields and k != "cam_feature"}
         for key, value in values.items():
-            problem = _FIELD_CHECKS[key](value)
-            if problem:
-                raise bad(key, problem)
+            for ok, problem in _FIELD_CHECKS[key]:
+                if not ok(value):
+                    raise bad(key, problem)
         found = _preprocess_problem(values)
         if found is not None:
             raise bad(found[0], found[2])
@@ -226,71 +227,49 @@ def _shown(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _is_check(value: Any) -> bool:
     return (isinstance(value, dict) and set(value) == {f.name for f in dataclasses.fields(Verification)}
-            and value["precision"] in PRECISIONS and _is_int(value["size"]) and value["size"] > 0
-            and _is_int(value["batch"]) and value["batch"] > 0
-            and _is_number(value["max_abs_diff"]) and _is_number(value["top1_agreement"]))
-
-
-def _class_ids_problem(value: Any) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, list):
-        return "expected a list of category ids or null"
-    if not all(isinstance(i, (int, str)) and not isinstance(i, bool) for i in value):
-        return "category ids must be integers or strings"
-    return None
+            and value["precision"] in PRECISIONS and is_count(value["size"], 1) and is_count(value["batch"], 1)
+            and is_number(value["max_abs_diff"]) and is_number(value["top1_agreement"]))
 
 
 def _is_cam(value: Any) -> bool:
     return value is None or (isinstance(value, dict) and set(value) == {"output", "feature"}
-                             and value["output"] == CAM_OUTPUT
-                             and isinstance(value["feature"], str) and value["feature"] != "")
+                             and value["output"] == CAM_OUTPUT and is_name(value["feature"]))
 
 
-def _expect(ok, problem: str):
-    return lambda value: None if ok(value) else problem
-
-
-_STRING = _expect(lambda v: isinstance(v, str), "expected a string")
-_THREE_NUMBERS = _expect(lambda v: isinstance(v, list) and len(v) == 3 and all(map(_is_number, v)),
-                         "expected three numbers R,G,B")
-#: The type and range of each field's JSON value; the preprocessing ranges are
-#: :func:`_preprocess_problem`'s, shared with the command-line options.
-_FIELD_CHECKS = {
-    "format": _expect(lambda v: _is_int(v) and v >= 1, "expected a positive integer"),
+_POSITIVE = "expected a positive integer"
+_STRING = [(lambda v: isinstance(v, str), "expected a string")]
+_THREE_NUMBERS = [(lambda v: isinstance(v, list) and len(v) == 3 and all(map(is_number, v)),
+                   "expected three numbers R,G,B")]
+#: The type and range of each field's JSON value, as (passes, problem) pairs tried in order; the
+#: preprocessing ranges are :func:`_preprocess_problem`'s, shared with the command-line options.
+_FIELD_CHECKS: dict[str, list[tuple[Callable[[Any], bool], str]]] = {
+    "format": [(lambda v: is_count(v, 1), _POSITIVE)],
     "architecture": _STRING,
-    "num_classes": _expect(lambda v: _is_int(v) and v >= 1, "expected a positive integer"),
-    "input_size": _expect(lambda v: _is_int(v) and MIN_INPUT_SIZE <= v <= MAX_INPUT_SIZE,
-                          f"expected an integer from {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE} (pixels)"),
+    "num_classes": [(lambda v: is_count(v, 1), _POSITIVE)],
+    "input_size": [(lambda v: is_count(v, MIN_INPUT_SIZE) and v <= MAX_INPUT_SIZE,
+                    f"expected an integer from {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE} (pixels)")],
     "mean": _THREE_NUMBERS,
     "std": _THREE_NUMBERS,
-    "resize": _expect(lambda v: v in RESIZE_POLICIES, f"choose one of {', '.join(RESIZE_POLICIES)}"),
-    "crop_pct": _expect(lambda v: _is_number(v) and 0.0 < v <= 1.0, "expected a fraction in (0, 1]"),
-    "interpolation": _expect(lambda v: v in INTERPOLATIONS, f"choose one of {', '.join(INTERPOLATIONS)}"),
-    "dynamic_size": _expect(lambda v: isinstance(v, bool), "expected true or false"),
-    "precision": _expect(lambda v: v in PRECISIONS, f"choose one of {', '.join(PRECISIONS)}"),
-    "class_ids": _class_ids_problem,
-    "arch_kwargs": _expect(lambda v: isinstance(v, dict), "expected a JSON object"),
+    "resize": [(lambda v: v in RESIZE_POLICIES, f"choose one of {', '.join(RESIZE_POLICIES)}")],
+    "crop_pct": [(lambda v: is_number(v) and 0.0 < v <= 1.0, "expected a fraction in (0, 1]")],
+    "interpolation": [(lambda v: v in INTERPOLATIONS, f"choose one of {', '.join(INTERPOLATIONS)}")],
+    "dynamic_size": [(lambda v: isinstance(v, bool), "expected true or false")],
+    "precision": [(lambda v: v in PRECISIONS, f"choose one of {', '.join(PRECISIONS)}")],
+    "class_ids": [(lambda v: v is None or isinstance(v, list), "expected a list of category ids or null"),
+                  (lambda v: v is None or all(map(is_id, v)), "category ids must be integers or strings")],
+    "arch_kwargs": [(lambda v: isinstance(v, dict), "expected a JSON object")],
     "checkpoint": _STRING,
     "checkpoint_sha256": _STRING,
-    "verification": _expect(lambda v: isinstance(v, list) and all(map(_is_check, v)),
-                            "expected a list of checks, each with precision, size, batch, max_abs_diff, "
-                            "top1_agreement"),
+    "verification": [(lambda v: isinstance(v, list) and all(map(_is_check, v)),
+                      "expected a list of checks, each with precision, size, batch, max_abs_diff, "
+                      "top1_agreement")],
     "exporter": _STRING,
-    "opset": _expect(lambda v: _is_int(v) and v >= 0, "expected a non-negative integer"),
+    "opset": [(is_count, "expected a non-negative integer")],
     "torch_version": _STRING,
     "onnx_version": _STRING,
-    "cam": _expect(_is_cam, f'expected null or {{"output": "{CAM_OUTPUT}", "feature": NAME}}'),
+    "cam": [(_is_cam, f'expected null or {{"output": "{CAM_OUTPUT}", "feature": NAME}}')],
 }
 
 
