@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import numpy as np
 
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
+from ensemble.formats.common import is_count, is_id, read_json
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 #: Years whose iNat layout puts the year in the split's file name (``val2019.json``), newest first;
@@ -146,10 +146,7 @@ def load_split(source: str | os.PathLike, name: str | None = None) -> Split:
 
 
 def _load_json(path: Path, name: str) -> Split:
-    try:
-        doc = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EnsError(f"{path}: not a JSON file ({exc})") from None
+    doc = read_json(path)
     images = doc.get("images") if isinstance(doc, dict) else None
     if not isinstance(images, list):
         raise EnsError(f"{path}: no \"images\" list (expected a COCO / iNaturalist json)")
@@ -161,7 +158,7 @@ def _load_json(path: Path, name: str) -> Split:
         if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
             raise EnsError(f"{path}: images[{i}] lacks \"id\" or \"file_name\"")
         image_id = image["id"]
-        if isinstance(image_id, bool) or not isinstance(image_id, (int, str)):
+        if not is_id(image_id):
             raise EnsError(f"{path}: images[{i}] has id {image_id!r}; expected an integer or a string")
         if image_id in seen:
             raise EnsError(f"{path}: duplicate image id {image_id!r}")
@@ -178,6 +175,8 @@ def _labels(doc: dict, ids: list, path: Path) -> tuple[int | None, ...] | None:
     annotations = doc.get("annotations")
     if not annotations:
         return None
+    if not isinstance(annotations, list):
+        raise EnsError(f"{path}: \"annotations\" is not a list")
     by_image = {}
     for i, ann in enumerate(annotations):
         if not isinstance(ann, dict) or "image_id" not in ann or "category_id" not in ann:
@@ -208,16 +207,17 @@ def _load_folder(folder: Path, name: str) -> Split:
 
 
 def load_labels(path: Path, ids: np.ndarray, class_ids: Sequence[int | str]) -> np.ndarray:
-    """Column index of each image's true category, ``(rows,)`` int64, in the order of ``ids``."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EnsError(f"{path}: unreadable label file ({exc})") from None
-    truth: dict[Any, Any] = {}
-    for ann in data.get("annotations") or []:
-        truth[ann.get("image_id")] = ann.get("category_id")
-    if not truth:
+    """Column index of each image's true category, ``(rows,)`` int64, in the order of ``ids``
+    (a store's image ids): the split json at ``path`` is read and checked as :func:`load_split`
+    reads it, and every label must be a category id of ``class_ids`` (the models' columns)."""
+    split = _load_json(check_regular_file(path), split_name(path))
+    if split.labels is None:
         raise EnsError(f"{path}: no annotations, so no labels to fit blend weights on")
+    truth = {image: label for image, label in zip(split.ids, split.labels) if label is not None}
+    for image, label in truth.items():
+        if not is_id(label):
+            raise EnsError(f"{path}: image {image} is labelled {label!r}; expected an integer or a string "
+                           "category id")
     column = {c: j for j, c in enumerate(class_ids)}
     missing = [i for i in ids.tolist() if i not in truth]
     if missing:
@@ -246,11 +246,8 @@ def read_class_counts(path: Path) -> dict[int | str, int]:
     label = f"--prior {path}"
     if path.suffix.lower() == ".csv":
         return _csv_counts(path, label)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EnsError(f"{label}: not a JSON file ({exc}); give a COCO/iNat json, a JSON object "
-                       "{\"category_id\": count} or a CSV category_id,count") from None
+    doc = read_json(path, label, hint="give a COCO/iNat json, a JSON object {\"category_id\": count} or a CSV "
+                                      "category_id,count")
     if not isinstance(doc, dict):
         raise EnsError(f"{label}: expected a JSON object (a COCO/iNat json or {{\"category_id\": count}})")
     if "annotations" in doc or "images" in doc or "categories" in doc:
@@ -277,11 +274,11 @@ def coco_counts(doc: dict, label: str) -> dict[int | str, int]:
                        "whose annotations are counted")
     counts: dict[int | str, int] = {}
     for category in doc.get("categories") or []:
-        if isinstance(category, dict) and isinstance(category.get("id"), (int, str)):
+        if isinstance(category, dict) and is_id(category.get("id")):
             counts.setdefault(_category(category["id"]), 0)
     for i, annotation in enumerate(annotations):
         category = annotation.get("category_id") if isinstance(annotation, dict) else None
-        if not isinstance(category, (int, str)) or isinstance(category, bool):
+        if not is_id(category):
             raise EnsError(f"{label}: annotations[{i}] has no category_id")
         category = _category(category)
         counts[category] = counts.get(category, 0) + 1
@@ -324,6 +321,6 @@ def _category(value: int | str) -> int | str:
 
 
 def _count(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not is_count(value):
         raise EnsError(f"{what} is not a non-negative integer")
     return value
