@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from weights_search.metrics import check_scores
+
 #: Confidence bins of a reliability diagram (Guo et al. use 15).
 N_BINS = 15
 #: Class-frequency buckets of the long-tail view: head, middle, tail.
@@ -25,12 +27,9 @@ BUCKETS = ("head", "middle", "tail")
 
 def confidence_and_correct(log_probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(N,)`` float64 confidence (the largest probability) and ``(N,)`` bool whether that
-    class is the label, for ``(N, C)`` log-probabilities and ``(N,)`` column labels."""
-    log_probs = np.asarray(log_probs)
-    labels = np.asarray(labels)
-    if log_probs.ndim != 2 or labels.shape != log_probs.shape[:1]:
-        raise ValueError(f"expected log_probs (n_samples, n_classes) and labels (n_samples,), "
-                         f"got {log_probs.shape} and {labels.shape}")
+    class is the label, for ``(N, C)`` log-probabilities (no NaN) and ``(N,)`` column labels
+    (integers in ``0..C-1``), checked by :func:`weights_search.metrics.check_scores`."""
+    log_probs, labels = check_scores(log_probs, labels)
     predicted = np.argmax(log_probs, axis=1)
     # At most 1: float32 log-probabilities of a fused blend can round a few 1e-7 above 0.
     confidence = np.minimum(np.exp(log_probs[np.arange(labels.size), predicted].astype(np.float64)), 1.0)

@@ -13,7 +13,7 @@ import numpy as np
 
 def correct_at_k(log_probs: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     """``(N,)`` bool: whether the true class is among the ``k`` best of its row."""
-    log_probs, labels = _check(log_probs, labels)
+    log_probs, labels = check_scores(log_probs, labels)
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     rows = np.arange(labels.size)
@@ -35,7 +35,7 @@ def topk_accuracy(log_probs: np.ndarray, labels: np.ndarray, k: int) -> float:
 
 def mean_nll(log_probs: np.ndarray, labels: np.ndarray) -> float:
     """Mean negative log-likelihood of the true classes (``inf`` when one has probability 0)."""
-    log_probs, labels = _check(log_probs, labels)
+    log_probs, labels = check_scores(log_probs, labels)
     return float(-log_probs[np.arange(labels.size), labels].astype(np.float64).mean())
 
 
@@ -60,7 +60,11 @@ def bootstrap_ci(correct: np.ndarray, n_boot: int = 1000, level: float = 0.95, s
     return float(low), float(high)
 
 
-def _check(log_probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def check_scores(log_probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Check ``(N, C)`` log-probabilities (no NaN) against ``(N,)`` integer labels in ``0..C-1``;
+    return both as arrays. The one check of a scored ``(log_probs, labels)`` pair: the metrics
+    here and :mod:`weights_search.calibration` use it; :func:`weights_search.functional.check_members`
+    is its ``(M, N, C)`` counterpart."""
     log_probs = np.asarray(log_probs)
     labels = np.asarray(labels)
     if log_probs.ndim != 2 or labels.shape != log_probs.shape[:1]:

@@ -20,6 +20,24 @@ def test_confidence_is_the_largest_probability_and_ties_go_to_the_lower_column()
     assert confidence.tolist() == [1.0] and reliability(confidence, np.ones(1)).count[-1] == 1
 
 
+@pytest.mark.parametrize("log_probs, labels, message", [
+    (np.zeros((2, 3)), np.array([0]), r"expected log_probs \(n_samples, n_classes\) and labels \(n_samples,\), "
+                                      r"got \(2, 3\) and \(1,\)"),
+    (np.zeros(3), np.array([0]), "expected log_probs"),
+    (np.zeros((1, 3)), np.array([3]), r"labels must be integer column indices in 0..2"),
+    (np.zeros((1, 3)), np.array([-1]), r"labels must be integer column indices in 0..2"),
+    (np.zeros((1, 3)), np.array([0.0]), r"labels must be integer column indices in 0..2"),
+    (np.array([[0.0, np.nan]]), np.array([0]), "log_probs contain NaN"),
+])
+def test_confidence_checks_its_inputs_as_the_metrics_do(log_probs, labels, message):
+    """One check of ``(log_probs, labels)``: out-of-range labels and NaN were taken silently here."""
+    from weights_search.metrics import mean_nll
+
+    for function in (confidence_and_correct, mean_nll):
+        with pytest.raises(ValueError, match=message):
+            function(log_probs, labels)
+
+
 def test_bins_are_closed_on_the_right_and_zero_joins_the_first():
     # Two bins, (0, 0.5] and (0.5, 1]: 0.5 falls in the first, 0.5001 in the second.
     assert bin_index(np.array([0.0, 0.25, 0.5, 0.5001, 1.0]), 2).tolist() == [0, 0, 0, 1, 1]
