@@ -166,8 +166,8 @@ def time_crops(label: str, model: Path, split, batch_size: int = 32) -> None:
     """Print the time of the cam view's crops of ``split``'s batches, in one thread and on
     :class:`Forward`'s threads, and their ratio (the maps from the model's identity pass)."""
     from ensemble.inference.decode import decode_batch
-    from ensemble.inference.forward import Forward
-    from ensemble.inference.run import gpu_options, open_passes, run_geometries, run_sources
+    from ensemble.inference.engine import gpu_options
+    from ensemble.inference.forward import Forward, open_passes, run_geometries, run_sources
     from ensemble.inference.runtime import load_model
     from ensemble.inference.tta import plan_views
 
@@ -186,7 +186,7 @@ def time_crops(label: str, model: Path, split, batch_size: int = 32) -> None:
             for _ in range(3):
                 tick = time.perf_counter()
                 for decoded, maps in batches:
-                    forward._crop(item.cam, decoded, maps)
+                    forward.cam_crops(item.cam, decoded, maps)
                 best = min(best, time.perf_counter() - tick)
             times.append((forward.threads, best))
     (_, one), (threads, pooled) = times

@@ -19,6 +19,8 @@ import typer
 from ensemble import __version__
 from ensemble.errors import EnsError
 from ensemble.formats.model import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, ModelMetadata, rgb_text
+from ensemble.inference.foreign import DEFAULT_CROP_PCT, DEFAULT_RESIZE, ForeignPreprocess
+from ensemble.inference.options import InferOptions
 
 app = typer.Typer(
     name="ens",
@@ -215,29 +217,29 @@ def infer(
     data: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Dataset folder in the iNaturalist layout, with --split.")] = None,
     split: Annotated[Optional[str], typer.Option(metavar="NAMES", help="Splits under --data, comma-separated: val means DIR/val2019.json (else val2018.json, val2017.json, iNat 2021's val.json, or the image folder DIR/val).", show_default="val,test")] = None,
     index: Annotated[Optional[Path], typer.Option(metavar="FILE.json", help="One split instead of --data: a COCO/iNat json, or a folder of images (ids are relative paths).")] = None,
-    tta: Annotated[str, typer.Option(metavar="NAMES", help="Views beside identity, comma-separated: flip, scale, crop5, crop10 (= crop5 and flip); they combine. cam: a crop of where the model looks (its class activation map), classified again (flipped too with flip).")] = "",
-    scales: Annotated[str, typer.Option(metavar="S,S,...", help="Factors of the model's input size for the scale views.")] = "0.875,1,1.143",
+    tta: Annotated[str, typer.Option(metavar="NAMES", help="Views beside identity, comma-separated: flip, scale, crop5, crop10 (= crop5 and flip); they combine. cam: a crop of where the model looks (its class activation map), classified again (flipped too with flip).")] = ",".join(InferOptions.tta),
+    scales: Annotated[str, typer.Option(metavar="S,S,...", help="Factors of the model's input size for the scale views.")] = ",".join(f"{s:g}" for s in InferOptions.scales),
     cam_threshold: Annotated[Optional[float], typer.Option(help="cam view: keep the map at or above this fraction of its range (the part around the maximum).", show_default="0.2")] = None,
     cam_pad: Annotated[Optional[float], typer.Option(help="cam view: grow the box by this fraction of its size on each side.", show_default="0.1")] = None,
     cam_min: Annotated[Optional[float], typer.Option(help="cam view: the box is at least this fraction of the shorter side of what the model's full view sees.", show_default="0.25")] = None,
-    merge: Annotated[str, typer.Option(help="How views merge: mean-logits, mean-probs (mean probability) or gmean (geometric mean of probabilities).")] = "mean-logits",
-    keep_views: Annotated[bool, typer.Option("--keep-views", help="Also store every view's logits (views.npy).")] = False,
-    device: Annotated[str, typer.Option(help="auto (CUDA when onnxruntime offers it, else CPU), cpu, cuda or tensorrt.")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Images per batch and per forward pass (each view of a batch is one pass).")] = 32,
+    merge: Annotated[str, typer.Option(help="How views merge: mean-logits, mean-probs (mean probability) or gmean (geometric mean of probabilities).")] = InferOptions.merge,
+    keep_views: Annotated[bool, typer.Option("--keep-views", help="Also store every view's logits (views.npy).")] = InferOptions.keep_views,
+    device: Annotated[str, typer.Option(help="auto (CUDA when onnxruntime offers it, else CPU), cpu, cuda or tensorrt.")] = InferOptions.device,
+    batch_size: Annotated[int, typer.Option(help="Images per batch and per forward pass (each view of a batch is one pass).")] = InferOptions.batch_size,
     workers: Annotated[Optional[int], typer.Option(help="Decoding processes; 0 decodes in this process.", show_default="a quarter of the cores on CPU, all but one with a GPU")] = None,
-    on_bad_image: Annotated[str, typer.Option(help="An unreadable image: fail (stop, naming it) or skip (leave it out, listed in the manifest).")] = "fail",
-    out: Annotated[Path, typer.Option(metavar="DIR", help="Stores go to DIR/<model file stem>/<split>/.")] = Path("runs"),
-    dtype: Annotated[str, typer.Option(help="Stored logits: float16 or float32.")] = "float16",
-    chunk_size: Annotated[int, typer.Option(help="Images per resumable chunk (rounded up to a multiple of --batch-size).")] = 1024,
+    on_bad_image: Annotated[str, typer.Option(help="An unreadable image: fail (stop, naming it) or skip (leave it out, listed in the manifest).")] = InferOptions.on_bad_image,
+    out: Annotated[Path, typer.Option(metavar="DIR", help="Stores go to DIR/<model file stem>/<split>/.")] = InferOptions.out,
+    dtype: Annotated[str, typer.Option(help="Stored logits: float16 or float32.")] = InferOptions.dtype,
+    chunk_size: Annotated[int, typer.Option(help="Images per resumable chunk (rounded up to a multiple of --batch-size).")] = InferOptions.chunk_size,
     input_size: Annotated[Optional[int], typer.Option(help="For ONNX files without ens metadata: input height and width.", show_default="the graph's, when fixed")] = None,
     mean: Annotated[Optional[str], typer.Option(metavar="R,G,B", help="For ONNX files without ens metadata that take float NCHW input: normalisation mean, fractions of 255.")] = None,
     std: Annotated[Optional[str], typer.Option(metavar="R,G,B", help="Likewise, the normalisation std.")] = None,
-    resize: Annotated[Optional[str], typer.Option(help="For ONNX files without ens metadata: center-crop or squash.", show_default="center-crop")] = None,
-    crop_pct: Annotated[Optional[float], typer.Option(help="For ONNX files without ens metadata: the center-crop fraction.", show_default="0.875")] = None,
-    cudnn_search: Annotated[Optional[str], typer.Option(help="GPU: cuDNN's convolution algorithm search, heuristic, exhaustive (slow first batch per input shape) or default.", show_default="heuristic")] = None,
+    resize: Annotated[Optional[str], typer.Option(help="For ONNX files without ens metadata: center-crop or squash.", show_default=DEFAULT_RESIZE)] = None,
+    crop_pct: Annotated[Optional[float], typer.Option(help="For ONNX files without ens metadata: the center-crop fraction.", show_default=f"{DEFAULT_CROP_PCT:g}")] = None,
+    cudnn_search: Annotated[Optional[str], typer.Option(help="GPU: cuDNN's convolution algorithm search, heuristic, exhaustive (slow first batch per input shape) or default.", show_default=InferOptions.cudnn_search)] = None,
     gpu_mem_limit: Annotated[Optional[float], typer.Option(metavar="GIB", help="GPU: memory each model's session may hold, in GiB.", show_default="no limit")] = None,
-    trt_fp16: Annotated[bool, typer.Option("--trt-fp16", help="TensorRT: float16 engines for float32 models too (float16 models always get them).")] = False,
-    engine: Annotated[str, typer.Option(metavar="local|ray", help="local (this machine) or ray (a Ray cluster: decoding in CPU tasks, one model actor per GPU; needs the optional extra ray); both write the same stores.")] = "local",
+    trt_fp16: Annotated[bool, typer.Option("--trt-fp16", help="TensorRT: float16 engines for float32 models too (float16 models always get them).")] = InferOptions.trt_fp16,
+    engine: Annotated[str, typer.Option(metavar="local|ray", help="local (this machine) or ray (a Ray cluster: decoding in CPU tasks, one model actor per GPU; needs the optional extra ray); both write the same stores.")] = InferOptions.engine,
     ray_address: Annotated[Optional[str], typer.Option(metavar="auto|HOST:PORT", help="--engine ray: the cluster to join.", show_default="RAY_ADDRESS, else a running local cluster, else a new one")] = None,
 ) -> None:
     """Run models with test-time augmentation into logit stores.
@@ -249,10 +251,8 @@ def infer(
     with _user_errors(ctx):
         from ensemble.cli_progress import InferProgress, format_seconds
         from ensemble.formats.dataset import load_split, resolve_splits
-        from ensemble.inference.run import InferOptions
         from ensemble.inference.run import infer as run_infer
         from ensemble.formats.model import check_preprocess
-        from ensemble.inference.runtime import ForeignPreprocess
 
         if (data is None) == (index is None):
             raise EnsError("give the images with either --data DIR [--split val,test] or --index FILE.json")
@@ -297,6 +297,7 @@ def infer(
             trt_fp16=trt_fp16,
             engine=engine,
             ray_address=ray_address,
+            # Options left out (None) keep InferOptions' own defaults (the ones --help shows).
             **({"cudnn_search": cudnn_search} if cudnn_search is not None else {}),
         )
         with InferProgress() as progress:
@@ -415,50 +416,24 @@ def submit(
     dataset knows. Uploads use the official kaggle client, the optional kaggle extra of ens.
     """
     with _user_errors(ctx):
-        from ensemble.submission import submit as flow
+        from ensemble.submission.submit import CheckResult, SubmitRequest, run_request
 
-        given = {"PREDICTIONS": predictions is not None, "--data": data is not None, "--format": fmt is not None,
-                 "--name": name is not None, "--sample": sample is not None, "--missing": missing is not None,
-                 "--gzip": compress, "--dry-run": dry_run, "--competition": competition is not None,
-                 "-m": message is not None}
-
-        def refuse(mode: str, allowed: set[str]) -> None:
-            extra = [option for option, present in given.items() if present and option not in allowed]
-            if extra:
-                raise EnsError(f"{mode} does not take {', '.join(extra)}")
-
-        if check is not None and retry is not None:
-            raise EnsError("--check and --retry do not go together")
-        if check is not None:
-            refuse("--check", {"--data", "--format", "--sample"})
-            if data is None:
-                raise EnsError("--check FILE needs --data DIR (the test ids and categories to check against)")
-            checked = flow.check(check, data, fmt or flow.DEFAULT_FORMAT, sample)
-            fmt_spec = checked.submission.format
-            against = checked.reference.test_source.name + (f" and {sample.name}" if sample is not None else "")
-            typer.echo(f"ok: {check}: {len(checked.submission.ids)} rows, {fmt_spec.name} ({fmt_spec.header}, "
-                       f"{fmt_spec.top_k} known category ids per row), every id of {against} once")
-            return
-        if retry is not None:
-            refuse("--retry", {"--competition", "-m"})
-            result = flow.retry(retry, competition, message)
-        else:
-            if predictions is None or data is None:
-                raise EnsError("give PREDICTIONS and --data DIR (or --check FILE, or --retry ID)")
-            if dry_run and (competition is not None or message is not None):
-                raise EnsError("--dry-run uploads nothing: leave out --competition and -m")
-            if not dry_run and (competition is None or message is None):
-                raise EnsError("give --competition C -m MSG to upload, or --dry-run to only write and record the file")
-            options = flow.SubmitOptions(format=fmt or flow.DEFAULT_FORMAT, name=name, sample=sample, compress=compress,
-                                         competition=competition, message=message,
-                                         missing=missing or flow.DEFAULT_MISSING)
-            result = flow.submit(predictions, data, options)
-            typer.echo(f"wrote {result.path} ({result.entry.rows} rows, {result.entry.format})")
-            if result.prior is not None:
-                prior = result.prior
-                typer.echo(f"filled {result.entry.filled} row{'s' if result.entry.filled != 1 else ''} missing from "
-                           f"the predictions with {prior.source} ({' '.join(map(str, prior.categories))}: the most "
-                           f"frequent classes of {prior.origin})")
+        result = run_request(SubmitRequest(predictions=predictions, data=data, format=fmt, name=name, sample=sample,
+                                           missing=missing, compress=compress, dry_run=dry_run,
+                                           competition=competition, message=message, check=check, retry=retry))
+    if isinstance(result, CheckResult):
+        fmt_spec = result.submission.format
+        against = result.reference.test_source.name + (f" and {sample.name}" if sample is not None else "")
+        typer.echo(f"ok: {check}: {len(result.submission.ids)} rows, {fmt_spec.name} ({fmt_spec.header}, "
+                   f"{fmt_spec.top_k} known category ids per row), every id of {against} once")
+        return
+    if retry is None:
+        typer.echo(f"wrote {result.path} ({result.entry.rows} rows, {result.entry.format})")
+        if result.fill is not None:
+            fill = result.fill
+            typer.echo(f"filled {result.entry.filled} row{'s' if result.entry.filled != 1 else ''} missing from "
+                       f"the predictions with {fill.source} ({' '.join(map(str, fill.categories))}: the most "
+                       f"frequent classes of {fill.origin})")
     entry = result.entry
     if result.receipt is None:
         typer.echo(f"ledger entry {entry.id}: not-uploaded (dry run)")
@@ -504,18 +479,18 @@ def submissions(
     The ledger is submissions/ledger.sqlite, one row per file `ens submit` wrote.
     """
     with _user_errors(ctx):
-        from ensemble.submission import submit as flow
+        from ensemble.submission.submit import SUBMISSIONS, refresh_scores
         from ensemble.formats.ledger import Ledger
 
         if refresh:
-            result = flow.refresh()
+            result = refresh_scores()
             entries = result.entries
             typer.echo(f"Kaggle lists {result.found} of the {result.asked} files an upload was tried for"
                        if result.asked else "no upload tried yet: no scores to fetch")
         else:
-            entries = Ledger(flow.SUBMISSIONS).entries()
+            entries = Ledger(SUBMISSIONS).entries()
     if not entries:
-        typer.echo(f"no submissions recorded in {flow.SUBMISSIONS}/ yet")
+        typer.echo(f"no submissions recorded in {SUBMISSIONS}/ yet")
         return
     for line in _ledger_table(entries):
         typer.echo(line)

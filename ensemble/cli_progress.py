@@ -11,7 +11,7 @@ import sys
 import time
 from typing import TextIO
 
-from ensemble.inference.run import Event
+from ensemble.inference.engine import Event
 
 
 def format_seconds(seconds: float | None) -> str:

@@ -59,7 +59,8 @@ from ensemble.inference.tta import CamSource, Geometry, canvas_shape, crop_box, 
 #: at once: the bound wins.
 PREFETCH_BYTES = 1 << 30
 
-_RESAMPLE = {
+#: ``interpolation`` (the model metadata's name) -> Pillow's resampling filter.
+RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
@@ -138,7 +139,7 @@ def _finish(image: Image.Image) -> Image.Image:
         return image.convert("RGB")
 
 
-def _load(path: str | Path, min_side: int) -> Image.Image:
+def load_image(path: str | Path, min_side: int) -> Image.Image:
     """Open, decode (reduced when ``min_side`` allows), orient and convert one image to RGB."""
     return _finish(_open(path, min_side))
 
@@ -162,7 +163,7 @@ def cut_source(image: Image.Image, source: CamSource) -> tuple[np.ndarray, np.nd
     if max(width, height) > source.side:
         ratio = source.side / max(width, height)
         size = (max(1, min(source.side, int(width * ratio + 0.5))), max(1, min(source.side, int(height * ratio + 0.5))))
-        pixels = image.resize(size, _RESAMPLE[source.geometry.interpolation], box=(x0, y0, x1, y1))
+        pixels = image.resize(size, RESAMPLE[source.geometry.interpolation], box=(x0, y0, x1, y1))
     else:
         pixels = image.crop((x0, y0, x1, y1))
     region = np.array([x0 / image.width, y0 / image.height, x1 / image.width, y1 / image.height], np.float32)
@@ -239,7 +240,7 @@ def resize_region(image: Image.Image, canvas: tuple[int, int], region: tuple[int
     """
     width, height = canvas
     left, top, right, bottom = region
-    resample = _RESAMPLE[interpolation]
+    resample = RESAMPLE[interpolation]
     if region == (0, 0, width, height) or interpolation == "nearest" or image.height > 2 * image.width:
         return np.asarray(image.resize(canvas, resample))[top:bottom, left:right]
     sx, sy = image.width / width, image.height / height

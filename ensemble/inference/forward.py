@@ -1,11 +1,13 @@
-"""The compute of one decoded batch, the same whatever schedules it.
+"""The compute of one decoded batch, the same whatever schedules it, and the plan it runs.
 
-An engine (:class:`LocalEngine` here; others may run the same pieces elsewhere) turns batches of
-image paths into :class:`BatchOutput` s: it decodes each batch once (:mod:`ensemble.inference.decode`)
-and hands the decoded arrays to a :class:`Forward`, which runs every model that needs the batch
-on each of its TTA views and merges them. What an engine may not change: the view plan
-(:func:`view_groups`), the batch shapes (``batch_size`` images per forward pass, the last batch
-padded) and the merge, so that every engine writes the same stores.
+An engine (:mod:`ensemble.inference.engine`: the local one, the Ray one) turns batches of image
+paths into :class:`~ensemble.inference.engine.BatchOutput` s: it decodes each batch once
+(:mod:`ensemble.inference.decode`, the geometries and sources of :func:`decode_needs`), opens
+every model's sessions with :func:`open_passes` and hands the decoded arrays to a
+:class:`Forward`, which runs every model that needs the batch on each of its TTA views and
+merges them. What an engine may not change: the view plan (:func:`view_groups`), the batch
+shapes (``batch_size`` images per forward pass, the last batch padded) and the merge, so that
+every engine writes the same stores.
 
 A model with cam views (:class:`CamPlan`) runs them inside :class:`Forward` too: its identity
 view's pass also returns the class activation map, from which each image's box is found
@@ -19,16 +21,17 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from PIL import Image
 
 from ensemble.inference.cam import CamSettings, cam_box, to_image
-from ensemble.inference.decode import _RESAMPLE, CropSource, DecodedBatch, Decoder
-from ensemble.inference.runtime import Model, Runner, cpu_threads
+from ensemble.inference.decode import RESAMPLE, CropSource, DecodedBatch
+from ensemble.inference.engine import BatchOutput, InferOptions, ModelOutput, cam_settings
+from ensemble.inference.runtime import GpuOptions, Model, Runner, cpu_threads
 from ensemble.inference.tta import CamSource, Geometry, View, cam_source, geometries, hflip, merge, view_size
 
 
@@ -97,41 +100,13 @@ def run_sources(plans: Iterable[CamPlan | None]) -> tuple[CamSource, ...]:
 
 @dataclass(eq=False)
 class ModelPass:
-    """One model ready to run: its session and its views grouped by input size."""
+    """One model ready to run: its session (``None`` in a driver whose sessions live in its
+    workers) and its views grouped by input size."""
 
     model: Model
-    runner: Runner
+    runner: Runner | None
     groups: tuple[ViewGroup, ...]
     cam: CamPlan | None = None
-
-
-@dataclass(frozen=True)
-class ModelOutput:
-    """One model's results for the real rows of one batch.
-
-    ``scores``: merged, ``(count, classes)``; ``views``: ``(views, count, classes)``, the
-    per-view logits before merging; ``seconds``: time inside the model's session; ``boxes``:
-    float32 ``(count, 4)``, each image's cam box, normalised ``(x0, y0, x1, y1)`` of the image
-    (zeros for bad images), or ``None`` without cam views.
-    """
-
-    scores: np.ndarray
-    views: np.ndarray
-    seconds: float
-    boxes: np.ndarray | None = None
-
-
-@dataclass(frozen=True)
-class BatchOutput:
-    """A batch's results: where it starts in the split, its real rows, the images that could
-    not be read ``(row, reason)``, the decodes it took, and each model's :class:`ModelOutput`
-    by model name (only the models that needed the batch)."""
-
-    start: int
-    count: int
-    bad: tuple[tuple[int, str], ...]
-    decodes: int
-    models: Mapping[str, ModelOutput] = field(default_factory=dict)
 
 
 class Forward:
@@ -194,7 +169,7 @@ class Forward:
                 outputs[row] = logits[:count]
         boxes = None
         if plan is not None:
-            crops, boxes = self._crop(plan, decoded, maps)
+            crops, boxes = self.cam_crops(plan, decoded, maps)
             for flipped, row in zip(plan.flips, plan.rows):
                 view = np.ascontiguousarray(hflip(crops)) if flipped else crops
                 tick = time.perf_counter()
@@ -204,7 +179,7 @@ class Forward:
         per_view = np.stack(outputs)  # (views, count, classes)
         return ModelOutput(merge(per_view, self.merge_mode), per_view, seconds, boxes)
 
-    def _crop(self, plan: CamPlan, decoded: DecodedBatch, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def cam_crops(self, plan: CamPlan, decoded: DecodedBatch, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The cam crops of a batch, uint8 ``(batch, size, size, 3)`` (zeros for padding and bad
         rows), and the boxes of its real rows, float32 ``(count, 4)``. ``maps``: the identity
         pass's ``(batch, h, w)`` class activation maps."""
@@ -216,7 +191,7 @@ class Forward:
         crops[:] = 0
         boxes = np.zeros((decoded.count, 4), np.float32)
         bad = {row for row, _ in decoded.bad}
-        resample = _RESAMPLE[plan.source.geometry.interpolation]
+        resample = RESAMPLE[plan.source.geometry.interpolation]
 
         def crop(row: int) -> None:  # writes row ``row`` of crops and boxes, nothing else
             height, width = (int(v) for v in source.shapes[row])
@@ -254,33 +229,32 @@ class Forward:
         return self._buffers[geo]
 
 
-class LocalEngine:
-    """This machine: a :class:`Decoder` (worker processes, shared memory) feeding one
-    :class:`Forward` in this process, batch after batch, in order."""
+def make_forward(options: InferOptions) -> Forward:
+    """The compute of one decoded batch for these options; every engine builds its own here."""
+    return Forward(options.merge)
 
-    name = "local"
-    cluster = None
 
-    def __init__(self, decoder: Decoder, passes: Sequence[ModelPass], forward: Forward):
-        self.decoder = decoder
-        self.passes = {item.model.name: item for item in passes}
-        self.forward = forward
+def open_passes(models: Sequence[Model], views: Sequence[View], options: InferOptions, device: str,
+                gpu: GpuOptions, sessions: bool = True) -> list[ModelPass]:
+    """Open every model's session on ``device``, with its views grouped by input size; every
+    engine opens its sessions here (in this process, or in each of its workers). ``sessions=False``:
+    the plan alone (``runner`` is ``None``), for a driver whose sessions live in its workers."""
+    passes = []
+    cam = cam_settings(options)
+    for model in models:
+        groups = view_groups(model, views, cam)
+        sizes = [group.size for group in groups]
+        runner = Runner(model, device, gpu, images=options.batch_size, sizes=sizes) if sessions else None
+        if device != "cpu" and runner is not None:
+            runner.warm_up(options.batch_size, sizes)  # before the first rate: cuDNN picks algorithms per shape
+        passes.append(ModelPass(model, runner, groups, cam_plan(model, views, cam)))
+    return passes
 
-    @property
-    def workers(self) -> int:
-        return self.decoder.workers
 
-    @property
-    def waited(self) -> float:
-        """Seconds spent waiting for decoded batches so far (large: decoding is the bottleneck)."""
-        return self.decoder.waited
-
-    def run(self, batches: Iterable[tuple[int, Sequence[str]]],
-            needs: Callable[[int], Sequence[str]]) -> Iterator[BatchOutput]:
-        """``(start row, paths)`` batches -> their outputs, in order; ``needs(start)`` names the
-        models that lack the batch."""
-        try:
-            for decoded in self.decoder.map(batches):
-                yield self.forward(decoded, [self.passes[name] for name in needs(decoded.start)])
-        finally:
-            self.forward.close()  # no idle crop threads outlive the run
+def decode_needs(models: Sequence[Model], views: Sequence[View], options: InferOptions) -> dict:
+    """What every engine's decode must produce for these models: ``{"geometries": ...,
+    "sources": ...}``, each once (the keyword arguments of :class:`~ensemble.inference.decode.Decoder`
+    and :func:`~ensemble.inference.decode.decode_batch`)."""
+    cam = cam_settings(options)
+    return {"geometries": run_geometries(view_groups(m, views, cam) for m in models),
+            "sources": run_sources(cam_plan(m, views, cam) for m in models)}

@@ -3,10 +3,11 @@
 The split's batches become a Ray Data dataset, one row ``(start, paths, models that need it)``
 per batch; decoding runs in CPU tasks (:func:`~ensemble.inference.decode.decode_batch`, the local
 engine's own), inference in a pool of actors, each holding one session per model opened by
-:func:`~ensemble.inference.run.open_passes` and one :class:`~ensemble.inference.forward.Forward`
-(the view plan and the merge), and the driver reads the :class:`BatchOutput` s back in row order
-(``preserve_order``), so :class:`~ensemble.inference.run._SplitRun` writes the chunks and stores
-exactly as it does for the local engine. Only the scheduling differs.
+:func:`~ensemble.inference.forward.open_passes` and one :class:`~ensemble.inference.forward.Forward`
+(the view plan and the merge), and the driver reads the
+:class:`~ensemble.inference.engine.BatchOutput` s back in row order (``preserve_order``), so the
+split loop (:mod:`ensemble.inference.run`) writes the chunks and stores exactly as it does for
+the local engine. Only the scheduling differs.
 
 The pool: one actor per GPU (``num_gpus=1``) where the cluster has GPUs; on CPUs, one actor per
 node, reserving three quarters of the node's CPUs, because an onnxruntime CPU session already
@@ -38,9 +39,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from ensemble.errors import EnsError
 from ensemble.inference.decode import batch_bytes, decode_batch
-from ensemble.inference.forward import BatchOutput
-from ensemble.inference.run import (Event, InferOptions, Ready, decode_needs, gpu_options, make_forward, open_passes,
-                                    resolve_device)
+from ensemble.inference.engine import BatchOutput, Event, InferOptions, OpenedEngine, gpu_options, resolve_device
+from ensemble.inference.forward import decode_needs, make_forward, open_passes
 from ensemble.inference.runtime import DEVICES, GpuOptions, Model
 from ensemble.inference.tta import View
 
@@ -167,7 +167,7 @@ def cluster_resources(ray) -> dict[str, Any]:
 
 
 def _device(ray, requested: str, gpu: GpuOptions, gpus: int) -> tuple[str, str | None]:
-    """``(device, fallback)`` as :func:`~ensemble.inference.run.resolve_device` finds them on a GPU
+    """``(device, fallback)`` as :func:`~ensemble.inference.engine.resolve_device` finds them on a GPU
     worker of the cluster (the driver may have no GPU), or the CPU on a cluster without GPUs."""
     if requested == "cpu":
         return "cpu", None
@@ -202,7 +202,7 @@ def plan_pool(resources: dict[str, Any], device: str, workers: int | None) -> di
 
 def _decode(row: dict[str, Any], batch_size: int, needs: dict[str, Any]) -> dict[str, Any]:
     """A Ray Data task: one batch's images decoded, as the local engine's workers decode them;
-    ``needs``: :func:`~ensemble.inference.run.decode_needs`."""
+    ``needs``: :func:`~ensemble.inference.forward.decode_needs`."""
     decoded = decode_batch(int(row["start"]), [str(p) for p in row["paths"]], batch_size, **needs)
     return {"needs": row["needs"], "decoded": decoded}
 
@@ -308,10 +308,10 @@ class RayEngine:
 
 
 @contextlib.contextmanager
-def ray_engine(models: Sequence[Model], views: Sequence[View], options: InferOptions,
-               report: Callable[[Event], None]) -> Iterator[Ready]:
+def open_ray_engine(models: Sequence[Model], views: Sequence[View], options: InferOptions,
+                    report: Callable[[Event], None]) -> Iterator[OpenedEngine]:
     """Join (or start) the cluster, choose the device and the pool; shut Ray down after when this
-    call started it."""
+    call started it (an :data:`~ensemble.inference.engine.EngineOpener`)."""
     ray = _import_ray()
     if options.workers == 0:
         raise EnsError("--workers 0 decodes in this process; with --engine ray images are decoded in Ray "
@@ -340,8 +340,8 @@ def ray_engine(models: Sequence[Model], views: Sequence[View], options: InferOpt
             f"{'s' if resources['nodes'] > 1 else ''} ({resources['cpus']} CPUs, {resources['gpus']} GPUs): "
             f"{actors} inference actor{'s' if actors > 1 else ''}, {pool['decoders']} decoding task"
             f"{'s' if pool['decoders'] > 1 else ''} at once")))
-        loaded = open_passes(models, views, options, device, gpu, sessions=False)
-        yield Ready(engine, loaded, device, provider, fallback)
+        passes = open_passes(models, views, options, device, gpu, sessions=False)
+        yield OpenedEngine(engine, passes, device, provider, fallback)
     finally:
         if started:
             ray.shutdown()

@@ -16,7 +16,12 @@ with the same bytes as an uninterrupted one (see :mod:`ensemble.formats.store`).
 
 Unreadable images (missing, empty, truncated, not an image) stop the run by default, naming the
 image; with ``on_bad_image="skip"`` they get no row in the store and are listed in its manifest.
-Progress goes to a callback as :class:`Event` s; presenting it is the caller's business.
+Progress goes to a callback as :class:`~ensemble.inference.engine.Event` s; presenting it is
+the caller's business.
+
+This module is the split loop: it opens an engine (:func:`engine_opener`: the local one,
+:mod:`ensemble.inference.local`, or Ray's, :mod:`ensemble.inference.ray_engine`, both
+implementing :mod:`ensemble.inference.engine`'s contract) and writes what it returns.
 
 Decoding processes come from a fork server, so a script that calls :func:`infer` with workers
 needs the usual ``if __name__ == "__main__":`` guard around its entry point.
@@ -24,101 +29,38 @@ needs the usual ``if __name__ == "__main__":`` guard around its entry point.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from ensemble import __version__
-from ensemble.formats.dataset import Split, check_store_name, split_name
-from ensemble.inference.decode import PIXELS, Decoder
 from ensemble.errors import EnsError
-from ensemble.inference.runtime import (TRT_CACHE, ForeignPreprocess, GpuOptions, Model, Runner,
-                                        available_providers, check_gpu_options, cpu_threads, device_choices,
-                                        load_model, prepare_trt_cache, probe_device, select_device)
+from ensemble.formats.dataset import Split, check_store_name, split_name
 from ensemble.formats.store import DTYPES, StoreWriter, read_store, store_path
 from ensemble.inference.cam import CamSettings
-from ensemble.inference.forward import (BatchOutput, Forward, LocalEngine, ModelPass, cam_plan, run_geometries,
-                                        run_sources, view_groups)
-from ensemble.inference.tta import DEFAULT_SCALES, View, merge_mode, plan_views, view_size
+from ensemble.inference.decode import PIXELS
+from ensemble.inference.engine import (CAM_OPTIONS, BatchOutput, Engine, EngineOpener, Event, cam_settings,
+                                       gpu_options)
+from ensemble.inference.forward import ModelPass
+from ensemble.inference.local import open_local_engine
+from ensemble.inference.options import InferOptions, option_flag
+from ensemble.inference.runtime import Model, check_gpu_options, device_choices, load_model
+from ensemble.inference.tta import View, merge_mode, plan_views, view_size
 
 BAD_IMAGE_POLICIES = ("fail", "skip")
-#: ``--engine``: this machine (:class:`~ensemble.inference.forward.LocalEngine`) or a Ray cluster
+#: ``--engine``: this machine (:mod:`ensemble.inference.local`) or a Ray cluster
 #: (:mod:`ensemble.inference.ray_engine`, the optional extra ``ray``).
 ENGINES = ("local", "ray")
-
-
-@dataclass(frozen=True)
-class InferOptions:
-    """How to run. ``workers=None`` picks a default for the device: a quarter of the cores on
-    CPU (the model needs the rest), all cores but one on a GPU. ``batch_size`` is the images of
-    one decoded batch and of one forward pass. ``chunk_size`` (images per resumable chunk) is
-    rounded up to a multiple of ``batch_size``. ``cudnn_search``, ``gpu_mem_limit`` (GiB per
-    model) and ``trt_fp16`` only matter on a GPU (see :class:`~ensemble.inference.runtime.GpuOptions`).
-    """
-
-    tta: tuple[str, ...] = ()
-    scales: tuple[float, ...] = DEFAULT_SCALES
-    merge: str = "mean-logits"
-    keep_views: bool = False
-    device: str = "auto"
-    batch_size: int = 32
-    workers: int | None = None
-    on_bad_image: str = "fail"
-    dtype: str = "float16"
-    chunk_size: int = 1024
-    out: Path = Path("runs")
-    foreign: ForeignPreprocess = ForeignPreprocess()
-    cudnn_search: str = "heuristic"
-    gpu_mem_limit: float | None = None
-    trt_fp16: bool = False
-    #: The cam views' box (:class:`~ensemble.inference.cam.CamSettings`); ``None``: its default.
-    cam_threshold: float | None = None
-    cam_pad: float | None = None
-    cam_min: float | None = None
-    engine: str = "local"
-    #: ``--engine ray``: the cluster to join; ``None`` is Ray's own resolution (``RAY_ADDRESS``,
-    #: a running local cluster, else a new one on this machine).
-    ray_address: str | None = None
-
-
-class Engine(Protocol):
-    """What :class:`_SplitRun` needs of an engine: the batches' outputs in order, and figures
-    for the manifest (``cluster``: the Ray cluster's resources, ``None`` for this machine)."""
-
-    name: str
-    cluster: dict | None
-
-    @property
-    def workers(self) -> int: ...
-
-    @property
-    def waited(self) -> float: ...
-
-    def run(self, batches, needs) -> Iterator[BatchOutput]: ...
-
-
-@dataclass(frozen=True)
-class Event:
-    """Progress of a run, for the caller to show.
-
-    ``kind``: ``note`` (a line in ``message``), ``start`` (a split begins; ``done`` counts rows
-    finished by an earlier run), ``batch``, ``chunk`` (a chunk is safely on disk), ``done``.
-    ``images_per_s`` is this run's rate over all models; ``eta_s`` is ``None`` until known.
-    """
-
-    kind: str
-    split: str = ""
-    done: int = 0
-    total: int = 0
-    images_per_s: float = 0.0
-    eta_s: float | None = None
-    message: str = ""
+#: The options a store's command repeats when they are not :class:`InferOptions`' defaults, in
+#: the command's order, each as its flag (:func:`option_flag`; a bool as the flag alone).
+#: ``--tta`` and ``--scales``, the cam options, the engine, the device, ``--out`` and a foreign
+#: model's preprocessing follow rules of their own (see :func:`finishing_command`).
+REPEATED_OPTIONS = ("merge", "batch_size", "chunk_size", "dtype", "on_bad_image", "keep_views")
 
 
 @dataclass(frozen=True)
@@ -145,11 +87,6 @@ class InferResult:
     seconds: float
 
 
-@dataclass(eq=False)
-class _Loaded(ModelPass):
-    seconds: float = 0.0  # time inside the runner, this split
-
-
 @dataclass
 class _Chunk:
     """Rows of one chunk collected for one model, batch by batch."""
@@ -169,55 +106,42 @@ def finishing_command(model: Model, split: Split, options: InferOptions, device:
         args += ["--data", str(split.source.parent), "--split", split.name]
     defaults = InferOptions()
     if options.tta:
-        args += ["--tta", ",".join(options.tta)]
+        args += [option_flag("tta"), ",".join(options.tta)]
         if "scale" in options.tta and tuple(options.scales) != tuple(defaults.scales):
-            args += ["--scales", ",".join(f"{s:g}" for s in options.scales)]
-    for flag, value, default in (("--merge", options.merge, defaults.merge),
-                                 ("--batch-size", options.batch_size, defaults.batch_size),
-                                 ("--chunk-size", options.chunk_size, defaults.chunk_size),
-                                 ("--dtype", options.dtype, defaults.dtype),
-                                 ("--on-bad-image", options.on_bad_image, defaults.on_bad_image)):
-        if value != default:
-            args += [flag, str(value)]
-    if options.keep_views:
-        args.append("--keep-views")
+            args += [option_flag("scales"), ",".join(f"{s:g}" for s in options.scales)]
+    for name in REPEATED_OPTIONS:
+        value = getattr(options, name)
+        if value != getattr(defaults, name):
+            args += [option_flag(name)] if isinstance(value, bool) else [option_flag(name), str(value)]
     if "cam" in options.tta:
         cam, default_cam = cam_settings(options), CamSettings()
-        for flag, value, default in (("--cam-threshold", cam.threshold, default_cam.threshold),
-                                     ("--cam-pad", cam.pad, default_cam.pad),
-                                     ("--cam-min", cam.min_size, default_cam.min_size)):
-            if value != default:
-                args += [flag, f"{value:g}"]
+        for name, setting in CAM_OPTIONS.items():  # the settings' values, given or default
+            if getattr(cam, setting) != getattr(default_cam, setting):
+                args += [option_flag(name), f"{getattr(cam, setting):g}"]
     if options.engine != defaults.engine:
-        args += ["--engine", options.engine]
+        args += [option_flag("engine"), options.engine]
         if options.ray_address is not None:
-            args += ["--ray-address", options.ray_address]
-    args += ["--device", device, "--out", str(options.out)]
-    if model.foreign:
+            args += [option_flag("ray_address"), options.ray_address]
+    args += [option_flag("device"), device, option_flag("out"), str(options.out)]
+    if model.foreign:  # the values the model ran with, for the options that were given
         meta, given = model.metadata, options.foreign
-        args += ["--input-size", str(meta.input_size)]
+        args += [option_flag("input_size"), str(meta.input_size)]
         if given.mean is not None:
-            args += ["--mean", ",".join(f"{v:g}" for v in meta.mean), "--std", ",".join(f"{v:g}" for v in meta.std)]
+            args += [option_flag("mean"), ",".join(f"{v:g}" for v in meta.mean),
+                     option_flag("std"), ",".join(f"{v:g}" for v in meta.std)]
         if given.resize is not None:
-            args += ["--resize", meta.resize]
+            args += [option_flag("resize"), meta.resize]
         if given.crop_pct is not None:
-            args += ["--crop-pct", f"{meta.crop_pct:g}"]
+            args += [option_flag("crop_pct"), f"{meta.crop_pct:g}"]
     return shlex.join(args)
-
-
-def cam_settings(options: InferOptions) -> CamSettings:
-    """The cam views' settings: the options given, the library's defaults for the others."""
-    given = {"threshold": options.cam_threshold, "pad": options.cam_pad, "min_size": options.cam_min}
-    return CamSettings(**{k: v for k, v in given.items() if v is not None})
 
 
 def _check_options(options: InferOptions) -> None:
     merge_mode(options.merge)
     if "cam" not in options.tta:
-        for flag, value in (("--cam-threshold", options.cam_threshold), ("--cam-pad", options.cam_pad),
-                            ("--cam-min", options.cam_min)):
-            if value is not None:
-                raise EnsError(f"{flag} is for the cam view; add cam to --tta")
+        for name in CAM_OPTIONS:
+            if getattr(options, name) is not None:
+                raise EnsError(f"{option_flag(name)} is for the cam view; add cam to --tta")
     cam_settings(options).check()
     if options.device not in device_choices():
         raise EnsError(f"--device {options.device}: choose from {', '.join(device_choices())}")
@@ -235,7 +159,7 @@ def _check_options(options: InferOptions) -> None:
         raise EnsError(f"--engine {options.engine}: choose from {', '.join(ENGINES)}")
     if options.ray_address is not None and options.engine != "ray":
         raise EnsError("--ray-address is for --engine ray")
-    check_gpu_options(GpuOptions(options.cudnn_search, options.gpu_mem_limit))
+    check_gpu_options(gpu_options(options))
 
 
 def _load_models(paths: Sequence[Path], options: InferOptions, views: Sequence[View]) -> list[Model]:
@@ -264,21 +188,6 @@ def _load_models(paths: Sequence[Path], options: InferOptions, views: Sequence[V
     return models
 
 
-def resolve_device(requested: str, gpu: GpuOptions = GpuOptions()) -> tuple[str, str | None]:
-    """``(device, fallback)``: the device to run on and, when ``auto`` found CUDA listed but
-    unable to run and fell back to the CPU, why (for a warning and the manifests).
-
-    An explicit ``cuda`` or ``tensorrt`` that cannot run is an :class:`EnsError` instead.
-    """
-    device = select_device(requested, available_providers())
-    why = probe_device(device, gpu)
-    if why is None:
-        return device, None
-    if requested != "auto":
-        raise EnsError(f"--device {requested}: {why}; check the CUDA / cuDNN / TensorRT libraries it needs")
-    return "cpu", f"--device auto: {why}; running on the CPU"
-
-
 def infer(models: Sequence[str | Path], splits: Sequence[Split], options: InferOptions = InferOptions(),
           progress: Callable[[Event], None] | None = None) -> InferResult:
     """Run every model on every split with TTA and write their logit stores under ``options.out``.
@@ -289,111 +198,46 @@ def infer(models: Sequence[str | Path], splits: Sequence[Split], options: InferO
     report = progress or (lambda event: None)
     _check_options(options)
     views = plan_views(options.tta, options.scales)
-    loaded_models = _load_models([Path(p) for p in models], options, views)
+    opened_models = _load_models([Path(p) for p in models], options, views)
 
     chunk_size = -(-options.chunk_size // options.batch_size) * options.batch_size
-    if options.engine == "ray":
-        from ensemble.inference.ray_engine import ray_engine as opened
-    else:
-        opened = _local_engine
     results: list[StoreResult] = []
     decodes = 0
-    with opened(loaded_models, views, options, report) as ready:
+    with engine_opener(options.engine)(opened_models, views, options, report) as opened:
         for split in splits:
-            run = _SplitRun(split, ready.loaded, views, options, ready.engine, ready.device, ready.provider,
-                            chunk_size, report, ready.fallback)
+            run = _SplitRun(split, opened.passes, views, options, opened.engine, opened.device, opened.provider,
+                            chunk_size, report, opened.fallback)
             results.extend(run.execute())
             decodes += run.decodes
-    return InferResult(device=ready.device, provider=ready.provider, workers=ready.engine.workers,
+    return InferResult(device=opened.device, provider=opened.provider, workers=opened.engine.workers,
                        stores=tuple(results), decodes=decodes, seconds=time.perf_counter() - start)
 
 
-@dataclass(frozen=True)
-class Ready:
-    """An engine ready to run: its sessions (``loaded``, without runners where they live in
-    other processes), the device they run on, its provider, and why ``auto`` fell back to the CPU."""
+def engine_opener(engine: str) -> EngineOpener:
+    """The opener of ``--engine`` ``engine`` (one of :data:`ENGINES`, checked by then)."""
+    if engine == "ray":
+        from ensemble.inference.ray_engine import open_ray_engine  # Ray only when it is asked for
 
-    engine: Engine
-    loaded: Sequence[_Loaded]
-    device: str
-    provider: str
-    fallback: str | None = None
-
-
-def gpu_options(options: InferOptions) -> GpuOptions:
-    return GpuOptions(options.cudnn_search, options.gpu_mem_limit, options.trt_fp16)
-
-
-def make_forward(options: InferOptions) -> Forward:
-    """The compute of one decoded batch for these options; every engine builds its own here."""
-    return Forward(options.merge)
-
-
-def open_passes(models: Sequence[Model], views: Sequence[View], options: InferOptions, device: str,
-                gpu: GpuOptions, sessions: bool = True) -> list[_Loaded]:
-    """Open every model's session on ``device``, with its views grouped by input size; every
-    engine opens its sessions here (in this process, or in each of its workers). ``sessions=False``:
-    the plan alone (``runner`` is ``None``), for a driver whose sessions live in its workers."""
-    loaded = []
-    cam = cam_settings(options)
-    for model in models:
-        groups = view_groups(model, views, cam)
-        sizes = [group.size for group in groups]
-        runner = Runner(model, device, gpu, images=options.batch_size, sizes=sizes) if sessions else None
-        if device != "cpu" and runner is not None:
-            runner.warm_up(options.batch_size, sizes)  # before the first rate: cuDNN picks algorithms per shape
-        loaded.append(_Loaded(model, runner, groups, cam_plan(model, views, cam)))
-    return loaded
-
-
-def decode_needs(models: Sequence[Model], views: Sequence[View], options: InferOptions) -> dict:
-    """What every engine's decode must produce for these models: ``{"geometries": ...,
-    "sources": ...}``, each once (the keyword arguments of :class:`~ensemble.inference.decode.Decoder`
-    and :func:`~ensemble.inference.decode.decode_batch`)."""
-    cam = cam_settings(options)
-    return {"geometries": run_geometries(view_groups(m, views, cam) for m in models),
-            "sources": run_sources(cam_plan(m, views, cam) for m in models)}
-
-
-@contextlib.contextmanager
-def _local_engine(models: Sequence[Model], views: Sequence[View], options: InferOptions,
-                  report: Callable[[Event], None]) -> Iterator[Ready]:
-    """This machine: decoding processes feeding sessions in this process."""
-    gpu = gpu_options(options)
-    device, fallback = resolve_device(options.device, gpu)
-    if fallback:
-        report(Event("note", message=f"warning: {fallback}"))
-    workers = options.workers
-    if workers is None:
-        cores = cpu_threads()
-        workers = max(1, cores // 4) if device == "cpu" else max(1, cores - 1)
-    # The decoding processes start first, so that they come up while the sessions load.
-    with Decoder(batch_size=options.batch_size, workers=workers, **decode_needs(models, views, options)) as decoder:
-        if device == "tensorrt":
-            gpu = dataclasses.replace(gpu, trt_cache=prepare_trt_cache(Path(options.out) / TRT_CACHE))
-        loaded = open_passes(models, views, options, device, gpu)
-        provider = loaded[0].runner.provider
-        chosen = " (--device auto)" if options.device == "auto" else ""
-        decoding = (f"{workers} decoding process{'es' if workers > 1 else ''}" if workers
-                    else "decoding in this process")
-        report(Event("note", message=f"device {device}{chosen}: {provider}, {decoding}"))
-        yield Ready(LocalEngine(decoder, loaded, make_forward(options)), loaded, device, provider, fallback)
+        return open_ray_engine
+    return open_local_engine
 
 
 class _SplitRun:
     """All models on one split: resume state, the batch loop, chunk and store writing."""
 
-    def __init__(self, split: Split, loaded: Sequence[_Loaded], views: Sequence[View],
+    def __init__(self, split: Split, passes: Sequence[ModelPass], views: Sequence[View],
                  options: InferOptions, engine: Engine, device: str, provider: str,
                  chunk_size: int, report: Callable[[Event], None], fallback: str | None = None):
-        self.split, self.loaded, self.views, self.options = split, loaded, views, options
+        self.split, self.passes, self.views, self.options = split, passes, views, options
         self.engine, self.chunk_size, self.report = engine, chunk_size, report
         self.batch = options.batch_size
         self.decodes = 0
         self.decode_wait = 0.0
+        #: Seconds inside each model's sessions on this split, by model name.
+        self.model_seconds: dict[str, float] = {}
         self.writers = {}
         self.base = {}
-        for item in loaded:
+        for item in passes:
             model = item.model
             meta = model.metadata
             key = {
@@ -438,14 +282,14 @@ class _SplitRun:
             for writer in self.writers.values():
                 writer.release()
 
-    def _missing(self, item: _Loaded) -> list[int]:
+    def _missing(self, item: ModelPass) -> list[int]:
         writer = self.writers[item.model.name]
         return [c for c in range(writer.chunks) if c not in writer.done]
 
-    def _open(self) -> list[_Loaded]:
+    def _open(self) -> list[ModelPass]:
         """Open every store; the models whose store is not complete with these arguments."""
         todo = []
-        for item in self.loaded:
+        for item in self.passes:
             writer = self.writers[item.model.name]
             if writer.open(self.base[item.model.name]):
                 self.report(Event("note", self.split.name,
@@ -456,7 +300,7 @@ class _SplitRun:
                 todo.append(item)
         return todo
 
-    def _run(self, todo: Sequence[_Loaded], chunks: Sequence[int]) -> tuple[int, float]:
+    def _run(self, todo: Sequence[ModelPass], chunks: Sequence[int]) -> tuple[int, float]:
         """Decode the chunks' images once, run the models that lack each chunk, save chunks.
 
         Returns the number of images processed and the seconds it took.
@@ -469,10 +313,9 @@ class _SplitRun:
         needs = {c: [item for item in todo if c in self._missing(item)] for c in chunks}
         pending: dict[int, dict[str, _Chunk]] = {}
         bad: dict[int, list[tuple[int, str]]] = {}
-        for item in todo:
-            item.seconds = 0.0
+        self.model_seconds = {item.model.name: 0.0 for item in todo}
+        models = {item.model.name: item.model for item in todo}
         started, processed, waited = time.perf_counter(), 0, self.engine.waited
-        seconds = {item.model.name: item for item in todo}
 
         def lacking(start: int) -> list[str]:
             return [item.model.name for item in needs[start // self.chunk_size]]
@@ -484,8 +327,8 @@ class _SplitRun:
             bad.setdefault(c, []).extend((out.start - c * self.chunk_size + r, why) for r, why in out.bad)
             parts = pending.setdefault(c, {item.model.name: _Chunk() for item in needs[c]})
             for name, result in out.models.items():
-                self._check_finite(seconds[name].model, out, result.views)
-                seconds[name].seconds += result.seconds
+                self._check_finite(models[name], out, result.views)
+                self.model_seconds[name] += result.seconds
                 parts[name].scores.append(result.scores)
                 if self.options.keep_views:
                     parts[name].views.append(result.views)
@@ -502,12 +345,12 @@ class _SplitRun:
         self.decode_wait = self.engine.waited - waited
         return processed, time.perf_counter() - started
 
-    def _finish(self, todo: Sequence[_Loaded], processed: int, seconds: float) -> list[StoreResult]:
+    def _finish(self, todo: Sequence[ModelPass], processed: int, seconds: float) -> list[StoreResult]:
         """Assemble the stores computed now; report every store of the split."""
         split = self.split
         rate = processed / seconds if processed and seconds else None
         results = []
-        for item in self.loaded:
+        for item in self.passes:
             writer = self.writers[item.model.name]
             if item in todo:
                 manifest = writer.finish(split.ids, split.paths, {
@@ -515,7 +358,7 @@ class _SplitRun:
                     "images_per_s": rate, "seconds": seconds if processed else None,
                     # Time the models waited for decoding; large means: more --workers.
                     "decode_wait_s": self.decode_wait if processed else None,
-                    "model_images_per_s": processed / item.seconds if processed and item.seconds else None})
+                    "model_images_per_s": self._model_rate(item.model.name, processed)})
             else:
                 manifest = dict(read_store(writer.path).manifest)
             results.append(StoreResult(model=item.model.path, split=split.name, path=writer.path,
@@ -524,6 +367,11 @@ class _SplitRun:
                                        images_per_s=rate if item in todo else None))
         self.report(Event("done", split.name, len(split), len(split), rate or 0.0, 0.0))
         return results
+
+    def _model_rate(self, name: str, processed: int) -> float | None:
+        """The rate of the model's forward passes alone on this split."""
+        seconds = self.model_seconds.get(name, 0.0)
+        return processed / seconds if processed and seconds else None
 
     def _chunk_rows(self, c: int) -> int:
         return min(self.chunk_size, len(self.split) - c * self.chunk_size)

@@ -3,9 +3,7 @@
 Every model runs through one contract, the one `ens export` writes: input uint8 RGB NHWC
 ``(batch, height, width, 3)``, output float32 logits ``(batch, classes)``, normalisation inside
 the graph. An ONNX file from elsewhere (no ens metadata) is brought to that contract in memory
-(:func:`adapt_foreign`): when it takes float NCHW input, a transpose, cast and the user's
-``mean``/``std`` normalisation are prepended to its graph, so it too is fed raw bytes and, on a
-GPU, normalised there. Its input size, mean and std come from the command line.
+by :mod:`ensemble.inference.foreign` before its session opens here.
 
 Devices (``--device``): ``cpu``; ``cuda`` (onnxruntime-gpu); ``tensorrt`` (TensorRT engines
 cached under ``<out>/.trt-cache``, one profile per input size, CUDA and CPU as fallbacks for
@@ -17,7 +15,6 @@ minutes to build, which must be asked for. GPU sessions get their settings from
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
 from dataclasses import dataclass
@@ -29,7 +26,8 @@ import numpy as np
 from ensemble.formats.dataset import check_regular_file
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
-from ensemble.formats.model import IMAGENET_MEAN, IMAGENET_STD, OUTPUT_NAME, PREFIX, ModelMetadata, rgb_text
+from ensemble.formats.model import OUTPUT_NAME, PREFIX, ModelMetadata
+from ensemble.inference.foreign import ForeignPreprocess, foreign_model, static_dim
 from ensemble.inference.tta import Preprocess
 
 #: ``--device`` -> onnxruntime providers, in priority order.
@@ -81,28 +79,6 @@ def available_providers() -> list[str]:
 
 
 @dataclass(frozen=True)
-class ForeignPreprocess:
-    """Preprocessing for ONNX files without ens metadata (from the command line).
-
-    ``input_size`` may be left out when the graph's height and width are fixed; ``mean`` and
-    ``std`` (fractions of 255) are required for a float NCHW graph and refused for a uint8 NHWC
-    one, which normalises by itself. ``None`` in ``resize`` and ``crop_pct`` means center-crop
-    and 0.875, the ImageNet evaluation recipe.
-    """
-
-    input_size: int | None = None
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
-    resize: str | None = None
-    crop_pct: float | None = None
-
-    @property
-    def given(self) -> bool:
-        """Whether any option was set (they are refused when no model needs them)."""
-        return any(v is not None for v in dataclasses.astuple(self))
-
-
-@dataclass(frozen=True)
 class Model:
     """An ONNX model ready to open: its contract, its bytes, its identity."""
 
@@ -140,7 +116,7 @@ def load_model(path: str | os.PathLike, foreign: ForeignPreprocess | None = None
             raise EnsError(f"{path}: has ens metadata but no {OUTPUT_NAME!r} output (its outputs: "
                            f"{', '.join(outputs)}); export it again with `ens export`")
         dims = logits.type.tensor_type.shape.dim
-        width = _dim(dims[1]) if len(dims) == 2 else None
+        width = static_dim(dims[1]) if len(dims) == 2 else None
         if width is not None and width != metadata.num_classes:
             # class_ids name num_classes columns: another width would map scores to the wrong classes.
             raise EnsError(f"{path}: its metadata says {metadata.num_classes} classes, but its "
@@ -149,104 +125,8 @@ def load_model(path: str | os.PathLike, foreign: ForeignPreprocess | None = None
             raise EnsError(f"{path}: its metadata names a {metadata.cam!r} output, but the graph's outputs are "
                            f"{', '.join(outputs)}; export it again with `ens export`")
         return Model(path=path, sha256=sha256_file(path), metadata=metadata)
-    return _load_foreign(path, graph, foreign or ForeignPreprocess())
-
-
-def _load_foreign(path: Path, graph, pre: ForeignPreprocess) -> Model:
-    from onnx.external_data_helper import load_external_data_for_model
-
-    load_external_data_for_model(graph, str(path.parent))  # the adapted graph travels as bytes
-    adapted, size, dynamic, classes = adapt_foreign(graph, pre, str(path))
-    metadata = ModelMetadata(
-        # 0 classes: the graph does not say; the logit store takes the count from the outputs.
-        architecture=f"foreign:{path.name}", num_classes=classes or 0, input_size=size,
-        mean=pre.mean or (0.0, 0.0, 0.0), std=pre.std or (1.0, 1.0, 1.0),
-        resize=pre.resize or "center-crop", crop_pct=pre.crop_pct or 0.875, dynamic_size=dynamic,
-    )
-    return Model(path=path, sha256=sha256_file(path), metadata=metadata, foreign=True,
-                 graph=adapted.SerializeToString())
-
-
-def _dim(dim) -> int | None:
-    return dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else None
-
-
-def adapt_foreign(graph, pre: ForeignPreprocess, source: str):
-    """Bring a foreign ONNX graph to the ens contract (uint8 NHWC ``image`` in).
-
-    Returns ``(graph, input_size, dynamic_size, num_classes or None)``; raises
-    :class:`EnsError` for a graph with other than one image input and one output, an input
-    neither float NCHW nor uint8 NHWC with 3 channels, a fixed batch axis, or missing options.
-    """
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    initializers = {i.name for i in graph.graph.initializer}
-    inputs = [i for i in graph.graph.input if i.name not in initializers]
-    if len(inputs) != 1 or not graph.graph.output:
-        raise EnsError(f"{source}: expected one image input and a logits output, found inputs "
-                       f"{[i.name for i in inputs]}")
-    tensor = inputs[0].type.tensor_type
-    dims = [_dim(d) for d in tensor.shape.dim]
-    floats = (TensorProto.FLOAT, TensorProto.FLOAT16)
-    if len(dims) == 4 and tensor.elem_type in floats and dims[1] == 3:
-        layout, height, width = "nchw", dims[2], dims[3]
-    elif len(dims) == 4 and tensor.elem_type == TensorProto.UINT8 and dims[3] == 3:
-        layout, height, width = "nhwc", dims[1], dims[2]
-    else:
-        kind = TensorProto.DataType.Name(tensor.elem_type)
-        raise EnsError(f"{source}: input {inputs[0].name!r} is {kind} {dims}; a model without ens "
-                       "metadata must take float NCHW (batch, 3, height, width) or uint8 NHWC "
-                       "(batch, height, width, 3) images")
-    if dims[0] is not None:
-        raise EnsError(f"{source}: the batch axis is fixed at {dims[0]}; re-export it with a dynamic batch axis")
-    fixed = height if height is not None and height == width else None
-    size = pre.input_size or fixed
-    if size is None:
-        raise EnsError(f"{source}: has no ens metadata and takes any size; give --input-size")
-    if (height, width) != (None, None) and (height, width) != (size, size):
-        raise EnsError(f"{source}: takes {height}x{width} inputs, not --input-size {size}")
-    out_dims = [_dim(d) for d in graph.graph.output[0].type.tensor_type.shape.dim]
-    classes = out_dims[1] if len(out_dims) == 2 else None
-
-    if layout == "nhwc":
-        if pre.mean is not None or pre.std is not None:
-            raise EnsError(f"{source}: takes uint8 NHWC images and normalises them itself; "
-                           "drop --mean and --std")
-        return graph, size, fixed is None, classes
-    if pre.mean is None or pre.std is None:
-        raise EnsError(f"{source}: has no ens metadata and takes float NCHW input; give --mean and "
-                       f"--std (fractions of 255, e.g. {rgb_text(IMAGENET_MEAN)} and {rgb_text(IMAGENET_STD)})")
-    mean = np.asarray(pre.mean, np.float64).reshape(1, 3, 1, 1)
-    std = np.asarray(pre.std, np.float64).reshape(1, 3, 1, 1)
-    original = inputs[0].name
-    dtype = np.float16 if tensor.elem_type == TensorProto.FLOAT16 else np.float32
-    spatial = ["height", "width"] if fixed is None else [size, size]
-    image = helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", *spatial, 3])
-    if original == "image":
-        raise EnsError(f"{source}: its float input is already named 'image'; rename it")
-    nodes = [
-        helper.make_node("Transpose", ["image"], ["ens_pre_nchw"], perm=[0, 3, 1, 2], name="ens_pre_transpose"),
-        helper.make_node("Cast", ["ens_pre_nchw"], ["ens_pre_float"], to=tensor.elem_type, name="ens_pre_cast"),
-        helper.make_node("Mul", ["ens_pre_float", "ens_pre_scale"], ["ens_pre_scaled"], name="ens_pre_mul"),
-        helper.make_node("Add", ["ens_pre_scaled", "ens_pre_shift"], [original], name="ens_pre_add"),
-    ]
-    graph.graph.initializer.extend([
-        numpy_helper.from_array((1.0 / (255.0 * std)).astype(dtype), "ens_pre_scale"),
-        numpy_helper.from_array((-mean / std).astype(dtype), "ens_pre_shift"),
-    ])
-    kept = [i for i in graph.graph.input if i.name != original]
-    del graph.graph.input[:]
-    graph.graph.input.extend([image, *kept])
-    existing = list(graph.graph.node)
-    del graph.graph.node[:]
-    graph.graph.node.extend(nodes + existing)  # nodes are stored in topological order
-    try:
-        onnx.checker.check_model(graph)
-    except onnx.checker.ValidationError as exc:
-        raise EnsError(f"{source}: the graph with ens preprocessing fails onnx.checker: "
-                       f"{str(exc).splitlines()[0]}") from None
-    return graph, size, fixed is None, classes
+    metadata, adapted = foreign_model(path, graph, foreign or ForeignPreprocess())
+    return Model(path=path, sha256=sha256_file(path), metadata=metadata, foreign=True, graph=adapted)
 
 
 #: ``--cudnn-search`` -> onnxruntime's ``cudnn_conv_algo_search``. ``heuristic`` (the default)

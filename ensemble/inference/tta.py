@@ -38,9 +38,7 @@ from scipy.special import log_softmax, logsumexp
 from ensemble.errors import EnsError
 from ensemble.inference.cam import CamSettings
 from ensemble.formats.model import check_preprocess
-
-#: ``--scales`` default: the multi-scale TTA of timm's validation recipes (x 7/8 and x 8/7).
-DEFAULT_SCALES = (0.875, 1.0, 1.143)
+from ensemble.inference.options import DEFAULT_SCALES
 POSITIONS = ("center", "top-left", "top-right", "bottom-left", "bottom-right")
 _POSITION_LABELS = {"top-left": "tl", "top-right": "tr", "bottom-left": "bl", "bottom-right": "br"}
 #: The canvas a policy resizes onto: the shorter side to a length, or a square.

@@ -3,7 +3,7 @@
 ``ens infer --on-bad-image skip`` leaves unreadable test images out of the stores, so the
 blend's ``predictions.csv`` lacks their ids, and a file must hold every test id. With
 ``--missing prior`` every such id gets the same row, a ranking of classes made without the
-image (:class:`Prior`), from the first source that has one:
+image (:class:`Fill`), from the first source that has one:
 
 * ``train-prior``: the classes most frequent among the ``annotations[].category_id`` of the
   train json under ``--data`` (found by :func:`ensemble.formats.dataset.find_split`; iNat 2021's
@@ -16,6 +16,10 @@ image (:class:`Prior`), from the first source that has one:
 
 In both, a remaining tie goes to the smaller category id, and known categories never counted
 rank after all counted ones, so a row always holds ``top_k`` distinct known category ids.
+
+"prior" here is the option's and the ledger's word (``--missing prior``, ``train-prior``,
+``blend-prior``: other tools read them); inside the code this is the *fill*, kept apart by
+name from the blend's long-tail prior correction (``ens blend --prior``), another thing.
 """
 
 from __future__ import annotations
@@ -28,9 +32,9 @@ import numpy as np
 
 from ensemble.formats.dataset import coco_counts
 from ensemble.formats.dataset import find_split
-from ensemble.formats.ledger import BLEND_PRIOR, FILL_SOURCES, TRAIN_PRIOR
+from ensemble.formats.ledger import BLEND_PRIOR, TRAIN_PRIOR
 from ensemble.errors import EnsError
-from ensemble.submission.formats import Reference, Submission, SubmissionFormat, read_json
+from ensemble.submission.kaggle_csv import Reference, Submission, SubmissionFormat, read_json
 
 #: ``--missing`` choices: what happens to test ids the predictions lack.
 MISSING = {
@@ -38,10 +42,8 @@ MISSING = {
     "prior": "fill each with the most frequent classes: of the train json, else of the blend's predictions",
 }
 DEFAULT_MISSING = "fail"
-#: What filled rows hold, as the ledger's ``fill_source`` records it.
-SOURCES = FILL_SOURCES
 #: What ``--missing fail`` adds to the message that names the missing ids.
-HINT = ("; --missing prior fills them with the most frequent classes (of the train json, else of "
+MISSING_HINT = ("; --missing prior fills them with the most frequent classes (of the train json, else of "
         "these predictions)")
 
 
@@ -53,7 +55,7 @@ def check_missing(name: str) -> str:
 
 
 @dataclass(frozen=True)
-class Prior:
+class Fill:
     """The row every missing id gets: ``categories`` ``(top_k,)`` int64, most likely first.
     ``source``: ``train-prior`` or ``blend-prior``; ``origin``: the file that was counted."""
 
@@ -69,7 +71,7 @@ def rank(categories: np.ndarray, *counts: np.ndarray, k: int) -> np.ndarray:
     return categories[order[:k]]
 
 
-def train_prior(path: Path, reference: Reference, k: int) -> Prior | None:
+def train_fill(path: Path, reference: Reference, k: int) -> Fill | None:
     """The ``k`` classes most frequent among the annotations of the train json at ``path``
     (counted by :func:`ensemble.formats.dataset.coco_counts`, as ``ens blend --prior`` counts them);
     ``None`` when it has none."""
@@ -86,10 +88,10 @@ def train_prior(path: Path, reference: Reference, k: int) -> Prior | None:
                        f"{' and more' if len(unknown) > 5 else ''}, not among the {reference.categories.size} "
                        "categories of the dataset")
     counts = np.array([counted.get(int(c), 0) for c in reference.categories], np.int64)
-    return Prior(TRAIN_PRIOR, path, rank(reference.categories, counts, k=k))
+    return Fill(TRAIN_PRIOR, path, rank(reference.categories, counts, k=k))
 
 
-def blend_prior(submission: Submission, origin: Path, reference: Reference) -> Prior:
+def blend_fill(submission: Submission, origin: Path, reference: Reference) -> Fill:
     """The classes ``submission`` (checked rows of the predictions) ranks first most often."""
     if submission.ids.size == 0:
         raise EnsError(f"{origin}: no rows to count the most frequent classes from, and --data has no train json "
@@ -97,25 +99,25 @@ def blend_prior(submission: Submission, origin: Path, reference: Reference) -> P
     positions = np.searchsorted(reference.categories, submission.categories)
     first = np.bincount(positions[:, 0], minlength=reference.categories.size)
     anywhere = np.bincount(positions.ravel(), minlength=reference.categories.size)
-    return Prior(BLEND_PRIOR, origin, rank(reference.categories, first, anywhere, k=submission.format.top_k))
+    return Fill(BLEND_PRIOR, origin, rank(reference.categories, first, anywhere, k=submission.format.top_k))
 
 
-def find_prior(data: str | os.PathLike, fmt: SubmissionFormat, reference: Reference, submission: Submission,
-               origin: Path) -> Prior:
-    """The train prior when ``data`` has a train json with annotations, else the blend prior of
-    ``submission``, the checked rows read from ``origin``."""
+def find_fill(data: str | os.PathLike, fmt: SubmissionFormat, reference: Reference, submission: Submission,
+              origin: Path) -> Fill:
+    """The train json's fill (``train-prior``) when ``data`` has a train json with annotations,
+    else the fill of ``submission``, the checked rows read from ``origin`` (``blend-prior``)."""
     if reference.categories.size < fmt.top_k:
         raise EnsError(f"--missing prior: the dataset knows {reference.categories.size} categories; a row of "
                        f"--format {fmt.name} needs {fmt.top_k} distinct ones")
     train = find_split(data, "train", year=fmt.year, folders=False, required=False)
-    prior = train_prior(train, reference, fmt.top_k) if train is not None else None
-    return prior or blend_prior(submission, origin, reference)
+    fill = train_fill(train, reference, fmt.top_k) if train is not None else None
+    return fill or blend_fill(submission, origin, reference)
 
 
-def fill(submission: Submission, ids: np.ndarray, prior: Prior) -> Submission:
-    """``submission`` with a row of ``prior`` for each of ``ids`` ``(n,)`` (ids it lacks), ids ascending."""
+def fill_missing(submission: Submission, ids: np.ndarray, fill: Fill) -> Submission:
+    """``submission`` with a row of ``fill`` for each of ``ids`` ``(n,)`` (ids it lacks), ids ascending."""
     ids = np.concatenate([submission.ids, ids.astype(np.int64)])
-    rows = np.broadcast_to(prior.categories, (ids.size - submission.ids.size, prior.categories.size))
-    categories = np.concatenate([submission.categories.reshape(-1, prior.categories.size), rows])
+    rows = np.broadcast_to(fill.categories, (ids.size - submission.ids.size, fill.categories.size))
+    categories = np.concatenate([submission.categories.reshape(-1, fill.categories.size), rows])
     order = np.argsort(ids, kind="stable")
     return Submission(format=submission.format, ids=ids[order], categories=categories[order])

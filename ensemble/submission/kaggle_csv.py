@@ -16,7 +16,7 @@ category ids per row, category ids the dataset does not know and, with a sample 
 ids other than the sample's. The message names the first offending lines (the header is
 line 1). ``ens submit`` runs the same checks on the rows it builds from ``ens blend`` output
 before it writes anything (missing test ids are no error there when ``--missing prior`` fills
-them, :mod:`ensemble.submission.prior`), and ``ens submit --check`` on any CSV.
+them, :mod:`ensemble.submission.fill`), and ``ens submit --check`` on any CSV.
 
 Written files hold one row per test image, ids ascending, ``\\n`` line ends, no index column,
 and are byte-for-byte reproducible (gzip ones too: the gzip header carries no time or name).

@@ -1,9 +1,13 @@
 """`ens submit` and `ens submissions`: check, write, record, upload, retry, refresh.
 
+:func:`run_request` is `ens submit`: its modes (:data:`MODES`: write, ``--check``, ``--retry``),
+what each takes and needs, and the one rule on ``--competition``, ``-m`` and ``--dry-run``
+(:func:`check_upload`) live here; the command line only parses and prints.
+
 The order inside :func:`submit` is what keeps files, ledger and Kaggle consistent: the Kaggle
 client and its credentials are tried first (nothing is written when they are missing), then
-the rows are checked (with ``--missing prior``, the test ids they lack filled from a prior,
-:mod:`ensemble.submission.prior`, before anything is written), then, holding the ledger's
+the rows are checked (with ``--missing prior``, the test ids they lack filled,
+:mod:`ensemble.submission.fill`, before anything is written), then, holding the ledger's
 write lock (:meth:`~ensemble.formats.ledger.Ledger.record`), the file created under a
 name no other file has and its ledger row inserted as ``not-uploaded`` (both or neither),
 and only then the upload tried, its outcome (``uploaded`` or ``upload-failed``) stored in
@@ -18,6 +22,7 @@ import datetime as dt
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -26,10 +31,10 @@ from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
 from ensemble.submission.kaggle_client import Receipt, UploadError
 from ensemble.formats.ledger import BlendProvenance, Entry, Ledger, read_blend
-from ensemble.submission.formats import (Reference, Submission, check_file, check_rows, get_format,
-                                         load_reference, read_predictions, submission_bytes, submission_path,
-                                         write_new)
-from ensemble.submission.prior import DEFAULT_MISSING, HINT, Prior, check_missing, fill, find_prior
+from ensemble.submission.fill import DEFAULT_MISSING, MISSING_HINT, Fill, check_missing, fill_missing, find_fill
+from ensemble.submission.kaggle_csv import (Reference, Submission, check_file, check_rows, get_format,
+                                            load_reference, read_predictions, submission_bytes, submission_path,
+                                            write_new)
 
 #: Where files and ledger go, relative to the working folder.
 SUBMISSIONS = Path("submissions")
@@ -43,8 +48,8 @@ class SubmitOptions:
     """How `ens submit` writes and uploads. ``name``: the file name after the timestamp, ``None``
     for the blend folder's name; ``sample``: a sample submission whose ids the file must also
     hold exactly; ``compress``: write ``.csv.gz``; ``missing``: what test ids the predictions
-    lack get, ``fail`` or ``prior`` (:data:`ensemble.submission.prior.MISSING`). ``competition``
-    and ``message`` together mean upload; both ``None`` mean a dry run."""
+    lack get, ``fail`` or ``prior`` (:data:`ensemble.submission.fill.MISSING`). ``competition``
+    and ``message`` together mean upload; both ``None`` mean a dry run (:func:`check_upload`)."""
 
     format: str = DEFAULT_FORMAT
     name: str | None = None
@@ -56,19 +61,35 @@ class SubmitOptions:
 
     def __post_init__(self):
         check_missing(self.missing)
-        if (self.competition is None) != (self.message is None):
+        check_upload(self.competition, self.message)
+
+
+def check_upload(competition: str | None, message: str | None, dry_run: bool | None = None) -> None:
+    """The rule on ``--competition``, ``-m`` and ``--dry-run``: an upload needs both ``competition``
+    and ``message``, a dry run neither. ``dry_run``: whether ``--dry-run`` was given (`ens submit`
+    wants a dry run said, so that a forgotten ``-m`` is no silent dry run); ``None`` where no
+    such flag exists (:class:`SubmitOptions`), leaving out both then means a dry run."""
+    upload = competition is not None or message is not None
+    complete = competition is not None and message is not None
+    if dry_run is None:
+        if upload and not complete:
             raise EnsError("an upload needs both --competition C and -m MSG")
+    elif dry_run:
+        if upload:
+            raise EnsError("--dry-run uploads nothing: leave out --competition and -m")
+    elif not complete:
+        raise EnsError("give --competition C -m MSG to upload, or --dry-run to only write and record the file")
 
 
 @dataclass(frozen=True)
 class SubmitResult:
     """The written (or retried) file, its ledger row, Kaggle's receipt (``None`` for a dry run)
-    and the prior its ``entry.filled`` filled rows hold (``None`` when none was filled)."""
+    and the row its ``entry.filled`` filled rows hold (``None`` when none was filled)."""
 
     path: Path
     entry: Entry
     receipt: Receipt | None
-    prior: Prior | None = None
+    fill: Fill | None = None
 
 
 @dataclass(frozen=True)
@@ -121,12 +142,12 @@ def submit(predictions: str | os.PathLike, data: str | os.PathLike, options: Sub
     source = resolve_predictions(predictions)
     reference = load_reference(data, fmt, options.sample)
     checked = check_rows(read_predictions(source.csv, fmt), fmt, reference, source.csv,
-                         allow_missing=options.missing == "prior", hint=HINT)
+                         allow_missing=options.missing == "prior", hint=MISSING_HINT)
     missing = np.setdiff1d(reference.test_ids, checked.ids)
-    prior = None
+    fill = None
     if missing.size:
-        prior = find_prior(data, fmt, reference, checked, source.csv)
-        checked = fill(checked, missing, prior)
+        fill = find_fill(data, fmt, reference, checked, source.csv)
+        checked = fill_missing(checked, missing, fill)
 
     now = _now()
     first_choice = submission_path(folder, options.name or source.name, now, options.compress)
@@ -134,12 +155,12 @@ def submit(predictions: str | os.PathLike, data: str | os.PathLike, options: Sub
     ledger = Ledger(folder)
     entry = ledger.record(lambda: write_new(first_choice, content), created=f"{now:%Y-%m-%dT%H:%M:%SZ}",
                           format=fmt.name, rows=len(checked.ids), source=source.source, blend=source.blend,
-                          filled=int(missing.size), fill_source=None if prior is None else prior.source)
+                          filled=int(missing.size), fill_source=None if fill is None else fill.source)
     path = Path(folder) / entry.file
     if kaggle is None:
-        return SubmitResult(path=path, entry=entry, receipt=None, prior=prior)
+        return SubmitResult(path=path, entry=entry, receipt=None, fill=fill)
     result = _upload(kaggle, ledger, entry, path, options.competition, options.message)
-    return dataclasses.replace(result, prior=prior)
+    return dataclasses.replace(result, fill=fill)
 
 
 def _now() -> dt.datetime:
@@ -181,7 +202,7 @@ def _upload(kaggle: kaggle_client.Kaggle, ledger: Ledger, entry: Entry, path: Pa
     return SubmitResult(path=path, entry=entry, receipt=receipt)
 
 
-def refresh(folder: str | os.PathLike = SUBMISSIONS) -> RefreshResult:
+def refresh_scores(folder: str | os.PathLike = SUBMISSIONS) -> RefreshResult:
     """Fetch Kaggle's status and scores for every row an upload was tried for.
 
     A row is matched by its Kaggle submission id, or by file name when the ledger has none
@@ -215,3 +236,100 @@ def check(file: str | os.PathLike, data: str | os.PathLike, format: str = DEFAUL
     fmt = get_format(format)
     reference = load_reference(data, fmt, sample)
     return CheckResult(submission=check_file(file, fmt, reference), reference=reference)
+
+
+# ------------------------------------------------------------------------------ `ens submit`'s modes
+
+#: `ens submit`'s options as its messages name them, in the order a refusal lists them.
+OPTIONS = ("PREDICTIONS", "--data", "--format", "--name", "--sample", "--missing", "--gzip", "--dry-run",
+           "--competition", "-m")
+
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    """What `ens submit` was given, as it was given: ``None`` (``False`` for the flags) for an
+    option left out, so that a mode can refuse what it does not take and a default stays that
+    of :class:`SubmitOptions` or :func:`check`. ``check``: ``--check FILE``, ``retry``:
+    ``--retry ID``; neither: write the predictions (and upload them)."""
+
+    predictions: Path | None = None
+    data: Path | None = None
+    format: str | None = None
+    name: str | None = None
+    sample: Path | None = None
+    missing: str | None = None
+    compress: bool = False
+    dry_run: bool = False
+    competition: str | None = None
+    message: str | None = None
+    check: Path | None = None
+    retry: int | None = None
+
+    def given(self) -> tuple[str, ...]:
+        """The :data:`OPTIONS` given, in their order."""
+        present = (self.predictions is not None, self.data is not None, self.format is not None,
+                   self.name is not None, self.sample is not None, self.missing is not None, self.compress,
+                   self.dry_run, self.competition is not None, self.message is not None)
+        return tuple(option for option, given in zip(OPTIONS, present, strict=True) if given)
+
+    def mode(self) -> str:
+        """The :data:`MODES` key of this request."""
+        if self.check is not None and self.retry is not None:
+            raise EnsError("--check and --retry do not go together")
+        return "--check" if self.check is not None else "--retry" if self.retry is not None else WRITE
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One way `ens submit` runs. ``takes``: the :data:`OPTIONS` it accepts beside its own (any
+    other one given is refused, all of them named in one line); ``needs``: those it cannot run
+    without, and ``lacking``, what to say when one is left out; ``run``: the library call."""
+
+    takes: tuple[str, ...]
+    needs: tuple[str, ...]
+    lacking: str
+    run: Callable[[SubmitRequest], SubmitResult | CheckResult]
+
+
+def _run_write(request: SubmitRequest) -> SubmitResult:
+    check_upload(request.competition, request.message, dry_run=request.dry_run)
+    # An option left out (None) keeps SubmitOptions' own default.
+    options = SubmitOptions(format=request.format or DEFAULT_FORMAT, name=request.name, sample=request.sample,
+                            compress=request.compress, competition=request.competition, message=request.message,
+                            missing=request.missing or DEFAULT_MISSING)
+    return submit(request.predictions, request.data, options)
+
+
+def _run_check(request: SubmitRequest) -> CheckResult:
+    return check(request.check, request.data, request.format or DEFAULT_FORMAT, request.sample)
+
+
+def _run_retry(request: SubmitRequest) -> SubmitResult:
+    return retry(request.retry, request.competition, request.message)
+
+
+#: The mode of a request without ``--check`` or ``--retry``.
+WRITE = "write"
+#: `ens submit`'s modes by the option that picks them (:meth:`SubmitRequest.mode`).
+MODES: dict[str, Mode] = {
+    WRITE: Mode(takes=OPTIONS, needs=("PREDICTIONS", "--data"),
+                lacking="give PREDICTIONS and --data DIR (or --check FILE, or --retry ID)", run=_run_write),
+    "--check": Mode(takes=("--data", "--format", "--sample"), needs=("--data",),
+                    lacking="--check FILE needs --data DIR (the test ids and categories to check against)",
+                    run=_run_check),
+    "--retry": Mode(takes=("--competition", "-m"), needs=(), lacking="", run=_run_retry),
+}
+
+
+def run_request(request: SubmitRequest) -> SubmitResult | CheckResult:
+    """`ens submit`: refuse what the request's mode does not take or lacks, then run the mode
+    (:func:`submit`, :func:`check` or :func:`retry`)."""
+    name = request.mode()
+    mode = MODES[name]
+    given = request.given()
+    refused = [option for option in given if option not in mode.takes]
+    if refused:
+        raise EnsError(f"{name} does not take {', '.join(refused)}")
+    if not set(mode.needs) <= set(given):
+        raise EnsError(mode.lacking)
+    return mode.run(request)

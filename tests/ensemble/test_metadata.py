@@ -191,6 +191,6 @@ def test_every_interpolation_metadata_may_name_is_one_inference_decodes():
     from ensemble.inference import decode, tta
     from ensemble.formats.model import INTERPOLATIONS
 
-    assert set(decode._RESAMPLE) == set(decode._SUPPORT) == set(INTERPOLATIONS)
+    assert set(decode.RESAMPLE) == set(decode._SUPPORT) == set(INTERPOLATIONS)
     for name in INTERPOLATIONS:  # tta takes every one (it checks with metadata.check_preprocess)
         assert tta.geometry(tta.Preprocess(32, interpolation=name), tta.View()).interpolation == name

@@ -1,4 +1,4 @@
-"""The cam view's crops resized on threads (:meth:`Forward._crop`): the same bytes as one row
+"""The cam view's crops resized on threads (:meth:`Forward.cam_crops`): the same bytes as one row
 after another, rows really resized at once, and no thread left behind."""
 
 from __future__ import annotations
@@ -69,12 +69,12 @@ def test_threaded_crops_are_the_bytes_of_one_row_after_another(tmp_path):
     second = _batch(tmp_path, places[:3], bad=(1,))  # fewer rows: the reused buffer's old rows are zeroed
     with Forward("mean-logits", threads=3) as forward:
         for decoded, plan, maps in (first, second):
-            crops, boxes = forward._crop(plan, decoded, maps)
+            crops, boxes = forward.cam_crops(plan, decoded, maps)
             want_crops, want_boxes = _reference(decoded, plan, maps)
             assert crops.any()
             np.testing.assert_array_equal(crops, want_crops)
             np.testing.assert_array_equal(boxes, want_boxes)
-            serial, serial_boxes = Forward("mean-logits", threads=1)._crop(plan, decoded, maps)
+            serial, serial_boxes = Forward("mean-logits", threads=1).cam_crops(plan, decoded, maps)
             np.testing.assert_array_equal(crops, serial)
             np.testing.assert_array_equal(boxes, serial_boxes)
         assert _crop_threads()
@@ -96,18 +96,18 @@ def test_rows_are_resized_at_once_and_close_stops_the_threads(tmp_path, monkeypa
 
     forward = Forward("mean-logits", threads=2)
     monkeypatch.setattr(Image.Image, "resize", waiting_resize)
-    crops, _ = forward._crop(plan, decoded, maps)
+    crops, _ = forward.cam_crops(plan, decoded, maps)
     monkeypatch.undo()
     assert len(names) == 2 and all(name.startswith("ens-crop") for name in names)
     assert len(_crop_threads()) == 2
     # A used Forward pickles (as anything Ray ships must): its copy starts its own threads.
     copy = pickle.loads(pickle.dumps(forward))
-    np.testing.assert_array_equal(copy._crop(plan, decoded, maps)[0], crops)
+    np.testing.assert_array_equal(copy.cam_crops(plan, decoded, maps)[0], crops)
     copy.close()
     forward.close()
     assert not _crop_threads()
     # Usable after close: a new batch starts the threads again.
-    np.testing.assert_array_equal(forward._crop(plan, decoded, maps)[0], crops)
+    np.testing.assert_array_equal(forward.cam_crops(plan, decoded, maps)[0], crops)
     assert _crop_threads()
     forward.close()
     assert not _crop_threads()

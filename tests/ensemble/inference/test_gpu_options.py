@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 from ensemble.cli import app
 from ensemble.formats.dataset import load_split
 from ensemble.errors import EnsError
+from ensemble.inference import engine as engine_module
+from ensemble.inference import forward as forward_module
 from ensemble.inference import run as run_module
 from ensemble.inference import runtime
 from ensemble.inference.run import InferOptions, infer
@@ -78,9 +80,9 @@ class _Recording(Runner):
 
 
 def test_tensorrt_run_creates_its_cache_folder_before_the_sessions_open(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(run_module, "available_providers", lambda: GPU)
-    monkeypatch.setattr(run_module, "probe_device", lambda device, gpu: None)
-    monkeypatch.setattr(run_module, "Runner", _Recording)
+    monkeypatch.setattr(engine_module, "available_providers", lambda: GPU)
+    monkeypatch.setattr(engine_module, "probe_device", lambda device, gpu: None)
+    monkeypatch.setattr(forward_module, "Runner", _Recording)
     _Recording.calls = []
     write_images(tmp_path / "imgs", [(40, 30), (30, 40)])
     out = tmp_path / "fresh" / "runs"  # neither exists yet: TensorRT would make only the last level
@@ -94,7 +96,7 @@ def test_tensorrt_run_creates_its_cache_folder_before_the_sessions_open(tiny, tm
 
 def test_auto_falls_back_loudly_when_cuda_is_listed_but_does_not_load(tiny, tmp_path, monkeypatch):
     # A CPU onnxruntime asked for CUDA falls back to the CPU, as onnxruntime-gpu does when libcudnn is missing.
-    monkeypatch.setattr(run_module, "available_providers", lambda: GPU[1:])
+    monkeypatch.setattr(engine_module, "available_providers", lambda: GPU[1:])
     write_images(tmp_path / "imgs", [(40, 30)])
     events = []
     result = infer([tiny], [load_split(tmp_path / "imgs")], InferOptions(workers=0, out=tmp_path / "runs"),
@@ -108,7 +110,7 @@ def test_auto_falls_back_loudly_when_cuda_is_listed_but_does_not_load(tiny, tmp_
 
 
 def test_a_cuda_library_that_fails_to_load_does_not_crash_auto(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(run_module, "available_providers", lambda: GPU[1:])
+    monkeypatch.setattr(engine_module, "available_providers", lambda: GPU[1:])
     real = onnxruntime.InferenceSession
 
     def session(source, options=None, providers=None, **kw):

@@ -13,8 +13,8 @@ from onnx import numpy_helper
 from ensemble.formats.dataset import load_split
 from ensemble.errors import EnsError
 from ensemble.inference.run import InferOptions, infer
-from ensemble.inference.runtime import (ForeignPreprocess, Runner, available_providers, load_model,
-                              select_device)
+from ensemble.inference.foreign import ForeignPreprocess
+from ensemble.inference.runtime import Runner, available_providers, load_model, select_device
 from ensemble.formats.store import MANIFEST, read_store
 from ensemble.formats.model import ModelMetadata
 

@@ -103,7 +103,7 @@ def test_a_canvas_region_is_the_whole_canvas_resize_on_noise(tmp_path):
     for width, height, canvas in [(640, 480, (341, 256)), (800, 600, (853, 640)), (300, 500, (224, 373))]:
         image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
         for interpolation in INTERPOLATIONS:
-            whole = np.asarray(image.resize(canvas, decode._RESAMPLE[interpolation])).astype(np.int16)
+            whole = np.asarray(image.resize(canvas, decode.RESAMPLE[interpolation])).astype(np.int16)
             w, h = canvas
             for region in [((w - 200) // 2, (h - 200) // 2, (w + 200) // 2, (h + 200) // 2),
                            (10, 0, w - 10, 40), (0, h - 40, w, h)]:
@@ -113,7 +113,7 @@ def test_a_canvas_region_is_the_whole_canvas_resize_on_noise(tmp_path):
                 assert diff.max() <= (0 if interpolation == "nearest" else 1), (width, interpolation, region)
     tall = Image.fromarray(rng.integers(0, 256, (430, 200, 3), dtype=np.uint8))
     for interpolation in INTERPOLATIONS:
-        whole = np.asarray(tall.resize((128, 275), decode._RESAMPLE[interpolation]))
+        whole = np.asarray(tall.resize((128, 275), decode.RESAMPLE[interpolation]))
         np.testing.assert_array_equal(decode.resize_region(tall, (128, 275), (10, 70, 118, 205), interpolation),
                                       whole[70:205, 10:118])
 
@@ -305,16 +305,16 @@ def test_reduced_jpeg_decode_orientation_and_colour_modes(tmp_path):
     big = tmp_path / "big.jpg"
     write_images(tmp_path / "w", [(800, 600)])[0].rename(big)
     # draft: a 48 px canvas needs at most a 1/8 decode of 600 px (75 px), never the full image.
-    assert min(decode._load(big, 48).size) == 75
-    assert min(decode._load(big, 300).size) == 300
-    assert min(decode._load(big, 301).size) == 600
+    assert min(decode.load_image(big, 48).size) == 75
+    assert min(decode.load_image(big, 300).size) == 300
+    assert min(decode.load_image(big, 301).size) == 600
 
     image = Image.new("RGB", (60, 40), (200, 10, 10))
     exif = Image.Exif()
     exif[0x0112] = 6  # stored sideways: rotate 90 degrees clockwise to display
     image.save(tmp_path / "rotated.jpg", exif=exif)
-    assert decode._load(tmp_path / "rotated.jpg", 40).size == (40, 60)
-    assert decode._load(tmp_path / "rotated.jpg", 10).size == (10, 15)  # 1/4 decode, then rotated
+    assert decode.load_image(tmp_path / "rotated.jpg", 40).size == (40, 60)
+    assert decode.load_image(tmp_path / "rotated.jpg", 10).size == (10, 15)  # 1/4 decode, then rotated
 
     Image.new("L", (40, 30), 77).save(tmp_path / "gray.jpg")
     Image.new("CMYK", (40, 30), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")

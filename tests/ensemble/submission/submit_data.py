@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pytest
 
-from ensemble.submission.formats import FORMATS, SubmissionFormat
+from ensemble.submission.kaggle_csv import FORMATS, SubmissionFormat
 
 from tests.ensemble.submission.kaggle_standin import KEY, USERNAME, KaggleStandIn, quiet_import, running
 

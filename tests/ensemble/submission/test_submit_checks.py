@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ensemble.cli import app
-from ensemble.submission.formats import FORMATS
+from ensemble.submission.kaggle_csv import FORMATS
 
 from tests.ensemble.submission.submit_data import BLEND, TEST_IDS, make_blend, make_data, ranked, write_csv
 

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ensemble.submission import submit as flow
+from ensemble.submission import submit as submit_module
 from ensemble.cli import app
 from ensemble.errors import EnsError
-from ensemble.submission.formats import FORMATS
+from ensemble.submission.kaggle_csv import FORMATS
+from ensemble.submission.submit import SubmitOptions, SubmitRequest
 
 from tests.ensemble.submission.submit_data import TEST_IDS, make_blend, make_data, ranked, standin  # noqa: F401  (fixture)
 
@@ -47,8 +48,8 @@ def seen(monkeypatch):
             raise EnsError("stop here")
         return record
 
-    for name in ("submit", "retry", "check", "refresh"):
-        monkeypatch.setattr(flow, name, recorder(name))
+    for name in ("submit", "retry", "check", "refresh_scores"):
+        monkeypatch.setattr(submit_module, name, recorder(name))
     return calls
 
 
@@ -58,10 +59,10 @@ def test_options_reach_the_library(seen):
     one_error(result, "stop here")
     args, kwargs = seen["submit"]
     assert args == (Path("blends/x"), Path("data"),
-                    flow.SubmitOptions(format="inat2021", name="try2", sample=Path("s.csv"), compress=True,
+                    SubmitOptions(format="inat2021", name="try2", sample=Path("s.csv"), compress=True,
                                        competition=COMPETITION, message="two models", missing="prior"))
     one_error(ens("submit", "blends/x", "--data", "data", "--dry-run"), "stop here")
-    assert seen["submit"][0][2] == flow.SubmitOptions()
+    assert seen["submit"][0][2] == SubmitOptions()
 
 
 def test_check_retry_and_refresh_reach_the_library(seen):
@@ -72,7 +73,26 @@ def test_check_retry_and_refresh_reach_the_library(seen):
     one_error(ens("submit", "--retry", "3", "--competition", "c", "-m", "again"), "stop here")
     assert seen["retry"] == ((3, "c", "again"), {})
     one_error(ens("submissions", "--refresh"), "stop here")
-    assert seen["refresh"] == ((), {})
+    assert seen["refresh_scores"] == ((), {})
+
+
+def test_the_command_line_hands_every_option_over_as_given(monkeypatch):
+    """One library call, with what was typed; None (False) for what was not: the stage decides."""
+    seen = []
+
+    def record(request):
+        seen.append(request)
+        raise EnsError("stop here")
+
+    monkeypatch.setattr(submit_module, "run_request", record)
+    one_error(ens("submit", "p.csv", "--data", "d", "--format", "inat2018", "--name", "n", "--sample", "s.csv",
+                  "--missing", "prior", "--gzip", "--dry-run", "--competition", "c", "-m", "msg", "--check", "f.csv",
+                  "--retry", "4"), "stop here")
+    one_error(ens("submit"), "stop here")
+    assert seen == [SubmitRequest(predictions=Path("p.csv"), data=Path("d"), format="inat2018", name="n",
+                                  sample=Path("s.csv"), missing="prior", compress=True, dry_run=True, competition="c",
+                                  message="msg", check=Path("f.csv"), retry=4),
+                    SubmitRequest()]
 
 
 @pytest.mark.parametrize("args, expected", [

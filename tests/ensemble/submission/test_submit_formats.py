@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from ensemble.errors import EnsError
-from ensemble.submission.formats import (FORMATS, Submission, get_format, render, submission_bytes, submission_path,
+from ensemble.submission.kaggle_csv import (FORMATS, Submission, get_format, render, submission_bytes, submission_path,
                                          write_new)
 from ensemble.submission.submit import SubmitOptions, check, submit
 

@@ -20,9 +20,9 @@ from ensemble.cli import app
 from ensemble.errors import EnsError
 from ensemble import fileio
 from ensemble.fileio import sha256_file
-from ensemble.submission import formats
+from ensemble.submission import kaggle_csv
 from ensemble.formats import ledger as ledger_module
-from ensemble.submission import submit as flow
+from ensemble.submission import submit as submit_module
 from ensemble.formats.ledger import Ledger
 from ensemble.submission.submit import SubmitOptions, submit
 
@@ -38,7 +38,7 @@ def work(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     make_data(tmp_path / "data")
     make_blend(tmp_path / "blends" / "greedy")
-    monkeypatch.setattr(flow, "_now", lambda: WHEN, raising=False)
+    monkeypatch.setattr(submit_module, "_now", lambda: WHEN, raising=False)
     return tmp_path
 
 
@@ -71,13 +71,13 @@ def test_two_runs_in_the_same_second_keep_both_files(work, monkeypatch):
     make_blend(work / "a" / "x", ranked(seed=1))
     make_blend(work / "b" / "x", ranked(seed=2))
     barrier = threading.Barrier(2, timeout=60)
-    real_render = formats.render
+    real_render = kaggle_csv.render
 
     def render(submission):
         barrier.wait()
         return real_render(submission)
 
-    monkeypatch.setattr(formats, "render", render)
+    monkeypatch.setattr(kaggle_csv, "render", render)
     results, errors = {}, []
 
     def run(blend):
@@ -275,7 +275,7 @@ def test_a_full_disk_while_recording_removes_the_file(work, monkeypatch):
         return con
 
     written = []
-    monkeypatch.setattr(flow, "write_new", lambda *args: written.append(fileio.write_new(*args)) or written[-1])
+    monkeypatch.setattr(submit_module, "write_new", lambda *args: written.append(fileio.write_new(*args)) or written[-1])
     monkeypatch.setattr(sqlite3, "connect", connect)
     with pytest.raises(OSError) as info:
         submit("blends/greedy", "data", SubmitOptions())

@@ -14,7 +14,7 @@ from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
 from ensemble.submission.kaggle_client import UploadError
 from ensemble.formats.ledger import Ledger, read_blend
-from ensemble.submission.submit import SubmitOptions, refresh, retry, submit
+from ensemble.submission.submit import SubmitOptions, refresh_scores, retry, submit
 
 from tests.ensemble.submission.submit_data import BLEND, TEST_IDS, make_blend, make_data, standin  # noqa: F401  (fixture)
 
@@ -136,7 +136,7 @@ def test_refresh_stores_scores_next_to_the_cv_estimate(work, standin):
     del standin.fail["CreateSubmission"]
     standin.score(first.kaggle_ref, "0.24100", "0.25000")
 
-    result = refresh()
+    result = refresh_scores()
     assert (result.asked, result.found) == (2, 1)
     uploaded, dry, failed = result.entries
     assert (uploaded.kaggle_status, uploaded.public_score, uploaded.private_score) == ("complete", 0.241, 0.25)
@@ -145,7 +145,7 @@ def test_refresh_stores_scores_next_to_the_cv_estimate(work, standin):
 
     # An upload whose reply was lost: Kaggle has the file, the ledger says it failed.
     kaggle_client.connect().submit(str(work / "submissions" / failed.file), COMPETITION, "greedy blend")
-    result = refresh()
+    result = refresh_scores()
     assert result.found == 2
     healed = result.entries[2]
     assert (healed.status, healed.kaggle_ref, healed.kaggle_status) == ("uploaded", 5001, "pending")
@@ -154,7 +154,7 @@ def test_refresh_stores_scores_next_to_the_cv_estimate(work, standin):
 def test_refresh_without_uploads_needs_no_client(work, monkeypatch):
     monkeypatch.setattr(kaggle_client, "connect", lambda: pytest.fail("no upload was tried"))
     submit("blends/greedy", "data", SubmitOptions())
-    assert (refresh().asked, refresh().found) == (0, 0)
+    assert (refresh_scores().asked, refresh_scores().found) == (0, 0)
 
 
 def test_a_foreign_or_newer_ledger_is_refused(work):
