@@ -348,48 +348,50 @@ def blend(
     record = result.record
     for note in result.notes:
         typer.echo(f"note: {note}")
-    if "cv" in record and "applied_from" not in record:
+    if record.cv is not None and record.applied_from is None:
         _print_cv_table(record)
-    typer.echo("weights: " + ", ".join(f"{name} {w:.3f}" for name, w in record["weights"].items()))
-    if record.get("temperatures"):
-        typer.echo("temperatures: " + ", ".join(f"{n} {t:.2f}" for n, t in record["temperatures"].items()))
-    if record.get("prior"):
+    typer.echo("weights: " + ", ".join(f"{name} {w:.3f}" for name, w in record.weights.items()))
+    if record.temperatures:
+        typer.echo("temperatures: " + ", ".join(f"{n} {t:.2f}" for n, t in record.temperatures.items()))
+    if record.prior is not None:
         typer.echo(_prior_line(record))
     typer.echo(f"wrote {result.out / 'blend.json'}")
     if result.predictions is not None:
-        typer.echo(f"wrote {result.predictions} ({result.rows} images of {record['apply']['split']}, "
+        typer.echo(f"wrote {result.predictions} ({result.rows} images of {record.apply.split}, "
                    f"top-{top_k})")
 
 
-def _prior_line(record: dict) -> str:
-    """What the blend's prior correction is and where its tau came from."""
-    prior = record["prior"]
-    if "applied_from" in record:
-        how = f"from {record['applied_from']}"
-    elif prior.get("tau_fitted"):
-        taus = record.get("cv", {}).get("fold_taus") or []
-        how = f"fitted with the weights on {record['optimize']['split']}" + (
+def _prior_line(record) -> str:
+    """What the blend's prior correction is (``record``: a BlendRecord with one) and where its
+    tau came from."""
+    prior = record.prior
+    if record.applied_from is not None:
+        how = f"from {record.applied_from}"
+    elif prior.tau_fitted:
+        taus = record.cv.fold_taus if record.cv is not None else ()
+        how = f"fitted with the weights on {record.optimize.split}" + (
             f"; {min(taus):.3f}-{max(taus):.3f} in the CV folds" if taus else "")
     else:
         how = "given"
-    counts = [c for c in prior["counts"] if c > 0] or [0]
-    return (f"prior: tau {prior['tau']:.3f} ({how}); {prior.get('file')}, {len(prior['counts'])} classes, "
+    counts = [c for c in prior.counts if c > 0] or [0]
+    return (f"prior: tau {prior.tau:.3f} ({how}); {prior.file}, {len(prior.counts)} classes, "
             f"{min(counts)}-{max(counts)} training images per class")
 
 
-def _print_cv_table(record: dict) -> None:
-    cv = record["cv"]
-    k = cv["top_k"]
-    typer.echo(f"{cv['folds']}-fold CV on {record['optimize']['split']} ({record['optimize']['rows']} images)"
-               + (", temperatures fitted per fold" if cv["temperature"] else "")
-               + (", +prior: corrected for --prior, tau fitted per fold" if cv.get("prior") and
-                  record["prior"].get("tau_fitted") else ", +prior: corrected for --prior" if cv.get("prior") else ""))
-    width = max(len(r["name"]) for r in cv["rows"]) + 2
+def _print_cv_table(record) -> None:
+    """The CV table of a fitted BlendRecord."""
+    cv = record.cv
+    k = cv.top_k
+    typer.echo(f"{cv.folds}-fold CV on {record.optimize.split} ({record.optimize.rows} images)"
+               + (", temperatures fitted per fold" if cv.temperature else "")
+               + (", +prior: corrected for --prior, tau fitted per fold" if cv.prior and record.prior.tau_fitted
+                  else ", +prior: corrected for --prior" if cv.prior else ""))
+    width = max(len(r.name) for r in cv.rows) + 2
     typer.echo(f"{'':<{width}}{'top-1':>7}  {'95% interval':<15}{f'top-{k}':>7}{'NLL':>8}")
-    for row in cv["rows"]:
-        mark = "  <- used" if row["name"] == cv["chosen"] else ""
-        typer.echo(f"{row['name']:<{width}}{row['top1']:>7.4f}  [{row['top1_low']:.4f}, {row['top1_high']:.4f}]"
-                   f"{row['topk']:>7.4f}{row['nll']:>8.4f}{mark}")
+    for row in cv.rows:
+        mark = "  <- used" if row.name == cv.chosen else ""
+        typer.echo(f"{row.name:<{width}}{row.top1:>7.4f}  [{row.top1_low:.4f}, {row.top1_high:.4f}]"
+                   f"{row.topk:>7.4f}{row.nll:>8.4f}{mark}")
 
 
 @app.command()

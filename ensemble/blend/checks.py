@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble.blend.stores import CHUNK_ROWS, BlendSplit
+from ensemble.blend.stores import BlendSplit
 from ensemble.fileio import sha256_file
+from ensemble.formats.blend import CHUNK_ROWS
+
 
 def label_warnings(split: BlendSplit, labels_path: Path) -> list[str]:
     """A note when the label file is not the json the stores were made from (its sha256 differs

@@ -1,37 +1,18 @@
-"""``ens blend --prior``: the training class counts mapped to the output columns, the notes on
-them, and ``--prior-tau``."""
+"""``ens blend --prior``: the notes on the training class counts (mapped to the output columns by
+:func:`ensemble.formats.blend.prior_counts`), and ``--prior-tau``."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 import weights_search as ws
 from ensemble.errors import EnsError
+from ensemble.formats.blend import shown_ids
 from ensemble.formats.dataset import find_split
-
-def prior_counts(counts: Mapping[int | str, int], class_ids: Sequence[int | str], path: Path) -> np.ndarray:
-    """``(C,)`` int64: the count of each output column's category (``class_ids``, the stores'
-    mapping, the same for every model). A category the models predict that ``counts`` lacks, or
-    one in ``counts`` that no model predicts, is an :class:`EnsError` naming them."""
-    columns = list(class_ids)
-    missing = [c for c in columns if c not in counts]
-    if missing:
-        raise EnsError(f"--prior {path}: no count for {len(missing)} of the {len(columns)} categories the models "
-                       f"predict: {_ids(missing)}")
-    known = set(columns)
-    extra = [c for c in counts if c not in known]
-    if extra:
-        raise EnsError(f"--prior {path}: counts {len(extra)} categories that no model predicts: {_ids(extra)} "
-                       "(were the models exported with other --classes?)")
-    return np.array([counts[c] for c in columns], dtype=np.int64)
-
-
-def _ids(values: Sequence[Any], shown: int = 5) -> str:
-    return ", ".join(map(str, values[:shown])) + (f" and {len(values) - shown} more" if len(values) > shown else "")
 
 
 def prior_notes(counts: np.ndarray, class_ids: Sequence[int | str], path: Path) -> list[str]:
@@ -39,7 +20,7 @@ def prior_notes(counts: np.ndarray, class_ids: Sequence[int | str], path: Path) 
     zero = [c for c, n in zip(class_ids, counts) if n == 0]
     if not zero:
         return []
-    return [f"--prior {path}: {len(zero)} of the {len(counts)} categories have no training image ({_ids(zero)}); "
+    return [f"--prior {path}: {len(zero)} of the {len(counts)} categories have no training image ({shown_ids(zero)}); "
             f"each is counted as {ws.ZERO_COUNT:g} images (half the rarest possible count), so that its "
             "log-prior stays finite"]
 

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 import weights_search as ws
 from ensemble import __version__
 from ensemble.blend.checks import class_order_warnings, label_warnings
-from ensemble.blend.prior import prior_counts, prior_cv_note, prior_hint, prior_notes, prior_tau
-from ensemble.blend.stores import (CHUNK_ROWS, BlendSplit, available_models, check_provenance, label_source,
-                                   open_split, store_digest)
+from ensemble.blend.prior import prior_cv_note, prior_hint, prior_notes, prior_tau
+from ensemble.blend.stores import BlendSplit, available_models, label_source, open_split
 from ensemble.errors import EnsError
-from ensemble.fileio import atomic_path, json_text, sha256_file
-from ensemble.formats.blend import BLEND_FILE, FORMAT_VERSION, fitted_from_record, provenance, read_blend_json
+from ensemble.fileio import atomic_path, sha256_file
+from ensemble.formats.blend import (BLEND_FILE, CHUNK_ROWS, FORMAT_VERSION, BlendRecord, CvTable, ModelProvenance,
+                                    PriorCorrection, SplitStores, prior_counts, store_digest)
 from ensemble.formats.dataset import load_labels, read_class_counts
 from ensemble.formats.predictions import PREDICTIONS_FILE, write_predictions
 from ensemble.formats.store import MANIFEST
@@ -59,7 +59,7 @@ class BlendOptions:
 @dataclass(frozen=True)
 class BlendResult:
     out: Path  #: the blend folder
-    record: Mapping[str, Any]  #: what blend.json holds
+    record: BlendRecord  #: what blend.json holds
     predictions: Path | None  #: predictions.csv, None when no split was applied
     rows: int  #: rows of predictions.csv
     notes: tuple[str, ...] = field(default_factory=tuple)
@@ -70,37 +70,38 @@ def run_blend(options: BlendOptions) -> BlendResult:
 
     Every member's stores of the fitted and the applied split (or the saved blend and the
     applied split) must come from the same model file, preprocessing and TTA
-    (:func:`check_provenance`); nothing is written otherwise.
+    (:func:`ensemble.formats.blend.check_provenance`); nothing is written otherwise.
     """
     _check_options(options)
-    saved = read_blend_json(options.weights) if options.weights is not None else None
+    saved = BlendRecord.read(options.weights, f"--weights {options.weights}") if options.weights is not None else None
     models = _models(options, saved)
     notes: list[str] = []
 
     if saved is not None:
         blend, record, views = _saved_blend(saved, options, models)
-        models = tuple(record["models"])  # the blend's member order, whatever the order of --models
-        reference, reference_name = saved["provenance"], str(options.weights)
+        models = record.models  # the blend's member order, whatever the order of --models
+        reference, reference_name = saved.provenance, str(options.weights)
     else:
         views = options.views
         fitted = open_split(options.runs, models, options.optimize)
         blend, record = _fit(options, fitted, views, notes)
-        reference, reference_name = record["provenance"], f"{options.optimize} store"
+        reference, reference_name = record.provenance, f"{options.optimize} store"
     apply = _apply_split(options, models, notes)
     out = _out_folder(options, apply)
 
     split = arrays = None
     if apply is not None:
         split = open_split(options.runs, models, apply)
-        check_provenance(reference, reference_name, split)
+        split.check_provenance(reference, reference_name)
         names, arrays = split.members(views)
-        if names != record["members"]:
+        if tuple(names) != record.members:
             raise EnsError(f"{apply}: its members {', '.join(names)} differ from the blend's "
-                           f"{', '.join(record['members'])}")
-        if saved is not None and saved.get("class_ids") is not None and list(split.class_ids) != saved["class_ids"]:
+                           f"{', '.join(record.members)}")
+        if saved is not None and saved.class_ids is not None and tuple(split.class_ids) != saved.class_ids:
             raise EnsError(f"{options.weights}: fitted on other category ids than the {apply} stores have")
-        record["apply"] = {"split": apply, "rows": int(split.ids.size),
-                           "stores": {m: store_digest(s, views) for m, s in zip(models, split.stores)}}
+        record = record.applied(None if saved is None else str(options.weights),
+                                SplitStores(split=apply, rows=int(split.ids.size),
+                                            stores={m: store_digest(s, views) for m, s in zip(models, split.stores)}))
     # Both files appear together or not at all: each is written beside its final name and only
     # renamed into place (predictions first) once both are complete.
     predictions, rows = (out / PREDICTIONS_FILE if split is not None else None), 0
@@ -109,7 +110,7 @@ def run_blend(options: BlendOptions) -> BlendResult:
         if split is not None:
             rows = _write_predictions(stack.enter_context(atomic_path(predictions)), split, arrays, blend,
                                       options.top_k)
-        blend_tmp.write_text(json_text(record), encoding="utf-8")
+        record.write(blend_tmp)
     if split is None and (out / PREDICTIONS_FILE).exists():
         # Predictions of an earlier blend beside the new blend.json would be submitted as its own.
         (out / PREDICTIONS_FILE).unlink()
@@ -143,10 +144,10 @@ def _check_options(options: BlendOptions) -> None:
         raise EnsError(f"--fallback {options.fallback}: the only fallback is uniform")
 
 
-def _models(options: BlendOptions, saved: dict | None) -> tuple[str, ...]:
+def _models(options: BlendOptions, saved: BlendRecord | None) -> tuple[str, ...]:
     """The models to blend: ``--models``, the saved blend's, or every model with a fit store."""
     split = options.optimize or options.apply or "test"
-    models = options.models or (tuple(saved["models"]) if saved else available_models(options.runs, split))
+    models = options.models or (saved.models if saved else available_models(options.runs, split))
     if not models:
         raise EnsError(f"--runs {options.runs}: no model has a {split} store; run `ens infer` first")
     if len(set(models)) != len(models):
@@ -179,7 +180,7 @@ def _out_folder(options: BlendOptions, apply: str | None) -> Path:
     return out
 
 
-def _fit(options: BlendOptions, split: BlendSplit, views: bool, notes: list[str]) -> tuple[Any, dict]:
+def _fit(options: BlendOptions, split: BlendSplit, views: bool, notes: list[str]) -> tuple[Any, BlendRecord]:
     models = split.models
     method_asked = options.method or ws.DEFAULT_METHOD
     folds = 5 if options.cv is None else options.cv
@@ -215,50 +216,33 @@ def _fit(options: BlendOptions, split: BlendSplit, views: bool, notes: list[str]
         raise EnsError(f"blend: {exc}") from None
     del logits
     stores = {m: store_digest(s, views) for m, s in zip(models, split.stores)}
-    record = {
-        "format": FORMAT_VERSION,
-        "ens": __version__,
-        "method": method,
-        "requested_method": method_asked,
-        "fallback": fallback_used,
-        "fusion": blend.fusion,
-        "params": dict(blend.params),
-        "models": list(models),
-        "members": names,
-        "views": views,
-        "weights": dict(zip(names, blend.weights)),
-        "temperatures": None if blend.temperatures is None else dict(zip(names, blend.temperatures)),
-        "train_score": blend.train_score,
-        "class_ids": list(split.class_ids),
-        "optimize": {"split": options.optimize, "rows": int(split.ids.size), "stores": stores},
-        "labels": str(labels_path),
-        "stores": stores,
-        "provenance": {m: provenance(s) for m, s in zip(models, split.stores)},
-        "prior": None if adjustment is None else {
-            "file": str(options.prior), "sha256": sha256_file(options.prior),
-            "counts": counts.tolist(), "zero_count": ws.ZERO_COUNT,
-            "tau": blend.tau, "tau_fitted": adjustment.tau is None},
-        "cv": {"folds": report.n_folds, "top_k": report.top_k, "temperature": report.temperature,
-               "prior": report.prior, "fold_taus": list(report.fold_taus),
-               "chosen": report.uniform_row.name if fallback_used or method == "uniform" else report.method_row.name,
-               "beats_uniform": report.beats_uniform,
-               "rows": [asdict(r) for r in report.rows]},
-    }
+    record = BlendRecord(
+        format=FORMAT_VERSION, ens=__version__, method=method, requested_method=method_asked,
+        fallback=fallback_used, fusion=blend.fusion, params=dict(blend.params), models=tuple(models),
+        members=tuple(names), views=views, weights=dict(zip(names, blend.weights)),
+        temperatures=None if blend.temperatures is None else dict(zip(names, blend.temperatures)),
+        train_score=blend.train_score, class_ids=tuple(split.class_ids),
+        optimize=SplitStores(split=options.optimize, rows=int(split.ids.size), stores=stores),
+        labels=str(labels_path), stores=stores,
+        provenance={m: ModelProvenance.of_store(s) for m, s in zip(models, split.stores)},
+        prior=None if adjustment is None else PriorCorrection(
+            file=str(options.prior), sha256=sha256_file(options.prior), counts=tuple(counts.tolist()),
+            zero_count=ws.ZERO_COUNT, tau=blend.tau, tau_fitted=adjustment.tau is None),
+        cv=CvTable.of(report, report.uniform_row.name if fallback_used or method == "uniform"
+                      else report.method_row.name),
+    )
     return blend, record
 
 
-def _saved_blend(saved: dict, options: BlendOptions, models: Sequence[str]) -> tuple[Any, dict, bool]:
-    unknown = [m for m in saved["models"] if m not in models]
+def _saved_blend(saved: BlendRecord, options: BlendOptions, models: Sequence[str]) -> tuple[Any, BlendRecord, bool]:
+    unknown = [m for m in saved.models if m not in models]
     if unknown:
         raise EnsError(f"--weights {options.weights}: names models that are not given: {', '.join(unknown)}")
-    extra = [m for m in models if m not in saved["models"]]
+    extra = [m for m in models if m not in saved.models]
     if extra:
         raise EnsError(f"--weights {options.weights}: has no weight for {', '.join(extra)}")
-    blend = fitted_from_record(saved)
-    record = dict(saved)
-    record["models"] = list(saved["models"])
-    record["applied_from"] = str(options.weights)
-    return blend, record, bool(saved.get("views", False))
+    return saved.fitted(), saved, saved.views
+
 
 def _write_predictions(path: Path, split: BlendSplit, arrays: Sequence[np.ndarray], blend: Any, top_k: int) -> int:
     """Fuse ``arrays`` block by block into predictions.csv at ``path`` (a temporary file)."""

@@ -3,20 +3,16 @@ classes), to hold only finite logits, and to have been made as the blend's prove
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from ensemble.errors import EnsError
-from ensemble.formats.blend import _LATER_FIELDS, PROVENANCE_FIELDS, _shown, provenance
+from ensemble.formats.blend import ModelProvenance, check_provenance, member_arrays
 from ensemble.formats.dataset import find_split
-from ensemble.formats.store import IDS, LOGITS, MANIFEST, VIEWS, LogitStore, read_store
-
-#: Rows checked for NaN / inf, and fused, per step: bounded memory whatever the split size.
-CHUNK_ROWS = 2048
+from ensemble.formats.store import MANIFEST, LogitStore, read_store
 
 
 @dataclass(frozen=True)
@@ -36,27 +32,13 @@ class BlendSplit:
         return _class_ids(self.stores[0])
 
     def members(self, views: bool) -> tuple[list[str], list[np.ndarray]]:
+        """The blend members' names and arrays (:func:`ensemble.formats.blend.member_arrays`)."""
         return member_arrays(self.models, self.stores, views)
 
-
-def member_arrays(models: Sequence[str], stores: Sequence[LogitStore],
-                  views: bool) -> tuple[list[str], list[np.ndarray]]:
-    """The blend members of ``models``' ``stores``: each model, or with ``views`` each
-    ``model/view``; their names and ``(rows, classes)`` arrays (memory-mapped, not copied), each
-    checked to hold only finite values."""
-    names, arrays = [], []
-    for model, store in zip(models, stores):
-        if not views:
-            names.append(model)
-            arrays.append(_check_finite(store, model, store.logits))
-            continue
-        if store.views is None:
-            raise EnsError(f"{store.path}: no per-view logits; rerun `ens infer` with --keep-views "
-                           "to blend views")
-        for v, view in enumerate(store.view_names):
-            names.append(f"{model}/{view}")
-            arrays.append(_check_finite(store, f"{model}/{view}", store.views[v]))
-    return names, arrays
+    def check_provenance(self, reference: Mapping[str, ModelProvenance], reference_name: str) -> None:
+        """Each model's store must have been made as ``reference`` (a blend record's
+        provenance) says (:func:`ensemble.formats.blend.check_provenance`)."""
+        check_provenance(reference, reference_name, self.name, self.models, self.stores)
 
 
 def available_models(runs: Path, split: str) -> tuple[str, ...]:
@@ -97,18 +79,6 @@ def _class_ids(store: LogitStore) -> tuple[int | str, ...]:
     return tuple(range(store.logits.shape[1])) if ids is None else ids
 
 
-def _check_finite(store: LogitStore, member: str, array: np.ndarray) -> np.ndarray:
-    """``array`` (``(rows, classes)``, from ``store``) unchanged once it is checked, chunk by chunk,
-    to hold no NaN or infinity; otherwise an EnsError naming the store, the member and the ids."""
-    for start in range(0, array.shape[0], CHUNK_ROWS):
-        finite = np.isfinite(array[start:start + CHUNK_ROWS]).all(axis=1)
-        if not finite.all():
-            bad = store.ids[start + np.flatnonzero(~finite)[:3]]
-            raise EnsError(f"{store.path}: {member} has NaN or infinite logits, first at image ids "
-                           f"{', '.join(map(str, bad))}")
-    return array
-
-
 def _id_difference(name_a: str, a: np.ndarray, name_b: str, b: np.ndarray) -> str:
     if a.shape != b.shape:
         only_a = np.setdiff1d(a, b)[:3]
@@ -118,32 +88,6 @@ def _id_difference(name_a: str, a: np.ndarray, name_b: str, b: np.ndarray) -> st
     rows = np.flatnonzero(a != b)
     first = ", ".join(f"{a[r]} in {name_a} and {b[r]} in {name_b} at row {r}" for r in rows[:3])
     return f"{rows.size} rows differ, first: {first}"
-
-
-def store_digest(store: LogitStore, views: bool) -> str:
-    """sha256 over the store's arrays (ids, logits, and views when they are blended)."""
-    digest = hashlib.sha256()
-    names = [IDS, LOGITS] + ([VIEWS] if views and store.views is not None else [])
-    for name in names:
-        with open(store.path / name, "rb") as fh:
-            while block := fh.read(1 << 22):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def check_provenance(reference: Mapping[str, Mapping[str, Any]], reference_name: str, split: "BlendSplit") -> None:
-    """Each model's store of ``split`` must have been made as ``reference[model]`` says;
-    otherwise one :class:`EnsError` naming the model and the first field that differs."""
-    for model, store in zip(split.models, split.stores):
-        want, got = reference.get(model), provenance(store)
-        if want is None:
-            raise EnsError(f"{reference_name}: records nothing of how {model} was made")
-        for key, label in PROVENANCE_FIELDS.items():
-            wanted = want.get(key, _LATER_FIELDS.get(key))
-            if wanted != got[key]:
-                raise EnsError(f"{model}: its {split.name} store was made with {label} {_shown(got[key])}, the "
-                               f"{reference_name} with {_shown(wanted)}; blend stores of one model file, "
-                               "preprocessing and TTA (rerun `ens infer` on both splits alike)")
 
 
 def label_source(split: BlendSplit, data: Path | None) -> Path:

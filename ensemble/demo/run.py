@@ -29,6 +29,7 @@ import numpy as np
 from ensemble.demo.data import Competition, DemoSpec, make_competition
 from ensemble.demo.train import Recipe, train_all
 from ensemble.errors import EnsError
+from ensemble.formats.blend import BlendRecord
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ def run_demo(workdir: Path = Path(".demo"), settings: DemoSettings = DemoSetting
     fit = ["blend", "--optimize", "val", "--data", "data", "--models", names, "--cv", str(settings.cv)]
     _ens(workdir, [*fit, "--out", "blends/plain"], log)
     _ens(workdir, [*fit, "--prior", "data/train2019.json", "--out", "blends/demo"], log)
-    blend = json.loads((workdir / "blends/demo/blend.json").read_text())
+    blend = BlendRecord.read(workdir / "blends/demo/blend.json")
     _ens(workdir, ["report", "blends/demo"], log)
     report = workdir / "blends/demo/report.html"
     log(f"  the blend explained, one page to open in a browser: {report}")
@@ -173,16 +174,16 @@ def run_demo(workdir: Path = Path(".demo"), settings: DemoSettings = DemoSetting
     answers = _answers(competition.answers)
     with open(submission, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    test_error = {blend["cv"]["chosen"]: _error([int(r["id"]) for r in rows],
-                                                [int(r["predicted"].split()[0]) for r in rows], answers)}
+    test_error = {blend.cv.chosen: _error([int(r["id"]) for r in rows],
+                                          [int(r["predicted"].split()[0]) for r in rows], answers)}
     test_error |= _other_test_errors(workdir, competition, [Path(m).stem for m in models], blend, answers)
-    table = tuple(Row(r["name"], r["top1"], r["top1_low"], r["top1_high"], test_error[r["name"]])
-                  for r in blend["cv"]["rows"] if r["name"] in test_error)
-    return DemoResult(rows=table, submission=submission, method=blend["cv"]["chosen"],
+    table = tuple(Row(r.name, r.top1, r.top1_low, r.top1_high, test_error[r.name])
+                  for r in blend.cv.rows if r.name in test_error)
+    return DemoResult(rows=table, submission=submission, method=blend.cv.chosen,
                       seconds=time.perf_counter() - start, report=report)
 
 
-def _other_test_errors(workdir: Path, competition: Competition, models: Sequence[str], blend: dict,
+def _other_test_errors(workdir: Path, competition: Competition, models: Sequence[str], blend: BlendRecord,
                        answers: dict[int, int]) -> dict[str, float]:
     """Test top-1 error of each model, of uniform weights and of the plain nll blend
     (blends/plain), each without and with the prior correction of ``blend`` (uniform's tau
@@ -205,12 +206,11 @@ def _other_test_errors(workdir: Path, competition: Competition, models: Sequence
     errors = {m: error(lp) for m, lp in zip(models, ws.log_softmax(test))}
     uniform = ws.FittedBlend("uniform", ws.MIXTURE, (1 / len(models),) * len(models))
     errors["uniform"] = error(uniform.log_proba(test))
-    plain = json.loads((workdir / "blends/plain/blend.json").read_text())
-    errors[plain["cv"]["chosen"]] = error(ws.FittedBlend(plain["method"], plain["fusion"],
-                                                         tuple(plain["weights"].values())).log_proba(test))
+    plain = BlendRecord.read(workdir / "blends/plain/blend.json")
+    errors[plain.cv.chosen] = error(plain.fitted().log_proba(test))
     val, val_ids, _ = stack("val")
     labels = load_labels(competition.root / "val2019.json", val_ids, class_ids.tolist())
-    prior = ws.LogitAdjustment(ws.class_log_prior(blend["prior"]["counts"], blend["prior"]["zero_count"]))
+    prior = ws.LogitAdjustment(blend.prior.log_prior())
     errors["uniform" + ws.PRIOR_SUFFIX] = error(ws.fit_blend(val, labels, "uniform", prior=prior).log_proba(test))
     return errors
 

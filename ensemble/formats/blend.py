@@ -1,23 +1,52 @@
 """The blend record, ``blend.json``: what `ens blend` fitted, and everything needed to apply it
-again and to check what it is applied to.
+again and to check what it is applied to. This module is its one reader, checker and writer.
 
-Fields: method, members, weights, temperatures, the CV table, the sha256 of every input store,
-the label source, each model's provenance (model file sha256, preprocessing, TTA views and
-merge) and the long-tail prior correction (the prior file's sha256, the class counts, tau).
-`ens blend --weights` re-applies it, to stores made the same way only; `ens report`, `ens
-submit` and the ledger read it. This module is its one reader and checker.
+Keys, in the order `ens blend` writes them::
+
+    format              3 (absent in the oldest records: 1)
+    ens                 the version that wrote it
+    method              the method used; requested_method: the one asked for (they differ when
+                        fallback, --fallback uniform, replaced it)
+    fusion              mixture or geometric; params: the method's parameters
+    models, members     the models, and the members weighted (models, or model/view with views)
+    weights             member -> weight, in member order; temperatures: member -> T, or null
+    train_score         the method's objective on the fitted rows
+    class_ids           the category id of each output column
+    optimize            the fitted split: split, rows, stores (model -> sha256 of its arrays)
+    labels              the label file of the fitted split; stores: as optimize's
+    provenance          model -> what made its stores (:data:`PROVENANCE_FIELDS`)
+    prior               the long-tail prior correction: file, sha256, counts (one per class id),
+                        zero_count, tau, tau_fitted; or null
+    cv                  the cross-validated table: folds, top_k, temperature, prior, fold_taus,
+                        chosen, beats_uniform, rows ({name, kind, top1, top1_low, top1_high,
+                        topk, nll, prior})
+    applied_from        the blend.json a re-applied blend came from (`ens blend --weights`)
+    apply               the applied split, as optimize
+
+:class:`BlendRecord` is the record, read with every check of an applicable blend
+(:meth:`BlendRecord.read`) and written back to the same bytes; :meth:`BlendRecord.check_fitted`
+adds what `ens report` needs. :class:`BlendSummary` is the part a submission records in the
+ledger; `ens submit` reads it from any blend.json that holds a method, members and weights
+(a hand-made one too). The helpers at the end read the stores as a blend does (member arrays,
+digests, provenance): the blend stage, the report and the demo share them.
 """
 
 from __future__ import annotations
 
-import json
-import math
+import dataclasses
+import hashlib
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping, Sequence
+
+import numpy as np
 
 import weights_search as ws
 from ensemble.errors import EnsError
-from ensemble.formats.store import LogitStore
+from ensemble.fileio import json_text
+from ensemble.formats.common import is_count, is_finite, is_int, is_names, is_number, read_json
+from ensemble.formats.store import IDS, LOGITS, VIEWS, LogitStore
 
 BLEND_FILE = "blend.json"
 
@@ -49,38 +78,393 @@ PROVENANCE_FIELDS = {
 _LATER_FIELDS = {"cam": None, "pixels": 1}
 
 
-def provenance(store: LogitStore) -> dict[str, Any]:
-    """What made ``store``'s logits: the model file's sha256, its preprocessing, the version of the
-    pixel pipeline, and the TTA views (their names carry the scales) and merge. Two stores blend
-    together only when these agree."""
-    model, tta = store.manifest["model"], store.manifest["tta"]
-    return {"model_sha256": model["sha256"], "input_size": model["input_size"], "resize": model["resize"],
-            "crop_pct": model["crop_pct"], "mean": list(model["mean"]), "std": list(model["std"]),
-            "interpolation": model.get("interpolation", "bilinear"), "views": list(tta["views"]),
-            "merge": tta["merge"], "cam": tta.get("cam"), "pixels": store.manifest.get("pixels", 1)}
+#: Rows checked for NaN / inf, and fused, per step: bounded memory whatever the split size.
+CHUNK_ROWS = 2048
 
 
-def _shown(value: Any) -> str:
-    if isinstance(value, str) and len(value) == 64:
-        return value[:12] + "..."  # a sha256
+# -------------------------------------------------------------------------------- JSON objects
+# Every record below is one JSON object. Besides its typed fields it keeps ``json_keys``, the keys
+# the object holds in their order (None: the writer's order, for a record made by this ens), and
+# ``kept``, the values of keys this ens does not know or cannot read (a hand edit), as they were:
+# a blend.json read and written back (`ens blend --weights` does) keeps its bytes.
+
+_META = ("json_keys", "kept")
+
+
+def _freeze(value: Any) -> Any:
+    """A JSON value with its lists made tuples (a frozen record holds no list)."""
     if isinstance(value, list):
-        return "[" + ", ".join(map(str, value)) + "]"
-    return str(value)
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _freeze(v) for k, v in value.items()}
+    return value
 
 
-def read_blend_json(path: Path) -> dict:
-    """The checked record of the blend.json at ``path`` (given as ``--weights``)."""
-    try:
-        record = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise EnsError(f"--weights {path}: no such file") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EnsError(f"--weights {path}: not a blend.json ({exc})") from None
-    check_blend_record(record, f"--weights {path}")
-    return record
+def _thaw(value: Any) -> Any:
+    """The JSON value of a field: records as objects, tuples as lists."""
+    if isinstance(value, _Json):
+        return value.to_json()
+    if isinstance(value, (tuple, list)):
+        return [_thaw(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _thaw(v) for k, v in value.items()}
+    return value
 
 
-def check_blend_record(record: Any, source: str) -> None:
+class _Json:
+    """A record of one JSON object (see above); subclasses are frozen dataclasses whose fields
+    are named as the keys, in the writer's order, followed by ``json_keys`` and ``kept``."""
+
+    json_keys: tuple[str, ...] | None
+    kept: Mapping[str, Any]
+    #: Keys the writer leaves out while their field is None.
+    _OPTIONAL: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def _names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in _META)
+
+    def to_json(self) -> dict[str, Any]:
+        keys = self.json_keys
+        if keys is None:
+            keys = tuple(k for k in self._names() if not (k in self._OPTIONAL and getattr(self, k) is None))
+        return {k: self.kept[k] if k in self.kept else _thaw(getattr(self, k)) for k in keys}
+
+    def _with(self, **changes: Any):
+        """A copy with ``changes``; a key the object did not hold is added after the others."""
+        keys = self.json_keys
+        if keys is not None:
+            keys = keys + tuple(k for k in changes if k not in keys)
+        kept = {k: v for k, v in self.kept.items() if k not in changes}
+        return dataclasses.replace(self, **changes, json_keys=keys, kept=kept)
+
+
+def _split(doc: Mapping[str, Any], readers: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The typed values of ``doc``'s keys that ``readers`` (key -> value -> typed value or
+    :data:`_UNREAD`) can read, and the other keys' values as they are."""
+    typed, kept = {}, {}
+    for key, value in doc.items():
+        read = readers.get(key)
+        out = _UNREAD if read is None else read(value)
+        if out is _UNREAD:
+            kept[key] = value
+        else:
+            typed[key] = out
+    return typed, kept
+
+
+_UNREAD = object()
+
+
+def _when(test, convert=_freeze):
+    return lambda value: convert(value) if test(value) else _UNREAD
+
+
+def _nullable(test, convert=_freeze):
+    return lambda value: None if value is None else (convert(value) if test(value) else _UNREAD)
+
+
+def _any(value: Any) -> Any:
+    return _freeze(value)
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_dict(value: Any) -> bool:
+    return isinstance(value, dict)
+
+
+# ------------------------------------------------------------------------------------- records
+
+@dataclass(frozen=True)
+class ModelProvenance(_Json):
+    """What made a model's stores (:data:`PROVENANCE_FIELDS`): two stores blend together only
+    when these agree. Lists are tuples; ``cam`` and ``pixels`` read as None and 1 in a record
+    of an ens that did not write them."""
+
+    model_sha256: str
+    input_size: Any
+    resize: str
+    crop_pct: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
+    views: tuple[str, ...]
+    merge: str
+    cam: Mapping[str, float] | None = None
+    pixels: int = 1
+    json_keys: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
+    kept: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def of_store(cls, store: LogitStore) -> "ModelProvenance":
+        """What made ``store``'s logits: the model file's sha256, its preprocessing, the version
+        of the pixel pipeline, and the TTA views (their names carry the scales) and merge."""
+        model, tta = store.manifest["model"], store.manifest["tta"]
+        return cls(model_sha256=model["sha256"], input_size=_freeze(model["input_size"]), resize=model["resize"],
+                   crop_pct=model["crop_pct"], mean=_freeze(list(model["mean"])), std=_freeze(list(model["std"])),
+                   interpolation=model.get("interpolation", "bilinear"), views=_freeze(list(tta["views"])),
+                   merge=tta["merge"], cam=_freeze(tta.get("cam")), pixels=store.manifest.get("pixels", 1))
+
+    @classmethod
+    def _from_json(cls, doc: Any) -> "ModelProvenance | None":
+        """None when ``doc`` lacks a field an ens of format 2 always wrote."""
+        if not isinstance(doc, dict) or any(k not in doc for k in PROVENANCE_FIELDS if k not in _LATER_FIELDS):
+            return None
+        typed, kept = _split(doc, {k: _any for k in PROVENANCE_FIELDS})
+        return cls(**typed, json_keys=tuple(doc), kept=kept)
+
+
+@dataclass(frozen=True)
+class SplitStores(_Json):
+    """A split the blend was fitted on (``optimize``) or applied to (``apply``): its name, its
+    rows and the sha256 of each model's store arrays (:func:`store_digest`)."""
+
+    split: str
+    rows: int
+    stores: Mapping[str, str]
+    json_keys: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
+    kept: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def _from_json(cls, doc: Any) -> "SplitStores | None":
+        if not (isinstance(doc, dict) and isinstance(doc.get("split"), str) and is_int(doc.get("rows"))
+                and isinstance(doc.get("stores"), dict)):
+            return None
+        typed, kept = _split(doc, {"split": _any, "rows": _any, "stores": _any})
+        return cls(**typed, json_keys=tuple(doc), kept=kept)
+
+
+@dataclass(frozen=True)
+class PriorCorrection(_Json):
+    """The long-tail prior correction: the training ``counts`` of each class id (``zero_count``
+    standing for a count of 0), ``tau`` (fitted with the weights when ``tau_fitted``), and the
+    prior file with its sha256."""
+
+    file: str | None
+    sha256: str | None
+    counts: tuple[int, ...]
+    zero_count: float
+    tau: float
+    tau_fitted: bool | None
+    json_keys: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
+    kept: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def log_prior(self) -> np.ndarray:
+        """``(C,)`` float64 log-prior of the counts (:func:`weights_search.class_log_prior`)."""
+        return ws.class_log_prior(list(self.counts), self.zero_count)
+
+    @classmethod
+    def _from_json(cls, doc: Any, class_ids: Any) -> "PriorCorrection | None":
+        if not isinstance(doc, dict) or not isinstance(class_ids, list):
+            return None
+        counts = doc.get("counts")
+        low, high = ws.TAU_BOUNDS
+        if not (isinstance(counts, list) and len(counts) == len(class_ids) and all(map(is_count, counts))
+                and is_finite(doc.get("zero_count")) and doc["zero_count"] > 0
+                and is_finite(doc.get("tau")) and low <= doc["tau"] <= high):
+            return None
+        typed, kept = _split(doc, {k: _any for k in ("file", "sha256", "counts", "zero_count", "tau", "tau_fitted")})
+        values = dict.fromkeys(("file", "sha256", "tau_fitted")) | typed
+        return cls(**values, json_keys=tuple(doc), kept=kept)
+
+
+@dataclass(frozen=True)
+class CvRow(_Json):
+    """One row of the cross-validated table (:class:`weights_search.CvRow`)."""
+
+    name: str
+    kind: str
+    top1: float
+    top1_low: float
+    top1_high: float
+    topk: float
+    nll: float
+    prior: bool = False
+    json_keys: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
+    kept: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    _NUMBERS: ClassVar[tuple[str, ...]] = ("top1", "top1_low", "top1_high", "topk", "nll")
+
+    @classmethod
+    def of(cls, row: ws.CvRow) -> "CvRow":
+        return cls(**dataclasses.asdict(row))
+
+    @classmethod
+    def _from_json(cls, doc: Any) -> "CvRow | None":
+        if not (isinstance(doc, dict) and isinstance(doc.get("name"), str) and isinstance(doc.get("kind"), str)
+                and all(is_number(doc.get(k)) for k in cls._NUMBERS)):
+            return None
+        typed, kept = _split(doc, {"name": _any, "kind": _any, **{k: _any for k in cls._NUMBERS},
+                                   "prior": _when(_is_bool)})
+        return cls(**typed, json_keys=tuple(doc), kept=kept)
+
+
+@dataclass(frozen=True)
+class CvTable(_Json):
+    """The cross-validated table `ens blend` prints: ``folds``, top-``top_k``, whether
+    temperatures and the prior were fitted per fold (``fold_taus``: the method's tau in each),
+    the row in use (``chosen``) and whether the method beat uniform weights."""
+
+    folds: int
+    top_k: int
+    temperature: bool
+    prior: bool
+    fold_taus: tuple[float, ...]
+    chosen: str
+    beats_uniform: bool
+    rows: tuple[CvRow, ...]
+    json_keys: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
+    kept: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, report: ws.CvReport, chosen: str) -> "CvTable":
+        return cls(folds=report.n_folds, top_k=report.top_k, temperature=report.temperature, prior=report.prior,
+                   fold_taus=tuple(report.fold_taus), chosen=chosen, beats_uniform=report.beats_uniform,
+                   rows=tuple(CvRow.of(r) for r in report.rows))
+
+    def row(self, name: str) -> CvRow | None:
+        return next((r for r in self.rows if r.name == name), None)
+
+    @classmethod
+    def _from_json(cls, doc: Any) -> "CvTable | None":
+        """None unless ``doc`` holds what the summary of `ens blend` and `ens report` shows."""
+        if not (isinstance(doc, dict) and is_int(doc.get("folds")) and is_int(doc.get("top_k"))
+                and isinstance(doc.get("temperature"), bool) and isinstance(doc.get("chosen"), str)
+                and isinstance(doc.get("rows"), list)):
+            return None
+        rows = [CvRow._from_json(r) for r in doc["rows"]]
+        if None in rows:
+            return None
+        typed, kept = _split(doc, {"folds": _any, "top_k": _any, "temperature": _any, "chosen": _any,
+                                   "prior": _when(_is_bool),
+                                   "fold_taus": _when(lambda v: isinstance(v, list) and all(map(is_number, v))),
+                                   "beats_uniform": _when(_is_bool), "rows": lambda _: tuple(rows)})
+        if kept.keys() & {"prior", "fold_taus", "beats_uniform"}:
+            return None
+        values = {"prior": False, "fold_taus": (), "beats_uniform": True} | typed
+        return cls(**values, json_keys=tuple(doc), kept=kept)
+
+
+@dataclass(frozen=True)
+class BlendRecord(_Json):
+    """A blend.json (see the module docstring for the keys). Read it with :meth:`read`, write
+    it with :meth:`write`; :meth:`fitted` is the blend as :mod:`weights_search` applies it.
+
+    ``optimize``, ``cv``, ``prior``, ``applied_from`` and ``apply`` are None when the record
+    has none; a value this ens cannot read (a hand edit) is None too, and kept as it was.
+    """
+
+    format: int
+    ens: str | None
+    method: str
+    requested_method: str | None
+    fallback: bool | None
+    fusion: str
+    params: Mapping[str, Any]
+    models: tuple[str, ...]
+    members: tuple[str, ...]
+    views: bool
+    weights: Mapping[str, float]
+    temperatures: Mapping[str, float] | None
+    train_score: float | None
+    class_ids: tuple[int | str, ...] | None
+    optimize: SplitStores | None
+    labels: str | None
+    stores: Mapping[str, str] | None
+    provenance: Mapping[str, ModelProvenance]
+    prior: PriorCorrection | None
+    cv: CvTable | None
+    apply: SplitStores | None = None
+    applied_from: str | None = None
+    json_keys: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
+    kept: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"apply", "applied_from"})
+
+    # ----------------------------------------------------------------------------- reading
+
+    @classmethod
+    def read(cls, path: str | os.PathLike, source: str | None = None) -> "BlendRecord":
+        """The blend.json at ``path``, with every check applying it needs; an :class:`EnsError`
+        naming ``source`` (default: the path; ``--weights PATH`` for `ens blend`) and the first
+        field that is missing or malformed."""
+        source = str(path) if source is None else source
+        doc = read_json(path, source, problem="not a blend.json", missing="no such file")
+        return cls.from_json(doc, source)
+
+    @classmethod
+    def from_json(cls, doc: Any, source: str) -> "BlendRecord":
+        """The record of a parsed blend.json (see :meth:`read`)."""
+        _check(doc, source)
+        readers = {
+            "format": _any, "ens": _when(_is_str), "method": _any, "requested_method": _when(_is_str),
+            "fallback": _when(_is_bool), "fusion": _any, "params": _any, "models": _any, "members": _any,
+            "views": _any, "weights": _any, "temperatures": _any,
+            "train_score": _nullable(is_number), "class_ids": _nullable(lambda v: True),
+            "optimize": _nullable(lambda v: True, SplitStores._from_json), "labels": _when(_is_str),
+            "stores": _when(_is_dict), "provenance": lambda v: {m: ModelProvenance._from_json(p) for m, p in v.items()},
+            "prior": lambda v: None if v is None else PriorCorrection._from_json(v, doc.get("class_ids")),
+            "cv": _nullable(lambda v: True, CvTable._from_json), "apply": _nullable(lambda v: True, SplitStores._from_json),
+            "applied_from": _when(_is_str),
+        }
+        typed, kept = _split(doc, readers)
+        for key in ("optimize", "cv", "apply"):  # a part this ens cannot read is kept as it was
+            if key in typed and typed[key] is None and doc[key] is not None:
+                kept[key] = doc[key]
+                del typed[key]
+        defaults = dict(format=1, ens=None, requested_method=None, fallback=None, params={}, views=False,
+                        temperatures=None, train_score=None, class_ids=None, optimize=None, labels=None,
+                        stores=None, prior=None, cv=None)
+        return cls(**(defaults | typed), json_keys=tuple(doc), kept=kept)
+
+    def check_fitted(self, source: str) -> SplitStores:
+        """The fitted split, checked as `ens report` needs it with the CV table (when the record
+        has one); an :class:`EnsError` naming ``source`` otherwise."""
+        if self.optimize is None:
+            raise EnsError(f"{source}: records no fitted split ('optimize'), so there is nothing to report on")
+        if "cv" in self.kept:
+            raise EnsError(f"{source}: field 'cv' is malformed; expected folds, top_k, temperature, chosen and rows "
+                           "of {name, kind, top1, top1_low, top1_high, topk, nll}, as `ens blend` writes them")
+        return self.optimize
+
+    # ----------------------------------------------------------------------------- using
+
+    def fitted(self) -> ws.FittedBlend:
+        """The blend this record holds, as :mod:`weights_search` applies it: `ens blend
+        --weights`, `ens report` and the demo all fuse with this."""
+        temps = self.temperatures
+        prior = self.prior
+        return ws.FittedBlend(method=self.method, fusion=self.fusion,
+                              weights=tuple(float(self.weights[m]) for m in self.members),
+                              temperatures=None if temps is None else tuple(float(temps[m]) for m in self.members),
+                              params=self.params, log_prior=None if prior is None else tuple(prior.log_prior().tolist()),
+                              tau=None if prior is None else float(prior.tau))
+
+    def applied(self, applied_from: str | None, apply: SplitStores) -> "BlendRecord":
+        """This record with the split it was applied to (and, for a saved blend re-applied, the
+        file it came from); keys it did not hold are added after its own."""
+        changes: dict[str, Any] = {} if applied_from is None else {"applied_from": applied_from}
+        return self._with(**changes, apply=apply)
+
+    # ----------------------------------------------------------------------------- writing
+
+    def text(self) -> str:
+        """The file's text (:func:`ensemble.fileio.json_text`)."""
+        return json_text(self.to_json())
+
+    def write(self, path: str | os.PathLike) -> None:
+        """Write the record to ``path`` (a temporary file: the caller renames it into place)."""
+        Path(path).write_text(self.text(), encoding="utf-8")
+
+
+def _check(record: Any, source: str) -> None:
     """Every field of a ``blend.json`` that applying it reads, with its type; :class:`EnsError`
     naming ``source`` and the first field that is missing or malformed."""
     if not isinstance(record, dict):
@@ -89,7 +473,7 @@ def check_blend_record(record: Any, source: str) -> None:
         if key not in record:
             raise EnsError(f"{source}: not a blend.json (no {key!r})")
     fmt = record.get("format", 1)
-    if not isinstance(fmt, int) or isinstance(fmt, bool):
+    if not is_int(fmt):
         raise EnsError(f"{source}: field 'format' is not an integer")
     if fmt > FORMAT_VERSION:
         raise EnsError(f"{source}: blend format {fmt} is newer than this ens understands")
@@ -98,10 +482,7 @@ def check_blend_record(record: Any, source: str) -> None:
                        "stores cannot be checked against the applied ones; fit it again with --optimize")
 
     def names(value: Any) -> bool:
-        return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
-
-    def number(value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return is_names(value, 1)
 
     members = record["members"] if names(record["members"]) else []
     temps = record.get("temperatures")
@@ -112,49 +493,173 @@ def check_blend_record(record: Any, source: str) -> None:
                    "a list of distinct model names"),
         "members": (bool(members) and len(set(members)) == len(members), "a list of distinct member names"),
         "weights": (isinstance(record["weights"], dict) and list(record["weights"]) == members
-                    and all(number(w) and w >= 0 for w in record["weights"].values()),
+                    and all(is_finite(w) and w >= 0 for w in record["weights"].values()),
                     "an object member -> weight >= 0, one per member in member order"),
         "temperatures": (temps is None or (isinstance(temps, dict) and list(temps) == members
-                                           and all(number(t) and t > 0 for t in temps.values())),
+                                           and all(is_finite(t) and t > 0 for t in temps.values())),
                          "null or an object member -> temperature > 0"),
         "views": (isinstance(record.get("views", False), bool), "true or false"),
         "params": (isinstance(record.get("params", {}), dict), "an object"),
         "class_ids": (record.get("class_ids") is None or isinstance(record["class_ids"], list), "a list"),
-        "prior": (_prior_record_ok(record.get("prior"), record.get("class_ids"), number),
+        "prior": (record.get("prior") is None
+                  or PriorCorrection._from_json(record["prior"], record.get("class_ids")) is not None,
                   f"null or an object with counts (one non-negative integer per class id), zero_count > 0 "
                   f"and tau from {ws.TAU_BOUNDS[0]:g} to {ws.TAU_BOUNDS[1]:g}"),
     }
     for key, (valid, expected) in checks.items():
         if not valid:
             raise EnsError(f"{source}: field {key!r} is malformed; expected {expected}")
-    for model in record["models"]:
-        given = record["provenance"].get(model)
-        if not isinstance(given, dict) or any(k not in given for k in PROVENANCE_FIELDS if k not in _LATER_FIELDS):
+    provenance = record["provenance"]
+    for model in [*record["models"], *(m for m in provenance if m not in record["models"])]:
+        if ModelProvenance._from_json(provenance.get(model)) is None:
             raise EnsError(f"{source}: field 'provenance.{model}' lacks some of {', '.join(PROVENANCE_FIELDS)}")
 
 
-def _prior_record_ok(prior: Any, class_ids: Any, number) -> bool:
-    if prior is None:
-        return True
-    if not isinstance(prior, dict) or not isinstance(class_ids, list):
-        return False
-    counts = prior.get("counts")
-    low, high = ws.TAU_BOUNDS
-    return (isinstance(counts, list) and len(counts) == len(class_ids)
-            and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
-            and number(prior.get("zero_count")) and prior["zero_count"] > 0
-            and number(prior.get("tau")) and low <= prior["tau"] <= high)
+# ----------------------------------------------------------------------- what a submission records
+
+@dataclass(frozen=True)
+class BlendSummary:
+    """What the ledger records of the blend.json beside a submission's predictions.
+
+    ``cv_top1*`` are the cross-validated top-1 accuracy of the blend that was used and its
+    interval; ``None`` when the blend ran without cross-validation. ``prior_tau``: ``tau`` of
+    its prior correction, ``None`` without one.
+    """
+
+    method: str
+    members: tuple[str, ...]
+    weights: Mapping[str, float]
+    cv_top1: float | None
+    cv_top1_low: float | None
+    cv_top1_high: float | None
+    prior_tau: float | None = None
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "BlendSummary":
+        """The summary of the blend.json at ``path``: only method, members and weights are
+        required (a hand-made blend.json will do); a CV table and a prior, when present, must
+        hold the chosen row's top-1 and tau."""
+        path = Path(path)
+        doc = read_json(path, problem="not a readable JSON file")
+
+        def field(container, key, test, kind, where):
+            value = container.get(key) if isinstance(container, dict) else None
+            if not test(value):
+                raise EnsError(f"{path}: {where}{key!r} missing or not {kind}")
+            return value
+
+        method = field(doc, "method", _is_str, "a string", "")
+        members = field(doc, "members", lambda v: isinstance(v, list), "a list", "")
+        weights = field(doc, "weights", _is_dict, "an object", "")
+        if not is_names(members):
+            raise EnsError(f"{path}: 'members' must be a list of names")
+        if not all(map(is_number, weights.values())):
+            raise EnsError(f"{path}: 'weights' must map member names to numbers")
+        cv = doc.get("cv")
+        top1 = low = high = None
+        if cv is not None:
+            rows = field(cv, "rows", lambda v: isinstance(v, list), "a list", "cv.")
+            chosen = field(cv, "chosen", _is_str, "a string", "cv.")
+            row = next((r for r in rows if isinstance(r, dict) and r.get("name") == chosen), None)
+            if row is None:
+                raise EnsError(f"{path}: cv.chosen {chosen!r} names none of cv.rows")
+            top1, low, high = (float(field(row, key, is_number, "a number", f"cv.rows[{chosen!r}]."))
+                               for key in ("top1", "top1_low", "top1_high"))
+        prior = doc.get("prior")
+        tau = None if prior is None else float(field(prior, "tau", is_number, "a number", "prior."))
+        return cls(method=method, members=tuple(members), weights={k: float(v) for k, v in weights.items()},
+                   cv_top1=top1, cv_top1_low=low, cv_top1_high=high, prior_tau=tau)
 
 
-def fitted_from_record(record: Mapping[str, Any]) -> ws.FittedBlend:
-    """The blend a checked blend.json records (:func:`check_blend_record`), as
-    :mod:`weights_search` applies it: `ens blend --weights` and `ens report` both fuse with this."""
-    members = record["members"]
-    temps = record.get("temperatures")
-    prior = record.get("prior")
-    log_prior = None if prior is None else tuple(ws.class_log_prior(prior["counts"], prior["zero_count"]).tolist())
-    return ws.FittedBlend(method=record["method"], fusion=record["fusion"],
-                          weights=tuple(float(record["weights"][m]) for m in members),
-                          temperatures=None if temps is None else tuple(float(temps[m]) for m in members),
-                          params=record.get("params", {}), log_prior=log_prior,
-                          tau=None if prior is None else float(prior["tau"]))
+# ------------------------------------------------------------------- the stores a blend reads
+
+def member_arrays(models: Sequence[str], stores: Sequence[LogitStore],
+                  views: bool) -> tuple[list[str], list[np.ndarray]]:
+    """The blend members of ``models``' ``stores``: each model, or with ``views`` each
+    ``model/view``; their names and ``(rows, classes)`` arrays (memory-mapped, not copied), each
+    checked to hold only finite values."""
+    names, arrays = [], []
+    for model, store in zip(models, stores):
+        if not views:
+            names.append(model)
+            arrays.append(check_finite(store, model, store.logits))
+            continue
+        if store.views is None:
+            raise EnsError(f"{store.path}: no per-view logits; rerun `ens infer` with --keep-views "
+                           "to blend views")
+        for v, view in enumerate(store.view_names):
+            names.append(f"{model}/{view}")
+            arrays.append(check_finite(store, f"{model}/{view}", store.views[v]))
+    return names, arrays
+
+
+def check_finite(store: LogitStore, member: str, array: np.ndarray) -> np.ndarray:
+    """``array`` (``(rows, classes)``, from ``store``) unchanged once it is checked, block by block
+    of :data:`CHUNK_ROWS` rows, to hold no NaN or infinity; otherwise an EnsError naming the
+    store, the member and the first ids."""
+    for start in range(0, array.shape[0], CHUNK_ROWS):
+        finite = np.isfinite(array[start:start + CHUNK_ROWS]).all(axis=1)
+        if not finite.all():
+            bad = store.ids[start + np.flatnonzero(~finite)[:3]]
+            raise EnsError(f"{store.path}: {member} has NaN or infinite logits, first at image ids "
+                           f"{', '.join(map(str, bad))}")
+    return array
+
+
+def store_digest(store: LogitStore, views: bool) -> str:
+    """sha256 over the store's arrays (ids, logits, and views when they are blended): what
+    ``optimize.stores`` and ``apply.stores`` record."""
+    digest = hashlib.sha256()
+    names = [IDS, LOGITS] + ([VIEWS] if views and store.views is not None else [])
+    for name in names:
+        with open(store.path / name, "rb") as fh:
+            while block := fh.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, str) and len(value) == 64:
+        return value[:12] + "..."  # a sha256
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return str(value)
+
+
+def check_provenance(reference: Mapping[str, ModelProvenance], reference_name: str, split: str,
+                     models: Sequence[str], stores: Sequence[LogitStore]) -> None:
+    """Each model's store of ``split`` must have been made as ``reference[model]`` says;
+    otherwise one :class:`EnsError` naming the model and the first field that differs."""
+    for model, store in zip(models, stores):
+        want, got = reference.get(model), ModelProvenance.of_store(store)
+        if want is None:
+            raise EnsError(f"{reference_name}: records nothing of how {model} was made")
+        for key, label in PROVENANCE_FIELDS.items():
+            wanted, actual = getattr(want, key), getattr(got, key)
+            if wanted != actual:
+                raise EnsError(f"{model}: its {split} store was made with {label} {_shown(actual)}, the "
+                               f"{reference_name} with {_shown(wanted)}; blend stores of one model file, "
+                               "preprocessing and TTA (rerun `ens infer` on both splits alike)")
+
+
+def prior_counts(counts: Mapping[int | str, int], class_ids: Sequence[int | str], path: Path) -> np.ndarray:
+    """``(C,)`` int64: the count of each output column's category (``class_ids``, the stores'
+    mapping, the same for every model), as ``prior.counts`` records them. A category the models
+    predict that ``counts`` lacks, or one in ``counts`` that no model predicts, is an
+    :class:`EnsError` naming them."""
+    columns = list(class_ids)
+    missing = [c for c in columns if c not in counts]
+    if missing:
+        raise EnsError(f"--prior {path}: no count for {len(missing)} of the {len(columns)} categories the models "
+                       f"predict: {shown_ids(missing)}")
+    known = set(columns)
+    extra = [c for c in counts if c not in known]
+    if extra:
+        raise EnsError(f"--prior {path}: counts {len(extra)} categories that no model predicts: {shown_ids(extra)} "
+                       "(were the models exported with other --classes?)")
+    return np.array([counts[c] for c in columns], dtype=np.int64)
+
+
+def shown_ids(values: Sequence[Any], shown: int = 5) -> str:
+    """The first ``shown`` of ``values``, and how many more."""
+    return ", ".join(map(str, values[:shown])) + (f" and {len(values) - shown} more" if len(values) > shown else "")

@@ -60,19 +60,21 @@ or a text where a number belongs is one line naming the row and the column.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import errno
 import json
-import math
 import os
 import re
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
+from ensemble.formats.blend import BlendSummary
+from ensemble.formats.common import is_count, is_finite, is_names
 
 LEDGER = "ledger.sqlite"
 #: Seconds a command waits for another process's lock on the ledger before it gives up.
@@ -82,135 +84,133 @@ _SCHEMA_VERSION = 1
 #: What filled rows hold (``ens submit --missing prior``), as ``fill_source`` records it.
 TRAIN_PRIOR, BLEND_PRIOR = "train-prior", "blend-prior"
 FILL_SOURCES = (TRAIN_PRIOR, BLEND_PRIOR)
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS submissions (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    file TEXT NOT NULL UNIQUE,
-    sha256 TEXT NOT NULL,
-    created TEXT NOT NULL,
-    format TEXT NOT NULL,
-    rows INTEGER NOT NULL,
-    competition TEXT,
-    message TEXT,
-    source TEXT NOT NULL,
-    blend_method TEXT,
-    blend_members TEXT,
-    blend_weights TEXT,
-    cv_top1 REAL,
-    cv_top1_low REAL,
-    cv_top1_high REAL,
-    status TEXT NOT NULL CHECK (status IN ({', '.join(repr(s) for s in STATUSES)})),
-    error TEXT,
-    kaggle_ref INTEGER,
-    uploaded TEXT,
-    kaggle_status TEXT,
-    public_score REAL,
-    private_score REAL,
-    refreshed TEXT,
-    filled INTEGER NOT NULL DEFAULT 0,
-    fill_source TEXT,
-    prior_tau REAL
-)
-"""
-#: Columns younger than the table: name -> definition, added to older ledgers on open.
-_ADDED = {"filled": "INTEGER NOT NULL DEFAULT 0", "fill_source": "TEXT", "prior_tau": "REAL"}
+#: Columns added after a ledger was first made: ``ALTER TABLE ... ADD COLUMN`` on open.
+_ADDED_COLUMNS = ("filled", "fill_source", "prior_tau")
 
 
-@dataclass(frozen=True)
-class BlendProvenance:
-    """Where a submission's rows came from, read from ``blend.json`` beside ``predictions.csv``.
+def _column(sql: str, check: tuple[Callable[[object], object], str], **default: Any) -> Any:
+    """An :class:`Entry` field that is a column of the table: its SQL definition, and how a value
+    read is checked (and converted: JSON to a tuple or dict, numbers to float) with what it must
+    be. NULL is allowed where the definition allows it (neither NOT NULL nor the PRIMARY KEY)."""
+    return field(metadata={"sql": sql, "check": check}, **default)
 
-    ``cv_top1*`` are the cross-validated top-1 accuracy of the blend that was used and its
-    interval; ``None`` when the blend ran without cross-validation. ``prior_tau``: ``tau`` of
-    its prior correction, ``None`` without one.
-    """
 
-    method: str
-    members: tuple[str, ...]
-    weights: Mapping[str, float]
-    cv_top1: float | None
-    cv_top1_low: float | None
-    cv_top1_high: float | None
-    prior_tau: float | None = None
+# The value checks: a value -> the converted value, or _INVALID.
+_INVALID = object()
+
+
+def _text(value: object) -> object:
+    return value if isinstance(value, str) else _INVALID
+
+
+def _whole(value: object) -> object:
+    return value if is_count(value) else _INVALID
+
+
+def _number(value: object) -> object:
+    return float(value) if is_finite(value) else _INVALID
+
+
+def _fraction(value: object) -> object:
+    number = _number(value)
+    return number if number is not _INVALID and 0 <= number <= 1 else _INVALID
+
+
+def _json(value: object) -> object:
+    if not isinstance(value, str):
+        return _INVALID
+    try:
+        return json.loads(value)
+    except ValueError:
+        return _INVALID
+
+
+def _names(value: object) -> object:
+    doc = _json(value)
+    return tuple(doc) if is_names(doc) else _INVALID
+
+
+def _weights(value: object) -> object:
+    doc = _json(value)
+    if not isinstance(doc, dict):
+        return _INVALID
+    weights = {name: _number(w) for name, w in doc.items()}
+    return _INVALID if _INVALID in weights.values() else weights
+
+
+def _file_name(value: object) -> object:
+    """A plain name: ``--retry`` joins it to the submissions folder, so it must stay inside it."""
+    ok = isinstance(value, str) and value not in ("", ".", "..") and not re.search(r"[/\\\x00]", value)
+    return value if ok else _INVALID
+
+
+def _sha256(value: object) -> object:
+    return value if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) else _INVALID
+
+
+def _one_of(choices: tuple[str, ...]) -> tuple[Callable[[object], object], str]:
+    return (lambda value: value if value in choices else _INVALID), f"one of {', '.join(choices)}"
+
+
+_TEXT = (_text, "text")
+_WHOLE = (_whole, "a whole number >= 0")
+_FRACTION = (_fraction, "a number from 0 to 1")
+_NUMBER = (_number, "a finite number")
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One ledger row (see the module docstring for the fields)."""
+    """One ledger row (see the module docstring for the fields). Its fields are the table's
+    columns, in order: the table's schema and the checks of a row read derive from them."""
 
-    id: int
-    file: str
-    sha256: str
-    created: str
-    format: str
-    rows: int
-    competition: str | None
-    message: str | None
-    source: str
-    blend_method: str | None
-    blend_members: tuple[str, ...] | None
-    blend_weights: Mapping[str, float] | None
-    cv_top1: float | None
-    cv_top1_low: float | None
-    cv_top1_high: float | None
-    status: str
-    error: str | None
-    kaggle_ref: int | None
-    uploaded: str | None
-    kaggle_status: str | None
-    public_score: float | None
-    private_score: float | None
-    refreshed: str | None
-    filled: int = 0
-    fill_source: str | None = None
-    prior_tau: float | None = None
+    id: int = _column("INTEGER PRIMARY KEY AUTOINCREMENT", _WHOLE)
+    file: str = _column("TEXT NOT NULL UNIQUE", (_file_name, "a file name inside the submissions folder"))
+    sha256: str = _column("TEXT NOT NULL", (_sha256, "64 hex digits"))
+    created: str = _column("TEXT NOT NULL", _TEXT)
+    format: str = _column("TEXT NOT NULL", _TEXT)
+    rows: int = _column("INTEGER NOT NULL", _WHOLE)
+    competition: str | None = _column("TEXT", _TEXT)
+    message: str | None = _column("TEXT", _TEXT)
+    source: str = _column("TEXT NOT NULL", _TEXT)
+    blend_method: str | None = _column("TEXT", _TEXT)
+    blend_members: tuple[str, ...] | None = _column("TEXT", (_names, "a JSON list of names"))
+    blend_weights: Mapping[str, float] | None = _column("TEXT", (_weights, "a JSON object of member weights"))
+    cv_top1: float | None = _column("REAL", _FRACTION)
+    cv_top1_low: float | None = _column("REAL", _FRACTION)
+    cv_top1_high: float | None = _column("REAL", _FRACTION)
+    status: str = _column(f"TEXT NOT NULL CHECK (status IN ({', '.join(repr(s) for s in STATUSES)}))",
+                          _one_of(STATUSES))
+    error: str | None = _column("TEXT", _TEXT)
+    kaggle_ref: int | None = _column("INTEGER", _WHOLE)
+    uploaded: str | None = _column("TEXT", _TEXT)
+    kaggle_status: str | None = _column("TEXT", _TEXT)
+    public_score: float | None = _column("REAL", _NUMBER)
+    private_score: float | None = _column("REAL", _NUMBER)
+    refreshed: str | None = _column("TEXT", _TEXT)
+    filled: int = _column("INTEGER NOT NULL DEFAULT 0", _WHOLE, default=0)
+    fill_source: str | None = _column("TEXT", _one_of(FILL_SOURCES), default=None)
+    prior_tau: float | None = _column("REAL", _NUMBER, default=None)
+
+
+def _nullable(sql: str) -> bool:
+    return "NOT NULL" not in sql and "PRIMARY KEY" not in sql
+
+
+#: Every column: its SQL definition, as the table was made.
+_COLUMNS = {f.name: f.metadata["sql"] for f in dataclasses.fields(Entry)}
+_SCHEMA = ("\nCREATE TABLE IF NOT EXISTS submissions (\n"
+           + ",\n".join(f"    {name} {sql}" for name, sql in _COLUMNS.items()) + "\n)\n")
+#: Columns younger than the table: name -> definition, added to older ledgers on open.
+_ADDED = {name: _COLUMNS[name] for name in _ADDED_COLUMNS}
+#: Every column: how its value is checked (and converted), what it must be, and whether NULL is
+#: allowed.
+CHECKS: dict[str, tuple[Callable[[object], object], str, bool]] = {
+    f.name: (*f.metadata["check"], _nullable(f.metadata["sql"])) for f in dataclasses.fields(Entry)}
 
 
 def utc_now() -> str:
     """The current UTC time as the ledger writes it."""
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def read_blend(path: str | os.PathLike) -> BlendProvenance:
-    """The provenance in a ``blend.json`` written by `ens blend`."""
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_bytes())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EnsError(f"{path}: not a readable JSON file ({exc})") from None
-
-    def field(container, key, kind, where):
-        value = container.get(key) if isinstance(container, dict) else None
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise EnsError(f"{path}: {where}{key!r} missing or not {_kind_name(kind)}")
-        return value
-
-    method = field(doc, "method", str, "")
-    members = field(doc, "members", list, "")
-    weights = field(doc, "weights", dict, "")
-    if not all(isinstance(m, str) for m in members):
-        raise EnsError(f"{path}: 'members' must be a list of names")
-    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights.values()):
-        raise EnsError(f"{path}: 'weights' must map member names to numbers")
-    cv = doc.get("cv")
-    top1 = low = high = None
-    if cv is not None:
-        rows = field(cv, "rows", list, "cv.")
-        chosen = field(cv, "chosen", str, "cv.")
-        row = next((r for r in rows if isinstance(r, dict) and r.get("name") == chosen), None)
-        if row is None:
-            raise EnsError(f"{path}: cv.chosen {chosen!r} names none of cv.rows")
-        top1, low, high = (float(field(row, key, (int, float), f"cv.rows[{chosen!r}].")) for key in
-                           ("top1", "top1_low", "top1_high"))
-    prior = doc.get("prior")
-    tau = None if prior is None else float(field(prior, "tau", (int, float), "prior."))
-    return BlendProvenance(method=method, members=tuple(members), weights={k: float(v) for k, v in weights.items()},
-                 cv_top1=top1, cv_top1_low=low, cv_top1_high=high, prior_tau=tau)
-
-
-def _kind_name(kind) -> str:
-    names = {str: "a string", list: "a list", dict: "an object"}
-    return names.get(kind, "a number")
 
 
 class Ledger:
@@ -288,7 +288,7 @@ class Ledger:
                         "to start a new one")
 
     def record(self, write: Callable[[], Path], *, created: str, format: str, rows: int, source: str,
-               blend: BlendProvenance | None, filled: int = 0, fill_source: str | None = None) -> Entry:
+               blend: BlendSummary | None, filled: int = 0, fill_source: str | None = None) -> Entry:
         """Write a file and insert its row as ``not-uploaded``, as one step.
 
         The write lock is taken first, so a locked or damaged ledger stops before anything is
@@ -401,99 +401,3 @@ def _kind(exc: sqlite3.Error) -> str | None:
     if code is not None:
         return _KINDS.get(code & 0xFF)
     return next((kind for words, kind in _KIND_WORDS.items() if words in str(exc)), None)
-
-
-# ---------------------------------------------------------------------------- row values
-
-_INVALID = object()
-
-
-def _text(value: object) -> object:
-    return value if isinstance(value, str) else _INVALID
-
-
-def _whole(value: object) -> object:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else _INVALID
-
-
-def _number(value: object) -> object:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return float(value) if ok else _INVALID
-
-
-def _fraction(value: object) -> object:
-    number = _number(value)
-    return number if number is not _INVALID and 0 <= number <= 1 else _INVALID
-
-
-def _json(value: object) -> object:
-    if not isinstance(value, str):
-        return _INVALID
-    try:
-        return json.loads(value)
-    except ValueError:
-        return _INVALID
-
-
-def _names(value: object) -> object:
-    doc = _json(value)
-    return tuple(doc) if isinstance(doc, list) and all(isinstance(m, str) for m in doc) else _INVALID
-
-
-def _weights(value: object) -> object:
-    doc = _json(value)
-    if not isinstance(doc, dict):
-        return _INVALID
-    weights = {name: _number(w) for name, w in doc.items()}
-    return _INVALID if _INVALID in weights.values() else weights
-
-
-def _file_name(value: object) -> object:
-    """A plain name: ``--retry`` joins it to the submissions folder, so it must stay inside it."""
-    ok = isinstance(value, str) and value not in ("", ".", "..") and not re.search(r"[/\\\x00]", value)
-    return value if ok else _INVALID
-
-
-def _sha256(value: object) -> object:
-    return value if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) else _INVALID
-
-
-def _one_of(choices: tuple[str, ...]) -> tuple[Callable[[object], object], str]:
-    return (lambda value: value if value in choices else _INVALID), f"one of {', '.join(choices)}"
-
-
-_TEXT = (_text, "text")
-_WHOLE = (_whole, "a whole number >= 0")
-_FRACTION = (_fraction, "a number from 0 to 1")
-_NUMBER = (_number, "a finite number")
-
-#: Every column: how its value is checked (and converted: JSON to a tuple or dict, numbers to
-#: float), what it must be, and whether NULL is allowed.
-CHECKS: dict[str, tuple[Callable[[object], object], str, bool]] = {
-    "id": (*_WHOLE, False),
-    "file": (_file_name, "a file name inside the submissions folder", False),
-    "sha256": (_sha256, "64 hex digits", False),
-    "created": (*_TEXT, False),
-    "format": (*_TEXT, False),
-    "rows": (*_WHOLE, False),
-    "competition": (*_TEXT, True),
-    "message": (*_TEXT, True),
-    "source": (*_TEXT, False),
-    "blend_method": (*_TEXT, True),
-    "blend_members": (_names, "a JSON list of names", True),
-    "blend_weights": (_weights, "a JSON object of member weights", True),
-    "cv_top1": (*_FRACTION, True),
-    "cv_top1_low": (*_FRACTION, True),
-    "cv_top1_high": (*_FRACTION, True),
-    "status": (*_one_of(STATUSES), False),
-    "error": (*_TEXT, True),
-    "kaggle_ref": (*_WHOLE, True),
-    "uploaded": (*_TEXT, True),
-    "kaggle_status": (*_TEXT, True),
-    "public_score": (*_NUMBER, True),
-    "private_score": (*_NUMBER, True),
-    "refreshed": (*_TEXT, True),
-    "filled": (*_WHOLE, False),
-    "fill_source": (*_one_of(FILL_SOURCES), True),
-    "prior_tau": (*_NUMBER, True),
-}

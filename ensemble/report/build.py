@@ -2,7 +2,8 @@
 
 Inputs, each checked before use:
 
-- ``BLEND_DIR/blend.json`` (:func:`ensemble.formats.blend.check_blend_record`);
+- ``BLEND_DIR/blend.json`` (:meth:`ensemble.formats.blend.BlendRecord.read` and
+  :meth:`~ensemble.formats.blend.BlendRecord.check_fitted`);
 - the logit stores of the fitted split, found under ``runs/`` beside the blend's ``blends/``
   folder (the layout `ens blend` writes: ``<work>/blends/<name>`` and ``<work>/runs``), else
   under ``./runs``; a store is used only when its sha256 is the one blend.json records for it;
@@ -26,13 +27,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 import weights_search as ws
-from ensemble.blend.stores import CHUNK_ROWS, member_arrays, store_digest
-from ensemble.blend.prior import prior_counts
-from ensemble.formats.blend import BLEND_FILE, check_blend_record, fitted_from_record
-from ensemble.formats.dataset import load_labels, read_class_counts
-from ensemble.formats.dataset import find_split
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
+from ensemble.formats.blend import BLEND_FILE, CHUNK_ROWS, BlendRecord, member_arrays, prior_counts, store_digest
+from ensemble.formats.dataset import find_split, load_labels, read_class_counts
 from ensemble.formats.store import MANIFEST, LogitStore, read_store
 from weights_search import calibration as cal
 
@@ -85,7 +83,7 @@ class ReportData:
     columns of the fitted split; ``missing``: section -> the one line saying what would enable it."""
 
     blend_dir: Path
-    record: Mapping[str, Any]
+    record: BlendRecord
     split: str
     labels_path: Path
     runs: Path
@@ -109,43 +107,16 @@ class ReportData:
     missing: Mapping[str, str] = field(default_factory=dict)
 
 
-def read_blend_record(blend_dir: Path) -> tuple[Path, dict]:
-    """``BLEND_DIR/blend.json``, parsed and checked."""
+def read_blend_record(blend_dir: Path) -> tuple[Path, BlendRecord]:
+    """``BLEND_DIR/blend.json``, read and checked as the report needs it (a fitted split)."""
     if not blend_dir.is_dir():
         raise EnsError(f"{blend_dir}: no such blend folder")
     path = blend_dir / BLEND_FILE
     if not path.is_file():
         raise EnsError(f"{blend_dir}: no {BLEND_FILE}; give the folder `ens blend` wrote (blends/<name>)")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EnsError(f"{path}: not a blend.json ({exc})") from None
-    check_blend_record(record, str(path))
-    optimize = record.get("optimize")
-    if (not isinstance(optimize, dict) or not isinstance(optimize.get("split"), str)
-            or not isinstance(optimize.get("stores"), dict)):
-        raise EnsError(f"{path}: records no fitted split ('optimize'), so there is nothing to report on")
-    if not _cv_ok(record.get("cv"), optimize):
-        raise EnsError(f"{path}: field 'cv' is malformed; expected folds, top_k, temperature, chosen and rows of "
-                       "{name, kind, top1, top1_low, top1_high, topk, nll}, as `ens blend` writes them")
+    record = BlendRecord.read(path)
+    record.check_fitted(str(path))
     return path, record
-
-
-def _cv_ok(cv: Any, optimize: Mapping[str, Any]) -> bool:
-    """Whether blend.json's CV table (None: none) holds what the summary shows."""
-    if cv is None:
-        return True
-
-    def number(value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-    rows = cv.get("rows") if isinstance(cv, dict) else None
-    return (isinstance(cv, dict) and isinstance(cv.get("folds"), int) and isinstance(cv.get("top_k"), int)
-            and isinstance(cv.get("temperature"), bool) and isinstance(cv.get("chosen"), str)
-            and isinstance(optimize.get("rows"), int) and isinstance(rows, list)
-            and all(isinstance(r, dict) and isinstance(r.get("name"), str) and isinstance(r.get("kind"), str)
-                    and all(number(r.get(k)) for k in ("top1", "top1_low", "top1_high", "topk", "nll"))
-                    for r in rows))
 
 
 def work_folder(blend_dir: Path) -> Path:
@@ -161,14 +132,14 @@ def _candidates(blend_dir: Path, name: str) -> list[Path]:
     return found
 
 
-def open_stores(blend_json: Path, record: Mapping[str, Any], blend_dir: Path) -> tuple[Path, list[LogitStore]]:
+def open_stores(blend_json: Path, record: BlendRecord, blend_dir: Path) -> tuple[Path, list[LogitStore]]:
     """The fitted split's store of every model, the very ones blend.json records (by sha256)."""
-    split, wanted = record["optimize"]["split"], record["optimize"]["stores"]
-    views = bool(record.get("views", False))
+    split, wanted = record.optimize.split, record.optimize.stores
+    views = record.views
     problems = []
     for runs in _candidates(blend_dir, "runs"):
         stores = []
-        for model in record["models"]:
+        for model in record.models:
             path = runs / model / split
             if not (path / MANIFEST).is_file():
                 problems.append(f"no store at {path}")
@@ -184,12 +155,12 @@ def open_stores(blend_json: Path, record: Mapping[str, Any], blend_dir: Path) ->
                    "run `ens report` from the folder that holds runs/")
 
 
-def find_labels(blend_json: Path, record: Mapping[str, Any], blend_dir: Path, data: Path | None) -> Path:
+def find_labels(blend_json: Path, record: BlendRecord, blend_dir: Path, data: Path | None) -> Path:
     """The labels file of the fitted split: ``--data``'s, else the one blend.json names."""
-    split = record["optimize"]["split"]
+    split = record.optimize.split
     if data is not None:
         return find_split(data, split, folders=False)
-    named = record.get("labels")
+    named = record.labels
     if isinstance(named, str) and named:
         # A relative path is relative to where `ens blend` ran: most likely the work folder.
         for path in (work_folder(blend_dir) / named, Path(named)):
@@ -209,12 +180,12 @@ def _image_paths(labels_path: Path, labels_doc: Mapping[str, Any]) -> dict[Any, 
             if isinstance(image, dict) and isinstance(image.get("file_name"), str)}
 
 
-def training_counts(record: Mapping[str, Any], class_ids: Sequence[Any], data: Path | None,
+def training_counts(record: BlendRecord, class_ids: Sequence[Any], data: Path | None,
                     labels_path: Path) -> tuple[np.ndarray | None, str | None]:
     """``(C,)`` training counts per column and where they came from, or ``(None, None)``."""
-    prior = record.get("prior")
+    prior = record.prior
     if prior is not None:
-        return np.asarray(prior["counts"], dtype=np.int64), f"the blend's --prior ({prior.get('file')})"
+        return np.asarray(prior.counts, dtype=np.int64), f"the blend's --prior ({prior.file})"
     for folder in ([data] if data is not None else []) + [labels_path.parent]:
         path = find_split(folder, "train", folders=False, required=False)
         if path is not None:
@@ -249,11 +220,11 @@ def _predict(arrays: Sequence[np.ndarray], temperatures: Sequence[float | None],
     return [Predictions(conf, pred) for conf, pred in out]
 
 
-def _member_arrays(blend_json: Path, record: Mapping[str, Any], stores: Sequence[LogitStore]) -> list[np.ndarray]:
+def _member_arrays(blend_json: Path, record: BlendRecord, stores: Sequence[LogitStore]) -> list[np.ndarray]:
     """The ``(N, C)`` arrays of the blend's members, made from the stores as `ens blend` makes them."""
-    names, arrays = member_arrays(record["models"], stores, bool(record.get("views")))
-    if names != list(record["members"]):
-        raise EnsError(f"{blend_json}: its members {', '.join(record['members'])} are not those of its stores "
+    names, arrays = member_arrays(record.models, stores, record.views)
+    if tuple(names) != record.members:
+        raise EnsError(f"{blend_json}: its members {', '.join(record.members)} are not those of its stores "
                        f"({', '.join(names)})")
     return arrays
 
@@ -323,8 +294,8 @@ def build_report(blend_dir: Path, data: Path | None = None) -> ReportData:
     blend_dir = Path(blend_dir)
     blend_json, record = read_blend_record(blend_dir)
     runs, stores = open_stores(blend_json, record, blend_dir)
-    models, members = tuple(record["models"]), tuple(record["members"])
-    class_ids = record.get("class_ids") or list(range(stores[0].logits.shape[1]))
+    models, members = record.models, record.members
+    class_ids = list(record.class_ids or range(stores[0].logits.shape[1]))
     if stores[0].logits.shape[1] != len(class_ids):
         raise EnsError(f"{blend_json}: names {len(class_ids)} class ids, its stores predict "
                        f"{stores[0].logits.shape[1]} classes")
@@ -340,19 +311,19 @@ def build_report(blend_dir: Path, data: Path | None = None) -> ReportData:
         notes.append(f"the labels in {labels_path} are not from the json the stores were made from "
                      f"({recorded['source']}); check that they label the same images")
 
-    temps = record.get("temperatures")
+    temps = record.temperatures
     model_preds = dict(zip(models, _predict([s.logits for s in stores], [None] * len(stores), labels)))
     tempered = {}
-    if temps is not None and not record.get("views"):
+    if temps is not None and not record.views:
         tempered = dict(zip(models, _predict([s.logits for s in stores], [float(temps[m]) for m in models], labels)))
     arrays = _member_arrays(blend_json, record, stores)
-    member_preds = (list(model_preds.values()) if not record.get("views")
+    member_preds = (list(model_preds.values()) if not record.views
                     else _predict(arrays, [None] * len(arrays), labels))
     member_predicted = np.stack([p.predicted for p in member_preds])
-    blend, true_p = _blend_predictions(fitted_from_record(record), arrays, labels)
+    blend, true_p = _blend_predictions(record.fitted(), arrays, labels)
 
     missing: dict[str, str] = {}
-    if not isinstance(record.get("cv"), dict) or not record["cv"].get("rows"):
+    if record.cv is None or not record.cv.rows:
         missing["summary-cv"] = (f"{blend_json} holds no cross-validation table: fit the blend with "
                                  "`ens blend --optimize SPLIT` to compare it with uniform and each model")
     if len(members) < 2:
@@ -368,13 +339,13 @@ def build_report(blend_dir: Path, data: Path | None = None) -> ReportData:
                              _image_paths(labels_path, labels_doc))
     wrong = int((blend.predicted != labels).sum())
     if not hardest:
-        missing["hardest"] = f"the blend gets every image of {record['optimize']['split']} right: no wrong image to show"
+        missing["hardest"] = f"the blend gets every image of {record.optimize.split} right: no wrong image to show"
     ledger, points = ledger_points(blend_dir)
     if not points:
         where = ledger or " or ".join(str(p / "ledger.sqlite") for p in _candidates(blend_dir, "submissions"))
         missing["leaderboard"] = (f"no ledger row with both a CV estimate and a leaderboard score (in {where}): "
                                   "`ens submit` a blend, then `ens submissions --refresh` fetches its scores")
-    return ReportData(blend_dir=blend_dir, record=record, split=record["optimize"]["split"], labels_path=labels_path,
+    return ReportData(blend_dir=blend_dir, record=record, split=record.optimize.split, labels_path=labels_path,
                       runs=runs, labels=labels, class_names=names, models=models, members=members,
                       model_predictions=model_preds, tempered_predictions=tempered,
                       member_predictions=member_predicted,

@@ -16,6 +16,7 @@ import numpy as np
 
 from ensemble import __version__
 from ensemble.fileio import sha256_file
+from ensemble.formats.blend import BlendRecord
 from ensemble.report import plots
 from ensemble.report.build import ReportData
 from ensemble.report.images import thumbnail
@@ -77,46 +78,46 @@ def _missing(sid: str, line: str) -> str:
 def summary(data: ReportData) -> str:
     record = data.record
     parts = []
-    cv = record.get("cv") if "summary-cv" not in data.missing else None
+    cv = record.cv if "summary-cv" not in data.missing else None
     if cv:
-        chosen = cv["chosen"]
-        parts.append(f'<p class="lead">{cv["folds"]}-fold cross-validation on {_e(data.split)} '
-                     f'({record["optimize"]["rows"]} images)' + (", temperatures fitted per fold" if cv["temperature"]
-                                                                   else "")
-                     + (", corrected for the training prior (+prior)" if cv.get("prior") else "")
+        chosen = cv.chosen
+        parts.append(f'<p class="lead">{cv.folds}-fold cross-validation on {_e(data.split)} '
+                     f'({record.optimize.rows} images)' + (", temperatures fitted per fold" if cv.temperature
+                                                          else "")
+                     + (", corrected for the training prior (+prior)" if cv.prior else "")
                      + f'. The blend in use: <b data-key="chosen">{_e(chosen)}</b>'
-                     + ("" if cv.get("beats_uniform", True) else
+                     + ("" if cv.beats_uniform else
                         " (the method did not beat uniform weights on CV)") + ".</p>")
-        k = cv["top_k"]
+        k = cv.top_k
         rows = "".join(
-            f'<tr data-row="{_e(r["name"])}"{_USED if r["name"] == chosen else ""}>'
-            f'<td>{_e(r["name"])}</td>{_num(r["top1"], "top1")}{_num(r["top1_low"], "top1_low")}'
-            f'{_num(r["top1_high"], "top1_high")}{_num(r["topk"], "topk")}{_num(r["nll"], "nll")}</tr>'
-            for r in cv["rows"])
-        parts.append(f'<div class="row">{plots.cv_chart(cv["rows"], chosen, list(data.models))}'
+            f'<tr data-row="{_e(r.name)}"{_USED if r.name == chosen else ""}>'
+            f'<td>{_e(r.name)}</td>{_num(r.top1, "top1")}{_num(r.top1_low, "top1_low")}'
+            f'{_num(r.top1_high, "top1_high")}{_num(r.topk, "topk")}{_num(r.nll, "nll")}</tr>'
+            for r in cv.rows)
+        parts.append(f'<div class="row">{plots.cv_chart(cv.rows, chosen, list(data.models))}'
                      f'<table class="cv"><tr><th></th><th>CV top-1</th><th>low</th><th>high</th><th>top-{k}</th>'
                      f'<th>NLL</th></tr>{rows}</table></div>')
     else:
         parts.append(f'<p class="missing">Not shown: {_e(data.missing["summary-cv"])}.</p>')
-    temps = record.get("temperatures") or {}
-    parts.append(f'<p class="lead">Method <b data-key="method">{_e(record["method"])}</b> '
-                 f'({_e(record["fusion"])} fusion) over {len(data.members)} member'
+    temps = record.temperatures or {}
+    parts.append(f'<p class="lead">Method <b data-key="method">{_e(record.method)}</b> '
+                 f'({_e(record.fusion)} fusion) over {len(data.members)} member'
                  f'{"s" if len(data.members) != 1 else ""}'
-                 + (" (one per model and TTA view: blended with --views)" if record.get("views") else "")
+                 + (" (one per model and TTA view: blended with --views)" if record.views else "")
                  + ". Its weights" + (" and temperatures" if temps else "") + ":</p>")
     weight_rows = "".join(
         f'<tr data-member="{_e(m)}"><td>{_e(m)}</td>{_num(w, "weight")}'
         + (_num(temps[m], "temperature", 3) if temps else "") + "</tr>"
-        for m, w in record["weights"].items())
-    tau = record["prior"]["tau"] if record.get("prior") else None
-    parts.append(f'<div class="row">{plots.weights_chart(record["weights"], list(data.models), tau)}'
+        for m, w in record.weights.items())
+    tau = record.prior.tau if record.prior else None
+    parts.append(f'<div class="row">{plots.weights_chart(record.weights, list(data.models), tau)}'
                  f'<table class="weights"><tr><th>member</th><th>weight</th>'
                  f'{"<th>temperature</th>" if temps else ""}</tr>{weight_rows}</table></div>')
-    prior = record.get("prior")
+    prior = record.prior
     if prior:
-        how = "fitted with the weights" if prior.get("tau_fitted") else "given"
-        parts.append(f'<p class="lead">Corrected for the training prior of {_e(prior.get("file"))}: '
-                     f'tau <span data-key="tau" data-value="{_e(json.dumps(prior["tau"]))}">{prior["tau"]:.3f}</span>'
+        how = "fitted with the weights" if prior.tau_fitted else "given"
+        parts.append(f'<p class="lead">Corrected for the training prior of {_e(prior.file)}: '
+                     f'tau <span data-key="tau" data-value="{_e(json.dumps(prior.tau))}">{prior.tau:.3f}</span>'
                      f' ({how}; 0 is no correction, 1 divides by the prior once).</p>')
     in_sample = float((data.blend.predicted == data.labels).mean())
     parts.append(f'<p class="note">In-sample top-1 of the blend on {_e(data.split)}: '
@@ -149,16 +150,16 @@ def calibration(data: ReportData) -> str:
             "calibration error (Guo et al. 2017)."
             + (" Red: after each model's fitted temperature (fitted on these rows, so in-sample)." if tempered else "")
             + (" The blend's temperatures are per view: the models' panels show them without." if
-               data.record.get("temperatures") and data.record.get("views") else "")
+               data.record.temperatures and data.record.views else "")
             + " The blend's panel is the blend as applied" + _included(data.record) + ".</p>")
     return _section("calibration", f'{lead}<div class="row">{plots.reliability_chart(panels)}'
                     f'<table class="ece"><tr><th></th><th>ECE</th>{"<th>ECE after T</th>" if tempered else ""}</tr>'
                     f"{table}</table></div>")
 
 
-def _included(record: Mapping[str, Any]) -> str:
-    parts = [name for name, key in (("its temperatures", "temperatures"), ("the prior correction", "prior"))
-             if record.get(key)]
+def _included(record: BlendRecord) -> str:
+    parts = [name for name, value in (("its temperatures", record.temperatures), ("the prior correction", record.prior))
+             if value]
     return ", " + " and ".join(parts) + " included" if parts else ""
 
 
@@ -169,7 +170,7 @@ def diversity(data: ReportData) -> str:
     corr = cal.error_correlation(data.member_correct)
     disagree = cal.disagreement(data.member_predictions)
     accuracy = data.member_correct.mean(axis=1)
-    weights = data.record["weights"]
+    weights = data.record.weights
     table = "".join(f'<tr data-row="{_e(m)}"><td>{_e(m)}</td><td data-key="top1">{a:.4f}</td>'
                     f'{_num(weights[m], "weight", 3)}</tr>' for m, a in zip(members, accuracy))
     lead = (f'<p class="lead">On {_e(data.split)}: how often two members are wrong on the same images (correlation '
@@ -249,7 +250,7 @@ def leaderboard(data: ReportData) -> str:
 
 def _footer(data: ReportData) -> str:
     blend_json = data.blend_dir / "blend.json"
-    stores = data.record["optimize"]["stores"]
+    stores = data.record.optimize.stores
     lines = [f"Made by ens {_e(__version__)} (`ens report`) from {_e(blend_json)} (sha256 "
              f'<span data-key="blend_sha256">{sha256_file(blend_json)}</span>), '
              f"labels {_e(data.labels_path)}, stores under {_e(data.runs)}:"]

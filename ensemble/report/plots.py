@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 
+from ensemble.formats.blend import CvRow
 from weights_search.calibration import Reliability
 
 #: Colours of the predictors, in order (matplotlib's tab10), and of the blend.
@@ -49,18 +50,18 @@ def _model_colour(name: str, models: Sequence[str]) -> str:
     return colour(models.index(model)) if model in models else "#888888"
 
 
-def cv_chart(rows: Sequence[Mapping], chosen: str, models: Sequence[str]) -> str:
+def cv_chart(rows: Sequence[CvRow], chosen: str, models: Sequence[str]) -> str:
     """Dot-and-interval chart of the CV top-1 of every row (members in their model's colour,
     uniform and the method grey, the chosen blend black); ``rows``: blend.json's ``cv.rows``."""
     with rc_context(_STYLE):
         fig = _figure(4.2, 0.32 * len(rows) + 0.8)
         ax = fig.add_subplot()
         for y, row in enumerate(rows):
-            mine = row["name"] == chosen
-            c = BLEND_COLOUR if mine else ("#888888" if row["kind"] != "member" else _model_colour(row["name"], models))
-            ax.errorbar(row["top1"], y, xerr=[[row["top1"] - row["top1_low"]], [row["top1_high"] - row["top1"]]],
+            mine = row.name == chosen
+            c = BLEND_COLOUR if mine else ("#888888" if row.kind != "member" else _model_colour(row.name, models))
+            ax.errorbar(row.top1, y, xerr=[[row.top1 - row.top1_low], [row.top1_high - row.top1]],
                         fmt="o", color=c, ms=7 if mine else 5, capsize=3, lw=2 if mine else 1.2)
-        ax.set_yticks(range(len(rows)), [r["name"] + ("  (used)" if r["name"] == chosen else "") for r in rows])
+        ax.set_yticks(range(len(rows)), [r.name + ("  (used)" if r.name == chosen else "") for r in rows])
         ax.invert_yaxis()
         ax.set_xlabel("CV top-1 with 95% bootstrap interval")
         ax.grid(axis="x", alpha=0.3)

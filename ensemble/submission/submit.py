@@ -30,7 +30,8 @@ from ensemble.submission import kaggle_client
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
 from ensemble.submission.kaggle_client import Receipt, UploadError
-from ensemble.formats.ledger import BlendProvenance, Entry, Ledger, read_blend
+from ensemble.formats.blend import BlendSummary
+from ensemble.formats.ledger import Entry, Ledger
 from ensemble.submission.fill import DEFAULT_MISSING, MISSING_HINT, Fill, check_missing, fill_missing, find_fill
 from ensemble.submission.kaggle_csv import (Reference, Submission, check_file, check_rows, get_format,
                                             load_reference, read_predictions, submission_bytes, submission_path,
@@ -116,7 +117,7 @@ class Predictions:
     is not a blend's ``predictions.csv``) and the default file name."""
 
     csv: Path
-    blend: BlendProvenance | None
+    blend: BlendSummary | None
     source: str
     name: str
 
@@ -128,7 +129,7 @@ def resolve_predictions(path: str | os.PathLike) -> Predictions:
     if not csv.is_file():
         raise EnsError(f"{path}: no {PREDICTIONS} in this folder" if path.is_dir() else f"{path}: no such file")
     blend_json = csv.parent / BLEND
-    blend = read_blend(blend_json) if blend_json.is_file() else None
+    blend = BlendSummary.read(blend_json) if blend_json.is_file() else None
     if csv.name == PREDICTIONS:
         return Predictions(csv=csv, blend=blend, source=str(csv.parent), name=csv.parent.resolve().name)
     return Predictions(csv=csv, blend=blend, source=str(csv), name=csv.name.split(".")[0])

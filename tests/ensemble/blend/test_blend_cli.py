@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 
 import weights_search
+from ensemble.fileio import json_text
+from ensemble.formats.blend import BlendRecord
 
 from tests.ensemble.conftest import ens, make_inat, ok, one_line_error, tiny_onnx
 
@@ -163,6 +165,48 @@ def test_optimize_val_applies_test_and_reports_cv(work, tmp_path):
     assert lines[7] == "weights: " + ", ".join(f"{m} {record['weights'][m]:.3f}" for m in MODELS)
     assert lines[8:] == [f"wrote {out / 'blend.json'}",
                          f"wrote {out / 'predictions.csv'} ({len(TEST_IDS)} images of test, top-3)"]
+
+
+def test_blend_json_reads_and_writes_back_to_its_bytes(work, tmp_path):
+    """BlendRecord is blend.json's one reader and writer: a record `ens blend` wrote (fitted with
+    temperatures, and applied), read and written again, is the same bytes; re-applying it keeps
+    its keys in their order and adds applied_from after them, as `ens blend --weights` always did."""
+    fitted, applied = tmp_path / "fitted", tmp_path / "applied"
+    ok(ens("blend", "--runs", work.runs, "--optimize", "val", "--data", work.data, "--temperature", "--out", fitted))
+    ok(ens("blend", "--runs", work.runs, "--weights", fitted / "blend.json", "--out", applied))
+    for path in (fitted / "blend.json", applied / "blend.json"):
+        record = BlendRecord.read(path)
+        assert record.text() == path.read_text()
+        record.write(tmp_path / "again.json")
+        assert (tmp_path / "again.json").read_bytes() == path.read_bytes()
+    saved, again = (json.loads((p / "blend.json").read_text()) for p in (fitted, applied))
+    assert list(again) == [*saved, "applied_from"] and list(saved)[-2:] == ["cv", "apply"]
+    assert {k: v for k, v in again.items() if k != "applied_from"} == saved
+    record = BlendRecord.read(fitted / "blend.json")
+    assert record.cv.rows[0].name == "m0" and record.provenance["m0"].pixels == 2
+    assert record.optimize.split == "val" and record.apply.split == "test"
+
+
+def test_an_older_or_hand_edited_blend_json_is_applied_as_it_was(work, tmp_path):
+    """What a blend.json holds that this ens does not write (a key of a hand edit, a CV table it
+    cannot read) or leaves out (an older ens's provenance without cam and pixels, no prior) is
+    written back as it was when the blend is re-applied."""
+    fitted = tmp_path / "fitted"
+    ok(ens("blend", "--runs", work.runs, "--optimize", "val", "--data", work.data, "--out", fitted))
+    doc = json.loads((fitted / "blend.json").read_text())
+    del doc["prior"], doc["apply"]
+    for given in doc["provenance"].values():
+        del given["cam"]
+    doc["cv"] = {"rows": "hand-edited"}
+    doc = {"note": "kept", **doc}
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(doc))
+    assert BlendRecord.read(old).text() == json_text(doc)
+    out = tmp_path / "out"
+    ok(ens("blend", "--runs", work.runs, "--weights", old, "--out", out))
+    written = json.loads((out / "blend.json").read_text())
+    expected = dict(doc, applied_from=str(old), apply=written["apply"])
+    assert (out / "blend.json").read_text() == json_text(expected)
 
 
 def test_stores_made_differently_are_never_blended(work, tmp_path):

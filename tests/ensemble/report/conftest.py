@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from ensemble.formats.ledger import BlendProvenance, Ledger
+from ensemble.formats.blend import BlendSummary
+from ensemble.formats.ledger import Ledger
 
 from tests.ensemble.conftest import ens, make_inat, ok, tiny_onnx
 
@@ -82,7 +83,7 @@ def add_ledger(root: Path, source: str, cv: tuple[float, float, float], public: 
     path = root / "submissions" / f"s{n}.csv"
     entry = ledger.record(lambda: (path.write_text("id,predicted\n"), path)[1], created="2026-01-01T00:00:00Z",
                           format="inat2019", rows=0, source=source,
-                          blend=BlendProvenance("nll", ("m0",), {"m0": 1.0}, *cv))
+                          blend=BlendSummary("nll", ("m0",), {"m0": 1.0}, *cv))
     if public is not None or private is not None:
         ledger.store_scores(entry.id, kaggle_ref=100 + n, kaggle_status="complete", public_score=public,
                             private_score=private, error=None, uploaded=None)

@@ -13,7 +13,8 @@ from ensemble.submission import kaggle_client
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
 from ensemble.submission.kaggle_client import UploadError
-from ensemble.formats.ledger import Ledger, read_blend
+from ensemble.formats.blend import BlendSummary
+from ensemble.formats.ledger import Ledger
 from ensemble.submission.submit import SubmitOptions, refresh_scores, retry, submit
 
 from tests.ensemble.submission.submit_data import BLEND, TEST_IDS, make_blend, make_data, standin  # noqa: F401  (fixture)
@@ -59,7 +60,7 @@ def test_hand_made_predictions_record_no_blend(work):
 def test_blend_without_cv(tmp_path):
     path = tmp_path / "blend.json"
     path.write_text(json.dumps(dict(BLEND, cv=None)))
-    blend = read_blend(path)
+    blend = BlendSummary.read(path)
     assert blend.method == "greedy" and blend.cv_top1 is blend.cv_top1_low is blend.cv_top1_high is None
 
 
