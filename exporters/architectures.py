@@ -18,6 +18,7 @@ import torchvision
 from torch import nn
 
 from ensemble.errors import EnsError
+from ensemble.formats.common import describe
 
 DEFAULT_INPUT_SIZE = 224
 #: Architectures trained at another resolution than 224 px.
@@ -68,7 +69,7 @@ class Architecture:
         except Exception as exc:  # builders check their arguments with TypeError, ValueError, assert, ...
             classes = f" and num_classes={num_classes}" if "num_classes" in kwargs and "num_classes" not in given else ""
             raise EnsError(f"--arch {self.name}: cannot build it with --arch-kwargs {kwargs_text(given)}{classes} "
-                           f"({type(exc).__name__}: {_first_line(exc)})") from None
+                           f"({describe(exc, 200)})") from None
         if not isinstance(model, nn.Module):
             raise EnsError(f"--arch {self.name}: the factory returned {type(model).__name__}, not a torch.nn.Module")
         return model
@@ -76,11 +77,6 @@ class Architecture:
 
 def kwargs_text(kwargs: Mapping[str, Any]) -> str:
     return "{" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k != "weights") + "}"
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else "no message"
 
 
 def _accepts(fn: Callable[..., Any], name: str) -> bool:

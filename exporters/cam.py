@@ -21,6 +21,8 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
+from ensemble.formats.common import describe
+
 #: Modules that pass a pooled vector on unchanged in eval mode.
 _PASS_MODULES = (nn.Dropout, nn.Identity, nn.Flatten)
 
@@ -76,8 +78,7 @@ def find_cam_head(model: nn.Module) -> CamHead | str:
     try:
         traced = fx.symbolic_trace(model)
     except Exception as exc:  # data-dependent control flow, untraceable calls, ...
-        text = str(exc).strip().splitlines()
-        return f"torch.fx cannot trace it ({type(exc).__name__}: {text[0][:120] if text else ''})"
+        return f"torch.fx cannot trace it ({describe(exc, 120)})"
     graph = traced.graph
     output = next(n for n in graph.nodes if n.op == "output")
     result = output.args[0]

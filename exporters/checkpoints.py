@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ensemble.formats.common import describe
 from ensemble.formats.dataset import check_regular_file
 from ensemble.errors import EnsError
 
@@ -70,17 +71,12 @@ def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Chec
                 warnings.simplefilter("ignore", FutureWarning)
                 module = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:
-            raise EnsError(f"{path}: unreadable TorchScript archive ({_short(exc)})") from None
+            raise EnsError(f"{path}: unreadable TorchScript archive ({describe(exc, 200)})") from None
         return Checkpoint(path, "torchscript", module=module.eval())
     obj, notes = _torch_load(path, trust_pickle)
     checkpoint = _classify(path, obj)
     checkpoint.notes[:0] = notes
     return checkpoint
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -90,7 +86,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise EnsError(f"{path}: not a safetensors file ({_short(exc)})") from None
+        raise EnsError(f"{path}: not a safetensors file ({describe(exc, 200)})") from None
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -113,7 +109,7 @@ def _torch_load(path: Path, trust_pickle: bool) -> tuple[object, list[str]]:
         if refused is None:
             raise EnsError(f"{path}: not a PyTorch checkpoint ({_unpickler_reason(exc)})") from None
     except Exception as exc:
-        raise EnsError(f"{path}: not a PyTorch checkpoint ({_short(exc)})") from None
+        raise EnsError(f"{path}: not a PyTorch checkpoint ({describe(exc, 200)})") from None
     # The file pickles more than tensors and plain containers: a whole nn.Module, or objects
     # of other classes. Unpickling it runs code named in the file.
     if not trust_pickle:
@@ -123,11 +119,11 @@ def _torch_load(path: Path, trust_pickle: bool) -> tuple[object, list[str]]:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except (AttributeError, ModuleNotFoundError) as exc:
         raise EnsError(
-            f"{path}: cannot unpickle it, a class it needs is not importable ({_short(exc)}); "
+            f"{path}: cannot unpickle it, a class it needs is not importable ({describe(exc, 200)}); "
             "save a state_dict instead and pass --arch"
         ) from None
     except Exception as exc:
-        raise EnsError(f"{path}: not a PyTorch checkpoint ({_short(exc)})") from None
+        raise EnsError(f"{path}: not a PyTorch checkpoint ({describe(exc, 200)})") from None
     return obj, [f"loaded with {TRUST_OPTION}: unpickling ran code from the file"]
 
 
@@ -138,7 +134,7 @@ def _unpickler_reason(exc: pickle.UnpicklingError) -> str:
     """What the weights-only unpickler met, without torch's paragraph about ``weights_only``."""
     _, marker, rest = str(exc).partition("WeightsUnpickler error:")
     lines = [line.strip() for line in rest.splitlines() if line.strip()] if marker else []
-    return lines[0][:200] if lines else _short(exc)
+    return lines[0][:200] if lines else describe(exc, 200)
 
 
 def _pickled_classes(path: Path, first: str, shown: int = 3) -> str:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
+from ensemble.formats.common import is_id, read_json
 from ensemble.formats.dataset import check_regular_file
 from ensemble.errors import EnsError
 
@@ -24,10 +24,7 @@ def load_class_ids(path: str | Path, num_classes: int) -> tuple[int | str, ...]:
     if path.is_dir():
         return _checked(image_folder_classes(path), num_classes, path)
     check_regular_file(path, "--classes")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EnsError(f"--classes {path}: not valid JSON ({exc})") from None
+    data = read_json(path, f"--classes {path}", problem="not valid JSON")
     if isinstance(data, dict):
         categories = data.get("categories")
         if not isinstance(categories, list) or not categories:
@@ -73,7 +70,7 @@ def _checked(values: list, num_classes: int, path: Path) -> tuple[int | str, ...
 
 
 def _as_id(value: object, path: Path) -> int | str:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
+    if not is_id(value):
         raise EnsError(f"--classes {path}: category ids must be integers or strings, got {value!r}")
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
         return int(value)

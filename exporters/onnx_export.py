@@ -30,6 +30,7 @@ from torch import nn
 from ensemble import __version__
 from ensemble.errors import EnsError
 from ensemble.fileio import atomic_path, sha256_file
+from ensemble.formats.common import describe, first_line
 from ensemble.formats.model import (CAM_OUTPUT, IMAGENET_MEAN, IMAGENET_STD, INPUT_NAME, MAX_INPUT_SIZE,
                                MIN_INPUT_SIZE, OUTPUT_NAME, ModelMetadata, Verification, check_preprocess)
 from exporters import architectures
@@ -360,8 +361,8 @@ def _reference_logits(wrapper: nn.Module, size: int, options: ExportOptions, sou
     except EnsError:
         raise
     except Exception as exc:
-        raise EnsError(f"{source}: the model does not run on {size} px inputs ({type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); set --input-size") from None
+        raise EnsError(f"{source}: the model does not run on {size} px inputs "
+                       f"({describe(exc, 160)}); set --input-size") from None
     if out.ndim != 2 or out.shape[0] != options.check_batch:
         raise EnsError(f"{source}: the model returns shape {tuple(out.shape)}, expected (batch, classes)")
     if options.num_classes is not None and out.shape[1] != options.num_classes:
@@ -422,7 +423,7 @@ def _to_onnx(wrapper: UInt8NHWC, size: int, dynamic: bool, opset: int, cam: bool
     try:
         onnx.checker.check_model(graph, full_check=True)
     except onnx.checker.ValidationError as exc:
-        raise EnsError(f"the exported graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
+        raise EnsError(f"the exported graph fails onnx.checker: {first_line(exc)}") from None
     return graph
 
 
@@ -452,8 +453,8 @@ def _verify(graph: onnx.ModelProto, references: Mapping[int, np.ndarray], cams: 
             got, *cam = session.run(names, {INPUT_NAME: check_images(batch, size).numpy()})
         except Exception as exc:
             if size != first:
-                raise _SizeMismatch(f"onnxruntime fails at {size} px: {str(exc).splitlines()[0][:120]}") from None
-            raise EnsError(f"onnxruntime cannot run the exported {precision} graph: {str(exc).splitlines()[0]}") from None
+                raise _SizeMismatch(f"onnxruntime fails at {size} px: {first_line(exc, 120)}") from None
+            raise EnsError(f"onnxruntime cannot run the exported {precision} graph: {first_line(exc)}") from None
         check = Verification(
             precision=precision, size=size, batch=batch,
             max_abs_diff=float(np.abs(got.astype(np.float64) - expected).max()),
@@ -575,7 +576,7 @@ def _to_fp16(graph: onnx.ModelProto) -> onnx.ModelProto:
     try:
         onnx.checker.check_model(converted, full_check=True)
     except onnx.checker.ValidationError as exc:
-        raise EnsError(f"the fp16 graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
+        raise EnsError(f"the fp16 graph fails onnx.checker: {first_line(exc)}") from None
     return converted
 
 
