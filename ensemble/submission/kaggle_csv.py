@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import datetime as dt
 import gzip
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -37,7 +36,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ensemble.formats.common import is_int, read_json
 from ensemble.formats.dataset import find_split, load_split, split_candidates
+from ensemble.formats.predictions import header_top_k
 from ensemble.errors import EnsError
 from ensemble.fileio import write_new
 
@@ -169,14 +170,6 @@ def load_reference(data: str | os.PathLike, fmt: SubmissionFormat,
                      categories=categories, sample_source=sample_source, sample_ids=sample_ids)
 
 
-def read_json(path: Path) -> object:
-    """A json file's document; an unreadable file is an :class:`EnsError` naming it."""
-    try:
-        return json.loads(path.read_bytes())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EnsError(f"{path}: not a JSON file ({exc})") from None
-
-
 def _categories(data: Path, fmt: SubmissionFormat) -> np.ndarray:
     known: set[int] = set()
     found: list[Path] = []
@@ -191,7 +184,7 @@ def _categories(data: Path, fmt: SubmissionFormat) -> np.ndarray:
         doc = read_json(path)
         for i, category in enumerate(doc.get("categories") or () if isinstance(doc, dict) else ()):
             cid = category.get("id") if isinstance(category, dict) else None
-            if isinstance(cid, bool) or not isinstance(cid, int):
+            if not is_int(cid):
                 raise EnsError(f"{path}: categories[{i}] has id {cid!r}; expected an integer")
             known.add(cid)
     if not known:
@@ -218,13 +211,12 @@ def read_predictions(path: str | os.PathLike, fmt: SubmissionFormat) -> pd.DataF
     Row ``i`` stays line ``i + 2`` of the file, so check messages name its lines.
     """
     frame = read_csv_text(path)
-    columns = list(frame.columns)
-    numbered = sorted(int(c.split("_")[1]) for c in columns if re.fullmatch(r"category_[0-9]+", c))
-    if not columns or columns[0] != "id" or not numbered or numbered != list(range(1, len(numbered) + 1)):
+    given = header_top_k(list(frame.columns))
+    if given is None:
         raise EnsError(f"{path}: header {_header(frame)}; expected id,category_1,...,category_K,prob_1,...,prob_K "
                        "(the predictions.csv of `ens blend`)")
-    if len(numbered) < fmt.top_k:
-        raise EnsError(f"{path}: {len(numbered)} categories per row (category_1..category_{len(numbered)}); "
+    if given < fmt.top_k:
+        raise EnsError(f"{path}: {given} categories per row (category_1..category_{given}); "
                        f"--format {fmt.name} needs {fmt.top_k}: blend again with top-k {fmt.top_k} or more")
     predicted = frame["category_1"]
     for k in range(2, fmt.top_k + 1):
