@@ -30,11 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble.formats.common import read_json
-from ensemble.formats.dataset import coco_counts
-from ensemble.formats.dataset import find_split
-from ensemble.formats.ledger import BLEND_PRIOR, TRAIN_PRIOR
 from ensemble.errors import EnsError
+from ensemble.formats.common import read_json
+from ensemble.formats.dataset import coco_counts, find_split
+from ensemble.formats.ledger import BLEND_PRIOR, TRAIN_PRIOR
 from ensemble.submission.kaggle_csv import Reference, Submission, SubmissionFormat
 
 #: ``--missing`` choices: what happens to test ids the predictions lack.

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from ensemble.errors import EnsError
+from ensemble.formats.common import describe
 
 INSTALL = "pip install 'ens[kaggle]'"
 NO_CREDENTIALS = ("no Kaggle credentials: set KAGGLE_API_TOKEN (or save the token to ~/.kaggle/access_token), "
@@ -162,7 +163,7 @@ def _score(text: str | None) -> float | None:
 def _reason(exc: Exception) -> str:
     response = getattr(exc, "response", None)
     if response is None:
-        return f"could not reach Kaggle ({type(exc).__name__}: {' '.join(str(exc).split())})"
+        return f"could not reach Kaggle ({describe(exc, whole=True)})"
     try:
         body = response.json()
     except ValueError:

@@ -26,22 +26,21 @@ from typing import Callable
 
 import numpy as np
 
-from ensemble.submission import kaggle_client
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
-from ensemble.submission.kaggle_client import Receipt, UploadError
-from ensemble.formats.blend import BlendSummary
+from ensemble.formats.blend import BLEND_FILE, BlendSummary
 from ensemble.formats.ledger import Entry, Ledger
+from ensemble.formats.predictions import PREDICTIONS_FILE
+from ensemble.submission import kaggle_client
 from ensemble.submission.fill import DEFAULT_MISSING, MISSING_HINT, Fill, check_missing, fill_missing, find_fill
+from ensemble.submission.kaggle_client import Receipt, UploadError
 from ensemble.submission.kaggle_csv import (Reference, Submission, check_file, check_rows, get_format,
                                             load_reference, read_predictions, submission_bytes, submission_path,
                                             write_new)
 
 #: Where files and ledger go, relative to the working folder.
 SUBMISSIONS = Path("submissions")
-PREDICTIONS = "predictions.csv"
 DEFAULT_FORMAT = "inat2019"
-BLEND = "blend.json"
 
 
 @dataclass(frozen=True)
@@ -111,7 +110,7 @@ class RefreshResult:
 
 
 @dataclass(frozen=True)
-class Predictions:
+class PredictionsSource:
     """Where ``PREDICTIONS`` points: the CSV, the provenance in the ``blend.json`` beside it
     (``None`` without one), the source the ledger records (the blend folder, or the CSV when it
     is not a blend's ``predictions.csv``) and the default file name."""
@@ -122,17 +121,17 @@ class Predictions:
     name: str
 
 
-def resolve_predictions(path: str | os.PathLike) -> Predictions:
+def resolve_predictions(path: str | os.PathLike) -> PredictionsSource:
     """``PREDICTIONS``: a blend folder holding ``predictions.csv``, or a CSV file."""
     path = Path(path)
-    csv = path / PREDICTIONS if path.is_dir() else path
+    csv = path / PREDICTIONS_FILE if path.is_dir() else path
     if not csv.is_file():
-        raise EnsError(f"{path}: no {PREDICTIONS} in this folder" if path.is_dir() else f"{path}: no such file")
-    blend_json = csv.parent / BLEND
+        raise EnsError(f"{path}: no {PREDICTIONS_FILE} in this folder" if path.is_dir() else f"{path}: no such file")
+    blend_json = csv.parent / BLEND_FILE
     blend = BlendSummary.read(blend_json) if blend_json.is_file() else None
-    if csv.name == PREDICTIONS:
-        return Predictions(csv=csv, blend=blend, source=str(csv.parent), name=csv.parent.resolve().name)
-    return Predictions(csv=csv, blend=blend, source=str(csv), name=csv.name.split(".")[0])
+    if csv.name == PREDICTIONS_FILE:
+        return PredictionsSource(csv=csv, blend=blend, source=str(csv.parent), name=csv.parent.resolve().name)
+    return PredictionsSource(csv=csv, blend=blend, source=str(csv), name=csv.name.split(".")[0])
 
 
 def submit(predictions: str | os.PathLike, data: str | os.PathLike, options: SubmitOptions,
