@@ -55,11 +55,14 @@ def open_split(runs: Path, models: Sequence[str], split: str) -> BlendSplit:
         if not (path / MANIFEST).is_file():
             raise EnsError(f"{path}: no logit store; run `ens infer` on the {split} split for {model}")
         stores.append(read_store(path))
-    _check_aligned(split, models, stores)
+    check_aligned(split, models, stores)
     return BlendSplit(split, tuple(stores), tuple(models))
 
 
-def _check_aligned(split: str, models: Sequence[str], stores: Sequence[LogitStore]) -> None:
+def check_aligned(split: str, models: Sequence[str], stores: Sequence[LogitStore]) -> None:
+    """The stores of ``split`` (one per model) must predict the same classes, map them to the
+    same category ids and hold the same image ids in the same order; otherwise an EnsError
+    naming the first model that differs from the first model, and how."""
     first, ref = models[0], stores[0]
     for model, store in zip(models[1:], stores[1:]):
         if store.logits.shape[1] != ref.logits.shape[1]:
