@@ -119,7 +119,11 @@ def _handler(service: KaggleStandIn):
         do_POST = do_PUT = _serve
 
         def do_CONNECT(self):  # HTTPS through the proxy: refused, nothing leaves the machine
-            service.calls.append(Call("CONNECT", self.path, "CONNECT", None, None))
+            host = self.path.rsplit(":", 1)[0].lower()
+            if host == "kaggle.com" or host.endswith(".kaggle.com"):
+                service.calls.append(Call("CONNECT", self.path, "CONNECT", None, None))
+            else:
+                service.tunnels.append(self.path)
             self.send_error(403, "the Kaggle stand-in does not tunnel")
 
         def log_message(self, *args):
