@@ -33,6 +33,7 @@ import numpy as np
 from scipy import ndimage
 
 from ensemble.errors import EnsError
+from ensemble.formats.common import is_finite
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class CamSettings:
         for flag, value, low, high in (("--cam-threshold", self.threshold, 0.0, 1.0),
                                        ("--cam-pad", self.pad, 0.0, 1.0),
                                        ("--cam-min", self.min_size, 0.01, 1.0)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
+            if not (is_finite(value) and low <= value <= high):
                 raise EnsError(f"{flag} {value}: must lie in [{low:g}, {high:g}]")
         return self
 

@@ -52,6 +52,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ensemble.formats.common import describe
 from ensemble.inference.tta import CamSource, Geometry, canvas_shape, crop_box, source_box
 
 #: Decoded batches, in flight and waiting for the model, take at most this much memory, or two
@@ -403,8 +404,7 @@ def _reason(exc: Exception, path: str | Path) -> str:
         return "not a regular file (a FIFO, device or socket)"
     if isinstance(exc, UnidentifiedImageError):
         return "empty file" if os.path.getsize(path) == 0 else "not an image Pillow can read"
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return describe(exc)
 
 
 def _worker_init() -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ensemble.errors import EnsError
+from ensemble.formats.common import first_line
 from ensemble.formats.model import IMAGENET_MEAN, IMAGENET_STD, ModelMetadata, rgb_text
 
 #: ``--resize`` and ``--crop-pct`` left out: the ImageNet evaluation recipe.
@@ -141,5 +142,5 @@ def adapt_foreign(graph, pre: ForeignPreprocess, source: str):
         onnx.checker.check_model(graph)
     except onnx.checker.ValidationError as exc:
         raise EnsError(f"{source}: the graph with ens preprocessing fails onnx.checker: "
-                       f"{str(exc).splitlines()[0]}") from None
+                       f"{first_line(exc)}") from None
     return graph, size, fixed is None, classes

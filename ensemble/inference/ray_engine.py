@@ -38,6 +38,7 @@ import warnings
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from ensemble.errors import EnsError
+from ensemble.formats.common import describe
 from ensemble.inference.decode import batch_bytes, decode_batch
 from ensemble.inference.engine import BatchOutput, Event, InferOptions, OpenedEngine, gpu_options, resolve_device
 from ensemble.inference.forward import decode_needs, make_forward, open_passes
@@ -64,11 +65,6 @@ def _import_ray():
     except ImportError:
         raise EnsError(_INSTALL) from None
     return ray
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
 
 
 def user_error(exc: BaseException) -> EnsError | None:
@@ -120,7 +116,7 @@ def _failures(what: str, actor_died: str | None = None) -> Iterator[None]:
             raise EnsError(str(found)) from None
         if actor_died is not None and _actor_died(exc):
             raise EnsError(actor_died) from exc  # --debug shows Ray's own error under it
-        raise EnsError(f"{what} ({_first_line(exc)})") from None
+        raise EnsError(f"{what} ({describe(exc, 300)})") from None
 
 
 def _connect(ray, address: str | None) -> bool:
@@ -135,7 +131,7 @@ def _connect(ray, address: str | None) -> bool:
     try:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     except Exception as exc:  # ConnectionError, RuntimeError, ValueError, ... from ray.init
-        raise EnsError(f"{where}: cannot connect to a Ray cluster ({_first_line(exc)}); start one with "
+        raise EnsError(f"{where}: cannot connect to a Ray cluster ({describe(exc, 300)}); start one with "
                        "`ray start --head` or give its address as HOST:PORT (or auto)") from None
     return True
 

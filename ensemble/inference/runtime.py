@@ -26,6 +26,7 @@ import numpy as np
 from ensemble.formats.dataset import check_regular_file
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
+from ensemble.formats.common import describe
 from ensemble.formats.model import OUTPUT_NAME, PREFIX, ModelMetadata
 from ensemble.inference.foreign import ForeignPreprocess, foreign_model, static_dim
 from ensemble.inference.tta import Preprocess
@@ -224,7 +225,7 @@ _OUT_OF_MEMORY = ("out of memory", "failed to allocate", "bad_alloc", "cudaerror
 def run_failure(path: Path, shape: Sequence[int], exc: Exception) -> str:
     """One line for an onnxruntime failure during a run: the model, the input shape, a hint."""
     text = " ".join(str(exc).split())
-    reason = f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+    reason = describe(exc, 300, whole=True)
     images, height, width = shape[0], shape[1], shape[2]
     if any(word in text.lower() for word in _OUT_OF_MEMORY):
         hint = ("out of memory: a smaller --batch-size bounds the images of every forward pass "
@@ -276,7 +277,7 @@ class Runner:
             self.session = ort.InferenceSession(source, options, providers=providers)
         except Exception as exc:
             raise EnsError(f"{model.path}: onnxruntime cannot open it on {device} "
-                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+                           f"({describe(exc, 200)})") from None
         self.provider = self.session.get_providers()[0]
         if self.provider != DEVICES[device][0]:
             # onnxruntime falls back to CPU silently when the CUDA libraries fail to load.
@@ -354,8 +355,7 @@ def probe_device(device: str, gpu: GpuOptions = GpuOptions()) -> str | None:
             warnings.simplefilter("ignore")
             session = ort.InferenceSession(probe.SerializeToString(), options, providers=providers)
     except Exception as exc:  # a missing libcudnn, a driver too old, ...
-        text = str(exc).splitlines()[0][:200] if str(exc) else ""
-        return f"CUDAExecutionProvider failed to load ({type(exc).__name__}: {text})"
+        return f"CUDAExecutionProvider failed to load ({describe(exc, 200)})"
     if session.get_providers()[0] != "CUDAExecutionProvider":
         return ("CUDAExecutionProvider did not load (onnxruntime fell back to the CPU: the CUDA or "
                 "cuDNN libraries it needs are missing or do not match)")
