@@ -19,7 +19,6 @@ bounded whatever the split's size.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -30,6 +29,7 @@ import weights_search as ws
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
 from ensemble.formats.blend import BLEND_FILE, CHUNK_ROWS, BlendRecord, member_arrays, prior_counts, store_digest
+from ensemble.formats.common import read_json
 from ensemble.formats.dataset import find_split, load_labels, read_class_counts
 from ensemble.formats.store import MANIFEST, LogitStore, read_store
 from weights_search import calibration as cal
@@ -302,7 +302,7 @@ def build_report(blend_dir: Path, data: Path | None = None) -> ReportData:
     labels_path = find_labels(blend_json, record, blend_dir, data)
     ids = stores[0].ids
     labels = load_labels(labels_path, ids, class_ids)
-    labels_doc = json.loads(labels_path.read_text(encoding="utf-8"))  # load_labels has checked it parses
+    labels_doc = read_json(labels_path)  # load_labels has checked it, read the same way
     names = _category_names(labels_doc, class_ids)
     notes = []
     recorded = stores[0].manifest.get("dataset", {})
