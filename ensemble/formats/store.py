@@ -61,11 +61,12 @@ models share the run.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -78,6 +79,7 @@ except ImportError:  # Windows
 
 from ensemble.errors import EnsError
 from ensemble.fileio import atomic_path, write_json_atomic
+from ensemble.formats.common import is_count, is_names, is_number, read_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -95,35 +97,323 @@ def store_path(out: str | os.PathLike, model: str | os.PathLike, split: str) -> 
     return Path(out) / Path(model).stem / split
 
 
+# --------------------------------------------------------------------------------------------
+# manifest.json
+#
+# Fields ens reads back are checked by StoreManifest.read and typed; the others are kept as the
+# file has them (``None`` where a store of an older ens lacks them), and the mapping a record
+# reads as (``manifest["model"]["class_ids"]``) is the file's JSON itself.
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """``model``: the ONNX file the store was made with. ``class_ids``: the category of each
+    column (``None``: column ``j`` is category ``j``); ``foreign``: a file without ens metadata
+    (its preprocessing came from the command line)."""
+
+    file: str
+    sha256: str
+    architecture: str
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: str
+    crop_pct: float
+    interpolation: str
+    precision: str
+    class_ids: tuple[int | str, ...] | None
+    foreign: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "sha256": self.sha256, "architecture": self.architecture,
+                "input_size": self.input_size, "mean": list(self.mean), "std": list(self.std),
+                "resize": self.resize, "crop_pct": self.crop_pct, "interpolation": self.interpolation,
+                "precision": self.precision, "class_ids": None if self.class_ids is None else list(self.class_ids),
+                "foreign": self.foreign}
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """``dataset``: the split's name, its source (json file or folder), the source's sha256,
+    and its images before any was skipped."""
+
+    split: str
+    source: str
+    sha256: str
+    images: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"split": self.split, "source": self.source, "sha256": self.sha256, "images": self.images}
+
+
+@dataclass(frozen=True)
+class TtaRecord:
+    """``tta``: the views (``"identity"`` first, in views.npy order), how they merged, and with a
+    cam view its settings ``{threshold, pad, min}`` (``None`` without one: the key is absent)."""
+
+    views: tuple[str, ...]
+    merge: str
+    cam: Mapping[str, float] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"views": list(self.views), "merge": self.merge, **({} if self.cam is None else {"cam": dict(self.cam)})}
+
+
+@dataclass(frozen=True)
+class RunFigures:
+    """How the last run that wrote the store went: its decoding workers, its rate over all its
+    models and its duration, the time the models waited for decoding, and the rate of this
+    model's forward passes alone (``None`` where the run computed nothing)."""
+
+    workers: int
+    images_per_s: float | None
+    seconds: float | None
+    decode_wait_s: float | None
+    model_images_per_s: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"workers": self.workers, "images_per_s": self.images_per_s, "seconds": self.seconds,
+                "decode_wait_s": self.decode_wait_s, "model_images_per_s": self.model_images_per_s}
+
+
+@dataclass(frozen=True)
+class StoreArrays:
+    """What a complete store's arrays hold: ``rows`` x ``classes`` logits of ``dtype``, whether
+    views.npy and boxes.npy exist, and the images left out ``({id, path, reason}, ...)``."""
+
+    rows: int
+    classes: int
+    dtype: str
+    keep_views: bool
+    boxes: bool
+    skipped: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class StoreManifest(Mapping[str, Any]):
+    """A store's ``manifest.json`` (see the module docstring), the one reader and writer of it.
+
+    ``arrays`` is ``None`` until the store is complete (the manifest of a run in progress);
+    ``figures`` is ``None`` in the manifest a new store starts with. :meth:`read` checks every
+    field ens reads back; :meth:`write` writes :meth:`to_json`, whose keys keep the file's
+    order. The record also reads as that JSON mapping (``manifest["tta"]["views"]``).
+    """
+
+    model: ModelRecord
+    dataset: DatasetRecord
+    tta: TtaRecord
+    pixels: int
+    device: str
+    provider: str
+    device_fallback: str | None
+    batch_size: int
+    chunk_size: int
+    ens_version: str
+    engine: str
+    cluster: Mapping[str, int] | None
+    command: str
+    figures: RunFigures | None = None
+    arrays: StoreArrays | None = None
+    run_key: str = ""
+    format: int = FORMAT_VERSION
+    #: The JSON as read from a file (``None`` for a record made in memory).
+    source: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def complete(self) -> bool:
+        return self.arrays is not None
+
+    @property
+    def skipped_ids(self) -> tuple[int | str, ...]:
+        return tuple(s["id"] for s in self.arrays.skipped) if self.arrays is not None else ()
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest as JSON values, in the file's key order; a record read from a file gives
+        back that file's JSON as it was."""
+        if self.source is not None:
+            return dict(self.source)
+        arrays = self.arrays
+        return {
+            "format": self.format, "complete": self.complete,
+            **({} if arrays is None else {"rows": arrays.rows, "classes": arrays.classes, "dtype": arrays.dtype,
+                                          "keep_views": arrays.keep_views, "boxes": arrays.boxes}),
+            "model": self.model.to_json(), "dataset": self.dataset.to_json(), "tta": self.tta.to_json(),
+            "pixels": self.pixels, "device": self.device, "provider": self.provider,
+            "device_fallback": self.device_fallback, "batch_size": self.batch_size, "chunk_size": self.chunk_size,
+            "ens_version": self.ens_version, "engine": self.engine,
+            "cluster": None if self.cluster is None else dict(self.cluster), "command": self.command,
+            **({} if self.figures is None else self.figures.to_json()),
+            **({} if arrays is None else {"skipped": [dict(s) for s in arrays.skipped]}),
+            "run_key": self.run_key,
+        }
+
+    def write(self, folder: str | os.PathLike) -> None:
+        """Write ``folder``/manifest.json atomically."""
+        write_json_atomic(Path(folder) / MANIFEST, self.to_json())
+
+    @classmethod
+    def read(cls, folder: str | os.PathLike) -> StoreManifest:
+        """The complete manifest of the store in ``folder``; :class:`EnsError` when it is missing,
+        incomplete (naming the command that finishes it), from a newer ens, or damaged (naming
+        the first field that is missing or malformed)."""
+        folder = Path(folder)
+        manifest = read_manifest_json(folder)
+        if manifest is None:
+            raise EnsError(f"{folder}: not a logit store (no {MANIFEST})")
+        if not isinstance(manifest, dict):  # (before any key is read: a list has none)
+            raise EnsError(f"{folder / MANIFEST}: not a store manifest (a JSON object is expected)")
+        if manifest.get("format", 0) > FORMAT_VERSION:
+            raise EnsError(f"{folder}: store format {manifest['format']} is newer than this ens "
+                           f"understands ({FORMAT_VERSION}); upgrade ens")
+        if not manifest.get("complete"):
+            command = manifest.get("command")
+            finish = f"finish it with: {command}" if command else "run the same `ens infer` again to finish it"
+            raise EnsError(f"{folder}: incomplete logit store (its run was interrupted); {finish}")
+        _check(folder / MANIFEST, manifest)
+        return cls._of(manifest)
+
+    @classmethod
+    def _of(cls, manifest: Mapping[str, Any]) -> StoreManifest:
+        """The record of a checked complete manifest; fields ens does not check as found."""
+        model, dataset, tta = manifest["model"], manifest["dataset"], manifest["tta"]
+        class_ids = model["class_ids"]
+        figures = None
+        if "workers" in manifest:
+            figures = RunFigures(manifest["workers"], manifest.get("images_per_s"), manifest.get("seconds"),
+                                 manifest.get("decode_wait_s"), manifest.get("model_images_per_s"))
+        return cls(
+            model=ModelRecord(model.get("file"), model["sha256"], model.get("architecture"), model["input_size"],
+                              tuple(model["mean"]), tuple(model["std"]), model["resize"], model["crop_pct"],
+                              model.get("interpolation"), model.get("precision"),
+                              None if class_ids is None else tuple(class_ids), model.get("foreign")),
+            dataset=DatasetRecord(dataset.get("split"), dataset.get("source"), dataset.get("sha256"),
+                                  dataset.get("images")),
+            tta=TtaRecord(tuple(tta["views"]), tta["merge"], tta.get("cam")),
+            # Stores made before these fields existed: version 1 pixels, the local engine.
+            pixels=manifest.get("pixels", 1), device=manifest.get("device"), provider=manifest.get("provider"),
+            device_fallback=manifest.get("device_fallback"), batch_size=manifest.get("batch_size"),
+            chunk_size=manifest.get("chunk_size"), ens_version=manifest.get("ens_version"),
+            engine=manifest.get("engine", "local"), cluster=manifest.get("cluster"), command=manifest.get("command"),
+            figures=figures,
+            arrays=StoreArrays(manifest["rows"], manifest["classes"], manifest["dtype"], manifest["keep_views"],
+                               bool(manifest.get("boxes")), tuple(manifest["skipped"])),
+            run_key=manifest["run_key"], format=manifest.get("format", FORMAT_VERSION), source=manifest)
+
+    # The mapping of the JSON, for readers by key.
+    def __getitem__(self, key: str) -> Any:
+        return self._json()[key]
+
+    def __iter__(self):
+        return iter(self._json())
+
+    def __len__(self) -> int:
+        return len(self._json())
+
+    def _json(self) -> Mapping[str, Any]:
+        return self.source if self.source is not None else self.to_json()
+
+
+def _check(source: Path, manifest: Mapping[str, Any]) -> None:
+    """Every field of a complete manifest that ens reads, with its type; :class:`EnsError`
+    naming ``source`` and the first field that is missing or malformed."""
+
+    def fail(name: str, expected: str) -> None:
+        raise EnsError(f"{source}: field {name!r} is missing or not {expected}; the store is damaged "
+                       "(delete it and rerun `ens infer`)")
+
+    def three_numbers(value: Any) -> bool:
+        return isinstance(value, list) and len(value) == 3 and all(map(is_number, value))
+
+    top = (("rows", lambda v: is_count(v, 0), "an integer >= 0"),
+           ("classes", lambda v: is_count(v, 1), "an integer >= 1"),
+           ("dtype", lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
+           ("keep_views", lambda v: isinstance(v, bool), "true or false"),
+           ("run_key", lambda v: isinstance(v, str), "a string"),
+           ("model", lambda v: isinstance(v, dict), "an object"),
+           ("dataset", lambda v: isinstance(v, dict), "an object"),
+           ("tta", lambda v: isinstance(v, dict), "an object"),
+           ("skipped", lambda v: isinstance(v, list), "a list"),
+           ("boxes", lambda v: v is None or isinstance(v, bool), "true or false"))
+    for name, valid, expected in top:
+        if not valid(manifest.get(name)):
+            fail(name, expected)
+    model, tta, classes = manifest["model"], manifest["tta"], manifest["classes"]
+    cam = tta.get("cam")
+    nested = (
+        ("model.sha256", isinstance(model.get("sha256"), str), "a string"),
+        ("model.input_size", is_count(model.get("input_size"), 1), "an integer >= 1"),
+        ("model.mean", three_numbers(model.get("mean")), "three numbers"),
+        ("model.std", three_numbers(model.get("std")), "three numbers"),
+        ("model.resize", isinstance(model.get("resize"), str), "a string"),
+        ("model.crop_pct", is_number(model.get("crop_pct")), "a number"),
+        ("model.class_ids", model.get("class_ids") is None or (isinstance(model["class_ids"], list)
+                                                               and len(model["class_ids"]) == classes),
+         f"null or a list of {classes} category ids"),
+        ("tta.views", is_names(tta.get("views"), 1), "a non-empty list of view names"),
+        ("tta.merge", isinstance(tta.get("merge"), str), "a string"),
+        # Only with a cam view; blends compare it across a model's stores.
+        ("tta.cam", cam is None or (isinstance(cam, dict) and set(cam) == {"threshold", "pad", "min"}
+                                    and all(map(is_number, cam.values()))),
+         "absent, null or {threshold, pad, min} (numbers)"),
+        ("skipped", all(isinstance(x, dict) and "id" in x for x in manifest["skipped"]),
+         "a list of {id, path, reason}"),
+    )
+    for name, valid, expected in nested:
+        if not valid:
+            fail(name, expected)
+    # Stores made before the field existed have version 1 pixels (ensemble.inference.decode.PIXELS).
+    if not is_count(manifest.get("pixels", 1), 1):
+        fail("pixels", "absent or an integer >= 1")
+    # Stores made before --engine existed say neither: the local engine made them.
+    if manifest.get("engine", "local") not in ("local", "ray"):
+        fail("engine", "local or ray")
+    cluster = manifest.get("cluster")
+    if cluster is not None and not (isinstance(cluster, dict)
+                                    and all(is_count(cluster.get(k), 0) for k in ("cpus", "gpus", "nodes"))):
+        fail("cluster", "null or {cpus, gpus, nodes} (integers)")
+
+
+def read_manifest_json(folder: Path) -> Any:
+    """The JSON of ``folder``'s manifest.json as it is (any value, complete or not), ``None``
+    when there is none; :class:`EnsError` when it cannot be read or is not JSON."""
+    path = folder / MANIFEST
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        pass  # read_json names it
+    return read_json(path, problem="unreadable")
+
+
 @dataclass(frozen=True)
 class LogitStore:
     """A complete store, its arrays memory-mapped read-only.
 
     ``logits``: ``(rows, classes)``; ``ids``: ``(rows,)``; ``views``: ``(views, rows, classes)``
-    or ``None`` when the run did not keep them; ``manifest``: the parsed ``manifest.json``;
-    ``boxes``: float32 ``(rows, 4)`` cam boxes, normalised ``(x0, y0, x1, y1)``, or ``None``
-    when the run had no cam view.
+    or ``None`` when the run did not keep them; ``manifest``: its :class:`StoreManifest` (which
+    also reads as the parsed ``manifest.json``); ``boxes``: float32 ``(rows, 4)`` cam boxes,
+    normalised ``(x0, y0, x1, y1)``, or ``None`` when the run had no cam view.
     """
 
     path: Path
     logits: np.ndarray
     ids: np.ndarray
-    manifest: Mapping[str, Any]
+    manifest: StoreManifest
     views: np.ndarray | None = None
     boxes: np.ndarray | None = None
 
     @property
     def view_names(self) -> tuple[str, ...]:
-        return tuple(self.manifest["tta"]["views"])
+        return self.manifest.tta.views
 
     @property
     def class_ids(self) -> tuple[int | str, ...] | None:
-        ids = self.manifest["model"]["class_ids"]
-        return None if ids is None else tuple(ids)
+        return self.manifest.model.class_ids
 
     @property
     def skipped_ids(self) -> tuple[int | str, ...]:
-        return tuple(s["id"] for s in self.manifest["skipped"])
+        return self.manifest.skipped_ids
 
 
 def read_store(path: str | os.PathLike) -> LogitStore:
@@ -135,107 +425,25 @@ def read_store(path: str | os.PathLike) -> LogitStore:
     path = Path(path)
     if path.name == MANIFEST:
         path = path.parent
-    manifest = _read_manifest(path)
-    if manifest is None:
-        raise EnsError(f"{path}: not a logit store (no {MANIFEST})")
-    if manifest.get("format", 0) > FORMAT_VERSION:
-        raise EnsError(f"{path}: store format {manifest['format']} is newer than this ens "
-                       f"understands ({FORMAT_VERSION}); upgrade ens")
-    if not isinstance(manifest, dict):
-        raise EnsError(f"{path / MANIFEST}: not a store manifest (a JSON object is expected)")
-    if not manifest.get("complete"):
-        command = manifest.get("command")
-        finish = f"finish it with: {command}" if command else "run the same `ens infer` again to finish it"
-        raise EnsError(f"{path}: incomplete logit store (its run was interrupted); {finish}")
-    check_manifest(path / MANIFEST, manifest)
+    manifest = StoreManifest.read(path)
+    arrays = manifest.arrays
     try:
         logits = np.load(path / LOGITS, mmap_mode="r")
         ids = np.load(path / IDS, mmap_mode="r")
-        views = np.load(path / VIEWS, mmap_mode="r") if manifest["keep_views"] else None
-        boxes = np.load(path / BOXES, mmap_mode="r") if manifest.get("boxes") else None
+        views = np.load(path / VIEWS, mmap_mode="r") if arrays.keep_views else None
+        boxes = np.load(path / BOXES, mmap_mode="r") if arrays.boxes else None
     except (OSError, ValueError) as exc:
         raise EnsError(f"{path}: unreadable store array ({exc})") from None
-    rows, classes = manifest["rows"], manifest["classes"]
+    rows, classes = arrays.rows, arrays.classes
     expected = [(LOGITS, logits, (rows, classes)), (IDS, ids, (rows,))]
     if views is not None:
-        expected.append((VIEWS, views, (len(manifest["tta"]["views"]), rows, classes)))
+        expected.append((VIEWS, views, (len(manifest.tta.views), rows, classes)))
     if boxes is not None:
         expected.append((BOXES, boxes, (rows, 4)))
     for name, array, shape in expected:
         if array.shape != shape:
             raise EnsError(f"{path / name}: shape {array.shape}, but the manifest says {shape}")
     return LogitStore(path=path, logits=logits, ids=ids, manifest=manifest, views=views, boxes=boxes)
-
-
-def check_manifest(source: Path, manifest: Mapping[str, Any]) -> None:
-    """Every field of a complete manifest that ens reads, with its type; :class:`EnsError`
-    naming ``source`` and the first field that is missing or malformed."""
-
-    def fail(field: str, expected: str) -> None:
-        raise EnsError(f"{source}: field {field!r} is missing or not {expected}; the store is damaged "
-                       "(delete it and rerun `ens infer`)")
-
-    def number(value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-    def count(value: Any, least: int) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
-    top = {"rows": lambda v: count(v, 0), "classes": lambda v: count(v, 1), "dtype": lambda v: v in DTYPES,
-           "keep_views": lambda v: isinstance(v, bool), "run_key": lambda v: isinstance(v, str),
-           "model": lambda v: isinstance(v, dict), "dataset": lambda v: isinstance(v, dict),
-           "tta": lambda v: isinstance(v, dict), "skipped": lambda v: isinstance(v, list),
-           "boxes": lambda v: v is None or isinstance(v, bool)}
-    kinds = {"rows": "an integer >= 0", "classes": "an integer >= 1", "dtype": f"one of {', '.join(DTYPES)}",
-             "keep_views": "true or false", "run_key": "a string", "skipped": "a list", "boxes": "true or false"}
-    for field, valid in top.items():
-        if not valid(manifest.get(field)):
-            fail(field, kinds.get(field, "an object"))
-    model, tta = manifest["model"], manifest["tta"]
-    checks = {
-        "model.sha256": (isinstance(model.get("sha256"), str), "a string"),
-        "model.input_size": (count(model.get("input_size"), 1), "an integer >= 1"),
-        "model.mean": (isinstance(model.get("mean"), list) and len(model["mean"]) == 3
-                       and all(map(number, model["mean"])), "three numbers"),
-        "model.std": (isinstance(model.get("std"), list) and len(model["std"]) == 3
-                      and all(map(number, model["std"])), "three numbers"),
-        "model.resize": (isinstance(model.get("resize"), str), "a string"),
-        "model.crop_pct": (number(model.get("crop_pct")), "a number"),
-        "model.class_ids": (model.get("class_ids") is None or (isinstance(model["class_ids"], list)
-                            and len(model["class_ids"]) == manifest["classes"]),
-                            f"null or a list of {manifest['classes']} category ids"),
-        "tta.views": (isinstance(tta.get("views"), list) and len(tta["views"]) >= 1
-                      and all(isinstance(v, str) for v in tta["views"]), "a non-empty list of view names"),
-        "tta.merge": (isinstance(tta.get("merge"), str), "a string"),
-        # Only with a cam view; blends compare it across a model's stores.
-        "tta.cam": (tta.get("cam") is None or (isinstance(tta["cam"], dict) and set(tta["cam"]) == {"threshold", "pad", "min"}
-                                               and all(map(number, tta["cam"].values()))),
-                    "absent, null or {threshold, pad, min} (numbers)"),
-        "skipped": (all(isinstance(x, dict) and "id" in x for x in manifest["skipped"]),
-                    "a list of {id, path, reason}"),
-    }
-    for field, (valid, expected) in checks.items():
-        if not valid:
-            fail(field, expected)
-    # Stores made before the field existed have version 1 pixels (ensemble.inference.decode.PIXELS).
-    if not count(manifest.get("pixels", 1), 1):
-        fail("pixels", "absent or an integer >= 1")
-    # Stores made before --engine existed say neither: the local engine made them.
-    if manifest.get("engine", "local") not in ("local", "ray"):
-        fail("engine", "local or ray")
-    cluster = manifest.get("cluster")
-    if cluster is not None and not (isinstance(cluster, dict)
-                                    and all(count(cluster.get(k), 0) for k in ("cpus", "gpus", "nodes"))):
-        fail("cluster", "null or {cpus, gpus, nodes} (integers)")
-
-
-def _read_manifest(path: Path) -> dict | None:
-    try:
-        return json.loads((path / MANIFEST).read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise EnsError(f"{path / MANIFEST}: unreadable ({exc})") from None
 
 
 def to_dtype(scores: np.ndarray, dtype: str) -> np.ndarray:
@@ -306,17 +514,17 @@ class StoreWriter:
     def _chunk_file(self, index: int) -> Path:
         return self.partial / f"chunk-{index:06d}.npz"
 
-    def open(self, manifest: Mapping[str, Any]) -> bool:
+    def open(self, manifest: StoreManifest) -> bool:
         """Prepare to write; ``True`` when a complete store with this key is already there.
 
         Otherwise chunks of an earlier run with the same key are kept (:attr:`done`) and
         anything else under ``.partial`` is removed. A store with no complete arrays is marked
-        incomplete (``manifest`` plus ``"complete": false``); a complete store made with other
+        incomplete (``manifest``, without arrays); a complete store made with other
         arguments stays complete and readable until :meth:`finish` replaces it.
         """
         self.lock()
         try:
-            existing = _read_manifest(self.path)
+            existing = read_manifest_json(self.path)
         except EnsError as exc:  # an unreadable manifest: the store is computed afresh
             self.note, existing = f"{exc}; computing the store again", None
         if existing is not None and existing.get("complete") and existing.get("run_key") == self.digest:
@@ -335,15 +543,16 @@ class StoreWriter:
                 shutil.rmtree(self.partial, ignore_errors=True)  # a run killed just after finishing
             return True
         if existing is None or not existing.get("complete"):
-            write_json_atomic(self.path / MANIFEST, self._manifest(manifest, complete=False))
+            self._incomplete(manifest).write(self.path)
         if not same:
             shutil.rmtree(self.partial, ignore_errors=True)
             write_json_atomic(key_file, self.key)
         self.done = {i for i in range(self.chunks) if self._chunk_file(i).is_file()}
         return False
 
-    def _manifest(self, manifest: Mapping[str, Any], complete: bool, **values: Any) -> dict[str, Any]:
-        return {"format": FORMAT_VERSION, "complete": complete, **values, **manifest, "run_key": self.digest}
+    def _incomplete(self, manifest: StoreManifest) -> StoreManifest:
+        """``manifest`` as the store's while its arrays are not all in place."""
+        return dataclasses.replace(manifest, arrays=None, run_key=self.digest, format=FORMAT_VERSION)
 
     def write_chunk(self, index: int, logits: np.ndarray, keep: np.ndarray,
                     bad: Sequence[tuple[int, str]] = (), views: np.ndarray | None = None,
@@ -369,10 +578,11 @@ class StoreWriter:
         self.done.add(index)
 
     def finish(self, ids: Sequence[int | str], paths: Sequence[os.PathLike],
-               manifest: Mapping[str, Any]) -> dict[str, Any]:
+               manifest: StoreManifest) -> StoreManifest:
         """Concatenate the chunks into the final arrays and mark the store complete.
 
-        ``ids`` and ``paths`` are the split's, in row order; returns the manifest written.
+        ``ids`` and ``paths`` are the split's, in row order; ``manifest`` the run's (its
+        arrays are filled in here); returns the manifest written.
         """
         missing = sorted(set(range(self.chunks)) - self.done)
         if missing:
@@ -396,7 +606,7 @@ class StoreWriter:
         dtype = self.key["dtype"]
 
         # From here the arrays change: no reader may trust them until the manifest is complete.
-        write_json_atomic(self.path / MANIFEST, self._manifest(manifest, complete=False))
+        self._incomplete(manifest).write(self.path)
         self._concatenate(LOGITS, (rows, classes), dtype, "logits", axis=0)
         if num_views:
             self._concatenate(VIEWS, (num_views, rows, classes), dtype, "views", axis=1)
@@ -409,10 +619,11 @@ class StoreWriter:
         with atomic_path(self.path / IDS) as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, kept_ids.reshape(rows))
-        complete = self._manifest({**manifest, "skipped": skipped}, complete=True, rows=rows,
-                                  classes=int(classes), dtype=dtype, keep_views=bool(num_views),
-                                  boxes=has_boxes)
-        write_json_atomic(self.path / MANIFEST, complete)
+        complete = dataclasses.replace(
+            self._incomplete(manifest),
+            arrays=StoreArrays(rows=rows, classes=int(classes), dtype=dtype, keep_views=bool(num_views),
+                               boxes=has_boxes, skipped=tuple(skipped)))
+        complete.write(self.path)
         shutil.rmtree(self.partial, ignore_errors=True)
         self.release()
         return complete

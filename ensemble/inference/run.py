@@ -41,7 +41,8 @@ import numpy as np
 from ensemble import __version__
 from ensemble.errors import EnsError
 from ensemble.formats.dataset import Split, check_store_name, split_name
-from ensemble.formats.store import DTYPES, StoreWriter, read_store, store_path
+from ensemble.formats.store import (DTYPES, DatasetRecord, ModelRecord, RunFigures, StoreManifest, StoreWriter,
+                                    TtaRecord, read_store, store_path)
 from ensemble.inference.cam import CamSettings
 from ensemble.inference.decode import PIXELS
 from ensemble.inference.engine import (CAM_OPTIONS, BatchOutput, Engine, EngineOpener, Event, cam_settings,
@@ -236,7 +237,7 @@ class _SplitRun:
         #: Seconds inside each model's sessions on this split, by model name.
         self.model_seconds: dict[str, float] = {}
         self.writers = {}
-        self.base = {}
+        self.base: dict[str, StoreManifest] = {}  # each store's manifest before its run's figures
         for item in passes:
             model = item.model
             meta = model.metadata
@@ -253,24 +254,23 @@ class _SplitRun:
                 key["cam"] = item.cam.settings.record()
             self.writers[model.name] = StoreWriter(store_path(options.out, model.path, split.name),
                                                    key, len(split), chunk_size)
-            self.base[model.name] = {
-                "model": {"file": str(model.path), "sha256": model.sha256, "architecture": meta.architecture,
-                          "input_size": meta.input_size, "mean": list(meta.mean), "std": list(meta.std),
-                          "resize": meta.resize, "crop_pct": meta.crop_pct,
-                          "interpolation": meta.interpolation, "precision": meta.precision,
-                          "class_ids": None if meta.class_ids is None else list(meta.class_ids),
-                          "foreign": model.foreign},
-                "dataset": {"split": split.name, "source": str(split.source), "sha256": split.sha256,
-                            "images": len(split)},
-                "tta": {"views": [v.name for v in views], "merge": options.merge,
-                        **({} if item.cam is None else {"cam": item.cam.settings.record()})},
-                "pixels": PIXELS,
-                "device": device, "provider": provider, "device_fallback": fallback, "batch_size": self.batch,
-                "chunk_size": chunk_size, "ens_version": __version__,
+            self.base[model.name] = StoreManifest(
+                model=ModelRecord(file=str(model.path), sha256=model.sha256, architecture=meta.architecture,
+                                  input_size=meta.input_size, mean=tuple(meta.mean), std=tuple(meta.std),
+                                  resize=meta.resize, crop_pct=meta.crop_pct, interpolation=meta.interpolation,
+                                  precision=meta.precision,
+                                  class_ids=None if meta.class_ids is None else tuple(meta.class_ids),
+                                  foreign=model.foreign),
+                dataset=DatasetRecord(split=split.name, source=str(split.source), sha256=split.sha256,
+                                      images=len(split)),
+                tta=TtaRecord(views=tuple(v.name for v in views), merge=options.merge,
+                              cam=None if item.cam is None else item.cam.settings.record()),
+                pixels=PIXELS, device=device, provider=provider, device_fallback=fallback,
+                batch_size=self.batch, chunk_size=chunk_size, ens_version=__version__,
                 # Not in the key: both engines compute the same arrays, so either resumes the other's.
-                "engine": engine.name, "cluster": engine.cluster,
-                "command": finishing_command(model, split, options, device),
-            }
+                engine=engine.name, cluster=engine.cluster,
+                command=finishing_command(model, split, options, device),
+            )
 
     def execute(self) -> list[StoreResult]:
         try:
@@ -353,18 +353,19 @@ class _SplitRun:
         for item in self.passes:
             writer = self.writers[item.model.name]
             if item in todo:
-                manifest = writer.finish(split.ids, split.paths, {
-                    **self.base[item.model.name], "workers": self.engine.workers,
-                    "images_per_s": rate, "seconds": seconds if processed else None,
+                figures = RunFigures(
+                    workers=self.engine.workers, images_per_s=rate, seconds=seconds if processed else None,
                     # Time the models waited for decoding; large means: more --workers.
-                    "decode_wait_s": self.decode_wait if processed else None,
-                    "model_images_per_s": self._model_rate(item.model.name, processed)})
+                    decode_wait_s=self.decode_wait if processed else None,
+                    model_images_per_s=self._model_rate(item.model.name, processed))
+                manifest = writer.finish(split.ids, split.paths,
+                                         dataclasses.replace(self.base[item.model.name], figures=figures))
             else:
-                manifest = dict(read_store(writer.path).manifest)
+                manifest = read_store(writer.path).manifest
+            arrays = manifest.arrays
             results.append(StoreResult(model=item.model.path, split=split.name, path=writer.path,
-                                       rows=manifest["rows"], classes=manifest["classes"],
-                                       skipped=len(manifest["skipped"]), computed=item in todo,
-                                       images_per_s=rate if item in todo else None))
+                                       rows=arrays.rows, classes=arrays.classes, skipped=len(arrays.skipped),
+                                       computed=item in todo, images_per_s=rate if item in todo else None))
         self.report(Event("done", split.name, len(split), len(split), rate or 0.0, 0.0))
         return results
 

@@ -1,5 +1,6 @@
-"""The GPU path without a GPU: provider options per device, the TensorRT cache folder, and
-``--device auto`` falling back to the CPU loudly when CUDA is listed but cannot run."""
+"""The GPU path without a GPU, through a run: the TensorRT cache folder and profiles, the GPU
+options from the command line, and ``--device auto`` falling back to the CPU loudly when CUDA
+is listed but cannot run (each device's provider options: test_runtime.py)."""
 
 from __future__ import annotations
 
@@ -17,45 +18,12 @@ from ensemble.inference import forward as forward_module
 from ensemble.inference import run as run_module
 from ensemble.inference import runtime
 from ensemble.inference.run import InferOptions, infer
-from ensemble.inference.runtime import GpuOptions, Runner, session_providers
+from ensemble.inference.runtime import GpuOptions, Runner
 from ensemble.formats.store import read_store
 
 from tests.ensemble.conftest import write_images
 
 GPU = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-CUDA_DEFAULTS = {"cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": "kSameAsRequested",
-                 "do_copy_in_default_stream": True}
-
-
-def test_cpu_gets_no_gpu_options():
-    assert session_providers("cpu", GpuOptions(gpu_mem_limit=2, trt_fp16=True)) == ["CPUExecutionProvider"]
-
-
-def test_cuda_options_default_and_given():
-    assert session_providers("cuda") == [("CUDAExecutionProvider", CUDA_DEFAULTS), "CPUExecutionProvider"]
-    given = session_providers("cuda", GpuOptions(cudnn_search="exhaustive", gpu_mem_limit=1.5))
-    assert given == [("CUDAExecutionProvider", {**CUDA_DEFAULTS, "cudnn_conv_algo_search": "EXHAUSTIVE",
-                                                "gpu_mem_limit": 3 << 29}), "CPUExecutionProvider"]
-
-
-def test_tensorrt_options_profiles_fp16_and_caches(tmp_path):
-    cache = tmp_path / "runs" / ".trt-cache"
-    providers = session_providers("tensorrt", GpuOptions(trt_cache=cache), input_name="image", images=16,
-                                  sizes=[256, 224, 196, 224], fp16=True)
-    name, trt = providers[0]
-    assert name == "TensorrtExecutionProvider"
-    assert trt == {
-        "trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_timing_cache_enable": True,
-        "trt_engine_cache_path": str(cache), "trt_timing_cache_path": str(cache),
-        # One profile per input size, 1 to --batch-size images each.
-        "trt_profile_min_shapes": "image:1x196x196x3,image:1x224x224x3,image:1x256x256x3",
-        "trt_profile_opt_shapes": "image:16x196x196x3,image:16x224x224x3,image:16x256x256x3",
-        "trt_profile_max_shapes": "image:16x196x196x3,image:16x224x224x3,image:16x256x256x3",
-    }
-    assert providers[1:] == [("CUDAExecutionProvider", CUDA_DEFAULTS), "CPUExecutionProvider"]
-    fp32 = dict(session_providers("tensorrt", GpuOptions(), sizes=[224])[0][1])
-    assert fp32["trt_fp16_enable"] is False and "trt_engine_cache_path" not in fp32
-    assert session_providers("tensorrt", GpuOptions(trt_fp16=True), sizes=[224])[0][1]["trt_fp16_enable"] is True
 
 
 @pytest.mark.parametrize("options, message", [

@@ -14,7 +14,7 @@ from ensemble.formats.dataset import load_split
 from ensemble.errors import EnsError
 from ensemble.inference.run import InferOptions, infer
 from ensemble.inference.foreign import ForeignPreprocess
-from ensemble.inference.runtime import Runner, available_providers, load_model, select_device
+from ensemble.inference.runtime import Runner, available_providers, load_model
 from ensemble.formats.store import MANIFEST, read_store
 from ensemble.formats.model import ModelMetadata
 
@@ -107,20 +107,6 @@ def test_non_finite_logits_name_the_model_and_image(tmp_path):
     write_images(tmp_path / "imgs", [(40, 30)])
     with pytest.raises(EnsError, match=r"nan.onnx: non-finite logits for image 'img000.jpg'"):
         infer([path], [load_split(tmp_path / "imgs")], _options(tmp_path))
-
-
-def test_device_selection():
-    cpu_only = ["AzureExecutionProvider", "CPUExecutionProvider"]
-    gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert select_device("auto", cpu_only) == "cpu"
-    assert select_device("auto", gpu) == "cuda"  # TensorRT only on request
-    assert select_device("tensorrt", gpu) == "tensorrt"
-    assert select_device("cpu", gpu) == "cpu"
-    with pytest.raises(EnsError, match="--device cuda: this onnxruntime offers only AzureExecutionProvider, "
-                                       "CPUExecutionProvider, not CUDAExecutionProvider; install onnxruntime-gpu"):
-        select_device("cuda", cpu_only)
-    with pytest.raises(EnsError, match="--device tpu: choose from auto, cpu, cuda, tensorrt"):
-        select_device("tpu", cpu_only)
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in available_providers(), reason="this machine has CUDA")

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
 from ensemble.errors import EnsError
-from ensemble.formats.store import (IDS, LOGITS, MANIFEST, PARTIAL, VIEWS, StoreWriter, read_store,
-                            store_path, to_dtype)
+from ensemble.fileio import json_text
+from ensemble.formats.store import (IDS, LOGITS, MANIFEST, PARTIAL, VIEWS, DatasetRecord, ModelRecord, RunFigures,
+                                    StoreManifest, StoreWriter, TtaRecord, read_store, store_path, to_dtype)
 
 KEY = {"model_sha256": "m", "dataset_sha256": "d", "dtype": "float32"}
 #: What `ens infer` puts in a manifest beside the arrays' own fields.
-BASE = {"model": {"file": "m.onnx", "sha256": "m" * 64, "input_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3,
-                  "resize": "center-crop", "crop_pct": 0.875, "interpolation": "bilinear", "class_ids": None},
-        "dataset": {"split": "val"}, "tta": {"views": ["identity", "flip"], "merge": "mean-logits"}}
+BASE = StoreManifest(
+    model=ModelRecord(file="m.onnx", sha256="m" * 64, architecture="resnet18", input_size=32, mean=(0.5,) * 3,
+                      std=(0.25,) * 3, resize="center-crop", crop_pct=0.875, interpolation="bilinear",
+                      precision="fp32", class_ids=None, foreign=False),
+    dataset=DatasetRecord(split="val", source="val.json", sha256="d" * 64, images=5),
+    tta=TtaRecord(views=("identity", "flip"), merge="mean-logits"),
+    pixels=2, device="cpu", provider="CPUExecutionProvider", device_fallback=None, batch_size=2, chunk_size=2,
+    ens_version="0.1.0", engine="local", cluster=None, command="ens infer m.onnx --index val.json")
 IDS_ = (10, 11, 12, 13, 14)
 PATHS = tuple(f"img{i}.jpg" for i in IDS_)
 
@@ -143,4 +150,124 @@ def test_reader_errors_name_the_store(tmp_path):
         read_store(tmp_path / "s")
     (tmp_path / "s" / MANIFEST).write_text(json.dumps({**manifest, "format": 99}))
     with pytest.raises(EnsError, match="newer than this ens"):
+        read_store(tmp_path / "s")
+
+
+#: The manifest's keys in the file's order: while the store is computed (a new store; then
+#: with the run's figures, while the arrays are assembled) and complete.
+STARTED = ["format", "complete", "model", "dataset", "tta", "pixels", "device", "provider", "device_fallback",
+           "batch_size", "chunk_size", "ens_version", "engine", "cluster", "command", "run_key"]
+FIGURES = ["workers", "images_per_s", "seconds", "decode_wait_s", "model_images_per_s"]
+COMPLETE = (["format", "complete", "rows", "classes", "dtype", "keep_views", "boxes"] + STARTED[2:-1] + FIGURES
+            + ["skipped", "run_key"])
+
+
+def test_the_manifest_keeps_its_key_order_and_values_from_start_to_finish(tmp_path):
+    logits, views = _chunks()
+    writer = StoreWriter(tmp_path / "s", KEY, rows=5, chunk_size=2)
+    writer.open(BASE)
+    started = json.loads((tmp_path / "s" / MANIFEST).read_text())
+    assert list(started) == STARTED and started["complete"] is False and started["run_key"] == writer.digest
+    assert list(started["model"]) == ["file", "sha256", "architecture", "input_size", "mean", "std", "resize",
+                                      "crop_pct", "interpolation", "precision", "class_ids", "foreign"]
+    assert started["model"]["mean"] == [0.5, 0.5, 0.5] and started["model"]["class_ids"] is None
+    assert started["dataset"] == {"split": "val", "source": "val.json", "sha256": "d" * 64, "images": 5}
+    assert started["tta"] == {"views": ["identity", "flip"], "merge": "mean-logits"}  # no cam: no key
+    _write_all(writer, logits, views, bad=[(3, "missing file")])
+    figures = RunFigures(workers=2, images_per_s=10.0, seconds=0.5, decode_wait_s=None, model_images_per_s=20.0)
+    written = writer.finish(IDS_, PATHS, dataclasses.replace(BASE, figures=figures))
+    text = (tmp_path / "s" / MANIFEST).read_text()
+    assert text == json_text(written.to_json())
+    complete = json.loads(text)
+    assert list(complete) == COMPLETE
+    assert [complete[k] for k in ("rows", "classes", "dtype", "keep_views", "boxes")] == [4, 3, "float32", True, False]
+    assert [complete[k] for k in FIGURES] == [2, 10.0, 0.5, None, 20.0]
+    assert {k: complete[k] for k in STARTED[2:-1]} == {k: started[k] for k in STARTED[2:-1]}
+
+    read = read_store(tmp_path / "s").manifest
+    assert read.to_json() == complete and list(read) == COMPLETE  # the record reads as the file's JSON
+    assert read.arrays.rows == 4 and read.arrays.keep_views and read.skipped_ids == (13,)
+    assert read.model == BASE.model and read.dataset == BASE.dataset and read.tta == BASE.tta
+    assert read.figures == figures and read.run_key == writer.digest and read.complete
+
+
+def test_a_cam_store_manifest_records_the_cam_settings(tmp_path):
+    cam = {"threshold": 0.2, "pad": 0.1, "min": 0.25}
+    manifest = dataclasses.replace(BASE, tta=TtaRecord(("identity", "cam"), "mean-logits", cam))
+    assert manifest.to_json()["tta"] == {"views": ["identity", "cam"], "merge": "mean-logits", "cam": cam}
+    assert manifest["tta"]["cam"] == cam and "run_key" in manifest and len(manifest) == len(STARTED)
+
+
+def test_a_manifest_of_an_older_ens_reads_with_the_defaults_of_its_time(tmp_path):
+    logits, _ = _chunks()
+    writer = StoreWriter(tmp_path / "s", KEY, 5, 5)
+    writer.open(BASE)
+    _write_all(writer, logits)
+    writer.finish(IDS_, PATHS, BASE)
+    path = tmp_path / "s" / MANIFEST
+    old = {k: v for k, v in json.loads(path.read_text()).items()
+           if k not in ("pixels", "engine", "cluster", "boxes", "device_fallback")}
+    path.write_text(json.dumps(old))
+    manifest = read_store(tmp_path / "s").manifest
+    assert (manifest.pixels, manifest.engine, manifest.cluster, manifest.arrays.boxes) == (1, "local", None, False)
+    assert manifest.get("pixels") is None and manifest.to_json() == old  # the file as it is
+
+
+DAMAGED = [
+    ({"rows": -1}, "rows", "an integer >= 0"),
+    ({"rows": True}, "rows", "an integer >= 0"),
+    ({"classes": 0}, "classes", "an integer >= 1"),
+    ({"dtype": "int8"}, "dtype", "one of float16, float32"),
+    ({"keep_views": 1}, "keep_views", "true or false"),
+    ({"run_key": None}, "run_key", "a string"),
+    ({"model": []}, "model", "an object"),
+    ({"dataset": None}, "dataset", "an object"),
+    ({"tta": "x"}, "tta", "an object"),
+    ({"skipped": {}}, "skipped", "a list"),
+    ({"boxes": "yes"}, "boxes", "true or false"),
+    ({"model": {"sha256": 1}}, "model.sha256", "a string"),
+    ({"model": {"input_size": 0}}, "model.input_size", "an integer >= 1"),
+    ({"model": {"mean": [0.5, 0.5]}}, "model.mean", "three numbers"),
+    ({"model": {"std": [0.5, True, 0.5]}}, "model.std", "three numbers"),
+    ({"model": {"resize": None}}, "model.resize", "a string"),
+    ({"model": {"crop_pct": "0.9"}}, "model.crop_pct", "a number"),
+    ({"model": {"class_ids": [1, 2]}}, "model.class_ids", "null or a list of 3 category ids"),
+    ({"tta": {"views": []}}, "tta.views", "a non-empty list of view names"),
+    ({"tta": {"merge": 3}}, "tta.merge", "a string"),
+    ({"tta": {"cam": {"threshold": 0.2}}}, "tta.cam", "absent, null or {threshold, pad, min} (numbers)"),
+    ({"skipped": [{"path": "x"}]}, "skipped", "a list of {id, path, reason}"),
+    ({"pixels": 0}, "pixels", "absent or an integer >= 1"),
+    ({"engine": "spark"}, "engine", "local or ray"),
+    ({"cluster": {"cpus": 2}}, "cluster", "null or {cpus, gpus, nodes} (integers)"),
+]
+
+
+@pytest.mark.parametrize("change, field, expected", DAMAGED, ids=[f"{d[1]}-{i}" for i, d in enumerate(DAMAGED)])
+def test_a_damaged_manifest_names_its_first_bad_field(tmp_path, change, field, expected):
+    logits, _ = _chunks()
+    writer = StoreWriter(tmp_path / "s", KEY, 5, 5)
+    writer.open(BASE)
+    _write_all(writer, logits)
+    writer.finish(IDS_, PATHS, BASE)
+    path = tmp_path / "s" / MANIFEST
+    manifest = json.loads(path.read_text())
+    for key, value in change.items():  # a nested change replaces one field of model or tta
+        manifest[key] = {**manifest[key], **value} if isinstance(value, dict) and key in ("model", "tta") else value
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(EnsError) as error:
+        read_store(tmp_path / "s")
+    assert str(error.value) == (f"{path}: field {field!r} is missing or not {expected}; the store is damaged "
+                                "(delete it and rerun `ens infer`)")
+
+
+def test_an_unreadable_manifest_is_named(tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / MANIFEST).write_text("{not json")
+    with pytest.raises(EnsError, match=r"s/manifest\.json: unreadable \(Expecting property name"):
+        read_store(tmp_path / "s")
+    (tmp_path / "f").write_text("a file, not a store folder")
+    with pytest.raises(EnsError, match=r"f/manifest\.json: unreadable \(\[Errno 20\] Not a directory"):
+        read_store(tmp_path / "f")
+    (tmp_path / "s" / MANIFEST).write_text("[1]")
+    with pytest.raises(EnsError, match=r"s/manifest\.json: not a store manifest \(a JSON object is expected\)"):
         read_store(tmp_path / "s")

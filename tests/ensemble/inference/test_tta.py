@@ -108,7 +108,7 @@ def test_merge_golden_values():
 
 
 @pytest.mark.parametrize("mode", sorted(MERGES))
-def test_merges_of_extreme_logits_stay_finite(mode):
+def test_merges_of_views_certain_of_other_classes_stay_finite(mode):
     # Each view is certain of another class: probabilities underflow to 0 in float64.
     views = np.array([[[1000.0, -1000.0, 0.0]], [[-1000.0, 1000.0, 0.0]]], np.float32)
     merged = merge(views, mode)
@@ -126,7 +126,7 @@ def test_merge_of_one_view_keeps_the_ranking(mode):
     np.testing.assert_allclose(log_softmax(merge(views, mode)), log_softmax(views[0]), atol=1e-12)
 
 
-def test_merges_of_extreme_logits_stay_finite():
+def test_merges_of_extreme_logits_stay_finite_and_normalise():
     views = np.array([[[1e4, 0.0, -1e4]], [[-1e4, 0.0, 1e4]]])
     for mode in MERGES:
         out = log_softmax(merge(views, mode))
