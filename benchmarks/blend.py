@@ -1,9 +1,9 @@
 """Blend benchmark on generated logits shaped like iNat 2019: fit times, optima reached, memory,
 and the long-tail prior correction.
 
-    .venv/bin/python benchmarks/blend.py            # M = 4, 8, 16; CV of every method; full test split
-    .venv/bin/python benchmarks/blend.py --quick    # M = 4, 16; CV of nll; a fifth of the test split
-    .venv/bin/python benchmarks/blend.py --prior    # only the prior correction (every method, M = 4, 16)
+    .venv/bin/python -m benchmarks.blend            # M = 4, 8, 16; CV of every method; full test split
+    .venv/bin/python -m benchmarks.blend --quick    # M = 4, 16; CV of nll; a fifth of the test split
+    .venv/bin/python -m benchmarks.blend --prior    # only the prior correction (every method, M = 4, 16)
 
 Prints figures; it is not a test. For M members it times every method of
 ``weights_search`` (log-softmax included) against the usual Kaggle-notebook approach measured
@@ -39,12 +39,10 @@ import numpy as np
 import scipy
 from scipy.optimize import minimize
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from weights_search import (  # noqa: E402
+from weights_search import (
     METHODS, MIXTURE, FittedBlend, LogitAdjustment, blend_chunks, class_log_prior, cross_validate, fit_blend,
     fit_temperatures, get_method, log_softmax, top_k)
-from weights_search.metrics import mean_nll, top1  # noqa: E402
+from weights_search.metrics import mean_nll, top1
 
 N_CLASSES = 1010
 VAL_PER_CLASS = 3  # 3,030 validation images
@@ -294,8 +292,8 @@ def print_fusion_memory(generator: Generator, members: int, n_rows: int) -> None
         write_test_stores(Path(folder), generator, members, n_rows)
         print(f"\ntest split: {n_rows:,} x {N_CLASSES:,} x {members} float16 stores written in "
               f"{time.perf_counter() - start:.1f} s")
-        out = subprocess.run([sys.executable, __file__, "--fuse-child", folder, str(members)],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run([sys.executable, "-m", "benchmarks.blend", "--fuse-child", folder, str(members)],
+                             capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1]).stdout
     fig = json.loads(out)
     print(f"fusing them memory-mapped, 2,048 rows at a time, to top-5: {fig['seconds']:.1f} s; "
           f"peak RSS increase {(fig['peak'] - fig['rss_before']) / 2**30:.2f} GiB "

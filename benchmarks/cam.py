@@ -1,7 +1,7 @@
 """`ens infer --tta cam`: what looking closer where the model looks buys, and what it costs.
 
-    .venv/bin/python benchmarks/cam.py            # 600 test images per set, a few minutes on 2 cores
-    .venv/bin/python benchmarks/cam.py --quick    # 200 per set, fewer epochs: a smoke run
+    .venv/bin/python -m benchmarks.cam            # 600 test images per set, a few minutes on 2 cores
+    .venv/bin/python -m benchmarks.cam --quick    # 200 per set, fewer epochs: a smoke run
 
 Everything in one run, on real images that scikit-learn ships (its 1,797 handwritten digits):
 
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import io
 import shutil
-import sys
 import tempfile
 import time
 from collections import OrderedDict
@@ -41,13 +40,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ensemble.formats.dataset import load_split  # noqa: E402
-from ensemble.demo.data import render  # noqa: E402
-from ensemble.inference.run import InferOptions, infer  # noqa: E402
-from ensemble.formats.store import read_store  # noqa: E402
-from ensemble.formats.model import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from benchmarks.infer import make_images
+from ensemble.formats.dataset import load_split
+from ensemble.demo.data import render
+from ensemble.inference.run import InferOptions, infer
+from ensemble.formats.store import read_store
+from ensemble.formats.model import IMAGENET_MEAN, IMAGENET_STD
 
 #: `ens infer --tta cam` against identity only (issue 13): the crop pass is one more forward pass.
 GOAL = 2.2
@@ -194,15 +192,6 @@ def time_crops(label: str, model: Path, split, batch_size: int = 32) -> None:
           f"{pooled / len(split) * 1e3:.2f} ms on {threads} threads: {one / pooled:.2f}x faster", flush=True)
 
 
-def _photos(folder: Path, count: int) -> Path:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("benchmark_infer", Path(__file__).with_name("infer.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_images(folder, count)
-
-
 def _resnet50(folder: Path) -> Path:
     import torch
     import torchvision
@@ -252,7 +241,7 @@ def main() -> None:
 
         print("\ntime of whole runs, best of 2: identity only, then --tta cam")
         time_runs("small_net, 64 px, small set", model, load_split(work / "small"), work)
-        photos = load_split(_photos(work / "photos", photo_count))
+        photos = load_split(make_images(work / "photos", photo_count))
         resnet50 = _resnet50(work)
         time_runs("resnet50, 224 px, iNat-like photos", resnet50, photos, work)
         print("\ntime of the cam crops alone (box cut and resized to the input), best of 3: one thread, then "

@@ -1,7 +1,7 @@
 """Decoding one image into every view of a run: ens's decode against the whole-canvas baseline.
 
-    .venv/bin/python benchmarks/decode.py            # 128 images
-    .venv/bin/python benchmarks/decode.py --quick    # 32 images
+    .venv/bin/python -m benchmarks.decode            # 128 images
+    .venv/bin/python -m benchmarks.decode --quick    # 32 images
 
 On a generated iNaturalist-like set (JPEGs, longest side 800 px, iNat's mix of aspect ratios;
 :func:`benchmarks.infer.make_images`), one core, for the model mixes below, measured in this one
@@ -22,19 +22,16 @@ most ``W x`` that rate.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.infer import make_images  # noqa: E402
-from ensemble.formats.dataset import load_split  # noqa: E402
-from ensemble.inference.decode import _RESAMPLE, _load, decode_image  # noqa: E402
-from ensemble.inference.tta import Preprocess, canvas_shape, crop, geometries, plan_views  # noqa: E402
+from benchmarks.infer import make_images
+from ensemble.formats.dataset import load_split
+from ensemble.inference.decode import RESAMPLE, decode_image, load_image
+from ensemble.inference.tta import Preprocess, canvas_shape, crop, geometries, plan_views
 
 #: (label, models as (input size, interpolation), --tta)
 MIXES = [
@@ -58,11 +55,11 @@ def baseline(path, geos):
     for g in geos:
         image = images.get(g.min_side)
         if image is None:
-            image = images[g.min_side] = _load(path, g.min_side)
+            image = images[g.min_side] = load_image(path, g.min_side)
         key = (image.size, g.canvas, g.canvas_size, g.interpolation)
         if key not in canvases:
             height, width = canvas_shape(image.height, image.width, g.canvas, g.canvas_size)
-            canvases[key] = np.asarray(image.resize((width, height), _RESAMPLE[g.interpolation]))
+            canvases[key] = np.asarray(image.resize((width, height), RESAMPLE[g.interpolation]))
         out[g] = crop(canvases[key], g.size, g.position)
     return out
 

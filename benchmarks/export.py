@@ -1,7 +1,7 @@
 """Export time per architecture, and ONNX Runtime (CPU) against torch eager on the same batch.
 
-    .venv/bin/python benchmarks/export.py            # the architectures of the issue, 224/299 px
-    .venv/bin/python benchmarks/export.py --quick    # three small ones at 128 px
+    .venv/bin/python -m benchmarks.export            # the architectures of the issue, 224/299 px
+    .venv/bin/python -m benchmarks.export --quick    # three small ones at 128 px
 
 For each architecture: the time of `ens export` (checkpoint loading, tracing, onnx.checker,
 verification at two sizes, writing), then images/s of the exported graph in onnxruntime and
@@ -13,7 +13,6 @@ not depend on them.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,11 +21,9 @@ import numpy as np
 import torch
 import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from exporters import ExportOptions, export_checkpoint  # noqa: E402
-from exporters.onnx_export import UInt8NHWC, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from ensemble.inference.runtime import onnxruntime  # noqa: E402
+from exporters import ExportOptions, export_checkpoint
+from exporters.onnx_export import UInt8NHWC, IMAGENET_MEAN, IMAGENET_STD
+from ensemble.inference.runtime import onnxruntime
 
 ort = onnxruntime()
 

@@ -1,7 +1,7 @@
 """The GPU path in one run: onnxruntime CUDA against torch, the whole `ens infer`, decoding.
 
-    python benchmarks/gpu.py            # on a GPU machine (onnxruntime-gpu and torch with CUDA): < 8 min
-    python benchmarks/gpu.py --cpu      # small sizes on the CPU providers (the test suite runs this)
+    python -m benchmarks.gpu            # on a GPU machine (onnxruntime-gpu and torch with CUDA): < 8 min
+    python -m benchmarks.gpu --cpu      # small sizes on the CPU providers (the test suite runs this)
 
 Everything below is measured in this one run, on the same device:
 
@@ -22,7 +22,6 @@ about a GPU.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import shutil
 import sys
 import tempfile
@@ -31,28 +30,19 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from ensemble.formats.dataset import load_split  # noqa: E402
-from ensemble.inference.decode import Decoder  # noqa: E402
-from ensemble.inference.run import InferOptions, infer  # noqa: E402
-from ensemble.inference.runtime import Runner, cpu_threads, load_model  # noqa: E402
-from ensemble.inference.tta import geometries, plan_views, view_size  # noqa: E402
-from ensemble.formats.store import read_store  # noqa: E402
+from benchmarks.infer import make_images
+from ensemble.formats.dataset import load_split
+from ensemble.inference.decode import Decoder
+from ensemble.inference.run import InferOptions, infer
+from ensemble.inference.runtime import Runner, cpu_threads, load_model
+from ensemble.inference.tta import geometries, plan_views, view_size
+from ensemble.formats.store import read_store
 
 GPU = {"archs": ("resnet50", "mnasnet1_0"), "sizes": (224, 560), "batch": 32, "seconds": 3.0,
        "run_archs": ("resnet50", "mnasnet1_0", "efficientnet_b0"), "run_size": 448, "images": 1024}
 CPU = {"archs": ("resnet18", "squeezenet1_1"), "sizes": (32, 48), "batch": 4, "seconds": 0.2,
        "run_archs": ("resnet18", "squeezenet1_1", "mnasnet0_5"), "run_size": 32, "images": 16}
 TTA = ("flip", "scale")
-
-
-def _make_images(folder: Path, count: int) -> Path:
-    spec = importlib.util.spec_from_file_location("infer_benchmark", ROOT / "benchmarks" / "infer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_images(folder, count)
 
 
 def export(arch: str, folder: Path, size: int, fp16: bool = False) -> Path:
@@ -207,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         index = work / f"images{cfg['images']}" / "test2019.json"
         if not index.exists():
-            _make_images(index.parent, cfg["images"])
+            make_images(index.parent, cfg["images"])
 
         print(f"\n1. models alone, images/s (torch amp: {'fp16' if device == 'cuda' else 'bf16'} autocast)")
         print(f"  {'':16} {'size':>7} {'ORT fp32':>9} {'ORT fp16':>9} {'torch':>9} {'torch amp':>9}"

@@ -1,8 +1,8 @@
 """`ens infer` end to end against the models alone and against a plain torch DataLoader loop.
 
-    .venv/bin/python benchmarks/infer.py            # 512 images
-    .venv/bin/python benchmarks/infer.py --quick    # 64 images
-    .venv/bin/python benchmarks/infer.py --engine ray --skip-torch   # the Ray engine against the local one
+    .venv/bin/python -m benchmarks.infer            # 512 images
+    .venv/bin/python -m benchmarks.infer --quick    # 64 images
+    .venv/bin/python -m benchmarks.infer --engine ray --skip-torch   # the Ray engine against the local one
 
 On a generated iNaturalist-like set (JPEGs, longest side 800 px, the usual photo aspect ratios,
 photo-like content at quality 90) and two exported networks (resnet50 and mnasnet1_0, 1010
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,13 +35,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ensemble.formats.dataset import load_split  # noqa: E402
-from ensemble.inference.run import InferOptions, infer  # noqa: E402
-from ensemble.inference.runtime import Runner, cpu_threads, load_model  # noqa: E402
-from ensemble.formats.store import read_store  # noqa: E402
-from ensemble.inference.tta import plan_views, view_size  # noqa: E402
+from ensemble.formats.dataset import load_split
+from ensemble.inference.run import InferOptions, infer
+from ensemble.inference.runtime import Runner, cpu_threads, load_model
+from ensemble.formats.store import read_store
+from ensemble.inference.tta import plan_views, view_size
 
 ARCHS = ("resnet50", "mnasnet1_0")
 #: End to end on the CPU against the sessions alone (issue 14).

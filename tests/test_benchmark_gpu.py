@@ -1,4 +1,5 @@
-"""benchmarks/gpu.py in its small CPU mode, so the GPU benchmark cannot rot where no GPU is.
+"""benchmarks/gpu.py (``python -m benchmarks.gpu``) in its small CPU mode, so the GPU benchmark
+cannot rot where no GPU is.
 
 Checks that every section runs and prints its figures, not the figures themselves."""
 
@@ -12,12 +13,12 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("torchvision")
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_benchmark_runs_on_the_cpu(tmp_path):
-    done = subprocess.run([sys.executable, str(SCRIPT), "--cpu", "--images", "8", "--work", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--cpu", "--images", "8", "--work", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
     number = r"\d+\.\d"
