@@ -127,7 +127,7 @@ def whole_run(cfg: dict, device: str, folder: Path, index: Path) -> tuple[float,
     start = time.perf_counter()
     result = infer(paths, [split], options)
     wall = time.perf_counter() - start
-    loop = read_store(result.stores[0].path).manifest["seconds"]
+    loop = read_store(result.stores[0].path).manifest.figures.seconds
 
     views = plan_views(TTA)
     batches = -(-len(split) // batch)

@@ -115,7 +115,7 @@ def ens_infer(paths: list[Path], index: Path, out: Path, batch: int, workers: in
     start = time.perf_counter()
     result = infer(paths, [split], InferOptions(tta=tta, batch_size=batch, workers=workers, out=out, engine=engine))
     wall = time.perf_counter() - start
-    loop = read_store(result.stores[0].path).manifest["seconds"]
+    loop = read_store(result.stores[0].path).manifest.figures.seconds
     return wall, loop, result.workers
 
 

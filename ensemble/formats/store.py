@@ -14,7 +14,8 @@ order, less any image skipped as unreadable (listed under ``"skipped"`` in the m
 its path and the reason). ``softmax(logits[i])`` is the merged probability whatever the merge
 mode (``mean-logits`` stores logits, ``mean-probs`` and ``gmean`` log-probabilities). Column
 ``j`` is category ``class_ids[j]`` (the manifest's ``model.class_ids``; ``null`` means ``j``).
-All ``.npy`` files are plain arrays that memory-map; :func:`read_store` is the one reader.
+All ``.npy`` files are plain arrays that memory-map; :func:`read_store` is the one reader, and
+:class:`StoreManifest` the one reader and writer of ``manifest.json``.
 
 ``manifest.json`` (format 1)::
 

@@ -13,8 +13,8 @@ A model with cam views (:class:`CamPlan`) runs them inside :class:`Forward` too:
 view's pass also returns the class activation map, from which each image's box is found
 (:func:`ensemble.inference.cam.cam_box`), cut from the batch's :class:`~ensemble.inference.decode.CropSource`,
 resized to the model's input and classified in one more pass per cam view; the boxes travel in
-:attr:`ModelOutput.boxes`. The rows of a batch are resized on a few threads (Pillow lets go of
-the GIL while it resamples), while the sessions wait for the crops.
+:attr:`~ensemble.inference.engine.ModelOutput.boxes`. The rows of a batch are resized on a few
+threads (Pillow lets go of the GIL while it resamples), while the sessions wait for the crops.
 """
 
 from __future__ import annotations
