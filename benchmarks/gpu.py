@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     device = "cpu" if args.cpu else "cuda"
     if device == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            sys.exit("onnxruntime offers no CUDAExecutionProvider: install onnxruntime-gpu (see README, GPU)")
+            sys.exit("onnxruntime offers no CUDAExecutionProvider: install onnxruntime-gpu (see docs/gpu.md)")
         if not torch.cuda.is_available():
             sys.exit("torch sees no CUDA device: install a CUDA build of torch, or run with --cpu")
         name = torch.cuda.get_device_name(0)
