@@ -80,7 +80,7 @@ except ImportError:  # Windows
 
 from ensemble.errors import EnsError
 from ensemble.fileio import atomic_path, write_json_atomic
-from ensemble.formats.common import is_count, is_names, is_number, read_json
+from ensemble.formats.common import is_count, is_int, is_names, is_number, read_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -263,6 +263,8 @@ class StoreManifest(Mapping[str, Any]):
             raise EnsError(f"{folder}: not a logit store (no {MANIFEST})")
         if not isinstance(manifest, dict):  # (before any key is read: a list has none)
             raise EnsError(f"{folder / MANIFEST}: not a store manifest (a JSON object is expected)")
+        if not is_int(manifest.get("format", 0)):
+            raise EnsError(f"{folder / MANIFEST}: field 'format' is not an integer")
         if manifest.get("format", 0) > FORMAT_VERSION:
             raise EnsError(f"{folder}: store format {manifest['format']} is newer than this ens "
                            f"understands ({FORMAT_VERSION}); upgrade ens")

@@ -151,6 +151,10 @@ def test_reader_errors_name_the_store(tmp_path):
     (tmp_path / "s" / MANIFEST).write_text(json.dumps({**manifest, "format": 99}))
     with pytest.raises(EnsError, match="newer than this ens"):
         read_store(tmp_path / "s")
+    for bad in ("2", None, True, 1.5):  # a TypeError in the version comparison before
+        (tmp_path / "s" / MANIFEST).write_text(json.dumps({**manifest, "format": bad}))
+        with pytest.raises(EnsError, match=r"manifest.json: field 'format' is not an integer"):
+            read_store(tmp_path / "s")
 
 
 #: The manifest's keys in the file's order: while the store is computed (a new store; then
