@@ -1,9 +1,56 @@
-"""Shared by every test: onnxruntime's telemetry off (see ensemble.inference.runtime.onnxruntime).
+"""Shared by every test: onnxruntime's telemetry off, and the session's resnet18 checkpoint.
 
-Tests open onnxruntime sessions of their own; without this, its background uploader may send
-usage events through whatever HTTPS proxy a test has set (the Kaggle stand-in's, for one).
+Tests open onnxruntime sessions of their own; without :func:`onnxruntime` (see
+ensemble.inference.runtime.onnxruntime), its background uploader may send usage events through
+whatever HTTPS proxy a test has set (the Kaggle stand-in's, for one).
+
+The markers (slow, ray, browser, network) are registered in pyproject.toml and described in
+docs/testing.md; each test module sets its own with ``pytestmark``.
 """
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
 
 from ensemble.inference.runtime import onnxruntime
 
 onnxruntime()
+
+
+@pytest.fixture(scope="session")
+def resnet18_64(tmp_path_factory):
+    """``(model, path)``: torchvision's resnet18 for 64 px inputs with
+    ``tests.exporters.helpers.NUM_CLASSES`` outputs, calibrated as a trained network would be
+    (``helpers.build``), and its state dict saved with ``torch.save``. Built once a session (once
+    per xdist worker) for the exporter and `ens export` tests, which built it in three modules.
+
+    Shared: use the model without changing it, and copy the file (:func:`copy_checkpoint`)
+    where a test writes beside it or changes it.
+    """
+    import torch
+
+    from tests.exporters.helpers import build
+
+    model = build("resnet18", 64)
+    path = tmp_path_factory.mktemp("resnet18_64") / "resnet18.pth"
+    torch.save(model.state_dict(), path)
+    return model, path
+
+
+@pytest.fixture(scope="session")
+def resnet18_64_export(resnet18_64, tmp_path_factory):
+    """The ``ExportResult`` of `ens export`'s defaults on :func:`resnet18_64` at 64 px (fp32,
+    with the cam output), exported once a session. Read-only."""
+    from exporters import ExportOptions, export_checkpoint
+
+    checkpoint = copy_checkpoint(resnet18_64[1], tmp_path_factory.mktemp("resnet18_64_export"))
+    return export_checkpoint(checkpoint, options=ExportOptions(arch="resnet18", input_size=64))
+
+
+def copy_checkpoint(path: Path, folder: Path, name: str | None = None) -> Path:
+    """A copy of the checkpoint at ``path`` in ``folder`` (as ``name``, else its own name)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copyfile(path, folder / (name or path.name)))

@@ -13,15 +13,15 @@ from ensemble.cli import app
 from ensemble.errors import EnsError
 from exporters import ExportOptions
 
-from tests.exporters.helpers import NUM_CLASSES, build
+from tests.exporters.helpers import NUM_CLASSES
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(resnet18_64, tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "resnet18_inat.pth"
-    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in build("resnet18", 64).state_dict().items()}},
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in resnet18_64[0].state_dict().items()}},
                path)
     return path
 

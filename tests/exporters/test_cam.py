@@ -21,6 +21,7 @@ from exporters import cam as cam_module
 from exporters.cam import class_activation_map, find_cam_head
 from exporters.onnx_export import second_size
 
+from tests.conftest import copy_checkpoint
 from tests.exporters.helpers import NUM_CLASSES, build, random_images, run_outputs as run, torch_cam
 
 #: (architecture, test input size, the feature map the CAM must be computed from, the classifier).
@@ -41,6 +42,8 @@ CAM_RTOL = 1e-4
 @pytest.fixture(scope="module", params=ARCHS, ids=[a[0] for a in ARCHS])
 def exported(request, tmp_path_factory):
     arch, size, *_ = request.param
+    if (arch, size) == ("resnet18", 64):  # the session's, exported with the same options
+        return request.param, request.getfixturevalue("resnet18_64")[0], request.getfixturevalue("resnet18_64_export")
     model = build(arch, size)
     ckpt = tmp_path_factory.mktemp(arch) / f"{arch}.pth"
     torch.save(model.state_dict(), ckpt)
@@ -82,11 +85,10 @@ def test_the_note_names_the_feature_and_the_check(exported):
 
 
 @pytest.fixture(scope="module")
-def resnet(tmp_path_factory):
-    model = build("resnet18", 64)
-    ckpt = tmp_path_factory.mktemp("r18") / "r18.pth"
-    torch.save(model.state_dict(), ckpt)
-    return model, ckpt
+def resnet(resnet18_64, tmp_path_factory):
+    """The session's resnet18 and a copy of its checkpoint, beside which these tests export."""
+    model, path = resnet18_64
+    return model, copy_checkpoint(path, tmp_path_factory.mktemp("r18"), "r18.pth")
 
 
 def test_no_cam_leaves_the_output_out(resnet):
@@ -243,11 +245,10 @@ def test_class_activation_map_golden():
     assert cam.tolist() == [[[1., 12.], [3., -6.]], [[2., 0.], [0., 2.]]]
 
 
-def test_plain_inference_asks_for_the_logits_alone(resnet, tmp_path):
+def test_plain_inference_asks_for_the_logits_alone(resnet18_64_export):
     from ensemble.inference.runtime import Runner, load_model
 
-    _, ckpt = resnet
-    path = export_checkpoint(ckpt, tmp_path / "r18.onnx", ExportOptions(arch="resnet18", input_size=64)).path
+    path = resnet18_64_export.path  # resnet18 at 64 px with the cam output
     runner = Runner(load_model(path), "cpu")
     requested = []
     session_run = runner.session.run

@@ -15,17 +15,16 @@ from ensemble.formats.model import read_metadata
 from exporters import ExportOptions, export_checkpoint
 from exporters import onnx_export
 
-from tests.exporters.helpers import NUM_CLASSES, build
+from tests.conftest import copy_checkpoint
+from tests.exporters.helpers import NUM_CLASSES
 
 SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    """A resnet18 state dict with NUM_CLASSES outputs, saved once."""
-    path = tmp_path_factory.mktemp("w") / "r18.pt"
-    torch.save(build("resnet18", SIZE).state_dict(), path)
-    return path
+def weights(resnet18_64, tmp_path_factory):
+    """A resnet18 state dict with NUM_CLASSES outputs (the session's, at SIZE px), in this module's folder."""
+    return copy_checkpoint(resnet18_64[1], tmp_path_factory.mktemp("w"), "r18.pt")
 
 
 def _fails(match, checkpoint, **options):
@@ -102,14 +101,14 @@ def test_num_classes_contradicts_weights(weights):
            num_classes=1010)
 
 
-def test_num_classes_contradicts_whole_model(tmp_path):
-    torch.save(build("resnet18", SIZE), tmp_path / "whole.pt")
+def test_num_classes_contradicts_whole_model(tmp_path, resnet18_64):
+    torch.save(resnet18_64[0], tmp_path / "whole.pt")
     _fails(f"--num-classes 10 contradicts .* predicts {NUM_CLASSES} classes", tmp_path / "whole.pt", num_classes=10,
            trust_pickle=True)
 
 
-def test_arch_kwargs_do_not_apply_to_a_whole_model(tmp_path):
-    torch.save(build("resnet18", SIZE), tmp_path / "whole.pt")
+def test_arch_kwargs_do_not_apply_to_a_whole_model(tmp_path, resnet18_64):
+    torch.save(resnet18_64[0], tmp_path / "whole.pt")
     _fails("holds a whole model, so --arch-kwargs", tmp_path / "whole.pt", arch_kwargs={"dropout": 0.3},
            trust_pickle=True)
 
@@ -145,10 +144,10 @@ def no_giant_build(monkeypatch):
     monkeypatch.setattr(architectures.Architecture, "build", guarded)
 
 
-def test_a_classifier_that_contradicts_the_architecture_is_refused_unbuilt(tmp_path, no_giant_build):
+def test_a_classifier_that_contradicts_the_architecture_is_refused_unbuilt(tmp_path, resnet18_64, no_giant_build):
     from safetensors.torch import save_file
 
-    state = {k: v.contiguous() for k, v in build("resnet18", SIZE).state_dict().items()}
+    state = {k: v.contiguous() for k, v in resnet18_64[0].state_dict().items()}
     state["fc.weight"] = torch.zeros(5_000_000, 1, dtype=torch.float16)  # resnet18's head takes 512 features
     state["fc.bias"] = torch.zeros(5_000_000, dtype=torch.float16)
     save_file(state, str(tmp_path / "odd.safetensors"))
@@ -157,8 +156,8 @@ def test_a_classifier_that_contradicts_the_architecture_is_refused_unbuilt(tmp_p
                        "classifier takes 512 inputs: expected (classes, 512)")
 
 
-def test_an_implausible_number_of_classes_is_refused_unbuilt(tmp_path, no_giant_build):
-    state = build("resnet18", SIZE).state_dict()
+def test_an_implausible_number_of_classes_is_refused_unbuilt(tmp_path, resnet18_64, no_giant_build):
+    state = resnet18_64[0].state_dict()
     # 2 million rows of 512 (4 GB as a network) stored in a few bytes: an expanded view keeps one value.
     state["fc.weight"] = torch.zeros(1).expand(2_000_000, 512)
     state["fc.bias"] = torch.zeros(1).expand(2_000_000)
@@ -197,8 +196,8 @@ def test_code_in_a_checkpoint_does_not_run_without_trust_pickle(weights, tmp_pat
                        "from the file: pass --trust-pickle only for checkpoints you trust")
 
 
-def test_a_whole_model_needs_trust_pickle(tmp_path):
-    torch.save(build("resnet18", SIZE), tmp_path / "whole.pt")
+def test_a_whole_model_needs_trust_pickle(tmp_path, resnet18_64):
+    torch.save(resnet18_64[0], tmp_path / "whole.pt")
     message = _fails("holds pickled code objects", tmp_path / "whole.pt")
     assert message.startswith(f"{tmp_path / 'whole.pt'}: holds pickled code objects (a whole model: ")
     assert "torchvision.models.resnet.ResNet" in message
@@ -208,9 +207,9 @@ def test_a_whole_model_needs_trust_pickle(tmp_path):
     assert "loaded with --trust-pickle: unpickling ran code from the file" in result.notes
 
 
-def test_a_whole_model_in_the_legacy_format_needs_trust_pickle(tmp_path):
+def test_a_whole_model_in_the_legacy_format_needs_trust_pickle(tmp_path, resnet18_64):
     # torch.save's format before torch 1.6 (not a zip): the unpickler's refusal names the class.
-    torch.save(build("resnet18", SIZE), tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    torch.save(resnet18_64[0], tmp_path / "old.pt", _use_new_zipfile_serialization=False)
     message = _fails("holds pickled code objects", tmp_path / "old.pt")
     assert message == (f"{tmp_path / 'old.pt'}: holds pickled code objects (torchvision.models.resnet.ResNet); "
                        "loading it runs code from the file: pass --trust-pickle only for checkpoints you trust")
@@ -347,8 +346,8 @@ def test_failed_fp16_verification(weights, monkeypatch):
     _fails("fp16 verification failed at 64 px: top-1 agreement 100% < 101%", weights, arch="resnet18", fp16=True)
 
 
-def test_model_that_does_not_take_the_size(tmp_path):
-    torch.save(build("resnet18", SIZE), tmp_path / "whole.pt")
+def test_model_that_does_not_take_the_size(tmp_path, resnet18_64):
+    torch.save(resnet18_64[0], tmp_path / "whole.pt")
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten(), torch.nn.Linear(2 * 30 * 30, 4))
     torch.save(model, tmp_path / "flat.pt")
     _fails("flat.pt: the model does not run on 64 px inputs .* set --input-size", tmp_path / "flat.pt",
