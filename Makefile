@@ -1,14 +1,20 @@
-# Two entry points: `make demo` and `make test`. Both create .venv when it is missing and
-# install the project into it (editable, with its test extras, at the tested versions of
-# constraints.txt) when pyproject.toml or constraints.txt changed.
+# Entry points: `make demo`, `make test` (every test: what CI runs) and `make test-fast` (the
+# developer's loop: the tests not marked slow, ray or browser; docs/testing.md). Each creates
+# .venv when it is missing and installs the project into it (editable, with its test extras, at
+# the tested versions of constraints.txt) when pyproject.toml or constraints.txt changed.
 # `make test` also installs Debian's chromium when missing (as root), for the report's browser
-# test (.ci/ensure-browser).
+# test (.ci/ensure-browser). Both test targets run on TEST_WORKERS processes (pytest-xdist;
+# `auto`: one per core; 0: in this process), each test module whole on one of them, so a module's
+# fixtures are built once.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ens-installed
+TEST_WORKERS ?= 2
+# pytest exits 5 when no test ran (a wrong -m or path): make fails on it like on a failure.
+PYTEST := $(BIN)/python -m pytest --durations=20 -n $(TEST_WORKERS) --dist loadfile
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast install clean
 
 install: $(STAMP)
 
@@ -21,7 +27,10 @@ $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 
 test: $(STAMP)
 	bash .ci/ensure-browser
-	$(BIN)/python -m pytest
+	$(PYTEST)
+
+test-fast: $(STAMP)
+	$(PYTEST) -m "not slow and not ray and not browser"
 
 demo: $(STAMP)
 	$(BIN)/ens demo

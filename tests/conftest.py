@@ -19,6 +19,18 @@ from ensemble.inference.runtime import onnxruntime
 
 onnxruntime()
 
+#: A test that uses one of these fixtures must carry the marker, so that `-m "not MARKER"` leaves
+#: out every test that needs what the marker names.
+FIXTURE_MARKERS = {"standin": "network", "browser": "browser", "chromium": "browser"}
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [f"{item.nodeid} (uses {fixture})" for item in items for fixture, marker in FIXTURE_MARKERS.items()
+                if fixture in getattr(item, "fixturenames", ()) and item.get_closest_marker(marker) is None]
+    if unmarked:
+        raise pytest.UsageError("tests without the marker their fixtures call for (FIXTURE_MARKERS in tests/conftest.py): "
+                                + ", ".join(unmarked))
+
 
 @pytest.fixture(scope="session")
 def resnet18_64(tmp_path_factory):

@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("torchvision")
+
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -35,6 +35,8 @@ from ensemble.cli import app
 
 from tests.ensemble.conftest import CLASSES, make_inat, tiny_onnx
 
+pytestmark = [pytest.mark.slow, pytest.mark.network]  # builds a virtual environment from pip's index
+
 REPO = Path(__file__).resolve().parents[1]
 #: Column j of every tiny model is category PERM[j], so the category mapping is exercised.
 PERM = (3, 0, 4, 1, 2)

@@ -47,6 +47,7 @@ def test_help_shows_computed_defaults(command, default):
     assert default in " ".join(line.strip("│ ") for line in result.stdout.splitlines())
 
 
+@pytest.mark.slow
 def test_export_end_to_end(checkpoint):
     result = runner.invoke(app, ["export", str(checkpoint), "--arch", "resnet18", "--input-size", "64"])
     assert result.exit_code == 0, result.output
@@ -81,6 +82,7 @@ def test_no_cam(checkpoint, tmp_path):
     assert "cam                None\n" in info.stdout
 
 
+@pytest.mark.slow
 def test_fp16_default_name(checkpoint):
     result = runner.invoke(app, ["export", str(checkpoint), "--arch", "resnet18", "--input-size", "64", "--fp16"])
     assert result.exit_code == 0, result.output
@@ -234,6 +236,7 @@ def test_class_folder_gives_the_labels_of_imagefolder_training(tmp_path):
     assert predicted == [int(image_id.split("/")[0]) for image_id in store.ids.tolist()]
 
 
+@pytest.mark.slow
 def test_interpolation_is_stored_and_used_by_infer(checkpoint, tmp_path):
     """The same network exported with --interpolation bicubic and bilinear: `ens infer` feeds
     each the images resized with its own filter (PIL's, as torchvision's Resize on PIL images)."""
@@ -306,6 +309,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_before_it_runs(tmp_path, ch
     assert result.stdout == "" and not (tmp_path / "evil.onnx").exists()
 
 
+@pytest.mark.slow
 def test_an_output_folder_this_user_cannot_write_is_refused_before_the_checkpoint_is_read(tmp_path):
     """Permissions do not bind root: as root, the command runs after dropping to the user nobody."""
     import shutil

@@ -83,6 +83,7 @@ def test_competition_layout(tmp_path):
         assert image.format == "JPEG" and image.size == (48, 48) and image.mode == "RGB"
 
 
+@pytest.mark.slow
 def test_shortened_demo_end_to_end(tmp_path):
     lines: list[str] = []
     work = tmp_path / "demo"

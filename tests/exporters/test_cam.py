@@ -50,6 +50,7 @@ def exported(request, tmp_path_factory):
     return request.param, model, export_checkpoint(ckpt, options=ExportOptions(arch=arch, input_size=size))
 
 
+@pytest.mark.slow
 def test_the_graphs_cam_is_the_top1_class_map_of_the_pooled_feature(exported):
     (arch, size, feature_of, after, head_of), model, result = exported
     meta = read_metadata(result.path)
@@ -66,6 +67,7 @@ def test_the_graphs_cam_is_the_top1_class_map_of_the_pooled_feature(exported):
         np.testing.assert_allclose(got["cam"], want, atol=CAM_RTOL * np.abs(want).max())
 
 
+@pytest.mark.slow
 def test_cam_averages_to_the_logit_less_its_bias(exported):
     # GAP + linear: logit[c] = mean over positions of W[c] . F + b[c], so the map of the top-1 class
     # averages to its logit minus the bias: the map is of the class the logits chose.
@@ -77,6 +79,7 @@ def test_cam_averages_to_the_logit_less_its_bias(exported):
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_the_note_names_the_feature_and_the_check(exported):
     (arch, size, *_), _, result = exported
     [note] = [n for n in result.notes if n.startswith("cam output:")]
@@ -91,6 +94,7 @@ def resnet(resnet18_64, tmp_path_factory):
     return model, copy_checkpoint(path, tmp_path_factory.mktemp("r18"), "r18.pth")
 
 
+@pytest.mark.slow
 def test_no_cam_leaves_the_output_out(resnet):
     _, ckpt = resnet
     result = export_checkpoint(ckpt, ckpt.parent / "nocam.onnx",
@@ -101,6 +105,7 @@ def test_no_cam_leaves_the_output_out(resnet):
     assert not any("cam" in n for n in result.notes)
 
 
+@pytest.mark.slow
 def test_fp16_keeps_the_cam_float32(resnet):
     model, ckpt = resnet
     result = export_checkpoint(ckpt, options=ExportOptions(arch="resnet18", input_size=64, fp16=True))
@@ -117,6 +122,7 @@ def test_fp16_keeps_the_cam_float32(resnet):
     assert np.abs(got["cam"] - want).max() < 0.05 * np.abs(want).max()
 
 
+@pytest.mark.slow
 def test_a_wrong_in_graph_cam_fails_the_verification(resnet, monkeypatch):
     # The exporter's reference is computed apart from the graph's CAM: a graph that maps the
     # wrong class (the least likely one) is caught, and nothing is written.
@@ -245,6 +251,7 @@ def test_class_activation_map_golden():
     assert cam.tolist() == [[[1., 12.], [3., -6.]], [[2., 0.], [0., 2.]]]
 
 
+@pytest.mark.slow
 def test_plain_inference_asks_for_the_logits_alone(resnet18_64_export):
     from ensemble.inference.runtime import Runner, load_model
 

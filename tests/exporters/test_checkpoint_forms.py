@@ -16,6 +16,8 @@ from exporters.checkpoints import NESTED_KEYS, strip_prefixes
 
 from tests.exporters.helpers import NUM_CLASSES, build, onnx_logits, random_images, reference_logits
 
+pytestmark = pytest.mark.slow
+
 SIZE = 64
 
 

@@ -14,6 +14,8 @@ from exporters.onnx_export import second_size
 from tests.exporters.helpers import (NUM_CLASSES, build, onnx_logits, reference_logits, random_images,
                                      run_outputs, torch_cam)
 
+pytestmark = pytest.mark.slow
+
 # (architecture, small test input size): random weights and small inputs keep it fast.
 ARCHS = [
     ("mnasnet1_0", 64),

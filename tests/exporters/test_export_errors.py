@@ -196,6 +196,7 @@ def test_code_in_a_checkpoint_does_not_run_without_trust_pickle(weights, tmp_pat
                        "from the file: pass --trust-pickle only for checkpoints you trust")
 
 
+@pytest.mark.slow
 def test_a_whole_model_needs_trust_pickle(tmp_path, resnet18_64):
     torch.save(resnet18_64[0], tmp_path / "whole.pt")
     message = _fails("holds pickled code objects", tmp_path / "whole.pt")

@@ -376,6 +376,7 @@ def test_the_cam_sources_count_in_the_decoding_memory_bound():
     assert with_cam.prefetch * with_cam.batch_bytes <= PREFETCH_BYTES
 
 
+@pytest.mark.ray
 def test_the_ray_engine_writes_the_same_cam_stores(tmp_path):
     """The cam view lives in the shared pieces (decode_batch's sources, Forward, _SplitRun), so
     the Ray engine gets it as is: byte-identical stores, boxes included."""

@@ -23,6 +23,8 @@ from tests.ensemble.conftest import make_inat, store_bytes, tiny_onnx
 
 ray = pytest.importorskip("ray")
 
+pytestmark = pytest.mark.ray
+
 MODELS = ("a", "b")
 SPLITS = ("val", "test")
 

@@ -26,6 +26,8 @@ from ensemble.report.page import SECTIONS
 
 from tests.ensemble.report.conftest import add_ledger, copy_work
 
+pytestmark = pytest.mark.browser
+
 
 @pytest.fixture(scope="module")
 def chromium() -> str:

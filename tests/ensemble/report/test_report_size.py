@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from ensemble.report import write_report
 
 from tests.ensemble.conftest import ens, make_inat, ok, tiny_onnx
+
+pytestmark = pytest.mark.slow
 
 CLASSES, ROWS, MODELS = 1010, 3030, 4
 

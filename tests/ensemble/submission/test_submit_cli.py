@@ -116,6 +116,7 @@ def test_option_combinations(seen, args, expected):
     assert seen == {}
 
 
+@pytest.mark.network
 def test_end_to_end_dry_run_retry_refresh(work, standin):
     result = ens("submit", "blends/x", "--data", "data", "--dry-run")
     assert result.exit_code == 0, result.output
@@ -147,6 +148,7 @@ def test_end_to_end_dry_run_retry_refresh(work, standin):
                                 "(0.2300-0.2700)", "0.2600", "blend", "of", "two"]
 
 
+@pytest.mark.network
 def test_failed_upload_through_the_cli(work, standin):
     standin.fail["StartSubmissionUpload"] = (503, {})
     result = ens("submit", "blends/x", "--data", "data", "--competition", COMPETITION, "-m", "first")

@@ -24,6 +24,7 @@ def csv_file(tmp_path):
     return path
 
 
+@pytest.mark.network
 def test_successful_upload_calls_the_three_endpoints_with_the_credentials(standin, csv_file):
     receipt = kaggle_client.connect().submit(str(csv_file), COMPETITION, "first try")
     assert receipt.ref == 5000 and receipt.message == f"Successfully submitted to {COMPETITION}"
@@ -38,6 +39,7 @@ def test_successful_upload_calls_the_three_endpoints_with_the_credentials(standi
     assert create.body["blobFileTokens"] == put.url.rsplit("/", 1)[-1]
 
 
+@pytest.mark.network
 @pytest.mark.parametrize("call", ["StartSubmissionUpload", "CreateSubmission"])
 def test_server_error(standin, csv_file, call):
     standin.fail[call] = (500, {})
@@ -46,6 +48,7 @@ def test_server_error(standin, csv_file, call):
     assert standin.submissions == []
 
 
+@pytest.mark.network
 def test_failed_transfer_of_the_file(standin, csv_file):
     standin.fail["upload"] = (403, {})
     with pytest.raises(UploadError, match="transfer of the file to Kaggle's storage failed"):
@@ -53,6 +56,7 @@ def test_failed_transfer_of_the_file(standin, csv_file):
     assert "CreateSubmission" not in standin.names()
 
 
+@pytest.mark.network
 def test_refused_file_carries_kaggles_reason(standin, csv_file):
     standin.fail["CreateSubmission"] = (400, {"code": 400, "message": "Submission must have 35350 rows"})
     with pytest.raises(UploadError) as info:
@@ -60,6 +64,7 @@ def test_refused_file_carries_kaggles_reason(standin, csv_file):
     assert str(info.value) == "Kaggle answered 400 to CreateSubmission: Submission must have 35350 rows"
 
 
+@pytest.mark.network
 def test_network_down(standin, csv_file, monkeypatch):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
@@ -70,6 +75,7 @@ def test_network_down(standin, csv_file, monkeypatch):
         kaggle_client.connect().submit(str(csv_file), COMPETITION, "m")
 
 
+@pytest.mark.network
 def test_listing_follows_pages_and_parses_scores(standin, csv_file):
     client = kaggle_client.connect()
     refs = [client.submit(str(csv_file), COMPETITION, f"try {i}").ref for i in range(3)]
@@ -86,6 +92,7 @@ def test_listing_follows_pages_and_parses_scores(standin, csv_file):
     assert oldest.file_name == csv_file.name and oldest.date == "2019-06-01T10:00:00Z"
 
 
+@pytest.mark.network
 def test_listing_error_is_one_line(standin):
     standin.fail["ListSubmissions"] = (403, {"code": 403, "message": "You must accept the rules"})
     with pytest.raises(EnsError, match=f"^listing the submissions to {COMPETITION} failed: Kaggle answered 403 to "
@@ -93,6 +100,7 @@ def test_listing_error_is_one_line(standin):
         kaggle_client.connect().submissions(COMPETITION)
 
 
+@pytest.mark.network
 def test_missing_credentials(standin, monkeypatch, tmp_path, capsys):
     for var in ("KAGGLE_USERNAME", "KAGGLE_KEY"):
         monkeypatch.delenv(var)
@@ -111,6 +119,7 @@ def test_absent_client(monkeypatch):
         kaggle_client.connect()
 
 
+@pytest.mark.network
 def test_nothing_leaves_the_machine(standin):
     import requests
 

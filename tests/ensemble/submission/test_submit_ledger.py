@@ -64,6 +64,7 @@ def test_blend_without_cv(tmp_path):
     assert blend.method == "greedy" and blend.cv_top1 is blend.cv_top1_low is blend.cv_top1_high is None
 
 
+@pytest.mark.network
 def test_upload_success(work, standin):
     result = submit("blends/greedy", "data", UPLOAD)
     assert result.receipt.ref == 5000
@@ -74,6 +75,7 @@ def test_upload_success(work, standin):
     assert standin.files == {entry.file: result.path.read_bytes()}
 
 
+@pytest.mark.network
 def test_failure_then_retry(work, standin):
     standin.fail["CreateSubmission"] = (500, {})
     with pytest.raises(UploadError) as info:
@@ -99,6 +101,7 @@ def test_failure_then_retry(work, standin):
         retry(1)
 
 
+@pytest.mark.network
 def test_retry_of_a_dry_run_needs_a_competition_and_message(work, standin):
     entry = submit("blends/greedy", "data", SubmitOptions()).entry
     with pytest.raises(EnsError, match=f"^ledger entry 1: {entry.file} was never uploaded; give --competition C -m MSG$"):
@@ -107,6 +110,7 @@ def test_retry_of_a_dry_run_needs_a_competition_and_message(work, standin):
     assert (result.entry.status, result.entry.competition, result.entry.message) == ("uploaded", COMPETITION, "later")
 
 
+@pytest.mark.network
 def test_retry_refuses_a_changed_or_missing_file(work, standin):
     entry = submit("blends/greedy", "data", SubmitOptions()).entry
     path = work / "submissions" / entry.file
@@ -121,6 +125,7 @@ def test_retry_refuses_a_changed_or_missing_file(work, standin):
     assert standin.calls == []
 
 
+@pytest.mark.network
 def test_missing_credentials_write_nothing(work, standin, monkeypatch):
     monkeypatch.setattr(kaggle_client, "connect", lambda: (_ for _ in ()).throw(EnsError(kaggle_client.NO_CREDENTIALS)))
     with pytest.raises(EnsError, match="^no Kaggle credentials"):
@@ -128,6 +133,7 @@ def test_missing_credentials_write_nothing(work, standin, monkeypatch):
     assert not (work / "submissions").exists()
 
 
+@pytest.mark.network
 def test_refresh_stores_scores_next_to_the_cv_estimate(work, standin):
     first = submit("blends/greedy", "data", UPLOAD).entry
     submit("blends/greedy", "data", SubmitOptions())  # a dry run: nothing to ask Kaggle

@@ -158,6 +158,7 @@ def test_a_train_json_whose_annotations_are_not_a_list_is_refused(work):
               f"{Path('data/train2019.json')}: 'annotations' is not a list")
 
 
+@pytest.mark.network
 def test_upload_with_filled_rows(work, standin):
     result = ens("submit", "blends/x", "--data", "data", "--missing", "prior", "--competition", COMPETITION,
                  "-m", "two images skipped")
