@@ -12,7 +12,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ens-installed
 TEST_WORKERS ?= 2
 # pytest exits 5 when no test ran (a wrong -m or path): make fails on it like on a failure.
-PYTEST := $(BIN)/python -m pytest --durations=20 -n $(TEST_WORKERS) --dist loadfile
+# Modules are handed to the processes in the order tests/conftest.py gives them: slow ones first.
+PYTEST := $(BIN)/python -m pytest --durations=20 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 .PHONY: demo test test-fast install clean
 

@@ -10,6 +10,7 @@ docs/testing.md; each test module sets its own with ``pytestmark``.
 
 from __future__ import annotations
 
+import collections
 import shutil
 from pathlib import Path
 
@@ -30,6 +31,14 @@ def pytest_collection_modifyitems(config, items):
     if unmarked:
         raise pytest.UsageError("tests without the marker their fixtures call for (FIXTURE_MARKERS in tests/conftest.py): "
                                 + ", ".join(unmarked))
+    if hasattr(config, "workerinput"):
+        # A pytest-xdist worker (`make test`, run with --no-loadscope-reorder): modules are handed
+        # out in this order, so the ones with the most slow or ray tests go first and the quick
+        # ones even out the two processes' ends (xdist's own order, by number of tests, left the
+        # demo's one long test and test_install's virtual environment to the end).
+        heavy = collections.Counter(item.path for item in items
+                                    if item.get_closest_marker("slow") or item.get_closest_marker("ray"))
+        items.sort(key=lambda item: -heavy[item.path])
 
 
 @pytest.fixture(scope="session")
