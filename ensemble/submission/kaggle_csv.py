@@ -40,7 +40,6 @@ from ensemble.formats.common import is_int, read_json
 from ensemble.formats.dataset import find_split, load_split, split_candidates
 from ensemble.formats.predictions import header_top_k
 from ensemble.errors import EnsError
-from ensemble.fileio import write_new
 
 #: How many offending lines or ids an error message names before "and N more".
 _SHOWN = 5
@@ -342,7 +341,7 @@ def render(submission: Submission) -> bytes:
 
 def submission_path(folder: str | os.PathLike, name: str, when: dt.datetime, compress: bool) -> Path:
     """``<folder>/<UTC time>_<name>.csv[.gz]``, the name a file is first tried under
-    (:func:`write_new` appends ``-2``, ``-3``... should that be taken)."""
+    (:func:`ensemble.fileio.write_new` appends ``-2``, ``-3``... should that be taken)."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise EnsError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
     suffix = ".csv.gz" if compress else ".csv"

@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 
 from ensemble.errors import EnsError
-from ensemble.fileio import sha256_file
+from ensemble.fileio import sha256_file, write_new
 from ensemble.formats.blend import BLEND_FILE, BlendSummary
 from ensemble.formats.ledger import Entry, Ledger
 from ensemble.formats.predictions import PREDICTIONS_FILE
@@ -35,8 +35,7 @@ from ensemble.submission import kaggle_client
 from ensemble.submission.fill import DEFAULT_MISSING, MISSING_HINT, Fill, check_missing, fill_missing, find_fill
 from ensemble.submission.kaggle_client import Receipt, UploadError
 from ensemble.submission.kaggle_csv import (Reference, Submission, check_file, check_rows, get_format,
-                                            load_reference, read_predictions, submission_bytes, submission_path,
-                                            write_new)
+                                            load_reference, read_predictions, submission_bytes, submission_path)
 
 #: Where files and ledger go, relative to the working folder.
 SUBMISSIONS = Path("submissions")

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from ensemble.errors import EnsError
-from ensemble.submission.kaggle_csv import (FORMATS, Submission, get_format, render, submission_bytes, submission_path,
-                                         write_new)
+from ensemble.fileio import write_new
+from ensemble.submission.kaggle_csv import (FORMATS, Submission, get_format, render, submission_bytes, submission_path)
 from ensemble.submission.submit import SubmitOptions, check, submit
 
 from tests.ensemble.submission.submit_data import KNOWN, TEST_IDS, make_blend, make_data, ranked, write_csv
