@@ -53,6 +53,8 @@ class KaggleStandIn:
     submissions: list[dict] = field(default_factory=list)
     fail: dict[str, tuple[int, dict]] = field(default_factory=dict)
     page_size: int = 2
+    #: CONNECT targets other than a Kaggle host (a library's telemetry in the same process): refused, not calls.
+    tunnels: list[str] = field(default_factory=list)
     _started: dict[str, str] = field(default_factory=dict)  # token -> file name, before the PUT
     _blobs: dict[str, str] = field(default_factory=dict)  # token -> file name, after the PUT
 

@@ -126,3 +126,7 @@ def test_nothing_leaves_the_machine(standin):
     with pytest.raises(requests.exceptions.ProxyError):
         requests.get("https://api.kaggle.com/v1/anything", timeout=5)
     assert standin.names() == ["CONNECT"]
+    # Another host (a library's telemetry): refused too, and kept apart from the client's calls.
+    with pytest.raises(requests.exceptions.ProxyError):
+        requests.get("https://telemetry.example.org/v1/events", timeout=5)
+    assert standin.names() == ["CONNECT"] and standin.tunnels == ["telemetry.example.org:443"]
