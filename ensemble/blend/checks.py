@@ -15,14 +15,14 @@ from ensemble.formats.blend import CHUNK_ROWS
 def label_warnings(split: BlendSplit, labels_path: Path) -> list[str]:
     """A note when the label file is not the json the stores were made from (its sha256 differs
     from the one the stores record): the same ids may then carry other labels."""
-    recorded = split.stores[0].manifest.get("dataset", {})
-    if not str(recorded.get("source", "")).endswith(".json") or recorded.get("sha256") is None:
+    recorded = split.stores[0].manifest.dataset
+    if not str(recorded.source or "").endswith(".json") or recorded.sha256 is None:
         return []  # the stores came from an image folder: there is no json to compare with
     actual = sha256_file(labels_path)
-    if actual == recorded["sha256"]:
+    if actual == recorded.sha256:
         return []
     return [f"the labels in {labels_path} (sha256 {actual[:12]}...) are not from the json the {split.name} stores "
-            f"were made from, {recorded['source']} (sha256 {recorded['sha256'][:12]}...); check that they "
+            f"were made from, {recorded.source} (sha256 {recorded.sha256[:12]}...); check that they "
             "label the same images"]
 
 

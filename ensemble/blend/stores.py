@@ -99,7 +99,7 @@ def label_source(split: BlendSplit, data: Path | None) -> Path:
     made from."""
     if data is not None:
         return find_split(data, split.name, folders=False)
-    source = split.stores[0].manifest.get("dataset", {}).get("source")
+    source = split.stores[0].manifest.dataset.source
     if source and str(source).endswith(".json") and Path(source).is_file():
         return Path(source)
     raise EnsError(f"{split.stores[0].path}: the {split.name} split did not come from a json with labels; "

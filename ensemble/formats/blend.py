@@ -206,11 +206,13 @@ class ModelProvenance(_Json):
     def of_store(cls, store: LogitStore) -> "ModelProvenance":
         """What made ``store``'s logits: the model file's sha256, its preprocessing, the version
         of the pixel pipeline, and the TTA views (their names carry the scales) and merge."""
-        model, tta = store.manifest["model"], store.manifest["tta"]
-        return cls(model_sha256=model["sha256"], input_size=_freeze(model["input_size"]), resize=model["resize"],
-                   crop_pct=model["crop_pct"], mean=_freeze(list(model["mean"])), std=_freeze(list(model["std"])),
-                   interpolation=model.get("interpolation", "bilinear"), views=_freeze(list(tta["views"])),
-                   merge=tta["merge"], cam=_freeze(tta.get("cam")), pixels=store.manifest.get("pixels", 1))
+        manifest = store.manifest
+        model, tta = manifest.model, manifest.tta
+        # Stores of an older ens lack the interpolation (bilinear then) and the cam view.
+        return cls(model_sha256=model.sha256, input_size=model.input_size, resize=model.resize,
+                   crop_pct=model.crop_pct, mean=tuple(model.mean), std=tuple(model.std),
+                   interpolation=model.interpolation or "bilinear", views=tuple(tta.views),
+                   merge=tta.merge, cam=_freeze(None if tta.cam is None else dict(tta.cam)), pixels=manifest.pixels)
 
     @classmethod
     def _from_json(cls, doc: Any) -> "ModelProvenance | None":

@@ -305,11 +305,10 @@ def build_report(blend_dir: Path, data: Path | None = None) -> ReportData:
     labels_doc = read_json(labels_path)  # load_labels has checked it, read the same way
     names = _category_names(labels_doc, class_ids)
     notes = []
-    recorded = stores[0].manifest.get("dataset", {})
-    if str(recorded.get("source", "")).endswith(".json") and recorded.get("sha256") not in (None,
-                                                                                            sha256_file(labels_path)):
+    recorded = stores[0].manifest.dataset
+    if str(recorded.source or "").endswith(".json") and recorded.sha256 not in (None, sha256_file(labels_path)):
         notes.append(f"the labels in {labels_path} are not from the json the stores were made from "
-                     f"({recorded['source']}); check that they label the same images")
+                     f"({recorded.source}); check that they label the same images")
 
     temps = record.temperatures
     model_preds = dict(zip(models, _predict([s.logits for s in stores], [None] * len(stores), labels)))

@@ -9,8 +9,9 @@ the arrays the digest reads are real ``.npy`` files.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from ensemble.blend.stores import BlendSplit, available_models, check_aligned, l
 from ensemble.errors import EnsError
 from ensemble.formats import blend as blend_format
 from ensemble.formats.blend import member_arrays, prior_counts, shown_ids, store_digest
+from ensemble.formats.store import DatasetRecord
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ class Store:
     class_ids: tuple[int | str, ...] | None = None
     views: np.ndarray | None = None
     view_names: tuple[str, ...] = ()
-    manifest: dict[str, Any] = field(default_factory=dict)
+    manifest: Any = None
 
 
 def store(name: str, logits, ids=(1, 2, 3), class_ids=None, **kw) -> Store:
@@ -42,6 +44,11 @@ def store(name: str, logits, ids=(1, 2, 3), class_ids=None, **kw) -> Store:
 
 
 THREE = [[0.0, 1.0, 2.0], [1.0, 0.0, 0.0], [0.5, 0.5, 3.0]]
+
+
+def _made_from(source: str, sha256: str | None) -> SimpleNamespace:
+    """A manifest holding only the dataset record these functions read."""
+    return SimpleNamespace(dataset=DatasetRecord("val", source, sha256, 3))
 
 
 # ------------------------------------------------------------------------------ alignment
@@ -83,14 +90,14 @@ def test_available_models_are_the_folders_with_a_store_of_the_split(tmp_path):
 def test_label_source(tmp_path):
     labels = tmp_path / "val2019.json"
     labels.write_text("{}")
-    made_from = {"dataset": {"source": str(labels)}}
+    made_from = _made_from(str(labels), None)
     assert label_source(BlendSplit("val", (store("a", THREE, manifest=made_from),), ("a",)), None) == labels
     data = tmp_path / "data"
     data.mkdir()
     (data / "val2019.json").write_text("{}")
     assert label_source(BlendSplit("val", (store("a", THREE, manifest=made_from),), ("a",)), data) == \
         data / "val2019.json"
-    folder = {"dataset": {"source": str(tmp_path / "images")}}
+    folder = _made_from(str(tmp_path / "images"), None)
     with pytest.raises(EnsError) as info:
         label_source(BlendSplit("val", (store("a", THREE, manifest=folder),), ("a",)), None)
     assert str(info.value) == (f"{Path('runs/a/val')}: the val split did not come from a json with labels; "
@@ -235,13 +242,13 @@ def test_label_warnings_compare_the_labels_with_the_json_the_stores_came_from(tm
     labels = tmp_path / "val.json"
     labels.write_text('{"images": []}')
     sha = hashlib.sha256(labels.read_bytes()).hexdigest()
-    made = {"dataset": {"source": "data/val2019.json", "sha256": sha}}
+    made = _made_from("data/val2019.json", sha)
     assert checks.label_warnings(BlendSplit("val", (store("a", THREE, manifest=made),), ("a",)), labels) == []
-    other = {"dataset": {"source": "data/val2019.json", "sha256": "ab" * 32}}
+    other = _made_from("data/val2019.json", "ab" * 32)
     assert checks.label_warnings(BlendSplit("val", (store("a", THREE, manifest=other),), ("a",)), labels) == [
         f"the labels in {labels} (sha256 {sha[:12]}...) are not from the json the val stores were made from, "
         "data/val2019.json (sha256 abababababab...); check that they label the same images"]
-    folder = {"dataset": {"source": "data/images", "sha256": None}}
+    folder = _made_from("data/images", None)
     assert checks.label_warnings(BlendSplit("val", (store("a", THREE, manifest=folder),), ("a",)), labels) == []
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ from ensemble.errors import EnsError
 from ensemble.fileio import json_text
 from ensemble.formats.blend import (BlendRecord, BlendSummary, CvRow, CvTable, ModelProvenance, PriorCorrection,
                                     SplitStores, check_provenance)
+from ensemble.formats.store import ModelRecord, TtaRecord
 
 PROVENANCE = {"model_sha256": "ab" * 32, "input_size": 224, "resize": "shorter", "crop_pct": 0.875,
               "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "interpolation": "bilinear",
@@ -208,8 +210,13 @@ class _Store:
         model = {"sha256": "ab" * 32, "input_size": 224, "resize": "shorter", "crop_pct": 0.875,
                  "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "interpolation": "bilinear"}
         tta = {"views": ["identity", "flip"], "merge": "mean-logits"}
-        self.manifest = {"model": {**model, **changes.pop("model", {})}, "tta": {**tta, **changes.pop("tta", {})},
-                         "pixels": 2, **changes}
+        model = {"file": "a.onnx", "architecture": "a", "precision": "fp32", "class_ids": None, "foreign": False,
+                 **model, **changes.pop("model", {})}
+        model["mean"], model["std"] = tuple(model["mean"]), tuple(model["std"])
+        tta = {**tta, **changes.pop("tta", {})}
+        self.manifest = SimpleNamespace(model=ModelRecord(**model),
+                                        tta=TtaRecord(tuple(tta["views"]), tta["merge"], tta.get("cam")),
+                                        pixels=changes.pop("pixels", 2))
 
 
 def test_provenance_of_a_store_and_its_check(tmp_path):
