@@ -360,3 +360,26 @@ def test_every_method_blends_with_the_prior(work, tmp_path):
         ok(ens("blend", "--runs", work.runs, "--weights", tmp_path / method / "blend.json", "--apply", "val",
                "--out", copy))
         shutil.rmtree(copy)
+        # Re-applied to the split it was fitted for, the saved correction gives the same file.
+        again = ok(ens("blend", "--runs", work.runs, "--weights", tmp_path / method / "blend.json", "--out", copy))
+        assert (copy / "predictions.csv").read_bytes() == (tmp_path / method / "predictions.csv").read_bytes()
+        assert f"prior: tau {record['prior']['tau']:.3f} (from {tmp_path / method / 'blend.json'})" in again.stdout
+        shutil.rmtree(copy)
+
+
+@pytest.mark.parametrize("method", ["nll", "uniform"])
+def test_a_correction_that_does_not_help_on_cv_is_noted(work, tmp_path, method):
+    """Counts the models never learned (the training counts reversed: the rarest digit counted as
+    the commonest): corrected with them at tau 1, the blend is clearly worse on CV than without.
+    The correction is still applied, and the note says so with both CV top-1s. (A fitted tau falls
+    to 0 here, where the two rows tie on top-1 and float noise in the NLL decides.)"""
+    counts = dict(zip(work.train_counts, reversed(list(work.train_counts.values()))))
+    path = _counts_file(tmp_path, counts)
+    record, result = _blend(work, tmp_path / "blend", "--prior", path, "--method", method, "--prior-tau", "1")
+    rows = {r["name"]: r for r in record["cv"]["rows"]}
+    corrected, plain = rows[f"{method}+prior"], rows[method]
+    assert corrected["top1"] < plain["top1"] - 0.02
+    assert record["cv"]["chosen"] == f"{method}+prior" and record["prior"]["tau"] == 1.0
+    assert notes(result) == [
+        f"note: {method}+prior does not beat {method} on 3-fold CV (top-1 {corrected['top1']:.4f} vs "
+        f"{plain['top1']:.4f}); the correction is applied as --prior asks: leave --prior out to blend without it"]
