@@ -312,6 +312,8 @@ NAMES, WEIGHTS = "a JSON list of names or NULL", "a JSON object of member weight
     ("private_score", float("inf"), "inf", "a finite number or NULL"),
     ("status", "done", "'done'", "one of not-uploaded, uploaded, upload-failed"),
     ("fill_source", "guess", "'guess'", "one of train-prior, blend-prior or NULL"),
+    ("prior_tau", "strong", "'strong'", "a finite number or NULL"),
+    ("prior_tau", float("-inf"), "-inf", "a finite number or NULL"),
     ("sha256", "abc", "'abc'", "64 hex digits"),
     ("file", "../../etc/passwd", "'../../etc/passwd'", "a file name inside the submissions folder"),
     ("message", b"\x00\x01", "b'\\x00\\x01'", "text or NULL"),
@@ -332,6 +334,48 @@ def test_a_malformed_ledger_value_is_one_line(work, column, value, shown, what):
     assert Ledger("submissions").get(1).id == 1  # the other rows stay readable one by one
 
 
-def test_every_column_is_checked():
-    """Each column of the table has its check (a new column must get one)."""
-    assert set(ledger_module.CHECKS) == {f.name for f in dataclasses.fields(ledger_module.Entry)}
+#: One value per column that its check must refuse (sqlite stores each as given: a blob stays a
+#: blob in a TEXT column, a text that is not a number stays text in an INTEGER or REAL one).
+BAD_VALUES = {
+    "id": -1, "file": "../x.csv", "sha256": "ABC", "created": b"\x00", "format": b"\x01", "rows": "many",
+    "competition": b"\x02", "message": b"\x03", "source": b"\x04", "blend_method": b"\x05",
+    "blend_members": '{"a": 1}', "blend_weights": "[0.5]", "cv_top1": 1.5, "cv_top1_low": -0.5,
+    "cv_top1_high": "high", "status": "done", "error": b"\x06", "kaggle_ref": 2.5, "uploaded": b"\x07",
+    "kaggle_status": b"\x08", "public_score": "n/a", "private_score": float("inf"), "refreshed": b"\x09",
+    "filled": -2, "fill_source": "guess", "prior_tau": "strong",
+}
+
+
+def test_every_column_is_checked(tmp_path):
+    """Each column's check refuses a bad value, and the refusal names the column (a new column
+    must get a check, and a bad value here)."""
+    assert set(BAD_VALUES) == set(ledger_module.CHECKS) == {f.name for f in dataclasses.fields(ledger_module.Entry)}
+    book = Ledger(tmp_path)
+
+    def write():
+        (tmp_path / "a.csv").write_text("x")
+        return tmp_path / "a.csv"
+
+    good = book.record(write, created="2026-01-01T00:00:00Z", format="inat2019", rows=1, source="s", blend=None)
+    with sqlite3.connect(book.path) as con:
+        row = dict(zip((d[0] for d in con.execute("SELECT * FROM submissions").description),
+                       con.execute("SELECT * FROM submissions").fetchone()))
+    con.close()
+
+    def set_value(column, value):  # the table holds one row
+        con = sqlite3.connect(book.path)
+        try:
+            with con:
+                con.execute("PRAGMA ignore_check_constraints = ON")  # for the status CHECK
+                con.execute(f"UPDATE submissions SET {column} = ?", (value,))
+        finally:
+            con.close()
+
+    for column, value in BAD_VALUES.items():
+        set_value(column, value)
+        with pytest.raises(EnsError) as info:
+            book.entries()
+        entry = value if column == "id" else 1
+        assert str(info.value).startswith(f"{book.path}: ledger entry {entry}: {column} {value!r} is not "), column
+        set_value(column, row[column])
+        assert book.entries() == [good], column
