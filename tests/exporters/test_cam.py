@@ -19,7 +19,7 @@ from ensemble.formats.model import read_metadata
 from exporters import ExportOptions, export_checkpoint
 from exporters import cam as cam_module
 from exporters.cam import class_activation_map, find_cam_head
-from exporters.onnx_export import second_size
+from exporters.onnx_export import CHECK_BATCH, second_size
 
 from tests.conftest import copy_checkpoint
 from tests.exporters.helpers import NUM_CLASSES, build, random_images, run_outputs as run, torch_cam
@@ -264,3 +264,90 @@ def test_plain_inference_asks_for_the_logits_alone(resnet18_64_export):
     logits = runner(images)
     assert requested == [["logits"]]
     np.testing.assert_array_equal(logits, run(path, images)["logits"])
+
+
+class _OneMapOrAList(nn.Module):
+    """A stem that takes one feature map or a list of them to concatenate, as DenseNet's layers do.
+    torch.fx traces with a Proxy, which is not a tensor: its graph concatenates the one map it is
+    given, which torch refuses when the traced copy runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, NUM_CLASSES)
+
+    def forward(self, x):
+        features = x if isinstance(x, torch.Tensor) else torch.cat(x, 1)
+        return self.fc(self.pool(F.relu(self.conv(features))).flatten(1))
+
+
+class _GroupedMaps(nn.Module):
+    """Eight channels read as ``groups`` groups: the spatial mean of a ``(batch, groups, 8 // groups,
+    h, w)`` tensor, flattened to eight features. Its pooled tensor has five axes: no
+    ``(batch, 8, h, w)`` map, whether its second axis counts 8 (``groups=8``) or not."""
+
+    def __init__(self, groups: int):
+        super().__init__()
+        self.groups = groups
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+        self.fc = nn.Linear(8, NUM_CLASSES)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        x = x.view(x.size(0), self.groups, 8 // self.groups, x.size(2), x.size(3))
+        return self.fc(x.mean((-2, -1)).flatten(1))
+
+
+class _ScaledOnTensors(nn.Module):
+    """A feature map doubled only when it is a tensor: torch.fx's Proxy is not, so the traced copy
+    runs without the doubling and gives other logits than the network."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, NUM_CLASSES)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        if isinstance(x, torch.Tensor):
+            x = x * 2
+        return self.fc(self.pool(x).flatten(1))
+
+
+@pytest.mark.parametrize("net, why", [
+    (_OneMapOrAList, "the traced network does not run (TypeError)"),
+    # The check batch's images, the groups and their channels, 15 x 15 positions at 32 px.
+    (lambda: _GroupedMaps(2), f"its pooled tensor view has shape ({CHECK_BATCH}, 2, 4, 15, 15), not (batch, 8, h, w)"),
+    (lambda: _GroupedMaps(8), f"its pooled tensor view has shape ({CHECK_BATCH}, 8, 1, 15, 15), not (batch, 8, h, w)"),
+    (_ScaledOnTensors, "the traced network's logits differ from the network's"),
+], ids=["does-not-run", "wrong-channels", "five-axes", "logits-differ"])
+def test_a_head_found_but_failing_its_check_exports_without_cam_and_says_why(tmp_path, net, why):
+    # Each network has a GAP + linear head that find_cam_head accepts; running the traced copy
+    # (check_cam_head) is what refuses it, and the export goes on without the cam output.
+    torch.manual_seed(0)
+    model = net().eval()
+    assert not isinstance(find_cam_head(model), str)
+    torch.save(model, tmp_path / "net.pt")
+    result = export_checkpoint(tmp_path / "net.pt", options=ExportOptions(input_size=32, trust_pickle=True))
+    assert [n for n in result.notes if "cam" in n] == [f"no cam output: {why}"]
+    assert [o.name for o in onnx.load(str(result.path)).graph.output] == ["logits"]
+    meta = read_metadata(result.path)
+    assert meta.cam is None and meta.cam_feature is None
+    assert run(result.path, random_images(2, 32))["logits"].shape == (2, NUM_CLASSES)
+
+
+@pytest.mark.parametrize("feature, logits, why", [
+    ((3, 8, 2, 2), (3, 5), None),
+    ((3, 4, 2, 2), (3, 5), "its pooled tensor f has shape (3, 4, 2, 2), not (batch, 8, h, w)"),
+    ((6, 8, 2, 2), (3, 5), "its pooled tensor f has shape (6, 8, 2, 2), not (batch, 8, h, w)"),
+    ((3, 8, 2, 2), (3, 6), "the traced network's logits differ from the network's"),
+])
+def test_check_cam_head_wants_the_classifiers_channels_and_the_batch(feature, logits, why):
+    # A head's flatten carries the pooled tensor's channels and batch into the classifier, so an
+    # exported network cannot bring a four-axis map of other counts here: a stand-in head does.
+    images, want = torch.zeros(3, 3, 8, 8), torch.ones(3, 5)
+    head = cam_module.CamHead(model=lambda x: (torch.ones(logits), torch.zeros(feature)), weight=torch.zeros(5, 8),
+                              feature="f", classifier="fc")
+    assert cam_module.check_cam_head(head, images, want) == why
