@@ -1,10 +1,14 @@
 """The GPU path without a GPU, through a run: the TensorRT cache folder and profiles, the GPU
-options from the command line, and ``--device auto`` falling back to the CPU loudly when CUDA
-is listed but cannot run (each device's provider options: test_runtime.py)."""
+options from the command line down to the providers every onnxruntime session is opened with
+(`ens infer --device cuda / tensorrt`, recorded at ``onnxruntime.InferenceSession``), and
+``--device auto`` falling back to the CPU loudly when CUDA is listed but cannot run (each
+device's provider options as a pure function: test_runtime.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 
 import onnxruntime
 import pytest
@@ -19,9 +23,10 @@ from ensemble.inference import run as run_module
 from ensemble.inference import runtime
 from ensemble.inference.run import InferOptions, infer
 from ensemble.inference.runtime import GpuOptions, Runner
+from ensemble.formats.model import read_metadata
 from ensemble.formats.store import read_store
 
-from tests.ensemble.conftest import write_images
+from tests.ensemble.conftest import replace_metadata, write_images
 
 GPU = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 
@@ -132,3 +137,94 @@ def test_gpu_options_reach_the_library_from_the_cli(tiny, tmp_path, monkeypatch)
 
 def _stop():
     raise EnsError("stopped by the test")
+
+
+class _Sessions:
+    """Stands in for ``onnxruntime.InferenceSession`` on a GPU build: records the ``providers``
+    each session is opened with (``"probe"`` for :func:`runtime.probe_device`'s one-node graph,
+    else the model file's name) and opens a CPU session that reports the asked-for providers as
+    its own, as one whose CUDA libraries load does."""
+
+    opened: list = []
+    real = onnxruntime.InferenceSession
+
+    def __init__(self, source, options=None, providers=None, **kw):
+        _Sessions.opened.append((source.rsplit("/", 1)[-1] if isinstance(source, str) else "probe", providers))
+        self._session = _Sessions.real(source, options, providers=["CPUExecutionProvider"], **kw)
+        self._providers = [p if isinstance(p, str) else p[0] for p in providers]
+
+    def get_providers(self):
+        return self._providers
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+
+def _cuda(search: str, limit: int | None = None) -> tuple[str, dict]:
+    options = {"cudnn_conv_algo_search": search, "arena_extend_strategy": "kSameAsRequested",
+               "do_copy_in_default_stream": True}
+    return ("CUDAExecutionProvider", options if limit is None else {**options, "gpu_mem_limit": limit})
+
+
+@pytest.fixture
+def gpu_build(monkeypatch):
+    """onnxruntime-gpu as ``ens infer`` sees it, without a GPU: TensorRT and CUDA listed, every
+    session opened through :class:`_Sessions`."""
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: list(GPU))
+    monkeypatch.setattr(onnxruntime, "InferenceSession", _Sessions)
+    _Sessions.opened = []
+    return _Sessions.opened
+
+
+def _infer(*args) -> None:
+    result = CliRunner().invoke(app, ["infer", *map(str, args), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("flags, cuda", [
+    ((), _cuda("HEURISTIC")),
+    (("--cudnn-search", "exhaustive", "--gpu-mem-limit", "1.5"), _cuda("EXHAUSTIVE", 3 << 29)),
+    (("--cudnn-search", "default"), _cuda("DEFAULT")),
+], ids=["defaults", "search-and-limit", "search"])
+def test_cuda_sessions_get_the_gpu_options_given_to_ens_infer(tiny, tmp_path, gpu_build, flags, cuda):
+    write_images(tmp_path / "imgs", [(40, 30)])
+    _infer(tiny, "--index", tmp_path / "imgs", "--device", "cuda", "--out", tmp_path / "runs", *flags)
+    # The probe that the libraries load, then the model's session: the same CUDA options.
+    assert gpu_build == [("probe", [cuda, "CPUExecutionProvider"]), ("tiny.onnx", [cuda, "CPUExecutionProvider"])]
+    assert json.loads((tmp_path / "runs" / "tiny" / "imgs" / "manifest.json").read_text())["device"] == "cuda"
+
+
+def test_tensorrt_sessions_get_profiles_fp16_the_cache_and_the_gpu_options(tiny, tmp_path, gpu_build):
+    half = tiny.with_name("half.onnx")
+    shutil.copy(tiny, half)
+    replace_metadata(half, dataclasses.replace(read_metadata(half), precision="fp16"))
+    write_images(tmp_path / "imgs", [(40, 30), (30, 40)])
+    out = tmp_path / "fresh" / "runs"
+    _infer(tiny, half, "--index", tmp_path / "imgs", "--device", "tensorrt", "--tta", "scale", "--scales",
+           "0.875,1.143", "--batch-size", 2, "--cudnn-search", "default", "--gpu-mem-limit", 2, "--out", out)
+    cuda = _cuda("DEFAULT", 2 << 30)
+    cache = str(out / ".trt-cache")
+    shapes = "image:{n}x28x28x3,image:{n}x32x32x3,image:{n}x37x37x3"  # 32 px and its scales, 1 to 2 images
+
+    def trt(fp16: bool) -> tuple[str, dict]:
+        return ("TensorrtExecutionProvider", {
+            "trt_fp16_enable": fp16, "trt_engine_cache_enable": True, "trt_timing_cache_enable": True,
+            "trt_engine_cache_path": cache, "trt_timing_cache_path": cache, "trt_max_workspace_size": 2 << 30,
+            "trt_profile_min_shapes": shapes.format(n=1), "trt_profile_opt_shapes": shapes.format(n=2),
+            "trt_profile_max_shapes": shapes.format(n=2)})
+
+    # The probe needs CUDA alone; a float16 model gets float16 engines without --trt-fp16.
+    assert gpu_build == [("probe", [cuda, "CPUExecutionProvider"]),
+                         ("tiny.onnx", [trt(False), cuda, "CPUExecutionProvider"]),
+                         ("half.onnx", [trt(True), cuda, "CPUExecutionProvider"])]
+    gpu_build.clear()
+    again = tmp_path / "again"
+    _infer(tiny, "--index", tmp_path / "imgs", "--device", "tensorrt", "--trt-fp16", "--out", again)
+    cache = str(again / ".trt-cache")
+    assert gpu_build == [("probe", [_cuda("HEURISTIC"), "CPUExecutionProvider"]), ("tiny.onnx", [
+        ("TensorrtExecutionProvider", {
+            "trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_timing_cache_enable": True,
+            "trt_engine_cache_path": cache, "trt_timing_cache_path": cache,
+            "trt_profile_min_shapes": "image:1x32x32x3", "trt_profile_opt_shapes": "image:32x32x32x3",
+            "trt_profile_max_shapes": "image:32x32x32x3"}),
+        _cuda("HEURISTIC"), "CPUExecutionProvider"])]
