@@ -1,15 +1,18 @@
 """The report's HTML: one self-contained page by plain string formatting.
 
 No script, no stylesheet, font or image from anywhere: the CSS is inline, the figures are inline
-SVG, the thumbnails ``data:`` URIs. Every number taken from blend.json is written with its exact
-value in a ``data-value`` attribute (``repr`` of the float) beside its rounded text, so a reader
-of the page, or a test, can compare it with the file.
+SVG, the thumbnails ``data:`` URIs. Every number in a table or a sentence (blend.json's and those
+computed from the stores) is written with its exact value in a ``data-value`` attribute (JSON:
+``repr`` of the float, ``null`` for a blank cell) beside its rounded text, and every figure holds
+the numbers it draws in ``data-values`` (:func:`~ensemble.report.plots.to_svg`), so a reader of
+the page, or a test, can compare them with the files.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import math
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -61,9 +64,16 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _num(value: float, key: str, digits: int = 4) -> str:
-    """A table cell holding ``value`` rounded, its exact value in ``data-value``."""
-    return f'<td data-key="{_e(key)}" data-value="{_e(json.dumps(value))}">{value:.{digits}f}</td>'
+def _exact(value: float | None) -> str:
+    """``value`` for a ``data-value`` attribute: JSON, ``null`` for None or NaN."""
+    return _e(json.dumps(None if value is None or not math.isfinite(value) else float(value)))
+
+
+def _num(value: float | None, key: str, digits: int = 4, blank: str = "") -> str:
+    """A table cell holding ``value`` rounded (``blank`` for None or NaN), its exact value in
+    ``data-value``."""
+    shown = blank if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+    return f'<td data-key="{_e(key)}" data-value="{_exact(value)}">{shown}</td>'
 
 
 def _section(sid: str, body: str) -> str:
@@ -121,8 +131,8 @@ def summary(data: ReportData) -> str:
                      f' ({how}; 0 is no correction, 1 divides by the prior once).</p>')
     in_sample = float((data.blend.predicted == data.labels).mean())
     parts.append(f'<p class="note">In-sample top-1 of the blend on {_e(data.split)}: '
-                 f'<span data-key="in_sample_top1">{in_sample:.4f}</span> (the weights were fitted on these rows; '
-                 "the CV figures above are the honest estimate).</p>")
+                 f'<span data-key="in_sample_top1" data-value="{_exact(in_sample)}">{in_sample:.4f}</span> '
+                 "(the weights were fitted on these rows; the CV figures above are the honest estimate).</p>")
     return _section("summary", "\n".join(parts))
 
 
@@ -142,9 +152,8 @@ def calibration(data: ReportData) -> str:
     panels.append(("blend", blend, None))
     rows.append(("blend", blend.ece, None))
     tempered = bool(data.tempered_predictions)
-    table = "".join(f'<tr data-row="{_e(name)}"><td>{_e(name)}</td><td data-key="ece">{b:.4f}</td>'
-                    + (f'<td data-key="ece_t">{"" if a is None else f"{a:.4f}"}</td>' if tempered else "") + "</tr>"
-                    for name, b, a in rows)
+    table = "".join(f'<tr data-row="{_e(name)}"><td>{_e(name)}</td>{_num(b, "ece")}'
+                    + (_num(a, "ece_t") if tempered else "") + "</tr>" for name, b, a in rows)
     lead = (f'<p class="lead">Accuracy against confidence on {_e(data.split)} in {cal.N_BINS} bins; a calibrated '
             "model follows the diagonal. Bars above it: under-confident; below: over-confident. ECE: expected "
             "calibration error (Guo et al. 2017)."
@@ -171,7 +180,7 @@ def diversity(data: ReportData) -> str:
     disagree = cal.disagreement(data.member_predictions)
     accuracy = data.member_correct.mean(axis=1)
     weights = data.record.weights
-    table = "".join(f'<tr data-row="{_e(m)}"><td>{_e(m)}</td><td data-key="top1">{a:.4f}</td>'
+    table = "".join(f'<tr data-row="{_e(m)}"><td>{_e(m)}</td>{_num(a, "top1")}'
                     f'{_num(weights[m], "weight", 3)}</tr>' for m, a in zip(members, accuracy))
     lead = (f'<p class="lead">On {_e(data.split)}: how often two members are wrong on the same images (correlation '
             "of their errors, left) and how often they predict different classes (right). A weaker member whose "
@@ -196,8 +205,8 @@ def longtail(data: ReportData) -> str:
         ranges.append(f"{label} ({counts.min()}-{counts.max()} training images per class, {rows[b]} rows)")
     header = "".join(f"<th>{_e(r)}</th>" for r in ranges)
     body = "".join(f'<tr data-row="{_e(n)}"><td>{_e(n)}</td>'
-                   + "".join(f'<td data-key="{cal.BUCKETS[b]}">{"-" if np.isnan(v) else f"{v:.4f}"}</td>'
-                             for b, v in enumerate(acc)) + "</tr>" for n, acc in zip(names, accuracy))
+                   + "".join(_num(v, cal.BUCKETS[b], blank="-") for b, v in enumerate(acc)) + "</tr>"
+                   for n, acc in zip(names, accuracy))
     lead = (f'<p class="lead">Top-1 on {_e(data.split)} by how common the true class was in training '
             f"(counts from {_e(data.counts_source)}): the classes ranked by training count and cut into three "
             "equal thirds. A prior correction should lift the tail.</p>")
@@ -216,7 +225,9 @@ def hardest(data: ReportData) -> str:
         with_boxes.update(image.boxes)
         picture = (f'<img src="{uri}" alt="image {_e(image.id)}">' if uri else
                    f'<div class="absent">image {_e(image.id)} not readable</div>')
-        cards.append(f'<figure class="thumb" data-id="{_e(image.id)}">{picture}<figcaption>'
+        cards.append(f'<figure class="thumb" data-id="{_e(image.id)}" data-true-probability='
+                     f'"{_exact(image.true_probability)}" data-confidence="{_exact(image.confidence)}">'
+                     f'{picture}<figcaption>'
                      f'id {_e(image.id)}<br>true: {_e(image.true_name)} (p {image.true_probability:.3f})<br>'
                      f'predicted: <b>{_e(image.predicted_name)}</b> (p {image.confidence:.3f})</figcaption></figure>')
     key = ""

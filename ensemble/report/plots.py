@@ -3,14 +3,18 @@
 matplotlib is imported here only (the ``report`` extra), through its object-oriented
 ``Figure`` (no pyplot: no global figure state, no GUI backend). Text stays text in the SVG
 (``svg.fonttype = none``): the page's own sans-serif draws it, so nothing is embedded or fetched
-and the figures stay small. Each function takes plain numbers and returns one ``<svg>`` element.
+and the figures stay small. Each function takes plain numbers and returns one ``<svg>`` element
+whose ``data-values`` attribute holds, as JSON (NaN as null), the very numbers it draws: a reader
+of the page, or a test, gets them exactly, without reading them off the picture.
 """
 
 from __future__ import annotations
 
+import html
 import io
+import json
 import math
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from matplotlib import rc_context
@@ -31,13 +35,31 @@ def colour(index: int) -> str:
     return PALETTE[index % len(PALETTE)]
 
 
-def to_svg(fig: Figure, label: str) -> str:
-    """``fig`` as one ``<svg>`` element (no XML prolog), tagged for the page and its test."""
+def _plain(value: Any) -> Any:
+    """``value`` with arrays as lists, numpy scalars as Python ones and NaN or infinities as None."""
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, np.generic):
+        return _plain(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def to_svg(fig: Figure, label: str, values: Any) -> str:
+    """``fig`` as one ``<svg>`` element (no XML prolog), tagged for the page and its test, with
+    ``values`` (the numbers drawn) as escaped JSON in its ``data-values`` attribute."""
     buffer = io.StringIO()
     fig.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
     text = buffer.getvalue()
     text = text[text.index("<svg"):]
-    return text.replace("<svg", f'<svg class="figure" role="img" aria-label="{label}"', 1)
+    data = html.escape(json.dumps(_plain(values), allow_nan=False), quote=True)
+    return text.replace("<svg", f'<svg class="figure" role="img" aria-label="{html.escape(label, quote=True)}" '
+                                f'data-values="{data}"', 1)
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -65,7 +87,8 @@ def cv_chart(rows: Sequence[CvRow], chosen: str, models: Sequence[str]) -> str:
         ax.invert_yaxis()
         ax.set_xlabel("CV top-1 with 95% bootstrap interval")
         ax.grid(axis="x", alpha=0.3)
-        return to_svg(fig, "CV top-1 per row")
+        return to_svg(fig, "CV top-1 per row", [{"name": r.name, "top1": r.top1, "top1_low": r.top1_low,
+                                                  "top1_high": r.top1_high, "used": r.name == chosen} for r in rows])
 
 
 def weights_chart(weights: Mapping[str, float], models: Sequence[str], tau: float | None = None) -> str:
@@ -86,7 +109,7 @@ def weights_chart(weights: Mapping[str, float], models: Sequence[str], tau: floa
         ax.set_xlabel("weight")
         if tau is not None:
             ax.set_title(f"then corrected for the training prior: tau = {tau:.3f}", loc="left")
-        return to_svg(fig, "blend weights")
+        return to_svg(fig, "blend weights", {"members": names, "weights": values, "tau": tau})
 
 
 def reliability_chart(panels: Sequence[tuple[str, Reliability, Reliability | None]]) -> str:
@@ -118,7 +141,14 @@ def reliability_chart(panels: Sequence[tuple[str, Reliability, Reliability | Non
             ax.set_ylabel("accuracy")
         for ax in axes[:len(panels)][-cols:]:
             ax.set_xlabel("confidence")
-        return to_svg(fig, "reliability diagrams")
+        return to_svg(fig, "reliability diagrams", [{"title": title, "before": _bins(before),
+                                                     "after": None if after is None else _bins(after)}
+                                                    for title, before, after in panels])
+
+
+def _bins(diagram: Reliability) -> dict[str, Any]:
+    return {"confidence": diagram.confidence, "accuracy": diagram.accuracy, "count": diagram.count,
+            "ece": diagram.ece}
 
 
 def heatmap(matrix: np.ndarray, names: Sequence[str], title: str, vmin: float, vmax: float, cmap: str) -> str:
@@ -140,7 +170,7 @@ def heatmap(matrix: np.ndarray, names: Sequence[str], title: str, vmin: float, v
                                 color="white" if abs(matrix[i, j] - vmin) > 0.6 * (vmax - vmin) else "black")
         ax.set_title(title)
         fig.colorbar(image, ax=ax, shrink=0.8)
-        return to_svg(fig, title)
+        return to_svg(fig, title, {"names": list(names), "values": matrix})
 
 
 def bucket_chart(accuracy: np.ndarray, names: Sequence[str], buckets: Sequence[str]) -> str:
@@ -162,7 +192,8 @@ def bucket_chart(accuracy: np.ndarray, names: Sequence[str], buckets: Sequence[s
         ax.set_ylim(0, 1)
         ax.set_ylabel("top-1 on the fitted split")
         ax.legend(fontsize=7, ncols=min(p, 5), loc="upper center", bbox_to_anchor=(0.5, -0.15), frameon=False)
-        return to_svg(fig, "accuracy by class frequency")
+        return to_svg(fig, "accuracy by class frequency", {"predictors": list(names), "buckets": list(buckets),
+                                                           "accuracy": accuracy})
 
 
 def leaderboard_chart(points: Sequence) -> str:
@@ -191,5 +222,8 @@ def leaderboard_chart(points: Sequence) -> str:
         ax.plot([], [], "o", color="#555555", label="public")
         ax.plot([], [], "o", color="#555555", mfc="white", label="private")
         ax.legend(fontsize=7, frameon=False)
-        return to_svg(fig, "CV against leaderboard")
+        return to_svg(fig, "CV against leaderboard",
+                      [{"id": p.id, "cv_error": p.cv_error, "cv_error_low": p.cv_error_low,
+                        "cv_error_high": p.cv_error_high, "public": p.public, "private": p.private,
+                        "this_blend": p.this_blend} for p in points])
 

@@ -112,6 +112,14 @@ def test_full_report_in_chromium(work, browser, tmp_path):
         assert tau.inner_text() == f"{record['prior']['tau']:.3f}"
         assert page.locator("[data-key=chosen]").inner_text() == record["cv"]["chosen"]
         assert page.locator("table.ledger tr.used").count() == 1
+        # Each figure's numbers reach the DOM as JSON (test_report_numbers.py checks them against the stores).
+        drawn = dict(page.eval_on_selector_all("svg.figure", """els => els.map(e => [e.getAttribute('aria-label'),
+            JSON.parse(e.getAttribute('data-values'))])"""))
+        assert len(drawn) == 7
+        for title, diagonal in (("error correlation", 1.0), ("disagreement", 0.0)):
+            assert drawn[title]["names"] == record["members"]
+            assert [row[i] for i, row in enumerate(drawn[title]["values"])] == [diagonal] * len(record["members"])
+        assert drawn["blend weights"]["weights"] == list(record["weights"].values())
     finally:
         context.close()
 
