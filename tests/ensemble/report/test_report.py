@@ -10,8 +10,6 @@ import json
 import re
 import shutil
 import sys
-from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,29 +201,6 @@ def test_leaderboard_from_the_ledger(work, tmp_path):
     assert result.sections["leaderboard"] and "leaderboard" not in result.missing
     page = result.path.read_text()
     assert f'<tr data-row="{mine}" class="used">' in page and f'<tr data-row="{other}">' in page
-
-
-def test_cam_boxes_are_drawn_on_the_thumbnails(work, monkeypatch):
-    rows = np.load(work.runs / "m0" / "val" / "ids.npy").size
-    given = {m: np.tile(np.array([[0.1, 0.2, 0.6, 0.9]], np.float32) + 0.05 * i, (rows, 1)) for i, m in enumerate(MODELS)}
-    given["m2"][:] = np.nan  # a row without a box: none drawn
-    real = report_build.read_store
-
-    def with_boxes(path):
-        store = real(path)
-        assert store.boxes is None  # the fixture's stores are not CAM runs: the boxes below are the only ones
-        return replace(store, boxes=given[Path(path).parent.name])
-
-    monkeypatch.setattr(report_build, "read_store", with_boxes)
-    data = build_report(work.full)
-    assert data.hardest
-    for image in data.hardest:
-        assert set(image.boxes) == {"m0", "m1"}
-        assert image.boxes["m1"] == pytest.approx((0.15, 0.25, 0.65, 0.95))
-    page = write_report(work.full).path.read_text()
-    assert "CAM boxes: " in page and "No CAM boxes" not in page
-    monkeypatch.undo()
-    assert "No CAM boxes" in write_report(work.full).path.read_text()
 
 
 def test_an_empty_frequency_bucket_has_no_bar_and_says_so():
