@@ -303,6 +303,9 @@ def test_heading_and_summary_numbers(pages, truths, blend):
     # The CV table and the weights are blend.json's, exactly.
     rows = summary.one("table", class_="cv").all("tr")[1:]
     assert [r["data-row"] for r in rows] == [r["name"] for r in record["cv"]["rows"]]
+    assert summary.one(data_key="chosen").text() == record["cv"]["chosen"]
+    assert summary.one(data_key="method").text() == record["method"]
+    assert [r["data-row"] for r in rows if "used" in (r.attrs.get("class") or "")] == [record["cv"]["chosen"]]
     for tr, r in zip(rows, record["cv"]["rows"]):
         for key in ("top1", "top1_low", "top1_high", "topk", "nll"):
             node = tr.one("td", data_key=key)
