@@ -402,7 +402,8 @@ def test_diversity_heatmaps_and_members(pages, truths, blend):
     for tr, h in zip(rows, hits):
         cell(tr.one("td", data_key="top1"), float(h.mean()))
         weight = t.record["weights"][tr["data-row"]]
-        assert exact(tr.one("td", data_key="weight")) == weight and tr.one("td", data_key="weight").text() == f"{weight:.3f}"
+        node = tr.one("td", data_key="weight")
+        assert exact(node) == weight and node.text() == f"{weight:.3f}"
 
 
 @pytest.mark.parametrize("blend", ["full", "views"])
@@ -476,7 +477,8 @@ def test_footer_hashes_and_no_note(work, pages, truths, blend):
     t = truths[blend]
     folder = getattr(work, blend)
     footer = doc.one("footer")
-    assert footer.one(data_key="blend_sha256").text() == hashlib.sha256((folder / "blend.json").read_bytes()).hexdigest()
+    blend_sha = hashlib.sha256((folder / "blend.json").read_bytes()).hexdigest()
+    assert footer.one(data_key="blend_sha256").text() == blend_sha
     text = footer.text()
     for model in t.record["models"]:
         sha = store_sha(work.runs / model / "val", bool(t.record["views"]))
