@@ -15,7 +15,7 @@ TEST_WORKERS ?= 2
 # Modules are handed to the processes in the order tests/conftest.py gives them: slow ones first.
 PYTEST := $(BIN)/python -m pytest --durations=20 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast mutate install clean
 
 install: $(STAMP)
 
@@ -35,6 +35,14 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/ens demo
+
+# Mutation testing of the pure maths and the format checks ([tool.mutmut] in pyproject.toml;
+# docs/testing.md): a fresh mutants/ each run, then the list of the mutants no test killed.
+MUTATE_WORKERS ?= 2
+mutate: $(STAMP)
+	rm -rf mutants
+	$(BIN)/mutmut run --max-children $(MUTATE_WORKERS)
+	$(BIN)/mutmut results
 
 clean:
 	rm -rf .demo build *.egg-info
