@@ -90,3 +90,37 @@ def test_count_based_methods_score_the_corrected_blend(method):
     assert method.train_score_ == pytest.approx(1.0 - right / labels.size)
     uncorrected = MixtureMargins(log_probs, labels).count(method.weights_)
     assert uncorrected != right  # the prior changes which rows are right: the test can tell
+
+
+@pytest.mark.parametrize("seed, t_low, t_high", [(3, 0.0, 1.0), (7, -0.4, 0.6), (9, -1.0, -0.2), (13, 0.3, 2.0)])
+def test_best_on_line_is_the_middle_of_the_best_piece_nearest_zero(seed, t_low, t_high):
+    """The count along the segment, on a fine grid, is piecewise constant: the best pieces are
+    the runs of grid points with the highest count; the answer is the middle of the one whose
+    middle is nearest ``t = 0``."""
+    log_probs, labels = _problem(seed=seed, n=40)
+    margins = MixtureMargins(log_probs, labels)
+    base, direction = np.array([0.3, 0.4, 0.3]), np.array([0.4, -0.5, 0.1])
+    grid = np.linspace(t_low, t_high, 4001)
+    counts = np.array([_strict_right(log_probs, labels, base + s * direction) for s in grid])
+    best = counts.max()
+    runs, start = [], None
+    for i, c in enumerate(counts):
+        if c == best and start is None:
+            start = i
+        if c != best and start is not None:
+            runs.append((grid[start], grid[i - 1]))
+            start = None
+    if start is not None:
+        runs.append((grid[start], grid[-1]))
+    middles = [(a + b) / 2 for a, b in runs]
+    expected = middles[int(np.argmin(np.abs(middles)))]
+    count, t = margins.best_on_line(base, direction, t_low, t_high)
+    assert count == best
+    assert t == pytest.approx(expected, abs=2 * (t_high - t_low) / 4000)
+
+
+def test_an_empty_segment_scores_the_start():
+    log_probs, labels = _problem()
+    margins = MixtureMargins(log_probs, labels)
+    weights = np.array([0.2, 0.5, 0.3])
+    assert margins.best_on_line(weights, np.array([1.0, 0.0, -1.0]), 0.5, 0.5) == (margins.count(weights), 0.0)

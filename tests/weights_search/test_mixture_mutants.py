@@ -7,7 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from weights_search import LogitAdjustment, LogitBlend, NllBlend, UniformBlend, adjust, fuse, log_softmax, mean_nll
+import re
+
+from weights_search import (
+    AccuracyBlend, GreedyBlend, LogitAdjustment, LogitBlend, NllBlend, UniformBlend, adjust, fuse, log_softmax, mean_nll,
+)
 
 
 def _problem(seed=4, m=3, n=50, c=4):
@@ -21,7 +25,7 @@ def _problem(seed=4, m=3, n=50, c=4):
 LOG_PRIOR = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
 
 
-@pytest.mark.parametrize("method", [UniformBlend(), NllBlend(), LogitBlend()], ids=repr)
+@pytest.mark.parametrize("method", [UniformBlend(), NllBlend(), LogitBlend(), GreedyBlend(n_rounds=8)], ids=repr)
 @pytest.mark.parametrize("tau", [0.7, None])
 def test_train_score_with_a_prior_is_the_corrected_blends_nll(method, tau):
     log_probs, labels = _problem()
@@ -44,3 +48,34 @@ def test_iterations_are_counted():
     assert one.n_iter_ == 0 and one.weights_.tolist() == [1.0]
     two = NllBlend().fit(log_probs[:2], labels)
     assert two.weights_.shape == (2,) and two.n_iter_ >= 1
+
+
+def _raises(message: str):
+    return pytest.raises(ValueError, match="^" + re.escape(message) + "$")
+
+
+def test_search_parameters_at_their_bounds():
+    AccuracyBlend(max_passes=1, n_random=0)
+    GreedyBlend(n_rounds=0, n_init=1)
+    GreedyBlend(n_rounds=1, n_init=0, bag_fraction=1.0)
+    with _raises("max_passes must be at least 1, got 0"):
+        AccuracyBlend(max_passes=0)
+    with _raises("n_random must be non-negative, got -1"):
+        AccuracyBlend(n_random=-1)
+    with _raises("n_rounds and n_init must be non-negative and add up to at least 1, got 0 and 0"):
+        GreedyBlend(n_rounds=0, n_init=0)
+    with _raises("n_rounds and n_init must be non-negative and add up to at least 1, got -1 and 3"):
+        GreedyBlend(n_rounds=-1, n_init=3)
+    with _raises("n_bags must be at least 1, got 0"):
+        GreedyBlend(n_bags=0)
+    with _raises("bag_fraction must lie in (0, 1], got 1.5"):
+        GreedyBlend(bag_fraction=1.5)
+
+
+def test_one_pass_of_the_accuracy_search():
+    log_probs, labels = _problem()
+    one = AccuracyBlend(max_passes=1).fit(log_probs, labels)
+    assert one.n_passes_ == 1
+    many = AccuracyBlend().fit(log_probs, labels)
+    assert 1 <= many.n_passes_ <= 20 and many.train_score_ <= one.train_score_
+    assert many.weights_.sum() == pytest.approx(1.0) and (many.weights_ >= 0).all()
