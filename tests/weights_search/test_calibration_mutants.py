@@ -89,3 +89,8 @@ def test_accuracy_by_bucket_with_the_tail_empty():
     assert np.isnan(accuracy[:, 2]).all()
     with _raises("expected (n_members, n_samples) hits and (n_samples,) labels, got (3,) and (3,)"):
         accuracy_by_bucket([1, 0, 1], np.array([0, 0, 1]), np.array([0, 1, 2]))
+
+
+def test_accuracy_by_bucket_refuses_three_dimensional_hits():
+    with _raises("expected (n_members, n_samples) hits and (n_samples,) labels, got (2, 3, 1) and (3, 1)"):
+        accuracy_by_bucket(np.ones((2, 3, 1)), np.zeros((3, 1), int), np.array([0, 1, 2]))

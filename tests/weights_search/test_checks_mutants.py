@@ -5,13 +5,14 @@ that keeps far-out log-probabilities finite."""
 from __future__ import annotations
 
 import re
+import warnings
 
 import numpy as np
 import pytest
 
 from weights_search import (
-    LogitAdjustment, adjust, bootstrap_ci, class_log_prior, correct_at_k, fit_temperatures, fuse, get_method,
-    log_softmax, top_k,
+    LogitAdjustment, NllBlend, adjust, bootstrap_ci, class_log_prior, correct_at_k, fit_temperatures, fuse,
+    get_method, log_softmax, mean_nll, top_k,
 )
 from weights_search.base import check_solver_options
 from weights_search.functional import MIXTURE, check_members
@@ -164,3 +165,25 @@ def test_adjust_and_top_k_return_float32():
     idx, p = top_k(lp, 2)
     assert idx.tolist() == [[0, 1]] and p.dtype == np.float32
     np.testing.assert_allclose(p, [[0.5, 0.25]], rtol=1e-6)
+
+
+def test_a_row_of_minus_infinity_is_refused_beside_finite_rows():
+    with _raises("logits have a row whose largest value is not finite (all -inf, +inf or NaN)"):
+        log_softmax(np.array([[0.0, 1.0], [-np.inf, -np.inf]]))
+    with _raises("logits have a row whose largest value is not finite (all -inf, +inf or NaN)"):
+        log_softmax(np.array([[[0.0, 1.0], [np.nan, 0.0]]]))
+
+
+def test_a_class_every_member_rules_out_is_minus_infinity_quietly():
+    lp = np.array([[[0.0, -np.inf]], [[0.0, -np.inf]]], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = fuse(lp, [1, 1], MIXTURE)
+    assert out.tolist() == [[0.0, -np.inf]]
+
+
+def test_messages_of_unfitted_and_nan_scores():
+    with _raises("NllBlend is not fitted yet: call fit first"):
+        NllBlend().predict_log_proba(np.zeros((1, 1, 2)))
+    with _raises("log_probs contain NaN"):
+        mean_nll(np.array([[np.nan, 0.0]]), np.array([0]))

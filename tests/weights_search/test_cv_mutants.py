@@ -87,9 +87,18 @@ def test_chunks_of_one_row():
     assert [start for start, _ in chunks] == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match=re.escape("chunk_rows must be at least 1, got 0")):
         list(blend_chunks(list(logits), blend, chunk_rows=0))
-    with pytest.raises(ValueError, match=re.escape("a prior correction needs both log_prior and tau")):
+    with pytest.raises(ValueError, match="^" + re.escape("a prior correction needs both log_prior and tau") + "$"):
         FittedBlend("uniform", "mixture", (0.5, 0.5), tau=1.0)
 
 
 def test_repr_names_every_parameter():
     assert repr(get_method("accuracy", seed=3)) == "AccuracyBlend(max_passes=20, n_random=8, seed=3)"
+
+
+def test_report_intervals_use_the_given_resamples_and_seed():
+    logits, labels = _problem()
+    report = cross_validate(logits, labels, "uniform", n_boot=50, seed=3)
+    row = next(r for r in report.rows if r.name == "member 1")
+    hits = np.zeros(labels.size, bool)
+    hits[:] = correct_at_k(log_softmax(logits[1]), labels, 1)
+    assert (row.top1_low, row.top1_high) == bootstrap_ci(hits, 50, seed=3)
