@@ -16,16 +16,6 @@ from ensemble.formats.model import ModelMetadata, Verification, check_preprocess
 META = ModelMetadata(architecture="a", num_classes=2, input_size=16, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
 
 
-def _save(props: dict[str, str], path) -> None:
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    model = helper.make_model(graph)
-    for key, value in props.items():
-        model.metadata_props.add(key=key, value=value)
-    onnx.save(model, str(path))
-
-
 def _refusal(props: dict[str, str], **kwargs) -> str:
     with pytest.raises(EnsError) as info:
         ModelMetadata.from_props(props, **kwargs)

@@ -32,6 +32,15 @@ def _chunks(rows=5, classes=3, views=2, seed=0):
     return rng.normal(size=(rows, classes)), rng.normal(size=(views, rows, classes))
 
 
+def _complete_store(folder):
+    """A complete one-chunk store of 5 rows (no views) in ``folder``."""
+    logits, _ = _chunks()
+    writer = StoreWriter(folder, KEY, 5, 5)
+    writer.open(BASE)
+    _write_all(writer, logits)
+    writer.finish(IDS_, PATHS, BASE)
+
+
 def _write_all(writer, logits, views=None, bad=()):
     for c in range(writer.chunks):
         lo, hi = c * writer.chunk_size, min((c + 1) * writer.chunk_size, writer.rows)
@@ -139,11 +148,7 @@ def test_a_changed_key_discards_partial_chunks(tmp_path):
 def test_reader_errors_name_the_store(tmp_path):
     with pytest.raises(EnsError, match="not a logit store"):
         read_store(tmp_path)
-    logits, _ = _chunks()
-    writer = StoreWriter(tmp_path / "s", KEY, 5, 5)
-    writer.open(BASE)
-    _write_all(writer, logits)
-    writer.finish(IDS_, PATHS, BASE)
+    _complete_store(tmp_path / "s")
     manifest = json.loads((tmp_path / "s" / MANIFEST).read_text())
     (tmp_path / "s" / MANIFEST).write_text(json.dumps({**manifest, "rows": 7}))
     with pytest.raises(EnsError, match=r"logits.npy: shape \(5, 3\), but the manifest says \(7, 3\)"):
@@ -203,11 +208,7 @@ def test_a_cam_store_manifest_records_the_cam_settings(tmp_path):
 
 
 def test_a_manifest_of_an_older_ens_reads_with_the_defaults_of_its_time(tmp_path):
-    logits, _ = _chunks()
-    writer = StoreWriter(tmp_path / "s", KEY, 5, 5)
-    writer.open(BASE)
-    _write_all(writer, logits)
-    writer.finish(IDS_, PATHS, BASE)
+    _complete_store(tmp_path / "s")
     path = tmp_path / "s" / MANIFEST
     old = {k: v for k, v in json.loads(path.read_text()).items()
            if k not in ("pixels", "engine", "cluster", "boxes", "device_fallback")}
@@ -248,11 +249,7 @@ DAMAGED = [
 
 @pytest.mark.parametrize("change, field, expected", DAMAGED, ids=[f"{d[1]}-{i}" for i, d in enumerate(DAMAGED)])
 def test_a_damaged_manifest_names_its_first_bad_field(tmp_path, change, field, expected):
-    logits, _ = _chunks()
-    writer = StoreWriter(tmp_path / "s", KEY, 5, 5)
-    writer.open(BASE)
-    _write_all(writer, logits)
-    writer.finish(IDS_, PATHS, BASE)
+    _complete_store(tmp_path / "s")
     path = tmp_path / "s" / MANIFEST
     manifest = json.loads(path.read_text())
     for key, value in change.items():  # a nested change replaces one field of model or tta
