@@ -11,6 +11,7 @@ docs/testing.md; each test module sets its own with ``pytestmark``.
 from __future__ import annotations
 
 import collections
+import os
 import shutil
 from pathlib import Path
 
@@ -23,6 +24,17 @@ onnxruntime()
 #: A test that uses one of these fixtures must carry the marker, so that `-m "not MARKER"` leaves
 #: out every test that needs what the marker names.
 FIXTURE_MARKERS = {"standin": "network", "browser": "browser", "chromium": "browser"}
+
+
+def pytest_configure(config):
+    # Each pytest-xdist worker of `make test` on a core of its own: two workers on two cores
+    # otherwise each run torch's and onnxruntime's thread pools over both cores (ens sizes its
+    # sessions by the cores it may use, os.sched_getaffinity), four busy threads on two cores.
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if worker.startswith("gw") and count > 1 and len(cores) >= count:
+        os.sched_setaffinity(0, {cores[int(worker[2:]) % len(cores)]})
 
 
 def pytest_collection_modifyitems(config, items):
