@@ -49,9 +49,15 @@ class ForeignPreprocess:
 def foreign_model(path: Path, graph, pre: ForeignPreprocess) -> tuple[ModelMetadata, bytes]:
     """A foreign file's contract: its metadata (from ``pre`` and the graph) and the adapted graph,
     serialised (it travels as bytes, external data included)."""
+    import onnx
     from onnx.external_data_helper import load_external_data_for_model
 
-    load_external_data_for_model(graph, str(path.parent))  # the adapted graph travels as bytes
+    try:
+        load_external_data_for_model(graph, str(path.parent))  # the adapted graph travels as bytes
+    except (onnx.checker.ValidationError, OSError, ValueError) as exc:
+        # onnx refuses locations outside the folder, links (which onnxruntime follows), missing files.
+        raise EnsError(f"{path}: onnx cannot load its external data ({first_line(exc, 300)}); keep the data "
+                       "files beside the model as regular files") from None
     adapted, size, dynamic, classes = adapt_foreign(graph, pre, str(path))
     metadata = ModelMetadata(
         # 0 classes: the graph does not say; the logit store takes the count from the outputs.

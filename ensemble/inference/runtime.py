@@ -15,11 +15,12 @@ minutes to build, which must be asked for. GPU sessions get their settings from
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -81,7 +82,12 @@ def available_providers() -> list[str]:
 
 @dataclass(frozen=True)
 class Model:
-    """An ONNX model ready to open: its contract, its bytes, its identity."""
+    """An ONNX model ready to open: its contract, its bytes, its identity.
+
+    ``sha256`` is the model's identity (:func:`model_sha256`): the sha256 of the file's bytes,
+    or, for a model whose weights are external data, a sha256 over the file and every data file
+    it names.
+    """
 
     path: Path
     sha256: str
@@ -99,6 +105,93 @@ class Model:
         return Preprocess.of(self.metadata)
 
 
+def _tensors(graph) -> Iterator[Any]:
+    """Every TensorProto of a GraphProto: initializers, sparse ones, node attributes, subgraphs."""
+    for tensor in graph.initializer:
+        yield tensor
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        yield from _attribute_tensors(node)
+
+
+def _attribute_tensors(node) -> Iterator[Any]:
+    for attribute in node.attribute:
+        if attribute.HasField("t"):
+            yield attribute.t
+        yield from attribute.tensors
+        if attribute.HasField("sparse_tensor"):
+            yield from (attribute.sparse_tensor.values, attribute.sparse_tensor.indices)
+        for sparse in attribute.sparse_tensors:
+            yield from (sparse.values, sparse.indices)
+        if attribute.HasField("g"):
+            yield from _tensors(attribute.g)
+        for graph in attribute.graphs:
+            yield from _tensors(graph)
+
+
+def external_files(path: Path, model) -> dict[str, Path]:
+    """The external-data files a model's tensors name: location as written -> the file.
+
+    ``model``: its ModelProto, read without its external data. Raises :class:`EnsError` (one line
+    naming the model and the location) for a location that is absolute, lies outside the
+    model's folder once links are followed (onnxruntime and onnx refuse both), or is not a
+    regular file.
+    """
+    from onnx import TensorProto
+
+    tensors = [*_tensors(model.graph), *(t for f in model.functions for n in f.node for t in _attribute_tensors(n))]
+    folder = os.path.realpath(path.parent)
+    files: dict[str, Path] = {}
+    for tensor in tensors:
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+        where = f"{path}: tensor {tensor.name!r} keeps its data in {location!r}"
+        if location is None or location == "":
+            raise EnsError(f"{path}: tensor {tensor.name!r} is marked external but names no file; "
+                           "save the model again with its weights")
+        if location in files:
+            continue
+        if os.path.isabs(location) or location.startswith(("/", "\\")):
+            raise EnsError(f"{where}, an absolute path: onnxruntime takes only a path relative to the "
+                           "model's folder; keep the data file beside the model and save it with that name")
+        target = os.path.realpath(os.path.join(path.parent, location))
+        if os.path.commonpath([folder, target]) != folder:
+            raise EnsError(f"{where}, outside the model's folder {path.parent} (it resolves to {target}): "
+                           "onnxruntime loads external data only from the model's folder; move the file there")
+        if not os.path.isfile(target):
+            kind = "no such file" if not os.path.lexists(target) else "not a regular file"
+            raise EnsError(f"{where}: {kind} in {path.parent}; put the model's data file beside it")
+        files[location] = Path(target)
+    return files
+
+
+#: Opens the identity of a model with external data (a version: another recipe, another prefix).
+_IDENTITY_PREFIX = b"ens model with external data, v1\0"
+
+
+def model_sha256(path: Path, model) -> str:
+    """A model's identity: what stores, blend provenance and the ledger call its sha256.
+
+    A self-contained .onnx: the sha256 of its bytes (as ens always recorded). A model with
+    external data: the sha256 of :data:`_IDENTITY_PREFIX`, the .onnx's sha256, then for each data
+    file, in the order of its location (as the graph writes it), the location, a NUL, the file's
+    sha256 and a NUL. Other weights, or any edit to any file the model loads, give another
+    identity; renaming the model does not.
+    """
+    files = external_files(path, model)
+    if not files:
+        return sha256_file(path)
+    try:
+        digest = hashlib.sha256(_IDENTITY_PREFIX + sha256_file(path).encode() + b"\0")
+        for location in sorted(files):
+            digest.update(location.encode("utf-8") + b"\0" + sha256_file(files[location]).encode() + b"\0")
+    except OSError as exc:
+        raise EnsError(f"{path}: cannot read it or its external data ({exc.strerror or exc})") from None
+    return digest.hexdigest()
+
+
 def load_model(path: str | os.PathLike, foreign: ForeignPreprocess | None = None) -> Model:
     """Read a model's contract: its ens metadata, or ``foreign`` for a file without any."""
     import onnx
@@ -108,6 +201,7 @@ def load_model(path: str | os.PathLike, foreign: ForeignPreprocess | None = None
         graph = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError, ValueError, ... for foreign bytes
         raise EnsError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
+    sha256 = model_sha256(path, graph)
     props = {p.key: p.value for p in graph.metadata_props}
     if PREFIX + "format" in props:
         metadata = ModelMetadata.from_props(props, str(path))
@@ -125,9 +219,9 @@ def load_model(path: str | os.PathLike, foreign: ForeignPreprocess | None = None
         if metadata.cam is not None and metadata.cam not in outputs:
             raise EnsError(f"{path}: its metadata names a {metadata.cam!r} output, but the graph's outputs are "
                            f"{', '.join(outputs)}; export it again with `ens export`")
-        return Model(path=path, sha256=sha256_file(path), metadata=metadata)
+        return Model(path=path, sha256=sha256, metadata=metadata)
     metadata, adapted = foreign_model(path, graph, foreign or ForeignPreprocess())
-    return Model(path=path, sha256=sha256_file(path), metadata=metadata, foreign=True, graph=adapted)
+    return Model(path=path, sha256=sha256, metadata=metadata, foreign=True, graph=adapted)
 
 
 #: ``--cudnn-search`` -> onnxruntime's ``cudnn_conv_algo_search``. ``heuristic`` (the default)
