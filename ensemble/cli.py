@@ -316,7 +316,7 @@ def infer(
 @app.command()
 def blend(
     ctx: typer.Context,
-    runs: Annotated[Path, typer.Option(help="Folder of logit stores written by `ens infer`.")] = Path("runs"),
+    runs: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Folder of logit stores written by `ens infer` \\[default: runs; with --weights, runs when it holds the applied split's stores, else the folder blend.json records].", show_default=False)] = None,
     models: Annotated[Optional[str], typer.Option(metavar="a,b,c", help="Models (folders under --runs) to blend \\[default: every model with a store for the split].")] = None,
     optimize: Annotated[Optional[str], typer.Option(metavar="SPLIT", help="Labelled split to fit the weights on, e.g. val.")] = None,
     apply: Annotated[Optional[str], typer.Option(metavar="SPLIT", help="Split to fuse into top-k predictions \\[default: test, when every model has it; with --weights, test].")] = None,

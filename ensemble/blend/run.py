@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,9 +38,14 @@ class BlendOptions:
     :data:`weights_search.TAU_BOUNDS`. ``out``: the blend folder; None: ``blends/<method>`` for
     a fit, ``<the fitted folder>-<apply split>`` beside the fitted folder for ``weights`` (a
     saved blend is never overwritten by applying it).
+
+    ``runs``: the folder of logit stores; None: ``runs`` (relative to the working folder) for a
+    fit; for ``weights``, ``runs`` when it holds every model's store of the applied split, else
+    the folder the saved blend.json records (its ``runs``) when that holds them
+    (:func:`_saved_runs`).
     """
 
-    runs: Path = Path("runs")
+    runs: Path | None = None
     models: tuple[str, ...] | None = None
     optimize: str | None = None
     apply: str | None = None
@@ -74,8 +80,13 @@ def run_blend(options: BlendOptions) -> BlendResult:
     """
     _check_options(options)
     saved = BlendRecord.read(options.weights, f"--weights {options.weights}") if options.weights is not None else None
-    models = _models(options, saved)
     notes: list[str] = []
+    if options.runs is None and saved is None:
+        options = dataclasses.replace(options, runs=DEFAULT_RUNS)
+    models = _models(options, saved)
+    if options.runs is None:
+        options = dataclasses.replace(options, runs=_saved_runs(options, saved, models, notes))
+    runs = str(options.runs.resolve())
 
     if saved is not None:
         blend, record, views = _saved_blend(saved, options, models)
@@ -101,7 +112,8 @@ def run_blend(options: BlendOptions) -> BlendResult:
             raise EnsError(f"{options.weights}: fitted on other category ids than the {apply} stores have")
         record = record.applied(None if saved is None else str(options.weights),
                                 SplitStores(split=apply, rows=int(split.ids.size),
-                                            stores={m: store_digest(s, views) for m, s in zip(models, split.stores)}))
+                                            stores={m: store_digest(s, views) for m, s in zip(models, split.stores)}),
+                                runs=runs)
     # Both files appear together or not at all: each is written beside its final name and only
     # renamed into place (predictions first) once both are complete.
     predictions, rows = (out / PREDICTIONS_FILE if split is not None else None), 0
@@ -153,6 +165,40 @@ def _models(options: BlendOptions, saved: BlendRecord | None) -> tuple[str, ...]
     if len(set(models)) != len(models):
         raise EnsError(f"--models names a model twice: {', '.join(models)}")
     return tuple(models)
+
+
+#: The folder of logit stores when --runs is not given.
+DEFAULT_RUNS = Path("runs")
+
+
+def _saved_runs(options: BlendOptions, saved: BlendRecord, models: Sequence[str], notes: list[str]) -> Path:
+    """Where a saved blend (``--weights``, no ``--runs``) finds the stores of the applied split:
+    ``runs`` here when it holds every model's store (the default --runs, as for a fit), else the
+    folder blend.json records when that does (a blend made with ``--runs DIR``, applied from
+    elsewhere or from inside its own folder); a note says which was read when the two differ."""
+    split = options.apply or "test"
+
+    def lacking(folder: Path) -> str | None:
+        return next((m for m in models if not (folder / m / split / MANIFEST).is_file()), None)
+
+    recorded = None if saved.runs is None else Path(saved.runs)
+    if recorded is not None and DEFAULT_RUNS.resolve() == recorded.resolve():
+        recorded = None
+    missing = lacking(DEFAULT_RUNS)
+    if missing is None:
+        if recorded is not None:
+            notes.append(f"read the {split} stores under {DEFAULT_RUNS} (the default --runs); {options.weights} was "
+                         f"fitted on stores under {recorded} (give --runs {recorded} to apply it to those)")
+        return DEFAULT_RUNS
+    if recorded is None:
+        return DEFAULT_RUNS  # open_split names the missing store
+    if lacking(recorded) is None:
+        notes.append(f"read the {split} stores under {recorded}, where {options.weights} records them "
+                     f"({DEFAULT_RUNS} holds no {split} store of {missing})")
+        return recorded
+    raise EnsError(f"--weights {options.weights}: no {split} store of {missing} under {DEFAULT_RUNS} (the default "
+                   f"--runs) nor under {recorded} (where it records its stores); give --runs DIR, or run "
+                   f"`ens infer` on the {split} split")
 
 
 def _apply_split(options: BlendOptions, models: Sequence[str], notes: list[str]) -> str | None:
@@ -223,7 +269,7 @@ def _fit(options: BlendOptions, split: BlendSplit, views: bool, notes: list[str]
         temperatures=None if blend.temperatures is None else dict(zip(names, blend.temperatures)),
         train_score=blend.train_score, class_ids=tuple(split.class_ids),
         optimize=SplitStores(split=options.optimize, rows=int(split.ids.size), stores=stores),
-        labels=str(labels_path), stores=stores,
+        labels=str(labels_path), stores=stores, runs=str(options.runs.resolve()),
         provenance={m: ModelProvenance.of_store(s) for m, s in zip(models, split.stores)},
         prior=None if adjustment is None else PriorCorrection(
             file=str(options.prior), sha256=sha256_file(options.prior), counts=tuple(counts.tolist()),

@@ -14,6 +14,9 @@ Keys, in the order `ens blend` writes them::
     class_ids           the category id of each output column
     optimize            the fitted split: split, rows, stores (model -> sha256 of its arrays)
     labels              the label file of the fitted split; stores: as optimize's
+    runs                the absolute, resolved path of the --runs folder `ens blend` read the
+                        stores from (for a re-applied blend: the applied split's); absent in
+                        older records (None)
     provenance          model -> what made its stores (:data:`PROVENANCE_FIELDS`)
     prior               the long-tail prior correction: file, sha256, counts (one per class id),
                         zero_count, tau, tau_fitted; or null
@@ -359,8 +362,8 @@ class BlendRecord(_Json):
     """A blend.json (see the module docstring for the keys). Read it with :meth:`read`, write
     it with :meth:`write`; :meth:`fitted` is the blend as :mod:`weights_search` applies it.
 
-    ``optimize``, ``cv``, ``prior``, ``applied_from`` and ``apply`` are None when the record
-    has none; a value this ens cannot read (a hand edit) is None too, and kept as it was.
+    ``optimize``, ``runs``, ``cv``, ``prior``, ``applied_from`` and ``apply`` are None when the
+    record has none; a value this ens cannot read (a hand edit) is None too, and kept as it was.
     """
 
     format: int
@@ -380,6 +383,8 @@ class BlendRecord(_Json):
     optimize: SplitStores | None
     labels: str | None
     stores: Mapping[str, str] | None
+    #: Keyword-only so that it can sit here, where the writer puts it, and still default to None.
+    runs: str | None = field(default=None, kw_only=True)
     provenance: Mapping[str, ModelProvenance]
     prior: PriorCorrection | None
     cv: CvTable | None
@@ -388,7 +393,7 @@ class BlendRecord(_Json):
     json_keys: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
     kept: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
-    _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"apply", "applied_from"})
+    _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"runs", "apply", "applied_from"})
 
     # ----------------------------------------------------------------------------- reading
 
@@ -411,7 +416,7 @@ class BlendRecord(_Json):
             "views": _any, "weights": _any, "temperatures": _any,
             "train_score": _nullable(is_number), "class_ids": _nullable(lambda v: True),
             "optimize": _nullable(lambda v: True, SplitStores._from_json), "labels": _when(_is_str),
-            "stores": _when(_is_dict), "provenance": lambda v: {m: ModelProvenance._from_json(p) for m, p in v.items()},
+            "stores": _when(_is_dict), "runs": _when(_is_str), "provenance": lambda v: {m: ModelProvenance._from_json(p) for m, p in v.items()},
             "prior": lambda v: None if v is None else PriorCorrection._from_json(v, doc.get("class_ids")),
             "cv": _nullable(lambda v: True, CvTable._from_json), "apply": _nullable(lambda v: True, SplitStores._from_json),
             "applied_from": _when(_is_str),
@@ -449,10 +454,13 @@ class BlendRecord(_Json):
                               params=self.params, log_prior=None if prior is None else tuple(prior.log_prior().tolist()),
                               tau=None if prior is None else float(prior.tau))
 
-    def applied(self, applied_from: str | None, apply: SplitStores) -> "BlendRecord":
+    def applied(self, applied_from: str | None, apply: SplitStores, runs: str | None = None) -> "BlendRecord":
         """This record with the split it was applied to (and, for a saved blend re-applied, the
-        file it came from); keys it did not hold are added after its own."""
+        file it came from, and ``runs``, the folder of the applied stores, when given); keys it
+        did not hold are added after its own."""
         changes: dict[str, Any] = {} if applied_from is None else {"applied_from": applied_from}
+        if runs is not None:
+            changes["runs"] = runs
         return self._with(**changes, apply=apply)
 
     # ----------------------------------------------------------------------------- writing

@@ -1,0 +1,96 @@
+"""`ens blend` against hostile and careless use: where a saved blend finds its stores, a blend
+run from inside its own folder, files in --out that no blend wrote, splits too small for
+--cv, and folder names as long as the OS allows."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ensemble.formats.blend import BlendRecord
+
+from tests.ensemble.conftest import ens, make_inat, ok, one_line_error, tiny_onnx
+
+MODELS = ("m0", "m1")
+
+
+@dataclass(frozen=True)
+class Work:
+    data: Path
+    runs: Path  #: val and test stores of MODELS
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Work:
+    root = tmp_path_factory.mktemp("hostile")
+    data = make_inat(root / "inat", n_val=10, n_test=4)
+    onnx = [tiny_onnx(root / "models" / f"{m}.onnx", seed=i) for i, m in enumerate(MODELS)]
+    runs = root / "stores"  # not called runs: nothing may find it by its name
+    ok(ens("infer", *onnx, "--data", data, "--workers", 0, "--out", runs))
+    return Work(data, runs)
+
+
+def fit(work: Work, out: Path, *args) -> dict:
+    ok(ens("blend", "--runs", work.runs, "--optimize", "val", "--data", work.data, "--cv", 2, "--out", out, *args))
+    return json.loads((out / "blend.json").read_text())
+
+
+# ------------------------------------------------------------- item 18: blend.json records its runs
+
+def test_blend_json_records_the_resolved_runs_folder(work, tmp_path, monkeypatch):
+    monkeypatch.chdir(work.runs.parent)
+    ok(ens("blend", "--runs", "stores", "--optimize", "val", "--data", work.data, "--cv", 2, "--out",
+           tmp_path / "fit"))
+    record = json.loads((tmp_path / "fit" / "blend.json").read_text())
+    assert record["runs"] == str(work.runs.resolve())
+    assert BlendRecord.read(tmp_path / "fit" / "blend.json").runs == str(work.runs.resolve())
+
+
+def test_an_older_record_without_runs_reads_as_none(work, tmp_path):
+    doc = fit(work, tmp_path / "fit")
+    del doc["runs"]
+    (tmp_path / "old.json").write_text(json.dumps(doc))
+    record = BlendRecord.read(tmp_path / "old.json")
+    assert record.runs is None and "runs" not in record.to_json()
+
+
+def test_weights_without_runs_finds_the_stores_where_blend_json_records_them(work, tmp_path, monkeypatch):
+    fitted = tmp_path / "fit"
+    saved = fit(work, fitted)
+    elsewhere = tmp_path / "elsewhere"  # no runs/ here
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = ok(ens("blend", "--weights", fitted / "blend.json", "--out", tmp_path / "applied"))
+    applied = json.loads((tmp_path / "applied" / "blend.json").read_text())
+    assert applied["runs"] == saved["runs"] == str(work.runs.resolve())
+    assert (tmp_path / "applied" / "predictions.csv").read_bytes() == (fitted / "predictions.csv").read_bytes()
+    assert f"note: read the test stores under {work.runs.resolve()}, where {fitted / 'blend.json'} records them" \
+        in result.stdout
+
+
+def test_weights_without_runs_prefers_a_runs_folder_here_that_holds_the_stores(work, tmp_path, monkeypatch):
+    fitted = tmp_path / "fit"
+    fit(work, fitted)
+    project = tmp_path / "project"
+    shutil.copytree(work.runs, project / "runs")
+    monkeypatch.chdir(project)
+    result = ok(ens("blend", "--weights", fitted / "blend.json", "--out", "applied"))
+    assert json.loads((project / "applied" / "blend.json").read_text())["runs"] == str((project / "runs").resolve())
+    assert f"note: read the test stores under runs (the default --runs); {fitted / 'blend.json'} was fitted on " \
+           f"stores under {work.runs.resolve()}" in result.stdout
+
+
+def test_weights_without_runs_and_no_stores_anywhere_names_both_places(work, tmp_path, monkeypatch):
+    fitted = tmp_path / "fit"
+    doc = fit(work, fitted)
+    doc["runs"] = str(tmp_path / "gone")
+    (fitted / "blend.json").write_text(json.dumps(doc))
+    monkeypatch.chdir(tmp_path)
+    one_line_error(ens("blend", "--weights", fitted / "blend.json", "--out", tmp_path / "applied"),
+                   "no test store of m0 under runs (the default --runs) nor under", str(tmp_path / "gone"),
+                   "give --runs DIR")
+    assert not (tmp_path / "applied").exists()
