@@ -9,7 +9,8 @@ then the crops are cut from it. The decode itself
 * asks libjpeg for a reduced-size decode (Pillow's ``draft``: 1/2, 1/4 or 1/8 in the DCT
   domain) whenever a model's largest canvas is at most half the stored size;
 * applies the EXIF orientation (phone photos are stored sideways);
-* converts grayscale, CMYK, palette, RGBA, ... to RGB.
+* converts every mode Pillow opens (grayscale of 1 to 32 bits, float, CMYK, palette,
+  transparency, ...) to the 8-bit RGB a photo viewer shows (:func:`to_rgb`).
 
 The reduction is chosen per model (each geometry carries the shorter side its model's decode
 keeps, ``Geometry.min_side``), never from the whole run, so the pixels a model sees, and so
@@ -70,8 +71,10 @@ RESAMPLE = {
 #: How this ens makes a view's pixels from a decoded image. In every store's run key, so a
 #: store is never resumed with pixels made another way, and compared by ``ens blend`` across a
 #: model's stores. 1: each canvas resized whole, then cropped (stores made before this field
-#: existed); 2: only the region the crops cut is resized (:func:`resize_region`).
-PIXELS = 2
+#: existed); 2: only the region the crops cut is resized (:func:`resize_region`); 3: every
+#: image mode decoded as a viewer shows it (:func:`to_rgb`: 16-bit and float grayscale scaled,
+#: transparency on white; 2 clipped them and dropped the alpha).
+PIXELS = 3
 #: How far each filter reaches, in source pixels at scale 1 (Pillow's supports).
 _SUPPORT = {"nearest": 0.5, "bilinear": 1.0, "bicubic": 2.0, "lanczos": 3.0}
 
@@ -136,8 +139,43 @@ def _finish(image: Image.Image) -> Image.Image:
     with image:
         image.load()
         ImageOps.exif_transpose(image, in_place=True)
-        # convert copies even an RGB image, which detaches the result from the closed file.
-        return image.convert("RGB")
+        return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The 8-bit RGB a photo viewer shows of ``image``, whatever its mode; a new image (even of
+    an RGB one), detached from the file.
+
+    * 16-bit grayscale (``I;16``, ``I;16B``, ...): the high byte of each value (``v >> 8``);
+    * ``I`` (32-bit integers): read as 16-bit values, as Pillow hands over many 16-bit files:
+      clipped to 0..65535, then ``v >> 8``, so a 16-bit image reads the same in either mode;
+    * ``F`` (32-bit floats): 0.0 is black and 1.0 white, as image editors show float images;
+      values outside are clipped, NaN is black;
+    * transparency (an alpha band, premultiplied or not, a palette's transparent entries, PNG's
+      transparent colour or gray value): composited on white, as viewers show it;
+    * the rest (bilevel, palette, CMYK, YCbCr, LAB, HSV, RGBX): Pillow's conversion to RGB.
+    """
+    mode = image.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        values = np.asarray(image)
+        if mode == "F":
+            gray = np.nan_to_num(np.clip(values, 0.0, 1.0), nan=0.0) * np.float32(255) + np.float32(0.5)
+        else:  # int32 or uint16 (either byte order): no wider copy of a large image
+            gray = np.clip(values, 0, 65535) >> 8
+        gray = Image.fromarray(gray.astype(np.uint8))
+        if "transparency" in image.info and mode != "F":  # PNG's transparent gray value
+            alpha = np.where(values == image.info["transparency"], 0, 255).astype(np.uint8)
+            return _on_white(Image.merge("RGBA", (gray, gray, gray, Image.fromarray(alpha))))
+        return gray.convert("RGB")
+    if image.has_transparency_data:  # Pillow converts premultiplied La only to LA
+        return _on_white((image.convert("LA") if mode == "La" else image).convert("RGBA"))
+    # convert copies even an RGB image, which detaches the result from the closed file.
+    return image.convert("RGB")
+
+
+def _on_white(image: Image.Image) -> Image.Image:
+    """An RGBA image composited on a white background, as RGB."""
+    return Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert("RGB")
 
 
 def load_image(path: str | Path, min_side: int) -> Image.Image:

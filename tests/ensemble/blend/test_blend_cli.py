@@ -247,19 +247,19 @@ def test_stores_made_differently_are_never_blended(work, tmp_path):
 
 def test_stores_of_other_pixel_pipelines_are_never_blended(work, tmp_path):
     """A test store made by an ens before the region resize (no pixel version in its manifest:
-    version 1) does not blend with version-2 val stores of the same model; stores and a
+    version 1) does not blend with current-version val stores of the same model; stores and a
     blend.json that all predate the field still go together."""
     runs = copy_runs(work, tmp_path / "old")
 
     def drop_pixels(manifest_path: Path) -> None:
         manifest = json.loads(manifest_path.read_text())
-        assert manifest.pop("pixels") == 2
+        assert manifest.pop("pixels") == 3
         manifest_path.write_text(json.dumps(manifest))
 
     drop_pixels(runs / "m1" / "test" / "manifest.json")
     out = tmp_path / "blend"
     fit = ("blend", "--optimize", "val", "--data", work.data, "--runs", runs, "--out", out)
-    one_line_error(ens(*fit), "m1: its test store was made with pixel pipeline version 1, the val store with 2")
+    one_line_error(ens(*fit), "m1: its test store was made with pixel pipeline version 1, the val store with 3")
     assert not out.exists()
     for manifest in runs.glob("*/*/manifest.json"):
         if manifest.parent != runs / "m1" / "test":
@@ -274,7 +274,7 @@ def test_stores_of_other_pixel_pipelines_are_never_blended(work, tmp_path):
     ok(ens("blend", "--runs", runs, "--weights", old, "--out", tmp_path / "applied"))
     # ... but not to the stores of this ens.
     one_line_error(ens("blend", "--runs", work.runs, "--weights", old, "--out", tmp_path / "new"),
-                   "its test store was made with pixel pipeline version 2", f"the {old} with 1")
+                   "its test store was made with pixel pipeline version 3", f"the {old} with 1")
 
 
 def test_a_blend_json_without_provenance_is_refused(work, tmp_path):

@@ -143,7 +143,7 @@ def test_a_store_of_another_pixel_pipeline_is_made_again(pngs, tmp_path, monkeyp
     options = InferOptions(workers=0, batch_size=2, out=tmp_path / "runs")
     store = infer([model], [pngs], options).stores[0].path
     manifest = json.loads((store / "manifest.json").read_text())
-    assert manifest["pixels"] == keys[0]["pixels"] == decode.PIXELS == 2
+    assert manifest["pixels"] == keys[0]["pixels"] == decode.PIXELS == 3
     assert infer([model], [pngs], options).stores[0].computed is False  # the same pipeline: kept
     # As an ens before the field wrote it: no "pixels", and the run key of a key without it.
     del manifest["pixels"]
@@ -151,7 +151,7 @@ def test_a_store_of_another_pixel_pipeline_is_made_again(pngs, tmp_path, monkeyp
     (store / "manifest.json").write_text(json.dumps(manifest))
     assert read_store(store).manifest.get("pixels") is None  # readable, as old stores are
     again = infer([model], [pngs], options).stores[0]
-    assert again.computed is True and read_store(store).manifest["pixels"] == 2
+    assert again.computed is True and read_store(store).manifest["pixels"] == 3
 
 
 def pixel_model(path, size=32):
