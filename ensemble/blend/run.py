@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,6 +20,7 @@ from ensemble.errors import EnsError
 from ensemble.fileio import atomic_path, sha256_file
 from ensemble.formats.blend import (BLEND_FILE, CHUNK_ROWS, FORMAT_VERSION, BlendRecord, CvTable, ModelProvenance,
                                     PriorCorrection, SplitStores, prior_counts, store_digest)
+from ensemble.formats.common import read_json
 from ensemble.formats.dataset import load_labels, read_class_counts
 from ensemble.formats.predictions import PREDICTIONS_FILE, write_predictions
 from ensemble.formats.store import MANIFEST
@@ -88,6 +90,10 @@ def run_blend(options: BlendOptions) -> BlendResult:
         options = dataclasses.replace(options, runs=_saved_runs(options, saved, models, notes))
     runs = str(options.runs.resolve())
 
+    apply = _apply_split(options, models, notes)
+    out = _out_folder(options, apply)
+    earlier = None if apply is not None else _earlier_predictions(out)
+
     if saved is not None:
         blend, record, views = _saved_blend(saved, options, models)
         models = record.models  # the blend's member order, whatever the order of --models
@@ -97,8 +103,6 @@ def run_blend(options: BlendOptions) -> BlendResult:
         fitted = open_split(options.runs, models, options.optimize)
         blend, record = _fit(options, fitted, views, notes)
         reference, reference_name = record.provenance, f"{options.optimize} store"
-    apply = _apply_split(options, models, notes)
-    out = _out_folder(options, apply)
 
     split = arrays = None
     if apply is not None:
@@ -123,12 +127,32 @@ def run_blend(options: BlendOptions) -> BlendResult:
             rows = _write_predictions(stack.enter_context(atomic_path(predictions)), split, arrays, blend,
                                       options.top_k)
         record.write(blend_tmp)
-    if split is None and (out / PREDICTIONS_FILE).exists():
+    if earlier is not None:
         # Predictions of an earlier blend beside the new blend.json would be submitted as its own.
-        (out / PREDICTIONS_FILE).unlink()
-        notes.append(f"removed {out / PREDICTIONS_FILE}: it held an earlier blend's predictions, and this "
-                     "run applied nothing")
+        (out / PREDICTIONS_FILE).unlink(missing_ok=True)
+        notes.append(f"removed {out / PREDICTIONS_FILE}: it held an earlier blend's predictions (of {earlier}), "
+                     "and this run applied nothing")
     return BlendResult(out=out, record=record, predictions=predictions, rows=rows, notes=tuple(notes))
+
+
+def _earlier_predictions(out: Path) -> str | None:
+    """For a run that applies nothing: the split of the earlier blend whose predictions.csv is
+    in ``out`` (its blend.json records an applied split, so it wrote the file), to remove with
+    the new blend.json; None when ``out`` holds no predictions.csv. A predictions.csv that no
+    blend.json there names is not a blend's to remove, nor can it stay beside the new blend.json
+    (`ens submit` would send it as this blend's): an :class:`EnsError`, before anything is written."""
+    if not os.path.lexists(out / PREDICTIONS_FILE):
+        return None
+    try:
+        doc = read_json(out / BLEND_FILE)
+    except EnsError:
+        doc = None
+    applied = doc.get("apply") if isinstance(doc, dict) else None
+    if isinstance(applied, dict) and isinstance(applied.get("split"), str) and (out / PREDICTIONS_FILE).is_file():
+        return applied["split"]
+    raise EnsError(f"--out {out}: holds a predictions.csv that no blend.json there names (no blend applied here "
+                   "wrote it), and this run applies nothing, so the new blend.json would sit beside predictions "
+                   "that are not its own; move it away or give another --out")
 
 
 def _check_options(options: BlendOptions) -> None:

@@ -466,6 +466,7 @@ def test_apply_defaults_to_test_only_when_every_model_has_it(work, tmp_path):
     out = tmp_path / "fit"
     out.mkdir()
     (out / "predictions.csv").write_text("an earlier blend's predictions\n")
+    (out / "blend.json").write_text(json.dumps({"apply": {"split": "test", "rows": 7, "stores": {}}}))  # that blend's
     result = ok(ens("blend", "--runs", runs, "--optimize", "val", "--data", work.data, "--out", out))
     record = json.loads((out / "blend.json").read_text())
     assert "apply" not in record and record["models"] == list(MODELS)
@@ -474,8 +475,8 @@ def test_apply_defaults_to_test_only_when_every_model_has_it(work, tmp_path):
     assert result.stdout.splitlines()[-1] == f"wrote {out / 'blend.json'}"
     notes = [line for line in result.stdout.splitlines() if line.startswith("note: ")]
     assert notes[0].startswith(f"note: fitted only: m2 has no test store under {runs} (run `ens infer` on test")
-    assert notes[-1] == (f"note: removed {out / 'predictions.csv'}: it held an earlier blend's predictions, and "
-                         "this run applied nothing")
+    assert notes[-1] == (f"note: removed {out / 'predictions.csv'}: it held an earlier blend's predictions (of test), "
+                         "and this run applied nothing")
     one_line_error(ens("blend", "--runs", runs, "--optimize", "val", "--data", work.data, "--apply", "test",
                        "--out", tmp_path / "bad"), f"{runs / 'm2' / 'test'}: no logit store")
     assert not (tmp_path / "bad").exists()

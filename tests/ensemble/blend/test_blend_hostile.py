@@ -94,3 +94,43 @@ def test_weights_without_runs_and_no_stores_anywhere_names_both_places(work, tmp
                    "no test store of m0 under runs (the default --runs) nor under", str(tmp_path / "gone"),
                    "give --runs DIR")
     assert not (tmp_path / "applied").exists()
+
+
+# ------------------------------------------------- item 3: only an earlier blend's predictions go
+
+def fit_only_runs(work: Work, tmp_path: Path) -> Path:
+    """Stores where m1 has no test store: a fit applies nothing."""
+    runs = Path(shutil.copytree(work.runs, tmp_path / "runs"))
+    shutil.rmtree(runs / "m1" / "test")
+    return runs
+
+
+def fit_only(work: Work, runs: Path, out: Path):
+    return ens("blend", "--runs", runs, "--optimize", "val", "--data", work.data, "--cv", 2, "--out", out)
+
+
+def test_a_predictions_csv_no_blend_wrote_is_kept_and_the_fit_refused(work, tmp_path):
+    runs = fit_only_runs(work, tmp_path)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "predictions.csv").write_text("my own predictions\n")
+    one_line_error(fit_only(work, runs, out), f"--out {out}: holds a predictions.csv that no blend.json there names",
+                   "move it away or give another --out")
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.csv"]
+    assert (out / "predictions.csv").read_text() == "my own predictions\n"
+
+    # A blend.json of a blend that applied nothing did not write it either.
+    ok(fit_only(work, runs, tmp_path / "fit"))
+    shutil.copy(tmp_path / "fit" / "blend.json", out / "blend.json")
+    before = (out / "blend.json").read_bytes()
+    one_line_error(fit_only(work, runs, out), "holds a predictions.csv that no blend.json there names")
+    assert (out / "predictions.csv").read_text() == "my own predictions\n" and (out / "blend.json").read_bytes() == before
+
+
+def test_an_earlier_blends_predictions_are_removed_by_a_blend_that_applies_nothing(work, tmp_path):
+    out = tmp_path / "blend"
+    fit(work, out)  # applied to test: its blend.json names predictions.csv
+    result = ok(fit_only(work, fit_only_runs(work, tmp_path), out))
+    assert sorted(p.name for p in out.iterdir()) == ["blend.json"]
+    assert f"note: removed {out / 'predictions.csv'}: it held an earlier blend's predictions (of test), and this " \
+           "run applied nothing" in result.stdout
