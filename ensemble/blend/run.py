@@ -243,6 +243,10 @@ def _out_folder(options: BlendOptions, apply: str | None) -> Path:
     if options.weights is None:
         return options.out or Path("blends") / (options.method or ws.DEFAULT_METHOD)
     fitted = options.weights.parent
+    if fitted.name in ("", "..") or ".." in fitted.parts:  # blend.json, ./blend.json, ../blend.json: name it
+        fitted = fitted.resolve()
+    if options.out is None and not fitted.name:
+        raise EnsError(f"--weights {options.weights}: its folder has no name to put -{apply} after; give --out DIR")
     out = options.out or fitted.with_name(f"{fitted.name}-{apply}")
     if out.resolve() == fitted.resolve():
         raise EnsError(f"--out {out}: holds the blend that --weights {options.weights} reads; applying it "

@@ -134,3 +134,38 @@ def test_an_earlier_blends_predictions_are_removed_by_a_blend_that_applies_nothi
     assert sorted(p.name for p in out.iterdir()) == ["blend.json"]
     assert f"note: removed {out / 'predictions.csv'}: it held an earlier blend's predictions (of test), and this " \
            "run applied nothing" in result.stdout
+
+
+# ------------------------------------------------ item 12: --weights from inside the blend folder
+
+@pytest.mark.parametrize("given", ["blend.json", "./blend.json", "ABSOLUTE", "sub/../blend.json"])
+def test_weights_from_inside_the_blend_folder(work, tmp_path, monkeypatch, given):
+    fitted = tmp_path / "fit"
+    fit(work, fitted)
+    (fitted / "sub").mkdir()
+    monkeypatch.chdir(fitted)
+    weights = str(fitted / "blend.json") if given == "ABSOLUTE" else given
+    result = ok(ens("blend", "--weights", weights))  # no --runs: the stores blend.json records
+    out = tmp_path / "fit-test"
+    assert (out / "predictions.csv").read_bytes() == (fitted / "predictions.csv").read_bytes()
+    assert sorted(p.name for p in fitted.iterdir()) == ["blend.json", "predictions.csv", "sub"]
+    assert f"wrote {out / 'predictions.csv'} (4 images of test, top-5)" in result.stdout
+    assert json.loads((out / "blend.json").read_text())["applied_from"] == str(Path(weights))
+
+
+def test_weights_from_a_folder_below_the_blend_folder(work, tmp_path, monkeypatch):
+    fitted = tmp_path / "fit"
+    fit(work, fitted)
+    (fitted / "sub").mkdir()
+    monkeypatch.chdir(fitted / "sub")
+    ok(ens("blend", "--weights", "../blend.json", "--runs", work.runs))
+    assert (tmp_path / "fit-test" / "predictions.csv").read_bytes() == (fitted / "predictions.csv").read_bytes()
+    assert sorted(p.name for p in (fitted / "sub").iterdir()) == []
+
+
+def test_weights_at_the_root_of_the_file_system_asks_for_out(work, tmp_path, monkeypatch):
+    from ensemble.blend.run import BlendOptions, _out_folder
+    from ensemble.errors import EnsError
+
+    with pytest.raises(EnsError, match=r"^--weights /blend.json: .*give --out DIR$"):
+        _out_folder(BlendOptions(weights=Path("/blend.json")), "test")
