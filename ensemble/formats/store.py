@@ -93,9 +93,10 @@ LOCK = ".lock"
 DTYPES = ("float16", "float32")
 
 
-def store_path(out: str | os.PathLike, model: str | os.PathLike, split: str) -> Path:
-    """``<out>/<model file stem>/<split>``: where the store of ``model`` on ``split`` lives."""
-    return Path(out) / Path(model).stem / split
+def store_path(out: str | os.PathLike, model: str | os.PathLike, split: str, name: str | None = None) -> Path:
+    """``<out>/<model file stem>/<split>``: where the store of ``model`` on ``split`` lives;
+    ``<out>/<name>/<split>`` when the store is given a ``name`` (`ens infer --name`)."""
+    return Path(out) / (Path(model).stem if name is None else name) / split
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,6 +388,23 @@ def read_manifest_json(folder: Path) -> Any:
     except OSError:
         pass  # read_json names it
     return read_json(path, problem="unreadable")
+
+
+def recorded_model(folder: str | os.PathLike) -> tuple[str | None, str | None] | None:
+    """``(model file, model sha256)`` as the manifest in ``folder`` records them, complete or
+    not (``None`` for a field it lacks or that is not a string); ``None`` when the folder holds
+    no manifest, or one that cannot be read (such a store is computed afresh)."""
+    try:
+        manifest = read_manifest_json(Path(folder))
+    except EnsError:
+        return None
+    if not isinstance(manifest, dict):
+        return None
+    model = manifest.get("model")
+    if not isinstance(model, dict):
+        return None
+    file, sha256 = model.get("file"), model.get("sha256")
+    return (file if isinstance(file, str) else None, sha256 if isinstance(sha256, str) else None)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,9 @@ class InferOptions:
     dtype: str = "float16"
     chunk_size: int = 1024
     out: Path = Path("runs")
+    #: ``--name``: the store folder's name under ``out`` instead of the model file's stem (one
+    #: model only): how ``fold0/model.onnx`` and ``fold1/model.onnx`` keep a store each.
+    name: str | None = None
     foreign: ForeignPreprocess = ForeignPreprocess()
     cudnn_search: str = "heuristic"
     gpu_mem_limit: float | None = None

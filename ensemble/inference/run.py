@@ -30,6 +30,7 @@ needs the usual ``if __name__ == "__main__":`` guard around its entry point.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from ensemble import __version__
 from ensemble.errors import EnsError
 from ensemble.formats.dataset import Split, check_store_name, split_name
 from ensemble.formats.store import (DTYPES, DatasetRecord, ModelRecord, RunFigures, StoreManifest, StoreWriter,
-                                    TtaRecord, read_store, store_path)
+                                    TtaRecord, read_store, recorded_model, store_path)
 from ensemble.inference.cam import CamSettings
 from ensemble.inference.decode import PIXELS
 from ensemble.inference.engine import (CAM_OPTIONS, BatchOutput, Engine, EngineOpener, Event, cam_settings,
@@ -124,6 +125,8 @@ def finishing_command(model: Model, split: Split, options: InferOptions, device:
         if options.ray_address is not None:
             args += [option_flag("ray_address"), options.ray_address]
     args += [option_flag("device"), device, option_flag("out"), str(options.out)]
+    if options.name is not None:
+        args += [option_flag("name"), options.name]
     if model.foreign:  # the values the model ran with, for the options that were given
         meta, given = model.metadata, options.foreign
         args += [option_flag("input_size"), str(meta.input_size)]
@@ -160,19 +163,26 @@ def _check_options(options: InferOptions) -> None:
         raise EnsError(f"--engine {options.engine}: choose from {', '.join(ENGINES)}")
     if options.ray_address is not None and options.engine != "ray":
         raise EnsError("--ray-address is for --engine ray")
+    if options.name is not None:
+        check_store_name(options.name, "--name")
     check_gpu_options(gpu_options(options))
 
 
 def _load_models(paths: Sequence[Path], options: InferOptions, views: Sequence[View]) -> list[Model]:
     if not paths:
         raise EnsError("no model given")
+    if options.name is not None and len(paths) > 1:
+        raise EnsError(f"--name {options.name}: names the store of one model, but {len(paths)} are given; "
+                       "run each model on its own with its --name")
     models = [load_model(p, options.foreign) for p in paths]
     stems: dict[str, Path] = {}
     for model in models:
-        check_store_name(model.name, f"model file {model.path}:")
+        if options.name is None:
+            check_store_name(model.name, f"model file {model.path}:")
         if model.name in stems:
             raise EnsError(f"{model.path} and {stems[model.name]} would share the store folder "
-                           f"{model.name!r}; rename one")
+                           f"{model.name!r}; rename one, or run each on its own with --name NAME "
+                           "(the store's folder name instead of the file's stem)")
         stems[model.name] = model.path
     if options.foreign.given and not any(m.foreign for m in models):
         raise EnsError("--input-size, --mean, --std, --resize and --crop-pct are for ONNX files "
@@ -200,6 +210,7 @@ def infer(models: Sequence[str | Path], splits: Sequence[Split], options: InferO
     _check_options(options)
     views = plan_views(options.tta, options.scales)
     opened_models = _load_models([Path(p) for p in models], options, views)
+    _check_owners(opened_models, splits, options)
 
     chunk_size = -(-options.chunk_size // options.batch_size) * options.batch_size
     results: list[StoreResult] = []
@@ -212,6 +223,50 @@ def infer(models: Sequence[str | Path], splits: Sequence[Split], options: InferO
             decodes += run.decodes
     return InferResult(device=opened.device, provider=opened.provider, workers=opened.engine.workers,
                        stores=tuple(results), decodes=decodes, seconds=time.perf_counter() - start)
+
+
+def _check_owners(models: Sequence[Model], splits: Sequence[Split], options: InferOptions) -> None:
+    """Refuse, before any work, to replace a store (complete or not) that another model made.
+
+    Another model: another sha256 and another file. The same bytes (a copy) or the same file
+    (exported again) are the same model, whose store a run with other arguments replaces.
+    ``fold0/model.onnx`` and ``fold1/model.onnx`` would share ``<out>/model``: ``--name``
+    gives the second a store of its own.
+    """
+    for model in models:
+        for split in splits:
+            folder = store_path(options.out, model.path, split.name, options.name)
+            recorded = recorded_model(folder)
+            if recorded is None:
+                continue
+            file, sha256 = recorded
+            if sha256 == model.sha256 or (file is not None and _same_file(Path(file), model.path)):
+                continue
+            held = "another model" if file is None else f"the model file {file!r}"
+            raise EnsError(f"{folder}: holds the store of {held}, not of {model.path} (another sha256); "
+                           f"keep both with --name {_suggested_name(model, options)} (a store folder of its "
+                           f"own), or delete {folder} to replace it")
+
+
+def _same_file(recorded: Path, path: Path) -> bool:
+    try:
+        return os.path.samefile(recorded, path)
+    except OSError:  # the recorded file is gone: compare the paths
+        return Path(os.path.abspath(recorded)) == Path(os.path.abspath(path))
+
+
+def _suggested_name(model: Model, options: InferOptions) -> str:
+    """A store name for ``model`` beside another model's store of the same stem: its folder's
+    name before the stem (``fold1/model.onnx``: ``fold1-model``), where that makes a new name."""
+    parent = Path(os.path.abspath(model.path)).parent.name
+    name = f"{parent}-{model.name}"
+    try:
+        check_store_name(name, "")
+    except EnsError:
+        return "NAME"
+    if name == options.name or not parent:
+        return "NAME"
+    return shlex.quote(name)
 
 
 def engine_opener(engine: str) -> EngineOpener:
@@ -252,7 +307,7 @@ class _SplitRun:
             }
             if item.cam is not None:  # only then: stores without cam views keep their keys
                 key["cam"] = item.cam.settings.record()
-            self.writers[model.name] = StoreWriter(store_path(options.out, model.path, split.name),
+            self.writers[model.name] = StoreWriter(store_path(options.out, model.path, split.name, options.name),
                                                    key, len(split), chunk_size)
             self.base[model.name] = StoreManifest(
                 model=ModelRecord(file=str(model.path), sha256=model.sha256, architecture=meta.architecture,

@@ -1,0 +1,173 @@
+"""Store names: two model files with one stem (``fold0/model.onnx``, ``fold1/model.onnx``) never
+replace each other's stores; ``--name`` keeps both, blendable from one runs folder."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from ensemble.cli import app
+from ensemble.errors import EnsError
+from ensemble.fileio import sha256_file
+from ensemble.formats.dataset import load_split
+from ensemble.formats.store import MANIFEST, read_store
+from ensemble.inference.run import InferOptions, finishing_command, infer
+from ensemble.inference.runtime import load_model
+
+from tests.ensemble.conftest import make_inat, store_bytes, tiny_onnx
+
+
+def ens(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and result.stderr.strip().endswith(errors[0]), result.stderr
+    assert "Traceback" not in result.output
+    return errors[0]
+
+
+class Killed(Exception):
+    pass
+
+
+def _kill_at_first_chunk(event):
+    if event.kind == "chunk":
+        raise Killed
+
+
+@pytest.fixture
+def folds(tmp_path):
+    """Two different models saved under one file name in two folders, and a dataset."""
+    data = make_inat(tmp_path / "inat", n_val=6, n_test=4)
+    fold0 = tiny_onnx(tmp_path / "fold0" / "model.onnx", seed=0)
+    fold1 = tiny_onnx(tmp_path / "fold1" / "model.onnx", seed=1)
+    assert sha256_file(fold0) != sha256_file(fold1)
+    return data, fold0, fold1
+
+
+def _options(out, **kw):
+    return InferOptions(**{"workers": 0, "batch_size": 2, "chunk_size": 2, "out": out, **kw})
+
+
+def test_another_model_file_with_the_same_stem_is_refused_naming_the_store_and_the_fix(tmp_path, folds):
+    data, fold0, fold1 = folds
+    out = tmp_path / "runs"
+    assert ens("infer", fold0, "--data", data, "--out", out, "--workers", 0).exit_code == 0
+    before = {s: store_bytes(out / "model" / s) for s in ("val", "test")}
+    line = _error_line(ens("infer", fold1, "--data", data, "--out", out, "--workers", 0))
+    assert str(out / "model" / "val") in line  # the store folder
+    assert repr(str(fold0)) in line  # the model file it holds
+    assert "--name fold1-model" in line  # what keeps both
+    # Nothing was replaced, not even the manifest.
+    assert {s: store_bytes(out / "model" / s) for s in ("val", "test")} == before
+    assert read_store(out / "model" / "val").manifest["model"]["sha256"] == sha256_file(fold0)
+
+
+def test_name_keeps_both_folds_and_blend_reads_them_from_one_runs_folder(tmp_path, folds):
+    data, fold0, fold1 = folds
+    out = tmp_path / "runs"
+    assert ens("infer", fold0, "--data", data, "--out", out, "--workers", 0).exit_code == 0
+    result = ens("infer", fold1, "--data", data, "--out", out, "--workers", 0, "--name", "fold1")
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out / 'fold1' / 'val'}" in result.stdout
+    for split in ("val", "test"):
+        assert read_store(out / "model" / split).manifest["model"]["sha256"] == sha256_file(fold0)
+        named = read_store(out / "fold1" / split).manifest
+        assert named["model"]["sha256"] == sha256_file(fold1) and named["model"]["file"] == str(fold1)
+        assert "--name fold1" in named["command"]
+    blended = ens("blend", "--runs", out, "--optimize", "val", "--method", "uniform", "--cv", 2,
+                  "--out", tmp_path / "blend")
+    assert blended.exit_code == 0, blended.output
+    assert "weights: fold1 0.500, model 0.500" in blended.stdout
+
+
+def test_the_same_model_file_with_other_arguments_still_replaces_its_store(tmp_path, folds):
+    data, fold0, _ = folds
+    out = tmp_path / "runs"
+    val = load_split(data / "val2019.json")
+    infer([fold0], [val], _options(out))
+    infer([fold0], [val], _options(out, tta=("flip",)))
+    assert read_store(out / "model" / "val").view_names == ("identity", "flip")
+    # The same bytes under another folder are the same model (same sha256).
+    copy = tmp_path / "copy" / "model.onnx"
+    copy.parent.mkdir()
+    shutil.copyfile(fold0, copy)
+    infer([copy], [val], _options(out))
+    assert read_store(out / "model" / "val").view_names == ("identity",)
+
+
+def test_a_file_exported_again_to_the_same_path_replaces_its_store(tmp_path, folds):
+    data, fold0, _ = folds
+    out = tmp_path / "runs"
+    val = load_split(data / "val2019.json")
+    infer([fold0], [val], _options(out))
+    tiny_onnx(fold0, seed=7)  # retrained and exported over the old file
+    infer([fold0], [val], _options(out))
+    assert read_store(out / "model" / "val").manifest["model"]["sha256"] == sha256_file(fold0)
+
+
+def test_an_interrupted_store_of_another_model_is_not_replaced_either(tmp_path, folds):
+    data, fold0, fold1 = folds
+    out = tmp_path / "runs"
+    val = load_split(data / "val2019.json")
+    with pytest.raises(Killed):
+        infer([fold0], [val], _options(out), progress=_kill_at_first_chunk)
+    manifest = (out / "model" / "val" / MANIFEST).read_bytes()
+    partial = sorted(p.name for p in (out / "model" / "val" / ".partial").iterdir())
+    with pytest.raises(EnsError, match=r"--name fold1-model"):
+        infer([fold1], [val], _options(out))
+    assert (out / "model" / "val" / MANIFEST).read_bytes() == manifest
+    assert sorted(p.name for p in (out / "model" / "val" / ".partial").iterdir()) == partial
+
+
+def test_the_refusal_comes_before_any_store_is_written(tmp_path, folds):
+    """Only the test store of fold0 exists: fold1's val store is not computed before the
+    refusal on test."""
+    data, fold0, fold1 = folds
+    out = tmp_path / "runs"
+    infer([fold0], [load_split(data / "test2019.json")], _options(out))
+    splits = [load_split(data / "val2019.json"), load_split(data / "test2019.json")]
+    with pytest.raises(EnsError, match=r"runs/model/test"):
+        infer([fold1], splits, _options(out))
+    assert not (out / "model" / "val").exists()
+
+
+def test_name_checks(tmp_path, folds):
+    data, fold0, fold1 = folds
+    out = tmp_path / "runs"
+    line = _error_line(ens("infer", fold0, fold1, "--data", data, "--out", out, "--name", "x"))
+    assert "--name" in line and "one model" in line
+    line = _error_line(ens("infer", fold0, "--data", data, "--out", out, "--name", "../x"))
+    assert "--name '../x'" in line
+    assert not out.exists()
+
+
+def test_the_same_stem_twice_in_one_run_names_the_option(tmp_path, folds):
+    data, fold0, fold1 = folds
+    line = _error_line(ens("infer", fold0, fold1, "--data", data, "--out", tmp_path / "runs"))
+    assert "'model'" in line and "--name" in line
+
+
+def test_a_named_store_finishes_with_its_name(tmp_path, folds):
+    data, _, fold1 = folds
+    out = tmp_path / "runs"
+    val = load_split(data / "val2019.json")
+    command = finishing_command(load_model(fold1), val, _options(out, name="fold1"), "cpu")
+    assert shlex.split(command)[-2:] == ["--name", "fold1"]
+    with pytest.raises(Killed):
+        infer([fold1], [val], _options(out, name="fold1"), progress=_kill_at_first_chunk)
+    with pytest.raises(EnsError) as info:
+        read_store(out / "fold1" / "val")
+    args = shlex.split(str(info.value).split("finish it with: ", 1)[1])
+    assert args[args.index("--name") + 1] == "fold1"
+    result = CliRunner().invoke(app, args[1:] + ["--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "fold1" / "val" / MANIFEST).read_text())["complete"] is True
+    assert not (out / "model").exists()
