@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import secrets
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,23 +31,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    # mkstemp makes the file private (0600); the result should read like any file a plain open()
-    # makes, so that colleagues on a shared machine can read it as the umask allows.
-    os.fchmod(fd, 0o666 & ~_umask())
+    fd, tmp_path = _create_temporary(path)
     os.close(fd)
-    tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return mask
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -125,15 +114,45 @@ def _write_and_close(fd: int, data: bytes, path: Path) -> None:
         raise
 
 
+#: The longest file name where the file system does not say (POSIX's NAME_MAX on Linux, macOS
+#: and Windows' NTFS alike).
+_NAME_MAX = 255
+#: What a temporary name adds to the target's: ``.`` before it, ``.<12 hex digits>.tmp`` after.
+_TEMP_TAIL = len(".") + len(".") + 12 + len(".tmp")
+
+
 def _create_temporary(path: Path) -> tuple[int, Path]:
     """A new hidden file beside ``path``, open for writing, with the permissions a plain open()
-    gives (mkstemp's would be private)."""
+    gives (so that colleagues on a shared machine can read the result as the umask allows;
+    mkstemp's would be private): ``.<name>.<random>.tmp``, the name cut short where the whole
+    would be longer than the folder's longest file name (:func:`_temporary_name`)."""
     while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        tmp = _temporary_name(path, secrets.token_hex(6))
         try:
             return os.open(tmp, _NEW_FILE, 0o666), tmp
         except FileExistsError:
             continue
+
+
+def _temporary_name(path: Path, token: str) -> Path:
+    """``.<name>.<token>.tmp`` beside ``path``, ``<name>`` being as much of ``path``'s name as
+    keeps the whole within the folder's longest file name, counted in the bytes the OS stores
+    (a name the OS accepts for ``path`` then always has a temporary name it accepts too)."""
+    budget = max(0, name_max(path.parent) - _TEMP_TAIL)
+    name = path.name[:budget]
+    while len(os.fsencode(name)) > budget:  # characters of several bytes (UTF-8), or undecodable
+        name = name[:-1]
+    return path.with_name(f".{name}.{token}.tmp")
+
+
+def name_max(folder: str | os.PathLike) -> int:
+    """The longest file name ``folder``'s file system takes, in bytes (255 where it does not say);
+    compare ``len(os.fsencode(name))`` with it."""
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows), or the OS cannot say
+        return _NAME_MAX
+    return limit if limit and limit > _TEMP_TAIL else _NAME_MAX
 
 
 def _claim(tmp: Path, target: Path) -> bool:

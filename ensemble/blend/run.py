@@ -17,7 +17,7 @@ from ensemble.blend.checks import class_order_warnings, label_warnings
 from ensemble.blend.prior import prior_cv_note, prior_hint, prior_notes, prior_tau
 from ensemble.blend.stores import BlendSplit, available_models, label_source, open_split
 from ensemble.errors import EnsError
-from ensemble.fileio import atomic_path, sha256_file
+from ensemble.fileio import atomic_path, name_max, sha256_file
 from ensemble.formats.blend import (BLEND_FILE, CHUNK_ROWS, FORMAT_VERSION, BlendRecord, CvTable, ModelProvenance,
                                     PriorCorrection, SplitStores, prior_counts, store_digest)
 from ensemble.formats.common import read_json
@@ -247,6 +247,9 @@ def _out_folder(options: BlendOptions, apply: str | None) -> Path:
         fitted = fitted.resolve()
     if options.out is None and not fitted.name:
         raise EnsError(f"--weights {options.weights}: its folder has no name to put -{apply} after; give --out DIR")
+    if options.out is None and len(os.fsencode(f"{fitted.name}-{apply}")) > name_max(fitted.parent):
+        raise EnsError(f"--weights {options.weights}: its folder's name and -{apply} (the default --out) are longer "
+                       f"than the file system allows in a name ({name_max(fitted.parent)} bytes); give --out DIR")
     out = options.out or fitted.with_name(f"{fitted.name}-{apply}")
     if out.resolve() == fitted.resolve():
         raise EnsError(f"--out {out}: holds the blend that --weights {options.weights} reads; applying it "

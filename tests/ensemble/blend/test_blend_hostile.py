@@ -169,3 +169,20 @@ def test_weights_at_the_root_of_the_file_system_asks_for_out(work, tmp_path, mon
 
     with pytest.raises(EnsError, match=r"^--weights /blend.json: .*give --out DIR$"):
         _out_folder(BlendOptions(weights=Path("/blend.json")), "test")
+
+
+# ------------------------------------------------------------- item 17: long names, small splits
+
+def test_a_blend_folder_named_with_250_characters_and_its_applied_sibling(work, tmp_path):
+    fitted = tmp_path / ("b" * 250)
+    fit(work, fitted)
+    ok(ens("blend", "--weights", fitted / "blend.json", "--runs", work.runs))  # writes <250 b>-test: 255
+    applied = tmp_path / ("b" * 250 + "-test")
+    assert (applied / "predictions.csv").read_bytes() == (fitted / "predictions.csv").read_bytes()
+    assert not [p for p in (*fitted.iterdir(), *applied.iterdir()) if p.name.startswith(".")]
+
+
+def test_an_applied_folder_name_longer_than_the_os_allows_is_one_line(work, tmp_path):
+    fitted = tmp_path / ("b" * 252)
+    fit(work, fitted)
+    one_line_error(ens("blend", "--weights", fitted / "blend.json", "--runs", work.runs), "give --out DIR")
