@@ -18,6 +18,7 @@ import typer
 
 from ensemble import __version__
 from ensemble.errors import EnsError
+from ensemble.formats.common import parse_json
 from ensemble.formats.model import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, ModelMetadata, rgb_text
 from ensemble.inference.foreign import DEFAULT_CROP_PCT, DEFAULT_RESIZE, ForeignPreprocess
 from ensemble.inference.options import InferOptions
@@ -101,10 +102,7 @@ def _floats3(text: str, option: str) -> tuple[float, float, float]:
 
 
 def _json_object(text: str, option: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise EnsError(f"{option}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    value = parse_json(text, option, problem="not valid JSON")
     if not isinstance(value, dict):
         raise EnsError(f"{option}: expected a JSON object such as '{{\"transform_input\": true}}'")
     return value
@@ -326,7 +324,7 @@ def blend(
     method: Annotated[Optional[str], typer.Option(help="uniform | nll | logit | greedy | accuracy.", show_default="nll")] = None,
     temperature: Annotated[bool, typer.Option("--temperature", help="Fit one temperature per member before blending.")] = False,
     views: Annotated[bool, typer.Option("--views", help="Weight (model, TTA view) pairs; needs stores made with --keep-views.")] = False,
-    cv: Annotated[Optional[int], typer.Option(metavar="K", help="Folds of the cross-validated estimate.", show_default="5")] = None,
+    cv: Annotated[Optional[int], typer.Option(metavar="K", help="Folds of the cross-validated estimate (at most the fitted split's rows).", show_default="5")] = None,
     fallback: Annotated[Optional[str], typer.Option(metavar="uniform", help="Use equal weights when the method does not beat them on CV.")] = None,
     weights: Annotated[Optional[Path], typer.Option(metavar="blend.json", help="Apply saved weights instead of fitting.")] = None,
     top_k: Annotated[int, typer.Option(help="Categories per image in predictions.csv.")] = 5,

@@ -261,6 +261,7 @@ def _fit(options: BlendOptions, split: BlendSplit, views: bool, notes: list[str]
     models = split.models
     method_asked = options.method or ws.DEFAULT_METHOD
     folds = 5 if options.cv is None else options.cv
+    _check_folds(folds, options.cv is None, split)
     names, arrays = split.members(views)
     labels_path = label_source(split, options.data)
     labels = load_labels(labels_path, split.ids, split.class_ids)
@@ -309,6 +310,20 @@ def _fit(options: BlendOptions, split: BlendSplit, views: bool, notes: list[str]
                       else report.method_row.name),
     )
     return blend, record
+
+
+def _check_folds(folds: int, default: bool, split: BlendSplit) -> None:
+    """``--cv`` against the fitted split's rows, in the options' words (the library's own check,
+    :func:`weights_search.stratified_folds`, knows neither --cv nor the split)."""
+    rows = int(split.ids.size)
+    if folds <= rows:
+        return
+    cv = f"--cv {folds}" + (" (the default)" if default else "")
+    if rows < 2:
+        raise EnsError(f"{cv}: the {split.name} split has {rows} row{'' if rows == 1 else 's'}; fitting a blend "
+                       "and its cross-validated estimate needs at least 2")
+    raise EnsError(f"{cv}: the {split.name} split has {rows} rows, and cross-validation holds out at least one per "
+                   f"fold; give --cv {rows} or fewer")
 
 
 def _saved_blend(saved: BlendRecord, options: BlendOptions, models: Sequence[str]) -> tuple[Any, BlendRecord, bool]:

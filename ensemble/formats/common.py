@@ -1,4 +1,4 @@
-"""The small rules every format (and every stage) shares: reading a JSON file, describing an
+"""The small rules every format (and every stage) shares: reading a JSON file (or text), describing an
 exception in one line, and the type checks of JSON values.
 
 Each rule is written once here. The checks are predicates (``True`` when the value is fine):
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,93 @@ from ensemble.errors import EnsError
 # --------------------------------------------------------------------------------------------
 # Reading JSON
 
+#: The deepest nesting of arrays and objects ens reads (serde_json's default limit). No file ens
+#: reads needs more than a handful of levels; a deeper document is refused when it is read,
+#: before Python's recursion (the parser's own, ``repr`` in a message, a comparison) meets it.
+MAX_JSON_DEPTH = 128
+
+#: What a path that is not a regular file is, by ``stat.S_IFMT``.
+_FILE_KINDS = {
+    stat.S_IFDIR: "a folder",
+    stat.S_IFIFO: "a named pipe (FIFO)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def _not_regular(mode: int, label: str) -> EnsError | None:
+    if stat.S_ISREG(mode):
+        return None
+    return EnsError(f"{label}: {_FILE_KINDS.get(stat.S_IFMT(mode), 'not a file')}, not a regular file")
+
+
+def read_regular(path: str | os.PathLike, label: str | None = None) -> bytes:
+    """The bytes of the regular file at ``path``. A folder, named pipe (FIFO), device or socket
+    is an :class:`EnsError` (``<label>: a named pipe (FIFO), not a regular file``) and is never
+    opened for a blocking read: a FIFO nobody writes to would wait forever, ``/dev/zero`` never
+    ends. The path is looked at first, then opened without blocking and looked at again (it may
+    have been swapped in between). Other failures (missing, no permission) raise the
+    :class:`OSError` for the caller to word."""
+    label = str(path) if label is None else label
+    problem = _not_regular(os.stat(path).st_mode, label)
+    if problem is not None:
+        raise problem
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    with open(fd, "rb") as file:  # O_NONBLOCK changes nothing for a regular file
+        problem = _not_regular(os.fstat(fd).st_mode, label)
+        if problem is not None:
+            raise problem
+        return file.read()
+
+
+def _nesting_deeper(value: Any, limit: int) -> bool:
+    """Whether ``value`` (as :func:`json.loads` returns it) nests lists and dicts more than
+    ``limit`` deep. Breadth first, one level at a time, without recursion."""
+    containers = (list, dict)
+    level, depth = ([value] if value.__class__ in containers else []), 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return True
+        below: list = []
+        add = below.extend
+        for item in level:
+            add([v for v in (item.values() if item.__class__ is dict else item) if v.__class__ in containers])
+        level = below
+    return False
+
+
+def parse_json(text: str | bytes, label: str, *, problem: str = "not JSON", hint: str = "",
+               where: bool = True) -> Any:
+    """The value of the JSON ``text`` (bytes may be UTF-8, -16 or -32, as :func:`json.loads`
+    takes them); an :class:`EnsError` ``<label>: <problem> (<why>)[; <hint>]`` when it is not
+    JSON or nests arrays and objects deeper than :data:`MAX_JSON_DEPTH` levels. ``where``:
+    whether ``why`` says where the parser stopped (``line 1 column 7 (char 6)``), which a
+    short value shown in the message does not need. For JSON that is not a file of its own
+    (an ONNX metadata value, a ledger column, an option's text); files go through
+    :func:`read_json`."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        why: object = exc if where else exc.msg
+    except UnicodeDecodeError as exc:
+        why = exc
+    except RecursionError:  # deeper than the C parser follows: deeper than the limit too
+        why = f"nested deeper than {MAX_JSON_DEPTH} levels"
+    else:
+        if not _nesting_deeper(value, MAX_JSON_DEPTH):
+            return value
+        why = f"nested deeper than {MAX_JSON_DEPTH} levels"
+    raise EnsError(f"{label}: {problem} ({why})" + (f"; {hint}" if hint else ""))
+
 
 def read_json(path: str | os.PathLike, label: str | None = None, *, problem: str = "not a JSON file",
               hint: str = "", missing: str | None = None) -> Any:
     """The value of the JSON file at ``path``; an :class:`EnsError` naming the file when it cannot
-    be read, is not UTF-8 (nor UTF-16/32, which JSON allows) or is not JSON:
-    ``<label>: <problem> (<why>)[; <hint>]``.
+    be read, is not UTF-8 (nor UTF-16/32, which JSON allows), is not JSON, or nests deeper
+    than :data:`MAX_JSON_DEPTH`: ``<label>: <problem> (<why>)[; <hint>]``. A folder, FIFO,
+    device or socket is refused unopened (:func:`read_regular`).
 
     ``label`` names the file in the message (default: the path; e.g. ``--prior PATH``);
     ``missing``, when given, is the whole problem for a file that does not exist
@@ -38,15 +120,18 @@ def read_json(path: str | os.PathLike, label: str | None = None, *, problem: str
     order mark is allowed, as RFC 8259 permits.
     """
     label = str(path) if label is None else label
+    tail = f"; {hint}" if hint else ""
     try:
-        return json.loads(Path(path).read_bytes())
+        data = read_regular(path, label)
+    except EnsError as exc:  # each raised after this block: one message, no chained traceback
+        failure = f"{exc}{tail}"
     except FileNotFoundError as exc:
-        if missing is not None:
-            raise EnsError(f"{label}: {missing}") from None
-        why = exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        why = exc
-    raise EnsError(f"{label}: {problem} ({why})" + (f"; {hint}" if hint else ""))
+        failure = f"{label}: {missing}" if missing is not None else f"{label}: {problem} ({exc}){tail}"
+    except OSError as exc:
+        failure = f"{label}: {problem} ({exc}){tail}"
+    else:
+        return parse_json(data, label, problem=problem, hint=hint)
+    raise EnsError(failure)
 
 
 # --------------------------------------------------------------------------------------------

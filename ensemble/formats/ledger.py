@@ -74,7 +74,7 @@ from typing import Any, Callable, Iterator, Mapping
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
 from ensemble.formats.blend import BlendSummary
-from ensemble.formats.common import is_count, is_finite, is_names
+from ensemble.formats.common import is_count, is_finite, is_names, parse_json
 
 LEDGER = "ledger.sqlite"
 #: Seconds a command waits for another process's lock on the ledger before it gives up.
@@ -120,8 +120,8 @@ def _json(value: object) -> object:
     if not isinstance(value, str):
         return _INVALID
     try:
-        return json.loads(value)
-    except ValueError:
+        return parse_json(value, "")
+    except EnsError:
         return _INVALID
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from ensemble.errors import EnsError
-from ensemble.formats.common import is_count, is_id, is_name, is_number
+from ensemble.formats.common import is_count, is_id, is_name, is_number, parse_json
 
 FORMAT_VERSION = 1
 PREFIX = "ens."
@@ -172,10 +172,7 @@ class ModelMetadata:
             raise EnsError(f"{source}: no ens metadata (it was not written by `ens export`)")
         values = {}
         for key, text in raw.items():
-            try:
-                values[key] = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise EnsError(f"{source}: {PREFIX}{key} {_shown(text)}: not JSON ({exc.msg})") from None
+            values[key] = parse_json(text, f"{source}: {PREFIX}{key} {_shown(text)}", where=False)
 
         def bad(key: str, problem: str) -> EnsError:
             return EnsError(f"{source}: {PREFIX}{key} {_shown(raw[key])}: {problem}")

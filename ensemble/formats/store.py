@@ -556,8 +556,8 @@ class StoreWriter:
                 existing = None
         key_file = self.partial / "key.json"
         try:
-            same = json.loads(key_file.read_text()) == self.key
-        except (OSError, ValueError):
+            same = read_json(key_file) == self.key
+        except EnsError:
             same = False
         if existing is not None and existing.get("complete") and existing.get("run_key") == self.digest:
             if same:

@@ -103,7 +103,7 @@ class Kaggle:
                 response = self._api.competition_submit(str(path), message, competition, quiet=True)
         except requests.RequestException as exc:
             raise UploadError(_reason(exc)) from None
-        except ValueError as exc:  # a reply that is not the JSON the client expects
+        except (ValueError, RecursionError) as exc:  # a reply that is not the JSON the client expects
             raise UploadError(f"unexpected reply from Kaggle ({exc})") from None
         if response.message == self._api.COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE:
             # A failed PUT of the file is not raised: the client prints what it knows and
@@ -135,7 +135,7 @@ class Kaggle:
                     tokens_seen.add(token)
         except requests.RequestException as exc:
             raise EnsError(f"listing the submissions to {competition} failed: {_reason(exc)}") from None
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep to parse
             raise EnsError(f"listing the submissions to {competition} failed: unexpected reply ({exc})") from None
 
 
@@ -166,7 +166,7 @@ def _reason(exc: Exception) -> str:
         return f"could not reach Kaggle ({describe(exc, whole=True)})"
     try:
         body = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deep to parse
         body = None
     body = body if isinstance(body, dict) else {}
     # Kaggle can refuse with an error object ({"code": 400, "message": ...}) in any HTTP status.

@@ -186,3 +186,28 @@ def test_an_applied_folder_name_longer_than_the_os_allows_is_one_line(work, tmp_
     fitted = tmp_path / ("b" * 252)
     fit(work, fitted)
     one_line_error(ens("blend", "--weights", fitted / "blend.json", "--runs", work.runs), "give --out DIR")
+
+
+def test_more_folds_than_rows_names_cv_and_the_rows(work, tmp_path):
+    args = ("blend", "--runs", work.runs, "--optimize", "val", "--data", work.data)
+    one_line_error(ens(*args, "--cv", 11, "--out", tmp_path / "out"),
+                   "--cv 11: the val split has 10 rows, and cross-validation holds out at least one per fold; "
+                   "give --cv 10 or fewer")
+    assert not (tmp_path / "out").exists()
+    ok(ens(*args, "--cv", 10, "--out", tmp_path / "ten"))
+
+
+def test_a_val_split_smaller_than_the_default_folds(tmp_path):
+    data = make_inat(tmp_path / "inat", n_val=3, n_test=2)
+    model = tiny_onnx(tmp_path / "m.onnx")
+    ok(ens("infer", model, "--data", data, "--workers", 0, "--out", tmp_path / "runs"))
+    args = ("blend", "--runs", tmp_path / "runs", "--optimize", "val", "--data", data, "--out", tmp_path / "out")
+    one_line_error(ens(*args), "--cv 5 (the default): the val split has 3 rows", "give --cv 3 or fewer")
+    ok(ens(*args, "--cv", 3))
+
+
+def test_a_val_split_of_one_row(tmp_path):
+    data = make_inat(tmp_path / "inat", n_val=1, n_test=2)
+    ok(ens("infer", tiny_onnx(tmp_path / "m.onnx"), "--data", data, "--workers", 0, "--out", tmp_path / "runs"))
+    one_line_error(ens("blend", "--runs", tmp_path / "runs", "--optimize", "val", "--data", data, "--cv", 2,
+                       "--out", tmp_path / "out"), "--cv 2: the val split has 1 row; fitting a blend", "needs at least 2")

@@ -62,7 +62,7 @@ def test_read_json_names_the_file(tmp_path, content, reason):
 
 
 def test_read_json_a_folder_is_refused(tmp_path):
-    with pytest.raises(EnsError, match=r"^\S+: not a JSON file \(\[Errno 21\] Is a directory"):
+    with pytest.raises(EnsError, match=r"^\S+: a folder, not a regular file$"):
         read_json(tmp_path)
 
 
