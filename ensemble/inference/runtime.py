@@ -15,12 +15,17 @@ minutes to build, which must be asked for. GPU sessions get their settings from
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
+import re
+import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -367,16 +372,20 @@ class Runner:
         source = model.graph if model.graph is not None else str(model.path)
         providers = session_providers(device, gpu, input_name=_input_name(model), images=images, sizes=sizes,
                                       fp16=model.metadata.precision == "fp16")
-        try:
-            self.session = ort.InferenceSession(source, options, providers=providers)
-        except Exception as exc:
-            raise EnsError(f"{model.path}: onnxruntime cannot open it on {device} "
-                           f"({describe(exc, 200)})") from None
+        # A GPU provider that fails to load writes onnxruntime's native log: kept, read for the cause.
+        with native_log() if device != "cpu" else contextlib.nullcontext(NativeLog()) as log:
+            try:
+                self.session = ort.InferenceSession(source, options, providers=providers)
+            except Exception as exc:
+                raise EnsError(f"{model.path}: onnxruntime cannot open it on {device} "
+                               f"({describe(exc, 200)})") from None
         self.provider = self.session.get_providers()[0]
         if self.provider != DEVICES[device][0]:
-            # onnxruntime falls back to CPU silently when the CUDA libraries fail to load.
+            # onnxruntime falls back (to CUDA, or the CPU) with no more than a log line when a provider fails to load.
+            cause = load_failure(log.text)
             raise EnsError(f"{model.path}: {DEVICES[device][0]} did not load (onnxruntime fell back to "
-                           f"{self.provider}); check the CUDA / cuDNN / TensorRT libraries it needs")
+                           f"{self.provider}{': ' + cause if cause else ''}); check the CUDA / cuDNN / TensorRT "
+                           "libraries it needs")
         self.device = device
         self.path = model.path
         self.input_name = self.session.get_inputs()[0].name
@@ -423,12 +432,139 @@ def _input_name(model: Model) -> str:
     return next((i.name for i in graph.input if i.name not in initializers), "image")
 
 
+class NativeLog:
+    """What onnxruntime wrote while :func:`native_log` held it (``text``, after the block)."""
+
+    text: str = ""
+
+
+@contextlib.contextmanager
+def native_log() -> Iterator[NativeLog]:
+    """Keep onnxruntime's own output off the terminal while the block runs, and keep its text.
+
+    onnxruntime's C++ logger writes coloured lines to file descriptor 2 (where no Python-level
+    redirect reaches), whatever a session's ``log_severity_level`` says for messages of the
+    default logger such as a provider library that fails to load; its Python layer prints its
+    fallback to ``sys.stdout``. Both go to the returned :class:`NativeLog` instead. Without a
+    file descriptor 2 or a temporary file, nothing is captured and the block runs as it is.
+    """
+    log = NativeLog()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    try:
+        sink = tempfile.TemporaryFile()
+        saved = os.dup(2)
+    except OSError:
+        yield log
+        return
+    printed = io.StringIO()
+    try:
+        os.dup2(sink.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+                yield log
+        finally:
+            os.dup2(saved, 2)
+        sink.seek(0)
+        log.text = sink.read().decode("utf-8", "replace") + printed.getvalue()
+    finally:
+        os.close(saved)
+        sink.close()
+
+
+#: onnxruntime's log colours (its ostream sink writes them whether or not fd 2 is a terminal).
+_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+#: What a provider library's failure to load looks like in onnxruntime's log, each giving the
+#: cause as ens says it: Linux's dlopen (the library that is missing, by the name asked for),
+#: Windows (onnxruntime 1.2x names the missing DLL; 1.19 only the error code), and a library of
+#: another version (a symbol it lacks).
+_LOAD_FAILURES = (
+    (re.compile(r"([^\s:/\\'\"]+): cannot open shared object file"),
+     lambda m: f"{m[1]}: cannot open shared object file"),
+    (re.compile(r'Error loading "(?:[^"]*[/\\])?([^"/\\]+)" which depends on "(?:[^"]*[/\\])?([^"/\\]+)" '
+                r"which is missing"),
+     lambda m: f"{m[2]} is missing ({m[1]} needs it)"),
+    (re.compile(r'LoadLibrary failed with error (\d+) "[^"]*" when trying to load "(?:[^"]*[/\\])?([^"/\\]+)"'),
+     lambda m: f"{m[2]}: LoadLibrary error {m[1]}" + (" (a DLL it needs is missing)" if m[1] == "126" else "")),
+    (re.compile(r"(?:[^\s:]*/)?([^\s:/]+): undefined symbol: ([^\s,]+)"),
+     lambda m: f"{m[1]}: undefined symbol {m[2]} (its CUDA libraries are of another version)"),
+)
+#: onnxruntime-gpu's own statement of what it needs: "Require cuDNN 9.* and CUDA 12.*".
+_REQUIRES = re.compile(r"Require cuDNN (\S+) and CUDA (\S+)")
+
+
+def load_failure(log: str) -> str | None:
+    """The library that failed to load, as onnxruntime's log (or an exception's text) tells it,
+    in a few words; ``None`` when it does not say."""
+    text = _COLOUR.sub("", log)
+    for pattern, say in _LOAD_FAILURES:
+        found = pattern.search(text)
+        if found:
+            return say(found)
+    return None
+
+
+def build_info() -> dict[str, str]:
+    """onnxruntime's ``build_and_package_info``: ``package_name``, ``__version__`` and, in a GPU
+    build, ``cuda_version`` (and in recent ones ``cudnn_version``); absent keys left out."""
+    try:
+        from onnxruntime.capi import build_and_package_info as info
+    except Exception:  # an onnxruntime without it, or broken
+        return {}
+    keys = ("package_name", "__version__", "cuda_version", "cudnn_version")
+    return {k: str(getattr(info, k)) for k in keys if getattr(info, k, None)}
+
+
+def cuda_needs(log: str, info: Mapping[str, str]) -> str | None:
+    """Which CUDA and cuDNN this onnxruntime needs: its log's "Require cuDNN 9.* and CUDA 12.*"
+    and its build info's versions; ``None`` when neither says."""
+    package = (f"{info['package_name']} {info['__version__']}" if "package_name" in info and "__version__" in info
+               else "this onnxruntime")
+    found = _REQUIRES.search(_COLOUR.sub("", log))
+    needs = None if found is None else f"CUDA {found[2].rstrip('.,;')} and cuDNN {found[1].rstrip('.,;')}"
+    built = " and ".join(f"{name} {info[key]}" for name, key in (("CUDA", "cuda_version"), ("cuDNN", "cudnn_version"))
+                         if key in info)
+    if needs and built:
+        return f"{package} needs {needs} (built with {built.replace(' and ', ', ')})"
+    if needs:
+        return f"{package} needs {needs}"
+    if built:
+        return f"{package} is built with {built}"
+    return None
+
+
+def cuda_failure(log: str, error: Exception | None, info: Mapping[str, str]) -> str:
+    """Why CUDA did not load, in one line: onnxruntime's exception (``error``, when it raised),
+    the library that failed (from ``log``, onnxruntime's output while it tried) and the CUDA and
+    cuDNN this onnxruntime needs (``info``: :func:`build_info`)."""
+    if error is not None:
+        head = f"CUDAExecutionProvider failed to load ({describe(error, 200)}"
+    else:
+        head = "CUDAExecutionProvider did not load ("
+    cause = load_failure(log)
+    parts = []
+    if error is None:
+        parts.append(cause or "onnxruntime fell back to the CPU: the CUDA or cuDNN libraries it needs are "
+                              "missing or do not match")
+    elif cause is not None and load_failure(str(error)) is None:
+        parts.append(cause)
+    needs = cuda_needs(log, info)
+    if needs:
+        parts.append(needs)
+    if error is not None:
+        return head + "".join(f"; {p}" for p in parts) + ")"
+    return head + "; ".join(parts) + ")"
+
+
 def probe_device(device: str, gpu: GpuOptions = GpuOptions()) -> str | None:
     """Why ``device``'s provider cannot run here, or ``None`` when it can.
 
     Opens a one-node graph on it: onnxruntime-gpu lists CUDA among its providers whether or not
     the CUDA and cuDNN libraries load, and when they do not it falls back to the CPU (or, in
-    some versions, raises).
+    some versions, raises), having written its own multi-line log to the terminal. That log is
+    kept off the terminal (:func:`native_log`) and read for the reason (:func:`cuda_failure`):
+    the library that failed and the CUDA and cuDNN versions this onnxruntime needs.
     """
     if device == "cpu":
         return None
@@ -444,13 +580,15 @@ def probe_device(device: str, gpu: GpuOptions = GpuOptions()) -> str | None:
     options.log_severity_level = 4
     # The probe needs no engine: CUDA alone says whether the libraries load.
     providers = session_providers("cuda", gpu)
-    try:
-        with warnings.catch_warnings():  # the fallback is reported as one warning line by the caller
-            warnings.simplefilter("ignore")
-            session = ort.InferenceSession(probe.SerializeToString(), options, providers=providers)
-    except Exception as exc:  # a missing libcudnn, a driver too old, ...
-        return f"CUDAExecutionProvider failed to load ({describe(exc, 200)})"
-    if session.get_providers()[0] != "CUDAExecutionProvider":
-        return ("CUDAExecutionProvider did not load (onnxruntime fell back to the CPU: the CUDA or "
-                "cuDNN libraries it needs are missing or do not match)")
-    return None
+    error: Exception | None = None
+    session = None
+    with native_log() as log:
+        try:
+            with warnings.catch_warnings():  # the fallback is reported as one warning line by the caller
+                warnings.simplefilter("ignore")
+                session = ort.InferenceSession(probe.SerializeToString(), options, providers=providers)
+        except Exception as exc:  # a missing libcudnn, a driver too old, ...
+            error = exc
+    if session is not None and session.get_providers()[0] == "CUDAExecutionProvider":
+        return None
+    return cuda_failure(log.text, error, build_info())
