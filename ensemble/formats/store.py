@@ -26,6 +26,9 @@ All ``.npy`` files are plain arrays that memory-map; :func:`read_store` is the o
     model                   file, sha256, architecture, input_size, mean, std, resize, crop_pct,
                             interpolation, precision, class_ids (null: column j is category j),
                             foreign (no ens metadata: preprocessing from the command line)
+                            sha256: the model's identity, the .onnx's sha256, or for a model
+                            with external data a sha256 over it and each data file's location
+                            and sha256 (ensemble.inference.runtime.model_sha256)
     dataset                 split, source (json file or folder), sha256, images (before skips)
     pixels                  the version of how views are made from decoded images
                             (``ensemble.inference.decode.PIXELS``; absent in older stores: 1)
