@@ -398,8 +398,8 @@ def _print_cv_table(record) -> None:
 def submit(
     ctx: typer.Context,
     predictions: Annotated[Optional[Path], typer.Argument(metavar="PREDICTIONS", help="The predictions.csv of `ens blend`, or the blend folder holding it.", show_default=False)] = None,
-    data: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Competition files: the test json (test2019.json, test2018.json or public_test.json, by --format) and the train/val jsons whose categories are the known category ids.")] = None,
-    fmt: Annotated[Optional[str], typer.Option("--format", help="Competition format: inat2019 (id,predicted; 5 ids), inat2018 (3 ids) or inat2021 (Id,Predicted; 5 ids).", show_default="inat2019")] = None,
+    data: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Competition files: the test json (test2019.json, test2018.json or public_test.json, by --format) and the train/val jsons whose categories are the known category ids. The test json must be the one the predictions' stores were made from (checked by its sha256).")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="Competition format: inat2019 (id,predicted; 5 ids), inat2018 (3 ids) or inat2021 (Id,Predicted; 5 ids). One that disagrees with --data's layout is used, with a warning.", show_default="the one --data's test json names: test2019.json inat2019, test2018.json inat2018, public_test.json inat2021; else inat2019")] = None,
     name: Annotated[Optional[str], typer.Option(help="File name after the timestamp.", show_default="the blend folder's name")] = None,
     sample: Annotated[Optional[Path], typer.Option(metavar="FILE", help="A sample submission (kaggle_sample_submission.csv): the ids must also be exactly its ids.")] = None,
     missing: Annotated[Optional[str], typer.Option(metavar="fail|prior", help="Test ids the predictions lack (images `ens infer --on-bad-image skip` left out): fail, or prior: give each the most frequent classes of the train json (else of the predictions), recorded in the ledger.", show_default="fail")] = None,
@@ -415,7 +415,10 @@ def submit(
     The CSV goes to submissions/<UTC time>_<name>.csv, one row per test image, ids ascending.
     Before it is written it must hold every test id of --data exactly once and nothing else,
     integer ids, the format's number of category ids per row, and only category ids the
-    dataset knows. Uploads use the official kaggle client, the optional kaggle extra of ens.
+    dataset knows; and the stores it came from (found through blend.json) must have been made
+    from --data's test json. Predictions that cannot be traced to their stores are written
+    with a warning and recorded as unverified. Uploads use the official kaggle client, the
+    optional kaggle extra of ens.
     """
     with _user_errors(ctx):
         from ensemble.submission.submit import CheckResult, SubmitRequest, run_request
@@ -423,11 +426,13 @@ def submit(
         result = run_request(SubmitRequest(predictions=predictions, data=data, format=fmt, name=name, sample=sample,
                                            missing=missing, compress=compress, dry_run=dry_run,
                                            competition=competition, message=message, check=check, retry=retry))
+    for note in result.notes:
+        typer.echo(f"warning: {note}", err=True)
     if isinstance(result, CheckResult):
         fmt_spec = result.submission.format
         against = result.reference.test_source.name + (f" and {sample.name}" if sample is not None else "")
         typer.echo(f"ok: {check}: {len(result.submission.ids)} rows, {fmt_spec.name} ({fmt_spec.header}, "
-                   f"{fmt_spec.top_k} known category ids per row), every id of {against} once")
+                   f"{result.submission.categories.shape[1]} known category ids per row), every id of {against} once")
         return
     if retry is None:
         typer.echo(f"wrote {result.path} ({result.entry.rows} rows, {result.entry.format})")

@@ -35,11 +35,17 @@ fill_source         what the filled rows hold: ``train-prior`` (the most frequen
                     often); NULL when none was filled
 prior_tau           ``tau`` of the blend's long-tail prior correction (``ens blend --prior``);
                     NULL without one
+test_sha256         sha256 of the test json of ``--data`` the rows were checked against
+test_check          ``verified``: the stores the predictions came from (through the
+                    blend.json beside them) were made from that very json; ``unverified``:
+                    no such chain could be made (hand-made predictions, stores moved or
+                    changed since the blend), which `ens submit` warned of
 ==================  ====================================================================
 
-Columns added after a ledger was created (``filled``, ``fill_source``, ``prior_tau``) are added to it, with
-their defaults, the first time this ens opens it; ``user_version`` changes only for changes an
-older ens could not live with.
+Columns added after a ledger was created (``filled``, ``fill_source``, ``prior_tau``,
+``test_sha256``, ``test_check``) are added to it, with their defaults (0 for ``filled``, NULL
+for the others: not recorded), the first time this ens opens it; ``user_version`` changes only
+for changes an older ens could not live with.
 
 Writing a file and inserting its row is one step (:meth:`Ledger.record`): the ledger's write
 lock is taken first, waiting at most :data:`LOCK_WAIT` seconds for another process, so a
@@ -84,8 +90,12 @@ _SCHEMA_VERSION = 1
 #: What filled rows hold (``ens submit --missing prior``), as ``fill_source`` records it.
 TRAIN_PRIOR, BLEND_PRIOR = "train-prior", "blend-prior"
 FILL_SOURCES = (TRAIN_PRIOR, BLEND_PRIOR)
+#: Whether the predictions were traced to stores made from the test json checked against, as
+#: ``test_check`` records it.
+VERIFIED, UNVERIFIED = "verified", "unverified"
+TEST_CHECKS = (VERIFIED, UNVERIFIED)
 #: Columns added after a ledger was first made: ``ALTER TABLE ... ADD COLUMN`` on open.
-_ADDED_COLUMNS = ("filled", "fill_source", "prior_tau")
+_ADDED_COLUMNS = ("filled", "fill_source", "prior_tau", "test_sha256", "test_check")
 
 
 def _column(sql: str, check: tuple[Callable[[object], object], str], **default: Any) -> Any:
@@ -190,6 +200,8 @@ class Entry:
     filled: int = _column("INTEGER NOT NULL DEFAULT 0", _WHOLE, default=0)
     fill_source: str | None = _column("TEXT", _one_of(FILL_SOURCES), default=None)
     prior_tau: float | None = _column("REAL", _NUMBER, default=None)
+    test_sha256: str | None = _column("TEXT", (_sha256, "64 hex digits"), default=None)
+    test_check: str | None = _column("TEXT", _one_of(TEST_CHECKS), default=None)
 
 
 def _nullable(sql: str) -> bool:
@@ -288,7 +300,8 @@ class Ledger:
                         "to start a new one")
 
     def record(self, write: Callable[[], Path], *, created: str, format: str, rows: int, source: str,
-               blend: BlendSummary | None, filled: int = 0, fill_source: str | None = None) -> Entry:
+               blend: BlendSummary | None, filled: int = 0, fill_source: str | None = None,
+               test_sha256: str | None = None, test_check: str | None = None) -> Entry:
         """Write a file and insert its row as ``not-uploaded``, as one step.
 
         The write lock is taken first, so a locked or damaged ledger stops before anything is
@@ -301,7 +314,8 @@ class Ledger:
             with self._transaction(write=True) as con:
                 path = write()
                 values = dict(file=path.name, sha256=sha256_file(path), created=created, format=format, rows=rows,
-                              source=source, status="not-uploaded", filled=filled, fill_source=fill_source)
+                              source=source, status="not-uploaded", filled=filled, fill_source=fill_source,
+                              test_sha256=test_sha256, test_check=test_check)
                 if blend is not None:
                     values.update(blend_method=blend.method, blend_members=json.dumps(list(blend.members)),
                                   blend_weights=json.dumps(dict(blend.weights)), cv_top1=blend.cv_top1,

@@ -15,7 +15,8 @@ image (:class:`Fill`), from the first source that has one:
   appears more often anywhere in the rows' top-k.
 
 In both, a remaining tie goes to the smaller category id, and known categories never counted
-rank after all counted ones, so a row always holds ``top_k`` distinct known category ids.
+rank after all counted ones, so a row always holds its width of distinct known category ids
+(the format's ``top_k``, or every category of a dataset that knows fewer).
 
 "prior" here is the option's and the ledger's word (``--missing prior``, ``train-prior``,
 ``blend-prior``: other tools read them); inside the code this is the *fill*, kept apart by
@@ -34,7 +35,7 @@ from ensemble.errors import EnsError
 from ensemble.formats.common import read_json
 from ensemble.formats.dataset import coco_counts, find_split
 from ensemble.formats.ledger import BLEND_PRIOR, TRAIN_PRIOR
-from ensemble.submission.kaggle_csv import Reference, Submission, SubmissionFormat
+from ensemble.submission.kaggle_csv import Reference, Submission, SubmissionFormat, row_width
 
 #: ``--missing`` choices: what happens to test ids the predictions lack.
 MISSING = {
@@ -56,7 +57,7 @@ def check_missing(name: str) -> str:
 
 @dataclass(frozen=True)
 class Fill:
-    """The row every missing id gets: ``categories`` ``(top_k,)`` int64, most likely first.
+    """The row every missing id gets: ``categories`` ``(width,)`` int64, most likely first.
     ``source``: ``train-prior`` or ``blend-prior``; ``origin``: the file that was counted."""
 
     source: str
@@ -99,18 +100,15 @@ def blend_fill(submission: Submission, origin: Path, reference: Reference) -> Fi
     positions = np.searchsorted(reference.categories, submission.categories)
     first = np.bincount(positions[:, 0], minlength=reference.categories.size)
     anywhere = np.bincount(positions.ravel(), minlength=reference.categories.size)
-    return Fill(BLEND_PRIOR, origin, rank(reference.categories, first, anywhere, k=submission.format.top_k))
+    return Fill(BLEND_PRIOR, origin, rank(reference.categories, first, anywhere, k=submission.categories.shape[1]))
 
 
 def find_fill(data: str | os.PathLike, fmt: SubmissionFormat, reference: Reference, submission: Submission,
               origin: Path) -> Fill:
     """The train json's fill (``train-prior``) when ``data`` has a train json with annotations,
     else the fill of ``submission``, the checked rows read from ``origin`` (``blend-prior``)."""
-    if reference.categories.size < fmt.top_k:
-        raise EnsError(f"--missing prior: the dataset knows {reference.categories.size} categories; a row of "
-                       f"--format {fmt.name} needs {fmt.top_k} distinct ones")
     train = find_split(data, "train", year=fmt.year, folders=False, required=False)
-    fill = train_fill(train, reference, fmt.top_k) if train is not None else None
+    fill = train_fill(train, reference, row_width(fmt, reference)) if train is not None else None
     return fill or blend_fill(submission, origin, reference)
 
 

@@ -12,7 +12,8 @@ requires exactly the test ids, splits ``predicted`` on whitespace and compares t
 Checks work on the file's text: each CSV is read with every cell as a string (nothing becomes
 NaN, nothing is rounded through a float), and :func:`check_rows` finds the first problem:
 non-integer, duplicated, missing or extra ids, empty or NaN predictions, the wrong number of
-category ids per row, category ids the dataset does not know and, with a sample submission,
+category ids per row (the format's, or every category of a dataset that knows fewer:
+:func:`row_width`), category ids the dataset does not know and, with a sample submission,
 ids other than the sample's. The message names the first offending lines (the header is
 line 1). ``ens submit`` runs the same checks on the rows it builds from ``ens blend`` output
 before it writes anything (missing test ids are no error there when ``--missing prior`` fills
@@ -94,6 +95,35 @@ def get_format(name: str) -> SubmissionFormat:
         raise EnsError(f"--format {name}: choose one of {', '.join(FORMATS)}") from None
 
 
+#: The format a competition's layout names, by the test json only that competition ships
+#: (COMPETITION.md). ``test.json`` and ``test2017.json`` name none: they take the default.
+LAYOUTS = {"test2019.json": "inat2019", "test2018.json": "inat2018", "public_test.json": "inat2021"}
+#: The format of a ``--data`` folder whose layout names none.
+DEFAULT_FORMAT = "inat2019"
+
+
+def choose_format(data: str | os.PathLike, name: str | None) -> tuple[SubmissionFormat, tuple[str, ...]]:
+    """The format of ``--format name`` (``None``: the one ``--data``'s layout names, else
+    :data:`DEFAULT_FORMAT`) and the warnings to print: a ``--format`` that disagrees with the
+    layout is honoured, with a warning. A folder holding the test jsons of several layouts
+    needs ``--format``."""
+    named = {}
+    if Path(data).is_dir():
+        named = {file: fmt for file, fmt in LAYOUTS.items() if (Path(data) / file).is_file()}
+    if name is None:
+        if len(set(named.values())) > 1:
+            held = ", ".join(f"{file} ({fmt})" for file, fmt in named.items())
+            raise EnsError(f"--data {data}: holds the test jsons of several competitions, {held}; "
+                           "give --format to pick one")
+        return get_format(next(iter(named.values()), DEFAULT_FORMAT)), ()
+    fmt = get_format(name)
+    if named and fmt.name not in named.values():
+        file, layout = next(iter(named.items()))
+        return fmt, (f"--format {fmt.name} on --data {data}, whose {file} is the {layout} layout "
+                     f"({get_format(layout).header}); writing {fmt.header} as asked",)
+    return fmt, ()
+
+
 @dataclass(frozen=True)
 class Reference:
     """What a submission is checked against.
@@ -110,10 +140,16 @@ class Reference:
     sample_ids: np.ndarray | None = None
 
 
+def row_width(fmt: SubmissionFormat, reference: Reference) -> int:
+    """Category ids per row: the format's ``top_k``, or every category of a dataset that
+    knows fewer (no row can rank more distinct known ids; the grader reads what is there)."""
+    return min(fmt.top_k, int(reference.categories.size))
+
+
 @dataclass(frozen=True)
 class Submission:
     """Checked rows ready to write: ``ids`` ``(rows,)`` int64 ascending, ``categories``
-    ``(rows, top_k)`` int64, most confident first."""
+    ``(rows, width)`` int64, most confident first (``width``: :func:`row_width`)."""
 
     format: SubmissionFormat
     ids: np.ndarray
@@ -203,10 +239,13 @@ def _sample_ids(path: Path, fmt: SubmissionFormat) -> np.ndarray:
     return np.sort(ids.astype(np.int64).to_numpy())
 
 
-def read_predictions(path: str | os.PathLike, fmt: SubmissionFormat) -> pd.DataFrame:
+def read_predictions(path: str | os.PathLike, fmt: SubmissionFormat, reference: Reference,
+                     models_predict: int | None = None) -> pd.DataFrame:
     """``ens blend``'s ``predictions.csv`` (``id,category_1..K,prob_1..K``) as the two text
-    columns of ``fmt``: the id, and the first ``fmt.top_k`` categories joined by spaces.
+    columns of ``fmt``: the id, and the first :func:`row_width` categories joined by spaces.
 
+    ``models_predict``: how many categories the blended models predict (blend.json's
+    ``class_ids``), ``None`` when unknown; it decides what a file with too few per row is told.
     Row ``i`` stays line ``i + 2`` of the file, so check messages name its lines.
     """
     frame = read_csv_text(path)
@@ -214,13 +253,27 @@ def read_predictions(path: str | os.PathLike, fmt: SubmissionFormat) -> pd.DataF
     if given is None:
         raise EnsError(f"{path}: header {_header(frame)}; expected id,category_1,...,category_K,prob_1,...,prob_K "
                        "(the predictions.csv of `ens blend`)")
-    if given < fmt.top_k:
+    width = row_width(fmt, reference)
+    if given < width:
         raise EnsError(f"{path}: {given} categories per row (category_1..category_{given}); "
-                       f"--format {fmt.name} needs {fmt.top_k}: blend again with top-k {fmt.top_k} or more")
+                       f"{_too_few(fmt, width, reference, models_predict)}")
     predicted = frame["category_1"]
-    for k in range(2, fmt.top_k + 1):
+    for k in range(2, width + 1):
         predicted = predicted + " " + frame[f"category_{k}"]
     return pd.DataFrame({fmt.id_column: frame["id"], fmt.predicted_column: predicted})
+
+
+def _too_few(fmt: SubmissionFormat, width: int, reference: Reference, models_predict: int | None) -> str:
+    """What is true, and what to do, when rows hold fewer than ``width`` categories: `ens blend`
+    writes min(--top-k, the models' categories) per row."""
+    wants = f"--format {fmt.name} needs {width} of the dataset's {reference.categories.size} categories"
+    if models_predict is None:
+        return (f"{wants}: blend again with --top-k {width}; if the models predict fewer than {width} "
+                f"categories, no blend of them can fill a row: blend models that predict at least {width}")
+    if models_predict < width:
+        return (f"{wants}, and the models predict only {models_predict} categories: no blend of them can fill a "
+                f"row; blend models that predict at least {width} (exported with the dataset's categories)")
+    return f"{wants}: blend again with --top-k {width}"
 
 
 # --------------------------------------------------------------------------------------- checking
@@ -266,14 +319,16 @@ def check_rows(frame: pd.DataFrame, fmt: SubmissionFormat, reference: Reference,
     empty = flat.isin(_EMPTY).groupby(level=0).any().to_numpy()
     if empty.any():
         raise EnsError(f"{source}: empty or NaN category ids on {_lines(empty, predicted)}")
-    wrong = (tokens.str.len() != fmt.top_k).to_numpy()
+    width = row_width(fmt, reference)
+    wrong = (tokens.str.len() != width).to_numpy()
     if wrong.any():
-        raise EnsError(f"{source}: {fmt.name} expects {fmt.top_k} category ids separated by single spaces; "
+        every = f" (every category of the dataset: it knows fewer than {fmt.top_k})" if width < fmt.top_k else ""
+        raise EnsError(f"{source}: {fmt.name} expects {width} category ids{every} separated by single spaces; "
                        f"other counts on {_lines(wrong, predicted)}")
     not_int = (~flat.str.fullmatch(_INTEGER)).groupby(level=0).any().to_numpy()
     if not_int.any():
         raise EnsError(f"{source}: non-integer category ids on {_lines(not_int, predicted)}")
-    categories = flat.astype(np.int64).to_numpy().reshape(-1, fmt.top_k)
+    categories = flat.astype(np.int64).to_numpy().reshape(-1, width)
     unknown = ~np.isin(categories, reference.categories)
     if unknown.any():
         raise EnsError(f"{source}: category ids {_listed(np.unique(categories[unknown]))} are not among the "

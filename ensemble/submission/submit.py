@@ -6,8 +6,9 @@ what each takes and needs, and the one rule on ``--competition``, ``-m`` and ``-
 
 The order inside :func:`submit` is what keeps files, ledger and Kaggle consistent: the Kaggle
 client and its credentials are tried first (nothing is written when they are missing), then
-the rows are checked (with ``--missing prior``, the test ids they lack filled,
-:mod:`ensemble.submission.fill`, before anything is written), then, holding the ledger's
+the rows are checked, and traced back to the test json they were made from
+(:mod:`ensemble.submission.origin`; with ``--missing prior``, the test ids they lack are then
+filled, :mod:`ensemble.submission.fill`), all before anything is written; then, holding the ledger's
 write lock (:meth:`~ensemble.formats.ledger.Ledger.record`), the file created under a
 name no other file has and its ledger row inserted as ``not-uploaded`` (both or neither),
 and only then the upload tried, its outcome (``uploaded`` or ``upload-failed``) stored in
@@ -29,28 +30,31 @@ import numpy as np
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file, write_new
 from ensemble.formats.blend import BLEND_FILE, BlendSummary
+from ensemble.formats.common import read_json
 from ensemble.formats.ledger import Entry, Ledger
 from ensemble.formats.predictions import PREDICTIONS_FILE
 from ensemble.submission import kaggle_client
 from ensemble.submission.fill import DEFAULT_MISSING, MISSING_HINT, Fill, check_missing, fill_missing, find_fill
 from ensemble.submission.kaggle_client import Receipt, UploadError
-from ensemble.submission.kaggle_csv import (Reference, Submission, check_file, check_rows, get_format,
+from ensemble.submission.kaggle_csv import (Reference, Submission, check_file, check_rows, choose_format,
                                             load_reference, read_predictions, submission_bytes, submission_path)
+from ensemble.submission.origin import check_test_set
 
 #: Where files and ledger go, relative to the working folder.
 SUBMISSIONS = Path("submissions")
-DEFAULT_FORMAT = "inat2019"
 
 
 @dataclass(frozen=True)
 class SubmitOptions:
-    """How `ens submit` writes and uploads. ``name``: the file name after the timestamp, ``None``
-    for the blend folder's name; ``sample``: a sample submission whose ids the file must also
+    """How `ens submit` writes and uploads. ``format``: the competition format, ``None`` for the
+    one ``--data``'s layout names (:func:`ensemble.submission.kaggle_csv.choose_format`);
+    ``name``: the file name after the timestamp, ``None`` for the blend folder's name;
+    ``sample``: a sample submission whose ids the file must also
     hold exactly; ``compress``: write ``.csv.gz``; ``missing``: what test ids the predictions
     lack get, ``fail`` or ``prior`` (:data:`ensemble.submission.fill.MISSING`). ``competition``
     and ``message`` together mean upload; both ``None`` mean a dry run (:func:`check_upload`)."""
 
-    format: str = DEFAULT_FORMAT
+    format: str | None = None
     name: str | None = None
     sample: Path | None = None
     compress: bool = False
@@ -82,21 +86,26 @@ def check_upload(competition: str | None, message: str | None, dry_run: bool | N
 
 @dataclass(frozen=True)
 class SubmitResult:
-    """The written (or retried) file, its ledger row, Kaggle's receipt (``None`` for a dry run)
-    and the row its ``entry.filled`` filled rows hold (``None`` when none was filled)."""
+    """The written (or retried) file, its ledger row, Kaggle's receipt (``None`` for a dry run),
+    the row its ``entry.filled`` filled rows hold (``None`` when none was filled) and the
+    warnings to show (a ``--format`` the layout disagrees with, predictions not traced to the
+    test json)."""
 
     path: Path
     entry: Entry
     receipt: Receipt | None
     fill: Fill | None = None
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class CheckResult:
-    """What ``ens submit --check`` found: the checked rows and what they were checked against."""
+    """What ``ens submit --check`` found: the checked rows, what they were checked against and
+    the warnings to show."""
 
     submission: Submission
     reference: Reference
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -136,12 +145,15 @@ def resolve_predictions(path: str | os.PathLike) -> PredictionsSource:
 def submit(predictions: str | os.PathLike, data: str | os.PathLike, options: SubmitOptions,
            folder: str | os.PathLike = SUBMISSIONS) -> SubmitResult:
     """Check the predictions against ``--data``, write the CSV, record it, upload it."""
-    fmt = get_format(options.format)
+    fmt, notes = choose_format(data, options.format)
     kaggle = kaggle_client.connect() if options.competition is not None else None
     source = resolve_predictions(predictions)
     reference = load_reference(data, fmt, options.sample)
-    checked = check_rows(read_predictions(source.csv, fmt), fmt, reference, source.csv,
-                         allow_missing=options.missing == "prior", hint=MISSING_HINT)
+    checked = check_rows(read_predictions(source.csv, fmt, reference, _models_predict(source)), fmt, reference,
+                         source.csv, allow_missing=options.missing == "prior", hint=MISSING_HINT)
+    test_set = check_test_set(source.csv, checked.ids, reference.test_source)
+    if test_set.warning is not None:
+        notes += (test_set.warning,)
     missing = np.setdiff1d(reference.test_ids, checked.ids)
     fill = None
     if missing.size:
@@ -154,12 +166,23 @@ def submit(predictions: str | os.PathLike, data: str | os.PathLike, options: Sub
     ledger = Ledger(folder)
     entry = ledger.record(lambda: write_new(first_choice, content), created=f"{now:%Y-%m-%dT%H:%M:%SZ}",
                           format=fmt.name, rows=len(checked.ids), source=source.source, blend=source.blend,
-                          filled=int(missing.size), fill_source=None if fill is None else fill.source)
+                          filled=int(missing.size), fill_source=None if fill is None else fill.source,
+                          test_sha256=test_set.sha256, test_check=test_set.check)
     path = Path(folder) / entry.file
     if kaggle is None:
-        return SubmitResult(path=path, entry=entry, receipt=None, fill=fill)
+        return SubmitResult(path=path, entry=entry, receipt=None, fill=fill, notes=notes)
     result = _upload(kaggle, ledger, entry, path, options.competition, options.message)
-    return dataclasses.replace(result, fill=fill)
+    return dataclasses.replace(result, fill=fill, notes=notes)
+
+
+def _models_predict(source: PredictionsSource) -> int | None:
+    """How many categories the blended models predict: the length of ``class_ids`` in the
+    blend.json beside the predictions; ``None`` when there is none to read."""
+    if source.blend is None:
+        return None
+    doc = read_json(source.csv.parent / BLEND_FILE)
+    class_ids = doc.get("class_ids") if isinstance(doc, dict) else None
+    return len(class_ids) if isinstance(class_ids, list) and class_ids else None
 
 
 def _now() -> dt.datetime:
@@ -229,12 +252,13 @@ def refresh_scores(folder: str | os.PathLike = SUBMISSIONS) -> RefreshResult:
     return RefreshResult(entries=tuple(ledger.entries()), asked=len(tried), found=found)
 
 
-def check(file: str | os.PathLike, data: str | os.PathLike, format: str = DEFAULT_FORMAT,
+def check(file: str | os.PathLike, data: str | os.PathLike, format: str | None = None,
           sample: str | os.PathLike | None = None) -> CheckResult:
-    """``ens submit --check``: every check on any CSV; nothing is written."""
-    fmt = get_format(format)
+    """``ens submit --check``: every check on any CSV; nothing is written. ``format``: ``None``
+    for the one ``--data``'s layout names."""
+    fmt, notes = choose_format(data, format)
     reference = load_reference(data, fmt, sample)
-    return CheckResult(submission=check_file(file, fmt, reference), reference=reference)
+    return CheckResult(submission=check_file(file, fmt, reference), reference=reference, notes=notes)
 
 
 # ------------------------------------------------------------------------------ `ens submit`'s modes
@@ -293,14 +317,14 @@ class Mode:
 def _run_write(request: SubmitRequest) -> SubmitResult:
     check_upload(request.competition, request.message, dry_run=request.dry_run)
     # An option left out (None) keeps SubmitOptions' own default.
-    options = SubmitOptions(format=request.format or DEFAULT_FORMAT, name=request.name, sample=request.sample,
+    options = SubmitOptions(format=request.format, name=request.name, sample=request.sample,
                             compress=request.compress, competition=request.competition, message=request.message,
                             missing=request.missing or DEFAULT_MISSING)
     return submit(request.predictions, request.data, options)
 
 
 def _run_check(request: SubmitRequest) -> CheckResult:
-    return check(request.check, request.data, request.format or DEFAULT_FORMAT, request.sample)
+    return check(request.check, request.data, request.format, request.sample)
 
 
 def _run_retry(request: SubmitRequest) -> SubmitResult:

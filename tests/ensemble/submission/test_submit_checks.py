@@ -167,7 +167,9 @@ def submit_fails(work, blend, expected):
 def test_predictions_with_fewer_categories_than_the_format(work):
     blend = make_blend(work / "blends" / "top3", ranked(k=3))
     submit_fails(work, blend, f"{blend / 'predictions.csv'}: 3 categories per row (category_1..category_3); "
-                              "--format inat2019 needs 5: blend again with top-k 5 or more")
+                              "--format inat2019 needs 5 of the dataset's 7 categories: blend again with --top-k 5; "
+                              "if the models predict fewer than 5 categories, no blend of them can fill a row: "
+                              "blend models that predict at least 5")
 
 
 def test_predictions_header(work):

@@ -67,7 +67,7 @@ def test_options_reach_the_library(seen):
 
 def test_check_retry_and_refresh_reach_the_library(seen):
     one_error(ens("submit", "--check", "f.csv", "--data", "d", "--sample", "s.csv"), "stop here")
-    assert seen["check"] == ((Path("f.csv"), Path("d"), "inat2019", Path("s.csv")), {})
+    assert seen["check"] == ((Path("f.csv"), Path("d"), None, Path("s.csv")), {})  # None: the layout's format
     one_error(ens("submit", "--retry", "3"), "stop here")
     assert seen["retry"] == ((3, None, None), {})
     one_error(ens("submit", "--retry", "3", "--competition", "c", "-m", "again"), "stop here")

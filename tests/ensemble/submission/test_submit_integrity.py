@@ -342,7 +342,8 @@ BAD_VALUES = {
     "blend_members": '{"a": 1}', "blend_weights": "[0.5]", "cv_top1": 1.5, "cv_top1_low": -0.5,
     "cv_top1_high": "high", "status": "done", "error": b"\x06", "kaggle_ref": 2.5, "uploaded": b"\x07",
     "kaggle_status": b"\x08", "public_score": "n/a", "private_score": float("inf"), "refreshed": b"\x09",
-    "filled": -2, "fill_source": "guess", "prior_tau": "strong",
+    "filled": -2, "fill_source": "guess", "prior_tau": "strong", "test_sha256": "XYZ",
+    "test_check": "maybe",
 }
 
 

@@ -75,7 +75,7 @@ def _request(mode: str, option: str) -> SubmitRequest:
 def _expected_call(mode: str, option: str):
     """The library call of an accepted combination, with every argument."""
     if mode == "--check":
-        return ("check", (Path("f.csv"), Path("d"), "inat2021" if option == "--format" else "inat2019",
+        return ("check", (Path("f.csv"), Path("d"), "inat2021" if option == "--format" else None,
                           Path("s.csv") if option == "--sample" else None), {})
     if mode == "--retry":
         return ("retry", (3, "c" if option == "--competition" else None, "m" if option == "-m" else None), {})
@@ -187,4 +187,4 @@ def test_left_out_options_keep_the_library_defaults(calls):
     run_request(SubmitRequest(predictions=Path("p.csv"), data=Path("d"), dry_run=True))
     run_request(SubmitRequest(check=Path("f.csv"), data=Path("d")))
     assert calls == [("submit", (Path("p.csv"), Path("d"), SubmitOptions()), {}),
-                     ("check", (Path("f.csv"), Path("d"), "inat2019", None), {})]
+                     ("check", (Path("f.csv"), Path("d"), None, None), {})]

@@ -1,0 +1,159 @@
+"""Which test json the predictions were made from: `ens submit`'s check of the test set.
+
+Image ids do not tell two test jsons apart: another ``test2019.json`` with the same ids may name
+other images, and predictions of the one pass every check against the other. What tells them
+apart is the json's sha256, which every store records (``manifest.json``'s ``dataset.sha256``,
+:mod:`ensemble.formats.store`). :func:`check_test_set` follows the chain back to it:
+
+1. the ``blend.json`` beside the predictions (the file :class:`~ensemble.formats.blend.BlendSummary`
+   is read from), its ``apply``: the split the blend fused and the sha256 of each model's store
+   arrays (:func:`ensemble.formats.blend.store_digest`);
+2. those very stores, looked for under the folder blend.json records (``runs``), then under
+   ``runs/`` of the folder `ens blend` ran in (``<work>/blends/<name>`` beside ``<work>/runs``),
+   then under ``./runs``; a folder counts only when every model's store there has the recorded
+   sha256 and their image ids are the predictions' ids;
+3. each store's ``dataset.sha256``, which must be the sha256 of ``--data``'s test json. One
+   that differs is refused (:class:`EnsError` naming both files): the predictions are of other
+   images.
+
+Where the chain cannot be made (hand-made predictions without a blend.json, a blend.json that
+applied nothing, stores moved or made again since the blend) the file is still written: the
+ids and categories are checked as always, hand-made predictions are a supported input, and
+refusing would leave no way to submit them. The result then says why, `ens submit` prints it
+as a one-line warning, and the ledger records the row as ``unverified``
+(:data:`ensemble.formats.ledger.UNVERIFIED`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from ensemble.errors import EnsError
+from ensemble.fileio import sha256_file
+from ensemble.formats.blend import BLEND_FILE, store_digest
+from ensemble.formats.common import read_json
+from ensemble.formats.dataset import check_store_name
+from ensemble.formats.ledger import UNVERIFIED, VERIFIED
+from ensemble.formats.store import MANIFEST, LogitStore, read_store
+
+#: The folder of logit stores `ens blend` reads by default, relative to where it ran.
+RUNS = "runs"
+
+
+@dataclass(frozen=True)
+class TestSetCheck:
+    """The outcome: ``sha256`` of the test json checked against, ``check`` (``verified`` or
+    ``unverified``, as the ledger's ``test_check``) and, when unverified, ``warning``: one line
+    saying why."""
+
+    sha256: str
+    check: str
+    warning: str | None = None
+
+
+def check_test_set(csv: Path, ids: np.ndarray, test_json: Path) -> TestSetCheck:
+    """Whether the predictions at ``csv`` (their image ids ``ids``, ``(rows,)`` int64 ascending)
+    were made from ``test_json`` (see the module docstring); :class:`EnsError` when the stores
+    they came from were made from another json."""
+    sha256 = sha256_file(test_json)
+    stores, why = _trace(csv, ids)
+    if stores is None:
+        return TestSetCheck(sha256, UNVERIFIED, f"{csv}: not checked to be predictions of {test_json} ({why}); "
+                                                "written anyway and recorded in the ledger as unverified")
+    for store in stores:
+        dataset = store.manifest.dataset
+        if not isinstance(dataset.sha256, str):
+            return TestSetCheck(sha256, UNVERIFIED, f"{csv}: not checked to be predictions of {test_json} "
+                                                    f"({store.path} records no dataset sha256); written anyway and "
+                                                    "recorded in the ledger as unverified")
+        if dataset.sha256 != sha256:
+            source = _printable(str(dataset.source))
+            raise EnsError(f"{csv}: made from {source} (sha256 {dataset.sha256[:12]}..., the json of its store "
+                           f"{store.path}), not from --data's {test_json} "
+                           f"(sha256 {sha256[:12]}...): the same ids may name other images; give --data the "
+                           f"folder of the json the predictions were made from, or run `ens infer` on "
+                           f"{test_json} and `ens blend` again")
+    return TestSetCheck(sha256, VERIFIED)
+
+
+def _trace(csv: Path, ids: np.ndarray) -> tuple[list[LogitStore] | None, str]:
+    """The stores the predictions at ``csv`` were fused from, or ``None`` and why not."""
+    blend_json = csv.parent / BLEND_FILE
+    if not blend_json.is_file():
+        return None, f"no {BLEND_FILE} beside it leads to the stores it was made from"
+    doc = read_json(blend_json)
+    apply = _applied(doc)
+    if apply is None:
+        return None, f"{blend_json} records no applied split ('apply': split and stores) to find its stores by"
+    split, wanted = apply
+    views = isinstance(doc, dict) and doc.get("views") is True
+    problems: list[str] = []
+    changed = False
+    for runs in _candidates(csv.parent, doc):
+        stores: list[LogitStore] = []
+        for model, digest in wanted.items():
+            path = runs / model / split
+            if not (path / MANIFEST).is_file():
+                problems.append(f"no store at {path}")
+                break
+            try:
+                store = read_store(path)
+                same = store_digest(store, views) == digest
+            except EnsError as exc:
+                problems.append(str(exc))
+                break
+            except OSError as exc:
+                problems.append(f"{path}: unreadable ({exc.strerror or exc})")
+                break
+            if not same:
+                changed = True
+                problems.append(f"{path} changed since the blend applied it (its sha256 differs)")
+                break
+            stores.append(store)
+        else:
+            if not np.array_equal(np.sort(np.asarray(stores[0].ids)), ids):
+                problems.append(f"its image ids are not those of the stores under {runs} that {blend_json} applied")
+                continue
+            return stores, ""
+    why = f"the stores {blend_json} applied are not found: {'; '.join(problems)}"
+    if changed:
+        why += "; blend again to submit predictions of the stores as they are now"
+    return None, why
+
+
+def _applied(doc: Any) -> tuple[str, Mapping[str, str]] | None:
+    """``apply``'s split and model -> store sha256, when blend.json holds them as ens writes them
+    (plain names: they are joined to a folder)."""
+    apply = doc.get("apply") if isinstance(doc, dict) else None
+    if not isinstance(apply, dict):
+        return None
+    split, stores = apply.get("split"), apply.get("stores")
+    if not (isinstance(split, str) and isinstance(stores, dict) and stores
+            and all(isinstance(m, str) and isinstance(d, str) for m, d in stores.items())):
+        return None
+    try:
+        for name in (split, *stores):
+            check_store_name(name, "name")
+    except EnsError:
+        return None
+    return split, stores
+
+
+def _candidates(blend_dir: Path, doc: Any) -> list[Path]:
+    """The folders the stores may be under, first match wins, each once (see the module docstring)."""
+    found: list[Path] = []
+    recorded = doc.get("runs") if isinstance(doc, dict) else None
+    for folder in ([Path(recorded)] if isinstance(recorded, str) and recorded else []) + [
+            blend_dir.resolve().parent.parent / RUNS, Path(RUNS)]:
+        if folder.resolve() not in (f.resolve() for f in found):
+            found.append(folder)
+    return found
+
+
+def _printable(text: str) -> str:
+    """``text`` from a file, its control characters escaped: it is echoed on one line."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
