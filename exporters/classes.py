@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ensemble.formats.common import is_id, read_json
-from ensemble.formats.dataset import check_regular_file
+from ensemble.formats.common import read_json
+from ensemble.formats.dataset import category_id, check_regular_file
 from ensemble.errors import EnsError
 
 
@@ -17,8 +17,10 @@ def load_class_ids(path: str | Path, num_classes: int) -> tuple[int | str, ...]:
     ``ImageFolder`` gives them (folder names sorted as strings, so "10" comes before "2"); a
     JSON list (``ids[i]`` is the category id of output ``i``); or a COCO / iNat annotation
     file, whose ``categories`` sorted by ``id`` give the order (the order of ``sorted(category
-    ids)``, as a training script that enumerates them would use). Strings that spell integers
-    become integers, so folder names are category ids.
+    ids)``, as a training script that enumerates them would use). Ids are read by
+    :func:`ensemble.formats.dataset.category_id`, as ``ens blend`` reads val labels and
+    ``--prior`` counts: strings that spell integers (``"7"``, ``"007"``) become integers, so
+    folder names are category ids.
     """
     path = Path(path)
     if path.is_dir():
@@ -29,10 +31,15 @@ def load_class_ids(path: str | Path, num_classes: int) -> tuple[int | str, ...]:
         categories = data.get("categories")
         if not isinstance(categories, list) or not categories:
             raise EnsError(f"--classes {path}: a JSON object without a 'categories' list")
-        try:
-            ids = sorted(c["id"] for c in categories)
-        except (KeyError, TypeError):
-            raise EnsError(f"--classes {path}: every category needs an 'id'") from None
+        if not all(isinstance(c, dict) and "id" in c for c in categories):
+            raise EnsError(f"--classes {path}: every category needs an 'id'")
+        ids = [_as_id(c["id"], path) for c in categories]
+        numbers = [i for i in ids if isinstance(i, int)]
+        names = [i for i in ids if isinstance(i, str)]
+        if numbers and names:
+            raise EnsError(f"--classes {path}: the categories mix integer and string ids ({numbers[0]!r} and "
+                           f"{names[0]!r}), which have no order; give a JSON list of the ids in the model's output order")
+        ids = sorted(ids)
     elif isinstance(data, list):
         ids = data
     else:
@@ -70,8 +77,7 @@ def _checked(values: list, num_classes: int, path: Path) -> tuple[int | str, ...
 
 
 def _as_id(value: object, path: Path) -> int | str:
-    if not is_id(value):
+    category = category_id(value)
+    if category is None:
         raise EnsError(f"--classes {path}: category ids must be integers or strings, got {value!r}")
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    return value
+    return category

@@ -9,11 +9,13 @@ Two sources:
   ``val2017.json``, then iNat 2021's ``val.json`` (whose test split is ``public_test.json``),
   then an image folder ``DIR/val``;
 * a plain folder of images: every image file below it, sorted, its id the path relative to the
-  folder (``/``-separated).
+  folder (``/``-separated); links are followed as torchvision's ``ImageFolder`` follows them,
+  a loop of links is refused (:func:`image_files`).
 
 Rows keep the json's image order (a folder's sorted order); that order is the row order of every
 logit store made from the split. Validation happens here: a split without images or with a
-repeated id is an :class:`EnsError` naming the file and the id.
+repeated id is an :class:`EnsError` naming the file and the id. Category ids, wherever ens reads
+them (val labels, ``--prior`` counts, ``ens export --classes``), follow one rule: :func:`category_id`.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ import numpy as np
 
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
-from ensemble.formats.common import is_count, is_id, read_json
+from ensemble.formats.common import is_count, is_id, is_int, read_json
 
+#: The image ids a store's ``ids.npy`` (int64) holds.
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 #: Years whose iNat layout puts the year in the split's file name (``val2019.json``), newest first;
 #: iNat 2021 does not (``val.json``, ``train_mini.json``, ``public_test.json``).
@@ -45,7 +49,8 @@ class Split:
     """The images of one dataset split, in row order.
 
     ``ids[i]`` (int for a json, relative path for a folder) names the image at ``paths[i]``;
-    ``labels[i]`` is its category id, or ``None`` where the json has no annotation for it;
+    ``labels[i]`` is its category id (:func:`category_id`), or ``None`` where the json has no
+    annotation for it or annotations of several categories (:func:`load_labels` refuses those);
     ``labels`` is ``None`` for an unlabelled split. ``sha256`` identifies the source: the json
     file's bytes, or for a folder the sorted relative paths and file sizes.
     """
@@ -145,7 +150,7 @@ def load_split(source: str | os.PathLike, name: str | None = None) -> Split:
     return _load_json(source, name)
 
 
-def _load_json(path: Path, name: str) -> Split:
+def _load_json(path: Path, name: str, single: bool = False) -> Split:
     doc = read_json(path)
     images = doc.get("images") if isinstance(doc, dict) else None
     if not isinstance(images, list):
@@ -160,6 +165,9 @@ def _load_json(path: Path, name: str) -> Split:
         image_id = image["id"]
         if not is_id(image_id):
             raise EnsError(f"{path}: images[{i}] has id {image_id!r}; expected an integer or a string")
+        if isinstance(image_id, int) and not INT64_MIN <= image_id <= INT64_MAX:
+            raise EnsError(f"{path}: images[{i}] has id {image_id}, beyond the 64-bit integers a store holds "
+                           f"({INT64_MIN}..{INT64_MAX})")
         if image_id in seen:
             raise EnsError(f"{path}: duplicate image id {image_id!r}")
         seen.add(image_id)
@@ -168,29 +176,43 @@ def _load_json(path: Path, name: str) -> Split:
     if len({type(i) for i in ids}) > 1:
         raise EnsError(f"{path}: image ids mix integers and strings")
     return Split(name=name, source=path, ids=tuple(ids), paths=tuple(paths),
-                 sha256=sha256_file(path), labels=_labels(doc, ids, path))
+                 sha256=sha256_file(path), labels=_labels(doc, ids, path, single))
 
 
-def _labels(doc: dict, ids: list, path: Path) -> tuple[int | None, ...] | None:
+def _labels(doc: dict, ids: list, path: Path, single: bool) -> tuple[int | str | None, ...] | None:
+    """Each image's category (:func:`category_id`; a value that is no id is kept for the caller
+    to name). ``single``: an image with annotations of two categories is an :class:`EnsError`
+    (a label to fit on must be one); otherwise it has none (a COCO detection json, many
+    categories per image, is still a split to run). Two annotations of one category are one label."""
     annotations = doc.get("annotations")
     if not annotations:
         return None
     if not isinstance(annotations, list):
         raise EnsError(f"{path}: \"annotations\" is not a list")
-    by_image = {}
+    by_image: dict = {}
+    first: dict = {}
+    several = set()
     for i, ann in enumerate(annotations):
         if not isinstance(ann, dict) or "image_id" not in ann or "category_id" not in ann:
             raise EnsError(f"{path}: annotations[{i}] lacks \"image_id\" or \"category_id\"")
-        by_image[ann["image_id"]] = ann["category_id"]
-    return tuple(by_image.get(i) for i in ids)
+        image, raw = ann["image_id"], ann["category_id"]
+        category = category_id(raw)
+        category = raw if category is None else category
+        if not is_id(image):
+            continue  # no image of the split has it: an id is an integer or a string
+        if image in by_image and by_image[image] != category:
+            if single:
+                raise EnsError(f"{path}: image {image} has annotations of two categories, {by_image[image]!r} "
+                               f"(annotations[{first[image]}]) and {category!r} (annotations[{i}]); a val image "
+                               "needs one label")
+            several.add(image)
+        by_image.setdefault(image, category)
+        first.setdefault(image, i)
+    return tuple(None if i in several else by_image.get(i) for i in ids)
 
 
 def _load_folder(folder: Path, name: str) -> Split:
-    files = sorted(
-        p for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    files = sorted(image_files(folder))
     if not files:
         raise EnsError(f"{folder}: no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     ids = tuple(p.relative_to(folder).as_posix() for p in files)
@@ -198,8 +220,52 @@ def _load_folder(folder: Path, name: str) -> Split:
     # that matter (files added, removed, replaced by a re-encode).
     digest = hashlib.sha256()
     for image_id, path in zip(ids, files):
-        digest.update(f"{image_id}\t{path.stat().st_size}\n".encode())
+        # File names are bytes: one that is not UTF-8 is kept (Python's surrogate escapes) and hashed as it is.
+        digest.update(os.fsencode(image_id) + f"\t{path.stat().st_size}\n".encode())
     return Split(name=name, source=folder, ids=ids, paths=tuple(files), sha256=digest.hexdigest())
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Every file with an image suffix below ``folder``, hidden files and folders (a name
+    starting with ``.``) left out, in no particular order.
+
+    Links are followed, as torchvision's ``ImageFolder`` follows them (``os.walk(followlinks=True)``):
+    a linked file or folder is listed under the link's path. A link to a folder that holds it
+    (directly or through other links) would be followed forever, and a link whose target is gone
+    or cannot be read lists nothing: each is an :class:`EnsError` naming the link, never skipped.
+    A non-regular file with an image name (a FIFO, a socket) is listed: ``ens infer`` reports it
+    as an image it cannot read. Each folder on the way is listed by ``os.scandir``; one that
+    cannot be is an :class:`EnsError` naming it.
+    """
+    files = []
+    stack = [(folder, (os.path.realpath(folder),))]  # a folder, and the real folders above it
+    while stack:
+        current, above = stack.pop()
+        try:
+            entries = sorted(os.scandir(current), key=lambda entry: entry.name)
+        except OSError as exc:
+            raise EnsError(f"{current}: cannot list the folder ({exc.strerror or exc})") from None
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = current / entry.name
+            if entry.is_symlink():
+                target = os.path.realpath(path)
+                try:
+                    os.stat(path)
+                except FileNotFoundError:
+                    raise EnsError(f"{path}: a link to {os.readlink(path)}, which does not exist; remove the link "
+                                   "or restore its target") from None
+                except OSError as exc:  # a loop of links, a target it may not read
+                    raise EnsError(f"{path}: a link that cannot be followed ({exc.strerror or exc})") from None
+                if os.path.isdir(path) and target in above:
+                    raise EnsError(f"{path}: a link to {target}, a folder that holds it: following it would never "
+                                   "end; remove the link or point it outside that folder")
+            if entry.is_dir():
+                stack.append((path, above + (os.path.realpath(path),)))
+            elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
+                files.append(path)
+    return files
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,7 +276,7 @@ def load_labels(path: Path, ids: np.ndarray, class_ids: Sequence[int | str]) -> 
     """Column index of each image's true category, ``(rows,)`` int64, in the order of ``ids``
     (a store's image ids): the split json at ``path`` is read and checked as :func:`load_split`
     reads it, and every label must be a category id of ``class_ids`` (the models' columns)."""
-    split = _load_json(check_regular_file(path), split_name(path))
+    split = _load_json(check_regular_file(path), split_name(path), single=True)
     if split.labels is None:
         raise EnsError(f"{path}: no annotations, so no labels to fit blend weights on")
     truth = {image: label for image, label in zip(split.ids, split.labels) if label is not None}
@@ -218,7 +284,7 @@ def load_labels(path: Path, ids: np.ndarray, class_ids: Sequence[int | str]) -> 
         if not is_id(label):
             raise EnsError(f"{path}: image {image} is labelled {label!r}; expected an integer or a string "
                            "category id")
-    column = {c: j for j, c in enumerate(class_ids)}
+    column = {category_id(c): j for j, c in enumerate(class_ids)}
     missing = [i for i in ids.tolist() if i not in truth]
     if missing:
         raise EnsError(f"{path}: {len(missing)} images have no label, first ids {', '.join(map(str, missing[:5]))}")
@@ -238,7 +304,7 @@ def read_class_counts(path: Path) -> dict[int | str, int]:
     - a JSON object ``{"category_id": count, ...}``;
     - a CSV of lines ``category_id,count`` (``.csv``; a header line ``category_id,count`` is allowed).
 
-    Ids that spell integers become integers, as the models' class ids do. A count must be a
+    Ids are read by :func:`category_id`, as the models' class ids are. A count must be a
     non-negative integer; an id may appear once. Anything else is an :class:`EnsError` naming
     the file and the entry.
     """
@@ -254,7 +320,7 @@ def read_class_counts(path: Path) -> dict[int | str, int]:
         return coco_counts(doc, label)
     counts: dict[int | str, int] = {}
     for key, value in doc.items():
-        category = _category(key)
+        category = category_id(key)
         if category in counts:
             raise EnsError(f"{label}: counts category {category} twice")
         counts[category] = _count(value, f"{label}: the count of category {key!r}")
@@ -274,13 +340,12 @@ def coco_counts(doc: dict, label: str) -> dict[int | str, int]:
                        "whose annotations are counted")
     counts: dict[int | str, int] = {}
     for category in doc.get("categories") or []:
-        if isinstance(category, dict) and is_id(category.get("id")):
-            counts.setdefault(_category(category["id"]), 0)
+        if isinstance(category, dict) and category_id(category.get("id")) is not None:
+            counts.setdefault(category_id(category["id"]), 0)
     for i, annotation in enumerate(annotations):
-        category = annotation.get("category_id") if isinstance(annotation, dict) else None
-        if not is_id(category):
+        category = category_id(annotation.get("category_id")) if isinstance(annotation, dict) else None
+        if category is None:
             raise EnsError(f"{label}: annotations[{i}] has no category_id")
-        category = _category(category)
         counts[category] = counts.get(category, 0) + 1
     return counts
 
@@ -300,7 +365,7 @@ def _csv_counts(path: Path, label: str) -> dict[int | str, int]:
             continue
         if len(row) != 2:
             raise EnsError(f"{label}: line {number} has {len(row)} fields; expected category_id,count")
-        category = _category(row[0].strip())
+        category = category_id(row[0])
         if category in lines:
             raise EnsError(f"{label}: line {number} counts category {row[0].strip()} again (first on line "
                            f"{lines[category]})")
@@ -313,11 +378,25 @@ def _csv_counts(path: Path, label: str) -> dict[int | str, int]:
     return counts
 
 
-def _category(value: int | str) -> int | str:
-    """A category id as the models' class ids hold it: a string that spells an integer is one."""
-    if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
-        return int(value)
-    return value
+#: A string that spells a category id as an integer: ASCII digits (at most Python's default
+#: limit for parsing a string into an int), an optional sign, blanks around.
+_INTEGER = re.compile(r"\s*([+-]?[0-9]{1,4300})\s*", re.ASCII)
+
+
+def category_id(value: Any) -> int | str | None:
+    """A dataset's category id as ens reads it, wherever it comes from (a val json's labels,
+    ``--prior`` counts, ``--classes`` lists, folder names and COCO categories): the one rule.
+
+    An integer (not a bool) is itself; a string that spells a decimal integer in ASCII digits,
+    with an optional sign and blanks around (``"0"``, ``" 7 "``, ``"-3"``, ``"+4"``, ``"007"``),
+    is that integer, as folder names of a torchvision ``ImageFolder`` are read; any other string
+    (``"a1"``, ``"1.0"``, ``"\u0663"``) is itself. ``None`` for what is no id (a bool, a float,
+    ``null``, a list): the caller names the file and the entry.
+    """
+    if isinstance(value, str):
+        match = _INTEGER.fullmatch(value)
+        return int(match.group(1)) if match else value
+    return value if is_int(value) else None
 
 
 def _count(value: Any, what: str) -> int:
