@@ -16,7 +16,8 @@ Keys, in the order `ens blend` writes them::
     labels              the label file of the fitted split; stores: as optimize's
     runs                the absolute, resolved path of the --runs folder `ens blend` read the
                         stores from (for a re-applied blend: the applied split's); absent in
-                        older records (None)
+                        older records, and not an absolute path free of control characters
+                        (a hand edit): None
     provenance          model -> what made its stores (:data:`PROVENANCE_FIELDS`)
     prior               the long-tail prior correction: file, sha256, counts (one per class id),
                         zero_count, tau, tau_fitted; or null
@@ -39,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
@@ -181,6 +183,13 @@ def _is_bool(value: Any) -> bool:
 
 def _is_dict(value: Any) -> bool:
     return isinstance(value, dict)
+
+
+def _is_folder(value: Any) -> bool:
+    """An absolute path without control characters, as `ens blend` writes ``runs``: anything
+    else (a hand edit, a hostile file) is never used, nor echoed to a terminal."""
+    return (isinstance(value, str) and os.path.isabs(value)
+            and not any(unicodedata.category(c) == "Cc" for c in value))
 
 
 # ------------------------------------------------------------------------------------- records
@@ -416,7 +425,7 @@ class BlendRecord(_Json):
             "views": _any, "weights": _any, "temperatures": _any,
             "train_score": _nullable(is_number), "class_ids": _nullable(lambda v: True),
             "optimize": _nullable(lambda v: True, SplitStores._from_json), "labels": _when(_is_str),
-            "stores": _when(_is_dict), "runs": _when(_is_str), "provenance": lambda v: {m: ModelProvenance._from_json(p) for m, p in v.items()},
+            "stores": _when(_is_dict), "runs": _when(_is_folder), "provenance": lambda v: {m: ModelProvenance._from_json(p) for m, p in v.items()},
             "prior": lambda v: None if v is None else PriorCorrection._from_json(v, doc.get("class_ids")),
             "cv": _nullable(lambda v: True, CvTable._from_json), "apply": _nullable(lambda v: True, SplitStores._from_json),
             "applied_from": _when(_is_str),

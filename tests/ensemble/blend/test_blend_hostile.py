@@ -211,3 +211,19 @@ def test_a_val_split_of_one_row(tmp_path):
     ok(ens("infer", tiny_onnx(tmp_path / "m.onnx"), "--data", data, "--workers", 0, "--out", tmp_path / "runs"))
     one_line_error(ens("blend", "--runs", tmp_path / "runs", "--optimize", "val", "--data", data, "--cv", 2,
                        "--out", tmp_path / "out"), "--cv 2: the val split has 1 row; fitting a blend", "needs at least 2")
+
+
+@pytest.mark.parametrize("runs", ["relative/runs", "/runs\n; rm -rf ~", "/\x1b[31mruns", 17])
+def test_a_runs_that_is_not_an_absolute_path_of_printable_text_reads_as_none(work, tmp_path, monkeypatch, runs):
+    """`runs` is text from a file: what ens would not have written is kept as it was, never used
+    nor echoed."""
+    fitted = tmp_path / "fit"
+    doc = fit(work, fitted)
+    doc["runs"] = runs
+    (fitted / "blend.json").write_text(json.dumps(doc))
+    record = BlendRecord.read(fitted / "blend.json")
+    assert record.runs is None and record.to_json()["runs"] == runs
+    monkeypatch.chdir(tmp_path)
+    result = ens("blend", "--weights", fitted / "blend.json", "--out", tmp_path / "applied")
+    one_line_error(result, f"{Path('runs') / 'm0' / 'test'}: no logit store")
+    assert str(runs) not in result.output
