@@ -22,6 +22,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -438,6 +439,10 @@ class NativeLog:
     text: str = ""
 
 
+#: fd 2 is the process's: one capture at a time (nested in one thread is fine, each restores its own).
+_CAPTURE = threading.RLock()
+
+
 @contextlib.contextmanager
 def native_log() -> Iterator[NativeLog]:
     """Keep onnxruntime's own output off the terminal while the block runs, and keep its text.
@@ -452,25 +457,31 @@ def native_log() -> Iterator[NativeLog]:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    try:
-        sink = tempfile.TemporaryFile()
-        saved = os.dup(2)
-    except OSError:
-        yield log
-        return
-    printed = io.StringIO()
-    try:
-        os.dup2(sink.fileno(), 2)
+    with _CAPTURE:
         try:
-            with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
-                yield log
+            sink = tempfile.TemporaryFile()
+        except OSError:
+            yield log
+            return
+        try:
+            saved = os.dup(2)
+        except OSError:
+            sink.close()
+            yield log
+            return
+        printed = io.StringIO()
+        try:
+            os.dup2(sink.fileno(), 2)
+            try:
+                with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+                    yield log
+            finally:
+                os.dup2(saved, 2)
+            sink.seek(0)
+            log.text = sink.read().decode("utf-8", "replace") + printed.getvalue()
         finally:
-            os.dup2(saved, 2)
-        sink.seek(0)
-        log.text = sink.read().decode("utf-8", "replace") + printed.getvalue()
-    finally:
-        os.close(saved)
-        sink.close()
+            os.close(saved)
+            sink.close()
 
 
 #: onnxruntime's log colours (its ostream sink writes them whether or not fd 2 is a terminal).

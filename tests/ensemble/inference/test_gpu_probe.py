@@ -267,3 +267,14 @@ def test_the_capture_gives_fd_2_back_when_the_block_raises(capfd):
             1 / 0
     os.write(2, b"seen\n")
     assert capfd.readouterr().err == "seen\n"
+
+
+def test_captures_nest_and_each_gives_back_its_own(capfd):
+    with native_log() as outer:
+        os.write(2, b"outer\n")
+        with native_log() as inner:
+            os.write(2, b"inner\n")
+        os.write(2, b"outer again\n")
+    os.write(2, b"seen\n")
+    assert (outer.text, inner.text) == ("outer\nouter again\n", "inner\n")
+    assert capfd.readouterr().err == "seen\n"
