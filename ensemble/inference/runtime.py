@@ -187,9 +187,9 @@ def model_sha256(path: Path, model) -> str:
     identity; renaming the model does not.
     """
     files = external_files(path, model)
-    if not files:
-        return sha256_file(path)
     try:
+        if not files:
+            return sha256_file(path)
         digest = hashlib.sha256(_IDENTITY_PREFIX + sha256_file(path).encode() + b"\0")
         for location in sorted(files):
             digest.update(location.encode("utf-8") + b"\0" + sha256_file(files[location]).encode() + b"\0")
