@@ -80,6 +80,8 @@ _OS_HINTS = {
     errno.ENOTDIR: "a file stands where a folder is needed: move it, or write somewhere else",
     errno.EEXIST: "a file stands where a folder is needed: move it, or write somewhere else",
     errno.EISDIR: "a folder stands where a file is needed",
+    errno.EFBIG: "a file-size limit was reached (see `ulimit -f`; FAT32 stops files at 4 GiB): raise it, "
+                 "or write to another file system, and run the same command again (finished work is kept)",
 }
 
 

@@ -48,6 +48,11 @@ All ``.npy`` files are plain arrays that memory-map; :func:`read_store` is the o
     skipped                 [{id, path, reason}] of images left out (--on-bad-image skip)
     run_key                 digest of the arguments that determine the arrays
     command                 the `ens infer` command that makes (or finishes) exactly this store
+    arguments               the options of that command beside the model file and the split, by
+                            name ({"tta": ["flip"], "batch_size": 64, "out": "runs", ...}): an
+                            incomplete store's error prints the command rebuilt from these, the
+                            model file and the split, each checked (:func:`rebuilt_command`),
+                            never the ``command`` text
 
 Resuming: while a store is being computed its rows accumulate as one file per finished chunk
 under ``.partial/`` (each written atomically, so a chunk file exists exactly when the chunk is
@@ -65,14 +70,19 @@ models share the run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
+import re
+import shlex
 import shutil
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -83,7 +93,8 @@ except ImportError:  # Windows
 
 from ensemble.errors import EnsError
 from ensemble.fileio import atomic_path, write_json_atomic
-from ensemble.formats.common import is_count, is_int, is_names, is_number, read_json
+from ensemble.formats.common import is_count, is_finite, is_int, is_names, is_number, read_json
+from ensemble.formats.dataset import check_store_name, split_name
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -218,6 +229,8 @@ class StoreManifest(Mapping[str, Any]):
     cluster: Mapping[str, int] | None
     command: str
     figures: RunFigures | None = None
+    #: The options of ``command`` beside its model and split (:data:`INFER_ARGUMENTS`).
+    arguments: Mapping[str, Any] | None = None
     arrays: StoreArrays | None = None
     run_key: str = ""
     format: int = FORMAT_VERSION
@@ -247,6 +260,7 @@ class StoreManifest(Mapping[str, Any]):
             "device_fallback": self.device_fallback, "batch_size": self.batch_size, "chunk_size": self.chunk_size,
             "ens_version": self.ens_version, "engine": self.engine,
             "cluster": None if self.cluster is None else dict(self.cluster), "command": self.command,
+            **({} if self.arguments is None else {"arguments": dict(self.arguments)}),
             **({} if self.figures is None else self.figures.to_json()),
             **({} if arrays is None else {"skipped": [dict(s) for s in arrays.skipped]}),
             "run_key": self.run_key,
@@ -254,7 +268,8 @@ class StoreManifest(Mapping[str, Any]):
 
     def write(self, folder: str | os.PathLike) -> None:
         """Write ``folder``/manifest.json atomically."""
-        write_json_atomic(Path(folder) / MANIFEST, self.to_json())
+        with _naming(Path(folder) / MANIFEST):
+            write_json_atomic(Path(folder) / MANIFEST, self.to_json())
 
     @classmethod
     def read(cls, folder: str | os.PathLike) -> StoreManifest:
@@ -273,7 +288,7 @@ class StoreManifest(Mapping[str, Any]):
             raise EnsError(f"{folder}: store format {manifest['format']} is newer than this ens "
                            f"understands ({FORMAT_VERSION}); upgrade ens")
         if not manifest.get("complete"):
-            command = manifest.get("command")
+            command = rebuilt_command(folder, manifest)  # never the file's own command text
             finish = f"finish it with: {command}" if command else "run the same `ens infer` again to finish it"
             raise EnsError(f"{folder}: incomplete logit store (its run was interrupted); {finish}")
         _check(folder / MANIFEST, manifest)
@@ -301,7 +316,7 @@ class StoreManifest(Mapping[str, Any]):
             device_fallback=manifest.get("device_fallback"), batch_size=manifest.get("batch_size"),
             chunk_size=manifest.get("chunk_size"), ens_version=manifest.get("ens_version"),
             engine=manifest.get("engine", "local"), cluster=manifest.get("cluster"), command=manifest.get("command"),
-            figures=figures,
+            figures=figures, arguments=manifest.get("arguments"),
             arrays=StoreArrays(manifest["rows"], manifest["classes"], manifest["dtype"], manifest["keep_views"],
                                bool(manifest.get("boxes")), tuple(manifest["skipped"])),
             run_key=manifest["run_key"], format=manifest.get("format", FORMAT_VERSION), source=manifest)
@@ -318,6 +333,94 @@ class StoreManifest(Mapping[str, Any]):
 
     def _json(self) -> Mapping[str, Any]:
         return self.source if self.source is not None else self.to_json()
+
+
+# --------------------------------------------------------------------------------------------
+# The `ens infer` command of a store, from fields that pass their checks
+
+
+_WORD = re.compile(r"[a-z0-9][a-z0-9-]*\Z")
+_ADDRESS = re.compile(r"[A-Za-z0-9_.:/@\[\]-]+\Z")
+
+
+def _is_word(value: Any) -> bool:
+    return isinstance(value, str) and _WORD.match(value) is not None
+
+
+def _is_text(value: Any) -> bool:
+    """A path as a command may give it: a string without control or format characters."""
+    return (isinstance(value, str) and value != ""
+            and not any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in value))
+
+
+def _is_store_name(value: Any) -> bool:
+    try:
+        return _is_text(value) and check_store_name(value, "") == value
+    except EnsError:
+        return False
+
+
+def _are(valid: Callable[[Any], bool], count: int | None = None) -> Callable[[Any], bool]:
+    return lambda v: (isinstance(v, list) and len(v) >= 1 and (count is None or len(v) == count)
+                      and all(map(valid, v)))
+
+
+#: The options an `ens infer` command gives beside its model file and split, by
+#: :class:`~ensemble.inference.options.InferOptions` field name (the flag is ``--`` and the name
+#: with dashes), in the command's order, with the check a recorded value must pass: words for
+#: choices and view names, integers, finite numbers, lists of them, ``true`` for a flag alone;
+#: paths are any text, printed quoted.
+INFER_ARGUMENTS: dict[str, Callable[[Any], bool]] = {
+    "tta": _are(_is_word), "scales": _are(is_finite), "merge": _is_word,
+    "batch_size": lambda v: is_count(v, 1), "chunk_size": lambda v: is_count(v, 1), "dtype": _is_word,
+    "on_bad_image": _is_word, "keep_views": lambda v: v is True,
+    "cam_threshold": is_finite, "cam_pad": is_finite, "cam_min": is_finite,
+    "engine": _is_word, "ray_address": lambda v: isinstance(v, str) and _ADDRESS.match(v) is not None,
+    "device": _is_word, "out": _is_text, "name": _is_store_name,
+    "input_size": lambda v: is_count(v, 1), "mean": _are(is_finite, 3), "std": _are(is_finite, 3),
+    "resize": _is_word, "crop_pct": is_finite,
+}
+
+
+def _argument_text(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(map(_argument_text, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def infer_command(model_file: str, split: str, source: str, arguments: Mapping[str, Any]) -> str:
+    """The `ens infer` command that runs ``model_file`` on ``split`` (from ``source``, a json or
+    a folder) with ``arguments`` (by :data:`INFER_ARGUMENTS` name, in that order), quoted for a
+    POSIX shell."""
+    args = ["ens", "infer", model_file]
+    if split_name(Path(source)) == split:
+        args += ["--index", source]
+    else:
+        args += ["--data", str(Path(source).parent), "--split", split]
+    for name in INFER_ARGUMENTS:
+        if name in arguments:
+            value, flag = arguments[name], "--" + name.replace("_", "-")
+            args += [flag] if value is True else [flag, _argument_text(value)]
+    return shlex.join(args)
+
+
+def rebuilt_command(folder: Path, manifest: Mapping[str, Any]) -> str | None:
+    """The command that finishes the store in ``folder``, rebuilt (:func:`infer_command`) from
+    its manifest's model file, split, split source and ``arguments``, each checked; ``None``
+    when one is missing or fails its check (an unknown option included), or when the command
+    would write another folder than ``folder`` (a store moved or renamed). The manifest's own
+    ``command`` text is never used."""
+    model, dataset, arguments = manifest.get("model"), manifest.get("dataset"), manifest.get("arguments")
+    if not (isinstance(model, dict) and isinstance(dataset, dict) and isinstance(arguments, dict)):
+        return None
+    file, split, source = model.get("file"), dataset.get("split"), dataset.get("source")
+    if not (_is_text(file) and _is_store_name(split) and _is_text(source)):
+        return None
+    if not all(name in INFER_ARGUMENTS and INFER_ARGUMENTS[name](value) for name, value in arguments.items()):
+        return None
+    if (folder.name, folder.parent.name) != (split, arguments.get("name", Path(file).stem)):
+        return None
+    return infer_command(file, split, source, arguments)
 
 
 def _check(source: Path, manifest: Mapping[str, Any]) -> None:
@@ -470,6 +573,37 @@ def read_store(path: str | os.PathLike) -> LogitStore:
     return LogitStore(path=path, logits=logits, ids=ids, manifest=manifest, views=views, boxes=boxes)
 
 
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An OSError while writing ``path`` raised again naming it: a ``write`` on a full disk or
+    past a file-size limit names no file, and a temporary file's name beside it tells nothing."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno is not None and (exc.filename is None or Path(exc.filename).parent == path.parent):
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+        raise
+
+
+def _claim_space(path: Path) -> None:
+    """Allocate the disk blocks of ``path``, an array file about to be written through a memory
+    map: a full disk says ENOSPC here, where the map would take a SIGBUS (the process killed)
+    at the first page the disk has no room for."""
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows: the map is written as it is
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS):
+                    raise
+    finally:
+        os.close(fd)
+
+
 def to_dtype(scores: np.ndarray, dtype: str) -> np.ndarray:
     """``scores`` as the store's dtype, clipped so no finite score becomes an infinity."""
     limit = np.finfo(dtype).max
@@ -570,7 +704,8 @@ class StoreWriter:
             self._incomplete(manifest).write(self.path)
         if not same:
             shutil.rmtree(self.partial, ignore_errors=True)
-            write_json_atomic(key_file, self.key)
+            with _naming(key_file):
+                write_json_atomic(key_file, self.key)
         self.done = {i for i in range(self.chunks) if self._chunk_file(i).is_file()}
         return False
 
@@ -596,7 +731,7 @@ class StoreWriter:
             arrays["views"] = to_dtype(views, dtype)
         if boxes is not None:
             arrays["boxes"] = np.asarray(boxes, np.float32)
-        with atomic_path(self._chunk_file(index)) as tmp:
+        with _naming(self._chunk_file(index)), atomic_path(self._chunk_file(index)) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, **arrays)
         self.done.add(index)
@@ -640,7 +775,7 @@ class StoreWriter:
             self._concatenate(BOXES, (rows, 4), "float32", "boxes", axis=0)
         else:
             (self.path / BOXES).unlink(missing_ok=True)
-        with atomic_path(self.path / IDS) as tmp:
+        with _naming(self.path / IDS), atomic_path(self.path / IDS) as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, kept_ids.reshape(rows))
         complete = dataclasses.replace(
@@ -653,8 +788,9 @@ class StoreWriter:
         return complete
 
     def _concatenate(self, name: str, shape: tuple[int, ...], dtype: str, field: str, axis: int) -> None:
-        with atomic_path(self.path / name) as tmp:
+        with _naming(self.path / name), atomic_path(self.path / name) as tmp:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+            _claim_space(tmp)
             row = 0
             for index in range(self.chunks):
                 with np.load(self._chunk_file(index)) as chunk:

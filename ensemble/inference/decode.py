@@ -36,6 +36,7 @@ are zeros, so the caller decides whether to stop or skip.
 from __future__ import annotations
 
 import collections
+import errno
 import itertools
 import math
 import multiprocessing
@@ -395,6 +396,34 @@ def _decode_into(block: str, start: int, paths: Sequence[str], batch_size: int,
 _SHM = Path("/dev/shm")
 
 
+def _new_block(name: str, size: int) -> shared_memory.SharedMemory:
+    """A new shared-memory block of ``size`` bytes; :class:`EnsError` naming it when it cannot
+    be sized (a file-size limit, ``ulimit -f``). Sized on a descriptor of its own before
+    ``SharedMemory`` attaches: when sizing fails, ``SharedMemory(create=True)`` unregisters a
+    block it never registered and the resource tracker prints a traceback."""
+    try:
+        import _posixshmem
+    except ImportError:  # Windows: no resource tracker
+        return shared_memory.SharedMemory(name, create=True, size=size)
+    fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
+    try:
+        os.ftruncate(fd, size)
+    except OSError as exc:
+        from ensemble.errors import EnsError
+
+        _posixshmem.shm_unlink("/" + name)
+        fix = "raise the file-size limit (ulimit -f) or use" if exc.errno == errno.EFBIG else "use"
+        raise EnsError(f"shared memory {_SHM / name if _SHM.is_dir() else name} ({size} bytes, a batch of decoded "
+                       f"images): {exc.strerror}; {fix} a smaller --batch-size") from None
+    finally:
+        os.close(fd)
+    try:
+        return shared_memory.SharedMemory(name)
+    except BaseException:
+        _posixshmem.shm_unlink("/" + name)
+        raise
+
+
 def remove_stale_blocks(folder: Path = _SHM) -> list[str]:
     """Unlink the shared-memory blocks of ``ens infer`` runs that were killed (SIGKILL, the OOM
     killer, a restarted notebook kernel) before they could; the names of those removed.
@@ -494,7 +523,7 @@ class Decoder:
             prefix = f"ens-{os.getpid()}-{secrets.token_hex(4)}"
             try:
                 for i in range(self.prefetch):
-                    memory = shared_memory.SharedMemory(f"{prefix}-{i}", create=True, size=max(self.batch_bytes, 1))
+                    memory = _new_block(f"{prefix}-{i}", max(self.batch_bytes, 1))
                     self._blocks.append((memory, _arrays(memory.buf, self.batch_size, self.geometries, self.sources)))
             except BaseException:
                 self.__exit__()

@@ -35,15 +35,15 @@ import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from ensemble import __version__
 from ensemble.errors import EnsError
-from ensemble.formats.dataset import Split, check_store_name, split_name
+from ensemble.formats.dataset import Split, check_store_name
 from ensemble.formats.store import (DTYPES, DatasetRecord, ModelRecord, RunFigures, StoreManifest, StoreWriter,
-                                    TtaRecord, read_store, recorded_model, store_path)
+                                    TtaRecord, infer_command, read_store, recorded_model, store_path)
 from ensemble.inference.cam import CamSettings
 from ensemble.inference.decode import PIXELS
 from ensemble.inference.engine import (CAM_OPTIONS, BatchOutput, Engine, EngineOpener, Event, cam_settings,
@@ -60,8 +60,8 @@ BAD_IMAGE_POLICIES = ("fail", "skip")
 ENGINES = ("local", "ray")
 #: The options a store's command repeats when they are not :class:`InferOptions`' defaults, in
 #: the command's order, each as its flag (:func:`option_flag`; a bool as the flag alone).
-#: ``--tta`` and ``--scales``, the cam options, the engine, the device, ``--out`` and a foreign
-#: model's preprocessing follow rules of their own (see :func:`finishing_command`).
+#: ``--tta`` and ``--scales``, the cam options, the engine, the device, ``--out``, ``--name`` and
+#: a foreign model's preprocessing follow rules of their own (see :func:`recorded_arguments`).
 REPEATED_OPTIONS = ("merge", "batch_size", "chunk_size", "dtype", "on_bad_image", "keep_views")
 
 
@@ -98,46 +98,50 @@ class _Chunk:
     boxes: list[np.ndarray] = field(default_factory=list)
 
 
-def finishing_command(model: Model, split: Split, options: InferOptions, device: str) -> str:
-    """The `ens infer` command that makes exactly the store of ``model`` on ``split`` with these
-    options: the one to rerun to finish it after an interruption."""
-    args = ["ens", "infer", str(model.path)]
-    if split_name(split.source) == split.name:
-        args += ["--index", str(split.source)]
-    else:
-        args += ["--data", str(split.source.parent), "--split", split.name]
+def recorded_arguments(model: Model, options: InferOptions, device: str) -> dict[str, Any]:
+    """The options of the `ens infer` command that makes exactly the store of ``model`` with
+    these options, beside the model file and the split: a store's ``arguments``, by
+    :data:`~ensemble.formats.store.INFER_ARGUMENTS` name, as JSON values."""
+    values: dict[str, Any] = {}
     defaults = InferOptions()
     if options.tta:
-        args += [option_flag("tta"), ",".join(options.tta)]
+        values["tta"] = list(options.tta)
         if "scale" in options.tta and tuple(options.scales) != tuple(defaults.scales):
-            args += [option_flag("scales"), ",".join(f"{s:g}" for s in options.scales)]
+            values["scales"] = [float(s) for s in options.scales]
     for name in REPEATED_OPTIONS:
         value = getattr(options, name)
         if value != getattr(defaults, name):
-            args += [option_flag(name)] if isinstance(value, bool) else [option_flag(name), str(value)]
+            values[name] = value
     if "cam" in options.tta:
         cam, default_cam = cam_settings(options), CamSettings()
         for name, setting in CAM_OPTIONS.items():  # the settings' values, given or default
             if getattr(cam, setting) != getattr(default_cam, setting):
-                args += [option_flag(name), f"{getattr(cam, setting):g}"]
+                values[name] = float(getattr(cam, setting))
     if options.engine != defaults.engine:
-        args += [option_flag("engine"), options.engine]
+        values["engine"] = options.engine
         if options.ray_address is not None:
-            args += [option_flag("ray_address"), options.ray_address]
-    args += [option_flag("device"), device, option_flag("out"), str(options.out)]
+            values["ray_address"] = options.ray_address
+    values["device"] = device
+    values["out"] = str(options.out)
     if options.name is not None:
-        args += [option_flag("name"), options.name]
+        values["name"] = options.name
     if model.foreign:  # the values the model ran with, for the options that were given
         meta, given = model.metadata, options.foreign
-        args += [option_flag("input_size"), str(meta.input_size)]
+        values["input_size"] = meta.input_size
         if given.mean is not None:
-            args += [option_flag("mean"), ",".join(f"{v:g}" for v in meta.mean),
-                     option_flag("std"), ",".join(f"{v:g}" for v in meta.std)]
+            values["mean"] = [float(v) for v in meta.mean]
+            values["std"] = [float(v) for v in meta.std]
         if given.resize is not None:
-            args += [option_flag("resize"), meta.resize]
+            values["resize"] = meta.resize
         if given.crop_pct is not None:
-            args += [option_flag("crop_pct"), f"{meta.crop_pct:g}"]
-    return shlex.join(args)
+            values["crop_pct"] = float(meta.crop_pct)
+    return values
+
+
+def finishing_command(model: Model, split: Split, options: InferOptions, device: str) -> str:
+    """The `ens infer` command that makes exactly the store of ``model`` on ``split`` with these
+    options: the one to rerun to finish it after an interruption."""
+    return infer_command(str(model.path), split.name, str(split.source), recorded_arguments(model, options, device))
 
 
 def _check_options(options: InferOptions) -> None:
@@ -325,6 +329,7 @@ class _SplitRun:
                 # Not in the key: both engines compute the same arrays, so either resumes the other's.
                 engine=engine.name, cluster=engine.cluster,
                 command=finishing_command(model, split, options, device),
+                arguments=recorded_arguments(model, options, device),
             )
 
     def execute(self) -> list[StoreResult]:

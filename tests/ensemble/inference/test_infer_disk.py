@@ -1,0 +1,106 @@
+"""`ens infer` on a full disk or past a file-size limit: one line naming the file and what to do,
+no traceback (not even the resource tracker's), no crash, and the finished chunks kept."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from ensemble.formats.store import MANIFEST, read_store
+
+from tests.ensemble.conftest import make_inat, tiny_onnx
+
+#: Runs `ens ARGS...` under a file-size limit of LIMIT bytes, SIGXFSZ ignored (so a write past
+#: the limit fails with EFBIG instead of killing the process): ``limited.py LIMIT ARGS...``.
+LIMITED = textwrap.dedent("""
+    import resource, signal, sys
+
+    if __name__ == "__main__":
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        limit = int(sys.argv[1])
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        sys.argv = ["ens", *sys.argv[2:]]
+        from ensemble.cli import main
+        main()
+""")
+
+PROGRESS = ("device ", "val: ", "test: ")
+
+
+@pytest.fixture
+def work(tmp_path):
+    make_inat(tmp_path / "inat", n_val=6, n_test=2)
+    tiny_onnx(tmp_path / "tiny.onnx")
+    tiny_onnx(tmp_path / "big.onnx", classes=5000)  # 2 rows of 5000 float16 logits: 20 kB a chunk
+    (tmp_path / "limited.py").write_text(LIMITED)
+    return tmp_path
+
+
+def _limited(work, limit, *args):
+    return subprocess.run([sys.executable, str(work / "limited.py"), str(limit), *map(str, args)], cwd=work,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _error(result) -> str:
+    """The one error line of a failed run: the last line of stderr, after progress lines only."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.splitlines()
+    assert lines and lines[-1].startswith("error: "), result.stderr
+    assert all(line.startswith(PROGRESS) for line in lines[:-1]), result.stderr
+    return lines[-1]
+
+
+def test_a_file_size_limit_on_the_shared_memory_is_one_line_without_the_trackers_traceback(work):
+    # The decoding processes' shared-memory blocks are the first thing written.
+    result = _limited(work, 4096, "infer", "tiny.onnx", "--data", "inat", "--workers", 1, "--batch-size", 2)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr  # no traceback from multiprocessing's resource tracker
+    line = lines[0]
+    assert line.startswith("error: ") and "shared memory" in line and "File too large" in line, line
+    assert "ulimit -f" in line and "--batch-size" in line, line
+
+
+def test_a_file_size_limit_on_a_store_names_the_file_and_the_rerun_finishes(work):
+    args = ("infer", "big.onnx", "--data", "inat", "--split", "val", "--workers", 0, "--batch-size", 2,
+            "--chunk-size", 2)
+    line = _error(_limited(work, 10_000, *args))
+    assert "runs/big/val/" in line and "File too large" in line and "ulimit -f" in line, line
+    manifest = json.loads((work / "runs" / "big" / "val" / MANIFEST).read_text())
+    assert manifest["complete"] is False
+    # No limit: the same command finishes the store.
+    result = _limited(work, -1, *args)  # RLIM_INFINITY
+    assert result.returncode == 0, result.stderr
+    assert read_store(work / "runs" / "big" / "val").logits.shape == (6, 5000)
+
+
+def _tmpfs_sh(work, size: str, script: str):
+    """``script`` in sh with a ``size`` tmpfs mounted at WORK/full (a user and mount namespace of
+    its own: no root needed where unprivileged user namespaces are allowed)."""
+    (work / "full").mkdir(exist_ok=True)
+    return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                           f"mount -t tmpfs -o size={size} tmpfs full && {script}"],
+                          cwd=work, capture_output=True, text=True, timeout=300)
+
+
+def test_a_full_disk_while_the_arrays_are_assembled_is_one_line_not_a_crash(work):
+    """The chunks fit; assembling logits.npy does not. Its memory map would take a SIGBUS on the
+    first page the disk has no room for: the space is claimed before the map is written."""
+    if shutil.which("unshare") is None or _tmpfs_sh(work, "100k", "true").returncode != 0:
+        pytest.skip("no unprivileged tmpfs mount here (unshare --user --mount)")
+    ens = f"{sys.executable} -m ensemble"
+    result = _tmpfs_sh(work, "100k", f"{ens} infer big.onnx --data inat --split val --workers 0 --batch-size 2 "
+                                     "--chunk-size 2 --out full/runs; echo rc=$? >&2; ls -A full/runs/big/val")
+    assert "rc=2" in result.stderr, result.stderr  # not 135: killed by SIGBUS
+    stderr = result.stderr.replace("rc=2\n", "")
+    lines = stderr.splitlines()
+    assert lines[-1].startswith("error: ") and all(line.startswith(PROGRESS) for line in lines[:-1]), stderr
+    line = lines[-1]
+    assert "full/runs/big/val/" in line and "No space left on device" in line and "the disk is full" in line, line
+    # Nothing half-written: the chunks and the incomplete manifest, no temporary array.
+    assert sorted(result.stdout.split()) == [".lock", ".partial", MANIFEST], result.stdout
