@@ -220,8 +220,12 @@ def _load_folder(folder: Path, name: str) -> Split:
     # that matter (files added, removed, replaced by a re-encode).
     digest = hashlib.sha256()
     for image_id, path in zip(ids, files):
+        try:
+            size = path.stat().st_size
+        except OSError as exc:  # gone since it was listed
+            raise EnsError(f"{path}: cannot read it ({exc.strerror or exc})") from None
         # File names are bytes: one that is not UTF-8 is kept (Python's surrogate escapes) and hashed as it is.
-        digest.update(os.fsencode(image_id) + f"\t{path.stat().st_size}\n".encode())
+        digest.update(os.fsencode(image_id) + f"\t{size}\n".encode())
     return Split(name=name, source=folder, ids=ids, paths=tuple(files), sha256=digest.hexdigest())
 
 
@@ -242,7 +246,8 @@ def image_files(folder: Path) -> list[Path]:
     while stack:
         current, above = stack.pop()
         try:
-            entries = sorted(os.scandir(current), key=lambda entry: entry.name)
+            with os.scandir(current) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
         except OSError as exc:
             raise EnsError(f"{current}: cannot list the folder ({exc.strerror or exc})") from None
         for entry in entries:
