@@ -3,6 +3,7 @@ checked:
 
     model.py        the ens metadata of an exported ONNX file (`ens export` -> every reader)
     dataset.py      a dataset split (COCO/iNat json or image folder), its labels, class counts
+    image.py        an image file of a split (read by `ens infer` and `ens report`, the same checks)
     store.py        a logit store and its manifest (`ens infer` -> `ens blend`, `ens report`)
     blend.py        blend.json, the blend record (`ens blend` -> `ens report`, `ens submit`)
     predictions.py  predictions.csv (`ens blend` -> `ens submit`)

@@ -10,7 +10,7 @@ then the crops are cut from it. The decode itself
   domain) whenever a model's largest canvas is at most half the stored size;
 * applies the EXIF orientation (phone photos are stored sideways);
 * converts every mode Pillow opens (grayscale of 1 to 32 bits, float, CMYK, palette,
-  transparency, ...) to the 8-bit RGB a photo viewer shows (:func:`to_rgb`).
+  transparency, ...) to the 8-bit RGB a photo viewer shows (:func:`~ensemble.formats.image.to_rgb`).
 
 The reduction is chosen per model (each geometry carries the shorter side its model's decode
 keeps, ``Geometry.min_side``), never from the whole run, so the pixels a model sees, and so
@@ -43,7 +43,6 @@ import multiprocessing
 import os
 import secrets
 import signal
-import stat
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import shared_memory
@@ -52,9 +51,9 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
-from ensemble.formats.common import describe
+from ensemble.formats.image import open_image, to_rgb, unreadable_reason
 from ensemble.inference.tta import CamSource, Geometry, canvas_shape, crop_box, source_box
 
 #: Decoded batches, in flight and waiting for the model, take at most this much memory, or two
@@ -73,7 +72,7 @@ RESAMPLE = {
 #: store is never resumed with pixels made another way, and compared by ``ens blend`` across a
 #: model's stores. 1: each canvas resized whole, then cropped (stores made before this field
 #: existed); 2: only the region the crops cut is resized (:func:`resize_region`); 3: every
-#: image mode decoded as a viewer shows it (:func:`to_rgb`: 16-bit and float grayscale scaled,
+#: image mode decoded as a viewer shows it (:func:`~ensemble.formats.image.to_rgb`: 16-bit and float grayscale scaled,
 #: transparency on white; 2 clipped them and dropped the alpha).
 PIXELS = 3
 #: How far each filter reaches, in source pixels at scale 1 (Pillow's supports).
@@ -114,18 +113,12 @@ class DecodedBatch:
     sources: dict[CamSource, CropSource] = field(default_factory=dict)
 
 
-class NotRegularFile(OSError):
-    """A FIFO, device or socket where an image file should be: reading it could wait forever."""
-
-
 def _open(path: str | Path, min_side: int) -> Image.Image:
     """Open one image, set up for a reduced decode when ``min_side`` allows; nothing decoded yet.
 
     The image's ``size`` is already the size the decode will have.
     """
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        raise NotRegularFile(path)
-    image = Image.open(path)
+    image = open_image(path)  # a regular file, within Pillow's decompression-bomb limit
     width, height = image.size
     if image.format == "JPEG" and min_side * 2 <= min(width, height):
         # draft picks the largest DCT reduction that keeps both sides >= the request, so the
@@ -141,42 +134,6 @@ def _finish(image: Image.Image) -> Image.Image:
         image.load()
         ImageOps.exif_transpose(image, in_place=True)
         return to_rgb(image)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """The 8-bit RGB a photo viewer shows of ``image``, whatever its mode; a new image (even of
-    an RGB one), detached from the file.
-
-    * 16-bit grayscale (``I;16``, ``I;16B``, ...): the high byte of each value (``v >> 8``);
-    * ``I`` (32-bit integers): read as 16-bit values, as Pillow hands over many 16-bit files:
-      clipped to 0..65535, then ``v >> 8``, so a 16-bit image reads the same in either mode;
-    * ``F`` (32-bit floats): 0.0 is black and 1.0 white, as image editors show float images;
-      values outside are clipped, NaN is black;
-    * transparency (an alpha band, premultiplied or not, a palette's transparent entries, PNG's
-      transparent colour or gray value): composited on white, as viewers show it;
-    * the rest (bilevel, palette, CMYK, YCbCr, LAB, HSV, RGBX): Pillow's conversion to RGB.
-    """
-    mode = image.mode
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        values = np.asarray(image)
-        if mode == "F":
-            gray = np.nan_to_num(np.clip(values, 0.0, 1.0), nan=0.0) * np.float32(255) + np.float32(0.5)
-        else:  # int32 or uint16 (either byte order): no wider copy of a large image
-            gray = np.clip(values, 0, 65535) >> 8
-        gray = Image.fromarray(gray.astype(np.uint8))
-        if "transparency" in image.info and mode != "F":  # PNG's transparent gray value
-            alpha = np.where(values == image.info["transparency"], 0, 255).astype(np.uint8)
-            return _on_white(Image.merge("RGBA", (gray, gray, gray, Image.fromarray(alpha))))
-        return gray.convert("RGB")
-    if image.has_transparency_data:  # Pillow converts premultiplied La only to LA
-        return _on_white((image.convert("LA") if mode == "La" else image).convert("RGBA"))
-    # convert copies even an RGB image, which detaches the result from the closed file.
-    return image.convert("RGB")
-
-
-def _on_white(image: Image.Image) -> Image.Image:
-    """An RGBA image composited on a white background, as RGB."""
-    return Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert("RGB")
 
 
 def load_image(path: str | Path, min_side: int) -> Image.Image:
@@ -317,7 +274,7 @@ def decode_batch(start: int, paths: Sequence[str], batch_size: int, geometries: 
         try:
             views, cuts, count = _decode_image(path, geometries, sources)
         except Exception as exc:  # any file Pillow cannot turn into pixels is a bad image
-            bad.append((row, _reason(exc, path)))
+            bad.append((row, unreadable_reason(exc, path)))
             decodes += 1
             if out is not None:
                 for g in geometries:
@@ -461,17 +418,6 @@ def queue_batches(workers: int, batch_bytes: int, budget: int = PREFETCH_BYTES) 
     """Batches in flight (the one the model holds included): two per worker, plus two, within
     ``budget`` bytes; never fewer than two, so decoding overlaps the model."""
     return max(2, min(2 * workers + 2, budget // max(batch_bytes, 1)))
-
-
-def _reason(exc: Exception, path: str | Path) -> str:
-    """Why an image could not be read, in a few words (the caller names the path)."""
-    if isinstance(exc, FileNotFoundError):
-        return "missing file"
-    if isinstance(exc, NotRegularFile):
-        return "not a regular file (a FIFO, device or socket)"
-    if isinstance(exc, UnidentifiedImageError):
-        return "empty file" if os.path.getsize(path) == 0 else "not an image Pillow can read"
-    return describe(exc)
 
 
 def _worker_init() -> None:

@@ -107,6 +107,25 @@ class ReportData:
     missing: Mapping[str, str] = field(default_factory=dict)
 
 
+def printable(value: Any) -> str:
+    """``str(value)`` as text a page or a terminal can hold, every character of it shown: a file
+    name that is not UTF-8 (Python holds its bytes as lone surrogates) keeps those bytes as
+    ``\\xNN``, and control characters (a newline in a file name) are written ``\\xNN`` too."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    out = []
+    for char in text:
+        code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, as os.fsdecode keeps it
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif 0xD800 <= code <= 0xDFFF or code < 0x20 or 0x7F <= code < 0xA0:
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
 def read_blend_record(blend_dir: Path) -> tuple[Path, BlendRecord]:
     """``BLEND_DIR/blend.json``, read and checked as the report needs it (a fitted split)."""
     if not blend_dir.is_dir():
@@ -350,4 +369,5 @@ def build_report(blend_dir: Path, data: Path | None = None) -> ReportData:
                       member_predictions=member_predicted,
                       member_correct=member_predicted == labels[None, :], blend=blend, counts=counts,
                       counts_source=counts_source, hardest=hardest, wrong=wrong, ledger=ledger,
-                      ledger_points=points, notes=tuple(notes), missing=missing)
+                      ledger_points=points, notes=tuple(printable(n) for n in notes),
+                      missing={k: printable(v) for k, v in missing.items()})

@@ -21,8 +21,8 @@ from ensemble import __version__
 from ensemble.fileio import sha256_file
 from ensemble.formats.blend import BlendRecord
 from ensemble.report import plots
-from ensemble.report.build import ReportData
-from ensemble.report.images import thumbnail
+from ensemble.report.build import ReportData, printable
+from ensemble.report.images import UnreadableImage, thumbnail
 from weights_search import calibration as cal
 
 #: Sections in page order: id -> heading.
@@ -50,7 +50,8 @@ svg.figure { display: block; max-width: 100%; height: auto; margin: 0.5em 0; }
 .thumbs { display: flex; flex-wrap: wrap; gap: 0.6em; }
 figure.thumb { margin: 0; width: 168px; font-size: 0.75em; }
 figure.thumb img { display: block; max-width: 160px; max-height: 160px; border: 1px solid #ccc; }
-figure.thumb .absent { width: 160px; height: 60px; background: #eee; display: flex; align-items: center; justify-content: center; }
+figure.thumb .absent { width: 160px; min-height: 60px; box-sizing: border-box; padding: 0.3em; background: #eee;
+  display: flex; align-items: center; justify-content: center; text-align: center; overflow-wrap: anywhere; }
 .key span { display: inline-block; margin-right: 1em; font-size: 0.85em; }
 .key i { display: inline-block; width: 0.9em; height: 0.9em; border: 2px solid; margin-right: 0.3em; vertical-align: middle; }
 footer { margin-top: 2em; color: #777; font-size: 0.8em; word-break: break-all; }
@@ -61,7 +62,8 @@ _USED = ' class="used"'
 
 
 def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+    """``value`` as HTML text: escaped, and shown whole (:func:`~ensemble.report.build.printable`)."""
+    return html.escape(printable(value), quote=True)
 
 
 def _exact(value: float | None) -> str:
@@ -221,10 +223,16 @@ def hardest(data: ReportData) -> str:
     cards = []
     with_boxes = set()
     for image in data.hardest:
-        uri = thumbnail(image.path, image.boxes, colours) if image.path is not None else None
         with_boxes.update(image.boxes)
-        picture = (f'<img src="{uri}" alt="image {_e(image.id)}">' if uri else
-                   f'<div class="absent">image {_e(image.id)} not readable</div>')
+        try:
+            if image.path is None:
+                raise UnreadableImage(image.path, "the labels file names no image file for it")
+            uri = thumbnail(image.path, image.boxes, colours)
+        except UnreadableImage as exc:
+            where = f' title="{_e(exc.path)}"' if exc.path is not None else ""
+            picture = f'<div class="absent"{where}>image {_e(image.id)} not readable: {_e(exc.reason)}</div>'
+        else:
+            picture = f'<img src="{uri}" alt="image {_e(image.id)}">'
         cards.append(f'<figure class="thumb" data-id="{_e(image.id)}" data-true-probability='
                      f'"{_exact(image.true_probability)}" data-confidence="{_exact(image.confidence)}">'
                      f'{picture}<figcaption>'

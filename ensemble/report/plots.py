@@ -1,7 +1,9 @@
 """The report's figures: matplotlib figures rendered to inline SVG text.
 
 matplotlib is imported here only (the ``report`` extra), through its object-oriented
-``Figure`` (no pyplot: no global figure state, no GUI backend). Text stays text in the SVG
+``Figure`` (no pyplot: no global figure state, no GUI backend). Names are drawn as written, never
+as mathtext (``text.parse_math`` off), and a name that is not UTF-8 with its bytes as ``\\xNN``
+(:func:`~ensemble.report.build.printable`). Text stays text in the SVG
 (``svg.fonttype = none``): the page's own sans-serif draws it, so nothing is embedded or fetched
 and the figures stay small. Each function takes plain numbers and returns one ``<svg>`` element
 whose ``data-values`` attribute holds, as JSON (NaN as null), the very numbers it draws: a reader
@@ -21,14 +23,19 @@ from matplotlib import rc_context
 from matplotlib.figure import Figure
 
 from ensemble.formats.blend import CvRow
+from ensemble.report.build import printable
 from weights_search.calibration import Reliability
 
 #: Colours of the predictors, in order (matplotlib's tab10), and of the blend.
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf")
 BLEND_COLOUR = "#111111"
+#: ``text.parse_math`` off: the figures draw names from files (models, views, classes), which are
+#: text; matplotlib would read a name holding two ``$`` as mathtext (``m_$5_vs_$^`` fails to parse,
+#: ``a_$x^2$`` would be drawn as maths).
 _STYLE = {"svg.fonttype": "none", "svg.hashsalt": "ens-report", "font.size": 9, "axes.titlesize": 9,
-          "axes.spines.top": False, "axes.spines.right": False, "font.family": "sans-serif"}
+          "axes.spines.top": False, "axes.spines.right": False, "font.family": "sans-serif",
+          "text.parse_math": False}
 
 
 def colour(index: int) -> str:
@@ -83,7 +90,7 @@ def cv_chart(rows: Sequence[CvRow], chosen: str, models: Sequence[str]) -> str:
             c = BLEND_COLOUR if mine else ("#888888" if row.kind != "member" else _model_colour(row.name, models))
             ax.errorbar(row.top1, y, xerr=[[row.top1 - row.top1_low], [row.top1_high - row.top1]],
                         fmt="o", color=c, ms=7 if mine else 5, capsize=3, lw=2 if mine else 1.2)
-        ax.set_yticks(range(len(rows)), [r.name + ("  (used)" if r.name == chosen else "") for r in rows])
+        ax.set_yticks(range(len(rows)), [printable(r.name) + ("  (used)" if r.name == chosen else "") for r in rows])
         ax.invert_yaxis()
         ax.set_xlabel("CV top-1 with 95% bootstrap interval")
         ax.grid(axis="x", alpha=0.3)
@@ -103,7 +110,7 @@ def weights_chart(weights: Mapping[str, float], models: Sequence[str], tau: floa
         ax.barh(range(len(names)), values, color=colours)
         for y, v in enumerate(values):
             ax.text(v, y, f" {v:.3f}", va="center", fontsize=8)
-        ax.set_yticks(range(len(names)), names)
+        ax.set_yticks(range(len(names)), [printable(n) for n in names])
         ax.invert_yaxis()
         ax.set_xlim(0, max(max(values), 1e-12) * 1.18)
         ax.set_xlabel("weight")
@@ -125,7 +132,7 @@ def reliability_chart(panels: Sequence[tuple[str, Reliability, Reliability | Non
             width = 1 / before.count.size
             ax.bar(before.edges[:-1], np.nan_to_num(before.accuracy), width=width, align="edge",
                    color="#9ecae1", edgecolor="#3182bd", lw=0.5, label="before T" if after else None)
-            heading = f"{title}\nECE {before.ece:.3f}"
+            heading = f"{printable(title)}\nECE {before.ece:.3f}"
             if after is not None:
                 shown = after.count > 0
                 ax.plot(after.confidence[shown], after.accuracy[shown], "o-", color="#d62728", ms=3, lw=1,
@@ -159,8 +166,8 @@ def heatmap(matrix: np.ndarray, names: Sequence[str], title: str, vmin: float, v
         fig = _figure(size + 1.4, size)
         ax = fig.add_subplot()
         image = ax.imshow(np.ma.masked_invalid(matrix), vmin=vmin, vmax=vmax, cmap=cmap)
-        ax.set_xticks(range(m), names, rotation=45, ha="right")
-        ax.set_yticks(range(m), names)
+        ax.set_xticks(range(m), [printable(n) for n in names], rotation=45, ha="right")
+        ax.set_yticks(range(m), [printable(n) for n in names])
         ax.spines[:].set_visible(False)
         if m <= 10:
             for i in range(m):
@@ -185,7 +192,7 @@ def bucket_chart(accuracy: np.ndarray, names: Sequence[str], buckets: Sequence[s
             c = BLEND_COLOUR if i == p - 1 else colour(i)
             # Only the measured buckets: a bar of 0 would read as "all wrong" where the table says "-".
             shown = np.flatnonzero(np.isfinite(accuracy[i]))
-            ax.bar(shown + (i - (p - 1) / 2) * width, accuracy[i][shown], width, color=c, label=name)
+            ax.bar(shown + (i - (p - 1) / 2) * width, accuracy[i][shown], width, color=c, label=printable(name))
         for empty in np.flatnonzero(~np.isfinite(accuracy).any(axis=0)):
             ax.text(empty, 0.5, "no images", ha="center", va="center", color="#888888", fontsize=8)
         ax.set_xticks(range(b), buckets)

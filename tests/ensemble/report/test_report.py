@@ -231,7 +231,8 @@ def test_thumbnail_draws_each_box_in_its_colour(tmp_path):
     ys, xs = np.nonzero(red)
     assert xs.min() in range(38, 42) and xs.max() in range(117, 121) and ys.min() in range(38, 42) and ys.max() >= 77
     assert not ((plain[..., 0] > 200) & (plain[..., 1] < 80)).any()
-    assert thumbnail(tmp_path / "missing.jpg") is None
+    with pytest.raises(OSError, match="missing file"):  # the page shows the reason (issue 23 item 9)
+        thumbnail(tmp_path / "missing.jpg")
 
 
 def test_cli_writes_the_page_where_asked(work, tmp_path):
