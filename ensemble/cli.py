@@ -17,7 +17,7 @@ from typing import Annotated, Iterator, Optional
 import typer
 
 from ensemble import __version__
-from ensemble.errors import EnsError
+from ensemble.errors import EnsError, printable
 from ensemble.formats.common import parse_json
 from ensemble.formats.model import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, ModelMetadata, rgb_text
 from ensemble.inference.foreign import DEFAULT_CROP_PCT, DEFAULT_RESIZE, ForeignPreprocess
@@ -38,9 +38,16 @@ class _State:
     debug: bool = False
 
 
+def _echo(text: str = "", err: bool = False) -> None:
+    """Print one line, with control characters shown as escapes (:func:`ensemble.errors.printable`):
+    messages, notes and tables hold file names and fields from files. Every line ens prints
+    goes through here."""
+    typer.echo(printable(text), err=err)
+
+
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"ens {__version__}")
+        _echo(f"ens {__version__}")
         raise typer.Exit()
 
 
@@ -61,12 +68,12 @@ def _user_errors(ctx: typer.Context) -> Iterator[None]:
     except EnsError as exc:
         if ctx.obj is not None and ctx.obj.debug:
             raise
-        typer.echo(f"error: {exc}", err=True)
+        _echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     except OSError as exc:  # the file system said no (a full disk, a read-only folder, a file in the way)
         if ctx.obj is not None and ctx.obj.debug:
             raise
-        typer.echo(f"error: {os_error(exc)}", err=True)
+        _echo(f"error: {os_error(exc)}", err=True)
         raise typer.Exit(2) from None
 
 
@@ -170,16 +177,16 @@ def export(
         result = export_checkpoint(checkpoint, output, options)
     meta = result.metadata
     shape = "any size" if meta.dynamic_size else f"fixed {meta.input_size} px"
-    typer.echo(f"exported {meta.architecture}: {meta.num_classes} classes, {meta.input_size} px "
+    _echo(f"exported {meta.architecture}: {meta.num_classes} classes, {meta.input_size} px "
                f"({shape}), {meta.precision}, in {result.seconds:.1f} s")
     for note in result.notes:
-        typer.echo(f"  note: {note}")
+        _echo(f"  note: {note}")
     for check in meta.verification:
         agree = round(check.top1_agreement * check.batch)
-        typer.echo(f"  verified {check.precision} at {check.size} px: max |logit diff| "
+        _echo(f"  verified {check.precision} at {check.size} px: max |logit diff| "
                    f"{check.max_abs_diff:.2e}, top-1 agrees on {agree}/{check.batch}")
     size_mb = result.path.stat().st_size / 1e6
-    typer.echo(f"wrote {result.path} ({size_mb:.1f} MB)")
+    _echo(f"wrote {result.path} ({size_mb:.1f} MB)")
 
 
 @app.command()
@@ -195,7 +202,8 @@ def info(
         meta = read_metadata(model)
     values = dataclasses.asdict(meta)
     if as_json:
-        typer.echo(json.dumps(values, indent=2))
+        for line in json.dumps(values, indent=2).splitlines():  # ensure_ascii: escapes in the strings
+            _echo(line)
         return
     ids = values.pop("class_ids")
     values["class_ids"] = "output index" if ids is None else (
@@ -203,9 +211,9 @@ def info(
     checks = values.pop("verification")
     width = max(map(len, values))
     for key, value in values.items():
-        typer.echo(f"{key:<{width}}  {value}")
+        _echo(f"{key:<{width}}  {value}")
     for check in checks:
-        typer.echo(f"{'verified':<{width}}  {check['precision']} at {check['size']} px: max |logit diff| "
+        _echo(f"{'verified':<{width}}  {check['precision']} at {check['size']} px: max |logit diff| "
                    f"{check['max_abs_diff']:.2e}, top-1 agreement {check['top1_agreement']:.0%} "
                    f"of {check['batch']}")
 
@@ -308,8 +316,8 @@ def infer(
         if not store.computed:
             continue
         skipped = f", {store.skipped} skipped" if store.skipped else ""
-        typer.echo(f"wrote {store.path}: {store.rows} x {store.classes} {dtype}{skipped}")
-    typer.echo(f"{len(result.stores)} stores ({sum(s.computed for s in result.stores)} computed), "
+        _echo(f"wrote {store.path}: {store.rows} x {store.classes} {dtype}{skipped}")
+    _echo(f"{len(result.stores)} stores ({sum(s.computed for s in result.stores)} computed), "
                f"{len(models)} models, {len(splits)} splits, tta {','.join(options.tta) or 'none'} "
                f"({merge}); decoded {result.decodes} images in {format_seconds(result.seconds)} "
                f"on {result.provider}")
@@ -349,17 +357,17 @@ def blend(
         result = run_blend(options)
     record = result.record
     for note in result.notes:
-        typer.echo(f"note: {note}")
+        _echo(f"note: {note}")
     if record.cv is not None and record.applied_from is None:
         _print_cv_table(record)
-    typer.echo("weights: " + ", ".join(f"{name} {w:.3f}" for name, w in record.weights.items()))
+    _echo("weights: " + ", ".join(f"{name} {w:.3f}" for name, w in record.weights.items()))
     if record.temperatures:
-        typer.echo("temperatures: " + ", ".join(f"{n} {t:.2f}" for n, t in record.temperatures.items()))
+        _echo("temperatures: " + ", ".join(f"{n} {t:.2f}" for n, t in record.temperatures.items()))
     if record.prior is not None:
-        typer.echo(_prior_line(record))
-    typer.echo(f"wrote {result.out / 'blend.json'}")
+        _echo(_prior_line(record))
+    _echo(f"wrote {result.out / 'blend.json'}")
     if result.predictions is not None:
-        typer.echo(f"wrote {result.predictions} ({result.rows} images of {record.apply.split}, "
+        _echo(f"wrote {result.predictions} ({result.rows} images of {record.apply.split}, "
                    f"top-{top_k})")
 
 
@@ -384,15 +392,15 @@ def _print_cv_table(record) -> None:
     """The CV table of a fitted BlendRecord."""
     cv = record.cv
     k = cv.top_k
-    typer.echo(f"{cv.folds}-fold CV on {record.optimize.split} ({record.optimize.rows} images)"
+    _echo(f"{cv.folds}-fold CV on {record.optimize.split} ({record.optimize.rows} images)"
                + (", temperatures fitted per fold" if cv.temperature else "")
                + (", +prior: corrected for --prior, tau fitted per fold" if cv.prior and record.prior.tau_fitted
                   else ", +prior: corrected for --prior" if cv.prior else ""))
-    width = max(len(r.name) for r in cv.rows) + 2
-    typer.echo(f"{'':<{width}}{'top-1':>7}  {'95% interval':<15}{f'top-{k}':>7}{'NLL':>8}")
+    width = max(len(printable(r.name)) for r in cv.rows) + 2
+    _echo(f"{'':<{width}}{'top-1':>7}  {'95% interval':<15}{f'top-{k}':>7}{'NLL':>8}")
     for row in cv.rows:
         mark = "  <- used" if row.name == cv.chosen else ""
-        typer.echo(f"{row.name:<{width}}{row.top1:>7.4f}  [{row.top1_low:.4f}, {row.top1_high:.4f}]"
+        _echo(f"{printable(row.name):<{width}}{row.top1:>7.4f}  [{row.top1_low:.4f}, {row.top1_high:.4f}]"
                    f"{row.topk:>7.4f}{row.nll:>8.4f}{mark}")
 
 
@@ -429,27 +437,27 @@ def submit(
                                            missing=missing, compress=compress, dry_run=dry_run,
                                            competition=competition, message=message, check=check, retry=retry))
     for note in result.notes:
-        typer.echo(f"warning: {note}", err=True)
+        _echo(f"warning: {note}", err=True)
     if isinstance(result, CheckResult):
         fmt_spec = result.submission.format
         against = result.reference.test_source.name + (f" and {sample.name}" if sample is not None else "")
-        typer.echo(f"ok: {check}: {len(result.submission.ids)} rows, {fmt_spec.name} ({fmt_spec.header}, "
+        _echo(f"ok: {check}: {len(result.submission.ids)} rows, {fmt_spec.name} ({fmt_spec.header}, "
                    f"{result.submission.categories.shape[1]} known category ids per row), every id of {against} once")
         return
     if retry is None:
-        typer.echo(f"wrote {result.path} ({result.entry.rows} rows, {result.entry.format})")
+        _echo(f"wrote {result.path} ({result.entry.rows} rows, {result.entry.format})")
         if result.fill is not None:
             fill = result.fill
-            typer.echo(f"filled {result.entry.filled} row{'s' if result.entry.filled != 1 else ''} missing from "
+            _echo(f"filled {result.entry.filled} row{'s' if result.entry.filled != 1 else ''} missing from "
                        f"the predictions with {fill.source} ({' '.join(map(str, fill.categories))}: the most "
                        f"frequent classes of {fill.origin})")
     entry = result.entry
     if result.receipt is None:
-        typer.echo(f"ledger entry {entry.id}: not-uploaded (dry run)")
+        _echo(f"ledger entry {entry.id}: not-uploaded (dry run)")
         return
     ref = f"Kaggle submission {result.receipt.ref}" if result.receipt.ref else "Kaggle"
-    typer.echo(f"uploaded {result.path} to {entry.competition}: {ref} says {result.receipt.message!r}")
-    typer.echo(f"ledger entry {entry.id}: uploaded; `ens submissions --refresh` fetches its score")
+    _echo(f"uploaded {result.path} to {entry.competition}: {ref} says {result.receipt.message!r}")
+    _echo(f"ledger entry {entry.id}: uploaded; `ens submissions --refresh` fetches its score")
 
 
 def _ledger_table(entries) -> list[str]:
@@ -474,6 +482,7 @@ def _ledger_table(entries) -> list[str]:
     rows = [(str(e.id), e.created, e.file, filled(e), e.status, e.kaggle_status or "", cv_error(e),
              "" if e.prior_tau is None else f"{e.prior_tau:.3f}", number(e.public_score), number(e.private_score),
              e.message or "") for e in entries]
+    rows = [tuple(map(printable, row)) for row in rows]  # escaped first: the widths are of what is shown
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
 
@@ -494,15 +503,15 @@ def submissions(
         if refresh:
             result = refresh_scores()
             entries = result.entries
-            typer.echo(f"Kaggle lists {result.found} of the {result.asked} files an upload was tried for"
+            _echo(f"Kaggle lists {result.found} of the {result.asked} files an upload was tried for"
                        if result.asked else "no upload tried yet: no scores to fetch")
         else:
             entries = Ledger(SUBMISSIONS).entries()
     if not entries:
-        typer.echo(f"no submissions recorded in {SUBMISSIONS}/ yet")
+        _echo(f"no submissions recorded in {SUBMISSIONS}/ yet")
         return
     for line in _ledger_table(entries):
-        typer.echo(line)
+        _echo(line)
 
 
 @app.command()
@@ -528,10 +537,10 @@ def report(
 
         result = write_report(blend_dir, data, output)
     for note in result.notes:
-        typer.echo(f"note: {note}")
+        _echo(f"note: {note}")
     for section, line in result.missing.items():
-        typer.echo(f"{section}: not shown: {line}")
-    typer.echo(f"wrote {result.path} ({result.size / 1e6:.2f} MB, {sum(result.sections.values())} of "
+        _echo(f"{section}: not shown: {line}")
+    _echo(f"wrote {result.path} ({result.size / 1e6:.2f} MB, {sum(result.sections.values())} of "
                f"{len(result.sections)} sections)")
 
 
@@ -570,11 +579,11 @@ def demo(
             raise EnsError(f"ens demo needs {package}, which this install lacks: pip install 'ens[demo]'") from None
 
         settings = DemoSettings.quick() if quick else DemoSettings()
-        result = run_demo(out, settings, log=typer.echo)
-    typer.echo("")
+        result = run_demo(out, settings, log=_echo)
+    _echo("")
     for line in format_table(result, settings.cv):
-        typer.echo(line)
-    typer.echo(f"demo finished in {result.seconds:.0f} s")
+        _echo(line)
+    _echo(f"demo finished in {result.seconds:.0f} s")
 
 
 def main() -> None:

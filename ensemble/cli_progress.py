@@ -3,6 +3,7 @@
 On a terminal: a rich progress bar per split with images/s and ETA. Otherwise (a log file, CI,
 a pipe): plain lines, one when a split starts, then at most one every ``interval`` seconds
 when a chunk is saved, and one when it ends. Notes are printed as they come, in both cases.
+Control characters in what is printed (file names in notes) are shown as escapes.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 import time
 from typing import TextIO
 
+from ensemble.errors import printable
 from ensemble.inference.engine import Event
 
 
@@ -41,7 +43,7 @@ class InferProgress:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            self._bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[rate]} images/s  ETA {task.fields[eta]}"),
                                  console=Console(file=self.stream))
             self._bar.start()
@@ -52,6 +54,7 @@ class InferProgress:
             self._bar.stop()
 
     def _line(self, text: str) -> None:
+        text = printable(text)  # notes hold file names: their control characters as escapes
         if self._bar is not None:
             self._bar.console.print(text, highlight=False, markup=False)
         else:
@@ -64,7 +67,7 @@ class InferProgress:
         rate, eta = f"{event.images_per_s:.1f}", format_seconds(event.eta_s)
         if self._bar is not None:
             if event.kind == "start":
-                self._task = self._bar.add_task(event.split, total=event.total, completed=event.done,
+                self._task = self._bar.add_task(printable(event.split), total=event.total, completed=event.done,
                                                 rate="-", eta="?")
             elif self._task is not None:
                 self._bar.update(self._task, completed=event.done, rate=rate, eta=eta)
