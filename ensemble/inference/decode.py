@@ -355,9 +355,11 @@ _SHM = Path("/dev/shm")
 
 def _new_block(name: str, size: int) -> shared_memory.SharedMemory:
     """A new shared-memory block of ``size`` bytes; :class:`EnsError` naming it when it cannot
-    be sized (a file-size limit, ``ulimit -f``). Sized on a descriptor of its own before
-    ``SharedMemory`` attaches: when sizing fails, ``SharedMemory(create=True)`` unregisters a
-    block it never registered and the resource tracker prints a traceback."""
+    be had (a file-size limit, ``ulimit -f``; a full /dev/shm). Sized, and its memory claimed,
+    on a descriptor of its own before ``SharedMemory`` attaches: when sizing fails,
+    ``SharedMemory(create=True)`` unregisters a block it never registered and the resource
+    tracker prints a traceback; and a worker writing into memory /dev/shm has no room for
+    would die of SIGBUS."""
     try:
         import _posixshmem
     except ImportError:  # Windows: no resource tracker
@@ -365,13 +367,23 @@ def _new_block(name: str, size: int) -> shared_memory.SharedMemory:
     fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
     try:
         os.ftruncate(fd, size)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except AttributeError:  # macOS: no posix_fallocate
+            pass
+        except OSError as exc:  # a system whose shared memory cannot claim ahead: used as it is
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
+                raise
     except OSError as exc:
         from ensemble.errors import EnsError
 
         _posixshmem.shm_unlink("/" + name)
-        fix = "raise the file-size limit (ulimit -f) or use" if exc.errno == errno.EFBIG else "use"
+        fix = {errno.EFBIG: "raise the file-size limit (ulimit -f), or use a smaller --batch-size",
+               errno.ENOSPC: "the shared memory is full (a container's is 64 MB unless given --shm-size): give it "
+                             "more, or use a smaller --batch-size, or --workers 0 (decoding without it)",
+               }.get(exc.errno, "use a smaller --batch-size, or --workers 0 (decoding without shared memory)")
         raise EnsError(f"shared memory {_SHM / name if _SHM.is_dir() else name} ({size} bytes, a batch of decoded "
-                       f"images): {exc.strerror}; {fix} a smaller --batch-size") from None
+                       f"images): {exc.strerror}; {fix}") from None
     finally:
         os.close(fd)
     try:

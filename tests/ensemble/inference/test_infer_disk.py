@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +31,7 @@ LIMITED = textwrap.dedent("""
 """)
 
 PROGRESS = ("device ", "val: ", "test: ")
+_SHM_DIR = Path("/dev/shm")
 
 
 @pytest.fixture
@@ -104,3 +106,20 @@ def test_a_full_disk_while_the_arrays_are_assembled_is_one_line_not_a_crash(work
     assert "full/runs/big/val/" in line and "No space left on device" in line and "the disk is full" in line, line
     # Nothing half-written: the chunks and the incomplete manifest, no temporary array.
     assert sorted(result.stdout.split()) == [".lock", ".partial", MANIFEST], result.stdout
+
+
+def test_a_full_shared_memory_is_one_line_not_a_broken_pool(work):
+    """/dev/shm too small for the decoded batches (a container's is 64 MB unless given
+    --shm-size): a worker writing into a block the memory has no room for would die of SIGBUS."""
+    if not _SHM_DIR.is_dir() or shutil.which("unshare") is None or _tmpfs_sh(work, "100k", "true").returncode != 0:
+        pytest.skip("no /dev/shm, or no unprivileged tmpfs mount here (unshare --user --mount)")
+    (work / "full").rmdir()
+    result = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+         f"mount -t tmpfs -o size=100k tmpfs /dev/shm && {sys.executable} -m ensemble infer tiny.onnx --data inat "
+         "--workers 1 --batch-size 32"], cwd=work, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "shared memory /dev/shm/ens-" in lines[0] and "No space left on device" in lines[0], lines[0]
+    assert "--shm-size" in lines[0] and "--workers 0" in lines[0], lines[0]
