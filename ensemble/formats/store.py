@@ -418,7 +418,8 @@ def rebuilt_command(folder: Path, manifest: Mapping[str, Any]) -> str | None:
         return None
     if not all(name in INFER_ARGUMENTS and INFER_ARGUMENTS[name](value) for name, value in arguments.items()):
         return None
-    if (folder.name, folder.parent.name) != (split, arguments.get("name", Path(file).stem)):
+    where = Path(os.path.abspath(folder))  # (read_store(".") from inside the store folder)
+    if (where.name, where.parent.name) != (split, arguments.get("name", Path(file).stem)):
         return None
     return infer_command(file, split, source, arguments)
 

@@ -114,3 +114,9 @@ def test_the_command_of_a_store_that_moved_is_left_out(interrupted, tmp_path):
     folder.parent.rename(moved)
     message = _finish_line(moved / "val")
     assert "run the same `ens infer` again to finish it" in message
+
+
+def test_read_from_inside_the_store_folder_gives_the_command(interrupted, monkeypatch):
+    folder, manifest, _, _ = interrupted
+    monkeypatch.chdir(folder)
+    assert _finish_line(".").endswith(f"finish it with: {manifest['command']}")
