@@ -12,6 +12,7 @@ checks, :func:`unreadable_reason` (why one could not be read, in a few words) an
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from pathlib import Path
@@ -37,7 +38,13 @@ def open_image(path: str | Path) -> Image.Image:
     mode = os.stat(path).st_mode
     if not stat.S_ISREG(mode):
         raise NotRegularFile(path, folder=stat.S_ISDIR(mode))
-    return Image.open(path)
+    image = Image.open(path)
+    if image.format == "TIFF" and image.getexif().get(0x0112) in (5, 6, 7, 8):
+        # Pillow 13 maps an uncompressed TIFF's pixels from the file at the size its EXIF rotation
+        # swaps, then rotates them: scrambled. Read from memory, they decode right.
+        image.close()
+        image = Image.open(io.BytesIO(Path(path).read_bytes()))
+    return image
 
 
 def unreadable_reason(exc: BaseException, path: str | Path) -> str:

@@ -304,3 +304,19 @@ def test_16_bit_colour_pngs_keep_the_high_byte_and_their_alpha_goes_on_white(tmp
     gray_alpha = np.array([[[0, 0], [25700, 65535]]], np.uint16)
     _png16(tmp_path / "la16.png", gray_alpha, 4)
     assert np.asarray(load_image(tmp_path / "la16.png", 1 << 20)).tolist() == [[[255, 255, 255], [100, 100, 100]]]
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "I;16", "I", "F", "RGBA", "CMYK"])
+@pytest.mark.parametrize("orientation", [5, 6, 7, 8])
+@pytest.mark.parametrize("compression", [None, "tiff_lzw"])
+def test_a_rotated_tiff_is_shown_rotated_whatever_its_mode_and_compression(tmp_path, mode, orientation, compression):
+    # Pillow 13 maps an uncompressed single-strip TIFF's pixels at the displayed (swapped) size
+    # before rotating them, scrambling every mode it can map: the file must not be mapped.
+    source = _source(mode)
+    path = tmp_path / "r.tiff"
+    source.save(path, tiffinfo={0x0112: orientation}, compression=compression)
+    method = {5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}[orientation]
+    want = reference(source)
+    want = np.asarray(Image.fromarray(np.clip(want + 0.5, 0, 255).astype(np.uint8)).transpose(method)).astype(np.float64)
+    _close(np.asarray(load_image(path, 1 << 20)), want, mode)
