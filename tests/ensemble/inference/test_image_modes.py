@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ensemble.inference.decode import decode_image, load_image, to_rgb
+from ensemble.formats.image import to_rgb
+from ensemble.inference.decode import decode_image, load_image
 from ensemble.inference.tta import Geometry
 
 #: Every mode Pillow 13 has (``Image.MODES``).
