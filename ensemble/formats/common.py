@@ -47,6 +47,16 @@ def _not_regular(mode: int, label: str) -> EnsError | None:
     return EnsError(f"{label}: {_FILE_KINDS.get(stat.S_IFMT(mode), 'not a file')}, not a regular file")
 
 
+def check_regular(path: str | os.PathLike, label: str | None = None) -> None:
+    """Nothing when ``path`` is a regular file (or a link to one); an :class:`EnsError`
+    (``<label>: a named pipe (FIFO), not a regular file``) when it is a folder, FIFO, device or
+    socket, for a reader that opens the path itself (``np.load``) and must not wait on a FIFO
+    forever. A missing path raises the :class:`OSError` for the caller to word."""
+    problem = _not_regular(os.stat(path).st_mode, str(path) if label is None else label)
+    if problem is not None:
+        raise problem
+
+
 def read_regular(path: str | os.PathLike, label: str | None = None) -> bytes:
     """The bytes of the regular file at ``path``. A folder, named pipe (FIFO), device or socket
     is an :class:`EnsError` (``<label>: a named pipe (FIFO), not a regular file``) and is never
@@ -55,9 +65,7 @@ def read_regular(path: str | os.PathLike, label: str | None = None) -> bytes:
     have been swapped in between). Other failures (missing, no permission) raise the
     :class:`OSError` for the caller to word."""
     label = str(path) if label is None else label
-    problem = _not_regular(os.stat(path).st_mode, label)
-    if problem is not None:
-        raise problem
+    check_regular(path, label)
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     with open(fd, "rb") as file:  # O_NONBLOCK changes nothing for a regular file
         problem = _not_regular(os.fstat(fd).st_mode, label)
@@ -100,6 +108,8 @@ def parse_json(text: str | bytes, label: str, *, problem: str = "not JSON", hint
         why = exc
     except RecursionError:  # deeper than the C parser follows: deeper than the limit too
         why = f"nested deeper than {MAX_JSON_DEPTH} levels"
+    except ValueError as exc:  # a number of more digits than Python parses (sys.get_int_max_str_digits)
+        why = first_line(exc)
     else:
         if not _nesting_deeper(value, MAX_JSON_DEPTH):
             return value

@@ -93,7 +93,7 @@ except ImportError:  # Windows
 
 from ensemble.errors import EnsError
 from ensemble.fileio import atomic_path, write_json_atomic
-from ensemble.formats.common import is_count, is_finite, is_int, is_names, is_number, read_json
+from ensemble.formats.common import check_regular, is_count, is_finite, is_int, is_names, is_number, read_json
 from ensemble.formats.dataset import check_store_name, split_name
 
 FORMAT_VERSION = 1
@@ -556,6 +556,8 @@ def read_store(path: str | os.PathLike) -> LogitStore:
     manifest = StoreManifest.read(path)
     arrays = manifest.arrays
     try:
+        for name in (LOGITS, IDS, *((VIEWS,) if arrays.keep_views else ()), *((BOXES,) if arrays.boxes else ())):
+            check_regular(path / name)  # a FIFO would block np.load forever
         logits = np.load(path / LOGITS, mmap_mode="r")
         ids = np.load(path / IDS, mmap_mode="r")
         views = np.load(path / VIEWS, mmap_mode="r") if arrays.keep_views else None

@@ -264,3 +264,29 @@ def test_a_deeply_nested_reply_from_kaggle_is_one_line():
     error = OSError("refused")
     error.response = Response()
     assert _reason(error) == "Kaggle answered 500 to CreateSubmission: Internal Server Error"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_fifo_in_place_of_a_store_array_is_one_line(tmp_path):
+    data = make_inat(tmp_path / "inat", n_val=4, n_test=1)
+    model = tiny_onnx(tmp_path / "tiny.onnx")
+    runs = tmp_path / "runs"
+    ok(ens("infer", model, "--data", data, "--split", "val", "--workers", "0", "--out", runs))
+    logits = runs / "tiny" / "val" / "logits.npy"
+    logits.unlink()
+    os.mkfifo(logits)
+    done = threading.Event()
+
+    def guard():  # should a reader open it for a blocking read: fail the test, do not hang
+        if not done.wait(10):
+            fd = os.open(logits, os.O_WRONLY | os.O_NONBLOCK)
+            os.close(fd)
+
+    thread = threading.Thread(target=lambda: _quietly(guard), daemon=True)
+    thread.start()
+    try:
+        one_line_error(ens("blend", "--optimize", "val", "--runs", runs, "--out", tmp_path / "b"),
+                       f"{logits}: a named pipe (FIFO), not a regular file")
+    finally:
+        done.set()
+        thread.join()
