@@ -30,6 +30,7 @@ from ensemble.demo.data import Competition, DemoSpec, make_competition
 from ensemble.demo.train import Recipe, train_all
 from ensemble.errors import EnsError
 from ensemble.formats.blend import BlendRecord
+from ensemble.formats.common import read_json
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def _competition(workdir: Path, spec: DemoSpec) -> tuple[Competition, bool]:
     wanted = json.dumps(asdict(spec), sort_keys=True)
     answers = workdir / "data_answers.csv"
     if marker.is_file() and marker.read_text() == wanted and answers.is_file():
-        counts = {s: len(json.loads((root / f"{s}2019.json").read_text())["images"]) for s in ("train", "val", "test")}
+        counts = {s: len(read_json(root / f"{s}2019.json")["images"]) for s in ("train", "val", "test")}
         return Competition(root=root, answers=answers, counts=counts), False
     marker.unlink(missing_ok=True)
     competition = make_competition(root, spec)

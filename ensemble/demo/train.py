@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ensemble.fileio import atomic_path
+from ensemble.formats.common import read_json
 from ensemble.formats.model import IMAGENET_MEAN, IMAGENET_STD
 
 #: How the demo saves each checkpoint, as users do.
@@ -57,7 +58,7 @@ def load_images(data: Path, split: str, size: int) -> tuple[np.ndarray, np.ndarr
 
     Columns follow the categories sorted by id, as `ens export --classes FILE.json` maps them.
     """
-    doc = json.loads((data / f"{split}2019.json").read_text())
+    doc = read_json(data / f"{split}2019.json")
     categories = sorted(c["id"] for c in doc["categories"])
     column = {c: j for j, c in enumerate(categories)}
     label = {a["image_id"]: column[a["category_id"]] for a in doc["annotations"]}
