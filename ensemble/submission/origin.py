@@ -68,12 +68,12 @@ def check_test_set(csv: Path, ids: np.ndarray, test_json: Path) -> TestSetCheck:
         dataset = store.manifest.dataset
         if not isinstance(dataset.sha256, str):
             return TestSetCheck(sha256, UNVERIFIED, f"{csv}: not checked to be predictions of {test_json} "
-                                                    f"({store.path} records no dataset sha256); written anyway and "
+                                                    f"({_shown(store.path)} records no dataset sha256); written anyway and "
                                                     "recorded in the ledger as unverified")
         if dataset.sha256 != sha256:
-            source = _printable(str(dataset.source))
+            source = _shown(Path(str(dataset.source)))
             raise EnsError(f"{csv}: made from {source} (sha256 {dataset.sha256[:12]}..., the json of its store "
-                           f"{store.path}), not from --data's {test_json} "
+                           f"{_shown(store.path)}), not from --data's {test_json} "
                            f"(sha256 {sha256[:12]}...): the same ids may name other images; give --data the "
                            f"folder of the json the predictions were made from, or run `ens infer` on "
                            f"{test_json} and `ens blend` again")
@@ -97,8 +97,8 @@ def _trace(csv: Path, ids: np.ndarray) -> tuple[list[LogitStore] | None, str]:
         stores: list[LogitStore] = []
         for model, digest in wanted.items():
             path = runs / model / split
-            if not (path / MANIFEST).is_file():
-                problems.append(f"no store at {path}")
+            if not _is_file(path / MANIFEST):
+                problems.append(f"no store at {_shown(path)}")
                 break
             try:
                 store = read_store(path)
@@ -107,16 +107,17 @@ def _trace(csv: Path, ids: np.ndarray) -> tuple[list[LogitStore] | None, str]:
                 problems.append(str(exc))
                 break
             except OSError as exc:
-                problems.append(f"{path}: unreadable ({exc.strerror or exc})")
+                problems.append(f"{_shown(path)}: unreadable ({exc.strerror or exc})")
                 break
             if not same:
                 changed = True
-                problems.append(f"{path} changed since the blend applied it (its sha256 differs)")
+                problems.append(f"{_shown(path)} changed since the blend applied it (its sha256 differs)")
                 break
             stores.append(store)
         else:
             if not np.array_equal(np.sort(np.asarray(stores[0].ids)), ids):
-                problems.append(f"its image ids are not those of the stores under {runs} that {blend_json} applied")
+                problems.append(f"the predictions' image ids are not those of the stores under {_shown(runs)} "
+                                f"that {blend_json} applied")
                 continue
             return stores, ""
     why = f"the stores {blend_json} applied are not found: {'; '.join(problems)}"
@@ -145,15 +146,32 @@ def _applied(doc: Any) -> tuple[str, Mapping[str, str]] | None:
 
 def _candidates(blend_dir: Path, doc: Any) -> list[Path]:
     """The folders the stores may be under, first match wins, each once (see the module docstring)."""
-    found: list[Path] = []
     recorded = doc.get("runs") if isinstance(doc, dict) else None
-    for folder in ([Path(recorded)] if isinstance(recorded, str) and recorded else []) + [
-            blend_dir.resolve().parent.parent / RUNS, Path(RUNS)]:
-        if folder.resolve() not in (f.resolve() for f in found):
-            found.append(folder)
-    return found
+    folders = [Path(recorded)] if isinstance(recorded, str) and recorded else []
+    found: dict[Any, Path] = {}
+    for folder in folders + [blend_dir.resolve().parent.parent / RUNS, Path(RUNS)]:
+        try:
+            key: Any = folder.resolve()
+        except (OSError, ValueError, RuntimeError):  # a hand-edited name the OS cannot take
+            key = str(folder)
+        found.setdefault(key, folder)
+    return list(found.values())
+
+
+def _is_file(path: Path) -> bool:
+    """Whether ``path`` is a file; ``False`` for a name the OS cannot take (too long, a NUL)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _printable(text: str) -> str:
     """``text`` from a file, its control characters escaped: it is echoed on one line."""
     return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
+def _shown(path: Path, width: int = 160) -> str:
+    """``path`` as a message shows it: printable, and cut in the middle past ``width`` characters."""
+    text = _printable(str(path))
+    return text if len(text) <= width else text[:width // 2 - 2] + "..." + text[-(width // 2 - 1):]

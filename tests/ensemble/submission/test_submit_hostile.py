@@ -115,6 +115,16 @@ def test_stores_gone_or_changed_since_the_blend_leave_it_unverified(work):
     assert Ledger("submissions").entries()[-1].test_check == "unverified"
 
 
+def test_predictions_edited_since_the_blend_are_unverified(work):
+    csv = work / "blends" / "b" / "predictions.csv"
+    lines = csv.read_text().splitlines()
+    csv.write_text("\n".join(lines[:-1]) + "\n")  # one image less than the stores
+    result = ok(ens("submit", "blends/b", "--data", "data", "--dry-run", "--missing", "prior"))
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "image ids are not those of the stores" in warnings[0], result.stderr
+    assert Ledger("submissions").entries()[0].test_check == "unverified"
+
+
 def test_a_blend_json_without_an_applied_split_is_unverified(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     make_data(tmp_path / "data")
@@ -122,6 +132,19 @@ def test_a_blend_json_without_an_applied_split_is_unverified(tmp_path, monkeypat
     result = submit("blends/x", "data", SubmitOptions())
     assert result.entry.test_check == "unverified"
     assert any("apply" in note for note in result.notes), result.notes
+
+
+@pytest.mark.parametrize("runs", ["a\u0000b", "x" * 5000, "/dev/null"])
+def test_a_hand_edited_runs_folder_is_only_a_place_not_found(runs, tmp_path, monkeypatch):
+    """blend.json's runs is text from a file: a name the OS cannot take is a folder without the stores."""
+    monkeypatch.chdir(tmp_path)
+    make_data(tmp_path / "data")
+    blend = dict(BLEND, apply={"split": "test", "rows": 6, "stores": {"resnet50": "ab" * 32}}, runs=runs)
+    make_blend(tmp_path / "blends" / "x", blend=blend)
+    result = ok(ens("submit", "blends/x", "--data", "data", "--dry-run"))
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "not found" in warnings[0] and "\x00" not in warnings[0], result.stderr
+    assert Ledger("submissions").entries()[0].test_check == "unverified"
 
 
 # --------------------------------------------------------------- item 5: the layout names the format
