@@ -243,3 +243,11 @@ def test_classes_from_coco_categories_are_sorted_as_the_ids_they_are(tmp_path):
         classes.load_class_ids(coco, 2)
     assert str(info.value) == (f"--classes {coco}: the categories mix integer and string ids (2 and 'b'), which "
                                "have no order; give a JSON list of the ids in the model's output order")
+
+
+def test_an_image_id_of_more_digits_than_python_parses_is_one_line(tmp_path):
+    path = tmp_path / "test2019.json"
+    path.write_text('{"images": [{"id": 1' + "0" * 5000 + ', "file_name": "a.jpg"}]}')
+    with pytest.raises(EnsError) as info:
+        load_split(path)
+    assert str(info.value).startswith(f"{path}: not a JSON file (Exceeds the limit (4300 digits) for integer string")
