@@ -4,9 +4,10 @@ Inputs, each checked before use:
 
 - ``BLEND_DIR/blend.json`` (:meth:`ensemble.formats.blend.BlendRecord.read` and
   :meth:`~ensemble.formats.blend.BlendRecord.check_fitted`);
-- the logit stores of the fitted split, found under ``runs/`` beside the blend's ``blends/``
-  folder (the layout `ens blend` writes: ``<work>/blends/<name>`` and ``<work>/runs``), else
-  under ``./runs``; a store is used only when its sha256 is the one blend.json records for it;
+- the logit stores of the fitted split, found in the folder blend.json records (``runs``: the
+  ``--runs`` `ens blend` read), else under ``runs/`` beside the blend's ``blends/`` folder (the
+  layout `ens blend` writes: ``<work>/blends/<name>`` and ``<work>/runs``), else under
+  ``./runs``; a store is used only when its sha256 is the one blend.json records for it;
 - the labels of the fitted split: ``--data DIR``'s split file, else the file blend.json names
   (relative to the work folder, then as given);
 - the training class counts: blend.json's prior, else ``train2019.json`` (any iNat layout) under
@@ -151,27 +152,41 @@ def _candidates(blend_dir: Path, name: str) -> list[Path]:
     return found
 
 
+def _runs_candidates(record: BlendRecord, blend_dir: Path) -> list[Path]:
+    """Where the stores may be: the folder blend.json records (its ``runs``: the ``--runs`` of
+    `ens blend`), then ``<work>/runs`` and ``./runs``; each folder once."""
+    found, seen = [], set()
+    for runs in ([Path(record.runs)] if record.runs else []) + _candidates(blend_dir, "runs"):
+        if runs.resolve() not in seen:
+            seen.add(runs.resolve())
+            found.append(runs)
+    return found
+
+
 def open_stores(blend_json: Path, record: BlendRecord, blend_dir: Path) -> tuple[Path, list[LogitStore]]:
-    """The fitted split's store of every model, the very ones blend.json records (by sha256)."""
+    """The fitted split's store of every model, the very ones blend.json records (by sha256),
+    looked for where blend.json records them, then beside the blend's ``blends/`` folder and
+    under ``./runs``."""
     split, wanted = record.optimize.split, record.optimize.stores
     views = record.views
     problems = []
-    for runs in _candidates(blend_dir, "runs"):
+    for runs in _runs_candidates(record, blend_dir):
+        where = " (the folder recorded in blend.json)" if record.runs and runs == Path(record.runs) else ""
         stores = []
         for model in record.models:
             path = runs / model / split
             if not (path / MANIFEST).is_file():
-                problems.append(f"no store at {path}")
+                problems.append(f"no store at {path}{where}")
                 break
             store = read_store(path)
             if store_digest(store, views) != wanted.get(model):
-                problems.append(f"{path} is not the store the blend was fitted on (its sha256 differs)")
+                problems.append(f"{path}{where} is not the store the blend was fitted on (its sha256 differs)")
                 break
             stores.append(store)
         else:
             return runs, stores
     raise EnsError(f"{blend_json}: the {split} stores it was fitted on are not found ({'; '.join(problems)}); "
-                   "run `ens report` from the folder that holds runs/")
+                   "run `ens report` from the folder that holds them as runs/ (the stores `ens blend` read)")
 
 
 def find_labels(blend_json: Path, record: BlendRecord, blend_dir: Path, data: Path | None) -> Path:

@@ -271,11 +271,17 @@ def test_bad_inputs_are_one_line_and_write_nothing(work, tmp_path):
     # The blend folder without the runs beside it, run from a folder without runs/.
     lone = tmp_path / "lone" / "blends" / "full"
     shutil.copytree(work.full, lone)
+    record = json.loads((lone / "blend.json").read_text())
+    record["runs"] = str(tmp_path / "gone")  # and the folder blend.json records is gone (issue 23 item 18)
+    (lone / "blend.json").write_text(json.dumps(record))
     one_line_error(ens("report", lone, "-o", out), f"{lone / 'blend.json'}: the val stores it was fitted on are not found",
-                   "no store at")
+                   f"no store at {tmp_path / 'gone' / 'm0' / 'val'} (the folder recorded in blend.json)")
 
     # A store changed since the blend was fitted.
     blend = copy_work(work, tmp_path / "w")
+    record = json.loads((blend / "blend.json").read_text())
+    del record["runs"]  # a record that names no folder: <work>/runs is the one looked in
+    (blend / "blend.json").write_text(json.dumps(record))
     logits = tmp_path / "w" / "runs" / "m1" / "val" / "logits.npy"
     np.save(logits, np.load(logits)[::-1].copy())
     one_line_error(ens("report", blend, "-o", out), "is not the store the blend was fitted on")

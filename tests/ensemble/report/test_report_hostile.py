@@ -230,3 +230,34 @@ def test_a_blend_of_dollar_named_models_is_reported(work, tmp_path):
     for name in (UNPARSABLE, PARSABLE):
         assert texts.count(name) >= 3, (name, texts)  # weights, reliability, heatmaps
     assert "wrote" in result.output
+
+
+# Item 18: the stores are where blend.json records them.
+
+def test_a_blend_made_with_runs_elsewhere_is_reported_from_anywhere(work, tmp_path):
+    stores = Path(shutil.copytree(work.runs, tmp_path / "elsewhere" / "stores"))
+    blend = tmp_path / "work" / "blends" / "b"
+    ok(ens("blend", "--runs", stores, "--optimize", "val", "--cv", 3, "--data", work.data, "--out", blend))
+    result = ok(ens("report", blend))  # from tmp_path: neither ./runs nor <work>/runs exists
+    page = (blend / "report.html").read_text(encoding="utf-8")
+    assert f"stores under {html.escape(str(stores.resolve()))}" in page, result.output
+    # Gone from there: the line names the folder blend.json records, and the others looked in.
+    stores.rename(tmp_path / "elsewhere" / "moved")
+    from tests.ensemble.conftest import one_line_error
+
+    one_line_error(ens("report", blend), f"no store at {stores / 'm0' / 'val'}", "recorded in blend.json",
+                   str(tmp_path / "work" / "runs"))
+
+
+def test_stores_blend_json_records_but_changed_are_passed_over_for_the_work_folders(work, tmp_path):
+    blend = copy_work(work, tmp_path / "w")  # w/runs and w/blends/full, as `ens blend` lays them out
+    record = (blend / "blend.json").read_text()
+    other = Path(shutil.copytree(work.runs, tmp_path / "other"))
+    (other / "m0" / "val" / "logits.npy").write_bytes((other / "m1" / "val" / "logits.npy").read_bytes())
+    import json
+
+    doc = json.loads(record)
+    doc["runs"] = str(other.resolve())
+    (blend / "blend.json").write_text(json.dumps(doc))
+    report = build_report(blend)
+    assert report.runs.resolve() == (tmp_path / "w" / "runs").resolve()
