@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 import weights_search as ws
-from ensemble.errors import EnsError
+from ensemble.errors import EnsError, printable
 from ensemble.fileio import sha256_file
 from ensemble.formats.blend import BLEND_FILE, CHUNK_ROWS, BlendRecord, member_arrays, prior_counts, store_digest
 from ensemble.formats.common import read_json
@@ -106,25 +106,6 @@ class ReportData:
     ledger_points: tuple[LedgerPoint, ...]
     notes: tuple[str, ...] = field(default_factory=tuple)
     missing: Mapping[str, str] = field(default_factory=dict)
-
-
-def printable(value: Any) -> str:
-    """``str(value)`` as text a page or a terminal can hold, every character of it shown: a file
-    name that is not UTF-8 (Python holds its bytes as lone surrogates) keeps those bytes as
-    ``\\xNN``, and control characters (a newline in a file name) are written ``\\xNN`` too."""
-    text = str(value)
-    if text.isprintable():
-        return text
-    out = []
-    for char in text:
-        code = ord(char)
-        if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, as os.fsdecode keeps it
-            out.append(f"\\x{code - 0xDC00:02x}")
-        elif 0xD800 <= code <= 0xDFFF or code < 0x20 or 0x7F <= code < 0xA0:
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
-        else:
-            out.append(char)
-    return "".join(out)
 
 
 def read_blend_record(blend_dir: Path) -> tuple[Path, BlendRecord]:

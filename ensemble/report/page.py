@@ -18,10 +18,11 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from ensemble import __version__
+from ensemble.errors import printable
 from ensemble.fileio import sha256_file
 from ensemble.formats.blend import BlendRecord
 from ensemble.report import plots
-from ensemble.report.build import ReportData, printable
+from ensemble.report.build import ReportData
 from ensemble.report.images import UnreadableImage, thumbnail
 from weights_search import calibration as cal
 
@@ -62,8 +63,8 @@ _USED = ' class="used"'
 
 
 def _e(value: Any) -> str:
-    """``value`` as HTML text: escaped, and shown whole (:func:`~ensemble.report.build.printable`)."""
-    return html.escape(printable(value), quote=True)
+    """``value`` as HTML text: escaped, and shown whole (:func:`~ensemble.errors.printable`)."""
+    return html.escape(printable(str(value)), quote=True)
 
 
 def _exact(value: float | None) -> str:

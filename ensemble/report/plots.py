@@ -3,7 +3,7 @@
 matplotlib is imported here only (the ``report`` extra), through its object-oriented
 ``Figure`` (no pyplot: no global figure state, no GUI backend). Names are drawn as written, never
 as mathtext (``text.parse_math`` off), and a name that is not UTF-8 with its bytes as ``\\xNN``
-(:func:`~ensemble.report.build.printable`). Text stays text in the SVG
+(:func:`~ensemble.errors.printable`). Text stays text in the SVG
 (``svg.fonttype = none``): the page's own sans-serif draws it, so nothing is embedded or fetched
 and the figures stay small. Each function takes plain numbers and returns one ``<svg>`` element
 whose ``data-values`` attribute holds, as JSON (NaN as null), the very numbers it draws: a reader
@@ -22,8 +22,8 @@ import numpy as np
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 
+from ensemble.errors import printable
 from ensemble.formats.blend import CvRow
-from ensemble.report.build import printable
 from weights_search.calibration import Reliability
 
 #: Colours of the predictors, in order (matplotlib's tab10), and of the blend.
