@@ -223,9 +223,11 @@ def test_stores_made_differently_are_never_blended(work, tmp_path):
     ok(ens("infer", work.onnx[1], *infer_args, "--tta", "flip", "--merge", "gmean", "--out", runs))
     one_line_error(ens(*fit, "--runs", runs), "m1: its test store was made with TTA merge gmean, the val store "
                                               "with mean-logits")
-    # The same file name, other weights: a re-export between the two runs.
+    # The same file name, other weights: a re-export between the two runs. (Its test store is
+    # deleted first, as `ens infer` asks: it never replaces a store another model file made.)
     runs = copy_runs(work, tmp_path / "reexport")
     again = tiny_onnx(tmp_path / "reexport" / "m2.onnx", seed=11, class_ids=PERM)
+    shutil.rmtree(runs / "m2" / "test")
     ok(ens("infer", again, *infer_args, "--tta", "flip", "--out", runs))
     one_line_error(ens(*fit, "--runs", runs), "m2: its test store was made with model file sha256 ",
                    "the val store with ")
