@@ -655,8 +655,13 @@ class StoreWriter:
             os.close(fd)
             raise EnsError(f"{self.path}: in use by another ens infer (pid {holder}); wait for it to end, "
                            "or write to another --out") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        try:
+            with _naming(self.path / LOCK):
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
+        except OSError:
+            os.close(fd)
+            raise
         self._lock = fd
 
     def release(self) -> None:

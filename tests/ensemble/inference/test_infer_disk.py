@@ -123,3 +123,12 @@ def test_a_full_shared_memory_is_one_line_not_a_broken_pool(work):
     assert len(lines) == 1, result.stderr
     assert "shared memory /dev/shm/ens-" in lines[0] and "No space left on device" in lines[0], lines[0]
     assert "--shm-size" in lines[0] and "--workers 0" in lines[0], lines[0]
+
+
+def test_a_disk_full_from_the_start_names_the_store_folder(work):
+    if shutil.which("unshare") is None or _tmpfs_sh(work, "100k", "true").returncode != 0:
+        pytest.skip("no unprivileged tmpfs mount here (unshare --user --mount)")
+    result = _tmpfs_sh(work, "100k", f"head -c 102400 /dev/zero > full/filler 2>/dev/null; {sys.executable} -m "
+                                     "ensemble infer tiny.onnx --data inat --workers 0 --out full/runs")
+    line = _error(result)
+    assert "full/runs/tiny/val/" in line and "No space left on device" in line and "the disk is full" in line, line
