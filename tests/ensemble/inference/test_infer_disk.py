@@ -68,6 +68,7 @@ def test_a_file_size_limit_on_the_shared_memory_is_one_line_without_the_trackers
     assert "ulimit -f" in line and "--batch-size" in line, line
 
 
+@pytest.mark.slow  # two runs in subprocesses
 def test_a_file_size_limit_on_a_store_names_the_file_and_the_rerun_finishes(work):
     args = ("infer", "big.onnx", "--data", "inat", "--split", "val", "--workers", 0, "--batch-size", 2,
             "--chunk-size", 2)
