@@ -183,7 +183,7 @@ def test_blend_json_reads_and_writes_back_to_its_bytes(work, tmp_path):
     assert list(again) == [*saved, "applied_from"] and list(saved)[-2:] == ["cv", "apply"]
     assert {k: v for k, v in again.items() if k != "applied_from"} == saved
     record = BlendRecord.read(fitted / "blend.json")
-    assert record.cv.rows[0].name == "m0" and record.provenance["m0"].pixels == 2
+    assert record.cv.rows[0].name == "m0" and record.provenance["m0"].pixels == 3
     assert record.optimize.split == "val" and record.apply.split == "test"
 
 
