@@ -550,6 +550,7 @@ def demo(
     ctx: typer.Context,
     out: Annotated[Path, typer.Option(metavar="DIR", help="Work folder: data, checkpoints, runs, blends, submissions.")] = Path(".demo"),
     quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes and one epoch: the whole path in under a minute, not a meaningful table.")] = False,
+    threads: Annotated[int, typer.Option(metavar="N", help="PyTorch threads training the networks. The table depends on N (same N, same table, whatever the cores or the load), so the README's is for the default.")] = 2,
 ) -> None:
     """Run the whole pipeline on a small competition built from real images.
 
@@ -557,7 +558,7 @@ def demo(
     split, balanced validation and test), trains three architectures briefly on the CPU
     (cached), then runs ens export, ens infer --tta flip,scale, ens blend --optimize val (then
     again with --prior data/train2019.json) and ens submit --dry-run, and scores the CSV
-    against the answers.
+    against the answers. Reproducible: the same --threads prints the same table.
     """
     with _user_errors(ctx):
         try:
@@ -578,7 +579,9 @@ def demo(
             package = {"sklearn": "scikit-learn", "onnxconverter_common": "onnxconverter-common"}.get(missing, missing)
             raise EnsError(f"ens demo needs {package}, which this install lacks: pip install 'ens[demo]'") from None
 
-        settings = DemoSettings.quick() if quick else DemoSettings()
+        if threads < 1:
+            raise EnsError(f"--threads {threads}: want 1 or more")
+        settings = dataclasses.replace(DemoSettings.quick() if quick else DemoSettings(), threads=threads)
         result = run_demo(out, settings, log=_echo)
     _echo("")
     for line in format_table(result, settings.cv):

@@ -2,7 +2,9 @@
 
 1. builds a competition in the exact iNat 2019 layout from scikit-learn's digits (data.py);
 2. trains three torchvision architectures briefly on the CPU and saves their checkpoints the
-   ways users do (train.py; cached, so a second run skips training);
+   ways users do (train.py; cached, so a second run skips training), on a fixed number of
+   PyTorch threads with deterministic algorithms, so that the same seed gives the same table
+   whatever the machine's cores or load;
 3. runs the public commands, each in a subprocess, in the work folder: `ens export` for each
    checkpoint, `ens infer --tta flip,scale` on val and test, `ens blend --optimize val` (which
    notes that data/train2019.json could correct the long-tailed training prior), the same with
@@ -27,7 +29,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ensemble.demo.data import Competition, DemoSpec, make_competition
-from ensemble.demo.train import Recipe, train_all
+from ensemble.demo.train import TRAIN_THREADS, Recipe, train_all
 from ensemble.errors import EnsError
 from ensemble.formats.blend import BlendRecord
 from ensemble.formats.common import read_json
@@ -51,6 +53,9 @@ class DemoSettings:
     ))
     tta: str = "flip,scale"
     cv: int = 5
+    #: PyTorch threads training the networks: the checkpoints, and so the table, depend on this
+    #: number, not on the cores or the load (train.TRAIN_THREADS).
+    threads: int = TRAIN_THREADS
 
     @classmethod
     def quick(cls) -> "DemoSettings":
@@ -129,8 +134,9 @@ def run_demo(workdir: Path = Path(".demo"), settings: DemoSettings = DemoSetting
         f"{competition.counts['val']} val, {competition.counts['test']} test images "
         f"({time.perf_counter() - t:.1f} s)")
 
-    t = _step(log, 2, f"train: {len(settings.recipes)} architectures on the CPU (cached between runs)")
-    trained = train_all(settings.recipes, competition.root, workdir / "checkpoints", log)
+    t = _step(log, 2, f"train: {len(settings.recipes)} architectures on the CPU, {settings.threads} PyTorch "
+                      f"thread{'s' if settings.threads != 1 else ''} (cached between runs)")
+    trained = train_all(settings.recipes, competition.root, workdir / "checkpoints", log, settings.threads)
     for recipe, path, now in trained:
         log(f"  {'trained' if now else 'reused'} {path} ({recipe.save_as}, {recipe.epochs} epochs)")
     log(f"  ({time.perf_counter() - t:.1f} s)")

@@ -4,10 +4,14 @@ This is the one part of the `ensemble` package that needs torch (the demo plays 
 arrives with checkpoints). Checkpoints are saved the ways users save them, and cached: a
 checkpoint whose recipe (architecture, epochs, input size, data fingerprint, ...) is unchanged
 is not trained again.
+
+Training is reproducible: the same recipe and data give the same checkpoint, bit for bit,
+whatever the machine's load or the cores the process may use (:func:`reproducible_torch`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -21,6 +25,13 @@ from PIL import Image
 from ensemble.fileio import atomic_path
 from ensemble.formats.common import read_json
 from ensemble.formats.model import IMAGENET_MEAN, IMAGENET_STD
+
+#: PyTorch threads the demo trains on, on every machine. A convolution's sums split over another
+#: number of threads round differently and training amplifies that: when the count followed the
+#: cores the process may use (fewer under taskset, pytest-xdist's pinning, a container's
+#: limit), two clean runs gave resnet18 CV top-1 0.612 and 0.640. Two: the development
+#: machine's cores, where the demo's timings were measured.
+TRAIN_THREADS = 2
 
 #: How the demo saves each checkpoint, as users do.
 SAVE_FORMS = {
@@ -68,11 +79,12 @@ def load_images(data: Path, split: str, size: int) -> tuple[np.ndarray, np.ndarr
     return images, labels, categories
 
 
-def fingerprint(recipe: Recipe, data_key: str) -> str:
+def fingerprint(recipe: Recipe, data_key: str, threads: int = TRAIN_THREADS) -> str:
+    """What a cached checkpoint was trained from: another thread count trains another one."""
     import torch
     import torchvision
 
-    text = json.dumps({"recipe": asdict(recipe), "data": data_key, "torch": torch.__version__,
+    text = json.dumps({"recipe": asdict(recipe), "data": data_key, "threads": threads, "torch": torch.__version__,
                        "torchvision": torchvision.__version__}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -173,18 +185,50 @@ def save(model, recipe: Recipe, path: Path) -> None:
         torch.save(payload, tmp)
 
 
-def train_all(recipes: Sequence[Recipe], data: Path, folder: Path, log=print) -> list[tuple[Recipe, Path, bool]]:
-    """Train (or reuse) every recipe; returns ``(recipe, checkpoint, trained now)``."""
+@contextlib.contextmanager
+def reproducible_torch(threads: int = TRAIN_THREADS):
+    """PyTorch set to give the same numbers on every run, for the ``with`` block; the caller's
+    settings come back after it (the demo trains inside `ens demo`, and inside tests).
+
+    ``threads`` intra-op threads, not the cores this process may use: results depend on the
+    thread count, not on the cores or the load (a fixed count on fewer cores is only slower).
+    Deterministic algorithms (torch's and oneDNN's) where an operation has several. The same
+    instruction set is assumed: oneDNN and MKL choose their kernels by CPU (AVX2, AVX-512), so
+    another CPU may give other digits.
+    """
     import torch
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if threads < 1:
+        raise ValueError(f"threads {threads}: want 1 or more")
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.mkldnn.deterministic)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.mkldnn.deterministic = True
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
+        torch.backends.mkldnn.deterministic = saved[3]
+
+
+def train_all(recipes: Sequence[Recipe], data: Path, folder: Path, log=print,
+              threads: int = TRAIN_THREADS) -> list[tuple[Recipe, Path, bool]]:
+    """Train (or reuse) every recipe on ``threads`` PyTorch threads (:func:`reproducible_torch`);
+    returns ``(recipe, checkpoint, trained now)``."""
+    with reproducible_torch(threads):
+        return _train_all(recipes, data, folder, log, threads)
+
+
+def _train_all(recipes: Sequence[Recipe], data: Path, folder: Path, log, threads: int) -> list[tuple[Recipe, Path, bool]]:
     data_key = hashlib.sha256((data / "train2019.json").read_bytes()).hexdigest()[:16]
     cache: dict[int, tuple[np.ndarray, np.ndarray, list[int]]] = {}
     results = []
     for recipe in recipes:
         path = folder / f"{recipe.arch}.pt"
         stamp = folder / f"{recipe.arch}.recipe"
-        key = fingerprint(recipe, data_key)
+        key = fingerprint(recipe, data_key, threads)
         if path.is_file() and stamp.is_file() and stamp.read_text().strip() == key:
             results.append((recipe, path, False))
             continue
