@@ -19,7 +19,8 @@ from ensemble.blend.stores import BlendSplit, available_models, label_source, op
 from ensemble.errors import EnsError
 from ensemble.fileio import atomic_path, name_max, sha256_file
 from ensemble.formats.blend import (BLEND_FILE, CHUNK_ROWS, FORMAT_VERSION, BlendRecord, CvTable, ModelProvenance,
-                                    PriorCorrection, SplitStores, prior_counts, store_digest)
+                                    PriorCorrection, SplitStores, is_sha256, prior_counts,
+                                    store_digest)
 from ensemble.formats.common import read_json
 from ensemble.formats.dataset import load_labels, read_class_counts
 from ensemble.formats.predictions import PREDICTIONS_FILE, write_predictions
@@ -114,18 +115,19 @@ def run_blend(options: BlendOptions) -> BlendResult:
                            f"{', '.join(record.members)}")
         if saved is not None and saved.class_ids is not None and tuple(split.class_ids) != saved.class_ids:
             raise EnsError(f"{options.weights}: fitted on other category ids than the {apply} stores have")
-        record = record.applied(None if saved is None else str(options.weights),
-                                SplitStores(split=apply, rows=int(split.ids.size),
-                                            stores={m: store_digest(s, views) for m, s in zip(models, split.stores)}),
-                                runs=runs)
+        applied = SplitStores(split=apply, rows=int(split.ids.size),
+                              stores={m: store_digest(s, views) for m, s in zip(models, split.stores)},
+                              dataset_sha256=_dataset_sha256(split))
     # Both files appear together or not at all: each is written beside its final name and only
     # renamed into place (predictions first) once both are complete.
     predictions, rows = (out / PREDICTIONS_FILE if split is not None else None), 0
     with contextlib.ExitStack() as stack:
         blend_tmp = stack.enter_context(atomic_path(out / BLEND_FILE))
         if split is not None:
-            rows = _write_predictions(stack.enter_context(atomic_path(predictions)), split, arrays, blend,
-                                      options.top_k)
+            predictions_tmp = stack.enter_context(atomic_path(predictions))
+            rows = _write_predictions(predictions_tmp, split, arrays, blend, options.top_k)
+            applied = dataclasses.replace(applied, predictions_sha256=sha256_file(predictions_tmp))
+            record = record.applied(None if saved is None else str(options.weights), applied, runs=runs)
         record.write(blend_tmp)
     if earlier is not None:
         # Predictions of an earlier blend beside the new blend.json would be submitted as its own.
@@ -133,6 +135,26 @@ def run_blend(options: BlendOptions) -> BlendResult:
         notes.append(f"removed {out / PREDICTIONS_FILE}: it held an earlier blend's predictions (of {earlier}), "
                      "and this run applied nothing")
     return BlendResult(out=out, record=record, predictions=predictions, rows=rows, notes=tuple(notes))
+
+
+def _dataset_sha256(split: BlendSplit) -> str | None:
+    """The sha256 of the applied split's source (json or folder) as its stores' manifests record
+    it (``dataset.sha256``): every model's store must name the same, or the models saw different
+    images under the same ids; None where the stores record none."""
+    first_model, first = split.models[0], split.stores[0].manifest.dataset.sha256
+    for model, store in zip(split.models[1:], split.stores[1:]):
+        sha = store.manifest.dataset.sha256
+        if sha != first:
+            raise EnsError(f"{split.name}: the stores of {first_model} and {model} were made from different "
+                           f"{split.name} sources (dataset sha256 {_short(first)} and {_short(sha)} in their "
+                           f"{MANIFEST}); run `ens infer` on the same {split.name} split for both")
+    return first if is_sha256(first) else None
+
+
+def _short(sha: Any) -> str:
+    if not isinstance(sha, str):
+        return "none"
+    return sha[:12] + ("..." if len(sha) > 12 else "")
 
 
 def _earlier_predictions(out: Path) -> str | None:

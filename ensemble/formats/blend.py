@@ -25,7 +25,11 @@ Keys, in the order `ens blend` writes them::
                         chosen, beats_uniform, rows ({name, kind, top1, top1_low, top1_high,
                         topk, nll, prior})
     applied_from        the blend.json a re-applied blend came from (`ens blend --weights`)
-    apply               the applied split, as optimize
+    apply               the applied split, as optimize, and two keys more (absent in older
+                        records: None): dataset_sha256, the sha256 of the split's source (the
+                        applied stores' manifest dataset.sha256, the same in every model's
+                        store), and predictions_sha256, the sha256 of the predictions.csv this
+                        blend wrote beside it
 
 :class:`BlendRecord` is the record, read with every check of an applicable blend
 (:meth:`BlendRecord.read`) and written back to the same bytes; :meth:`BlendRecord.check_fitted`
@@ -238,21 +242,36 @@ class ModelProvenance(_Json):
 @dataclass(frozen=True)
 class SplitStores(_Json):
     """A split the blend was fitted on (``optimize``) or applied to (``apply``): its name, its
-    rows and the sha256 of each model's store arrays (:func:`store_digest`)."""
+    rows and the sha256 of each model's store arrays (:func:`store_digest`). An applied split
+    also records ``dataset_sha256``, the sha256 of the split's source that its stores' manifests
+    record (``dataset.sha256``), and ``predictions_sha256``, the sha256 of the predictions.csv
+    written from it; None in older records, and where the value is not a sha256 (a hand edit,
+    kept as it was)."""
 
     split: str
     rows: int
     stores: Mapping[str, str]
+    dataset_sha256: str | None = None
+    predictions_sha256: str | None = None
     json_keys: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
     kept: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"dataset_sha256", "predictions_sha256"})
 
     @classmethod
     def _from_json(cls, doc: Any) -> "SplitStores | None":
         if not (isinstance(doc, dict) and isinstance(doc.get("split"), str) and is_int(doc.get("rows"))
                 and isinstance(doc.get("stores"), dict)):
             return None
-        typed, kept = _split(doc, {"split": _any, "rows": _any, "stores": _any})
+        typed, kept = _split(doc, {"split": _any, "rows": _any, "stores": _any,
+                                   "dataset_sha256": _when(is_sha256), "predictions_sha256": _when(is_sha256)})
         return cls(**typed, json_keys=tuple(doc), kept=kept)
+
+
+def is_sha256(value: Any) -> bool:
+    """A sha256 as ens writes it: 64 lower-case hex digits."""
+    return (isinstance(value, str) and len(value) == 64
+            and all(c in "0123456789abcdef" for c in value))
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,9 @@ def test_optimize_val_applies_test_and_reports_cv(work, tmp_path):
     assert record["stores"] == {m: store_sha256(work.runs / m / "val") for m in MODELS}
     assert record["optimize"] == {"split": "val", "rows": len(VAL_IDS), "stores": record["stores"]}
     assert record["apply"] == {"split": "test", "rows": len(TEST_IDS),
-                               "stores": {m: store_sha256(work.runs / m / "test") for m in MODELS}}
+                               "stores": {m: store_sha256(work.runs / m / "test") for m in MODELS},
+                               "dataset_sha256": hashlib.sha256((work.data / "test2019.json").read_bytes()).hexdigest(),
+                               "predictions_sha256": hashlib.sha256((out / "predictions.csv").read_bytes()).hexdigest()}
     cv = record["cv"]
     assert (cv["folds"], cv["top_k"], cv["temperature"], cv["chosen"]) == (5, 3, False, "nll")
     assert [(r["name"], r["kind"]) for r in cv["rows"]] == [

@@ -227,3 +227,41 @@ def test_a_runs_that_is_not_an_absolute_path_of_printable_text_reads_as_none(wor
     result = ens("blend", "--weights", fitted / "blend.json", "--out", tmp_path / "applied")
     one_line_error(result, f"{Path('runs') / 'm0' / 'test'}: no logit store")
     assert str(runs) not in result.output
+
+
+# ------------------- blend.json's apply records the applied split's dataset and its predictions
+
+def test_apply_records_the_dataset_and_the_predictions_sha256(work, tmp_path):
+    import hashlib
+
+    out = tmp_path / "fit"
+    doc = fit(work, out)
+    manifest = json.loads((work.runs / "m0" / "test" / "manifest.json").read_text())
+    assert doc["apply"]["dataset_sha256"] == manifest["dataset"]["sha256"]
+    assert len(doc["apply"]["dataset_sha256"]) == 64
+    assert doc["apply"]["predictions_sha256"] == hashlib.sha256((out / "predictions.csv").read_bytes()).hexdigest()
+    record = BlendRecord.read(out / "blend.json")
+    assert record.apply.dataset_sha256 == doc["apply"]["dataset_sha256"]
+    assert record.apply.predictions_sha256 == doc["apply"]["predictions_sha256"]
+    assert record.optimize.dataset_sha256 is None and "dataset_sha256" not in doc["optimize"]
+
+    # An older record without them reads None, and is written back as it was.
+    for key in ("dataset_sha256", "predictions_sha256"):
+        del doc["apply"][key]
+    (tmp_path / "old.json").write_text(json.dumps(doc))
+    old = BlendRecord.read(tmp_path / "old.json")
+    assert old.apply.dataset_sha256 is None and old.apply.predictions_sha256 is None
+    assert old.to_json() == doc
+
+
+def test_stores_of_one_split_made_from_different_sources_are_refused(work, tmp_path):
+    runs = Path(shutil.copytree(work.runs, tmp_path / "runs"))
+    manifest = runs / "m1" / "test" / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    doc["dataset"]["sha256"] = "0" * 64
+    manifest.write_text(json.dumps(doc))
+    out = tmp_path / "fit"
+    result = ens("blend", "--runs", runs, "--optimize", "val", "--data", work.data, "--cv", 2, "--out", out)
+    one_line_error(result, "test: the stores of m0 and m1 were made from different test sources",
+                   "000000000000...")
+    assert not out.exists()
