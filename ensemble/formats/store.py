@@ -392,16 +392,32 @@ def infer_command(model_file: str, split: str, source: str, arguments: Mapping[s
     """The `ens infer` command that runs ``model_file`` on ``split`` (from ``source``, a json or
     a folder) with ``arguments`` (by :data:`INFER_ARGUMENTS` name, in that order), quoted for a
     POSIX shell."""
-    args = ["ens", "infer", model_file]
+    args = ["ens", "infer", _not_an_option(model_file)]
     if split_name(Path(source)) == split:
-        args += ["--index", source]
+        args += ["--index", _not_an_option(source)]
     else:
-        args += ["--data", str(Path(source).parent), "--split", split]
+        args += ["--data", _not_an_option(str(Path(source).parent)), *_option("--split", split)]
     for name in INFER_ARGUMENTS:
         if name in arguments:
             value, flag = arguments[name], "--" + name.replace("_", "-")
-            args += [flag] if value is True else [flag, _argument_text(value)]
+            if value is True:
+                args.append(flag)
+            elif name == "out":
+                args += [flag, _not_an_option(str(value))]
+            else:
+                args += _option(flag, _argument_text(value))
     return shlex.join(args)
+
+
+def _not_an_option(path: str) -> str:
+    """``path`` as an argument that is never read as an option: a relative path starting with
+    ``-`` (``--help/m.onnx``) as ``./--help/m.onnx``, the same file."""
+    return f"./{path}" if path.startswith("-") else path
+
+
+def _option(flag: str, value: str) -> list[str]:
+    """``flag value``; ``flag=value`` for a value starting with ``-`` (a name, a negative number)."""
+    return [f"{flag}={value}"] if value.startswith("-") else [flag, value]
 
 
 def rebuilt_command(folder: Path, manifest: Mapping[str, Any]) -> str | None:
@@ -421,7 +437,12 @@ def rebuilt_command(folder: Path, manifest: Mapping[str, Any]) -> str | None:
     where = Path(os.path.abspath(folder))  # (read_store(".") from inside the store folder)
     if (where.name, where.parent.name) != (split, arguments.get("name", Path(file).stem)):
         return None
-    return infer_command(file, split, source, arguments)
+    # --out is the folder read, wherever the store's runs folder is now (`mv runs runs_old`),
+    # never the recorded one: relative below the current folder, else absolute.
+    out = where.parent.parent
+    with contextlib.suppress(ValueError, OSError):
+        out = out.relative_to(Path.cwd())
+    return infer_command(file, split, source, {**arguments, "out": str(out)})
 
 
 def _check(source: Path, manifest: Mapping[str, Any]) -> None:

@@ -96,8 +96,7 @@ def test_a_field_that_fails_its_check_leaves_the_command_out(interrupted, change
 
 
 @pytest.mark.parametrize("field, value", [("model.file", "x; touch pwned | sh/m.onnx"),
-                                          ("dataset.source", "x; touch pwned | sh/val2019.json"),
-                                          ("arguments.out", "x; touch pwned | sh")])
+                                          ("dataset.source", "x; touch pwned | sh/val2019.json")])
 def test_paths_are_quoted_as_one_argument_each(interrupted, field, value):
     folder, manifest, _, _ = interrupted
     part, key = field.split(".")
@@ -105,6 +104,14 @@ def test_paths_are_quoted_as_one_argument_each(interrupted, field, value):
     command = _finish_line(folder).split("finish it with: ", 1)[1]
     args = shlex.split(command)
     assert value in args and "touch" not in args and "|" not in args and "sh" not in args
+
+
+def test_the_recorded_out_is_not_what_the_command_gives(interrupted):
+    """--out is the runs folder the store was read from; the recorded text is not repeated."""
+    folder, manifest, _, _ = interrupted
+    _tamper(folder, manifest, lambda m: m["arguments"].update(out="x; touch pwned | sh"))
+    args = shlex.split(_finish_line(folder).split("finish it with: ", 1)[1])
+    assert args[args.index("--out") + 1] == str(folder.parent.parent) and "touch" not in " ".join(args)
 
 
 def test_the_command_of_a_store_that_moved_is_left_out(interrupted, tmp_path):
@@ -120,3 +127,40 @@ def test_read_from_inside_the_store_folder_gives_the_command(interrupted, monkey
     folder, manifest, _, _ = interrupted
     monkeypatch.chdir(folder)
     assert _finish_line(".").endswith(f"finish it with: {manifest['command']}")
+
+
+def test_the_out_of_the_command_is_the_folder_read_after_the_runs_folder_moved(interrupted, tmp_path, monkeypatch):
+    """``mv runs runs_old``: the finishing command writes runs_old, where the chunks wait, not runs."""
+    folder, _, _, _ = interrupted
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").rename(tmp_path / "runs_old")
+    args = shlex.split(_finish_line("runs_old/m/val").split("finish it with: ", 1)[1])
+    assert args[args.index("--out") + 1] == "runs_old"  # relative: below the current folder
+    monkeypatch.chdir(tmp_path / "inat")
+    args = shlex.split(_finish_line(tmp_path / "runs_old" / "m" / "val").split("finish it with: ", 1)[1])
+    assert args[args.index("--out") + 1] == str(tmp_path / "runs_old")  # elsewhere: absolute
+
+
+def test_the_moved_store_finishes_with_the_command_given(interrupted, tmp_path, monkeypatch):
+    folder, _, data, model = interrupted
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").rename(tmp_path / "runs_old")
+    args = shlex.split(_finish_line("runs_old/m/val").split("finish it with: ", 1)[1])
+    result = CliRunner().invoke(app, args[1:] + ["--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert read_store(tmp_path / "runs_old" / "m" / "val").logits.shape[0] == 6
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("field, value", [("model.file", "--help/m.onnx"), ("dataset.source", "--data=/etc/val2019.json"),
+                                          ("dataset.source", "-x/val2019.json")])
+def test_paths_that_start_with_a_dash_are_not_read_as_options(interrupted, field, value):
+    folder, manifest, _, _ = interrupted
+    part, key = field.split(".")
+    _tamper(folder, manifest, lambda m: m[part].update({key: value}))
+    command = _finish_line(folder).split("finish it with: ", 1)[1]
+    args = shlex.split(command)
+    assert not any(a.startswith("-") and not a.startswith(("--tta", "--merge", "--batch-size", "--chunk-size",
+                                                          "--dtype", "--device", "--out", "--index"))
+                   for a in args), args
+    assert "./" + value in args
