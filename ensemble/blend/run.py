@@ -159,22 +159,41 @@ def _short(sha: Any) -> str:
 
 def _earlier_predictions(out: Path) -> str | None:
     """For a run that applies nothing: the split of the earlier blend whose predictions.csv is
-    in ``out`` (its blend.json records an applied split, so it wrote the file), to remove with
-    the new blend.json; None when ``out`` holds no predictions.csv. A predictions.csv that no
-    blend.json there names is not a blend's to remove, nor can it stay beside the new blend.json
-    (`ens submit` would send it as this blend's): an :class:`EnsError`, before anything is written."""
-    if not os.path.lexists(out / PREDICTIONS_FILE):
+    in ``out``, to remove with the new blend.json; None when ``out`` holds no predictions.csv.
+    Only the very file an earlier blend wrote goes: the blend.json there records an applied
+    split and the sha256 of the predictions.csv it wrote (``apply.predictions_sha256``), and the
+    file still has it. Any other predictions.csv (hand-made, edited since, or beside a blend.json
+    of an older ens that recorded no sha256) is not a blend's to remove, nor can it stay beside
+    the new blend.json (`ens submit` would send it as this blend's): an :class:`EnsError`, before
+    anything is written."""
+    predictions = out / PREDICTIONS_FILE
+    if not os.path.lexists(predictions):
         return None
     try:
         doc = read_json(out / BLEND_FILE)
     except EnsError:
         doc = None
     applied = doc.get("apply") if isinstance(doc, dict) else None
-    if isinstance(applied, dict) and isinstance(applied.get("split"), str) and (out / PREDICTIONS_FILE).is_file():
-        return applied["split"]
-    raise EnsError(f"--out {out}: holds a predictions.csv that no blend.json there names (no blend applied here "
-                   "wrote it), and this run applies nothing, so the new blend.json would sit beside predictions "
-                   "that are not its own; move it away or give another --out")
+    fix = ("this run applies nothing, so the new blend.json would sit beside predictions that are not its own; "
+           "move it away or give another --out")
+    if not (isinstance(applied, dict) and isinstance(applied.get("split"), str)):
+        raise EnsError(f"--out {out}: holds a predictions.csv that no blend.json there names (no blend applied here "
+                       f"wrote it), and {fix}")
+    recorded = applied.get("predictions_sha256")
+    if not is_sha256(recorded):
+        raise EnsError(f"--out {out}: holds a predictions.csv that its blend.json (of an older ens) records no "
+                       f"sha256 of, so it cannot tell the file is the one that blend wrote, and {fix}")
+    if not predictions.is_file() or _sha256_or_none(predictions) != recorded:
+        raise EnsError(f"--out {out}: holds a predictions.csv that is not the one its blend.json records (edited or "
+                       f"replaced since that blend wrote it), and {fix}")
+    return applied["split"]
+
+
+def _sha256_or_none(path: Path) -> str | None:
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None
 
 
 def _check_options(options: BlendOptions) -> None:

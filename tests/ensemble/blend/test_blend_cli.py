@@ -470,7 +470,9 @@ def test_apply_defaults_to_test_only_when_every_model_has_it(work, tmp_path):
     out = tmp_path / "fit"
     out.mkdir()
     (out / "predictions.csv").write_text("an earlier blend's predictions\n")
-    (out / "blend.json").write_text(json.dumps({"apply": {"split": "test", "rows": 7, "stores": {}}}))  # that blend's
+    stand_in = hashlib.sha256((out / "predictions.csv").read_bytes()).hexdigest()
+    (out / "blend.json").write_text(json.dumps({"apply": {"split": "test", "rows": 7, "stores": {},  # that blend's
+                                                          "predictions_sha256": stand_in}}))
     result = ok(ens("blend", "--runs", runs, "--optimize", "val", "--data", work.data, "--out", out))
     record = json.loads((out / "blend.json").read_text())
     assert "apply" not in record and record["models"] == list(MODELS)

@@ -265,3 +265,29 @@ def test_stores_of_one_split_made_from_different_sources_are_refused(work, tmp_p
     one_line_error(result, "test: the stores of m0 and m1 were made from different test sources",
                    "000000000000...")
     assert not out.exists()
+
+
+# ------------- item 3, second round: only the very predictions.csv an earlier blend wrote goes
+
+def test_a_hand_edited_predictions_csv_beside_an_applied_blend_json_is_kept(work, tmp_path):
+    out = tmp_path / "p4"
+    fit(work, out)  # applied to test: blend.json records the predictions' sha256
+    (out / "predictions.csv").write_text("id,my,hand,edited\n")
+    before = (out / "blend.json").read_bytes()
+    one_line_error(fit_only(work, fit_only_runs(work, tmp_path), out),
+                   f"--out {out}: holds a predictions.csv that is not the one its blend.json records",
+                   "move it away or give another --out")
+    assert (out / "predictions.csv").read_text() == "id,my,hand,edited\n"
+    assert (out / "blend.json").read_bytes() == before
+
+
+def test_predictions_beside_an_older_blend_json_without_their_sha256_are_kept(work, tmp_path):
+    out = tmp_path / "old"
+    doc = fit(work, out)
+    del doc["apply"]["predictions_sha256"]
+    (out / "blend.json").write_text(json.dumps(doc))
+    kept = (out / "predictions.csv").read_bytes()
+    one_line_error(fit_only(work, fit_only_runs(work, tmp_path), out),
+                   f"--out {out}: holds a predictions.csv that its blend.json (of an older ens) records no "
+                   "sha256 of")
+    assert (out / "predictions.csv").read_bytes() == kept
