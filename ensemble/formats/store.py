@@ -23,9 +23,11 @@ All ``.npy`` files are plain arrays that memory-map; :func:`read_store` is the o
     rows, classes, dtype    the shape and dtype of logits.npy
     keep_views              whether views.npy exists
     boxes                   whether boxes.npy exists (absent in stores of older ens: false)
-    model                   file, sha256, architecture, input_size, mean, std, resize, crop_pct,
+    model                   file, realpath, sha256, architecture, input_size, mean, std, resize, crop_pct,
                             interpolation, precision, class_ids (null: column j is category j),
                             foreign (no ens metadata: preprocessing from the command line)
+                            file: as the command gave it (relative to where it ran); realpath:
+                            its absolute path, links resolved (absent in stores of older ens)
                             sha256: the model's identity, the .onnx's sha256, or for a model
                             with external data a sha256 over it and each data file's location
                             and sha256 (ensemble.inference.runtime.model_sha256)
@@ -139,9 +141,13 @@ class ModelRecord:
     precision: str
     class_ids: tuple[int | str, ...] | None
     foreign: bool
+    #: The file's absolute path, links resolved, when the store was written (``file`` is as the
+    #: command gave it, relative to where it ran); ``None`` in stores of an older ens.
+    realpath: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"file": self.file, "sha256": self.sha256, "architecture": self.architecture,
+        return {"file": self.file, **({} if self.realpath is None else {"realpath": self.realpath}),
+                "sha256": self.sha256, "architecture": self.architecture,
                 "input_size": self.input_size, "mean": list(self.mean), "std": list(self.std),
                 "resize": self.resize, "crop_pct": self.crop_pct, "interpolation": self.interpolation,
                 "precision": self.precision, "class_ids": None if self.class_ids is None else list(self.class_ids),
@@ -307,7 +313,8 @@ class StoreManifest(Mapping[str, Any]):
             model=ModelRecord(model.get("file"), model["sha256"], model.get("architecture"), model["input_size"],
                               tuple(model["mean"]), tuple(model["std"]), model["resize"], model["crop_pct"],
                               model.get("interpolation"), model.get("precision"),
-                              None if class_ids is None else tuple(class_ids), model.get("foreign")),
+                              None if class_ids is None else tuple(class_ids), model.get("foreign"),
+                              model.get("realpath")),
             dataset=DatasetRecord(dataset.get("split"), dataset.get("source"), dataset.get("sha256"),
                                   dataset.get("images")),
             tta=TtaRecord(tuple(tta["views"]), tta["merge"], tta.get("cam")),
@@ -518,10 +525,11 @@ def read_manifest_json(folder: Path) -> Any:
     return read_json(path, problem="unreadable")
 
 
-def recorded_model(folder: str | os.PathLike) -> tuple[str | None, str | None] | None:
-    """``(model file, model sha256)`` as the manifest in ``folder`` records them, complete or
-    not (``None`` for a field it lacks or that is not a string); ``None`` when the folder holds
-    no manifest, or one that cannot be read (such a store is computed afresh)."""
+def recorded_model(folder: str | os.PathLike) -> tuple[str | None, str | None, str | None] | None:
+    """``(model file, model sha256, model realpath)`` as the manifest in ``folder`` records
+    them, complete or not (``None`` for a field it lacks or that is not a string); ``None``
+    when the folder holds no manifest, or one that cannot be read (such a store is computed
+    afresh)."""
     try:
         manifest = read_manifest_json(Path(folder))
     except EnsError:
@@ -531,8 +539,8 @@ def recorded_model(folder: str | os.PathLike) -> tuple[str | None, str | None] |
     model = manifest.get("model")
     if not isinstance(model, dict):
         return None
-    file, sha256 = model.get("file"), model.get("sha256")
-    return (file if isinstance(file, str) else None, sha256 if isinstance(sha256, str) else None)
+    return tuple(value if isinstance(value, str) else None
+                 for value in (model.get("file"), model.get("sha256"), model.get("realpath")))
 
 
 @dataclass(frozen=True)

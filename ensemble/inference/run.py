@@ -235,7 +235,10 @@ def _check_owners(models: Sequence[Model], splits: Sequence[Split], options: Inf
     Another model: another sha256 and another file. The same bytes (a copy) or the same file
     (exported again) are the same model, whose store a run with other arguments replaces.
     ``fold0/model.onnx`` and ``fold1/model.onnx`` would share ``<out>/model``: ``--name``
-    gives the second a store of its own.
+    gives the second a store of its own. The file is the manifest's ``realpath`` (absolute,
+    recorded when it was written): its ``file`` is relative to wherever that run ran (``cd
+    fold0 && ens infer model.onnx``), so a manifest of an older ens, without ``realpath``, is
+    trusted by its sha256 alone.
     """
     for model in models:
         for split in splits:
@@ -243,8 +246,8 @@ def _check_owners(models: Sequence[Model], splits: Sequence[Split], options: Inf
             recorded = recorded_model(folder)
             if recorded is None:
                 continue
-            file, sha256 = recorded
-            if sha256 == model.sha256 or (file is not None and _same_file(Path(file), model.path)):
+            file, sha256, realpath = recorded
+            if sha256 == model.sha256 or (realpath is not None and _same_file(Path(realpath), model.path)):
                 continue
             held = "another model" if file is None else f"the model file {file!r}"
             raise EnsError(f"{folder}: holds the store of {held}, not of {model.path} (another sha256); "
@@ -253,10 +256,11 @@ def _check_owners(models: Sequence[Model], splits: Sequence[Split], options: Inf
 
 
 def _same_file(recorded: Path, path: Path) -> bool:
+    """Whether ``recorded`` (an absolute path) is the file at ``path``."""
     try:
         return os.path.samefile(recorded, path)
     except OSError:  # the recorded file is gone: compare the paths
-        return Path(os.path.abspath(recorded)) == Path(os.path.abspath(path))
+        return recorded == Path(os.path.realpath(path))
 
 
 def _suggested_name(model: Model, options: InferOptions) -> str:
@@ -314,7 +318,8 @@ class _SplitRun:
             self.writers[model.name] = StoreWriter(store_path(options.out, model.path, split.name, options.name),
                                                    key, len(split), chunk_size)
             self.base[model.name] = StoreManifest(
-                model=ModelRecord(file=str(model.path), sha256=model.sha256, architecture=meta.architecture,
+                model=ModelRecord(file=str(model.path), realpath=os.path.realpath(model.path),
+                                  sha256=model.sha256, architecture=meta.architecture,
                                   input_size=meta.input_size, mean=tuple(meta.mean), std=tuple(meta.std),
                                   resize=meta.resize, crop_pct=meta.crop_pct, interpolation=meta.interpolation,
                                   precision=meta.precision,

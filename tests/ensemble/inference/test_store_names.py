@@ -171,3 +171,43 @@ def test_a_named_store_finishes_with_its_name(tmp_path, folds):
     assert result.exit_code == 0, result.output
     assert json.loads((out / "fold1" / "val" / MANIFEST).read_text())["complete"] is True
     assert not (out / "model").exists()
+
+
+def test_each_model_run_from_its_own_folder_is_refused_too(tmp_path, folds, monkeypatch):
+    """``cd fold0 && ens infer model.onnx ...``, then the same from fold1: the manifest's relative
+    ``model.onnx`` names fold0's file only from fold0; from fold1 it is fold1's own."""
+    data, fold0, fold1 = folds
+    out = tmp_path / "runs"
+    monkeypatch.chdir(fold0.parent)
+    assert ens("infer", "model.onnx", "--data", "../inat", "--split", "val", "--out", "../runs",
+               "--workers", 0).exit_code == 0
+    before = store_bytes(out / "model" / "val")
+    monkeypatch.chdir(fold1.parent)
+    line = _error_line(ens("infer", "model.onnx", "--data", "../inat", "--split", "val", "--out", "../runs",
+                           "--workers", 0))
+    assert "runs/model/val" in line and "--name fold1-model" in line, line
+    assert store_bytes(out / "model" / "val") == before
+    manifest = read_store(out / "model" / "val").manifest
+    assert manifest["model"]["sha256"] == sha256_file(fold0)
+    assert manifest["model"]["realpath"] == str(fold0.resolve())
+
+
+def test_a_store_of_an_older_ens_is_replaced_only_by_the_same_sha256(tmp_path, folds, monkeypatch):
+    """A manifest without ``model.realpath`` (an older ens) cannot say which file it meant."""
+    data, fold0, fold1 = folds
+    out = tmp_path / "runs"
+    val = load_split(data / "val2019.json")
+    monkeypatch.chdir(fold0.parent)
+    infer([fold0.name], [val], _options(out))
+    path = out / "model" / "val" / MANIFEST
+    manifest = json.loads(path.read_text())
+    del manifest["model"]["realpath"]
+    path.write_text(json.dumps(manifest))
+    monkeypatch.chdir(fold1.parent)
+    with pytest.raises(EnsError, match=r"--name fold1-model"):
+        infer([fold1.name], [val], _options(out))
+    monkeypatch.chdir(fold0.parent)
+    tiny_onnx(fold0, seed=7)  # even the same path: the older manifest's relative file is not trusted
+    with pytest.raises(EnsError, match=r"another sha256"):
+        infer([fold0.name], [val], _options(out))
+    infer([fold1], [val], _options(out, name="fold1"))  # and --name keeps both
