@@ -237,7 +237,7 @@ def infer(
     workers: Annotated[Optional[int], typer.Option(help="Decoding processes; 0 decodes in this process.", show_default="a quarter of the cores on CPU, all but one with a GPU")] = None,
     on_bad_image: Annotated[str, typer.Option(help="An unreadable image: fail (stop, naming it) or skip (leave it out, listed in the manifest).")] = InferOptions.on_bad_image,
     out: Annotated[Path, typer.Option(metavar="DIR", help="Stores go to DIR/<model file stem>/<split>/ (DIR/<--name>/<split>/ with --name).")] = InferOptions.out,
-    name: Annotated[Optional[str], typer.Option(metavar="NAME", help="The store's folder name instead of the model file's stem (one model only): how fold0/model.onnx and fold1/model.onnx keep a store each, blended as two models.", show_default="the file's stem")] = InferOptions.name,
+    name: Annotated[Optional[str], typer.Option(metavar="NAME", help="The store's folder name instead of the model file's stem (one model only): how fold0/model.onnx and fold1/model.onnx keep a store each, blended as two models. At most 200 characters; no '/', ',' or control character, not starting with '.'.", show_default="the file's stem")] = InferOptions.name,
     dtype: Annotated[str, typer.Option(help="Stored logits: float16 or float32.")] = InferOptions.dtype,
     chunk_size: Annotated[int, typer.Option(help="Images per resumable chunk (rounded up to a multiple of --batch-size).")] = InferOptions.chunk_size,
     input_size: Annotated[Optional[int], typer.Option(help="For ONNX files without ens metadata: input height and width.", show_default="the graph's, when fixed")] = None,

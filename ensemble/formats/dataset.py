@@ -24,6 +24,7 @@ import csv
 import hashlib
 import os
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -131,9 +132,21 @@ def check_store_name(name: str, what: str) -> str:
 
     Stores live at ``<out>/<model>/<split>``: a name with a separator, ``.``/``..`` or a
     leading dot (``.partial``, ``.trt-cache``) would write outside its folder or over ens's own.
+    A ``,`` could never be chosen (``ens blend --models a,b``, ``--split a,b`` list names with
+    it); a control character (newline, tab, escape) or line separator would break the lines
+    that name the store.
     """
+    if len(name) > 200:
+        raise EnsError(f"{what} {name[:40]!r}... ({len(name)} characters): a store is named after it, "
+                       "so it must be at most 200 characters")
+    if "," in name:
+        raise EnsError(f"{what} {name!r}: a store is named after it, and `ens blend --models`/`--split` list "
+                       "names separated by ',', so it must have no ','")
+    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in name):
+        raise EnsError(f"{what} {name!r}: a store is named after it, so it must have no control character "
+                       "(newline, tab, escape) or line separator")
     if (not name or name.startswith(".") or any(c in name for c in "/\\\0")
-            or Path(name).is_absolute() or len(name) > 200):
+            or Path(name).is_absolute()):
         raise EnsError(f"{what} {name!r}: a store is named after it, so it must be one plain folder name "
                        "(no '/', not starting with '.')")
     return name

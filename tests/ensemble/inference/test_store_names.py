@@ -211,3 +211,23 @@ def test_a_store_of_an_older_ens_is_replaced_only_by_the_same_sha256(tmp_path, f
     with pytest.raises(EnsError, match=r"another sha256"):
         infer([fold0.name], [val], _options(out))
     infer([fold1], [val], _options(out, name="fold1"))  # and --name keeps both
+
+
+@pytest.mark.parametrize("name, reason", [("p,q", "','"), ("a\nb", "control"), ("a\tb", "control"),
+                                          ("a\x1bb", "control"), ("a\x85b", "control")],
+                         ids=["comma", "newline", "tab", "escape", "c1"])
+def test_a_name_ens_blend_could_not_choose_or_a_line_could_not_show_is_refused(tmp_path, folds, name, reason):
+    data, fold0, _ = folds
+    out = tmp_path / "runs"
+    line = _error_line(ens("infer", fold0, "--data", data, "--out", out, "--name", name))
+    assert "--name" in line and reason in line, line
+    assert not out.exists()
+
+
+def test_a_name_too_long_says_so(tmp_path, folds):
+    data, fold0, _ = folds
+    out = tmp_path / "runs"
+    line = _error_line(ens("infer", fold0, "--data", data, "--out", out, "--name", "n" * 255))
+    assert "255 characters" in line and "at most 200" in line, line
+    assert "no '/'" not in line
+    assert ens("infer", fold0, "--data", data, "--out", out, "--name", "n" * 200, "--workers", 0).exit_code == 0
