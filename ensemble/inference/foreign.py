@@ -46,6 +46,23 @@ class ForeignPreprocess:
         return any(v is not None for v in dataclasses.astuple(self))
 
 
+def utf8_path(path: str | Path) -> bool:
+    """Whether onnx's and onnxruntime's C++ bindings take ``path``: they take UTF-8 text only, and
+    a file name of other bytes reads in Python as lone surrogates (``os.fsdecode``), which they
+    refuse with a ``TypeError`` on any argument list."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def external_data_needs_utf8(path: Path) -> EnsError:
+    """The one line for a model with external data whose path is not UTF-8 (see :func:`utf8_path`)."""
+    return EnsError(f"{path}: onnx and onnxruntime load external data only through a UTF-8 path, and this "
+                    "path holds other bytes; rename the file or the folders above it to UTF-8 names")
+
+
 def foreign_model(path: Path, graph, pre: ForeignPreprocess) -> tuple[ModelMetadata, bytes]:
     """A foreign file's contract: its metadata (from ``pre`` and the graph) and the adapted graph,
     serialised (it travels as bytes, external data included)."""
@@ -54,6 +71,10 @@ def foreign_model(path: Path, graph, pre: ForeignPreprocess) -> tuple[ModelMetad
 
     try:
         load_external_data_for_model(graph, str(path.parent))  # the adapted graph travels as bytes
+    except TypeError:
+        if not utf8_path(path.parent):  # onnx's C++ opens each data file (a model without any never gets there)
+            raise external_data_needs_utf8(path) from None
+        raise
     except (onnx.checker.ValidationError, OSError, ValueError) as exc:
         # onnx refuses locations outside the folder, links (which onnxruntime follows), missing files.
         raise EnsError(f"{path}: onnx cannot load its external data ({first_line(exc, 300)}); keep the data "

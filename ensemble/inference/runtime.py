@@ -35,7 +35,9 @@ from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
 from ensemble.formats.common import describe
 from ensemble.formats.model import OUTPUT_NAME, PREFIX, ModelMetadata
-from ensemble.inference.foreign import ForeignPreprocess, foreign_model, static_dim
+from ensemble.errors import printable
+from ensemble.inference.foreign import (ForeignPreprocess, external_data_needs_utf8, foreign_model, static_dim,
+                                        utf8_path)
 from ensemble.inference.tta import Preprocess
 
 #: ``--device`` -> onnxruntime providers, in priority order.
@@ -141,8 +143,8 @@ def external_files(path: Path, model) -> dict[str, Path]:
 
     ``model``: its ModelProto, read without its external data. Raises :class:`EnsError` (one line
     naming the model and the location) for a location that is absolute, lies outside the
-    model's folder once links are followed (onnxruntime and onnx refuse both), or is not a
-    regular file.
+    model's folder once links are followed (onnxruntime and onnx refuse both), is not a
+    regular file, or holds a NUL (no file name can) or anything else the OS cannot check.
     """
     from onnx import TensorProto
 
@@ -162,13 +164,20 @@ def external_files(path: Path, model) -> dict[str, Path]:
         if os.path.isabs(location) or location.startswith(("/", "\\")):
             raise EnsError(f"{where}, an absolute path: onnxruntime takes only a path relative to the "
                            "model's folder; keep the data file beside the model and save it with that name")
-        target = os.path.realpath(os.path.join(path.parent, location))
-        if os.path.commonpath([folder, target]) != folder:
-            raise EnsError(f"{where}, outside the model's folder {path.parent} (it resolves to {target}): "
-                           "onnxruntime loads external data only from the model's folder; move the file there")
-        if not os.path.isfile(target):
-            kind = "no such file" if not os.path.lexists(target) else "not a regular file"
-            raise EnsError(f"{where}: {kind} in {path.parent}; put the model's data file beside it")
+        if "\0" in location:
+            raise EnsError(f"{where}, a name with a NUL character, which no file name holds: the graph is "
+                           "damaged or was made to mislead; save the model again with its weights")
+        try:
+            target = os.path.realpath(os.path.join(path.parent, location))
+            if os.path.commonpath([folder, target]) != folder:
+                raise EnsError(f"{where}, outside the model's folder {path.parent} (it resolves to {target}): "
+                               "onnxruntime loads external data only from the model's folder; move the file there")
+            if not os.path.isfile(target):
+                kind = "no such file" if not os.path.lexists(target) else "not a regular file"
+                raise EnsError(f"{where}: {kind} in {path.parent}; put the model's data file beside it")
+        except (ValueError, OSError) as exc:  # a name the OS refuses (too long for realpath's checks, ...)
+            raise EnsError(f"{where}, a path the OS cannot check ({describe(exc, 200)}); save the model again "
+                           "with its weights in a plainly named file beside it") from None
         files[location] = Path(target)
     return files
 
@@ -177,16 +186,16 @@ def external_files(path: Path, model) -> dict[str, Path]:
 _IDENTITY_PREFIX = b"ens model with external data, v1\0"
 
 
-def model_sha256(path: Path, model) -> str:
+def model_sha256(path: Path, model, files: Mapping[str, Path] | None = None) -> str:
     """A model's identity: what stores, blend provenance and the ledger call its sha256.
 
     A self-contained .onnx: the sha256 of its bytes (as ens always recorded). A model with
     external data: the sha256 of :data:`_IDENTITY_PREFIX`, the .onnx's sha256, then for each data
     file, in the order of its location (as the graph writes it), the location, a NUL, the file's
     sha256 and a NUL. Other weights, or any edit to any file the model loads, give another
-    identity; renaming the model does not.
+    identity; renaming the model does not. ``files``: :func:`external_files`' answer, when known.
     """
-    files = external_files(path, model)
+    files = external_files(path, model) if files is None else files
     try:
         if not files:
             return sha256_file(path)
@@ -207,7 +216,10 @@ def load_model(path: str | os.PathLike, foreign: ForeignPreprocess | None = None
         graph = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError, ValueError, ... for foreign bytes
         raise EnsError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
-    sha256 = model_sha256(path, graph)
+    files = external_files(path, graph)
+    if files and not utf8_path(path.parent):
+        raise external_data_needs_utf8(path)  # a file name alone is read here and handed over as bytes
+    sha256 = model_sha256(path, graph, files)
     props = {p.key: p.value for p in graph.metadata_props}
     if PREFIX + "format" in props:
         metadata = ModelMetadata.from_props(props, str(path))
@@ -309,7 +321,11 @@ def session_providers(device: str, options: GpuOptions = GpuOptions(), *, input_
 
 def prepare_trt_cache(folder: Path) -> Path:
     """Create the TensorRT cache folder and its parents: the provider makes only the last level
-    and fails when ``--out`` does not exist yet (sessions open before any store is written)."""
+    and fails when ``--out`` does not exist yet (sessions open before any store is written).
+    onnxruntime takes its path as UTF-8 text (a provider option): another one is refused here."""
+    if not utf8_path(folder):
+        raise EnsError(f"{folder}: onnxruntime takes the TensorRT cache folder only as a UTF-8 path, and this one "
+                       "holds other bytes; give --out a folder whose path is UTF-8")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -370,22 +386,21 @@ class Runner:
             # and a spinning thread takes their time (measured: 10-30% slower runs on 2 cores).
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 4  # its warnings are not the user's business, its errors reach them as EnsError
-        source = model.graph if model.graph is not None else str(model.path)
+        source = _session_source(model, options)
         providers = session_providers(device, gpu, input_name=_input_name(model), images=images, sizes=sizes,
                                       fp16=model.metadata.precision == "fp16")
-        # A GPU provider that fails to load writes onnxruntime's native log: kept, read for the cause.
-        with native_log() if device != "cpu" else contextlib.nullcontext(NativeLog()) as log:
-            try:
-                self.session = ort.InferenceSession(source, options, providers=providers)
-            except Exception as exc:
-                raise EnsError(f"{model.path}: onnxruntime cannot open it on {device} "
-                               f"({describe(exc, 200)})") from None
+        # No capture of onnxruntime's native log here: probe_device has already seen the provider
+        # load, and what this session says (a TensorRT build of minutes, a crash's last lines) is the user's.
+        try:
+            self.session = ort.InferenceSession(source, options, providers=providers)
+        except Exception as exc:
+            raise EnsError(f"{model.path}: onnxruntime cannot open it on {device} "
+                           f"({describe(exc, 200)})") from None
         self.provider = self.session.get_providers()[0]
         if self.provider != DEVICES[device][0]:
             # onnxruntime falls back (to CUDA, or the CPU) with no more than a log line when a provider fails to load.
-            cause = load_failure(log.text)
             raise EnsError(f"{model.path}: {DEVICES[device][0]} did not load (onnxruntime fell back to "
-                           f"{self.provider}{': ' + cause if cause else ''}); check the CUDA / cuDNN / TensorRT "
+                           f"{self.provider}; its log above says why); check the CUDA / cuDNN / TensorRT "
                            "libraries it needs")
         self.device = device
         self.path = model.path
@@ -423,6 +438,24 @@ class Runner:
             self(np.zeros((images, size, size, 3), np.uint8))
 
 
+def _session_source(model: Model, options) -> str | bytes:
+    """What onnxruntime opens: the adapted graph of a foreign model; else the file's path, or,
+    when the path is not UTF-8 (which onnxruntime's bindings refuse), the file's bytes, with its
+    folder named for the external data (load_model has refused such a model whose folder is not
+    UTF-8)."""
+    if model.graph is not None:
+        return model.graph
+    if utf8_path(model.path):
+        return str(model.path)
+    if utf8_path(model.path.parent):
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         str(model.path.parent))
+    try:
+        return model.path.read_bytes()
+    except OSError as exc:
+        raise EnsError(f"{model.path}: cannot read it ({exc.strerror or exc})") from None
+
+
 def _input_name(model: Model) -> str:
     if model.graph is not None:
         return "image"  # adapt_foreign names it so
@@ -434,13 +467,30 @@ def _input_name(model: Model) -> str:
 
 
 class NativeLog:
-    """What onnxruntime wrote while :func:`native_log` held it (``text``, after the block)."""
+    """What onnxruntime wrote while :func:`native_log` held it (``text``: set when the block
+    ends, whether or not it raised)."""
 
     text: str = ""
 
 
 #: fd 2 is the process's: one capture at a time (nested in one thread is fine, each restores its own).
 _CAPTURE = threading.RLock()
+#: How much of a capture is read back: its first and its last bytes (a provider's failure to
+#: load is said first; the last lines say where it stopped). What lies between is left out.
+LOG_HEAD = 1 << 20
+LOG_TAIL = 4 << 20
+
+
+def _read_sink(sink) -> str:
+    size = sink.seek(0, os.SEEK_END)
+    sink.seek(0)
+    if size <= LOG_HEAD + LOG_TAIL:
+        return sink.read().decode("utf-8", "replace")
+    head = sink.read(LOG_HEAD)
+    sink.seek(size - LOG_TAIL)
+    tail = sink.read()
+    left_out = f"\n[... {size - len(head) - len(tail)} bytes of onnxruntime's log left out ...]\n"
+    return (head + left_out.encode() + tail).decode("utf-8", "replace")
 
 
 @contextlib.contextmanager
@@ -450,8 +500,11 @@ def native_log() -> Iterator[NativeLog]:
     onnxruntime's C++ logger writes coloured lines to file descriptor 2 (where no Python-level
     redirect reaches), whatever a session's ``log_severity_level`` says for messages of the
     default logger such as a provider library that fails to load; its Python layer prints its
-    fallback to ``sys.stdout``. Both go to the returned :class:`NativeLog` instead. Without a
-    file descriptor 2 or a temporary file, nothing is captured and the block runs as it is.
+    fallback to ``sys.stdout``. Both go to the returned :class:`NativeLog` instead (at most
+    :data:`LOG_HEAD` + :data:`LOG_TAIL` bytes of the former), also when the block raises. Without
+    a file descriptor 2 or a temporary file, nothing is captured and the block runs as it is.
+    Meant for short blocks (:func:`probe_device`): whatever happens meanwhile, a crash's last
+    lines included, goes to the capture, not to the user.
     """
     log = NativeLog()
     for stream in (sys.stdout, sys.stderr):
@@ -471,14 +524,16 @@ def native_log() -> Iterator[NativeLog]:
             return
         printed = io.StringIO()
         try:
-            os.dup2(sink.fileno(), 2)
             try:
+                os.dup2(sink.fileno(), 2)  # inside the try: an interrupt right after it still gives fd 2 back
                 with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
                     yield log
             finally:
                 os.dup2(saved, 2)
-            sink.seek(0)
-            log.text = sink.read().decode("utf-8", "replace") + printed.getvalue()
+                try:
+                    log.text = _read_sink(sink) + printed.getvalue()
+                except OSError:
+                    log.text = printed.getvalue()
         finally:
             os.close(saved)
             sink.close()
@@ -486,6 +541,8 @@ def native_log() -> Iterator[NativeLog]:
 
 #: onnxruntime's log colours (its ostream sink writes them whether or not fd 2 is a terminal).
 _COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+#: The head of an entry of onnxruntime's log: "2026-03-02 10:11:12.1 [W:onnxruntime:Default, file.cc:12 Fn] ".
+_ENTRY = re.compile(r"\[([VIWEF]):onnxruntime:[^\]\n]*\] ?")
 #: What a provider library's failure to load looks like in onnxruntime's log, each giving the
 #: cause as ens says it: Linux's dlopen (the library that is missing, by the name asked for),
 #: Windows (onnxruntime 1.2x names the missing DLL; 1.19 only the error code), and a library of
@@ -505,6 +562,19 @@ _LOAD_FAILURES = (
 _REQUIRES = re.compile(r"Require cuDNN (\S+) and CUDA (\S+)")
 
 
+def _load_failures(log: str) -> list[str]:
+    """Every library that failed to load, as :func:`load_failure` says each, in the log's order."""
+    text = _COLOUR.sub("", log)
+    found: list[tuple[int, str]] = []
+    for pattern, say in _LOAD_FAILURES:
+        found.extend((m.start(), say(m)) for m in pattern.finditer(text))
+    causes: list[str] = []
+    for _, cause in sorted(found, key=lambda f: f[0]):
+        if cause not in causes:
+            causes.append(cause)
+    return causes
+
+
 def load_failure(log: str) -> str | None:
     """The library that failed to load, as onnxruntime's log (or an exception's text) tells it,
     in a few words; ``None`` when it does not say."""
@@ -514,6 +584,43 @@ def load_failure(log: str) -> str | None:
         if found:
             return say(found)
     return None
+
+
+def log_entries(log: str) -> list[tuple[str, str, str]]:
+    """onnxruntime's log as ``(level, message, entry)``: its severity letter (``V I W E F``), the
+    message after the entry's head, the whole entry (head and continuation lines), colours
+    removed. Lines before the first entry (its Python layer's prints) are left out."""
+    entries: list[list[str]] = []
+    for line in _COLOUR.sub("", log).splitlines():
+        head = _ENTRY.search(line)
+        if head:
+            entries.append([head[1], line[head.end():], line])
+        elif entries and line.strip():
+            entries[-1][1] += "\n" + line
+            entries[-1][2] += "\n" + line
+    return [(level, message, entry) for level, message, entry in entries]
+
+
+def _first_error(log: str) -> str | None:
+    """The message of onnxruntime's first error (or fatal) entry, in one line of at most 200 characters."""
+    message = next((m for level, m, _ in log_entries(log) if level in "EF"), None)
+    return None if message is None else " ".join(message.split())[:200] or None
+
+
+#: Entries the probe's own graph causes, which say nothing of the model's run.
+_PROBE_ONLY = ("No graph will run on TensorRT",)
+
+
+def pass_on(log: str) -> None:
+    """Write onnxruntime's warnings and errors from ``log`` (a capture of a session that opened)
+    to stderr as the user would have seen them, in plain text: a provider that loads may still
+    say something worth knowing (a cuDNN older than the one it was built with, ...)."""
+    kept = [entry for level, message, entry in log_entries(log)
+            if level in "WEF" and not any(p in message for p in _PROBE_ONLY)]
+    if kept:
+        with contextlib.suppress(Exception):
+            sys.stderr.write("".join(printable(line) + "\n" for entry in kept for line in entry.splitlines()))
+            sys.stderr.flush()
 
 
 def build_info() -> dict[str, str]:
@@ -545,22 +652,31 @@ def cuda_needs(log: str, info: Mapping[str, str]) -> str | None:
     return None
 
 
-def cuda_failure(log: str, error: Exception | None, info: Mapping[str, str]) -> str:
-    """Why CUDA did not load, in one line: onnxruntime's exception (``error``, when it raised),
-    the library that failed (from ``log``, onnxruntime's output while it tried) and the CUDA and
-    cuDNN this onnxruntime needs (``info``: :func:`build_info`)."""
-    if error is not None:
-        head = f"CUDAExecutionProvider failed to load ({describe(error, 200)}"
-    else:
-        head = "CUDAExecutionProvider did not load ("
-    cause = load_failure(log)
+def cuda_failure(log: str, error: Exception | None, info: Mapping[str, str], *,
+                 provider: str = "CUDAExecutionProvider", landed: str | None = "CPUExecutionProvider") -> str:
+    """Why ``provider`` did not load, in one line: onnxruntime's exception (``error``, when it
+    raised), the libraries that failed (from ``log``, onnxruntime's output while it tried; its
+    first error when no library is named) and, when CUDA is what failed, the CUDA and cuDNN this
+    onnxruntime needs (``info``: :func:`build_info`). ``landed``: the provider onnxruntime fell
+    back to (TensorRT falls back to CUDA, which then loaded)."""
+    causes = _load_failures(log)
     parts = []
-    if error is None:
-        parts.append(cause or "onnxruntime fell back to the CPU: the CUDA or cuDNN libraries it needs are "
-                              "missing or do not match")
-    elif cause is not None and load_failure(str(error)) is None:
-        parts.append(cause)
-    needs = cuda_needs(log, info)
+    if error is not None:
+        head = f"{provider} failed to load ({describe(error, 200)}"
+        parts += [c for c in causes if load_failure(str(error)) != c]
+    else:
+        head = f"{provider} did not load ("
+        if not causes:
+            libraries = "TensorRT" if landed == "CUDAExecutionProvider" else (
+                "TensorRT, CUDA or cuDNN" if provider == "TensorrtExecutionProvider" else "CUDA or cuDNN")
+            to = "the CPU" if landed in (None, "CPUExecutionProvider") else landed
+            parts.append(f"onnxruntime fell back to {to}: the {libraries} libraries it needs are missing or do "
+                         "not match")
+        parts += causes
+    said = _first_error(log)
+    if not causes and said is not None and (error is None or said not in " ".join(str(error).split())):
+        parts.append(f"onnxruntime said: {said}")
+    needs = cuda_needs(log, info) if landed != "CUDAExecutionProvider" else None
     if needs:
         parts.append(needs)
     if error is not None:
@@ -568,14 +684,30 @@ def cuda_failure(log: str, error: Exception | None, info: Mapping[str, str]) -> 
     return head + "; ".join(parts) + ")"
 
 
+#: TensorRT's smallest subgraph in :func:`probe_device`: more nodes than its graph has, so
+#: TensorRT takes none and builds no engine (its libraries load all the same, which is the question).
+NO_ENGINE_SUBGRAPH = 1000
+
+
+def probe_providers(device: str, gpu: GpuOptions = GpuOptions()) -> list[Any]:
+    """The providers :func:`probe_device` opens its graph with: the device's own, with CUDA's
+    settings; TensorRT with no engine and no cache (nothing written anywhere)."""
+    providers = session_providers("cuda", gpu)
+    if device == "tensorrt":
+        providers.insert(0, ("TensorrtExecutionProvider", {"trt_min_subgraph_size": NO_ENGINE_SUBGRAPH}))
+    return providers
+
+
 def probe_device(device: str, gpu: GpuOptions = GpuOptions()) -> str | None:
     """Why ``device``'s provider cannot run here, or ``None`` when it can.
 
-    Opens a one-node graph on it: onnxruntime-gpu lists CUDA among its providers whether or not
-    the CUDA and cuDNN libraries load, and when they do not it falls back to the CPU (or, in
-    some versions, raises), having written its own multi-line log to the terminal. That log is
-    kept off the terminal (:func:`native_log`) and read for the reason (:func:`cuda_failure`):
-    the library that failed and the CUDA and cuDNN versions this onnxruntime needs.
+    Opens a one-node graph on it: onnxruntime-gpu lists CUDA (and TensorRT) among its providers
+    whether or not their libraries load, and when they do not it falls back (TensorRT to CUDA,
+    CUDA to the CPU; or, in some versions, raises), having written its own multi-line log to the
+    terminal. That log is kept off the terminal (:func:`native_log`) and read for the reason
+    (:func:`cuda_failure`): the library that failed and the CUDA and cuDNN versions this
+    onnxruntime needs. When the provider loads, the warnings it wrote are passed on
+    (:func:`pass_on`). The model's own sessions are not captured: their output is the user's.
     """
     if device == "cpu":
         return None
@@ -589,8 +721,7 @@ def probe_device(device: str, gpu: GpuOptions = GpuOptions()) -> str | None:
     probe.ir_version = 8
     options = ort.SessionOptions()
     options.log_severity_level = 4
-    # The probe needs no engine: CUDA alone says whether the libraries load.
-    providers = session_providers("cuda", gpu)
+    providers = probe_providers(device, gpu)
     error: Exception | None = None
     session = None
     with native_log() as log:
@@ -600,6 +731,8 @@ def probe_device(device: str, gpu: GpuOptions = GpuOptions()) -> str | None:
                 session = ort.InferenceSession(probe.SerializeToString(), options, providers=providers)
         except Exception as exc:  # a missing libcudnn, a driver too old, ...
             error = exc
-    if session is not None and session.get_providers()[0] == "CUDAExecutionProvider":
+    landed = session.get_providers()[0] if session is not None else None
+    if landed == DEVICES[device][0]:
+        pass_on(log.text)
         return None
-    return cuda_failure(log.text, error, build_info())
+    return cuda_failure(log.text, error, build_info(), provider=DEVICES[device][0], landed=landed)

@@ -213,15 +213,16 @@ def test_tensorrt_sessions_get_profiles_fp16_the_cache_and_the_gpu_options(tiny,
             "trt_profile_min_shapes": shapes.format(n=1), "trt_profile_opt_shapes": shapes.format(n=2),
             "trt_profile_max_shapes": shapes.format(n=2)})
 
-    # The probe needs CUDA alone; a float16 model gets float16 engines without --trt-fp16.
-    assert gpu_build == [("probe", [cuda, "CPUExecutionProvider"]),
+    # The probe loads TensorRT without building an engine; a float16 model gets float16 engines without --trt-fp16.
+    probe_trt = ("TensorrtExecutionProvider", {"trt_min_subgraph_size": 1000})
+    assert gpu_build == [("probe", [probe_trt, cuda, "CPUExecutionProvider"]),
                          ("tiny.onnx", [trt(False), cuda, "CPUExecutionProvider"]),
                          ("half.onnx", [trt(True), cuda, "CPUExecutionProvider"])]
     gpu_build.clear()
     again = tmp_path / "again"
     _infer(tiny, "--index", tmp_path / "imgs", "--device", "tensorrt", "--trt-fp16", "--out", again)
     cache = str(again / ".trt-cache")
-    assert gpu_build == [("probe", [_cuda("HEURISTIC"), "CPUExecutionProvider"]), ("tiny.onnx", [
+    assert gpu_build == [("probe", [probe_trt, _cuda("HEURISTIC"), "CPUExecutionProvider"]), ("tiny.onnx", [
         ("TensorrtExecutionProvider", {
             "trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_timing_cache_enable": True,
             "trt_engine_cache_path": cache, "trt_timing_cache_path": cache,

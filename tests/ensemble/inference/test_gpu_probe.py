@@ -216,8 +216,11 @@ def test_auto_warns_in_one_line_and_records_it(no_cuda, tmp_path, capfd):
 
 
 def test_a_tensorrt_that_does_not_load_names_its_library(tmp_path, monkeypatch, capfd):
-    """The model's own session: TensorRT's library missing, onnxruntime falls back to CUDA."""
+    """TensorRT's library missing: onnxruntime falls back to CUDA. The probe (a one-node graph
+    with TensorRT first) says so in one line, before any model opens; were the model's own
+    session to fall back anyway, onnxruntime's log of it is left on the terminal, not swallowed."""
     tiny = __import__("tests.ensemble.conftest", fromlist=["tiny_onnx"]).tiny_onnx(tmp_path / "tiny.onnx")
+    write_images(tmp_path / "imgs", [(40, 30)])
     log = _line(ERROR, "E", "provider_bridge_ort.cc:1862 TryGetProviderInfo_TensorRT",
                 "/onnxruntime_src/onnxruntime/core/session/provider_bridge_ort.cc:1539 onnxruntime::Provider& "
                 "onnxruntime::ProviderLibrary::Get() [ONNXRuntimeError] : 1 : FAIL : Failed to load library "
@@ -230,12 +233,21 @@ def test_a_tensorrt_that_does_not_load_names_its_library(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(Session, "log", log)
     monkeypatch.setattr(onnxruntime, "InferenceSession", Session)
+    monkeypatch.setattr(engine_module, "available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    result = CliRunner().invoke(app, ["infer", str(tiny), "--index", str(tmp_path / "imgs"), "--workers", "0",
+                                      "--out", str(tmp_path / "runs"), "--device", "tensorrt"])
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        "error: --device tensorrt: TensorrtExecutionProvider did not load (libnvinfer.so.10: cannot open shared "
+        "object file); check the CUDA / cuDNN / TensorRT libraries it needs")
+    assert capfd.readouterr().err == ""
     with pytest.raises(EnsError) as caught:
         runtime.Runner(runtime.load_model(tiny), "tensorrt")
     assert str(caught.value) == (
-        f"{tiny}: TensorrtExecutionProvider did not load (onnxruntime fell back to CUDAExecutionProvider: "
-        "libnvinfer.so.10: cannot open shared object file); check the CUDA / cuDNN / TensorRT libraries it needs")
-    assert capfd.readouterr().err == ""
+        f"{tiny}: TensorrtExecutionProvider did not load (onnxruntime fell back to CUDAExecutionProvider; its log "
+        "above says why); check the CUDA / cuDNN / TensorRT libraries it needs")
+    assert "libnvinfer.so.10: cannot open shared object file" in capfd.readouterr().err
 
 
 def test_the_capture_holds_onnxruntimes_real_native_log(tmp_path):
