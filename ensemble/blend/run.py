@@ -20,7 +20,7 @@ from ensemble.errors import EnsError
 from ensemble.fileio import atomic_path, name_max, sha256_file
 from ensemble.formats.blend import (BLEND_FILE, CHUNK_ROWS, FORMAT_VERSION, BlendRecord, CvTable, ModelProvenance,
                                     PriorCorrection, SplitStores, is_sha256, prior_counts,
-                                    store_digest)
+                                    shown_path, store_digest)
 from ensemble.formats.common import read_json
 from ensemble.formats.dataset import load_labels, read_class_counts
 from ensemble.formats.predictions import PREDICTIONS_FILE, write_predictions
@@ -244,25 +244,27 @@ def _saved_runs(options: BlendOptions, saved: BlendRecord, models: Sequence[str]
     split = options.apply or "test"
 
     def lacking(folder: Path) -> str | None:
-        return next((m for m in models if not (folder / m / split / MANIFEST).is_file()), None)
+        # os.path.isfile: a path the OS cannot take (too long) is no file, where Path.is_file raises
+        return next((m for m in models if not os.path.isfile(folder / m / split / MANIFEST)), None)
 
-    recorded = None if saved.runs is None else Path(saved.runs)
+    recorded = saved.runs_folder()  # None too where the OS cannot use the recorded name
     if recorded is not None and DEFAULT_RUNS.resolve() == recorded.resolve():
         recorded = None
     missing = lacking(DEFAULT_RUNS)
     if missing is None:
         if recorded is not None:
+            shown = shown_path(recorded)
             notes.append(f"read the {split} stores under {DEFAULT_RUNS} (the default --runs); {options.weights} was "
-                         f"fitted on stores under {recorded} (give --runs {recorded} to apply it to those)")
+                         f"fitted on stores under {shown} (give --runs {shown} to apply it to those)")
         return DEFAULT_RUNS
     if recorded is None:
         return DEFAULT_RUNS  # open_split names the missing store
     if lacking(recorded) is None:
-        notes.append(f"read the {split} stores under {recorded}, where {options.weights} records them "
+        notes.append(f"read the {split} stores under {shown_path(recorded)}, where {options.weights} records them "
                      f"({DEFAULT_RUNS} holds no {split} store of {missing})")
         return recorded
     raise EnsError(f"--weights {options.weights}: no {split} store of {missing} under {DEFAULT_RUNS} (the default "
-                   f"--runs) nor under {recorded} (where it records its stores); give --runs DIR, or run "
+                   f"--runs) nor under {shown_path(recorded)} (where it records its stores); give --runs DIR, or run "
                    f"`ens infer` on the {split} split")
 
 

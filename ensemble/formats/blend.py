@@ -52,7 +52,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import numpy as np
 
 import weights_search as ws
-from ensemble.errors import EnsError
+from ensemble.errors import EnsError, printable
 from ensemble.fileio import json_text
 from ensemble.formats.common import is_count, is_finite, is_int, is_names, is_number, read_json
 from ensemble.formats.store import IDS, LOGITS, VIEWS, LogitStore
@@ -459,6 +459,12 @@ class BlendRecord(_Json):
                         stores=None, prior=None, cv=None)
         return cls(**(defaults | typed), json_keys=tuple(doc), kept=kept)
 
+    def runs_folder(self) -> Path | None:
+        """The folder ``runs`` records, when the OS can look into it: a name it cannot take
+        (longer than the file system allows, in a part or in all) or a folder it may not search
+        reads as None, as a record without ``runs`` does (:func:`usable_folder`)."""
+        return usable_folder(self.runs)
+
     def check_fitted(self, source: str) -> SplitStores:
         """The fitted split, checked as `ens report` needs it with the CV table (when the record
         has one); an :class:`EnsError` naming ``source`` otherwise."""
@@ -500,6 +506,33 @@ class BlendRecord(_Json):
     def write(self, path: str | os.PathLike) -> None:
         """Write the record to ``path`` (a temporary file: the caller renames it into place)."""
         Path(path).write_text(self.text(), encoding="utf-8")
+
+
+def usable_folder(path: str | os.PathLike | None) -> Path | None:
+    """``path`` as a folder to look for stores in, or None where the OS cannot take it: a name
+    longer than the file system allows (``ENAMETOOLONG``), a loop of links, a folder it may not
+    search, a NUL. A folder that does not exist is usable (it holds no store, and a message may
+    name it): only what would fail every look-up inside it is not."""
+    if path is None:
+        return None
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except (OSError, ValueError):
+        return None
+    return Path(path)
+
+
+def shown_path(path: str | os.PathLike, width: int = 160) -> str:
+    """``path`` as a message or note shows a folder read from a file: printable (control
+    characters escaped, :func:`ensemble.errors.printable`) and cut in the middle past ``width``
+    characters."""
+    text = printable(os.fsdecode(path))
+    if len(text) <= width:
+        return text
+    half = (width - 3) // 2
+    return text[:half] + "..." + text[-half:]
 
 
 def _check(record: Any, source: str) -> None:

@@ -20,6 +20,7 @@ bounded whatever the split's size.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -29,7 +30,8 @@ import numpy as np
 import weights_search as ws
 from ensemble.errors import EnsError, printable
 from ensemble.fileio import sha256_file
-from ensemble.formats.blend import BLEND_FILE, CHUNK_ROWS, BlendRecord, member_arrays, prior_counts, store_digest
+from ensemble.formats.blend import (BLEND_FILE, CHUNK_ROWS, BlendRecord, member_arrays, prior_counts, shown_path,
+                                    store_digest)
 from ensemble.formats.common import read_json
 from ensemble.formats.dataset import find_split, load_labels, read_class_counts
 from ensemble.formats.store import MANIFEST, LogitStore, read_store
@@ -137,7 +139,8 @@ def _runs_candidates(record: BlendRecord, blend_dir: Path) -> list[Path]:
     """Where the stores may be: the folder blend.json records (its ``runs``: the ``--runs`` of
     `ens blend`), then ``<work>/runs`` and ``./runs``; each folder once."""
     found, seen = [], set()
-    for runs in ([Path(record.runs)] if record.runs else []) + _candidates(blend_dir, "runs"):
+    recorded = record.runs_folder()  # None where the OS cannot use the recorded name
+    for runs in ([recorded] if recorded is not None else []) + _candidates(blend_dir, "runs"):
         if runs.resolve() not in seen:
             seen.add(runs.resolve())
             found.append(runs)
@@ -156,12 +159,14 @@ def open_stores(blend_json: Path, record: BlendRecord, blend_dir: Path) -> tuple
         stores = []
         for model in record.models:
             path = runs / model / split
-            if not (path / MANIFEST).is_file():
-                problems.append(f"no store at {path}{where}")
+            # os.path.isfile: a path the OS cannot take (too long) is no file, where Path.is_file raises
+            if not os.path.isfile(path / MANIFEST):
+                problems.append(f"no store at {shown_path(path)}{where}")
                 break
             store = read_store(path)
             if store_digest(store, views) != wanted.get(model):
-                problems.append(f"{path}{where} is not the store the blend was fitted on (its sha256 differs)")
+                problems.append(f"{shown_path(path)}{where} is not the store the blend was fitted on (its sha256 "
+                                "differs)")
                 break
             stores.append(store)
         else:

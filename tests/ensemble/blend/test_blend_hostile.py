@@ -291,3 +291,39 @@ def test_predictions_beside_an_older_blend_json_without_their_sha256_are_kept(wo
                    f"--out {out}: holds a predictions.csv that its blend.json (of an older ens) records no "
                    "sha256 of")
     assert (out / "predictions.csv").read_bytes() == kept
+
+
+# ------------------ item 18, second round: a recorded runs the OS cannot use is no folder at all
+
+@pytest.mark.parametrize("runs", ["/" + "x" * 5000, "/" + "x" * 300, "/tmp/" + "y/" * 3000])
+def test_weights_with_a_recorded_runs_the_os_cannot_take_reads_as_absent(work, tmp_path, monkeypatch, runs):
+    fitted = tmp_path / "fit"
+    doc = fit(work, fitted)
+    doc["runs"] = runs
+    (fitted / "blend.json").write_text(json.dumps(doc))
+    monkeypatch.chdir(tmp_path)  # no runs/ here: the recorded folder is the fallback
+    result = ens("blend", "--weights", fitted / "blend.json", "--out", tmp_path / "applied")
+    one_line_error(result, f"{Path('runs') / 'm0' / 'test'}: no logit store")
+    assert "x" * 200 not in result.output and "y/" * 200 not in result.output
+    # With the stores in ./runs it applies, and says nothing of the recorded folder.
+    shutil.copytree(work.runs, tmp_path / "runs")
+    result = ok(ens("blend", "--weights", fitted / "blend.json", "--out", tmp_path / "applied"))
+    assert "note:" not in result.stdout
+
+
+def test_a_long_recorded_runs_is_shown_shortened_in_notes(work, tmp_path, monkeypatch):
+    deep = tmp_path
+    for i in range(12):
+        deep = deep / (f"{i:02d}" + "d" * 200)
+    deep.mkdir(parents=True)
+    (deep / "stores").symlink_to(work.runs, target_is_directory=True)
+    fitted = tmp_path / "fit"
+    doc = fit(work, fitted)
+    doc["runs"] = str(deep / "stores")
+    (fitted / "blend.json").write_text(json.dumps(doc))
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(work.runs, tmp_path / "runs")
+    result = ok(ens("blend", "--weights", fitted / "blend.json", "--out", tmp_path / "applied"))
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and "was fitted on stores under" in notes[0] and "..." in notes[0], notes
+    assert len(notes[0]) < 600, notes

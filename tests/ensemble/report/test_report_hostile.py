@@ -261,3 +261,23 @@ def test_stores_blend_json_records_but_changed_are_passed_over_for_the_work_fold
     (blend / "blend.json").write_text(json.dumps(doc))
     report = build_report(blend)
     assert report.runs.resolve() == (tmp_path / "w" / "runs").resolve()
+
+
+# Item 18, second round: a recorded runs folder the OS cannot take is passed over.
+
+@pytest.mark.parametrize("runs", ["/" + "x" * 5000, "/" + "x" * 300])
+def test_a_recorded_runs_the_os_cannot_take_is_passed_over(work, tmp_path, runs):
+    import json
+
+    blend = copy_work(work, tmp_path / "w")
+    doc = json.loads((blend / "blend.json").read_text())
+    doc["runs"] = runs
+    (blend / "blend.json").write_text(json.dumps(doc))
+    report = build_report(blend)
+    assert report.runs.resolve() == (tmp_path / "w" / "runs").resolve()
+    # Nowhere else to look: one line, without the unusable name.
+    shutil.rmtree(tmp_path / "w" / "runs")
+    from tests.ensemble.conftest import one_line_error
+
+    line = one_line_error(ens("report", blend), "the val stores it was fitted on are not found")
+    assert "x" * 200 not in line
