@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from ensemble.formats.common import read_json
-from ensemble.formats.dataset import category_id, check_regular_file
+from ensemble.formats.dataset import category_id, check_regular_file, shown
 from ensemble.errors import EnsError
 
 
@@ -37,8 +37,8 @@ def load_class_ids(path: str | Path, num_classes: int) -> tuple[int | str, ...]:
         numbers = [i for i in ids if isinstance(i, int)]
         names = [i for i in ids if isinstance(i, str)]
         if numbers and names:
-            raise EnsError(f"--classes {path}: the categories mix integer and string ids ({numbers[0]!r} and "
-                           f"{names[0]!r}), which have no order; give a JSON list of the ids in the model's output order")
+            raise EnsError(f"--classes {path}: the categories mix integer and string ids ({shown(numbers[0])} and "
+                           f"{shown(names[0])}), which have no order; give a JSON list of the ids in the model's output order")
         ids = sorted(ids)
     elif isinstance(data, list):
         ids = data
@@ -66,12 +66,14 @@ def image_folder_classes(folder: Path) -> list[str]:
 def _checked(values: list, num_classes: int, path: Path) -> tuple[int | str, ...]:
     ids = [_as_id(v, path) for v in values]
     if len(ids) != num_classes:
-        found = f"holds {len(ids)} class folders" if path.is_dir() else f"lists {len(ids)} categories"
+        count = len(ids)
+        found = (f"holds {count} class folder{'' if count == 1 else 's'}" if path.is_dir()
+                 else f"lists {count} categor{'y' if count == 1 else 'ies'}")
         raise EnsError(f"--classes {path}: {found} but the model predicts {num_classes}")
     seen: set[int | str] = set()
     for i, v in enumerate(ids):
         if v in seen:
-            raise EnsError(f"--classes {path}: category id {v!r} appears twice (again at index {i})")
+            raise EnsError(f"--classes {path}: category id {shown(v)} appears twice (again at index {i})")
         seen.add(v)
     return tuple(ids)
 
@@ -79,5 +81,5 @@ def _checked(values: list, num_classes: int, path: Path) -> tuple[int | str, ...
 def _as_id(value: object, path: Path) -> int | str:
     category = category_id(value)
     if category is None:
-        raise EnsError(f"--classes {path}: category ids must be integers or strings, got {value!r}")
+        raise EnsError(f"--classes {path}: category ids must be integers or strings, got {shown(value)}")
     return category

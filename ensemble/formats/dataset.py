@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 import re
+import stat
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,7 @@ import numpy as np
 
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
-from ensemble.formats.common import is_count, is_id, is_int, read_json
+from ensemble.formats.common import check_regular, is_count, is_id, is_int, read_json
 
 #: The image ids a store's ``ids.npy`` (int64) holds.
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
@@ -102,7 +104,10 @@ def find_split(data: str | os.PathLike, name: str, *, year: int | None = None, f
     candidates = split_candidates(name, year, folders)
     for candidate in candidates:
         path = data / candidate
-        if path.is_file() or (folders and path.is_dir() and candidate == name):
+        if folders and candidate == name and path.is_dir():
+            return path
+        if os.path.exists(path):  # a FIFO, a device or a folder is named, never taken for a missing split
+            check_regular(path)
             return path
     if not required:
         return None
@@ -115,16 +120,29 @@ def resolve_splits(data: str | os.PathLike, names: Sequence[str]) -> list[Path]:
 
 
 def check_regular_file(path: str | os.PathLike, option: str = "") -> Path:
-    """``path`` when it is a regular file; :class:`EnsError` when it is missing, or is a FIFO,
-    device or socket (reading one could block forever, so it is never opened)."""
+    """``path`` when it is a regular file (or a link to one); :class:`EnsError` when it is missing
+    (``<option> <path>: no such file or folder``), or a folder, FIFO, device or socket, in the
+    words of the one rule, :func:`ensemble.formats.common.check_regular` (reading a FIFO could
+    block forever, so it is never opened)."""
     path = Path(path)
     label = f"{option} {path}" if option else str(path)
-    if not path.exists():
-        raise EnsError(f"{label}: no such file or folder")
-    if not path.is_file():
-        kind = "a folder" if path.is_dir() else "not a regular file (a FIFO, device or socket)"
-        raise EnsError(f"{label}: {kind}; expected a file")
+    try:
+        check_regular(path, label)
+    except FileNotFoundError:
+        raise EnsError(f"{label}: no such file or folder") from None
+    except OSError as exc:  # a loop of links, a folder on the way it may not search
+        raise EnsError(f"{label}: cannot read it ({exc.strerror or exc})") from None
     return path
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """A JSON value of a dataset (an id, a label) as a message shows it: as JSON (``true``,
+    ``null``, ``"x"``, ``""``), so what the file holds is what the line says; cut at ``limit``."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def check_store_name(name: str, what: str) -> str:
@@ -177,12 +195,12 @@ def _load_json(path: Path, name: str, single: bool = False) -> Split:
             raise EnsError(f"{path}: images[{i}] lacks \"id\" or \"file_name\"")
         image_id = image["id"]
         if not is_id(image_id):
-            raise EnsError(f"{path}: images[{i}] has id {image_id!r}; expected an integer or a string")
+            raise EnsError(f"{path}: images[{i}] has id {shown(image_id)}; expected an integer or a string")
         if isinstance(image_id, int) and not INT64_MIN <= image_id <= INT64_MAX:
             raise EnsError(f"{path}: images[{i}] has id {image_id}, beyond the 64-bit integers a store holds "
                            f"({INT64_MIN}..{INT64_MAX})")
         if image_id in seen:
-            raise EnsError(f"{path}: duplicate image id {image_id!r}")
+            raise EnsError(f"{path}: duplicate image id {shown(image_id)}")
         seen.add(image_id)
         ids.append(image_id)
         paths.append(root / image["file_name"])
@@ -215,8 +233,9 @@ def _labels(doc: dict, ids: list, path: Path, single: bool) -> tuple[int | str |
             continue  # no image of the split has it: an id is an integer or a string
         if image in by_image and by_image[image] != category:
             if single:
-                raise EnsError(f"{path}: image {image} has annotations of two categories, {by_image[image]!r} "
-                               f"(annotations[{first[image]}]) and {category!r} (annotations[{i}]); a val image "
+                raise EnsError(f"{path}: image {shown(image)} has annotations of two categories, "
+                               f"{shown(by_image[image])} (annotations[{first[image]}]) and {shown(category)} "
+                               f"(annotations[{i}]); a val image "
                                "needs one label")
             several.add(image)
         by_image.setdefault(image, category)
@@ -247,15 +266,26 @@ def image_files(folder: Path) -> list[Path]:
     starting with ``.``) left out, in no particular order.
 
     Links are followed, as torchvision's ``ImageFolder`` follows them (``os.walk(followlinks=True)``):
-    a linked file or folder is listed under the link's path. A link to a folder that holds it
-    (directly or through other links) would be followed forever, and a link whose target is gone
-    or cannot be read lists nothing: each is an :class:`EnsError` naming the link, never skipped.
-    A non-regular file with an image name (a FIFO, a socket) is listed: ``ens infer`` reports it
-    as an image it cannot read. Each folder on the way is listed by ``os.scandir``; one that
-    cannot be is an :class:`EnsError` naming it.
+    a linked file or folder is listed under the link's path. Each real folder is listed once: a
+    link to a folder that holds it (directly or through other links) would be followed forever,
+    and a folder reached by two paths (two links to it, or a link and its own path) would list
+    its images twice under two ids, and links that fan out (each level linking twice to the
+    next) would list an exponential number of paths; each is an :class:`EnsError` naming the
+    paths, as is a link whose target is gone or cannot be read, never skipped. (Two paths to one
+    file are two images, as in ``ImageFolder``.) A non-regular file with an image name (a FIFO,
+    a socket) is listed: ``ens infer`` reports it as an image it cannot read. Each folder on the
+    way is listed by ``os.scandir``; one that cannot be is an :class:`EnsError` naming it.
+
+    A linked file costs one ``stat``; folders are told apart by device and inode, so no path is
+    resolved but in a message.
     """
+    try:
+        root = os.stat(folder)
+    except OSError as exc:
+        raise EnsError(f"{folder}: cannot list the folder ({exc.strerror or exc})") from None
+    seen = {(root.st_dev, root.st_ino): folder}  # each real folder listed, by the first path to it
     files = []
-    stack = [(folder, (os.path.realpath(folder),))]  # a folder, and the real folders above it
+    stack = [(folder, ((root.st_dev, root.st_ino),))]  # a folder, and the real folders above it
     while stack:
         current, above = stack.pop()
         try:
@@ -268,19 +298,32 @@ def image_files(folder: Path) -> list[Path]:
                 continue
             path = current / entry.name
             if entry.is_symlink():
-                target = os.path.realpath(path)
                 try:
-                    os.stat(path)
+                    info = os.stat(path)
                 except FileNotFoundError:
                     raise EnsError(f"{path}: a link to {os.readlink(path)}, which does not exist; remove the link "
                                    "or restore its target") from None
                 except OSError as exc:  # a loop of links, a target it may not read
                     raise EnsError(f"{path}: a link that cannot be followed ({exc.strerror or exc})") from None
-                if os.path.isdir(path) and target in above:
-                    raise EnsError(f"{path}: a link to {target}, a folder that holds it: following it would never "
-                                   "end; remove the link or point it outside that folder")
-            if entry.is_dir():
-                stack.append((path, above + (os.path.realpath(path),)))
+                is_folder = stat.S_ISDIR(info.st_mode)
+            else:
+                is_folder = entry.is_dir(follow_symlinks=False)
+                if is_folder:
+                    try:
+                        info = entry.stat(follow_symlinks=False)
+                    except OSError as exc:  # gone since it was listed
+                        raise EnsError(f"{path}: cannot list the folder ({exc.strerror or exc})") from None
+            if is_folder:
+                key = (info.st_dev, info.st_ino)
+                if key in above:
+                    raise EnsError(f"{path}: a link to {os.path.realpath(path)}, a folder that holds it: following "
+                                   "it would never end; remove the link or point it outside that folder")
+                if key in seen:
+                    first, second = sorted((seen[key], path))
+                    raise EnsError(f"{first} and {second}: two paths to one folder ({os.path.realpath(path)}), whose "
+                                   "images would be listed twice under two ids; remove one of the links")
+                seen[key] = path
+                stack.append((path, above + (key,)))
             elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
                 files.append(path)
     return files
@@ -300,17 +343,19 @@ def load_labels(path: Path, ids: np.ndarray, class_ids: Sequence[int | str]) -> 
     truth = {image: label for image, label in zip(split.ids, split.labels) if label is not None}
     for image, label in truth.items():
         if not is_id(label):
-            raise EnsError(f"{path}: image {image} is labelled {label!r}; expected an integer or a string "
-                           "category id")
+            raise EnsError(f"{path}: image {shown(image)} is labelled {shown(label)}; expected an integer or a "
+                           "string category id")
     column = {category_id(c): j for j, c in enumerate(class_ids)}
     missing = [i for i in ids.tolist() if i not in truth]
     if missing:
-        raise EnsError(f"{path}: {len(missing)} images have no label, first ids {', '.join(map(str, missing[:5]))}")
+        listed = ", ".join(shown(i) for i in missing[:5])
+        raise EnsError(f"{path}: 1 image has no label, id {listed}" if len(missing) == 1 else
+                       f"{path}: {len(missing)} images have no label, first ids {listed}")
     unknown = [(i, truth[i]) for i in ids.tolist() if truth[i] not in column]
     if unknown:
         image, category = unknown[0]
-        raise EnsError(f"{path}: image {image} is labelled {category!r}, a category the models do not predict "
-                       f"({len(unknown)} such images)")
+        raise EnsError(f"{path}: image {shown(image)} is labelled {shown(category)}, a category the models do not "
+                       f"predict ({len(unknown)} such image{'' if len(unknown) == 1 else 's'})")
     return np.fromiter((column[truth[i]] for i in ids.tolist()), dtype=np.int64, count=ids.size)
 
 
@@ -340,7 +385,7 @@ def read_class_counts(path: Path) -> dict[int | str, int]:
     for key, value in doc.items():
         category = category_id(key)
         if category in counts:
-            raise EnsError(f"{label}: counts category {category} twice")
+            raise EnsError(f"{label}: counts category {shown(category)} twice")
         counts[category] = _count(value, f"{label}: the count of category {key!r}")
     if not counts:
         raise EnsError(f"{label}: no categories")
@@ -385,10 +430,11 @@ def _csv_counts(path: Path, label: str) -> dict[int | str, int]:
             raise EnsError(f"{label}: line {number} has {len(row)} fields; expected category_id,count")
         category = category_id(row[0])
         if category in lines:
-            raise EnsError(f"{label}: line {number} counts category {row[0].strip()} again (first on line "
+            raise EnsError(f"{label}: line {number} counts category {shown(category)} again (first on line "
                            f"{lines[category]})")
         text = row[1].strip()
-        counts[category] = _count(int(text) if re.fullmatch(r"[+-]?\d+", text) else text,
+        number_text = _INTEGER.fullmatch(text)  # ASCII digits, as a category id's
+        counts[category] = _count(int(number_text.group(1)) if number_text else text,
                                   f"{label}: line {number}: the count {text!r}")
         lines[category] = number
     if not counts:

@@ -376,10 +376,10 @@ def test_a_fifo_checkpoint_or_classes_file_is_refused_not_read(tmp_path):
     import os
 
     os.mkfifo(tmp_path / "model.pt")
-    with pytest.raises(EnsError, match=r"model.pt: not a regular file \(a FIFO, device or socket\)"):
+    with pytest.raises(EnsError, match=r"model.pt: a named pipe \(FIFO\), not a regular file"):
         export_checkpoint(tmp_path / "model.pt", tmp_path / "out.onnx", ExportOptions(arch="resnet18"))
     from exporters.classes import load_class_ids
 
     os.mkfifo(tmp_path / "classes.json")
-    with pytest.raises(EnsError, match=r"--classes .*classes.json: not a regular file"):
+    with pytest.raises(EnsError, match=r"--classes .*classes.json: a named pipe \(FIFO\), not a regular file"):
         load_class_ids(tmp_path / "classes.json", 5)

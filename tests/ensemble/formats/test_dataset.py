@@ -28,10 +28,10 @@ def test_labels_in_the_order_of_the_store_ids(tmp_path):
 
 def test_an_image_without_a_label_or_with_a_foreign_one(tmp_path):
     path = _split(tmp_path / "val.json", annotations=((1, 10), (3, 30)))
-    with pytest.raises(EnsError, match=r"^\S+val.json: 1 images have no label, first ids 2$"):
+    with pytest.raises(EnsError, match=r"^\S+val.json: 1 image has no label, id 2$"):
         load_labels(path, np.array([1, 2, 3]), [10, 30])
     with pytest.raises(EnsError, match=r"^\S+val.json: image 3 is labelled 30, a category the models do not "
-                                       r"predict \(1 such images\)$"):
+                                       r"predict \(1 such image\)$"):
         load_labels(path, np.array([1, 3]), [10, 20])
 
 
@@ -48,7 +48,7 @@ def test_no_annotations(tmp_path):
       "annotations": [{"image_id": 1, "category_id": 0}]}, "duplicate image id 1"),
     ({"annotations": [{"image_id": 1, "category_id": 0}]}, 'no "images" list (expected a COCO / iNaturalist json)'),
     ({"images": [{"id": True, "file_name": "a"}], "annotations": [{"image_id": 1, "category_id": 0}]},
-     "images[0] has id True; expected an integer or a string"),
+     "images[0] has id true; expected an integer or a string"),
     ({"images": [{"id": 1, "file_name": "a"}], "annotations": [{"image_id": 1}]},
      'annotations[0] lacks "image_id" or "category_id"'),
     ({"images": [{"id": 1, "file_name": "a"}], "annotations": ["x"]},
@@ -56,7 +56,7 @@ def test_no_annotations(tmp_path):
     ({"images": [{"id": 1, "file_name": "a"}], "annotations": {"image_id": 1, "category_id": 0}},
      '"annotations" is not a list'),
     ({"images": [{"id": 1, "file_name": "a"}], "annotations": [{"image_id": 1, "category_id": True}]},
-     "image 1 is labelled True; expected an integer or a string category id"),
+     "image 1 is labelled true; expected an integer or a string category id"),
     ({"images": [{"id": 1, "file_name": "a"}], "annotations": [{"image_id": 1, "category_id": [0]}]},
      "image 1 is labelled [0]; expected an integer or a string category id"),
     ({"images": [{"id": 1, "file_name": "a"}], "annotations": [{"image_id": 1, "category_id": 1.0}]},

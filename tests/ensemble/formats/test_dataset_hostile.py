@@ -52,8 +52,9 @@ def test_links_that_loop_through_each_other_are_refused(tmp_path):
     (root / "b").mkdir()
     (root / "a" / "to_b").symlink_to(root / "b", target_is_directory=True)
     (root / "b" / "to_a").symlink_to(root / "a", target_is_directory=True)
-    with pytest.raises(EnsError, match=r"a folder that holds it"):
+    with pytest.raises(EnsError) as info:  # each real folder is listed once: root/a's second path ends it
         load_split(root)
+    assert str(info.value).startswith(f"{root / 'a'} and {root / 'b' / 'to_a'}: two paths to one folder")
 
 
 def test_a_dangling_link_is_named_not_skipped(tmp_path):
@@ -241,7 +242,7 @@ def test_classes_from_coco_categories_are_sorted_as_the_ids_they_are(tmp_path):
     coco.write_text(json.dumps({"categories": [{"id": "b"}, {"id": 2}]}))
     with pytest.raises(EnsError) as info:
         classes.load_class_ids(coco, 2)
-    assert str(info.value) == (f"--classes {coco}: the categories mix integer and string ids (2 and 'b'), which "
+    assert str(info.value) == (f'--classes {coco}: the categories mix integer and string ids (2 and "b"), which '
                                "have no order; give a JSON list of the ids in the model's output order")
 
 
@@ -251,3 +252,179 @@ def test_an_image_id_of_more_digits_than_python_parses_is_one_line(tmp_path):
     with pytest.raises(EnsError) as info:
         load_split(path)
     assert str(info.value).startswith(f"{path}: not a JSON file (Exceeds the limit (4300 digits) for integer string")
+
+
+# --------------------------------------------- second round: links listed fast, each real folder once
+
+
+def test_linked_files_are_listed_without_resolving_each_one(tmp_path, monkeypatch):
+    # A split made of links to the files elsewhere (a common way to cut a subset): realpath, which
+    # looks at every component of the path, is for linked folders; a linked file needs one stat.
+    from ensemble.formats import dataset
+
+    write_images(tmp_path / "all", [(8, 8)] * 30, ".png")
+    root = tmp_path / "test"
+    root.mkdir()
+    for path in sorted((tmp_path / "all").iterdir()):
+        (root / path.name).symlink_to(path)
+    calls = []
+    realpath = os.path.realpath
+    monkeypatch.setattr(dataset.os.path, "realpath", lambda p, *a, **k: calls.append(p) or realpath(p, *a, **k))
+    assert len(load_split(root)) == 30
+    assert len(calls) <= 1, calls
+
+
+def test_links_that_fan_out_are_refused_at_once(tmp_path):
+    """Twenty levels, each with two links to the next: 2**20 paths to one image. Each real
+    folder is listed once, so the second path to one is refused in one line naming both."""
+    import subprocess
+    import sys
+
+    levels = [tmp_path / f"d{i}" for i in range(21)]
+    for level in levels:
+        level.mkdir()
+    write_images(levels[-1], [(8, 8)], ".png")
+    for level, below in zip(levels, levels[1:]):
+        for name in ("a", "b"):
+            (level / name).symlink_to(below, target_is_directory=True)
+    code = ("import sys\nfrom ensemble.errors import EnsError\nfrom ensemble.formats.dataset import load_split\n"
+            "try:\n    load_split(sys.argv[1])\nexcept EnsError as exc:\n    print(exc)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(levels[5])], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).parents[3])
+    assert done.stdout.strip() == (
+        f"{levels[5] / 'a'} and {levels[5] / 'b'}: two paths to one folder ({levels[6]}), whose images would be "
+        "listed twice under two ids; remove one of the links"), done.stderr
+
+
+def test_a_folder_reached_through_a_link_and_by_its_own_path_is_refused(tmp_path):
+    root = tmp_path / "test"
+    write_images(root / "birds", [(8, 8)], ".png")
+    (root / "also").symlink_to(root / "birds", target_is_directory=True)
+    with pytest.raises(EnsError) as info:
+        load_split(root)
+    assert str(info.value) == (f"{root / 'also'} and {root / 'birds'}: two paths to one folder ({root / 'birds'}), "
+                               "whose images would be listed twice under two ids; remove one of the links")
+
+
+def test_two_links_to_one_file_stay_two_images(tmp_path):
+    # Files are not folders: a duplicated image is a dataset's business, as in ImageFolder.
+    root = tmp_path / "test"
+    write_images(root, [(8, 8)], ".png")
+    (root / "copy.png").symlink_to(root / "img000.png")
+    assert load_split(root).ids == ("copy.png", "img000.png")
+
+
+# ------------------------------------------------------- a split json that is not a regular file
+
+
+@pytest.mark.parametrize("name", ["val2019.json", "test2019.json", "train2019.json"])
+def test_a_fifo_in_place_of_a_split_json_is_named_not_missing(tmp_path, name):
+    from ensemble.formats.dataset import find_split
+
+    os.mkfifo(tmp_path / name)
+    split = name.split("2019")[0]
+    with pytest.raises(EnsError) as info:
+        find_split(tmp_path, split, folders=False, required=split != "train")
+    assert str(info.value) == f"{tmp_path / name}: a named pipe (FIFO), not a regular file"
+
+
+def test_ens_infer_names_a_fifo_val_json(tmp_path):
+    os.mkfifo(tmp_path / "val2019.json")
+    one_line_error(ens("infer", tiny_onnx(tmp_path / "m.onnx"), "--data", tmp_path, "--split", "val",
+                       "--out", tmp_path / "runs"),
+                   f"{tmp_path / 'val2019.json'}: a named pipe (FIFO), not a regular file")
+
+
+def test_one_rule_for_files_that_are_not_regular(tmp_path):
+    from ensemble.formats.dataset import check_regular_file
+
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(EnsError) as info:
+        check_regular_file(tmp_path / "pipe", "--prior")
+    assert str(info.value) == f"--prior {tmp_path / 'pipe'}: a named pipe (FIFO), not a regular file"
+    with pytest.raises(EnsError) as info:
+        check_regular_file(tmp_path)
+    assert str(info.value) == f"{tmp_path}: a folder, not a regular file"
+    with pytest.raises(EnsError) as info:
+        check_regular_file(tmp_path / "none.json")
+    assert str(info.value) == f"{tmp_path / 'none.json'}: no such file or folder"
+
+
+# ------------------------------------------------------------------ messages show JSON as JSON
+
+
+@pytest.mark.parametrize("text, shown", [("true", "true"), ("null", "null"), ("1e400", "Infinity"), ("1.5", "1.5"),
+                                         ('[1, "a"]', '[1, "a"]')])
+def test_an_image_id_that_is_no_id_is_shown_as_json(tmp_path, text, shown):
+    path = tmp_path / "test2019.json"
+    path.write_text('{"images": [{"id": %s, "file_name": "a.jpg"}]}' % text)
+    with pytest.raises(EnsError) as info:
+        load_split(path)
+    assert str(info.value) == f"{path}: images[0] has id {shown}; expected an integer or a string"
+
+
+def test_a_duplicate_string_id_is_shown_as_json(tmp_path):
+    path = tmp_path / "test2019.json"
+    path.write_text(json.dumps({"images": [{"id": "x", "file_name": "a.jpg"}, {"id": "x", "file_name": "b.jpg"}]}))
+    with pytest.raises(EnsError) as info:
+        load_split(path)
+    assert str(info.value) == f'{path}: duplicate image id "x"'
+
+
+@pytest.mark.parametrize("label, shown", [(True, "true"), (1.5, "1.5"), ([3], "[3]")])
+def test_a_label_that_is_no_id_is_shown_as_json(tmp_path, label, shown):
+    path = _val(tmp_path / "val2019.json", [(1, label), (2, 3)])
+    with pytest.raises(EnsError) as info:
+        load_labels(path, np.array([1, 2]), [3])
+    assert str(info.value) == (f"{path}: image 1 is labelled {shown}; expected an integer or a string category id")
+
+
+def test_one_image_is_one_image(tmp_path):
+    path = _val(tmp_path / "val2019.json", [(1, 3)], images=(1, 2))
+    with pytest.raises(EnsError) as info:
+        load_labels(path, np.array([1, 2]), [3])
+    assert str(info.value) == f"{path}: 1 image has no label, id 2"
+    path = _val(tmp_path / "val2019.json", [(1, 3), (2, "x")], images=(1, 2))
+    with pytest.raises(EnsError) as info:
+        load_labels(path, np.array([1, 2]), [3])
+    assert str(info.value) == f'{path}: image 2 is labelled "x", a category the models do not predict (1 such image)'
+
+
+def test_an_empty_category_id_is_shown_quoted(tmp_path):
+    csv_file = tmp_path / "counts.csv"
+    csv_file.write_text("x,1\n,2\n,3\n")
+    with pytest.raises(EnsError) as info:
+        read_class_counts(csv_file)
+    assert str(info.value) == f'--prior {csv_file}: line 3 counts category "" again (first on line 2)'
+
+
+@pytest.mark.parametrize("count", ["\u0663", "1_000", "\uff15"])
+def test_a_prior_count_is_ascii_digits_as_a_category_id_is(tmp_path, count):
+    csv_file = tmp_path / "counts.csv"
+    csv_file.write_text(f"1,2\n3,{count}\n")
+    with pytest.raises(EnsError) as info:
+        read_class_counts(csv_file)
+    assert str(info.value) == f"--prior {csv_file}: line 2: the count {count!r} is not a non-negative integer"
+
+
+def test_a_prior_count_with_a_sign_or_blanks_reads_as_a_category_id_would(tmp_path):
+    csv_file = tmp_path / "counts.csv"
+    csv_file.write_text("1, +4 \n2,007\n")
+    assert read_class_counts(csv_file) == {1: 4, 2: 7}
+
+
+def test_one_category_is_one_category(tmp_path):
+    classes = pytest.importorskip("exporters.classes")
+    listed = tmp_path / "classes.json"
+    listed.write_text("[7]")
+    with pytest.raises(EnsError) as info:
+        classes.load_class_ids(listed, 3)
+    assert str(info.value) == f"--classes {listed}: lists 1 category but the model predicts 3"
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    with pytest.raises(EnsError) as info:
+        classes.load_class_ids(tmp_path / "train", 3)
+    assert str(info.value) == f"--classes {tmp_path / 'train'}: holds 1 class folder but the model predicts 3"
+    listed.write_text("[7, true]")
+    with pytest.raises(EnsError) as info:
+        classes.load_class_ids(listed, 2)
+    assert str(info.value) == f"--classes {listed}: category ids must be integers or strings, got true"

@@ -292,6 +292,6 @@ def test_bad_inputs_are_one_line_and_write_nothing(work, tmp_path):
     doc = json.loads((work.data / "val2019.json").read_text())
     doc["annotations"] = doc["annotations"][1:]
     (short / "val2019.json").write_text(json.dumps(doc))
-    one_line_error(ens("report", work.full, "--data", short, "-o", out), f"{short / 'val2019.json'}: 1 images have no label")
+    one_line_error(ens("report", work.full, "--data", short, "-o", out), f"{short / 'val2019.json'}: 1 image has no label")
     one_line_error(ens("report", work.full, "--data", tmp_path / "lone", "-o", out), "no val split")
     assert not out.exists() and not list(tmp_path.glob("*.tmp*"))
