@@ -433,16 +433,21 @@ def submit(
     with _user_errors(ctx):
         from ensemble.submission.submit import CheckResult, SubmitRequest, run_request
 
+        # Warnings are printed as they are found: before an upload, and also when it fails.
         result = run_request(SubmitRequest(predictions=predictions, data=data, format=fmt, name=name, sample=sample,
                                            missing=missing, compress=compress, dry_run=dry_run,
-                                           competition=competition, message=message, check=check, retry=retry))
-    for note in result.notes:
-        _echo(f"warning: {note}", err=True)
+                                           competition=competition, message=message, check=check, retry=retry),
+                             warn=lambda note: _echo(f"warning: {note}", err=True))
     if isinstance(result, CheckResult):
         fmt_spec = result.submission.format
         against = result.reference.test_source.name + (f" and {sample.name}" if sample is not None else "")
         _echo(f"ok: {check}: {len(result.submission.ids)} rows, {fmt_spec.name} ({fmt_spec.header}, "
                    f"{result.submission.categories.shape[1]} known category ids per row), every id of {against} once")
+        if result.test_set is not None and result.test_set.check == "verified":
+            _echo(f"verified: made from {result.reference.test_source} (through the blend.json beside it)")
+        else:
+            _echo(f"note: --check verifies ids and categories only, not that the rows are predictions of the images "
+                  f"of {result.reference.test_source}", err=True)
         return
     if retry is None:
         _echo(f"wrote {result.path} ({result.entry.rows} rows, {result.entry.format})")
@@ -464,7 +469,9 @@ def _ledger_table(entries) -> list[str]:
     """The ledger as aligned text columns. CV is shown as top-1 error (1 - top-1 accuracy) so
     that it reads like the leaderboard scores of the top-1 competitions beside it; ``filled``
     (rows `--missing prior` filled, and from what) is blank where none was, and ``tau`` (the
-    blend's long-tail prior correction, `ens blend --prior`) where the blend had none."""
+    blend's long-tail prior correction, `ens blend --prior`) where the blend had none; ``test set``
+    is the row's ``test_check`` (``unverified``: not traced to the test json), blank for rows
+    written before it was recorded."""
 
     def number(value):
         return "" if value is None else f"{value:.4f}"
@@ -477,9 +484,9 @@ def _ledger_table(entries) -> list[str]:
     def filled(e):
         return f"{e.filled} {e.fill_source or ''}".rstrip() if e.filled else ""
 
-    header = ("ID", "created", "file", "filled", "status", "kaggle", "CV top-1 error", "tau", "public", "private",
-              "message")
-    rows = [(str(e.id), e.created, e.file, filled(e), e.status, e.kaggle_status or "", cv_error(e),
+    header = ("ID", "created", "file", "filled", "status", "test set", "kaggle", "CV top-1 error", "tau", "public",
+              "private", "message")
+    rows = [(str(e.id), e.created, e.file, filled(e), e.status, e.test_check or "", e.kaggle_status or "", cv_error(e),
              "" if e.prior_tau is None else f"{e.prior_tau:.3f}", number(e.public_score), number(e.private_score),
              e.message or "") for e in entries]
     rows = [tuple(map(printable, row)) for row in rows]  # escaped first: the widths are of what is shown

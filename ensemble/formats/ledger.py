@@ -13,7 +13,8 @@ format              the competition format (``inat2019``...)
 rows                rows in the file
 competition         Kaggle competition slug; NULL until an upload is tried
 message             the submission message; NULL until an upload is tried
-source              the blend folder (or the hand-made predictions file) the rows came from
+source              the blend folder (or the hand-made predictions file) the rows came from,
+                    as given to `ens submit`; a byte of the path that is not UTF-8 as ``\\xNN``
 blend_method        ``method`` of the blend.json beside the predictions; this and the next
                     five are NULL without one
 blend_members       JSON list of the member names
@@ -80,7 +81,7 @@ from typing import Any, Callable, Iterator, Mapping
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
 from ensemble.formats.blend import BlendSummary
-from ensemble.formats.common import is_count, is_finite, is_names, parse_json
+from ensemble.formats.common import check_regular, is_count, is_finite, is_names, parse_json
 
 LEDGER = "ledger.sqlite"
 #: Seconds a command waits for another process's lock on the ledger before it gives up.
@@ -220,6 +221,17 @@ CHECKS: dict[str, tuple[Callable[[object], object], str, bool]] = {
     f.name: (*f.metadata["check"], _nullable(f.metadata["sql"])) for f in dataclasses.fields(Entry)}
 
 
+def as_text(text: str) -> str:
+    """``text`` as valid UTF-8 text for the ledger: a path from the OS may hold bytes that are
+    not UTF-8 (Python carries them as lone surrogates, which sqlite refuses); each such byte is
+    stored as ``\\xNN``, the way ens shows it, and the rest as it is."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        raw = text.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def utc_now() -> str:
     """The current UTC time as the ledger writes it."""
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -237,6 +249,7 @@ class Ledger:
         """One transaction, committed when the block ends and rolled back if it raises; sqlite's
         errors become one line (:meth:`_failure`). ``write`` takes the write lock first."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._exists()
         try:
             con = sqlite3.connect(self.path, timeout=LOCK_WAIT, isolation_level=None)
         except sqlite3.Error as exc:
@@ -259,6 +272,19 @@ class Ledger:
             raise self._failure(exc) from None
         finally:
             con.close()  # without the COMMIT above, this rolls back
+
+    def _exists(self) -> bool:
+        """Whether the ledger file exists; an :class:`EnsError` naming it when something other
+        than a regular file stands there (a FIFO would leave sqlite waiting or failing with
+        "disk I/O error")."""
+        if not self.path.exists():
+            return False
+        try:
+            check_regular(self.path)
+        except EnsError as exc:
+            raise EnsError(f"{exc}; the ledger is the sqlite file ens makes: move it aside to start a new one") \
+                from None
+        return True
 
     def _schema_changes(self, con: sqlite3.Connection) -> list[str]:
         """What makes this file a current ledger: the table for a new (empty) file, the
@@ -314,7 +340,7 @@ class Ledger:
             with self._transaction(write=True) as con:
                 path = write()
                 values = dict(file=path.name, sha256=sha256_file(path), created=created, format=format, rows=rows,
-                              source=source, status="not-uploaded", filled=filled, fill_source=fill_source,
+                              source=as_text(source), status="not-uploaded", filled=filled, fill_source=fill_source,
                               test_sha256=test_sha256, test_check=test_check)
                 if blend is not None:
                     values.update(blend_method=blend.method, blend_members=json.dumps(list(blend.members)),
@@ -334,14 +360,14 @@ class Ledger:
         return entry
 
     def get(self, entry_id: int) -> Entry:
-        if not self.path.is_file():
+        if not self._exists():
             raise EnsError(f"ledger entry {entry_id}: there is no ledger at {self.path}")
         with self._transaction(write=False) as con:
             return self._get(con, entry_id)
 
     def entries(self) -> list[Entry]:
         """All rows, oldest first; none when there is no ledger yet."""
-        if not self.path.is_file():
+        if not self._exists():
             return []
         with self._transaction(write=False) as con:
             return [self._entry(row) for row in con.execute("SELECT * FROM submissions ORDER BY id")]
@@ -355,8 +381,9 @@ class Ledger:
             status, uploaded = "upload-failed", None
         with self._transaction(write=True) as con:
             con.execute("UPDATE submissions SET competition = ?, message = ?, status = ?, error = ?, kaggle_ref = ?, "
-                        "uploaded = ? WHERE id = ?", (competition, message, status, error, kaggle_ref, uploaded,
-                                                      entry_id))
+                        "uploaded = ? WHERE id = ?", (as_text(competition), as_text(message), status,
+                                                      None if error is None else as_text(error), kaggle_ref,
+                                                      uploaded, entry_id))
             return self._get(con, entry_id)
 
     def store_scores(self, entry_id: int, *, kaggle_ref: int, kaggle_status: str, public_score: float | None,

@@ -37,10 +37,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ensemble.formats.common import is_int, read_json
+from ensemble.fileio import name_max
+from ensemble.formats.common import check_regular, is_int, read_json
 from ensemble.formats.dataset import find_split, load_split, split_candidates
 from ensemble.formats.predictions import header_top_k
-from ensemble.errors import EnsError
+from ensemble.errors import EnsError, printable
 
 #: How many offending lines or ids an error message names before "and N more".
 _SHOWN = 5
@@ -161,8 +162,9 @@ class Submission:
 def read_csv_text(path: str | os.PathLike) -> pd.DataFrame:
     """A CSV (or ``.csv.gz``) with every cell kept as its text; short rows get empty cells."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise EnsError(f"{path}: no such file")
+    check_regular(path)  # a FIFO would make pandas wait forever; a folder is no CSV
     try:
         # header=None keeps the header line as written (pandas would rename a repeated name).
         table = pd.read_csv(path, header=None, dtype=str, keep_default_na=False, na_filter=False)
@@ -394,13 +396,71 @@ def render(submission: Submission) -> bytes:
     return (fmt.header + "\n" + "".join(line + "\n" for line in lines)).encode("ascii")
 
 
+#: What a file name after the timestamp may hold; the first character a letter or digit.
+NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+#: Room kept in the longest file name for the ``-2``, ``-3``... of :func:`ensemble.fileio.write_new`.
+_TAKEN_SUFFIX = len("-999")
+
+
+def check_name(name: str) -> None:
+    """``--name``: letters, digits, '.', '_' and '-', a letter or digit first."""
+    if not re.fullmatch(NAME, name):
+        raise EnsError(f"--name '{printable(name)}': use letters, digits, '.', '_' and '-' only, a letter or "
+                       "digit first")
+
+
+def longest_name(folder: str | os.PathLike, when: dt.datetime, compress: bool) -> int:
+    """How many characters the name after the timestamp may have in ``folder`` (which may not
+    exist yet: its nearest existing parent's file system is asked), room left for ``-999``."""
+    place = Path(folder)
+    while not place.is_dir() and place != place.parent:
+        place = place.parent
+    taken = len(_file_name("", when, compress)) + _TAKEN_SUFFIX
+    return name_max(place) - taken
+
+
+def submission_name(folder: str | os.PathLike, given: str | None, default: str, when: dt.datetime,
+                    compress: bool) -> tuple[str, str | None]:
+    """The name after the timestamp, and a note when it is not what was asked for.
+
+    ``given`` (``--name``) is used as it is, or refused: other characters than :data:`NAME`'s,
+    or too long for ``folder``'s file system (its longest file name, less the timestamp,
+    suffix and room for ``-999``). Without it, ``default`` (the blend folder's name) is made
+    into such a name: each other character becomes '_', leading '.', '_' and '-' go, and it is
+    cut to the length that fits; the note says so."""
+    limit = longest_name(folder, when, compress)
+    if given is not None:
+        check_name(given)
+        if len(given) > limit:
+            raise EnsError(f"--name {given[:20]}...: too long ({len(given)} characters); file names in {folder} "
+                           f"take at most {limit} after the timestamp")
+        return given, None
+    replaced = re.sub(r"[^A-Za-z0-9._-]", "_", default)
+    safe = replaced.lstrip("._-") or "submission"
+    changes = []
+    if replaced != default:
+        changes.append("each character other than letters, digits, '.', '_' and '-' replaced by '_'")
+    if safe != replaced:
+        changes.append("its leading '.', '_' and '-' left out")
+    if len(safe) > limit:
+        safe = safe[:limit]
+        changes.append(f"shortened to {limit} characters (the longest file name {folder} takes, less the "
+                       "timestamp and suffix)")
+    if not changes:
+        return safe, None
+    return safe, (f"--name: the file is named '{safe}' after '{printable(default)}', "
+                  f"{' and '.join(changes)}; give --name NAME to choose another")
+
+
+def _file_name(name: str, when: dt.datetime, compress: bool) -> str:
+    return f"{when.astimezone(dt.timezone.utc):%Y%m%dT%H%M%SZ}_{name}{'.csv.gz' if compress else '.csv'}"
+
+
 def submission_path(folder: str | os.PathLike, name: str, when: dt.datetime, compress: bool) -> Path:
     """``<folder>/<UTC time>_<name>.csv[.gz]``, the name a file is first tried under
     (:func:`ensemble.fileio.write_new` appends ``-2``, ``-3``... should that be taken)."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise EnsError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
-    suffix = ".csv.gz" if compress else ".csv"
-    return Path(folder) / f"{when.astimezone(dt.timezone.utc):%Y%m%dT%H%M%SZ}_{name}{suffix}"
+    check_name(name)
+    return Path(folder) / _file_name(name, when, compress)
 
 
 def submission_bytes(submission: Submission, compress: bool) -> bytes:

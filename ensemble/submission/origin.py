@@ -3,25 +3,32 @@
 Image ids do not tell two test jsons apart: another ``test2019.json`` with the same ids may name
 other images, and predictions of the one pass every check against the other. What tells them
 apart is the json's sha256, which every store records (``manifest.json``'s ``dataset.sha256``,
-:mod:`ensemble.formats.store`). :func:`check_test_set` follows the chain back to it:
+:mod:`ensemble.formats.store`) and `ens blend` copies into the ``blend.json`` it writes beside
+the predictions. :func:`check_test_set` follows the chain back to it, through that blend.json's
+``apply`` (:class:`ensemble.formats.blend.SplitStores`):
 
-1. the ``blend.json`` beside the predictions (the file :class:`~ensemble.formats.blend.BlendSummary`
-   is read from), its ``apply``: the split the blend fused and the sha256 of each model's store
-   arrays (:func:`ensemble.formats.blend.store_digest`);
-2. those very stores, looked for under the folder blend.json records (``runs``), then under
-   ``runs/`` of the folder `ens blend` ran in (``<work>/blends/<name>`` beside ``<work>/runs``),
-   then under ``./runs``; a folder counts only when every model's store there has the recorded
-   sha256 and their image ids are the predictions' ids;
-3. each store's ``dataset.sha256``, which must be the sha256 of ``--data``'s test json. One
-   that differs is refused (:class:`EnsError` naming both files): the predictions are of other
-   images.
+1. ``predictions_sha256``, the sha256 of the predictions.csv the blend wrote: the file given
+   must have it, else it was edited or replaced since the blend (another blend's predictions
+   copied over it hold the same ids) and nothing ties it to the blend's stores;
+2. ``dataset_sha256``, the sha256 of the json the applied stores were made from, which must be
+   the sha256 of ``--data``'s test json. One that differs is refused (:class:`EnsError` naming
+   both): the predictions are of other images. No store is read: the stores are gigabytes at
+   iNat 2021's size, and blend.json already holds what they say.
+
+A blend.json of an older ens records neither; then the stores themselves are the chain (the
+fallback): ``apply``'s split and the sha256 of each model's store arrays
+(:func:`ensemble.formats.blend.store_digest`); those stores looked for under the folder
+blend.json records (``runs``), then under ``runs/`` of the folder `ens blend` ran in
+(``<work>/blends/<name>`` beside ``<work>/runs``), then under ``./runs``; a folder counts only
+when every model's store there has the recorded sha256 and their image ids are the
+predictions' ids; and each store's ``dataset.sha256`` compared as in 2.
 
 Where the chain cannot be made (hand-made predictions without a blend.json, a blend.json that
-applied nothing, stores moved or made again since the blend) the file is still written: the
-ids and categories are checked as always, hand-made predictions are a supported input, and
-refusing would leave no way to submit them. The result then says why, `ens submit` prints it
-as a one-line warning, and the ledger records the row as ``unverified``
-(:data:`ensemble.formats.ledger.UNVERIFIED`).
+applied nothing, predictions edited since the blend, stores moved or made again since the
+blend) the file is still written: the ids and categories are checked as always, hand-made
+predictions are a supported input, and refusing would leave no way to submit them. The result
+then says why, `ens submit` prints it as a one-line warning, and the ledger records the row as
+``unverified`` (:data:`ensemble.formats.ledger.UNVERIFIED`).
 """
 
 from __future__ import annotations
@@ -32,9 +39,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ensemble.errors import EnsError
+from ensemble.errors import EnsError, printable
 from ensemble.fileio import sha256_file
-from ensemble.formats.blend import BLEND_FILE, store_digest
+from ensemble.formats.blend import BLEND_FILE, is_sha256, store_digest
 from ensemble.formats.common import read_json
 from ensemble.formats.dataset import check_store_name
 from ensemble.formats.ledger import UNVERIFIED, VERIFIED
@@ -60,6 +67,9 @@ def check_test_set(csv: Path, ids: np.ndarray, test_json: Path) -> TestSetCheck:
     were made from ``test_json`` (see the module docstring); :class:`EnsError` when the stores
     they came from were made from another json."""
     sha256 = sha256_file(test_json)
+    recorded = _recorded(csv)
+    if recorded is not None:
+        return _check_recorded(csv, test_json, sha256, *recorded)
     stores, why = _trace(csv, ids)
     if stores is None:
         return TestSetCheck(sha256, UNVERIFIED, f"{csv}: not checked to be predictions of {test_json} ({why}); "
@@ -77,6 +87,38 @@ def check_test_set(csv: Path, ids: np.ndarray, test_json: Path) -> TestSetCheck:
                            f"(sha256 {sha256[:12]}...): the same ids may name other images; give --data the "
                            f"folder of the json the predictions were made from, or run `ens infer` on "
                            f"{test_json} and `ens blend` again")
+    return TestSetCheck(sha256, VERIFIED)
+
+
+def _recorded(csv: Path) -> tuple[Path, str, str] | None:
+    """blend.json beside ``csv``, and the sha256s its ``apply`` records of the predictions.csv
+    and the stores' json, when it records both (an older ens: ``None``, the stores are the chain)."""
+    blend_json = csv.parent / BLEND_FILE
+    if not _is_file(blend_json):
+        return None
+    doc = read_json(blend_json)
+    apply = doc.get("apply") if isinstance(doc, dict) else None
+    if not isinstance(apply, dict):
+        return None
+    predictions, dataset = apply.get("predictions_sha256"), apply.get("dataset_sha256")
+    if not (is_sha256(predictions) and is_sha256(dataset)):
+        return None
+    return blend_json, predictions, dataset
+
+
+def _check_recorded(csv: Path, test_json: Path, sha256: str, blend_json: Path, predictions: str,
+                    dataset: str) -> TestSetCheck:
+    """Step 1 and 2 of the module docstring, from what blend.json records; no store is read."""
+    if sha256_file(csv) != predictions:
+        return TestSetCheck(sha256, UNVERIFIED, f"{csv}: not checked to be predictions of {test_json} (it is not the "
+                                                f"predictions.csv {_shown(blend_json)} records, by sha256: edited or "
+                                                "replaced since the blend); written anyway and recorded in the ledger "
+                                                "as unverified")
+    if dataset != sha256:
+        raise EnsError(f"{csv}: made from a json of sha256 {dataset[:12]}... (as {_shown(blend_json)} records of its "
+                       f"stores), not from --data's {test_json} (sha256 {sha256[:12]}...): the same ids may name "
+                       f"other images; give --data the folder of the json the predictions were made from, or run "
+                       f"`ens infer` on {test_json} and `ens blend` again")
     return TestSetCheck(sha256, VERIFIED)
 
 
@@ -166,12 +208,7 @@ def _is_file(path: Path) -> bool:
         return False
 
 
-def _printable(text: str) -> str:
-    """``text`` from a file, its control characters escaped: it is echoed on one line."""
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
-
-
 def _shown(path: Path, width: int = 160) -> str:
     """``path`` as a message shows it: printable, and cut in the middle past ``width`` characters."""
-    text = _printable(str(path))
+    text = printable(str(path))
     return text if len(text) <= width else text[:width // 2 - 2] + "..." + text[-(width // 2 - 1):]

@@ -13,7 +13,13 @@ write lock (:meth:`~ensemble.formats.ledger.Ledger.record`), the file created un
 name no other file has and its ledger row inserted as ``not-uploaded`` (both or neither),
 and only then the upload tried, its outcome (``uploaded`` or ``upload-failed``) stored in
 the same row. :func:`retry` uploads a recorded file again after checking that its bytes are
-still those recorded.
+still those recorded. Warnings (a ``--format`` the layout disagrees with, a default file name
+made safe or shortened, predictions not traced to the test json) go to a ``warn`` callback
+before the upload, so a failed upload does not hide them.
+
+Files and ledger go to ``submissions/`` of the folder ens runs in (:data:`SUBMISSIONS`), the work
+folder that holds ``blends/`` and ``runs/``, where `ens report` looks for the ledger; a
+``submissions/`` inside a blend folder (`ens submit .` run there) is refused.
 """
 
 from __future__ import annotations
@@ -30,18 +36,22 @@ import numpy as np
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file, write_new
 from ensemble.formats.blend import BLEND_FILE, BlendSummary
-from ensemble.formats.common import read_json
-from ensemble.formats.ledger import Entry, Ledger
+from ensemble.formats.common import check_regular, read_json
+from ensemble.formats.ledger import Entry, Ledger, as_text
 from ensemble.formats.predictions import PREDICTIONS_FILE
 from ensemble.submission import kaggle_client
 from ensemble.submission.fill import DEFAULT_MISSING, MISSING_HINT, Fill, check_missing, fill_missing, find_fill
 from ensemble.submission.kaggle_client import Receipt, UploadError
 from ensemble.submission.kaggle_csv import (Reference, Submission, check_file, check_rows, choose_format,
-                                            load_reference, read_predictions, submission_bytes, submission_path)
-from ensemble.submission.origin import check_test_set
+                                            load_reference, read_predictions, submission_bytes, submission_name,
+                                            submission_path)
+from ensemble.submission.origin import TestSetCheck, check_test_set
 
-#: Where files and ledger go, relative to the working folder.
+#: Where files and ledger go, relative to the folder ens runs in (the work folder, which holds
+#: blends/ and runs/; `ens report` looks for the ledger there).
 SUBMISSIONS = Path("submissions")
+#: Something to show a warning with, as soon as it is known (before any upload).
+Warn = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -100,12 +110,14 @@ class SubmitResult:
 
 @dataclass(frozen=True)
 class CheckResult:
-    """What ``ens submit --check`` found: the checked rows, what they were checked against and
-    the warnings to show."""
+    """What ``ens submit --check`` found: the checked rows, what they were checked against, the
+    warnings to show and, for a file beside a blend.json, the test-set check of a submit
+    (``None`` otherwise: then only ids and categories were checked)."""
 
     submission: Submission
     reference: Reference
     notes: tuple[str, ...] = ()
+    test_set: TestSetCheck | None = None
 
 
 @dataclass(frozen=True)
@@ -133,35 +145,53 @@ def resolve_predictions(path: str | os.PathLike) -> PredictionsSource:
     """``PREDICTIONS``: a blend folder holding ``predictions.csv``, or a CSV file."""
     path = Path(path)
     csv = path / PREDICTIONS_FILE if path.is_dir() else path
-    if not csv.is_file():
+    if not csv.exists():
         raise EnsError(f"{path}: no {PREDICTIONS_FILE} in this folder" if path.is_dir() else f"{path}: no such file")
+    check_regular(csv)  # a FIFO would leave the reader waiting forever
     blend_json = csv.parent / BLEND_FILE
     blend = BlendSummary.read(blend_json) if blend_json.is_file() else None
+    # The ledger stores text: a path's bytes that are not UTF-8 as \xNN (sqlite refuses lone surrogates).
     if csv.name == PREDICTIONS_FILE:
-        return PredictionsSource(csv=csv, blend=blend, source=str(csv.parent), name=csv.parent.resolve().name)
-    return PredictionsSource(csv=csv, blend=blend, source=str(csv), name=csv.name.split(".")[0])
+        return PredictionsSource(csv=csv, blend=blend, source=as_text(str(csv.parent)),
+                                 name=csv.parent.resolve().name)
+    return PredictionsSource(csv=csv, blend=blend, source=as_text(str(csv)), name=csv.name.split(".")[0])
 
 
 def submit(predictions: str | os.PathLike, data: str | os.PathLike, options: SubmitOptions,
-           folder: str | os.PathLike = SUBMISSIONS) -> SubmitResult:
-    """Check the predictions against ``--data``, write the CSV, record it, upload it."""
-    fmt, notes = choose_format(data, options.format)
+           folder: str | os.PathLike = SUBMISSIONS, warn: Warn | None = None) -> SubmitResult:
+    """Check the predictions against ``--data``, write the CSV, record it, upload it.
+
+    Each warning is given to ``warn`` before Kaggle is contacted (so that it is seen even when
+    the upload fails) and kept in the result's ``notes``: a ``--format`` the layout disagrees
+    with before connecting, and those about the file written (its name, ``unverified``) once it
+    is written and recorded, as they then are true; a check or write that fails before gives
+    only its error."""
+    notes: list[str] = []
+
+    def note(text: str) -> None:
+        notes.append(text)
+        if warn is not None:
+            warn(text)
+
+    _check_folder(folder)
+    fmt, format_notes = choose_format(data, options.format)
+    for text in format_notes:
+        note(text)
     kaggle = kaggle_client.connect() if options.competition is not None else None
     source = resolve_predictions(predictions)
     reference = load_reference(data, fmt, options.sample)
+    now = _now()
+    name, name_note = submission_name(folder, options.name, source.name, now, options.compress)
     checked = check_rows(read_predictions(source.csv, fmt, reference, _models_predict(source)), fmt, reference,
                          source.csv, allow_missing=options.missing == "prior", hint=MISSING_HINT)
     test_set = check_test_set(source.csv, checked.ids, reference.test_source)
-    if test_set.warning is not None:
-        notes += (test_set.warning,)
     missing = np.setdiff1d(reference.test_ids, checked.ids)
     fill = None
     if missing.size:
         fill = find_fill(data, fmt, reference, checked, source.csv)
         checked = fill_missing(checked, missing, fill)
 
-    now = _now()
-    first_choice = submission_path(folder, options.name or source.name, now, options.compress)
+    first_choice = submission_path(folder, name, now, options.compress)
     content = submission_bytes(checked, options.compress)  # made before the ledger is locked, to lock it briefly
     ledger = Ledger(folder)
     entry = ledger.record(lambda: write_new(first_choice, content), created=f"{now:%Y-%m-%dT%H:%M:%SZ}",
@@ -169,10 +199,23 @@ def submit(predictions: str | os.PathLike, data: str | os.PathLike, options: Sub
                           filled=int(missing.size), fill_source=None if fill is None else fill.source,
                           test_sha256=test_set.sha256, test_check=test_set.check)
     path = Path(folder) / entry.file
+    for text in (name_note, test_set.warning):
+        if text is not None:
+            note(text)
     if kaggle is None:
-        return SubmitResult(path=path, entry=entry, receipt=None, fill=fill, notes=notes)
+        return SubmitResult(path=path, entry=entry, receipt=None, fill=fill, notes=tuple(notes))
     result = _upload(kaggle, ledger, entry, path, options.competition, options.message)
-    return dataclasses.replace(result, fill=fill, notes=notes)
+    return dataclasses.replace(result, fill=fill, notes=tuple(notes))
+
+
+def _check_folder(folder: str | os.PathLike) -> None:
+    """The submissions folder is not to be made inside a blend folder (`ens submit .` run in
+    one): `ens report` looks for the ledger beside blends/, and would never find it there."""
+    parent = Path(os.path.abspath(folder)).parent
+    if (parent / BLEND_FILE).exists():
+        raise EnsError(f"{parent} holds {BLEND_FILE}: ens submit writes {Path(folder).name}/ and its ledger in the "
+                       "folder it runs in, and a blend folder is not the place (`ens report` looks for the ledger "
+                       "in the folder that holds blends/); run ens submit from there")
 
 
 def _models_predict(source: PredictionsSource) -> int | None:
@@ -253,12 +296,25 @@ def refresh_scores(folder: str | os.PathLike = SUBMISSIONS) -> RefreshResult:
 
 
 def check(file: str | os.PathLike, data: str | os.PathLike, format: str | None = None,
-          sample: str | os.PathLike | None = None) -> CheckResult:
+          sample: str | os.PathLike | None = None, warn: Warn | None = None) -> CheckResult:
     """``ens submit --check``: every check on any CSV; nothing is written. ``format``: ``None``
-    for the one ``--data``'s layout names."""
+    for the one ``--data``'s layout names. A file beside a blend.json is also traced to the
+    test json as `ens submit` traces predictions (:func:`ensemble.submission.origin.check_test_set`);
+    any other file is checked for its ids and categories only, not for the images they are of."""
     fmt, notes = choose_format(data, format)
+    if warn is not None:
+        for text in notes:
+            warn(text)
     reference = load_reference(data, fmt, sample)
-    return CheckResult(submission=check_file(file, fmt, reference), reference=reference, notes=notes)
+    submission = check_file(file, fmt, reference)
+    test_set = None
+    if (Path(file).parent / BLEND_FILE).is_file():
+        test_set = check_test_set(Path(file), submission.ids, reference.test_source)
+        if test_set.warning is not None:
+            notes += (test_set.warning,)
+            if warn is not None:
+                warn(test_set.warning)
+    return CheckResult(submission=submission, reference=reference, notes=notes, test_set=test_set)
 
 
 # ------------------------------------------------------------------------------ `ens submit`'s modes
@@ -311,23 +367,23 @@ class Mode:
     takes: tuple[str, ...]
     needs: tuple[str, ...]
     lacking: str
-    run: Callable[[SubmitRequest], SubmitResult | CheckResult]
+    run: Callable[[SubmitRequest, Warn | None], SubmitResult | CheckResult]
 
 
-def _run_write(request: SubmitRequest) -> SubmitResult:
+def _run_write(request: SubmitRequest, warn: Warn | None) -> SubmitResult:
     check_upload(request.competition, request.message, dry_run=request.dry_run)
     # An option left out (None) keeps SubmitOptions' own default.
     options = SubmitOptions(format=request.format, name=request.name, sample=request.sample,
                             compress=request.compress, competition=request.competition, message=request.message,
                             missing=request.missing or DEFAULT_MISSING)
-    return submit(request.predictions, request.data, options)
+    return submit(request.predictions, request.data, options, warn=warn)
 
 
-def _run_check(request: SubmitRequest) -> CheckResult:
-    return check(request.check, request.data, request.format, request.sample)
+def _run_check(request: SubmitRequest, warn: Warn | None) -> CheckResult:
+    return check(request.check, request.data, request.format, request.sample, warn=warn)
 
 
-def _run_retry(request: SubmitRequest) -> SubmitResult:
+def _run_retry(request: SubmitRequest, warn: Warn | None) -> SubmitResult:
     return retry(request.retry, request.competition, request.message)
 
 
@@ -344,9 +400,10 @@ MODES: dict[str, Mode] = {
 }
 
 
-def run_request(request: SubmitRequest) -> SubmitResult | CheckResult:
+def run_request(request: SubmitRequest, warn: Warn | None = None) -> SubmitResult | CheckResult:
     """`ens submit`: refuse what the request's mode does not take or lacks, then run the mode
-    (:func:`submit`, :func:`check` or :func:`retry`)."""
+    (:func:`submit`, :func:`check` or :func:`retry`); ``warn`` is given each warning as soon as
+    it is known (before any upload)."""
     name = request.mode()
     mode = MODES[name]
     given = request.given()
@@ -355,4 +412,4 @@ def run_request(request: SubmitRequest) -> SubmitResult | CheckResult:
         raise EnsError(f"{name} does not take {', '.join(refused)}")
     if not set(mode.needs) <= set(given):
         raise EnsError(mode.lacking)
-    return mode.run(request)
+    return mode.run(request, warn)

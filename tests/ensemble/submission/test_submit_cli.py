@@ -67,7 +67,7 @@ def test_options_reach_the_library(seen):
 
 def test_check_retry_and_refresh_reach_the_library(seen):
     one_error(ens("submit", "--check", "f.csv", "--data", "d", "--sample", "s.csv"), "stop here")
-    assert seen["check"] == ((Path("f.csv"), Path("d"), None, Path("s.csv")), {})  # None: the layout's format
+    assert seen["check"][0] == (Path("f.csv"), Path("d"), None, Path("s.csv"))  # None: the layout's format
     one_error(ens("submit", "--retry", "3"), "stop here")
     assert seen["retry"] == ((3, None, None), {})
     one_error(ens("submit", "--retry", "3", "--competition", "c", "-m", "again"), "stop here")
@@ -80,7 +80,7 @@ def test_the_command_line_hands_every_option_over_as_given(monkeypatch):
     """One library call, with what was typed; None (False) for what was not: the stage decides."""
     seen = []
 
-    def record(request):
+    def record(request, warn=None):
         seen.append(request)
         raise EnsError("stop here")
 
@@ -142,9 +142,9 @@ def test_end_to_end_dry_run_retry_refresh(work, standin):
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0] == "Kaggle lists 1 of the 1 files an upload was tried for"
-    assert lines[1].split() == ["ID", "created", "file", "filled", "status", "kaggle", "CV", "top-1", "error", "tau",
-                                "public", "private", "message"]
-    assert lines[2].split() == ["1", lines[2].split()[1], path.name, "uploaded", "complete", "0.2500",
+    assert lines[1].split() == ["ID", "created", "file", "filled", "status", "test", "set", "kaggle", "CV", "top-1",
+                                "error", "tau", "public", "private", "message"]
+    assert lines[2].split() == ["1", lines[2].split()[1], path.name, "uploaded", "unverified", "complete", "0.2500",
                                 "(0.2300-0.2700)", "0.2600", "blend", "of", "two"]
 
 
@@ -153,11 +153,14 @@ def test_failed_upload_through_the_cli(work, standin):
     standin.fail["StartSubmissionUpload"] = (503, {})
     result = ens("submit", "blends/x", "--data", "data", "--competition", COMPETITION, "-m", "first")
     path = next(Path("submissions").glob("*.csv"))
-    one_error(result, f"upload of {path} to {COMPETITION} failed: Kaggle answered 503 to StartSubmissionUpload: "
-                      "Service Unavailable; the file stays as ledger entry 1 (upload-failed), "
-                      "`ens submit --retry 1` tries again")
+    # the warning (blends/x's blend.json applied nothing: unverified) is shown before the upload's error
+    warning, error = result.stderr.splitlines()
+    assert warning.startswith("warning: blends/x/predictions.csv: not checked") and "unverified" in warning
+    assert result.exit_code == 2 and error == (
+        f"error: upload of {path} to {COMPETITION} failed: Kaggle answered 503 to StartSubmissionUpload: "
+        "Service Unavailable; the file stays as ledger entry 1 (upload-failed), `ens submit --retry 1` tries again")
     table = ens("submissions").stdout.splitlines()
-    assert table[1].split()[3:5] == ["upload-failed", "0.2500"]
+    assert table[1].split()[3:6] == ["upload-failed", "unverified", "0.2500"]
 
     del standin.fail["StartSubmissionUpload"]
     result = ens("submit", "--retry", "1")

@@ -58,6 +58,15 @@ def other_test_set(work: Path) -> Path:
     return other
 
 
+def as_older_blend_json(blend_dir: Path) -> None:
+    """blend.json as an ens before ``apply.dataset_sha256`` and ``apply.predictions_sha256``
+    wrote it: `ens submit` falls back to the stores."""
+    doc = json.loads((blend_dir / "blend.json").read_text())
+    assert {"dataset_sha256", "predictions_sha256"} <= set(doc["apply"]), doc["apply"]
+    del doc["apply"]["dataset_sha256"], doc["apply"]["predictions_sha256"]
+    (blend_dir / "blend.json").write_text(json.dumps(doc))
+
+
 def test_predictions_of_the_data_test_json_are_verified(work):
     result = ok(ens("submit", "blends/b", "--data", "data", "--dry-run"))
     assert "warning" not in result.stderr, result.stderr
@@ -69,7 +78,7 @@ def test_predictions_of_the_data_test_json_are_verified(work):
 def test_predictions_of_another_test_json_with_the_same_ids_are_refused(work):
     other_test_set(work)
     result = ens("submit", "blends/b", "--data", "data2", "--dry-run")
-    one_line_error(result, "blends/b/predictions.csv", str(work / "data" / "test2019.json"),
+    one_line_error(result, "blends/b/predictions.csv", sha256_file(work / "data" / "test2019.json")[:12],
                    "data2/test2019.json", "sha256")
     assert not (work / "submissions").exists()
     # a library call is refused alike
@@ -98,6 +107,7 @@ def test_hand_made_predictions_are_written_with_a_warning_and_recorded_unverifie
 
 
 def test_stores_gone_or_changed_since_the_blend_leave_it_unverified(work):
+    as_older_blend_json(work / "blends" / "b")  # the stores are the chain only then
     (work / "runs").rename(work / "runs-moved")
     result = ok(ens("submit", "blends/b", "--data", "data", "--dry-run"))
     assert "warning: " in result.stderr and "not found" in result.stderr, result.stderr
@@ -115,13 +125,17 @@ def test_stores_gone_or_changed_since_the_blend_leave_it_unverified(work):
     assert Ledger("submissions").entries()[-1].test_check == "unverified"
 
 
-def test_predictions_edited_since_the_blend_are_unverified(work):
+@pytest.mark.parametrize("older", [False, True])
+def test_predictions_edited_since_the_blend_are_unverified(older, work):
+    if older:
+        as_older_blend_json(work / "blends" / "b")
     csv = work / "blends" / "b" / "predictions.csv"
     lines = csv.read_text().splitlines()
     csv.write_text("\n".join(lines[:-1]) + "\n")  # one image less than the stores
     result = ok(ens("submit", "blends/b", "--data", "data", "--dry-run", "--missing", "prior"))
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
-    assert len(warnings) == 1 and "image ids are not those of the stores" in warnings[0], result.stderr
+    why = "image ids are not those of the stores" if older else "edited or replaced since the blend"
+    assert len(warnings) == 1 and why in warnings[0], result.stderr
     assert Ledger("submissions").entries()[0].test_check == "unverified"
 
 

@@ -76,13 +76,13 @@ def _expected_call(mode: str, option: str):
     """The library call of an accepted combination, with every argument."""
     if mode == "--check":
         return ("check", (Path("f.csv"), Path("d"), "inat2021" if option == "--format" else None,
-                          Path("s.csv") if option == "--sample" else None), {})
+                          Path("s.csv") if option == "--sample" else None), {"warn": None})
     if mode == "--retry":
         return ("retry", (3, "c" if option == "--competition" else None, "m" if option == "-m" else None), {})
     upload = {} if option == "--dry-run" else {"competition": "c", "message": "m"}
     changed = {"--format": {"format": "inat2021"}, "--name": {"name": "try2"}, "--sample": {"sample": Path("s.csv")},
                "--missing": {"missing": "prior"}, "--gzip": {"compress": True}}.get(option, {})
-    return ("submit", (Path("p.csv"), Path("d"), SubmitOptions(**upload, **changed)), {})
+    return ("submit", (Path("p.csv"), Path("d"), SubmitOptions(**upload, **changed)), {"warn": None})
 
 
 @pytest.mark.parametrize("option", OPTIONS)
@@ -186,5 +186,5 @@ def test_writing_checks_in_order(calls, fields, expected):
 def test_left_out_options_keep_the_library_defaults(calls):
     run_request(SubmitRequest(predictions=Path("p.csv"), data=Path("d"), dry_run=True))
     run_request(SubmitRequest(check=Path("f.csv"), data=Path("d")))
-    assert calls == [("submit", (Path("p.csv"), Path("d"), SubmitOptions()), {}),
-                     ("check", (Path("f.csv"), Path("d"), None, None), {})]
+    assert calls == [("submit", (Path("p.csv"), Path("d"), SubmitOptions()), {"warn": None}),
+                     ("check", (Path("f.csv"), Path("d"), None, None), {"warn": None})]
