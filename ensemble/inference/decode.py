@@ -22,7 +22,8 @@ only at 1/2 is decoded twice, the second time at a quarter of the cost.
 keeps a bounded number of batches in flight ahead of the consumer, and yields them in order.
 Workers write each batch straight into a block of shared memory (one block per batch in flight,
 reused), so only a few numbers travel through the pipes, not the pixels (a batch of 32 at
-560 px with ``scale`` is 241 MiB); all blocks together stay within :data:`PREFETCH_BYTES`.
+560 px with ``scale`` is 241 MiB); all blocks together stay within :data:`PREFETCH_BYTES`,
+and only the blocks the batches at hand can use are made (a one-batch split makes one).
 For models with a cam view the batch also holds each :class:`~ensemble.inference.tta.CamSource`:
 the region the model's identity view sees, cut from the same decode (whose reduction keeps
 what the crops need, see :func:`~ensemble.inference.tta.geometries`), at most ``side`` px on
@@ -48,7 +49,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import shared_memory
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -354,12 +355,13 @@ _SHM = Path("/dev/shm")
 
 
 def _new_block(name: str, size: int) -> shared_memory.SharedMemory:
-    """A new shared-memory block of ``size`` bytes; :class:`EnsError` naming it when it cannot
-    be had (a file-size limit, ``ulimit -f``; a full /dev/shm). Sized, and its memory claimed,
-    on a descriptor of its own before ``SharedMemory`` attaches: when sizing fails,
-    ``SharedMemory(create=True)`` unregisters a block it never registered and the resource
-    tracker prints a traceback; and a worker writing into memory /dev/shm has no room for
-    would die of SIGBUS."""
+    """A new shared-memory block of ``size`` bytes; :class:`OSError` when it cannot be had (a
+    file-size limit, ``ulimit -f``; a full /dev/shm), the block removed (:func:`block_error`
+    says it in one line). Sized, and its memory claimed, on a descriptor of its own before
+    ``SharedMemory`` attaches: when sizing fails, ``SharedMemory(create=True)`` unregisters a
+    block it never registered and the resource tracker prints a traceback; and a worker writing
+    into memory /dev/shm has no room for would die of SIGBUS. Whatever stops it (a Ctrl-C
+    too), no block is left behind."""
     try:
         import _posixshmem
     except ImportError:  # Windows: no resource tracker
@@ -374,23 +376,35 @@ def _new_block(name: str, size: int) -> shared_memory.SharedMemory:
         except OSError as exc:  # a system whose shared memory cannot claim ahead: used as it is
             if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
                 raise
-    except OSError as exc:
-        from ensemble.errors import EnsError
-
-        _posixshmem.shm_unlink("/" + name)
-        fix = {errno.EFBIG: "raise the file-size limit (ulimit -f), or use a smaller --batch-size",
-               errno.ENOSPC: "the shared memory is full (a container's is 64 MB unless given --shm-size): give it "
-                             "more, or use a smaller --batch-size, or --workers 0 (decoding without it)",
-               }.get(exc.errno, "use a smaller --batch-size, or --workers 0 (decoding without shared memory)")
-        raise EnsError(f"shared memory {_SHM / name if _SHM.is_dir() else name} ({size} bytes, a batch of decoded "
-                       f"images): {exc.strerror}; {fix}") from None
+    except BaseException:
+        _unlink_block(_posixshmem, name)
+        raise
     finally:
         os.close(fd)
     try:
         return shared_memory.SharedMemory(name)
     except BaseException:
-        _posixshmem.shm_unlink("/" + name)
+        _unlink_block(_posixshmem, name)  # (SharedMemory unlinks it itself when its mmap fails)
         raise
+
+
+def _unlink_block(posixshmem, name: str) -> None:
+    try:
+        posixshmem.shm_unlink("/" + name)
+    except FileNotFoundError:
+        pass
+
+
+def block_error(name: str, size: int, exc: OSError):
+    """The one line (an :class:`EnsError`) of a block :func:`_new_block` could not make."""
+    from ensemble.errors import EnsError
+
+    fix = {errno.EFBIG: "raise the file-size limit (ulimit -f), or use a smaller --batch-size",
+           errno.ENOSPC: "the shared memory is full (a container's is 64 MB unless given --shm-size): give it "
+                         "more, or use a smaller --batch-size, or --workers 0 (decoding without it)",
+           }.get(exc.errno, "use a smaller --batch-size, or --workers 0 (decoding without shared memory)")
+    return EnsError(f"shared memory {_SHM / name if _SHM.is_dir() else name} ({size} bytes, a batch of decoded "
+                    f"images): {exc.strerror}; {fix}")
 
 
 def remove_stale_blocks(folder: Path = _SHM) -> list[str]:
@@ -447,8 +461,11 @@ class Decoder:
     ``workers=0`` decodes in the calling process (for debugging and tests). Worker processes
     come from a fork server (the parent holds onnxruntime's threads, and forking a threaded
     process can deadlock) and run at a lower priority than the parent. They decode into
-    ``prefetch`` shared-memory blocks, one batch each, reused: the arrays of a batch yielded by
-    :meth:`map` stay valid until the next batch is asked for.
+    shared-memory blocks, one batch each, reused: the arrays of a batch yielded by :meth:`map`
+    stay valid until the next batch is asked for. Blocks are made as batches need them, up to
+    ``prefetch`` (a one-batch run makes one); when the shared memory is full, decoding goes on
+    with the blocks made if there are two or more (``note`` says so, once), else stops in one
+    line.
     """
 
     geometries: tuple[Geometry, ...]
@@ -456,10 +473,14 @@ class Decoder:
     workers: int = 1
     prefetch: int | None = None
     sources: tuple[CamSource, ...] = ()
+    #: Where a line for the user goes (the shared memory had room for fewer blocks).
+    note: Callable[[str], None] | None = None
     #: Seconds the consumer spent waiting for decoded batches (the decoding was the bottleneck).
     waited: float = field(init=False, default=0.0)
     _pool: ProcessPoolExecutor | None = field(init=False, default=None)
     _blocks: list = field(init=False, default_factory=list)
+    _prefix: str = field(init=False, default="")
+    _full: bool = field(init=False, default=False)  # the shared memory had no room for another block
 
     def __post_init__(self) -> None:
         self.batch_bytes = batch_bytes(self.batch_size, self.geometries, self.sources)
@@ -478,15 +499,29 @@ class Decoder:
             self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_worker_init)
             self._pool.submit(int)  # the first task starts the processes: now, not at the first batch
             remove_stale_blocks()
-            prefix = f"ens-{os.getpid()}-{secrets.token_hex(4)}"
-            try:
-                for i in range(self.prefetch):
-                    memory = _new_block(f"{prefix}-{i}", max(self.batch_bytes, 1))
-                    self._blocks.append((memory, _arrays(memory.buf, self.batch_size, self.geometries, self.sources)))
-            except BaseException:
-                self.__exit__()
-                raise
+            self._prefix = f"ens-{os.getpid()}-{secrets.token_hex(4)}"
         return self
+
+    def _grow(self, wanted: int) -> None:
+        """Make blocks up to ``wanted`` (at most ``prefetch``): as many as the batches at hand
+        can use. A full shared memory with two blocks made or more: decode with those."""
+        wanted = min(wanted, self.prefetch)
+        while len(self._blocks) < wanted and not self._full:
+            name, size = f"{self._prefix}-{len(self._blocks)}", max(self.batch_bytes, 1)
+            try:
+                memory = _new_block(name, size)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC or len(self._blocks) < 2:
+                    raise block_error(name, size, exc) from None
+                self._full = True
+                if self.note is not None:
+                    where = _SHM if _SHM.is_dir() else "the shared memory"
+                    self.note(f"shared memory: {where} has room for {len(self._blocks)} of the {wanted} batches of "
+                              f"decoded images ({size} bytes each) the decoding processes could use; decoding with "
+                              f"{len(self._blocks)} (a smaller --batch-size or --workers, or a larger {where}, "
+                              "would use more)")
+                return
+            self._blocks.append((memory, _arrays(memory.buf, self.batch_size, self.geometries, self.sources)))
 
     def __exit__(self, *exc) -> None:
         if self._pool is not None:
@@ -514,7 +549,10 @@ class Decoder:
             return block, pool.submit(_decode_into, name, start, [str(p) for p in paths], *args)
 
         batches = iter(batches)
-        pending = collections.deque(submit(i, *b) for i, b in enumerate(itertools.islice(batches, self.prefetch)))
+        first = list(itertools.islice(batches, self.prefetch))
+        self._grow(len(first))
+        waiting = collections.deque(first[len(self._blocks):])  # taken, for a block to come free
+        pending = collections.deque(submit(i, *b) for i, b in enumerate(first[:len(self._blocks)]))
         while pending:
             block, future = pending.popleft()
             tick = time.perf_counter()
@@ -523,6 +561,6 @@ class Decoder:
             arrays, crops = self._blocks[block][1]
             yield DecodedBatch(start=start, count=count, arrays=arrays, bad=bad, decodes=decodes, sources=crops)
             # The consumer is done with this block: it takes the next batch.
-            following = next(batches, None)
+            following = waiting.popleft() if waiting else next(batches, None)
             if following is not None:
                 pending.append(submit(block, *following))

@@ -66,7 +66,8 @@ def open_local_engine(models: Sequence[Model], views: Sequence[View], options: I
         cores = cpu_threads()
         workers = max(1, cores // 4) if device == "cpu" else max(1, cores - 1)
     # The decoding processes start first, so that they come up while the sessions load.
-    with Decoder(batch_size=options.batch_size, workers=workers, **decode_needs(models, views, options)) as decoder:
+    with Decoder(batch_size=options.batch_size, workers=workers, **decode_needs(models, views, options),
+                 note=lambda message: report(Event("note", message=message))) as decoder:
         if device == "tensorrt":
             gpu = dataclasses.replace(gpu, trt_cache=prepare_trt_cache(Path(options.out) / TRT_CACHE))
         passes = open_passes(models, views, options, device, gpu)

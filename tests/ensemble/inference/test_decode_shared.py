@@ -69,14 +69,14 @@ def test_blocks_are_removed_at_the_end_and_after_an_error(tmp_path):
     paths = write_images(tmp_path / "imgs", [(40, 30)] * 3)
     geos = geometries(Preprocess(16), plan_views([]))
     with Decoder(geos, 1, workers=1) as decoder:
+        list(decoder.map(_batches(paths, 1)))  # (blocks are made as the batches need them)
         names = [memory.name for memory, _ in decoder._blocks]
         assert names and all((SHM / n).exists() for n in names)
-        list(decoder.map(_batches(paths, 1)))
     assert not any((SHM / n).exists() for n in names)
     with pytest.raises(KeyError):
         with Decoder(geos, 1, workers=1) as decoder:
-            names = [memory.name for memory, _ in decoder._blocks]
             for decoded in decoder.map(_batches(paths, 1)):
+                names = [memory.name for memory, _ in decoder._blocks]
                 raise KeyError("the consumer failed")  # holding a batch's arrays
     assert not any((SHM / n).exists() for n in names)
 

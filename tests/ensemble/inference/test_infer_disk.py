@@ -3,7 +3,10 @@ no traceback (not even the resource tracker's), no crash, and the finished chunk
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,10 +63,7 @@ def _error(result) -> str:
 def test_a_file_size_limit_on_the_shared_memory_is_one_line_without_the_trackers_traceback(work):
     # The decoding processes' shared-memory blocks are the first thing written.
     result = _limited(work, 4096, "infer", "tiny.onnx", "--data", "inat", "--workers", 1, "--batch-size", 2)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr  # no traceback from multiprocessing's resource tracker
-    line = lines[0]
+    line = _error(result)  # no traceback from multiprocessing's resource tracker
     assert line.startswith("error: ") and "shared memory" in line and "File too large" in line, line
     assert "ulimit -f" in line and "--batch-size" in line, line
 
@@ -119,11 +119,9 @@ def test_a_full_shared_memory_is_one_line_not_a_broken_pool(work):
         ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
          f"mount -t tmpfs -o size=100k tmpfs /dev/shm && {sys.executable} -m ensemble infer tiny.onnx --data inat "
          "--workers 1 --batch-size 32"], cwd=work, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "shared memory /dev/shm/ens-" in lines[0] and "No space left on device" in lines[0], lines[0]
-    assert "--shm-size" in lines[0] and "--workers 0" in lines[0], lines[0]
+    line = _error(result)  # (blocks are made when the first batches need them, after progress lines)
+    assert "shared memory /dev/shm/ens-" in line and "No space left on device" in line, line
+    assert "--shm-size" in line and "--workers 0" in line, line
 
 
 def test_a_disk_full_from_the_start_names_the_store_folder(work):
@@ -133,3 +131,105 @@ def test_a_disk_full_from_the_start_names_the_store_folder(work):
                                      "ensemble infer tiny.onnx --data inat --workers 0 --out full/runs")
     line = _error(result)
     assert "full/runs/tiny/val/" in line and "No space left on device" in line and "the disk is full" in line, line
+
+
+def _shm_sh(work, size: str, command: str):
+    """``command`` with a ``size`` tmpfs mounted at /dev/shm (a user and mount namespace of its own)."""
+    return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                           f"mount -t tmpfs -o size={size} tmpfs /dev/shm && {command}"],
+                          cwd=work, capture_output=True, text=True, timeout=300)
+
+
+def _need_shm_tmpfs(work):
+    if not _SHM_DIR.is_dir() or shutil.which("unshare") is None or _tmpfs_sh(work, "100k", "true").returncode != 0:
+        pytest.skip("no /dev/shm, or no unprivileged tmpfs mount here (unshare --user --mount)")
+
+
+def test_only_the_blocks_a_run_can_use_are_made(work):
+    """6 images, a 224 px model, 8 workers, a container's 64 MB /dev/shm: one batch per split,
+    so one block, not the 18 (173 MB) eight workers would keep in flight."""
+    _need_shm_tmpfs(work)
+    tiny_onnx(work / "wide.onnx", size=224, dynamic=False)
+    result = _shm_sh(work, "64m", f"{sys.executable} -m ensemble infer wide.onnx --data inat --workers 8")
+    assert result.returncode == 0, result.stderr
+    assert read_store(work / "runs" / "wide" / "val").logits.shape[0] == 6
+
+
+def _block_bytes(model, batch_size: int) -> int:
+    """The bytes of one shared-memory block of ``ens infer MODEL --batch-size BATCH_SIZE``."""
+    from ensemble.inference.decode import batch_bytes
+    from ensemble.inference.forward import decode_needs
+    from ensemble.inference.options import InferOptions
+    from ensemble.inference.runtime import load_model
+    from ensemble.inference.tta import plan_views
+
+    options = InferOptions(batch_size=batch_size)
+    return batch_bytes(batch_size, **decode_needs([load_model(model)], plan_views((), options.scales), options))
+
+
+def test_a_shared_memory_with_room_for_two_blocks_decodes_with_them_and_says_so(work):
+    _need_shm_tmpfs(work)
+    # 3 batches of 2 images: the run wants three blocks of 301 kB. The pool's semaphores take a
+    # few pages of /dev/shm too: far less than half a block.
+    tiny_onnx(work / "wide.onnx", size=224, dynamic=False)
+    args = ("wide.onnx", "--data", "inat", "--split", "val", "--workers", "4", "--batch-size", "2")
+    block = _block_bytes(work / "wide.onnx", 2)
+    room = -(-block * 5 // 2 // 4096) * 4  # kB: two blocks and a half
+    result = _shm_sh(work, f"{room}k", f"{sys.executable} -m ensemble infer {' '.join(args)} --out full")
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in (result.stdout + result.stderr).splitlines() if "shared memory" in line]
+    assert len(notes) == 1, result.stdout + result.stderr
+    assert "2 of the 3" in notes[0] and "--batch-size" in notes[0] and "/dev/shm" in notes[0], notes[0]
+    assert "Traceback" not in result.stderr
+    # The same arrays as with room for all.
+    whole = _shm_sh(work, "64m", f"{sys.executable} -m ensemble infer {' '.join(args)} --out whole")
+    assert whole.returncode == 0, whole.stderr
+    assert ((work / "full" / "wide" / "val" / "logits.npy").read_bytes()
+            == (work / "whole" / "wide" / "val" / "logits.npy").read_bytes())
+
+
+def test_room_for_one_block_where_two_are_needed_is_one_line(work):
+    _need_shm_tmpfs(work)
+    tiny_onnx(work / "wide.onnx", size=224, dynamic=False)
+    args = ("wide.onnx", "--data", "inat", "--split", "val", "--workers", "4", "--batch-size", "2")
+    room = -(-_block_bytes(work / "wide.onnx", 2) * 3 // 2 // 4096) * 4  # kB: a block and a half
+    line = _error(_shm_sh(work, f"{room}k", f"{sys.executable} -m ensemble infer {' '.join(args)}"))
+    assert "shared memory /dev/shm/ens-" in line and "No space left on device" in line, line
+
+
+def test_a_block_interrupted_while_it_is_sized_is_removed(monkeypatch):
+    from ensemble.inference import decode
+
+    if not _SHM_DIR.is_dir():
+        pytest.skip("no /dev/shm")
+    name = f"ens-{os.getpid()}-test-interrupted"
+
+    def interrupted(fd, size):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(decode.os, "ftruncate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        decode._new_block(name, 4096)
+    assert not (_SHM_DIR / name).exists()
+
+
+def test_a_block_that_fails_to_attach_raises_its_own_error(monkeypatch):
+    """SharedMemory(name) failing in mmap unlinks the block itself: the error is its own, not
+    the FileNotFoundError of unlinking it again."""
+    from multiprocessing import shared_memory
+
+    from ensemble.inference import decode
+
+    if not _SHM_DIR.is_dir():
+        pytest.skip("no /dev/shm")
+    name = f"ens-{os.getpid()}-test-attach"
+
+    def failing(block):
+        (_SHM_DIR / block).unlink()
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(shared_memory, "SharedMemory", failing)
+    with pytest.raises(OSError) as info:
+        decode._new_block(name, 4096)
+    assert info.value.errno == errno.ENOMEM
+    assert not (_SHM_DIR / name).exists()
