@@ -26,18 +26,98 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
     Readers never see a half-written file, and a failure leaves nothing at ``path`` (an older
-    file there stays as it was). The temporary file lives in the same folder so the final
-    ``os.replace`` is atomic on one file system.
+    file there stays as it was), nor any folder this call made for it that is still empty. The
+    temporary file lives in the same folder so the final ``os.replace`` is atomic on one file
+    system. An OSError that names no file or the temporary one (``write`` on a full disk or
+    past a file-size limit names none) is raised again naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_path = _create_temporary(path)
-    os.close(fd)
+    made = _make_folders(path.parent)
+    done = False
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        fd, tmp_path = _create_temporary(path)
+        os.close(fd)
+        try:
+            with _naming(path, tmp_path):
+                yield tmp_path
+                os.replace(tmp_path, path)
+            done = True
+        finally:
+            tmp_path.unlink(missing_ok=True)
     finally:
-        tmp_path.unlink(missing_ok=True)
+        if not done:
+            _remove_empty(made)
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Make ``folder`` and the parents it lacks; the ones this call made, outermost first."""
+    missing = []
+    while not os.path.lexists(folder) and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    made = []
+    try:
+        for each in reversed(missing):
+            try:
+                each.mkdir()
+                made.append(each)
+            except FileExistsError:  # made meanwhile by another process: not ours to remove
+                pass
+        (missing[0] if missing else folder).mkdir(parents=True, exist_ok=True)  # the OS's error for a file there
+    except BaseException:
+        _remove_empty(made)
+        raise
+    return made
+
+
+def _remove_empty(made: list[Path]) -> None:
+    """Remove the folders of ``made`` (outermost first) that are empty, innermost first."""
+    for folder in reversed(made):
+        try:
+            folder.rmdir()
+        except OSError:  # something is in it by now, or it is gone
+            return
+
+
+@contextlib.contextmanager
+def _naming(path: Path, tmp: Path | None = None) -> Iterator[None]:
+    """An OSError naming no file, or the temporary file ``tmp`` (its name tells a user nothing),
+    raised again naming ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno is not None and (exc.filename is None or (tmp is not None and os.fspath(exc.filename) == str(tmp))):
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+        raise
+
+
+#: What to do when a write found no room, for a command whose output is written whole or not
+#: at all (``{elsewhere}``: the option that writes elsewhere, ``--out DIR``).
+_NO_ROOM = {
+    errno.ENOSPC: "the disk is full: free space, or give {elsewhere} on another disk, and run the same command again",
+    errno.EDQUOT: "the disk quota is used up: free space, or give {elsewhere} on another disk, and run the same "
+                  "command again",
+    errno.EFBIG: "a file-size limit was reached (see `ulimit -f`; FAT32 stops files at 4 GiB): raise it, or give "
+                 "{elsewhere} on another file system, and run the same command again",
+}
+
+
+@contextlib.contextmanager
+def out_of_room(elsewhere: str) -> Iterator[None]:
+    """For a command whose files are written whole or not at all (through :func:`atomic_path`):
+    a write that found no room (a full disk, a used-up quota, a file-size limit) is an
+    :class:`~ensemble.errors.EnsError` naming the file, what to do (``elsewhere``: the option
+    that writes elsewhere) and that nothing was written; other OSErrors go on as they are."""
+    from ensemble.errors import EnsError
+
+    try:
+        yield
+    except OSError as exc:
+        hint = _NO_ROOM.get(exc.errno)
+        if hint is None or exc.filename is None:
+            raise
+        raise EnsError(f"{os.fsdecode(exc.filename)}: {exc.strerror}; {hint.format(elsewhere=elsewhere)}; "
+                       "nothing was written") from None
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -125,13 +205,16 @@ def _create_temporary(path: Path) -> tuple[int, Path]:
     """A new hidden file beside ``path``, open for writing, with the permissions a plain open()
     gives (so that colleagues on a shared machine can read the result as the umask allows;
     mkstemp's would be private): ``.<name>.<random>.tmp``, the name cut short where the whole
-    would be longer than the folder's longest file name (:func:`_temporary_name`)."""
+    would be longer than the folder's longest file name (:func:`_temporary_name`). An OSError
+    (a read-only folder, a full disk) names ``path``."""
     while True:
         tmp = _temporary_name(path, secrets.token_hex(6))
         try:
             return os.open(tmp, _NEW_FILE, 0o666), tmp
         except FileExistsError:
             continue
+        except OSError as exc:  # named after the file it is for: the temporary name tells nothing
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
 
 
 def _temporary_name(path: Path, token: str) -> Path:

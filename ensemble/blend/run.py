@@ -17,7 +17,7 @@ from ensemble.blend.checks import class_order_warnings, label_warnings
 from ensemble.blend.prior import prior_cv_note, prior_hint, prior_notes, prior_tau
 from ensemble.blend.stores import BlendSplit, available_models, label_source, open_split
 from ensemble.errors import EnsError
-from ensemble.fileio import atomic_path, name_max, sha256_file
+from ensemble.fileio import atomic_path, name_max, out_of_room, sha256_file
 from ensemble.formats.blend import (BLEND_FILE, CHUNK_ROWS, FORMAT_VERSION, BlendRecord, CvTable, ModelProvenance,
                                     PriorCorrection, SplitStores, is_sha256, prior_counts,
                                     shown_path, store_digest)
@@ -120,8 +120,9 @@ def run_blend(options: BlendOptions) -> BlendResult:
                               dataset_sha256=_dataset_sha256(split))
     # Both files appear together or not at all: each is written beside its final name and only
     # renamed into place (predictions first) once both are complete.
+    # A full disk or a file-size limit names the file and leaves nothing (no folder this run made).
     predictions, rows = (out / PREDICTIONS_FILE if split is not None else None), 0
-    with contextlib.ExitStack() as stack:
+    with out_of_room("--out DIR"), contextlib.ExitStack() as stack:
         blend_tmp = stack.enter_context(atomic_path(out / BLEND_FILE))
         if split is not None:
             predictions_tmp = stack.enter_context(atomic_path(predictions))

@@ -504,8 +504,14 @@ class BlendRecord(_Json):
         return json_text(self.to_json())
 
     def write(self, path: str | os.PathLike) -> None:
-        """Write the record to ``path`` (a temporary file: the caller renames it into place)."""
-        Path(path).write_text(self.text(), encoding="utf-8")
+        """Write the record to ``path`` (a temporary file: the caller renames it into place); an
+        OSError names ``path`` (``write`` on a full disk names no file)."""
+        try:
+            Path(path).write_text(self.text(), encoding="utf-8")
+        except OSError as exc:
+            if exc.filename is None:
+                raise OSError(exc.errno, exc.strerror, str(path)) from None
+            raise
 
 
 def usable_folder(path: str | os.PathLike | None) -> Path | None:

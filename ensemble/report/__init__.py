@@ -28,14 +28,14 @@ def write_report(blend_dir: Path, data: Path | None = None, out: Path | None = N
     """Write the report of the blend folder ``blend_dir`` to ``out`` (None: ``blend_dir/report.html``),
     atomically; ``data``: the dataset folder holding the fitted split's json (None: the labels
     file blend.json names) and, when present, the training json."""
-    from ensemble.fileio import atomic_path
+    from ensemble.fileio import atomic_path, out_of_room
     from ensemble.report.build import build_report
     from ensemble.report.page import render, sections_shown
 
     report = build_report(Path(blend_dir), data)
     text = render(report).encode("utf-8")
     path = Path(out) if out is not None else Path(blend_dir) / REPORT_FILE
-    with atomic_path(path) as tmp:
+    with out_of_room("-o FILE"), atomic_path(path) as tmp:  # a full disk: one line naming the page
         tmp.write_bytes(text)
     return ReportResult(path=path, sections=sections_shown(report), missing=dict(report.missing),
                         notes=report.notes, size=len(text))

@@ -46,3 +46,74 @@ def test_a_blend_folder_named_with_250_characters(tmp_path):
     write_bytes_atomic(folder / "blend.json", b"{}")
     write_bytes_atomic(folder / ("p" * 250), b"1")
     assert sorted(p.name for p in folder.iterdir()) == ["blend.json", "p" * 250]
+
+
+# A write that fails names the file being written, and leaves no folder it made (issue 23 round 2).
+
+def test_a_write_error_without_a_file_name_names_the_target(tmp_path):
+    target = tmp_path / "out.csv"
+    with pytest.raises(OSError) as caught:
+        with atomic_path(target):
+            raise OSError(27, "File too large")  # what write() past `ulimit -f` raises: no file name
+    assert caught.value.errno == 27 and caught.value.filename == str(target)
+    # An error about another file is left as it was.
+    with pytest.raises(OSError) as caught:
+        with atomic_path(target):
+            open(tmp_path / "no such file")
+    assert caught.value.filename == str(tmp_path / "no such file")
+
+
+def test_a_failed_write_removes_the_folders_it_made_and_only_those(tmp_path):
+    (tmp_path / "kept").mkdir()
+    target = tmp_path / "kept" / "new" / "deeper" / "blend.json"
+    with pytest.raises(OSError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise OSError(28, "No space left on device")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept"]
+    # A folder it made that holds something else by then stays.
+    with pytest.raises(OSError):
+        with atomic_path(target):
+            (tmp_path / "kept" / "new" / "other").write_text("someone's")
+            raise OSError(28, "No space left on device")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept", "new", "other"]
+    # Success keeps them.
+    with atomic_path(target) as tmp:
+        tmp.write_text("{}")
+    assert target.read_text() == "{}"
+
+
+def test_out_of_room_names_the_file_the_hint_and_that_nothing_was_written(tmp_path):
+    from ensemble.errors import EnsError
+    from ensemble.fileio import out_of_room
+
+    target = tmp_path / "b" / "blend.json"
+    with pytest.raises(EnsError) as caught:
+        with out_of_room("--out DIR"), atomic_path(target):
+            raise OSError(27, "File too large")
+    line = str(caught.value)
+    assert line.startswith(f"{target}: File too large; a file-size limit was reached (see `ulimit -f`"), line
+    assert "give --out DIR on another file system" in line and line.endswith("nothing was written"), line
+    assert "finished work is kept" not in line and not (tmp_path / "b").exists()
+    with pytest.raises(EnsError, match="the disk is full: free space, or give -o FILE on another disk"):
+        with out_of_room("-o FILE"), atomic_path(target):
+            raise OSError(28, "No space left on device")
+    with pytest.raises(PermissionError):  # not a matter of room: the OS's error as it was
+        with out_of_room("-o FILE"), atomic_path(target):
+            raise PermissionError(13, "Permission denied", str(target))
+
+
+def test_a_temporary_file_that_cannot_be_made_is_named_after_its_target(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def full(path, flags, mode=0o777):
+        if Path(path).name.endswith(".tmp"):
+            raise OSError(28, "No space left on device", str(path))
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(os, "open", full)
+    with pytest.raises(OSError) as caught:
+        with atomic_path(tmp_path / "new" / "page.html"):
+            pass
+    assert caught.value.errno == 28 and caught.value.filename == str(tmp_path / "new" / "page.html")
+    assert not (tmp_path / "new").exists()

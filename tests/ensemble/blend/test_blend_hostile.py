@@ -327,3 +327,42 @@ def test_a_long_recorded_runs_is_shown_shortened_in_notes(work, tmp_path, monkey
     notes = [line for line in result.stdout.splitlines() if line.startswith("note: ")]
     assert len(notes) == 1 and "was fitted on stores under" in notes[0] and "..." in notes[0], notes
     assert len(notes[0]) < 600, notes
+
+
+# ------------------------- item 15 for blend: a file-size limit names the file, leaves no folder
+
+LIMITED = """
+import resource, signal, sys
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    limit = int(sys.argv[1])
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    sys.argv = ["ens", *sys.argv[2:]]
+    from ensemble.cli import main
+    main()
+"""
+
+
+def limited(tmp_path: Path, limit: int, *args):
+    import subprocess
+    import sys
+
+    script = tmp_path / "limited.py"
+    script.write_text(LIMITED)
+    return subprocess.run([sys.executable, str(script), str(limit), *map(str, args)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "setpgid"), reason="POSIX resource limits")
+@pytest.mark.parametrize("limit, written", [(64, "predictions.csv"), (1500, "blend.json")])
+def test_a_file_size_limit_names_the_file_and_leaves_no_folder(work, tmp_path, limit, written):
+    out = tmp_path / "bl15" / "deeper"
+    result = limited(tmp_path, limit, "blend", "--runs", work.runs, "--optimize", "val", "--data", work.data,
+                     "--cv", 2, "--out", out)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {out / written}: File too large; "), result.stderr
+    assert "a file-size limit was reached" in lines[0] and "give --out DIR on another file system" in lines[0]
+    assert "nothing was written" in lines[0] and "finished work is kept" not in lines[0]
+    assert not (tmp_path / "bl15").exists()

@@ -281,3 +281,18 @@ def test_a_recorded_runs_the_os_cannot_take_is_passed_over(work, tmp_path, runs)
 
     line = one_line_error(ens("report", blend), "the val stores it was fitted on are not found")
     assert "x" * 200 not in line
+
+
+# Item 15 for report: a file-size limit names the page, and leaves no folder the run made.
+
+def test_a_file_size_limit_names_the_page_and_leaves_no_folder(work, tmp_path):
+    from tests.ensemble.blend.test_blend_hostile import limited
+
+    blend = copy_work(work, tmp_path / "w")
+    page = tmp_path / "pages" / "deeper" / "r.html"
+    result = limited(tmp_path, 4096, "report", blend, "-o", page)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {page}: File too large; "), result.stderr
+    assert "give -o FILE on another file system" in lines[0] and lines[0].endswith("nothing was written")
+    assert not (tmp_path / "pages").exists()
