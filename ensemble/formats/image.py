@@ -47,6 +47,27 @@ def open_image(path: str | Path) -> Image.Image:
     return image
 
 
+#: The first bytes of every JPEG file (SOI, then a marker's 0xFF): what Pillow's JPEG plugin checks.
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def is_jpeg(path: str | Path) -> bool:
+    """Whether ``path`` is a regular file that starts as a JPEG does (:data:`JPEG_MAGIC`, 3 bytes
+    read); ``False`` for anything else, and for a file that cannot be read. A JPEG decodes to
+    L, RGB or CMYK only (never 16 bits, never transparency), the modes whose pixels
+    :func:`to_rgb` makes as Pillow's ``convert("RGB")`` does. A FIFO is never opened."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        try:  # swapped for a FIFO since the stat: nothing waits on it
+            return stat.S_ISREG(os.fstat(fd).st_mode) and os.read(fd, len(JPEG_MAGIC)) == JPEG_MAGIC
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+
+
 def unreadable_reason(exc: BaseException, path: str | Path) -> str:
     """Why the image at ``path`` could not be read (``exc``: what opening or decoding it raised),
     in a few words; the caller names the path."""

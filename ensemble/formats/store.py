@@ -750,6 +750,36 @@ class StoreWriter:
         """``manifest`` as the store's while its arrays are not all in place."""
         return dataclasses.replace(manifest, arrays=None, run_key=self.digest, format=FORMAT_VERSION)
 
+    def adopt(self, older: Mapping[str, Any], fields: Mapping[str, Any], same: Callable[[], bool]) -> bool:
+        """Take a store made with the key ``older`` as this key's, when ``same()`` says its arrays
+        are the ones this key makes (asked only when such a store is there); ``True`` when it did.
+
+        A complete store of ``older`` has its manifest rewritten (atomically) with this key's
+        ``run_key`` and ``fields``; chunks of ``older`` under ``.partial`` have their key.json
+        rewritten, so :meth:`open` keeps them. Anything else is left to :meth:`open`.
+        """
+        self.lock()
+        try:
+            existing = read_manifest_json(self.path)
+        except EnsError:
+            existing = None
+        complete = (isinstance(existing, dict) and existing.get("complete") is True
+                    and existing.get("run_key") == run_key(older))
+        key_file = self.partial / "key.json"
+        try:
+            chunks = read_json(key_file) == dict(older)
+        except EnsError:
+            chunks = False
+        if not (complete or chunks) or not same():
+            return False
+        if complete:
+            with _naming(self.path / MANIFEST):
+                write_json_atomic(self.path / MANIFEST, {**existing, **fields, "run_key": self.digest})
+        if chunks:
+            with _naming(key_file):
+                write_json_atomic(key_file, self.key)
+        return True
+
     def write_chunk(self, index: int, logits: np.ndarray, keep: np.ndarray,
                     bad: Sequence[tuple[int, str]] = (), views: np.ndarray | None = None,
                     boxes: np.ndarray | None = None) -> None:

@@ -45,6 +45,7 @@ from ensemble.formats.dataset import Split, check_store_name
 from ensemble.formats.store import (DTYPES, DatasetRecord, ModelRecord, RunFigures, StoreManifest, StoreWriter,
                                     TtaRecord, infer_command, read_store, recorded_model, store_path)
 from ensemble.inference.cam import CamSettings
+from ensemble.formats.image import is_jpeg
 from ensemble.inference.decode import PIXELS
 from ensemble.inference.engine import (CAM_OPTIONS, BatchOutput, Engine, EngineOpener, Event, cam_settings,
                                        gpu_options)
@@ -301,6 +302,7 @@ class _SplitRun:
         self.model_seconds: dict[str, float] = {}
         self.writers = {}
         self.base: dict[str, StoreManifest] = {}  # each store's manifest before its run's figures
+        self._jpegs: bool | None = None  # whether every image of the split is a JPEG file, once asked
         for item in passes:
             model = item.model
             meta = model.metadata
@@ -356,14 +358,34 @@ class _SplitRun:
         todo = []
         for item in self.passes:
             writer = self.writers[item.model.name]
+            adopted = self._adopt_version2(writer)
+            upgraded = f"{writer.path}: pixels of version 2 are version 3's for JPEG files: kept"
             if writer.open(self.base[item.model.name]):
-                self.report(Event("note", self.split.name,
-                                  message=f"{writer.path}: complete, with the same arguments; kept"))
+                self.report(Event("note", self.split.name, message=upgraded if adopted else
+                                  f"{writer.path}: complete, with the same arguments; kept"))
             else:
+                if adopted and not writer.note:  # its chunks are kept
+                    self.report(Event("note", self.split.name, message=upgraded))
                 if writer.note:
                     self.report(Event("note", self.split.name, message=writer.note))
                 todo.append(item)
         return todo
+
+    def _adopt_version2(self, writer: StoreWriter) -> bool:
+        """Keep a store (complete, or its chunks) made with these arguments by pixel pipeline
+        version 2 when every image of the split is a JPEG file: version 3 decodes differently
+        only 16-bit, 32-bit and float grayscale and transparency, which a JPEG never has (L,
+        RGB, CMYK), so its pixels are version 3's. The files' first 3 bytes are read only when
+        such a store is there; one other file and the store is computed again."""
+        if writer.key["pixels"] != 3:
+            return False
+
+        def all_jpegs() -> bool:
+            if self._jpegs is None:
+                self._jpegs = all(is_jpeg(path) for path in self.split.paths)
+            return self._jpegs
+
+        return writer.adopt({**writer.key, "pixels": 2}, {"pixels": 3}, all_jpegs)
 
     def _run(self, todo: Sequence[ModelPass], chunks: Sequence[int]) -> tuple[int, float]:
         """Decode the chunks' images once, run the models that lack each chunk, save chunks.
