@@ -224,7 +224,7 @@ def infer(
     models: Annotated[list[Path], typer.Argument(metavar="MODEL.onnx...", help="ONNX files written by `ens export` (others: see --input-size).", show_default=False)],
     data: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Dataset folder in the iNaturalist layout, with --split.")] = None,
     split: Annotated[Optional[str], typer.Option(metavar="NAMES", help="Splits under --data, comma-separated: val means DIR/val2019.json (else val2018.json, val2017.json, iNat 2021's val.json, or the image folder DIR/val).", show_default="val,test")] = None,
-    index: Annotated[Optional[Path], typer.Option(metavar="FILE.json", help="One split instead of --data: a COCO/iNat json, or a folder of images (ids are relative paths; links followed as ImageFolder follows them).")] = None,
+    index: Annotated[Optional[Path], typer.Option(metavar="FILE.json", help="One split instead of --data: a COCO/iNat json, or a folder of images (ids are relative paths; links followed as ImageFolder follows them, each real folder once).")] = None,
     tta: Annotated[str, typer.Option(metavar="NAMES", help="Views beside identity, comma-separated: flip, scale, crop5, crop10 (= crop5 and flip); they combine. cam: a crop of where the model looks (its class activation map), classified again (flipped too with flip).")] = ",".join(InferOptions.tta),
     scales: Annotated[str, typer.Option(metavar="S,S,...", help="Factors of the model's input size for the scale views.")] = ",".join(f"{s:g}" for s in InferOptions.scales),
     cam_threshold: Annotated[Optional[float], typer.Option(help="cam view: keep the map at or above this fraction of its range (the part around the maximum).", show_default="0.2")] = None,

@@ -74,7 +74,9 @@ RESAMPLE = {
 #: model's stores. 1: each canvas resized whole, then cropped (stores made before this field
 #: existed); 2: only the region the crops cut is resized (:func:`resize_region`); 3: every
 #: image mode decoded as a viewer shows it (:func:`~ensemble.formats.image.to_rgb`: 16-bit and float grayscale scaled,
-#: transparency on white; 2 clipped them and dropped the alpha).
+#: transparency on white; 2 clipped them and dropped the alpha). A JPEG has none of those modes
+#: (L, RGB, CMYK), so a version 2 store of JPEG files only is kept as version 3's
+#: (:meth:`ensemble.inference.run._SplitRun._adopt_version2`).
 PIXELS = 3
 #: How far each filter reaches, in source pixels at scale 1 (Pillow's supports).
 _SUPPORT = {"nearest": 0.5, "bilinear": 1.0, "bicubic": 2.0, "lanczos": 3.0}
