@@ -526,7 +526,7 @@ def report(
     ctx: typer.Context,
     blend_dir: Annotated[Path, typer.Argument(metavar="BLEND_DIR", help="A blend folder written by `ens blend` (blends/<name>).", show_default=False)],
     data: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Dataset folder: the fitted split's labels and image files, and the training json (train2019.json) for the long-tail section.", show_default="the labels file blend.json names")] = None,
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="FILE.html", help="Where to write the page \\[default: BLEND_DIR/report.html].")] = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="FILE.html", help="Where to write the page; an existing file there is replaced, never a folder, FIFO or device \\[default: BLEND_DIR/report.html].")] = None,
 ) -> None:
     """Write one self-contained HTML page that shows why the blend is what it is.
 

@@ -29,9 +29,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     file there stays as it was), nor any folder this call made for it that is still empty. The
     temporary file lives in the same folder so the final ``os.replace`` is atomic on one file
     system. An OSError that names no file or the temporary one (``write`` on a full disk or
-    past a file-size limit names none) is raised again naming ``path``.
+    past a file-size limit names none) is raised again naming ``path``. Only a regular file (or
+    a link to one) is ever replaced: anything else at ``path`` is an EnsError before anything is
+    written (:func:`check_replaceable`).
     """
     path = Path(path)
+    check_replaceable(path)
     made = _make_folders(path.parent)
     done = False
     try:
@@ -47,6 +50,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if not done:
             _remove_empty(made)
+
+
+def check_replaceable(path: str | os.PathLike, option: str | None = None) -> None:
+    """``path`` is absent, or a regular file (or a link to one) that a write may replace;
+    otherwise (a folder, a FIFO, a device, a socket, a link to one or to nothing) an
+    :class:`~ensemble.errors.EnsError` naming it (after ``option``, the option that gave it,
+    when given): a rename onto it would put a file where a pipe, a device or a link was."""
+    from ensemble.errors import EnsError
+
+    if not os.path.lexists(path) or os.path.isfile(path):
+        return
+    kind = "a folder" if os.path.isdir(path) else ("a link to nothing" if os.path.islink(path) else
+                                                   "a FIFO, a device or a socket, or a link to one")
+    if option is None:
+        raise EnsError(f"{os.fsdecode(path)}: not a regular file ({kind}), and ens replaces only regular files; "
+                       "move it away or write elsewhere")
+    raise EnsError(f"{option} {os.fsdecode(path)}: is not a regular file ({kind}); give the name of a new file "
+                   "or of a regular one")
 
 
 def _make_folders(folder: Path) -> list[Path]:

@@ -26,12 +26,14 @@ class ReportResult:
 
 def write_report(blend_dir: Path, data: Path | None = None, out: Path | None = None) -> ReportResult:
     """Write the report of the blend folder ``blend_dir`` to ``out`` (None: ``blend_dir/report.html``),
-    atomically; ``data``: the dataset folder holding the fitted split's json (None: the labels
+    atomically (only ever replacing a regular file); ``data``: the dataset folder holding the fitted split's json (None: the labels
     file blend.json names) and, when present, the training json."""
-    from ensemble.fileio import atomic_path, out_of_room
+    from ensemble.fileio import atomic_path, check_replaceable, out_of_room
     from ensemble.report.build import build_report
     from ensemble.report.page import render, sections_shown
 
+    if out is not None:
+        check_replaceable(out, "-o")  # a folder, a FIFO, a device: refused before any work
     report = build_report(Path(blend_dir), data)
     text = render(report).encode("utf-8")
     path = Path(out) if out is not None else Path(blend_dir) / REPORT_FILE

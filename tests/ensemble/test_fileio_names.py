@@ -117,3 +117,37 @@ def test_a_temporary_file_that_cannot_be_made_is_named_after_its_target(tmp_path
             pass
     assert caught.value.errno == 28 and caught.value.filename == str(tmp_path / "new" / "page.html")
     assert not (tmp_path / "new").exists()
+
+
+# Never replace what is not a regular file (a FIFO, a device, a folder, a link to one).
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+@pytest.mark.parametrize("kind", ["fifo", "link to fifo", "folder", "dangling link"])
+def test_atomic_path_never_replaces_what_is_not_a_regular_file(tmp_path, kind):
+    from ensemble.errors import EnsError
+
+    os.mkfifo(tmp_path / "fifo")
+    target = tmp_path / "target"
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "link to fifo":
+        target.symlink_to(tmp_path / "fifo")
+    elif kind == "folder":
+        target.mkdir()
+    else:
+        target.symlink_to(tmp_path / "nowhere")
+    before = os.lstat(target)
+    with pytest.raises(EnsError, match=f"^{target}: not a regular file"):
+        with atomic_path(target) as tmp:
+            tmp.write_text("x")
+    after = os.lstat(target)
+    assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "target"]
+
+
+def test_atomic_path_replaces_a_regular_file_and_a_link_to_one(tmp_path):
+    (tmp_path / "file").write_text("old")
+    (tmp_path / "link").symlink_to(tmp_path / "file")
+    write_bytes_atomic(tmp_path / "file", b"new")
+    write_bytes_atomic(tmp_path / "link", b"newer")
+    assert (tmp_path / "file").read_text() == "new" and (tmp_path / "link").read_text() == "newer"

@@ -296,3 +296,26 @@ def test_a_file_size_limit_names_the_page_and_leaves_no_folder(work, tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"error: {page}: File too large; "), result.stderr
     assert "give -o FILE on another file system" in lines[0] and lines[0].endswith("nothing was written")
     assert not (tmp_path / "pages").exists()
+
+
+# -o never replaces what is not a regular file.
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+@pytest.mark.parametrize("kind", ["fifo", "link to fifo", "folder"])
+def test_report_output_that_is_not_a_regular_file_is_refused(work, tmp_path, kind):
+    from tests.ensemble.conftest import one_line_error
+
+    blend = copy_work(work, tmp_path / "w")
+    target = tmp_path / "page"
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "link to fifo":
+        os.mkfifo(tmp_path / "fifo")
+        target.symlink_to(tmp_path / "fifo")
+    else:
+        target.mkdir()
+    before = os.lstat(target)
+    one_line_error(ens("report", blend, "-o", target), f"-o {target}: is not a regular file",
+                   "give the name of a new file or of a regular one")
+    after = os.lstat(target)
+    assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
