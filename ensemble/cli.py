@@ -410,7 +410,7 @@ def submit(
     predictions: Annotated[Optional[Path], typer.Argument(metavar="PREDICTIONS", help="The predictions.csv of `ens blend`, or the blend folder holding it.", show_default=False)] = None,
     data: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Competition files: the test json (test2019.json, test2018.json or public_test.json, by --format) and the train/val jsons whose categories are the known category ids. The test json must be the one the predictions' stores were made from (checked by its sha256).")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="Competition format: inat2019 (id,predicted; 5 ids), inat2018 (3 ids) or inat2021 (Id,Predicted; 5 ids). One that disagrees with --data's layout is used, with a warning.", show_default="the one --data's test json names: test2019.json inat2019, test2018.json inat2018, public_test.json inat2021; else inat2019")] = None,
-    name: Annotated[Optional[str], typer.Option(help="File name after the timestamp.", show_default="the blend folder's name")] = None,
+    name: Annotated[Optional[str], typer.Option(help="File name after the timestamp: letters, digits, '.', '_' and '-', a letter or digit first, short enough for the file system.", show_default="the blend folder's name, other characters as '_', cut to fit")] = None,
     sample: Annotated[Optional[Path], typer.Option(metavar="FILE", help="A sample submission (kaggle_sample_submission.csv): the ids must also be exactly its ids.")] = None,
     missing: Annotated[Optional[str], typer.Option(metavar="fail|prior", help="Test ids the predictions lack (images `ens infer --on-bad-image skip` left out): fail, or prior: give each the most frequent classes of the train json (else of the predictions), recorded in the ledger.", show_default="fail")] = None,
     compress: Annotated[bool, typer.Option("--gzip", help="Write submissions/<time>_<name>.csv.gz.")] = False,
@@ -422,7 +422,8 @@ def submit(
 ) -> None:
     """Write a checked Kaggle submission CSV, record it in the ledger and upload it.
 
-    The CSV goes to submissions/<UTC time>_<name>.csv, one row per test image, ids ascending.
+    The CSV goes to submissions/<UTC time>_<name>.csv (submissions/ of the folder ens runs in:
+    the work folder, which holds blends/), one row per test image, ids ascending.
     Before it is written it must hold every test id of --data exactly once and nothing else,
     integer ids, the format's number of category ids per row, and only category ids the
     dataset knows; and the stores it came from (found through blend.json) must have been made
@@ -443,11 +444,8 @@ def submit(
         against = result.reference.test_source.name + (f" and {sample.name}" if sample is not None else "")
         _echo(f"ok: {check}: {len(result.submission.ids)} rows, {fmt_spec.name} ({fmt_spec.header}, "
                    f"{result.submission.categories.shape[1]} known category ids per row), every id of {against} once")
-        if result.test_set is not None and result.test_set.check == "verified":
-            _echo(f"verified: made from {result.reference.test_source} (through the blend.json beside it)")
-        else:
-            _echo(f"note: --check verifies ids and categories only, not that the rows are predictions of the images "
-                  f"of {result.reference.test_source}", err=True)
+        _echo(f"note: --check verifies ids and categories only, not that the rows are predictions of the images "
+              f"of {result.reference.test_source} (ens submit checks that for a blend's predictions)", err=True)
         return
     if retry is None:
         _echo(f"wrote {result.path} ({result.entry.rows} rows, {result.entry.format})")
@@ -501,7 +499,8 @@ def submissions(
 ) -> None:
     """List the submission ledger: files, CV estimates, upload status, leaderboard scores.
 
-    The ledger is submissions/ledger.sqlite, one row per file `ens submit` wrote.
+    The ledger is submissions/ledger.sqlite, one row per file `ens submit` wrote; the test set
+    column says whether the rows were traced to the test json (verified) or not (unverified).
     """
     with _user_errors(ctx):
         from ensemble.submission.submit import SUBMISSIONS, refresh_scores

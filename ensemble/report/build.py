@@ -78,6 +78,7 @@ class LedgerPoint:
     public: float | None
     private: float | None
     this_blend: bool  #: the row's source is this blend folder
+    unverified: bool = False  #: the ledger's test_check: not traced to the test json (`ens submit`)
 
 
 @dataclass(frozen=True)
@@ -305,7 +306,7 @@ def ledger_points(blend_dir: Path) -> tuple[Path | None, tuple[LedgerPoint, ...]
         source = (work / e.source).resolve()
         this = mine in (source, source.parent)  # the folder, or its predictions.csv
         points.append(LedgerPoint(e.id, e.file, 1 - e.cv_top1, 1 - e.cv_top1_high, 1 - e.cv_top1_low,
-                                  e.public_score, e.private_score, this))
+                                  e.public_score, e.private_score, this, e.test_check == "unverified"))
     return ledger.path, tuple(points)
 
 

@@ -257,7 +257,8 @@ def leaderboard(data: ReportData) -> str:
     def score(v: float | None) -> str:
         return "" if v is None else f"{v:.4f}"
 
-    rows = "".join(f'<tr data-row="{p.id}"{_USED if p.this_blend else ""}><td>{p.id}</td><td>{_e(p.file)}</td>'
+    rows = "".join(f'<tr data-row="{p.id}"{_USED if p.this_blend else ""}><td>{p.id}</td><td>{_e(p.file)}'
+                   f'{" (unverified)" if p.unverified else ""}</td>'
                    f"<td>{p.cv_error:.4f} ({p.cv_error_low:.4f}-{p.cv_error_high:.4f})</td><td>{score(p.public)}</td>"
                    f"<td>{score(p.private)}</td></tr>" for p in data.ledger_points)
     lead = (f'<p class="lead">Every scored row of {_e(data.ledger)}: the CV estimate as top-1 error against the '

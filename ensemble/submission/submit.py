@@ -45,7 +45,7 @@ from ensemble.submission.kaggle_client import Receipt, UploadError
 from ensemble.submission.kaggle_csv import (Reference, Submission, check_file, check_rows, choose_format,
                                             load_reference, read_predictions, submission_bytes, submission_name,
                                             submission_path)
-from ensemble.submission.origin import TestSetCheck, check_test_set
+from ensemble.submission.origin import check_test_set
 
 #: Where files and ledger go, relative to the folder ens runs in (the work folder, which holds
 #: blends/ and runs/; `ens report` looks for the ledger there).
@@ -110,14 +110,12 @@ class SubmitResult:
 
 @dataclass(frozen=True)
 class CheckResult:
-    """What ``ens submit --check`` found: the checked rows, what they were checked against, the
-    warnings to show and, for a file beside a blend.json, the test-set check of a submit
-    (``None`` otherwise: then only ids and categories were checked)."""
+    """What ``ens submit --check`` found: the checked rows, what they were checked against and
+    the warnings to show."""
 
     submission: Submission
     reference: Reference
     notes: tuple[str, ...] = ()
-    test_set: TestSetCheck | None = None
 
 
 @dataclass(frozen=True)
@@ -298,23 +296,16 @@ def refresh_scores(folder: str | os.PathLike = SUBMISSIONS) -> RefreshResult:
 def check(file: str | os.PathLike, data: str | os.PathLike, format: str | None = None,
           sample: str | os.PathLike | None = None, warn: Warn | None = None) -> CheckResult:
     """``ens submit --check``: every check on any CSV; nothing is written. ``format``: ``None``
-    for the one ``--data``'s layout names. A file beside a blend.json is also traced to the
-    test json as `ens submit` traces predictions (:func:`ensemble.submission.origin.check_test_set`);
-    any other file is checked for its ids and categories only, not for the images they are of."""
+    for the one ``--data``'s layout names. The ids and categories are checked, not which images
+    the rows are predictions of: a competition CSV carries nothing that leads back to its
+    stores (only a blend's ``predictions.csv`` does, through the blend.json beside it, and
+    that is what `ens submit` checks, :mod:`ensemble.submission.origin`)."""
     fmt, notes = choose_format(data, format)
     if warn is not None:
         for text in notes:
             warn(text)
     reference = load_reference(data, fmt, sample)
-    submission = check_file(file, fmt, reference)
-    test_set = None
-    if (Path(file).parent / BLEND_FILE).is_file():
-        test_set = check_test_set(Path(file), submission.ids, reference.test_source)
-        if test_set.warning is not None:
-            notes += (test_set.warning,)
-            if warn is not None:
-                warn(test_set.warning)
-    return CheckResult(submission=submission, reference=reference, notes=notes, test_set=test_set)
+    return CheckResult(submission=check_file(file, fmt, reference), reference=reference, notes=notes)
 
 
 # ------------------------------------------------------------------------------ `ens submit`'s modes

@@ -272,3 +272,20 @@ def test_an_older_blend_json_finds_its_stores_in_the_recorded_runs_folder(work, 
     result = ok(ens("submit", blend_dir, "--data", work / "data", "--dry-run"))
     assert warnings_of(result) == [], result.stderr
     assert Ledger("submissions").entries()[0].test_check == "verified"
+
+
+def test_the_reports_ledger_table_marks_unverified_rows(here):
+    pytest.importorskip("matplotlib")
+    from types import SimpleNamespace
+
+    from ensemble.report import page
+    from ensemble.report.build import ledger_points
+
+    ok(ens("submit", "blends/x", "--data", "data", "--dry-run"))  # blends/x applied nothing: unverified
+    ledger = Ledger("submissions")
+    ledger.store_scores(1, kaggle_ref=9, kaggle_status="complete", public_score=0.3, private_score=None, error=None,
+                        uploaded=None)
+    path, points = ledger_points(here / "blends" / "x")
+    assert [p.unverified for p in points] == [True]
+    html = page.leaderboard(SimpleNamespace(missing={}, ledger_points=points, ledger=path))
+    assert f"{ledger.entries()[0].file} (unverified)</td>" in html
