@@ -74,7 +74,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import hashlib
 import json
 import os
@@ -617,25 +616,6 @@ def _naming(path: Path) -> Iterator[None]:
         raise
 
 
-def _claim_space(path: Path) -> None:
-    """Allocate the disk blocks of ``path``, an array file about to be written through a memory
-    map: a full disk says ENOSPC here, where the map would take a SIGBUS (the process killed)
-    at the first page the disk has no room for."""
-    if not hasattr(os, "posix_fallocate"):  # macOS, Windows: the map is written as it is
-        return
-    fd = os.open(path, os.O_RDWR)
-    try:
-        size = os.fstat(fd).st_size
-        if size:
-            try:
-                os.posix_fallocate(fd, 0, size)
-            except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS):
-                    raise
-    finally:
-        os.close(fd)
-
-
 def to_dtype(scores: np.ndarray, dtype: str) -> np.ndarray:
     """``scores`` as the store's dtype, clipped so no finite score becomes an infinity."""
     limit = np.finfo(dtype).max
@@ -855,19 +835,34 @@ class StoreWriter:
         return complete
 
     def _concatenate(self, name: str, shape: tuple[int, ...], dtype: str, field: str, axis: int) -> None:
+        """Write ``name``, the chunks' ``field`` arrays less their skipped rows, joined along
+        ``axis`` (0: rows; 1: the rows of each view), as np.save writes the whole array.
+
+        Plain writes, never a memory map: a full disk, a file-size limit or a quota is then the
+        OSError of a write (named by :func:`_naming`), where a map takes a SIGBUS that kills the
+        process at the first page the disk has no room for. Claiming the space first
+        (posix_fallocate) is no fix: glibc emulates it by writing a byte per block where the
+        file system lacks it (NFSv3, FUSE: millions of writes for a 10 GB array), and
+        copy-on-write ZFS reserves nothing with it.
+        """
+        dtype = np.dtype(dtype)
+        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
         with _naming(self.path / name), atomic_path(self.path / name) as tmp:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-            _claim_space(tmp)
-            row = 0
-            for index in range(self.chunks):
-                with np.load(self._chunk_file(index)) as chunk:
-                    keep = chunk["keep"]
-                    part = np.compress(keep, chunk[field], axis=axis)
-                count = part.shape[axis]
-                if axis == 0:
-                    out[row:row + count] = part
-                else:
-                    out[:, row:row + count] = part
-                row += count
-            out.flush()
-            del out
+            with open(tmp, "wb") as fh:
+                np.lib.format.write_array_header_1_0(fh, header)
+                start = fh.tell()
+                # Axis 1: view v's rows lie at [v * rows, (v + 1) * rows) of the data.
+                view_bytes = shape[1] * int(np.prod(shape[2:], dtype=np.int64)) * dtype.itemsize if axis else 0
+                row_bytes = int(np.prod(shape[axis + 1:], dtype=np.int64)) * dtype.itemsize
+                row = 0
+                for index in range(self.chunks):
+                    with np.load(self._chunk_file(index)) as chunk:
+                        keep = chunk["keep"]
+                        part = np.ascontiguousarray(np.compress(keep, chunk[field], axis=axis), dtype=dtype)
+                    if axis == 0:
+                        fh.write(part.reshape(-1).view(np.uint8))
+                    else:
+                        for v in range(shape[0]):
+                            fh.seek(start + v * view_bytes + row * row_bytes)
+                            fh.write(np.ascontiguousarray(part[v]).reshape(-1).view(np.uint8))
+                    row += part.shape[axis]

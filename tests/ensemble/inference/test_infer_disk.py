@@ -233,3 +233,67 @@ def test_a_block_that_fails_to_attach_raises_its_own_error(monkeypatch):
         decode._new_block(name, 4096)
     assert info.value.errno == errno.ENOMEM
     assert not (_SHM_DIR / name).exists()
+
+
+def test_a_full_disk_that_cannot_claim_space_ahead_is_one_line_not_a_crash(work):
+    """A file system without fallocate (NFSv3, FUSE, older ZFS; copy-on-write ZFS reserves
+    nothing with it): the arrays are assembled with plain writes, so a full disk is an error
+    of a write, never a SIGBUS in a memory map."""
+    if shutil.which("unshare") is None or _tmpfs_sh(work, "100k", "true").returncode != 0:
+        pytest.skip("no unprivileged tmpfs mount here (unshare --user --mount)")
+    (work / "nofallocate.py").write_text(textwrap.dedent("""
+        import os, sys
+
+        if __name__ == "__main__":
+            del os.posix_fallocate  # as on a system whose file systems cannot claim ahead
+            sys.argv = ["ens", *sys.argv[1:]]
+            from ensemble.cli import main
+            main()
+    """))
+    result = _tmpfs_sh(work, "100k", f"{sys.executable} nofallocate.py infer big.onnx --data inat --split val "
+                                     "--workers 0 --batch-size 2 --chunk-size 2 --out full/runs; echo rc=$? >&2; "
+                                     "ls -A full/runs/big/val")
+    assert "rc=2" in result.stderr, result.stderr  # not 135: killed by SIGBUS
+    line = _error(subprocess.CompletedProcess([], 2, "", result.stderr.replace("rc=2\n", "")))
+    assert "full/runs/big/val/logits.npy" in line and "No space left on device" in line, line
+    assert sorted(result.stdout.split()) == [".lock", ".partial", MANIFEST], result.stdout
+
+
+def test_the_assembled_arrays_are_what_numpy_saves(tmp_path):
+    """logits.npy and views.npy, assembled chunk by chunk, hold the bytes np.save writes for
+    their arrays (header included)."""
+    import io
+
+    import numpy as np
+
+    from ensemble.formats.dataset import load_split
+    from ensemble.inference.run import InferOptions, infer
+
+    make_inat(tmp_path / "inat", n_val=7, n_test=1)
+    model = tiny_onnx(tmp_path / "m.onnx")
+    infer([model], [load_split(tmp_path / "inat" / "val2019.json")],
+          InferOptions(tta=("flip",), keep_views=True, workers=0, batch_size=2, chunk_size=2, out=tmp_path / "runs"))
+    folder = tmp_path / "runs" / "m" / "val"
+    for name in ("logits.npy", "views.npy"):
+        saved = io.BytesIO()
+        np.save(saved, np.load(folder / name))
+        assert (folder / name).read_bytes() == saved.getvalue(), name
+    assert np.load(folder / "views.npy").shape[:2] == (2, 7)
+
+
+def test_a_store_whose_every_image_was_skipped_is_assembled(tmp_path):
+    import numpy as np
+
+    from ensemble.formats.dataset import load_split
+    from ensemble.inference.run import InferOptions, infer
+
+    make_inat(tmp_path / "inat", n_val=3, n_test=1)
+    for image in (tmp_path / "inat").rglob("*.jpg"):
+        image.write_bytes(b"not an image")
+    model = tiny_onnx(tmp_path / "m.onnx")
+    infer([model], [load_split(tmp_path / "inat" / "val2019.json")],
+          InferOptions(tta=("flip",), keep_views=True, on_bad_image="skip", workers=0, batch_size=2, chunk_size=2,
+                       out=tmp_path / "runs"))
+    store = read_store(tmp_path / "runs" / "m" / "val")
+    assert store.logits.shape[0] == 0 and store.views.shape[:2] == (2, 0) and len(store.skipped_ids) == 3
+    assert np.load(tmp_path / "runs" / "m" / "val" / "logits.npy").shape == store.logits.shape
