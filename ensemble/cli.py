@@ -338,7 +338,7 @@ def blend(
     fallback: Annotated[Optional[str], typer.Option(metavar="uniform", help="Use equal weights when the method does not beat them on CV.")] = None,
     weights: Annotated[Optional[Path], typer.Option(metavar="blend.json", help="Apply saved weights instead of fitting.")] = None,
     top_k: Annotated[int, typer.Option(help="Categories per image in predictions.csv.")] = 5,
-    out: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Blend folder \\[default: blends/<method>; with --weights, <its folder>-<split> beside it].")] = None,
+    out: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Blend folder, a folder of its own (never a logit store nor a folder of stores) \\[default: blends/<method>; with --weights, <its folder>-<split> beside it].")] = None,
     prior: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Training class counts to correct the blend for (long-tail logit adjustment): a COCO/iNat json (its annotations are counted, e.g. data/train2019.json), a JSON object {\"category_id\": count} or a CSV category_id,count.")] = None,
     prior_tau: Annotated[Optional[str], typer.Option(metavar="auto|FLOAT", help="Strength of the prior correction: auto fits it with the weights on the fitted split; a number from 0 (none) to 3 fixes it (1 divides by the prior once).", show_default="auto, with --prior")] = None,
 ) -> None:

@@ -93,6 +93,7 @@ def run_blend(options: BlendOptions) -> BlendResult:
 
     apply = _apply_split(options, models, notes)
     out = _out_folder(options, apply)
+    _check_not_stores(out)
     earlier = None if apply is not None else _earlier_predictions(out)
 
     if saved is not None:
@@ -156,6 +157,39 @@ def _short(sha: Any) -> str:
     if not isinstance(sha, str):
         return "none"
     return sha[:12] + ("..." if len(sha) > 12 else "")
+
+
+def _check_not_stores(out: Path) -> None:
+    """``out`` is neither a logit store (it holds manifest.json) nor a folder of them (a model's
+    folder, ``runs/``): blend.json and predictions.csv there would sit among the stores, where
+    `ens infer` and the next blend read. An :class:`EnsError` before anything is written."""
+    hint = "a blend goes in a folder of its own; give another --out (blends/NAME)"
+    if os.path.lexists(out / MANIFEST):
+        raise EnsError(f"--out {out}: is a logit store (it holds {MANIFEST}); {hint}")
+    found = _a_store_in(out)
+    if found is not None:
+        raise EnsError(f"--out {out}: holds logit stores ({found.as_posix()}/{MANIFEST}, ...); {hint}")
+
+
+def _a_store_in(folder: Path) -> Path | None:
+    """A store one or two folders below ``folder`` (``MODEL/SPLIT`` of a runs folder, ``SPLIT`` of
+    a model's), relative to it; None when there is none or ``folder`` cannot be listed."""
+    try:
+        children = sorted(p for p in folder.iterdir() if p.is_dir())
+    except OSError:
+        return None
+    for child in children:
+        if os.path.isfile(child / MANIFEST):
+            return child.relative_to(folder)
+    for child in children:
+        try:
+            grandchildren = sorted(p for p in child.iterdir() if p.is_dir())
+        except OSError:
+            continue
+        for grandchild in grandchildren:
+            if os.path.isfile(grandchild / MANIFEST):
+                return grandchild.relative_to(folder)
+    return None
 
 
 def _earlier_predictions(out: Path) -> str | None:

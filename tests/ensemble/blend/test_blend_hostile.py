@@ -366,3 +366,17 @@ def test_a_file_size_limit_names_the_file_and_leaves_no_folder(work, tmp_path, l
     assert "a file-size limit was reached" in lines[0] and "give --out DIR on another file system" in lines[0]
     assert "nothing was written" in lines[0] and "finished work is kept" not in lines[0]
     assert not (tmp_path / "bl15").exists()
+
+
+# ------------------------------------------ --out is never a logit store nor a folder of stores
+
+@pytest.mark.parametrize("where, said", [("m0/test", "is a logit store (it holds manifest.json)"),
+                                         (".", "holds logit stores (m0/test"),
+                                         ("m0", "holds logit stores (test")])
+def test_an_out_that_is_a_store_or_holds_stores_is_refused(work, tmp_path, where, said):
+    runs = Path(shutil.copytree(work.runs, tmp_path / "runs"))
+    out = runs / where
+    before = sorted(p.relative_to(runs) for p in runs.rglob("*"))
+    line = one_line_error(ens("blend", "--runs", runs, "--optimize", "val", "--data", work.data, "--cv", 2,
+                              "--out", out), f"--out {out}: {said}", "a blend goes in a folder of its own")
+    assert sorted(p.relative_to(runs) for p in runs.rglob("*")) == before, line
