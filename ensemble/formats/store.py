@@ -430,7 +430,8 @@ def rebuilt_command(folder: Path, manifest: Mapping[str, Any]) -> str | None:
     """The command that finishes the store in ``folder``, rebuilt (:func:`infer_command`) from
     its manifest's model file, split, split source and ``arguments``, each checked; ``None``
     when one is missing or fails its check (an unknown option included), or when the command
-    would write another folder than ``folder`` (a store moved or renamed). The manifest's own
+    would write another folder than ``folder`` (its model or split folder renamed; a runs folder
+    moved or renamed is the command's ``--out``). The manifest's own
     ``command`` text is never used."""
     model, dataset, arguments = manifest.get("model"), manifest.get("dataset"), manifest.get("arguments")
     if not (isinstance(model, dict) and isinstance(dataset, dict) and isinstance(arguments, dict)):
