@@ -443,7 +443,7 @@ def submission_name(folder: str | os.PathLike, given: str | None, default: str, 
     if safe != replaced:
         changes.append("its leading '.', '_' and '-' left out")
     if len(safe) > limit:
-        safe = safe[:limit]
+        safe = safe[:max(limit, 1)]
         changes.append(f"shortened to {limit} characters (the longest file name {folder} takes, less the "
                        "timestamp and suffix)")
     if not changes:

@@ -19,7 +19,8 @@ A blend.json of an older ens records neither; then the stores themselves are the
 fallback): ``apply``'s split and the sha256 of each model's store arrays
 (:func:`ensemble.formats.blend.store_digest`); those stores looked for under the folder
 blend.json records (``runs``), then under ``runs/`` of the folder `ens blend` ran in
-(``<work>/blends/<name>`` beside ``<work>/runs``), then under ``./runs``; a folder counts only
+(``<work>/blends/<name>`` beside ``<work>/runs``; only for a blend folder in a ``blends/``),
+then under ``./runs``; a folder counts only
 when every model's store there has the recorded sha256 and their image ids are the
 predictions' ids; and each store's ``dataset.sha256`` compared as in 2.
 
@@ -191,7 +192,10 @@ def _candidates(blend_dir: Path, doc: Any) -> list[Path]:
     recorded = doc.get("runs") if isinstance(doc, dict) else None
     folders = [Path(recorded)] if isinstance(recorded, str) and recorded else []
     found: dict[Any, Path] = {}
-    for folder in folders + [blend_dir.resolve().parent.parent / RUNS, Path(RUNS)]:
+    # <work>/runs only for a blend folder under blends/ (`ens blend`'s layout): the grandparent of
+    # a blend written elsewhere is no folder of this project.
+    beside = [blend_dir.resolve().parent.parent / RUNS] if blend_dir.resolve().parent.name == "blends" else []
+    for folder in folders + beside + [Path(RUNS)]:
         try:
             key: Any = folder.resolve()
         except (OSError, ValueError, RuntimeError):  # a hand-edited name the OS cannot take

@@ -289,3 +289,21 @@ def test_the_reports_ledger_table_marks_unverified_rows(here):
     assert [p.unverified for p in points] == [True]
     html = page.leaderboard(SimpleNamespace(missing={}, ledger_points=points, ledger=path))
     assert f"{ledger.entries()[0].file} (unverified)</td>" in html
+
+
+def test_an_older_blend_json_outside_blends_does_not_look_in_its_grandparent(work, tmp_path_factory, monkeypatch):
+    """<work>/runs is looked in only for a blend folder under blends/: the grandparent of one
+    written elsewhere (--out other/b) is no folder of this project."""
+    moved = work / "other" / "b"
+    moved.parent.mkdir()
+    shutil.move(work / "blends" / "b", moved)
+    as_older_blend_json(moved)
+    doc = json.loads((moved / "blend.json").read_text())
+    doc.pop("runs", None)
+    (moved / "blend.json").write_text(json.dumps(doc))
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+    result = ok(ens("submit", moved, "--data", work / "data", "--dry-run"))
+    (warning,) = warnings_of(result)
+    assert "not found" in warning and str(work / "runs") not in warning, warning
+    monkeypatch.chdir(work)  # ./runs: the folder ens runs in
+    assert warnings_of(ok(ens("submit", moved, "--data", work / "data", "--dry-run"))) == []
