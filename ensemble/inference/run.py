@@ -183,7 +183,10 @@ def _load_models(paths: Sequence[Path], options: InferOptions, views: Sequence[V
     stems: dict[str, Path] = {}
     for model in models:
         if options.name is None:
-            check_store_name(model.name, f"model file {model.path}:")
+            try:
+                check_store_name(model.name, f"model file {model.path}:")
+            except EnsError as exc:
+                raise EnsError(f"{exc}; or give its store another name with --name NAME") from None
         if model.name in stems:
             raise EnsError(f"{model.path} and {stems[model.name]} would share the store folder "
                            f"{model.name!r}; rename one, or run each on its own with --name NAME "

@@ -231,3 +231,13 @@ def test_a_name_too_long_says_so(tmp_path, folds):
     assert "255 characters" in line and "at most 200" in line, line
     assert "no '/'" not in line
     assert ens("infer", fold0, "--data", data, "--out", out, "--name", "n" * 200, "--workers", 0).exit_code == 0
+
+
+def test_a_model_file_whose_stem_cannot_name_a_store_names_the_option_that_can(tmp_path, folds):
+    data, fold0, _ = folds
+    odd = tmp_path / "a,b.onnx"
+    shutil.copyfile(fold0, odd)
+    line = _error_line(ens("infer", odd, "--data", data, "--out", tmp_path / "runs", "--workers", 0))
+    assert "','" in line and "--name NAME" in line, line
+    result = ens("infer", odd, "--data", data, "--out", tmp_path / "runs", "--workers", 0, "--name", "ab")
+    assert result.exit_code == 0, result.output
