@@ -526,6 +526,7 @@ def report(
     blend_dir: Annotated[Path, typer.Argument(metavar="BLEND_DIR", help="A blend folder written by `ens blend` (blends/<name>).", show_default=False)],
     data: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Dataset folder: the fitted split's labels and image files, and the training json (train2019.json) for the long-tail section.", show_default="the labels file blend.json names")] = None,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="FILE.html", help="Where to write the page; an existing file there is replaced, never a folder, FIFO or device \\[default: BLEND_DIR/report.html].")] = None,
+    runs: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Folder of the logit stores the blend was fitted on, looked in first (stores moved since `ens blend`).", show_default="the folder blend.json records, then runs/ beside blends/, then ./runs")] = None,
 ) -> None:
     """Write one self-contained HTML page that shows why the blend is what it is.
 
@@ -541,7 +542,7 @@ def report(
             raise EnsError("ens report needs matplotlib, which this install lacks: pip install 'ens[report]'") from None
         from ensemble.report import write_report
 
-        result = write_report(blend_dir, data, output)
+        result = write_report(blend_dir, data, output, runs)
     for note in result.notes:
         _echo(f"note: {note}")
     for section, line in result.missing.items():

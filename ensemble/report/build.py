@@ -4,7 +4,8 @@ Inputs, each checked before use:
 
 - ``BLEND_DIR/blend.json`` (:meth:`ensemble.formats.blend.BlendRecord.read` and
   :meth:`~ensemble.formats.blend.BlendRecord.check_fitted`);
-- the logit stores of the fitted split, found in the folder blend.json records (``runs``: the
+- the logit stores of the fitted split, found in ``--runs DIR`` when given, else in the folder
+  blend.json records (``runs``: the
   ``--runs`` `ens blend` read), else under ``runs/`` beside the blend's ``blends/`` folder (the
   layout `ens blend` writes: ``<work>/blends/<name>`` and ``<work>/runs``), else under
   ``./runs``; a store is used only when its sha256 is the one blend.json records for it;
@@ -136,27 +137,35 @@ def _candidates(blend_dir: Path, name: str) -> list[Path]:
     return found
 
 
-def _runs_candidates(record: BlendRecord, blend_dir: Path) -> list[Path]:
-    """Where the stores may be: the folder blend.json records (its ``runs``: the ``--runs`` of
-    `ens blend`), then ``<work>/runs`` and ``./runs``; each folder once."""
+def _runs_candidates(record: BlendRecord, blend_dir: Path, given: Path | None = None) -> list[Path]:
+    """Where the stores may be: ``given`` (``ens report --runs``), the folder blend.json records
+    (its ``runs``: the ``--runs`` of `ens blend`), then ``<work>/runs`` and ``./runs``; each
+    folder once."""
     found, seen = [], set()
     recorded = record.runs_folder()  # None where the OS cannot use the recorded name
-    for runs in ([recorded] if recorded is not None else []) + _candidates(blend_dir, "runs"):
+    first = [given] if given is not None else []
+    for runs in first + ([recorded] if recorded is not None else []) + _candidates(blend_dir, "runs"):
         if runs.resolve() not in seen:
             seen.add(runs.resolve())
             found.append(runs)
     return found
 
 
-def open_stores(blend_json: Path, record: BlendRecord, blend_dir: Path) -> tuple[Path, list[LogitStore]]:
+def open_stores(blend_json: Path, record: BlendRecord, blend_dir: Path,
+                given: Path | None = None) -> tuple[Path, list[LogitStore]]:
     """The fitted split's store of every model, the very ones blend.json records (by sha256),
-    looked for where blend.json records them, then beside the blend's ``blends/`` folder and
-    under ``./runs``."""
+    looked for in ``given`` (``--runs DIR``), where blend.json records them, then beside the
+    blend's ``blends/`` folder and under ``./runs``."""
     split, wanted = record.optimize.split, record.optimize.stores
     views = record.views
     problems = []
-    for runs in _runs_candidates(record, blend_dir):
-        where = " (the folder recorded in blend.json)" if record.runs and runs == Path(record.runs) else ""
+    for runs in _runs_candidates(record, blend_dir, given):
+        if given is not None and runs is given:
+            where = " (--runs)"
+        elif record.runs and runs == Path(record.runs):
+            where = " (the folder recorded in blend.json)"
+        else:
+            where = ""
         stores = []
         for model in record.models:
             path = runs / model / split
@@ -173,7 +182,7 @@ def open_stores(blend_json: Path, record: BlendRecord, blend_dir: Path) -> tuple
         else:
             return runs, stores
     raise EnsError(f"{blend_json}: the {split} stores it was fitted on are not found ({'; '.join(problems)}); "
-                   "run `ens report` from the folder that holds them as runs/ (the stores `ens blend` read)")
+                   "give --runs DIR (the folder of the stores `ens blend` read)")
 
 
 def find_labels(blend_json: Path, record: BlendRecord, blend_dir: Path, data: Path | None) -> Path:
@@ -310,11 +319,12 @@ def ledger_points(blend_dir: Path) -> tuple[Path | None, tuple[LedgerPoint, ...]
     return ledger.path, tuple(points)
 
 
-def build_report(blend_dir: Path, data: Path | None = None) -> ReportData:
-    """Read and check the blend folder's inputs and compute every section's numbers."""
+def build_report(blend_dir: Path, data: Path | None = None, runs: Path | None = None) -> ReportData:
+    """Read and check the blend folder's inputs and compute every section's numbers; ``runs``:
+    the folder of the stores, looked in first (``ens report --runs``)."""
     blend_dir = Path(blend_dir)
     blend_json, record = read_blend_record(blend_dir)
-    runs, stores = open_stores(blend_json, record, blend_dir)
+    runs, stores = open_stores(blend_json, record, blend_dir, None if runs is None else Path(runs))
     models, members = record.models, record.members
     class_ids = list(record.class_ids or range(stores[0].logits.shape[1]))
     if stores[0].logits.shape[1] != len(class_ids):

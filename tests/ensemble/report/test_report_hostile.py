@@ -319,3 +319,22 @@ def test_report_output_that_is_not_a_regular_file_is_refused(work, tmp_path, kin
                    "give the name of a new file or of a regular one")
     after = os.lstat(target)
     assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+
+
+# Item 18, second round: stores moved since the blend are found with --runs DIR.
+
+def test_report_runs_points_at_stores_moved_since_the_blend(work, tmp_path):
+    from tests.ensemble.conftest import one_line_error
+
+    r1 = Path(shutil.copytree(work.runs, tmp_path / "stores" / "r1"))
+    blend = tmp_path / "blends" / "nll"
+    ok(ens("blend", "--runs", r1, "--optimize", "val", "--cv", 3, "--data", work.data, "--out", blend))
+    r2 = r1.rename(tmp_path / "stores" / "r2")
+    one_line_error(ens("report", blend), "the val stores it was fitted on are not found",
+                   "give --runs DIR (the folder of the stores `ens blend` read)")
+    ok(ens("report", blend, "--runs", r2))
+    page = (blend / "report.html").read_text(encoding="utf-8")
+    assert f"stores under {html.escape(str(r2))}" in page
+    # --runs is tried first, and named where it does not hold them.
+    one_line_error(ens("report", blend, "--runs", tmp_path / "stores"),
+                   f"no store at {tmp_path / 'stores' / 'm0' / 'val'} (--runs)")
