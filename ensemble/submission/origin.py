@@ -15,8 +15,9 @@ the predictions. :func:`check_test_set` follows the chain back to it, through th
    both): the predictions are of other images. No store is read: the stores are gigabytes at
    iNat 2021's size, and blend.json already holds what they say.
 
-A blend.json of an older ens records neither; then the stores themselves are the chain (the
-fallback): ``apply``'s split and the sha256 of each model's store arrays
+A blend.json of an older ens records neither, and one whose stores recorded no json sha256
+records no ``dataset_sha256`` (its ``predictions_sha256`` is still checked first); then the
+stores themselves are the chain (the fallback): ``apply``'s split and the sha256 of each model's store arrays
 (:func:`ensemble.formats.blend.store_digest`); those stores looked for under the folder
 blend.json records (``runs``), then under ``runs/`` of the folder `ens blend` ran in
 (``<work>/blends/<name>`` beside ``<work>/runs``; only for a blend folder in a ``blends/``),
@@ -68,9 +69,19 @@ def check_test_set(csv: Path, ids: np.ndarray, test_json: Path) -> TestSetCheck:
     were made from ``test_json`` (see the module docstring); :class:`EnsError` when the stores
     they came from were made from another json."""
     sha256 = sha256_file(test_json)
-    recorded = _recorded(csv)
-    if recorded is not None:
-        return _check_recorded(csv, test_json, sha256, *recorded)
+    blend_json, predictions, dataset = _recorded(csv)
+    if predictions is not None and sha256_file(csv) != predictions:
+        return TestSetCheck(sha256, UNVERIFIED, f"{csv}: not checked to be predictions of {test_json} (it is not the "
+                                                f"predictions.csv {_shown(blend_json)} records, by sha256: edited or "
+                                                "replaced since the blend); written anyway and recorded in the ledger "
+                                                "as unverified")
+    if predictions is not None and dataset is not None:
+        if dataset != sha256:
+            raise EnsError(f"{csv}: made from a json of sha256 {dataset[:12]}... (as {_shown(blend_json)} records of "
+                           f"its stores), not from --data's {test_json} (sha256 {sha256[:12]}...): the same ids may "
+                           f"name other images; give --data the folder of the json the predictions were made from, "
+                           f"or run `ens infer` on {test_json} and `ens blend` again")
+        return TestSetCheck(sha256, VERIFIED)
     stores, why = _trace(csv, ids)
     if stores is None:
         return TestSetCheck(sha256, UNVERIFIED, f"{csv}: not checked to be predictions of {test_json} ({why}); "
@@ -91,36 +102,19 @@ def check_test_set(csv: Path, ids: np.ndarray, test_json: Path) -> TestSetCheck:
     return TestSetCheck(sha256, VERIFIED)
 
 
-def _recorded(csv: Path) -> tuple[Path, str, str] | None:
+def _recorded(csv: Path) -> tuple[Path, str | None, str | None]:
     """blend.json beside ``csv``, and the sha256s its ``apply`` records of the predictions.csv
-    and the stores' json, when it records both (an older ens: ``None``, the stores are the chain)."""
+    and of the stores' json; each ``None`` where it records none (an older ens; stores that
+    recorded no json sha256)."""
     blend_json = csv.parent / BLEND_FILE
     if not _is_file(blend_json):
-        return None
+        return blend_json, None, None
     doc = read_json(blend_json)
     apply = doc.get("apply") if isinstance(doc, dict) else None
     if not isinstance(apply, dict):
-        return None
+        return blend_json, None, None
     predictions, dataset = apply.get("predictions_sha256"), apply.get("dataset_sha256")
-    if not (is_sha256(predictions) and is_sha256(dataset)):
-        return None
-    return blend_json, predictions, dataset
-
-
-def _check_recorded(csv: Path, test_json: Path, sha256: str, blend_json: Path, predictions: str,
-                    dataset: str) -> TestSetCheck:
-    """Step 1 and 2 of the module docstring, from what blend.json records; no store is read."""
-    if sha256_file(csv) != predictions:
-        return TestSetCheck(sha256, UNVERIFIED, f"{csv}: not checked to be predictions of {test_json} (it is not the "
-                                                f"predictions.csv {_shown(blend_json)} records, by sha256: edited or "
-                                                "replaced since the blend); written anyway and recorded in the ledger "
-                                                "as unverified")
-    if dataset != sha256:
-        raise EnsError(f"{csv}: made from a json of sha256 {dataset[:12]}... (as {_shown(blend_json)} records of its "
-                       f"stores), not from --data's {test_json} (sha256 {sha256[:12]}...): the same ids may name "
-                       f"other images; give --data the folder of the json the predictions were made from, or run "
-                       f"`ens infer` on {test_json} and `ens blend` again")
-    return TestSetCheck(sha256, VERIFIED)
+    return blend_json, predictions if is_sha256(predictions) else None, dataset if is_sha256(dataset) else None
 
 
 def _trace(csv: Path, ids: np.ndarray) -> tuple[list[LogitStore] | None, str]:

@@ -307,3 +307,12 @@ def test_an_older_blend_json_outside_blends_does_not_look_in_its_grandparent(wor
     assert "not found" in warning and str(work / "runs") not in warning, warning
     monkeypatch.chdir(work)  # ./runs: the folder ens runs in
     assert warnings_of(ok(ens("submit", moved, "--data", work / "data", "--dry-run"))) == []
+
+
+def test_predictions_sha256_is_checked_without_a_dataset_sha256(here):
+    """A blend whose stores recorded no json sha256 records only the predictions' sha256: a
+    swapped file is still said to be one, before the (here fruitless) search for stores."""
+    folder = recording_blend(here, dataset_sha256=None)
+    make_blend(folder, ranked(seed=1), blend=None)
+    (warning,) = warnings_of(ok(ens("submit", "blends/r", "--data", "data", "--dry-run")))
+    assert "edited or replaced since the blend" in warning, warning
