@@ -448,7 +448,9 @@ def submission_name(folder: str | os.PathLike, given: str | None, default: str, 
                        "timestamp and suffix)")
     if not changes:
         return safe, None
-    return safe, (f"--name: the file is named '{safe}' after '{printable(default)}', "
+    shown = printable(default)
+    shown = shown if len(shown) <= 60 else shown[:28] + "..." + shown[-28:]
+    return safe, (f"--name: the file is named '{safe}' after '{shown}', "
                   f"{' and '.join(changes)}; give --name NAME to choose another")
 
 
