@@ -159,11 +159,11 @@ def submit(predictions: str | os.PathLike, data: str | os.PathLike, options: Sub
            folder: str | os.PathLike = SUBMISSIONS, warn: Warn | None = None) -> SubmitResult:
     """Check the predictions against ``--data``, write the CSV, record it, upload it.
 
-    Each warning is given to ``warn`` before Kaggle is contacted (so that it is seen even when
-    the upload fails) and kept in the result's ``notes``: a ``--format`` the layout disagrees
-    with before connecting, and those about the file written (its name, ``unverified``) once it
-    is written and recorded, as they then are true; a check or write that fails before gives
-    only its error."""
+    Each warning is given to ``warn`` before the upload (so that it is seen even when the
+    upload fails) and kept in the result's ``notes``: a ``--format`` the layout disagrees with
+    before the Kaggle client connects, and those about the file written (its name,
+    ``unverified``) once it is written and recorded, as they then are true; a check or write
+    that fails before gives only its error."""
     notes: list[str] = []
 
     def note(text: str) -> None:
