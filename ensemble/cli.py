@@ -367,8 +367,8 @@ def blend(
         _echo(_prior_line(record))
     _echo(f"wrote {result.out / 'blend.json'}")
     if result.predictions is not None:
-        _echo(f"wrote {result.predictions} ({result.rows} images of {record.apply.split}, "
-                   f"top-{top_k})")
+        _echo(f"wrote {result.predictions} ({result.rows} image{'' if result.rows == 1 else 's'} of "
+              f"{record.apply.split}, top-{result.top_k})")
 
 
 def _prior_line(record) -> str:
@@ -391,13 +391,13 @@ def _prior_line(record) -> str:
 def _print_cv_table(record) -> None:
     """The CV table of a fitted BlendRecord."""
     cv = record.cv
-    k = cv.top_k
+    k = cv.top_k if record.class_ids is None else min(cv.top_k, len(record.class_ids))  # top-5 of 3 is top-3
     _echo(f"{cv.folds}-fold CV on {record.optimize.split} ({record.optimize.rows} images)"
                + (", temperatures fitted per fold" if cv.temperature else "")
                + (", +prior: corrected for --prior, tau fitted per fold" if cv.prior and record.prior.tau_fitted
                   else ", +prior: corrected for --prior" if cv.prior else ""))
     width = max(len(printable(r.name)) for r in cv.rows) + 2
-    _echo(f"{'':<{width}}{'top-1':>7}  {'95% interval':<15}{f'top-{k}':>7}{'NLL':>8}")
+    _echo(f"{'':<{width}}{'top-1':>7}  {'95% interval':<16}{f'top-{k}':>7}{'NLL':>8}")  # [0.1234, 0.5678]: 16
     for row in cv.rows:
         mark = "  <- used" if row.name == cv.chosen else ""
         _echo(f"{printable(row.name):<{width}}{row.top1:>7.4f}  [{row.top1_low:.4f}, {row.top1_high:.4f}]"

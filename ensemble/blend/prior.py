@@ -11,7 +11,7 @@ import numpy as np
 
 import weights_search as ws
 from ensemble.errors import EnsError
-from ensemble.formats.blend import shown_ids
+from ensemble.formats.blend import counted, shown_ids
 from ensemble.formats.dataset import find_split
 
 
@@ -20,7 +20,9 @@ def prior_notes(counts: np.ndarray, class_ids: Sequence[int | str], path: Path) 
     zero = [c for c, n in zip(class_ids, counts) if n == 0]
     if not zero:
         return []
-    return [f"--prior {path}: {len(zero)} of the {len(counts)} categories have no training image ({shown_ids(zero)}); "
+    have = "has" if len(zero) == 1 else "have"
+    return [f"--prior {path}: {len(zero)} of the {counted(len(counts), 'category', 'categories')} {have} no training "
+            f"image ({shown_ids(zero)}); "
             f"each is counted as {ws.ZERO_COUNT:g} images (half the rarest possible count), so that its "
             "log-prior stays finite"]
 

@@ -72,6 +72,7 @@ class BlendResult:
     predictions: Path | None  #: predictions.csv, None when no split was applied
     rows: int  #: rows of predictions.csv
     notes: tuple[str, ...] = field(default_factory=tuple)
+    top_k: int = 0  #: categories per row of predictions.csv (--top-k, at most the classes); 0: none written
 
 
 def run_blend(options: BlendOptions) -> BlendResult:
@@ -136,7 +137,8 @@ def run_blend(options: BlendOptions) -> BlendResult:
         (out / PREDICTIONS_FILE).unlink(missing_ok=True)
         notes.append(f"removed {out / PREDICTIONS_FILE}: it held an earlier blend's predictions (of {earlier}), "
                      "and this run applied nothing")
-    return BlendResult(out=out, record=record, predictions=predictions, rows=rows, notes=tuple(notes))
+    top_k = min(options.top_k, len(split.class_ids)) if split is not None else 0
+    return BlendResult(out=out, record=record, predictions=predictions, rows=rows, notes=tuple(notes), top_k=top_k)
 
 
 def _dataset_sha256(split: BlendSplit) -> str | None:
@@ -353,8 +355,10 @@ def _fit(options: BlendOptions, split: BlendSplit, views: bool, notes: list[str]
     notes.extend(prior_hint(options.data, options.prior is not None))
     logits = np.stack([np.asarray(a, dtype=np.float32) for a in arrays])
     try:
+        # top-k of fewer classes than k is top-(classes): the table says so
         report = ws.cross_validate(logits, labels, method_asked, n_folds=folds, temperature=options.temperature,
-                                   member_names=names, top_k=options.top_k, prior=adjustment)
+                                   member_names=names, top_k=min(options.top_k, len(split.class_ids)),
+                                   prior=adjustment)
         method = method_asked
         fallback_used = False
         if method_asked != "uniform" and not report.beats_uniform:

@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ensemble.errors import EnsError
-from ensemble.formats.blend import ModelProvenance, check_provenance, member_arrays
+from ensemble.formats.blend import ModelProvenance, check_provenance, counted, member_arrays
 from ensemble.formats.dataset import find_split
 from ensemble.formats.store import MANIFEST, LogitStore, read_store
 
@@ -66,7 +66,7 @@ def check_aligned(split: str, models: Sequence[str], stores: Sequence[LogitStore
     first, ref = models[0], stores[0]
     for model, store in zip(models[1:], stores[1:]):
         if store.logits.shape[1] != ref.logits.shape[1]:
-            raise EnsError(f"{split}: {model} predicts {store.logits.shape[1]} classes, {first} "
+            raise EnsError(f"{split}: {model} predicts {counted(store.logits.shape[1], 'class', 'classes')}, {first} "
                            f"{ref.logits.shape[1]}")
         if _class_ids(store) != _class_ids(ref):
             raise EnsError(f"{split}: {model} and {first} map their outputs to different category ids "
@@ -86,11 +86,11 @@ def _id_difference(name_a: str, a: np.ndarray, name_b: str, b: np.ndarray) -> st
     if a.shape != b.shape:
         only_a = np.setdiff1d(a, b)[:3]
         only_b = np.setdiff1d(b, a)[:3]
-        return (f"{a.size} against {b.size} images; only in {name_a}: {', '.join(map(str, only_a)) or '-'}; "
+        return (f"{a.size} against {counted(b.size, 'image')}; only in {name_a}: {', '.join(map(str, only_a)) or '-'}; "
                 f"only in {name_b}: {', '.join(map(str, only_b)) or '-'}")
     rows = np.flatnonzero(a != b)
     first = ", ".join(f"{a[r]} in {name_a} and {b[r]} in {name_b} at row {r}" for r in rows[:3])
-    return f"{rows.size} rows differ, first: {first}"
+    return f"{counted(rows.size, 'row')} differ{'s' if rows.size == 1 else ''}, first: {first}"
 
 
 def label_source(split: BlendSplit, data: Path | None) -> Path:

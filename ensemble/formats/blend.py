@@ -727,14 +727,21 @@ def prior_counts(counts: Mapping[int | str, int], class_ids: Sequence[int | str]
     columns = list(class_ids)
     missing = [c for c in columns if c not in counts]
     if missing:
-        raise EnsError(f"--prior {path}: no count for {len(missing)} of the {len(columns)} categories the models "
-                       f"predict: {shown_ids(missing)}")
+        raise EnsError(f"--prior {path}: no count for {len(missing)} of the {counted(len(columns), 'category', 'categories')} "
+                       f"the models predict: {shown_ids(missing)}")
     known = set(columns)
     extra = [c for c in counts if c not in known]
     if extra:
-        raise EnsError(f"--prior {path}: counts {len(extra)} categories that no model predicts: {shown_ids(extra)} "
+        raise EnsError(f"--prior {path}: counts {counted(len(extra), 'category', 'categories')} that no model predicts: "
+                       f"{shown_ids(extra)} "
                        "(were the models exported with other --classes?)")
     return np.array([counts[c] for c in columns], dtype=np.int64)
+
+
+def counted(n: int, one: str, many: str | None = None) -> str:
+    """``n`` and the noun in its number: ``1 category``, ``3 categories`` (``many``: the plural
+    when it is not ``one`` + s)."""
+    return f"{n} {one if n == 1 else (many or one + 's')}"
 
 
 def shown_ids(values: Sequence[Any], shown: int = 5) -> str:

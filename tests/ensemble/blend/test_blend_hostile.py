@@ -380,3 +380,65 @@ def test_an_out_that_is_a_store_or_holds_stores_is_refused(work, tmp_path, where
     line = one_line_error(ens("blend", "--runs", runs, "--optimize", "val", "--data", work.data, "--cv", 2,
                               "--out", out), f"--out {out}: {said}", "a blend goes in a folder of its own")
     assert sorted(p.relative_to(runs) for p in runs.rglob("*")) == before, line
+
+
+# ------------------------------------------------ messages: columns, top-k of few classes, plurals
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory) -> Work:
+    """Two 3-class models, one test image."""
+    root = tmp_path_factory.mktemp("three")
+    data = make_inat(root / "inat", n_val=9, n_test=1, categories=3)
+    onnx = [tiny_onnx(root / f"t{i}.onnx", seed=i, classes=3) for i in range(2)]
+    ok(ens("infer", *onnx, "--data", data, "--workers", 0, "--out", root / "runs"))
+    return Work(data, root / "runs")
+
+
+def test_the_cv_tables_header_sits_over_its_columns(work, tmp_path):
+    result = ok(ens("blend", "--runs", work.runs, "--optimize", "val", "--data", work.data, "--cv", 2,
+                    "--method", "accuracy", "--out", tmp_path / "b"))
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if "95% interval" in line)
+    row = next(line for line in lines if line.startswith("accuracy "))
+    # Each right-aligned header ends where its numbers end.
+    numbers = [m.end() for m in __import__("re").finditer(r"\d\.\d{4}(?![\d\]])", row)]
+    assert [header.index("top-1") + 5, header.index("top-5") + 5, header.index("NLL") + 3] == \
+        [numbers[0], numbers[-2], numbers[-1]], (header, row)
+    assert header.index("95% interval") == row.index("[")
+
+
+def test_top_k_of_a_model_with_fewer_classes_is_the_classes(three, tmp_path):
+    out = tmp_path / "b"
+    result = ok(ens("blend", "--runs", three.runs, "--optimize", "val", "--data", three.data, "--cv", 2,
+                    "--out", out))
+    assert result.stdout.splitlines()[-1] == f"wrote {out / 'predictions.csv'} (1 image of test, top-3)"
+    assert "top-3" in next(line for line in result.stdout.splitlines() if "95% interval" in line)
+    assert (out / "predictions.csv").read_text().splitlines()[0] == \
+        "id,category_1,category_2,category_3,prob_1,prob_2,prob_3"
+    assert json.loads((out / "blend.json").read_text())["cv"]["top_k"] == 3
+
+
+def test_counts_of_one_are_singular(three, tmp_path):
+    prior = tmp_path / "prior.json"
+    prior.write_text(json.dumps({"0": 5, "1": 3, "2": 0}))
+    result = ok(ens("blend", "--runs", three.runs, "--optimize", "val", "--data", three.data, "--cv", 2,
+                    "--prior", prior, "--out", tmp_path / "b"))
+    assert f"note: --prior {prior}: 1 of the 3 categories has no training image (2); each is counted" in result.stdout
+    prior.write_text(json.dumps({"0": 5, "1": 3, "2": 1, "7": 2}))
+    one_line_error(ens("blend", "--runs", three.runs, "--optimize", "val", "--data", three.data, "--cv", 2,
+                       "--prior", prior, "--out", tmp_path / "c"), "counts 1 category that no model predicts: 7")
+    prior.write_text(json.dumps({"0": 5, "1": 3}))
+    one_line_error(ens("blend", "--runs", three.runs, "--optimize", "val", "--data", three.data, "--cv", 2,
+                       "--prior", prior, "--out", tmp_path / "c"), "no count for 1 of the 3 categories the models")
+
+
+def test_one_row_of_differing_ids_is_singular(three, tmp_path):
+    import numpy as np
+
+    runs = Path(shutil.copytree(three.runs, tmp_path / "runs"))
+    ids_file = runs / "t1" / "val" / "ids.npy"
+    ids = np.load(ids_file)
+    ids[2] = 1000  # one row differs from t0's
+    np.save(ids_file, ids)
+    one_line_error(ens("blend", "--runs", runs, "--optimize", "val", "--data", three.data, "--cv", 2,
+                       "--out", tmp_path / "b"), "the image ids of t1 and t0 differ: 1 row differs, first:")

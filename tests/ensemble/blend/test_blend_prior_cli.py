@@ -278,7 +278,7 @@ def test_a_class_with_no_training_image_is_smoothed_and_noted(work, tmp_path):
     path.write_text(json.dumps(counts))
     record, result = _blend(work, tmp_path / "blend", "--prior", path)
     assert record["prior"]["counts"][4] == 0
-    assert notes(result) == [f"note: --prior {path}: 1 of the 10 categories have no training image ({CATEGORY[4]}); "
+    assert notes(result) == [f"note: --prior {path}: 1 of the 10 categories has no training image ({CATEGORY[4]}); "
                              "each is counted as 0.5 images (half the rarest possible count), so that its log-prior "
                              "stays finite"]
 
