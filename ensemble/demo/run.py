@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 import time
@@ -87,10 +88,17 @@ def _step(log: Callable[[str], None], number: int, title: str):
     return time.perf_counter()
 
 
-def _ens(workdir: Path, args: Sequence[str], log: Callable[[str], None]) -> str:
-    """Run `ens ARGS` in ``workdir`` as a user would; echo its output; fail with its last line."""
+def _ens(workdir: Path, args: Sequence[str], log: Callable[[str], None], threads: int | None = None) -> str:
+    """Run `ens ARGS` in ``workdir`` as a user would; echo its output; fail with its last line.
+
+    ``threads``: PyTorch's and MKL's thread counts in that process (OMP_NUM_THREADS,
+    MKL_NUM_THREADS), for `ens export`, whose check against torch prints differences that
+    follow them.
+    """
     log("  $ ens " + " ".join(args))
-    proc = subprocess.run([sys.executable, "-m", "ensemble", *args], cwd=workdir, capture_output=True, text=True)
+    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    proc = subprocess.run([sys.executable, "-m", "ensemble", *args], cwd=workdir, capture_output=True, text=True,
+                          env=env)
     for line in proc.stdout.splitlines():
         log("    " + line)
     if proc.returncode != 0:
@@ -150,7 +158,7 @@ def run_demo(workdir: Path = Path(".demo"), settings: DemoSettings = DemoSetting
             args += ["--arch", recipe.arch]
         if recipe.save_as == "whole-model":
             args.append("--trust-pickle")  # the demo made this pickle itself
-        _ens(workdir, args, log)
+        _ens(workdir, args, log, threads=settings.threads)
         models.append(path.with_suffix(".onnx").relative_to(workdir))
     log(f"  ({time.perf_counter() - t:.1f} s)")
 

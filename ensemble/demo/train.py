@@ -221,7 +221,8 @@ def train_all(recipes: Sequence[Recipe], data: Path, folder: Path, log=print,
         return _train_all(recipes, data, folder, log, threads)
 
 
-def _train_all(recipes: Sequence[Recipe], data: Path, folder: Path, log, threads: int) -> list[tuple[Recipe, Path, bool]]:
+def _train_all(recipes: Sequence[Recipe], data: Path, folder: Path, log,
+               threads: int) -> list[tuple[Recipe, Path, bool]]:
     data_key = hashlib.sha256((data / "train2019.json").read_bytes()).hexdigest()[:16]
     cache: dict[int, tuple[np.ndarray, np.ndarray, list[int]]] = {}
     results = []

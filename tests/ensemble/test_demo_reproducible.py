@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,9 +67,11 @@ def test_the_checkpoint_cache_knows_the_thread_count():
     assert fingerprint(RECIPE, "data", TRAIN_THREADS) == fingerprint(RECIPE, "data", TRAIN_THREADS)
 
 
-def _demo(out: Path, cores: set[int], omp: str) -> tuple[list[str], dict[str, bytes]]:
+def _demo(out: Path, cores: set[int], omp: str) -> tuple[list[str], list[str], dict[str, bytes]]:
     """`ens demo --quick --out OUT` in a process limited to ``cores`` with OMP_NUM_THREADS=omp:
-    its table (without the submission's time-stamped path and the timing) and its stores."""
+    its table (without the submission's time-stamped path and the timing), the numbers of its
+    log (training epochs without their seconds, `ens export`'s checks against torch) and its
+    stores."""
     env = {**os.environ, "OMP_NUM_THREADS": omp, "MKL_NUM_THREADS": omp}
     code = ("import os, sys; os.sched_setaffinity(0, {cores}); sys.argv[0] = 'ens'; "
             "from ensemble.cli import main; main()").format(cores=sorted(cores))
@@ -78,8 +81,10 @@ def _demo(out: Path, cores: set[int], omp: str) -> tuple[list[str], dict[str, by
     lines = proc.stdout.splitlines()
     start = next(i for i, line in enumerate(lines) if "CV top-1 on val" in line)
     table = [line for line in lines[start:] if not line.startswith(("submission:", "demo finished"))]
+    numbers = [re.sub(r" \([0-9.]+ s\)$", "", line) for line in lines[:start]
+               if " epoch " in line or line.lstrip().startswith(("verified", "note: cam output"))]
     stores = {str(p.relative_to(out)): p.read_bytes() for p in sorted((out / "runs").rglob("logits.npy"))}
-    return table, stores
+    return table, numbers, stores
 
 
 @pytest.mark.slow
@@ -95,9 +100,11 @@ def test_the_demo_prints_the_same_table_on_one_core_and_on_all(tmp_path):
     except OSError:
         everything = mine
     one = {min(mine)}
-    table_one, stores_one = _demo(tmp_path / "one", one, "1")
-    table_all, stores_all = _demo(tmp_path / "all", everything, "3")
+    table_one, numbers_one, stores_one = _demo(tmp_path / "one", one, "1")
+    table_all, numbers_all, stores_all = _demo(tmp_path / "all", everything, "3")
     assert len(table_one) == 8 and table_one == table_all
+    assert sum(" epoch " in line for line in numbers_one) == 3 and sum("verified" in line for line in numbers_one) >= 6
+    assert numbers_one == numbers_all
     assert len(stores_one) == 6 and stores_one.keys() == stores_all.keys()
     assert [name for name in stores_one if stores_one[name] != stores_all[name]] == []
 
