@@ -13,7 +13,8 @@ Inputs, each checked before use:
   (relative to the work folder, then as given);
 - the training class counts: blend.json's prior, else ``train2019.json`` (any iNat layout) under
   ``--data`` or beside the labels file;
-- the submission ledger: ``<work>/submissions/ledger.sqlite``, else ``./submissions/ledger.sqlite``.
+- the submission ledger: ``<work>/submissions/ledger.sqlite``, else ``./submissions/ledger.sqlite``
+  (one that cannot be read, damaged or not a file, is only its section's "ledger not readable").
 
 Every array is computed chunk by chunk over the stores (memory-mapped), so memory stays
 bounded whatever the split's size.
@@ -301,7 +302,7 @@ def ledger_points(blend_dir: Path) -> tuple[Path | None, tuple[LedgerPoint, ...]
     from ensemble.formats.ledger import LEDGER, Ledger
 
     for folder in _candidates(blend_dir, "submissions"):
-        if (folder / LEDGER).is_file():
+        if os.path.lexists(folder / LEDGER):  # a FIFO there too: Ledger says what it is
             break
     else:
         return None, ()
@@ -370,8 +371,13 @@ def build_report(blend_dir: Path, data: Path | None = None, runs: Path | None = 
     wrong = int((blend.predicted != labels).sum())
     if not hardest:
         missing["hardest"] = f"the blend gets every image of {record.optimize.split} right: no wrong image to show"
-    ledger, points = ledger_points(blend_dir)
-    if not points:
+    try:
+        ledger, points = ledger_points(blend_dir)
+    except (EnsError, OSError) as exc:  # a damaged ledger costs its section only
+        ledger, points = None, ()
+        reason = str(exc) if isinstance(exc, EnsError) else f"{exc.filename}: {exc.strerror or exc}"
+        missing["leaderboard"] = f"ledger not readable: {reason}"
+    if not points and "leaderboard" not in missing:
         where = ledger or " or ".join(str(p / "ledger.sqlite") for p in _candidates(blend_dir, "submissions"))
         missing["leaderboard"] = (f"no ledger row with both a CV estimate and a leaderboard score (in {where}): "
                                   "`ens submit` a blend, then `ens submissions --refresh` fetches its scores")

@@ -338,3 +338,32 @@ def test_report_runs_points_at_stores_moved_since_the_blend(work, tmp_path):
     # --runs is tried first, and named where it does not hold them.
     one_line_error(ens("report", blend, "--runs", tmp_path / "stores"),
                    f"no store at {tmp_path / 'stores' / 'm0' / 'val'} (--runs)")
+
+
+# A damaged ledger costs the leaderboard section only.
+
+@pytest.mark.parametrize("damage", ["garbage", "fifo", "truncated"])
+def test_a_damaged_ledger_is_drawn_as_not_readable_and_the_rest_built(work, tmp_path, damage):
+    from tests.ensemble.report.conftest import add_ledger
+
+    root = tmp_path / "w"
+    blend = copy_work(work, root)
+    add_ledger(root, "blends/full", (0.8, 0.7, 0.9), 0.25, None)
+    ledger = root / "submissions" / "ledger.sqlite"
+    if damage == "garbage":
+        ledger.write_bytes(b"this is not a database\n" * 200)
+    elif damage == "fifo":
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no FIFOs on this system")
+        ledger.unlink()
+        os.mkfifo(ledger)
+    else:
+        data = ledger.read_bytes()
+        ledger.write_bytes(data[:len(data) // 3])
+    result = ok(ens("report", blend))
+    line = next(x for x in result.stdout.splitlines() if x.startswith("leaderboard: not shown: "))
+    assert line.startswith(f"leaderboard: not shown: ledger not readable: {ledger}"), line
+    page = (blend / "report.html").read_text(encoding="utf-8")
+    assert "Not shown: ledger not readable: " in page
+    assert 'data-section="calibration"' in page and 'data-section="hardest"' in page
+    assert "Traceback" not in result.output
