@@ -354,6 +354,7 @@ def limited(tmp_path: Path, limit: int, *args):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # a fresh interpreter per case
 @pytest.mark.skipif(not hasattr(__import__("os"), "setpgid"), reason="POSIX resource limits")
 @pytest.mark.parametrize("limit, written", [(64, "predictions.csv"), (1500, "blend.json")])
 def test_a_file_size_limit_names_the_file_and_leaves_no_folder(work, tmp_path, limit, written):

@@ -285,6 +285,7 @@ def test_a_recorded_runs_the_os_cannot_take_is_passed_over(work, tmp_path, runs)
 
 # Item 15 for report: a file-size limit names the page, and leaves no folder the run made.
 
+@pytest.mark.slow  # a fresh interpreter that imports matplotlib
 def test_a_file_size_limit_names_the_page_and_leaves_no_folder(work, tmp_path):
     from tests.ensemble.blend.test_blend_hostile import limited
 
