@@ -290,3 +290,118 @@ def test_a_fifo_in_place_of_a_store_array_is_one_line(tmp_path):
     finally:
         done.set()
         thread.join()
+
+
+# The depth check reads the text, not the parsed value ------------------------------------------
+# parse_json measures the depth on the JSON text (brackets outside strings), which is cheaper
+# than walking every parsed list and dict. The walk it replaced is kept here as the oracle.
+
+def walk_depth(value) -> int:
+    """How deep ``value`` (as json.loads returns it) nests lists and dicts: the old check."""
+    level, depth = ([value] if isinstance(value, (list, dict)) else []), 0
+    while level:
+        depth += 1
+        level = [v for item in level for v in (item.values() if isinstance(item, dict) else item)
+                 if isinstance(v, (list, dict))]
+    return depth
+
+
+#: Pieces of strings that a scan of the text could take for structure: quotes, runs of
+#: backslashes (before a quote or not), brackets, JSON's escapes, non-ASCII (2-, 3- and 4-byte
+#: UTF-8, a lone surrogate), control characters.
+TRICKY = ['"', "\\", "\\\\", '\\"', '\\\\"', "\\\\\\", "[", "]", "{", "}", "[[[", "}}", '"]', '\\[',
+          "é", "ÿ", "€", "😀", "\ud800", "\udfff", "\x00", "\n", "\t", "/", "u", "\\u", "a", " ", ","]
+
+
+def tricky_string(rng) -> str:
+    return "".join(rng.choice(TRICKY) for _ in range(rng.randrange(0, 8)))
+
+
+def random_value(rng, depth: int):
+    """A value nested exactly ``depth`` deep, its keys distinct, with tricky strings around (the
+    siblings of the deepest child nest at most 3 deep, so the size grows with ``depth``, not
+    exponentially)."""
+    if depth == 0:
+        return rng.choice([tricky_string(rng), rng.randrange(-10**6, 10**6), rng.random(), True, None, ""])
+    children = [random_value(rng, rng.randrange(min(depth, 4))) for _ in range(rng.randrange(0, 4))]
+    children.insert(rng.randrange(len(children) + 1), random_value(rng, depth - 1))
+    if rng.random() < 0.5:
+        return children
+    keys = set()
+    while len(keys) < len(children):
+        keys.add(tricky_string(rng) + str(len(keys)))
+    return dict(zip(keys, children))
+
+
+def random_text(rng, value):
+    """``value`` as json.dumps writes it (ASCII or not, indented or compact), then as str or as
+    bytes in each encoding json.loads reads (UTF-8 with and without a BOM, UTF-16, UTF-32)."""
+    text = json.dumps(value, ensure_ascii=rng.random() < 0.5, indent=rng.choice([None, 0, 2, "\t"]),
+                      separators=rng.choice([None, (",", ":"), (" , ", " : ")]))
+    encoding = rng.choice([None, "utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32",
+                           "utf-32-le", "utf-32-be"])
+    return text if encoding is None else text.encode(encoding, "surrogatepass")
+
+
+def test_the_text_depth_is_the_depth_of_the_value_on_random_documents():
+    """Seeded random documents (depth 0-12, tricky strings in keys and values, every encoding),
+    each measured whole and in chunks of a few bytes (at most 40), so escapes and strings
+    cross chunks' edges: the same depth as the walk of the parsed value."""
+    import random
+
+    from ensemble.formats.common import json_depth
+
+    rng = random.Random(23)
+    for _ in range(2000):
+        value = random_value(rng, rng.randrange(13))
+        text = random_text(rng, value)
+        want = walk_depth(json.loads(text))
+        chunk = max(rng.choice((1, 2, 3, 5, 8, 13, 64)), len(text) // 40)  # 40 edges at most
+        assert (json_depth(text), json_depth(text, chunk=chunk)) == (want, want), (chunk, text)
+
+
+def test_the_text_depth_of_hand_made_edge_cases():
+    from ensemble.formats.common import json_depth
+
+    cases = {
+        "3": 0, '"[[["': 0, "[]": 1, "{}": 1, "[[], {}]": 2, ' [ { "a" : [ ] } ] ': 3,
+        '["\\\\"]': 1, '["\\\\", [1]]': 2, '["\\"", [1]]': 2, '["\\\\\\"]", [1]]': 2,
+        '["' + "\\\\" * 50 + '", [[1]]]': 3, '["' + "\\\\" * 50 + '\\"[[[[", []]': 2,
+        '{"\\"": {"]]]]}}}}": ["[[[[[[", {}]}}': 4, '"' + "[" * 1000 + '"': 0,
+        "[" * 300 + "]" * 300: 300, '[1, "a\\u005c", [2]]': 2, '[1, "\\u0022", [2]]': 2,
+    }
+    for text, depth in cases.items():
+        assert walk_depth(json.loads(text)) == depth, text  # the cases themselves
+        for chunk in (None, 1, 2, 3, 4, 7):
+            got = json_depth(text) if chunk is None else json_depth(text, chunk=chunk)
+            assert got == depth, (chunk, text)
+
+
+def test_the_depth_limit_is_kept_whatever_the_strings_hold():
+    """Documents just at and just past the limit, their strings full of brackets, quotes and
+    backslashes: the one at the limit is returned as json.loads reads it, the other refused."""
+    import random
+
+    rng = random.Random(5)
+    for depth in (MAX_JSON_DEPTH - 1, MAX_JSON_DEPTH, MAX_JSON_DEPTH + 1, MAX_JSON_DEPTH + 2):
+        for _ in range(20):
+            text = random_text(rng, random_value(rng, depth))
+            if depth <= MAX_JSON_DEPTH:
+                assert parse_json(text, "x") == json.loads(text)
+            else:
+                with pytest.raises(EnsError, match=rf"^x: not JSON \(nested deeper than {MAX_JSON_DEPTH} levels\)$"):
+                    parse_json(text, "x")
+    shallow = '{"a": "' + "[" * 1000 + '", "b": "' + "{" * 1000 + '\\"' + "[" * 10 + '"}'
+    assert parse_json(shallow, "x") == json.loads(shallow)
+
+
+def test_a_deep_value_dropped_by_a_duplicate_key_is_still_refused(tmp_path):
+    """json.loads keeps the last of two equal keys, so a walk of the parsed value never saw the
+    deep one: the text nests deeper than the limit all the same, and is refused."""
+    text = '{"a": ' + nested(MAX_JSON_DEPTH + 1) + ', "a": 1}'
+    assert walk_depth(json.loads(text)) == 1
+    with pytest.raises(EnsError, match=rf"^x: not JSON \(nested deeper than {MAX_JSON_DEPTH} levels\)$"):
+        parse_json(text, "x")
+    path = _deep_file(tmp_path, text=text)
+    with pytest.raises(EnsError, match=rf"^{path}: not a JSON file \(nested deeper than {MAX_JSON_DEPTH} levels\)$"):
+        read_json(path)
