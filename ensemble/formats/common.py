@@ -20,8 +20,6 @@ import stat
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ensemble.errors import EnsError
 
 
@@ -113,6 +111,8 @@ def json_depth(text: str | bytes | bytearray, *, chunk: int = DEPTH_CHUNK) -> in
     chunk is cut down to its brackets, quotes and backslashes (``bytes.translate``); a bracket
     is outside strings when an even number of the edges come before it.
     """
+    import numpy as np  # here, not at the top: `ens --help` and the light modules stay numpy-free
+
     data = _utf8(text)
     deepest = depth = 0
     in_string = escaped = False  # escaped: the chunk's first byte is escaped by the last one's
@@ -141,6 +141,8 @@ def _escaped_quotes(piece: bytes | bytearray, kept: np.ndarray,
     brackets and backslashes, in order) of the quotes a backslash escapes and of the
     backslashes, and whether the chunk's last byte escapes the next chunk's first.
     ``escaped``: whether the previous chunk's last byte escapes this one's first."""
+    import numpy as np
+
     raw = np.frombuffer(piece, np.uint8)
     at = np.flatnonzero(raw == 0x5C)  # the backslashes, where they are in the chunk...
     backslashes = np.flatnonzero(kept == 0x5C)  # ...and in kept: the same ones, in order
