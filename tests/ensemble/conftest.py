@@ -188,6 +188,34 @@ def exported_model(tmp_path_factory) -> Path:
     return export_checkpoint(checkpoint, options=ExportOptions(arch="resnet18", input_size=32)).path
 
 
+# Interrupting a run, and running one under a file-size limit -----------------------------------
+
+
+class Killed(Exception):
+    """Raised from a progress callback to stop a run where a kill would."""
+
+
+def kill_at_first_chunk(event):
+    """A progress callback that stops the run once its first chunk is saved."""
+    if event.kind == "chunk":
+        raise Killed
+
+
+#: Runs `ens ARGS...` under a file-size limit of LIMIT bytes, SIGXFSZ ignored (so a write past
+#: the limit fails with EFBIG instead of killing the process): ``limited.py LIMIT ARGS...``.
+LIMITED = """
+import resource, signal, sys
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    limit = int(sys.argv[1])
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    sys.argv = ["ens", *sys.argv[2:]]
+    from ensemble.cli import main
+    main()
+"""
+
+
 # The command line, as the end-to-end tests drive it ------------------------------------------
 
 
@@ -205,12 +233,14 @@ def ok(result):
     return result
 
 
-def one_line_error(result, *patterns):
-    """The run failed with exit 2 and exactly one `error:` line, the last, holding each pattern."""
+def one_line_error(result, *patterns) -> str:
+    """The run failed with exit 2 and exactly one `error:` line, the last, holding each pattern;
+    that line."""
     assert result.exit_code == 2, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and result.stderr.strip().endswith(errors[0]), result.stderr
     assert "Traceback" not in result.output, result.output
     for pattern in patterns:
         assert pattern in errors[0], errors[0]
+    return errors[0]
     return errors[0]

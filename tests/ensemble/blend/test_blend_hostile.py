@@ -13,7 +13,7 @@ import pytest
 
 from ensemble.formats.blend import BlendRecord
 
-from tests.ensemble.conftest import ens, make_inat, ok, one_line_error, tiny_onnx
+from tests.ensemble.conftest import LIMITED, ens, make_inat, ok, one_line_error, tiny_onnx
 
 MODELS = ("m0", "m1")
 
@@ -330,18 +330,6 @@ def test_a_long_recorded_runs_is_shown_shortened_in_notes(work, tmp_path, monkey
 
 
 # ------------------------- item 15 for blend: a file-size limit names the file, leaves no folder
-
-LIMITED = """
-import resource, signal, sys
-
-if __name__ == "__main__":
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    limit = int(sys.argv[1])
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    sys.argv = ["ens", *sys.argv[2:]]
-    from ensemble.cli import main
-    main()
-"""
 
 
 def limited(tmp_path: Path, limit: int, *args):

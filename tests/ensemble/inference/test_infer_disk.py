@@ -17,21 +17,7 @@ import pytest
 
 from ensemble.formats.store import MANIFEST, read_store
 
-from tests.ensemble.conftest import make_inat, tiny_onnx
-
-#: Runs `ens ARGS...` under a file-size limit of LIMIT bytes, SIGXFSZ ignored (so a write past
-#: the limit fails with EFBIG instead of killing the process): ``limited.py LIMIT ARGS...``.
-LIMITED = textwrap.dedent("""
-    import resource, signal, sys
-
-    if __name__ == "__main__":
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        limit = int(sys.argv[1])
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-        sys.argv = ["ens", *sys.argv[2:]]
-        from ensemble.cli import main
-        main()
-""")
+from tests.ensemble.conftest import LIMITED, make_inat, tiny_onnx
 
 PROGRESS = ("device ", "val: ", "test: ")
 _SHM_DIR = Path("/dev/shm")

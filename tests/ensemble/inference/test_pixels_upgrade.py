@@ -21,7 +21,7 @@ from ensemble.formats.store import MANIFEST, PARTIAL, read_store
 from ensemble.inference import decode, run as run_module
 from ensemble.inference.run import InferOptions, infer
 
-from tests.ensemble.conftest import ens, make_inat, ok, photo, store_bytes, tiny_onnx, write_images
+from tests.ensemble.conftest import Killed, ens, make_inat, ok, photo, store_bytes, tiny_onnx, write_images
 
 NOTE = "pixels of version 2 are version 3's for JPEG files: kept"
 
@@ -171,10 +171,6 @@ def test_a_version2_store_of_other_arguments_is_computed_again(tmp_path, v2):
     result = infer([model], [val], InferOptions(workers=0, batch_size=2, out=tmp_path / "runs", tta=("flip",)),
                    progress=events.append)
     assert result.stores[0].computed is True and not any(NOTE in n for n in _notes(events))
-
-
-class Killed(Exception):
-    pass
 
 
 def test_an_interrupted_version2_store_of_jpegs_resumes_from_its_chunks(tmp_path, v2):

@@ -18,28 +18,11 @@ from ensemble.formats.store import MANIFEST, read_store
 from ensemble.inference.run import InferOptions, finishing_command, infer
 from ensemble.inference.runtime import load_model
 
-from tests.ensemble.conftest import make_inat, store_bytes, tiny_onnx
+from tests.ensemble.conftest import Killed, kill_at_first_chunk, make_inat, one_line_error, store_bytes, tiny_onnx
 
 
 def ens(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def _error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and result.stderr.strip().endswith(errors[0]), result.stderr
-    assert "Traceback" not in result.output
-    return errors[0]
-
-
-class Killed(Exception):
-    pass
-
-
-def _kill_at_first_chunk(event):
-    if event.kind == "chunk":
-        raise Killed
 
 
 @pytest.fixture
@@ -61,7 +44,7 @@ def test_another_model_file_with_the_same_stem_is_refused_naming_the_store_and_t
     out = tmp_path / "runs"
     assert ens("infer", fold0, "--data", data, "--out", out, "--workers", 0).exit_code == 0
     before = {s: store_bytes(out / "model" / s) for s in ("val", "test")}
-    line = _error_line(ens("infer", fold1, "--data", data, "--out", out, "--workers", 0))
+    line = one_line_error(ens("infer", fold1, "--data", data, "--out", out, "--workers", 0))
     assert str(out / "model" / "val") in line  # the store folder
     assert repr(str(fold0)) in line  # the model file it holds
     assert "--name fold1-model" in line  # what keeps both
@@ -118,7 +101,7 @@ def test_an_interrupted_store_of_another_model_is_not_replaced_either(tmp_path, 
     out = tmp_path / "runs"
     val = load_split(data / "val2019.json")
     with pytest.raises(Killed):
-        infer([fold0], [val], _options(out), progress=_kill_at_first_chunk)
+        infer([fold0], [val], _options(out), progress=kill_at_first_chunk)
     manifest = (out / "model" / "val" / MANIFEST).read_bytes()
     partial = sorted(p.name for p in (out / "model" / "val" / ".partial").iterdir())
     with pytest.raises(EnsError, match=r"--name fold1-model"):
@@ -142,16 +125,16 @@ def test_the_refusal_comes_before_any_store_is_written(tmp_path, folds):
 def test_name_checks(tmp_path, folds):
     data, fold0, fold1 = folds
     out = tmp_path / "runs"
-    line = _error_line(ens("infer", fold0, fold1, "--data", data, "--out", out, "--name", "x"))
+    line = one_line_error(ens("infer", fold0, fold1, "--data", data, "--out", out, "--name", "x"))
     assert "--name" in line and "one model" in line
-    line = _error_line(ens("infer", fold0, "--data", data, "--out", out, "--name", "../x"))
+    line = one_line_error(ens("infer", fold0, "--data", data, "--out", out, "--name", "../x"))
     assert "--name '../x'" in line
     assert not out.exists()
 
 
 def test_the_same_stem_twice_in_one_run_names_the_option(tmp_path, folds):
     data, fold0, fold1 = folds
-    line = _error_line(ens("infer", fold0, fold1, "--data", data, "--out", tmp_path / "runs"))
+    line = one_line_error(ens("infer", fold0, fold1, "--data", data, "--out", tmp_path / "runs"))
     assert "'model'" in line and "--name" in line
 
 
@@ -162,7 +145,7 @@ def test_a_named_store_finishes_with_its_name(tmp_path, folds):
     command = finishing_command(load_model(fold1), val, _options(out, name="fold1"), "cpu")
     assert shlex.split(command)[-2:] == ["--name", "fold1"]
     with pytest.raises(Killed):
-        infer([fold1], [val], _options(out, name="fold1"), progress=_kill_at_first_chunk)
+        infer([fold1], [val], _options(out, name="fold1"), progress=kill_at_first_chunk)
     with pytest.raises(EnsError) as info:
         read_store(out / "fold1" / "val")
     args = shlex.split(str(info.value).split("finish it with: ", 1)[1])
@@ -183,7 +166,7 @@ def test_each_model_run_from_its_own_folder_is_refused_too(tmp_path, folds, monk
                "--workers", 0).exit_code == 0
     before = store_bytes(out / "model" / "val")
     monkeypatch.chdir(fold1.parent)
-    line = _error_line(ens("infer", "model.onnx", "--data", "../inat", "--split", "val", "--out", "../runs",
+    line = one_line_error(ens("infer", "model.onnx", "--data", "../inat", "--split", "val", "--out", "../runs",
                            "--workers", 0))
     assert "runs/model/val" in line and "--name fold1-model" in line, line
     assert store_bytes(out / "model" / "val") == before
@@ -219,7 +202,7 @@ def test_a_store_of_an_older_ens_is_replaced_only_by_the_same_sha256(tmp_path, f
 def test_a_name_ens_blend_could_not_choose_or_a_line_could_not_show_is_refused(tmp_path, folds, name, reason):
     data, fold0, _ = folds
     out = tmp_path / "runs"
-    line = _error_line(ens("infer", fold0, "--data", data, "--out", out, "--name", name))
+    line = one_line_error(ens("infer", fold0, "--data", data, "--out", out, "--name", name))
     assert "--name" in line and reason in line, line
     assert not out.exists()
 
@@ -227,7 +210,7 @@ def test_a_name_ens_blend_could_not_choose_or_a_line_could_not_show_is_refused(t
 def test_a_name_too_long_says_so(tmp_path, folds):
     data, fold0, _ = folds
     out = tmp_path / "runs"
-    line = _error_line(ens("infer", fold0, "--data", data, "--out", out, "--name", "n" * 255))
+    line = one_line_error(ens("infer", fold0, "--data", data, "--out", out, "--name", "n" * 255))
     assert "255 characters" in line and "at most 200" in line, line
     assert "no '/'" not in line
     assert ens("infer", fold0, "--data", data, "--out", out, "--name", "n" * 200, "--workers", 0).exit_code == 0
@@ -237,7 +220,7 @@ def test_a_model_file_whose_stem_cannot_name_a_store_names_the_option_that_can(t
     data, fold0, _ = folds
     odd = tmp_path / "a,b.onnx"
     shutil.copyfile(fold0, odd)
-    line = _error_line(ens("infer", odd, "--data", data, "--out", tmp_path / "runs", "--workers", 0))
+    line = one_line_error(ens("infer", odd, "--data", data, "--out", tmp_path / "runs", "--workers", 0))
     assert "','" in line and "--name NAME" in line, line
     result = ens("infer", odd, "--data", data, "--out", tmp_path / "runs", "--workers", 0, "--name", "ab")
     assert result.exit_code == 0, result.output
