@@ -17,10 +17,12 @@ import json
 import math
 import os
 import stat
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ensemble.errors import EnsError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,14 +8,12 @@ such a store (upgrading its manifest) instead of recomputing it: hours of GPU at
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from ensemble.formats import store as store_module
 from ensemble.formats.dataset import load_split
 from ensemble.formats.store import MANIFEST, PARTIAL, read_store
 from ensemble.inference import decode, run as run_module
