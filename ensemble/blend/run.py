@@ -18,7 +18,7 @@ from ensemble.blend.prior import prior_cv_note, prior_hint, prior_notes, prior_t
 from ensemble.blend.stores import BlendSplit, available_models, label_source, open_split
 from ensemble.errors import EnsError
 from ensemble.fileio import atomic_path, name_max, out_of_room, sha256_file
-from ensemble.formats.blend import (BLEND_FILE, CHUNK_ROWS, FORMAT_VERSION, BlendRecord, CvTable, ModelProvenance,
+from ensemble.formats.blend import (BLEND_FILE, BLENDS, CHUNK_ROWS, FORMAT_VERSION, BlendRecord, CvTable, ModelProvenance,
                                     PriorCorrection, SplitStores, is_sha256, prior_counts,
                                     shown_path, store_digest)
 from ensemble.formats.common import read_json
@@ -321,7 +321,7 @@ def _apply_split(options: BlendOptions, models: Sequence[str], notes: list[str])
 
 def _out_folder(options: BlendOptions, apply: str | None) -> Path:
     if options.weights is None:
-        return options.out or Path("blends") / (options.method or ws.DEFAULT_METHOD)
+        return options.out or Path(BLENDS) / (options.method or ws.DEFAULT_METHOD)
     fitted = options.weights.parent
     if fitted.name in ("", "..") or ".." in fitted.parts:  # blend.json, ./blend.json, ../blend.json: name it
         fitted = fitted.resolve()

@@ -648,6 +648,23 @@ class BlendSummary:
                    cv_top1=top1, cv_top1_low=low, cv_top1_high=high, prior_tau=tau)
 
 
+
+# ----------------------------------------------------------------------- where a blend folder sits
+
+#: The folder `ens blend` writes its blend folders into, under the folder it runs in.
+BLENDS = "blends"
+
+
+def work_folder(blend_dir: str | os.PathLike) -> Path | None:
+    """The folder `ens blend` ran in, ``<work>`` of ``<work>/blends/<name>``: the one that holds
+    ``runs/`` and ``submissions/``. ``None`` for a blend folder whose parent is not named
+    ``blends`` (written with ``--out`` elsewhere): its grandparent is no folder of the project.
+    The path is made absolute without resolving links, so a ``blends/`` linked to another disk
+    still names the project's own folder."""
+    folder = Path(os.path.abspath(blend_dir))
+    return folder.parent.parent if folder.parent.name == BLENDS else None
+
+
 # ------------------------------------------------------------------- the stores a blend reads
 
 def member_arrays(models: Sequence[str], stores: Sequence[LogitStore],

@@ -33,7 +33,7 @@ import weights_search as ws
 from ensemble.errors import EnsError, printable
 from ensemble.fileio import sha256_file
 from ensemble.formats.blend import (BLEND_FILE, CHUNK_ROWS, BlendRecord, member_arrays, prior_counts, shown_path,
-                                    store_digest)
+                                    store_digest, work_folder)
 from ensemble.formats.common import read_json
 from ensemble.formats.dataset import find_split, load_labels, read_class_counts
 from ensemble.formats.store import MANIFEST, LogitStore, read_store
@@ -125,15 +125,12 @@ def read_blend_record(blend_dir: Path) -> tuple[Path, BlendRecord]:
     return path, record
 
 
-def work_folder(blend_dir: Path) -> Path:
-    """The folder `ens blend` ran in: the parent of ``blends/`` holding ``blend_dir``."""
-    return blend_dir.resolve().parent.parent
-
-
 def _candidates(blend_dir: Path, name: str) -> list[Path]:
-    """``<work>/name``, then ``./name`` when it is another folder."""
-    found = [work_folder(blend_dir) / name]
-    if Path(name).resolve() != found[0]:
+    """``<work>/name`` (:func:`~ensemble.formats.blend.work_folder`: only for a blend folder
+    under ``blends/``), then ``./name`` when it is another folder."""
+    work = work_folder(blend_dir)
+    found = [] if work is None else [work / name]
+    if not found or Path(name).resolve() != found[0].resolve():
         found.append(Path(name))
     return found
 
@@ -194,11 +191,13 @@ def find_labels(blend_json: Path, record: BlendRecord, blend_dir: Path, data: Pa
     named = record.labels
     if isinstance(named, str) and named:
         # A relative path is relative to where `ens blend` ran: most likely the work folder.
-        for path in (work_folder(blend_dir) / named, Path(named)):
+        work = work_folder(blend_dir)
+        for path in ([] if work is None else [work / named]) + [Path(named)]:
             if path.is_file():
                 return path
-    raise EnsError(f"{blend_json}: the labels file it names ({named}) is not found from here or from "
-                   f"{work_folder(blend_dir)}; give --data DIR (the folder holding the {split} json)")
+    where = "here" if work_folder(blend_dir) is None else f"here or from {work_folder(blend_dir)}"
+    raise EnsError(f"{blend_json}: the labels file it names ({named}) is not found from {where}; "
+                   f"give --data DIR (the folder holding the {split} json)")
 
 
 def _category_names(labels_doc: Mapping[str, Any], class_ids: Sequence[Any]) -> tuple[str, ...]:

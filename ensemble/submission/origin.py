@@ -43,7 +43,7 @@ import numpy as np
 
 from ensemble.errors import EnsError, printable
 from ensemble.fileio import sha256_file
-from ensemble.formats.blend import BLEND_FILE, is_sha256, store_digest
+from ensemble.formats.blend import BLEND_FILE, is_sha256, store_digest, work_folder
 from ensemble.formats.common import read_json
 from ensemble.formats.dataset import check_store_name
 from ensemble.formats.ledger import UNVERIFIED, VERIFIED
@@ -188,7 +188,8 @@ def _candidates(blend_dir: Path, doc: Any) -> list[Path]:
     found: dict[Any, Path] = {}
     # <work>/runs only for a blend folder under blends/ (`ens blend`'s layout): the grandparent of
     # a blend written elsewhere is no folder of this project.
-    beside = [blend_dir.resolve().parent.parent / RUNS] if blend_dir.resolve().parent.name == "blends" else []
+    work = work_folder(blend_dir)
+    beside = [] if work is None else [work / RUNS]
     for folder in folders + beside + [Path(RUNS)]:
         try:
             key: Any = folder.resolve()

@@ -35,7 +35,7 @@ import numpy as np
 
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file, write_new
-from ensemble.formats.blend import BLEND_FILE, BlendSummary
+from ensemble.formats.blend import BLEND_FILE, BLENDS, BlendSummary
 from ensemble.formats.common import check_regular, read_json
 from ensemble.formats.ledger import Entry, Ledger, as_text
 from ensemble.formats.predictions import PREDICTIONS_FILE
@@ -208,12 +208,23 @@ def submit(predictions: str | os.PathLike, data: str | os.PathLike, options: Sub
 
 def _check_folder(folder: str | os.PathLike) -> None:
     """The submissions folder is not to be made inside a blend folder (`ens submit .` run in
-    one): `ens report` looks for the ledger beside blends/, and would never find it there."""
+    one) nor in the folder of blend folders (``blends/``, `ens submit nll` run in it): `ens
+    report` looks for the ledger beside blends/, and would never find it there."""
     parent = Path(os.path.abspath(folder)).parent
     if (parent / BLEND_FILE).exists():
         raise EnsError(f"{parent} holds {BLEND_FILE}: ens submit writes {Path(folder).name}/ and its ledger in the "
                        "folder it runs in, and a blend folder is not the place (`ens report` looks for the ledger "
                        "in the folder that holds blends/); run ens submit from there")
+    try:
+        with os.scandir(parent) as entries:
+            blends = [e.name for e in entries if e.is_dir() and os.path.isfile(os.path.join(e.path, BLEND_FILE))]
+    except OSError:
+        blends = []
+    if parent.name == BLENDS or blends:
+        shown = f"{parent} holds blend folders" + (f" ({blends[0]}/)" if blends else "")
+        raise EnsError(f"{shown}: ens submit writes {Path(folder).name}/ and its ledger in the folder it runs in, "
+                       "and `ens report` looks for the ledger in the folder that holds blends/; run ens submit "
+                       "from there")
 
 
 def _models_predict(source: PredictionsSource) -> int | None:

@@ -198,6 +198,14 @@ def test_submit_inside_a_blend_folder_is_refused(here, monkeypatch):
     assert not (here / "blends" / "x" / "submissions").exists()
 
 
+def test_submit_in_the_folder_of_blend_folders_is_refused(here, monkeypatch):
+    """`cd blends && ens submit x`: the ledger would land in blends/submissions, where `ens
+    report` never looks."""
+    monkeypatch.chdir(here / "blends")
+    one_line_error(ens("submit", "x", "--data", here / "data", "--dry-run"), "holds blend folders", "(x/)")
+    assert not (here / "blends" / "submissions").exists()
+
+
 # ------------------------------------------- the chain through blend.json's recorded sha256s
 
 from ensemble.fileio import sha256_file  # noqa: E402
