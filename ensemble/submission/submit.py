@@ -215,16 +215,11 @@ def _check_folder(folder: str | os.PathLike) -> None:
         raise EnsError(f"{parent} holds {BLEND_FILE}: ens submit writes {Path(folder).name}/ and its ledger in the "
                        "folder it runs in, and a blend folder is not the place (`ens report` looks for the ledger "
                        "in the folder that holds blends/); run ens submit from there")
-    try:
-        with os.scandir(parent) as entries:
-            blends = [e.name for e in entries if e.is_dir() and os.path.isfile(os.path.join(e.path, BLEND_FILE))]
-    except OSError:
-        blends = []
-    if parent.name == BLENDS or blends:
-        shown = f"{parent} holds blend folders" + (f" ({blends[0]}/)" if blends else "")
-        raise EnsError(f"{shown}: ens submit writes {Path(folder).name}/ and its ledger in the folder it runs in, "
-                       "and `ens report` looks for the ledger in the folder that holds blends/; run ens submit "
-                       "from there")
+    if parent.name == BLENDS:  # `ens blend`'s folder of blend folders; a blend written elsewhere
+        # (--out nll) beside the work folder's submissions/ is fine: `ens report` looks in ./submissions
+        raise EnsError(f"{parent} is the folder of blend folders (blends/): ens submit writes {Path(folder).name}/ "
+                       "and its ledger in the folder it runs in, and `ens report` looks for the ledger in the "
+                       "folder that holds blends/; run ens submit from there")
 
 
 def _models_predict(source: PredictionsSource) -> int | None:

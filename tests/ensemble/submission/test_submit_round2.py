@@ -202,8 +202,16 @@ def test_submit_in_the_folder_of_blend_folders_is_refused(here, monkeypatch):
     """`cd blends && ens submit x`: the ledger would land in blends/submissions, where `ens
     report` never looks."""
     monkeypatch.chdir(here / "blends")
-    one_line_error(ens("submit", "x", "--data", here / "data", "--dry-run"), "holds blend folders", "(x/)")
+    one_line_error(ens("submit", "x", "--data", here / "data", "--dry-run"), "is the folder of blend folders (blends/)")
     assert not (here / "blends" / "submissions").exists()
+
+
+def test_submit_beside_a_blend_written_elsewhere_is_not_refused(here):
+    """`ens blend --out nll` in the work folder, then `ens submit nll` there: the ledger is in
+    ./submissions, where `ens report` run there looks."""
+    shutil.copytree(here / "blends" / "x", here / "nll")
+    ok(ens("submit", "nll", "--data", "data", "--dry-run"))
+    assert (here / "submissions" / "ledger.sqlite").is_file()
 
 
 # ------------------------------------------- the chain through blend.json's recorded sha256s
