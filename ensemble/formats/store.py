@@ -860,6 +860,11 @@ class StoreWriter:
                     with np.load(self._chunk_file(index)) as chunk:
                         keep = chunk["keep"]
                         part = np.ascontiguousarray(np.compress(keep, chunk[field], axis=axis), dtype=dtype)
+                    others = part.shape[:axis] + part.shape[axis + 1:]
+                    if others != shape[:axis] + shape[axis + 1:] or row + part.shape[axis] > shape[axis]:
+                        raise EnsError(f"{self._chunk_file(index)}: holds {field} of shape {part.shape} where "
+                                       f"this store's are {shape} in all; delete {self.partial} and run the same "
+                                       "`ens infer` again")
                     if axis == 0:
                         fh.write(part.reshape(-1).view(np.uint8))
                     else:
@@ -867,3 +872,6 @@ class StoreWriter:
                             fh.seek(start + v * view_bytes + row * row_bytes)
                             fh.write(np.ascontiguousarray(part[v]).reshape(-1).view(np.uint8))
                     row += part.shape[axis]
+                if row != shape[axis]:
+                    raise EnsError(f"{self.partial}: its chunks hold {row} of the {shape[axis]} rows of {field}; "
+                                   "delete it and run the same `ens infer` again")
