@@ -201,6 +201,19 @@ def kill_at_first_chunk(event):
         raise Killed
 
 
+def kill_after(chunks: int):
+    """A progress callback that stops the run once ``chunks`` chunks are saved."""
+    seen = []
+
+    def progress(event):
+        if event.kind == "chunk":
+            seen.append(event)
+            if len(seen) == chunks:
+                raise Killed
+
+    return progress
+
+
 #: Runs `ens ARGS...` under a file-size limit of LIMIT bytes, SIGXFSZ ignored (so a write past
 #: the limit fails with EFBIG instead of killing the process): ``limited.py LIMIT ARGS...``.
 LIMITED = """

@@ -12,19 +12,7 @@ from ensemble.formats.dataset import load_split
 from ensemble.formats.store import PARTIAL, read_store
 from ensemble.inference.run import InferOptions, infer
 
-from tests.ensemble.conftest import Killed, make_inat, tiny_onnx
-
-
-def _kill_after_chunks(count: int):
-    seen = []
-
-    def progress(event):
-        if event.kind == "chunk":
-            seen.append(event)
-            if len(seen) == count:
-                raise Killed
-
-    return progress
+from tests.ensemble.conftest import Killed, kill_after, make_inat, tiny_onnx
 
 
 @pytest.mark.parametrize("keep_views", [False, True])
@@ -35,7 +23,7 @@ def test_a_chunk_of_another_shape_is_one_line_naming_it(tmp_path, keep_views):
                            dtype="float32", out=tmp_path / "runs")
     val = load_split(data / "val2019.json")
     with pytest.raises(Killed):
-        infer([model], [val], options, progress=_kill_after_chunks(2))
+        infer([model], [val], options, progress=kill_after(2))
     chunk = tmp_path / "runs" / "m" / "val" / PARTIAL / "chunk-000001.npz"
     with np.load(chunk) as saved:
         arrays = dict(saved)

@@ -21,25 +21,9 @@ from ensemble.errors import EnsError
 from ensemble.inference.run import InferOptions, infer
 from ensemble.formats.store import MANIFEST, PARTIAL, VIEWS, read_store
 
-from tests.ensemble.conftest import make_inat, store_bytes, tiny_onnx
+from tests.ensemble.conftest import Killed, kill_after, make_inat, store_bytes, tiny_onnx
 
 MODELS = ("a", "b")
-
-
-class Killed(Exception):
-    pass
-
-
-def _kill_after(chunks: int):
-    seen = []
-
-    def progress(event):
-        if event.kind == "chunk":
-            seen.append(event)
-            if len(seen) == chunks:
-                raise Killed
-
-    return progress
 
 
 @pytest.fixture
@@ -58,22 +42,22 @@ def _all_bytes(out):
     return {(m, s): store_bytes(out / m / s) for m in MODELS for s in ("val", "test")}
 
 
-@pytest.mark.parametrize("kill_after", [1, 3, 4])
-def test_resume_after_an_interruption_is_byte_identical(setup, tmp_path, kill_after):
+@pytest.mark.parametrize("chunks", [1, 3, 4])
+def test_resume_after_an_interruption_is_byte_identical(setup, tmp_path, chunks):
     models, splits = setup
     infer(models, splits, _options(tmp_path / "whole"))
 
     out = tmp_path / "resumed"
     with pytest.raises(Killed):
-        infer(models, splits, _options(out), progress=_kill_after(kill_after))
-    if kill_after < 3:  # val (6 images = 3 chunks) is not finished
+        infer(models, splits, _options(out), progress=kill_after(chunks))
+    if chunks < 3:  # val (6 images = 3 chunks) is not finished
         for m in MODELS:
             assert json.loads((out / m / "val" / MANIFEST).read_text())["complete"] is False
             with pytest.raises(EnsError, match="incomplete"):
                 read_store(out / m / "val")
     result = infer(models, splits, _options(out))
     # Only the images of chunks not yet saved are decoded again.
-    assert result.decodes == 11 - 2 * kill_after
+    assert result.decodes == 11 - 2 * chunks
     assert _all_bytes(out) == _all_bytes(tmp_path / "whole")
     assert not any((out / m / s / PARTIAL).exists() for m in MODELS for s in ("val", "test"))
 
@@ -144,7 +128,7 @@ def test_the_incomplete_store_error_gives_the_command_that_finishes_it(tmp_path,
     options = _options(tmp_path / "runs", merge="gmean")
     infer([model], [val], _options(tmp_path / "whole", merge="gmean"))
     with pytest.raises(Killed):
-        infer([model], [val], options, progress=_kill_after(1))
+        infer([model], [val], options, progress=kill_after(1))
     with pytest.raises(EnsError) as info:
         read_store(tmp_path / "runs" / "a" / "val")
     message = str(info.value)
