@@ -665,6 +665,27 @@ def work_folder(blend_dir: str | os.PathLike) -> Path | None:
     return folder.parent.parent if folder.parent.name == BLENDS else None
 
 
+def runs_candidates(recorded: str | None, blend_dir: str | os.PathLike,
+                    given: str | os.PathLike | None = None) -> list[Path]:
+    """The folders a blend's stores may be under, in order, each once: ``given`` (a ``--runs
+    DIR``), the folder blend.json records (``recorded``, its ``runs``: used only when it is what
+    `ens blend` writes there and the OS can look into it, see :func:`usable_folder`), then
+    ``<work>/runs`` (:func:`work_folder`) and ``./runs``. `ens report` and `ens submit` look
+    here; the first folder holding the very stores wins."""
+    work = work_folder(blend_dir)
+    folders = ([Path(given)] if given is not None else []) + [
+        folder for folder in (usable_folder(recorded) if _is_folder(recorded) else None,
+                              None if work is None else work / "runs", Path("runs")) if folder is not None]
+    found: dict[Any, Path] = {}
+    for folder in folders:
+        try:
+            key: Any = folder.resolve()
+        except (OSError, ValueError, RuntimeError):  # a name the OS cannot take
+            key = str(folder)
+        found.setdefault(key, folder)
+    return list(found.values())
+
+
 # ------------------------------------------------------------------- the stores a blend reads
 
 def member_arrays(models: Sequence[str], stores: Sequence[LogitStore],

@@ -33,7 +33,7 @@ import weights_search as ws
 from ensemble.errors import EnsError, printable
 from ensemble.fileio import sha256_file
 from ensemble.formats.blend import (BLEND_FILE, CHUNK_ROWS, BlendRecord, member_arrays, prior_counts, shown_path,
-                                    store_digest, work_folder)
+                                    runs_candidates, store_digest, work_folder)
 from ensemble.formats.common import read_json
 from ensemble.formats.dataset import find_split, load_labels, read_class_counts
 from ensemble.formats.store import MANIFEST, LogitStore, read_store
@@ -135,20 +135,6 @@ def _candidates(blend_dir: Path, name: str) -> list[Path]:
     return found
 
 
-def _runs_candidates(record: BlendRecord, blend_dir: Path, given: Path | None = None) -> list[Path]:
-    """Where the stores may be: ``given`` (``ens report --runs``), the folder blend.json records
-    (its ``runs``: the ``--runs`` of `ens blend`), then ``<work>/runs`` and ``./runs``; each
-    folder once."""
-    found, seen = [], set()
-    recorded = record.runs_folder()  # None where the OS cannot use the recorded name
-    first = [given] if given is not None else []
-    for runs in first + ([recorded] if recorded is not None else []) + _candidates(blend_dir, "runs"):
-        if runs.resolve() not in seen:
-            seen.add(runs.resolve())
-            found.append(runs)
-    return found
-
-
 def open_stores(blend_json: Path, record: BlendRecord, blend_dir: Path,
                 given: Path | None = None) -> tuple[Path, list[LogitStore]]:
     """The fitted split's store of every model, the very ones blend.json records (by sha256),
@@ -157,8 +143,8 @@ def open_stores(blend_json: Path, record: BlendRecord, blend_dir: Path,
     split, wanted = record.optimize.split, record.optimize.stores
     views = record.views
     problems = []
-    for runs in _runs_candidates(record, blend_dir, given):
-        if given is not None and runs is given:
+    for runs in runs_candidates(record.runs, blend_dir, given):
+        if given is not None and runs == Path(given):
             where = " (--runs)"
         elif record.runs and runs == Path(record.runs):
             where = " (the folder recorded in blend.json)"

@@ -139,6 +139,8 @@ class Reference:
     categories: np.ndarray
     sample_source: Path | None = None
     sample_ids: np.ndarray | None = None
+    #: sha256 of ``test_source``'s bytes, as the stores record their json's (``None``: not known)
+    test_sha256: str | None = None
 
 
 def row_width(fmt: SubmissionFormat, reference: Reference) -> int:
@@ -204,7 +206,8 @@ def load_reference(data: str | os.PathLike, fmt: SubmissionFormat,
         sample_source = Path(sample)
         sample_ids = _sample_ids(sample_source, fmt)
     return Reference(test_source=test_source, test_ids=np.sort(np.asarray(split.ids, dtype=np.int64)),
-                     categories=categories, sample_source=sample_source, sample_ids=sample_ids)
+                     categories=categories, sample_source=sample_source, sample_ids=sample_ids,
+                     test_sha256=split.sha256)
 
 
 def _categories(data: Path, fmt: SubmissionFormat) -> np.ndarray:

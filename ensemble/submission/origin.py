@@ -18,10 +18,9 @@ the predictions. :func:`check_test_set` follows the chain back to it, through th
 A blend.json of an older ens records neither, and one whose stores recorded no json sha256
 records no ``dataset_sha256`` (its ``predictions_sha256`` is still checked first); then the
 stores themselves are the chain (the fallback): ``apply``'s split and the sha256 of each model's store arrays
-(:func:`ensemble.formats.blend.store_digest`); those stores looked for under the folder
-blend.json records (``runs``), then under ``runs/`` of the folder `ens blend` ran in
-(``<work>/blends/<name>`` beside ``<work>/runs``; only for a blend folder in a ``blends/``),
-then under ``./runs``; a folder counts only
+(:func:`ensemble.formats.blend.store_digest`); those stores looked for where `ens report`
+looks (:func:`ensemble.formats.blend.runs_candidates`: the folder blend.json records, then
+``<work>/runs``, then ``./runs``); a folder counts only
 when every model's store there has the recorded sha256 and their image ids are the
 predictions' ids; and each store's ``dataset.sha256`` compared as in 2.
 
@@ -35,22 +34,20 @@ then says why, `ens submit` prints it as a one-line warning, and the ledger reco
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from ensemble.errors import EnsError, printable
+from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
-from ensemble.formats.blend import BLEND_FILE, is_sha256, store_digest, work_folder
+from ensemble.formats.blend import BLEND_FILE, is_sha256, runs_candidates, shown_path, store_digest
 from ensemble.formats.common import read_json
 from ensemble.formats.dataset import check_store_name
 from ensemble.formats.ledger import UNVERIFIED, VERIFIED
 from ensemble.formats.store import MANIFEST, LogitStore, read_store
-
-#: The folder of logit stores `ens blend` reads by default, relative to where it ran.
-RUNS = "runs"
 
 
 @dataclass(frozen=True)
@@ -64,20 +61,21 @@ class TestSetCheck:
     warning: str | None = None
 
 
-def check_test_set(csv: Path, ids: np.ndarray, test_json: Path) -> TestSetCheck:
+def check_test_set(csv: Path, ids: np.ndarray, test_json: Path, sha256: str | None = None) -> TestSetCheck:
     """Whether the predictions at ``csv`` (their image ids ``ids``, ``(rows,)`` int64 ascending)
-    were made from ``test_json`` (see the module docstring); :class:`EnsError` when the stores
-    they came from were made from another json."""
-    sha256 = sha256_file(test_json)
+    were made from ``test_json`` (see the module docstring; ``sha256``: its bytes' sha256 when
+    the caller has it, as :func:`~ensemble.formats.dataset.load_split` does); :class:`EnsError`
+    when the stores they came from were made from another json."""
+    sha256 = sha256_file(test_json) if sha256 is None else sha256
     blend_json, predictions, dataset = _recorded(csv)
     if predictions is not None and sha256_file(csv) != predictions:
         return TestSetCheck(sha256, UNVERIFIED, f"{csv}: not checked to be predictions of {test_json} (it is not the "
-                                                f"predictions.csv {_shown(blend_json)} records, by sha256: edited or "
+                                                f"predictions.csv {shown_path(blend_json)} records, by sha256: edited or "
                                                 "replaced since the blend); written anyway and recorded in the ledger "
                                                 "as unverified")
     if predictions is not None and dataset is not None:
         if dataset != sha256:
-            raise EnsError(f"{csv}: made from a json of sha256 {dataset[:12]}... (as {_shown(blend_json)} records of "
+            raise EnsError(f"{csv}: made from a json of sha256 {dataset[:12]}... (as {shown_path(blend_json)} records of "
                            f"its stores), not from --data's {test_json} (sha256 {sha256[:12]}...): the same ids may "
                            f"name other images; give --data the folder of the json the predictions were made from, "
                            f"or run `ens infer` on {test_json} and `ens blend` again")
@@ -90,12 +88,12 @@ def check_test_set(csv: Path, ids: np.ndarray, test_json: Path) -> TestSetCheck:
         dataset = store.manifest.dataset
         if not isinstance(dataset.sha256, str):
             return TestSetCheck(sha256, UNVERIFIED, f"{csv}: not checked to be predictions of {test_json} "
-                                                    f"({_shown(store.path)} records no dataset sha256); written anyway and "
+                                                    f"({shown_path(store.path)} records no dataset sha256); written anyway and "
                                                     "recorded in the ledger as unverified")
         if dataset.sha256 != sha256:
-            source = _shown(Path(str(dataset.source)))
+            source = shown_path(Path(str(dataset.source)))
             raise EnsError(f"{csv}: made from {source} (sha256 {dataset.sha256[:12]}..., the json of its store "
-                           f"{_shown(store.path)}), not from --data's {test_json} "
+                           f"{shown_path(store.path)}), not from --data's {test_json} "
                            f"(sha256 {sha256[:12]}...): the same ids may name other images; give --data the "
                            f"folder of the json the predictions were made from, or run `ens infer` on "
                            f"{test_json} and `ens blend` again")
@@ -107,7 +105,7 @@ def _recorded(csv: Path) -> tuple[Path, str | None, str | None]:
     and of the stores' json; each ``None`` where it records none (an older ens; stores that
     recorded no json sha256)."""
     blend_json = csv.parent / BLEND_FILE
-    if not _is_file(blend_json):
+    if not os.path.isfile(blend_json):
         return blend_json, None, None
     doc = read_json(blend_json)
     apply = doc.get("apply") if isinstance(doc, dict) else None
@@ -130,12 +128,12 @@ def _trace(csv: Path, ids: np.ndarray) -> tuple[list[LogitStore] | None, str]:
     views = isinstance(doc, dict) and doc.get("views") is True
     problems: list[str] = []
     changed = False
-    for runs in _candidates(csv.parent, doc):
+    for runs in runs_candidates(doc.get("runs") if isinstance(doc, dict) else None, csv.parent):
         stores: list[LogitStore] = []
         for model, digest in wanted.items():
             path = runs / model / split
-            if not _is_file(path / MANIFEST):
-                problems.append(f"no store at {_shown(path)}")
+            if not os.path.isfile(path / MANIFEST):
+                problems.append(f"no store at {shown_path(path)}")
                 break
             try:
                 store = read_store(path)
@@ -144,16 +142,16 @@ def _trace(csv: Path, ids: np.ndarray) -> tuple[list[LogitStore] | None, str]:
                 problems.append(str(exc))
                 break
             except OSError as exc:
-                problems.append(f"{_shown(path)}: unreadable ({exc.strerror or exc})")
+                problems.append(f"{shown_path(path)}: unreadable ({exc.strerror or exc})")
                 break
             if not same:
                 changed = True
-                problems.append(f"{_shown(path)} changed since the blend applied it (its sha256 differs)")
+                problems.append(f"{shown_path(path)} changed since the blend applied it (its sha256 differs)")
                 break
             stores.append(store)
         else:
             if not np.array_equal(np.sort(np.asarray(stores[0].ids)), ids):
-                problems.append(f"the predictions' image ids are not those of the stores under {_shown(runs)} "
+                problems.append(f"the predictions' image ids are not those of the stores under {shown_path(runs)} "
                                 f"that {blend_json} applied")
                 continue
             return stores, ""
@@ -179,35 +177,3 @@ def _applied(doc: Any) -> tuple[str, Mapping[str, str]] | None:
     except EnsError:
         return None
     return split, stores
-
-
-def _candidates(blend_dir: Path, doc: Any) -> list[Path]:
-    """The folders the stores may be under, first match wins, each once (see the module docstring)."""
-    recorded = doc.get("runs") if isinstance(doc, dict) else None
-    folders = [Path(recorded)] if isinstance(recorded, str) and recorded else []
-    found: dict[Any, Path] = {}
-    # <work>/runs only for a blend folder under blends/ (`ens blend`'s layout): the grandparent of
-    # a blend written elsewhere is no folder of this project.
-    work = work_folder(blend_dir)
-    beside = [] if work is None else [work / RUNS]
-    for folder in folders + beside + [Path(RUNS)]:
-        try:
-            key: Any = folder.resolve()
-        except (OSError, ValueError, RuntimeError):  # a hand-edited name the OS cannot take
-            key = str(folder)
-        found.setdefault(key, folder)
-    return list(found.values())
-
-
-def _is_file(path: Path) -> bool:
-    """Whether ``path`` is a file; ``False`` for a name the OS cannot take (too long, a NUL)."""
-    try:
-        return path.is_file()
-    except (OSError, ValueError):
-        return False
-
-
-def _shown(path: Path, width: int = 160) -> str:
-    """``path`` as a message shows it: printable, and cut in the middle past ``width`` characters."""
-    text = printable(str(path))
-    return text if len(text) <= width else text[:width // 2 - 2] + "..." + text[-(width // 2 - 1):]

@@ -182,7 +182,7 @@ def submit(predictions: str | os.PathLike, data: str | os.PathLike, options: Sub
     name, name_note = submission_name(folder, options.name, source.name, now, options.compress)
     checked = check_rows(read_predictions(source.csv, fmt, reference, _models_predict(source)), fmt, reference,
                          source.csv, allow_missing=options.missing == "prior", hint=MISSING_HINT)
-    test_set = check_test_set(source.csv, checked.ids, reference.test_source)
+    test_set = check_test_set(source.csv, checked.ids, reference.test_source, reference.test_sha256)
     missing = np.setdiff1d(reference.test_ids, checked.ids)
     fill = None
     if missing.size:
