@@ -19,9 +19,9 @@ from ensemble.blend.stores import BlendSplit, available_models, label_source, op
 from ensemble.errors import EnsError
 from ensemble.fileio import atomic_path, name_max, out_of_room, sha256_file
 from ensemble.formats.blend import (BLEND_FILE, BLENDS, CHUNK_ROWS, FORMAT_VERSION, BlendRecord, CvTable, ModelProvenance,
-                                    PriorCorrection, SplitStores, is_sha256, prior_counts,
+                                    PriorCorrection, SplitStores, prior_counts,
                                     shown_path, store_digest)
-from ensemble.formats.common import read_json
+from ensemble.formats.common import is_sha256, read_json
 from ensemble.formats.dataset import load_labels, read_class_counts
 from ensemble.formats.predictions import PREDICTIONS_FILE, write_predictions
 from ensemble.formats.store import MANIFEST

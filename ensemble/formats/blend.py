@@ -54,7 +54,7 @@ import numpy as np
 import weights_search as ws
 from ensemble.errors import EnsError, printable
 from ensemble.fileio import json_text
-from ensemble.formats.common import is_count, is_finite, is_int, is_names, is_number, read_json
+from ensemble.formats.common import is_count, is_finite, is_int, is_names, is_number, is_sha256, read_json
 from ensemble.formats.store import IDS, LOGITS, VIEWS, LogitStore
 
 BLEND_FILE = "blend.json"
@@ -266,12 +266,6 @@ class SplitStores(_Json):
         typed, kept = _split(doc, {"split": _any, "rows": _any, "stores": _any,
                                    "dataset_sha256": _when(is_sha256), "predictions_sha256": _when(is_sha256)})
         return cls(**typed, json_keys=tuple(doc), kept=kept)
-
-
-def is_sha256(value: Any) -> bool:
-    """A sha256 as ens writes it: 64 lower-case hex digits."""
-    return (isinstance(value, str) and len(value) == 64
-            and all(c in "0123456789abcdef" for c in value))
 
 
 @dataclass(frozen=True)

@@ -278,6 +278,12 @@ def is_finite(value: Any) -> bool:
     return is_number(value) and math.isfinite(value)
 
 
+def is_sha256(value: Any) -> bool:
+    """A sha256 as ens writes it: 64 lower-case hex digits."""
+    return (isinstance(value, str) and len(value) == 64
+            and all(c in "0123456789abcdef" for c in value))
+
+
 def is_id(value: Any) -> bool:
     """An image or category id as datasets hold them: an integer (not a bool) or a string."""
     return isinstance(value, str) or is_int(value)

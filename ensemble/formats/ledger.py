@@ -81,7 +81,7 @@ from typing import Any, Callable, Iterator, Mapping
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
 from ensemble.formats.blend import BlendSummary
-from ensemble.formats.common import check_regular, is_count, is_finite, is_names, parse_json
+from ensemble.formats.common import check_regular, is_count, is_finite, is_names, is_sha256, parse_json
 
 LEDGER = "ledger.sqlite"
 #: Seconds a command waits for another process's lock on the ledger before it gives up.
@@ -156,7 +156,7 @@ def _file_name(value: object) -> object:
 
 
 def _sha256(value: object) -> object:
-    return value if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) else _INVALID
+    return value if is_sha256(value) else _INVALID
 
 
 def _one_of(choices: tuple[str, ...]) -> tuple[Callable[[object], object], str]:

@@ -43,8 +43,8 @@ import numpy as np
 
 from ensemble.errors import EnsError
 from ensemble.fileio import sha256_file
-from ensemble.formats.blend import BLEND_FILE, is_sha256, runs_candidates, shown_path, store_digest
-from ensemble.formats.common import read_json
+from ensemble.formats.blend import BLEND_FILE, runs_candidates, shown_path, store_digest
+from ensemble.formats.common import is_sha256, read_json
 from ensemble.formats.dataset import check_store_name
 from ensemble.formats.ledger import UNVERIFIED, VERIFIED
 from ensemble.formats.store import MANIFEST, LogitStore, read_store
