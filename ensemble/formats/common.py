@@ -218,6 +218,13 @@ def read_json(path: str | os.PathLike, label: str | None = None, *, problem: str
     (``<label>: <missing>``). The bytes go to :func:`json.loads` as they are, so a UTF-8 byte
     order mark is allowed, as RFC 8259 permits.
     """
+    return read_json_bytes(path, label, problem=problem, hint=hint, missing=missing)[0]
+
+
+def read_json_bytes(path: str | os.PathLike, label: str | None = None, *, problem: str = "not a JSON file",
+                    hint: str = "", missing: str | None = None) -> tuple[Any, bytes]:
+    """:func:`read_json`'s value and the bytes it was read from, for a caller that also digests
+    the file (a split json's sha256) without reading it a second time."""
     label = str(path) if label is None else label
     tail = f"; {hint}" if hint else ""
     try:
@@ -229,7 +236,7 @@ def read_json(path: str | os.PathLike, label: str | None = None, *, problem: str
     except OSError as exc:
         failure = f"{label}: {problem} ({exc}){tail}"
     else:
-        return parse_json(data, label, problem=problem, hint=hint)
+        return parse_json(data, label, problem=problem, hint=hint), data
     raise EnsError(failure)
 
 

@@ -34,8 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ensemble.errors import EnsError
-from ensemble.fileio import sha256_file
-from ensemble.formats.common import check_regular, is_count, is_id, is_int, read_json
+from ensemble.formats.common import check_regular, is_count, is_id, is_int, read_json, read_json_bytes
 
 #: The image ids a store's ``ids.npy`` (int64) holds.
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
@@ -182,7 +181,7 @@ def load_split(source: str | os.PathLike, name: str | None = None) -> Split:
 
 
 def _load_json(path: Path, name: str, single: bool = False) -> Split:
-    doc = read_json(path)
+    doc, data = read_json_bytes(path)  # the bytes give the sha256: a 100 MB json is read once
     images = doc.get("images") if isinstance(doc, dict) else None
     if not isinstance(images, list):
         raise EnsError(f"{path}: no \"images\" list (expected a COCO / iNaturalist json)")
@@ -207,7 +206,7 @@ def _load_json(path: Path, name: str, single: bool = False) -> Split:
     if len({type(i) for i in ids}) > 1:
         raise EnsError(f"{path}: image ids mix integers and strings")
     return Split(name=name, source=path, ids=tuple(ids), paths=tuple(paths),
-                 sha256=sha256_file(path), labels=_labels(doc, ids, path, single))
+                 sha256=hashlib.sha256(data).hexdigest(), labels=_labels(doc, ids, path, single))
 
 
 def _labels(doc: dict, ids: list, path: Path, single: bool) -> tuple[int | str | None, ...] | None:
