@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shlex
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,11 +347,40 @@ class _SplitRun:
         try:
             todo = self._open()
             chunks = sorted({c for item in todo for c in self._missing(item)})
+            self._check_room(todo)
             processed, seconds = self._run(todo, chunks)
             return self._finish(todo, processed, seconds)
         finally:
             for writer in self.writers.values():
                 writer.release()
+
+    def _check_room(self, todo: Sequence[ModelPass]) -> None:
+        """Refuse, before any image is decoded, a split whose stores the disk under ``--out``
+        cannot hold: the chunks still to write (every model's, kept until its store is
+        assembled) and the largest store's arrays, which assembly writes while its chunks are
+        still there. Logits and kept views in the stored dtype; a run that keeps every store
+        (nothing to do) or resumes checks only what is left."""
+        if not todo:
+            return
+        itemsize = np.dtype(self.options.dtype).itemsize
+        stored = 1 + (len(self.views) if self.options.keep_views else 0)  # logits, and each view's
+        need = largest = 0
+        for item in todo:
+            row_bytes = item.model.metadata.num_classes * itemsize * stored + 16  # + a cam box
+            need += sum(self._chunk_rows(c) for c in self._missing(item)) * row_bytes
+            largest = max(largest, len(self.split) * row_bytes)
+        need += largest
+        folder = self.writers[todo[0].model.name].path
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:  # a file system that cannot say: the writes will, if it comes to that
+            return
+        if need > free:
+            what = f"{len(todo)} model{'s' if len(todo) > 1 else ''}, {len(self.split)} images"
+            raise EnsError(f"{self.options.out}: the {self.split.name} stores ({what}) need about {_size(need)} "
+                           f"there, and its disk has {_size(free)} free; free space, or give --out on another "
+                           "disk" + ("" if self.options.dtype == "float16" else ", or --dtype float16")
+                           + (", or leave out --keep-views" if self.options.keep_views else ""))
 
     def _missing(self, item: ModelPass) -> list[int]:
         writer = self.writers[item.model.name]
@@ -501,3 +531,11 @@ class _SplitRun:
             views = np.concatenate(part.views, axis=1) if part.views else None
             boxes = np.concatenate(part.boxes) if part.boxes else None
             self.writers[name].write_chunk(c, np.concatenate(part.scores), keep, bad, views, boxes)
+
+
+def _size(count: int) -> str:
+    """A byte count as a message gives it: ``12.3 GB`` (decimal units, as ``df -H``)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} bytes"

@@ -76,12 +76,30 @@ def _tmpfs_sh(work, size: str, script: str):
                           cwd=work, capture_output=True, text=True, timeout=300)
 
 
+#: ``ens ARGS...`` with the check for room before a split left out (and, with ``NOFALLOCATE``
+#: set, without os.posix_fallocate): the full-disk tests test the writes themselves, which
+#: still meet a disk that other writers fill during a run.
+NO_PREFLIGHT = textwrap.dedent("""
+    import os, sys
+
+    if __name__ == "__main__":
+        if os.environ.get("NOFALLOCATE"):
+            del os.posix_fallocate  # as on a system whose file systems cannot claim ahead
+        from ensemble.inference import run
+        run._SplitRun._check_room = lambda self, todo: None
+        sys.argv = ["ens", *sys.argv[1:]]
+        from ensemble.cli import main
+        main()
+""")
+
+
 def test_a_full_disk_while_the_arrays_are_assembled_is_one_line_not_a_crash(work):
     """The chunks fit; assembling logits.npy does not. Its memory map would take a SIGBUS on the
     first page the disk has no room for: the space is claimed before the map is written."""
     if shutil.which("unshare") is None or _tmpfs_sh(work, "100k", "true").returncode != 0:
         pytest.skip("no unprivileged tmpfs mount here (unshare --user --mount)")
-    ens = f"{sys.executable} -m ensemble"
+    (work / "nopreflight.py").write_text(NO_PREFLIGHT)
+    ens = f"{sys.executable} nopreflight.py"
     result = _tmpfs_sh(work, "100k", f"{ens} infer big.onnx --data inat --split val --workers 0 --batch-size 2 "
                                      "--chunk-size 2 --out full/runs; echo rc=$? >&2; ls -A full/runs/big/val")
     assert "rc=2" in result.stderr, result.stderr  # not 135: killed by SIGBUS
@@ -226,16 +244,8 @@ def test_a_full_disk_that_cannot_claim_space_ahead_is_one_line_not_a_crash(work)
     of a write, never a SIGBUS in a memory map."""
     if shutil.which("unshare") is None or _tmpfs_sh(work, "100k", "true").returncode != 0:
         pytest.skip("no unprivileged tmpfs mount here (unshare --user --mount)")
-    (work / "nofallocate.py").write_text(textwrap.dedent("""
-        import os, sys
-
-        if __name__ == "__main__":
-            del os.posix_fallocate  # as on a system whose file systems cannot claim ahead
-            sys.argv = ["ens", *sys.argv[1:]]
-            from ensemble.cli import main
-            main()
-    """))
-    result = _tmpfs_sh(work, "100k", f"{sys.executable} nofallocate.py infer big.onnx --data inat --split val "
+    (work / "nopreflight.py").write_text(NO_PREFLIGHT)
+    result = _tmpfs_sh(work, "100k", f"NOFALLOCATE=1 {sys.executable} nopreflight.py infer big.onnx --data inat --split val "
                                      "--workers 0 --batch-size 2 --chunk-size 2 --out full/runs; echo rc=$? >&2; "
                                      "ls -A full/runs/big/val")
     assert "rc=2" in result.stderr, result.stderr  # not 135: killed by SIGBUS
@@ -282,3 +292,17 @@ def test_a_store_whose_every_image_was_skipped_is_assembled(tmp_path):
     store = read_store(tmp_path / "runs" / "m" / "val")
     assert store.logits.shape[0] == 0 and store.views.shape[:2] == (2, 0) and len(store.skipped_ids) == 3
     assert np.load(tmp_path / "runs" / "m" / "val" / "logits.npy").shape == store.logits.shape
+
+
+def test_a_disk_too_small_for_the_stores_is_refused_before_any_decoding(work):
+    """The check for room (issue 24, Disk) on a real file system: one line with the sizes, no
+    chunk written."""
+    if shutil.which("unshare") is None or _tmpfs_sh(work, "100k", "true").returncode != 0:
+        pytest.skip("no unprivileged tmpfs mount here (unshare --user --mount)")
+    result = _tmpfs_sh(work, "100k", f"{sys.executable} -m ensemble infer big.onnx --data inat --split val "
+                                     "--workers 0 --batch-size 2 --chunk-size 2 --out full/runs; echo rc=$? >&2; "
+                                     "ls -A full/runs/big/val/.partial 2>/dev/null | grep -c chunk")
+    assert "rc=2" in result.stderr, result.stderr
+    line = _error(subprocess.CompletedProcess([], 2, "", result.stderr.replace("rc=2\n", "")))
+    assert "full/runs: the val stores (1 model, 6 images) need about" in line and "kB free" in line, line
+    assert result.stdout.strip() == "0", result.stdout
