@@ -17,6 +17,7 @@ from typing import Annotated, Iterator, Optional
 import typer
 
 from ensemble import __version__
+from ensemble import memory as _memory
 from ensemble.errors import EnsError, printable
 from ensemble.formats.common import parse_json
 from ensemble.formats.model import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, ModelMetadata, rgb_text
@@ -115,6 +116,13 @@ def _json_object(text: str, option: str) -> dict:
     if not isinstance(value, dict):
         raise EnsError(f"{option}: expected a JSON object such as '{{\"transform_input\": true}}'")
     return value
+
+
+#: ``--memory GIB`` for every command that streams stores: the text goes to
+#: :func:`ensemble.memory.memory_budget`, which reads ENS_MEMORY when it is left out and turns a
+#: bad value into one line (typer's own float check would print a usage block).
+MemoryOption = Annotated[Optional[str], typer.Option("--memory", metavar="GIB", help=_memory.HELP,
+                                                     show_default=_memory.DEFAULT_SHOWN)]
 
 
 @app.command()
@@ -341,6 +349,7 @@ def blend(
     out: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Blend folder, a folder of its own (never a logit store nor a folder of stores) \\[default: blends/<method>; with --weights, <its folder>-<split> beside it].")] = None,
     prior: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Training class counts to correct the blend for (long-tail logit adjustment): a COCO/iNat json (its annotations are counted, e.g. data/train2019.json), a JSON object {\"category_id\": count} or a CSV category_id,count.")] = None,
     prior_tau: Annotated[Optional[str], typer.Option(metavar="auto|FLOAT", help="Strength of the prior correction: auto fits it with the weights on the fitted split; a number from 0 (none) to 3 fixes it (1 divides by the prior once).", show_default="auto, with --prior")] = None,
+    memory: MemoryOption = None,
 ) -> None:
     """Fit blend weights on validation, report honest CV estimates, fuse the test logits.
 
@@ -353,7 +362,8 @@ def blend(
         model_list = tuple(m.strip() for m in models.split(",") if m.strip()) if models else None
         options = BlendOptions(runs=runs, models=model_list, optimize=optimize, apply=apply, data=data,
                                method=method, temperature=temperature, views=views, cv=cv, fallback=fallback,
-                               weights=weights, top_k=top_k, out=out, prior=prior, prior_tau=prior_tau)
+                               weights=weights, top_k=top_k, out=out, prior=prior, prior_tau=prior_tau,
+                               memory=_memory.memory_budget(memory))
         result = run_blend(options)
     record = result.record
     for note in result.notes:

@@ -46,6 +46,9 @@ class BlendOptions:
     fit; for ``weights``, ``runs`` when it holds every model's store of the applied split, else
     the folder the saved blend.json records (its ``runs``) when that holds them
     (:func:`_saved_runs`).
+
+    ``memory``: the bytes the row blocks of the fit and of the fusion may take
+    (:mod:`ensemble.memory`); None: :func:`ensemble.memory.memory_budget`'s default.
     """
 
     runs: Path | None = None
@@ -63,6 +66,7 @@ class BlendOptions:
     out: Path | None = None
     prior: Path | None = None
     prior_tau: str | None = None
+    memory: int | None = None
 
 
 @dataclass(frozen=True)
