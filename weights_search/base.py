@@ -1,10 +1,19 @@
-"""What every blend method is: a scikit-learn-shaped estimator over member log-probabilities."""
+"""What every blend method is: a scikit-learn-shaped estimator over member log-probabilities,
+fitted from statistics streamed over row blocks.
+
+A fit reads the members once, block by block of rows, through the method's :class:`Collector`,
+which keeps only what the method's objective needs (its :class:`Stats`: for a mixture, per-row
+statistics such as each member's true-class log-probability, see :mod:`weights_search.stats`),
+then fits from those statistics alone (:meth:`Blender.fit_stats`). Cross-validation collects
+the statistics of the whole split in one pass and fits each fold on ``stats.subset(train_rows)``;
+methods whose :meth:`Blender.collector_key` are equal can share one collector.
+"""
 
 from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Hashable, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -12,6 +21,29 @@ from weights_search.functional import MIXTURE, check_members, fuse, true_class_l
 from weights_search.prior import LogitAdjustment, MixturePrior, MixtureScores, adjust, fit_mixture_prior
 
 B = TypeVar("B", bound="Blender")
+
+
+@runtime_checkable
+class Stats(Protocol):
+    """What a collector keeps of ``n_rows`` labelled rows: enough for a method to fit on them."""
+
+    n_rows: int
+
+    def subset(self, rows: np.ndarray) -> "Stats":
+        """The statistics of the given rows only (sorted row indices, e.g. a CV fold's training
+        rows), as if they had been collected on those rows alone."""
+
+
+@runtime_checkable
+class Collector(Protocol):
+    """Accumulates a method's :class:`Stats` over row blocks of member log-probabilities."""
+
+    def add(self, start: int, log_probs: np.ndarray) -> None:
+        """Take rows ``start .. start + b - 1``: ``(M, b, C)`` float32 member log-probabilities
+        (log-softmax at the fit's temperatures). Blocks come in row order, each row once."""
+
+    def result(self) -> Stats:
+        """The statistics of every row added (all rows of the labels given, in order)."""
 
 
 class Blender(ABC):
@@ -30,6 +62,9 @@ class Blender(ABC):
       ``log_prior_``: its ``(C,)`` log-prior. The correction applies after fusion
       (:func:`weights_search.prior.adjust`).
 
+    The streaming form of the same fit: ``collector = method.collector(labels, C, prior)``,
+    ``collector.add(start, block)`` for each ``(M, b, C)`` block of rows in order, then
+    ``method.fit_stats(collector.result(), prior)``; :meth:`fit` is that with one block.
     Members are whatever the caller stacks: models, or (model, view) pairs.
     """
 
@@ -41,10 +76,30 @@ class Blender(ABC):
     tau_: float | None = None
     log_prior_: np.ndarray | None = None
 
-    @abstractmethod
+    def collector(self, labels: np.ndarray, n_classes: int, prior: LogitAdjustment | None) -> Collector:
+        """A new :class:`Collector` of what :meth:`fit_stats` needs, for rows labelled ``labels``
+        ``(N,)`` of ``n_classes`` classes, with ``prior`` (or None)."""
+        raise NotImplementedError(f"{type(self).__name__} has no streaming collector")
+
+    def collector_key(self, prior: LogitAdjustment | None) -> Hashable:
+        """Hashable; two methods (or two fits) with equal keys can be fitted from one
+        collector's statistics, so a pass over the members can feed both."""
+        return (type(self).__qualname__, _prior_key(prior))
+
+    def fit_stats(self: B, stats: Stats, prior: LogitAdjustment | None = None) -> B:
+        """Fit ``weights_`` (and ``tau_``, ``log_prior_`` with a prior) from a collector's
+        statistics (of :meth:`collector` with the same ``prior``, or of a subset of its rows)."""
+        raise NotImplementedError(f"{type(self).__name__} does not fit from streamed statistics")
+
     def fit(self: B, log_probs: np.ndarray, labels: np.ndarray, prior: LogitAdjustment | None = None) -> B:
         """Fit ``weights_`` (and ``tau_`` with a prior) on ``(M, N, C)`` member log-probabilities
-        and ``(N,)`` labels."""
+        and ``(N,)`` labels: one block through :meth:`collector`, then :meth:`fit_stats`."""
+        log_probs, labels = check_members(log_probs, labels)
+        if prior is not None:
+            prior.check(log_probs.shape[2])
+        collector = self.collector(labels, log_probs.shape[2], prior)
+        collector.add(0, log_probs)
+        return self.fit_stats(collector.result(), prior)
 
     def predict_log_proba(self, log_probs: np.ndarray) -> np.ndarray:
         """Blended class log-probabilities ``(n, C)`` float32 of ``(M, n, C)`` member
@@ -64,20 +119,32 @@ class Blender(ABC):
         return f"{type(self).__name__}({args})"
 
 
+def _prior_key(prior: LogitAdjustment | None) -> Hashable:
+    """What of ``prior`` a collector depends on: its log-prior (not ``tau``: the statistics serve
+    every ``tau``)."""
+    return None if prior is None else prior.log_prior.tobytes()
+
+
 class MixtureBlender(Blender):
     """A method whose weights mix member probabilities (:data:`~weights_search.functional.MIXTURE`).
 
     Subclasses implement :meth:`_fit_scores`, the weights for one
-    :class:`~weights_search.prior.MixtureScores`; :meth:`fit` calls it once without a prior,
-    and with one through :meth:`_fit_prior`, by default
+    :class:`~weights_search.prior.MixtureScores`; :meth:`fit_stats` calls it once without a
+    prior, and with one through :meth:`_fit_prior`, by default
     :func:`~weights_search.prior.fit_mixture_prior`, which corrects the log of the fused
     probabilities and fits ``tau`` in turns with the weights.
     """
 
     fusion = MIXTURE
 
-    def fit(self, log_probs: np.ndarray, labels: np.ndarray, prior: LogitAdjustment | None = None) -> "MixtureBlender":
-        log_probs, labels = check_members(log_probs, labels)
+    def collector(self, labels: np.ndarray, n_classes: int, prior: LogitAdjustment | None) -> Collector:
+        return _StackCollector(labels)
+
+    def collector_key(self, prior: LogitAdjustment | None) -> Hashable:
+        return ("mixture", _prior_key(prior))
+
+    def fit_stats(self, stats: Stats, prior: LogitAdjustment | None = None) -> "MixtureBlender":
+        log_probs, labels = stats.log_probs, stats.labels
         self.tau_ = self.log_prior_ = None
         if prior is None:
             self._fit_scores(MixtureScores(log_probs, labels, true_class_log_probs(log_probs, labels)), None)
@@ -96,6 +163,28 @@ class MixtureBlender(Blender):
     def _fit_scores(self, scores: MixtureScores, start: np.ndarray | None) -> np.ndarray:
         """Set ``weights_`` and ``train_score_`` from ``scores`` (``start``: earlier weights a
         method may start from, or None); return ``weights_``."""
+
+
+class _StackCollector:
+    """Interim: keeps the blocks (replaced by :mod:`weights_search.stats`)."""
+
+    def __init__(self, labels: np.ndarray) -> None:
+        self.labels = np.asarray(labels)
+        self.blocks: list[np.ndarray] = []
+
+    def add(self, start: int, log_probs: np.ndarray) -> None:
+        self.blocks.append(np.asarray(log_probs))
+
+    def result(self) -> "_StackStats":
+        return _StackStats(np.concatenate(self.blocks, axis=1), self.labels)
+
+
+class _StackStats:
+    def __init__(self, log_probs: np.ndarray, labels: np.ndarray) -> None:
+        self.log_probs, self.labels, self.n_rows = log_probs, labels, labels.size
+
+    def subset(self, rows: np.ndarray) -> "_StackStats":
+        return _StackStats(self.log_probs[:, rows], self.labels[rows])
 
 
 def check_solver_options(max_iter: int, tol: float) -> None:
