@@ -3,6 +3,12 @@
 A temperature ``T`` divides a member's logits before the softmax; ``T > 1`` softens
 over-confident members, ``T < 1`` sharpens timid ones. Apply fitted temperatures with
 :func:`weights_search.functional.log_softmax`.
+
+:func:`fit_temperature` / :func:`fit_temperatures` fit on logits in hand and are the exact
+reference. For a split read in blocks (10,000 classes, 100,000 rows), a
+:class:`TemperatureCollector` keeps in one pass what fits the temperatures of any subset of the
+rows (:class:`TemperatureStats`: each row's largest logits exactly, the rest by a cumulant
+expansion; its error is bounded there), so every CV fold and the final fit cost no further read.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize_scalar
 
+from weights_search.expansion import PilotedCollector
 from weights_search.functional import check_members
 
 #: Search interval for temperatures.
@@ -54,3 +61,181 @@ def fit_temperatures(logits: np.ndarray, labels: np.ndarray,
     if logits.ndim != 3:
         raise ValueError(f"expected member logits of shape (n_members, n_samples, n_classes), got {logits.shape}")
     return np.array([fit_temperature(member, labels, bounds) for member in logits])
+
+
+#: Logits kept exactly per row and member by :class:`TemperatureCollector` (the largest ones).
+TOP_LOGITS = 32
+#: Logits below the row's largest by more than this are counted at this depth (their exponential
+#: is 0 in float32 at any temperature in :data:`TEMPERATURE_BOUNDS` but the highest, where it is
+#: below ``exp(-U_FLOOR / 20)`` = ``e**-500``).
+U_FLOOR = 1e4
+
+
+class TemperatureStats:
+    """What :class:`TemperatureCollector` keeps of each row and member, to fit temperatures.
+
+    For member ``m`` and row ``n`` with logits ``z`` and ``s = z - max(z)``: ``row_max`` and
+    ``true`` (``s`` of the true class), ``(M, N)`` float64; ``top`` ``(M, N, K)`` float32, the
+    ``K`` largest ``s`` (all of them when ``C <= K``, then there is no rest); and, of the other
+    ``C - K`` classes (the *rest*), ``rest_max`` (their largest ``s``, ``r``) and, with
+    ``u = s - r <= 0`` tilted by ``exp(beta0 * u)`` at the row's pilot ``beta0 = 1 / T0``:
+    ``log_s0 = log sum exp(beta0 u)``, the tilted ``mean`` and ``var`` of ``u``. Then
+
+        log sum_rest exp(beta u) ~= log_s0 + mean d + var d**2 / 2,   d = beta - beta0,
+
+    the second-order cumulant expansion: exact at ``beta0`` with its first two derivatives; the
+    error at ``beta`` is ``k3 d**3 / 6 + ...`` with ``k3`` the tilted third cumulant of ``u``,
+    and it enters the row's log-normaliser multiplied by the rest's share of it. Convex in
+    ``beta`` (``var >= 0``), so the NLL stays convex in ``1 / T`` and the bounded search finds
+    its one minimum. The pilots come from :mod:`weights_search.expansion`: most rows' pilots
+    lie within the sampling error of a fit on half the rows of the one the fits find, so ``d``
+    is a few percent of ``beta`` there. Measured at 1,010 and 10,000 classes (tests): fitted
+    temperatures within 1e-4 (relative) of the exact :func:`fit_temperatures`.
+
+    Memory: ``M * N * (K + 8)`` values (``K`` = :data:`TOP_LOGITS`), float32 for ``top``, float64
+    for the rest; nothing ``(N, C)``.
+    """
+
+    def __init__(self, row_max, true, top, rest_max, log_s0, mean, var, beta0) -> None:
+        self.row_max, self.true, self.top = row_max, true, top
+        self.rest_max, self.log_s0, self.mean, self.var, self.beta0 = rest_max, log_s0, mean, var, beta0
+
+    @property
+    def n_rows(self) -> int:
+        return self.true.shape[1]
+
+    @property
+    def n_members(self) -> int:
+        return self.true.shape[0]
+
+    def subset(self, rows: np.ndarray) -> "TemperatureStats":
+        """The statistics of ``rows`` (sorted row indices, e.g. a CV fold's training rows)."""
+        rows = np.asarray(rows)
+        if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer) or (rows.size and (rows.min() < 0 or rows.max() >= self.n_rows)):
+            raise ValueError(f"rows must be a (n,) array of row indices in 0..{self.n_rows - 1}")
+        return TemperatureStats(*(a[:, rows] for a in (self.row_max, self.true, self.top, self.rest_max, self.log_s0,
+                                                       self.mean, self.var, self.beta0)))
+
+    def _shifted_log_norm(self, m: int, beta: float, rows: slice = slice(None)) -> np.ndarray:
+        """``(n,)`` float64: ``logsumexp_c(beta * s)`` of member ``m``'s rows (see the class docstring)."""
+        top = self.top[m, rows].astype(np.float64) * beta
+        d = beta - self.beta0[m, rows]
+        with np.errstate(invalid="ignore"):
+            rest = beta * self.rest_max[m, rows] + self.log_s0[m, rows] + d * (self.mean[m, rows] + d * self.var[m, rows] / 2)
+        rest = np.where(np.isneginf(self.log_s0[m, rows]), -np.inf, rest)
+        high = np.maximum(top.max(axis=1), rest)
+        total = np.exp(top - high[:, None]).sum(axis=1) + np.exp(rest - high)
+        return high + np.log(total)
+
+    def log_norm(self, temperatures: np.ndarray) -> np.ndarray:
+        """``(M, N)`` float64: each row's log-softmax denominator ``logsumexp_c(z / T_m)`` at the
+        ``(M,)`` temperatures (the rest by the expansion of the class docstring)."""
+        t = np.asarray(temperatures, dtype=np.float64)
+        if t.shape != (self.n_members,) or not (np.isfinite(t).all() and (t > 0).all()):
+            raise ValueError(f"expected {self.n_members} positive finite temperatures, got {t}")
+        return np.stack([self._shifted_log_norm(m, 1 / t[m]) + self.row_max[m] / t[m] for m in range(self.n_members)])
+
+    def nll(self, m: int, temperature: float, rows: slice = slice(None)) -> float:
+        """Mean NLL of member ``m`` at ``temperature`` (of ``rows``, all by default)."""
+        beta = 1.0 / temperature
+        return float(np.mean(self._shifted_log_norm(m, beta, rows) - beta * self.true[m, rows]))
+
+    def fit(self, bounds: tuple[float, float] = TEMPERATURE_BOUNDS, rows: slice = slice(None)) -> np.ndarray:
+        """``(M,)`` float64: each member's temperature in ``bounds`` minimising the NLL (the same
+        bounded search over ``log T`` as :func:`fit_temperature`), of ``rows`` (all by default)."""
+        low, high = _check_bounds(bounds)
+        out = np.empty(self.n_members)
+        for m in range(self.n_members):
+            result = minimize_scalar(lambda log_t: self.nll(m, float(np.exp(log_t)), rows),
+                                     bounds=(np.log(low), np.log(high)), method="bounded", options={"xatol": 1e-4})
+            out[m] = float(np.exp(result.x))
+        return out
+
+
+class TemperatureCollector(PilotedCollector):
+    """Collects, in one pass over ``(M, b, C)`` float32 LOGITS blocks (rows in order), what
+    :class:`TemperatureStats` needs to fit every member's temperature on any subset of the rows:
+    one pass serves every CV fold (``stats.subset(train).fit()``) and the final fit.
+
+    ``labels``: ``(N,)``; ``top``: logits kept exactly per row (:data:`TOP_LOGITS`);
+    ``pilot``: ``(M,)`` temperatures to expand every row's rest about, or None to fit them from
+    the rows as they come (see :mod:`weights_search.expansion`). With ``C <= top`` classes
+    every logit is kept and the fit is exact (no pilot).
+
+    Work per block: one partition, one exponential and a few products per value, member by
+    member (temporaries of a few ``(b, C)`` float32 arrays).
+    """
+
+    def __init__(self, labels: np.ndarray, n_members: int, *, top: int = TOP_LOGITS,
+                 pilot: np.ndarray | None = None) -> None:
+        if top < 1:
+            raise ValueError(f"top must be at least 1, got {top}")
+        if pilot is not None:
+            pilot = np.asarray(pilot, dtype=np.float64)
+            if pilot.shape != (n_members,) or not (np.isfinite(pilot).all() and (pilot > 0).all()):
+                raise ValueError(f"pilot must be {n_members} positive finite temperatures, got {pilot}")
+        super().__init__(labels, n_members, pilot)
+        self.top = top
+
+    def _needs_pilot(self, n_classes: int) -> bool:
+        return n_classes > self.top
+
+    def _start(self, n_classes: int) -> None:
+        shape = (self.n_members, self.n_rows)
+        k = min(self.top, n_classes)
+        self._stats_ = TemperatureStats(np.zeros(shape), np.zeros(shape), np.zeros(shape + (k,), dtype=np.float32),
+                                        np.zeros(shape), np.full(shape, -np.inf), np.zeros(shape), np.zeros(shape),
+                                        np.ones(shape))
+
+    def _exact_pilot(self, block: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        return fit_temperatures(block, labels)
+
+    def _refit(self, stop: int) -> np.ndarray:
+        return self._stats_.fit(rows=slice(0, stop))
+
+    def _summarise(self, start: int, block: np.ndarray, pilot: np.ndarray | None) -> None:
+        st = self._stats_
+        n_classes = block.shape[2]
+        rows = slice(start, start + block.shape[1])
+        labels = self.labels[rows]
+        k = st.top.shape[2]
+        for m in range(self.n_members):
+            z = np.asarray(block[m], dtype=np.float32)
+            high = z.max(axis=1)
+            if not np.isfinite(high).all():
+                raise ValueError("logits have a row whose largest value is not finite (all -inf, +inf or NaN)")
+            s = z - high[:, None]
+            st.row_max[m, rows] = high
+            st.true[m, rows] = s[np.arange(labels.size), labels]
+            if n_classes <= k:
+                st.top[m, rows] = s
+                continue
+            s.partition(n_classes - k - 1, axis=1)
+            st.top[m, rows] = s[:, n_classes - k:]
+            r = s[:, n_classes - k - 1].copy()
+            u = s[:, :n_classes - k]
+            u -= r[:, None]
+            np.maximum(u, np.float32(-U_FLOOR), out=u)
+            beta0 = 1.0 / pilot[m]
+            e = np.exp(np.float32(beta0) * u)
+            s0 = e.sum(axis=1, dtype=np.float64)
+            e *= u
+            s1 = e.sum(axis=1, dtype=np.float64)
+            e *= u
+            s2 = e.sum(axis=1, dtype=np.float64)
+            mean = s1 / s0
+            st.rest_max[m, rows] = r
+            st.log_s0[m, rows] = np.log(s0)
+            st.mean[m, rows] = mean
+            st.var[m, rows] = np.maximum(s2 / s0 - mean * mean, 0.0)
+            st.beta0[m, rows] = beta0
+
+    def _stats(self) -> TemperatureStats:
+        return self._stats_
+
+
+def _check_bounds(bounds: tuple[float, float]) -> tuple[float, float]:
+    low, high = bounds
+    if not 0 < low < high < np.inf:
+        raise ValueError(f"temperature bounds must satisfy 0 < low < high < inf, got {bounds}")
+    return low, high

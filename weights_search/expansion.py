@@ -1,0 +1,150 @@
+"""Collectors whose per-row summaries are expansions about a pilot, fitted as the rows go by.
+
+Temperature scaling and geometric pooling need every row's log-normaliser
+``log sum_c exp(x . v_c)`` as a function of the parameters ``x`` (an inverse temperature; the
+pooling weights and ``tau``). Their collectors (:class:`~weights_search.temperature.TemperatureCollector`,
+:class:`~weights_search.pooling.LogitCollector`) keep each row's largest classes exactly and
+summarise the rest by the first cumulants of ``v`` under the distribution tilted by ``exp(x0 . v)``,
+where ``x0`` (the *pilot*) should lie near the ``x`` the fits will find. This module holds the
+schedule that chooses ``x0`` from the rows themselves, in the one pass:
+
+- the first ``min(N, pilot_rows)`` rows are held (a bounded buffer: ``M * pilot_rows * C``
+  float32) and the parameters are fitted on them exactly; that is the pilot of those rows;
+- rows from ``P * 2**j`` to ``P * 2**(j+1)`` (``P`` the first segment's length) use the
+  parameters fitted, from the summaries, on all rows before ``P * 2**j``: each row's pilot is
+  stored with it, half of the rows use a pilot fitted on the other half, and only the first
+  segments use pilots fitted on few rows.
+
+Segment bounds depend on row numbers only, so blocks of any size give the same summaries, and a
+subset of rows keeps each row's own pilot. A ``pilot`` given to a collector is used for every
+row (no buffer, no refit): the summaries of a set of rows then do not depend on which other rows
+were collected.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+#: The first segment holds at most this many float32 values (64 MiB), and between 16 and 512 rows.
+PILOT_VALUES = 2**24
+PILOT_ROWS = (16, 512)
+
+
+def pilot_rows(n_members: int, n_classes: int) -> int:
+    """Rows held for the exact pilot fit: as many as :data:`PILOT_VALUES` allows, within :data:`PILOT_ROWS`."""
+    low, high = PILOT_ROWS
+    return int(min(high, max(low, PILOT_VALUES // max(1, n_members * n_classes))))
+
+
+class PilotedCollector(ABC):
+    """Feeds ``(M, b, C)`` blocks, in row order, to :meth:`_summarise` with the pilot each row gets.
+
+    Subclasses say whether ``n_classes`` needs a pilot at all (:meth:`_needs_pilot`: with few
+    classes everything is kept exactly), fit one exactly on held rows (:meth:`_exact_pilot`) or
+    from the summaries of rows ``0..stop-1`` (:meth:`_refit`), and build the result (:meth:`_stats`).
+    """
+
+    def __init__(self, labels: np.ndarray, n_members: int, pilot: Any = None) -> None:
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be a non-empty (n_samples,) integer array, got shape {labels.shape} of {labels.dtype}")
+        if n_members < 1:
+            raise ValueError(f"n_members must be at least 1, got {n_members}")
+        self.labels = labels
+        self.n_rows = labels.size
+        self.n_members = n_members
+        self.n_classes: int | None = None
+        self._next = 0
+        self._held: list[np.ndarray] = []
+        self._pilot = pilot
+        self._fixed = pilot is not None
+        self._first = 0
+
+    def add(self, start: int, block: np.ndarray) -> None:
+        """Rows ``start..start+b-1`` of every member, ``(M, b, C)`` float32, in row order, each row once."""
+        block = np.asarray(block)
+        if block.ndim != 3 or block.shape[0] != self.n_members or block.shape[1] == 0:
+            raise ValueError(f"expected a block of shape ({self.n_members}, rows, classes), got {block.shape}")
+        if start != self._next:
+            raise ValueError(f"blocks must come in row order: expected row {self._next}, got {start}")
+        if start + block.shape[1] > self.n_rows:
+            raise ValueError(f"rows {start}..{start + block.shape[1] - 1} run past the {self.n_rows} labels")
+        if self.n_classes is None:
+            self.n_classes = block.shape[2]
+            labels = self.labels
+            if labels.min() < 0 or labels.max() >= self.n_classes:
+                raise ValueError(f"labels must lie in 0..{self.n_classes - 1}, got {labels.min()}..{labels.max()}")
+            self._start(self.n_classes)
+            self._first = min(self.n_rows, pilot_rows(self.n_members, self.n_classes))
+        elif block.shape[2] != self.n_classes:
+            raise ValueError(f"a block of {block.shape[2]} classes after blocks of {self.n_classes}")
+        self._next += block.shape[1]
+        if self._fixed or not self._needs_pilot(self.n_classes):
+            self._feed(start, block)
+            return
+        if self._pilot is None:
+            self._held.append(np.array(block, dtype=np.float32))
+            if self._next < self._first:
+                return
+            held = np.concatenate(self._held, axis=1)
+            self._held = []
+            self._pilot = self._exact_pilot(held[:, :self._first], self.labels[:self._first])
+            block, start = held, 0
+        self._feed(start, block)
+
+    def _feed(self, start: int, block: np.ndarray) -> None:
+        stop = start + block.shape[1]
+        if self._fixed or not self._needs_pilot(self.n_classes):
+            self._summarise(start, block, self._pilot)
+            return
+        cuts = [start]
+        bound = self._first
+        while bound < stop:
+            if bound > start:
+                cuts.append(bound)
+            bound *= 2
+        cuts.append(stop)
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            if _is_bound(a, self._first):
+                self._pilot = self._refit(a)
+            self._summarise(a, block[:, a - start:b - start], self._pilot)
+
+    def result(self) -> Any:
+        if self._next != self.n_rows:
+            raise ValueError(f"collected {self._next} rows of {self.n_rows}")
+        return self._stats()
+
+    @abstractmethod
+    def _start(self, n_classes: int) -> None:
+        """Allocate the summaries once the number of classes is known."""
+
+    @abstractmethod
+    def _needs_pilot(self, n_classes: int) -> bool:
+        """Whether rows have a rest to summarise (else every class is kept and no pilot is used)."""
+
+    @abstractmethod
+    def _exact_pilot(self, block: np.ndarray, labels: np.ndarray) -> Any:
+        """The parameters fitted exactly on the held ``(M, P, C)`` rows."""
+
+    @abstractmethod
+    def _refit(self, stop: int) -> Any:
+        """The parameters fitted on the summaries of rows ``0..stop-1``."""
+
+    @abstractmethod
+    def _summarise(self, start: int, block: np.ndarray, pilot: Any) -> None:
+        """Store the summaries of the block's rows, expanded about ``pilot``."""
+
+    @abstractmethod
+    def _stats(self) -> Any:
+        """The statistics of every row."""
+
+
+def _is_bound(row: int, first: int) -> bool:
+    """Whether ``row`` is ``first * 2**j`` for some ``j >= 1``."""
+    if row <= first or row % first:
+        return False
+    q = row // first
+    return q & (q - 1) == 0
