@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 from weights_search.base import MixtureBlender
-from weights_search.margins import MixtureMargins
 from weights_search.prior import MixtureScores
 
 
@@ -40,8 +39,10 @@ class AccuracyBlend(MixtureBlender):
         self.n_random = n_random
         self.seed = seed
 
+    counts_rows = True
+
     def _fit_scores(self, scores: MixtureScores, start: np.ndarray | None) -> np.ndarray:
-        margins = MixtureMargins(scores.members, scores.labels, scores.class_shift)
+        margins = scores.margins
         n_members = margins.n_members
         rng = np.random.default_rng(self.seed)
         weights = np.full(n_members, 1.0 / n_members)

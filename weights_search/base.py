@@ -17,8 +17,10 @@ from typing import Any, ClassVar, Hashable, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
-from weights_search.functional import MIXTURE, check_members, fuse, true_class_log_probs
+from weights_search.functional import MIXTURE, check_members, fuse
+from weights_search.margins import MixtureMargins
 from weights_search.prior import LogitAdjustment, MixturePrior, MixtureScores, adjust, fit_mixture_prior
+from weights_search.stats import MAX_PAIRS, MixtureCollector, MixtureStats
 
 B = TypeVar("B", bound="Blender")
 
@@ -78,8 +80,11 @@ class Blender(ABC):
 
     def collector(self, labels: np.ndarray, n_classes: int, prior: LogitAdjustment | None) -> Collector:
         """A new :class:`Collector` of what :meth:`fit_stats` needs, for rows labelled ``labels``
-        ``(N,)`` of ``n_classes`` classes, with ``prior`` (or None)."""
-        raise NotImplementedError(f"{type(self).__name__} has no streaming collector")
+        ``(N,)`` of ``n_classes`` classes, with ``prior`` (or None).
+
+        The base class's keeps the blocks themselves (the whole ``(M, N, C)`` stack), for a
+        method that overrides :meth:`fit` and has no statistics of its own yet."""
+        return _StackCollector(labels)
 
     def collector_key(self, prior: LogitAdjustment | None) -> Hashable:
         """Hashable; two methods (or two fits) with equal keys can be fitted from one
@@ -88,8 +93,13 @@ class Blender(ABC):
 
     def fit_stats(self: B, stats: Stats, prior: LogitAdjustment | None = None) -> B:
         """Fit ``weights_`` (and ``tau_``, ``log_prior_`` with a prior) from a collector's
-        statistics (of :meth:`collector` with the same ``prior``, or of a subset of its rows)."""
-        raise NotImplementedError(f"{type(self).__name__} does not fit from streamed statistics")
+        statistics (of :meth:`collector` with the same ``prior``, or of a subset of its rows).
+
+        The base class's fits the kept stack of the base :meth:`collector` with the method's own
+        :meth:`fit`."""
+        if type(self).fit is Blender.fit or not isinstance(stats, _StackStats):
+            raise NotImplementedError(f"{type(self).__name__} does not fit from streamed statistics")
+        return self.fit(stats.log_probs, stats.labels, prior)
 
     def fit(self: B, log_probs: np.ndarray, labels: np.ndarray, prior: LogitAdjustment | None = None) -> B:
         """Fit ``weights_`` (and ``tau_`` with a prior) on ``(M, N, C)`` member log-probabilities
@@ -128,6 +138,9 @@ def _prior_key(prior: LogitAdjustment | None) -> Hashable:
 class MixtureBlender(Blender):
     """A method whose weights mix member probabilities (:data:`~weights_search.functional.MIXTURE`).
 
+    Its statistics are :class:`~weights_search.stats.MixtureStats` (true-class log-probabilities;
+    with a prior, per-member mass per prior bin; for the methods that count rows right
+    (:attr:`counts_rows`), rival pairs), from which every fit is exact.
     Subclasses implement :meth:`_fit_scores`, the weights for one
     :class:`~weights_search.prior.MixtureScores`; :meth:`fit_stats` calls it once without a
     prior, and with one through :meth:`_fit_prior`, by default
@@ -137,20 +150,41 @@ class MixtureBlender(Blender):
 
     fusion = MIXTURE
 
-    def collector(self, labels: np.ndarray, n_classes: int, prior: LogitAdjustment | None) -> Collector:
-        return _StackCollector(labels)
+    @property
+    def counts_rows(self) -> bool:
+        """Whether the fit counts rows right (needs rival pairs, see :mod:`weights_search.stats`)."""
+        return False
+
+    def collector(self, labels: np.ndarray, n_classes: int, prior: LogitAdjustment | None, *,
+                  max_pairs: int = MAX_PAIRS) -> MixtureCollector:
+        """A :class:`~weights_search.stats.MixtureCollector` (``max_pairs``: the most rival pairs
+        it may hold, for the methods that count rows right)."""
+        if prior is not None:
+            prior.check(n_classes)
+        return MixtureCollector(labels, n_classes, None if prior is None else prior.log_prior,
+                                pairs=self.counts_rows, tau=None if prior is None else prior.tau, max_pairs=max_pairs)
 
     def collector_key(self, prior: LogitAdjustment | None) -> Hashable:
-        return ("mixture", _prior_key(prior))
+        # Rival pairs depend on a given tau (found at it alone); bins and true-class columns do not.
+        tau = prior.tau if self.counts_rows and prior is not None else None
+        return ("mixture", self.counts_rows, _prior_key(prior), tau)
 
     def fit_stats(self, stats: Stats, prior: LogitAdjustment | None = None) -> "MixtureBlender":
-        log_probs, labels = stats.log_probs, stats.labels
+        """Fit from :class:`~weights_search.stats.MixtureStats` (collected with ``prior``'s
+        log-prior when ``prior`` is given; statistics collected with a prior also serve a fit
+        without one)."""
+        if not isinstance(stats, MixtureStats):
+            raise ValueError(f"{type(self).__name__} fits on MixtureStats, got {type(stats).__name__}")
+        if self.counts_rows and stats.pairs is None:
+            raise ValueError(f"{type(self).__name__} counts rows right: its statistics need rival pairs "
+                             "(collect them with its own collector)")
         self.tau_ = self.log_prior_ = None
         if prior is None:
-            self._fit_scores(MixtureScores(log_probs, labels, true_class_log_probs(log_probs, labels)), None)
+            margins = None if stats.pairs is None else (lambda: MixtureMargins.from_stats(stats, 0.0))
+            self._fit_scores(MixtureScores(stats.true_lp, margins=margins), None)
             return self
-        prior.check(log_probs.shape[2])
-        tau = self._fit_prior(MixturePrior(log_probs, labels, prior.log_prior), prior.tau)
+        prior.check(stats.n_classes)
+        tau = self._fit_prior(MixturePrior(stats, stats.labels, prior.log_prior), prior.tau)
         self.tau_, self.log_prior_ = tau, prior.log_prior
         return self
 
@@ -166,7 +200,7 @@ class MixtureBlender(Blender):
 
 
 class _StackCollector:
-    """Interim: keeps the blocks (replaced by :mod:`weights_search.stats`)."""
+    """The base :meth:`Blender.collector`: keeps the blocks (an ``(M, N, C)`` stack in the end)."""
 
     def __init__(self, labels: np.ndarray) -> None:
         self.labels = np.asarray(labels)

@@ -9,7 +9,6 @@ import numpy as np
 from scipy.special import logsumexp
 
 from weights_search.base import MixtureBlender
-from weights_search.margins import MixtureMargins
 from weights_search.mixture import informative_rows, mixture_nll
 from weights_search.prior import MixtureScores
 
@@ -65,6 +64,10 @@ class GreedyBlend(MixtureBlender):
         self.n_bags = n_bags
         self.bag_fraction = bag_fraction
         self.seed = seed
+
+    @property
+    def counts_rows(self) -> bool:
+        return self.score == "accuracy"
 
     def _fit_scores(self, scores: MixtureScores, start: np.ndarray | None) -> np.ndarray:
         n_members = scores.true_lp.shape[0]
@@ -167,7 +170,7 @@ class _ErrorScorer:
     """Top-1 error of the mixture of selection counts (see :class:`MixtureMargins`)."""
 
     def __init__(self, scores: MixtureScores) -> None:
-        self.margins = MixtureMargins(scores.members, scores.labels, scores.class_shift)
+        self.margins = scores.margins
 
     def each_added(self, counts: np.ndarray) -> np.ndarray:
         return 1.0 - self.margins.count_each_added(counts.astype(np.float64)) / self.margins.n_rows

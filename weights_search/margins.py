@@ -8,6 +8,9 @@ least as high as ``y`` are wrong for every ``w``. What is left is a short list o
 ``(row, rival)`` margin vectors, so the top-1 of any mixture, or of a whole line of mixtures,
 costs a small matrix-vector product instead of a pass over ``(M, N, C)``.
 
+The pairs come from :mod:`weights_search.stats`, collected in the pass over the members at
+``tau = 0`` and ``tau = TAU_BOUNDS[1]``, which covers the prior correction at every ``tau``.
+
 Exact ties count as errors here (a strict argmax), where the metrics rank ties by class index;
 the two differ only on rows with exactly equal blended scores.
 """
@@ -17,52 +20,72 @@ from __future__ import annotations
 import numpy as np
 
 from weights_search.functional import check_members
+from weights_search.stats import MixtureStats, RivalCollector, RivalPairs
 
 
 class MixtureMargins:
     """Counts the rows a mixture gets right, for any weights.
 
     ``log_probs``: ``(M, N, C)`` member log-probabilities; ``labels``: ``(N,)``; ``class_shift``:
-    None, or ``(C,)`` of the dtype of ``log_probs``, subtracted from every member's scores first
-    (the prior correction, :class:`weights_search.prior.MixtureScores`), one member at a time
-    rather than as a corrected copy of the stack. Weights given to the methods are ``(M,)`` and
-    non-negative; only their direction matters.
+    None, or ``(C,)`` float32, subtracted from every member's scores first (a prior correction).
+    That builds the margins of one in-memory stack; :meth:`from_stats` builds them from the
+    rival pairs a :class:`~weights_search.stats.MixtureCollector` streamed, at any ``tau``, with
+    the same result. Weights given to the methods are ``(M,)`` and non-negative; only their
+    direction matters. Memory: :attr:`margins` is ``(K, M)`` float64, one row per rival pair
+    of the rows that are neither right nor wrong for every weights.
     """
 
     def __init__(self, log_probs: np.ndarray, labels: np.ndarray, class_shift: np.ndarray | None = None) -> None:
         log_probs, labels = check_members(log_probs, labels)
         n_members, n_rows, n_classes = log_probs.shape
-        rows = np.arange(n_rows)
-        true = log_probs[:, rows, labels]
-        if class_shift is not None:
-            true = true - class_shift[labels]
-        rival = np.zeros((n_rows, n_classes), dtype=bool)
-        dominant = np.ones((n_rows, n_classes), dtype=bool)
-        for m in range(n_members):
-            scores = log_probs[m] if class_shift is None else log_probs[m] - class_shift
-            at_least = scores >= true[m][:, None]
-            rival |= at_least
-            dominant &= at_least
-        rival[rows, labels] = False
-        dominant[rows, labels] = False
-        always = ~rival.any(axis=1)
-        active = np.flatnonzero(~always & ~dominant.any(axis=1))
-        local_row, rival_class = np.nonzero(rival[active])
-        pair_row = active[local_row]
+        shift = None if class_shift is None else np.asarray(class_shift).astype(np.float64)
+        # One end, tau = 1: the scores compared are log_probs - 1 * class_shift, exactly.
+        collector = RivalCollector(n_rows, shift, (1.0,), max_pairs=n_rows * n_classes)
+        block = np.asarray(log_probs, dtype=np.float32)
+        true = block[:, np.arange(n_rows), labels]
+        collector.add(0, block, labels, true)
+        self._build(collector.result(n_members), true, labels, 1.0)
+
+    @classmethod
+    def from_stats(cls, stats: MixtureStats, tau: float = 0.0) -> "MixtureMargins":
+        """The margins of the mixture corrected with ``tau`` (0: none), from the rival pairs of
+        ``stats`` (collected with ``pairs=True``, and with a prior for ``tau > 0``)."""
+        if stats.pairs is None:
+            raise ValueError("these statistics were collected without rival pairs: collect them with the "
+                             "collector of a method that counts rows right")
+        if tau != 0 and (stats.pairs.shift is None or not min(stats.pairs.ends) <= tau <= max(stats.pairs.ends)):
+            raise ValueError(f"rival pairs collected at tau in {stats.pairs.ends} cannot count rows at tau={tau}")
+        margins = cls.__new__(cls)
+        margins._build(stats.pairs, stats.true_lp.astype(np.float32), stats.labels, tau)
+        return margins
+
+    def _build(self, pairs: RivalPairs, true_lp: np.ndarray, labels: np.ndarray, tau: float) -> None:
+        """Margins at ``tau`` from ``pairs`` and the ``(M, N)`` float32 true-class log-probabilities:
+        the pairs that are rivals at ``tau`` (some member scores the class at least as high as
+        the true class there), of rows no class beats for every member."""
+        n_members, n_rows = true_lp.shape
+        shift = pairs.class_shift(tau)
+        true = true_lp if shift is None else true_lp - shift[labels]
+        rival_lp = pairs.lp if shift is None else pairs.lp - shift[pairs.rival]
+        at_least = rival_lp >= true[:, pairs.row]
+        some, every = at_least.any(axis=0), at_least.all(axis=0)
+        dominated = pairs.dominated.copy()
+        dominated[pairs.row[every]] = True
+        has_rival = np.zeros(n_rows, dtype=bool)
+        has_rival[pairs.row[some]] = True
+        keep = some & ~dominated[pairs.row]
+        pair_row = pairs.row[keep]
+        rival_lp = rival_lp[:, keep]
         margins = np.empty((pair_row.size, n_members))
         for m in range(n_members):
-            rival_lp = log_probs[m, pair_row, rival_class]
-            if class_shift is not None:
-                rival_lp = rival_lp - class_shift[rival_class]
-            margins[:, m] = (np.exp(true[m, pair_row].astype(np.float64))
-                             - np.exp(rival_lp.astype(np.float64)))
+            margins[:, m] = np.exp(true[m, pair_row].astype(np.float64)) - np.exp(rival_lp[m].astype(np.float64))
         self.n_members = n_members
         self.n_rows = n_rows
-        self.n_always = int(always.sum())
+        self.n_always = int((~has_rival & ~dominated).sum())
         #: ``(K, M)``: one margin vector per (active row, rival) pair, grouped by row.
         self.margins = margins
         #: Index in :attr:`margins` where each active row's pairs begin.
-        self.starts = np.flatnonzero(np.diff(local_row, prepend=-1))
+        self.starts = np.flatnonzero(np.diff(pair_row, prepend=-1))
         self._last: tuple[np.ndarray, np.ndarray] | None = None
 
     def _at(self, weights: np.ndarray) -> np.ndarray:

@@ -126,7 +126,7 @@ class UniformBlend(MixtureBlender):
     def _fit_prior(self, problem: MixturePrior, tau: float | None) -> float:
         # The weights do not depend on tau: one exact fit of tau, no rounds.
         if tau is None:
-            n_members = problem.probs.shape[0]
+            n_members = problem.n_members
             tau = problem.fit_tau(np.full(n_members, 1.0 / n_members))
         self._fit_scores(problem.at(tau), None)
         return tau
@@ -184,10 +184,10 @@ class NllBlend(MixtureBlender):
         return self.weights_
 
     def _fit_prior(self, problem: MixturePrior, tau: float | None) -> float:
-        if tau is not None or problem.probs.shape[0] == 1:
+        if tau is not None or problem.n_members == 1:
             return super()._fit_prior(problem, tau)
         low, high = TAU_BOUNDS
-        theta = np.zeros(problem.probs.shape[0])
+        theta = np.zeros(problem.n_members)
         point, iterations, curvature = float(np.clip(1.0, low, high)), 0, None
         for _ in range(MAX_ROUNDS):
             scores = problem.at(point, moments=True)

@@ -29,11 +29,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+from scipy.special import logsumexp
 
 from weights_search.functional import _normalise, check_members
+from weights_search.stats import MixtureCollector, MixtureStats, PriorBins
+
+if TYPE_CHECKING:
+    from weights_search.margins import MixtureMargins
 
 #: Range of a fitted ``tau`` (a given one must lie in it too): 0 is the plain blend, 1 removes the
 #: prior once; more than 3 would trust the rarest classes more than any evidence on validation does.
@@ -51,8 +56,9 @@ MAX_ROUNDS = 10
 #: third cumulant of the log-prior over the curvature (measured: ``0.5 d**2``), under 1e-3 at 0.02.
 TAU_STEP = 0.5
 TAU_NEAR = 0.02
-#: Rows of the member stack per block when the normalisers' moments are summed.
-MOMENT_ROWS = 128
+#: Rows of per-bin masses per block when the normalisers' moments are summed (float64 copies
+#: of a block stay small).
+MOMENT_ROWS = 4096
 
 
 def class_log_prior(counts: np.ndarray, zero_count: float = ZERO_COUNT) -> np.ndarray:
@@ -109,123 +115,122 @@ class LogitAdjustment:
 
 
 class MixtureScores:
-    """What a mixture method's fit reads at one ``tau``.
+    """What a mixture method's fit reads at one ``tau`` (all from :class:`~weights_search.stats.MixtureStats`).
 
     ``true_lp``: ``(M, N)`` float64, each member's log-probability of the true class minus
     ``tau * shift[y]``; ``log_norm``: ``(M, N)`` float64, ``log sum_c p_m[n, c] exp(-tau shift_c)``,
     or None (0: the plain blend). The corrected mixture's probability of the true class is then
-    ``sum_m w_m exp(true_lp[m]) / sum_m w_m exp(log_norm[m])``. :attr:`log_probs` (``(M, N, C)``,
-    the member log-probabilities minus ``tau * shift``, not renormalised) ranks classes as the
-    corrected mixture does, for the methods that count rows right; :attr:`class_shift` is that
-    ``(C,)`` float32 ``tau * shift`` (None when 0), for those that subtract it member by member.
+    ``sum_m w_m exp(true_lp[m]) / sum_m w_m exp(log_norm[m])``. :attr:`margins` (a
+    :class:`~weights_search.margins.MixtureMargins` from the statistics' rival pairs) counts the
+    rows the corrected mixture gets right, for the methods that count rows right.
 
     When asked for (:meth:`MixturePrior.at`), ``tilt_mean`` and ``tilt_var`` (``(M, N)``) are the
     mean and variance of ``shift`` under each member's corrected distribution: the first two
     derivatives of ``log_norm`` in ``tau`` are ``-tilt_mean`` and ``tilt_var``. ``true_shift``:
     ``(N,)``, ``shift`` of each row's true class.
 
-    ``log_norm`` may be given as a function of no arguments instead, called on first use (a
-    pass over the member stack that the methods counting rows right never need).
+    ``log_norm`` and ``margins`` may be given as functions of no arguments instead, called on
+    first use (work the methods that do not read them never do).
     """
 
-    def __init__(self, log_probs: np.ndarray, labels: np.ndarray, true_lp: np.ndarray,
-                 log_norm: np.ndarray | Callable[[], np.ndarray] | None = None, shift: np.ndarray | None = None,
-                 tau: float = 0.0, tilt_mean: np.ndarray | None = None, tilt_var: np.ndarray | None = None) -> None:
-        self.labels = labels
+    def __init__(self, true_lp: np.ndarray, log_norm: np.ndarray | Callable[[], np.ndarray] | None = None, *,
+                 tau: float = 0.0, true_shift: np.ndarray | None = None, tilt_mean: np.ndarray | None = None,
+                 tilt_var: np.ndarray | None = None, margins: Callable[[], "MixtureMargins"] | None = None) -> None:
         self.true_lp = true_lp
         self._log_norm = log_norm
-        self._log_probs = log_probs
-        self._shift = shift
         self.tau = tau
+        self.true_shift = true_shift
         self.tilt_mean = tilt_mean
         self.tilt_var = tilt_var
+        self._margins = margins
 
     @cached_property
     def log_norm(self) -> np.ndarray | None:
         return self._log_norm() if callable(self._log_norm) else self._log_norm
 
-    @property
-    def true_shift(self) -> np.ndarray:
-        return self._shift[self.labels]
-
-    @property
-    def members(self) -> np.ndarray:
-        """The ``(M, N, C)`` member log-probabilities, without the correction."""
-        return self._log_probs
-
     @cached_property
-    def class_shift(self) -> np.ndarray | None:
-        if self._shift is None or self.tau == 0:
-            return None
-        return np.float32(self.tau) * self._shift.astype(np.float32)
-
-    @cached_property
-    def log_probs(self) -> np.ndarray:
-        if self.class_shift is None:
-            return self._log_probs
-        return self._log_probs - self.class_shift
+    def margins(self) -> "MixtureMargins":
+        if self._margins is None:
+            raise ValueError("these statistics were collected without rival pairs: collect them with the "
+                             "collector of a method that counts rows right")
+        return self._margins()
 
 
 class MixturePrior:
-    """The prior-corrected mixture problem of ``(M, N, C)`` member log-probabilities, ``(N,)``
-    labels and a ``(C,)`` log-prior, for any ``tau``.
+    """The prior-corrected mixture problem for any ``tau``, from a mixture method's statistics.
 
-    The log-prior is used shifted to ``shift = log_prior - min(log_prior) >= 0`` (the shift
-    cancels in every corrected probability), so ``exp(-tau * shift) <= 1`` never overflows.
-    Holds the member probabilities ``(M, N, C)`` float32: one exponential of the stack, after
-    which each ``tau`` costs one matrix-vector product over it.
+    ``members``: :class:`~weights_search.stats.MixtureStats` collected with this prior, or an
+    ``(M, N, C)`` stack of member log-probabilities (collected here, in one block);
+    ``labels``: ``(N,)``; ``log_prior``: ``(C,)``. The log-prior is used shifted to
+    ``shift = log_prior - min(log_prior) >= 0`` (the shift cancels in every corrected
+    probability), so ``exp(-tau * shift) <= 1`` never overflows. Each ``tau`` costs one product
+    of the ``(M, N, D)`` per-bin masses with ``D`` weights (see :mod:`weights_search.stats`).
     """
 
-    def __init__(self, log_probs: np.ndarray, labels: np.ndarray, log_prior: np.ndarray) -> None:
-        log_probs, labels = check_members(log_probs, labels)
-        self.log_probs = log_probs
-        self.labels = labels
-        self.shift = np.asarray(log_prior, dtype=np.float64) - np.min(log_prior)
-        self.probs = np.exp(log_probs, dtype=np.float32)
-        self.true_lp = log_probs[:, np.arange(labels.size), labels].astype(np.float64)
-        self.true_shift = self.shift[labels]
+    def __init__(self, members: MixtureStats | np.ndarray, labels: np.ndarray, log_prior: np.ndarray) -> None:
+        log_prior = np.asarray(log_prior, dtype=np.float64)
+        if isinstance(members, MixtureStats):
+            stats = members
+            if not np.array_equal(stats.labels, labels):
+                raise ValueError("labels differ from those the statistics were collected with")
+        else:
+            log_probs, labels = check_members(members, labels)
+            collector = MixtureCollector(labels, log_probs.shape[2], log_prior)
+            collector.add(0, log_probs)
+            stats = collector.result()
+        if stats.bins is None or not np.array_equal(stats.bins.log_prior, log_prior):
+            raise ValueError("the statistics were collected without this prior: collect them with it")
+        self.stats = stats
+        self.labels = stats.labels
+        self.bins = stats.bins
+        self.shift = stats.bins.shift
+        self.n_members = stats.n_members
+        self.true_lp = stats.true_lp
+        self.true_shift = self.shift[self.labels]
 
     def at(self, tau: float, moments: bool = False) -> MixtureScores:
         """The scores a mixture method fits its weights on, corrected with ``tau``; with
-        ``moments``, also ``tilt_mean`` and ``tilt_var`` (from the same pass over the stack)."""
-        n_members, n_rows, n_classes = self.probs.shape
-        tilt = np.exp(-tau * self.shift)
-        flat = self.probs.reshape(-1, n_classes)
+        ``moments``, also ``tilt_mean`` and ``tilt_var`` (from the same pass over the bins)."""
+        stats = self.stats
+        n_members, n_rows = stats.true_lp.shape
+        mass = stats.bin_probs.reshape(n_members * n_rows, -1)
+        offsets = None if stats.bin_shift is None else stats.bin_shift.reshape(mass.shape)
         mean = var = None
         if moments:
-            # Moments about the middle of the shifts keep the variance free of cancellation. The
-            # stack is read once, in blocks of rows small enough to stay in cache for the product
-            # with the (C, 3) basis (one product over the whole stack runs slower than three
-            # matrix-vector products here; blocks of 128 rows run faster than either).
-            centre = (self.shift.max() + self.shift.min()) / 2
-            a = self.shift - centre
-            basis = np.stack([tilt, a * tilt, a * a * tilt], axis=1).astype(np.float32)
-            sums = np.empty((flat.shape[0], 3), dtype=np.float32)
-            for start in range(0, flat.shape[0], MOMENT_ROWS):
-                np.matmul(flat[start:start + MOMENT_ROWS], basis, out=sums[start:start + MOMENT_ROWS])
-            sums = sums.astype(np.float64)
-            total, mean = sums[:, 0], sums[:, 1] / sums[:, 0]
-            var = np.maximum(sums[:, 2] / total - mean * mean, 0.0).reshape(n_members, n_rows)
-            mean = (mean + centre).reshape(n_members, n_rows)
-            log_norm = np.log(total).reshape(n_members, n_rows)
+            total, mean, var = (v.reshape(n_members, n_rows) for v in _tilted(self.bins, mass, offsets, tau, True))
+            log_norm = np.log(total)
         else:
             def log_norm() -> np.ndarray:
-                total = (flat @ tilt.astype(np.float32)).astype(np.float64)
-                return np.log(total).reshape(n_members, n_rows)
-        return MixtureScores(self.log_probs, self.labels, self.true_lp - tau * self.true_shift, log_norm,
-                             self.shift, tau, mean, var)
+                return np.log(_tilted(self.bins, mass, offsets, tau, False)[0]).reshape(n_members, n_rows)
 
-    def mixture(self, weights: np.ndarray) -> np.ndarray:
-        """``(N, C)`` float32 fused probabilities ``sum_m w_m p_m`` (``weights`` normalised here)."""
+        def margins() -> "MixtureMargins":
+            from weights_search.margins import MixtureMargins  # margins.py reads scores of this module
+            return MixtureMargins.from_stats(stats, tau)
+        return MixtureScores(self.true_lp - tau * self.true_shift, log_norm, tau=tau, true_shift=self.true_shift,
+                             tilt_mean=mean, tilt_var=var, margins=margins if stats.pairs is not None else None)
+
+    def mixture_bins(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(N, D)`` float64 per-bin masses of the mixture with ``(M,)`` weights (normalised
+        here), and its offset sums (fine bins) or None: the members' added with the weights."""
         w = np.asarray(weights, dtype=np.float64)
-        w = (w / w.sum()).astype(np.float32)
-        n_members, n_rows, n_classes = self.probs.shape
-        return (w @ self.probs.reshape(n_members, -1)).reshape(n_rows, n_classes)
+        w = w / w.sum()
+        stats = self.stats
+        mass = np.zeros(stats.bin_probs.shape[1:])
+        offsets = None if stats.bin_shift is None else np.zeros(mass.shape)
+        for m in np.flatnonzero(w):
+            mass += w[m] * stats.bin_probs[m]
+            if offsets is not None:
+                offsets += w[m] * stats.bin_shift[m]
+        return mass, offsets
 
     def fit_tau(self, weights: np.ndarray, start: float = 1.0) -> float:
         """The ``tau`` in :data:`TAU_BOUNDS` that minimises the NLL of the corrected mixture with
         ``(M,)`` weights (see :func:`fit_tau`)."""
-        return fit_tau(self.mixture(weights), self.labels, self.shift, start)
+        w = np.asarray(weights, dtype=np.float64)
+        with np.errstate(divide="ignore"):
+            true = logsumexp(self.true_lp + np.log(w / w.sum())[:, None], axis=0)
+        mass, offsets = self.mixture_bins(w)
+        return _fit_tau(self.bins, mass, offsets, self.true_shift, np.isfinite(true), start)
 
 
 def fit_tau(probs: np.ndarray, labels: np.ndarray, log_prior: np.ndarray, start: float = 1.0) -> float:
@@ -235,27 +240,39 @@ def fit_tau(probs: np.ndarray, labels: np.ndarray, log_prior: np.ndarray, start:
     ``log_prior``: ``(C,)``. With ``a = log_prior``, the NLL ``mean_n [-log probs[n, y] + tau a_y
     + log sum_c probs[n, c] exp(-tau a_c)]`` is convex in ``tau``: its derivative is
     ``mean_n (a_y - E_q[a])`` and its second derivative ``mean_n Var_q[a]`` under the corrected
-    ``q``. Newton's method from ``start``, kept inside a shrinking bracket, finds it to 1e-6 in a
-    few matrix products with ``(C, 3)``. Rows where the true class has probability 0 are left out
-    (no ``tau`` changes their NLL).
+    ``q``. The classes' probabilities are first summed per prior bin
+    (:class:`~weights_search.stats.PriorBins`: exact when the prior has at most ``MAX_BINS``
+    distinct values), then Newton's method from ``start``, kept inside a shrinking bracket,
+    finds it to 1e-6 in a few products with ``(D, 3)``. Rows where the true class has
+    probability 0 are left out (no ``tau`` changes their NLL).
     """
     probs = np.asarray(probs)
     labels = np.asarray(labels)
     if probs.ndim != 2 or labels.shape != probs.shape[:1]:
         raise ValueError(f"expected probs (n_samples, n_classes) and labels (n_samples,), got {probs.shape} and {labels.shape}")
-    a = np.asarray(log_prior, dtype=np.float64)
-    a = a - a.min()
-    kept = probs[np.arange(labels.size), labels] > 0
+    bins = PriorBins(log_prior)
+    if bins.shift.size != probs.shape[1]:
+        raise ValueError(f"a prior of {bins.shift.size} classes for probabilities of {probs.shape[1]} classes")
+    mass, offsets = bins.sum(probs)
+    return _fit_tau(bins, mass, offsets, bins.shift[labels], probs[np.arange(labels.size), labels] > 0, start)
+
+
+def _fit_tau(bins: PriorBins, mass: np.ndarray, offsets: np.ndarray | None, true_shift: np.ndarray,
+             kept: np.ndarray, start: float) -> float:
+    """:func:`fit_tau` on ``(N, D)`` per-bin masses (and fine bins' offset sums), ``(N,)`` true
+    class shifts and ``kept``, the rows whose true class has a non-zero probability."""
     if not kept.any():
         raise ValueError("the true class has probability 0 on every row: no tau to fit")
     if not kept.all():
-        probs = probs[kept]
-    a_true = a[labels[kept]].mean()
+        mass = mass[kept]
+        offsets = None if offsets is None else offsets[kept]
+    a_true = float(true_shift[kept].mean())
     low, high = TAU_BOUNDS
     low_seen = high_seen = False
     tau = float(np.clip(start, low, high))
     for _ in range(100):
-        slope, curvature = _tau_derivatives(probs, a, tau, a_true)
+        _, mean, variance = _tilted(bins, mass, offsets, tau, True)
+        slope, curvature = a_true - float(mean.mean()), float(variance.mean())
         if slope > 0:
             high, high_seen = tau, True
         elif slope < 0:
@@ -271,14 +288,43 @@ def fit_tau(probs: np.ndarray, labels: np.ndarray, log_prior: np.ndarray, start:
     return tau
 
 
-def _tau_derivatives(probs: np.ndarray, a: np.ndarray, tau: float, a_true: float) -> tuple[float, float]:
-    """First and second derivatives in ``tau`` of the corrected NLL (see :func:`fit_tau`)."""
-    tilt = np.exp(-tau * a)
-    basis = np.stack([tilt, a * tilt, a * a * tilt], axis=1).astype(probs.dtype)
-    moments = (probs @ basis).astype(np.float64)
-    mean = moments[:, 1] / moments[:, 0]
-    variance = np.maximum(moments[:, 2] / moments[:, 0] - mean * mean, 0.0)
-    return a_true - float(mean.mean()), float(variance.mean())
+def _tilted(bins: PriorBins, mass: np.ndarray, offsets: np.ndarray | None, tau: float,
+            moments: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """For ``(R, D)`` per-bin masses (float32 or float64; fine bins: with their offset sums),
+    ``(R,)`` float64 ``sum_c p_c exp(-tau a_c)`` and, with ``moments``, the mean and variance of
+    ``a`` under the tilted distribution; in blocks of :data:`MOMENT_ROWS` rows, in float64.
+
+    Moments are taken about the middle of the shifts, which keeps the variance free of
+    cancellation.
+    """
+    centre = (bins.shift.max() + bins.shift.min()) / 2
+    n_rows = mass.shape[0]
+    total = np.empty(n_rows)
+    mean = np.empty(n_rows) if moments else None
+    var = np.empty(n_rows) if moments else None
+    if offsets is None:
+        a = bins.low - centre
+        tilt = np.exp(-tau * bins.low)
+        basis = np.stack([tilt, a * tilt, a * a * tilt], axis=1) if moments else tilt
+    for start in range(0, n_rows, MOMENT_ROWS):
+        block = mass[start:start + MOMENT_ROWS].astype(np.float64)
+        stop = start + block.shape[0]
+        if offsets is None:
+            sums = block @ basis
+        else:
+            a = bins.shifts_of(block, offsets[start:stop].astype(np.float64))
+            weighted = block * np.exp(-tau * a)
+            a -= centre
+            sums = weighted.sum(axis=1) if not moments else np.stack(
+                [weighted.sum(axis=1), (weighted * a).sum(axis=1), (weighted * a * a).sum(axis=1)], axis=1)
+        if not moments:
+            total[start:stop] = sums
+            continue
+        total[start:stop] = sums[:, 0]
+        block_mean = sums[:, 1] / sums[:, 0]
+        var[start:stop] = np.maximum(sums[:, 2] / sums[:, 0] - block_mean * block_mean, 0.0)
+        mean[start:stop] = block_mean + centre
+    return total, mean, var
 
 
 def fit_mixture_prior(fit_at: Callable[[MixtureScores, np.ndarray | None], np.ndarray], problem: MixturePrior,
@@ -298,7 +344,7 @@ def fit_mixture_prior(fit_at: Callable[[MixtureScores, np.ndarray | None], np.nd
     if tau is not None:
         fit_at(problem.at(tau), None)
         return float(tau)
-    n_members = problem.probs.shape[0]
+    n_members = problem.n_members
     tau = problem.fit_tau(np.full(n_members, 1.0 / n_members))
     weights = None
     for round_ in range(MAX_ROUNDS):
