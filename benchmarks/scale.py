@@ -40,7 +40,10 @@ peak resident memory (a child forked from this large process would inherit its p
 read: ONE sequential read of every file the blend reads (each member's val and test
 ``logits.npy`` and ``ids.npy``, 16 MiB plain reads). The blend's time is printed as a ratio to
 that read (goal: at most 3x) and every command's peak against 3 GiB; ``--inat2019``'s goal is
-the whole ``ens blend`` in under 5 s.
+the whole ``ens blend`` in under 5 s. *read GB*: what the command's read calls returned
+(``/proc/PID/io`` ``rchar``, taken after it ended, before it was reaped: files, the
+interpreter's modules; pages of a memory map are not counted), and for a blend that as a
+multiple of the stores' bytes: about 1 when each store is read once by plain reads.
 """
 
 from __future__ import annotations
@@ -337,8 +340,10 @@ def _val_hits(block: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------- timing
 
-#: Runs argv[2:] and writes its wall time and peak resident memory (KB) to argv[1] as JSON. A small
-#: process of its own starts it: a child forked from this large one would start at its peak.
+#: Runs argv[2:] and writes its wall time, peak resident memory (KB) and the bytes its read calls
+#: returned (``rchar``: files, pipes, the interpreter's own modules; not pages of memory maps) to
+#: argv[1] as JSON. A small process of its own starts it: a child forked from this large one would
+#: start at its peak.
 LAUNCHER = """
 import json, os, sys, time
 start = time.perf_counter()
@@ -348,10 +353,16 @@ if pid == 0:
         os.execv(sys.argv[2], sys.argv[2:])
     finally:
         os._exit(127)
-_, status, usage = os.wait4(pid, 0)
+os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # ended, not reaped: its /proc/PID/io is still there
 seconds = time.perf_counter() - start
+try:
+    with open(f"/proc/{pid}/io") as fh:
+        io = {k: int(v) for k, v in (line.split(":") for line in fh if line.strip())}
+except OSError:
+    io = {}
+_, status, usage = os.wait4(pid, 0)
 with open(sys.argv[1], "w") as fh:
-    json.dump({"seconds": seconds, "maxrss_kb": usage.ru_maxrss}, fh)
+    json.dump({"seconds": seconds, "maxrss_kb": usage.ru_maxrss, "rchar": io.get("rchar")}, fh)
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 
@@ -399,7 +410,8 @@ def run_command(name: str, argv: list[str], cwd: Path, scratch: Path) -> dict:
         raise SystemExit(f"benchmarks.scale: {name} failed (exit {done.returncode}): {shown}\n{tail}")
     result = json.loads(figures.read_text())
     return {"command": name, "argv": shown, "seconds": result["seconds"],
-            "peak_rss_gib": result["maxrss_kb"] * 1024 / 2 ** 30, "stdout": done.stdout}
+            "peak_rss_gib": result["maxrss_kb"] * 1024 / 2 ** 30, "read_bytes": result["rchar"],
+            "stdout": done.stdout}
 
 
 def command_lines(names, memory: float | None) -> list[tuple[str, list[str]]]:
@@ -513,6 +525,8 @@ def _run(folder: Path, shape: Shape, names: list[str], args) -> int:
         row = {k: v for k, v in r.items() if k != "stdout"}
         if r["command"].startswith("blend") and read:
             row["read_ratio"] = r["seconds"] / read["seconds"]
+            if r["read_bytes"] is not None:
+                row["stores_read"] = r["read_bytes"] / read["bytes"]
         figures["commands"].append(row)
     for name in ("blend", "blend-prior"):
         blend_json = work / "blends" / ("nll" if name == "blend" else "nll-prior") / "blend.json"
@@ -535,10 +549,13 @@ def print_table(figures: dict, shape: Shape) -> None:
         print(f"\none sequential read of the blend's stores ({read['bytes'] / 1e9:.2f} GB, {read['cache']}): "
               f"{read['seconds']:.1f} s ({read['bytes'] / 1e9 / read['seconds']:.2f} GB/s)")
     inat2019 = (shape.classes, shape.val, shape.test) == (INAT2019["classes"], INAT2019["val"], INAT2019["test"])
-    print(f"\n  {'command':<12} {'seconds':>8} {'peak RSS GiB':>13} {'RSS goal':>9} {'x read':>7}  goal")
+    print(f"\n  {'command':<12} {'seconds':>8} {'peak RSS GiB':>13} {'RSS goal':>9} {'x read':>7} "
+          f"{'read GB':>8} {'x stores':>9}  goal")
     for row in figures["commands"]:
         rss_ok = "ok" if row["peak_rss_gib"] <= RSS_GOAL_GIB else "OVER"
         ratio, goal = "", ""
+        read_gb = "" if row["read_bytes"] is None else f"{row['read_bytes'] / 1e9:.2f}"
+        stores = f"{row['stores_read']:.2f}" if "stores_read" in row else ""
         if "read_ratio" in row:
             ratio = f"{row['read_ratio']:.2f}x"
             goal = f"<= {READ_RATIO_GOAL:.0f}x read: {'ok' if row['read_ratio'] <= READ_RATIO_GOAL else 'not met'}"
@@ -546,7 +563,7 @@ def print_table(figures: dict, shape: Shape) -> None:
                 met = "ok" if row["seconds"] < INAT2019_BLEND_GOAL_S else "not met"
                 goal += f"; < {INAT2019_BLEND_GOAL_S:.0f} s: {met}"
         print(f"  {row['command']:<12} {row['seconds']:>8.2f} {row['peak_rss_gib']:>13.2f} "
-              f"{f'{rss_ok} {RSS_GOAL_GIB:.0f}':>9} {ratio:>7}  {goal}")
+              f"{f'{rss_ok} {RSS_GOAL_GIB:.0f}':>9} {ratio:>7} {read_gb:>8} {stores:>9}  {goal}")
     for row in figures["commands"]:
         print(f"    {row['command']}: {row['argv']}")
     measured = figures["measured"]
