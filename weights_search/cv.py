@@ -1,23 +1,44 @@
-"""Honest estimates: stratified folds, out-of-fold blended predictions and the CV report.
+"""Honest estimates: stratified folds, out-of-fold blended predictions and the CV report, streamed.
 
 Every fitted quantity (temperatures when asked for, then the weights, and ``tau`` of a prior
 correction) is fitted on K-1 folds and only used to predict the held-out fold, so no fold's rows
 reach its own predictions.
+
+Members are read from a member source (:mod:`weights_search.source`) a block of rows at a time,
+so memory depends on the block, ``M``, ``C`` and the methods' statistics, never on an
+``(M, N, C)`` stack. Reads of the source, ``K`` being the number of folds:
+
+- without temperatures: **2 passes**, for every method, with or without a prior. A stats pass
+  feeds the collectors of uniform and the method (with a prior, their corrected variants too;
+  methods whose :meth:`~weights_search.base.Blender.collector_key` agree share one); each
+  fold's fit runs on ``stats.subset(training rows)`` and the final fit on the full stats, so
+  fitting reads nothing more. Then an evaluation pass fuses each block's rows with the blends
+  fitted without their fold and scores every report row exactly.
+- with temperatures: a member's log-probabilities, and so every statistic, depend on the
+  fold's temperatures: one pass for the temperatures of every fold
+  (:class:`~weights_search.temperature.TemperatureCollector`), one stats pass per fold at its
+  temperatures, then the evaluation pass, which also feeds the final fit's collectors at the
+  temperatures of all rows: **K + 2 passes** (:func:`cross_validate` alone: the same).
+- a source whose rows fit in one block: **1 read**, whatever the options (the block and its
+  log-probabilities are kept between passes, see :class:`~weights_search.fitted.Reader`).
+
+:func:`cross_val_log_probs` reads as :func:`cross_validate` does.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 
 from weights_search.base import Blender
-from weights_search.functional import check_members, log_softmax
-from weights_search.metrics import bootstrap_ci, correct_at_k
+from weights_search.fitted import FittedBlend, Reader, StatsPass, collect_stats, temperature_stats
+from weights_search.functional import log_softmax
+from weights_search.metrics import bootstrap_ci, rank_of_true
 from weights_search.prior import LogitAdjustment
 from weights_search.registry import DEFAULT_METHOD, get_method
-from weights_search.temperature import fit_temperatures
+from weights_search.source import MemberSource, as_source, check_labels
 
 
 def stratified_folds(labels: np.ndarray, k: int, seed: int = 0) -> tuple[np.ndarray, ...]:
@@ -43,22 +64,31 @@ def stratified_folds(labels: np.ndarray, k: int, seed: int = 0) -> tuple[np.ndar
     return tuple(np.flatnonzero(fold_of == f) for f in range(k))
 
 
-def cross_val_log_probs(logits: np.ndarray, labels: np.ndarray, make_method: Callable[[], Blender],
-                        folds: Sequence[np.ndarray], *, temperature: bool = False,
-                        prior: LogitAdjustment | None = None) -> np.ndarray:
+
+
+def cross_val_log_probs(logits: MemberSource | np.ndarray | Sequence[np.ndarray], labels: np.ndarray,
+                        make_method: Callable[[], Blender], folds: Sequence[np.ndarray], *, temperature: bool = False,
+                        prior: LogitAdjustment | None = None, block_rows: int | None = None) -> np.ndarray:
     """Out-of-fold blended log-probabilities ``(N, C)`` float32.
 
-    ``logits``: ``(M, N, C)`` member logits; ``labels``: ``(N,)``; ``make_method``: returns a new
-    unfitted method (e.g. ``lambda: get_method("nll")``); ``folds``: held-out row indices that
-    partition ``0..N-1`` (e.g. from :func:`stratified_folds`). For each fold, temperatures (when
-    ``temperature``), weights (and ``tau`` of ``prior``, when it leaves it to fit) are fitted on
-    the other folds and the fold is predicted.
+    ``logits``: a member source or ``(M, N, C)`` member logits; ``labels``: ``(N,)``;
+    ``make_method``: returns a new unfitted method (e.g. ``lambda: get_method("nll")``);
+    ``folds``: held-out row indices that partition ``0..N-1`` (e.g. from
+    :func:`stratified_folds`). For each fold, temperatures (when ``temperature``), weights (and
+    ``tau`` of ``prior``, when it leaves it to fit) are fitted on the other folds and the fold
+    is predicted. The result is ``(N, C)`` by definition; the source is read as the module
+    docstring says, in blocks of ``block_rows`` rows.
     """
-    logits, labels = check_members(logits, labels)
-    out = np.empty(logits.shape[1:], dtype=np.float32)
-    for train, test, log_probs in _fold_log_probs(logits, labels, folds, temperature):
-        method = make_method().fit(log_probs[:, train], labels[train], prior)
-        out[test] = method.predict_log_proba(log_probs[:, test])
+    source = as_source(logits)
+    labels = check_labels(source, labels)
+    fold_of = _fold_of(folds, labels.size)
+    out = np.empty((source.n_rows, source.n_classes), dtype=np.float32)
+
+    def score(rows: np.ndarray, fold: int, log_probs: np.ndarray, blends: Sequence[Blender]) -> None:
+        out[rows] = blends[0].predict_log_proba(log_probs)
+
+    _fit_and_evaluate(source, labels, fold_of, [_Spec("", "method", "", make_method, prior)],
+                      temperature=temperature, block_rows=block_rows, score=score)
     return out
 
 
@@ -120,93 +150,195 @@ class CvReport:
         return (method.top1, -method.nll) > (uniform.top1, -uniform.nll)
 
 
-def cross_validate(logits: np.ndarray, labels: np.ndarray, method: str = DEFAULT_METHOD,
-                   params: Mapping[str, Any] | None = None, *, n_folds: int = 5, temperature: bool = False,
-                   member_names: Sequence[str] | None = None, top_k: int = 5, n_boot: int = 1000,
-                   seed: int = 0, prior: LogitAdjustment | None = None) -> CvReport:
+def cross_validate(logits: MemberSource | np.ndarray | Sequence[np.ndarray], labels: np.ndarray,
+                   method: str = DEFAULT_METHOD, params: Mapping[str, Any] | None = None, *, n_folds: int = 5,
+                   temperature: bool = False, member_names: Sequence[str] | None = None, top_k: int = 5,
+                   n_boot: int = 1000, seed: int = 0, prior: LogitAdjustment | None = None,
+                   block_rows: int | None = None) -> CvReport:
     """Score every single member, uniform weights and ``method`` by ``n_folds``-fold CV.
 
-    ``logits``: ``(M, N, C)``; ``labels``: ``(N,)``. Folds come from :func:`stratified_folds`
-    with ``seed``; with ``temperature``, each fold fits its own temperatures (single members
-    too). With ``prior``, uniform and ``method`` are also scored corrected for it (rows named
-    ``uniform+prior``, ``<method>+prior``), ``tau`` fitted in each fold like the weights (unless
-    ``prior`` gives it). Each row reports out-of-fold top-1 with a ``n_boot``-resample 95%
-    bootstrap interval, top-``top_k`` accuracy and mean NLL. ``member_names`` default to
-    ``"member 0"``, ...
+    ``logits``: a member source, or ``(M, N, C)`` member logits (or one ``(N, C)`` array per
+    member); ``labels``: ``(N,)``. Folds come from :func:`stratified_folds` with ``seed``; with
+    ``temperature``, each fold fits its own temperatures (single members too). With ``prior``,
+    uniform and ``method`` are also scored corrected for it (rows named ``uniform+prior``,
+    ``<method>+prior``), ``tau`` fitted in each fold like the weights (unless ``prior`` gives
+    it). Each row reports out-of-fold top-1 with a ``n_boot``-resample 95% bootstrap interval,
+    top-``top_k`` accuracy and mean NLL. ``member_names`` default to ``"member 0"``, ...
+    The source is read in blocks of ``block_rows`` rows (None: a default of about 32 MiB of
+    float32 logits), as often as the module docstring says. To fit the final blend too, call
+    :func:`cross_validate_and_fit`: it reads no more.
     """
-    logits, labels = check_members(logits, labels)
-    n_members = logits.shape[0]
+    return _cross_validate(logits, labels, method, params, n_folds=n_folds, temperature=temperature,
+                           member_names=member_names, top_k=top_k, n_boot=n_boot, seed=seed, prior=prior,
+                           block_rows=block_rows, final=False)[0]
+
+
+def cross_validate_and_fit(logits: MemberSource | np.ndarray | Sequence[np.ndarray], labels: np.ndarray,
+                           method: str = DEFAULT_METHOD, params: Mapping[str, Any] | None = None, *,
+                           n_folds: int = 5, temperature: bool = False, member_names: Sequence[str] | None = None,
+                           top_k: int = 5, n_boot: int = 1000, seed: int = 0, prior: LogitAdjustment | None = None,
+                           block_rows: int | None = None,
+                           fallback: str | None = None) -> tuple[CvReport, FittedBlend]:
+    """:func:`cross_validate` and :func:`~weights_search.fitted.fit_blend` in one go: the
+    report, and ``method`` fitted on every row (with ``prior`` when given), from the same
+    passes over the source (2 without temperatures, K + 2 with them: see the module docstring).
+
+    ``fallback``: None, or ``"uniform"``: when ``method`` does not beat uniform weights on CV
+    (:attr:`CvReport.beats_uniform`), the blend returned is uniform's (its ``method`` says so),
+    fitted from the same statistics. Same numbers as the two calls.
+    """
+    if fallback not in (None, "uniform"):
+        raise ValueError(f"unknown fallback {fallback!r}; choose from: uniform")
+    report, specs, final_stats, temperatures = _cross_validate(
+        logits, labels, method, params, n_folds=n_folds, temperature=temperature, member_names=member_names,
+        top_k=top_k, n_boot=n_boot, seed=seed, prior=prior, block_rows=block_rows, final=True)
+    wanted = "uniform" if method == "uniform" or (fallback == "uniform" and not report.beats_uniform) else "method"
+    spec = next(s for s in specs if s.kind == wanted and (s.prior is None) == (prior is None))
+    blender = spec.make()
+    blender.fit_stats(final_stats[blender.collector_key(spec.prior)], spec.prior)
+    return report, FittedBlend.of(blender, spec.method, temperatures)
+
+
+def _cross_validate(logits, labels, method, params, *, n_folds, temperature, member_names, top_k, n_boot, seed,
+                    prior, block_rows, final):
+    """The report, the specs of its fitted rows, and with ``final`` the statistics of every row
+    (at the temperatures of every row, returned too) for the final fit."""
+    source = as_source(logits)
+    labels = check_labels(source, labels)
+    n_members = source.n_members
     names = list(member_names) if member_names is not None else [f"member {m}" for m in range(n_members)]
     if len(names) != n_members:
         raise ValueError(f"{len(names)} member names for {n_members} members")
     params = dict(params or {})
-    get_method(method, **params)  # a bad name or parameter fails before any fitting
+    get_method(method, **params)  # a bad name or parameter fails before any reading
     if prior is not None:
-        prior.check(logits.shape[2])
-    fold_taus: list[float] = []
-    blends: list[tuple[str, str, bool, _Predict]] = [
-        (name, "member", False, _single(m)) for m, name in enumerate(names)]
-    fitted = [("uniform", "uniform", lambda: get_method("uniform"))]
+        prior.check(source.n_classes)
+    if top_k < 1:
+        raise ValueError(f"k must be at least 1, got {top_k}")
+    specs = [_Spec("uniform", "uniform", "uniform", lambda: get_method("uniform"), None)]
     if method != "uniform":
-        fitted.append((method, "method", lambda: get_method(method, **params)))
-    for name, kind, make in fitted:
-        blends.append((name, kind, False, _fitted(make)))
-        if prior is not None:
-            taus = fold_taus if kind == "method" or method == "uniform" else None
-            blends.append((name + PRIOR_SUFFIX, kind, True, _fitted(make, prior, taus)))
-    hits = np.zeros((len(blends), 2, labels.size), dtype=bool)
-    nll = np.zeros((len(blends), labels.size))
-    folds = stratified_folds(labels, n_folds, seed)
-    for train, test, log_probs in _fold_log_probs(logits, labels, folds, temperature):
-        train_lp, test_lp = log_probs[:, train], log_probs[:, test]
-        for b, (_, _, _, predict) in enumerate(blends):
-            held_out = predict(train_lp, labels[train], test_lp)
-            hits[b, 0, test] = correct_at_k(held_out, labels[test], 1)
-            hits[b, 1, test] = correct_at_k(held_out, labels[test], top_k)
-            nll[b, test] = -held_out[np.arange(test.size), labels[test]]
-    rows = tuple(CvRow(name, kind, float(hits[b, 0].mean()), *bootstrap_ci(hits[b, 0], n_boot, seed=seed),
-                       float(hits[b, 1].mean()), float(nll[b].mean()), corrected)
-                 for b, (name, kind, corrected, _) in enumerate(blends))
-    return CvReport(method, top_k, n_folds, temperature, rows, prior is not None, tuple(fold_taus))
+        specs.append(_Spec(method, "method", method, lambda: get_method(method, **params), None))
+    if prior is not None:
+        specs += [_Spec(s.name + PRIOR_SUFFIX, s.kind, s.method, s.make, prior) for s in specs]
+    # Report order: members, then uniform (+prior), then the method (+prior).
+    specs.sort(key=lambda s: s.kind != "uniform")
+    tau_spec = next(i for i, s in enumerate(specs) if s.prior is not None and (s.kind == "method" or method == "uniform")) \
+        if prior is not None else None
+    fold_of = _fold_of(stratified_folds(labels, n_folds, seed), labels.size)
+    n_blends = n_members + len(specs)
+    hits = np.zeros((n_blends, 2, labels.size), dtype=bool)
+    nll = np.zeros((n_blends, labels.size))
+    fold_taus: list[float] = []
+
+    def score(rows: np.ndarray, fold: int, log_probs: np.ndarray, blends: Sequence[Blender]) -> None:
+        truth = labels[rows]
+        for b in range(n_blends):
+            held_out = log_probs[b] if b < n_members else blends[b - n_members].predict_log_proba(log_probs)
+            rank = rank_of_true(held_out, truth)
+            hits[b, 0, rows] = rank < 1
+            hits[b, 1, rows] = rank < top_k
+            nll[b, rows] = -held_out[np.arange(rows.size), truth]
+
+    fold_blends, final_stats, temperatures = _fit_and_evaluate(
+        source, labels, fold_of, specs, temperature=temperature, block_rows=block_rows, score=score, final=final)
+    if tau_spec is not None:
+        fold_taus = [float(blends[tau_spec].tau_) for blends in fold_blends]
+    rows = [(name, "member", False) for name in names] + [(s.name, s.kind, s.prior is not None) for s in specs]
+    report_rows = tuple(CvRow(name, kind, float(hits[b, 0].mean()), *bootstrap_ci(hits[b, 0], n_boot, seed=seed),
+                              float(hits[b, 1].mean()), float(nll[b].mean()), corrected)
+                        for b, (name, kind, corrected) in enumerate(rows))
+    report = CvReport(method, top_k, n_folds, temperature, report_rows, prior is not None, tuple(fold_taus))
+    return report, specs, final_stats, temperatures
 
 
-#: ``predict(train log-probs, train labels, held-out log-probs) -> held-out blended log-probs``.
-_Predict = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+@dataclass(frozen=True)
+class _Spec:
+    """One fitted blend of a report: its row ``name`` and ``kind``, the registered ``method``
+    name, a maker of new unfitted blenders, and the prior it is fitted with (or None)."""
+
+    name: str
+    kind: str
+    method: str
+    make: Callable[[], Blender]
+    prior: LogitAdjustment | None
 
 
-def _single(member: int) -> _Predict:
-    def predict(train_lp: np.ndarray, train_labels: np.ndarray, test_lp: np.ndarray) -> np.ndarray:
-        return test_lp[member]
-    return predict
+#: ``score(rows, fold, log_probs, blends)``: held-out ``rows`` (absolute, sorted) of ``fold``,
+#: their member log-probabilities ``(M, n, C)`` at the fold's temperatures, and the fold's
+#: fitted blenders (one per spec, in spec order).
+_Score = Callable[[np.ndarray, int, np.ndarray, Sequence[Blender]], None]
 
 
-def _fitted(make_method: Callable[[], Blender], prior: LogitAdjustment | None = None,
-            taus: list[float] | None = None) -> _Predict:
-    """Fit a new method on the training rows (with ``prior``: its weights and ``tau``) and predict
-    the held-out rows; each fold's ``tau`` is appended to ``taus`` when given."""
-    def predict(train_lp: np.ndarray, train_labels: np.ndarray, test_lp: np.ndarray) -> np.ndarray:
-        method = make_method().fit(train_lp, train_labels, prior)
-        if taus is not None:
-            taus.append(float(method.tau_))
-        return method.predict_log_proba(test_lp)
-    return predict
-
-
-def _fold_log_probs(logits: np.ndarray, labels: np.ndarray, folds: Sequence[np.ndarray],
-                    temperature: bool) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Yield ``(train rows, held-out rows, (M, N, C) log-probs)`` per fold.
-
-    Without temperatures the log-softmax does not depend on the fold and is computed once; with
-    them, each fold's temperatures are fitted on its training rows only.
-    """
-    n_rows = labels.size
+def _fold_of(folds: Sequence[np.ndarray], n_rows: int) -> np.ndarray:
+    """``(N,)`` int64: the fold of each row, for ``folds`` that partition ``0..N-1``."""
     folds = [np.asarray(f, dtype=np.int64) for f in folds]
     if len(folds) < 2 or any(f.size == 0 for f in folds) or not np.array_equal(np.sort(np.concatenate(folds)), np.arange(n_rows)):
         raise ValueError(f"folds must be at least 2 non-empty arrays of row indices that partition 0..{n_rows - 1}")
-    shared = None if temperature else log_softmax(logits)
-    for test in folds:
-        train = np.setdiff1d(np.arange(n_rows), test, assume_unique=True)
-        if shared is not None:
-            yield train, test, shared
-        else:
-            yield train, test, log_softmax(logits, fit_temperatures(logits[:, train], labels[train]))
+    fold_of = np.empty(n_rows, dtype=np.int64)
+    for f, rows in enumerate(folds):
+        fold_of[rows] = f
+    return fold_of
+
+
+def _fit_and_evaluate(source: MemberSource, labels: np.ndarray, fold_of: np.ndarray, specs: Sequence[_Spec], *,
+                      temperature: bool, block_rows: int | None, score: _Score, final: bool = False):
+    """Fit every spec in every fold, then score each held-out row with its fold's blends (one
+    evaluation pass); returns the fold blends ``[fold][spec]``, and with ``final`` the stats of
+    every row and the temperatures of every row (None without ``temperature``)."""
+    n_folds = int(fold_of.max()) + 1
+    trains = [np.flatnonzero(fold_of != f) for f in range(n_folds)]
+    needs = [(s.make(), s.prior) for s in specs]
+    reader = Reader(source, block_rows)
+
+    def fit_folds(stats: dict[Hashable, Any], folds: range) -> list[list[Blender]]:
+        fitted = []
+        for f in folds:
+            blends = []
+            for (probe, prior), spec in zip(needs, specs):
+                blender = spec.make()
+                blender.fit_stats(stats[probe.collector_key(prior)].subset(trains[f]), prior)
+                blends.append(blender)
+            fitted.append(blends)
+        return fitted
+
+    if not temperature:
+        stats = collect_stats(reader, labels, needs, None)
+        fold_blends = fit_folds(stats, range(n_folds))
+        _evaluate(reader, fold_of, fold_blends, None, score)
+        return fold_blends, stats if final else None, None
+    temperature_fit = temperature_stats(reader, labels)
+    fold_temperatures = [temperature_fit.subset(train).fit() for train in trains]
+    fold_blends = []
+    for f in range(n_folds):
+        stats = collect_stats(reader, labels, needs, fold_temperatures[f])
+        fold_blends += fit_folds(stats, range(f, f + 1))
+        del stats
+    if not final:
+        _evaluate(reader, fold_of, fold_blends, fold_temperatures, score)
+        return fold_blends, None, None
+    temperatures = temperature_fit.fit()
+    final_pass = StatsPass(labels, source.n_classes, needs)
+    _evaluate(reader, fold_of, fold_blends, fold_temperatures, score, (final_pass, temperatures))
+    return fold_blends, final_pass.result(), temperatures
+
+
+def _evaluate(reader: Reader, fold_of: np.ndarray, fold_blends: Sequence[Sequence[Blender]],
+              fold_temperatures: Sequence[np.ndarray] | None, score: _Score,
+              also: tuple[StatsPass, np.ndarray] | None = None) -> None:
+    """The evaluation pass: per block, the rows of each fold, at the fold's temperatures, go to
+    ``score`` with the fold's blends; ``also`` (a stats pass and its temperatures) is fed every
+    block too."""
+    for start, block in reader.blocks():
+        folds = fold_of[start:start + block.shape[1]]
+        shared = reader.log_probs(block, None) if fold_temperatures is None else None
+        if also is not None:
+            also[0].add(start, reader.log_probs(block, also[1]))
+        for f in np.unique(folds):
+            held_out = np.flatnonzero(folds == f)
+            whole = held_out.size == folds.size
+            if shared is not None:
+                log_probs = shared if whole else shared[:, held_out]
+            else:
+                log_probs = reader.log_probs(block, fold_temperatures[f]) if whole else \
+                    log_softmax(block[:, held_out], fold_temperatures[f])
+            score(start + held_out, int(f), log_probs, fold_blends[f])

@@ -1,16 +1,27 @@
-"""A fitted blend as data, fitting one on the whole validation split, and fusing large splits in chunks."""
+"""A fitted blend as data, fitting one on the whole validation split, and fusing large splits in chunks.
+
+Everything here reads members through a member source (:mod:`weights_search.source`), a block
+of rows at a time; arrays in hand (an ``(M, N, C)`` stack, or one ``(N, C)`` array per member)
+are wrapped in an :class:`~weights_search.source.ArraySource`. A *stats pass* reads the source
+once, turns each block into member log-probabilities (at the fitted temperatures, if any) and
+feeds them to the collectors of the methods to fit (:meth:`weights_search.base.Blender.collector`);
+the fits then run on the collected statistics, never on the ``(M, N, C)`` stack.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from functools import cached_property
+from typing import Any, Hashable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from weights_search.functional import FUSIONS, check_members, fuse, log_softmax
+from weights_search import temperature as _temperature
+from weights_search.base import Blender
+from weights_search.functional import FUSIONS, fuse, log_softmax
 from weights_search.prior import LogitAdjustment, adjust
 from weights_search.registry import DEFAULT_METHOD, get_method
-from weights_search.temperature import fit_temperatures
+from weights_search.source import ArraySource, MemberSource, as_source, blocks, check_labels, default_block_rows
 
 
 @dataclass(frozen=True)
@@ -43,46 +54,163 @@ class FittedBlend:
         if self.tau is not None:
             LogitAdjustment(np.asarray(self.log_prior), self.tau)  # the same checks as for fitting
 
+    @classmethod
+    def of(cls, blender: Blender, method: str, temperatures: np.ndarray | None = None) -> "FittedBlend":
+        """The record of a fitted ``blender`` (registered as ``method``), fitted on member
+        log-probabilities at ``temperatures`` (``(M,)``, or None)."""
+        return cls(method=method, fusion=blender.fusion, weights=tuple(float(w) for w in blender.weights_),
+                   temperatures=None if temperatures is None else tuple(float(t) for t in temperatures),
+                   params=blender.params, train_score=blender.train_score_,
+                   log_prior=None if blender.tau_ is None else tuple(float(v) for v in blender.log_prior_),
+                   tau=blender.tau_)
+
+    @cached_property
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        return (np.asarray(self.weights), None if self.temperatures is None else np.asarray(self.temperatures),
+                None if self.log_prior is None else np.asarray(self.log_prior))
+
     def log_proba(self, logits: np.ndarray) -> np.ndarray:
         """Blended class log-probabilities ``(n, C)`` float32 of member logits ``(M, n, C)``,
         corrected for the prior when the blend has one."""
-        fused = fuse(log_softmax(logits, self.temperatures), np.asarray(self.weights), self.fusion)
-        return fused if self.tau is None else adjust(fused, np.asarray(self.log_prior), self.tau)
+        return self.fuse_log_probs(log_softmax(logits, self._arrays[1]))
+
+    def fuse_log_probs(self, log_probs: np.ndarray) -> np.ndarray:
+        """:meth:`log_proba` of member log-probabilities ``(M, n, C)`` already at the blend's
+        temperatures (the log-softmax done)."""
+        weights, _, log_prior = self._arrays
+        fused = fuse(log_probs, weights, self.fusion)
+        return fused if self.tau is None else adjust(fused, log_prior, self.tau)
 
 
-def fit_blend(logits: np.ndarray, labels: np.ndarray, method: str = DEFAULT_METHOD,
-              params: Mapping[str, Any] | None = None, *, temperature: bool = False,
-              prior: LogitAdjustment | None = None) -> FittedBlend:
+def fit_blend(logits: MemberSource | np.ndarray | Sequence[np.ndarray], labels: np.ndarray,
+              method: str = DEFAULT_METHOD, params: Mapping[str, Any] | None = None, *, temperature: bool = False,
+              prior: LogitAdjustment | None = None, block_rows: int | None = None) -> FittedBlend:
     """Fit temperatures (when ``temperature``) and then ``method``'s weights on all labelled rows,
     with ``tau`` when ``prior`` asks for it fitted.
 
-    ``logits``: ``(M, N, C)`` member logits (float16 or float32); ``labels``: ``(N,)``.
+    ``logits``: a member source, or ``(M, N, C)`` member logits (float16 or float32), or one
+    ``(N, C)`` array per member; ``labels``: ``(N,)``. Reads the source in blocks of
+    ``block_rows`` rows (None: :func:`weights_search.source.default_block_rows`): one pass
+    without ``temperature``, two with it (the temperatures' pass, then the stats pass at them);
+    a source that fits in one block is read once (see :class:`Reader`).
     """
-    logits, labels = check_members(logits, labels)
+    source = as_source(logits)
+    labels = check_labels(source, labels)
     blender = get_method(method, **dict(params or {}))
-    temperatures = fit_temperatures(logits, labels) if temperature else None
-    blender.fit(log_softmax(logits, temperatures), labels, prior)
-    return FittedBlend(method=method, fusion=blender.fusion, weights=tuple(float(w) for w in blender.weights_),
-                       temperatures=None if temperatures is None else tuple(float(t) for t in temperatures),
-                       params=blender.params, train_score=blender.train_score_,
-                       log_prior=None if prior is None else tuple(float(v) for v in prior.log_prior),
-                       tau=blender.tau_)
+    if prior is not None:
+        prior.check(source.n_classes)
+    reader = Reader(source, block_rows)
+    temperatures = temperature_stats(reader, labels).fit() if temperature else None
+    stats = collect_stats(reader, labels, [(blender, prior)], temperatures)
+    blender.fit_stats(stats[blender.collector_key(prior)], prior)
+    return FittedBlend.of(blender, method, temperatures)
 
 
-def blend_chunks(members: Sequence[np.ndarray], blend: FittedBlend, chunk_rows: int = 2048) -> Iterator[tuple[int, np.ndarray]]:
+class Reader:
+    """Passes over a member source in blocks of ``block_rows`` rows (None:
+    :func:`~weights_search.source.default_block_rows`), and their log-probabilities.
+
+    A source whose rows fit in one block is read once, however many passes run: the block and
+    the log-probabilities of its last temperatures are kept (what one block's pass holds anyway),
+    so a small split (the iNat 2019 validation split, say) costs one read and one log-softmax."""
+
+    def __init__(self, source: MemberSource, block_rows: int | None) -> None:
+        self.source = source
+        self.rows = default_block_rows(source) if block_rows is None else block_rows
+        if self.rows < 1:
+            raise ValueError(f"block_rows must be at least 1, got {self.rows}")
+        self.single = source.n_rows <= self.rows
+        self._block: np.ndarray | None = None
+        self._log_probs: tuple[Any, np.ndarray] | None = None
+
+    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """One pass: ``(start, (M, b, C) float32 logits)`` in row order."""
+        if not self.single:
+            yield from blocks(self.source, self.rows)
+            return
+        if self._block is None:
+            self._block = next(blocks(self.source, self.rows))[1]
+        yield 0, self._block
+
+    def log_probs(self, block: np.ndarray, temperatures: np.ndarray | None) -> np.ndarray:
+        """``log_softmax(block, temperatures)`` of a block from :meth:`blocks` (kept for the next
+        pass when the source is one block; do not change it)."""
+        if not self.single:
+            return log_softmax(block, temperatures)
+        key = None if temperatures is None else tuple(np.asarray(temperatures, dtype=np.float64).tolist())
+        if self._log_probs is None or self._log_probs[0] != key:
+            self._log_probs = None  # free the old one first
+            self._log_probs = (key, log_softmax(block, temperatures))
+        return self._log_probs[1]
+
+
+class StatsPass:
+    """The collectors of one stats pass: one per distinct
+    :meth:`~weights_search.base.Blender.collector_key` of the ``(blender, prior)`` pairs in
+    ``needs`` (methods whose keys agree share one), fed the same blocks of member
+    log-probabilities; :meth:`result` maps each key to its statistics."""
+
+    def __init__(self, labels: np.ndarray, n_classes: int,
+                 needs: Sequence[tuple[Blender, LogitAdjustment | None]]) -> None:
+        self.collectors: dict[Hashable, Any] = {}
+        for blender, prior in needs:
+            key = blender.collector_key(prior)
+            if key not in self.collectors:
+                self.collectors[key] = blender.collector(labels, n_classes, prior)
+
+    def add(self, start: int, log_probs: np.ndarray) -> None:
+        """Member log-probabilities ``(M, b, C)`` of rows ``start..start+b`` (in row order)."""
+        for collector in self.collectors.values():
+            collector.add(start, log_probs)
+
+    def result(self) -> dict[Hashable, Any]:
+        return {key: collector.result() for key, collector in self.collectors.items()}
+
+
+def collect_stats(reader: Reader, labels: np.ndarray, needs: Sequence[tuple[Blender, LogitAdjustment | None]],
+                  temperatures: np.ndarray | None) -> dict[Hashable, Any]:
+    """One stats pass over ``reader``'s source: the statistics of every ``(blender, prior)`` in
+    ``needs`` (see :class:`StatsPass`) from member log-probabilities at ``temperatures``
+    (``(M,)``, or None)."""
+    stats = StatsPass(labels, reader.source.n_classes, needs)
+    for start, block in reader.blocks():
+        stats.add(start, reader.log_probs(block, temperatures))
+    return stats.result()
+
+
+def temperature_stats(reader: Reader, labels: np.ndarray) -> Any:
+    """One pass over ``reader``'s source (logits) through a
+    :class:`~weights_search.temperature.TemperatureCollector`: its stats, whose ``.fit()`` gives
+    the ``(M,)`` temperatures of all rows and ``.subset(rows).fit()`` those of some rows."""
+    collector = _temperature.TemperatureCollector(labels, reader.source.n_members)
+    for start, block in reader.blocks():
+        collector.add(start, block)
+    return collector.result()
+
+
+def blend_chunks(members: MemberSource | np.ndarray | Sequence[np.ndarray], blend: FittedBlend,
+                 chunk_rows: int = 2048) -> Iterator[tuple[int, np.ndarray]]:
     """Fuse a split chunk by chunk: yields ``(first row, (n, C) float32 log-probs)`` in row order.
 
-    ``members``: one ``(N, C)`` array per member, in the blend's member order; memory-mapped
-    float16 stores work as they are, since only ``chunk_rows`` rows of each are read at a time
-    (memory stays about ``M * chunk_rows * C`` float32 values, whatever ``N``).
+    ``members``: a member source, or one ``(N, C)`` array per member, in the blend's member
+    order; memory-mapped float16 stores work as they are, since only ``chunk_rows`` rows of
+    each are read at a time (memory stays about ``M * chunk_rows * C`` float32 values,
+    whatever ``N``). One pass over the members.
     """
-    if len(members) != len(blend.weights):
-        raise ValueError(f"{len(members)} members for a blend of {len(blend.weights)}")
-    shapes = {np.shape(m) for m in members}
-    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-        raise ValueError(f"members must all be (n_samples, n_classes) arrays of one shape, got {sorted(shapes)}")
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
-    n_rows = next(iter(shapes))[0]
-    for start in range(0, n_rows, chunk_rows):
-        yield start, blend.log_proba(np.stack([m[start:start + chunk_rows] for m in members]))
+    if not isinstance(members, (np.ndarray, Sequence)):
+        source = as_source(members)
+        if source.n_members != len(blend.weights):
+            raise ValueError(f"{source.n_members} members for a blend of {len(blend.weights)}")
+    else:
+        if len(members) != len(blend.weights):
+            raise ValueError(f"{len(members)} members for a blend of {len(blend.weights)}")
+        shapes = {np.shape(m) for m in members}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise ValueError(f"members must all be (n_samples, n_classes) arrays of one shape, got {sorted(shapes)}")
+        if next(iter(shapes))[0] == 0:
+            return
+        source = ArraySource(list(members))
+    for start, block in blocks(source, chunk_rows):
+        yield start, blend.log_proba(block)

@@ -13,14 +13,31 @@ import numpy as np
 
 def correct_at_k(log_probs: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     """``(N,)`` bool: whether the true class is among the ``k`` best of its row."""
-    log_probs, labels = check_scores(log_probs, labels)
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
+    return true_class_rank(log_probs, labels) < k
+
+
+def true_class_rank(log_probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``(N,)`` int64: how many classes rank before the true one in its row (0: it is the best),
+    ties ranked as the module docstring says. One rank gives every top-k at once."""
+    log_probs, labels = check_scores(log_probs, labels)
+    return rank_of_true(log_probs, labels)
+
+
+def rank_of_true(log_probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """:func:`true_class_rank` without the checks, for callers that made the scores.
+
+    Counts the classes scoring above the true one and those scoring the same; only the rare
+    rows where another class ties with the true one look at the column order."""
     rows = np.arange(labels.size)
     true = log_probs[rows, labels][:, None]
-    before = (log_probs > true).sum(axis=1)
-    ties_before = ((log_probs == true) & (np.arange(log_probs.shape[1]) < labels[:, None])).sum(axis=1)
-    return before + ties_before < k
+    rank = np.count_nonzero(log_probs > true, axis=1)
+    tied = np.flatnonzero(np.count_nonzero(log_probs == true, axis=1) > 1)
+    if tied.size:
+        same = log_probs[tied] == true[tied]
+        rank[tied] += np.count_nonzero(same & (np.arange(log_probs.shape[1]) < labels[tied, None]), axis=1)
+    return rank
 
 
 def top1(log_probs: np.ndarray, labels: np.ndarray) -> float:

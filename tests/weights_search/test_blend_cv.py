@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import weights_search.cv as cv
+import weights_search.temperature as temperature_module
 from weights_search.base import Blender
 from weights_search.cv import CvReport, CvRow, cross_val_log_probs, cross_validate, stratified_folds
 from weights_search.functional import log_softmax
@@ -80,6 +81,12 @@ class FoldSpy(Blender):
         self.folds = folds
         self.seen = seen
 
+    def collector(self, labels, n_classes, prior):
+        return _Keep()
+
+    def fit_stats(self, stats, prior=None):
+        return self.fit(stats.log_probs, stats.labels, prior)
+
     def fit(self, log_probs, labels, prior=None):
         rows = _rows_of(log_probs[0])
         self.seen.append(rows)
@@ -90,27 +97,60 @@ class FoldSpy(Blender):
         return self
 
 
+class _Keep:
+    """A collector that keeps the log-probabilities (FoldSpy reads its rows off them)."""
+
+    def __init__(self):
+        self.blocks = []
+
+    def add(self, start, log_probs):
+        self.blocks.append(np.array(log_probs))
+
+    def result(self):
+        return _Kept(np.concatenate(self.blocks, axis=1), None)
+
+
+class _Kept:
+    def __init__(self, log_probs, labels):
+        self.log_probs, self.labels, self.n_rows = log_probs, labels, log_probs.shape[1]
+
+    def subset(self, rows):
+        return _Kept(self.log_probs[:, rows], rows)
+
+
 @pytest.mark.parametrize("temperature", [False, True])
 def test_each_fold_is_predicted_by_weights_fitted_without_it(monkeypatch, temperature):
     logits = _encoded_logits()
     labels = np.random.default_rng(0).integers(0, 4, N_ROWS)
     folds = stratified_folds(labels, N_FOLDS, seed=0)
-    seen_by_weights, seen_by_temperatures = [], []
-    fit_temperatures = cv.fit_temperatures
+    seen_by_weights, seen_by_temperatures, fold_temperatures = [], [], []
+    collector = temperature_module.TemperatureCollector
 
-    def spy_temperatures(member_logits, member_labels):
-        seen_by_temperatures.append(_rows_of(member_logits[0]))
-        return fit_temperatures(member_logits, member_labels)
+    class Spy:  # the temperature statistics, recording the rows each fold's temperatures see
+        def __init__(self, labels, n_members):
+            self.inner = collector(labels, n_members)
 
-    monkeypatch.setattr(cv, "fit_temperatures", spy_temperatures)
+        def add(self, start, block):
+            self.inner.add(start, block)
+
+        def result(self):
+            stats = self.inner.result()
+            return type("SpyStats", (), {"subset": lambda _, rows: record(stats.subset(rows), rows),
+                                         "fit": lambda _: stats.fit()})()
+
+    def record(stats, rows):
+        seen_by_temperatures.append(rows)
+        fold_temperatures.append(stats.fit())
+        return type("Fitted", (), {"fit": lambda _: fold_temperatures[-1]})()
+
+    monkeypatch.setattr(temperature_module, "TemperatureCollector", Spy)
     oof = cross_val_log_probs(logits, labels, lambda: FoldSpy(folds, seen_by_weights), folds, temperature=temperature)
     for f, held_out in enumerate(folds):
         training = np.setdiff1d(np.arange(N_ROWS), held_out)
         np.testing.assert_array_equal(np.sort(seen_by_weights[f]), training)
         if temperature:
             np.testing.assert_array_equal(np.sort(seen_by_temperatures[f]), training)
-            temps = fit_temperatures(logits[:, training], labels[training])
-            expected = log_softmax(logits, temps)[f, held_out]
+            expected = log_softmax(logits, fold_temperatures[f])[f, held_out]
         else:
             expected = log_softmax(logits)[f, held_out]
         np.testing.assert_allclose(oof[held_out], expected, atol=1e-6)

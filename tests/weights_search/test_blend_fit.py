@@ -30,9 +30,9 @@ def test_fit_blend_records_what_the_method_fitted():
 def test_fit_blend_with_temperatures_fits_them_first():
     logits, labels = _problem(1)
     blend = fit_blend(logits, labels, "logit", temperature=True)
-    temps = fit_temperatures(logits, labels)
-    np.testing.assert_allclose(blend.temperatures, temps)
-    method = get_method("logit").fit(log_softmax(logits, temps), labels)
+    # Streamed temperature statistics fit within 1e-3 of the exact in-memory fit (issue 24).
+    np.testing.assert_allclose(blend.temperatures, fit_temperatures(logits, labels), rtol=1e-3)
+    method = get_method("logit").fit(log_softmax(logits, blend.temperatures), labels)
     np.testing.assert_allclose(blend.weights, method.weights_, rtol=1e-6)
     assert blend.fusion == GEOMETRIC
 
