@@ -47,11 +47,11 @@ class PilotedCollector(ABC):
     from the summaries of rows ``0..stop-1`` (:meth:`_refit`), and build the result (:meth:`_stats`).
     """
 
-    def __init__(self, labels: np.ndarray, n_members: int, pilot: Any = None) -> None:
+    def __init__(self, labels: np.ndarray, n_members: int | None, pilot: Any = None) -> None:
         labels = np.asarray(labels)
         if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(f"labels must be a non-empty (n_samples,) integer array, got shape {labels.shape} of {labels.dtype}")
-        if n_members < 1:
+        if n_members is not None and n_members < 1:
             raise ValueError(f"n_members must be at least 1, got {n_members}")
         self.labels = labels
         self.n_rows = labels.size
@@ -66,6 +66,8 @@ class PilotedCollector(ABC):
     def add(self, start: int, block: np.ndarray) -> None:
         """Rows ``start..start+b-1`` of every member, ``(M, b, C)`` float32, in row order, each row once."""
         block = np.asarray(block)
+        if self.n_members is None and block.ndim == 3:
+            self.n_members = block.shape[0]  # taken from the first block when not given
         if block.ndim != 3 or block.shape[0] != self.n_members or block.shape[1] == 0:
             raise ValueError(f"expected a block of shape ({self.n_members}, rows, classes), got {block.shape}")
         if start != self._next:

@@ -1,0 +1,121 @@
+"""Geometric pooling (`logit`) fitted from one pass of per-row statistics (LogitCollector ->
+LogitStats) against the exact fit on the stack in hand (fit_pooling / LogitBlend.fit_exact, the
+reference), at 1,010 and 10,000 classes, with and without a long-tailed prior."""
+
+import numpy as np
+import pytest
+
+from test_stats_temperature import correlated_members
+from weights_search.expansion import pilot_rows
+from weights_search.functional import GEOMETRIC, fuse, log_softmax
+from weights_search.metrics import top1
+from weights_search.pooling import EXACT_CLASSES, LogitBlend, LogitCollector, LogitStats
+from weights_search.prior import LogitAdjustment, adjust, class_log_prior
+
+FIELDS = ("union", "pad", "true", "log_s0", "mean", "cov", "pilot")
+
+
+def long_tailed_prior(n_classes, seed=1):
+    rng = np.random.default_rng(seed)
+    counts = np.floor(500 * np.arange(1, n_classes + 1) ** -1.0 * rng.uniform(0.5, 1.5, n_classes)) + 1
+    return LogitAdjustment(class_log_prior(rng.permutation(counts)))
+
+
+def members_with_prior(n_rows, n_classes, seed=5):
+    """Log-probs of three correlated members (one weak) that carry a long-tailed training prior."""
+    logits, labels = correlated_members(n_rows, n_classes, seed=seed, scales=(1.0, 1.5, 2.0), signals=(3.0, 2.0, 0.5))
+    prior = long_tailed_prior(n_classes)
+    return log_softmax(logits + np.float32(0.7) * prior.log_prior.astype(np.float32)), labels, prior
+
+
+def collect(log_probs, labels, prior, block_rows, **kwargs):
+    collector = LogitCollector(labels, log_probs.shape[2], prior, **kwargs)
+    for start in range(0, labels.size, block_rows):
+        collector.add(start, log_probs[:, start:start + block_rows])
+    return collector.result()
+
+
+@pytest.fixture(scope="module", params=[1010, 10000])
+def problem(request):
+    log_probs, labels, prior = members_with_prior(1200, request.param)
+    return log_probs, labels, prior, collect(log_probs, labels, prior, 100), collect(log_probs, labels, None, 100)
+
+
+def test_weights_match_the_exact_fit(problem):
+    log_probs, labels, _, _, plain = problem
+    exact = LogitBlend().fit_exact(log_probs, labels)
+    streamed = LogitBlend().fit_stats(plain)
+    assert exact.weights_[0] > 0.5 and exact.weights_[1] > 0.2  # both useful members weigh
+    np.testing.assert_allclose(streamed.weights_, exact.weights_, rtol=0, atol=1e-3)
+    assert streamed.train_score_ == pytest.approx(exact.train_score_, abs=1e-4)
+
+
+def test_a_fold_with_the_prior_matches_the_exact_fit_and_its_held_out_top1(problem):
+    log_probs, labels, prior, stats, _ = problem
+    held = np.arange(labels.size) % 5 == 3
+    train, test = np.flatnonzero(~held), np.flatnonzero(held)
+    exact = LogitBlend().fit_exact(log_probs[:, train], labels[train], prior)
+    streamed = LogitBlend().fit_stats(stats.subset(train), prior)
+    assert 0.3 < exact.tau_ < 3.0  # the prior is worth correcting for
+    np.testing.assert_allclose(streamed.weights_, exact.weights_, rtol=0, atol=1e-3)
+    assert streamed.tau_ == pytest.approx(exact.tau_, abs=1e-3)
+    assert top1(streamed.predict_log_proba(log_probs[:, test]), labels[test]) == \
+        top1(exact.predict_log_proba(log_probs[:, test]), labels[test])
+
+
+def test_blender_fit_runs_through_the_statistics():
+    # fit(log_probs, labels) on arrays: one block through the collector, then fit_stats.
+    log_probs, labels, prior = members_with_prior(300, 400, seed=6)
+    fitted = LogitBlend().fit(log_probs, labels, prior)
+    exact = LogitBlend().fit_exact(log_probs, labels, prior)
+    np.testing.assert_allclose(np.append(fitted.weights_, fitted.tau_), np.append(exact.weights_, exact.tau_), atol=1e-3)
+
+
+def test_few_classes_are_kept_exactly():
+    log_probs, labels, prior = members_with_prior(200, EXACT_CLASSES, seed=7)
+    stats = collect(log_probs, labels, prior, 64)
+    assert np.isneginf(stats.log_s0).all() and stats.union.shape[2] == EXACT_CLASSES
+    fitted = LogitBlend().fit_stats(stats, prior)
+    exact = LogitBlend().fit_exact(log_probs, labels, prior)
+    np.testing.assert_allclose(np.append(fitted.weights_, fitted.tau_), np.append(exact.weights_, exact.tau_), atol=1e-5)
+
+
+def test_small_blocks_give_the_one_block_statistics():
+    log_probs, labels, prior = members_with_prior(2100, 300, seed=8)
+    assert pilot_rows(3, 300) == 512  # refits at rows 1024 and 2048, inside blocks of the small pass
+    one, small = collect(log_probs, labels, prior, 2100), collect(log_probs, labels, prior, 37)
+    for name in FIELDS:
+        np.testing.assert_allclose(getattr(small, name), getattr(one, name), rtol=1e-6, atol=1e-9, err_msg=name)
+    assert len(np.unique(one.pilot[:, 0])) == 3  # rows got pilots from several refits
+
+
+def test_subset_is_what_collecting_those_rows_alone_gives():
+    log_probs, labels, prior = members_with_prior(400, 300, seed=9)
+    pilot = np.array([1.0, 0.5, 0.1, 1.0])
+    rows = np.flatnonzero(np.arange(400) % 3 == 0)
+    whole = collect(log_probs, labels, prior, 64, pilot=pilot).subset(rows)
+    alone = collect(log_probs[:, rows], labels[rows], prior, 50, pilot=pilot)
+    for name in FIELDS:
+        np.testing.assert_allclose(getattr(whole, name), getattr(alone, name), rtol=1e-6, atol=1e-9, err_msg=name)
+    np.testing.assert_array_equal(whole.labels, alone.labels)
+
+
+def test_predictions_fuse_as_the_geometric_pool():
+    log_probs, labels, prior = members_with_prior(200, 300, seed=10)
+    fitted = LogitBlend().fit(log_probs, labels, prior)
+    want = adjust(fuse(log_probs, fitted.weights_, GEOMETRIC), prior.log_prior, fitted.tau_)
+    np.testing.assert_allclose(fitted.predict_log_proba(log_probs), want, atol=1e-6)
+
+
+def test_bad_statistics_are_refused():
+    log_probs, labels, prior = members_with_prior(60, 200, seed=11)
+    stats = collect(log_probs, labels, None, 60)
+    with pytest.raises(ValueError, match="collected with the prior it fits with"):
+        LogitBlend().fit_stats(stats, prior)
+    with pytest.raises(ValueError, match="fits on LogitStats, got"):
+        LogitBlend().fit_stats(object())
+    with pytest.raises(ValueError, match="a prior of 200 classes for members of 100 classes"):
+        LogitCollector(labels, 100, prior)
+    with pytest.raises(ValueError, match="pilot must be 4 values"):
+        collect(log_probs, labels, prior, 60, pilot=np.ones(3))
+    assert isinstance(stats, LogitStats) and LogitBlend().collector_key(prior) != LogitBlend().collector_key(None)
