@@ -150,3 +150,34 @@ def _is_bound(row: int, first: int) -> bool:
         return False
     q = row // first
     return q & (q - 1) == 0
+
+
+#: Columns per group in :func:`largest`.
+GROUP = 16
+
+
+def largest(x: np.ndarray, k: int) -> np.ndarray:
+    """``(b, k)`` int64 column indices of the ``k`` largest values of each row of ``(b, C)`` ``x``
+    (in no order; among equal values, any).
+
+    A partition of whole rows costs about 25 ns a value; this one partitions the maxima of
+    groups of :data:`GROUP` columns (columns ``j, j + G, j + 2G, ...``), then the columns of the
+    ``k`` groups with the largest maxima (and the ``C mod GROUP`` last ones): every one of the
+    ``k`` largest values lies in one of those groups, since fewer than ``k`` values exceed the
+    ``k``-th largest and each group's maximum is one of its values.
+    """
+    n_rows, n_classes = x.shape
+    n_groups = n_classes // GROUP
+    if not 0 < k <= n_classes:
+        raise ValueError(f"k must lie in 1..{n_classes}, got {k}")
+    if n_groups <= 4 * k:
+        return np.argpartition(x, n_classes - k, axis=1)[:, n_classes - k:]
+    maxima = x[:, :n_groups * GROUP].reshape(n_rows, GROUP, n_groups).max(axis=1)
+    groups = np.argpartition(maxima, n_groups - k, axis=1)[:, n_groups - k:]
+    columns = (groups[:, :, None] + n_groups * np.arange(GROUP)).reshape(n_rows, -1)
+    if n_classes % GROUP:
+        tail = np.arange(n_groups * GROUP, n_classes)
+        columns = np.concatenate([columns, np.broadcast_to(tail, (n_rows, tail.size))], axis=1)
+    values = np.take_along_axis(x, columns, axis=1)
+    pick = np.argpartition(values, values.shape[1] - k, axis=1)[:, values.shape[1] - k:]
+    return np.take_along_axis(columns, pick, axis=1)

@@ -27,7 +27,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from weights_search.base import Blender, Stats, check_solver_options
-from weights_search.expansion import PilotedCollector
+from weights_search.expansion import PilotedCollector, largest
 from weights_search.functional import GEOMETRIC, LOG_FLOOR, check_members
 from weights_search.prior import TAU_BOUNDS, LogitAdjustment
 
@@ -207,7 +207,8 @@ class LogitCollector(PilotedCollector):
     ``max_iter``/``tol``: the pilots' solver options; ``pilot``: ``(D,)`` ``(w, tau)`` to expand
     every row's rest about, or None to fit pilots from the rows (:mod:`weights_search.expansion`).
 
-    Work per block and member: one argpartition per row; then, per row and class, the pilot
+    Work per block: each member's largest log-probabilities (:func:`~weights_search.expansion.largest`);
+    then, per row and class, the pilot
     score, one exponential and a ``(D, D)`` product (a batched matrix product), with a few
     ``(b, D, C)`` float32 temporaries.
     """
@@ -266,8 +267,7 @@ class LogitCollector(PilotedCollector):
             st.union[:, rows] = (values - true[:, :, None]).transpose(1, 0, 2)
             return
         k = self.per_member
-        kept = np.concatenate([np.argpartition(block[m], n_classes - k, axis=1)[:, n_classes - k:]
-                               for m in range(n_members)] + [labels[:, None]], axis=1)
+        kept = np.concatenate([largest(values[:, m], k) for m in range(n_members)] + [labels[:, None]], axis=1)
         kept.sort(axis=1)
         repeated = np.zeros(kept.shape, dtype=bool)
         repeated[:, 1:] = kept[:, 1:] == kept[:, :-1]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize_scalar
 
-from weights_search.expansion import PilotedCollector
+from weights_search.expansion import PilotedCollector, largest
 from weights_search.functional import check_members
 
 #: Search interval for temperatures.
@@ -162,8 +162,9 @@ class TemperatureCollector(PilotedCollector):
     the rows as they come (see :mod:`weights_search.expansion`). With ``C <= top`` classes
     every logit is kept and the fit is exact (no pilot).
 
-    Work per block: one partition, one exponential and a few products per value, member by
-    member (temporaries of a few ``(b, C)`` float32 arrays).
+    Work per block: the largest logits (:func:`~weights_search.expansion.largest`), one
+    exponential and a few products and sums per value, member by member (temporaries of a few
+    ``(b, C)`` float32 arrays).
     """
 
     def __init__(self, labels: np.ndarray, n_members: int, *, top: int = TOP_LOGITS,
@@ -210,14 +211,20 @@ class TemperatureCollector(PilotedCollector):
             if n_classes <= k:
                 st.top[m, rows] = s
                 continue
-            s.partition(n_classes - k - 1, axis=1)
-            st.top[m, rows] = s[:, n_classes - k:]
-            r = s[:, n_classes - k - 1].copy()
-            u = s[:, :n_classes - k]
+            # The k + 1 largest, in increasing order: the first is the rest's largest, r.
+            columns = largest(s, k + 1)
+            values = np.take_along_axis(s, columns, axis=1)
+            order = np.argsort(values, axis=1)
+            values = np.take_along_axis(values, order, axis=1)
+            columns = np.take_along_axis(columns, order, axis=1)[:, 1:]
+            st.top[m, rows] = values[:, 1:]
+            r = values[:, 0]
+            u = s
             u -= r[:, None]
-            np.maximum(u, np.float32(-U_FLOOR), out=u)
+            np.clip(u, np.float32(-U_FLOOR), np.float32(0), out=u)  # the kept classes' terms are dropped below
             beta0 = 1.0 / pilot[m]
             e = np.exp(np.float32(beta0) * u)
+            np.put_along_axis(e, columns, np.float32(0), axis=1)
             s0 = e.sum(axis=1, dtype=np.float64)
             e *= u
             s1 = e.sum(axis=1, dtype=np.float64)

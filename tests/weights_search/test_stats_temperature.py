@@ -4,7 +4,7 @@ on the arrays in hand (fit_temperatures, the reference), at 1,010 and 10,000 cla
 import numpy as np
 import pytest
 
-from weights_search.expansion import pilot_rows
+from weights_search.expansion import largest, pilot_rows
 from weights_search.temperature import TOP_LOGITS, TemperatureCollector, TemperatureStats, fit_temperatures
 
 
@@ -102,3 +102,16 @@ def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="bounds"):
         collect(logits, labels, 20).fit(bounds=(2.0, 1.0))
     assert isinstance(collect(logits, labels, 20), TemperatureStats)
+
+
+@pytest.mark.parametrize("n_classes", [10000, 1010, 777, 40])
+@pytest.mark.parametrize("k", [1, 17, 33])
+def test_largest_finds_the_k_largest_values_of_each_row(n_classes, k):
+    rng = np.random.default_rng(n_classes + k)
+    rows = [rng.normal(size=(50, n_classes)), rng.integers(0, 4, (50, n_classes)),  # many ties
+            np.tile(np.arange(n_classes), (50, 1))]  # the largest at the end (the last columns)
+    for x in rows:
+        x = x.astype(np.float32)
+        columns = largest(x, k)
+        assert columns.shape == (50, k) and all(np.unique(c).size == k for c in columns)
+        np.testing.assert_array_equal(np.sort(np.take_along_axis(x, columns, axis=1), axis=1), np.sort(x, axis=1)[:, -k:])
