@@ -247,7 +247,7 @@ def infer(
     out: Annotated[Path, typer.Option(metavar="DIR", help="Stores go to DIR/<model file stem>/<split>/ (DIR/<--name>/<split>/ with --name).")] = InferOptions.out,
     name: Annotated[Optional[str], typer.Option(metavar="NAME", help="The store's folder name instead of the model file's stem (one model only): how fold0/model.onnx and fold1/model.onnx keep a store each, blended as two models. At most 200 characters; no '/', ',' or control character, not starting with '.'.", show_default="the file's stem")] = InferOptions.name,
     dtype: Annotated[str, typer.Option(help="Stored logits: float16 or float32.")] = InferOptions.dtype,
-    chunk_size: Annotated[int, typer.Option(help="Images per resumable chunk (rounded up to a multiple of --batch-size).")] = InferOptions.chunk_size,
+    chunk_size: Annotated[Optional[int], typer.Option(help="Images per resumable chunk (rounded up to a multiple of --batch-size). Left out: 1024, or fewer where every model's chunk (images x classes x (1 + kept views) in --dtype) would not fit --memory; one that cannot fit is refused.", show_default="1024, within --memory")] = InferOptions.chunk_size,
     input_size: Annotated[Optional[int], typer.Option(help="For ONNX files without ens metadata: input height and width.", show_default="the graph's, when fixed")] = None,
     mean: Annotated[Optional[str], typer.Option(metavar="R,G,B", help="For ONNX files without ens metadata that take float NCHW input: normalisation mean, fractions of 255.")] = None,
     std: Annotated[Optional[str], typer.Option(metavar="R,G,B", help="Likewise, the normalisation std.")] = None,
@@ -258,6 +258,7 @@ def infer(
     trt_fp16: Annotated[bool, typer.Option("--trt-fp16", help="TensorRT: float16 engines for float32 models too (float16 models always get them).")] = InferOptions.trt_fp16,
     engine: Annotated[str, typer.Option(metavar="local|ray", help="local (this machine) or ray (a Ray cluster: decoding in CPU tasks, one model actor per GPU; needs the optional extra ray); both write the same stores.")] = InferOptions.engine,
     ray_address: Annotated[Optional[str], typer.Option(metavar="auto|HOST:PORT", help="--engine ray: the cluster to join.", show_default="RAY_ADDRESS, else a running local cluster, else a new one")] = None,
+    memory: MemoryOption = None,
 ) -> None:
     """Run models with test-time augmentation into logit stores.
 
@@ -308,6 +309,7 @@ def infer(
             on_bad_image=on_bad_image,
             dtype=dtype,
             chunk_size=chunk_size,
+            memory=_memory.memory_budget(memory),
             out=out,
             name=name,
             foreign=foreign,

@@ -618,8 +618,12 @@ def _naming(path: Path) -> Iterator[None]:
 
 
 def to_dtype(scores: np.ndarray, dtype: str) -> np.ndarray:
-    """``scores`` as the store's dtype, clipped so no finite score becomes an infinity."""
+    """``scores`` as the store's dtype, clipped so no finite score becomes an infinity; scores
+    already of that dtype and within its range are returned as they are (`ens infer` converts
+    batch by batch, and a copy of a chunk's kept views would double the chunk's memory)."""
     limit = np.finfo(dtype).max
+    if scores.dtype == np.dtype(dtype) and scores.size and -limit <= scores.min() and scores.max() <= limit:
+        return scores
     return np.clip(scores, -limit, limit).astype(dtype)
 
 
@@ -858,8 +862,10 @@ class StoreWriter:
                 row = 0
                 for index in range(self.chunks):
                     with np.load(self._chunk_file(index)) as chunk:
-                        keep = chunk["keep"]
-                        part = np.ascontiguousarray(np.compress(keep, chunk[field], axis=axis), dtype=dtype)
+                        keep, part = chunk["keep"], chunk[field]
+                        if not keep.all():  # (a copy of the chunk's array: only where rows are dropped)
+                            part = np.compress(keep, part, axis=axis)
+                        part = np.ascontiguousarray(part, dtype=dtype)
                     others = part.shape[:axis] + part.shape[axis + 1:]
                     if others != shape[:axis] + shape[axis + 1:] or row + part.shape[axis] > shape[axis]:
                         raise EnsError(f"{self._chunk_file(index)}: holds {field} of shape {part.shape} where "

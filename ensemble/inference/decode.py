@@ -61,6 +61,8 @@ from ensemble.inference.tta import CamSource, Geometry, canvas_shape, crop_box, 
 #: batches when one is larger than half of it. Fewer batches than workers may then be decoded
 #: at once: the bound wins.
 PREFETCH_BYTES = 1 << 30
+#: The share of `ens infer --memory` the decoded batches may take (at most :data:`PREFETCH_BYTES`).
+QUEUE_SHARE = 0.25
 
 #: ``interpolation`` (the model metadata's name) -> Pillow's resampling filter.
 RESAMPLE = {
@@ -442,6 +444,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def queue_budget(memory: int | None) -> int:
+    """The bytes the decoded batches may take of a run's ``memory`` (bytes of ``--memory``;
+    ``None``: :data:`PREFETCH_BYTES`)."""
+    return PREFETCH_BYTES if memory is None else min(PREFETCH_BYTES, int(memory * QUEUE_SHARE))
+
+
 def queue_batches(workers: int, batch_bytes: int, budget: int = PREFETCH_BYTES) -> int:
     """Batches in flight (the one the model holds included): two per worker, plus two, within
     ``budget`` bytes; never fewer than two, so decoding overlaps the model."""
@@ -477,6 +485,9 @@ class Decoder:
     sources: tuple[CamSource, ...] = ()
     #: Where a line for the user goes (the shared memory had room for fewer blocks).
     note: Callable[[str], None] | None = None
+    #: The bytes the blocks may take together (:func:`queue_batches`; `ens infer` gives its
+    #: share of ``--memory``).
+    queue_budget: int = PREFETCH_BYTES
     #: Seconds the consumer spent waiting for decoded batches (the decoding was the bottleneck).
     waited: float = field(init=False, default=0.0)
     _pool: ProcessPoolExecutor | None = field(init=False, default=None)
@@ -487,7 +498,7 @@ class Decoder:
     def __post_init__(self) -> None:
         self.batch_bytes = batch_bytes(self.batch_size, self.geometries, self.sources)
         if self.prefetch is None:
-            self.prefetch = queue_batches(self.workers, self.batch_bytes)
+            self.prefetch = queue_batches(self.workers, self.batch_bytes, self.queue_budget)
 
     @property
     def queue_bytes(self) -> int:

@@ -35,6 +35,10 @@ from ensemble.inference.runtime import GpuOptions, Model, Runner, cpu_threads
 from ensemble.inference.tta import CamSource, Geometry, View, cam_source, geometries, hflip, merge, view_size
 
 
+#: The most logits (views x rows x classes) merged at once: the merge's float64 copies and
+#: temporaries (up to ~60 bytes a logit for ``mean-probs``) stay within about 64 MB whatever
+#: ``--batch-size`` and the classes. Rows merge apart with the same values (:func:`merge_rows`).
+MERGE_LOGITS = 1 << 20
 #: The most threads resizing one batch's cam crops. While they work the sessions wait for them,
 #: but the decoding processes share the cores; at 8 a batch of 32 (the default) is 4 rows a
 #: thread already, and more threads would mostly take cores from the decoding.
@@ -153,8 +157,15 @@ class Forward:
     def _model(self, item: ModelPass, decoded: DecodedBatch) -> ModelOutput:
         count = decoded.count
         plan = item.cam
-        outputs: list[np.ndarray | None] = [None] * (sum(len(g.rows) for g in item.groups)
-                                                     + (len(plan.rows) if plan else 0))
+        views = sum(len(g.rows) for g in item.groups) + (len(plan.rows) if plan else 0)
+        per_view: np.ndarray | None = None  # (views, count, classes) float32, filled pass by pass
+
+        def put(row: int, logits: np.ndarray) -> None:
+            nonlocal per_view
+            if per_view is None:
+                per_view = np.empty((views, count, logits.shape[1]), np.float32)
+            per_view[row] = logits[:count]
+
         seconds = 0.0
         maps = None
         for group in item.groups:
@@ -166,7 +177,7 @@ class Forward:
                 else:
                     logits = item.runner(view)
                 seconds += time.perf_counter() - tick
-                outputs[row] = logits[:count]
+                put(row, logits)
         boxes = None
         if plan is not None:
             crops, boxes = self.cam_crops(plan, decoded, maps)
@@ -175,9 +186,8 @@ class Forward:
                 tick = time.perf_counter()
                 logits = item.runner(view)
                 seconds += time.perf_counter() - tick
-                outputs[row] = logits[:count]
-        per_view = np.stack(outputs)  # (views, count, classes)
-        return ModelOutput(merge(per_view, self.merge_mode), per_view, seconds, boxes)
+                put(row, logits)
+        return ModelOutput(merge_rows(per_view, self.merge_mode), per_view, seconds, boxes)
 
     def cam_crops(self, plan: CamPlan, decoded: DecodedBatch, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The cam crops of a batch, uint8 ``(batch, size, size, 3)`` (zeros for padding and bad
@@ -227,6 +237,22 @@ class Forward:
             np.copyto(mirrored, hflip(source))
             self._filled.add(geo)
         return self._buffers[geo]
+
+
+def merge_rows(per_view: np.ndarray, mode: str, most: int | None = None) -> np.ndarray:
+    """:func:`~ensemble.inference.tta.merge` of ``(views, rows, classes)`` logits, a few rows at
+    a time (at most ``most`` logits, default :data:`MERGE_LOGITS`; at least one row): each row
+    merges on its own (reductions over its views and its classes only), so the scores equal one
+    merge of them all, byte for byte, while the merge's float64 temporaries stay bounded."""
+    most = MERGE_LOGITS if most is None else most
+    views, rows, classes = per_view.shape
+    step = max(1, most // max(1, views * classes))
+    if step >= rows:
+        return merge(per_view, mode)
+    scores = np.empty((rows, classes), np.float64)
+    for lo in range(0, rows, step):
+        scores[lo:lo + step] = merge(per_view[:, lo:lo + step], mode)
+    return scores
 
 
 def make_forward(options: InferOptions) -> Forward:

@@ -13,7 +13,7 @@ import dataclasses
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from ensemble.inference.decode import Decoder
+from ensemble.inference.decode import Decoder, queue_budget
 from ensemble.inference.engine import BatchOutput, Event, InferOptions, OpenedEngine, gpu_options, resolve_device
 from ensemble.inference.forward import Forward, ModelPass, decode_needs, make_forward, open_passes
 from ensemble.inference.runtime import TRT_CACHE, Model, cpu_threads, prepare_trt_cache
@@ -66,8 +66,10 @@ def open_local_engine(models: Sequence[Model], views: Sequence[View], options: I
         cores = cpu_threads()
         workers = max(1, cores // 4) if device == "cpu" else max(1, cores - 1)
     # The decoding processes start first, so that they come up while the sessions load.
+    # The decoded batches take their share of --memory (the rest is the logits').
     with Decoder(batch_size=options.batch_size, workers=workers, **decode_needs(models, views, options),
-                 note=lambda message: report(Event("note", message=message))) as decoder:
+                 note=lambda message: report(Event("note", message=message)),
+                 queue_budget=queue_budget(options.memory)) as decoder:
         if device == "tensorrt":
             gpu = dataclasses.replace(gpu, trt_cache=prepare_trt_cache(Path(options.out) / TRT_CACHE))
         passes = open_passes(models, views, options, device, gpu)

@@ -13,6 +13,9 @@ from ensemble.inference.foreign import ForeignPreprocess
 
 #: ``--scales`` default: the multi-scale TTA of timm's validation recipes (x 7/8 and x 8/7).
 DEFAULT_SCALES = (0.875, 1.0, 1.143)
+#: Images per resumable chunk when ``--chunk-size`` is left out (rounded up to whole batches),
+#: unless the models' chunk buffers would not fit ``--memory`` (see :func:`ensemble.inference.run.chunk_size`).
+DEFAULT_CHUNK_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -20,8 +23,12 @@ class InferOptions:
     """How to run. ``workers=None`` picks a default for the device: a quarter of the cores on
     CPU (the model needs the rest), all cores but one on a GPU. ``batch_size`` is the images of
     one decoded batch and of one forward pass. ``chunk_size`` (images per resumable chunk) is
-    rounded up to a multiple of ``batch_size``. ``cudnn_search``, ``gpu_mem_limit`` (GiB per
-    model) and ``trt_fp16`` only matter on a GPU (see :class:`~ensemble.inference.runtime.GpuOptions`).
+    rounded up to a multiple of ``batch_size``; ``None``: :data:`DEFAULT_CHUNK_SIZE`, or fewer
+    whole batches where every model's chunk buffers would not fit ``memory``. ``memory``: the
+    bytes of ``--memory`` (``None``: :func:`ensemble.memory.memory_budget`'s default), shared by
+    the decoded batches waiting for the models (a quarter, at most 1 GiB) and the logits (the
+    chunk buffers and one batch's work). ``cudnn_search``, ``gpu_mem_limit`` (GiB per model) and
+    ``trt_fp16`` only matter on a GPU (see :class:`~ensemble.inference.runtime.GpuOptions`).
     """
 
     tta: tuple[str, ...] = ()
@@ -33,7 +40,8 @@ class InferOptions:
     workers: int | None = None
     on_bad_image: str = "fail"
     dtype: str = "float16"
-    chunk_size: int = 1024
+    chunk_size: int | None = None
+    memory: int | None = None
     out: Path = Path("runs")
     #: ``--name``: the store folder's name under ``out`` instead of the model file's stem (one
     #: model only): how ``fold0/model.onnx`` and ``fold1/model.onnx`` keep a store each.

@@ -34,7 +34,7 @@ import os
 import shlex
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -44,17 +44,19 @@ from ensemble import __version__
 from ensemble.errors import EnsError
 from ensemble.formats.dataset import Split, check_store_name
 from ensemble.formats.store import (DTYPES, DatasetRecord, ModelRecord, RunFigures, StoreManifest, StoreWriter,
-                                    TtaRecord, infer_command, read_store, recorded_model, store_path)
+                                    TtaRecord, infer_command, read_store, recorded_model, store_path, to_dtype)
 from ensemble.inference.cam import CamSettings
 from ensemble.formats.image import is_jpeg
-from ensemble.inference.decode import PIXELS
+from ensemble.inference.decode import PIXELS, queue_budget
 from ensemble.inference.engine import (CAM_OPTIONS, BatchOutput, Engine, EngineOpener, Event, cam_settings,
                                        gpu_options)
+from ensemble.inference import forward
 from ensemble.inference.forward import ModelPass
 from ensemble.inference.local import open_local_engine
-from ensemble.inference.options import InferOptions, option_flag
+from ensemble.inference.options import DEFAULT_CHUNK_SIZE, InferOptions, option_flag
 from ensemble.inference.runtime import Model, check_gpu_options, device_choices, load_model
 from ensemble.inference.tta import View, merge_mode, plan_views, view_size
+from ensemble.memory import GIB, memory_budget
 
 BAD_IMAGE_POLICIES = ("fail", "skip")
 #: ``--engine``: this machine (:mod:`ensemble.inference.local`) or a Ray cluster
@@ -91,13 +93,89 @@ class InferResult:
     seconds: float
 
 
+#: Bytes a merge's float64 copies and temporaries take per logit (``mean-probs``, the most:
+#: measured about 60); :data:`~ensemble.inference.forward.MERGE_LOGITS` logits merge at once.
+MERGE_BYTES = 64
+
+
+@dataclass(frozen=True)
+class LogitMemory:
+    """What a run's logits hold at once, in bytes: ``row`` per image of a chunk (every model's
+    merged scores, kept views and cam box, in the stored dtype: the chunk buffers, filled batch
+    by batch), and ``batch``: one batch's outputs of every model (float32 views, float64
+    scores), one model's conversion to the stored dtype, and a merge's temporaries. A chunk of
+    ``n`` images needs ``n * row + batch``; nothing grows with the split's rows."""
+
+    row: int
+    batch: int
+
+    def need(self, chunk: int) -> int:
+        return chunk * self.row + self.batch
+
+
+def logit_memory(models: Sequence[Model], views: Sequence[View], options: InferOptions) -> LogitMemory:
+    """The :class:`LogitMemory` of these models and views with these options (dtype,
+    ``--keep-views``, ``--batch-size``)."""
+    classes = [m.metadata.num_classes for m in models]
+    itemsize = np.dtype(options.dtype).itemsize
+    stored = 1 + (len(views) if options.keep_views else 0)
+    box = 16 if any(v.cam for v in views) else 0
+    batch, count = options.batch_size, len(views)
+    held = batch * sum(c * (4 * count + 8) for c in classes)  # every model's BatchOutput
+    # One model at a time: its pass's output, the finite check's mask, its scores converted and,
+    # kept, the clipped float32 copy of its views and their stored dtype.
+    kept = 4 + itemsize if options.keep_views else 0
+    converting = batch * max(classes) * (count * (1 + kept) + 4 + 8 + itemsize)
+    merging = min(forward.MERGE_LOGITS, batch * count * max(classes)) * MERGE_BYTES
+    return LogitMemory(row=sum(c * itemsize * stored + box for c in classes), batch=held + converting + merging)
+
+
+def default_chunk_size(batch_size: int) -> int:
+    """:data:`~ensemble.inference.options.DEFAULT_CHUNK_SIZE` rounded up to whole batches."""
+    return -(-DEFAULT_CHUNK_SIZE // batch_size) * batch_size
+
+
+def chunk_size(models: Sequence[Model], views: Sequence[View], options: InferOptions, memory: int) -> int:
+    """The images of a chunk: ``--chunk-size`` rounded up to whole batches, or left out,
+    :func:`default_chunk_size` or fewer whole batches where the chunk buffers of every model
+    would not fit ``memory`` less the decoded batches' share
+    (:func:`~ensemble.inference.decode.queue_budget`). One line naming both when a given
+    chunk, or a single batch, cannot fit."""
+    batch = options.batch_size
+    usage = logit_memory(models, views, options)
+    budget = memory - queue_budget(memory)
+    fit = max(0, budget - usage.batch) // usage.row // batch * batch
+    what = (f"{len(models)} model{'s' if len(models) > 1 else ''} x {len(views)} view{'s' if len(views) > 1 else ''}"
+            f"{' kept' if options.keep_views else ''} x {max(m.metadata.num_classes for m in models)} classes")
+    room = (f"the {_size(budget)} that --memory {memory / GIB:g} GiB leaves beside the decoded images "
+            "(--memory, else ENS_MEMORY, else 1/8 of physical memory)")
+    if fit < batch:
+        raise EnsError(f"--batch-size {batch}: one chunk of a batch ({what}) needs about "
+                       f"{_size(usage.need(batch))} of logits, over {room}; give a smaller --batch-size, or a "
+                       "larger --memory")
+    if options.chunk_size is None:
+        return min(default_chunk_size(batch), fit)
+    chunk = -(-options.chunk_size // batch) * batch
+    if usage.need(chunk) > budget:
+        raise EnsError(f"--chunk-size {options.chunk_size}: a chunk ({what}) needs about {_size(usage.need(chunk))} "
+                       f"of logits, over {room}; give --chunk-size {fit} or less, or a larger --memory "
+                       "(or leave --chunk-size out: it then follows --memory)")
+    return chunk
+
+
 @dataclass
 class _Chunk:
-    """Rows of one chunk collected for one model, batch by batch."""
+    """One model's rows of one chunk, filled batch by batch in the stored dtype: merged scores
+    ``(rows, classes)``, kept views ``(views, rows, classes)`` and cam boxes ``(rows, 4)``."""
 
-    scores: list[np.ndarray] = field(default_factory=list)
-    views: list[np.ndarray] = field(default_factory=list)
-    boxes: list[np.ndarray] = field(default_factory=list)
+    scores: np.ndarray
+    views: np.ndarray | None = None
+    boxes: np.ndarray | None = None
+
+    @classmethod
+    def empty(cls, rows: int, classes: int, views: int, dtype: str, keep_views: bool, boxes: bool) -> _Chunk:
+        return cls(np.empty((rows, classes), dtype), np.empty((views, rows, classes), dtype) if keep_views else None,
+                   np.zeros((rows, 4), np.float32) if boxes else None)
 
 
 def recorded_arguments(model: Model, options: InferOptions, device: str) -> dict[str, Any]:
@@ -112,7 +190,10 @@ def recorded_arguments(model: Model, options: InferOptions, device: str) -> dict
             values["scales"] = [float(s) for s in options.scales]
     for name in REPEATED_OPTIONS:
         value = getattr(options, name)
-        if value != getattr(defaults, name):
+        if name == "chunk_size":  # the chunk the run used, where it is not the default's
+            if value is not None and value != default_chunk_size(options.batch_size):
+                values[name] = value
+        elif value != getattr(defaults, name):
             values[name] = value
     if "cam" in options.tta:
         cam, default_cam = cam_settings(options), CamSettings()
@@ -163,7 +244,7 @@ def _check_options(options: InferOptions) -> None:
         raise EnsError(f"--batch-size {options.batch_size}: must be at least 1")
     if options.workers is not None and options.workers < 0:
         raise EnsError(f"--workers {options.workers}: must be 0 (decode in this process) or more")
-    if options.chunk_size < 1:
+    if options.chunk_size is not None and options.chunk_size < 1:
         raise EnsError(f"--chunk-size {options.chunk_size}: must be at least 1")
     if options.engine not in ENGINES:
         raise EnsError(f"--engine {options.engine}: choose from {', '.join(ENGINES)}")
@@ -221,13 +302,16 @@ def infer(models: Sequence[str | Path], splits: Sequence[Split], options: InferO
     opened_models = _load_models([Path(p) for p in models], options, views)
     _check_owners(opened_models, splits, options)
 
-    chunk_size = -(-options.chunk_size // options.batch_size) * options.batch_size
+    memory = memory_budget() if options.memory is None else options.memory
+    chunk = chunk_size(opened_models, views, options, memory)
+    # The chunk the stores record and the budget the engine sizes its queue of decoded batches by.
+    options = dataclasses.replace(options, chunk_size=chunk, memory=memory)
     results: list[StoreResult] = []
     decodes = 0
     with engine_opener(options.engine)(opened_models, views, options, report) as opened:
         for split in splits:
             run = _SplitRun(split, opened.passes, views, options, opened.engine, opened.device, opened.provider,
-                            chunk_size, report, opened.fallback)
+                            chunk, report, opened.fallback)
             results.extend(run.execute())
             decodes += run.decodes
     return InferResult(device=opened.device, provider=opened.provider, workers=opened.engine.workers,
@@ -431,7 +515,9 @@ class _SplitRun:
             self.report(Event("note", split.name, message=f"{split.name}: resuming, {before} of {total} images done"))
         self.report(Event("start", split.name, done=before, total=total))
         needs = {c: [item for item in todo if c in self._missing(item)] for c in chunks}
+        # One chunk's buffers per model at a time (batches come in order): never the split's rows.
         pending: dict[int, dict[str, _Chunk]] = {}
+        dtype, keep_views, boxes = self.options.dtype, self.options.keep_views, any(v.cam for v in self.views)
         bad: dict[int, list[tuple[int, str]]] = {}
         self.model_seconds = {item.model.name: 0.0 for item in todo}
         models = {item.model.name: item.model for item in todo}
@@ -445,15 +531,23 @@ class _SplitRun:
             self._check_bad(out)
             c = out.start // self.chunk_size
             bad.setdefault(c, []).extend((out.start - c * self.chunk_size + r, why) for r, why in out.bad)
-            parts = pending.setdefault(c, {item.model.name: _Chunk() for item in needs[c]})
+            if c not in pending:
+                rows = self._chunk_rows(c)
+                pending[c] = {item.model.name: _Chunk.empty(rows, item.model.metadata.num_classes, len(self.views),
+                                                            dtype, keep_views, boxes) for item in needs[c]}
+            parts = pending[c]
+            lo = out.start - c * self.chunk_size
+            hi = lo + out.count
             for name, result in out.models.items():
                 self._check_finite(models[name], out, result.views)
                 self.model_seconds[name] += result.seconds
-                parts[name].scores.append(result.scores)
-                if self.options.keep_views:
-                    parts[name].views.append(result.views)
-                if result.boxes is not None:
-                    parts[name].boxes.append(result.boxes)
+                part = parts[name]
+                # Converted batch by batch: the same values as converting the whole chunk.
+                part.scores[lo:hi] = to_dtype(result.scores, dtype)
+                if part.views is not None:
+                    part.views[:, lo:hi] = to_dtype(result.views, dtype)
+                if part.boxes is not None and result.boxes is not None:
+                    part.boxes[lo:hi] = result.boxes
             processed += out.count
             rate = processed / max(time.perf_counter() - started, 1e-9)
             done = before + processed
@@ -528,9 +622,7 @@ class _SplitRun:
         keep = np.ones(self._chunk_rows(c), bool)
         keep[[r for r, _ in bad]] = False
         for name, part in parts.items():
-            views = np.concatenate(part.views, axis=1) if part.views else None
-            boxes = np.concatenate(part.boxes) if part.boxes else None
-            self.writers[name].write_chunk(c, np.concatenate(part.scores), keep, bad, views, boxes)
+            self.writers[name].write_chunk(c, part.scores, keep, bad, part.views, part.boxes)
 
 
 def _size(count: int) -> str:
