@@ -259,3 +259,17 @@ def test_ten_thousand_classes_fit_from_one_block_of_memory_and_match_the_full_mi
     best = minimize(full_nll, np.zeros(n_members), method="Nelder-Mead",
                     options={"xatol": 1e-8, "fatol": 1e-12, "maxiter": 4000})
     np.testing.assert_allclose(fitted.weights_, np.exp(best.x - logsumexp(best.x)), atol=1e-4)
+
+
+def test_bin_masses_of_large_bins_match_float64_sums():
+    """Bins of thousands of classes (runs summed in float32, then in float64) and bins of one."""
+    rng = np.random.default_rng(2)
+    n_classes = 6000
+    counts = np.where(np.arange(n_classes) < 5000, 300, 1 + np.arange(n_classes) % 7)
+    lp = log_softmax(rng.normal(0, 2, (2, 25, n_classes)).astype(np.float32))
+    stats = _collect(lp, np.zeros(25, dtype=np.int64), class_log_prior(counts), block=10)
+    shift = stats.bins.shift
+    expected = np.stack([np.exp(lp.astype(np.float64))[..., shift == value].sum(axis=2) for value in stats.bins.low],
+                        axis=2)
+    assert stats.bins.exact and stats.bins.n_bins == 8
+    np.testing.assert_allclose(stats.bin_probs, expected, rtol=2e-6)
