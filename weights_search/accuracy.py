@@ -26,6 +26,10 @@ class AccuracyBlend(MixtureBlender):
     With a prior, the rows counted are those the corrected mixture gets right at the round's
     ``tau`` (see :func:`weights_search.prior.fit_mixture_prior`; ``tau`` itself is fitted by NLL).
 
+    Its statistics hold rival pairs (:mod:`weights_search.stats`): every (row, class) that some
+    member scores at least as high as the true class (with a fitted prior, at ``tau`` 0 or 3),
+    ``12 + 4 M`` bytes each, bounded by the collector's ``max_pairs``.
+
     ``train_score_``: top-1 error on the fitting rows (ties count as errors).
     ``n_passes_``: passes run (by the last round, with a prior).
     """

@@ -34,7 +34,9 @@ class GreedyBlend(MixtureBlender):
     already in) whose addition gives the best ``score``: ``"nll"``, the NLL of the mixture whose
     weights are the selection counts (the default: smooth, and it rewards calibration), or
     ``"accuracy"``, its top-1 error (ties count as errors, see :mod:`weights_search.margins`).
-    Ties between candidates go to the lower member index.
+    Ties between candidates go to the lower member index. ``score="accuracy"`` fits from rival
+    pairs, as :class:`~weights_search.accuracy.AccuracyBlend` does (memory: see
+    :mod:`weights_search.stats`); ``"nll"`` from the true-class columns alone.
 
     Bagging: each of ``n_bags`` bags draws ``round(bag_fraction * M)`` members (at least 1)
     without replacement, with ``seed``; the counts of all bags are added up. The default, one
