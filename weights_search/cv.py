@@ -33,10 +33,10 @@ from typing import Any, Callable, Hashable, Mapping, Sequence
 import numpy as np
 
 from weights_search.base import Blender
-from weights_search.fitted import FittedBlend, Reader, StatsPass, collect_stats, temperature_stats
-from weights_search.functional import log_softmax
+from weights_search.fitted import FittedBlend, Reader, StatsPass, collect_stats, mixture_of_log_probs, temperature_stats
+from weights_search.functional import MIXTURE, log_softmax
 from weights_search.metrics import bootstrap_ci, rank_of_true
-from weights_search.prior import LogitAdjustment
+from weights_search.prior import LogitAdjustment, adjust
 from weights_search.registry import DEFAULT_METHOD, get_method
 from weights_search.source import MemberSource, as_source, check_labels
 
@@ -233,7 +233,7 @@ def _cross_validate(logits, labels, method, params, *, n_folds, temperature, mem
     def score(rows: np.ndarray, fold: int, log_probs: np.ndarray, blends: Sequence[Blender]) -> None:
         truth = labels[rows]
         for b in range(n_blends):
-            held_out = log_probs[b] if b < n_members else blends[b - n_members].predict_log_proba(log_probs)
+            held_out = log_probs[b] if b < n_members else _predict(blends[b - n_members], log_probs)
             rank = rank_of_true(held_out, truth)
             hits[b, 0, rows] = rank < 1
             hits[b, 1, rows] = rank < top_k
@@ -249,6 +249,15 @@ def _cross_validate(logits, labels, method, params, *, n_folds, temperature, mem
                         for b, (name, kind, corrected) in enumerate(rows))
     report = CvReport(method, top_k, n_folds, temperature, report_rows, prior is not None, tuple(fold_taus))
     return report, specs, final_stats, temperatures
+
+
+def _predict(blender: Blender, log_probs: np.ndarray) -> np.ndarray:
+    """``blender.predict_log_proba(log_probs)``; a mixture fused by
+    :func:`~weights_search.fitted.mixture_of_log_probs` (the same values, a third of the work)."""
+    if blender.fusion != MIXTURE:
+        return blender.predict_log_proba(log_probs)
+    fused = mixture_of_log_probs(log_probs, blender.weights_)
+    return fused if blender.tau_ is None else adjust(fused, blender.log_prior_, blender.tau_)
 
 
 @dataclass(frozen=True)

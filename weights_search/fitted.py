@@ -15,10 +15,11 @@ from functools import cached_property
 from typing import Any, Hashable, Iterator, Mapping, Sequence
 
 import numpy as np
+from scipy import special
 
 from weights_search import temperature as _temperature
 from weights_search.base import Blender
-from weights_search.functional import FUSIONS, fuse, log_softmax
+from weights_search.functional import FUSIONS, MIXTURE, _check_weights, fuse, log_softmax
 from weights_search.prior import LogitAdjustment, adjust
 from weights_search.registry import DEFAULT_METHOD, get_method
 from weights_search.source import ArraySource, MemberSource, as_source, blocks, check_labels, default_block_rows
@@ -71,8 +72,15 @@ class FittedBlend:
 
     def log_proba(self, logits: np.ndarray) -> np.ndarray:
         """Blended class log-probabilities ``(n, C)`` float32 of member logits ``(M, n, C)``,
-        corrected for the prior when the blend has one."""
-        return self.fuse_log_probs(log_softmax(logits, self._arrays[1]))
+        corrected for the prior when the blend has one.
+
+        A mixture is computed by :func:`mixture_of_logits` (one exponential per member value);
+        geometric pooling as :meth:`fuse_log_probs` of the members' log-softmax."""
+        weights, temperatures, log_prior = self._arrays
+        if self.fusion != MIXTURE:
+            return self.fuse_log_probs(log_softmax(logits, temperatures))
+        fused = mixture_of_logits(logits, weights, temperatures)
+        return fused if self.tau is None else adjust(fused, log_prior, self.tau)
 
     def fuse_log_probs(self, log_probs: np.ndarray) -> np.ndarray:
         """:meth:`log_proba` of member log-probabilities ``(M, n, C)`` already at the blend's
@@ -80,6 +88,101 @@ class FittedBlend:
         weights, _, log_prior = self._arrays
         fused = fuse(log_probs, weights, self.fusion)
         return fused if self.tau is None else adjust(fused, log_prior, self.tau)
+
+
+#: :func:`mixture_of_logits` recomputes at most this fraction of a block's values exactly; a
+#: block with more values below float32's normal range is fused the slow, stable way throughout.
+MAX_EXACT_SHARE = 1 / 16
+
+
+def mixture_of_logits(logits: np.ndarray, weights: np.ndarray, temperatures: np.ndarray | None = None) -> np.ndarray:
+    """``log sum_m w_m softmax(logits[m] / T_m)``: ``(n, C)`` float32 of ``(M, n, C)`` member
+    logits, ``(M,)`` non-negative weights (normalised here) and optional ``(M,)`` temperatures.
+
+    The value of ``fuse(log_softmax(logits, temperatures), weights, "mixture")`` (to float32
+    rounding) at about a third of its cost: each member's probabilities are exponentiated once,
+    ``exp(z - max z)``, and added up scaled by ``w_m / sum``; the log-softmax's exponential and
+    the fusion's two passes (a running maximum, then exponentials shifted by it) are saved.
+    Where the mixture's probability falls below float32's normal range (about ``e**-87``: the
+    summed exponentials lost precision or underflowed to 0), the value is recomputed exactly
+    from the members' log-probabilities, in float64, so such classes keep the finite
+    log-probability the stable fusion gives them; a block where more than
+    :data:`MAX_EXACT_SHARE` of the values need it is fused the stable way throughout.
+    """
+    logits = np.asarray(logits)
+    w = _check_weights(weights, logits)
+    used = np.flatnonzero(w > 0)
+    if used.size == 0:
+        raise ValueError("mixture weights are all zero")
+    w = w[used] / w[used].sum()
+    t = None if temperatures is None else np.asarray(temperatures, dtype=np.float32)
+    if t is not None and (t.shape != (logits.shape[0],) or not (np.isfinite(t).all() and (t > 0).all())):
+        return fuse(log_softmax(logits, t), np.asarray(weights), MIXTURE)  # its own error for bad temperatures
+    n_rows, n_classes = logits.shape[1:]
+    total = np.zeros((n_rows, n_classes), dtype=np.float32)
+    scratch = np.empty_like(total)
+    log_norm = np.empty((used.size, n_rows, 1), dtype=np.float32)
+    for i, m in enumerate(used):
+        if t is None:
+            scratch[...] = logits[m]
+        else:
+            np.divide(logits[m], t[m], out=scratch, dtype=np.float32)
+        top = scratch.max(axis=1, keepdims=True)
+        if not np.isfinite(top).all():
+            raise ValueError("logits have a row whose largest value is not finite (all -inf, +inf or NaN)")
+        scratch -= top
+        np.exp(scratch, out=scratch)
+        sums = scratch.sum(axis=1, keepdims=True)
+        scratch *= (w[i] / sums).astype(np.float32)
+        total += scratch
+        log_norm[i] = top + np.log(sums)
+
+    def member_log_probs(i: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        z = logits[used[i]][rows, cols].astype(np.float32)
+        return (z if t is None else z / t[used[i]]) - log_norm[i, rows, 0]
+
+    out = _log_total(total, w, member_log_probs)
+    return fuse(log_softmax(logits, temperatures), np.asarray(weights), MIXTURE) if out is None else out
+
+
+def mixture_of_log_probs(log_probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``fuse(log_probs, weights, "mixture")`` (to float32 rounding) with one exponential per
+    member value and no running maximum: ``log sum_m w_m exp(log_probs[m])``, the values below
+    float32's normal range recomputed exactly as :func:`mixture_of_logits` does."""
+    log_probs = np.asarray(log_probs)
+    w = _check_weights(weights, log_probs)
+    used = np.flatnonzero(w > 0)
+    if used.size == 0:
+        raise ValueError("mixture weights are all zero")
+    w = w[used] / w[used].sum()
+    total = np.zeros(log_probs.shape[1:], dtype=np.float32)
+    scratch = np.empty_like(total)
+    for i, m in enumerate(used):
+        np.exp(log_probs[m], out=scratch)
+        scratch *= np.float32(w[i])
+        total += scratch
+    out = _log_total(total, w, lambda i, rows, cols: log_probs[used[i]][rows, cols])
+    return fuse(log_probs, weights, MIXTURE) if out is None else out
+
+
+def _log_total(total: np.ndarray, w: np.ndarray, member_log_probs) -> np.ndarray | None:
+    """``log(total)`` in place, the values below float32's normal range recomputed as
+    ``logsumexp_m(log w_m + member_log_probs(m, rows, cols))`` in float64; None when more than
+    :data:`MAX_EXACT_SHARE` of them need it (the caller fuses the stable way)."""
+    low = total < np.finfo(np.float32).tiny
+    with np.errstate(divide="ignore"):
+        out = np.log(total, out=total)
+    if not low.any():
+        return out
+    rows, cols = np.nonzero(low)
+    if rows.size > MAX_EXACT_SHARE * low.size:
+        return None
+    terms = np.empty((w.size, rows.size))
+    for i in range(w.size):
+        terms[i] = member_log_probs(i, rows, cols).astype(np.float64) + np.log(w[i])
+    with np.errstate(divide="ignore"):
+        out[rows, cols] = special.logsumexp(terms, axis=0)
+    return out
 
 
 def fit_blend(logits: MemberSource | np.ndarray | Sequence[np.ndarray], labels: np.ndarray,
