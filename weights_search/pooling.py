@@ -36,6 +36,14 @@ from weights_search.prior import TAU_BOUNDS, LogitAdjustment
 UNION_CLASSES = 64
 #: With at most this many classes, every class of every row is kept (exact statistics, no pilot).
 EXACT_CLASSES = 128
+#: The rest's third cumulants (``N * D**3`` float32) are kept while they take at most this many
+#: bytes (up to 100,000 rows of 5 parameters, 3,000 rows of 17); beyond, the expansion stops at
+#: the second order.
+THIRD_ORDER_BYTES = 256 * 2**20
+#: The expansion's third-order term is followed up to this many tilted standard deviations of
+#: the rest's score change ``d . v``; beyond, ``d`` is scaled down to it in that term (the convex
+#: second-order part carries the rest).
+TRUST = 1.0
 
 
 def pooled_nll_and_grad(weights: np.ndarray, relative: np.ndarray) -> tuple[float, np.ndarray]:
@@ -122,28 +130,34 @@ class LogitStats:
       (``pilot`` ``(N, D)``): ``log_s0`` ``(N,)`` = ``log sum_rest exp(x0 . v)``, ``mean``
       ``(N, D)`` and ``cov`` ``(N, D, D)`` of ``v`` under that tilt. Then, with ``d = x - x0``,
 
-          log sum_rest exp(x . v) ~= log_s0 + mean . d + d' cov d / 2
+          log sum_rest exp(x . v) ~= log_s0 + mean . d + d' cov d / 2 + skew[d, d, d] / 6
 
-      (second-order cumulant expansion: exact at ``x0`` with gradient and Hessian; the error is
-      the third tilted cumulant of ``d . v`` over 6, and it enters the row's normaliser times the
-      rest's share of it). Convex in ``x``, so the fitted NLL stays convex.
+      with ``skew`` ``(N, D, D, D)`` float32 the tilted third cumulants (kept while they take at
+      most :data:`THIRD_ORDER_BYTES`, else None and the expansion stops at the second order):
+      the cumulant expansion, exact at ``x0`` to the third derivative; the error is about the
+      fourth tilted cumulant of ``d . v`` over 24, and it enters the row's normaliser times the
+      rest's share of it. The third-order term follows ``d`` only within :data:`TRUST` tilted
+      standard deviations of ``d . v``; beyond, the convex second-order part carries it, so far
+      from the pilot (the solver's start, ``w = 0``) the objective stays sane.
 
     The pilots come from :mod:`weights_search.expansion`: the first rows' exact fit, then fits on
     the first half of the rows for the second half, so ``d`` is the sampling difference of the
-    weights between folds and halves. Measured (tests, 1,010 and 10,000 classes, N = 1,500, three
+    weights between folds and halves (rows in an order whose halves differ, tested: still
+    within 1e-3). Measured (tests, 1,010 and 10,000 classes, N = 1,500, three
     correlated members of which one weak, a long-tailed prior): weights and ``tau`` within 1e-3
     of the exact fit (:func:`fit_pooling`), the same held-out top-1.
 
-    Memory: ``D * N * W`` float32 for the kept classes plus ``N * (D + 1) ** 2`` float64 for the
-    rest, ``W`` about :data:`UNION_CLASSES`: 100,000 rows, 4 members and a prior take 189 MB
+    Memory: ``D * N * W`` float32 for the kept classes plus ``N * (D + 1) ** 2`` float64 and
+    ``N * D**3`` float32 for the rest, ``W`` about :data:`UNION_CLASSES`: 100,000 rows, 4 members
+    and a prior take 239 MB
     (:meth:`subset` copies its rows: a CV fold's 80 % more while it is fitted); nothing ``(N, C)``. With ``C <= EXACT_CLASSES`` the kept classes are all classes,
     the rest is empty and the statistics are exact.
     """
 
-    def __init__(self, labels, n_classes, union, pad, true, log_s0, mean, cov, pilot, with_prior) -> None:
+    def __init__(self, labels, n_classes, union, pad, true, log_s0, mean, cov, skew, pilot, with_prior) -> None:
         self.labels, self.n_classes, self.with_prior = labels, n_classes, with_prior
         self.union, self.pad, self.true = union, pad, true
-        self.log_s0, self.mean, self.cov, self.pilot = log_s0, mean, cov, pilot
+        self.log_s0, self.mean, self.cov, self.skew, self.pilot = log_s0, mean, cov, skew, pilot
 
     @property
     def n_rows(self) -> int:
@@ -159,7 +173,8 @@ class LogitStats:
         if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer) or (rows.size and (rows.min() < 0 or rows.max() >= self.n_rows)):
             raise ValueError(f"rows must be a (n,) array of row indices in 0..{self.n_rows - 1}")
         return LogitStats(self.labels[rows], self.n_classes, self.union[:, rows], self.pad[rows], self.true[:, rows],
-                          self.log_s0[rows], self.mean[rows], self.cov[rows], self.pilot[rows], self.with_prior)
+                          self.log_s0[rows], self.mean[rows], self.cov[rows],
+                          None if self.skew is None else self.skew[rows], self.pilot[rows], self.with_prior)
 
     def nll_and_grad(self, x: np.ndarray, rows: slice = slice(None)) -> tuple[float, np.ndarray]:
         """Mean NLL of the pooled (and corrected) prediction at ``x`` ``(D,)`` and its gradient.
@@ -174,6 +189,11 @@ class LogitStats:
         d = x[None, :] - self.pilot[rows]
         cov_d = np.einsum("nij,nj->ni", self.cov[rows], d)
         rest = self.log_s0[rows] + np.einsum("ni,ni->n", d, self.mean[rows] + cov_d / 2) - x @ true
+        slope = self.mean[rows] + cov_d - true.T  # the rest's d(log sum)/dx, less the true class's
+        if self.skew is not None:
+            cubic, cubic_grad = _third_order(self.skew[rows], d, cov_d)
+            rest += cubic
+            slope += cubic_grad
         high = np.maximum(scores.max(axis=1).astype(np.float64), rest)
         e = np.exp(scores - high[:, None].astype(np.float32))
         e_rest = np.exp(rest - high)
@@ -182,7 +202,7 @@ class LogitStats:
         e /= total[:, None].astype(np.float32)
         share = e_rest / total
         grad = np.einsum("dnw,nw->d", union, e, dtype=np.float64)
-        grad += np.einsum("n,nd->d", share, self.mean[rows] + cov_d - true.T)
+        grad += np.einsum("n,nd->d", share, slope)
         return nll, grad / n_rows
 
     def fit(self, prior: LogitAdjustment | None, max_iter: int, tol: float, rows: slice = slice(None),
@@ -240,9 +260,11 @@ class LogitCollector(PilotedCollector):
             raise ValueError(f"pilot must be {d} values (weights, then tau with a prior), got {self._pilot.size}")
         self.per_member = -(-UNION_CLASSES // m)
         width = n_classes if not self._needs_pilot(n_classes) else m * self.per_member + 1
+        third = self._needs_pilot(n_classes) and n * d ** 3 * 4 <= THIRD_ORDER_BYTES
         self._stats_ = LogitStats(self.labels, n_classes, np.zeros((d, n, width), dtype=np.float32),
                                   np.zeros((n, width), dtype=np.float32), np.zeros((d, n)), np.full(n, -np.inf),
-                                  np.zeros((n, d)), np.zeros((n, d, d)), np.zeros((n, d)),
+                                  np.zeros((n, d)), np.zeros((n, d, d)),
+                                  np.zeros((n, d, d, d), dtype=np.float32) if third else None, np.zeros((n, d)),
                                   self.prior is not None)
 
     def _exact_pilot(self, block: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -281,8 +303,12 @@ class LogitCollector(PilotedCollector):
         s0 = e.sum(axis=1, dtype=np.float64)
         mean = np.matmul(values, e[:, :, None])[:, :, 0].astype(np.float64) / s0[:, None]
         values -= mean[:, :, None].astype(np.float32)
-        values *= np.sqrt(e)[:, None, :]
-        cov = np.matmul(values, values.transpose(0, 2, 1)).astype(np.float64) / s0[:, None, None]
+        weighted = values * e[:, None, :]
+        centred_t = values.transpose(0, 2, 1)
+        cov = np.matmul(weighted, centred_t).astype(np.float64) / s0[:, None, None]
+        if st.skew is not None:
+            for i in range(st.n_params):
+                st.skew[rows, i] = np.matmul(weighted * values[:, i:i + 1], centred_t) / s0[:, None, None]
         st.log_s0[rows] = high[:, 0] + np.log(s0)
         st.mean[rows] = mean
         st.cov[rows] = cov
@@ -290,6 +316,21 @@ class LogitCollector(PilotedCollector):
 
     def _stats(self) -> LogitStats:
         return self._stats_
+
+
+def _third_order(skew: np.ndarray, d: np.ndarray, cov_d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The expansion's third-order term ``skew[e, e, e] / 6`` per row and its gradient in ``d``,
+    where ``e = d`` within :data:`TRUST` tilted standard deviations (``d' cov d <= TRUST**2``) and
+    ``d`` scaled down to that beyond (see :class:`LogitStats`)."""
+    q = np.maximum(np.einsum("ni,ni->n", d, cov_d), 0.0)
+    scale = np.minimum(1.0, TRUST / np.sqrt(np.maximum(q, 1e-300)))
+    e = d * scale[:, None]
+    half = np.einsum("nij,nj->ni", np.einsum("nijk,nk->nij", skew, e, dtype=np.float64), e) / 2
+    cubic = np.einsum("ni,ni->n", half, e) / 3
+    # d e / d d = scale (I - d (cov d)' / q) where scaled, the identity elsewhere.
+    clipped = scale < 1
+    along = np.where(clipped, np.einsum("ni,ni->n", half, d) / np.where(clipped, q, 1.0), 0.0)
+    return cubic, scale[:, None] * (half - along[:, None] * cov_d)
 
 
 class LogitBlend(Blender):

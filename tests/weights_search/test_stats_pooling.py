@@ -12,7 +12,7 @@ from weights_search.metrics import top1
 from weights_search.pooling import EXACT_CLASSES, LogitBlend, LogitCollector, LogitStats
 from weights_search.prior import LogitAdjustment, adjust, class_log_prior
 
-FIELDS = ("union", "pad", "true", "log_s0", "mean", "cov", "pilot")
+FIELDS = ("union", "pad", "true", "log_s0", "mean", "cov", "skew", "pilot")
 
 
 def long_tailed_prior(n_classes, seed=1):
@@ -61,6 +61,33 @@ def test_a_fold_with_the_prior_matches_the_exact_fit_and_its_held_out_top1(probl
     assert streamed.tau_ == pytest.approx(exact.tau_, abs=1e-3)
     assert top1(streamed.predict_log_proba(log_probs[:, test]), labels[test]) == \
         top1(exact.predict_log_proba(log_probs[:, test]), labels[test])
+
+
+def test_halves_that_differ_stay_within_1e_3():
+    # Rows in an order where the second half is much sharper: its rows are expanded about pilots
+    # fitted on the first half, far from the fit of all rows.
+    log_probs, labels, prior = members_with_prior(2000, 1010, seed=12)
+    log_probs[:, 1000:] = log_softmax(log_probs[:, 1000:] * np.float32(1.4))
+    exact = LogitBlend().fit_exact(log_probs, labels, prior)
+    streamed = LogitBlend().fit_stats(collect(log_probs, labels, prior, 200), prior)
+    np.testing.assert_allclose(np.append(streamed.weights_, streamed.tau_), np.append(exact.weights_, exact.tau_),
+                               rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("x", [[0.8, 0.4, 0.05, 1.0], [0.0, 0.0, 0.0, 0.0], [3.0, 0.0, 1.0, 2.5]])
+def test_the_statistics_gradient_is_the_nll_slope(x):
+    # Near the pilots, at the solver's start (0) and far off (the third-order term scaled down).
+    log_probs, labels, prior = members_with_prior(300, 400, seed=13)
+    stats = collect(log_probs, labels, prior, 100)
+    assert stats.skew is not None
+    stats.union = stats.union.astype(np.float64)  # float32 scores would drown the differences
+    x = np.array(x)
+    nll, grad = stats.nll_and_grad(x)
+    step = 1e-3
+    for i in range(x.size):
+        dx = np.eye(x.size)[i] * step
+        slope = (stats.nll_and_grad(x + dx)[0] - stats.nll_and_grad(x - dx)[0]) / (2 * step)
+        assert grad[i] == pytest.approx(slope, rel=1e-3, abs=1e-6), i
 
 
 def test_blender_fit_runs_through_the_statistics():
