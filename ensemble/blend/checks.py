@@ -4,12 +4,10 @@ score near chance while the best does not (a class order trap)."""
 from __future__ import annotations
 
 from pathlib import Path
-
-import numpy as np
+from typing import Mapping
 
 from ensemble.blend.stores import BlendSplit
 from ensemble.fileio import sha256_file
-from ensemble.formats.blend import CHUNK_ROWS
 
 
 def label_warnings(split: BlendSplit, labels_path: Path) -> list[str]:
@@ -34,24 +32,19 @@ CHANCE_FACTOR = 3
 STRONG_TOP1 = 0.5
 
 
-def class_order_warnings(split: BlendSplit, labels: np.ndarray) -> list[str]:
-    """Notes for models that score near chance on the fitted split while the best is far above.
+def class_order_warnings(split: str, classes: int, scores: Mapping[str, float]) -> list[str]:
+    """Notes for models that score near chance on the fitted ``split`` (``scores``: each
+    model's top-1 there, of ``classes`` classes) while the best is far above.
 
     The usual cause is a class order trap: a model trained on torchvision's ``ImageFolder``
     (folders sorted as strings: "10" before "2") exported with ``--classes train2019.json``
     (categories sorted as numbers) predicts the right thing in the wrong columns.
     """
-    classes = len(split.class_ids)
-    scores = {}
-    for model, store in zip(split.models, split.stores):
-        predicted = np.concatenate([np.argmax(store.logits[i:i + CHUNK_ROWS], axis=1)
-                                    for i in range(0, store.logits.shape[0], CHUNK_ROWS)])
-        scores[model] = float((predicted == labels).mean())
     best = max(scores, key=scores.get)
     bound = CHANCE_FACTOR / classes
     if scores[best] < max(STRONG_TOP1, 2 * bound):
         return []
-    return [f"{model} scores top-1 {score:.3f} on {split.name}, under {CHANCE_FACTOR}x chance (1/{classes}), while "
+    return [f"{model} scores top-1 {score:.3f} on {split}, under {CHANCE_FACTOR}x chance (1/{classes}), while "
             f"{best} scores {scores[best]:.3f}: its output columns are likely in another order than its "
             "--classes says; if it was trained on a torchvision ImageFolder, re-export it with "
             "`ens export --classes TRAIN_FOLDER` (ImageFolder's order)"

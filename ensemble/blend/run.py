@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,14 +18,16 @@ from ensemble.blend.checks import class_order_warnings, label_warnings
 from ensemble.blend.prior import prior_cv_note, prior_hint, prior_notes, prior_tau
 from ensemble.blend.stores import BlendSplit, available_models, label_source, open_split
 from ensemble.errors import EnsError
-from ensemble.fileio import atomic_path, name_max, out_of_room, sha256_file
+from ensemble.fileio import atomic_path, json_text, name_max, out_of_room, sha256_file
 from ensemble.formats.blend import (BLEND_FILE, BLENDS, CHUNK_ROWS, FORMAT_VERSION, BlendRecord, CvTable, ModelProvenance,
                                     PriorCorrection, SplitStores, prior_counts,
                                     shown_path, store_digest)
 from ensemble.formats.common import is_sha256, read_json
 from ensemble.formats.dataset import load_labels, read_class_counts
+from ensemble.formats.members import Members
 from ensemble.formats.predictions import PREDICTIONS_FILE, write_predictions
 from ensemble.formats.store import MANIFEST
+from ensemble.memory import memory_budget, rows_per_block
 
 @dataclass(frozen=True)
 class BlendOptions:
@@ -101,6 +104,8 @@ def run_blend(options: BlendOptions) -> BlendResult:
     _check_not_stores(out)
     earlier = None if apply is not None else _earlier_predictions(out)
 
+    budget = memory_budget() if options.memory is None else options.memory
+    fitted = None
     if saved is not None:
         blend, record, views = _saved_blend(saved, options, models)
         models = record.models  # the blend's member order, whatever the order of --models
@@ -108,16 +113,20 @@ def run_blend(options: BlendOptions) -> BlendResult:
     else:
         views = options.views
         fitted = open_split(options.runs, models, options.optimize)
-        blend, record = _fit(options, fitted, views, notes)
+    # The applied split is opened before the fit so that a disk without room for what the run
+    # writes is refused before any long work.
+    split = open_split(options.runs, models, apply) if apply is not None else None
+    _check_room(out, split, options.top_k, saved, fitted, views)
+    if fitted is not None:
+        blend, record = _fit(options, fitted, views, notes, budget)
         reference, reference_name = record.provenance, f"{options.optimize} store"
 
-    split = arrays = None
-    if apply is not None:
-        split = open_split(options.runs, models, apply)
+    members = None
+    if split is not None:
         split.check_provenance(reference, reference_name)
-        names, arrays = split.members(views)
-        if tuple(names) != record.members:
-            raise EnsError(f"{apply}: its members {', '.join(names)} differ from the blend's "
+        members = split.members(views)
+        if tuple(members.names) != record.members:
+            raise EnsError(f"{apply}: its members {', '.join(members.names)} differ from the blend's "
                            f"{', '.join(record.members)}")
         if saved is not None and saved.class_ids is not None and tuple(split.class_ids) != saved.class_ids:
             raise EnsError(f"{options.weights}: fitted on other category ids than the {apply} stores have")
@@ -132,7 +141,7 @@ def run_blend(options: BlendOptions) -> BlendResult:
         blend_tmp = stack.enter_context(atomic_path(out / BLEND_FILE))
         if split is not None:
             predictions_tmp = stack.enter_context(atomic_path(predictions))
-            rows = _write_predictions(predictions_tmp, split, arrays, blend, options.top_k)
+            rows = _write_predictions(predictions_tmp, split, members, blend, options.top_k, budget)
             applied = dataclasses.replace(applied, predictions_sha256=sha256_file(predictions_tmp))
             record = record.applied(None if saved is None else str(options.weights), applied, runs=runs)
         record.write(blend_tmp)
@@ -341,28 +350,34 @@ def _out_folder(options: BlendOptions, apply: str | None) -> Path:
     return out
 
 
-def _fit(options: BlendOptions, split: BlendSplit, views: bool, notes: list[str]) -> tuple[Any, BlendRecord]:
+def _fit(options: BlendOptions, split: BlendSplit, views: bool, notes: list[str],
+         budget: int) -> tuple[Any, BlendRecord]:
+    """Cross-validate and fit the blend on ``split`` in the same passes over its stores
+    (:func:`weights_search.cross_validate_and_fit`), read in blocks of rows (``budget``: the
+    bytes the blocks' work may take)."""
     models = split.models
     method_asked = options.method or ws.DEFAULT_METHOD
     folds = 5 if options.cv is None else options.cv
     _check_folds(folds, options.cv is None, split)
-    names, arrays = split.members(views)
+    members = split.members(views)
+    names = members.names
     labels_path = label_source(split, options.data)
     labels = load_labels(labels_path, split.ids, split.class_ids)
     notes.extend(label_warnings(split, labels_path))
-    notes.extend(class_order_warnings(split, labels))
+    class_order_at = len(notes)  # its notes come from the CV's single-member rows, in this place
     adjustment = counts = None
     if options.prior is not None:
         counts = prior_counts(read_class_counts(options.prior), split.class_ids, options.prior)
         notes.extend(prior_notes(counts, split.class_ids, options.prior))
         adjustment = ws.LogitAdjustment(ws.class_log_prior(counts), prior_tau(options.prior_tau))
     notes.extend(prior_hint(options.data, options.prior is not None))
-    logits = np.stack([np.asarray(a, dtype=np.float32) for a in arrays])
+    block_rows = _block_rows(budget, members, FIT_COPIES)
     try:
         # top-k of fewer classes than k is top-(classes): the table says so
-        report = ws.cross_validate(logits, labels, method_asked, n_folds=folds, temperature=options.temperature,
-                                   member_names=names, top_k=min(options.top_k, len(split.class_ids)),
-                                   prior=adjustment)
+        report, blend = ws.cross_validate_and_fit(
+            members, labels, method_asked, n_folds=folds, temperature=options.temperature, member_names=names,
+            top_k=min(options.top_k, len(split.class_ids)), prior=adjustment, block_rows=block_rows,
+            fallback=options.fallback)
         method = method_asked
         fallback_used = False
         if method_asked != "uniform" and not report.beats_uniform:
@@ -375,10 +390,10 @@ def _fit(options: BlendOptions, split: BlendSplit, views: bool, notes: list[str]
                 method, fallback_used = "uniform", True
         if adjustment is not None:
             notes.extend(prior_cv_note(report, method))
-        blend = ws.fit_blend(logits, labels, method, temperature=options.temperature, prior=adjustment)
     except ValueError as exc:
         raise EnsError(f"blend: {exc}") from None
-    del logits
+    notes[class_order_at:class_order_at] = class_order_warnings(split.name, len(split.class_ids),
+                                                                _model_top1(report, members))
     stores = {m: store_digest(s, views) for m, s in zip(models, split.stores)}
     record = BlendRecord(
         format=FORMAT_VERSION, ens=__version__, method=method, requested_method=method_asked,
@@ -422,16 +437,108 @@ def _saved_blend(saved: BlendRecord, options: BlendOptions, models: Sequence[str
     return saved.fitted(), saved, saved.views
 
 
-def _write_predictions(path: Path, split: BlendSplit, arrays: Sequence[np.ndarray], blend: Any, top_k: int) -> int:
-    """Fuse ``arrays`` block by block into predictions.csv at ``path`` (a temporary file)."""
+def _write_predictions(path: Path, split: BlendSplit, members: Members, blend: Any, top_k: int, budget: int) -> int:
+    """Fuse ``members`` block by block (``budget``: the bytes a block's work may take) into
+    predictions.csv at ``path`` (a temporary file). A member's NaN or infinite logits are an
+    EnsError from the block that holds them (nothing is renamed into place then)."""
     k = min(top_k, len(split.class_ids))
 
     def blocks():
-        for start, log_probs in ws.blend_chunks(arrays, blend, CHUNK_ROWS):
-            top, probs = ws.top_k(log_probs, k)
+        for start, block in members.blocks(_block_rows(budget, members, FUSE_COPIES)):
+            top, probs = ws.top_k(blend.log_proba(block), k)
+            del block
             yield start, top, probs
 
     try:
         return write_predictions(path, split.ids, split.class_ids, blocks(), k)
     except ValueError as exc:
         raise EnsError(f"{split.name}: cannot fuse its stores ({exc})") from None
+
+
+#: Float32 copies of one block of every member that the work on a block holds at once, with
+#: room to spare. The fusion: the block read, its log-probabilities, the temporaries of the
+#: log-softmax and of the fusion, the fused block and its top-k (3.8 copies measured at the
+#: peak, 10,000 classes, 3 members). The fit: the same block and log-probabilities, and what the
+#: methods' collectors make of them (5 copies measured with --method logit).
+FUSE_COPIES = 5
+FIT_COPIES = 6
+
+
+def _block_rows(budget: int, members: Members, copies: float) -> int:
+    """Rows per block within ``budget`` bytes (:func:`ensemble.memory.rows_per_block`), at most
+    :data:`CHUNK_ROWS` (larger blocks buy no speed)."""
+    return min(CHUNK_ROWS, rows_per_block(budget, members.n_members, members.n_classes, copies))
+
+
+def _model_top1(report: Any, members: Members) -> dict[str, float]:
+    """Each model's top-1 on the fitted split, from the CV report's single-member rows (a single
+    member's held-out predictions are its own, whatever the fold): with views, a model's best
+    view's."""
+    scores: dict[str, float] = {}
+    single = [row for row in report.rows if row.kind == "member"]
+    for member, row in zip(members.members, single):
+        model = member.name.partition("/")[0] if "/" in member.name else member.name
+        scores[model] = max(scores.get(model, 0.0), row.top1)
+    return scores
+
+
+def _check_room(out: Path, split: BlendSplit | None, top_k: int, saved: BlendRecord | None,
+                fitted: BlendSplit | None, views: bool) -> None:
+    """Refuse, before any long work, a run whose predictions.csv and blend.json the disk under
+    ``out`` cannot hold (sizes from :func:`_predictions_bytes` and :func:`_record_bytes`): one
+    line naming both. Both files are written beside their final names before an older pair
+    there is replaced, so an older pair's room does not count."""
+    predictions = 0 if split is None else _predictions_bytes(split, top_k)
+    record = _record_bytes(saved, fitted or split, views)
+    folder = out
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:  # a file system that cannot say: the writes will, if it comes to that
+        return
+    need = predictions + record
+    if need <= free:
+        return
+    what = (f"{PREDICTIONS_FILE} (about {_size(predictions)} for {split.ids.size} images of {split.name}) and "
+            f"{BLEND_FILE} (about {_size(record)}) need" if split is not None
+            else f"{BLEND_FILE} (about {_size(record)}) needs")
+    raise EnsError(f"--out {out}: {what} {_size(need)} there, and its disk has {_size(free)} free; free space, "
+                   "or give --out on another disk")
+
+
+#: Characters of a probability in predictions.csv at most (``{:.6g}``: ``1.23457e-05``), and
+#: of the rest of a blend.json for each model and member (names, weights, provenance, sha256s,
+#: a CV row) and in all, generously.
+_PROB_WIDTH = 11
+_RECORD_PER_MEMBER = 4096
+_RECORD_REST = 16384
+
+
+def _predictions_bytes(split: BlendSplit, top_k: int) -> int:
+    """predictions.csv's size for ``split`` at most: each row's id, its ``k`` widest category
+    ids, ``k`` probabilities and the separators; the header."""
+    k = min(top_k, len(split.class_ids))
+    widths = sorted((len(str(c).encode("utf-8")) for c in split.class_ids), reverse=True)
+    row = sum(widths[:k]) + k * _PROB_WIDTH + 2 * k + 1  # commas and the newline
+    ids = np.char.str_len(np.char.encode(np.asarray(split.ids).astype(str), "utf-8")).sum() if split.ids.size else 0
+    return int(ids) + split.ids.size * row + 32 * (2 * k + 1)
+
+
+def _record_bytes(saved: BlendRecord | None, split: BlendSplit, views: bool) -> int:
+    """blend.json's size, about: a saved blend's own text, else twice its class ids' (room for
+    --prior's counts beside them), plus a few kB per model and member."""
+    members = sum(len(s.view_names) if views and s.view_names else 1 for s in split.stores)
+    rest = _RECORD_PER_MEMBER * (len(split.models) + members) + _RECORD_REST
+    if saved is not None:
+        return len(saved.text().encode("utf-8")) + rest
+    return 2 * len(json_text({"class_ids": list(split.class_ids)}).encode("utf-8")) + rest
+
+
+def _size(count: int) -> str:
+    """A byte count as a message gives it: ``12.3 GB`` (decimal units, as ``df -H``; as `ens
+    infer` gives its stores' sizes)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} bytes"

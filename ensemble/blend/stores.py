@@ -1,5 +1,6 @@
 """The stores of one split as the blend reads them: one per model, checked to line up (rows, ids,
-classes), to hold only finite logits, and to have been made as the blend's provenance says."""
+classes) and to have been made as the blend's provenance says; their members read in blocks of
+rows (:class:`ensemble.formats.members.Members`, which checks each block finite as it reads it)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ensemble.errors import EnsError
-from ensemble.formats.blend import ModelProvenance, check_provenance, counted, member_arrays
+from ensemble.formats.blend import ModelProvenance, check_provenance, counted
 from ensemble.formats.dataset import find_split
+from ensemble.formats.members import Members
 from ensemble.formats.store import MANIFEST, LogitStore, read_store
 
 
@@ -31,9 +33,10 @@ class BlendSplit:
     def class_ids(self) -> tuple[int | str, ...]:
         return _class_ids(self.stores[0])
 
-    def members(self, views: bool) -> tuple[list[str], list[np.ndarray]]:
-        """The blend members' names and arrays (:func:`ensemble.formats.blend.member_arrays`)."""
-        return member_arrays(self.models, self.stores, views)
+    def members(self, views: bool) -> Members:
+        """The blend members (each model, or with ``views`` each ``model/view``), read in blocks
+        of rows; nothing is read yet."""
+        return Members(self.models, self.stores, views)
 
     def check_provenance(self, reference: Mapping[str, ModelProvenance], reference_name: str) -> None:
         """Each model's store must have been made as ``reference`` (a blend record's

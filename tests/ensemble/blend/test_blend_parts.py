@@ -252,18 +252,11 @@ def test_label_warnings_compare_the_labels_with_the_json_the_stores_came_from(tm
     assert checks.label_warnings(BlendSplit("val", (store("a", THREE, manifest=folder),), ("a",)), labels) == []
 
 
-def test_class_order_warnings_flag_a_model_near_chance_beside_a_strong_one(monkeypatch):
-    monkeypatch.setattr(checks, "CHUNK_ROWS", 3)  # the argmax runs block by block
-    labels = np.array([0, 1, 2, 3, 4, 0, 1, 2, 3, 4])
-    right = np.eye(10, dtype=np.float32)[labels]
-    shifted = np.eye(10, dtype=np.float32)[(labels + 1) % 10]
-    ids = np.arange(10)
-    split = BlendSplit("val", (store("good", right, ids=ids), store("bad", shifted, ids=ids)), ("good", "bad"))
-    assert checks.class_order_warnings(split, labels) == [
+def test_class_order_warnings_flag_a_model_near_chance_beside_a_strong_one():
+    # the models' top-1 come from the CV's single-member rows (ens blend reads no store for them)
+    assert checks.class_order_warnings("val", 10, {"good": 1.0, "bad": 0.0}) == [
         "bad scores top-1 0.000 on val, under 3x chance (1/10), while good scores 1.000: its output columns are "
         "likely in another order than its --classes says; if it was trained on a torchvision ImageFolder, "
         "re-export it with `ens export --classes TRAIN_FOLDER` (ImageFolder's order)"]
-    half = right.copy()
-    half[:6] = shifted[:6]  # the best reaches only 0.4: no model is called mis-mapped
-    split = BlendSplit("val", (store("good", half, ids=ids), store("bad", shifted, ids=ids)), ("good", "bad"))
-    assert checks.class_order_warnings(split, labels) == []
+    # the best reaches only 0.4: no model is called mis-mapped
+    assert checks.class_order_warnings("val", 10, {"good": 0.4, "bad": 0.0}) == []
