@@ -15,14 +15,19 @@ import json
 import shutil
 import subprocess
 import sys
+from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from ensemble.errors import EnsError
+from ensemble.formats.dataset import load_split
 from ensemble.formats.store import MANIFEST, read_store
+from ensemble.inference import run as run_module
 from ensemble.inference.forward import merge_rows
 from ensemble.inference.options import InferOptions
+from ensemble.inference.run import infer
 from ensemble.inference.tta import merge
 
 from tests.ensemble.conftest import ens, make_inat, one_line_error, tiny_onnx
@@ -40,6 +45,7 @@ print(usage.ru_maxrss)
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 MB = 1 << 20
+Usage = namedtuple("Usage", "total used free")
 
 
 #: `ens ARGS...` with every merge in one piece, as before issue 24 (forward.MERGE_LOGITS unbounded).
@@ -188,3 +194,25 @@ def test_kept_views_a_tmpfs_cannot_hold_are_one_line_naming_the_size_before_deco
     assert f"need about {need / 1e6:.1f} MB" in line, line
     assert "leave out --keep-views" in line and "free" in line, line
     assert "chunk-" not in result.stdout, result.stdout  # nothing decoded, no chunk written
+
+
+@pytest.mark.slow  # a split json of 500,000 images
+def test_the_full_inat_2021_test_split_with_ten_kept_views_is_refused_naming_its_size(tmp_path, monkeypatch):
+    """500,000 images x 10 views kept x 10,000 classes: 100 GB of views in float16 (110 GB with
+    the logits), twice while the store is assembled beside its chunks; a disk with 50 GB free
+    is one line naming both sizes before anything is decoded (the images need not exist)."""
+    images = [{"id": i, "file_name": f"test/{i}.jpg", "width": 4, "height": 4} for i in range(500_000)]
+    (tmp_path / "public_test.json").write_text(json.dumps({"images": images, "categories": []}))
+    split = load_split(tmp_path / "public_test.json", "test")
+    model = tiny_onnx(tmp_path / "wide.onnx", classes=WIDE)
+    monkeypatch.setattr(run_module.shutil, "disk_usage", lambda path: Usage(10 ** 12, 10 ** 12 - 50 * 10 ** 9,
+                                                                             50 * 10 ** 9))
+    chunks = []
+    with pytest.raises(EnsError) as info:
+        infer([model], [split], InferOptions(tta=("crop10",), keep_views=True, workers=0, device="cpu",
+                                             out=tmp_path / "runs"),
+              progress=lambda event: chunks.append(event) if event.kind == "chunk" else None)
+    message = str(info.value)
+    assert "the test stores (1 model, 500000 images) need about 220.0 GB there" in message, message
+    assert "50.0 GB free" in message and "leave out --keep-views" in message, message
+    assert not chunks
