@@ -84,8 +84,9 @@ def cross_val_log_probs(logits: MemberSource | np.ndarray | Sequence[np.ndarray]
     fold_of = _fold_of(folds, labels.size)
     out = np.empty((source.n_rows, source.n_classes), dtype=np.float32)
 
-    def score(rows: np.ndarray, fold: int, log_probs: np.ndarray, blends: Sequence[Blender]) -> None:
-        out[rows] = blends[0].predict_log_proba(log_probs)
+    def score(rows: np.ndarray, log_probs: np.ndarray, local: np.ndarray | None, blends: Sequence[Blender] | None) -> None:
+        if blends is not None:
+            out[rows] = blends[0].predict_log_proba(log_probs if local is None else log_probs[:, local])
 
     _fit_and_evaluate(source, labels, fold_of, [_Spec("", "method", "", make_method, prior)],
                       temperature=temperature, block_rows=block_rows, score=score)
@@ -230,10 +231,10 @@ def _cross_validate(logits, labels, method, params, *, n_folds, temperature, mem
     nll = np.zeros((n_blends, labels.size))
     fold_taus: list[float] = []
 
-    def score(rows: np.ndarray, fold: int, log_probs: np.ndarray, blends: Sequence[Blender]) -> None:
+    def score(rows: np.ndarray, log_probs: np.ndarray, local: np.ndarray | None, blends: Sequence[Blender] | None) -> None:
         truth = labels[rows]
-        for b in range(n_blends):
-            held_out = log_probs[b] if b < n_members else _predict(blends[b - n_members], log_probs)
+        for b in range(n_members) if blends is None else range(n_members, n_blends):
+            held_out = log_probs[b] if b < n_members else _predict(blends[b - n_members], log_probs, local)
             rank = rank_of_true(held_out, truth)
             hits[b, 0, rows] = rank < 1
             hits[b, 1, rows] = rank < top_k
@@ -251,12 +252,13 @@ def _cross_validate(logits, labels, method, params, *, n_folds, temperature, mem
     return report, specs, final_stats, temperatures
 
 
-def _predict(blender: Blender, log_probs: np.ndarray) -> np.ndarray:
-    """``blender.predict_log_proba(log_probs)``; a mixture fused by
-    :func:`~weights_search.fitted.mixture_of_log_probs` (the same values, a third of the work)."""
+def _predict(blender: Blender, log_probs: np.ndarray, local: np.ndarray | None) -> np.ndarray:
+    """``blender.predict_log_proba(log_probs[:, local])`` (all rows when ``local`` is None); a
+    mixture fused by :func:`~weights_search.fitted.mixture_of_log_probs` (the same values, a
+    third of the work, the rows gathered member by member)."""
     if blender.fusion != MIXTURE:
-        return blender.predict_log_proba(log_probs)
-    fused = mixture_of_log_probs(log_probs, blender.weights_)
+        return blender.predict_log_proba(log_probs if local is None else log_probs[:, local])
+    fused = mixture_of_log_probs(log_probs, blender.weights_, local)
     return fused if blender.tau_ is None else adjust(fused, blender.log_prior_, blender.tau_)
 
 
@@ -272,10 +274,11 @@ class _Spec:
     prior: LogitAdjustment | None
 
 
-#: ``score(rows, fold, log_probs, blends)``: held-out ``rows`` (absolute, sorted) of ``fold``,
-#: their member log-probabilities ``(M, n, C)`` at the fold's temperatures, and the fold's
-#: fitted blenders (one per spec, in spec order).
-_Score = Callable[[np.ndarray, int, np.ndarray, Sequence[Blender]], None]
+#: ``score(rows, log_probs, local, blends)``: held-out ``rows`` (absolute, sorted), member
+#: log-probabilities ``(M, n, C)`` at their fold's temperatures holding them (all of it when
+#: ``local`` is None, else its rows ``local``), and the fold's fitted blenders (one per spec, in
+#: spec order), or None: score the single members only.
+_Score = Callable[[np.ndarray, np.ndarray, "np.ndarray | None", "Sequence[Blender] | None"], None]
 
 
 def _fold_of(folds: Sequence[np.ndarray], n_rows: int) -> np.ndarray:
@@ -334,20 +337,25 @@ def _fit_and_evaluate(source: MemberSource, labels: np.ndarray, fold_of: np.ndar
 def _evaluate(reader: Reader, fold_of: np.ndarray, fold_blends: Sequence[Sequence[Blender]],
               fold_temperatures: Sequence[np.ndarray] | None, score: _Score,
               also: tuple[StatsPass, np.ndarray] | None = None) -> None:
-    """The evaluation pass: per block, the rows of each fold, at the fold's temperatures, go to
-    ``score`` with the fold's blends; ``also`` (a stats pass and its temperatures) is fed every
-    block too."""
+    """The evaluation pass: per block, the single members' rows, then the rows of each fold with
+    the fold's blends, at the fold's temperatures, go to ``score``; ``also`` (a stats pass and
+    its temperatures) is fed every block too. Without temperatures the members' log-probabilities
+    do not depend on the fold: the block's are scored at once, and each fold's rows are picked
+    out of them by the fusion itself."""
     for start, block in reader.blocks():
         folds = fold_of[start:start + block.shape[1]]
-        shared = reader.log_probs(block, None) if fold_temperatures is None else None
         if also is not None:
             also[0].add(start, reader.log_probs(block, also[1]))
+        if fold_temperatures is None:
+            log_probs = reader.log_probs(block, None, last=True)
+            score(start + np.arange(folds.size), log_probs, None, None)
         for f in np.unique(folds):
             held_out = np.flatnonzero(folds == f)
             whole = held_out.size == folds.size
-            if shared is not None:
-                log_probs = shared if whole else shared[:, held_out]
-            else:
-                log_probs = reader.log_probs(block, fold_temperatures[f]) if whole else \
-                    log_softmax(block[:, held_out], fold_temperatures[f])
-            score(start + held_out, int(f), log_probs, fold_blends[f])
+            if fold_temperatures is None:
+                score(start + held_out, log_probs, None if whole else held_out, fold_blends[f])
+                continue
+            fold_log_probs = reader.log_probs(block, fold_temperatures[f]) if whole else \
+                log_softmax(block[:, held_out], fold_temperatures[f])
+            score(start + held_out, fold_log_probs, None, None)
+            score(start + held_out, fold_log_probs, None, fold_blends[f])

@@ -145,24 +145,37 @@ def mixture_of_logits(logits: np.ndarray, weights: np.ndarray, temperatures: np.
     return fuse(log_softmax(logits, temperatures), np.asarray(weights), MIXTURE) if out is None else out
 
 
-def mixture_of_log_probs(log_probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """``fuse(log_probs, weights, "mixture")`` (to float32 rounding) with one exponential per
-    member value and no running maximum: ``log sum_m w_m exp(log_probs[m])``, the values below
-    float32's normal range recomputed exactly as :func:`mixture_of_logits` does."""
+def mixture_of_log_probs(log_probs: np.ndarray, weights: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """``fuse(log_probs[:, rows], weights, "mixture")`` (all rows when ``rows`` is None), to
+    float32 rounding, with one exponential per member value and no running maximum:
+    ``log sum_m w_m exp(log_probs[m])``, the values below float32's normal range recomputed
+    exactly as :func:`mixture_of_logits` does. The rows are gathered member by member, so no
+    ``(M, n, C)`` copy is made."""
     log_probs = np.asarray(log_probs)
     w = _check_weights(weights, log_probs)
     used = np.flatnonzero(w > 0)
     if used.size == 0:
         raise ValueError("mixture weights are all zero")
     w = w[used] / w[used].sum()
-    total = np.zeros(log_probs.shape[1:], dtype=np.float32)
+    n_rows = log_probs.shape[1] if rows is None else rows.size
+    total = np.zeros((n_rows, log_probs.shape[2]), dtype=np.float32)
     scratch = np.empty_like(total)
     for i, m in enumerate(used):
-        np.exp(log_probs[m], out=scratch)
+        if rows is None:
+            np.exp(log_probs[m], out=scratch)
+        else:
+            if log_probs.dtype == np.float32:
+                np.take(log_probs[m], rows, axis=0, out=scratch)
+            else:
+                scratch[...] = log_probs[m][rows]
+            np.exp(scratch, out=scratch)
         scratch *= np.float32(w[i])
         total += scratch
-    out = _log_total(total, w, lambda i, rows, cols: log_probs[used[i]][rows, cols])
-    return fuse(log_probs, weights, MIXTURE) if out is None else out
+    picked = (lambda r: r) if rows is None else (lambda r: rows[r])
+    out = _log_total(total, w, lambda i, r, c: log_probs[used[i]][picked(r), c])
+    if out is None:
+        return fuse(log_probs if rows is None else log_probs[:, rows], weights, MIXTURE)
+    return out
 
 
 def _log_total(total: np.ndarray, w: np.ndarray, member_log_probs) -> np.ndarray | None:
@@ -235,16 +248,40 @@ class Reader:
             self._block = next(blocks(self.source, self.rows))[1]
         yield 0, self._block
 
-    def log_probs(self, block: np.ndarray, temperatures: np.ndarray | None) -> np.ndarray:
+    def log_probs(self, block: np.ndarray, temperatures: np.ndarray | None, *, last: bool = False) -> np.ndarray:
         """``log_softmax(block, temperatures)`` of a block from :meth:`blocks` (kept for the next
-        pass when the source is one block; do not change it)."""
+        pass when the source is one block; do not change it). ``last``: the pass needs nothing
+        more of ``block``, which then becomes the log-probabilities (no copy) unless it is kept."""
         if not self.single:
-            return log_softmax(block, temperatures)
+            return log_softmax_into(block if last else np.array(block), temperatures)
         key = None if temperatures is None else tuple(np.asarray(temperatures, dtype=np.float64).tolist())
         if self._log_probs is None or self._log_probs[0] != key:
             self._log_probs = None  # free the old one first
-            self._log_probs = (key, log_softmax(block, temperatures))
+            self._log_probs = (key, log_softmax_into(np.array(block), temperatures))
         return self._log_probs[1]
+
+
+def log_softmax_into(logits: np.ndarray, temperatures: np.ndarray | None) -> np.ndarray:
+    """:func:`~weights_search.functional.log_softmax` of ``(M, n, C)`` float32 ``logits``
+    computed in their place (the same values, bit for bit: the same operations in the same
+    order, without its copy of the input and its temporaries); returns ``logits``."""
+    if logits.dtype != np.float32 or logits.ndim != 3 or not logits.flags.c_contiguous:
+        return log_softmax(logits, temperatures)
+    t = None if temperatures is None else np.asarray(temperatures, dtype=np.float32)
+    if t is not None and (t.shape != logits.shape[:1] or not (np.isfinite(t).all() and (t > 0).all())):
+        return log_softmax(logits, temperatures)  # its own error
+    scratch = np.empty(logits.shape[1:], dtype=np.float32)
+    for m, x in enumerate(logits):
+        if t is not None:
+            x /= t[m]
+        top = x.max(axis=-1, keepdims=True)
+        if not np.isfinite(top).all():
+            raise ValueError("logits have a row whose largest value is not finite (all -inf, +inf or NaN)")
+        x -= top
+        np.exp(x, out=scratch)
+        with np.errstate(divide="ignore"):
+            x -= np.log(scratch.sum(axis=-1, keepdims=True))
+    return logits
 
 
 class StatsPass:
@@ -277,7 +314,7 @@ def collect_stats(reader: Reader, labels: np.ndarray, needs: Sequence[tuple[Blen
     (``(M,)``, or None)."""
     stats = StatsPass(labels, reader.source.n_classes, needs)
     for start, block in reader.blocks():
-        stats.add(start, reader.log_probs(block, temperatures))
+        stats.add(start, reader.log_probs(block, temperatures, last=True))
     return stats.result()
 
 

@@ -2,8 +2,8 @@
 
 A *member source* is any object with ``n_members``, ``n_rows``, ``n_classes`` (ints) and
 ``block(start, stop)`` returning rows ``start:stop`` of every member as a new ``(M, stop - start,
-C)`` float32 array of LOGITS (``stop`` may run past ``n_rows``: the block then ends at the last
-row). Everything in :mod:`weights_search` that streams reads its members through one, a block
+C)`` float32 array of LOGITS, the caller's to overwrite (never a view of data the source keeps;
+``stop`` may run past ``n_rows``: the block then ends at the last row). Everything in :mod:`weights_search` that streams reads its members through one, a block
 of rows at a time, so its memory depends on the block size, ``M`` and ``C``, not on ``N``.
 
 :class:`ArraySource` wraps arrays already in hand (an ``(M, N, C)`` stack, or one ``(N, C)``
@@ -32,7 +32,8 @@ class MemberSource(Protocol):
     n_classes: int
 
     def block(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` of every member: ``(M, stop - start, C)`` float32 logits."""
+        """Rows ``start:stop`` of every member: a new ``(M, stop - start, C)`` float32 array of
+        logits (the caller may overwrite it)."""
 
 
 class ArraySource:

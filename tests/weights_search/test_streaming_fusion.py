@@ -8,7 +8,7 @@ import pytest
 
 import weights_search.fitted as fitted
 from weights_search import FittedBlend, fuse, log_softmax
-from weights_search.fitted import mixture_of_log_probs, mixture_of_logits
+from weights_search.fitted import log_softmax_into, mixture_of_log_probs, mixture_of_logits
 
 
 def _logits(scale, seed=0, m=4, n=50, c=30):
@@ -30,6 +30,10 @@ def test_mixture_of_logits_is_the_stable_fusion(scale, temperatures):
     expected = fuse(log_softmax(logits, temperatures), weights, "mixture")
     _close(mixture_of_logits(logits, weights, temperatures), expected)
     _close(mixture_of_log_probs(log_softmax(logits, temperatures), weights), expected)
+    rows = np.array([3, 4, 17, 40])
+    _close(mixture_of_log_probs(log_softmax(logits, temperatures), weights, rows), expected[rows])
+    _close(mixture_of_log_probs(log_softmax(logits, temperatures).astype(np.float16), weights, rows),
+           fuse(log_softmax(logits, temperatures).astype(np.float16)[:, rows], weights, "mixture"))
 
 
 def test_classes_every_member_finds_unlikely_keep_their_finite_log_probability(monkeypatch):
@@ -42,6 +46,8 @@ def test_classes_every_member_finds_unlikely_keep_their_finite_log_probability(m
     assert np.isfinite(expected[:, 3]).all() and expected[:, 3].max() < -140 and np.isneginf(expected[7, 5])
     _close(mixture_of_logits(logits, weights), expected)
     _close(mixture_of_log_probs(log_softmax(logits), weights), expected)
+    rows = np.array([0, 7, 9])
+    _close(mixture_of_log_probs(log_softmax(logits), weights, rows), expected[rows])
     # A block where most values are that small takes the stable path throughout.
     monkeypatch.setattr(fitted, "MAX_EXACT_SHARE", 0.0)
     np.testing.assert_array_equal(mixture_of_logits(logits, weights), expected)
@@ -63,3 +69,17 @@ def test_bad_rows_and_weights_are_refused_as_before():
     logits[2, 5] = -np.inf
     with pytest.raises(ValueError, match="largest value is not finite"):
         mixture_of_logits(logits, np.ones(4))
+
+
+@pytest.mark.parametrize("temperatures", [None, (0.5, 1.0, 2.0, 7.0)])
+def test_the_log_softmax_in_place_is_the_log_softmax_bit_for_bit(temperatures):
+    logits = _logits(5.0)
+    logits[1, :, 4] = -np.inf
+    expected = log_softmax(logits, temperatures)
+    copy = logits.copy()
+    assert log_softmax_into(copy, temperatures) is copy
+    np.testing.assert_array_equal(copy, expected)
+    bad = logits.copy()
+    bad[0, 3] = -np.inf
+    with pytest.raises(ValueError, match="largest value is not finite"):
+        log_softmax_into(bad, temperatures)
