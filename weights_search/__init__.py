@@ -34,9 +34,10 @@ from weights_search.temperature import TEMPERATURE_BOUNDS, fit_temperature, fit_
 __all__ = [
     "DEFAULT_METHOD", "FUSIONS", "GEOMETRIC", "METHODS", "MIXTURE", "PRIOR_SUFFIX", "TAU_BOUNDS",
     "TEMPERATURE_BOUNDS", "ZERO_COUNT",
-    "AccuracyBlend", "ArraySource", "FittedBlend", "MemberSource", "Blender", "CvReport", "CvRow", "GreedyBlend", "GreedyStep", "LogitAdjustment",
-    "LogitBlend", "NllBlend", "UniformBlend",
-    "adjust", "as_source", "blend_chunks", "blocks", "bootstrap_ci", "class_log_prior", "correct_at_k", "cross_val_log_probs",
-    "cross_validate", "cross_validate_and_fit", "fit_blend", "fit_tau", "fit_temperature", "fit_temperatures", "fuse", "get_method",
-    "log_softmax", "mean_nll", "stratified_folds", "top1", "top_k", "topk_accuracy", "true_class_rank",
+    "AccuracyBlend", "ArraySource", "Blender", "CvReport", "CvRow", "FittedBlend", "GreedyBlend", "GreedyStep",
+    "LogitAdjustment", "LogitBlend", "MemberSource", "NllBlend", "UniformBlend",
+    "adjust", "as_source", "blend_chunks", "blocks", "bootstrap_ci", "class_log_prior", "correct_at_k",
+    "cross_val_log_probs", "cross_validate", "cross_validate_and_fit", "fit_blend", "fit_tau", "fit_temperature",
+    "fit_temperatures", "fuse", "get_method", "log_softmax", "mean_nll", "stratified_folds", "top1", "top_k",
+    "topk_accuracy", "true_class_rank",
 ]

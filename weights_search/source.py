@@ -3,8 +3,9 @@
 A *member source* is any object with ``n_members``, ``n_rows``, ``n_classes`` (ints) and
 ``block(start, stop)`` returning rows ``start:stop`` of every member as a new ``(M, stop - start,
 C)`` float32 array of LOGITS, the caller's to overwrite (never a view of data the source keeps;
-``stop`` may run past ``n_rows``: the block then ends at the last row). Everything in :mod:`weights_search` that streams reads its members through one, a block
-of rows at a time, so its memory depends on the block size, ``M`` and ``C``, not on ``N``.
+``stop`` may run past ``n_rows``: the block then ends at the last row). Everything in
+:mod:`weights_search` that streams reads its members through one, a block of rows at a time,
+so its memory depends on the block size, ``M`` and ``C``, not on ``N``.
 
 :class:`ArraySource` wraps arrays already in hand (an ``(M, N, C)`` stack, or one ``(N, C)``
 array per member, memory-mapped ones included); ``ensemble.formats.members.Members`` is the
