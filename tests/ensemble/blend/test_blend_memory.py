@@ -22,9 +22,12 @@ import numpy as np
 import pytest
 
 from ensemble.blend import run as blend_run
-from ensemble.formats.store import DatasetRecord, StoreWriter
+from ensemble.blend.stores import BlendSplit
+from ensemble.errors import EnsError
+from ensemble.formats.store import DatasetRecord, StoreWriter, read_store
 from ensemble.memory import GIB, rows_per_block
 from tests.ensemble.conftest import ens, ok, one_line_error
+from tests.ensemble.formats.test_members import _store
 from tests.ensemble.inference.test_store import BASE, KEY
 
 CLASSES = 10_000
@@ -270,3 +273,16 @@ def test_a_real_small_disk_is_refused_in_one_line(stores, tmp_path):
     assert len(errors) == 1 and "predictions.csv (about " in errors[0] and "free; free space, or give --out on " \
         "another disk" in errors[0], done.stderr
     assert done.stdout.split() == []  # nothing written under full/
+
+
+def test_nan_in_a_blended_view_names_the_view(tmp_path):
+    """With --views the members are the kept views, each checked as it is read."""
+    a = _store(tmp_path / "a")
+    views = np.load(a.path / "views.npy")
+    views[1, 5, 2] = np.inf
+    np.save(a.path / "views.npy", views)
+    members = BlendSplit("val", (read_store(a.path),), ("a",)).members(True)
+    assert members.names == ["a/identity", "a/flip"]
+    members.block(0, 5)
+    with pytest.raises(EnsError, match=r"a: a/flip has NaN or infinite logits, first at image ids 105$"):
+        members.block(3, 7)
