@@ -9,7 +9,8 @@ where ``x0`` (the *pilot*) should lie near the ``x`` the fits will find. This mo
 schedule that chooses ``x0`` from the rows themselves, in the one pass:
 
 - the first ``min(N, pilot_rows)`` rows are held (a bounded buffer: ``M * pilot_rows * C``
-  float32) and the parameters are fitted on them exactly; that is the pilot of those rows;
+  float32, at most :data:`PILOT_VALUES`) and the parameters are fitted on them exactly; that is
+  the pilot of those rows;
 - rows from ``P * 2**j`` to ``P * 2**(j+1)`` (``P`` the first segment's length) use the
   parameters fitted, from the summaries, on all rows before ``P * 2**j``: each row's pilot is
   stored with it, half of the rows use a pilot fitted on the other half, and only the first
@@ -31,6 +32,9 @@ import numpy as np
 #: The first segment holds at most this many float32 values (64 MiB), and between 16 and 512 rows.
 PILOT_VALUES = 2**24
 PILOT_ROWS = (16, 512)
+#: Blocks are summarised in pieces of at most this many member values (8 MiB of float32, at
+#: least one row), which bounds a collector's temporaries whatever the caller's block size.
+CHUNK_VALUES = 2**21
 
 
 def pilot_rows(n_members: int, n_classes: int) -> int:
@@ -58,7 +62,7 @@ class PilotedCollector(ABC):
         self.n_members = n_members
         self.n_classes: int | None = None
         self._next = 0
-        self._held: list[np.ndarray] = []
+        self._held: np.ndarray | None = None
         self._pilot = pilot
         self._fixed = pilot is not None
         self._first = 0
@@ -88,19 +92,29 @@ class PilotedCollector(ABC):
             self._feed(start, block)
             return
         if self._pilot is None:
-            self._held.append(np.array(block, dtype=np.float32))
+            if self._held is None:
+                self._held = np.empty((self.n_members, self._first, self.n_classes), dtype=np.float32)
+            taken = min(self._first, self._next) - start
+            self._held[:, start:start + taken] = block[:, :taken]
             if self._next < self._first:
                 return
-            held = np.concatenate(self._held, axis=1)
-            self._held = []
-            self._pilot = self._exact_pilot(held[:, :self._first], self.labels[:self._first])
-            block, start = held, 0
+            held, self._held = self._held, None
+            self._pilot = self._exact_pilot(held, self.labels[:self._first])
+            self._feed(0, held)
+            del held
+            block, start = block[:, taken:], start + taken
+            if block.shape[1] == 0:
+                return
         self._feed(start, block)
 
     def _feed(self, start: int, block: np.ndarray) -> None:
+        """Summarise the block in pieces of at most :data:`CHUNK_VALUES` values (bounding the
+        temporaries whatever the block's size), each with the pilot of its rows."""
         stop = start + block.shape[1]
+        chunk = max(1, CHUNK_VALUES // (self.n_members * self.n_classes))
         if self._fixed or not self._needs_pilot(self.n_classes):
-            self._summarise(start, block, self._pilot)
+            for a in range(start, stop, chunk):
+                self._summarise(a, block[:, a - start:min(stop, a + chunk) - start], self._pilot)
             return
         cuts = [start]
         bound = self._first
@@ -112,7 +126,8 @@ class PilotedCollector(ABC):
         for a, b in zip(cuts[:-1], cuts[1:]):
             if _is_bound(a, self._first):
                 self._pilot = self._refit(a)
-            self._summarise(a, block[:, a - start:b - start], self._pilot)
+            for c in range(a, b, chunk):
+                self._summarise(c, block[:, c - start:min(b, c + chunk) - start], self._pilot)
 
     def result(self) -> Any:
         if self._next != self.n_rows:
