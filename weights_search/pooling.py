@@ -154,14 +154,19 @@ class LogitStats:
     the rest is empty and the statistics are exact.
     """
 
-    def __init__(self, labels, n_classes, union, pad, true, log_s0, mean, cov, skew, pilot, with_prior) -> None:
-        self.labels, self.n_classes, self.with_prior = labels, n_classes, with_prior
+    def __init__(self, labels, n_classes, union, pad, true, log_s0, mean, cov, skew, pilot, log_prior) -> None:
+        self.labels, self.n_classes, self.log_prior = labels, n_classes, log_prior
         self.union, self.pad, self.true = union, pad, true
         self.log_s0, self.mean, self.cov, self.skew, self.pilot = log_s0, mean, cov, skew, pilot
 
     @property
     def n_rows(self) -> int:
         return self.labels.size
+
+    @property
+    def with_prior(self) -> bool:
+        """Collected with a prior (``log_prior``, ``(C,)``): ``tau`` is the last parameter."""
+        return self.log_prior is not None
 
     @property
     def n_params(self) -> int:
@@ -174,7 +179,7 @@ class LogitStats:
             raise ValueError(f"rows must be a (n,) array of row indices in 0..{self.n_rows - 1}")
         return LogitStats(self.labels[rows], self.n_classes, self.union[:, rows], self.pad[rows], self.true[:, rows],
                           self.log_s0[rows], self.mean[rows], self.cov[rows],
-                          None if self.skew is None else self.skew[rows], self.pilot[rows], self.with_prior)
+                          None if self.skew is None else self.skew[rows], self.pilot[rows], self.log_prior)
 
     def nll_and_grad(self, x: np.ndarray, rows: slice = slice(None)) -> tuple[float, np.ndarray]:
         """Mean NLL of the pooled (and corrected) prediction at ``x`` ``(D,)`` and its gradient.
@@ -266,7 +271,7 @@ class LogitCollector(PilotedCollector):
                                   np.zeros((n, width), dtype=np.float32), np.zeros((d, n)), np.full(n, -np.inf),
                                   np.zeros((n, d)), np.zeros((n, d, d)),
                                   np.zeros((n, d, d, d), dtype=np.float32) if third else None, np.zeros((n, d)),
-                                  self.prior is not None)
+                                  None if self.prior is None else self.prior.log_prior)
 
     def _exact_pilot(self, block: np.ndarray, labels: np.ndarray) -> np.ndarray:
         return np.asarray(fit_pooling(block, labels, self.prior, self.max_iter, self.tol).x, dtype=np.float64)
@@ -379,6 +384,9 @@ class LogitBlend(Blender):
         n_members = stats.n_params - (prior is not None)
         if prior is not None:
             prior.check(stats.n_classes)
+            if not np.array_equal(prior.log_prior, stats.log_prior):
+                raise ValueError("LogitBlend fits on statistics collected with the prior it fits with "
+                                 "(these were collected with another log-prior)")
         return self._set(stats.fit(prior, self.max_iter, self.tol), n_members, prior)
 
     def fit_exact(self, log_probs: np.ndarray, labels: np.ndarray, prior: LogitAdjustment | None = None) -> "LogitBlend":

@@ -139,6 +139,8 @@ def test_bad_statistics_are_refused():
     stats = collect(log_probs, labels, None, 60)
     with pytest.raises(ValueError, match="collected with the prior it fits with"):
         LogitBlend().fit_stats(stats, prior)
+    with pytest.raises(ValueError, match="collected with another log-prior"):
+        LogitBlend().fit_stats(collect(log_probs, labels, prior, 60), long_tailed_prior(200, seed=3))
     with pytest.raises(ValueError, match="fits on LogitStats, got"):
         LogitBlend().fit_stats(object())
     with pytest.raises(ValueError, match="a prior of 200 classes for members of 100 classes"):
