@@ -78,28 +78,20 @@ class Blender(ABC):
     tau_: float | None = None
     log_prior_: np.ndarray | None = None
 
+    @abstractmethod
     def collector(self, labels: np.ndarray, n_classes: int, prior: LogitAdjustment | None) -> Collector:
         """A new :class:`Collector` of what :meth:`fit_stats` needs, for rows labelled ``labels``
-        ``(N,)`` of ``n_classes`` classes, with ``prior`` (or None).
-
-        The base class's keeps the blocks themselves (the whole ``(M, N, C)`` stack), for a
-        method that overrides :meth:`fit` and has no statistics of its own yet."""
-        return _StackCollector(labels)
+        ``(N,)`` of ``n_classes`` classes, with ``prior`` (or None)."""
 
     def collector_key(self, prior: LogitAdjustment | None) -> Hashable:
         """Hashable; two methods (or two fits) with equal keys can be fitted from one
         collector's statistics, so a pass over the members can feed both."""
         return (type(self).__qualname__, _prior_key(prior))
 
+    @abstractmethod
     def fit_stats(self: B, stats: Stats, prior: LogitAdjustment | None = None) -> B:
         """Fit ``weights_`` (and ``tau_``, ``log_prior_`` with a prior) from a collector's
-        statistics (of :meth:`collector` with the same ``prior``, or of a subset of its rows).
-
-        The base class's fits the kept stack of the base :meth:`collector` with the method's own
-        :meth:`fit`."""
-        if type(self).fit is Blender.fit or not isinstance(stats, _StackStats):
-            raise NotImplementedError(f"{type(self).__name__} does not fit from streamed statistics")
-        return self.fit(stats.log_probs, stats.labels, prior)
+        statistics (of :meth:`collector` with the same ``prior``, or of a subset of its rows)."""
 
     def fit(self: B, log_probs: np.ndarray, labels: np.ndarray, prior: LogitAdjustment | None = None) -> B:
         """Fit ``weights_`` (and ``tau_`` with a prior) on ``(M, N, C)`` member log-probabilities
@@ -197,28 +189,6 @@ class MixtureBlender(Blender):
     def _fit_scores(self, scores: MixtureScores, start: np.ndarray | None) -> np.ndarray:
         """Set ``weights_`` and ``train_score_`` from ``scores`` (``start``: earlier weights a
         method may start from, or None); return ``weights_``."""
-
-
-class _StackCollector:
-    """The base :meth:`Blender.collector`: keeps the blocks (an ``(M, N, C)`` stack in the end)."""
-
-    def __init__(self, labels: np.ndarray) -> None:
-        self.labels = np.asarray(labels)
-        self.blocks: list[np.ndarray] = []
-
-    def add(self, start: int, log_probs: np.ndarray) -> None:
-        self.blocks.append(np.asarray(log_probs))
-
-    def result(self) -> "_StackStats":
-        return _StackStats(np.concatenate(self.blocks, axis=1), self.labels)
-
-
-class _StackStats:
-    def __init__(self, log_probs: np.ndarray, labels: np.ndarray) -> None:
-        self.log_probs, self.labels, self.n_rows = log_probs, labels, labels.size
-
-    def subset(self, rows: np.ndarray) -> "_StackStats":
-        return _StackStats(self.log_probs[:, rows], self.labels[rows])
 
 
 def check_solver_options(max_iter: int, tol: float) -> None:
