@@ -40,7 +40,9 @@ class MemberSource(Protocol):
 class ArraySource:
     """A member source over arrays in hand: an ``(M, N, C)`` stack, or a sequence of ``M``
     ``(N, C)`` arrays of one shape (float16 or float32; ``np.memmap`` works: only the rows of
-    the block asked for are read and converted). Entries of -inf are passed through (a member
+    the block asked for are read and converted, though the map's pages it touches count in the
+    process's resident memory until the kernel drops them; ``ens`` reads stores with plain reads
+    instead, ``ensemble.formats.members.Members``). Entries of -inf are passed through (a member
     may rule a class out); checks of the values are left to what consumes the blocks."""
 
     def __init__(self, arrays: np.ndarray | Sequence[np.ndarray]) -> None:
