@@ -313,8 +313,12 @@ class LogitCollector(PilotedCollector):
         centred_t = values.transpose(0, 2, 1)
         cov = np.matmul(weighted, centred_t).astype(np.float64) / s0[:, None, None]
         if st.skew is not None:
+            # Symmetric in its three indices: the entries whose smallest index is i, once per i.
             for i in range(st.n_params):
-                st.skew[rows, i] = np.matmul(weighted * values[:, i:i + 1], centred_t) / s0[:, None, None]
+                block = np.matmul(weighted[:, i:] * values[:, i:i + 1], centred_t[:, :, i:]) / s0[:, None, None]
+                st.skew[rows, i, i:, i:] = block
+                st.skew[rows, i:, i, i:] = block
+                st.skew[rows, i:, i:, i] = block
         st.log_s0[rows] = high[:, 0] + np.log(s0)
         st.mean[rows] = mean
         st.cov[rows] = cov

@@ -148,3 +148,28 @@ def test_bad_statistics_are_refused():
     with pytest.raises(ValueError, match="pilot must be 4 values"):
         collect(log_probs, labels, prior, 60, pilot=np.ones(3))
     assert isinstance(stats, LogitStats) and LogitBlend().collector_key(prior) != LogitBlend().collector_key(None)
+
+
+def test_the_rest_summary_is_the_tilted_cumulants_of_the_classes_not_kept():
+    log_probs, labels, prior = members_with_prior(40, 300, seed=14)
+    pilot = np.array([0.9, 0.3, 0.2, 1.2])
+    stats = collect(log_probs, labels, prior, 40, pilot=pilot)
+    shift = prior.log_prior - prior.log_prior.min()
+    for n in (0, 17, 39):
+        v = np.vstack([np.maximum(log_probs[:, n].astype(np.float64), np.log(np.finfo(np.float32).tiny)), -shift])
+        kept = np.zeros(300, dtype=bool)
+        for m in range(3):
+            kept[np.argsort(-log_probs[m, n])[:22]] = True  # ceil(64 / 3) per member
+        kept[labels[n]] = True
+        rest = v[:, ~kept]
+        score = pilot @ rest
+        w = np.exp(score - score.max())
+        mean = rest @ w / w.sum()
+        c = rest - mean[:, None]
+        np.testing.assert_allclose(stats.log_s0[n], score.max() + np.log(w.sum()), rtol=1e-6)
+        np.testing.assert_allclose(stats.mean[n], mean, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(stats.cov[n], (c * w) @ c.T / w.sum(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(stats.skew[n], np.einsum("ic,jc,kc,c->ijk", c, c, c, w) / w.sum(), rtol=1e-3, atol=1e-4)
+        union = stats.union[:, n][:, stats.pad[n] == 0]
+        assert union.shape[1] == kept.sum()
+        np.testing.assert_allclose(np.sort(union[0]), np.sort(v[0, kept] - v[0, labels[n]]), rtol=1e-6, atol=1e-5)
