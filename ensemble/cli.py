@@ -431,6 +431,7 @@ def submit(
     message: Annotated[Optional[str], typer.Option("-m", "--message", metavar="MSG", help="Submission message shown on Kaggle (with --competition).")] = None,
     check: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Only run the checks on FILE, any CSV (with --data, --format, --sample); write nothing.")] = None,
     retry: Annotated[Optional[int], typer.Option(metavar="ID", help="Upload ledger entry ID again (after upload-failed, or a dry run given --competition and -m).")] = None,
+    memory: MemoryOption = None,
 ) -> None:
     """Write a checked Kaggle submission CSV, record it in the ledger and upload it.
 
@@ -449,7 +450,8 @@ def submit(
         # Warnings are printed as they are found: before an upload, and also when it fails.
         result = run_request(SubmitRequest(predictions=predictions, data=data, format=fmt, name=name, sample=sample,
                                            missing=missing, compress=compress, dry_run=dry_run,
-                                           competition=competition, message=message, check=check, retry=retry),
+                                           competition=competition, message=message, check=check, retry=retry,
+                                           memory=memory),
                              warn=lambda note: _echo(f"warning: {note}", err=True))
     if isinstance(result, CheckResult):
         fmt_spec = result.submission.format
@@ -539,6 +541,7 @@ def report(
     data: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Dataset folder: the fitted split's labels and image files, and the training json (train2019.json) for the long-tail section.", show_default="the labels file blend.json names")] = None,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="FILE.html", help="Where to write the page; an existing file there is replaced, never a folder, FIFO or device \\[default: BLEND_DIR/report.html].")] = None,
     runs: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Folder of the logit stores the blend was fitted on, looked in first (stores moved since `ens blend`).", show_default="the folder blend.json records, then runs/ beside blends/, then ./runs")] = None,
+    memory: MemoryOption = None,
 ) -> None:
     """Write one self-contained HTML page that shows why the blend is what it is.
 
@@ -554,7 +557,7 @@ def report(
             raise EnsError("ens report needs matplotlib, which this install lacks: pip install 'ens[report]'") from None
         from ensemble.report import write_report
 
-        result = write_report(blend_dir, data, output, runs)
+        result = write_report(blend_dir, data, output, runs, _memory.memory_budget(memory))
     for note in result.notes:
         _echo(f"note: {note}")
     for section, line in result.missing.items():

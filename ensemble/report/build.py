@@ -16,8 +16,10 @@ Inputs, each checked before use:
 - the submission ledger: ``<work>/submissions/ledger.sqlite``, else ``./submissions/ledger.sqlite``
   (one that cannot be read, damaged or not a file, is only its section's "ledger not readable").
 
-Every array is computed chunk by chunk over the stores (memory-mapped), so memory stays
-bounded whatever the split's size.
+The stores are read in one pass, in blocks of rows (:class:`~ensemble.formats.members.Members`:
+plain reads, never the memory maps' pages) as large as ``--memory`` allows; what is kept of the
+whole split is a few numbers per row and member (each one's top class and its probability), so
+memory stays bounded whatever the split's size (the labels json, read whole, aside).
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ import numpy as np
 import weights_search as ws
 from ensemble.errors import EnsError, printable
 from ensemble.fileio import sha256_file
-from ensemble.formats.blend import (BLEND_FILE, CHUNK_ROWS, BlendRecord, member_arrays, prior_counts, shown_path,
-                                    runs_candidates, store_digest, work_folder)
+from ensemble.formats.blend import (BLEND_FILE, BlendRecord, prior_counts, runs_candidates, shown_path,
+                                    store_digest, work_folder)
 from ensemble.formats.common import read_json
 from ensemble.formats.dataset import find_split, load_labels, read_class_counts
+from ensemble.formats.members import Members
 from ensemble.formats.store import MANIFEST, LogitStore, read_store
+from ensemble.memory import memory_budget, rows_per_block
 from weights_search import calibration as cal
 
 #: Thumbnails of the most confidently wrong images, at most.
@@ -191,9 +195,10 @@ def _category_names(labels_doc: Mapping[str, Any], class_ids: Sequence[Any]) -> 
     return tuple(f"{names[c]} ({c})" if names.get(c) not in (None, "") else str(c) for c in class_ids)
 
 
-def _image_paths(labels_path: Path, labels_doc: Mapping[str, Any]) -> dict[Any, Path]:
+def _image_paths(labels_path: Path, labels_doc: Mapping[str, Any], wanted: set) -> dict[Any, Path]:
+    """The image file of each id of ``wanted`` that the labels json names one for."""
     return {image["id"]: labels_path.parent / image["file_name"] for image in labels_doc.get("images") or []
-            if isinstance(image, dict) and isinstance(image.get("file_name"), str)}
+            if isinstance(image, dict) and isinstance(image.get("file_name"), str) and image.get("id") in wanted}
 
 
 def training_counts(record: BlendRecord, class_ids: Sequence[Any], data: Path | None,
@@ -224,48 +229,112 @@ def _top(log_probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndar
     return confidence, np.argmax(log_probs, axis=1)  # np.argmax, as there: the first of tied classes
 
 
-def _predict(arrays: Sequence[np.ndarray], temperatures: Sequence[float | None],
-             labels: np.ndarray) -> list[Predictions]:
-    """Top class and its probability of each ``(N, C)`` array, chunk by chunk."""
-    n_rows = arrays[0].shape[0]
-    out = [(np.empty(n_rows), np.empty(n_rows, dtype=np.int64)) for _ in arrays]
-    for start in range(0, n_rows, CHUNK_ROWS):
-        stop = min(start + CHUNK_ROWS, n_rows)
-        for (conf, pred), array, t in zip(out, arrays, temperatures):
-            conf[start:stop], pred[start:stop] = _top(ws.log_softmax(array[start:stop], t), labels[start:stop])
-    return [Predictions(conf, pred) for conf, pred in out]
+#: How many float32 copies of a block of every member's rows (models, and with views the views
+#: too) the report's pass holds at once, counted generously: the block read, its log-softmax (one
+#: per temperature), the fused block and the confidence's temporaries.
+_COPIES = 4.0
 
 
-def _member_arrays(blend_json: Path, record: BlendRecord, stores: Sequence[LogitStore]) -> list[np.ndarray]:
-    """The ``(N, C)`` arrays of the blend's members, made from the stores as `ens blend` makes them."""
-    names, arrays = member_arrays(record.models, stores, record.views)
-    if tuple(names) != record.members:
-        raise EnsError(f"{blend_json}: its members {', '.join(record.members)} are not those of its stores "
-                       f"({', '.join(names)})")
-    return arrays
+@dataclass
+class _Rows:
+    """Top class and its probability of one predictor on every row, filled block by block."""
+
+    confidence: np.ndarray
+    predicted: np.ndarray
+
+    @classmethod
+    def empty(cls, n_rows: int) -> "_Rows":
+        return cls(np.empty(n_rows), np.empty(n_rows, dtype=np.int64))
+
+    def put(self, start: int, log_probs: np.ndarray, labels: np.ndarray) -> None:
+        stop = start + log_probs.shape[0]
+        self.confidence[start:stop], self.predicted[start:stop] = _top(log_probs, labels[start:stop])
+
+    def done(self) -> Predictions:
+        return Predictions(self.confidence, self.predicted)
 
 
-def _blend_predictions(blend: ws.FittedBlend, arrays: Sequence[np.ndarray],
-                       labels: np.ndarray) -> tuple[Predictions, np.ndarray]:
-    """The blend's top class and confidence per row, and ``(N,)`` its probability of the label."""
-    n_rows = labels.size
-    conf, pred, true_p = np.empty(n_rows), np.empty(n_rows, dtype=np.int64), np.empty(n_rows)
+@dataclass(frozen=True)
+class _Pass:
+    """What the report computes from the stores, in one pass over their rows."""
+
+    model_predictions: dict[str, Predictions]
+    tempered_predictions: dict[str, Predictions]
+    member_predictions: list[Predictions]
+    blend: Predictions
+    true_probability: np.ndarray  #: ``(N,)`` the blend's probability of each row's label
+
+
+def block_rows(memory: int, sources: Sequence[Members]) -> int:
+    """Rows per block of the report's pass within ``memory`` bytes (:data:`_COPIES`)."""
+    width = sum(s.n_members for s in sources)
+    return rows_per_block(memory, width, sources[0].n_classes, copies=_COPIES)
+
+
+def _blend_block(blend: ws.FittedBlend, block: np.ndarray,
+                 labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The blend's confidence, top class and probability of the label on each row of one block
+    of member logits ``(M, n, C)``."""
     try:
-        for start, log_probs in ws.blend_chunks(arrays, blend, CHUNK_ROWS):
-            stop = start + log_probs.shape[0]
-            conf[start:stop], pred[start:stop] = _top(log_probs, labels[start:stop])
-            true_p[start:stop] = _probability(log_probs[np.arange(stop - start), labels[start:stop]])
+        log_probs = blend.log_proba(block)
     except ValueError as exc:
         raise EnsError(f"cannot fuse the stores as blend.json says ({exc})") from None
-    return Predictions(conf, pred), true_p
+    confidence, predicted = _top(log_probs, labels)
+    return confidence, predicted, _probability(log_probs[np.arange(labels.size), labels])
+
+
+def _read_stores(blend_json: Path, record: BlendRecord, stores: Sequence[LogitStore], labels: np.ndarray,
+                 memory: int) -> _Pass:
+    """Each model's top class (raw, and at its fitted temperature when the blend has them and
+    blends models), each member's and the blend's, in one pass over the stores in blocks of rows
+    read by :class:`~ensemble.formats.members.Members` (never through their memory maps, whose
+    touched pages would count in resident memory); blocks as large as ``memory`` bytes allow."""
+    models = Members(record.models, stores, views=False)
+    members = Members(record.models, stores, views=True) if record.views else models
+    if tuple(members.names) != record.members:
+        raise EnsError(f"{blend_json}: its members {', '.join(record.members)} are not those of its stores "
+                       f"({', '.join(members.names)})")
+    temps = record.temperatures
+    temps = [float(temps[m]) for m in record.models] if temps is not None and not record.views else None
+    n_rows = models.n_rows
+    raw = [_Rows.empty(n_rows) for _ in record.models]
+    tempered = [_Rows.empty(n_rows) for _ in record.models] if temps is not None else []
+    per_member = [_Rows.empty(n_rows) for _ in record.members] if record.views else raw
+    blend, true_p = _Rows.empty(n_rows), np.empty(n_rows)
+    fitted = record.fitted()
+    rows = block_rows(memory, [models, members] if record.views else [models])
+    for start in range(0, n_rows, rows):
+        stop = min(start + rows, n_rows)
+        block = models.block(start, stop)
+        for m, out in enumerate(raw):
+            out.put(start, ws.log_softmax(block[m]), labels)
+        for m, out in enumerate(tempered):
+            out.put(start, ws.log_softmax(block[m], temps[m]), labels)
+        if record.views:
+            del block
+            block = members.block(start, stop)
+            for m, out in enumerate(per_member):
+                out.put(start, ws.log_softmax(block[m]), labels)
+        confidence, predicted, true_p[start:stop] = _blend_block(fitted, block, labels[start:stop])
+        blend.confidence[start:stop], blend.predicted[start:stop] = confidence, predicted
+        del block
+    return _Pass(model_predictions={m: r.done() for m, r in zip(record.models, raw)},
+                 tempered_predictions={m: r.done() for m, r in zip(record.models, tempered)},
+                 member_predictions=[r.done() for r in per_member], blend=blend.done(), true_probability=true_p)
+
+
+def hardest_rows(blend: Predictions, labels: np.ndarray, limit: int = HARDEST) -> np.ndarray:
+    """The rows of the ``limit`` wrong predictions of the blend with the highest confidence, most
+    confident first (ties: the earlier row)."""
+    wrong = np.flatnonzero(blend.predicted != labels)
+    return wrong[np.argsort(-blend.confidence[wrong], kind="stable")][:limit]
 
 
 def hardest_images(blend: Predictions, true_p: np.ndarray, labels: np.ndarray, ids: np.ndarray,
                    models: Sequence[str], stores: Sequence[LogitStore], names: Sequence[str],
                    paths: Mapping[Any, Path], limit: int = HARDEST) -> tuple[HardImage, ...]:
     """The ``limit`` wrong rows of the blend with the highest confidence, most confident first."""
-    wrong = np.flatnonzero(blend.predicted != labels)
-    order = wrong[np.argsort(-blend.confidence[wrong], kind="stable")][:limit]
+    order = hardest_rows(blend, labels, limit)
     images = []
     for row in order.tolist():
         boxes = {}
@@ -305,9 +374,13 @@ def ledger_points(blend_dir: Path) -> tuple[Path | None, tuple[LedgerPoint, ...]
     return ledger.path, tuple(points)
 
 
-def build_report(blend_dir: Path, data: Path | None = None, runs: Path | None = None) -> ReportData:
+def build_report(blend_dir: Path, data: Path | None = None, runs: Path | None = None,
+                 memory: int | None = None) -> ReportData:
     """Read and check the blend folder's inputs and compute every section's numbers; ``runs``:
-    the folder of the stores, looked in first (``ens report --runs``)."""
+    the folder of the stores, looked in first (``ens report --runs``); ``memory``: bytes for the
+    blocks of rows the stores are read in (``--memory``; None: :func:`ensemble.memory.memory_budget`'s
+    default). Beside the blocks, memory holds a few numbers per row and member and the labels
+    json while its names are read."""
     blend_dir = Path(blend_dir)
     blend_json, record = read_blend_record(blend_dir)
     runs, stores = open_stores(blend_json, record, blend_dir, None if runs is None else Path(runs))
@@ -319,24 +392,22 @@ def build_report(blend_dir: Path, data: Path | None = None, runs: Path | None = 
     labels_path = find_labels(blend_json, record, blend_dir, data)
     ids = stores[0].ids
     labels = load_labels(labels_path, ids, class_ids)
-    labels_doc = read_json(labels_path)  # load_labels has checked it, read the same way
-    names = _category_names(labels_doc, class_ids)
     notes = []
     recorded = stores[0].manifest.dataset
     if str(recorded.source or "").endswith(".json") and recorded.sha256 not in (None, sha256_file(labels_path)):
         notes.append(f"the labels in {labels_path} are not from the json the stores were made from "
                      f"({recorded.source}); check that they label the same images")
 
-    temps = record.temperatures
-    model_preds = dict(zip(models, _predict([s.logits for s in stores], [None] * len(stores), labels)))
-    tempered = {}
-    if temps is not None and not record.views:
-        tempered = dict(zip(models, _predict([s.logits for s in stores], [float(temps[m]) for m in models], labels)))
-    arrays = _member_arrays(blend_json, record, stores)
-    member_preds = (list(model_preds.values()) if not record.views
-                    else _predict(arrays, [None] * len(arrays), labels))
-    member_predicted = np.stack([p.predicted for p in member_preds])
-    blend, true_p = _blend_predictions(record.fitted(), arrays, labels)
+    read = _read_stores(blend_json, record, stores, labels, memory_budget() if memory is None else memory)
+    model_preds, tempered, blend, true_p = (read.model_predictions, read.tempered_predictions, read.blend,
+                                            read.true_probability)
+    member_predicted = np.stack([p.predicted for p in read.member_predictions])
+    del read
+    labels_doc = read_json(labels_path)  # load_labels has checked it, read the same way
+    names = _category_names(labels_doc, class_ids)
+    rows = hardest_rows(blend, labels)
+    paths = _image_paths(labels_path, labels_doc, {ids[r].item() for r in rows.tolist()})
+    del labels_doc
 
     missing: dict[str, str] = {}
     if record.cv is None or not record.cv.rows:
@@ -351,8 +422,7 @@ def build_report(blend_dir: Path, data: Path | None = None, runs: Path | None = 
     elif len(class_ids) < len(cal.BUCKETS):
         counts = None
         missing["longtail"] = f"fewer than {len(cal.BUCKETS)} classes: no head, middle and tail to tell apart"
-    hardest = hardest_images(blend, true_p, labels, ids, models, stores, names,
-                             _image_paths(labels_path, labels_doc))
+    hardest = hardest_images(blend, true_p, labels, ids, models, stores, names, paths)
     wrong = int((blend.predicted != labels).sum())
     if not hardest:
         missing["hardest"] = f"the blend gets every image of {record.optimize.split} right: no wrong image to show"

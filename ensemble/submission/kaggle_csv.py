@@ -33,6 +33,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -161,23 +162,56 @@ class Submission:
 
 # ---------------------------------------------------------------------------------------- reading
 
-def read_csv_text(path: str | os.PathLike) -> pd.DataFrame:
-    """A CSV (or ``.csv.gz``) with every cell kept as its text; short rows get empty cells."""
+#: What a CSV row read as text costs while its block is checked, counted generously: each cell a
+#: Python string (id, five category ids, five probabilities) and the category ids split into
+#: tokens. Rows per block: the memory budget over this, at most :data:`MAX_BLOCK_ROWS`.
+ROW_BYTES = 2048
+#: Rows per block at most: beyond it a block saves no time.
+MAX_BLOCK_ROWS = 1 << 16
+
+
+def block_rows(memory: int | None) -> int:
+    """Rows of a CSV read and checked at a time within ``memory`` bytes (None: the default
+    budget, :func:`ensemble.memory.memory_budget`)."""
+    if memory is None:
+        from ensemble.memory import memory_budget
+        memory = memory_budget()
+    return int(min(MAX_BLOCK_ROWS, max(1, memory // ROW_BYTES)))
+
+
+def read_csv_blocks(path: str | os.PathLike, rows: int = MAX_BLOCK_ROWS) -> Iterator[pd.DataFrame]:
+    """A CSV (or ``.csv.gz``) in blocks of ``rows`` rows, every cell kept as its text; short rows
+    get empty cells. Each block's columns are the header line as written and its index the row
+    numbers (0 for the first row after the header, that is line 2 of the file); a file with a
+    header and no rows is one empty block. A file pandas cannot read is an :class:`EnsError`
+    naming it when the block holding the problem is reached."""
     path = Path(path)
     if not path.exists():
         raise EnsError(f"{path}: no such file")
     check_regular(path)  # a FIFO would make pandas wait forever; a folder is no CSV
+    header: list[str] | None = None
     try:
         # header=None keeps the header line as written (pandas would rename a repeated name).
-        table = pd.read_csv(path, header=None, dtype=str, keep_default_na=False, na_filter=False)
+        with pd.read_csv(path, header=None, dtype=str, keep_default_na=False, na_filter=False,
+                         chunksize=rows + 1) as reader:
+            for table in reader:
+                if header is None:
+                    header = [str(c) for c in table.iloc[0]]
+                    table = table.iloc[1:]
+                table.columns = header
+                table.index = table.index - 1
+                yield table
     except pd.errors.EmptyDataError:
         raise EnsError(f"{path}: empty file, expected a header line") from None
     except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError) as exc:
         reason = " ".join(str(exc).split())
         raise EnsError(f"{path}: not a readable CSV ({reason})") from None
-    frame = table.iloc[1:].reset_index(drop=True)
-    frame.columns = [str(c) for c in table.iloc[0]]
-    return frame
+
+
+def read_csv_text(path: str | os.PathLike) -> pd.DataFrame:
+    """A whole CSV (or ``.csv.gz``) with every cell kept as its text (:func:`read_csv_blocks`)."""
+    blocks = list(read_csv_blocks(path))
+    return blocks[0] if len(blocks) == 1 else pd.concat(blocks)
 
 
 def find_test_file(data: str | os.PathLike, fmt: SubmissionFormat) -> Path:
@@ -191,8 +225,9 @@ def find_test_file(data: str | os.PathLike, fmt: SubmissionFormat) -> Path:
 
 
 def load_reference(data: str | os.PathLike, fmt: SubmissionFormat,
-                   sample: str | os.PathLike | None = None) -> Reference:
-    """The test ids and known categories under ``--data DIR`` and, optionally, a sample's ids."""
+                   sample: str | os.PathLike | None = None, memory: int | None = None) -> Reference:
+    """The test ids and known categories under ``--data DIR`` and, optionally, a sample's ids
+    (read in blocks of rows within ``memory`` bytes: :func:`block_rows`)."""
     data = Path(data)
     if not data.is_dir():
         raise EnsError(f"--data {data}: no such folder")
@@ -204,7 +239,7 @@ def load_reference(data: str | os.PathLike, fmt: SubmissionFormat,
     sample_source = sample_ids = None
     if sample is not None:
         sample_source = Path(sample)
-        sample_ids = _sample_ids(sample_source, fmt)
+        sample_ids = _sample_ids(sample_source, fmt, memory)
     return Reference(test_source=test_source, test_ids=np.sort(np.asarray(split.ids, dtype=np.int64)),
                      categories=categories, sample_source=sample_source, sample_ids=sample_ids,
                      test_sha256=split.sha256)
@@ -234,38 +269,47 @@ def _categories(data: Path, fmt: SubmissionFormat) -> np.ndarray:
     return np.array(sorted(known), dtype=np.int64)
 
 
-def _sample_ids(path: Path, fmt: SubmissionFormat) -> np.ndarray:
-    frame = read_csv_text(path)
-    check_header(frame, fmt, f"--sample {path}")
-    ids = frame[fmt.id_column]
-    bad = ~ids.str.fullmatch(_INTEGER)
-    if bad.any():
-        raise EnsError(f"--sample {path}: non-integer id on {_lines(bad)}")
-    return np.sort(ids.astype(np.int64).to_numpy())
+def _sample_ids(path: Path, fmt: SubmissionFormat, memory: int | None = None) -> np.ndarray:
+    ids, bad = [], _Found()
+    for block in read_csv_blocks(path, block_rows(memory)):
+        if not ids:
+            check_header(block, fmt, f"--sample {path}")
+        column = block[fmt.id_column]
+        valid = column.str.fullmatch(_INTEGER).to_numpy(dtype=bool)
+        bad.add(block.index.to_numpy()[~valid])
+        ids.append(column[valid].astype(np.int64).to_numpy())
+    if bad:
+        raise EnsError(f"--sample {path}: non-integer id on {bad.lines()}")
+    return np.sort(np.concatenate(ids))
 
 
 def read_predictions(path: str | os.PathLike, fmt: SubmissionFormat, reference: Reference,
-                     models_predict: int | None = None) -> pd.DataFrame:
-    """``ens blend``'s ``predictions.csv`` (``id,category_1..K,prob_1..K``) as the two text
-    columns of ``fmt``: the id, and the first :func:`row_width` categories joined by spaces.
+                     models_predict: int | None = None, memory: int | None = None) -> Iterator[pd.DataFrame]:
+    """``ens blend``'s ``predictions.csv`` (``id,category_1..K,prob_1..K``) in blocks of rows
+    (:func:`block_rows` of ``memory`` bytes), each as the two text columns of ``fmt``: the id,
+    and the first :func:`row_width` categories joined by spaces; its index is the row number
+    (row ``i`` is line ``i + 2`` of the file), so check messages name its lines.
 
     ``models_predict``: how many categories the blended models predict (blend.json's
     ``class_ids``), ``None`` when unknown; it decides what a file with too few per row is told.
-    Row ``i`` stays line ``i + 2`` of the file, so check messages name its lines.
+    The header is checked when the first block is read.
     """
-    frame = read_csv_text(path)
-    given = header_top_k(list(frame.columns))
-    if given is None:
-        raise EnsError(f"{path}: header {_header(frame)}; expected id,category_1,...,category_K,prob_1,...,prob_K "
-                       "(the predictions.csv of `ens blend`)")
     width = row_width(fmt, reference)
-    if given < width:
-        raise EnsError(f"{path}: {given} categories per row (category_1..category_{given}); "
-                       f"{_too_few(fmt, width, reference, models_predict)}")
-    predicted = frame["category_1"]
-    for k in range(2, width + 1):
-        predicted = predicted + " " + frame[f"category_{k}"]
-    return pd.DataFrame({fmt.id_column: frame["id"], fmt.predicted_column: predicted})
+    first = True
+    for frame in read_csv_blocks(path, block_rows(memory)):
+        if first:
+            given = header_top_k(list(frame.columns))
+            if given is None:
+                raise EnsError(f"{path}: header {_header(frame)}; expected id,category_1,...,category_K,"
+                               "prob_1,...,prob_K (the predictions.csv of `ens blend`)")
+            if given < width:
+                raise EnsError(f"{path}: {given} categories per row (category_1..category_{given}); "
+                               f"{_too_few(fmt, width, reference, models_predict)}")
+            first = False
+        predicted = frame["category_1"]
+        for k in range(2, width + 1):
+            predicted = predicted + " " + frame[f"category_{k}"]
+        yield pd.DataFrame({fmt.id_column: frame["id"], fmt.predicted_column: predicted})
 
 
 def _too_few(fmt: SubmissionFormat, width: int, reference: Reference, models_predict: int | None) -> str:
@@ -289,65 +333,122 @@ def check_header(frame: pd.DataFrame, fmt: SubmissionFormat, source: str | os.Pa
         raise EnsError(f"{source}: header {_header(frame)}; --format {fmt.name} expects {fmt.header}")
 
 
-def check_rows(frame: pd.DataFrame, fmt: SubmissionFormat, reference: Reference,
+class _Found:
+    """The rows one check flagged, over the blocks of a file in order: how many, and the first
+    :data:`_SHOWN` with their text (when the check shows it)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.shown: list[tuple[int, str | None]] = []
+
+    def add(self, rows: np.ndarray, texts: pd.Series | None = None) -> None:
+        """Flag ``rows`` (row numbers, ascending); ``texts``: the block's column to show, by row."""
+        self.count += int(rows.size)
+        for row in rows[:_SHOWN - len(self.shown)].tolist():
+            self.shown.append((row, None if texts is None else texts.loc[row]))
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+    def lines(self) -> str:
+        """``lines 3 ('x'), 7 ('y') and 4 more``."""
+        shown = [f"{r + 2} ({text!r})" if text is not None else str(r + 2) for r, text in self.shown]
+        more = f" and {self.count - _SHOWN} more" if self.count > _SHOWN else ""
+        return f"line{'s' if self.count > 1 else ''} {', '.join(shown)}{more}"
+
+
+def check_rows(frames: pd.DataFrame | Iterable[pd.DataFrame], fmt: SubmissionFormat, reference: Reference,
                source: str | os.PathLike, *, allow_missing: bool = False, hint: str = "") -> Submission:
     """Check the text rows of a submission against ``reference``; return them as numbers.
 
-    ``frame`` holds the format's two columns as strings, row ``i`` being line ``i + 2`` of
-    ``source``. The first problem found raises :class:`EnsError` naming ``source`` and the
-    first offending lines (or, for missing ids, the ids, followed by ``hint``).
-    ``allow_missing``: test ids absent from ``frame`` are no error, for a caller that fills
-    them; with a sample, they must then be among the sample's ids.
+    ``frames``: the format's two columns as strings, one frame or blocks of rows in file order
+    (:func:`read_predictions`, :func:`read_csv_blocks`), indexed by row number, row ``i`` being
+    line ``i + 2`` of ``source``. Each block is checked as it comes and only its numbers are
+    kept (``(rows,)`` ids and ``(rows, width)`` category ids); then the first problem found,
+    in the order of the checks below over the whole file, raises :class:`EnsError` naming
+    ``source`` and the first offending lines (or, for missing ids, the ids, followed by
+    ``hint``). ``allow_missing``: test ids absent from the rows are no error, for a caller that
+    fills them; with a sample, they must then be among the sample's ids.
     """
-    ids = frame[fmt.id_column]
-    predicted = frame[fmt.predicted_column]
+    width = row_width(fmt, reference)
+    not_int_id, empty, wrong, not_int = _Found(), _Found(), _Found(), _Found()
+    values, categories, texts = [], [], {}
+    for frame in [frames] if isinstance(frames, pd.DataFrame) else frames:
+        rows = frame.index.to_numpy()
+        ids = frame[fmt.id_column]
+        predicted = frame[fmt.predicted_column]
+        valid = ids.str.fullmatch(_INTEGER).to_numpy(dtype=bool)
+        not_int_id.add(rows[~valid], ids)
+        if not not_int_id:
+            numbers = ids.astype(np.int64).to_numpy()
+            values.append(numbers)
+            # An id written otherwise than as its number ('007'): its text, for the messages.
+            odd = np.flatnonzero(ids.to_numpy(dtype=object) != numbers.astype(str).astype(object))
+            texts.update(zip(rows[odd].tolist(), ids.iloc[odd].tolist()))
+        tokens = predicted.str.split(" ")
+        flat = tokens.explode()  # one token per entry, indexed by row
+        bad = flat.isin(_EMPTY).groupby(level=0, sort=False).any().reindex(frame.index).to_numpy(dtype=bool)
+        empty.add(rows[bad], predicted)
+        counts = tokens.str.len().to_numpy()
+        wrong.add(rows[counts != width], predicted)
+        bad = (~flat.str.fullmatch(_INTEGER)).groupby(level=0, sort=False).any().reindex(frame.index)
+        not_int.add(rows[bad.to_numpy(dtype=bool)], predicted)
+        if not (empty or wrong or not_int):
+            categories.append(flat.astype(np.int64).to_numpy().reshape(-1, width))
+        del ids, predicted, tokens, flat
 
-    not_int = ~ids.str.fullmatch(_INTEGER)
-    if not_int.any():
-        raise EnsError(f"{source}: non-integer id on {_lines(not_int, ids)}")
-    values = ids.astype(np.int64).to_numpy()
-    repeated = pd.Series(values).duplicated(keep="first").to_numpy()
+    if not_int_id:
+        raise EnsError(f"{source}: non-integer id on {not_int_id.lines()}")
+    values = np.concatenate(values) if values else np.zeros(0, np.int64)
+
+    def text(row: int) -> str:
+        return texts.get(row, str(values[row]))
+
+    def found(mask: np.ndarray, shown: bool = True) -> _Found:
+        rows = np.flatnonzero(mask)
+        flagged = _Found()
+        flagged.add(rows, pd.Series([text(r) for r in rows[:_SHOWN].tolist()], index=rows[:_SHOWN]) if shown
+                    else None)
+        return flagged
+
+    order = np.argsort(values, kind="stable")
+    repeated = np.zeros(values.size, bool)
+    repeated[order[1:]] = values[order[1:]] == values[order[:-1]]  # each value's first row is not repeated
     if repeated.any():
-        raise EnsError(f"{source}: duplicated id on {_lines(repeated, ids)}")
+        raise EnsError(f"{source}: duplicated id on {found(repeated).lines()}")
     extra = ~np.isin(values, reference.test_ids)
     if extra.any():
-        raise EnsError(f"{source}: id not in {reference.test_source.name} on {_lines(extra, ids)}")
+        raise EnsError(f"{source}: id not in {reference.test_source.name} on {found(extra).lines()}")
     missing = np.setdiff1d(reference.test_ids, values)
     if missing.size and not allow_missing:
         raise EnsError(f"{source}: {_count(missing.size, 'test id')} of {reference.test_source.name} missing: "
                        f"{_listed(missing)}{hint}")
     if reference.sample_ids is not None:
-        _check_sample(values, ids, reference, source, missing)
+        name = reference.sample_source.name
+        extra = ~np.isin(values, reference.sample_ids)
+        if extra.any():
+            raise EnsError(f"{source}: id not in the sample {name} on {found(extra).lines()}")
+        _check_sample(values, reference, source, missing)
 
-    tokens = predicted.str.split(" ")
-    flat = tokens.explode()  # one token per entry, indexed by row
-    empty = flat.isin(_EMPTY).groupby(level=0).any().to_numpy()
-    if empty.any():
-        raise EnsError(f"{source}: empty or NaN category ids on {_lines(empty, predicted)}")
-    width = row_width(fmt, reference)
-    wrong = (tokens.str.len() != width).to_numpy()
-    if wrong.any():
+    if empty:
+        raise EnsError(f"{source}: empty or NaN category ids on {empty.lines()}")
+    if wrong:
         every = f" (every category of the dataset: it knows fewer than {fmt.top_k})" if width < fmt.top_k else ""
         raise EnsError(f"{source}: {fmt.name} expects {width} category ids{every} separated by single spaces; "
-                       f"other counts on {_lines(wrong, predicted)}")
-    not_int = (~flat.str.fullmatch(_INTEGER)).groupby(level=0).any().to_numpy()
-    if not_int.any():
-        raise EnsError(f"{source}: non-integer category ids on {_lines(not_int, predicted)}")
-    categories = flat.astype(np.int64).to_numpy().reshape(-1, width)
+                       f"other counts on {wrong.lines()}")
+    if not_int:
+        raise EnsError(f"{source}: non-integer category ids on {not_int.lines()}")
+    categories = np.concatenate(categories) if categories else np.zeros((0, width), np.int64)
     unknown = ~np.isin(categories, reference.categories)
     if unknown.any():
         raise EnsError(f"{source}: category ids {_listed(np.unique(categories[unknown]))} are not among the "
-                       f"{reference.categories.size} categories of the dataset; on {_lines(unknown.any(axis=1))}")
-
-    order = np.argsort(values, kind="stable")
+                       f"{reference.categories.size} categories of the dataset; on "
+                       f"{found(unknown.any(axis=1), shown=False).lines()}")
     return Submission(format=fmt, ids=values[order], categories=categories[order])
 
 
-def _check_sample(values: np.ndarray, ids: pd.Series, reference: Reference, source, to_fill: np.ndarray) -> None:
+def _check_sample(values: np.ndarray, reference: Reference, source, to_fill: np.ndarray) -> None:
     name = reference.sample_source.name
-    extra = ~np.isin(values, reference.sample_ids)
-    if extra.any():
-        raise EnsError(f"{source}: id not in the sample {name} on {_lines(extra, ids)}")
     unsampled = np.setdiff1d(to_fill, reference.sample_ids)
     if unsampled.size:
         raise EnsError(f"{source}: {_count(unsampled.size, 'test id')} of {reference.test_source.name} to fill "
@@ -355,14 +456,6 @@ def _check_sample(values: np.ndarray, ids: pd.Series, reference: Reference, sour
     missing = np.setdiff1d(reference.sample_ids, np.union1d(values, to_fill))
     if missing.size:
         raise EnsError(f"{source}: {_count(missing.size, 'id')} of the sample {name} missing: {_listed(missing)}")
-
-
-def _lines(mask, values: pd.Series | None = None) -> str:
-    """``lines 3 ('x'), 7 ('y') and 4 more`` for the rows where ``mask`` is true."""
-    rows = np.flatnonzero(np.asarray(mask))
-    shown = [f"{r + 2} ({values.iloc[r]!r})" if values is not None else str(r + 2) for r in rows[:_SHOWN]]
-    more = f" and {rows.size - _SHOWN} more" if rows.size > _SHOWN else ""
-    return f"line{'s' if rows.size > 1 else ''} {', '.join(shown)}{more}"
 
 
 def _header(frame: pd.DataFrame, width: int = 60) -> str:
@@ -379,24 +472,39 @@ def _listed(values: np.ndarray) -> str:
     return ", ".join(str(v) for v in values[:_SHOWN]) + more
 
 
-def check_file(path: str | os.PathLike, fmt: SubmissionFormat, reference: Reference) -> Submission:
-    """``ens submit --check``: all checks on any CSV, hand-made ones included."""
-    frame = read_csv_text(path)
-    check_header(frame, fmt, path)
-    return check_rows(frame, fmt, reference, path)
+def check_file(path: str | os.PathLike, fmt: SubmissionFormat, reference: Reference,
+               memory: int | None = None) -> Submission:
+    """``ens submit --check``: all checks on any CSV, hand-made ones included, read in blocks of
+    rows within ``memory`` bytes (:func:`block_rows`)."""
+
+    def blocks() -> Iterator[pd.DataFrame]:
+        first = True
+        for frame in read_csv_blocks(path, block_rows(memory)):
+            if first:
+                check_header(frame, fmt, path)
+                first = False
+            yield frame
+
+    return check_rows(blocks(), fmt, reference, path)
 
 
 # ---------------------------------------------------------------------------------------- writing
 
 def render(submission: Submission) -> bytes:
-    """The CSV bytes: header, then one ``id,c1 c2 ...`` line per row in ``submission`` order."""
+    """The CSV bytes: header, then one ``id,c1 c2 ...`` line per row in ``submission`` order
+    (made :data:`MAX_BLOCK_ROWS` rows at a time: only the bytes of the whole file are held)."""
     fmt = submission.format
-    cells = pd.DataFrame(submission.categories).astype(str)
-    predicted = cells[0]
-    for k in range(1, cells.shape[1]):
-        predicted = predicted + " " + cells[k]
-    lines = pd.Series(submission.ids).astype(str) + "," + predicted
-    return (fmt.header + "\n" + "".join(line + "\n" for line in lines)).encode("ascii")
+    parts = [(fmt.header + "\n").encode("ascii")]
+    for start in range(0, submission.ids.size, MAX_BLOCK_ROWS):
+        block = slice(start, start + MAX_BLOCK_ROWS)
+        cells = pd.DataFrame(submission.categories[block]).astype(str)
+        predicted = cells[0]
+        for k in range(1, cells.shape[1]):
+            predicted = predicted + " " + cells[k]
+        lines = pd.Series(submission.ids[block]).astype(str) + "," + predicted
+        parts.append("".join(line + "\n" for line in lines).encode("ascii"))
+        del cells, predicted, lines
+    return b"".join(parts)
 
 
 #: What a file name after the timestamp may hold; the first character a letter or digit.

@@ -39,6 +39,7 @@ from ensemble.formats.blend import BLEND_FILE, BLENDS, BlendSummary
 from ensemble.formats.common import check_regular, read_json
 from ensemble.formats.ledger import Entry, Ledger, as_text
 from ensemble.formats.predictions import PREDICTIONS_FILE
+from ensemble.memory import memory_budget
 from ensemble.submission import kaggle_client
 from ensemble.submission.fill import DEFAULT_MISSING, MISSING_HINT, Fill, check_missing, fill_missing, find_fill
 from ensemble.submission.kaggle_client import Receipt, UploadError
@@ -62,7 +63,9 @@ class SubmitOptions:
     ``sample``: a sample submission whose ids the file must also
     hold exactly; ``compress``: write ``.csv.gz``; ``missing``: what test ids the predictions
     lack get, ``fail`` or ``prior`` (:data:`ensemble.submission.fill.MISSING`). ``competition``
-    and ``message`` together mean upload; both ``None`` mean a dry run (:func:`check_upload`)."""
+    and ``message`` together mean upload; both ``None`` mean a dry run (:func:`check_upload`).
+    ``memory``: bytes for the blocks of rows the CSVs are read and checked in (``--memory``;
+    ``None``: the default budget, :func:`ensemble.memory.memory_budget`)."""
 
     format: str | None = None
     name: str | None = None
@@ -71,6 +74,7 @@ class SubmitOptions:
     competition: str | None = None
     message: str | None = None
     missing: str = DEFAULT_MISSING
+    memory: int | None = None
 
     def __post_init__(self):
         check_missing(self.missing)
@@ -177,11 +181,11 @@ def submit(predictions: str | os.PathLike, data: str | os.PathLike, options: Sub
         note(text)
     kaggle = kaggle_client.connect() if options.competition is not None else None
     source = resolve_predictions(predictions)
-    reference = load_reference(data, fmt, options.sample)
+    reference = load_reference(data, fmt, options.sample, options.memory)
     now = _now()
     name, name_note = submission_name(folder, options.name, source.name, now, options.compress)
-    checked = check_rows(read_predictions(source.csv, fmt, reference, _models_predict(source)), fmt, reference,
-                         source.csv, allow_missing=options.missing == "prior", hint=MISSING_HINT)
+    checked = check_rows(read_predictions(source.csv, fmt, reference, _models_predict(source), options.memory), fmt,
+                         reference, source.csv, allow_missing=options.missing == "prior", hint=MISSING_HINT)
     test_set = check_test_set(source.csv, checked.ids, reference.test_source, reference.test_sha256)
     missing = np.setdiff1d(reference.test_ids, checked.ids)
     fill = None
@@ -300,25 +304,26 @@ def refresh_scores(folder: str | os.PathLike = SUBMISSIONS) -> RefreshResult:
 
 
 def check(file: str | os.PathLike, data: str | os.PathLike, format: str | None = None,
-          sample: str | os.PathLike | None = None, warn: Warn | None = None) -> CheckResult:
+          sample: str | os.PathLike | None = None, warn: Warn | None = None, memory: int | None = None) -> CheckResult:
     """``ens submit --check``: every check on any CSV; nothing is written. ``format``: ``None``
     for the one ``--data``'s layout names. The ids and categories are checked, not which images
     the rows are predictions of: a competition CSV carries nothing that leads back to its
     stores (only a blend's ``predictions.csv`` does, through the blend.json beside it, and
-    that is what `ens submit` checks, :mod:`ensemble.submission.origin`)."""
+    that is what `ens submit` checks, :mod:`ensemble.submission.origin`). ``memory``: as in
+    :class:`SubmitOptions`."""
     fmt, notes = choose_format(data, format)
     if warn is not None:
         for text in notes:
             warn(text)
-    reference = load_reference(data, fmt, sample)
-    return CheckResult(submission=check_file(file, fmt, reference), reference=reference, notes=notes)
+    reference = load_reference(data, fmt, sample, memory)
+    return CheckResult(submission=check_file(file, fmt, reference, memory), reference=reference, notes=notes)
 
 
 # ------------------------------------------------------------------------------ `ens submit`'s modes
 
 #: `ens submit`'s options as its messages name them, in the order a refusal lists them.
 OPTIONS = ("PREDICTIONS", "--data", "--format", "--name", "--sample", "--missing", "--gzip", "--dry-run",
-           "--competition", "-m")
+           "--competition", "-m", "--memory")
 
 
 @dataclass(frozen=True)
@@ -326,7 +331,9 @@ class SubmitRequest:
     """What `ens submit` was given, as it was given: ``None`` (``False`` for the flags) for an
     option left out, so that a mode can refuse what it does not take and a default stays that
     of :class:`SubmitOptions` or :func:`check`. ``check``: ``--check FILE``, ``retry``:
-    ``--retry ID``; neither: write the predictions (and upload them)."""
+    ``--retry ID``; neither: write the predictions (and upload them). ``memory``: the text of
+    ``--memory`` (:func:`ensemble.memory.memory_budget` reads it, or the default, when a mode
+    runs)."""
 
     predictions: Path | None = None
     data: Path | None = None
@@ -340,12 +347,13 @@ class SubmitRequest:
     message: str | None = None
     check: Path | None = None
     retry: int | None = None
+    memory: str | None = None
 
     def given(self) -> tuple[str, ...]:
         """The :data:`OPTIONS` given, in their order."""
         present = (self.predictions is not None, self.data is not None, self.format is not None,
                    self.name is not None, self.sample is not None, self.missing is not None, self.compress,
-                   self.dry_run, self.competition is not None, self.message is not None)
+                   self.dry_run, self.competition is not None, self.message is not None, self.memory is not None)
         return tuple(option for option, given in zip(OPTIONS, present, strict=True) if given)
 
     def mode(self) -> str:
@@ -372,12 +380,17 @@ def _run_write(request: SubmitRequest, warn: Warn | None) -> SubmitResult:
     # An option left out (None) keeps SubmitOptions' own default.
     options = SubmitOptions(format=request.format, name=request.name, sample=request.sample,
                             compress=request.compress, competition=request.competition, message=request.message,
-                            missing=request.missing or DEFAULT_MISSING)
+                            missing=request.missing or DEFAULT_MISSING, memory=_memory(request))
     return submit(request.predictions, request.data, options, warn=warn)
 
 
 def _run_check(request: SubmitRequest, warn: Warn | None) -> CheckResult:
-    return check(request.check, request.data, request.format, request.sample, warn=warn)
+    return check(request.check, request.data, request.format, request.sample, warn=warn, memory=_memory(request))
+
+
+def _memory(request: SubmitRequest) -> int | None:
+    """Bytes of ``--memory`` as given (a bad value is one line); None, the default budget, without it."""
+    return None if request.memory is None else memory_budget(request.memory)
 
 
 def _run_retry(request: SubmitRequest, warn: Warn | None) -> SubmitResult:
@@ -390,7 +403,7 @@ WRITE = "write"
 MODES: dict[str, Mode] = {
     WRITE: Mode(takes=OPTIONS, needs=("PREDICTIONS", "--data"),
                 lacking="give PREDICTIONS and --data DIR (or --check FILE, or --retry ID)", run=_run_write),
-    "--check": Mode(takes=("--data", "--format", "--sample"), needs=("--data",),
+    "--check": Mode(takes=("--data", "--format", "--sample", "--memory"), needs=("--data",),
                     lacking="--check FILE needs --data DIR (the test ids and categories to check against)",
                     run=_run_check),
     "--retry": Mode(takes=("--competition", "-m"), needs=(), lacking="", run=_run_retry),

@@ -110,7 +110,8 @@ def test_a_certain_blend_rounding_above_probability_one_still_has_a_reliability_
     blend = ws.FittedBlend(method="nll", fusion="mixture", weights=(0.325, 0.675))
     assert blend.log_proba(logits).max() > 0  # the float32 rounding this test is about
     labels = np.array([0, 0, 1, 0])
-    predictions, true_p = report_build._blend_predictions(blend, list(logits), labels)
+    confidence, predicted, true_p = report_build._blend_block(blend, logits, labels)
+    predictions = report_build.Predictions(confidence, predicted)
     assert predictions.predicted.tolist() == [0, 0, 0, 0]
     assert predictions.confidence.tolist() == [1.0] * 4 and true_p[[0, 1, 3]].tolist() == [1.0] * 3
     diagram = cal.reliability(predictions.confidence, predictions.correct(labels))

@@ -26,12 +26,13 @@ VALUES = {
     "--dry-run": {"dry_run": True},
     "--competition": {"competition": "c"},
     "-m": {"message": "m"},
+    "--memory": {"memory": "0.5"},
 }
 #: What each mode takes beside its own option (golden: as `ens submit` took them before).
 TAKES = {
     "write": {"PREDICTIONS", "--data", "--format", "--name", "--sample", "--missing", "--gzip", "--dry-run",
-              "--competition", "-m"},
-    "--check": {"--data", "--format", "--sample"},
+              "--competition", "-m", "--memory"},
+    "--check": {"--data", "--format", "--sample", "--memory"},
     "--retry": {"--competition", "-m"},
 }
 #: The least each mode runs with.
@@ -76,12 +77,14 @@ def _expected_call(mode: str, option: str):
     """The library call of an accepted combination, with every argument."""
     if mode == "--check":
         return ("check", (Path("f.csv"), Path("d"), "inat2021" if option == "--format" else None,
-                          Path("s.csv") if option == "--sample" else None), {"warn": None})
+                          Path("s.csv") if option == "--sample" else None),
+                {"warn": None, "memory": 1 << 29 if option == "--memory" else None})
     if mode == "--retry":
         return ("retry", (3, "c" if option == "--competition" else None, "m" if option == "-m" else None), {})
     upload = {} if option == "--dry-run" else {"competition": "c", "message": "m"}
     changed = {"--format": {"format": "inat2021"}, "--name": {"name": "try2"}, "--sample": {"sample": Path("s.csv")},
-               "--missing": {"missing": "prior"}, "--gzip": {"compress": True}}.get(option, {})
+               "--missing": {"missing": "prior"}, "--gzip": {"compress": True},
+               "--memory": {"memory": 1 << 29}}.get(option, {})
     return ("submit", (Path("p.csv"), Path("d"), SubmitOptions(**upload, **changed)), {"warn": None})
 
 
@@ -103,7 +106,7 @@ def test_every_mode_and_option(calls, mode, option):
 @pytest.mark.parametrize("mode, expected", [
     ("--check", "--check does not take PREDICTIONS, --name, --missing, --gzip, --dry-run, --competition, -m"),
     ("--retry", "--retry does not take PREDICTIONS, --data, --format, --name, --sample, --missing, --gzip, "
-                "--dry-run"),
+                "--dry-run, --memory"),
 ])
 def test_a_refusal_names_every_option_refused_in_order(calls, mode, expected):
     request = SubmitRequest(**dict(BASES[mode], **{k: v for value in VALUES.values() for k, v in value.items()}))
@@ -187,4 +190,4 @@ def test_left_out_options_keep_the_library_defaults(calls):
     run_request(SubmitRequest(predictions=Path("p.csv"), data=Path("d"), dry_run=True))
     run_request(SubmitRequest(check=Path("f.csv"), data=Path("d")))
     assert calls == [("submit", (Path("p.csv"), Path("d"), SubmitOptions()), {"warn": None}),
-                     ("check", (Path("f.csv"), Path("d"), None, None), {"warn": None})]
+                     ("check", (Path("f.csv"), Path("d"), None, None), {"warn": None, "memory": None})]
