@@ -21,9 +21,10 @@ def long_tailed_prior(n_classes, seed=1):
     return LogitAdjustment(class_log_prior(rng.permutation(counts)))
 
 
-def members_with_prior(n_rows, n_classes, seed=5):
-    """Log-probs of three correlated members (one weak) that carry a long-tailed training prior."""
-    logits, labels = correlated_members(n_rows, n_classes, seed=seed, scales=(1.0, 1.5, 2.0), signals=(3.0, 2.0, 0.5))
+def members_with_prior(n_rows, n_classes, seed=5, scales=(1.0, 1.5, 2.0), signals=(3.0, 2.0, 0.5)):
+    """Log-probs of correlated members (by default three, one weak) that carry a long-tailed
+    training prior."""
+    logits, labels = correlated_members(n_rows, n_classes, seed=seed, scales=scales, signals=signals)
     prior = long_tailed_prior(n_classes)
     return log_softmax(logits + np.float32(0.7) * prior.log_prior.astype(np.float32)), labels, prior
 
@@ -61,6 +62,16 @@ def test_a_fold_with_the_prior_matches_the_exact_fit_and_its_held_out_top1(probl
     assert streamed.tau_ == pytest.approx(exact.tau_, abs=1e-3)
     assert top1(streamed.predict_log_proba(log_probs[:, test]), labels[test]) == \
         top1(exact.predict_log_proba(log_probs[:, test]), labels[test])
+
+
+def test_four_members_match_the_exact_fit():
+    log_probs, labels, prior = members_with_prior(1500, 1010, seed=15, scales=(1.0, 1.5, 2.0, 0.7),
+                                                  signals=(3.0, 2.0, 0.5, 2.5))
+    exact = LogitBlend().fit_exact(log_probs, labels, prior)
+    streamed = LogitBlend().fit_stats(collect(log_probs, labels, prior, 128), prior)
+    assert (exact.weights_ > 0.1).sum() >= 3
+    np.testing.assert_allclose(np.append(streamed.weights_, streamed.tau_), np.append(exact.weights_, exact.tau_),
+                               rtol=0, atol=1e-3)
 
 
 def test_halves_that_differ_stay_within_1e_3():
