@@ -456,12 +456,12 @@ def _write_predictions(path: Path, split: BlendSplit, members: Members, blend: A
 
 
 #: Float32 copies of one block of every member that the work on a block holds at once, with
-#: room to spare. The fusion: the block read, its log-probabilities, the temporaries of the
-#: log-softmax and of the fusion, the fused block and its top-k (3.8 copies measured at the
-#: peak, 10,000 classes, 3 members). The fit: the same block and log-probabilities, and what the
-#: methods' collectors make of them (5 copies measured with --method logit).
-FUSE_COPIES = 5
-FIT_COPIES = 6
+#: room to spare. The fusion: the block read, the fusion's temporaries, the fused block and its
+#: top-k (3.2 copies measured at the peak, 10,000 classes, 3 members, nll). The fit: the block,
+#: its log-probabilities (in its place) and what the methods' collectors make of them (2.4
+#: copies measured with nll, 3.1 with logit, its per-row summaries included).
+FUSE_COPIES = 4
+FIT_COPIES = 4
 
 
 def _block_rows(budget: int, members: Members, copies: float) -> int:

@@ -118,12 +118,12 @@ def _blend(runs: Path, data: Path, out: Path, *args):
 @pytest.mark.parametrize("method", ["nll", "greedy"])
 def test_a_small_budget_gives_the_same_blend_and_predictions_as_a_large_one(stores, tmp_path, monkeypatch, method):
     """--memory 0.25 reads 10,000-class blocks of a few hundred rows (the fit's 800 rows in
-    three, the test's 1,500 in four); --memory 8 reads each split in one block: the same
-    blend.json weights, CV table and predictions.csv, byte for byte."""
+    two or more, the test's 1,500 in three or more); --memory 8 reads each split in one block:
+    the same blend.json weights, CV table and predictions.csv, byte for byte."""
     runs, data = stores
     fit_rows, fuse_rows = (rows_per_block(GIB // 4, 3, CLASSES, copies)
                            for copies in (blend_run.FIT_COPIES, blend_run.FUSE_COPIES))
-    assert fit_rows < 400 and fuse_rows < 500
+    assert fit_rows < 800 and fuse_rows < 750
     rows_seen: list[int] = []
     real = blend_run.Members.block
 
