@@ -429,7 +429,7 @@ def submit(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check, write and record the file; upload nothing.")] = False,
     competition: Annotated[Optional[str], typer.Option(metavar="C", help="Kaggle competition to upload to, e.g. inaturalist-2019-fgvc6 (with -m).")] = None,
     message: Annotated[Optional[str], typer.Option("-m", "--message", metavar="MSG", help="Submission message shown on Kaggle (with --competition).")] = None,
-    check: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Only run the checks on FILE, any CSV (with --data, --format, --sample); write nothing.")] = None,
+    check: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Only run the checks on FILE, any CSV (with --data, --format, --sample, --memory); write nothing.")] = None,
     retry: Annotated[Optional[int], typer.Option(metavar="ID", help="Upload ledger entry ID again (after upload-failed, or a dry run given --competition and -m).")] = None,
     memory: MemoryOption = None,
 ) -> None:

