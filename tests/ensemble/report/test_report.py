@@ -105,9 +105,9 @@ def test_a_certain_blend_rounding_above_probability_one_still_has_a_reliability_
     1e-7 above 0; its confidence is 1, not a ValueError from the calibration maths."""
     import weights_search as ws
 
-    logits = np.zeros((2, 4, 10), np.float32)
-    logits[:, :, 0] = 50  # both members certain of column 0
-    blend = ws.FittedBlend(method="nll", fusion="mixture", weights=(0.325, 0.675))
+    logits = np.zeros((10, 4, 10), np.float32)
+    logits[:, :, 0] = 50  # every member certain of column 0; ten float32 tenths add up above 1
+    blend = ws.FittedBlend(method="nll", fusion="mixture", weights=(0.1,) * 10)
     assert blend.log_proba(logits).max() > 0  # the float32 rounding this test is about
     labels = np.array([0, 0, 1, 0])
     confidence, predicted, true_p = report_build._blend_block(blend, logits, labels)
