@@ -40,7 +40,8 @@ peak resident memory (a child forked from this large process would inherit its p
 read: ONE sequential read of every file the blend reads (each member's val and test
 ``logits.npy`` and ``ids.npy``, 16 MiB plain reads). The blend's time is printed as a ratio to
 that read (goal: at most 3x) and every command's peak against 3 GiB; ``--inat2019``'s goal is
-the whole ``ens blend`` in under 5 s. *read GB*: what the command's read calls returned
+the whole ``ens blend`` in under 5 s. *CPU s*: the command's user + system time (its threads
+included), which other work on the machine inflates less than the wall time. *read GB*: what the command's read calls returned
 (``/proc/PID/io`` ``rchar``, taken after it ended, before it was reaped: files, the
 interpreter's modules; pages of a memory map are not counted), and for a blend that as a
 multiple of the stores' bytes: about 1 when each store is read once by plain reads.
@@ -340,7 +341,7 @@ def _val_hits(block: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------- timing
 
-#: Runs argv[2:] and writes its wall time, peak resident memory (KB) and the bytes its read calls
+#: Runs argv[2:] and writes its wall time, CPU time, peak resident memory (KB) and the bytes its read calls
 #: returned (``rchar``: files, pipes, the interpreter's own modules; not pages of memory maps) to
 #: argv[1] as JSON. A small process of its own starts it: a child forked from this large one would
 #: start at its peak.
@@ -362,7 +363,8 @@ except OSError:
     io = {}
 _, status, usage = os.wait4(pid, 0)
 with open(sys.argv[1], "w") as fh:
-    json.dump({"seconds": seconds, "maxrss_kb": usage.ru_maxrss, "rchar": io.get("rchar")}, fh)
+    json.dump({"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime, "maxrss_kb": usage.ru_maxrss,
+               "rchar": io.get("rchar")}, fh)
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 
@@ -409,7 +411,7 @@ def run_command(name: str, argv: list[str], cwd: Path, scratch: Path) -> dict:
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-8:])
         raise SystemExit(f"benchmarks.scale: {name} failed (exit {done.returncode}): {shown}\n{tail}")
     result = json.loads(figures.read_text())
-    return {"command": name, "argv": shown, "seconds": result["seconds"],
+    return {"command": name, "argv": shown, "seconds": result["seconds"], "cpu_seconds": result["cpu_seconds"],
             "peak_rss_gib": result["maxrss_kb"] * 1024 / 2 ** 30, "read_bytes": result["rchar"],
             "stdout": done.stdout}
 
@@ -549,7 +551,7 @@ def print_table(figures: dict, shape: Shape) -> None:
         print(f"\none sequential read of the blend's stores ({read['bytes'] / 1e9:.2f} GB, {read['cache']}): "
               f"{read['seconds']:.1f} s ({read['bytes'] / 1e9 / read['seconds']:.2f} GB/s)")
     inat2019 = (shape.classes, shape.val, shape.test) == (INAT2019["classes"], INAT2019["val"], INAT2019["test"])
-    print(f"\n  {'command':<12} {'seconds':>8} {'peak RSS GiB':>13} {'RSS goal':>9} {'x read':>7} "
+    print(f"\n  {'command':<12} {'seconds':>8} {'CPU s':>7} {'peak RSS GiB':>13} {'RSS goal':>9} {'x read':>7} "
           f"{'read GB':>8} {'x stores':>9}  goal")
     for row in figures["commands"]:
         rss_ok = "ok" if row["peak_rss_gib"] <= RSS_GOAL_GIB else "OVER"
@@ -562,7 +564,7 @@ def print_table(figures: dict, shape: Shape) -> None:
             if inat2019 and row["command"] == "blend":
                 met = "ok" if row["seconds"] < INAT2019_BLEND_GOAL_S else "not met"
                 goal += f"; < {INAT2019_BLEND_GOAL_S:.0f} s: {met}"
-        print(f"  {row['command']:<12} {row['seconds']:>8.2f} {row['peak_rss_gib']:>13.2f} "
+        print(f"  {row['command']:<12} {row['seconds']:>8.2f} {row['cpu_seconds']:>7.2f} {row['peak_rss_gib']:>13.2f} "
               f"{f'{rss_ok} {RSS_GOAL_GIB:.0f}':>9} {ratio:>7} {read_gb:>8} {stores:>9}  {goal}")
     for row in figures["commands"]:
         print(f"    {row['command']}: {row['argv']}")
