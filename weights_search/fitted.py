@@ -228,7 +228,9 @@ class Reader:
 
     A source whose rows fit in one block is read once, however many passes run: the block and
     the log-probabilities of its last temperatures are kept (what one block's pass holds anyway),
-    so a small split (the iNat 2019 validation split, say) costs one read and one log-softmax."""
+    so a split within the caller's block size costs one read and, without temperatures, one
+    log-softmax. (Not faster per value: on a loaded 2-core machine blocks of a few hundred rows
+    ran CV at 10,000 classes faster than one block of 1,500; the saving is the second read.)"""
 
     def __init__(self, source: MemberSource, block_rows: int | None) -> None:
         self.source = source
