@@ -9,8 +9,10 @@ Every format here is scored like this (``COMPETITION.md``): a grader sorts the r
 requires exactly the test ids, splits ``predicted`` on whitespace and compares the first
 ``scored`` ids, read as integers, with the truth; any further ids are ignored.
 
-Checks work on the file's text: each CSV is read with every cell as a string (nothing becomes
-NaN, nothing is rounded through a float), and :func:`check_rows` finds the first problem:
+Checks work on the file's text: each CSV is read in blocks of rows (:func:`read_csv_blocks`, as
+many as ``--memory`` allows: only each row's numbers are kept, so memory does not grow with the
+test images) with every cell as a string (nothing becomes NaN, nothing is rounded through a
+float), and :func:`check_rows` finds the first problem over the whole file:
 non-integer, duplicated, missing or extra ids, empty or NaN predictions, the wrong number of
 category ids per row (the format's, or every category of a dataset that knows fewer:
 :func:`row_width`), category ids the dataset does not know and, with a sample submission,
@@ -206,12 +208,6 @@ def read_csv_blocks(path: str | os.PathLike, rows: int = MAX_BLOCK_ROWS) -> Iter
     except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError) as exc:
         reason = " ".join(str(exc).split())
         raise EnsError(f"{path}: not a readable CSV ({reason})") from None
-
-
-def read_csv_text(path: str | os.PathLike) -> pd.DataFrame:
-    """A whole CSV (or ``.csv.gz``) with every cell kept as its text (:func:`read_csv_blocks`)."""
-    blocks = list(read_csv_blocks(path))
-    return blocks[0] if len(blocks) == 1 else pd.concat(blocks)
 
 
 def find_test_file(data: str | os.PathLike, fmt: SubmissionFormat) -> Path:
