@@ -87,7 +87,7 @@ PROVENANCE_FIELDS = {
 _LATER_FIELDS = {"cam": None, "pixels": 1}
 
 
-#: Rows checked for NaN / inf, and fused, per step: bounded memory whatever the split size.
+#: Rows per block a blend fits and fuses at most, whatever --memory allows (larger blocks buy no speed).
 CHUNK_ROWS = 2048
 
 
@@ -681,39 +681,6 @@ def runs_candidates(recorded: str | None, blend_dir: str | os.PathLike,
 
 
 # ------------------------------------------------------------------- the stores a blend reads
-
-def member_arrays(models: Sequence[str], stores: Sequence[LogitStore],
-                  views: bool) -> tuple[list[str], list[np.ndarray]]:
-    """The blend members of ``models``' ``stores``: each model, or with ``views`` each
-    ``model/view``; their names and ``(rows, classes)`` arrays (memory-mapped, not copied), each
-    checked to hold only finite values."""
-    names, arrays = [], []
-    for model, store in zip(models, stores):
-        if not views:
-            names.append(model)
-            arrays.append(check_finite(store, model, store.logits))
-            continue
-        if store.views is None:
-            raise EnsError(f"{store.path}: no per-view logits; rerun `ens infer` with --keep-views "
-                           "to blend views")
-        for v, view in enumerate(store.view_names):
-            names.append(f"{model}/{view}")
-            arrays.append(check_finite(store, f"{model}/{view}", store.views[v]))
-    return names, arrays
-
-
-def check_finite(store: LogitStore, member: str, array: np.ndarray) -> np.ndarray:
-    """``array`` (``(rows, classes)``, from ``store``) unchanged once it is checked, block by block
-    of :data:`CHUNK_ROWS` rows, to hold no NaN or infinity; otherwise an EnsError naming the
-    store, the member and the first ids."""
-    for start in range(0, array.shape[0], CHUNK_ROWS):
-        finite = np.isfinite(array[start:start + CHUNK_ROWS]).all(axis=1)
-        if not finite.all():
-            bad = store.ids[start + np.flatnonzero(~finite)[:3]]
-            raise EnsError(f"{store.path}: {member} has NaN or infinite logits, first at image ids "
-                           f"{', '.join(map(str, bad))}")
-    return array
-
 
 def store_digest(store: LogitStore, views: bool) -> str:
     """sha256 over the store's arrays (ids, logits, and views when they are blended): what

@@ -1,6 +1,7 @@
 """The blend stage's parts that the CLI tests only reach end to end, as golden values on tiny
-hand-made stores: alignment of a split's stores, the finite check in row blocks, the store
-digest, the prior's columns, notes and tau, and the warnings on the fitted split.
+hand-made stores: alignment of a split's stores, the store digest, the prior's columns, notes
+and tau, and the warnings on the fitted split (the finite check of every block as it is read:
+tests/ensemble/formats/test_members.py and tests/ensemble/blend/test_blend_memory.py).
 
 The stores are stand-ins holding only what these functions read (path, arrays, manifest);
 the arrays the digest reads are real ``.npy`` files.
@@ -21,8 +22,7 @@ import weights_search as ws
 from ensemble.blend import checks, prior
 from ensemble.blend.stores import BlendSplit, available_models, check_aligned, label_source
 from ensemble.errors import EnsError
-from ensemble.formats import blend as blend_format
-from ensemble.formats.blend import member_arrays, prior_counts, shown_ids, store_digest
+from ensemble.formats.blend import prior_counts, shown_ids, store_digest
 from ensemble.formats.store import DatasetRecord
 
 
@@ -102,40 +102,6 @@ def test_label_source(tmp_path):
         label_source(BlendSplit("val", (store("a", THREE, manifest=folder),), ("a",)), None)
     assert str(info.value) == (f"{Path('runs/a/val')}: the val split did not come from a json with labels; "
                                "give --data DIR")
-
-
-# ------------------------------------------------------------------------- finite, in blocks
-
-def test_non_finite_logits_are_found_in_every_block(monkeypatch):
-    """With blocks of 2 rows, the bad rows of the second and third blocks are named by their ids
-    (the block's offset added), at most three."""
-    monkeypatch.setattr(blend_format, "CHUNK_ROWS", 2)
-    logits = np.zeros((6, 3), dtype=np.float32)
-    ids = np.array([10, 11, 12, 13, 14, 15])
-    assert member_arrays(("a",), (store("a", logits, ids=ids),), False)[0] == ["a"]
-    logits[3, 1] = np.nan
-    logits[4, 0] = np.inf
-    with pytest.raises(EnsError) as info:
-        member_arrays(("a",), (store("a", logits, ids=ids),), False)
-    assert str(info.value) == f"{Path('runs/a/val')}: a has NaN or infinite logits, first at image ids 13"
-    logits[3, 1] = 0
-    logits[2, 2] = -np.inf
-    logits[5, 2] = np.nan
-    with pytest.raises(EnsError, match="first at image ids 12$"):
-        member_arrays(("a",), (store("a", logits, ids=ids),), False)
-
-
-def test_views_are_members_and_checked_too(monkeypatch):
-    views = np.zeros((2, 3, 3), dtype=np.float32)
-    views[1, 2, 0] = np.nan
-    a = store("a", THREE, views=views, view_names=("identity", "flip"))
-    with pytest.raises(EnsError, match=r"runs.a.val: a/flip has NaN or infinite logits, first at image ids 3$"):
-        member_arrays(("a",), (a,), True)
-    views[1, 2, 0] = 0
-    names, arrays = member_arrays(("a",), (a,), True)
-    assert names == ["a/identity", "a/flip"] and arrays[1] is not None and arrays[1].shape == (3, 3)
-    with pytest.raises(EnsError, match="no per-view logits; rerun `ens infer` with --keep-views to blend views$"):
-        member_arrays(("a",), (store("a", THREE),), True)
 
 
 # ---------------------------------------------------------------------------------- digest
