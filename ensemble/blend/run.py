@@ -16,12 +16,12 @@ import weights_search as ws
 from ensemble import __version__
 from ensemble.blend.checks import class_order_warnings, label_warnings
 from ensemble.blend.prior import prior_cv_note, prior_hint, prior_notes, prior_tau
-from ensemble.blend.stores import BlendSplit, available_models, label_source, open_split
+from ensemble.blend.stores import BlendSplit, PassDigests, available_models, label_source, open_split
 from ensemble.errors import EnsError
 from ensemble.fileio import atomic_path, json_text, name_max, out_of_room, sha256_file
 from ensemble.formats.blend import (BLEND_FILE, BLENDS, CHUNK_ROWS, FORMAT_VERSION, BlendRecord, CvTable, ModelProvenance,
                                     PriorCorrection, SplitStores, prior_counts,
-                                    shown_path, store_digest)
+                                    shown_path)
 from ensemble.formats.common import is_sha256, read_json
 from ensemble.formats.dataset import load_labels, read_class_counts
 from ensemble.formats.members import Members
@@ -130,9 +130,8 @@ def run_blend(options: BlendOptions) -> BlendResult:
                            f"{', '.join(record.members)}")
         if saved is not None and saved.class_ids is not None and tuple(split.class_ids) != saved.class_ids:
             raise EnsError(f"{options.weights}: fitted on other category ids than the {apply} stores have")
-        applied = SplitStores(split=apply, rows=int(split.ids.size),
-                              stores={m: store_digest(s, views) for m, s in zip(models, split.stores)},
-                              dataset_sha256=_dataset_sha256(split))
+        dataset_sha256 = _dataset_sha256(split)
+        digests = PassDigests(split, members, views)
     # Both files appear together or not at all: each is written beside its final name and only
     # renamed into place (predictions first) once both are complete.
     # A full disk or a file-size limit names the file and leaves nothing (no folder this run made).
@@ -142,7 +141,8 @@ def run_blend(options: BlendOptions) -> BlendResult:
         if split is not None:
             predictions_tmp = stack.enter_context(atomic_path(predictions))
             rows = _write_predictions(predictions_tmp, split, members, blend, options.top_k, budget)
-            applied = dataclasses.replace(applied, predictions_sha256=sha256_file(predictions_tmp))
+            applied = SplitStores(split=apply, rows=int(split.ids.size), stores=digests.result(),
+                                  dataset_sha256=dataset_sha256, predictions_sha256=sha256_file(predictions_tmp))
             record = record.applied(None if saved is None else str(options.weights), applied, runs=runs)
         record.write(blend_tmp)
     if earlier is not None:
@@ -360,6 +360,7 @@ def _fit(options: BlendOptions, split: BlendSplit, views: bool, notes: list[str]
     folds = 5 if options.cv is None else options.cv
     _check_folds(folds, options.cv is None, split)
     members = split.members(views)
+    digests = PassDigests(split, members, views)
     names = members.names
     labels_path = label_source(split, options.data)
     labels = load_labels(labels_path, split.ids, split.class_ids)
@@ -394,7 +395,7 @@ def _fit(options: BlendOptions, split: BlendSplit, views: bool, notes: list[str]
         raise EnsError(f"blend: {exc}") from None
     notes[class_order_at:class_order_at] = class_order_warnings(split.name, len(split.class_ids),
                                                                 _model_top1(report, members))
-    stores = {m: store_digest(s, views) for m, s in zip(models, split.stores)}
+    stores = digests.result()
     record = BlendRecord(
         format=FORMAT_VERSION, ens=__version__, method=method, requested_method=method_asked,
         fallback=fallback_used, fusion=blend.fusion, params=dict(blend.params), models=tuple(models),

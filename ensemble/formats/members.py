@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -100,6 +100,9 @@ class Members:
         self.names = [m.name for m in members]
         self.n_members = len(members)
         self.n_rows, self.n_classes = next(iter(shapes))
+        #: Called with ``(member, start, its rows as stored)`` after each member's rows are read,
+        #: before any check or change (``ens blend`` hashes the stores' bytes in the same pass).
+        self.on_read: Callable[[Member, int, np.ndarray], None] | None = None
 
     def block(self, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of every member: ``(M, stop - start, C)`` float32, checked to hold
@@ -110,11 +113,13 @@ class Members:
         buffer: np.ndarray | None = None
         for m, member in enumerate(self.members):
             if member.dtype == np.float32:
-                member.read(start, stop, out[m])
+                raw = member.read(start, stop, out[m])
             else:
                 if buffer is None or buffer.dtype != member.dtype:
                     buffer = np.empty((stop - start, self.n_classes), dtype=member.dtype)
-                out[m] = member.read(start, stop, buffer)
+                raw = out[m] = member.read(start, stop, buffer)
+            if self.on_read is not None:
+                self.on_read(member, start, raw)
             finite = np.isfinite(out[m].max(axis=1)) & np.isfinite(out[m].min(axis=1))
             if not finite.all():
                 bad = member.store.ids[start + np.flatnonzero(~finite)[:3]]

@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 
 from ensemble.blend import run as blend_run
-from ensemble.blend.stores import BlendSplit
+from ensemble.blend.stores import BlendSplit, PassDigests
 from ensemble.errors import EnsError
+from ensemble.formats.blend import store_digest
 from ensemble.formats.store import DatasetRecord, StoreWriter, read_store
 from ensemble.memory import GIB, rows_per_block
 from tests.ensemble.conftest import ens, ok, one_line_error
@@ -286,3 +287,52 @@ def test_nan_in_a_blended_view_names_the_view(tmp_path):
     members.block(0, 5)
     with pytest.raises(EnsError, match=r"a: a/flip has NaN or infinite logits, first at image ids 105$"):
         members.block(3, 7)
+
+
+# ------------------------------------------------------------------- each store read once
+
+def _rchar() -> int:
+    with open("/proc/self/io") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("rchar:"))
+
+
+def test_the_recorded_digests_come_from_the_pass_and_each_store_is_read_once(stores, tmp_path):
+    """The sha256 of every store that blend.json records is store_digest's, taken from the rows
+    the fit and the fusion read: the val stores (800 rows, one block at --memory 8) and the
+    test stores are read once each, not a second time to hash them."""
+    runs, data = stores
+    files = [runs / m / s / name for m in MODELS for s in ("val", "test") for name in ("ids.npy", "logits.npy")]
+    total = sum(f.stat().st_size for f in files)
+    before = _rchar()
+    _blend(runs, data, tmp_path / "out", "--memory", "8", "--cv", "2")
+    read = _rchar() - before
+    assert read < 1.15 * total, (read, total)  # also the labels json, blend.json's checks, ...
+    record = json.loads((tmp_path / "out" / "blend.json").read_text())
+    for split, part in (("val", "optimize"), ("test", "apply")):
+        expected = {m: store_digest(read_store(runs / m / split), False) for m in MODELS}
+        assert record[part]["stores"] == expected
+
+
+def test_a_store_the_pass_did_not_read_whole_is_hashed_on_its_own(tmp_path):
+    """A float32 store, a store with bytes after its rows, rows read out of order, views:
+    the digest is store_digest's whatever the pass read."""
+    a = _store(tmp_path / "a", dtype="float32")
+    b = _store(tmp_path / "b", dtype="float16", seed=1)
+    split = BlendSplit("val", (a, b), ("a", "b"))
+    for views in (False, True):
+        members = split.members(views)
+        digests = PassDigests(split, members, views)
+        for start, _ in members.blocks(3):
+            pass
+        assert digests.result() == {m: store_digest(s, views) for m, s in zip(("a", "b"), (a, b))}
+    members = split.members(False)
+    digests = PassDigests(split, members, False)
+    members.block(3, 7)
+    members.block(0, 3)  # out of order: a and b are hashed again, from their files
+    assert digests.result() == {m: store_digest(s, False) for m, s in zip(("a", "b"), (a, b))}
+    with open(b.path / "logits.npy", "ab") as fh:
+        fh.write(b"\0" * 10)  # bytes after the rows, which the pass does not read
+    members = split.members(False)
+    digests = PassDigests(split, members, False)
+    members.block(0, 7)
+    assert digests.result() == {m: store_digest(s, False) for m, s in zip(("a", "b"), (a, b))}
