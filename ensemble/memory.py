@@ -28,6 +28,9 @@ ENV = "ENS_MEMORY"
 GIB = 1 << 30
 #: The smallest budget: below it the interpreter's own memory dominates and blocks get tiny.
 MIN_GIB = 0.25
+#: The largest budget (1 PiB): past it a value is a typo, and ``int(gib * GIB)`` of a huge float
+#: would overflow.
+MAX_GIB = 1 << 20
 #: The default's share of the machine's physical memory.
 DEFAULT_SHARE = 1 / 8
 
@@ -56,7 +59,7 @@ def default_gib() -> float:
 
 
 def parse_gib(text: str, where: str) -> float:
-    """``text`` as a number of GiB, at least :data:`MIN_GIB`; otherwise an EnsError naming
+    """``text`` as a number of GiB, at least :data:`MIN_GIB`, at most :data:`MAX_GIB`; otherwise an EnsError naming
     ``where`` (``--memory 0.1``, ``ENS_MEMORY=abc``)."""
     try:
         value = float(text.strip())
@@ -67,6 +70,8 @@ def parse_gib(text: str, where: str) -> float:
     if value < MIN_GIB:
         raise EnsError(f"{where}: give at least {MIN_GIB:g} GiB (the row blocks need room beside the "
                        "interpreter's own memory)")
+    if value > MAX_GIB:
+        raise EnsError(f"{where}: give at most {MAX_GIB:,} GiB (a budget in GiB, e.g. 3 or 0.5)")
     return value
 
 
