@@ -28,7 +28,8 @@ class AccuracyBlend(MixtureBlender):
 
     Its statistics hold rival pairs (:mod:`weights_search.stats`): every (row, class) that some
     member scores at least as high as the true class (with a fitted prior, at ``tau`` 0 or 3),
-    ``12 + 4 M`` bytes each, bounded by the collector's ``max_pairs``.
+    ``8 + 4 M`` bytes each, bounded by the collector's ``max_pairs``; a fit on ``K`` pairs adds
+    about ``K (8 M + 64)`` bytes (:func:`weights_search.stats.pair_bytes`).
 
     ``train_score_``: top-1 error on the fitting rows (ties count as errors).
     ``n_passes_``: passes run (by the last round, with a prior).

@@ -179,7 +179,7 @@ def cross_validate_and_fit(logits: MemberSource | np.ndarray | Sequence[np.ndarr
                            n_folds: int = 5, temperature: bool = False, member_names: Sequence[str] | None = None,
                            top_k: int = 5, n_boot: int = 1000, seed: int = 0, prior: LogitAdjustment | None = None,
                            block_rows: int | None = None,
-                           fallback: str | None = None) -> tuple[CvReport, FittedBlend]:
+                           fallback: str | None = None, max_pairs: int | None = None) -> tuple[CvReport, FittedBlend]:
     """:func:`cross_validate` and :func:`~weights_search.fitted.fit_blend` in one go: the
     report, and ``method`` fitted on every row (with ``prior`` when given), from the same
     passes over the source (2 without temperatures, K + 2 with them: see the module docstring).
@@ -187,12 +187,16 @@ def cross_validate_and_fit(logits: MemberSource | np.ndarray | Sequence[np.ndarr
     ``fallback``: None, or ``"uniform"``: when ``method`` does not beat uniform weights on CV
     (:attr:`CvReport.beats_uniform`), the blend returned is uniform's (its ``method`` says so),
     fitted from the same statistics. Same numbers as the two calls.
+
+    ``max_pairs``: the most rival pairs each collector of a method that counts rows right may
+    hold (None: :data:`weights_search.stats.MAX_PAIRS`); past it a
+    :class:`weights_search.stats.TooManyPairs` (a ValueError) is raised during the pass.
     """
     if fallback not in (None, "uniform"):
         raise ValueError(f"unknown fallback {fallback!r}; choose from: uniform")
     report, specs, final_stats, temperatures = _cross_validate(
         logits, labels, method, params, n_folds=n_folds, temperature=temperature, member_names=member_names,
-        top_k=top_k, n_boot=n_boot, seed=seed, prior=prior, block_rows=block_rows, final=True)
+        top_k=top_k, n_boot=n_boot, seed=seed, prior=prior, block_rows=block_rows, final=True, max_pairs=max_pairs)
     wanted = "uniform" if method == "uniform" or (fallback == "uniform" and not report.beats_uniform) else "method"
     spec = next(s for s in specs if s.kind == wanted and (s.prior is None) == (prior is None))
     blender = spec.make()
@@ -201,7 +205,7 @@ def cross_validate_and_fit(logits: MemberSource | np.ndarray | Sequence[np.ndarr
 
 
 def _cross_validate(logits, labels, method, params, *, n_folds, temperature, member_names, top_k, n_boot, seed,
-                    prior, block_rows, final):
+                    prior, block_rows, final, max_pairs=None):
     """The report, the specs of its fitted rows, and with ``final`` the statistics of every row
     (at the temperatures of every row, returned too) for the final fit."""
     source = as_source(logits)
@@ -241,7 +245,8 @@ def _cross_validate(logits, labels, method, params, *, n_folds, temperature, mem
             nll[b, rows] = -held_out[np.arange(rows.size), truth]
 
     fold_blends, final_stats, temperatures = _fit_and_evaluate(
-        source, labels, fold_of, specs, temperature=temperature, block_rows=block_rows, score=score, final=final)
+        source, labels, fold_of, specs, temperature=temperature, block_rows=block_rows, score=score, final=final,
+        max_pairs=max_pairs)
     if tau_spec is not None:
         fold_taus = [float(blends[tau_spec].tau_) for blends in fold_blends]
     rows = [(name, "member", False) for name in names] + [(s.name, s.kind, s.prior is not None) for s in specs]
@@ -293,7 +298,8 @@ def _fold_of(folds: Sequence[np.ndarray], n_rows: int) -> np.ndarray:
 
 
 def _fit_and_evaluate(source: MemberSource, labels: np.ndarray, fold_of: np.ndarray, specs: Sequence[_Spec], *,
-                      temperature: bool, block_rows: int | None, score: _Score, final: bool = False):
+                      temperature: bool, block_rows: int | None, score: _Score, final: bool = False,
+                      max_pairs: int | None = None):
     """Fit every spec in every fold, then score each held-out row with its fold's blends (one
     evaluation pass); returns the fold blends ``[fold][spec]``, and with ``final`` the stats of
     every row and the temperatures of every row (None without ``temperature``)."""
@@ -314,7 +320,7 @@ def _fit_and_evaluate(source: MemberSource, labels: np.ndarray, fold_of: np.ndar
         return fitted
 
     if not temperature:
-        stats = collect_stats(reader, labels, needs, None)
+        stats = collect_stats(reader, labels, needs, None, max_pairs)
         fold_blends = fit_folds(stats, range(n_folds))
         _evaluate(reader, fold_of, fold_blends, None, score)
         return fold_blends, stats if final else None, None
@@ -322,14 +328,14 @@ def _fit_and_evaluate(source: MemberSource, labels: np.ndarray, fold_of: np.ndar
     fold_temperatures = [temperature_fit.subset(train).fit() for train in trains]
     fold_blends = []
     for f in range(n_folds):
-        stats = collect_stats(reader, labels, needs, fold_temperatures[f])
+        stats = collect_stats(reader, labels, needs, fold_temperatures[f], max_pairs)
         fold_blends += fit_folds(stats, range(f, f + 1))
         del stats
     if not final:
         _evaluate(reader, fold_of, fold_blends, fold_temperatures, score)
         return fold_blends, None, None
     temperatures = temperature_fit.fit()
-    final_pass = StatsPass(labels, source.n_classes, needs)
+    final_pass = StatsPass(labels, source.n_classes, needs, max_pairs)
     _evaluate(reader, fold_of, fold_blends, fold_temperatures, score, (final_pass, temperatures))
     return fold_blends, final_pass.result(), temperatures
 

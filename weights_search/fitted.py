@@ -293,12 +293,15 @@ class StatsPass:
     log-probabilities; :meth:`result` maps each key to its statistics."""
 
     def __init__(self, labels: np.ndarray, n_classes: int,
-                 needs: Sequence[tuple[Blender, LogitAdjustment | None]]) -> None:
+                 needs: Sequence[tuple[Blender, LogitAdjustment | None]], max_pairs: int | None = None) -> None:
         self.collectors: dict[Hashable, Any] = {}
         for blender, prior in needs:
             key = blender.collector_key(prior)
             if key not in self.collectors:
-                self.collectors[key] = blender.collector(labels, n_classes, prior)
+                # max_pairs: the most rival pairs each collector of a method that counts rows
+                # right may hold (None: the collector's default)
+                bound = {} if max_pairs is None or not getattr(blender, "counts_rows", False) else {"max_pairs": max_pairs}
+                self.collectors[key] = blender.collector(labels, n_classes, prior, **bound)
 
     def add(self, start: int, log_probs: np.ndarray) -> None:
         """Member log-probabilities ``(M, b, C)`` of rows ``start..start+b`` (in row order)."""
@@ -310,11 +313,11 @@ class StatsPass:
 
 
 def collect_stats(reader: Reader, labels: np.ndarray, needs: Sequence[tuple[Blender, LogitAdjustment | None]],
-                  temperatures: np.ndarray | None) -> dict[Hashable, Any]:
+                  temperatures: np.ndarray | None, max_pairs: int | None = None) -> dict[Hashable, Any]:
     """One stats pass over ``reader``'s source: the statistics of every ``(blender, prior)`` in
     ``needs`` (see :class:`StatsPass`) from member log-probabilities at ``temperatures``
     (``(M,)``, or None)."""
-    stats = StatsPass(labels, reader.source.n_classes, needs)
+    stats = StatsPass(labels, reader.source.n_classes, needs, max_pairs)
     for start, block in reader.blocks():
         stats.add(start, reader.log_probs(block, temperatures, last=True))
     return stats.result()

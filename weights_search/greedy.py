@@ -36,7 +36,8 @@ class GreedyBlend(MixtureBlender):
     ``"accuracy"``, its top-1 error (ties count as errors, see :mod:`weights_search.margins`).
     Ties between candidates go to the lower member index. ``score="accuracy"`` fits from rival
     pairs, as :class:`~weights_search.accuracy.AccuracyBlend` does (memory: see
-    :mod:`weights_search.stats`); ``"nll"`` from the true-class columns alone.
+    :mod:`weights_search.stats`: each round's candidates are scored a chunk of pairs at a time);
+    ``"nll"`` from the true-class columns alone.
 
     Bagging: each of ``n_bags`` bags draws ``round(bag_fraction * M)`` members (at least 1)
     without replacement, with ``seed``; the counts of all bags are added up. The default, one

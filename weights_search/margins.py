@@ -32,8 +32,14 @@ class MixtureMargins:
     rival pairs a :class:`~weights_search.stats.MixtureCollector` streamed, at any ``tau``, with
     the same result. Weights given to the methods are ``(M,)`` and non-negative; only their
     direction matters. Memory: :attr:`margins` is ``(K, M)`` float64, one row per rival pair
-    of the rows that are neither right nor wrong for every weights.
+    of the rows that are neither right nor wrong for every weights, float64 so that the counts
+    are those of the exact argmax (building them holds a few ``(chunk, M)`` temporaries more, not
+    ``(K, M)`` ones; a line search adds a few ``(K,)`` float64 arrays: see
+    :func:`weights_search.stats.pair_bytes`).
     """
+
+    #: Pairs per chunk of the work done a chunk at a time.
+    CHUNK = 1 << 14
 
     def __init__(self, log_probs: np.ndarray, labels: np.ndarray, class_shift: np.ndarray | None = None) -> None:
         log_probs, labels = check_members(log_probs, labels)
@@ -62,23 +68,45 @@ class MixtureMargins:
     def _build(self, pairs: RivalPairs, true_lp: np.ndarray, labels: np.ndarray, tau: float) -> None:
         """Margins at ``tau`` from ``pairs`` and the ``(M, N)`` float32 true-class log-probabilities:
         the pairs that are rivals at ``tau`` (some member scores the class at least as high as
-        the true class there), of rows no class beats for every member."""
+        the true class there), of rows no class beats for every member.
+
+        The pairs are read in chunks (:meth:`RivalPairs.chunks`) three times: to find the rows
+        some rival beats for every member, to count the pairs kept, to fill :attr:`margins`; so
+        besides the margins themselves this holds a few ``(chunk, M)`` temporaries, one bool and
+        one row index per pair."""
         n_members, n_rows = true_lp.shape
         shift = pairs.class_shift(tau)
         true = true_lp if shift is None else true_lp - shift[labels]
-        rival_lp = pairs.lp if shift is None else pairs.lp - shift[pairs.rival]
-        at_least = rival_lp >= true[:, pairs.row]
-        some, every = at_least.any(axis=0), at_least.all(axis=0)
         dominated = pairs.dominated.copy()
-        dominated[pairs.row[every]] = True
         has_rival = np.zeros(n_rows, dtype=bool)
-        has_rival[pairs.row[some]] = True
-        keep = some & ~dominated[pairs.row]
-        pair_row = pairs.row[keep]
-        rival_lp = rival_lp[:, keep]
-        margins = np.empty((pair_row.size, n_members))
-        for m in range(n_members):
-            margins[:, m] = np.exp(true[m, pair_row].astype(np.float64)) - np.exp(rival_lp[m].astype(np.float64))
+        some = np.empty(pairs.n_pairs, dtype=bool)
+        at = 0
+        for row, rival, lp in pairs.chunks():
+            scores = lp if shift is None else lp - shift[rival][:, None]
+            at_least = scores >= true[:, row].T
+            rivals, every = at_least.any(axis=1), at_least.all(axis=1)
+            dominated[row[every]] = True
+            has_rival[row[rivals]] = True
+            some[at:at + row.size] = rivals
+            at += row.size
+        at = 0
+        for row, _, _ in pairs.chunks():
+            some[at:at + row.size] &= ~dominated[row]
+            at += row.size
+        n_kept = int(some.sum())
+        margins = np.empty((n_kept, n_members))
+        pair_row = np.empty(n_kept, dtype=np.int32 if n_rows < 2**31 else np.int64)
+        at = filled = 0
+        for row, rival, lp in pairs.chunks():
+            keep = some[at:at + row.size]
+            at += row.size
+            row, rival, lp = row[keep], rival[keep], lp[keep]
+            scores = lp if shift is None else lp - shift[rival][:, None]
+            here = slice(filled, filled + row.size)
+            np.subtract(np.exp(true[:, row].T.astype(np.float64)), np.exp(scores.astype(np.float64)), out=margins[here])
+            pair_row[here] = row
+            filled += row.size
+        del some
         self.n_members = n_members
         self.n_rows = n_rows
         self.n_always = int((~has_rival & ~dominated).sum())
@@ -87,6 +115,17 @@ class MixtureMargins:
         #: Index in :attr:`margins` where each active row's pairs begin.
         self.starts = np.flatnonzero(np.diff(pair_row, prepend=-1))
         self._last: tuple[np.ndarray, np.ndarray] | None = None
+
+    def _row_chunks(self):
+        """Yields ``(lo, hi, starts)``: ranges of :attr:`margins` of about :data:`CHUNK` pairs
+        that hold whole rows, and those rows' starts relative to ``lo``."""
+        total = self.margins.shape[0]
+        cuts = np.unique(np.searchsorted(self.starts, np.arange(0, total, self.CHUNK)))
+        cuts = np.append(cuts[cuts < self.starts.size], self.starts.size)
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            lo = int(self.starts[a])
+            hi = int(self.starts[b]) if b < self.starts.size else total
+            yield lo, hi, self.starts[a:b] - lo
 
     def _at(self, weights: np.ndarray) -> np.ndarray:
         """``(K,)`` ``margins @ weights``; the last one is kept, since a search scores many lines
@@ -108,8 +147,12 @@ class MixtureMargins:
         """``(M,)``: rows right under ``base + e_m`` for each member ``m`` (one selection added)."""
         if not self.starts.size:
             return np.full(self.n_members, self.n_always)
-        worst = np.minimum.reduceat((self.margins @ base)[:, None] + self.margins, self.starts, axis=0)
-        return self.n_always + (worst > 0).sum(axis=0)
+        at_base = self.margins @ base
+        right = np.zeros(self.n_members, dtype=np.int64)
+        for lo, hi, starts in self._row_chunks():  # a (chunk, M) sum at a time, not (K, M)
+            worst = np.minimum.reduceat(at_base[lo:hi, None] + self.margins[lo:hi], starts, axis=0)
+            right += (worst > 0).sum(axis=0)
+        return self.n_always + right
 
     def best_on_line(self, weights: np.ndarray, direction: np.ndarray, t_low: float, t_high: float) -> tuple[int, float]:
         """The most rows right on the segment ``weights + t * direction``, ``t`` in ``[t_low, t_high]``.

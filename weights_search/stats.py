@@ -32,12 +32,17 @@ Shapes: ``M`` members, ``N`` rows, ``C`` classes, ``D`` prior bins, ``K`` rival 
   top-1 under any weights; the pairs give the exact top-1 of every mixture at every ``tau``
   (:class:`~weights_search.margins.MixtureMargins`). Rows where one class scores at least as
   high as ``y`` for every member at both ends are wrong for every weights and ``tau``: they are
-  counted (``dominated``), with no pairs. Per pair: its row (int64), class (int32) and the
-  members' log-probabilities of the rival (``M`` float32), ``12 + 4 M`` bytes, and
-  :class:`~weights_search.margins.MixtureMargins` holds ``8 M`` more per pair at one ``tau``.
-  How many pairs there are depends on the members: a few per row for members that rank the
-  true class near the top, but with a steep prior the ``tau = 3`` end makes many rare classes
-  rivals. The collector refuses (ValueError) to hold more than ``max_pairs``.
+  counted (``dominated``), with no pairs. Per pair: its row (int32), class (int32) and the
+  members' log-probabilities of the rival (``M`` float32), ``8 + 4 M`` bytes
+  (:func:`held_pair_bytes`), held once (arrays grown in place, a quarter at a time); a fold's
+  subset copies none; :class:`~weights_search.margins.MixtureMargins` holds ``8 M`` more per
+  pair at one ``tau`` (float64, built a chunk of pairs at a time), and a fit's line searches
+  under 64 more: :func:`pair_bytes` in all (264 bytes at 16 members), and
+  :func:`max_pairs_within` the bound a memory budget allows. How many pairs there are depends
+  on the members: a few per row for members that rank the true class near the top, but with a
+  steep prior the ``tau = 3`` end makes many rare classes rivals (at 10,000 classes, thousands
+  per row); a given ``tau`` finds far fewer. The collector refuses (:class:`TooManyPairs`, a
+  ValueError) to hold more than ``max_pairs``.
 
 Memory: the statistics are ``(M, N)`` and ``(M, N, D)`` (plus pairs); a pass holds one block of
 ``(M, b, C)`` and a few ``(b, C)`` temporaries, never ``(M, N, C)``.
@@ -63,7 +68,8 @@ RIVAL_SLACK = 1e-4
 #: float64: a bin's mass is then off by at most ``SUM_RUN * 2**-24`` (4e-6) of itself with
 #: float32 inputs, about 3e-7 in practice, like the float32 matrix products used before.
 SUM_RUN = 64
-#: The default bound on rival pairs held (each ``12 + 4 M`` bytes in the statistics).
+#: The default bound on rival pairs held (each :func:`held_pair_bytes` in the statistics; callers
+#: with a memory budget pass :func:`max_pairs_within` of it instead).
 MAX_PAIRS = 20_000_000
 
 
@@ -144,20 +150,74 @@ class PriorBins:
 class RivalPairs:
     """The ``(row, rival class)`` pairs of :mod:`weights_search.stats` (see the module docstring).
 
-    ``row``: ``(K,)`` int64, sorted; ``rival``: ``(K,)`` int32; ``lp``: ``(M, K)`` float32, the
-    members' log-probabilities of the rival class; ``dominated``: ``(N,)`` bool, rows wrong at
-    every weights and ``tau``; ``shift``: ``(C,)`` float64 class shifts (None without a prior);
-    ``ends``: the ``tau`` values the rivals were found at.
+    ``row``: ``(K,)`` int32 (int64 past 2**31 rows), sorted; ``rival``: ``(K,)`` int32; ``lp``:
+    ``(M, K)`` float32, the members' log-probabilities of the rival class (held as ``(K, M)``,
+    :attr:`lp` is its transposed view); ``dominated``: ``(N,)`` bool, rows wrong at every weights
+    and ``tau``; ``shift``: ``(C,)`` float64 class shifts (None without a prior); ``ends``: the
+    ``tau`` values the rivals were found at.
+
+    :meth:`subset` copies no pair: the subset keeps the whole set's arrays and the rows it
+    selects, and :meth:`chunks` yields its pairs (rows renumbered) a chunk at a time, which is
+    how :class:`~weights_search.margins.MixtureMargins` reads them. :attr:`row`, :attr:`rival`
+    and :attr:`lp` of a subset are built on demand (copies, for tests and small sets).
     """
 
+    #: Pairs per chunk of :meth:`chunks` (temporaries of a few ``(CHUNK, M)`` arrays).
+    CHUNK = 1 << 14
+
     def __init__(self, row: np.ndarray, rival: np.ndarray, lp: np.ndarray, dominated: np.ndarray,
-                 shift: np.ndarray | None, ends: tuple[float, ...]) -> None:
-        self.row, self.rival, self.lp, self.dominated = row, rival, lp, dominated
-        self.shift, self.ends = shift, ends
+                 shift: np.ndarray | None, ends: tuple[float, ...], rows: np.ndarray | None = None) -> None:
+        """``lp``: ``(K, M)`` float32 (pair by pair); ``rows``: None (every row of ``row``'s
+        numbering) or the sorted rows this set keeps, renumbered ``0..len(rows)-1``
+        (``dominated`` is then of those rows)."""
+        self._row, self._rival, self._lp = row, rival, lp
+        self.dominated, self.shift, self.ends = dominated, shift, ends
+        self._rows = rows
+        self._count: int | None = None if rows is not None else int(row.size)
+
+    @property
+    def n_members(self) -> int:
+        return int(self._lp.shape[1])
 
     @property
     def n_pairs(self) -> int:
-        return int(self.row.size)
+        if self._count is None:
+            self._count = sum(int(part[0].size) for part in self.chunks())
+        return self._count
+
+    def chunks(self, size: int | None = None):
+        """Yields ``(row, rival, lp)`` of at most ``size`` (:data:`CHUNK`) pairs at a time, in
+        order: ``(k,)`` int64 rows (of this set's numbering), ``(k,)`` int32 classes, ``(k, M)``
+        float32 log-probabilities."""
+        size = size or self.CHUNK
+        total = int(self._row.size)
+        for lo in range(0, total, size):
+            row = self._row[lo:lo + size].astype(np.int64)
+            rival, lp = self._rival[lo:lo + size], self._lp[lo:lo + size]
+            if self._rows is not None:
+                position = np.searchsorted(self._rows, row)
+                inside = position < self._rows.size
+                inside[inside] = self._rows[position[inside]] == row[inside]
+                row, rival, lp = position[inside], rival[inside], lp[inside]
+            yield row, rival, lp
+
+    def _gather(self, index: int) -> np.ndarray:
+        parts = [part[index] for part in self.chunks()]
+        if parts:
+            return np.concatenate(parts)
+        return [np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros((0, self.n_members), np.float32)][index]
+
+    @property
+    def row(self) -> np.ndarray:
+        return self._row if self._rows is None else self._gather(0)
+
+    @property
+    def rival(self) -> np.ndarray:
+        return self._rival if self._rows is None else self._gather(1)
+
+    @property
+    def lp(self) -> np.ndarray:
+        return (self._lp if self._rows is None else self._gather(2)).T
 
     def class_shift(self, tau: float) -> np.ndarray | None:
         """``(C,)`` float32 ``tau * shift`` as the corrected scores subtract it (None at 0)."""
@@ -166,11 +226,11 @@ class RivalPairs:
         return np.float32(tau) * self.shift.astype(np.float32)
 
     def subset(self, rows: np.ndarray) -> "RivalPairs":
-        position = np.searchsorted(rows, self.row)
-        inside = position < rows.size
-        inside[inside] = rows[position[inside]] == self.row[inside]
-        return RivalPairs(position[inside], self.rival[inside], self.lp[:, inside], self.dominated[rows],
-                          self.shift, self.ends)
+        """The pairs of ``rows`` (sorted indices of this set's rows), renumbered: no pair is
+        copied (see the class docstring)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        kept = rows if self._rows is None else self._rows[rows]
+        return RivalPairs(self._row, self._rival, self._lp, self.dominated[rows], self.shift, self.ends, kept)
 
 
 class MixtureStats:
@@ -208,18 +268,94 @@ class MixtureStats:
                             None if self.pairs is None else self.pairs.subset(rows))
 
 
+class TooManyPairs(ValueError):
+    """More rival pairs than the collector may hold (:class:`RivalCollector`'s ``max_pairs``).
+
+    ``rows``: the rows seen when the bound was passed, of ``n_rows``; ``n_pairs``: the pairs
+    they have; ``max_pairs``; ``n_members``; ``ends``: the ``tau`` values rivals were sought at
+    (two: a fitted ``tau``; one: ``tau`` given, or no prior), so a caller can say what to change.
+    """
+
+    def __init__(self, rows: int, n_rows: int, n_pairs: int, max_pairs: int, n_members: int,
+                 ends: tuple[float, ...]) -> None:
+        self.rows, self.n_rows, self.n_pairs, self.max_pairs = rows, n_rows, n_pairs, max_pairs
+        self.n_members, self.ends = n_members, ends
+        super().__init__(
+            f"the rows up to {rows} already have {n_pairs} rival pairs (classes some member scores at least as "
+            f"high as the true class), more than max_pairs={max_pairs} (each holds {held_pair_bytes(n_members)} bytes, "
+            f"{pair_bytes(n_members)} over the fit): raise the bound if memory allows, give tau (rivals at one tau, "
+            "fewer than at both ends of its range), or use a method that does not count rows right (nll, "
+            "greedy with score=nll)")
+
+
+def held_pair_bytes(n_members: int, n_rows: int = 0) -> int:
+    """Bytes one rival pair takes in :class:`RivalPairs`: its row (int32 below 2**31 rows, else
+    int64), its class (int32) and ``M`` float32 log-probabilities."""
+    return (4 if n_rows < 2**31 else 8) + 4 + 4 * n_members
+
+
+#: Bytes per pair that a fit on the pairs adds to them, besides the ``8 M`` of its float64
+#: margins (:class:`~weights_search.margins.MixtureMargins`): the line search's ``(K,)`` float64
+#: products, roots and bounds (``best_on_line``: 5 arrays, with a few bool masks), measured with
+#: tracemalloc at 4 and 16 members (tests/weights_search/test_stats_pairs.py).
+FIT_PAIR_BYTES = 64
+
+
+def pair_bytes(n_members: int, n_rows: int = 0) -> int:
+    """Bytes per rival pair over a whole fit that counts rows right: the pair held
+    (:func:`held_pair_bytes`), its float64 margin vector (``8 M``) and the search's per-pair
+    work (:data:`FIT_PAIR_BYTES`). A cross-validation's fold subsets copy no pair, and one fit's
+    margins at a time are held, so a fit on ``K`` pairs peaks at about ``K * pair_bytes`` above
+    the ``(M, N)`` statistics."""
+    return held_pair_bytes(n_members, n_rows) + 8 * n_members + FIT_PAIR_BYTES
+
+
+def max_pairs_within(budget: int, n_members: int, n_rows: int = 0, sets: int = 1) -> int:
+    """The most rival pairs whose fit stays within ``budget`` bytes: ``sets`` collectors of pairs
+    held at once (a cross-validation with a prior keeps the pairs of the blend without it too),
+    each up to the bound, and the fit's work on one of them (:func:`pair_bytes`)."""
+    per_pair = sets * held_pair_bytes(n_members, n_rows) + pair_bytes(n_members, n_rows) - held_pair_bytes(n_members, n_rows)
+    return max(0, int(budget) // per_pair)
+
+
 class RivalCollector:
     """Collects :class:`RivalPairs` block by block: a class is a rival of row ``n``'s true class
     when some member scores it at least as high at some ``tau`` of ``ends`` (scores corrected by
     ``tau * shift``; ``shift`` ``(C,)`` float64 or None). With two ends or more the comparison
-    has :data:`RIVAL_SLACK`, with one it is exact. Raises ValueError past ``max_pairs`` pairs.
+    has :data:`RIVAL_SLACK`, with one it is exact. Raises :class:`TooManyPairs` (a ValueError)
+    past ``max_pairs`` pairs.
+
+    The pairs go into arrays grown in place (``ndarray.resize``: a ``realloc``, which moves a
+    large block's pages without copying them) by a quarter at a time, never past ``max_pairs``:
+    no list of parts to concatenate, so the pairs are held once.
     """
+
+    #: Pairs the arrays start with.
+    START = 1 << 12
 
     def __init__(self, n_rows: int, shift: np.ndarray | None, ends: tuple[float, ...], max_pairs: int) -> None:
         self.shift, self.ends, self.max_pairs = shift, tuple(ends), max_pairs
+        self.n_rows = n_rows
         self.n_pairs = 0
-        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._row_type = np.int32 if n_rows < 2**31 else np.int64
+        self._row: np.ndarray | None = None
+        self._rival: np.ndarray | None = None
+        self._lp: np.ndarray | None = None
         self._dominated = np.zeros(n_rows, dtype=bool)
+
+    def _reserve(self, n_members: int, need: int) -> None:
+        if self._lp is None:
+            size = max(min(self.START, self.max_pairs), need)
+            self._row = np.empty(size, self._row_type)
+            self._rival = np.empty(size, np.int32)
+            self._lp = np.empty((size, n_members), np.float32)
+            return
+        size = self._row.size
+        if need <= size:
+            return
+        size = min(max(need, size + size // 4 + 1), max(need, self.max_pairs))
+        for a in (self._row, self._rival, self._lp):
+            a.resize((size,) + a.shape[1:], refcheck=False)
 
     def add(self, start: int, log_probs: np.ndarray, labels: np.ndarray, true: np.ndarray) -> None:
         """Rows ``start ..`` of ``(M, b, C)`` float32 log-probabilities, their ``(b,)`` labels and
@@ -239,25 +375,32 @@ class RivalCollector:
         rival[rows, labels] = False
         dominant[rows, labels] = False
         dominated = dominant.any(axis=1)
+        del dominant
         self._dominated[start:start + size] = dominated
         rival[dominated] = False
         local, classes = np.nonzero(rival)
+        del rival
         if not local.size:
             return
-        self.n_pairs += local.size
-        if self.n_pairs > self.max_pairs:
-            raise ValueError(f"the rows up to {start + size} already have {self.n_pairs} rival pairs (classes some "
-                             f"member scores at least as high as the true class), more than max_pairs={self.max_pairs} "
-                             f"(each holds {12 + 4 * n_members} bytes): raise the bound if memory allows, or use a "
-                             "method that does not count rows right (nll, greedy with score=nll)")
-        self._parts.append((local + start, classes.astype(np.int32), log_probs[:, local, classes]))
+        total = self.n_pairs + local.size
+        if total > self.max_pairs:
+            raise TooManyPairs(start + size, self.n_rows, total, self.max_pairs, n_members, self.ends)
+        self._reserve(n_members, total)
+        here = slice(self.n_pairs, total)
+        self._row[here] = local + start
+        self._rival[here] = classes
+        for m in range(n_members):
+            self._lp[here, m] = log_probs[m, local, classes]
+        self.n_pairs = total
 
     def result(self, n_members: int) -> RivalPairs:
-        parts = self._parts
-        row = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, dtype=np.int64)
-        rival = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, dtype=np.int32)
-        lp = np.concatenate([p[2] for p in parts], axis=1) if parts else np.zeros((n_members, 0), np.float32)
-        return RivalPairs(row.astype(np.int64), rival, lp, self._dominated.copy(), self.shift, self.ends)
+        """The pairs collected (its arrays, trimmed to them: call it once, after the last block)."""
+        if self._lp is None:
+            self._reserve(n_members, 0)
+        row, rival, lp = self._row, self._rival, self._lp
+        for a in (row, rival, lp):
+            a.resize((self.n_pairs,) + a.shape[1:], refcheck=False)
+        return RivalPairs(row, rival, lp, self._dominated.copy(), self.shift, self.ends)
 
 
 class MixtureCollector:
