@@ -33,7 +33,8 @@ from typing import Any, Callable, Hashable, Mapping, Sequence
 import numpy as np
 
 from weights_search.base import Blender
-from weights_search.fitted import FittedBlend, Reader, StatsPass, collect_stats, mixture_of_log_probs, temperature_stats
+from weights_search.fitted import (FittedBlend, Reader, StatsPass, collect_stats, far_from_pilots, fitted_temperatures,
+                                   mixture_of_log_probs)
 from weights_search.functional import MIXTURE, log_softmax
 from weights_search.metrics import bootstrap_ci, rank_of_true
 from weights_search.prior import LogitAdjustment, adjust
@@ -200,7 +201,15 @@ def cross_validate_and_fit(logits: MemberSource | np.ndarray | Sequence[np.ndarr
     wanted = "uniform" if method == "uniform" or (fallback == "uniform" and not report.beats_uniform) else "method"
     spec = next(s for s in specs if s.kind == wanted and (s.prior is None) == (prior is None))
     blender = spec.make()
-    blender.fit_stats(final_stats[blender.collector_key(spec.prior)], spec.prior)
+    key = blender.collector_key(spec.prior)
+    blender.fit_stats(final_stats[key], spec.prior)
+    pilot = far_from_pilots(final_stats[key], blender, spec.prior)
+    if pilot is not None:
+        # Rarely: no fold's fit asked for a re-pass but the final one does (see the module docstring).
+        del final_stats
+        stats = collect_stats(Reader(as_source(logits), block_rows), check_labels(as_source(logits), labels),
+                              [(blender, spec.prior)], temperatures, max_pairs, pilots={key: pilot})
+        blender.fit_stats(stats[key], spec.prior)
     return report, FittedBlend.of(blender, spec.method, temperatures)
 
 
@@ -319,25 +328,65 @@ def _fit_and_evaluate(source: MemberSource, labels: np.ndarray, fold_of: np.ndar
             fitted.append(blends)
         return fitted
 
+    def far_keys(stats: dict[Hashable, Any], fitted: list[list[Blender]], folds: range) -> list[int]:
+        """The specs (one per key) whose fit in one of ``folds`` is too far from its rows' pilots."""
+        far: dict[Hashable, int] = {}
+        for i, (probe, prior) in enumerate(needs):
+            key = probe.collector_key(prior)
+            if key not in far and any(far_from_pilots(stats[key], fitted[j][i], prior, trains[f]) is not None
+                                      for j, f in enumerate(folds)):
+                far[key] = i
+        return list(far.values())
+
     if not temperature:
         stats = collect_stats(reader, labels, needs, None, max_pairs)
         fold_blends = fit_folds(stats, range(n_folds))
+        # A re-pass (rows in an unfavourable order): every row expanded about the fit of all
+        # rows, which lies near every fold's too.
+        pilots = {}
+        for i in far_keys(stats, fold_blends, range(n_folds)):
+            probe, prior = needs[i]
+            key = probe.collector_key(prior)
+            pilots[key] = stats[key].pilot_of(specs[i].make().fit_stats(stats[key], prior), prior)
+        if pilots:
+            for key in pilots:
+                del stats[key]
+            stats.update(collect_stats(reader, labels, _of_keys(needs, pilots), None, max_pairs, pilots=pilots))
+            fold_blends = fit_folds(stats, range(n_folds))
         _evaluate(reader, fold_of, fold_blends, None, score)
         return fold_blends, stats if final else None, None
-    temperature_fit = temperature_stats(reader, labels)
-    fold_temperatures = [temperature_fit.subset(train).fit() for train in trains]
+    temperature_fit, temperatures, fold_temperatures = fitted_temperatures(reader, labels, trains)
     fold_blends = []
+    # Pilots found by a fold's re-pass serve the later folds' passes and the final one from the start.
+    carried: dict[Hashable, np.ndarray] = {}
     for f in range(n_folds):
-        stats = collect_stats(reader, labels, needs, fold_temperatures[f], max_pairs)
-        fold_blends += fit_folds(stats, range(f, f + 1))
+        stats = collect_stats(reader, labels, needs, fold_temperatures[f], max_pairs, pilots=carried)
+        fitted = fit_folds(stats, range(f, f + 1))
+        pilots = {}
+        for i in far_keys(stats, fitted, range(f, f + 1)):
+            probe, prior = needs[i]
+            key = probe.collector_key(prior)
+            pilots[key] = stats[key].pilot_of(fitted[0][i], prior)
+        if pilots:
+            for key in pilots:
+                del stats[key]
+            stats.update(collect_stats(reader, labels, _of_keys(needs, pilots), fold_temperatures[f], max_pairs,
+                                           pilots=pilots))
+            fitted = fit_folds(stats, range(f, f + 1))
+            carried.update(pilots)
+        fold_blends += fitted
         del stats
     if not final:
         _evaluate(reader, fold_of, fold_blends, fold_temperatures, score)
         return fold_blends, None, None
-    temperatures = temperature_fit.fit()
-    final_pass = StatsPass(labels, source.n_classes, needs, max_pairs)
+    final_pass = StatsPass(labels, source.n_classes, needs, max_pairs, pilots=carried)
     _evaluate(reader, fold_of, fold_blends, fold_temperatures, score, (final_pass, temperatures))
     return fold_blends, final_pass.result(), temperatures
+
+
+def _of_keys(needs: Sequence[tuple[Blender, LogitAdjustment | None]], keys) -> list:
+    """The ``(blender, prior)`` pairs of ``needs`` whose collector key is in ``keys``."""
+    return [(blender, prior) for blender, prior in needs if blender.collector_key(prior) in keys]
 
 
 def _evaluate(reader: Reader, fold_of: np.ndarray, fold_blends: Sequence[Sequence[Blender]],

@@ -216,9 +216,15 @@ def fit_blend(logits: MemberSource | np.ndarray | Sequence[np.ndarray], labels: 
     if prior is not None:
         prior.check(source.n_classes)
     reader = Reader(source, block_rows)
-    temperatures = temperature_stats(reader, labels).fit() if temperature else None
+    temperatures = fitted_temperatures(reader, labels)[1] if temperature else None
+    key = blender.collector_key(prior)
     stats = collect_stats(reader, labels, [(blender, prior)], temperatures)
-    blender.fit_stats(stats[blender.collector_key(prior)], prior)
+    blender.fit_stats(stats[key], prior)
+    pilot = far_from_pilots(stats[key], blender, prior)
+    if pilot is not None:
+        del stats
+        stats = collect_stats(reader, labels, [(blender, prior)], temperatures, pilots={key: pilot})
+        blender.fit_stats(stats[key], prior)
     return FittedBlend.of(blender, method, temperatures)
 
 
@@ -293,7 +299,8 @@ class StatsPass:
     log-probabilities; :meth:`result` maps each key to its statistics."""
 
     def __init__(self, labels: np.ndarray, n_classes: int,
-                 needs: Sequence[tuple[Blender, LogitAdjustment | None]], max_pairs: int | None = None) -> None:
+                 needs: Sequence[tuple[Blender, LogitAdjustment | None]], max_pairs: int | None = None, *,
+                 pilots: Mapping[Hashable, np.ndarray] | None = None) -> None:
         self.collectors: dict[Hashable, Any] = {}
         for blender, prior in needs:
             key = blender.collector_key(prior)
@@ -302,6 +309,9 @@ class StatsPass:
                 # right may hold (None: the collector's default)
                 bound = {} if max_pairs is None or not getattr(blender, "counts_rows", False) else {"max_pairs": max_pairs}
                 self.collectors[key] = blender.collector(labels, n_classes, prior, **bound)
+                # pilots: a fixed pilot for the collectors of these keys (a re-pass, see repass_keys)
+                if pilots is not None and key in pilots:
+                    self.collectors[key] = self.collectors[key].with_pilot(pilots[key])
 
     def add(self, start: int, log_probs: np.ndarray) -> None:
         """Member log-probabilities ``(M, b, C)`` of rows ``start..start+b`` (in row order)."""
@@ -313,24 +323,56 @@ class StatsPass:
 
 
 def collect_stats(reader: Reader, labels: np.ndarray, needs: Sequence[tuple[Blender, LogitAdjustment | None]],
-                  temperatures: np.ndarray | None, max_pairs: int | None = None) -> dict[Hashable, Any]:
+                  temperatures: np.ndarray | None, max_pairs: int | None = None, *,
+                  pilots: Mapping[Hashable, np.ndarray] | None = None) -> dict[Hashable, Any]:
     """One stats pass over ``reader``'s source: the statistics of every ``(blender, prior)`` in
     ``needs`` (see :class:`StatsPass`) from member log-probabilities at ``temperatures``
-    (``(M,)``, or None)."""
-    stats = StatsPass(labels, reader.source.n_classes, needs, max_pairs)
+    (``(M,)``, or None); ``pilots``: the collectors of these keys expand every row about the
+    given pilot (a re-pass: see :func:`far_from_pilots`)."""
+    stats = StatsPass(labels, reader.source.n_classes, needs, max_pairs, pilots=pilots)
     for start, block in reader.blocks():
         stats.add(start, reader.log_probs(block, temperatures, last=True))
     return stats.result()
 
 
-def temperature_stats(reader: Reader, labels: np.ndarray) -> Any:
+def temperature_stats(reader: Reader, labels: np.ndarray, pilot: np.ndarray | None = None) -> Any:
     """One pass over ``reader``'s source (logits) through a
-    :class:`~weights_search.temperature.TemperatureCollector`: its stats, whose ``.fit()`` gives
-    the ``(M,)`` temperatures of all rows and ``.subset(rows).fit()`` those of some rows."""
-    collector = _temperature.TemperatureCollector(labels, reader.source.n_members)
+    :class:`~weights_search.temperature.TemperatureCollector` (with ``pilot``: every row expanded
+    about those ``(M,)`` temperatures): its stats, whose ``.fit()`` gives the ``(M,)``
+    temperatures of all rows and ``.subset(rows).fit()`` those of some rows."""
+    collector = _temperature.TemperatureCollector(labels, reader.source.n_members, pilot=pilot)
     for start, block in reader.blocks():
         collector.add(start, block)
     return collector.result()
+
+
+def fitted_temperatures(reader: Reader, labels: np.ndarray, folds: Sequence[np.ndarray] = ()) -> tuple[Any, np.ndarray, list]:
+    """The temperatures of all rows and of each of ``folds`` (training rows), with their stats:
+    one pass (:func:`temperature_stats`), and one more, with every row expanded about the
+    temperatures of all rows, when the fit of all rows or of a fold is too far from the pilots
+    its rows were expanded about (:meth:`~weights_search.temperature.TemperatureStats.repass_pilot`:
+    rows in an unfavourable order)."""
+    stats = temperature_stats(reader, labels)
+    temperatures = stats.fit()
+    fold_temperatures = [stats.subset(rows).fit() for rows in folds]
+    if stats.repass_pilot(temperatures) is not None or any(
+            stats.repass_pilot(t, rows) is not None for t, rows in zip(fold_temperatures, folds)):
+        stats = temperature_stats(reader, labels, temperatures)
+        temperatures = stats.fit()
+        fold_temperatures = [stats.subset(rows).fit() for rows in folds]
+    return stats, temperatures, fold_temperatures
+
+
+def far_from_pilots(stats: Any, blender: Blender, prior: LogitAdjustment | None,
+                    rows: np.ndarray | None = None) -> np.ndarray | None:
+    """The pilot to collect ``stats`` again with (``blender``'s parameters), when ``blender``,
+    fitted on ``stats`` (or on its ``rows``), lies so far from the pilots those rows were
+    expanded about that the fit's estimated error asks for it (see
+    :meth:`~weights_search.pooling.LogitStats.repass_pilot`); None otherwise, and for
+    statistics without pilots (exact ones)."""
+    if getattr(stats, "repass_pilot", None) is None:
+        return None
+    return (stats if rows is None else stats.subset(rows)).repass_pilot(blender, prior)
 
 
 def blend_chunks(members: MemberSource | np.ndarray | Sequence[np.ndarray], blend: FittedBlend,

@@ -40,6 +40,9 @@ EXACT_CLASSES = 128
 #: bytes (up to 100,000 rows of 5 parameters, 3,000 rows of 17); beyond, the expansion stops at
 #: the second order.
 THIRD_ORDER_BYTES = 256 * 2**20
+#: A fit whose estimated error (:meth:`LogitStats.fit_error`) exceeds this asks for a second
+#: pass with the fit as every row's pilot.
+REPASS_ERROR = 1e-4
 #: The expansion's third-order term is followed up to this many tilted standard deviations of
 #: the rest's score change ``d . v``; beyond, ``d`` is scaled down to it in that term (the convex
 #: second-order part carries the rest).
@@ -210,6 +213,66 @@ class LogitStats:
         grad += np.einsum("n,nd->d", share, slope)
         return nll, grad / n_rows
 
+    def fit_error(self, x: np.ndarray, free: np.ndarray | None = None) -> float:
+        """The estimated largest error of the parameters fitted at about ``x`` ``(D,)``, from the
+        expansion's neglected term (``free``: ``(D,)`` bool, the parameters not held at a bound;
+        by default those above 0).
+
+        With ``d = x - pilot`` and ``q = sqrt(d' cov d)`` (the tilted standard deviation of the
+        rest's score change), each row's rest is off by about ``q**4 / 24`` (the fourth cumulant of
+        ``d . v`` taken as ``q**4``), or ``q**3 / 6`` when the third cumulants are not kept, so the
+        NLL's gradient by ``share * q**2 cov d / 6`` (``share * q cov d / 2``), ``share`` the rest's
+        part of the row's normaliser at ``x``. The fitted parameters move by the Hessian's inverse
+        (finite differences of :meth:`nll_and_grad`, on the free parameters) times the mean of
+        that. Near 0 when ``x`` is near the rows' pilots; large when a noticeable share of rows was
+        expanded about a distant pilot."""
+        x = np.asarray(x, dtype=np.float64)
+        free = x > 0 if free is None else np.asarray(free, dtype=bool)
+        if not free.any():
+            return 0.0
+        scores = np.tensordot(x.astype(np.float32), self.union, axes=1) + self.pad
+        d = x[None, :] - self.pilot
+        cov_d = np.einsum("nij,nj->ni", self.cov, d)
+        q2 = np.maximum(np.einsum("ni,ni->n", d, cov_d), 0.0)
+        rest = self.log_s0 + np.einsum("ni,ni->n", d, self.mean + cov_d / 2) - x @ self.true
+        high = np.maximum(scores.max(axis=1).astype(np.float64), rest)
+        with np.errstate(invalid="ignore"):
+            total = np.exp(scores - high[:, None].astype(np.float32)).sum(axis=1, dtype=np.float64) + np.exp(rest - high)
+            share = np.where(np.isneginf(self.log_s0), 0.0, np.exp(rest - high) / total)
+        factor = q2 / 6 if self.skew is not None else np.sqrt(q2) / 2
+        slope = np.einsum("n,ni->i", share * factor, cov_d) / self.n_rows
+        index = np.flatnonzero(free)
+        h = 1e-3 * max(1.0, float(np.abs(x).max()))
+        hessian = np.empty((index.size, index.size))
+        for j, i in enumerate(index):
+            step = np.zeros_like(x)
+            step[i] = h
+            hessian[:, j] = (self.nll_and_grad(x + step)[1] - self.nll_and_grad(x - step)[1])[index] / (2 * h)
+        hessian = (hessian + hessian.T) / 2
+        try:
+            move = np.linalg.solve(hessian + 1e-9 * np.eye(index.size), slope[index])
+        except np.linalg.LinAlgError:
+            return float("inf")
+        return float(np.abs(move).max())
+
+    def pilot_of(self, blender: "LogitBlend", prior: LogitAdjustment | None) -> np.ndarray:
+        """``(D,)``: the parameters of a fitted ``blender`` (weights, then ``tau`` with a prior),
+        as a collector's ``pilot``."""
+        x = np.asarray(blender.weights_, dtype=np.float64)
+        return np.append(x, blender.tau_) if self.with_prior else x.copy()
+
+    def repass_pilot(self, blender: "LogitBlend", prior: LogitAdjustment | None) -> np.ndarray | None:
+        """The parameters of ``blender`` (fitted on these statistics, or on a subset of them) when
+        their estimated error (:meth:`fit_error`) exceeds :data:`REPASS_ERROR`: collect again with
+        them as every row's pilot (:meth:`LogitCollector.with_pilot`); else None."""
+        x = self.pilot_of(blender, prior)
+        free = x > 0
+        if self.with_prior:
+            free[-1] = prior is None or prior.tau is None
+        if not np.isfinite(self.log_s0).any():
+            return None  # no rest: exact
+        return x if self.fit_error(x, free) > REPASS_ERROR else None
+
     def fit(self, prior: LogitAdjustment | None, max_iter: int, tol: float, rows: slice = slice(None),
             start: np.ndarray | None = None):
         """L-BFGS-B on :meth:`nll_and_grad` with the bounds of :func:`fit_pooling` (from its start,
@@ -253,6 +316,11 @@ class LogitCollector(PilotedCollector):
         self.prior = prior
         self.max_iter, self.tol = max_iter, tol
         self.shift = None if prior is None else (prior.log_prior - prior.log_prior.min()).astype(np.float32)
+
+    def with_pilot(self, pilot: np.ndarray) -> "LogitCollector":
+        """A new collector of the same rows with ``pilot`` fixed for every row (the re-pass)."""
+        return LogitCollector(self.labels, self.expected_classes, self.prior, n_members=self.n_members,
+                              max_iter=self.max_iter, tol=self.tol, pilot=pilot)
 
     def _needs_pilot(self, n_classes: int) -> bool:
         return n_classes > EXACT_CLASSES
@@ -305,8 +373,12 @@ class LogitCollector(PilotedCollector):
         scores = np.matmul(pilot.astype(np.float32), values)  # (b, C)
         np.put_along_axis(scores, kept, -np.inf, axis=1)
         high = scores.max(axis=1, keepdims=True)
+        # A row whose every class is kept has an empty rest: log_s0 = -inf, the moments 0.
+        empty = np.isneginf(high[:, 0])
+        high[empty] = 0
         e = np.exp(scores - high)
         s0 = e.sum(axis=1, dtype=np.float64)
+        s0[empty] = 1.0
         mean = np.matmul(values, e[:, :, None])[:, :, 0].astype(np.float64) / s0[:, None]
         values -= mean[:, :, None].astype(np.float32)
         weighted = values * e[:, None, :]
@@ -319,7 +391,7 @@ class LogitCollector(PilotedCollector):
                 st.skew[rows, i, i:, i:] = block
                 st.skew[rows, i:, i, i:] = block
                 st.skew[rows, i:, i:, i] = block
-        st.log_s0[rows] = high[:, 0] + np.log(s0)
+        st.log_s0[rows] = np.where(empty, -np.inf, high[:, 0] + np.log(s0))
         st.mean[rows] = mean
         st.cov[rows] = cov
         st.pilot[rows] = pilot

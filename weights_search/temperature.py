@@ -75,6 +75,11 @@ TRUST = 1.0
 U_FLOOR = 1e4
 
 
+#: A fit whose estimated error (:meth:`TemperatureStats.fit_error`) exceeds this asks for a
+#: second pass with the fit as every row's pilot.
+REPASS_ERROR = 1e-4
+
+
 class TemperatureStats:
     """What :class:`TemperatureCollector` keeps of each row and member, to fit temperatures.
 
@@ -154,6 +159,40 @@ class TemperatureStats:
         beta = 1.0 / temperature
         return float(np.mean(self._shifted_log_norm(m, beta, rows) - beta * self.true[m, rows]))
 
+    def fit_error(self, temperatures: np.ndarray, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
+        """``(M,)``: the estimated relative error of temperatures fitted on ``rows`` at about
+        ``temperatures``, from the expansion's neglected fourth-order term.
+
+        Each row's rest is off by about ``k4 d**4 / 24`` (``d = beta - beta0``), so the NLL's slope
+        in ``beta`` by ``share * k4 d**3 / 6`` (``share``: the rest's part of the row's normaliser at
+        ``beta``); with ``k4`` taken as ``var**2`` (a rest of moderate kurtosis), the fitted
+        ``beta`` moves by the mean of that over the slope's change (the NLL's second derivative,
+        by finite differences), and ``T`` by the same relative amount. Near 0 when ``beta`` is
+        within a few percent of the rows' pilots; large when a noticeable share of rows was
+        expanded about a distant pilot (rows in an unfavourable order)."""
+        t = np.asarray(temperatures, dtype=np.float64)
+        out = np.zeros(self.n_members)
+        for m in range(self.n_members):
+            beta = 1.0 / t[m]
+            beta0, var = self.beta0[m, rows], self.var[m, rows]
+            d = beta - beta0
+            rest = beta * self.rest_max[m, rows] + self.log_s0[m, rows] + d * (self.mean[m, rows] + d * var / 2)
+            with np.errstate(invalid="ignore", over="ignore"):
+                share = np.where(np.isneginf(self.log_s0[m, rows]), 0.0,
+                                 np.exp(np.minimum(rest - self._shifted_log_norm(m, beta, rows), 0.0)))
+            slope = np.mean(share * var * var * d ** 3 / 6)
+            h = 1e-3 * beta
+            curve = [np.mean(self._shifted_log_norm(m, b, rows) - b * self.true[m, rows]) for b in (beta - h, beta, beta + h)]
+            second = (curve[0] - 2 * curve[1] + curve[2]) / h ** 2
+            out[m] = abs(slope) / max(second, 1e-12) / beta
+        return out
+
+    def repass_pilot(self, temperatures: np.ndarray, rows: slice | np.ndarray = slice(None)) -> np.ndarray | None:
+        """``temperatures`` when :meth:`fit_error` exceeds :data:`REPASS_ERROR` for some member
+        (collect again with them as the fixed pilot: :meth:`TemperatureCollector.with_pilot`),
+        else None."""
+        return np.asarray(temperatures, dtype=np.float64) if (self.fit_error(temperatures, rows) > REPASS_ERROR).any() else None
+
     def fit(self, bounds: tuple[float, float] = TEMPERATURE_BOUNDS, rows: slice = slice(None)) -> np.ndarray:
         """``(M,)`` float64: each member's temperature in ``bounds`` minimising the NLL (the same
         bounded search over ``log T`` as :func:`fit_temperature`), of ``rows`` (all by default)."""
@@ -193,6 +232,10 @@ class TemperatureCollector(PilotedCollector):
                 raise ValueError(f"pilot must be {n_members} positive finite temperatures, got {pilot}")
         super().__init__(labels, n_members, pilot)
         self.top = top
+
+    def with_pilot(self, pilot: np.ndarray) -> "TemperatureCollector":
+        """A new collector of the same rows with ``pilot`` fixed for every row (the re-pass)."""
+        return TemperatureCollector(self.labels, self.n_members, top=self.top, pilot=pilot)
 
     def _needs_pilot(self, n_classes: int) -> bool:
         return n_classes > self.top
@@ -235,8 +278,10 @@ class TemperatureCollector(PilotedCollector):
             columns = np.take_along_axis(columns, order, axis=1)[:, 1:]
             st.top[m, rows] = values[:, 1:]
             r = values[:, 0]
+            # A rest whose largest logit is -inf is empty in effect: every term is 0.
+            empty = np.isneginf(r)
             u = s
-            u -= r[:, None]
+            u -= np.where(empty, np.float32(0), r)[:, None]
             np.clip(u, np.float32(-U_FLOOR), np.float32(0), out=u)  # the kept classes' terms are dropped below
             beta0 = 1.0 / pilot[m]
             e = np.exp(np.float32(beta0) * u)
@@ -248,12 +293,13 @@ class TemperatureCollector(PilotedCollector):
             s2 = e.sum(axis=1, dtype=np.float64)
             e *= u
             s3 = e.sum(axis=1, dtype=np.float64)
-            mean = s1 / s0
-            st.skew[m, rows] = s3 / s0 - 3 * mean * s2 / s0 + 2 * mean ** 3
+            with np.errstate(divide="ignore", invalid="ignore"):
+                mean = np.where(empty, 0.0, s1 / s0)
+                st.skew[m, rows] = np.where(empty, 0.0, s3 / s0 - 3 * mean * s2 / s0 + 2 * mean ** 3)
+                st.log_s0[m, rows] = np.where(empty, -np.inf, np.log(s0))
+                st.var[m, rows] = np.where(empty, 0.0, np.maximum(s2 / s0 - mean * mean, 0.0))
             st.rest_max[m, rows] = r
-            st.log_s0[m, rows] = np.log(s0)
             st.mean[m, rows] = mean
-            st.var[m, rows] = np.maximum(s2 / s0 - mean * mean, 0.0)
             st.beta0[m, rows] = beta0
 
     def _stats(self) -> TemperatureStats:
