@@ -35,9 +35,10 @@ MAX_GIB = 1 << 20
 DEFAULT_SHARE = 1 / 8
 
 #: ``--help`` text of the option (the same for every command that takes it).
-HELP = (f"Memory in GiB for the blocks of rows the command works in: their size follows from it, so the "
-        f"command's memory does not grow with the number of images. At least {MIN_GIB:g}. Also set by the "
-        f"environment variable {ENV}.")
+HELP = (f"Memory in GiB for the command's work on rows (ens infer: the chunks of logits it fills and its "
+        f"queue of decoded batches; the other commands: the blocks of rows they read the stores in): their "
+        f"size follows from it, so the command's memory does not grow with the number of images. At least "
+        f"{MIN_GIB:g}. Also set by the environment variable {ENV}.")
 #: What ``--help`` shows as the default.
 DEFAULT_SHOWN = f"{ENV}, else 1/8 of physical memory"
 

@@ -48,7 +48,10 @@ All ``.npy`` files are plain arrays that memory-map; :func:`read_store` is the o
                             engine ray, the time the driver waited for the cluster's results
                             (decoding and inference both: a Ray run's rate is in images_per_s)
     skipped                 [{id, path, reason}] of images left out (--on-bad-image skip)
-    run_key                 digest of the arguments that determine the arrays
+    run_key                 digest of the arguments that determine the arrays, the chunk size
+                            not among them (the arrays are the same bytes at any chunk size);
+                            stores of an older ens digested their chunk_size too, and are kept
+                            as well (:func:`keeps`)
     command                 the `ens infer` command that makes (or finishes) exactly this store
     arguments               the options of that command beside the model file and the split, by
                             name ({"tta": ["flip"], "batch_size": 64, "out": "runs", ...}): an
@@ -632,18 +635,37 @@ def run_key(values: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
 
+def complete_key(key: Mapping[str, Any]) -> dict[str, Any]:
+    """``key`` less ``chunk_size``: what decides whether a COMPLETE store is kept. Batches never
+    straddle chunks, so a store's arrays are the same bytes at any chunk size; the chunk size
+    matters only to resume the chunks of ``.partial``."""
+    return {k: v for k, v in key.items() if k != "chunk_size"}
+
+
+def keeps(manifest: Any, key: Mapping[str, Any]) -> bool:
+    """Whether ``manifest`` (a manifest's JSON) is of a complete store made with ``key``,
+    whatever its chunk size: its ``run_key`` is the digest of :func:`complete_key`, or, written
+    by an ens before that, of the key with the store's own ``chunk_size``."""
+    if not (isinstance(manifest, dict) and manifest.get("complete") is True):
+        return False
+    key = complete_key(key)
+    return manifest.get("run_key") in (run_key(key), run_key({**key, "chunk_size": manifest.get("chunk_size")}))
+
+
 class StoreWriter:
     """Writes one store chunk by chunk, resuming from the chunks a killed run finished.
 
     ``key`` holds everything that determines the arrays (model and dataset hashes, views,
     merge, dtype, batch and chunk sizes, provider); chunk ``c`` covers split rows
-    ``[c * chunk_size, (c + 1) * chunk_size)``.
+    ``[c * chunk_size, (c + 1) * chunk_size)``. The chunk size is in ``.partial/key.json``
+    (chunks resume only at their own size), not in :attr:`digest`, the store's ``run_key``
+    (:func:`complete_key`).
     """
 
     def __init__(self, path: Path, key: Mapping[str, Any], rows: int, chunk_size: int):
         self.path = Path(path)
         self.key = dict(key)
-        self.digest = run_key(self.key)
+        self.digest = run_key(complete_key(self.key))
         self.rows = rows
         self.chunk_size = chunk_size
         self.chunks = -(-rows // chunk_size)
@@ -707,7 +729,7 @@ class StoreWriter:
             existing = read_manifest_json(self.path)
         except EnsError as exc:  # an unreadable manifest: the store is computed afresh
             self.note, existing = f"{exc}; computing the store again", None
-        if existing is not None and existing.get("complete") and existing.get("run_key") == self.digest:
+        if keeps(existing, self.key):
             try:
                 read_store(self.path)
             except EnsError as exc:  # e.g. a truncated logits.npy: the arrays fail their own check
@@ -718,7 +740,7 @@ class StoreWriter:
             same = read_json(key_file) == self.key
         except EnsError:
             same = False
-        if existing is not None and existing.get("complete") and existing.get("run_key") == self.digest:
+        if keeps(existing, self.key):
             if same:
                 shutil.rmtree(self.partial, ignore_errors=True)  # a run killed just after finishing
             return True
@@ -748,8 +770,7 @@ class StoreWriter:
             existing = read_manifest_json(self.path)
         except EnsError:
             existing = None
-        complete = (isinstance(existing, dict) and existing.get("complete") is True
-                    and existing.get("run_key") == run_key(older))
+        complete = keeps(existing, older)
         key_file = self.partial / "key.json"
         try:
             chunks = read_json(key_file) == dict(older)

@@ -24,7 +24,8 @@ class InferOptions:
     CPU (the model needs the rest), all cores but one on a GPU. ``batch_size`` is the images of
     one decoded batch and of one forward pass. ``chunk_size`` (images per resumable chunk) is
     rounded up to a multiple of ``batch_size``; ``None``: :data:`DEFAULT_CHUNK_SIZE`, or fewer
-    whole batches where every model's chunk buffers would not fit ``memory``. ``memory``: the
+    whole batches where every model's chunk buffers would not fit ``memory`` (or the size of an
+    interrupted run's chunks, which then resume; a complete store is kept at any chunk size). ``memory``: the
     bytes of ``--memory`` (``None``: :func:`ensemble.memory.memory_budget`'s default), shared by
     the decoded batches waiting for the models (a quarter, at most 1 GiB) and the logits (the
     chunk buffers and one batch's work). ``cudnn_search``, ``gpu_mem_limit`` (GiB per model) and

@@ -12,7 +12,10 @@ the one decode are keyed by geometry, and models with equal preprocessing share 
 have a fixed shape: ``batch_size`` images, the last one padded. Chunks are ``chunk_size`` rows
 (a multiple of the batch size, so batches never straddle chunks and an image always shares its
 batch with the same images); a killed run resumes at the first chunk some model lacks and ends
-with the same bytes as an uninterrupted one (see :mod:`ensemble.formats.store`).
+with the same bytes as an uninterrupted one (see :mod:`ensemble.formats.store`). The arrays are
+the same bytes at any chunk size, so a complete store is kept whatever chunk size a run derives
+from ``--memory``; with ``--chunk-size`` left out, the chunks of an interrupted run resume at
+their own size (:meth:`_SplitRun._resumed_chunk`).
 
 Unreadable images (missing, empty, truncated, not an image) stop the run by default, naming the
 image; with ``on_bad_image="skip"`` they get no row in the store and are listed in its manifest.
@@ -30,6 +33,7 @@ needs the usual ``if __name__ == "__main__":`` guard around its entry point.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shlex
 import shutil
@@ -43,11 +47,13 @@ import numpy as np
 from ensemble import __version__
 from ensemble.errors import EnsError
 from ensemble.formats.dataset import Split, check_store_name
-from ensemble.formats.store import (DTYPES, DatasetRecord, ModelRecord, RunFigures, StoreManifest, StoreWriter,
-                                    TtaRecord, infer_command, read_store, recorded_model, store_path, to_dtype)
+from ensemble.formats.common import read_json
+from ensemble.formats.store import (DTYPES, PARTIAL, DatasetRecord, ModelRecord, RunFigures, StoreManifest,
+                                    StoreWriter, TtaRecord, complete_key, infer_command, keeps, read_manifest_json,
+                                    read_store, recorded_model, store_path, to_dtype)
 from ensemble.inference.cam import CamSettings
 from ensemble.formats.image import is_jpeg
-from ensemble.inference.decode import PIXELS, queue_budget
+from ensemble.inference.decode import PIXELS, PREFETCH_BYTES, QUEUE_SHARE, queue_budget
 from ensemble.inference.engine import (CAM_OPTIONS, BatchOutput, Engine, EngineOpener, Event, cam_settings,
                                        gpu_options)
 from ensemble.inference import forward
@@ -56,7 +62,7 @@ from ensemble.inference.local import open_local_engine
 from ensemble.inference.options import DEFAULT_CHUNK_SIZE, InferOptions, option_flag
 from ensemble.inference.runtime import Model, check_gpu_options, device_choices, load_model
 from ensemble.inference.tta import View, merge_mode, plan_views, view_size
-from ensemble.memory import GIB, memory_budget
+from ensemble.memory import GIB, MIN_GIB, memory_budget
 
 BAD_IMAGE_POLICIES = ("fail", "skip")
 #: ``--engine``: this machine (:mod:`ensemble.inference.local`) or a Ray cluster
@@ -135,12 +141,35 @@ def default_chunk_size(batch_size: int) -> int:
     return -(-DEFAULT_CHUNK_SIZE // batch_size) * batch_size
 
 
-def chunk_size(models: Sequence[Model], views: Sequence[View], options: InferOptions, memory: int) -> int:
-    """The images of a chunk: ``--chunk-size`` rounded up to whole batches, or left out,
-    :func:`default_chunk_size` or fewer whole batches where the chunk buffers of every model
-    would not fit ``memory`` less the decoded batches' share
-    (:func:`~ensemble.inference.decode.queue_budget`). One line naming both when a given
-    chunk, or a single batch, cannot fit."""
+@dataclass(frozen=True)
+class ChunkRoom:
+    """Where a run's chunks must fit: ``usage`` of its models and views, ``budget`` the bytes
+    ``memory`` (of ``--memory``) leaves beside the decoded batches, ``fit`` the most images of
+    whole batches a chunk may have, and the words a message names them with."""
+
+    usage: LogitMemory
+    memory: int
+    budget: int
+    fit: int
+    what: str
+    room: str
+
+    def fits(self, chunk: int) -> bool:
+        return self.usage.need(chunk) <= self.budget
+
+    def memory_for(self, chunk: int) -> float:
+        """The least ``--memory`` in GiB (two decimals, at least the option's minimum) whose
+        budget holds chunks of ``chunk`` images."""
+        need = self.usage.need(chunk)
+        # memory - min(PREFETCH_BYTES, memory * QUEUE_SHARE) >= need
+        least = need / (1 - QUEUE_SHARE)
+        if least * QUEUE_SHARE > PREFETCH_BYTES:
+            least = need + PREFETCH_BYTES
+        return max(MIN_GIB, math.ceil(least * 100 / GIB) / 100)
+
+
+def chunk_room(models: Sequence[Model], views: Sequence[View], options: InferOptions, memory: int) -> ChunkRoom:
+    """The :class:`ChunkRoom` of these models and views with these options under ``memory``."""
     batch = options.batch_size
     usage = logit_memory(models, views, options)
     budget = memory - queue_budget(memory)
@@ -149,6 +178,19 @@ def chunk_size(models: Sequence[Model], views: Sequence[View], options: InferOpt
             f"{' kept' if options.keep_views else ''} x {max(m.metadata.num_classes for m in models)} classes")
     room = (f"the {_size(budget)} that --memory {memory / GIB:g} GiB leaves beside the decoded images "
             "(--memory, else ENS_MEMORY, else 1/8 of physical memory)")
+    return ChunkRoom(usage, memory, budget, fit, what, room)
+
+
+def chunk_size(models: Sequence[Model], views: Sequence[View], options: InferOptions, memory: int) -> int:
+    """The images of a chunk: ``--chunk-size`` rounded up to whole batches, or left out,
+    :func:`default_chunk_size` or fewer whole batches where the chunk buffers of every model
+    would not fit ``memory`` less the decoded batches' share
+    (:func:`~ensemble.inference.decode.queue_budget`). One line naming both when a given
+    chunk, or a single batch, cannot fit. (Left out, a split whose stores have chunks of an
+    interrupted run resumes at their size instead, where it fits: see :class:`_SplitRun`.)"""
+    batch = options.batch_size
+    space = chunk_room(models, views, options, memory)
+    usage, budget, fit, what, room = space.usage, space.budget, space.fit, space.what, space.room
     if fit < batch:
         raise EnsError(f"--batch-size {batch}: one chunk of a batch ({what}) needs about "
                        f"{_size(usage.need(batch))} of logits, over {room}; give a smaller --batch-size, or a "
@@ -304,6 +346,8 @@ def infer(models: Sequence[str | Path], splits: Sequence[Split], options: InferO
 
     memory = memory_budget() if options.memory is None else options.memory
     chunk = chunk_size(opened_models, views, options, memory)
+    # --chunk-size left out: a split's chunks of an interrupted run resume at their own size.
+    room = chunk_room(opened_models, views, options, memory) if options.chunk_size is None else None
     # The chunk the stores record and the budget the engine sizes its queue of decoded batches by.
     options = dataclasses.replace(options, chunk_size=chunk, memory=memory)
     results: list[StoreResult] = []
@@ -311,7 +355,7 @@ def infer(models: Sequence[str | Path], splits: Sequence[Split], options: InferO
     with engine_opener(options.engine)(opened_models, views, options, report) as opened:
         for split in splits:
             run = _SplitRun(split, opened.passes, views, options, opened.engine, opened.device, opened.provider,
-                            chunk, report, opened.fallback)
+                            chunk, report, opened.fallback, room)
             results.extend(run.execute())
             decodes += run.decodes
     return InferResult(device=opened.device, provider=opened.provider, workers=opened.engine.workers,
@@ -380,9 +424,10 @@ class _SplitRun:
 
     def __init__(self, split: Split, passes: Sequence[ModelPass], views: Sequence[View],
                  options: InferOptions, engine: Engine, device: str, provider: str,
-                 chunk_size: int, report: Callable[[Event], None], fallback: str | None = None):
+                 chunk_size: int, report: Callable[[Event], None], fallback: str | None = None,
+                 room: ChunkRoom | None = None):
         self.split, self.passes, self.views, self.options = split, passes, views, options
-        self.engine, self.chunk_size, self.report = engine, chunk_size, report
+        self.engine, self.report = engine, report
         self.batch = options.batch_size
         self.decodes = 0
         self.decode_wait = 0.0
@@ -391,6 +436,7 @@ class _SplitRun:
         self.writers = {}
         self.base: dict[str, StoreManifest] = {}  # each store's manifest before its run's figures
         self._jpegs: bool | None = None  # whether every image of the split is a JPEG file, once asked
+        keys = {}
         for item in passes:
             model = item.model
             meta = model.metadata
@@ -405,6 +451,15 @@ class _SplitRun:
             }
             if item.cam is not None:  # only then: stores without cam views keep their keys
                 key["cam"] = item.cam.settings.record()
+            keys[model.name] = key
+        if room is not None:
+            chunk_size = self._resumed_chunk(keys, chunk_size, room)
+            options = dataclasses.replace(options, chunk_size=chunk_size)
+        self.options, self.chunk_size = options, chunk_size
+        for item in passes:
+            model = item.model
+            meta = model.metadata
+            key = {**keys[model.name], "chunk_size": chunk_size}
             self.writers[model.name] = StoreWriter(store_path(options.out, model.path, split.name, options.name),
                                                    key, len(split), chunk_size)
             self.base[model.name] = StoreManifest(
@@ -426,6 +481,65 @@ class _SplitRun:
                 command=finishing_command(model, split, options, device),
                 arguments=recorded_arguments(model, options, device),
             )
+
+    def _resumed_chunk(self, keys: dict[str, dict[str, Any]], chunk: int, room: ChunkRoom) -> int:
+        """The chunk size of this split with ``--chunk-size`` left out: ``chunk`` (from
+        ``--memory``), or that of the chunks an interrupted run left in the stores' ``.partial``
+        with these arguments (those with the most images done, where they differ), which then
+        resume. A complete store is kept at any chunk size; these chunks only at their own.
+        Chunks that do not fit ``room`` are one line saying what to pass, never dropped
+        unasked."""
+        found: dict[int, int] = {}  # chunk size: images done, over the models
+        where: dict[int, Path] = {}
+        for item in self.passes:
+            folder = store_path(self.options.out, item.model.path, self.split.name, self.options.name)
+            done = self._partial_chunks(folder, keys[item.model.name])
+            if done is not None and done[1]:
+                found[done[0]] = found.get(done[0], 0) + done[1]
+                where.setdefault(done[0], folder)
+        if not found:
+            return chunk
+        size = max(found, key=lambda c: (found[c], c == chunk))
+        if size == chunk:
+            return chunk
+        if not room.fits(size):
+            raise EnsError(f"{where[size]}: {found[size]} images of an interrupted run are saved in chunks of {size}, "
+                           f"which need about {_size(room.usage.need(size))} of logits ({room.what}), over "
+                           f"{room.room}; give --memory {room.memory_for(size):g} to resume them, or --chunk-size "
+                           f"{chunk} to compute the {self.split.name} stores again from the start")
+        self.report(Event("note", self.split.name, message=f"{self.split.name}: resuming the chunks of {size} "
+                                                           f"images an interrupted run saved (--chunk-size {size})"))
+        return size
+
+    def _partial_chunks(self, folder: Path, key: dict[str, Any]) -> tuple[int, int] | None:
+        """``(chunk size, images done)`` of the chunks under ``folder``'s ``.partial`` made with
+        ``key`` (any chunk size; pixels of version 2 where every image is a JPEG file, as
+        :meth:`_adopt_version2` keeps them); None when there are none."""
+        try:
+            if keeps(read_manifest_json(folder), key):  # complete: kept, whatever its chunks
+                return None
+            recorded = read_json(folder / PARTIAL / "key.json")
+        except EnsError:
+            return None
+        if not isinstance(recorded, dict):
+            return None
+        size = recorded.get("chunk_size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1 or size % self.batch:
+            return None
+        others = complete_key(recorded)
+        base = complete_key(key)
+        if others != base and not (base["pixels"] == 3 and others == {**base, "pixels": 2} and self._all_jpegs()):
+            return None
+        rows = len(self.split)
+        done = sum(min(size, rows - c * size) for c in range(-(-rows // size))
+                   if (folder / PARTIAL / f"chunk-{c:06d}.npz").is_file())
+        return size, done
+
+    def _all_jpegs(self) -> bool:
+        """Whether every image of the split is a JPEG file (their first bytes read once)."""
+        if self._jpegs is None:
+            self._jpegs = all(is_jpeg(path) for path in self.split.paths)
+        return self._jpegs
 
     def execute(self) -> list[StoreResult]:
         try:
@@ -497,12 +611,7 @@ class _SplitRun:
         if writer.key["pixels"] != 3:
             return False
 
-        def all_jpegs() -> bool:
-            if self._jpegs is None:
-                self._jpegs = all(is_jpeg(path) for path in self.split.paths)
-            return self._jpegs
-
-        return writer.adopt({**writer.key, "pixels": 2}, {"pixels": 3}, all_jpegs)
+        return writer.adopt({**writer.key, "pixels": 2}, {"pixels": 3}, self._all_jpegs)
 
     def _run(self, todo: Sequence[ModelPass], chunks: Sequence[int]) -> tuple[int, float]:
         """Decode the chunks' images once, run the models that lack each chunk, save chunks.
