@@ -4,19 +4,17 @@ rows (:class:`ensemble.formats.members.Members`, which checks each block finite 
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from ensemble.errors import EnsError
-from ensemble.formats.blend import ModelProvenance, check_provenance, counted, store_digest
+from ensemble.formats.blend import ModelProvenance, check_provenance, counted
 from ensemble.formats.dataset import find_split
-from ensemble.formats.members import Member, Members
-from ensemble.formats.store import IDS, MANIFEST, LogitStore, read_store
+from ensemble.formats.members import Members, StoreDigests
+from ensemble.formats.store import MANIFEST, LogitStore, read_store
 
 
 @dataclass(frozen=True)
@@ -46,45 +44,15 @@ class BlendSplit:
         check_provenance(reference, reference_name, self.name, self.models, self.stores)
 
 
-class PassDigests:
+class PassDigests(StoreDigests):
     """The digest of each of ``split``'s stores that blend.json records
-    (:func:`ensemble.formats.blend.store_digest`: sha256 of ids.npy, logits.npy and, with
-    ``views``, views.npy), taken from the bytes a pass over ``members`` reads, so that the stores
-    are not read a second time for it: ids.npy and logits.npy's header here, the rows as
-    :class:`Members` reads them (:attr:`Members.on_read`), in order from the first. A store whose
-    rows were not all read so, and every store of a blend of views (the pass reads views.npy,
-    not logits.npy), is hashed by ``store_digest`` in :meth:`result`."""
+    (:func:`ensemble.formats.blend.store_digest`), taken from the bytes a pass over ``members``
+    reads (:class:`ensemble.formats.members.StoreDigests`): each store is not read a second time
+    for it. A blend of views reads views.npy, not logits.npy: its stores are hashed from their
+    files in :meth:`result`."""
 
     def __init__(self, split: BlendSplit, members: Members, views: bool) -> None:
-        self._split, self._views = split, views
-        self._hashes: dict[str, tuple[Member, Any]] = {}  # model: (its member, its running sha256)
-        self._next: dict[str, int] = {}
-        if views:
-            return
-        for member in members.members:
-            digest = hashlib.sha256()
-            with open(member.store.path / IDS, "rb") as fh:
-                while block := fh.read(1 << 22):
-                    digest.update(block)
-            with open(member.file, "rb") as fh:
-                digest.update(fh.read(member.offset))
-            self._hashes[member.name], self._next[member.name] = (member, digest), 0
-        members.on_read = self._read
-
-    def _read(self, member: Member, start: int, rows: np.ndarray) -> None:
-        if self._next.get(member.name) == start:
-            self._hashes[member.name][1].update(rows)
-            self._next[member.name] = start + rows.shape[0]
-
-    def result(self) -> dict[str, str]:
-        """Each model's digest, after the pass."""
-        digests = {}
-        for model, store in zip(self._split.models, self._split.stores):
-            member, digest = self._hashes.get(model, (None, None))
-            whole = (member is not None and self._next[model] == member.rows
-                     and os.path.getsize(member.file) == member.offset + member.rows * member.row_bytes)
-            digests[model] = digest.hexdigest() if whole else store_digest(store, self._views)
-        return digests
+        super().__init__(split.models, split.stores, members, views)
 
 
 def available_models(runs: Path, split: str) -> tuple[str, ...]:

@@ -8,21 +8,29 @@ while plain reads leave those pages in the page cache, shared and reclaimable, a
 holds only the block it works on. Every block is checked to be finite as it is read, so no
 separate pass checks the stores first.
 
+:class:`Members` opens each store file once and reads every block through that descriptor, after
+checking that it is the file the store's memory map holds (same inode, not shorter): a store
+replaced while a pass runs (``ens infer`` renames new arrays into place) is still read whole from
+the file the pass started on, and one replaced between opening the store and reading it is an
+:class:`EnsError` naming the file. Close it with :meth:`Members.close` (or use it as a context
+manager; the descriptors are also closed when it is collected).
+
 :class:`Members` is what ``weights_search`` calls a member source: ``n_members``, ``n_rows``,
 ``n_classes`` and :meth:`Members.block`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from ensemble.errors import EnsError
-from ensemble.formats.store import LOGITS, VIEWS, LogitStore
+from ensemble.formats.store import IDS, LOGITS, VIEWS, LogitStore
 
 
 @dataclass(frozen=True)
@@ -42,23 +50,28 @@ class Member:
     def row_bytes(self) -> int:
         return self.classes * self.dtype.itemsize
 
-    def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+    def read(self, start: int, stop: int, out: np.ndarray | None = None, fd: int | None = None) -> np.ndarray:
         """Rows ``start:stop`` as a new ``(stop - start, classes)`` array of the stored dtype (or
-        into ``out``, C-contiguous of that shape and dtype). An OS error is an :class:`EnsError`
-        naming the file."""
+        into ``out``, C-contiguous of that shape and dtype), through ``fd`` (the file opened
+        once, :class:`Members`), else the file opened for this read. An OS error is an
+        :class:`EnsError` naming the file."""
         n = stop - start
         if out is None:
             out = np.empty((n, self.classes), dtype=self.dtype)
         view = memoryview(out.reshape(-1).view(np.uint8))
         position, done = self.offset + start * self.row_bytes, 0
         try:
-            with open(self.file, "rb", buffering=0) as fh:
+            own = os.open(self.file, os.O_RDONLY) if fd is None else None
+            try:
                 while done < view.nbytes:
-                    got = os.preadv(fh.fileno(), [view[done:]], position + done)
+                    got = os.preadv(fd if own is None else own, [view[done:]], position + done)
                     if got == 0:
                         raise EnsError(f"{self.file}: ends before row {start + done // self.row_bytes} of {self.name} "
                                        "(the store was cut short; rerun `ens infer` on its split)")
                     done += got
+            finally:
+                if own is not None:
+                    os.close(own)
         except OSError as exc:
             raise EnsError(f"{self.file}: cannot read {self.name}'s rows {start}..{stop - 1} ({exc.strerror or exc})") from None
         return out
@@ -76,11 +89,52 @@ def _member(name: str, store: LogitStore, array: np.ndarray, file: Path, index: 
                   rows=int(rows), classes=int(classes), dtype=np.dtype(array.dtype))
 
 
+def _mapped_inode(array: np.ndarray) -> tuple[int, int] | None:
+    """``(device, inode)`` of the file ``array``'s memory map holds, from /proc/self/maps; None
+    where the system does not say (then the file is checked by its size only). A stacked file
+    system (overlayfs) may list the layer's device there: the inode is compared only when the
+    devices agree."""
+    address = array.ctypes.data
+    try:
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                fields = line.split(maxsplit=5)
+                low, high = (int(x, 16) for x in fields[0].split("-"))
+                if low <= address < high and len(fields) >= 5:
+                    major, minor = (int(x, 16) for x in fields[3].split(":"))
+                    return os.makedev(major, minor), int(fields[4])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _open_mapped(file: Path, array: np.ndarray) -> int:
+    """A descriptor of ``file``, checked to be the file ``array`` (the store's memory map of it)
+    maps and to hold all its bytes; an :class:`EnsError` naming the file otherwise."""
+    try:
+        fd = os.open(file, os.O_RDONLY)
+    except OSError as exc:
+        raise EnsError(f"{file}: cannot open it ({exc.strerror or exc})") from None
+    stat = os.fstat(fd)
+    mapped = _mapped_inode(array)
+    if mapped is not None and mapped[0] == stat.st_dev and mapped[1] != stat.st_ino:
+        os.close(fd)
+        raise EnsError(f"{file}: replaced since its store was opened (another command wrote it meanwhile); "
+                       "run the command again once that one has finished")
+    needed = int(array.offset) + array.nbytes if isinstance(array, np.memmap) else 0
+    if stat.st_size < needed:
+        os.close(fd)
+        raise EnsError(f"{file}: {stat.st_size} bytes, fewer than the {needed} its header says (the store was cut "
+                       "short; rerun `ens infer` on its split)")
+    return fd
+
+
 class Members:
     """The blend members of ``models``' ``stores``: each model, or with ``views`` each
     ``model/view``, read block by block (see the module docstring)."""
 
     def __init__(self, models: Sequence[str], stores: Sequence[LogitStore], views: bool) -> None:
+        self._fds: dict[Path, int] = {}
         members: list[Member] = []
         for model, store in zip(models, stores):
             if not views:
@@ -96,6 +150,14 @@ class Members:
         shapes = {(m.rows, m.classes) for m in members}
         if len(shapes) != 1:
             raise EnsError(f"members of different shapes: {sorted(shapes)}")
+        try:
+            for member, store in ((m, m.store) for m in members):
+                if member.file not in self._fds:
+                    array = store.logits if member.file.name == LOGITS else store.views
+                    self._fds[member.file] = _open_mapped(member.file, array)
+        except BaseException:
+            self.close()
+            raise
         self.members = tuple(members)
         self.names = [m.name for m in members]
         self.n_members = len(members)
@@ -104,6 +166,25 @@ class Members:
         #: before any check or change (``ens blend`` hashes the stores' bytes in the same pass).
         self.on_read: Callable[[Member, int, np.ndarray], None] | None = None
 
+    def fd(self, member: Member) -> int:
+        """The descriptor ``member``'s file is read through (open until :meth:`close`)."""
+        return self._fds[member.file]
+
+    def close(self) -> None:
+        """Close the store files (a later :meth:`block` is an error)."""
+        fds, self._fds = getattr(self, "_fds", {}), {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def __enter__(self) -> "Members":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
     def block(self, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of every member: ``(M, stop - start, C)`` float32, checked to hold
         only finite values (an :class:`EnsError` naming the store, the member and the first ids
@@ -111,13 +192,15 @@ class Members:
         stop = min(stop, self.n_rows)
         out = np.empty((self.n_members, stop - start, self.n_classes), dtype=np.float32)
         buffer: np.ndarray | None = None
+        if not self._fds:
+            raise ValueError("the members' files are closed")
         for m, member in enumerate(self.members):
             if member.dtype == np.float32:
-                raw = member.read(start, stop, out[m])
+                raw = member.read(start, stop, out[m], self._fds[member.file])
             else:
                 if buffer is None or buffer.dtype != member.dtype:
                     buffer = np.empty((stop - start, self.n_classes), dtype=member.dtype)
-                raw = out[m] = member.read(start, stop, buffer)
+                raw = out[m] = member.read(start, stop, buffer, self._fds[member.file])
             if self.on_read is not None:
                 self.on_read(member, start, raw)
             finite = np.isfinite(out[m].max(axis=1)) & np.isfinite(out[m].min(axis=1))
@@ -133,3 +216,63 @@ class Members:
             raise ValueError(f"rows must be at least 1, got {rows}")
         for start in range(0, self.n_rows, rows):
             yield start, self.block(start, start + rows)
+
+
+class StoreDigests:
+    """The sha256 of each of ``models``' ``stores`` as
+    :func:`ensemble.formats.blend.store_digest` takes it (ids.npy, logits.npy and, with
+    ``views``, views.npy, one after the other), taken from the bytes a pass over ``members``
+    reads, so that the stores are not read a second time for it: ids.npy and logits.npy's
+    header here, then each model's logits.npy rows as :class:`Members` reads them
+    (:attr:`Members.on_read`), in order from the first row; a second pass over the rows is not
+    hashed again. With ``views``, views.npy is then read from its file in :meth:`result` (its
+    bytes follow logits.npy's in the digest, view after view, while a pass reads a block of
+    every view at a time). A store whose logits.npy rows were not all read so (``members`` of
+    views, rows out of order, bytes after the rows) is hashed by ``store_digest`` in
+    :meth:`result`."""
+
+    def __init__(self, models: Sequence[str], stores: Sequence[LogitStore], members: Members, views: bool) -> None:
+        self._models, self._stores, self._members, self._views = tuple(models), tuple(stores), members, views
+        self._hashes: dict[str, tuple[Member, Any]] = {}  # model: (its member, its running sha256)
+        self._next: dict[str, int] = {}
+        for member in members.members:
+            if member.file.name != LOGITS:
+                continue
+            digest = hashlib.sha256()
+            with open(member.store.path / IDS, "rb") as fh:
+                while block := fh.read(1 << 22):
+                    digest.update(block)
+            digest.update(os.pread(members.fd(member), member.offset, 0))
+            self._hashes[member.name], self._next[member.name] = (member, digest), 0
+        members.on_read = self._read
+
+    def _read(self, member: Member, start: int, rows: np.ndarray) -> None:
+        if self._next.get(member.name) == start:  # in order, and not a second pass
+            self._hashes[member.name][1].update(rows)
+            self._next[member.name] = start + rows.shape[0]
+
+    def _whole(self, member: Member) -> bool:
+        """Every row of ``member`` hashed and nothing after them in its file."""
+        try:
+            size = os.fstat(self._members.fd(member)).st_size
+        except KeyError:  # closed
+            size = os.path.getsize(member.file)
+        return self._next[member.name] == member.rows and size == member.offset + member.rows * member.row_bytes
+
+    def result(self) -> dict[str, str]:
+        """Each model's digest, after the pass."""
+        from ensemble.formats.blend import store_digest  # formats.blend's digest, which this one equals
+
+        digests = {}
+        for model, store in zip(self._models, self._stores):
+            member, digest = self._hashes.get(model, (None, None))
+            if member is None or not self._whole(member):
+                digests[model] = store_digest(store, self._views)
+                continue
+            digest = digest.copy()
+            if self._views and store.views is not None:
+                with open(store.path / VIEWS, "rb") as fh:
+                    while block := fh.read(1 << 22):
+                        digest.update(block)
+            digests[model] = digest.hexdigest()
+        return digests

@@ -38,7 +38,7 @@ from ensemble.formats.blend import (BLEND_FILE, BlendRecord, prior_counts, runs_
                                     store_digest, work_folder)
 from ensemble.formats.common import read_json
 from ensemble.formats.dataset import find_split, load_labels, read_class_counts
-from ensemble.formats.members import Members
+from ensemble.formats.members import Members, StoreDigests
 from ensemble.formats.store import MANIFEST, LogitStore, read_store
 from ensemble.memory import memory_budget, rows_per_block
 from weights_search import calibration as cal
@@ -139,15 +139,63 @@ def _candidates(blend_dir: Path, name: str) -> list[Path]:
     return found
 
 
+@dataclass(frozen=True)
+class FoundStores:
+    """The fitted split's stores in ``runs``, picked by their shape and model (their sha256 is
+    taken in the report's one pass over them and checked by :meth:`check_digests`)."""
+
+    runs: Path
+    stores: list[LogitStore]
+    where: str  #: how ``runs`` was found, for messages (`` (--runs)``, ...)
+    problems: tuple[str, ...]  #: why the folders looked in before ``runs`` were passed over
+    index: int  #: ``runs``' place among the folders looked in
+
+    def digest_problem(self, record: BlendRecord, digests: Mapping[str, str]) -> str | None:
+        """Why these stores are not the ones blend.json records, by their sha256 (``digests``,
+        taken in the pass), in :func:`open_stores`' words; None when they are."""
+        for model in record.models:
+            if digests[model] != record.optimize.stores.get(model):
+                path = self.runs / model / record.optimize.split
+                return f"{shown_path(path)}{self.where} is not the store the blend was fitted on (its sha256 differs)"
+        return None
+
+
+def _not_found(blend_json: Path, record: BlendRecord, problems: Sequence[str]) -> EnsError:
+    return EnsError(f"{blend_json}: the {record.optimize.split} stores it was fitted on are not found "
+                    f"({'; '.join(problems)}); give --runs DIR (the folder of the stores `ens blend` read)")
+
+
+def _differs(store: LogitStore, record: BlendRecord, model: str) -> str | None:
+    """How ``store`` is not the one ``record`` was fitted on, by what a glance shows (rows,
+    classes, the model that made it); None where nothing does."""
+    rows, classes = int(store.ids.shape[0]), int(store.logits.shape[1])
+    if rows != record.optimize.rows or store.logits.shape[0] != rows:
+        return f"it holds {rows} images, the blend was fitted on {record.optimize.rows}"
+    if record.class_ids is not None and classes != len(record.class_ids):
+        return f"it predicts {classes} classes, the blend {len(record.class_ids)}"
+    want = record.provenance.get(model) if record.provenance else None
+    if want is not None and want.model_sha256 != store.manifest.model.sha256:
+        return "another model made it"
+    if record.views and store.views is None:
+        return "it keeps no per-view logits"
+    return None
+
+
 def open_stores(blend_json: Path, record: BlendRecord, blend_dir: Path,
-                given: Path | None = None) -> tuple[Path, list[LogitStore]]:
-    """The fitted split's store of every model, the very ones blend.json records (by sha256),
-    looked for in ``given`` (``--runs DIR``), where blend.json records them, then beside the
-    blend's ``blends/`` folder and under ``./runs``."""
-    split, wanted = record.optimize.split, record.optimize.stores
-    views = record.views
-    problems = []
-    for runs in runs_candidates(record.runs, blend_dir, given):
+                given: Path | None = None, after: FoundStores | None = None, problem: str | None = None) -> FoundStores:
+    """The fitted split's store of every model, looked for in ``given`` (``--runs DIR``), where
+    blend.json records them, then beside the blend's ``blends/`` folder and under ``./runs``:
+    the first folder whose stores have the rows, classes and models blend.json records. Their
+    sha256 is not taken here (that would read every store once more): the report's pass takes
+    it (:class:`~ensemble.formats.members.StoreDigests`); where :meth:`FoundStores.digest_problem`
+    says they are not the very ones the blend was fitted on, the search goes on ``after`` them
+    (``problem``: why they were passed over), and ends in one EnsError naming every folder and
+    why, before anything is written."""
+    split = record.optimize.split
+    problems = [] if after is None else [*after.problems, problem or ""]
+    for index, runs in enumerate(runs_candidates(record.runs, blend_dir, given)):
+        if after is not None and index <= after.index:
+            continue
         if given is not None and runs == Path(given):
             where = " (--runs)"
         elif record.runs and runs == Path(record.runs):
@@ -162,15 +210,14 @@ def open_stores(blend_json: Path, record: BlendRecord, blend_dir: Path,
                 problems.append(f"no store at {shown_path(path)}{where}")
                 break
             store = read_store(path)
-            if store_digest(store, views) != wanted.get(model):
-                problems.append(f"{shown_path(path)}{where} is not the store the blend was fitted on (its sha256 "
-                                "differs)")
+            why = _differs(store, record, model)
+            if why is not None:
+                problems.append(f"{shown_path(path)}{where} is not the store the blend was fitted on ({why})")
                 break
             stores.append(store)
         else:
-            return runs, stores
-    raise EnsError(f"{blend_json}: the {split} stores it was fitted on are not found ({'; '.join(problems)}); "
-                   "give --runs DIR (the folder of the stores `ens blend` read)")
+            return FoundStores(runs, stores, where, tuple(problems), index)
+    raise _not_found(blend_json, record, problems)
 
 
 def find_labels(blend_json: Path, record: BlendRecord, blend_dir: Path, data: Path | None) -> Path:
@@ -263,6 +310,7 @@ class _Pass:
     member_predictions: list[Predictions]
     blend: Predictions
     true_probability: np.ndarray  #: ``(N,)`` the blend's probability of each row's label
+    digests: dict[str, str]  #: each model's store's sha256, taken from the pass's reads
 
 
 def block_rows(memory: int, sources: Sequence[Members]) -> int:
@@ -291,6 +339,7 @@ def _read_stores(blend_json: Path, record: BlendRecord, stores: Sequence[LogitSt
     touched pages would count in resident memory); blocks as large as ``memory`` bytes allow."""
     models = Members(record.models, stores, views=False)
     members = Members(record.models, stores, views=True) if record.views else models
+    digests = StoreDigests(record.models, stores, models, record.views)
     if tuple(members.names) != record.members:
         raise EnsError(f"{blend_json}: its members {', '.join(record.members)} are not those of its stores "
                        f"({', '.join(members.names)})")
@@ -320,7 +369,8 @@ def _read_stores(blend_json: Path, record: BlendRecord, stores: Sequence[LogitSt
         del block
     return _Pass(model_predictions={m: r.done() for m, r in zip(record.models, raw)},
                  tempered_predictions={m: r.done() for m, r in zip(record.models, tempered)},
-                 member_predictions=[r.done() for r in per_member], blend=blend.done(), true_probability=true_p)
+                 member_predictions=[r.done() for r in per_member], blend=blend.done(), true_probability=true_p,
+                 digests=digests.result())
 
 
 def hardest_rows(blend: Predictions, labels: np.ndarray, limit: int = HARDEST) -> np.ndarray:
@@ -383,22 +433,37 @@ def build_report(blend_dir: Path, data: Path | None = None, runs: Path | None = 
     json while its names are read."""
     blend_dir = Path(blend_dir)
     blend_json, record = read_blend_record(blend_dir)
-    runs, stores = open_stores(blend_json, record, blend_dir, None if runs is None else Path(runs))
+    given = None if runs is None else Path(runs)
+    found = open_stores(blend_json, record, blend_dir, given)
+    while True:  # the first folder whose stores the pass finds to be the blend's (its sha256)
+        runs, stores = found.runs, found.stores
+        class_ids = list(record.class_ids or range(stores[0].logits.shape[1]))
+        if stores[0].logits.shape[1] != len(class_ids):
+            raise EnsError(f"{blend_json}: names {len(class_ids)} class ids, its stores predict "
+                           f"{stores[0].logits.shape[1]} classes")
+        labels_path = find_labels(blend_json, record, blend_dir, data)
+        ids = stores[0].ids
+        try:
+            labels = load_labels(labels_path, ids, class_ids)
+            read = _read_stores(blend_json, record, stores, labels, memory_budget() if memory is None else memory)
+        except EnsError:  # stores changed since the blend (ids, NaN) say so first: hash them from their files
+            problem = found.digest_problem(record, {m: store_digest(s, record.views)
+                                                    for m, s in zip(record.models, stores)})
+            if problem is None:
+                raise
+        else:
+            problem = found.digest_problem(record, read.digests)
+            if problem is None:
+                break
+            del read
+        found = open_stores(blend_json, record, blend_dir, given, after=found, problem=problem)
     models, members = record.models, record.members
-    class_ids = list(record.class_ids or range(stores[0].logits.shape[1]))
-    if stores[0].logits.shape[1] != len(class_ids):
-        raise EnsError(f"{blend_json}: names {len(class_ids)} class ids, its stores predict "
-                       f"{stores[0].logits.shape[1]} classes")
-    labels_path = find_labels(blend_json, record, blend_dir, data)
-    ids = stores[0].ids
-    labels = load_labels(labels_path, ids, class_ids)
     notes = []
     recorded = stores[0].manifest.dataset
     if str(recorded.source or "").endswith(".json") and recorded.sha256 not in (None, sha256_file(labels_path)):
         notes.append(f"the labels in {labels_path} are not from the json the stores were made from "
                      f"({recorded.source}); check that they label the same images")
 
-    read = _read_stores(blend_json, record, stores, labels, memory_budget() if memory is None else memory)
     model_preds, tempered, blend, true_p = (read.model_predictions, read.tempered_predictions, read.blend,
                                             read.true_probability)
     member_predicted = np.stack([p.predicted for p in read.member_predictions])

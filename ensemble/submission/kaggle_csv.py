@@ -174,7 +174,9 @@ MAX_BLOCK_ROWS = 1 << 16
 
 def block_rows(memory: int | None) -> int:
     """Rows of a CSV read and checked at a time within ``memory`` bytes (None: the default
-    budget, :func:`ensemble.memory.memory_budget`)."""
+    budget, :func:`ensemble.memory.memory_budget`). A cap, not a size: every budget ``--memory``
+    accepts (:data:`ensemble.memory.MIN_GIB` and up) has room for :data:`MAX_BLOCK_ROWS` rows
+    (128 MB), so at the command line it is always that many (docs/submit.md says so)."""
     if memory is None:
         from ensemble.memory import memory_budget
         memory = memory_budget()
