@@ -100,3 +100,15 @@ def test_a_store_changed_since_the_blend_is_refused_in_one_line_before_anything_
                    f"{store} (the folder recorded in blend.json) is not the store the blend was fitted on (its sha256 "
                    "differs)")
     assert not (tmp_path / "page").exists()
+
+
+def test_a_store_file_cut_short_after_it_was_opened_is_one_line_naming_it(tmp_path):
+    a = _store(tmp_path / "a", dtype="float16", views=True)
+    size = (tmp_path / "a" / "views.npy").stat().st_size
+    os.truncate(tmp_path / "a" / "views.npy", size - 10)  # in place: the same file, mapped whole before
+    Members(["a"], [a], False).close()
+    with pytest.raises(EnsError) as info:
+        Members(["a"], [a], True)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'a' / 'views.npy'}: {size - 10} bytes, fewer than the {size}")
+    assert "\n" not in message
