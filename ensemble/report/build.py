@@ -8,7 +8,9 @@ Inputs, each checked before use:
   blend.json records (``runs``: the
   ``--runs`` `ens blend` read), else under ``runs/`` beside the blend's ``blends/`` folder (the
   layout `ens blend` writes: ``<work>/blends/<name>`` and ``<work>/runs``), else under
-  ``./runs``; a store is used only when its sha256 is the one blend.json records for it;
+  ``./runs``: the first folder whose stores have the images, classes and models blend.json
+  records, used only when their sha256, taken from the report's one pass over them, is the one
+  blend.json records (else the next folder is tried);
 - the labels of the fitted split: ``--data DIR``'s split file, else the file blend.json names
   (relative to the work folder, then as given);
 - the training class counts: blend.json's prior, else ``train2019.json`` (any iNat layout) under
