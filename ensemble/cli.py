@@ -350,7 +350,7 @@ def blend(
     top_k: Annotated[int, typer.Option(help="Categories per image in predictions.csv.")] = 5,
     out: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Blend folder, a folder of its own (never a logit store nor a folder of stores) \\[default: blends/<method>; with --weights, <its folder>-<split> beside it].")] = None,
     prior: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Training class counts to correct the blend for (long-tail logit adjustment): a COCO/iNat json (its annotations are counted, e.g. data/train2019.json), a JSON object {\"category_id\": count} or a CSV category_id,count.")] = None,
-    prior_tau: Annotated[Optional[str], typer.Option(metavar="auto|FLOAT", help="Strength of the prior correction: auto fits it with the weights on the fitted split; a number from 0 (none) to 3 fixes it (1 divides by the prior once).", show_default="auto, with --prior")] = None,
+    prior_tau: Annotated[Optional[str], typer.Option(metavar="auto|FLOAT", help="Strength of the prior correction: auto fits it with the weights on the fitted split; a number from 0 (none) to 3 fixes it (1 divides by the prior once). With --method accuracy a fixed tau also keeps far fewer rival pairs in memory.", show_default="auto, with --prior")] = None,
     memory: MemoryOption = None,
 ) -> None:
     """Fit blend weights on validation, report honest CV estimates, fuse the test logits.

@@ -27,7 +27,9 @@ from ensemble.formats.dataset import load_labels, read_class_counts
 from ensemble.formats.members import Members
 from ensemble.formats.predictions import PREDICTIONS_FILE, write_predictions
 from ensemble.formats.store import MANIFEST
-from ensemble.memory import memory_budget, rows_per_block
+from ensemble.memory import GIB, memory_budget, rows_per_block
+from weights_search.parallel import default_workers, ordered_map
+from weights_search.stats import TooManyPairs, max_pairs_within, pair_bytes
 
 @dataclass(frozen=True)
 class BlendOptions:
@@ -372,13 +374,14 @@ def _fit(options: BlendOptions, split: BlendSplit, views: bool, notes: list[str]
         notes.extend(prior_notes(counts, split.class_ids, options.prior))
         adjustment = ws.LogitAdjustment(ws.class_log_prior(counts), prior_tau(options.prior_tau))
     notes.extend(prior_hint(options.data, options.prior is not None))
-    block_rows = _block_rows(budget, members, FIT_COPIES)
+    block_budget, max_pairs = _pairs_budget(method_asked, budget, members, labels.size, adjustment is not None)
+    block_rows = _block_rows(block_budget, members, FIT_COPIES)
     try:
         # top-k of fewer classes than k is top-(classes): the table says so
         report, blend = ws.cross_validate_and_fit(
             members, labels, method_asked, n_folds=folds, temperature=options.temperature, member_names=names,
             top_k=min(options.top_k, len(split.class_ids)), prior=adjustment, block_rows=block_rows,
-            fallback=options.fallback)
+            fallback=options.fallback, max_pairs=max_pairs)
         method = method_asked
         fallback_used = False
         if method_asked != "uniform" and not report.beats_uniform:
@@ -391,6 +394,8 @@ def _fit(options: BlendOptions, split: BlendSplit, views: bool, notes: list[str]
                 method, fallback_used = "uniform", True
         if adjustment is not None:
             notes.extend(prior_cv_note(report, method))
+    except TooManyPairs as exc:
+        raise EnsError(_too_many_pairs(exc, method_asked, split.name, budget, adjustment is not None)) from None
     except ValueError as exc:
         raise EnsError(f"blend: {exc}") from None
     notes[class_order_at:class_order_at] = class_order_warnings(split.name, len(split.class_ids),
@@ -443,15 +448,19 @@ def _write_predictions(path: Path, split: BlendSplit, members: Members, blend: A
     predictions.csv at ``path`` (a temporary file). A member's NaN or infinite logits are an
     EnsError from the block that holds them (nothing is renamed into place then)."""
     k = min(top_k, len(split.class_ids))
+    # Blocks are read in order on this thread and fused on ``workers`` threads, results in row
+    # order: ``workers + 1`` blocks are held at once, so each is that much smaller.
+    workers = FUSE_WORKERS or default_workers()
+    rows = max(1, _block_rows(budget, members, FUSE_COPIES) // workers)
 
-    def blocks():
-        for start, block in members.blocks(_block_rows(budget, members, FUSE_COPIES)):
-            top, probs = ws.top_k(blend.log_proba(block), k)
-            del block
-            yield start, top, probs
+    def fused(item: tuple[int, np.ndarray]) -> tuple[int, np.ndarray, np.ndarray]:
+        start, block = item
+        del item
+        top, probs = ws.top_k(blend.log_proba(block), k)
+        return start, top, probs
 
     try:
-        return write_predictions(path, split.ids, split.class_ids, blocks(), k)
+        return write_predictions(path, split.ids, split.class_ids, ordered_map(fused, members.blocks(rows), workers), k)
     except ValueError as exc:
         raise EnsError(f"{split.name}: cannot fuse its stores ({exc})") from None
 
@@ -462,7 +471,44 @@ def _write_predictions(path: Path, split: BlendSplit, members: Members, blend: A
 #: its log-probabilities (in its place) and what the methods' collectors make of them (2.4
 #: copies measured with nll, 3.1 with logit, its per-row summaries included).
 FUSE_COPIES = 4
+#: Threads fusing the applied split's blocks (None: :func:`weights_search.parallel.default_workers`).
+FUSE_WORKERS: int | None = None
 FIT_COPIES = 4
+
+
+def _pairs_budget(method: str, budget: int, members: Members, rows: int, prior: bool) -> tuple[int, int | None]:
+    """The bytes of ``budget`` the fit's row blocks may take, and the most rival pairs the fit
+    may hold (None: the method keeps none). A method that counts rows right (``accuracy``)
+    keeps rival pairs (:mod:`weights_search.stats`): half the budget goes to the blocks, the
+    other half to the pairs, held during the pass beside a block and then with the margins
+    fitted on them (:func:`weights_search.stats.max_pairs_within`; with a prior the blend
+    without it keeps its own pairs too)."""
+    try:
+        counts_rows = getattr(ws.get_method(method), "counts_rows", False)
+    except ValueError:  # an unknown method: cross_validate_and_fit says so
+        return budget, None
+    if not counts_rows:
+        return budget, None
+    half = budget // 2
+    return half, max_pairs_within(budget - half, members.n_members, rows, sets=2 if prior else 1)
+
+
+def _too_many_pairs(exc: TooManyPairs, method: str, split: str, budget: int, prior: bool) -> str:
+    """The one line for a fit past its bound on rival pairs, in the CLI's words: how far the
+    pass got, about the memory all the pairs would take at that rate, and what to change."""
+    sets = 2 if prior else 1
+    per_pair = pair_bytes(exc.n_members, exc.n_rows) + (sets - 1) * (8 + 4 * exc.n_members)
+    projected = exc.n_pairs * exc.n_rows / max(exc.rows, 1)
+    need = 2 * projected * per_pair / GIB  # the pairs get half the budget
+    what = (f"--method {method}: the first {exc.rows:,} of {exc.n_rows:,} {split} images already have {exc.n_pairs:,} "
+            f"rival pairs (classes some model scores at least as high as the true class), more than the "
+            f"{exc.max_pairs:,} that --memory {budget / GIB:.3g} GiB holds ({per_pair} bytes each over the fit; "
+            f"all of them would need about --memory {need:.3g})")
+    if len(exc.ends) > 1:
+        return (f"{what}; with --prior and a fitted tau the pairs span tau in [{min(exc.ends):g}, {max(exc.ends):g}]: "
+                "--prior-tau T collects them at that tau only (far fewer), --memory GIB raises the bound, "
+                "--method nll needs none")
+    return f"{what}: --memory GIB raises the bound, --method nll needs none"
 
 
 def _block_rows(budget: int, members: Members, copies: float) -> int:
