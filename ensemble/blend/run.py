@@ -28,7 +28,6 @@ from ensemble.formats.members import Members
 from ensemble.formats.predictions import PREDICTIONS_FILE, write_predictions
 from ensemble.formats.store import MANIFEST
 from ensemble.memory import GIB, memory_budget, rows_per_block
-from weights_search.parallel import default_workers, ordered_map
 from weights_search.stats import TooManyPairs, max_pairs_within, pair_bytes
 
 @dataclass(frozen=True)
@@ -448,19 +447,15 @@ def _write_predictions(path: Path, split: BlendSplit, members: Members, blend: A
     predictions.csv at ``path`` (a temporary file). A member's NaN or infinite logits are an
     EnsError from the block that holds them (nothing is renamed into place then)."""
     k = min(top_k, len(split.class_ids))
-    # Blocks are read in order on this thread and fused on ``workers`` threads, results in row
-    # order: ``workers + 1`` blocks are held at once, so each is that much smaller.
-    workers = FUSE_WORKERS or default_workers()
-    rows = max(1, _block_rows(budget, members, FUSE_COPIES) // workers)
 
-    def fused(item: tuple[int, np.ndarray]) -> tuple[int, np.ndarray, np.ndarray]:
-        start, block = item
-        del item
-        top, probs = ws.top_k(blend.log_proba(block), k)
-        return start, top, probs
+    def blocks():
+        for start, block in members.blocks(_block_rows(budget, members, FUSE_COPIES)):
+            top, probs = ws.top_k(blend.log_proba(block), k)
+            del block
+            yield start, top, probs
 
     try:
-        return write_predictions(path, split.ids, split.class_ids, ordered_map(fused, members.blocks(rows), workers), k)
+        return write_predictions(path, split.ids, split.class_ids, blocks(), k)
     except ValueError as exc:
         raise EnsError(f"{split.name}: cannot fuse its stores ({exc})") from None
 
@@ -471,8 +466,6 @@ def _write_predictions(path: Path, split: BlendSplit, members: Members, blend: A
 #: its log-probabilities (in its place) and what the methods' collectors make of them (2.4
 #: copies measured with nll, 3.1 with logit, its per-row summaries included).
 FUSE_COPIES = 4
-#: Threads fusing the applied split's blocks (None: :func:`weights_search.parallel.default_workers`).
-FUSE_WORKERS: int | None = None
 FIT_COPIES = 4
 
 
