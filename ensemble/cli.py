@@ -409,11 +409,12 @@ def _print_cv_table(record) -> None:
                + (", +prior: corrected for --prior, tau fitted per fold" if cv.prior and record.prior.tau_fitted
                   else ", +prior: corrected for --prior" if cv.prior else ""))
     width = max(len(printable(r.name)) for r in cv.rows) + 2
-    _echo(f"{'':<{width}}{'top-1':>7}  {'95% interval':<16}{f'top-{k}':>7}{'NLL':>8}")  # [0.1234, 0.5678]: 16
+    nll = max(8, *(len(f"{r.nll:.4f}") + 2 for r in cv.rows))  # an NLL of 100 or more needs a wider column
+    _echo(f"{'':<{width}}{'top-1':>7}  {'95% interval':<16}{f'top-{k}':>7}{'NLL':>{nll}}")  # [0.1234, 0.5678]: 16
     for row in cv.rows:
         mark = "  <- used" if row.name == cv.chosen else ""
         _echo(f"{printable(row.name):<{width}}{row.top1:>7.4f}  [{row.top1_low:.4f}, {row.top1_high:.4f}]"
-                   f"{row.topk:>7.4f}{row.nll:>8.4f}{mark}")
+                   f"{row.topk:>7.4f}{row.nll:>{nll}.4f}{mark}")
 
 
 @app.command()

@@ -206,8 +206,8 @@ class Members:
             finite = np.isfinite(out[m].max(axis=1)) & np.isfinite(out[m].min(axis=1))
             if not finite.all():
                 bad = member.store.ids[start + np.flatnonzero(~finite)[:3]]
-                raise EnsError(f"{member.store.path}: {member.name} has NaN or infinite logits, first at image ids "
-                               f"{', '.join(map(str, bad))}")
+                raise EnsError(f"{member.store.path}: {member.name} has NaN or infinite logits, first at image "
+                               f"id{'s' if bad.size > 1 else ''} {', '.join(map(str, bad))}")
         return out
 
     def blocks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:

@@ -559,7 +559,7 @@ def test_non_finite_logits(work, tmp_path, bad):
     views[1, 7, 0] = bad
     np.save(runs / "m0" / "val" / "views.npy", views)
     one_line_error(ens("blend", "--runs", runs, "--optimize", "val", "--data", work.data, "--views",
-                       "--out", out), "m0/flip has NaN or infinite logits, first at image ids 7")
+                       "--out", out), "m0/flip has NaN or infinite logits, first at image id 7")
     assert not out.exists()
 
 

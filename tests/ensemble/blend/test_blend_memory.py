@@ -198,7 +198,7 @@ def test_nan_logits_found_while_fusing_are_one_line_and_leave_nothing(stores, tm
     out = tmp_path / "out"
     one_line_error(ens("blend", "--runs", copy, "--optimize", "val", "--data", data, "--out", out, "--memory", "0.25",
                        "--cv", "2"),
-                   f"{copy / 'b' / 'test'}: b has NaN or infinite logits, first at image ids 3400")
+                   f"{copy / 'b' / 'test'}: b has NaN or infinite logits, first at image id 3400")
     assert not out.exists()
 
 
@@ -285,7 +285,7 @@ def test_nan_in_a_blended_view_names_the_view(tmp_path):
     members = BlendSplit("val", (read_store(a.path),), ("a",)).members(True)
     assert members.names == ["a/identity", "a/flip"]
     members.block(0, 5)
-    with pytest.raises(EnsError, match=r"a: a/flip has NaN or infinite logits, first at image ids 105$"):
+    with pytest.raises(EnsError, match=r"a: a/flip has NaN or infinite logits, first at image id 105$"):
         members.block(3, 7)
 
 

@@ -66,7 +66,7 @@ def test_a_non_finite_row_names_the_store_member_and_id(tmp_path):
     a = _store(tmp_path / "a", dtype="float32", logits=logits)
     members = Members(["a"], [a], views=False)
     members.block(0, 4)  # the rows before it are fine
-    with pytest.raises(EnsError, match=r"a: a has NaN or infinite logits, first at image ids 104$"):
+    with pytest.raises(EnsError, match=r"a: a has NaN or infinite logits, first at image id 104$"):
         members.block(3, 7)
 
 
