@@ -461,6 +461,10 @@ def build_report(blend_dir: Path, data: Path | None = None, runs: Path | None = 
         found = open_stores(blend_json, record, blend_dir, given, after=found, problem=problem)
     models, members = record.models, record.members
     notes = []
+    if given is not None and found.runs != given:
+        # --runs asked for one folder; a report of other stores must say so where the user looks
+        notes.append(f"--runs {shown_path(given)}: passed over ({'; '.join(p for p in found.problems if p)}); "
+                     f"read the stores under {shown_path(found.runs)}")
     recorded = stores[0].manifest.dataset
     if str(recorded.source or "").endswith(".json") and recorded.sha256 not in (None, sha256_file(labels_path)):
         notes.append(f"the labels in {labels_path} are not from the json the stores were made from "

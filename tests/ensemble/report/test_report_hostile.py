@@ -368,3 +368,18 @@ def test_a_damaged_ledger_is_drawn_as_not_readable_and_the_rest_built(work, tmp_
     assert "Not shown: ledger not readable: " in page
     assert 'data-section="calibration"' in page and 'data-section="hardest"' in page
     assert "Traceback" not in result.output
+
+
+# Issue 24's prober: --runs whose stores changed is passed over, and the report says so.
+
+def test_report_runs_with_changed_stores_says_which_stores_it_read(work, tmp_path):
+    blend = copy_work(work, tmp_path / "w")  # w/runs: the stores the blend was fitted on
+    changed = Path(shutil.copytree(work.runs, tmp_path / "changed"))
+    (changed / "m0" / "val" / "logits.npy").write_bytes((changed / "m1" / "val" / "logits.npy").read_bytes())
+    result = ok(ens("report", blend, "--runs", changed))
+    assert (f"--runs {changed}: passed over ({changed / 'm0' / 'val'} (--runs) is not the store the blend was "
+            f"fitted on (its sha256 differs)); read the stores under ") in result.output, result.output
+    report = build_report(blend, runs=changed)
+    assert report.runs.resolve() != changed.resolve()
+    assert f"read the stores under {report.runs}" in result.output
+    assert not any("passed over" in n for n in build_report(blend, runs=tmp_path / "w" / "runs").notes)
