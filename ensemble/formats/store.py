@@ -587,15 +587,10 @@ def read_store(path: str | os.PathLike) -> LogitStore:
         path = path.parent
     manifest = StoreManifest.read(path)
     arrays = manifest.arrays
-    try:
-        for name in (LOGITS, IDS, *((VIEWS,) if arrays.keep_views else ()), *((BOXES,) if arrays.boxes else ())):
-            check_regular(path / name)  # a FIFO would block np.load forever
-        logits = np.load(path / LOGITS, mmap_mode="r")
-        ids = np.load(path / IDS, mmap_mode="r")
-        views = np.load(path / VIEWS, mmap_mode="r") if arrays.keep_views else None
-        boxes = np.load(path / BOXES, mmap_mode="r") if arrays.boxes else None
-    except (OSError, ValueError) as exc:
-        raise EnsError(f"{path}: unreadable store array ({exc})") from None
+    logits = _mapped(path, LOGITS)
+    ids = _mapped(path, IDS)
+    views = _mapped(path, VIEWS) if arrays.keep_views else None
+    boxes = _mapped(path, BOXES) if arrays.boxes else None
     rows, classes = arrays.rows, arrays.classes
     expected = [(LOGITS, logits, (rows, classes)), (IDS, ids, (rows,))]
     if views is not None:
@@ -606,6 +601,20 @@ def read_store(path: str | os.PathLike) -> LogitStore:
         if array.shape != shape:
             raise EnsError(f"{path / name}: shape {array.shape}, but the manifest says {shape}")
     return LogitStore(path=path, logits=logits, ids=ids, manifest=manifest, views=views, boxes=boxes)
+
+
+def _mapped(path: Path, name: str) -> np.ndarray:
+    """The store array ``name`` memory-mapped read-only; an :class:`EnsError` naming the file
+    when it is not a regular file, cannot be read, or holds fewer bytes than its header says."""
+    file = path / name
+    try:
+        check_regular(file)  # a FIFO would block np.load forever
+        return np.load(file, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        if "mmap length is greater than file size" in str(exc):
+            raise EnsError(f"{file}: cut short (fewer bytes than its header says); rerun `ens infer` on its "
+                           "split to write the store again") from None
+        raise EnsError(f"{file}: unreadable store array ({exc})") from None
 
 
 @contextlib.contextmanager

@@ -128,3 +128,11 @@ def _peak_rss_mb(command) -> int:
     """The peak resident memory of ``command``, in MB, as its parent sees it when it ends."""
     done = subprocess.run([sys.executable, "-c", LAUNCHER, *command], check=True, capture_output=True, text=True)
     return int(done.stdout) // 1024
+
+
+def test_a_store_cut_short_before_it_is_opened_names_the_file(tmp_path):
+    a = _store(tmp_path / "a", dtype="float32")
+    path = a.path / "logits.npy"
+    path.write_bytes(path.read_bytes()[:-30])
+    with pytest.raises(EnsError, match=rf"^{path}: cut short \(fewer bytes than its header says\); rerun `ens infer`"):
+        read_store(a.path)
