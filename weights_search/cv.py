@@ -19,6 +19,17 @@ so memory depends on the block, ``M``, ``C`` and the methods' statistics, never 
   (:class:`~weights_search.temperature.TemperatureCollector`), one stats pass per fold at its
   temperatures, then the evaluation pass, which also feeds the final fit's collectors at the
   temperatures of all rows: **K + 2 passes** (:func:`cross_validate` alone: the same).
+- re-passes, only when rows come in an unfavourable order: statistics expanded about pilots
+  (``logit``'s, the temperatures') are collected once more, with the fit as every row's
+  pilot, when a fit's estimated error asks for it
+  (:func:`~weights_search.fitted.far_from_pilots`, :func:`~weights_search.fitted.fitted_temperatures`;
+  in random order it does not). Without temperatures: one more pass, of those statistics
+  alone, when some fold's fit asks for it, with the fit of all rows as the pilot (the folds'
+  fits lie near it). With temperatures: one more temperature pass when the fit of all rows
+  or a fold's asks for it; a fold's stats pass is repeated when its fit asks for it, and the
+  pilot it found is then used by the later folds' passes and the final one from the start.
+  :func:`cross_validate_and_fit` checks the final fit too, and reads once more should it
+  alone ask (not seen in the tests).
 - a source whose rows fit in one block: **1 read**, whatever the options (the block and its
   log-probabilities are kept between passes, see :class:`~weights_search.fitted.Reader`).
 
@@ -183,7 +194,8 @@ def cross_validate_and_fit(logits: MemberSource | np.ndarray | Sequence[np.ndarr
                            fallback: str | None = None, max_pairs: int | None = None) -> tuple[CvReport, FittedBlend]:
     """:func:`cross_validate` and :func:`~weights_search.fitted.fit_blend` in one go: the
     report, and ``method`` fitted on every row (with ``prior`` when given), from the same
-    passes over the source (2 without temperatures, K + 2 with them: see the module docstring).
+    passes over the source (2 without temperatures, K + 2 with them, and the re-passes of rows
+    in an unfavourable order: see the module docstring).
 
     ``fallback``: None, or ``"uniform"``: when ``method`` does not beat uniform weights on CV
     (:attr:`CvReport.beats_uniform`), the blend returned is uniform's (its ``method`` says so),

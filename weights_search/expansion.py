@@ -20,6 +20,13 @@ Segment bounds depend on row numbers only, so blocks of any size give the same s
 subset of rows keeps each row's own pilot. A ``pilot`` given to a collector is used for every
 row (no buffer, no refit): the summaries of a set of rows then do not depend on which other rows
 were collected.
+
+The schedule suits rows in random order. When the order is unfavourable (rows sorted by class,
+the members' confidence changing across classes), the fit of all rows lies far from many rows'
+pilots; the statistics estimate the fit's error from the expansion's neglected term
+(``fit_error``) and ask (``repass_pilot``) for a second pass with a fixed pilot, the fit
+(``with_pilot``): :mod:`weights_search.fitted` and :mod:`weights_search.cv` do that pass, only
+then.
 """
 
 from __future__ import annotations
@@ -175,11 +182,14 @@ def largest(x: np.ndarray, k: int) -> np.ndarray:
     """``(b, k)`` int64 column indices of the ``k`` largest values of each row of ``(b, C)`` ``x``
     (in no order; among equal values, any).
 
-    A partition of whole rows costs about 25 ns a value; this one partitions the maxima of
-    groups of :data:`GROUP` columns (columns ``j, j + G, j + 2G, ...``), then the columns of the
-    ``k`` groups with the largest maxima (and the ``C mod GROUP`` last ones): every one of the
-    ``k`` largest values lies in one of those groups, since fewer than ``k`` values exceed the
-    ``k``-th largest and each group's maximum is one of its values.
+    A partition of whole rows costs about 25 ns a value; this one splits the first
+    ``G * (C // GROUP)`` columns into ``G = C // GROUP`` groups of :data:`GROUP` columns each,
+    group ``j`` being columns ``j, j + G, j + 2G, ...`` (a strided view, maxima taken down the
+    strides), partitions the group maxima, then the columns of the ``k`` groups with the largest
+    maxima and the ``C mod GROUP`` last columns (in no group): every one of the ``k`` largest
+    values lies among those, since a group holding one of them has a maximum at least that
+    large, and fewer than ``k`` groups can have a larger maximum than the ``k``-th largest
+    value (ties: any).
     """
     n_rows, n_classes = x.shape
     n_groups = n_classes // GROUP

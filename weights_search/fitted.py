@@ -208,7 +208,10 @@ def fit_blend(logits: MemberSource | np.ndarray | Sequence[np.ndarray], labels: 
     ``(N, C)`` array per member; ``labels``: ``(N,)``. Reads the source in blocks of
     ``block_rows`` rows (None: :func:`weights_search.source.default_block_rows`): one pass
     without ``temperature``, two with it (the temperatures' pass, then the stats pass at them);
-    a source that fits in one block is read once (see :class:`Reader`).
+    a source that fits in one block is read once (see :class:`Reader`). Each pass whose fit
+    lies too far from the pilots its statistics were expanded about (rows in an unfavourable
+    order: :func:`fitted_temperatures`, :func:`far_from_pilots`) is repeated once with the fit
+    as every row's pilot: up to four passes with ``temperature`` and ``logit``.
     """
     source = as_source(logits)
     labels = check_labels(source, labels)

@@ -99,10 +99,14 @@ class TemperatureStats:
     for ``|d| sqrt(var) <= TRUST`` (held at its value there beyond), so far from the pilot the
     expansion is the convex second-order one and the bounded search over ``T`` meets no false
     minimum. The pilots come from :mod:`weights_search.expansion`: most rows' pilots are fitted
-    on half the rows or more, so ``d`` is a few percent of ``beta``; rows in an order where the
-    halves differ (the second half's own temperature 40 % higher, tested) stay within 1e-3.
-    Measured at 1,010 and 10,000 classes (tests): fitted temperatures within 1e-3 (relative; a
-    few 1e-4 at most) of the exact :func:`fit_temperatures`, the whole split's and a fold's. The
+    on half the rows or more, so in random order ``d`` is a few percent of ``beta``. In an
+    unfavourable order (rows sorted by class, the members' sharpness rising across classes:
+    off by 5e-3..1e-2 from one pass) :meth:`fit_error` estimates the fit's error from the
+    neglected term and :meth:`repass_pilot` asks for a second pass with the fit as every row's
+    pilot (:func:`weights_search.fitted.fitted_temperatures` does it), after which ``d`` is the
+    difference between a fold's fit and the whole split's. Measured at 1,010 and 10,000 classes
+    (tests, rows in random order and sorted by class): fitted temperatures within 1e-3
+    (relative; 1e-4 or so) of the exact :func:`fit_temperatures`, the whole split's and a fold's. The
     row log-normaliser (:meth:`log_norm`) is off by about 1e-5 at 10 % from the pilot, 1e-3 at
     30 %, 1e-2 at twice the pilot's temperature and 1e-1 at half of it.
 

@@ -79,6 +79,16 @@ def test_logit_weights_of_rows_sorted_by_class_match_the_exact_fit(shape):
     assert source.reads == 2  # the stats pass and its re-pass
 
 
+def test_the_check_on_spread_rows_still_asks_for_the_re_pass(monkeypatch):
+    monkeypatch.setattr(pooling, "CHECK_ROWS", 500)  # 3,000 rows: the check sees 500 of them
+    logits, labels = sorted_by_class(3000, 1010)
+    log_probs = log_softmax(logits)
+    source = CountingSource(log_probs)
+    blend = fit_blend(source, labels, "logit", block_rows=128)
+    assert source.reads == 2
+    assert np.abs(np.asarray(blend.weights) - LogitBlend().fit_exact(log_probs, labels).weights_).max() < 1e-3
+
+
 def test_cv_folds_and_final_logit_fit_of_rows_sorted_by_class_match_the_exact_fits():
     logits, labels = sorted_by_class(3000, 1010)
     log_probs = log_softmax(logits)
@@ -168,3 +178,26 @@ def test_largest_finds_the_k_largest_with_grouped_columns():
     x[:, [5, 5 + 63, 5 + 126, 5 + 189]] += 10
     got = np.sort(x[np.arange(50)[:, None], largest(x, 8)], axis=1)
     assert np.array_equal(got, np.sort(x, axis=1)[:, -8:])
+
+
+def test_cv_with_temperatures_of_rows_sorted_by_class_matches_the_exact_fits():
+    logits, labels = sorted_by_class(3000, 1010)
+    source = CountingSource(logits)
+    _, blend = cv.cross_validate_and_fit(source, labels, "logit", temperature=True, n_folds=5, n_boot=10,
+                                         block_rows=256)
+    temperatures = fit_temperatures(logits, labels)
+    assert np.abs(np.asarray(blend.temperatures) / temperatures - 1).max() < 1e-3
+    exact = LogitBlend().fit_exact(log_softmax(logits, temperatures), labels)
+    assert np.abs(np.asarray(blend.weights) - exact.weights_).max() < 1e-3
+    # Temperatures and their re-pass, the first fold's stats pass and its re-pass (the later
+    # folds' and the final fit's start from its pilot), four more folds, the scoring pass.
+    assert source.reads == 9
+    fold_of = cv._fold_of(cv.stratified_folds(labels, 5, 0), labels.size)
+    specs = [cv._Spec("logit", "method", "logit", LogitBlend, None)]
+    fold_blends, _, _ = cv._fit_and_evaluate(ArraySource(logits), labels, fold_of, specs, temperature=True,
+                                             block_rows=256, score=lambda *args: None)
+    for f in (0, 4):
+        train = np.flatnonzero(fold_of != f)
+        fold_temperatures = fit_temperatures(logits[:, train], labels[train])
+        exact = LogitBlend().fit_exact(log_softmax(logits[:, train], fold_temperatures), labels[train])
+        assert np.abs(fold_blends[f][0].weights_ - exact.weights_).max() < 1e-3
