@@ -119,17 +119,57 @@ def check_members(log_probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray
     return log_probs, labels
 
 
+#: :func:`top_k` splits a row's columns into groups of this many (see there).
+TOP_K_GROUP = 16
+
+
 def top_k(log_probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best classes of each row, best first (ties: lower index first).
 
     ``log_probs``: ``(n, C)``. Returns column indices ``(n, k)`` int64 and their probabilities
-    ``(n, k)`` float32: the first ``k`` of a stable sort by descending value, found with a
-    partition (``O(C)`` per row) rather than a full sort.
+    ``(n, k)`` float32: the first ``k`` of a stable sort by descending value.
+
+    With many classes (more than ``4 k`` groups of :data:`TOP_K_GROUP`) the candidates are found
+    through group maxima (about 5 ns a value, against 25-30 for a partition of whole rows, the
+    way :func:`weights_search.expansion.largest` does): the first ``G * TOP_K_GROUP`` columns
+    form ``G = C // TOP_K_GROUP`` groups (group ``j``: columns ``j, j + G, j + 2G, ...``), and
+    the columns of the ``k`` groups with the largest maxima, with the last ``C mod TOP_K_GROUP``
+    columns, hold the ``k`` largest values. The tie rule needs every column whose value equals
+    the ``k``-th largest among them too: that holds when at most ``k`` groups have a maximum at
+    least that value, checked per row; a row where it does not (many equal values), or holding a
+    NaN, is ranked by partitioning the whole row. The result is the same either way.
     """
     log_probs = np.asarray(log_probs)
     n_rows, n_classes = log_probs.shape
     if not 1 <= k <= n_classes:
         raise ValueError(f"k must lie in 1..{n_classes}, got {k}")
+    n_groups = n_classes // TOP_K_GROUP
+    if n_groups <= 4 * k or n_rows == 0:
+        return _top_k_rows(log_probs, k)
+    maxima = log_probs[:, :n_groups * TOP_K_GROUP].reshape(n_rows, TOP_K_GROUP, n_groups).max(axis=1)
+    groups = np.argpartition(maxima, n_groups - k, axis=1)[:, n_groups - k:]
+    columns = (groups[:, :, None] + n_groups * np.arange(TOP_K_GROUP)).reshape(n_rows, -1)
+    if n_classes % TOP_K_GROUP:
+        tail = np.arange(n_groups * TOP_K_GROUP, n_classes)
+        columns = np.concatenate([columns, np.broadcast_to(tail, (n_rows, tail.size))], axis=1)
+    columns.sort(axis=1)
+    values = np.take_along_axis(log_probs, columns, axis=1)
+    order = np.argsort(-values, axis=1, kind="stable")[:, :k]
+    idx = np.take_along_axis(columns, order, axis=1)
+    values = np.take_along_axis(values, order, axis=1)
+    with np.errstate(invalid="ignore"):
+        kth = values[:, k - 1:]
+        redo = (np.count_nonzero(maxima >= kth, axis=1) > k) | np.isnan(maxima).any(axis=1) | np.isnan(kth[:, 0])
+    if redo.any():
+        rows = np.flatnonzero(redo)
+        idx[rows], values[rows] = _top_k_rows(log_probs[rows], k, log=True)
+    return idx.astype(np.int64, copy=False), np.exp(values).astype(np.float32)
+
+
+def _top_k_rows(log_probs: np.ndarray, k: int, log: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`top_k` by a partition of whole rows (``O(C)`` per row); ``log``: the values are
+    returned as given, not exponentiated."""
+    n_rows, n_classes = log_probs.shape
     kth = np.partition(log_probs, n_classes - k, axis=1)[:, n_classes - k, None]
     above = log_probs > kth
     # Values equal to the k-th largest fill the places left, lowest class index first.
@@ -139,7 +179,8 @@ def top_k(log_probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     values = np.take_along_axis(log_probs, idx, axis=1)
     order = np.argsort(-values, axis=1, kind="stable")
     idx = np.take_along_axis(idx, order, axis=1)
-    return idx, np.exp(np.take_along_axis(values, order, axis=1)).astype(np.float32)
+    values = np.take_along_axis(values, order, axis=1)
+    return idx, (values if log else np.exp(values).astype(np.float32))
 
 
 def _check_weights(weights: np.ndarray, log_probs: np.ndarray) -> np.ndarray:

@@ -1,0 +1,65 @@
+"""A pass's blocks worked on by other threads while the calling thread reads the next ones.
+
+numpy releases the interpreter's lock inside its array operations (ufuncs, reductions,
+partitions, sorts, float16 conversion), so reading and converting block ``i + 1`` on one
+thread while block ``i`` is fused on another keeps two cores busy. The blocks are produced
+(read) on the calling thread, one after another, so a reader that must see the rows in order
+(a running checksum of the stores) still does; the results come back in that same order, each
+the value ``func`` gives for its block alone, so the output is the one a sequential loop
+gives, byte for byte, with the same blocks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+def default_workers() -> int:
+    """1 worker thread beside the calling thread where this process may run on two cores or
+    more, else 0 (all on the calling thread)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return 1 if cores >= 2 else 0
+
+
+def ordered_map(func: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+    """``func(item)`` of each item, yielded in the items' order, computed on ``workers`` threads
+    of a pool (0: on the calling thread, no pool) while the calling thread draws the next items.
+
+    At most ``workers`` items are being worked on while the next is drawn, so a pass holds
+    ``workers + 1`` items (blocks) at a time: size them for that. The items are drawn from
+    ``items`` on the calling thread, never ahead of that bound. An exception in ``func`` is
+    raised here when its item's turn comes (later items' work is cancelled or awaited); one
+    from ``items`` is raised as it happens.
+    """
+    if workers < 0:
+        raise ValueError(f"workers must be at least 0, got {workers}")
+    if workers == 0:
+        for item in items:
+            yield func(item)
+        return
+    pending: deque[Future] = deque()
+    source = iter(items)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        try:
+            while True:
+                if len(pending) >= workers:
+                    yield pending.popleft().result()
+                try:
+                    item = next(source)
+                except StopIteration:
+                    break
+                pending.append(pool.submit(func, item))
+                del item  # the work item holds it until its block is done, no longer
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
