@@ -201,3 +201,16 @@ def test_cv_with_temperatures_of_rows_sorted_by_class_matches_the_exact_fits():
         fold_temperatures = fit_temperatures(logits[:, train], labels[train])
         exact = LogitBlend().fit_exact(log_softmax(logits[:, train], fold_temperatures), labels[train])
         assert np.abs(fold_blends[f][0].weights_ - exact.weights_).max() < 1e-3
+
+
+def test_a_final_fit_far_from_its_pilots_is_collected_again(monkeypatch):
+    # Should the folds' fits pass the check and the final fit not, the final fit alone re-reads.
+    real = cv.far_from_pilots
+    monkeypatch.setattr(cv, "far_from_pilots", lambda stats, blender, prior, rows=None:
+                        None if rows is not None else real(stats, blender, prior))
+    logits, labels = sorted_by_class(3000, 1010)
+    log_probs = log_softmax(logits)
+    source = CountingSource(log_probs)
+    _, blend = cv.cross_validate_and_fit(source, labels, "logit", n_folds=5, n_boot=10, block_rows=256)
+    assert source.reads == 3  # stats pass, evaluation pass, the final fit's re-pass
+    assert np.abs(np.asarray(blend.weights) - LogitBlend().fit_exact(log_probs, labels).weights_).max() < 1e-3
