@@ -375,6 +375,7 @@ def fitted_temperatures(reader: Reader, labels: np.ndarray, folds: Sequence[np.n
     check = getattr(stats, "repass_pilot", None)  # (statistics with pilots have it)
     if check is not None and (check(temperatures) is not None or any(
             check(t, rows) is not None for t, rows in zip(fold_temperatures, folds))):
+        stats = None  # freed before the re-pass collects its own
         stats = temperature_stats(reader, labels, temperatures)
         temperatures = stats.fit()
         fold_temperatures = [stats.subset(rows).fit() for rows in folds]
