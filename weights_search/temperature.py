@@ -76,7 +76,9 @@ U_FLOOR = 1e4
 
 
 #: A fit whose estimated error (:meth:`TemperatureStats.fit_error`) exceeds this asks for a
-#: second pass with the fit as every row's pilot.
+#: second pass with the fit as every row's pilot. Measured, the actual error was 3 to 6 times
+#: the estimate (1,010 and 10,000 classes, rows sorted by class or in halves of different
+#: sharpness), so fits that pass stay within 1e-3; rows in random order estimate 1e-6.
 REPASS_ERROR = 1e-4
 
 
