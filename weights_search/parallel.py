@@ -33,9 +33,9 @@ def ordered_map(func: Callable[[T], R], items: Iterable[T], workers: int) -> Ite
     """``func(item)`` of each item, yielded in the items' order, computed on ``workers`` threads
     of a pool (0: on the calling thread, no pool) while the calling thread draws the next items.
 
-    At most ``workers`` items are being worked on while the next is drawn, so a pass holds
-    ``workers + 1`` items (blocks) at a time: size them for that. The items are drawn from
-    ``items`` on the calling thread, never ahead of that bound. An exception in ``func`` is
+    The next item is drawn while ``workers`` items are worked on (or wait for a thread), so a
+    pass holds ``workers + 1`` items (blocks) at a time: size them for that. The items are
+    drawn from ``items`` on the calling thread, never ahead of that bound. An exception in ``func`` is
     raised here when its item's turn comes (later items' work is cancelled or awaited); one
     from ``items`` is raised as it happens.
     """
@@ -50,14 +50,14 @@ def ordered_map(func: Callable[[T], R], items: Iterable[T], workers: int) -> Ite
     with ThreadPoolExecutor(max_workers=workers) as pool:
         try:
             while True:
-                if len(pending) >= workers:
-                    yield pending.popleft().result()
                 try:
-                    item = next(source)
+                    item = next(source)  # drawn while the items before are worked on
                 except StopIteration:
                     break
                 pending.append(pool.submit(func, item))
                 del item  # the work item holds it until its block is done, no longer
+                if len(pending) > workers:
+                    yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
         finally:
