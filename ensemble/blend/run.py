@@ -143,7 +143,9 @@ def run_blend(options: BlendOptions) -> BlendResult:
         if split is not None:
             predictions_tmp = stack.enter_context(atomic_path(predictions))
             rows = _write_predictions(predictions_tmp, split, members, blend, options.top_k, budget)
-            applied = SplitStores(split=apply, rows=int(split.ids.size), stores=digests.result(),
+            stores = digests.result()
+            members.close()  # its spare block arrays go now, not when a cycle (its digests' hook) is collected
+            applied = SplitStores(split=apply, rows=int(split.ids.size), stores=stores,
                                   dataset_sha256=dataset_sha256, predictions_sha256=sha256_file(predictions_tmp))
             record = record.applied(None if saved is None else str(options.weights), applied, runs=runs)
         record.write(blend_tmp)
@@ -452,6 +454,7 @@ def _write_predictions(path: Path, split: BlendSplit, members: Members, blend: A
     # results in row order): two blocks held at once, within FUSE_COPIES.
     workers = default_workers() if FUSE_WORKERS is None else FUSE_WORKERS
     rows = _block_rows(budget, members, FUSE_COPIES)
+    members.reuse_arrays = True  # those two blocks' arrays, not a new one per block
 
     def fused(item: tuple[int, np.ndarray]) -> tuple[int, np.ndarray, np.ndarray]:
         start, block = item
@@ -475,8 +478,9 @@ FUSE_COPIES = 4
 #: None: :func:`weights_search.parallel.default_workers`, 1 on two cores or more). Each holds a
 #: block: the fusion's own arrays are about 1.3 copies of a block with 4 members (the block and
 #: the fused (n, C) array), 2.3 with one, so a block read beside one being fused stays within
-#: FUSE_COPIES (measured, 4 members x 20,000 x 10,000, --memory 0.25: 0.18 GiB peak applying
-#: a blend, 0.25 GiB before, all on one thread with the row-wide top-k's (n, C) cumulative sum).
+#: FUSE_COPIES (measured applying a blend, 4 members x 20,000 x 10,000: 0.27 GiB peak at
+#: --memory 0.25 and 0.89 GiB at 3, the two blocks' arrays kept for reuse; 0.25 and 0.91 GiB
+#: before, one thread, the row-wide top-k's (n, C) cumulative sum).
 FUSE_WORKERS: int | None = None
 FIT_COPIES = 4
 
