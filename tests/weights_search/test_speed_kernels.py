@@ -12,7 +12,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from weights_search.fitted import _log_total, mixture_of_logits
+from weights_search.fitted import _log_total, mixture_of_log_probs, mixture_of_logits
 from weights_search.functional import _top_k_rows, fuse, log_softmax, top_k
 from weights_search.parallel import default_workers, ordered_map
 
@@ -208,3 +208,57 @@ def test_one_worker_fuses_while_the_caller_draws_the_next_item():
 
     assert list(ordered_map(work, items(), 1)) == [0, 1, 2, 3]
     assert seen == [True] * 4
+
+
+def _mixture_of_log_probs_whole_block(log_probs, weights, rows=None):
+    """mixture_of_log_probs as it was (whole-block passes), for the byte-for-byte comparison."""
+    w = np.asarray(weights, dtype=np.float64)
+    used = np.flatnonzero(w > 0)
+    w = w[used] / w[used].sum()
+    n_rows = log_probs.shape[1] if rows is None else rows.size
+    total = np.zeros((n_rows, log_probs.shape[2]), dtype=np.float32)
+    scratch = np.empty_like(total)
+    for i, m in enumerate(used):
+        if rows is None:
+            np.exp(log_probs[m], out=scratch)  # (float16 input: its own exp, then cast)
+        else:
+            scratch[...] = log_probs[m][rows]
+            np.exp(scratch, out=scratch)
+        scratch *= np.float32(w[i])
+        total += scratch
+    picked = (lambda r: r) if rows is None else (lambda r: rows[r])
+    out = _log_total(total, w, lambda i, r, c: log_probs[used[i]][picked(r), c])
+    if out is None:
+        return fuse(log_probs if rows is None else log_probs[:, rows], weights, "mixture")
+    return out
+
+
+@pytest.mark.parametrize("classes", [10_000, 1_010, 3])
+@pytest.mark.parametrize("case", ["plain", "zero weight", "minus inf", "far", "float16"])
+def test_mixture_of_log_probs_by_rows_is_the_whole_block_result(classes, case):
+    rng = np.random.default_rng(classes + 7 * len(case))
+    lp = log_softmax((rng.standard_normal((3, 70, classes)) * (60 if case == "far" else 3)).astype(np.float32))
+    weights = rng.random(3) + 0.1
+    if case == "zero weight":
+        weights[1] = 0.0
+    if case == "minus inf":
+        lp[:, ::4, : classes // 2] = -np.inf
+    if case == "float16":
+        lp = lp.astype(np.float16)
+    for rows in (None, np.sort(rng.choice(70, 41, replace=False))):
+        got = mixture_of_log_probs(lp, weights, rows)
+        want = _mixture_of_log_probs_whole_block(lp, weights, rows)
+        assert got.dtype == want.dtype
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (case, rows is None)
+
+
+def test_mixture_of_log_probs_holds_one_block_sized_array():
+    lp = log_softmax((np.random.default_rng(2).standard_normal((4, 300, 10_000)) * 3).astype(np.float32))
+    rows = np.arange(0, 300, 2)
+    tracemalloc.start()
+    try:
+        mixture_of_log_probs(lp, np.ones(4), rows)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * rows.size * 10_000 * 4, peak / (rows.size * 10_000 * 4)
