@@ -30,6 +30,7 @@ from ensemble.memory import GIB, rows_per_block
 from tests.ensemble.conftest import ens, ok, one_line_error
 from tests.ensemble.formats.test_members import _store
 from tests.ensemble.inference.test_store import BASE, KEY
+from tests.rss import measure
 
 CLASSES = 10_000
 MODELS = ("a", "b", "c")
@@ -88,26 +89,10 @@ def stores(tmp_path_factory):
     return _make(tmp_path_factory.mktemp("wide"), {"val": 800, "test": 1500})
 
 
-#: Runs argv[1:] with its output thrown away and prints its peak resident memory in KB (as
-#: tests/ensemble/formats/test_members.py's: a small process of its own, so the peak is the
-#: command's, not the test process's size at the fork).
-LAUNCHER = """
-import os, sys
-pid = os.fork()
-if pid == 0:
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 1)
-    os.execv(sys.argv[1], sys.argv[1:])
-_, status, usage = os.wait4(pid, 0)
-print(usage.ru_maxrss)
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
-
-
 def _peak_rss_mb(command) -> int:
-    done = subprocess.run([sys.executable, "-c", LAUNCHER, *command], capture_output=True, text=True)
+    done = measure(command)
     assert done.returncode == 0, done.stderr
-    return int(done.stdout) // 1024
+    return done.peak_mb
 
 
 def _blend(runs: Path, data: Path, out: Path, *args):

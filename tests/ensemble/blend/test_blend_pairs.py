@@ -6,14 +6,14 @@ and `--prior-tau 1` collects far fewer pairs than a fitted tau (which spans tau 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.ensemble.blend.test_blend_memory import CLASSES, LAUNCHER, _write_labels, _write_store
+from tests.ensemble.blend.test_blend_memory import CLASSES, _write_labels, _write_store
+from tests.rss import measure
 from tests.ensemble.conftest import ens, ok, one_line_error
 
 FREQUENT = 50  # classes 0..49 have 1,000 training images, the other 9,950 one each
@@ -84,8 +84,8 @@ def test_without_a_prior_the_line_names_memory_and_nll_only(tmp_path):
 
 def _peak_rss(command) -> tuple[int, int]:
     """Peak resident memory (MB) of ``command`` measured from a small parent, and its exit code."""
-    done = subprocess.run([sys.executable, "-c", LAUNCHER, *command], capture_output=True, text=True)
-    return int(done.stdout) // 1024, done.returncode
+    done = measure(command)
+    return done.peak_mb, done.returncode
 
 
 @pytest.mark.parametrize("rows, level, fits", [(800, 2.65, True), (400, 2.23, False)])

@@ -4,8 +4,6 @@ float32, checked finite, and no growth of resident memory with the rows read."""
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
 import sys
 import textwrap
 
@@ -15,6 +13,7 @@ import pytest
 from ensemble.errors import EnsError
 from ensemble.formats.members import Members
 from ensemble.formats.store import StoreWriter, read_store
+from tests.rss import measure
 from tests.ensemble.inference.test_store import BASE, KEY
 
 ROWS = 7
@@ -111,28 +110,7 @@ def test_reading_a_large_store_leaves_resident_memory_flat(tmp_path):
     assert peak["map"] - peak["none"] > 200, peak  # the memory map's pages: the whole 256 MB store
 
 
-#: Runs argv[1:] and prints its peak resident memory in KB. A small process of its own starts it:
-#: a child forked from the test's process would start its peak at the test's size.
-LAUNCHER = """
-import os, sys
-pid = os.fork()
-if pid == 0:
-    os.execv(sys.argv[1], sys.argv[1:])
-_, status, usage = os.wait4(pid, 0)
-print(usage.ru_maxrss)
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
-
-
 def _peak_rss_mb(command) -> int:
-    """The peak resident memory of ``command``, in MB, as its parent sees it when it ends."""
-    done = subprocess.run([sys.executable, "-c", LAUNCHER, *command], check=True, capture_output=True, text=True)
-    return int(done.stdout) // 1024
-
-
-def test_a_store_cut_short_before_it_is_opened_names_the_file(tmp_path):
-    a = _store(tmp_path / "a", dtype="float32")
-    path = a.path / "logits.npy"
-    path.write_bytes(path.read_bytes()[:-30])
-    with pytest.raises(EnsError, match=rf"^{path}: cut short \(fewer bytes than its header says\); rerun `ens infer`"):
-        read_store(a.path)
+    done = measure(command)
+    assert done.returncode == 0, done.stderr
+    return done.peak_mb

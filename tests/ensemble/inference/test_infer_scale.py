@@ -31,19 +31,10 @@ from ensemble.inference.run import infer
 from ensemble.inference.tta import merge
 
 from tests.ensemble.conftest import ens, make_inat, one_line_error, tiny_onnx
+from tests.rss import measure
 
 WIDE = 10_000  # iNat 2021's classes
 
-#: Runs argv[1:] and prints its peak resident memory in KB, then its stderr's last line.
-LAUNCHER = """
-import os, sys
-pid = os.fork()
-if pid == 0:
-    os.execv(sys.argv[1], sys.argv[1:])
-_, status, usage = os.wait4(pid, 0)
-print(usage.ru_maxrss)
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
 MB = 1 << 20
 Usage = namedtuple("Usage", "total used free")
 
@@ -63,11 +54,9 @@ if __name__ == "__main__":
 def _infer_peak_mb(work: Path, *args, ens: tuple[str, ...] = ("-m", "ensemble")) -> int:
     """``ens infer ARGS...`` in ``work`` (decoding in the process, on the CPU): its peak resident
     memory in MB."""
-    command = [sys.executable, "-c", LAUNCHER, sys.executable, *ens, "infer", *map(str, args),
-               "--workers", "0", "--device", "cpu"]
-    done = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=600)
+    done = measure([sys.executable, *ens, "infer", *args, "--workers", "0", "--device", "cpu"], cwd=work, timeout=600)
     assert done.returncode == 0, done.stderr
-    return int(done.stdout.split()[-1]) // 1024
+    return done.peak_mb
 
 
 @pytest.fixture(scope="module")

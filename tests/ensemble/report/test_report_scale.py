@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from ensemble.formats.blend import (BlendRecord, CvRow, CvTable, ModelProvenance
                                     store_digest)
 from ensemble.formats.store import StoreWriter, read_store
 from tests.ensemble.inference.test_store import BASE
+from tests.rss import measure
 
 #: Rows written per store chunk by :func:`make_blend`.
 _CHUNK = 4096
@@ -102,17 +102,6 @@ def make_blend(root: Path, models: int = 2, rows: int = 1000, classes: int = 50,
     return blend
 
 
-#: Runs argv[1:] and prints its peak resident memory in KB: a small process of its own starts it
-#: (a child forked from the test's process would start its peak at the test's size).
-LAUNCHER = """
-import os, sys
-pid = os.fork()
-if pid == 0:
-    os.execv(sys.argv[1], sys.argv[1:])
-_, status, usage = os.wait4(pid, 0)
-print(usage.ru_maxrss)
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
 ENS = "import sys; from ensemble.cli import main; sys.argv[0] = 'ens'; main()"
 
 
@@ -124,10 +113,9 @@ def peak_rss_mb(*args, cwd: Path | None = None, ok: bool = True) -> int:
     """Peak resident memory in MB of `ens ARGS` (this tree's), as its parent sees it when it ends;
     ``ok``: it must succeed."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    done = subprocess.run([sys.executable, "-c", LAUNCHER, sys.executable, "-c", ENS, *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, env=env)
+    done = measure([sys.executable, "-c", ENS, *args], cwd=cwd, env=env)
     assert done.returncode == 0 or not ok, done.stderr
-    return int(done.stdout.splitlines()[-1]) // 1024  # the launcher's line comes last
+    return done.peak_mb
 
 
 def _values(page: str) -> list[str]:
