@@ -409,7 +409,7 @@ def _evaluate(reader: Reader, fold_of: np.ndarray, fold_blends: Sequence[Sequenc
     its temperatures) is fed every block too. Without temperatures the members' log-probabilities
     do not depend on the fold: the block's are scored at once, and each fold's rows are picked
     out of them by the fusion itself."""
-    for start, block in reader.blocks():
+    def evaluate(start: int, block: np.ndarray) -> None:  # block after block, in row order
         folds = fold_of[start:start + block.shape[1]]
         if also is not None:
             also[0].add(start, reader.log_probs(block, also[1]))
@@ -426,3 +426,5 @@ def _evaluate(reader: Reader, fold_of: np.ndarray, fold_blends: Sequence[Sequenc
                 log_softmax(block[:, held_out], fold_temperatures[f])
             score(start + held_out, fold_log_probs, None, None)
             score(start + held_out, fold_log_probs, None, fold_blends[f])
+
+    reader.each_block(evaluate)  # the next block read while this one is scored

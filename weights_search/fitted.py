@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Hashable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
 
 import numpy as np
 from scipy import special
 
 from weights_search import temperature as _temperature
 from weights_search.base import Blender
+from weights_search.parallel import default_workers, ordered_map
 from weights_search.functional import FUSIONS, MIXTURE, _check_weights, fuse, log_softmax
 from weights_search.prior import LogitAdjustment, adjust
 from weights_search.registry import DEFAULT_METHOD, get_method
@@ -252,6 +253,12 @@ def fit_blend(logits: MemberSource | np.ndarray | Sequence[np.ndarray], labels: 
     return FittedBlend.of(blender, method, temperatures)
 
 
+#: Threads a :class:`Reader` pass works on its blocks with, beside the reading one (0: all on
+#: the reading thread; None: :func:`~weights_search.parallel.default_workers`, 1 on 2 cores);
+#: never more than 1 (the work must see the blocks in order).
+OVERLAP_WORKERS: int | None = None
+
+
 class Reader:
     """Passes over a member source in blocks of ``block_rows`` rows (None:
     :func:`~weights_search.source.default_block_rows`), and their log-probabilities.
@@ -279,6 +286,17 @@ class Reader:
         if self._block is None:
             self._block = next(blocks(self.source, self.rows))[1]
         yield 0, self._block
+
+    def each_block(self, work: Callable[[int, np.ndarray], None]) -> None:
+        """One pass: ``work(start, block)`` of each block of :meth:`blocks`, in row order, on one
+        thread beside this one (:data:`OVERLAP_WORKERS`) while this thread reads the next block
+        (:func:`~weights_search.parallel.ordered_map`: one block more is held, the one read while
+        the one before is worked on; ``work`` runs on one thread, block after block, so a
+        collector sees the rows in order, as in a plain loop, and gives the same values). A
+        source of one block is worked on here. An exception in ``work`` is raised here."""
+        workers = 0 if self.single else (default_workers() if OVERLAP_WORKERS is None else min(OVERLAP_WORKERS, 1))
+        for _ in ordered_map(lambda item: work(*item), self.blocks(), workers):
+            pass
 
     def log_probs(self, block: np.ndarray, temperatures: np.ndarray | None, *, last: bool = False) -> np.ndarray:
         """``log_softmax(block, temperatures)`` of a block from :meth:`blocks` (kept for the next
@@ -354,8 +372,7 @@ def collect_stats(reader: Reader, labels: np.ndarray, needs: Sequence[tuple[Blen
     (``(M,)``, or None); ``pilots``: the collectors of these keys expand every row about the
     given pilot (a re-pass: see :func:`far_from_pilots`)."""
     stats = StatsPass(labels, reader.source.n_classes, needs, max_pairs, pilots=pilots)
-    for start, block in reader.blocks():
-        stats.add(start, reader.log_probs(block, temperatures, last=True))
+    reader.each_block(lambda start, block: stats.add(start, reader.log_probs(block, temperatures, last=True)))
     return stats.result()
 
 
@@ -366,8 +383,7 @@ def temperature_stats(reader: Reader, labels: np.ndarray, pilot: np.ndarray | No
     temperatures of all rows and ``.subset(rows).fit()`` those of some rows."""
     collector = _temperature.TemperatureCollector(labels, reader.source.n_members,
                                                   **({} if pilot is None else {"pilot": pilot}))
-    for start, block in reader.blocks():
-        collector.add(start, block)
+    reader.each_block(collector.add)
     return collector.result()
 
 

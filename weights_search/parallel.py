@@ -12,12 +12,17 @@ gives, byte for byte, with the same blocks.
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+class _Skipped(Exception):
+    """An item not worked on, an earlier one having failed."""
+
 
 def default_workers() -> int:
     """1 worker thread beside the calling thread where this process may run on two cores or
@@ -36,7 +41,8 @@ def ordered_map(func: Callable[[T], R], items: Iterable[T], workers: int) -> Ite
     The next item is drawn while ``workers`` items are worked on (or wait for a thread), so a
     pass holds ``workers + 1`` items (blocks) at a time: size them for that. The items are
     drawn from ``items`` on the calling thread, never ahead of that bound. An exception in ``func`` is
-    raised here when its item's turn comes (later items' work is cancelled or awaited); one
+    raised here when its item's turn comes (later items are not worked on: cancelled, or skipped
+    when a thread takes them first; one already being worked on is awaited); one
     from ``items`` is raised as it happens.
     """
     if workers < 0:
@@ -47,6 +53,20 @@ def ordered_map(func: Callable[[T], R], items: Iterable[T], workers: int) -> Ite
         return
     pending: deque[Future] = deque()
     source = iter(items)
+    failed = threading.Event()
+
+    def work(item: T) -> R:
+        # After an item's failure the items after it are not worked on: one already submitted
+        # may start before the failure is raised here and the rest cancelled (its error is
+        # raised first, in order, so what this raises is never seen).
+        if failed.is_set():
+            raise _Skipped
+        try:
+            return func(item)
+        except BaseException:
+            failed.set()
+            raise
+
     with ThreadPoolExecutor(max_workers=workers) as pool:
         try:
             while True:
@@ -54,7 +74,7 @@ def ordered_map(func: Callable[[T], R], items: Iterable[T], workers: int) -> Ite
                     item = next(source)  # drawn while the items before are worked on
                 except StopIteration:
                     break
-                pending.append(pool.submit(func, item))
+                pending.append(pool.submit(work, item))
                 del item  # the work item holds it until its block is done, no longer
                 if len(pending) > workers:
                     yield pending.popleft().result()

@@ -472,7 +472,8 @@ def _write_predictions(path: Path, split: BlendSplit, members: Members, blend: A
 #: room to spare. The fusion: the block read, the fusion's temporaries, the fused block and its
 #: top-k (3.2 copies measured at the peak, 10,000 classes, 3 members, nll). The fit: the block,
 #: its log-probabilities (in its place) and what the methods' collectors make of them (2.4
-#: copies measured with nll, 3.1 with logit, its per-row summaries included).
+#: copies measured with nll, 3.1 with logit, its per-row summaries included), and the next
+#: block, read while that one is worked on (weights_search.fitted.Reader.each_block): FIT_COPIES.
 FUSE_COPIES = 4
 #: Threads fusing the applied split's blocks beside the one reading them (0: it fuses them too;
 #: None: :func:`weights_search.parallel.default_workers`, 1 on two cores or more). Each holds a
@@ -482,7 +483,7 @@ FUSE_COPIES = 4
 #: --memory 0.25 and 0.89 GiB at 3, the two blocks' arrays kept for reuse; 0.25 and 0.91 GiB
 #: before, one thread, the row-wide top-k's (n, C) cumulative sum).
 FUSE_WORKERS: int | None = None
-FIT_COPIES = 4
+FIT_COPIES = 5
 
 
 def _pairs_budget(method: str, budget: int, members: Members, rows: int, prior: bool) -> tuple[int, int | None]:

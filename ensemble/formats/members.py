@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -263,6 +265,33 @@ class Members:
             yield start, self.block(start, start + rows)
 
 
+#: :class:`StoreDigests` copies a member's rows for its hashing thread into one of this many
+#: buffers, reused (one is hashed while the reader fills the other): the reader goes on while
+#: the rows before are hashed, and waits when both are full.
+HASH_BUFFERS = 2
+#: Whether :class:`StoreDigests` hashes on its own thread (False: on the reader's, as it reads).
+HASH_THREAD = True
+
+
+def _hash_rows(work: queue.Queue, free: queue.Queue, failed: list[str]) -> None:
+    """:class:`StoreDigests`' hashing thread: ``(file, running sha256, buffer, bytes)`` from
+    ``work``, each hashed in the order queued, the buffer then handed back through ``free``,
+    until ``None``. An error is kept in ``failed`` as a line naming the file (the reader raises
+    it); the rows queued after it are not hashed, their buffers handed back all the same."""
+    while True:
+        item = work.get()
+        if item is None:
+            return
+        file, digest, buffer, size = item
+        del item
+        if not failed:
+            try:
+                digest.update(buffer[:size])
+            except Exception as exc:  # noqa: BLE001 - any failure is reported by the reader, in one line
+                failed.append(f"{file}: cannot take its sha256 ({type(exc).__name__}: {exc})")
+        free.put(buffer)
+
+
 class StoreDigests:
     """The sha256 of each of ``models``' ``stores`` as
     :func:`ensemble.formats.blend.store_digest` takes it (ids.npy, logits.npy and, with
@@ -274,7 +303,9 @@ class StoreDigests:
     bytes follow logits.npy's in the digest, view after view, while a pass reads a block of
     every view at a time). A store whose logits.npy rows were not all read so (``members`` of
     views, rows out of order, bytes after the rows) is hashed by ``store_digest`` in
-    :meth:`result`."""
+    :meth:`result`. The rows are hashed on a thread beside the reader's (:data:`HASH_THREAD`),
+    from a copy of them, in the order read; :meth:`result` waits for it, and raises its error
+    (an :class:`EnsError` naming the file)."""
 
     def __init__(self, models: Sequence[str], stores: Sequence[LogitStore], members: Members, views: bool) -> None:
         self._models, self._stores, self._members, self._views = tuple(models), tuple(stores), members, views
@@ -289,12 +320,55 @@ class StoreDigests:
                     digest.update(block)
             digest.update(os.pread(members.fd(member), member.offset, 0))
             self._hashes[member.name], self._next[member.name] = (member, digest), 0
+        # The rows are hashed on a thread of their own (hashlib releases the interpreter's lock
+        # for large buffers), from a copy in one of HASH_BUFFERS buffers (the reader's arrays
+        # may be reused at once).
+        self._work: queue.Queue | None = None
+        self._free: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._failed: list[str] = []  # the hasher's error, as a line naming the file
         members.on_read = self._read
 
     def _read(self, member: Member, start: int, rows: np.ndarray) -> None:
-        if self._next.get(member.name) == start:  # in order, and not a second pass
+        if self._next.get(member.name) != start:  # out of order, or a second pass
+            return
+        self._next[member.name] = start + rows.shape[0]
+        if not HASH_THREAD:
             self._hashes[member.name][1].update(rows)
-            self._next[member.name] = start + rows.shape[0]
+            return
+        self._raise_failed()
+        if self._work is None:
+            self._work, self._free = queue.Queue(), queue.Queue()
+            for _ in range(HASH_BUFFERS):
+                self._free.put(np.empty(0, dtype=np.uint8))
+            self._thread = threading.Thread(target=_hash_rows, args=(self._work, self._free, self._failed),
+                                            name="ens-store-digests", daemon=True)
+            self._thread.start()
+        assert self._free is not None
+        raw = np.ascontiguousarray(rows).reshape(-1).view(np.uint8)
+        buffer = self._free.get()  # waits while both buffers are being hashed or queued
+        if buffer.size < raw.size:
+            buffer = None  # the old one freed first
+            buffer = np.empty(raw.size, dtype=np.uint8)
+        np.copyto(buffer[:raw.size], raw)
+        self._work.put((member.file, self._hashes[member.name][1], buffer, raw.size))
+
+    def _raise_failed(self) -> None:
+        if self._failed:
+            raise EnsError(self._failed[0])
+
+    def _finish(self) -> None:
+        """Wait for the hasher to hash every row handed to it (its error raised here)."""
+        if self._work is not None:
+            self._work.put(None)
+            assert self._thread is not None
+            self._thread.join()
+            self._work = self._free = self._thread = None
+        self._raise_failed()
+
+    def __del__(self) -> None:
+        if getattr(self, "_work", None) is not None:  # a pass that failed: let the hasher end
+            self._work.put(None)
 
     def _whole(self, member: Member) -> bool:
         """Every row of ``member`` hashed and nothing after them in its file."""
@@ -308,6 +382,7 @@ class StoreDigests:
         """Each model's digest, after the pass."""
         from ensemble.formats.blend import store_digest  # formats.blend's digest, which this one equals
 
+        self._finish()
         digests = {}
         for model, store in zip(self._models, self._stores):
             member, digest = self._hashes.get(model, (None, None))
