@@ -364,6 +364,9 @@ def _fit(options: BlendOptions, split: BlendSplit, views: bool, notes: list[str]
     folds = 5 if options.cv is None else options.cv
     _check_folds(folds, options.cv is None, split)
     members = split.members(views)
+    # Each block read while the one before is worked on (Reader.each_block), two held at once
+    # within FIT_COPIES: their arrays reused, not a new one per block.
+    members.reuse_arrays = True
     digests = PassDigests(split, members, views)
     names = members.names
     labels_path = label_source(split, options.data)
@@ -403,6 +406,7 @@ def _fit(options: BlendOptions, split: BlendSplit, views: bool, notes: list[str]
     notes[class_order_at:class_order_at] = class_order_warnings(split.name, len(split.class_ids),
                                                                 _model_top1(report, members))
     stores = digests.result()
+    members.close()  # its spare block arrays go now, before the fusion's (not at a cycle collection)
     record = BlendRecord(
         format=FORMAT_VERSION, ens=__version__, method=method, requested_method=method_asked,
         fallback=fallback_used, fusion=blend.fusion, params=dict(blend.params), models=tuple(models),
