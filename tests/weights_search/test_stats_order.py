@@ -52,6 +52,7 @@ def sorted_by_class(n_rows, n_classes, n_members=3, low=0.5, high=2.0, order="so
 SHAPES = [pytest.param((3000, 1010), id="1010-classes"), pytest.param((1500, 10000), id="10000-classes")]
 
 
+@pytest.mark.slow  # over 5 s on the 2-core machine
 @pytest.mark.parametrize("shape", SHAPES)
 def test_temperatures_of_rows_sorted_by_class_match_the_exact_fit(shape):
     logits, labels = sorted_by_class(*shape)
@@ -68,6 +69,7 @@ def test_temperatures_of_rows_sorted_by_class_match_the_exact_fit(shape):
     assert np.abs(fold / fit_temperatures(logits[:, train], labels[train]) - 1).max() < 1e-3
 
 
+@pytest.mark.slow  # over 5 s on the 2-core machine
 @pytest.mark.parametrize("shape", SHAPES)
 def test_logit_weights_of_rows_sorted_by_class_match_the_exact_fit(shape):
     logits, labels = sorted_by_class(*shape)
@@ -180,6 +182,7 @@ def test_largest_finds_the_k_largest_with_grouped_columns():
     assert np.array_equal(got, np.sort(x, axis=1)[:, -8:])
 
 
+@pytest.mark.slow  # over 5 s on the 2-core machine
 def test_cv_with_temperatures_of_rows_sorted_by_class_matches_the_exact_fits():
     logits, labels = sorted_by_class(3000, 1010)
     source = CountingSource(logits)

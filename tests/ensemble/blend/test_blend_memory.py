@@ -189,6 +189,7 @@ def test_nan_logits_found_while_fusing_are_one_line_and_leave_nothing(stores, tm
 
 # ---------------------------------------------------------------------------- peak memory
 
+@pytest.mark.slow  # over 5 s on the 2-core machine
 def test_peak_memory_stays_far_below_the_stacked_members(tmp_path):
     """Three models' 5,000 x 10,000 val stores: stacked as float32 they are 600 MB (and the old
     fusion's memory-map slices held every page it read). `ens blend --memory 0.25` fits on

@@ -88,6 +88,7 @@ def _peak_rss(command) -> tuple[int, int]:
     return done.peak_mb, done.returncode
 
 
+@pytest.mark.slow  # over 5 s on the 2-core machine
 @pytest.mark.parametrize("rows, level, fits", [(800, 2.65, True), (400, 2.23, False)])
 def test_an_accuracy_fit_stays_within_its_budget_near_and_past_the_bound(tmp_path, rows, level, fits):
     # 16 models of 10,000 classes: model 0 ranks the true class first, the others put it at

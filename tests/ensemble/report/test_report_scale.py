@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from ensemble import __version__
 from ensemble.fileio import sha256_file
@@ -123,6 +124,7 @@ def _values(page: str) -> list[str]:
     return re.findall(r'data-values?="([^"]*)"', page)
 
 
+@pytest.mark.slow  # over 5 s on the 2-core machine
 def test_report_memory_follows_memory_not_the_stores(tmp_path):
     """Two float16 stores of 12,288 rows x 8,192 classes (384 MB): at --memory 0.25 the report's
     peak resident memory is within the budget of a 64-row blend's (the interpreter, matplotlib,

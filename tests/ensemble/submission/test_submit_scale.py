@@ -64,6 +64,7 @@ def make_submission_work(root: Path, rows: int = 1000, classes: int = 50, k: int
     return root
 
 
+@pytest.mark.slow  # over 5 s on the 2-core machine
 def test_submit_memory_does_not_grow_with_the_rows(tmp_path):
     """150,000 rows: `ens submit` peaks no higher than the same command stopped right after reading
     the test json (a --check of a header alone), where reading predictions.csv whole as text
