@@ -114,11 +114,7 @@ def mixture_of_logits(logits: np.ndarray, weights: np.ndarray, temperatures: np.
     :data:`MAX_EXACT_SHARE` of the values need it is fused the stable way throughout.
     """
     logits = np.asarray(logits)
-    w = _check_weights(weights, logits)
-    used = np.flatnonzero(w > 0)
-    if used.size == 0:
-        raise ValueError("mixture weights are all zero")
-    w = w[used] / w[used].sum()
+    used, w = _mixture_weights(weights, logits)
     t = None if temperatures is None else np.asarray(temperatures, dtype=np.float32)
     if t is not None and (t.shape != (logits.shape[0],) or not (np.isfinite(t).all() and (t > 0).all())):
         return fuse(log_softmax(logits, t), np.asarray(weights), MIXTURE)  # its own error for bad temperatures
@@ -159,6 +155,16 @@ def mixture_of_logits(logits: np.ndarray, weights: np.ndarray, temperatures: np.
     return fuse(log_softmax(logits, temperatures), np.asarray(weights), MIXTURE) if out is None else out
 
 
+def _mixture_weights(weights: np.ndarray, members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The members with a positive weight (checked against ``members``, ``(M, n, C)``) and their
+    weights normalised to sum 1; ValueError when every weight is zero."""
+    w = _check_weights(weights, members)
+    used = np.flatnonzero(w > 0)
+    if used.size == 0:
+        raise ValueError("mixture weights are all zero")
+    return used, w[used] / w[used].sum()
+
+
 def mixture_of_log_probs(log_probs: np.ndarray, weights: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
     """``fuse(log_probs[:, rows], weights, "mixture")`` (all rows when ``rows`` is None), to
     float32 rounding, with one exponential per member value and no running maximum:
@@ -166,11 +172,7 @@ def mixture_of_log_probs(log_probs: np.ndarray, weights: np.ndarray, rows: np.nd
     exactly as :func:`mixture_of_logits` does. The rows are gathered member by member, so no
     ``(M, n, C)`` copy is made."""
     log_probs = np.asarray(log_probs)
-    w = _check_weights(weights, log_probs)
-    used = np.flatnonzero(w > 0)
-    if used.size == 0:
-        raise ValueError("mixture weights are all zero")
-    w = w[used] / w[used].sum()
+    used, w = _mixture_weights(weights, log_probs)
     n_rows, n_classes = (log_probs.shape[1] if rows is None else rows.size), log_probs.shape[2]
     total = np.empty((n_rows, n_classes), dtype=np.float32)
     # A few rows at a time through every member, in cache (as mixture_of_logits); the first
