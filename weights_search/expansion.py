@@ -206,3 +206,12 @@ def largest(x: np.ndarray, k: int) -> np.ndarray:
     values = np.take_along_axis(x, columns, axis=1)
     pick = np.argpartition(values, values.shape[1] - k, axis=1)[:, values.shape[1] - k:]
     return np.take_along_axis(columns, pick, axis=1)
+
+
+def check_rows(rows: np.ndarray, n_rows: int) -> np.ndarray:
+    """``rows`` as an array, checked to be a ``(n,)`` array of integer row indices in ``0..n_rows-1``
+    (a CV fold's training rows, given to a collector's ``subset``); ValueError otherwise."""
+    rows = np.asarray(rows)
+    if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer) or (rows.size and (rows.min() < 0 or rows.max() >= n_rows)):
+        raise ValueError(f"rows must be a (n,) array of row indices in 0..{n_rows - 1}")
+    return rows

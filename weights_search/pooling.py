@@ -29,7 +29,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from weights_search.base import Blender, Stats, check_solver_options
-from weights_search.expansion import PilotedCollector, largest
+from weights_search.expansion import PilotedCollector, check_rows, largest
 from weights_search.functional import GEOMETRIC, LOG_FLOOR, check_members
 from weights_search.prior import TAU_BOUNDS, LogitAdjustment
 
@@ -194,9 +194,7 @@ class LogitStats:
 
     def subset(self, rows: np.ndarray) -> "LogitStats":
         """The statistics of ``rows`` (sorted row indices, e.g. a CV fold's training rows)."""
-        rows = np.asarray(rows)
-        if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer) or (rows.size and (rows.min() < 0 or rows.max() >= self.n_rows)):
-            raise ValueError(f"rows must be a (n,) array of row indices in 0..{self.n_rows - 1}")
+        rows = check_rows(rows, self.n_rows)
         return LogitStats(self.labels[rows], self.n_classes, self.union[:, rows], self.pad[rows], self.true[:, rows],
                           self.log_s0[rows], self.mean[rows], self.cov[rows],
                           None if self.skew is None else self.skew[rows], self.pilot[rows], self.log_prior)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize_scalar
 
-from weights_search.expansion import PilotedCollector, largest
+from weights_search.expansion import PilotedCollector, check_rows, largest
 from weights_search.functional import check_members
 
 #: Search interval for temperatures.
@@ -131,9 +131,7 @@ class TemperatureStats:
 
     def subset(self, rows: np.ndarray) -> "TemperatureStats":
         """The statistics of ``rows`` (sorted row indices, e.g. a CV fold's training rows)."""
-        rows = np.asarray(rows)
-        if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer) or (rows.size and (rows.min() < 0 or rows.max() >= self.n_rows)):
-            raise ValueError(f"rows must be a (n,) array of row indices in 0..{self.n_rows - 1}")
+        rows = check_rows(rows, self.n_rows)
         return TemperatureStats(*(a[:, rows] for a in (self.row_max, self.true, self.top, self.rest_max, self.log_s0,
                                                        self.mean, self.var, self.skew, self.beta0)))
 
