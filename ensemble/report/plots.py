@@ -234,3 +234,63 @@ def leaderboard_chart(points: Sequence) -> str:
                         "cv_error_high": p.cv_error_high, "public": p.public, "private": p.private,
                         "this_blend": p.this_blend} for p in points])
 
+
+
+#: Colours of the geo map's outcomes (:data:`ensemble.report.geo.OUTCOMES`), and their drawing order:
+#: the unchanged rows first, faint, the rows the prior fixed and broke over them.
+OUTCOME_COLOURS = ("#b7d7b0", "#d9d9d9", "#1f77b4", "#d62728")
+_OUTCOME_ORDER = (1, 0, 2, 3)
+
+
+def geo_map(lon: np.ndarray, lat: np.ndarray, outcome: np.ndarray, names: Sequence[str], shown_of: int) -> str:
+    """Where the images are: a scatter of ``(P,)`` longitudes and latitudes (degrees, drawn as
+    given: round them first to keep ``data-values`` short) on a plain equirectangular frame with a
+    30-degree graticule and no coastline (nothing fetched, no map package), each point coloured by
+    its ``outcome`` (an index into ``names``, :data:`OUTCOME_COLOURS`); ``shown_of``: the rows
+    with a place, of which these ``P`` are drawn."""
+    lon, lat, outcome = np.asarray(lon, dtype=np.float64), np.asarray(lat, dtype=np.float64), np.asarray(outcome)
+    with rc_context(_STYLE):
+        fig = _figure(7.2, 3.9)
+        ax = fig.add_subplot()
+        for o in _OUTCOME_ORDER:
+            mine = outcome == o
+            count = int(np.count_nonzero(mine))
+            ax.scatter(lon[mine], lat[mine], s=6 if o in (2, 3) else 3, color=OUTCOME_COLOURS[o], linewidths=0,
+                       label=f"{printable(names[o])} ({count})", zorder=3 if o in (2, 3) else 2)
+        ax.set_xlim(-180, 180)
+        ax.set_ylim(-90, 90)
+        ax.set_aspect("equal")
+        ax.set_xticks(range(-180, 181, 30), [_degrees(v, "E", "W") if v % 60 == 0 else "" for v in range(-180, 181, 30)])
+        ax.set_yticks(range(-90, 91, 30), [_degrees(v, "N", "S") for v in range(-90, 91, 30)])
+        ax.grid(color="#cccccc", lw=0.5, zorder=1)
+        ax.axhline(0, color="#999999", lw=0.7, zorder=1)
+        ax.spines[:].set_visible(True)
+        ax.set_title(f"{lon.size} of {shown_of} images with a place"
+                     + ("" if lon.size == shown_of else " (those the prior changed first, the rest sampled)"), loc="left")
+        ax.legend(fontsize=7, ncols=2, loc="upper center", bbox_to_anchor=(0.5, -0.08), frameon=False, markerscale=2)
+        return to_svg(fig, "where the images are", {"outcomes": list(names), "shown_of": shown_of,
+                                                    "lon": lon, "lat": lat, "outcome": outcome})
+
+
+def _degrees(value: int, positive: str, negative: str) -> str:
+    return "0°" if value == 0 else f"{abs(value)}°{positive if value > 0 else negative}"
+
+
+def region_chart(names: Sequence[str], without: Sequence[float], with_geo: Sequence[float]) -> str:
+    """Paired bars: top-1 of the blend without (grey) and with (black) the geo prior per region
+    line (NaN: no bar)."""
+    without, with_geo = np.asarray(without, dtype=np.float64), np.asarray(with_geo, dtype=np.float64)
+    n = len(names)
+    with rc_context(_STYLE):
+        fig = _figure(6.0, 2.8)
+        ax = fig.add_subplot()
+        x = np.arange(n)
+        for values, dx, c, label in ((without, -0.2, "#aaaaaa", "without the geo prior"),
+                                     (with_geo, 0.2, BLEND_COLOUR, "with it")):
+            shown = np.flatnonzero(np.isfinite(values))
+            ax.bar(x[shown] + dx, values[shown], 0.4, color=c, label=label)
+        ax.set_xticks(x, [printable(s) for s in names], rotation=30, ha="right")
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("top-1 on the fitted split")
+        ax.legend(fontsize=7, ncols=2, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+        return to_svg(fig, "top-1 by region", {"regions": list(names), "without": without, "with": with_geo})
