@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ensemble.demo.data import Competition, DemoSpec, make_competition
+from ensemble.demo.data import RANGES, Competition, DemoSpec, make_competition
 from ensemble.demo.train import TRAIN_THREADS, Recipe, train_all
 from ensemble.errors import EnsError
 from ensemble.formats.blend import BlendRecord
@@ -108,10 +108,12 @@ def _ens(workdir: Path, args: Sequence[str], log: Callable[[str], None], threads
 
 
 def _competition(workdir: Path, spec: DemoSpec) -> tuple[Competition, bool]:
-    """The demo competition, generated once per spec (a marker file records which)."""
+    """The demo competition, generated once per spec and ranges of the digits (a marker file
+    records which)."""
     root = workdir / "data"
     marker = workdir / "data.spec.json"
-    wanted = json.dumps(asdict(spec), sort_keys=True)
+    ranges = {str(d): [asdict(r) for r in regions] for d, regions in RANGES.items()}
+    wanted = json.dumps({**asdict(spec), "ranges": ranges}, sort_keys=True)
     answers = workdir / "data_answers.csv"
     if marker.is_file() and marker.read_text() == wanted and answers.is_file():
         counts = {s: len(read_json(root / f"{s}2019.json")["images"]) for s in ("train", "val", "test")}

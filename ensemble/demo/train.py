@@ -79,6 +79,17 @@ def load_images(data: Path, split: str, size: int) -> tuple[np.ndarray, np.ndarr
     return images, labels, categories
 
 
+def training_key(data: Path) -> str:
+    """What the networks learn from in ``data``: the training images (their file names are the
+    md5 of their bytes) with their labels, and the categories; not the places and dates the
+    records also carry (the geo prior's, which the networks never see)."""
+    doc = read_json(data / "train2019.json")
+    label = {a["image_id"]: a["category_id"] for a in doc["annotations"]}
+    text = json.dumps({"categories": sorted(c["id"] for c in doc["categories"]),
+                       "images": [[im["file_name"], label[im["id"]]] for im in doc["images"]]})
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def fingerprint(recipe: Recipe, data_key: str, threads: int = TRAIN_THREADS) -> str:
     """What a cached checkpoint was trained from: another thread count trains another one."""
     import torch
@@ -223,7 +234,7 @@ def train_all(recipes: Sequence[Recipe], data: Path, folder: Path, log=print,
 
 def _train_all(recipes: Sequence[Recipe], data: Path, folder: Path, log,
                threads: int) -> list[tuple[Recipe, Path, bool]]:
-    data_key = hashlib.sha256((data / "train2019.json").read_bytes()).hexdigest()[:16]
+    data_key = training_key(data)
     cache: dict[int, tuple[np.ndarray, np.ndarray, list[int]]] = {}
     results = []
     for recipe in recipes:
