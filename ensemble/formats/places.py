@@ -1,0 +1,287 @@
+"""Where and when each image was taken: the place and date fields of iNat 2021 jsons, the one
+reader of them (``ens blend --geo-prior``).
+
+From iNat 2021 on, every image record of ``train.json``, ``val.json`` and ``public_test.json``
+carries ``latitude`` and ``longitude`` (degrees), ``date`` (text, e.g.
+``"2010-04-27 00:00:00+00:00"`` or ``"2016-05-03"``) and ``location_uncertainty`` (metres); any
+of them may be ``null`` (or absent, as in older jsons). Two readers:
+
+* :func:`read_observations`: the training json's annotated images, each with its category id:
+  the observations the geo prior is estimated from (:class:`Observations`);
+* :func:`read_places`: a split json's images in the row order of a store (:class:`Places`).
+
+What a value may be, the one rule of both (:func:`_fields`):
+
+* ``latitude``, ``longitude``, ``location_uncertainty``: a JSON number or ``null``. A value of
+  another type (text such as ``"12.5"``, ``true``, a list) means the file is not what its fields
+  say: an :class:`EnsError` naming the file, the image id, the field and the value, whatever
+  the split. A number that cannot be a place (a latitude beyond [-90, 90], a longitude beyond
+  [-180, 180], ``NaN`` or ``Infinity``, a negative uncertainty) is a *bad value*: the image
+  has no usable place, is counted (with the first such image named, for the notes) and is
+  skipped: dropped from the observations of the training json, given no correction in a split.
+  One broken record among 2.7 M should not stop a run, and the count keeps it from being silent.
+  A ``null`` latitude or longitude (either) is *no place*, counted apart.
+* ``date``: text or ``null``; another type is an :class:`EnsError` as above. The day of year
+  is read from a calendar date at the start of the text, ``YYYY-MM-DD`` (``/`` also taken as
+  the separator); what follows it (a time, a UTC offset) is ignored, so the day is the one
+  written, not shifted to UTC (a day's shift changes nothing at a season's scale). Text
+  that does not start with a calendar date (``"2010-02-30"``, ``"April 2010"``, ``""``) is an
+  *unreadable date*: the image keeps its place, its day is unknown (NaN), and it is counted.
+  Dates are optional: an unknown day is no reason to drop a place.
+
+Arrays: ``lat``, ``lon`` float64 (NaN where there is no usable place), ``day`` float32 (day of
+year 1..366, NaN unknown), ``uncertainty`` float32 (metres, NaN not given). The limit on the
+uncertainty is the estimator's setting (:class:`weights_search.geo.GeoSettings`), applied there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ensemble.errors import EnsError
+from ensemble.formats.common import is_id, read_json_bytes
+from ensemble.formats.dataset import _labels, check_regular_file, shown
+
+#: The fields of an iNat 2021 image record that hold its place and date.
+LATITUDE, LONGITUDE, DATE, UNCERTAINTY = "latitude", "longitude", "date", "location_uncertainty"
+#: A calendar date at the start of a date's text (what follows it is not read).
+_DATE = r"^\s*(\d{4})[-/](\d{1,2})[-/](\d{1,2})(?!\d)"
+
+
+@dataclass(frozen=True)
+class PlaceCounts:
+    """How many images of a json had what, for the notes.
+
+    ``images``: the images read (the annotated ones of a training json, the rows of a split);
+    ``no_place``: a null or absent latitude or longitude; ``bad_value``: a coordinate out of
+    range or not finite, or a negative or non-finite uncertainty (``first_bad``: the first such,
+    ``image <id>: <field> <value>``); ``no_date``: a null or absent date; ``bad_date``: a date
+    whose text is not a calendar date (``first_bad_date`` names the first). An image without a
+    usable place is counted once, under ``no_place`` or ``bad_value``; the date counts are of the
+    images with a usable place.
+    """
+
+    images: int
+    no_place: int
+    bad_value: int
+    no_date: int
+    bad_date: int
+    first_bad: str | None = None
+    first_bad_date: str | None = None
+
+    @property
+    def placed(self) -> int:
+        """Images with a usable place."""
+        return self.images - self.no_place - self.bad_value
+
+    def summary(self) -> str:
+        """One line for the notes, e.g. ``100 images: 97 with a place (2 without one; 1 with a bad
+        value, first image 7: latitude 200), 90 with a date (5 without one; 2 unreadable, first
+        image 9: "May 2010")``."""
+        unplaced = [f"{self.no_place:,} without one"] if self.no_place else []
+        if self.bad_value:
+            unplaced.append(f"{self.bad_value:,} with a bad value, first {self.first_bad}")
+        undated = [f"{self.no_date:,} without one"] if self.no_date else []
+        if self.bad_date:
+            undated.append(f"{self.bad_date:,} unreadable, first {self.first_bad_date}")
+        dated = self.placed - self.no_date - self.bad_date
+        return (f"{self.images:,} images: {self.placed:,} with a place"
+                + (f" ({'; '.join(unplaced)})" if unplaced else "")
+                + f", {dated:,} of them with a date" + (f" ({'; '.join(undated)})" if undated else ""))
+
+
+@dataclass(frozen=True)
+class Observations:
+    """The training json's annotated images with a usable place, in the json's image order.
+
+    ``lat``, ``lon`` ``(n,)`` float64; ``day`` ``(n,)`` float32 (1..366, NaN unknown);
+    ``uncertainty`` ``(n,)`` float32 (metres, NaN not given); ``category`` ``(n,)`` the category
+    ids (:func:`ensemble.formats.dataset.category_id`; int64 when all are integers, else object).
+    ``counts``: of the annotated images (one category each; an image with none, or with
+    annotations of two categories, is no observation: ``unlabelled``). ``sha256``: the file's bytes.
+    """
+
+    source: Path
+    sha256: str
+    lat: np.ndarray
+    lon: np.ndarray
+    day: np.ndarray
+    uncertainty: np.ndarray
+    category: np.ndarray
+    counts: PlaceCounts
+    unlabelled: int
+
+    def __len__(self) -> int:
+        return self.lat.size
+
+    def columns(self, class_ids: Sequence[int | str]) -> np.ndarray:
+        """``(n,)`` int64: each observation's column among ``class_ids`` (the models' classes, read
+        by the one rule), -1 for a category the models do not predict."""
+        column = {c: j for j, c in enumerate(class_ids)}
+        return np.fromiter((column.get(c, -1) for c in self.category.tolist()), dtype=np.int64,
+                           count=self.category.size)
+
+
+@dataclass(frozen=True)
+class Places:
+    """A split json's images in the order of the ids asked for (a store's rows).
+
+    ``lat``, ``lon`` ``(N,)`` float64 (NaN where unusable), ``day`` ``(N,)`` float32,
+    ``uncertainty`` ``(N,)`` float32, ``usable`` ``(N,)`` bool (a place to correct by; the
+    uncertainty's limit is the estimator's to apply); ``counts`` over the N rows.
+    """
+
+    source: Path
+    sha256: str
+    lat: np.ndarray
+    lon: np.ndarray
+    day: np.ndarray
+    uncertainty: np.ndarray
+    usable: np.ndarray
+    counts: PlaceCounts
+
+    def __len__(self) -> int:
+        return self.lat.size
+
+
+def _read(path: str | os.PathLike, option: str) -> tuple[Path, list, dict, str]:
+    path = check_regular_file(path, option)
+    label = f"{option} {path}" if option else str(path)
+    doc, data = read_json_bytes(path, label)
+    images = doc.get("images") if isinstance(doc, dict) else None
+    if not isinstance(images, list):
+        raise EnsError(f"{label}: no \"images\" list (expected an iNat 2021 json)")
+    for i, image in enumerate(images):
+        if not isinstance(image, dict) or not is_id(image.get("id")):
+            raise EnsError(f"{label}: images[{i}] has no \"id\" (an integer or a string)")
+    return path, images, doc, hashlib.sha256(data).hexdigest()
+
+
+def read_observations(path: str | os.PathLike, option: str = "--geo-prior") -> Observations:
+    """The observations of the training json at ``path`` (see the module docstring for what each
+    value may be). An :class:`EnsError` (starting ``<option> <path>``) when the file is no json
+    of images, has no annotations, or no annotated image has a usable place."""
+    path, images, doc, sha256 = _read(path, option)
+    label = f"{option} {path}" if option else str(path)
+    ids = [image["id"] for image in images]
+    labels = _labels(doc, ids, path, single=False)
+    if labels is None:
+        raise EnsError(f"{label}: no annotations (a test split?); give the training json, whose annotated images "
+                       "are the observations")
+    keep = [i for i, category in enumerate(labels) if category is not None]
+    for i in keep:
+        if not is_id(labels[i]):
+            raise EnsError(f"{label}: image {shown(ids[i])} is labelled {shown(labels[i])}; expected an integer or "
+                           "a string category id")
+    fields, counts = _fields([images[i] for i in keep], label)
+    placed = np.flatnonzero(fields["usable"])
+    if placed.size == 0:
+        raise EnsError(f"{label}: no annotated image has a usable latitude and longitude ({counts.summary()}); "
+                       "the geo prior needs iNat 2021's training json, whose images carry them")
+    categories = [labels[keep[i]] for i in placed.tolist()]
+    try:
+        category = np.array(categories, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):  # string ids, or integers beyond int64
+        category = np.array(categories, dtype=object)
+    return Observations(source=path, sha256=sha256, lat=fields["lat"][placed], lon=fields["lon"][placed],
+                        day=fields["day"][placed], uncertainty=fields["uncertainty"][placed], category=category,
+                        counts=counts, unlabelled=len(images) - len(keep))
+
+
+def read_places(path: str | os.PathLike, ids: Sequence[int | str] | np.ndarray, option: str = "") -> Places:
+    """The places of the images ``ids`` (a store's row ids, in row order) in the split json at
+    ``path``. An :class:`EnsError` when the file is no json of images, repeats an image id, or
+    lacks one of ``ids`` (the store was made from another split)."""
+    path, images, _, sha256 = _read(path, option)
+    label = f"{option} {path}" if option else str(path)
+    where: dict = {}
+    for i, image in enumerate(images):
+        if where.setdefault(image["id"], i) != i:
+            raise EnsError(f"{label}: duplicate image id {shown(image['id'])}")
+    wanted = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
+    missing = [i for i in wanted if i not in where]
+    if missing:
+        raise EnsError(f"{label}: no image of id {shown(missing[0])}, a row of the store"
+                       + (f" ({len(missing):,} such rows)" if len(missing) > 1 else "")
+                       + "; was the store made from another split?")
+    fields, counts = _fields([images[where[i]] for i in wanted], label)
+    return Places(source=path, sha256=sha256, lat=fields["lat"], lon=fields["lon"], day=fields["day"],
+                  uncertainty=fields["uncertainty"], usable=fields["usable"], counts=counts)
+
+
+def _numbers(images: list, field: str, label: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(n,)`` float64 of a numeric field (NaN for null or absent) and ``(n,)`` bool: null or
+    absent (a ``NaN`` spelled in the file is a value, and a bad one). An EnsError naming the
+    first image whose value is of another type."""
+    values = [image.get(field) for image in images]
+    if not set(map(type, values)) <= {int, float, type(None)}:  # a bool is no number
+        for image, value in zip(images, values):
+            if type(value) not in (int, float, type(None)):
+                raise EnsError(f"{label}: image {shown(image['id'])} has {field} {shown(value)}; expected a number "
+                               "or null")
+    null = np.fromiter((v is None for v in values), dtype=bool, count=len(values))
+    try:
+        return np.array(values, dtype=np.float64), null  # None -> NaN
+    except OverflowError:  # an integer beyond float64: not a place, a bad value
+        return np.array([np.inf if isinstance(v, int) and abs(v) > 1e308 else v for v in values],
+                        dtype=np.float64), null
+
+
+def _day_of_year(images: list, label: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(n,)`` float32 day of year (NaN unknown) and ``(n,)`` bool: a date given but unreadable."""
+    values = [image.get(DATE) for image in images]
+    if not set(map(type, values)) <= {str, type(None)}:
+        for image, value in zip(images, values):
+            if not isinstance(value, (str, type(None))):
+                raise EnsError(f"{label}: image {shown(image['id'])} has {DATE} {shown(value)}; expected text "
+                               "(YYYY-MM-DD...) or null")
+    text = pd.Series(values, dtype=object)
+    given = text.notna().to_numpy()
+    parts = text.str.extract(_DATE).astype(float)
+    parts.columns = ["year", "month", "day"]
+    when = pd.to_datetime(parts, errors="coerce")  # not a calendar date (Feb 30, month 13): NaT
+    day = when.dt.day_of_year.to_numpy(dtype=np.float32, na_value=np.nan)
+    return day, given & np.isnan(day)
+
+
+def _fields(images: list, label: str) -> tuple[dict[str, np.ndarray], PlaceCounts]:
+    """The place and date arrays of ``images`` (dicts with an ``id``) and their counts: the one
+    rule of the module docstring."""
+    lat, null_lat = _numbers(images, LATITUDE, label)
+    lon, null_lon = _numbers(images, LONGITUDE, label)
+    uncertainty, null_unc = _numbers(images, UNCERTAINTY, label)
+    day, bad_date = _day_of_year(images, label)
+    no_place = null_lat | null_lon
+    with np.errstate(invalid="ignore"):
+        bad_lat = ~(np.abs(lat) <= 90)  # NaN too
+        bad_lon = ~(np.abs(lon) <= 180)
+        bad_unc = ~null_unc & ~((uncertainty >= 0) & np.isfinite(uncertainty))
+    bad = (bad_lat | bad_lon | bad_unc) & ~no_place
+    usable = ~no_place & ~bad
+    first_bad = None
+    if bad.any():
+        n = int(np.flatnonzero(bad)[0])
+        field = LATITUDE if bad_lat[n] else LONGITUDE if bad_lon[n] else UNCERTAINTY
+        first_bad = f"image {shown(images[n]['id'])}: {field} {shown(images[n].get(field))}"
+    bad_date &= usable
+    first_bad_date = None
+    if bad_date.any():
+        n = int(np.flatnonzero(bad_date)[0])
+        first_bad_date = f"image {shown(images[n]['id'])}: {shown(images[n].get(DATE))}"
+    undated = usable & np.isnan(day) & ~bad_date
+    counts = PlaceCounts(images=len(images), no_place=int(no_place.sum()), bad_value=int(bad.sum()),
+                         no_date=int(undated.sum()), bad_date=int(bad_date.sum()), first_bad=first_bad,
+                         first_bad_date=first_bad_date)
+    lat, lon = np.where(usable, lat, np.nan), np.where(usable, lon, np.nan)
+    day = np.where(usable, day, np.float32(np.nan)).astype(np.float32)
+    with np.errstate(over="ignore"):  # an uncertainty beyond float32 is inf: beyond any limit
+        uncertainty = uncertainty.astype(np.float32)
+    return {"lat": lat, "lon": lon, "day": day, "uncertainty": uncertainty,
+            "usable": usable}, counts
