@@ -19,8 +19,8 @@ from ensemble.blend.prior import prior_cv_note, prior_hint, prior_notes, prior_t
 from ensemble.blend.stores import BlendSplit, PassDigests, available_models, label_source, open_split
 from ensemble.errors import EnsError
 from ensemble.fileio import atomic_path, json_text, name_max, out_of_room, sha256_file
-from ensemble.formats.blend import (BLEND_FILE, BLENDS, CHUNK_ROWS, FORMAT_VERSION, BlendRecord, CvTable, ModelProvenance,
-                                    PriorCorrection, SplitStores, prior_counts,
+from ensemble.formats.blend import (BLEND_FILE, BLENDS, CHUNK_ROWS, BlendRecord, CvTable, ModelProvenance,
+                                    PriorCorrection, SplitStores, prior_counts, record_format,
                                     shown_path)
 from ensemble.formats.common import is_sha256, read_json
 from ensemble.formats.dataset import load_labels, read_class_counts
@@ -408,7 +408,7 @@ def _fit(options: BlendOptions, split: BlendSplit, views: bool, notes: list[str]
     stores = digests.result()
     members.close()  # its spare block arrays go now, before the fusion's (not at a cycle collection)
     record = BlendRecord(
-        format=FORMAT_VERSION, ens=__version__, method=method, requested_method=method_asked,
+        format=record_format(False), ens=__version__, method=method, requested_method=method_asked,
         fallback=fallback_used, fusion=blend.fusion, params=dict(blend.params), models=tuple(models),
         members=tuple(names), views=views, weights=dict(zip(names, blend.weights)),
         temperatures=None if blend.temperatures is None else dict(zip(names, blend.temperatures)),

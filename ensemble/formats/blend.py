@@ -21,9 +21,12 @@ Keys, in the order `ens blend` writes them::
     provenance          model -> what made its stores (:data:`PROVENANCE_FIELDS`)
     prior               the long-tail prior correction: file, sha256, counts (one per class id),
                         zero_count, tau, tau_fitted; or null
+    geo                 the geo prior (`ens blend --geo-prior`, :class:`GeoCorrection`): file,
+                        sha256, used, skipped, settings, weight, beta, no_place; absent without
+                        one (and then the record is format 3, which an older ens applies alike)
     cv                  the cross-validated table: folds, top_k, temperature, prior, fold_taus,
-                        chosen, beats_uniform, rows ({name, kind, top1, top1_low, top1_high,
-                        topk, nll, prior})
+                        (with the geo prior: geo, fold_betas), chosen, beats_uniform, rows ({name,
+                        kind, top1, top1_low, top1_high, topk, nll, prior, and geo in its rows})
     applied_from        the blend.json a re-applied blend came from (`ens blend --weights`)
     apply               the applied split, as optimize, and two keys more (absent in older
                         records: None): dataset_sha256, the sha256 of the split's source (the
@@ -56,13 +59,22 @@ from ensemble.errors import EnsError, printable
 from ensemble.fileio import json_text
 from ensemble.formats.common import is_count, is_finite, is_int, is_names, is_number, is_sha256, read_json
 from ensemble.formats.store import IDS, LOGITS, VIEWS, LogitStore
+from weights_search import geo as ws_geo
+from weights_search.geo_fit import GEO_BOUNDS
 
 BLEND_FILE = "blend.json"
 
 
 #: 2: per-model provenance, checked against every applied store; 3: the prior correction (an older
-#: ens would apply a blend.json without it, silently).
-FORMAT_VERSION = 3
+#: ens would apply a blend.json without it, silently); 4: the geo prior (written only by a blend
+#: with one: :func:`record_format`, so that a blend without it stays readable by an ens of 3).
+FORMAT_VERSION = 4
+
+
+def record_format(geo: bool) -> int:
+    """The format a blend.json is written in: 4 with the geo prior (an ens of format 3 would apply
+    it without its correction, silently: it refuses a newer format), 3 without."""
+    return FORMAT_VERSION if geo else 3
 
 
 #: The fields two stores of one member must share (``manifest.json`` keys), as the error names
@@ -303,8 +315,92 @@ class PriorCorrection(_Json):
 
 
 @dataclass(frozen=True)
+class GeoCorrection(_Json):
+    """The geo prior (`ens blend --geo-prior`, :mod:`weights_search.geo`): the training json it
+    was estimated from (``file``, as given, and its ``sha256``), the observations ``used`` and
+    those ``skipped`` (reason -> count, as :func:`ensemble.formats.places.read_observations`
+    counts them), the estimator's ``settings`` (:class:`weights_search.geo.GeoSettings` as JSON,
+    ``inf`` as ``"inf"``), ``weight``: ``"auto"`` (``beta`` fitted on the fitted split, in the
+    CV) or the number given, ``beta``: the weight applied (in
+    :data:`weights_search.geo_fit.GEO_BOUNDS`), and ``no_place``: split -> its rows without a
+    usable place (no correction)."""
+
+    file: str
+    sha256: str
+    used: int
+    skipped: Mapping[str, int]
+    settings: Mapping[str, Any]
+    weight: str | float
+    beta: float
+    no_place: Mapping[str, int]
+    json_keys: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
+    kept: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def fitted(self) -> bool:
+        """Whether ``beta`` was fitted (``--geo-weight auto``)."""
+        return self.weight == "auto"
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+    def geo_settings(self) -> ws_geo.GeoSettings:
+        """The estimator's settings as :mod:`weights_search.geo` takes them."""
+        return ws_geo.GeoSettings(**{k: float("inf") if v == "inf" else v for k, v in self.settings.items()})
+
+    def with_no_place(self, split: str, rows: int) -> "GeoCorrection":
+        """This record with ``split``'s rows without a usable place (added after the others)."""
+        return self._with(no_place={**self.no_place, split: int(rows)})
+
+    @classmethod
+    def problem(cls, doc: Any) -> str | None:
+        """None when ``doc`` is a geo record as `ens blend` writes it; else ``"KEY: expected
+        WHAT"`` for its first key at fault (``""`` when it is no JSON object)."""
+        if not isinstance(doc, dict):
+            return ""
+        low, high = GEO_BOUNDS
+        in_range = f"a number from {low:g} to {high:g}"
+
+        def counts(value: Any) -> bool:
+            return isinstance(value, dict) and all(isinstance(k, str) and is_count(v) for k, v in value.items())
+
+        def settings(value: Any) -> bool:
+            if not (isinstance(value, dict) and all(is_number(v) or v == "inf" for v in value.values())):
+                return False
+            try:
+                ws_geo.GeoSettings(**{k: float("inf") if v == "inf" else v for k, v in value.items()})
+            except (TypeError, ValueError):
+                return False
+            return True
+
+        weight = doc.get("weight")
+        checks = (
+            ("file", isinstance(doc.get("file"), str), "the training json's path"),
+            ("sha256", is_sha256(doc.get("sha256")), "the training json's sha256"),
+            ("used", is_count(doc.get("used")), "a count of observations"),
+            ("skipped", counts(doc.get("skipped")), "an object reason -> count"),
+            ("settings", settings(doc.get("settings")), "the settings of weights_search.geo.GeoSettings"),
+            ("weight", weight == "auto" or (is_finite(weight) and low <= weight <= high), f"auto or {in_range}"),
+            ("beta", is_finite(doc.get("beta")) and low <= doc["beta"] <= high
+             and (weight == "auto" or weight == doc["beta"]), f"{in_range}, the weight when a number was given"),
+            ("no_place", counts(doc.get("no_place")), "an object split -> count"),
+        )
+        return next((f"{key}: expected {expected}" for key, valid, expected in checks if not valid), None)
+
+    @classmethod
+    def _from_json(cls, doc: Any) -> "GeoCorrection | None":
+        if doc is None or cls.problem(doc) is not None:
+            return None
+        typed, kept = _split(doc, {k: _any for k in ("file", "sha256", "used", "skipped", "settings", "weight",
+                                                      "beta", "no_place")})
+        return cls(**typed, json_keys=tuple(doc), kept=kept)
+
+
+@dataclass(frozen=True)
 class CvRow(_Json):
-    """One row of the cross-validated table (:class:`weights_search.CvRow`)."""
+    """One row of the cross-validated table (:class:`weights_search.CvRow`); ``geo``: with the
+    geo prior (None, and not written, in a table without it)."""
 
     name: str
     kind: str
@@ -314,14 +410,20 @@ class CvRow(_Json):
     topk: float
     nll: float
     prior: bool = False
+    geo: bool | None = None
     json_keys: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
     kept: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     _NUMBERS: ClassVar[tuple[str, ...]] = ("top1", "top1_low", "top1_high", "topk", "nll")
+    _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"geo"})
 
     @classmethod
-    def of(cls, row: ws.CvRow) -> "CvRow":
-        return cls(**dataclasses.asdict(row))
+    def of(cls, row: ws.CvRow, geo: bool = False) -> "CvRow":
+        """The row of ``row``; ``geo``: its table has rows with the geo prior (each row says then
+        whether it is one)."""
+        values = dataclasses.asdict(row)
+        values["geo"] = bool(values.get("geo")) if geo else None
+        return cls(**values)
 
     @classmethod
     def _from_json(cls, doc: Any) -> "CvRow | None":
@@ -329,7 +431,7 @@ class CvRow(_Json):
                 and all(is_number(doc.get(k)) for k in cls._NUMBERS)):
             return None
         typed, kept = _split(doc, {"name": _any, "kind": _any, **{k: _any for k in cls._NUMBERS},
-                                   "prior": _when(_is_bool)})
+                                   "prior": _when(_is_bool), "geo": _when(_is_bool)})
         return cls(**typed, json_keys=tuple(doc), kept=kept)
 
 
@@ -337,7 +439,9 @@ class CvRow(_Json):
 class CvTable(_Json):
     """The cross-validated table `ens blend` prints: ``folds``, top-``top_k``, whether
     temperatures and the prior were fitted per fold (``fold_taus``: the method's tau in each),
-    the row in use (``chosen``) and whether the method beat uniform weights."""
+    the row in use (``chosen``) and whether the method beat uniform weights. With the geo prior:
+    ``geo`` true and ``fold_betas``, the ``beta`` of the chosen blend's geo row in each fold
+    (both None, and not written, without it)."""
 
     folds: int
     top_k: int
@@ -347,14 +451,22 @@ class CvTable(_Json):
     chosen: str
     beats_uniform: bool
     rows: tuple[CvRow, ...]
+    geo: bool | None = None
+    fold_betas: tuple[float, ...] | None = None
     json_keys: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
     kept: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
+    _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"geo", "fold_betas"})
+
     @classmethod
-    def of(cls, report: ws.CvReport, chosen: str) -> "CvTable":
+    def of(cls, report: ws.CvReport, chosen: str, fold_betas: Sequence[float] | None = None) -> "CvTable":
+        """The table of ``report``; ``fold_betas``: with the geo prior, the chosen blend's beta in
+        each fold (None without it)."""
+        geo = fold_betas is not None
         return cls(folds=report.n_folds, top_k=report.top_k, temperature=report.temperature, prior=report.prior,
                    fold_taus=tuple(report.fold_taus), chosen=chosen, beats_uniform=report.beats_uniform,
-                   rows=tuple(CvRow.of(r) for r in report.rows))
+                   rows=tuple(CvRow.of(r, geo) for r in report.rows), geo=True if geo else None,
+                   fold_betas=tuple(float(b) for b in fold_betas) if geo else None)
 
     def row(self, name: str) -> CvRow | None:
         return next((r for r in self.rows if r.name == name), None)
@@ -372,8 +484,10 @@ class CvTable(_Json):
         typed, kept = _split(doc, {"folds": _any, "top_k": _any, "temperature": _any, "chosen": _any,
                                    "prior": _when(_is_bool),
                                    "fold_taus": _when(lambda v: isinstance(v, list) and all(map(is_number, v))),
-                                   "beats_uniform": _when(_is_bool), "rows": lambda _: tuple(rows)})
-        if kept.keys() & {"prior", "fold_taus", "beats_uniform"}:
+                                   "beats_uniform": _when(_is_bool), "rows": lambda _: tuple(rows),
+                                   "geo": _when(_is_bool),
+                                   "fold_betas": _when(lambda v: isinstance(v, list) and all(map(is_number, v)))})
+        if kept.keys() & {"prior", "fold_taus", "beats_uniform", "geo", "fold_betas"}:
             return None
         values = {"prior": False, "fold_taus": (), "beats_uniform": True} | typed
         return cls(**values, json_keys=tuple(doc), kept=kept)
@@ -409,13 +523,15 @@ class BlendRecord(_Json):
     runs: str | None = field(default=None, kw_only=True)
     provenance: Mapping[str, ModelProvenance]
     prior: PriorCorrection | None
+    #: Keyword-only, as ``runs``: absent in a record without the geo prior.
+    geo: GeoCorrection | None = field(default=None, kw_only=True)
     cv: CvTable | None
     apply: SplitStores | None = None
     applied_from: str | None = None
     json_keys: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
     kept: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
-    _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"runs", "apply", "applied_from"})
+    _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"runs", "geo", "apply", "applied_from"})
 
     # ----------------------------------------------------------------------------- reading
 
@@ -440,6 +556,7 @@ class BlendRecord(_Json):
             "optimize": _nullable(lambda v: True, SplitStores._from_json), "labels": _when(_is_str),
             "stores": _when(_is_dict), "runs": _when(_is_folder), "provenance": lambda v: {m: ModelProvenance._from_json(p) for m, p in v.items()},
             "prior": lambda v: None if v is None else PriorCorrection._from_json(v, doc.get("class_ids")),
+            "geo": GeoCorrection._from_json,
             "cv": _nullable(lambda v: True, CvTable._from_json), "apply": _nullable(lambda v: True, SplitStores._from_json),
             "applied_from": _when(_is_str),
         }
@@ -580,6 +697,13 @@ def _check(record: Any, source: str) -> None:
     for key, (valid, expected) in checks.items():
         if not valid:
             raise EnsError(f"{source}: field {key!r} is malformed; expected {expected}")
+    geo = None if record.get("geo") is None else GeoCorrection.problem(record["geo"])
+    if geo == "":
+        raise EnsError(f"{source}: field 'geo' is malformed; expected an object (file, sha256, used, skipped, "
+                       "settings, weight, beta, no_place)")
+    if geo is not None:
+        key, _, expected = geo.partition(": expected ")
+        raise EnsError(f"{source}: field 'geo.{key}' is malformed; expected {expected}")
     provenance = record["provenance"]
     for model in [*record["models"], *(m for m in provenance if m not in record["models"])]:
         if ModelProvenance._from_json(provenance.get(model)) is None:

@@ -138,7 +138,7 @@ def _broken(change) -> dict:
     (lambda d: d.clear(), "not a blend.json (no 'method')"),
     (lambda d: d.pop("fusion"), "not a blend.json (no 'fusion')"),
     (lambda d: d.update(format=True), "field 'format' is not an integer"),
-    (lambda d: d.update(format=4), "blend format 4 is newer than this ens understands"),
+    (lambda d: d.update(format=5), "blend format 5 is newer than this ens understands"),
     (lambda d: d.pop("provenance"), "records no provenance of its models (an older ens wrote it), so its stores "
                                     "cannot be checked against the applied ones; fit it again with --optimize"),
     (lambda d: d.update(method=1), "field 'method' is malformed; expected a string"),
