@@ -70,6 +70,9 @@ class DemoSpec:
     #: null) and no date (date null), drawn independently, as in iNat 2021's jsons.
     no_place: float = 0.05
     no_date: float = 0.1
+    #: Fraction of placed images whose location uncertainty is coarse (100-2,000 km, a place
+    #: known to a country), beyond the geo prior's limit: those rows get no correction.
+    coarse: float = 0.02
     seed: int = 0
 
 
@@ -152,8 +155,8 @@ def draw_places(digits: np.ndarray, spec: DemoSpec, rng: np.random.Generator) ->
     digit's :data:`RANGES` (uniformly), a place around its centre, a date in its season (a year
     of 2010-2020); ``spec.no_place`` of them without a place, ``spec.no_date`` without a date.
     ``location_uncertainty``: metres, log-uniform from 5 m to 20 km, null for a tenth of the
-    placed images."""
-    for name in ("no_place", "no_date"):
+    placed images, and coarse (log-uniform from 100 to 2,000 km) for ``spec.coarse`` of them."""
+    for name in ("no_place", "no_date", "coarse"):
         if not 0 <= getattr(spec, name) <= 1:
             raise ValueError(f"{name} {getattr(spec, name)}: want a fraction in [0, 1]")
     n = len(digits)
@@ -167,6 +170,8 @@ def draw_places(digits: np.ndarray, spec: DemoSpec, rng: np.random.Generator) ->
     position = rng.uniform(0, 1, n)
     uncertainty = np.exp(rng.uniform(np.log(5), np.log(20_000), n)).round()
     no_uncertainty = rng.uniform(0, 1, n) < 0.1
+    coarse = rng.uniform(0, 1, n) < spec.coarse
+    uncertainty = np.where(coarse, np.exp(rng.uniform(np.log(100_000), np.log(2_000_000), n)).round(), uncertainty)
     no_place = rng.uniform(0, 1, n) < spec.no_place
     no_date = rng.uniform(0, 1, n) < spec.no_date
     fields = []

@@ -11,6 +11,7 @@ import pytest
 
 from ensemble.demo.data import CATEGORY_OFFSET, RANGES, DemoSpec, draw_places, great_circle_km, make_competition
 from ensemble.demo.train import training_key
+from ensemble.formats.places import read_observations, read_places
 
 SMALL = DemoSpec(canvas=32, val_per_class=3, test_per_class=3, train_per_class=6, train_copies=1, long_tail=None)
 FIELDS = {"latitude", "longitude", "date", "location_uncertainty"}
@@ -63,11 +64,15 @@ def test_some_images_lack_a_place_or_a_date():
     # carry no uncertainty; those given are metres, whole numbers.
     assert all(f["longitude"] is None and f["location_uncertainty"] is None for f in fields if f["latitude"] is None)
     given = [f["location_uncertainty"] for f in fields if f["latitude"] is not None]
-    assert None in given and all(isinstance(u, int) and 5 <= u <= 20_000 for u in given if u is not None)
+    assert None in given and all(isinstance(u, int) and (5 <= u <= 20_000 or 100_000 <= u <= 2_000_000)
+                                 for u in given if u is not None)
+    coarse = np.mean([u is not None and u >= 100_000 for u in given])
+    assert 0.005 < coarse < 0.04  # known to a country only: beyond the geo prior's limit
     dated = [f["date"] for f in fields if f["date"] is not None]
     assert all(len(d) == 25 and d.endswith(" 00:00:00+00:00") and 2010 <= int(d[:4]) <= 2020 for d in dated)
-    none = draw_places(np.arange(10), DemoSpec(no_place=0, no_date=0), np.random.default_rng(0))
+    none = draw_places(np.arange(100) % 10, DemoSpec(no_place=0, no_date=0, coarse=0), np.random.default_rng(0))
     assert all(f["latitude"] is not None and f["date"] is not None for f in none)
+    assert all(f["location_uncertainty"] is None or f["location_uncertainty"] <= 20_000 for f in none)
     with pytest.raises(ValueError, match="no_place 1.5"):
         draw_places(np.arange(10), DemoSpec(no_place=1.5), np.random.default_rng(0))
 
@@ -83,6 +88,22 @@ def test_the_competition_jsons_carry_the_places_and_the_images_do_not_depend_on_
     with open(comp.answers) as fh:
         answers = {int(i): int(c) - CATEGORY_OFFSET for i, c in (line.strip().split(",") for line in list(fh)[1:])}
     assert all(_regions_of(answers[im["id"]], im) for im in docs["test"]["images"] if im["latitude"] is not None)
+    # What ens blend --geo-prior reads of them: every placed training image an observation of its
+    # digit, at its place and day; no bad value, no unreadable date; the nulls counted.
+    train = docs["train"]
+    observations = read_observations(comp.root / "train2019.json")
+    placed = [im for im in train["images"] if im["latitude"] is not None]
+    labels = {a["image_id"]: a["category_id"] for a in train["annotations"]}
+    assert observations.counts.images == len(train["images"]) and observations.counts.bad_value == 0
+    assert observations.counts.no_place == len(train["images"]) - len(placed) and observations.counts.bad_date == 0
+    assert observations.category.tolist() == [labels[im["id"]] for im in placed]
+    assert observations.lat.tolist() == [im["latitude"] for im in placed]
+    assert np.array_equal(np.isnan(observations.day), [im["date"] is None for im in placed])
+    for split in ("val", "test"):
+        ids = [im["id"] for im in docs[split]["images"]]
+        places = read_places(comp.root / f"{split}2019.json", ids[::-1])
+        assert places.usable.tolist() == [im["latitude"] is not None for im in docs[split]["images"][::-1]]
+        assert places.counts.bad_value == 0 and places.counts.bad_date == 0
     # Seeded: the same spec writes the same jsons; other fractions of nulls, the same images
     # (the places have their own generator), so the networks' cache key is the same too.
     again = make_competition(tmp_path / "b" / "data", SMALL)
