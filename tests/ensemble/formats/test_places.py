@@ -141,7 +141,7 @@ def test_split_refusals(tmp_path):
 
 def test_days_of_year(tmp_path):
     dates = ["2015-12-31", "2016-12-31 23:59:00+00:00", "2016-01-01", "2016-3-1", " 2016-03-01T10:00",
-             "2016-02-30", "20160-01-01", "", "2016-13-01"]
+             "2016-02-30", "20160-01-01", "", "2016-13-01", "2016-01-011"]
     path = write(tmp_path / "val.json", [image(i, date=d) for i, d in enumerate(dates)])
     day = read_places(path, list(range(len(dates)))).day
     assert day[:5].tolist() == [365, 366, 1, 61, 61] and np.isnan(day[5:]).all()
