@@ -118,6 +118,17 @@ class GeoSettings:
         return {name: (value if np.isfinite(value) else "inf") if isinstance(value, float) else value
                 for name, value in vars(self).items()}
 
+    @classmethod
+    def from_dict(cls, values: Any) -> GeoSettings:
+        """The settings :meth:`as_dict` wrote (``"inf"`` read as infinity); ValueError naming a
+        key that is no setting or a value that is none."""
+        if not isinstance(values, dict):
+            raise ValueError(f"settings must be an object, got {type(values).__name__}")
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__), key=str)
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is no setting (settings: {', '.join(cls.__dataclass_fields__)})")
+        return cls(**{name: float("inf") if value == "inf" else value for name, value in values.items()})
+
 
 def _array(value: Any, name: str, n: int | None = None) -> np.ndarray:
     array = np.asarray(value, dtype=np.float64)

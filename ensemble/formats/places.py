@@ -121,6 +121,11 @@ class Observations:
     def __len__(self) -> int:
         return self.lat.size
 
+    @property
+    def skipped(self) -> dict[str, int]:
+        """The annotated images not among the observations, by reason (for a record's notes)."""
+        return {"no place": self.counts.no_place, "bad value": self.counts.bad_value}
+
     def columns(self, class_ids: Sequence[int | str]) -> np.ndarray:
         """``(n,)`` int64: each observation's column among ``class_ids`` (the models' classes, read
         by the one rule), -1 for a category the models do not predict."""

@@ -169,3 +169,19 @@ def test_bad_arguments_are_value_errors():
     with pytest.raises(ValueError, match="usable"):
         prior.query([0], [0], usable=np.array([1]))
     assert GeoSettings(radius_km=math.inf).as_dict()["radius_km"] == "inf"
+
+
+def test_settings_round_trip_through_their_record():
+    for settings in (GeoSettings(), GeoSettings(k=5, alpha=0.5, time_scale=0, radius_km=math.inf,
+                                                max_uncertainty_m=math.inf)):
+        assert GeoSettings.from_dict(json_round_trip(settings.as_dict())) == settings
+    with pytest.raises(ValueError, match="'beta' is no setting"):
+        GeoSettings.from_dict({"k": 3, "beta": 1})
+    with pytest.raises(ValueError, match="radius_km"):
+        GeoSettings.from_dict({"radius_km": "none"})
+
+
+def json_round_trip(value):
+    import json
+
+    return json.loads(json.dumps(value))

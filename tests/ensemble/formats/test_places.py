@@ -49,6 +49,7 @@ def test_observations_of_a_training_json(tmp_path):
                                 'latitude 200), 3 of them with a date (1 without one; 1 unreadable, first '
                                 'image 7: "April 2010")')
     assert obs.columns([12, 10]).tolist() == [1, -1, 1, 0, 1]
+    assert obs.skipped == {"no place": 2, "bad value": 1}
 
 
 @pytest.mark.parametrize("bad, field", [(dict(lat=-90.001), "latitude"), (dict(lon=180.5), "longitude"),
