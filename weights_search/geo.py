@@ -187,7 +187,7 @@ class SparseGeo:
 
     ``indptr`` ``(N + 1,)`` int64; row ``n``'s entries are ``indptr[n]:indptr[n + 1]`` of
     ``column`` ``(nnz,)`` int32 (class columns, increasing within a row) and ``value`` ``(nnz,)``
-    float32 (``g' > 0``; every other class of the row has ``g' = 0``). ``usable`` ``(N,)`` bool:
+    float32 (``g' >= 0``, > 0 but for an extreme alpha; every other class of the row has ``g' = 0``). ``usable`` ``(N,)`` bool:
     whether the row had a usable place (a row without one is empty; a usable row may be empty
     too, when no observation lies within the radius).
     """
@@ -208,6 +208,8 @@ class SparseGeo:
             raise ValueError(f"column {column.shape} and value {value.shape} must be (nnz,) arrays of one size")
         if (indptr[0] != 0 and indptr.size) or indptr[-1] != column.size or (np.diff(indptr) < 0).any():
             raise ValueError("indptr must rise from 0 to nnz")
+        if column.size and (int(column.min()) < 0 or not (value >= 0).all() or not np.isfinite(value).all()):
+            raise ValueError("column must be >= 0 and value finite and >= 0")
         for name, array in (("indptr", indptr), ("column", column), ("value", value), ("usable", usable)):
             object.__setattr__(self, name, array)
 

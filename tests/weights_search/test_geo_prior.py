@@ -185,3 +185,16 @@ def json_round_trip(value):
     import json
 
     return json.loads(json.dumps(value))
+
+
+@pytest.mark.parametrize("indptr, column, value, usable, message", [
+    ([0, 1], [0], [1.0], [True, True], "indptr of shape"),
+    ([0, 2], [0], [1.0], [True], "rise from 0 to nnz"),
+    ([0, 1], [-1], [1.0], [True], "column must be >= 0"),
+    ([0, 1], [0], [-0.5], [True], "value finite and >= 0"),
+    ([0, 1], [0], [np.inf], [True], "value finite and >= 0"),
+    ([0, 1], [0, 1], [1.0], [True], "column"),
+])
+def test_sparse_rows_check_their_arrays(indptr, column, value, usable, message):
+    with pytest.raises(ValueError, match=message):
+        SparseGeo(np.array(indptr), np.array(column), np.array(value), np.array(usable))
