@@ -187,8 +187,8 @@ class SparseGeo:
 
     ``indptr`` ``(N + 1,)`` int64; row ``n``'s entries are ``indptr[n]:indptr[n + 1]`` of
     ``column`` ``(nnz,)`` int32 (class columns, increasing within a row) and ``value`` ``(nnz,)``
-    float32 (``g' >= 0``, > 0 but for an extreme alpha; every other class of the row has ``g' = 0``). ``usable`` ``(N,)`` bool:
-    whether the row had a usable place (a row without one is empty; a usable row may be empty
+    float32 (``g' >= 0``, > 0 but for an extreme alpha; every other class of the row has
+    ``g' = 0``). ``usable`` ``(N,)`` bool: whether the row had a usable place (a row without one is empty; a usable row may be empty
     too, when no observation lies within the radius).
     """
 

@@ -38,7 +38,8 @@ def test_dates_are_a_circle():
     assert nearest([10, 10], [20, 20], [0, 1], [10], [20], obs_day=[365, 180], q_day=[1]) == [[0]]
     assert nearest([10, 10], [20, 20], [0, 1], [10], [20], obs_day=[365, 180], q_day=[183]) == [[1]]
     p = points(np.zeros(3), np.zeros(3), np.array([365.0, 1.0, NAN]), 100.0)
-    assert np.linalg.norm(p[0] - p[1]) == pytest.approx(200 * math.sin(math.pi * 1.25 / 365.25))  # 364 days one way, 1.25 the other
+    # 364 days one way, 1.25 the other
+    assert np.linalg.norm(p[0] - p[1]) == pytest.approx(200 * math.sin(math.pi * 1.25 / 365.25))
     assert np.linalg.norm(p[0] - p[2]) == pytest.approx(100)  # an unknown date: the circle's centre
 
 
