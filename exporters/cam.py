@@ -11,10 +11,23 @@ the classifier's row of a class dotted with the feature map at each position,
 calls its layers: a pooling module or function, or a spatial ``mean`` (MnasNet, ShuffleNet),
 after a functional ReLU (DenseNet) or not. :class:`WithCam` then returns ``(logits, cam)``, the
 CAM of each image's top-1 class, so the exported graph hands inference one small map per image.
+
+A timm model is split where timm splits it: ``forward_features`` gives the feature map and only
+``forward_head`` is traced, with timm's ``SelectAdaptivePool2d`` and the norm layers kept whole,
+so a body fx cannot trace (the TF "same" padding of ``tf_efficientnet*``) does not matter. Its
+head qualifies when it is an average ``SelectAdaptivePool2d`` (NCHW, or NHWC as Swin's: the map
+is permuted to NCHW) + ``Linear``, with only flatten, dropout or identity around them (ResNet,
+EfficientNet, RegNet's ``ClassifierHead``, Inception, DenseNet...). The others are refused with
+their reason (:func:`_timm_reason`): a norm on the pooled vector (ConvNeXt's
+``NormMlpClassifierHead``, a ViT's ``fc_norm``) divides it by statistics of the whole image, so
+``W[c] · F[:, y, x]`` is not a position's share of the logit; a transformer's class token (or
+token average) is mixed by attention from every patch, not a pooled spatial map; hidden layers
+(MobileNetV3's ``conv_head``, an MLP head) are not linear; a max pooling picks one position.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +49,7 @@ class CamHead:
     classifier's ``(classes, channels)`` weight (the parameter itself, shared with ``model``).
     """
 
-    model: fx.GraphModule
+    model: nn.Module
     weight: torch.Tensor
     feature: str  #: the module path (``layer4.2.relu``) or fx node name (``relu``) of the feature map
     classifier: str  #: the module path of the linear layer (``fc``, ``classifier.1``)
@@ -75,30 +88,185 @@ def find_cam_head(model: nn.Module) -> CamHead | str:
     """
     if isinstance(model, torch.jit.ScriptModule):
         return "a TorchScript archive cannot be traced to find its feature map"
+    if _is_timm(model):
+        return _timm_cam_head(model)
     try:
         traced = fx.symbolic_trace(model)
     except Exception as exc:  # data-dependent control flow, untraceable calls, ...
         return f"torch.fx cannot trace it ({describe(exc, 120)})"
+    split = _split(traced)
+    if isinstance(split, str):
+        return split
+    graph_module, weight, classifier, feature = split
+    return CamHead(model=graph_module, weight=weight, feature=feature, classifier=classifier)
+
+
+def _split(traced: fx.GraphModule) -> tuple[fx.GraphModule, torch.Tensor, str, str] | str:
+    """``traced`` retraced to return ``(logits, pooled feature map NCHW)``, with the classifier's
+    weight and path and the feature map's name; or why its output is no linear layer on a global
+    average pooling. The feature map is ``"input"`` when the pooling takes the graph's input."""
     graph = traced.graph
     output = next(n for n in graph.nodes if n.op == "output")
     result = output.args[0]
     if not isinstance(result, fx.Node):
         return "it does not return a single logits tensor"
-    linear = _linear_weight(traced, result)
+    node = result
+    while _passes_through(traced, node):  # timm's ClassifierHead flattens after its fc
+        node = node.args[0]
+    linear = _linear_weight(traced, node)
     if linear is None:
         return "its output is not a linear layer's"
     weight, classifier = linear
-    node = result.args[0]
+    node = node.args[0]
     while isinstance(node, fx.Node) and _passes_through(traced, node):
         node = node.args[0]
-    feature = _pooled(traced, node)
-    if feature is None:
+    pooled = _pooled(traced, node)
+    if pooled is None:
         return f"its classifier {classifier} is not one linear layer on a global average pooling"
+    feature, layout = pooled
+    name = ("input" if feature.op == "placeholder" else
+            str(feature.target) if feature.op == "call_module" else feature.name)
+    if layout == "NHWC":
+        with graph.inserting_after(feature):
+            feature = graph.call_method("permute", (feature, 0, 3, 1, 2))
     output.args = ((result, feature),)
     graph.lint()
-    split = fx.GraphModule(traced, graph)
-    name = str(feature.target) if feature.op == "call_module" else feature.name
-    return CamHead(model=split.eval(), weight=weight, feature=name, classifier=classifier)
+    return fx.GraphModule(traced, graph).eval(), weight, classifier, name
+
+
+def _is_timm(model: nn.Module) -> bool:
+    """Whether ``model`` is a timm network, split by timm into forward_features + forward_head."""
+    return (type(model).__module__.split(".")[0] == "timm" and callable(getattr(model, "forward_features", None))
+            and callable(getattr(model, "forward_head", None)))
+
+
+class _ForwardHead(nn.Module):
+    """A timm network's ``forward_head`` as a module of its own, for fx to trace."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(x)
+
+
+class _TimmCam(nn.Module):
+    """``x -> (logits, feature map NCHW)``: timm's ``forward_features``, then its split head."""
+
+    def __init__(self, model: nn.Module, head: fx.GraphModule):
+        super().__init__()
+        self.model = model
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(self.model.forward_features(x))
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """A norm layer of torch or timm (``LayerNorm2d``, ``BatchNormAct2d``, ``RmsNorm``...), not a
+    head named after one (``NormMlpClassifierHead``)."""
+    name = type(module).__name__
+    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+    return isinstance(module, norms) or ("Norm" in name and not name.endswith(("Head", "Classifier")))
+
+
+def _per_image_norm(module: nn.Module) -> bool:
+    """A norm that divides by statistics of each image (layer, group, RMS, instance norms), unlike
+    batch norm in eval mode, a fixed per-channel scale and shift."""
+    batch_like = isinstance(module, nn.modules.batchnorm._BatchNorm) or "BatchNorm" in type(module).__name__
+    return _is_norm(module) and not batch_like
+
+
+class _HeadTracer(fx.Tracer):
+    """Keeps timm's global pooling and every norm layer as one node each: the pooling's type and
+    layout decide whether the head qualifies; a norm's name says why it does not."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        from timm.layers import SelectAdaptivePool2d
+
+        return isinstance(m, SelectAdaptivePool2d) or _is_norm(m) or super().is_leaf_module(m, qualname)
+
+
+def _timm_cam_head(model: nn.Module) -> CamHead | str:
+    root = _ForwardHead(model)
+    try:
+        traced = fx.GraphModule(root, _HeadTracer().trace(root))
+    except Exception as exc:
+        return f"torch.fx cannot trace its forward_head ({describe(exc, 120)})"
+    reason = _timm_reason(traced)
+    if reason:
+        return reason
+    split = _split(traced)
+    if isinstance(split, str):  # not reached for the heads _timm_reason passes; kept as the last word
+        return split
+    head, weight, classifier, feature = split
+    return CamHead(model=_TimmCam(model, head).eval(), weight=weight,
+                   feature="forward_features" if feature == "input" else feature.removeprefix("model."),
+                   classifier=classifier.removeprefix("model."))
+
+
+def _timm_reason(traced: fx.GraphModule) -> str | None:
+    """Why a timm ``forward_head`` (traced by :class:`_HeadTracer`) is no global average pooling +
+    one linear layer, or ``None`` when it is. The chain from the output back to the feature map
+    (each node's first tensor input) is read whole, the most telling reason first."""
+    from timm.layers import SelectAdaptivePool2d
+
+    chain, node = [], next(n for n in traced.graph.nodes if n.op == "output").args[0]
+    while isinstance(node, fx.Node) and node.op != "placeholder":
+        chain.append(node)
+        node = next((a for a in node.args if isinstance(a, fx.Node)), None)
+    if node is None:
+        return "its forward_head does not compute its logits from the feature map alone"
+    modules = {n: traced.get_submodule(n.target) for n in chain if n.op == "call_module"}
+
+    def name(n: fx.Node) -> str:
+        return str(n.target).removeprefix("model.") if n in modules else n.name
+
+    chain = [n for n in chain if not _passes_through(traced, n)]  # flatten, dropout, identity
+    if not chain or _linear_weight(traced, chain[0]) is None:
+        ends = f"{type(modules[chain[0]]).__name__} {name(chain[0])}" if chain and chain[0] in modules else (
+            chain[0].name if chain else "the feature map itself")
+        return f"its forward_head does not end in one linear layer (it ends in {ends})"
+    classifier, between = _linear_weight(traced, chain[0])[1].removeprefix("model."), chain[1:]
+    if any((n.op == "call_function" and n.target is operator.getitem)
+           or (n.target == "mean" or n.target is torch.mean) and _dims(n) in ((1,), 1) for n in between):
+        return ("its head classifies transformer tokens (a class token or a token average), not a "
+                "pooled spatial feature map: attention mixes every patch into them")
+    pool = next((i for i, n in enumerate(between)
+                 if isinstance(modules.get(n), SelectAdaptivePool2d) or _pooled(traced, n)), None)
+    if pool is None:
+        return f"its linear layer {classifier} does not take a global pooling of the feature map"
+    after = between[:pool]  # between the pooling and the linear layer, last first
+    if after and all(n in modules and _per_image_norm(modules[n]) for n in after):
+        norm = after[-1]
+        return (f"its head normalises the pooled features ({type(modules[norm]).__name__} {name(norm)}) "
+                f"before its linear layer {classifier}: the norm divides by statistics of the whole "
+                "image, so W[c] · F[:, y, x] is not a position's share of the logit")
+    if after:
+        names = ", ".join(name(n) for n in reversed(after[-3:]))  # in forward order
+        return (f"its head has layers between the pooling and its linear layer {classifier} ({names}): "
+                "not one linear layer")
+    if isinstance(modules.get(between[pool]), SelectAdaptivePool2d) and _pooled(traced, between[pool]) is None:
+        return (f"its global pooling {name(between[pool])} is '{modules[between[pool]].pool_type}' (timm's "
+                "SelectAdaptivePool2d), not an average: its logits are no mean over positions")
+    return None
+
+
+def _dims(node: fx.Node):
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    return tuple(dims) if isinstance(dims, (tuple, list)) else dims
+
+
+def _timm_pool_layout(pool: nn.Module) -> str | None:
+    """``"NCHW"`` or ``"NHWC"`` for an averaging timm ``SelectAdaptivePool2d`` to one value per
+    channel, else ``None`` (max, avg+max, no pooling)."""
+    inner = pool.pool
+    if isinstance(inner, nn.AdaptiveAvgPool2d):
+        return "NCHW" if _is_one(inner.output_size) else None
+    if type(inner).__name__ == "FastAdaptiveAvgPool":
+        return {(2, 3): "NCHW", (1, 2): "NHWC"}.get(tuple(inner.dim))
+    return None
 
 
 def _linear_weight(module: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor, str] | None:
@@ -134,24 +302,27 @@ def _passes_through(module: fx.GraphModule, node: fx.Node) -> bool:
     return False
 
 
-def _pooled(module: fx.GraphModule, node: fx.Node) -> fx.Node | None:
-    """The tensor that ``node`` averages over its two spatial axes, if it does."""
+def _pooled(module: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, str] | None:
+    """``(the tensor that node averages over its two spatial axes, its layout)``, if it does."""
     if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
         return None
     if node.op == "call_module":
         pool = module.get_submodule(node.target)
         if isinstance(pool, nn.AdaptiveAvgPool2d) and _is_one(pool.output_size):
-            return node.args[0]
+            return node.args[0], "NCHW"
+        if type(pool).__name__ == "SelectAdaptivePool2d" and type(pool).__module__.startswith("timm."):
+            layout = _timm_pool_layout(pool)
+            return (node.args[0], layout) if layout else None
         return None
     if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
         size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
-        return node.args[0] if _is_one(size) else None
+        return (node.args[0], "NCHW") if _is_one(size) else None
     if (node.op == "call_method" and node.target == "mean") or (node.op == "call_function"
                                                                  and node.target is torch.mean):
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         if isinstance(dims, (tuple, list)) and len(dims) == 2 and all(isinstance(d, int) for d in dims):
             if {d % 4 for d in dims} == {2, 3}:
-                return node.args[0]
+                return node.args[0], "NCHW"
     return None
 
 
