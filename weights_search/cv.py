@@ -38,7 +38,7 @@ so memory depends on the block, ``M``, ``C`` and the methods' statistics, never 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import numpy as np
@@ -47,6 +47,7 @@ from weights_search.base import Blender
 from weights_search.fitted import (FittedBlend, Reader, StatsPass, collect_stats, far_from_pilots, fitted_temperatures,
                                    mixture_of_log_probs)
 from weights_search.functional import MIXTURE, log_softmax
+from weights_search.geo_fit import GEO_BOUNDS, FusedRows, GeoTerms, fit_beta, scores
 from weights_search.metrics import bootstrap_ci, rank_of_true
 from weights_search.prior import LogitAdjustment, adjust
 from weights_search.registry import DEFAULT_METHOD, get_method
@@ -118,10 +119,12 @@ class CvRow:
     topk: float  #: top-k accuracy, k being the report's top_k
     nll: float
     prior: bool = False  #: corrected for the prior, ``tau`` fitted (or given) in each fold
+    geo: bool = False  #: with the geo prior, ``beta`` fitted (or given) in each fold
 
 
-#: What a row's name gains when the blend is corrected for the prior.
+#: What a row's name gains when the blend is corrected for the prior, and with the geo prior.
 PRIOR_SUFFIX = "+prior"
+GEO_SUFFIX = "+geo"
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,13 @@ class CvReport:
     with a prior (``prior``), uniform and the method each twice, without and with the correction.
 
     ``fold_taus``: with a prior, the ``tau`` the method's corrected blend used in each fold.
+
+    With the geo prior (:func:`cross_validate_and_fit`'s ``geo``), uniform's and the method's
+    rows of the blend in use (with the prior when there is one) are each followed by the same
+    blend with the geo prior (``+geo``); ``fold_betas``: kind -> its ``beta`` in each fold;
+    ``geo_beta``: the ``beta`` of the blend returned (fitted on every row, or the one given).
+    The rows without it, and so :attr:`method_row`, :attr:`uniform_row` and
+    :attr:`beats_uniform`, are those of the blend without the geo prior.
     """
 
     method: str
@@ -139,10 +149,14 @@ class CvReport:
     rows: tuple[CvRow, ...]
     prior: bool = False
     fold_taus: tuple[float, ...] = ()
+    geo: bool = False
+    fold_betas: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    geo_beta: float | None = None
 
-    def row(self, kind: str, prior: bool = False) -> CvRow | None:
-        """The row of ``kind`` ("uniform" or "method"), with or without the prior; None if absent."""
-        return next((r for r in self.rows if r.kind == kind and r.prior == prior), None)
+    def row(self, kind: str, prior: bool = False, geo: bool = False) -> CvRow | None:
+        """The row of ``kind`` ("uniform" or "method"), with or without the prior and the geo
+        prior; None if absent."""
+        return next((r for r in self.rows if r.kind == kind and r.prior == prior and r.geo == geo), None)
 
     @property
     def uniform_row(self) -> CvRow:
@@ -191,7 +205,8 @@ def cross_validate_and_fit(logits: MemberSource | np.ndarray | Sequence[np.ndarr
                            n_folds: int = 5, temperature: bool = False, member_names: Sequence[str] | None = None,
                            top_k: int = 5, n_boot: int = 1000, seed: int = 0, prior: LogitAdjustment | None = None,
                            block_rows: int | None = None,
-                           fallback: str | None = None, max_pairs: int | None = None) -> tuple[CvReport, FittedBlend]:
+                           fallback: str | None = None, max_pairs: int | None = None,
+                           geo: Any = None, geo_weight: float | None = None) -> tuple[CvReport, FittedBlend]:
     """:func:`cross_validate` and :func:`~weights_search.fitted.fit_blend` in one go: the
     report, and ``method`` fitted on every row (with ``prior`` when given), from the same
     passes over the source (2 without temperatures, K + 2 with them, and the re-passes of rows
@@ -204,10 +219,23 @@ def cross_validate_and_fit(logits: MemberSource | np.ndarray | Sequence[np.ndarr
     ``max_pairs``: the most rival pairs each collector of a method that counts rows right may
     hold (None: :data:`weights_search.stats.MAX_PAIRS`); past it a
     :class:`weights_search.stats.TooManyPairs` (a ValueError) is raised during the pass.
+
+    ``geo``: the rows' geo prior ``g'`` (a :class:`weights_search.geo.SparseGeo`, or anything
+    with its ``indptr``, ``column`` and ``value``), or None. With it the report gains the rows of
+    uniform and the method with the geo prior (see :class:`CvReport`): each fold's ``beta``
+    fitted on its training rows under its own fold's blend (``geo_weight``: a given ``beta``
+    instead, in :data:`weights_search.geo_fit.GEO_BOUNDS`) and scored on its held-out rows;
+    :attr:`CvReport.geo_beta` is the returned blend's, fitted on every row under it. That takes
+    one more pass over the source after the final fit (:func:`_geo_report`: the final weights,
+    and with temperatures their fits, are known only after the evaluation pass), or none when
+    its rows fit in one block.
     """
     if fallback not in (None, "uniform"):
         raise ValueError(f"unknown fallback {fallback!r}; choose from: uniform")
-    report, specs, final_stats, temperatures = _cross_validate(
+    low, high = GEO_BOUNDS
+    if geo_weight is not None and not low <= geo_weight <= high:
+        raise ValueError(f"geo_weight must lie in [{low:g}, {high:g}], got {geo_weight}")
+    report, specs, final_stats, temperatures, fitted_folds = _cross_validate(
         logits, labels, method, params, n_folds=n_folds, temperature=temperature, member_names=member_names,
         top_k=top_k, n_boot=n_boot, seed=seed, prior=prior, block_rows=block_rows, final=True, max_pairs=max_pairs)
     wanted = "uniform" if method == "uniform" or (fallback == "uniform" and not report.beats_uniform) else "method"
@@ -222,7 +250,12 @@ def cross_validate_and_fit(logits: MemberSource | np.ndarray | Sequence[np.ndarr
         stats = collect_stats(Reader(as_source(logits), block_rows), check_labels(as_source(logits), labels),
                               [(blender, spec.prior)], temperatures, max_pairs, pilots={key: pilot})
         blender.fit_stats(stats[key], spec.prior)
-    return report, FittedBlend.of(blender, spec.method, temperatures)
+    final = FittedBlend.of(blender, spec.method, temperatures)
+    if geo is not None:
+        source = as_source(logits)
+        report = _geo_report(Reader(source, block_rows), check_labels(source, labels), report, specs, fitted_folds,
+                             final, wanted, geo, geo_weight, n_boot, seed)
+    return report, final
 
 
 def _cross_validate(logits, labels, method, params, *, n_folds, temperature, member_names, top_k, n_boot, seed,
@@ -265,9 +298,10 @@ def _cross_validate(logits, labels, method, params, *, n_folds, temperature, mem
             hits[b, 1, rows] = rank < top_k
             nll[b, rows] = -held_out[np.arange(rows.size), truth]
 
+    kept: dict[str, Any] = {"fold_temperatures": None}
     fold_blends, final_stats, temperatures = _fit_and_evaluate(
         source, labels, fold_of, specs, temperature=temperature, block_rows=block_rows, score=score, final=final,
-        max_pairs=max_pairs)
+        max_pairs=max_pairs, kept=kept)
     if tau_spec is not None:
         fold_taus = [float(blends[tau_spec].tau_) for blends in fold_blends]
     rows = [(name, "member", False) for name in names] + [(s.name, s.kind, s.prior is not None) for s in specs]
@@ -275,7 +309,81 @@ def _cross_validate(logits, labels, method, params, *, n_folds, temperature, mem
                               float(hits[b, 1].mean()), float(nll[b].mean()), corrected)
                         for b, (name, kind, corrected) in enumerate(rows))
     report = CvReport(method, top_k, n_folds, temperature, report_rows, prior is not None, tuple(fold_taus))
-    return report, specs, final_stats, temperatures
+    return report, specs, final_stats, temperatures, (fold_of, fold_blends, kept["fold_temperatures"])
+
+
+def _geo_report(reader: Reader, labels: np.ndarray, report: CvReport, specs: Sequence[_Spec], fitted_folds,
+                final: FittedBlend, final_kind: str, geo: Any, geo_weight: float | None, n_boot: int,
+                seed: int) -> CvReport:
+    """``report`` with the rows of the geo prior (see :func:`cross_validate_and_fit`).
+
+    One pass over the source: each block's rows are fused under every fold's blends of the
+    specs in use (uniform's and the method's, with the prior when the report has one; for a
+    fold's training rows and its held-out ones alike) and under ``final``, and the sparse
+    statistics of each fusion kept (:class:`~weights_search.geo_fit.FusedRows`: 8 k + 4 bytes
+    a row and 4 a sparse entry, for each distinct fusion: at most 2 K + 1). Then each fold's
+    ``beta`` is fitted on its training rows (:func:`~weights_search.geo_fit.fit_beta`) and its
+    held-out rows scored exactly (:func:`~weights_search.geo_fit.scores`); the final ``beta``
+    on every row under ``final``."""
+    fold_of, fold_blends, fold_temperatures = fitted_folds
+    n_folds = len(fold_blends)
+    terms = GeoTerms(geo.indptr, geo.column, geo.value, labels)
+    used = [i for i, s in enumerate(specs) if (s.prior is not None) == report.prior]
+    n_classes = reader.source.n_classes
+    k = min(report.top_k, n_classes)
+    # Fusions that give the same values (uniform weights without a fitted tau or temperatures)
+    # share their statistics.
+    keyed: dict[Hashable, FusedRows] = {}
+    fused_of: dict[tuple[int, int], FusedRows] = {}
+    for f in range(n_folds):
+        temps = None if fold_temperatures is None else tuple(np.asarray(fold_temperatures[f]).tolist())
+        for i in used:
+            blend = fold_blends[f][i]
+            key = (temps, blend.fusion, tuple(np.asarray(blend.weights_).tolist()), blend.tau_)
+            fused_of[f, i] = keyed.setdefault(key, FusedRows(terms, n_classes, k))
+    final_rows = FusedRows(terms, n_classes, k)
+    in_order = sorted(fused_of.items(), key=lambda item: item[0])  # by fold: one fold's temperatures at a time
+
+    def gather(start: int, block: np.ndarray) -> None:
+        rows = start + np.arange(block.shape[1])
+        done: set[int] = set()
+        log_probs, current = None, -1
+        for (f, i), fused in in_order:
+            if id(fused) in done:
+                continue
+            done.add(id(fused))
+            at = 0 if fold_temperatures is None else f
+            if at != current:
+                log_probs = None  # the one held freed first
+                log_probs = reader.log_probs(block, None if fold_temperatures is None else fold_temperatures[f])
+                current = at
+            fused.add(rows, _predict(fold_blends[f][i], log_probs, None))
+        del log_probs
+        final_rows.add(rows, final.log_proba(block))
+
+    reader.each_block(gather)
+    for fused in (*keyed.values(), final_rows):
+        fused.check_complete()
+    rows = list(report.rows)
+    fold_betas: dict[str, tuple[float, ...]] = {}
+    for i in used:
+        spec = specs[i]
+        hits = np.zeros((2, labels.size), dtype=bool)
+        nll = np.zeros(labels.size)
+        betas = []
+        for f in range(n_folds):
+            fused = fused_of[f, i]
+            held_out = np.flatnonzero(fold_of == f)
+            beta = fit_beta(fused, np.flatnonzero(fold_of != f)) if geo_weight is None else float(geo_weight)
+            hits[0, held_out], hits[1, held_out], nll[held_out] = scores(fused, beta, held_out, k)
+            betas.append(beta)
+        fold_betas[spec.kind] = tuple(betas)
+        name = spec.name + GEO_SUFFIX
+        after = next(j for j, r in enumerate(rows) if r.name == spec.name and r.kind == spec.kind and not r.geo)
+        rows.insert(after + 1, CvRow(name, spec.kind, float(hits[0].mean()), *bootstrap_ci(hits[0], n_boot, seed=seed),
+                                     float(hits[1].mean()), float(nll.mean()), spec.prior is not None, True))
+    final_beta = fit_beta(final_rows) if geo_weight is None else float(geo_weight)
+    return replace(report, rows=tuple(rows), geo=True, fold_betas=fold_betas, geo_beta=final_beta)
 
 
 def _predict(blender: Blender, log_probs: np.ndarray, local: np.ndarray | None) -> np.ndarray:
@@ -320,10 +428,11 @@ def _fold_of(folds: Sequence[np.ndarray], n_rows: int) -> np.ndarray:
 
 def _fit_and_evaluate(source: MemberSource, labels: np.ndarray, fold_of: np.ndarray, specs: Sequence[_Spec], *,
                       temperature: bool, block_rows: int | None, score: _Score, final: bool = False,
-                      max_pairs: int | None = None):
+                      max_pairs: int | None = None, kept: dict | None = None):
     """Fit every spec in every fold, then score each held-out row with its fold's blends (one
     evaluation pass); returns the fold blends ``[fold][spec]``, and with ``final`` the stats of
-    every row and the temperatures of every row (None without ``temperature``)."""
+    every row and the temperatures of every row (None without ``temperature``). ``kept``: a dict
+    that receives each fold's temperatures (``"fold_temperatures"``, None without them)."""
     n_folds = int(fold_of.max()) + 1
     trains = [np.flatnonzero(fold_of != f) for f in range(n_folds)]
     needs = [(s.make(), s.prior) for s in specs]
@@ -368,6 +477,8 @@ def _fit_and_evaluate(source: MemberSource, labels: np.ndarray, fold_of: np.ndar
         _evaluate(reader, fold_of, fold_blends, None, score)
         return fold_blends, stats if final else None, None
     temperature_fit, temperatures, fold_temperatures = fitted_temperatures(reader, labels, trains)
+    if kept is not None:
+        kept["fold_temperatures"] = fold_temperatures
     fold_blends = []
     # Pilots found by a fold's re-pass serve the later folds' passes and the final one from the start.
     carried: dict[Hashable, np.ndarray] = {}
