@@ -470,6 +470,8 @@ def submit(
                        f"the predictions with {fill.source} ({' '.join(map(str, fill.categories))}: the most "
                        f"frequent classes of {fill.origin})")
     entry = result.entry
+    if retry is None and entry.geo_weight is not None:
+        _echo(f"geo prior: weight {entry.geo_weight:.3f}, {_geo_source(entry)}")
     if result.receipt is None:
         _echo(f"ledger entry {entry.id}: not-uploaded (dry run)")
         return
@@ -478,13 +480,21 @@ def submit(
     _echo(f"ledger entry {entry.id}: uploaded; `ens submissions --refresh` fetches its score")
 
 
+def _geo_source(entry) -> str:
+    """The training json of a ledger entry's geo prior: its file name and the start of its sha256."""
+    name = Path(entry.geo_file).name if entry.geo_file else "?"
+    return f"{name} {entry.geo_sha256[:8]}" if entry.geo_sha256 else name
+
+
 def _ledger_table(entries) -> list[str]:
     """The ledger as aligned text columns. CV is shown as top-1 error (1 - top-1 accuracy) so
     that it reads like the leaderboard scores of the top-1 competitions beside it; ``filled``
     (rows `--missing prior` filled, and from what) is blank where none was, and ``tau`` (the
-    blend's long-tail prior correction, `ens blend --prior`) where the blend had none; ``test set``
-    is the row's ``test_check`` (``unverified``: not traced to the test json), blank for rows
-    written before it was recorded."""
+    blend's long-tail prior correction, `ens blend --prior`) where the blend had none; ``geo``
+    (the weight of the blend's geo prior, `ens blend --geo-prior`, and the training json it
+    came from, by name and the start of its sha256) likewise; ``test set`` is the row's
+    ``test_check`` (``unverified``: not traced to the test json), blank for rows written before
+    it was recorded."""
 
     def number(value):
         return "" if value is None else f"{value:.4f}"
@@ -497,11 +507,14 @@ def _ledger_table(entries) -> list[str]:
     def filled(e):
         return f"{e.filled} {e.fill_source or ''}".rstrip() if e.filled else ""
 
-    header = ("ID", "created", "file", "filled", "status", "test set", "kaggle", "CV top-1 error", "tau", "public",
-              "private", "message")
+    def geo(e):
+        return "" if e.geo_weight is None else f"{e.geo_weight:.3f} {_geo_source(e)}"
+
+    header = ("ID", "created", "file", "filled", "status", "test set", "kaggle", "CV top-1 error", "tau", "geo",
+              "public", "private", "message")
     rows = [(str(e.id), e.created, e.file, filled(e), e.status, e.test_check or "", e.kaggle_status or "", cv_error(e),
-             "" if e.prior_tau is None else f"{e.prior_tau:.3f}", number(e.public_score), number(e.private_score),
-             e.message or "") for e in entries]
+             "" if e.prior_tau is None else f"{e.prior_tau:.3f}", geo(e), number(e.public_score),
+             number(e.private_score), e.message or "") for e in entries]
     rows = [tuple(map(printable, row)) for row in rows]  # escaped first: the widths are of what is shown
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]

@@ -718,7 +718,9 @@ class BlendSummary:
 
     ``cv_top1*`` are the cross-validated top-1 accuracy of the blend that was used and its
     interval; ``None`` when the blend ran without cross-validation. ``prior_tau``: ``tau`` of
-    its prior correction, ``None`` without one.
+    its prior correction, ``None`` without one. ``geo_weight``, ``geo_file``, ``geo_sha256``: of
+    its geo prior (:class:`GeoCorrection`), ``beta`` and the training json (as recorded, and its
+    sha256), ``None`` without one.
     """
 
     method: str
@@ -728,12 +730,15 @@ class BlendSummary:
     cv_top1_low: float | None
     cv_top1_high: float | None
     prior_tau: float | None = None
+    geo_weight: float | None = None
+    geo_file: str | None = None
+    geo_sha256: str | None = None
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "BlendSummary":
         """The summary of the blend.json at ``path``: only method, members and weights are
-        required (a hand-made blend.json will do); a CV table and a prior, when present, must
-        hold the chosen row's top-1 and tau."""
+        required (a hand-made blend.json will do); a CV table, a prior and a geo prior, when
+        present, must hold the chosen row's top-1, tau, and beta, file and sha256."""
         path = Path(path)
         doc = read_json(path, problem="not a readable JSON file")
 
@@ -762,8 +767,15 @@ class BlendSummary:
                                for key in ("top1", "top1_low", "top1_high"))
         prior = doc.get("prior")
         tau = None if prior is None else float(field(prior, "tau", is_number, "a number", "prior."))
+        geo = doc.get("geo")
+        beta = geo_file = geo_sha = None
+        if geo is not None:
+            beta = float(field(geo, "beta", lambda v: is_finite(v) and v >= 0, "a number >= 0", "geo."))
+            geo_file = field(geo, "file", _is_str, "a string", "geo.")
+            geo_sha = field(geo, "sha256", is_sha256, "a sha256 (64 hex digits)", "geo.")
         return cls(method=method, members=tuple(members), weights={k: float(v) for k, v in weights.items()},
-                   cv_top1=top1, cv_top1_low=low, cv_top1_high=high, prior_tau=tau)
+                   cv_top1=top1, cv_top1_low=low, cv_top1_high=high, prior_tau=tau, geo_weight=beta,
+                   geo_file=geo_file, geo_sha256=geo_sha)
 
 
 

@@ -36,6 +36,11 @@ fill_source         what the filled rows hold: ``train-prior`` (the most frequen
                     often); NULL when none was filled
 prior_tau           ``tau`` of the blend's long-tail prior correction (``ens blend --prior``);
                     NULL without one
+geo_weight          ``beta``, the weight of the blend's geo prior (``ens blend --geo-prior``,
+                    given or fitted); NULL without one
+geo_file            the training json the geo prior was estimated from, as blend.json
+                    records it; NULL without one
+geo_sha256          that json's sha256, as blend.json records it; NULL without one
 test_sha256         sha256 of the test json of ``--data`` the rows were checked against
 test_check          ``verified``: the stores the predictions came from (through the
                     blend.json beside them) were made from that very json; ``unverified``:
@@ -44,8 +49,8 @@ test_check          ``verified``: the stores the predictions came from (through 
 ==================  ====================================================================
 
 Columns added after a ledger was created (``filled``, ``fill_source``, ``prior_tau``,
-``test_sha256``, ``test_check``) are added to it, with their defaults (0 for ``filled``, NULL
-for the others: not recorded), the first time this ens opens it; ``user_version`` changes only
+``test_sha256``, ``test_check``, ``geo_weight``, ``geo_file``, ``geo_sha256``) are added to it,
+with their defaults (0 for ``filled``, NULL for the others: not recorded), the first time this ens opens it; ``user_version`` changes only
 for changes an older ens could not live with.
 
 Writing a file and inserting its row is one step (:meth:`Ledger.record`): the ledger's write
@@ -96,7 +101,8 @@ FILL_SOURCES = (TRAIN_PRIOR, BLEND_PRIOR)
 VERIFIED, UNVERIFIED = "verified", "unverified"
 TEST_CHECKS = (VERIFIED, UNVERIFIED)
 #: Columns added after a ledger was first made: ``ALTER TABLE ... ADD COLUMN`` on open.
-_ADDED_COLUMNS = ("filled", "fill_source", "prior_tau", "test_sha256", "test_check")
+_ADDED_COLUMNS = ("filled", "fill_source", "prior_tau", "test_sha256", "test_check", "geo_weight", "geo_file",
+                  "geo_sha256")
 
 
 def _column(sql: str, check: tuple[Callable[[object], object], str], **default: Any) -> Any:
@@ -120,6 +126,11 @@ def _whole(value: object) -> object:
 
 def _number(value: object) -> object:
     return float(value) if is_finite(value) else _INVALID
+
+
+def _non_negative(value: object) -> object:
+    number = _number(value)
+    return number if number is not _INVALID and number >= 0 else _INVALID
 
 
 def _fraction(value: object) -> object:
@@ -203,6 +214,9 @@ class Entry:
     prior_tau: float | None = _column("REAL", _NUMBER, default=None)
     test_sha256: str | None = _column("TEXT", (_sha256, "64 hex digits"), default=None)
     test_check: str | None = _column("TEXT", _one_of(TEST_CHECKS), default=None)
+    geo_weight: float | None = _column("REAL", (_non_negative, "a finite number >= 0"), default=None)
+    geo_file: str | None = _column("TEXT", _TEXT, default=None)
+    geo_sha256: str | None = _column("TEXT", (_sha256, "64 hex digits"), default=None)
 
 
 def _nullable(sql: str) -> bool:
@@ -346,7 +360,9 @@ class Ledger:
                     values.update(blend_method=blend.method, blend_members=json.dumps(list(blend.members)),
                                   blend_weights=json.dumps(dict(blend.weights)), cv_top1=blend.cv_top1,
                                   cv_top1_low=blend.cv_top1_low, cv_top1_high=blend.cv_top1_high,
-                                  prior_tau=blend.prior_tau)
+                                  prior_tau=blend.prior_tau, geo_weight=blend.geo_weight,
+                                  geo_file=None if blend.geo_file is None else as_text(blend.geo_file),
+                                  geo_sha256=blend.geo_sha256)
                 cursor = con.execute(f"INSERT INTO submissions ({', '.join(values)}) "
                                      f"VALUES ({', '.join('?' * len(values))})", tuple(values.values()))
                 entry = self._get(con, cursor.lastrowid)

@@ -39,7 +39,10 @@ CREATE TABLE IF NOT EXISTS submissions (
     fill_source TEXT,
     prior_tau REAL,
     test_sha256 TEXT,
-    test_check TEXT
+    test_check TEXT,
+    geo_weight REAL,
+    geo_file TEXT,
+    geo_sha256 TEXT
 )
 """
 
@@ -47,12 +50,13 @@ CREATE TABLE IF NOT EXISTS submissions (
 def test_the_schema_is_the_one_ledgers_were_made_with():
     assert ledger._SCHEMA == SCHEMA
     assert ledger._ADDED == {"filled": "INTEGER NOT NULL DEFAULT 0", "fill_source": "TEXT", "prior_tau": "REAL",
-                             "test_sha256": "TEXT", "test_check": "TEXT"}
+                             "test_sha256": "TEXT", "test_check": "TEXT", "geo_weight": "REAL", "geo_file": "TEXT",
+                             "geo_sha256": "TEXT"}
 
 
 def test_the_columns_are_the_entry_fields_in_order(tmp_path):
     names = [f.name for f in dataclasses.fields(ledger.Entry)]
-    assert list(ledger.CHECKS) == names and len(names) == 28
+    assert list(ledger.CHECKS) == names and len(names) == 31
 
     def write():
         (tmp_path / "a.csv").write_text("x")
@@ -71,4 +75,4 @@ def test_null_is_allowed_where_the_column_definition_allows_it():
     assert nullable == {"competition", "message", "blend_method", "blend_members", "blend_weights", "cv_top1",
                         "cv_top1_low", "cv_top1_high", "error", "kaggle_ref", "uploaded", "kaggle_status",
                         "public_score", "private_score", "refreshed", "fill_source", "prior_tau", "test_sha256",
-                        "test_check"}
+                        "test_check", "geo_weight", "geo_file", "geo_sha256"}

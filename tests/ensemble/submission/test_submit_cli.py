@@ -143,7 +143,7 @@ def test_end_to_end_dry_run_retry_refresh(work, standin):
     lines = result.stdout.splitlines()
     assert lines[0] == "Kaggle lists 1 of the 1 files an upload was tried for"
     assert lines[1].split() == ["ID", "created", "file", "filled", "status", "test", "set", "kaggle", "CV", "top-1",
-                                "error", "tau", "public", "private", "message"]
+                                "error", "tau", "geo", "public", "private", "message"]
     assert lines[2].split() == ["1", lines[2].split()[1], path.name, "uploaded", "unverified", "complete", "0.2500",
                                 "(0.2300-0.2700)", "0.2600", "blend", "of", "two"]
 

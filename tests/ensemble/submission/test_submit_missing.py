@@ -204,7 +204,8 @@ def test_a_ledger_of_the_old_schema_gains_the_columns(work):
     assert (new.filled, new.fill_source) == (2, "train-prior")
     with sqlite3.connect("submissions/ledger.sqlite") as con:
         columns = [row[1] for row in con.execute("PRAGMA table_info(submissions)")]
-        assert columns[-5:] == ["filled", "fill_source", "prior_tau", "test_sha256", "test_check"]
+        assert columns[-8:] == ["filled", "fill_source", "prior_tau", "test_sha256", "test_check", "geo_weight",
+                                "geo_file", "geo_sha256"]
         assert columns.count("filled") == 1
         assert con.execute("PRAGMA user_version").fetchone()[0] == 1
     con.close()
