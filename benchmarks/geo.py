@@ -21,17 +21,24 @@ In one fresh process (its own peak memory, the generation's excluded by resettin
 * nnz, entries per usable row, the rows' size in memory, and how often the true class is among
   a row's classes (a sanity figure of the estimator on this generated world);
 * peak RSS above the generated data (``VmHWM`` after ``/proc/self/clear_refs``), and the whole
-  process's peak.
+  process's peak;
+* reading: :func:`ensemble.formats.places.read_observations` of a generated iNat 2021-style
+  training json (``--read-images``, default 270,000, a tenth of iNat 2021's; the json of
+  :mod:`benchmarks.json_read`) against the file's read and ``json.loads`` alone, best of 3 in turns.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.json_read import make_split
+from ensemble.formats.places import read_observations
 from weights_search.geo import GeoPrior, GeoSettings, points
 
 N_CLASSES = 10_000
@@ -115,6 +122,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a tenth of the observations and queries")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sample", type=int, default=100, help="queries checked by brute force")
+    parser.add_argument("--read-images", type=int, default=None,
+                        help="images of the training json read (default 270,000; 27,000 with --quick; 0: none)")
     args = parser.parse_args()
     scale = 0.1 if args.quick else 1.0
     rng = np.random.default_rng(args.seed)
@@ -184,6 +193,28 @@ def main() -> None:
     base = f" above the generated data ({data_rss / 2**30:.2f} GiB)" if reset else " (peak not reset: whole process)"
     print(f"  peak RSS{base}: fit {(fit_peak - data_rss * reset) / 2**30:.2f} GiB, fit + query "
           f"{(peak - data_rss * reset) / 2**30:.2f} GiB; whole process now {_status('VmRSS') / 2**30:.2f} GiB")
+
+    n_images = args.read_images if args.read_images is not None else int(270_000 * scale)
+    if n_images:
+        reading(n_images)
+
+
+def reading(n_images: int, repeat: int = 3) -> None:
+    """Time read_observations against the file's read and json.loads alone."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "train.json"
+        path.write_bytes(make_split(n_images, escapes=False))
+        loads = read = float("inf")
+        for _ in range(repeat):
+            start = time.perf_counter()
+            json.loads(path.read_bytes())
+            loads = min(loads, time.perf_counter() - start)
+            start = time.perf_counter()
+            observations = read_observations(path)
+            read = min(read, time.perf_counter() - start)
+        size = path.stat().st_size
+    print(f"  read_observations of a {size / 1e6:.0f} MB training json ({n_images:,} images, {len(observations):,} "
+          f"observations): {read:.2f} s; read + json.loads alone {loads:.2f} s -> {read / loads:.2f}x")
 
 
 if __name__ == "__main__":

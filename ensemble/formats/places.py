@@ -52,7 +52,7 @@ from ensemble.formats.dataset import _labels, check_regular_file, shown
 #: The fields of an iNat 2021 image record that hold its place and date.
 LATITUDE, LONGITUDE, DATE, UNCERTAINTY = "latitude", "longitude", "date", "location_uncertainty"
 #: A calendar date at the start of a date's text (what follows it is not read).
-_DATE = r"^\s*(\d{4})[-/](\d{1,2})[-/](\d{1,2})(?!\d)"
+_DATE = r"(?a)^\s*(\d{4})[-/](\d{1,2})[-/](\d{1,2})(?!\d)"
 
 
 @dataclass(frozen=True)
@@ -163,9 +163,11 @@ def _read(path: str | os.PathLike, option: str) -> tuple[Path, list, dict, str]:
     images = doc.get("images") if isinstance(doc, dict) else None
     if not isinstance(images, list):
         raise EnsError(f"{label}: no \"images\" list (expected an iNat 2021 json)")
-    for i, image in enumerate(images):
-        if not isinstance(image, dict) or not is_id(image.get("id")):
-            raise EnsError(f"{label}: images[{i}] has no \"id\" (an integer or a string)")
+    ids = [image.get("id") if type(image) is dict else None for image in images]
+    if not set(map(type, ids)) <= {int, str}:  # is_id's rule, for all at once (a bool is no id)
+        for i, image_id in enumerate(ids):
+            if not is_id(image_id):
+                raise EnsError(f"{label}: images[{i}] has no \"id\" (an integer or a string)")
     return path, images, doc, hashlib.sha256(data).hexdigest()
 
 
@@ -181,7 +183,7 @@ def read_observations(path: str | os.PathLike, option: str = "--geo-prior") -> O
         raise EnsError(f"{label}: no annotations (a test split?); give the training json, whose annotated images "
                        "are the observations")
     keep = [i for i, category in enumerate(labels) if category is not None]
-    for i in keep:
+    for i in keep if not set(map(type, (labels[i] for i in keep))) <= {int, str} else ():
         if not is_id(labels[i]):
             raise EnsError(f"{label}: image {shown(ids[i])} is labelled {shown(labels[i])}; expected an integer or "
                            "a string category id")
@@ -240,20 +242,49 @@ def _numbers(images: list, field: str, label: str) -> tuple[np.ndarray, np.ndarr
 
 
 def _day_of_year(images: list, label: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(n,)`` float32 day of year (NaN unknown) and ``(n,)`` bool: a date given but unreadable."""
+    """``(n,)`` float32 day of year (NaN unknown) and ``(n,)`` bool: a date given but unreadable.
+
+    iNat's own ``YYYY-MM-DD...`` is read from the text's first 11 characters as a numpy array
+    of code points (about 20 times faster than a regular expression per date); the rest (another
+    separator, one-digit months, leading blanks) by :data:`_DATE` through pandas. Both give the
+    year, month and day to one calendar check (:func:`_calendar_day`)."""
     values = [image.get(DATE) for image in images]
     if not set(map(type, values)) <= {str, type(None)}:
         for image, value in zip(images, values):
             if not isinstance(value, (str, type(None))):
                 raise EnsError(f"{label}: image {shown(image['id'])} has {DATE} {shown(value)}; expected text "
                                "(YYYY-MM-DD...) or null")
-    text = pd.Series(values, dtype=object)
-    given = text.notna().to_numpy()
-    parts = text.str.extract(_DATE).astype(float)
-    parts.columns = ["year", "month", "day"]
-    when = pd.to_datetime(parts, errors="coerce")  # not a calendar date (Feb 30, month 13): NaT
-    day = when.dt.day_of_year.to_numpy(dtype=np.float32, na_value=np.nan)
+    given = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
+    head = np.array([v or "" for v in values], dtype="U11").view(np.uint32).reshape(len(values), 11)
+    digit = (head >= ord("0")) & (head <= ord("9"))
+    fast = (digit[:, [0, 1, 2, 3, 5, 6, 8, 9]].all(axis=1) & (head[:, 4] == ord("-")) & (head[:, 7] == ord("-"))
+            & ~digit[:, 10])
+    number = head.astype(np.int64) - ord("0")
+    year = number[:, 0] * 1000 + number[:, 1] * 100 + number[:, 2] * 10 + number[:, 3]
+    month = number[:, 5] * 10 + number[:, 6]
+    day_of_month = number[:, 8] * 10 + number[:, 9]
+    other = np.flatnonzero(given & ~fast)
+    if other.size:
+        parts = pd.Series([values[i] for i in other.tolist()], dtype=object).str.extract(_DATE)
+        parts = parts.fillna("0").to_numpy(dtype=np.int64)
+        year[other], month[other], day_of_month[other] = parts[:, 0], parts[:, 1], parts[:, 2]
+    day = _calendar_day(year, month, day_of_month)
+    day[~given] = np.nan
     return day, given & np.isnan(day)
+
+
+#: Days before each month's first in a year of 365 days.
+_MONTH_START = np.array([0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334])
+
+
+def _calendar_day(year: np.ndarray, month: np.ndarray, day: np.ndarray) -> np.ndarray:
+    """``(n,)`` float32 day of year (1..366) of each (year, month, day) of the Gregorian calendar;
+    NaN where it is no date (month 13, Feb 30, Feb 29 of a common year, day 0)."""
+    leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
+    last = np.array([31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31])[np.clip(month - 1, 0, 11)] + (leap & (month == 2))
+    valid = (month >= 1) & (month <= 12) & (day >= 1) & (day <= last)
+    number = _MONTH_START[np.clip(month - 1, 0, 11)] + day + (leap & (month > 2))
+    return np.where(valid, number, np.nan).astype(np.float32)
 
 
 def _fields(images: list, label: str) -> tuple[dict[str, np.ndarray], PlaceCounts]:

@@ -106,6 +106,8 @@ def test_training_json_refusals(tmp_path):
         read_observations(tmp_path / "broken.json")
     with pytest.raises(EnsError, match=r'images\[1\] has no "id"'):
         read_observations(write(tmp_path / "train.json", [image(1), {"file_name": "x"}], [(1, 0)]))
+    with pytest.raises(EnsError, match=r'images\[0\] has no "id"'):
+        read_places(write(tmp_path / "val.json", [image(True), image(2)]), [2])
 
 
 def test_string_category_ids(tmp_path):
@@ -147,3 +149,10 @@ def test_days_of_year(tmp_path):
     day = read_places(path, list(range(len(dates)))).day
     assert day[:5].tolist() == [365, 366, 1, 61, 61] and np.isnan(day[5:]).all()
     assert math.isnan(read_places(path, [5]).day[0])
+    # leap years, the other spellings, and digits that are not ASCII
+    dates = ["2016-02-29", "2000-02-29", "1900-02-29", "2015-02-29", "2016-03-01", "2016/3/1", "2015-12-31x",
+             "\u0662\u0660\u0661\u0660-04-27", "2016-02-29\u0663"]
+    path = write(tmp_path / "val.json", [image(i, date=d) for i, d in enumerate(dates)])
+    places = read_places(path, list(range(len(dates))))
+    np.testing.assert_array_equal(places.day, np.array([60, 60, np.nan, np.nan, 61, 61, 365, np.nan, 60], np.float32))
+    assert places.counts.bad_date == 3
