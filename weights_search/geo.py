@@ -54,14 +54,16 @@ its ``pi_c`` (0) is never needed: no smoothing of zero counts is involved.
 * *an unknown date* (an observation or a query without one) sits at the circle's centre: it is
   ``time_scale`` km from every date (as far as dates two months apart) and 0 from another
   unknown date. One tree serves every query, dated or not, and an undated query ranks the dated
-  observations by place alone (the offset is the same for all).
+  observations by place alone (the offset is the same for all; an undated observation is
+  ``time_scale`` km nearer to it than a dated one at the same place).
 * *a location uncertainty beyond* ``max_uncertainty_m = 100 km`` makes a place unusable, for an
   observation (not used) as for a query (no correction): it is a tenth of the radius, so such a
   place could sit in another neighbourhood. A missing uncertainty is no objection.
 * the ``g'`` stored per row are sorted by class column; float32.
 
-None of the settings is fitted on val (only ``beta`` is); they are the defaults above, a
-competitor may tune them by the CV of ``ens blend``.
+None of the settings is fitted on val (only the blend's ``beta`` is): they are the defaults above,
+recorded with the blend (:meth:`GeoSettings.as_dict`). Times and memory at iNat 2021 size:
+``python -m benchmarks.geo`` (docs/benchmarks.md, "The geo prior").
 """
 
 from __future__ import annotations
