@@ -43,7 +43,10 @@ from ensemble.formats.dataset import find_split, load_labels, read_class_counts
 from ensemble.formats.members import Members, StoreDigests
 from ensemble.formats.store import MANIFEST, LogitStore, read_store
 from ensemble.memory import memory_budget, rows_per_block
+from ensemble.report import geo as regions
+from ensemble.report.geo import RegionLine
 from weights_search import calibration as cal
+from weights_search.metrics import rank_of_true
 
 #: Thumbnails of the most confidently wrong images, at most.
 HARDEST = 24
@@ -90,6 +93,29 @@ class LedgerPoint:
 
 
 @dataclass(frozen=True)
+class GeoSection:
+    """The geo section's numbers (:mod:`ensemble.report.geo`): the blend's geo prior (blend.json's
+    record, and the training json found for it), the fitted split's top-1 and top-``k`` without
+    and with it over all rows (``overall``) and by region (``lines``), the rows with a place and
+    those with a usable one, and the map's points: ``(P,)`` longitude and latitude (rounded to
+    0.01 degree, as drawn) and outcome (:data:`ensemble.report.geo.OUTCOMES`)."""
+
+    file: str  #: the training json as blend.json records it
+    source: Path  #: where the report found it (its sha256 the recorded one)
+    sha256: str
+    beta: float
+    fitted: bool
+    k: int
+    overall: RegionLine
+    lines: tuple[RegionLine, ...]
+    placed: int
+    usable: int
+    map_lon: np.ndarray
+    map_lat: np.ndarray
+    map_outcome: np.ndarray
+
+
+@dataclass(frozen=True)
 class ReportData:
     """Everything the page shows. ``models`` / ``members``: as in blend.json; ``labels``: ``(N,)``
     columns of the fitted split; ``missing``: section -> the one line saying what would enable it."""
@@ -117,6 +143,7 @@ class ReportData:
     ledger_points: tuple[LedgerPoint, ...]
     notes: tuple[str, ...] = field(default_factory=tuple)
     missing: Mapping[str, str] = field(default_factory=dict)
+    geo: GeoSection | None = None  #: None: the blend has no geo prior (and the page no geo section)
 
 
 def read_blend_record(blend_dir: Path) -> tuple[Path, BlendRecord]:
@@ -239,6 +266,55 @@ def find_labels(blend_json: Path, record: BlendRecord, blend_dir: Path, data: Pa
                    f"give --data DIR (the folder holding the {split} json)")
 
 
+def find_geo_source(blend_json: Path, record: BlendRecord, blend_dir: Path, data: Path | None) -> Path:
+    """The training json the blend's geo prior was estimated from: the file blend.json names
+    (relative to the work folder, then as given), else ``--data``'s training json; only a file
+    whose sha256 is the recorded one. One line naming what was looked at, else."""
+    geo = record.geo
+    work = work_folder(blend_dir)
+    candidates = ([] if work is None else [work / geo.file]) + [Path(geo.file)]
+    if data is not None:
+        candidates.append(find_split(data, "train", folders=False, required=False))
+    seen, problems = set(), []
+    for path in candidates:
+        if path is None or os.path.abspath(path) in seen:
+            continue
+        seen.add(os.path.abspath(path))
+        if not os.path.isfile(path):  # os.path: a name the OS cannot take is no file, where Path raises
+            problems.append(f"no file {shown_path(path)}")
+        elif sha256_file(path) != geo.sha256:
+            problems.append(f"{shown_path(path)} is another file (its sha256 differs)")
+        else:
+            return path
+    raise EnsError(f"{blend_json}: the training json of its geo prior ({shown_path(geo.file)}, sha256 "
+                   f"{geo.sha256[:12]}...) is not found ({'; '.join(problems)}); give --data DIR holding it")
+
+
+def geo_prior(record: BlendRecord, source: Path, class_ids: Sequence[Any]) -> Any:
+    """The blend's geo prior (a :class:`weights_search.geo.GeoPrior`) estimated again from the
+    observations of ``source``, with blend.json's settings: the estimator `ens blend` used."""
+    from ensemble.formats.places import read_observations
+    from weights_search.geo import GeoPrior
+
+    observations = read_observations(source, option="the geo prior's training json")
+    try:
+        return GeoPrior.fit(observations.lat, observations.lon, observations.day, observations.columns(class_ids),
+                            len(class_ids), record.geo.geo_settings(), uncertainty=observations.uncertainty)
+    except ValueError as exc:
+        raise EnsError(f"{source}: cannot estimate the geo prior from it ({exc})") from None
+
+
+def geo_input(record: BlendRecord, prior: Any, labels_path: Path, ids: np.ndarray) -> GeoInput:
+    """The :class:`GeoInput` of the fitted split: ``prior`` (:func:`geo_prior`), the places of its
+    labels json in the stores' row order (:func:`ensemble.formats.places.read_places`) and the
+    blend's ``beta``."""
+    from ensemble.formats.places import read_places
+
+    places = read_places(labels_path, ids)
+    return GeoInput(prior, places.lat, places.lon, places.day, places.uncertainty, places.usable,
+                    float(record.geo.beta))
+
+
 def _category_names(labels_doc: Mapping[str, Any], class_ids: Sequence[Any]) -> tuple[str, ...]:
     names = {c.get("id"): c.get("name") for c in labels_doc.get("categories") or [] if isinstance(c, dict)}
     return tuple(f"{names[c]} ({c})" if names.get(c) not in (None, "") else str(c) for c in class_ids)
@@ -313,6 +389,8 @@ class _Pass:
     blend: Predictions
     true_probability: np.ndarray  #: ``(N,)`` the blend's probability of each row's label
     digests: dict[str, str]  #: each model's store's sha256, taken from the pass's reads
+    #: ``(N,)`` int64 rank of each row's label (0: top-1) without and with the geo prior; None without one
+    geo_ranks: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def block_rows(memory: int, sources: Sequence[Members]) -> int:
@@ -321,24 +399,73 @@ def block_rows(memory: int, sources: Sequence[Members]) -> int:
     return rows_per_block(memory, width, sources[0].n_classes, copies=_COPIES)
 
 
-def _blend_block(blend: ws.FittedBlend, block: np.ndarray,
-                 labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The blend's confidence, top class and probability of the label on each row of one block
-    of member logits ``(M, n, C)``."""
+@dataclass(frozen=True)
+class GeoInput:
+    """The blend's geo prior as the report applies it: the estimator fitted on the training json's
+    observations, the fitted split's places (``(N,)`` arrays in the stores' row order) and the
+    weight ``beta``; queried one block of rows at a time, so no ``g'`` of the whole split is held."""
+
+    prior: Any  #: a :class:`weights_search.geo.GeoPrior`
+    lat: np.ndarray
+    lon: np.ndarray
+    day: np.ndarray
+    uncertainty: np.ndarray
+    usable: np.ndarray
+    beta: float
+
+    def block(self, start: int, stop: int) -> Any:
+        """The :class:`weights_search.geo.SparseGeo` of rows ``start:stop``."""
+        rows = slice(start, stop)
+        return self.prior.query(self.lat[rows], self.lon[rows], self.day[rows], self.usable[rows],
+                                uncertainty=self.uncertainty[rows])
+
+    def usable_rows(self) -> np.ndarray:
+        """``(N,)`` bool: the rows the prior corrects (a usable place within the uncertainty limit)."""
+        from weights_search.geo import usable_places
+
+        return self.usable & usable_places(self.lat, self.lon, self.uncertainty, self.prior.settings)
+
+
+def _fuse(blend: ws.FittedBlend, block: np.ndarray) -> np.ndarray:
+    """The blend's ``(n, C)`` log-probabilities of one block of member logits ``(M, n, C)``."""
     try:
-        log_probs = blend.log_proba(block)
+        return blend.log_proba(block)
     except ValueError as exc:
         raise EnsError(f"cannot fuse the stores as blend.json says ({exc})") from None
+
+
+def _scores(log_probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The confidence, top class and probability of the label on each row of ``(n, C)``
+    log-probabilities."""
     confidence, predicted = _top(log_probs, labels)
     return confidence, predicted, _probability(log_probs[np.arange(labels.size), labels])
 
 
+def _blend_block(blend: ws.FittedBlend, block: np.ndarray,
+                 labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The blend's confidence, top class and probability of the label on each row of one block
+    of member logits ``(M, n, C)``."""
+    return _scores(_fuse(blend, block), labels)
+
+
+def _geo_block(log_probs: np.ndarray, labels: np.ndarray, sparse: Any,
+               beta: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The blend's ``(n, C)`` fused ``log_probs`` with the geo prior (``sparse``: the block's
+    :class:`~weights_search.geo.SparseGeo`): ``log q + beta g'`` renormalised (q'), and the rank of
+    each row's label (0: top-1) without and with it; ``log_probs`` is worked on in place."""
+    without = rank_of_true(log_probs, labels)
+    corrected = ws.log_softmax(sparse.apply(log_probs, 0, beta))
+    return corrected, without, rank_of_true(corrected, labels)
+
+
 def _read_stores(blend_json: Path, record: BlendRecord, stores: Sequence[LogitStore], labels: np.ndarray,
-                 memory: int) -> _Pass:
+                 memory: int, geo: GeoInput | None = None) -> _Pass:
     """Each model's top class (raw, and at its fitted temperature when the blend has them and
     blends models), each member's and the blend's, in one pass over the stores in blocks of rows
     read by :class:`~ensemble.formats.members.Members` (never through their memory maps, whose
-    touched pages would count in resident memory); blocks as large as ``memory`` bytes allow."""
+    touched pages would count in resident memory); blocks as large as ``memory`` bytes allow. With
+    ``geo``, the blend is the blend as applied (its geo prior included) and the label's rank
+    without and with the prior is kept per row."""
     models = Members(record.models, stores, views=False)
     members = Members(record.models, stores, views=True) if record.views else models
     digests = StoreDigests(record.models, stores, models, record.views)
@@ -352,6 +479,7 @@ def _read_stores(blend_json: Path, record: BlendRecord, stores: Sequence[LogitSt
     tempered = [_Rows.empty(n_rows) for _ in record.models] if temps is not None else []
     per_member = [_Rows.empty(n_rows) for _ in record.members] if record.views else raw
     blend, true_p = _Rows.empty(n_rows), np.empty(n_rows)
+    ranks = None if geo is None else (np.empty(n_rows, dtype=np.int64), np.empty(n_rows, dtype=np.int64))
     fitted = record.fitted()
     rows = block_rows(memory, [models, members] if record.views else [models])
     for start in range(0, n_rows, rows):
@@ -366,13 +494,18 @@ def _read_stores(blend_json: Path, record: BlendRecord, stores: Sequence[LogitSt
             block = members.block(start, stop)
             for m, out in enumerate(per_member):
                 out.put(start, ws.log_softmax(block[m]), labels)
-        confidence, predicted, true_p[start:stop] = _blend_block(fitted, block, labels[start:stop])
+        log_probs = _fuse(fitted, block)
+        if geo is not None:
+            log_probs, ranks[0][start:stop], ranks[1][start:stop] = _geo_block(
+                log_probs, labels[start:stop], geo.block(start, stop), geo.beta)
+        confidence, predicted, true_p[start:stop] = _scores(log_probs, labels[start:stop])
         blend.confidence[start:stop], blend.predicted[start:stop] = confidence, predicted
+        del log_probs
         del block
     return _Pass(model_predictions={m: r.done() for m, r in zip(record.models, raw)},
                  tempered_predictions={m: r.done() for m, r in zip(record.models, tempered)},
                  member_predictions=[r.done() for r in per_member], blend=blend.done(), true_probability=true_p,
-                 digests=digests.result())
+                 digests=digests.result(), geo_ranks=ranks)
 
 
 def hardest_rows(blend: Predictions, labels: np.ndarray, limit: int = HARDEST) -> np.ndarray:
@@ -437,6 +570,8 @@ def build_report(blend_dir: Path, data: Path | None = None, runs: Path | None = 
     blend_json, record = read_blend_record(blend_dir)
     given = None if runs is None else Path(runs)
     found = open_stores(blend_json, record, blend_dir, given)
+    geo_source = None if record.geo is None else find_geo_source(blend_json, record, blend_dir, data)
+    prior, geo_in = None, None
     while True:  # the first folder whose stores the pass finds to be the blend's (its sha256)
         runs, stores = found.runs, found.stores
         class_ids = list(record.class_ids or range(stores[0].logits.shape[1]))
@@ -447,7 +582,11 @@ def build_report(blend_dir: Path, data: Path | None = None, runs: Path | None = 
         ids = stores[0].ids
         try:
             labels = load_labels(labels_path, ids, class_ids)
-            read = _read_stores(blend_json, record, stores, labels, memory_budget() if memory is None else memory)
+            if geo_source is not None:
+                prior = prior or geo_prior(record, geo_source, class_ids)
+                geo_in = geo_input(record, prior, labels_path, ids)
+            read = _read_stores(blend_json, record, stores, labels, memory_budget() if memory is None else memory,
+                                geo_in)
         except EnsError:  # stores changed since the blend (ids, NaN) say so first: hash them from their files
             problem = found.digest_problem(record, {m: store_digest(s, record.views)
                                                     for m, s in zip(record.models, stores)})
@@ -472,6 +611,10 @@ def build_report(blend_dir: Path, data: Path | None = None, runs: Path | None = 
 
     model_preds, tempered, blend, true_p = (read.model_predictions, read.tempered_predictions, read.blend,
                                             read.true_probability)
+    geo_section = None
+    if geo_in is not None:
+        geo_section = _geo_section(record, geo_source, geo_in, *read.geo_ranks, len(class_ids))
+        del prior, geo_in
     member_predicted = np.stack([p.predicted for p in read.member_predictions])
     del read
     labels_doc = read_json(labels_path)  # load_labels has checked it, read the same way
@@ -514,4 +657,21 @@ def build_report(blend_dir: Path, data: Path | None = None, runs: Path | None = 
                       member_correct=member_predicted == labels[None, :], blend=blend, counts=counts,
                       counts_source=counts_source, hardest=hardest, wrong=wrong, ledger=ledger,
                       ledger_points=points, notes=tuple(printable(n) for n in notes),
-                      missing={k: printable(v) for k, v in missing.items()})
+                      missing={k: printable(v) for k, v in missing.items()}, geo=geo_section)
+
+
+def _geo_section(record: BlendRecord, source: Path, geo: GeoInput, rank_without: np.ndarray,
+                 rank_with: np.ndarray, n_classes: int) -> GeoSection:
+    """The geo section of the fitted split from each row's rank of its label without and with the
+    geo prior (the report's pass) and its place; top-k as the CV table's (5 without one)."""
+    k = min(record.cv.top_k if record.cv is not None else 5, n_classes)
+    codes = regions.region_codes(geo.lat, geo.lon)
+    has_place = regions.placed(geo.lat, geo.lon)
+    outcome = regions.outcomes(rank_without == 0, rank_with == 0)
+    shown = regions.map_rows(has_place, outcome)
+    return GeoSection(file=record.geo.file, source=source, sha256=record.geo.sha256, beta=float(record.geo.beta),
+                      fitted=record.geo.fitted, k=k, overall=regions.line("all", rank_without, rank_with, k),
+                      lines=tuple(regions.by_region(codes, rank_without, rank_with, k)),
+                      placed=int(has_place.sum()), usable=int(geo.usable_rows().sum()),
+                      map_lon=np.round(geo.lon[shown], 2), map_lat=np.round(geo.lat[shown], 2),
+                      map_outcome=outcome[shown])

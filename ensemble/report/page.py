@@ -23,6 +23,7 @@ from ensemble.fileio import sha256_file
 from ensemble.formats.blend import BlendRecord
 from ensemble.report import plots
 from ensemble.report.build import ReportData
+from ensemble.report.geo import OUTCOMES
 from ensemble.report.images import UnreadableImage, thumbnail
 from weights_search import calibration as cal
 
@@ -35,6 +36,9 @@ SECTIONS = {
     "hardest": "Hardest images",
     "leaderboard": "Leaderboard",
 }
+
+#: Sections shown only when the blend has their input: id -> heading (the geo prior's, after the long tail).
+OPTIONAL_SECTIONS = {"geo": "Geo prior: where the images are"}
 
 _CSS = """
 body { font-family: sans-serif; margin: 1.5em auto; max-width: 62em; padding: 0 1em; color: #222; line-height: 1.4; }
@@ -80,7 +84,8 @@ def _num(value: float | None, key: str, digits: int = 4, blank: str = "") -> str
 
 
 def _section(sid: str, body: str) -> str:
-    return f'<section id="{sid}" data-section="{sid}">\n<h2>{SECTIONS[sid]}</h2>\n{body}\n</section>'
+    heading = SECTIONS.get(sid) or OPTIONAL_SECTIONS[sid]
+    return f'<section id="{sid}" data-section="{sid}">\n<h2>{heading}</h2>\n{body}\n</section>'
 
 
 def _missing(sid: str, line: str) -> str:
@@ -132,6 +137,11 @@ def summary(data: ReportData) -> str:
         parts.append(f'<p class="lead">Corrected for the training prior of {_e(prior.file)}: '
                      f'tau <span data-key="tau" data-value="{_e(json.dumps(prior.tau))}">{prior.tau:.3f}</span>'
                      f' ({how}; 0 is no correction, 1 divides by the prior once).</p>')
+    if record.geo is not None:
+        how = "fitted with the weights" if record.geo.fitted else "given"
+        parts.append(f'<p class="lead">Corrected for where and when the images were taken (the geo prior of '
+                     f'{_e(record.geo.file)}): beta <span data-key="beta" data-value="{_exact(record.geo.beta)}">'
+                     f'{record.geo.beta:.3f}</span> ({how}; 0 is no correction); see its section below.</p>')
     in_sample = float((data.blend.predicted == data.labels).mean())
     parts.append(f'<p class="note">In-sample top-1 of the blend on {_e(data.split)}: '
                  f'<span data-key="in_sample_top1" data-value="{_exact(in_sample)}">{in_sample:.4f}</span> '
@@ -170,8 +180,8 @@ def calibration(data: ReportData) -> str:
 
 
 def _included(record: BlendRecord) -> str:
-    parts = [name for name, value in (("its temperatures", record.temperatures), ("the prior correction", record.prior))
-             if value]
+    parts = [name for name, value in (("its temperatures", record.temperatures), ("the prior correction", record.prior),
+                                      ("the geo prior", record.geo)) if value]
     return ", " + " and ".join(parts) + " included" if parts else ""
 
 
@@ -215,6 +225,57 @@ def longtail(data: ReportData) -> str:
             "equal thirds. A prior correction should lift the tail.</p>")
     return _section("longtail", lead + plots.bucket_chart(accuracy, names, list(cal.BUCKETS))
                     + f'<table class="buckets"><tr><th></th>{header}</tr>{body}</table>')
+
+
+def _pct(value: float) -> str:
+    return "" if not math.isfinite(value) else f"{value:+.4f}"
+
+
+def geo(data: ReportData) -> str:
+    """The geo section: top-1 and top-k without and with the blend's geo prior, by region, and the
+    map of the fitted split's images (only for a blend with a geo prior)."""
+    g = data.geo
+    k = g.k
+    how = f"fitted on {_e(data.split)} with the weights" if g.fitted else "given"
+    lead = (f'<p class="lead">The blend is corrected for where and when each image was taken: '
+            f"<code>log q + beta g'</code>, with <code>g'</code> from the nearest observations of "
+            f"{_e(g.file)} (sha256 <span data-key=\"geo_sha256\">{_e(g.sha256[:12])}</span>…) and beta "
+            f'<span data-key="geo_beta" data-value="{_exact(g.beta)}">{g.beta:.3f}</span> ({how}). '
+            f'On {_e(data.split)}, <span data-key="geo_placed" data-value="{g.placed}">{g.placed}</span> of '
+            f"{data.labels.size} images have a place, "
+            f'<span data-key="geo_usable" data-value="{g.usable}">{g.usable}</span> a usable one (the others get no '
+            "correction). Every other section shows the blend as applied, with the geo prior.</p>")
+    note = ('<p class="note">These figures are in-sample (weights and beta fitted on these rows); the CV table of the '
+            "summary holds the honest estimate with and without it.</p>")
+    o = g.overall
+    overall = (f'<table class="geo-overall"><tr><th></th><th>top-1</th><th>top-{k}</th><th>rows fixed</th>'
+               f'<th>rows broken</th></tr>'
+               f'<tr data-row="without"><td>without the geo prior</td>{_num(o.top1_without, "top1")}'
+               f'{_num(o.topk_without, "topk")}<td></td><td></td></tr>'
+               f'<tr data-row="with"{_USED}><td>with it (as applied)</td>{_num(o.top1_with, "top1")}'
+               f'{_num(o.topk_with, "topk")}<td data-key="fixed" data-value="{o.fixed}">{o.fixed}</td>'
+               f'<td data-key="broken" data-value="{o.broken}">{o.broken}</td></tr></table>')
+    rows = "".join(
+        f'<tr data-row="{_e(x.name)}"><td>{_e(x.name)}</td><td data-key="rows" data-value="{x.rows}">{x.rows}</td>'
+        f'{_num(x.top1_without, "top1_without", blank="-")}{_num(x.top1_with, "top1_with", blank="-")}'
+        f'<td data-key="top1_change" data-value="{_exact(x.top1_with - x.top1_without)}">'
+        f'{_pct(x.top1_with - x.top1_without)}</td>'
+        f'{_num(x.topk_without, "topk_without", blank="-")}{_num(x.topk_with, "topk_with", blank="-")}'
+        f'<td data-key="fixed" data-value="{x.fixed}">{x.fixed}</td>'
+        f'<td data-key="broken" data-value="{x.broken}">{x.broken}</td></tr>' for x in g.lines)
+    regions_lead = ('<p class="lead">By region: continents as simple latitude/longitude boxes (coarse at their edges), '
+                    "the open sea as <i>elsewhere</i>, and the images without a place on their own line. A row is "
+                    "<i>fixed</i> when the prior makes its top-1 right, <i>broken</i> when it makes it wrong.</p>")
+    table = (f'<table class="geo-regions"><tr><th>region</th><th>images</th><th>top-1 without</th><th>with</th>'
+             f'<th>change</th><th>top-{k} without</th><th>with</th><th>fixed</th><th>broken</th></tr>{rows}</table>')
+    chart = plots.region_chart([x.name for x in g.lines], [x.top1_without for x in g.lines],
+                               [x.top1_with for x in g.lines])
+    figure = (plots.geo_map(g.map_lon, g.map_lat, g.map_outcome, OUTCOMES, g.placed) if g.placed else
+              f'<p class="note">No image of {_e(data.split)} has a place: no map.</p>')
+    map_lead = ('<p class="lead">Where the images are: longitude against latitude (a plain equirectangular frame, '
+                "graticule every 30°, no coastline), each image coloured by what the geo prior did to it.</p>")
+    return _section("geo", lead + overall + note + regions_lead + f'<div class="row">{chart}</div>' + table
+                    + map_lead + figure)
 
 
 def hardest(data: ReportData) -> str:
@@ -282,8 +343,8 @@ def _footer(data: ReportData) -> str:
 def render(data: ReportData) -> str:
     """The whole page."""
     notes = "".join(f'<p class="note">Note: {_e(n)}</p>' for n in data.notes)
-    body: Iterable[str] = (summary(data), calibration(data), diversity(data), longtail(data), hardest(data),
-                           leaderboard(data))
+    body: Iterable[str] = (summary(data), calibration(data), diversity(data), longtail(data),
+                           *((geo(data),) if data.geo is not None else ()), hardest(data), leaderboard(data))
     title = f"ens report: {data.blend_dir.resolve().name}"
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f'<meta name="generator" content="ens {_e(__version__)}">\n<title>{_e(title)}</title>\n'
@@ -298,4 +359,7 @@ def sections_shown(data: ReportData) -> Mapping[str, bool]:
     gone = {"diversity", "hardest", "leaderboard"} & set(data.missing)
     if data.counts is None:
         gone.add("longtail")
-    return {sid: sid not in gone for sid in SECTIONS}
+    shown = {sid: sid not in gone for sid in SECTIONS}
+    if data.geo is not None:  # only a blend with a geo prior has the section
+        shown["geo"] = True
+    return shown

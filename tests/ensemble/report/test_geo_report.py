@@ -6,11 +6,19 @@ from __future__ import annotations
 import html
 import json
 import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ensemble.report import geo, plots
+from ensemble.report import geo, plots, write_report
+from ensemble.report.build import build_report
+from weights_search.geo import GeoPrior, GeoSettings
+
+from tests.ensemble.conftest import ens, make_inat, ok, one_line_error, tiny_onnx
+from tests.ensemble.report.test_report import cells
 
 
 # ----------------------------------------------------------------------------- regions by boxes
@@ -123,3 +131,189 @@ def test_the_map_holds_the_points_it_draws_and_stays_small():
 def test_region_names_are_text_in_the_chart():
     svg = plots.region_chart(["a_$x^2$ <b>", "Europe"], [0.5, np.nan], [0.6, 0.7])
     assert "<b>" not in svg and _values(svg)["without"] == [0.5, None]
+
+
+# ------------------------------------------------------------------ end to end: a blend with the prior
+
+CLASSES = 5
+#: Where each category lives (its training observations and most of its val images).
+CENTRES = {0: (48.0, 2.0), 1: (40.0, -100.0), 2: (-25.0, 135.0), 3: (0.0, 20.0), 4: (35.0, 139.0)}
+N_VAL = 40
+
+
+@dataclass(frozen=True)
+class GeoWork:
+    root: Path
+    data: Path
+    runs: Path
+    geo: Path  #: the blend folder with the geo prior
+    plain: Path  #: the same blend without it
+
+
+def _place(rng, c: int) -> tuple[float, float]:
+    lat, lon = CENTRES[c]
+    return float(lat + rng.normal(0, 3)), float(lon + rng.normal(0, 3))
+
+
+@pytest.fixture(scope="module")
+def geo_work(tmp_path_factory) -> GeoWork:
+    root = tmp_path_factory.mktemp("geo_report")
+    data = make_inat(root / "data", n_val=N_VAL, n_test=4, categories=CLASSES)
+    rng = np.random.default_rng(0)
+    doc = json.loads((data / "val2019.json").read_text())
+    category = {a["image_id"]: a["category_id"] for a in doc["annotations"]}
+    for i, image in enumerate(doc["images"]):
+        if i % 10 == 9:  # no place: its own line, no correction
+            image["latitude"] = image["longitude"] = None
+            continue
+        # every 7th image where another category lives: the prior can break it
+        c = category[image["id"]] if i % 7 else (category[image["id"]] + 1) % CLASSES
+        image["latitude"], image["longitude"] = _place(rng, c)
+        image["date"], image["location_uncertainty"] = "2020-05-01", 10
+    (data / "val2019.json").write_text(json.dumps(doc))
+    images, annotations = [], []
+    for i in range(200):
+        lat, lon = _place(rng, i % CLASSES)
+        images.append({"id": 1000 + i, "file_name": f"x{i}.jpg", "latitude": lat, "longitude": lon,
+                       "date": "2019-06-01", "location_uncertainty": 5})
+        annotations.append({"id": i, "image_id": 1000 + i, "category_id": i % CLASSES})
+    (data / "train2019.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                                     "categories": [{"id": c} for c in range(CLASSES)]}))
+    onnx = [tiny_onnx(root / "models" / f"m{i}.onnx", seed=i, classes=CLASSES) for i in range(2)]
+    runs = root / "runs"
+    ok(ens("infer", *onnx, "--data", data, "--split", "val", "--workers", 0, "--out", runs))
+    fit = ("blend", "--runs", runs, "--optimize", "val", "--cv", 3, "--data", data)
+    ok(ens(*fit, "--out", root / "blends" / "plain"))
+    ok(ens(*fit, "--out", root / "blends" / "geo"))  # TEMPORARY until ens blend --geo-prior lands
+    from ensemble.fileio import sha256_file
+    from ensemble.formats.blend import BlendRecord, GeoCorrection
+    rec = BlendRecord.read(root / "blends" / "geo" / "blend.json")
+    rec._with(format=4, geo=GeoCorrection(file=str(data / "train2019.json"), sha256=sha256_file(data / "train2019.json"),
+                                          used=200, skipped={}, settings=GeoSettings().as_dict(), weight=1.5, beta=1.5,
+                                          no_place={"val": 4})).write(root / "blends" / "geo" / "blend.json")
+    return GeoWork(root, data, runs, root / "blends" / "geo", root / "blends" / "plain")
+
+
+def _fused(work: GeoWork, record: dict) -> np.ndarray:
+    """The blend's ``(N, C)`` log-probabilities without the geo prior, from the stores' files and
+    blend.json alone (an nll blend: a mixture of the members' softmaxes)."""
+    assert record["fusion"] == "mixture" and not record["temperatures"] and not record["prior"]
+    total = 0.0
+    for name, w in record["weights"].items():
+        x = np.load(work.runs / name / "val" / "logits.npy").astype(np.float64)
+        p = np.exp(x - x.max(axis=1, keepdims=True))
+        total = total + w * p / p.sum(axis=1, keepdims=True)
+    return np.log(total / sum(record["weights"].values()))
+
+
+def _truth(work: GeoWork) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Labels (columns), latitudes and longitudes (NaN without) of the store's rows, read from the
+    val json here, and the rows' ids."""
+    doc = json.loads((work.data / "val2019.json").read_text())
+    ids = np.load(work.runs / "m0" / "val" / "ids.npy")
+    by_id = {image["id"]: image for image in doc["images"]}
+    truth = {a["image_id"]: a["category_id"] for a in doc["annotations"]}
+    lat = np.array([np.nan if by_id[i]["latitude"] is None else by_id[i]["latitude"] for i in ids.tolist()])
+    lon = np.array([np.nan if by_id[i]["longitude"] is None else by_id[i]["longitude"] for i in ids.tolist()])
+    return np.array([truth[i] for i in ids.tolist()]), lat, lon, ids
+
+
+def _corrected(work: GeoWork, record: dict, log_q: np.ndarray, lat, lon) -> np.ndarray:
+    """``log q + beta g'`` with ``g'`` of the estimator (weights_search.geo) fitted on the training
+    json's observations as blend.json's settings say; rows without a place unchanged."""
+    train = json.loads((work.data / "train2019.json").read_text())
+    cat = {a["image_id"]: a["category_id"] for a in train["annotations"]}
+    settings = GeoSettings(**{k: float("inf") if v == "inf" else v for k, v in record["geo"]["settings"].items()})
+    prior = GeoPrior.fit([i["latitude"] for i in train["images"]], [i["longitude"] for i in train["images"]],
+                         [152.0] * len(train["images"]), [cat[i["id"]] for i in train["images"]], CLASSES, settings)
+    has = np.isfinite(lat)
+    sparse = prior.query(np.where(has, lat, 0), np.where(has, lon, 0), np.where(has, 122.0, np.nan), has)
+    out = log_q.copy()
+    for n in range(out.shape[0]):
+        lo, hi = sparse.indptr[n], sparse.indptr[n + 1]
+        out[n, sparse.column[lo:hi]] += record["geo"]["beta"] * sparse.value[lo:hi].astype(np.float64)
+    return out
+
+
+def test_the_geo_section_recomputes_with_and_without_from_the_files(geo_work):
+    record = json.loads((geo_work.geo / "blend.json").read_text())
+    assert record["geo"]["beta"] == 1.5
+    labels, lat, lon, _ = _truth(geo_work)
+    log_q = _fused(geo_work, record)
+    corrected = _corrected(geo_work, record, log_q, lat, lon)
+    right_without, right_with = log_q.argmax(axis=1) == labels, corrected.argmax(axis=1) == labels
+    assert (right_with & ~right_without).any() and (right_without != right_with).sum() >= 2  # the prior did something
+    result = write_report(geo_work.geo)
+    assert result.sections["geo"] is True
+    page = result.path.read_text()
+    overall = cells(page, "geo-overall")
+    assert overall["without"]["top1"] == pytest.approx(right_without.mean(), abs=1e-12)
+    assert overall["with"]["top1"] == pytest.approx(right_with.mean(), abs=1e-12)
+    assert overall["with"]["fixed"] == int((right_with & ~right_without).sum())
+    assert overall["with"]["broken"] == int((right_without & ~right_with).sum())
+    codes = geo.region_codes(lat, lon)
+    table = cells(page, "geo-regions")
+    assert list(table) == [name for c, name in enumerate(geo.LINES) if (codes == c).any()]
+    assert table["no place"]["rows"] == int(np.isnan(lat).sum()) == N_VAL // 10
+    for c, name in enumerate(geo.LINES):
+        if (codes == c).any():
+            mine = codes == c
+            assert table[name]["rows"] == mine.sum()
+            assert table[name]["top1_without"] == pytest.approx(right_without[mine].mean(), abs=1e-12)
+            assert table[name]["top1_with"] == pytest.approx(right_with[mine].mean(), abs=1e-12)
+    # the rest of the page is the blend as applied: with the geo prior
+    data = build_report(geo_work.geo)
+    np.testing.assert_array_equal(data.blend.predicted, corrected.argmax(axis=1))
+    # the map: every image with a place, coloured by what the prior did
+    svg = re.search(r'<svg[^>]*aria-label="where the images are".*?</svg>', page, re.S).group(0)
+    drawn = _values(svg)
+    placed = np.flatnonzero(np.isfinite(lat))
+    assert drawn["shown_of"] == placed.size and drawn["lon"] == np.round(lon[placed], 2).tolist()
+    assert drawn["outcome"] == geo.outcomes(right_without, right_with)[placed].tolist()
+    assert 'data-key="beta" data-value="1.5"' in page
+
+
+def test_a_blend_without_the_geo_prior_has_no_geo_section(geo_work):
+    result = write_report(geo_work.plain)
+    page = result.path.read_text()
+    assert "geo" not in result.sections and 'id="geo"' not in page and "where the images are" not in page
+
+
+def test_the_training_json_is_found_by_its_sha256_or_one_line(geo_work, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(geo_work.runs, tmp_path / "runs")
+    folder = tmp_path / "blends" / "geo"
+    shutil.copytree(geo_work.geo, folder)
+    data = tmp_path / "data"
+    shutil.copytree(geo_work.data, data)
+    doc = json.loads((folder / "blend.json").read_text())
+    doc["geo"]["file"] = "data/train2019.json"  # relative to the work folder, as `ens blend` ran there
+    (folder / "blend.json").write_text(json.dumps(doc))
+    assert write_report(folder).sections["geo"]
+    (folder / "report.html").unlink()
+    moved = tmp_path / "moved.json"
+    (data / "train2019.json").rename(moved)
+    one_line_error(ens("report", folder), "the training json of its geo prior (data/train2019.json, sha256",
+                   "not found", "no file", "give --data DIR")
+    (data / "train2019.json").write_text(moved.read_text().replace("2019-06-01", "2019-06-02"))
+    one_line_error(ens("report", folder, "--data", data), "is another file (its sha256 differs)")
+    assert not (folder / "report.html").exists()
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    shutil.copy(moved, other / "train2019.json")  # the recorded file is not the one; --data's training json is
+    result = ok(ens("report", folder, "--data", other, "-o", tmp_path / "r.html"))
+    assert "6 of 7 sections" in result.stdout and 'id="geo"' in (tmp_path / "r.html").read_text()
+
+
+def test_the_geo_prior_file_name_is_text_on_the_page(geo_work, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(geo_work.runs, tmp_path / "runs")
+    folder = tmp_path / "blends" / "geo"
+    shutil.copytree(geo_work.geo, folder)
+    odd = tmp_path / "<b>tr&ain<i>.json"
+    shutil.copy(geo_work.data / "train2019.json", odd)
+    doc = json.loads((folder / "blend.json").read_text())
+    doc["geo"]["file"] = str(odd)
+    (folder / "blend.json").write_text(json.dumps(doc))
+    page = write_report(folder, data=geo_work.data).path.read_text()
+    assert "<b>tr&ain" not in page and "&lt;b&gt;tr&amp;ain&lt;i&gt;.json" in page
