@@ -351,11 +351,13 @@ def blend(
     out: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Blend folder, a folder of its own (never a logit store nor a folder of stores) \\[default: blends/<method>; with --weights, <its folder>-<split> beside it].")] = None,
     prior: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Training class counts to correct the blend for (long-tail logit adjustment): a COCO/iNat json (its annotations are counted, e.g. data/train2019.json), a JSON object {\"category_id\": count} or a CSV category_id,count.")] = None,
     prior_tau: Annotated[Optional[str], typer.Option(metavar="auto|FLOAT", help="Strength of the prior correction: auto fits it with the weights on the fitted split; a number from 0 (none) to 3 fixes it (1 divides by the prior once). With --method accuracy a fixed tau also keeps far fewer rival pairs in memory.", show_default="auto, with --prior")] = None,
+    geo_prior: Annotated[Optional[Path], typer.Option(metavar="TRAIN_JSON", help="Training json whose images' latitude, longitude and date (iNat 2021's train.json) give a location/date prior, combined with the blend as p(y | image) (p(y | place) / p(y))^beta, beta from --geo-weight; the places of the fitted and applied images come from their split jsons. With --weights: where the saved blend's training json is now \\[default: the path blend.json records].")] = None,
+    geo_weight: Annotated[Optional[str], typer.Option(metavar="auto|FLOAT", help="Weight of the geo prior: auto fits it on the fitted split inside the CV; a number from 0 (off) to 3 fixes it.", show_default="auto, with --geo-prior")] = None,
     memory: MemoryOption = None,
 ) -> None:
     """Fit blend weights on validation, report honest CV estimates, fuse the test logits.
 
-    Writes DIR/blend.json (weights, temperatures, prior correction, CV table, input hashes) and
+    Writes DIR/blend.json (weights, temperatures, prior correction, geo prior, CV table, input hashes) and
     DIR/predictions.csv (id, top-k category ids and probabilities) for `ens submit`.
     """
     with _user_errors(ctx):
@@ -365,6 +367,7 @@ def blend(
         options = BlendOptions(runs=runs, models=model_list, optimize=optimize, apply=apply, data=data,
                                method=method, temperature=temperature, views=views, cv=cv, fallback=fallback,
                                weights=weights, top_k=top_k, out=out, prior=prior, prior_tau=prior_tau,
+                               geo_prior=geo_prior, geo_weight=geo_weight,
                                memory=_memory.memory_budget(memory))
         result = run_blend(options)
     record = result.record
@@ -377,6 +380,8 @@ def blend(
         _echo("temperatures: " + ", ".join(f"{n} {t:.2f}" for n, t in record.temperatures.items()))
     if record.prior is not None:
         _echo(_prior_line(record))
+    if record.geo is not None:
+        _echo(_geo_line(record))
     _echo(f"wrote {result.out / 'blend.json'}")
     if result.predictions is not None:
         _echo(f"wrote {result.predictions} ({result.rows} image{'' if result.rows == 1 else 's'} of "
@@ -400,6 +405,23 @@ def _prior_line(record) -> str:
             f"{min(counts)}-{max(counts)} training images per class")
 
 
+def _geo_line(record) -> str:
+    """What the blend's geo prior is (``record``: a BlendRecord with one) and where its beta came
+    from."""
+    geo = record.geo
+    if record.applied_from is not None:
+        how = f"from {record.applied_from}"
+    elif geo.fitted:
+        betas = (record.cv.fold_betas or ()) if record.cv is not None else ()
+        how = f"fitted on {record.optimize.split} in the CV" + (
+            f"; {min(betas):.3f}-{max(betas):.3f} in the CV folds" if betas else "")
+    else:
+        how = "given"
+    no_place = ", ".join(f"{printable(split)} {count:,}" for split, count in geo.no_place.items())
+    return (f"geo prior: beta {geo.beta:.3f} ({how}); {printable(geo.file)}, {geo.used:,} observations used, "
+            f"{geo.skipped_total:,} skipped; images without a usable place: {no_place or 'none'}")
+
+
 def _print_cv_table(record) -> None:
     """The CV table of a fitted BlendRecord."""
     cv = record.cv
@@ -407,7 +429,9 @@ def _print_cv_table(record) -> None:
     _echo(f"{cv.folds}-fold CV on {record.optimize.split} ({record.optimize.rows} images)"
                + (", temperatures fitted per fold" if cv.temperature else "")
                + (", +prior: corrected for --prior, tau fitted per fold" if cv.prior and record.prior.tau_fitted
-                  else ", +prior: corrected for --prior" if cv.prior else ""))
+                  else ", +prior: corrected for --prior" if cv.prior else "")
+               + (", +geo: with --geo-prior, beta fitted per fold" if cv.geo and record.geo is not None
+                  and record.geo.fitted else ", +geo: with --geo-prior" if cv.geo else ""))
     width = max(len(printable(r.name)) for r in cv.rows) + 2
     nll = max(8, *(len(f"{r.nll:.4f}") + 2 for r in cv.rows))  # an NLL of 100 or more needs a wider column
     _echo(f"{'':<{width}}{'top-1':>7}  {'95% interval':<16}{f'top-{k}':>7}{'NLL':>{nll}}")  # [0.1234, 0.5678]: 16

@@ -15,6 +15,7 @@ import numpy as np
 import weights_search as ws
 from ensemble import __version__
 from ensemble.blend.checks import class_order_warnings, label_warnings
+from ensemble.blend.geo import GeoSource, apply_geo, fit_geo_prior, geo_cv_note, geo_weight, saved_geo, split_geo
 from ensemble.blend.prior import prior_cv_note, prior_hint, prior_notes, prior_tau
 from ensemble.blend.stores import BlendSplit, PassDigests, available_models, label_source, open_split
 from ensemble.errors import EnsError
@@ -23,11 +24,12 @@ from ensemble.formats.blend import (BLEND_FILE, BLENDS, CHUNK_ROWS, BlendRecord,
                                     PriorCorrection, SplitStores, prior_counts, record_format,
                                     shown_path)
 from ensemble.formats.common import is_sha256, read_json
-from ensemble.formats.dataset import load_labels, read_class_counts
+from ensemble.formats.dataset import find_split, load_labels, read_class_counts
 from ensemble.formats.members import Members
 from ensemble.formats.predictions import PREDICTIONS_FILE, write_predictions
 from ensemble.formats.store import MANIFEST
 from ensemble.memory import GIB, memory_budget, rows_per_block
+from weights_search.cv import GEO_SUFFIX
 from weights_search.parallel import default_workers, ordered_map
 from weights_search.stats import TooManyPairs, max_pairs_within, pair_bytes
 
@@ -52,6 +54,12 @@ class BlendOptions:
     the folder the saved blend.json records (its ``runs``) when that holds them
     (:func:`_saved_runs`).
 
+    ``geo_prior``: the training json whose observations' places and dates give the geo prior
+    (:mod:`ensemble.blend.geo`); ``geo_weight``: "auto" (fit ``beta`` in the CV, the default with
+    ``geo_prior``) or a number in :data:`weights_search.geo_fit.GEO_BOUNDS` (0: off). With
+    ``weights``, ``geo_prior`` says where the saved blend's training json is now (it must have
+    the recorded sha256; default: the recorded path) and ``geo_weight`` is refused.
+
     ``memory``: the bytes the row blocks of the fit and of the fusion may take
     (:mod:`ensemble.memory`); None: :func:`ensemble.memory.memory_budget`'s default.
     """
@@ -72,6 +80,8 @@ class BlendOptions:
     prior: Path | None = None
     prior_tau: str | None = None
     memory: int | None = None
+    geo_prior: Path | None = None
+    geo_weight: str | None = None
 
 
 @dataclass(frozen=True)
@@ -119,8 +129,16 @@ def run_blend(options: BlendOptions) -> BlendResult:
     # writes is refused before any long work.
     split = open_split(options.runs, models, apply) if apply is not None else None
     _check_room(out, split, options.top_k, saved, fitted, views)
+    # The geo prior's estimator, fitted on the training json before any long work.
+    geo = None
+    if saved is not None:
+        geo = saved_geo(saved, options.weights, options.geo_prior, split.class_ids)
+        if geo is not None:
+            notes.extend(geo.notes)
+    elif options.geo_prior is not None:
+        geo = fit_geo_prior(options.geo_prior, fitted.class_ids)
     if fitted is not None:
-        blend, record = _fit(options, fitted, views, notes, budget)
+        blend, record = _fit(options, fitted, views, notes, budget, geo)
         reference, reference_name = record.provenance, f"{options.optimize} store"
 
     members = None
@@ -142,7 +160,13 @@ def run_blend(options: BlendOptions) -> BlendResult:
         blend_tmp = stack.enter_context(atomic_path(out / BLEND_FILE))
         if split is not None:
             predictions_tmp = stack.enter_context(atomic_path(predictions))
-            rows = _write_predictions(predictions_tmp, split, members, blend, options.top_k, budget)
+            applied_geo = None
+            if geo is not None:
+                sparse, no_place, geo_notes = split_geo(geo, _places_json(split, options.data), split)
+                notes.extend(geo_notes)
+                applied_geo = (sparse, record.geo.beta)
+                record = record._with(geo=record.geo.with_no_place(apply, no_place))
+            rows = _write_predictions(predictions_tmp, split, members, blend, options.top_k, budget, applied_geo)
             stores = digests.result()
             members.close()  # its spare block arrays go now, not when a cycle (its digests' hook) is collected
             applied = SplitStores(split=apply, rows=int(split.ids.size), stores=stores,
@@ -259,7 +283,8 @@ def _check_options(options: BlendOptions) -> None:
         fitting = {"--method": options.method is not None, "--temperature": options.temperature,
                    "--views": options.views, "--cv": options.cv is not None,
                    "--fallback": options.fallback is not None, "--data": options.data is not None,
-                   "--prior": options.prior is not None, "--prior-tau": options.prior_tau is not None}
+                   "--prior": options.prior is not None, "--prior-tau": options.prior_tau is not None,
+                   "--geo-weight": options.geo_weight is not None}
         given = [name for name, used in fitting.items() if used]
         if given:
             raise EnsError(f"--weights applies saved weights (and their prior correction) as they are; "
@@ -267,6 +292,10 @@ def _check_options(options: BlendOptions) -> None:
     if options.prior_tau is not None and options.prior is None:
         raise EnsError(f"--prior-tau {options.prior_tau}: give --prior FILE, the training class counts it weighs")
     prior_tau(options.prior_tau)
+    if options.geo_weight is not None and options.geo_prior is None and options.weights is None:
+        raise EnsError(f"--geo-weight {options.geo_weight}: give --geo-prior TRAIN_JSON, the training json whose "
+                       "observations' places it weighs")
+    geo_weight(options.geo_weight)
     if options.cv is not None and options.cv < 2:
         raise EnsError(f"--cv {options.cv}: cross-validation needs at least 2 folds")
     if options.top_k < 1:
@@ -355,10 +384,11 @@ def _out_folder(options: BlendOptions, apply: str | None) -> Path:
 
 
 def _fit(options: BlendOptions, split: BlendSplit, views: bool, notes: list[str],
-         budget: int) -> tuple[Any, BlendRecord]:
+         budget: int, geo: GeoSource | None = None) -> tuple[Any, BlendRecord]:
     """Cross-validate and fit the blend on ``split`` in the same passes over its stores
     (:func:`weights_search.cross_validate_and_fit`), read in blocks of rows (``budget``: the
-    bytes the blocks' work may take)."""
+    bytes the blocks' work may take); with the geo prior ``geo``, its weight too (in one more
+    pass)."""
     models = split.models
     method_asked = options.method or ws.DEFAULT_METHOD
     folds = 5 if options.cv is None else options.cv
@@ -379,6 +409,11 @@ def _fit(options: BlendOptions, split: BlendSplit, views: bool, notes: list[str]
         notes.extend(prior_notes(counts, split.class_ids, options.prior))
         adjustment = ws.LogitAdjustment(ws.class_log_prior(counts), prior_tau(options.prior_tau))
     notes.extend(prior_hint(options.data, options.prior is not None))
+    sparse, no_place, weight = None, 0, geo_weight(options.geo_weight)
+    if geo is not None:
+        notes.extend(geo.notes)
+        sparse, no_place, geo_notes = split_geo(geo, labels_path, split)
+        notes.extend(geo_notes)
     block_budget, max_pairs = _pairs_budget(method_asked, budget, members, labels.size, adjustment is not None)
     block_rows = _block_rows(block_budget, members, FIT_COPIES)
     try:
@@ -386,7 +421,7 @@ def _fit(options: BlendOptions, split: BlendSplit, views: bool, notes: list[str]
         report, blend = ws.cross_validate_and_fit(
             members, labels, method_asked, n_folds=folds, temperature=options.temperature, member_names=names,
             top_k=min(options.top_k, len(split.class_ids)), prior=adjustment, block_rows=block_rows,
-            fallback=options.fallback, max_pairs=max_pairs)
+            fallback=options.fallback, max_pairs=max_pairs, geo=sparse, geo_weight=weight)
         method = method_asked
         fallback_used = False
         if method_asked != "uniform" and not report.beats_uniform:
@@ -399,6 +434,8 @@ def _fit(options: BlendOptions, split: BlendSplit, views: bool, notes: list[str]
                 method, fallback_used = "uniform", True
         if adjustment is not None:
             notes.extend(prior_cv_note(report, method))
+        if geo is not None:
+            notes.extend(geo_cv_note(report, method))
     except TooManyPairs as exc:
         raise EnsError(_too_many_pairs(exc, method_asked, split.name, budget, adjustment is not None)) from None
     except ValueError as exc:
@@ -408,7 +445,7 @@ def _fit(options: BlendOptions, split: BlendSplit, views: bool, notes: list[str]
     stores = digests.result()
     members.close()  # its spare block arrays go now, before the fusion's (not at a cycle collection)
     record = BlendRecord(
-        format=record_format(False), ens=__version__, method=method, requested_method=method_asked,
+        format=record_format(geo is not None), ens=__version__, method=method, requested_method=method_asked,
         fallback=fallback_used, fusion=blend.fusion, params=dict(blend.params), models=tuple(models),
         members=tuple(names), views=views, weights=dict(zip(names, blend.weights)),
         temperatures=None if blend.temperatures is None else dict(zip(names, blend.temperatures)),
@@ -419,10 +456,32 @@ def _fit(options: BlendOptions, split: BlendSplit, views: bool, notes: list[str]
         prior=None if adjustment is None else PriorCorrection(
             file=str(options.prior), sha256=sha256_file(options.prior), counts=tuple(counts.tolist()),
             zero_count=ws.ZERO_COUNT, tau=blend.tau, tau_fitted=adjustment.tau is None),
-        cv=CvTable.of(report, report.uniform_row.name if fallback_used or method == "uniform"
-                      else report.method_row.name),
+        geo=None if geo is None else geo.record(weight, report.geo_beta, {split.name: no_place}),
+        cv=_cv_table(report, "uniform" if fallback_used or method == "uniform" else "method", geo is not None),
     )
     return blend, record
+
+
+def _cv_table(report: Any, kind: str, geo: bool) -> CvTable:
+    """blend.json's CV table of ``report``, the row in use that of ``kind`` (with the geo prior
+    when the blend has it)."""
+    used = report.row(kind, report.prior) or report.uniform_row
+    if not geo:
+        return CvTable.of(report, used.name)
+    return CvTable.of(report, used.name + GEO_SUFFIX, report.fold_betas[used.kind])
+
+
+def _places_json(split: BlendSplit, data: Path | None) -> Path:
+    """The json of ``split``'s images, for their places: its file under ``--data``, else the json
+    its stores were made from."""
+    if data is not None:
+        return find_split(data, split.name, folders=False)
+    source = split.stores[0].manifest.dataset.source
+    if source and str(source).endswith(".json") and Path(source).is_file():
+        return Path(source)
+    raise EnsError(f"{split.stores[0].path}: the {split.name} split did not come from a json that is still there, "
+                   f"so its images' places are unknown to the geo prior; give --data DIR (its {split.name} json)"
+                   + (" when fitting" if split.name == "test" else ""))
 
 
 def _check_folds(folds: int, default: bool, split: BlendSplit) -> None:
@@ -449,9 +508,12 @@ def _saved_blend(saved: BlendRecord, options: BlendOptions, models: Sequence[str
     return saved.fitted(), saved, saved.views
 
 
-def _write_predictions(path: Path, split: BlendSplit, members: Members, blend: Any, top_k: int, budget: int) -> int:
+def _write_predictions(path: Path, split: BlendSplit, members: Members, blend: Any, top_k: int, budget: int,
+                       geo: tuple[Any, float] | None = None) -> int:
     """Fuse ``members`` block by block (``budget``: the bytes a block's work may take) into
-    predictions.csv at ``path`` (a temporary file). A member's NaN or infinite logits are an
+    predictions.csv at ``path`` (a temporary file); ``geo``: the rows' sparse geo prior and its
+    weight ``beta``, added to each fused block before its top-k (:func:`ensemble.blend.geo.apply_geo`:
+    the probabilities written are those of the blend with it, renormalised). A member's NaN or infinite logits are an
     EnsError from the block that holds them (nothing is renamed into place then)."""
     k = min(top_k, len(split.class_ids))
     # Blocks are read in order on this thread while the one before is fused on another (the
@@ -463,7 +525,11 @@ def _write_predictions(path: Path, split: BlendSplit, members: Members, blend: A
     def fused(item: tuple[int, np.ndarray]) -> tuple[int, np.ndarray, np.ndarray]:
         start, block = item
         del item
-        top, probs = ws.top_k(blend.log_proba(block), k)
+        log_q = blend.log_proba(block)
+        scale = None if geo is None else apply_geo(geo[0], log_q, start, geo[1])
+        top, probs = ws.top_k(log_q, k)
+        if scale is not None:
+            probs *= scale
         return start, top, probs
 
     try:

@@ -347,7 +347,7 @@ class GeoCorrection(_Json):
 
     def geo_settings(self) -> ws_geo.GeoSettings:
         """The estimator's settings as :mod:`weights_search.geo` takes them."""
-        return ws_geo.GeoSettings(**{k: float("inf") if v == "inf" else v for k, v in self.settings.items()})
+        return ws_geo.GeoSettings.from_dict(dict(self.settings))
 
     def with_no_place(self, split: str, rows: int) -> "GeoCorrection":
         """This record with ``split``'s rows without a usable place (added after the others)."""
@@ -369,7 +369,7 @@ class GeoCorrection(_Json):
             if not (isinstance(value, dict) and all(is_number(v) or v == "inf" for v in value.values())):
                 return False
             try:
-                ws_geo.GeoSettings(**{k: float("inf") if v == "inf" else v for k, v in value.items()})
+                ws_geo.GeoSettings.from_dict(value)
             except (TypeError, ValueError):
                 return False
             return True

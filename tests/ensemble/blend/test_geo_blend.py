@@ -1,0 +1,287 @@
+"""`ens blend --geo-prior TRAIN_JSON [--geo-weight auto|FLOAT]` end to end on small stores.
+
+A synthetic world of CLASSES classes, each living around its own place on the globe (some
+across the antimeridian, some near a pole) and season; training, val and test jsons in iNat
+2021's fields (latitude, longitude, date, location_uncertainty; some null, one latitude 200).
+Three weak members whose logits carry the true class faintly: the place carries much of the
+class information, so the geo prior must show a CV gain and a fitted beta > 0; with places
+that are noise, beta stays near 0.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ensemble.formats.blend import BlendRecord, GeoCorrection
+from ensemble.formats.store import DatasetRecord, StoreWriter
+from tests.ensemble.conftest import ens, ok, one_line_error
+from tests.ensemble.inference.test_store import BASE, KEY
+
+CLASSES = 12
+MODELS = ("a", "b", "c")
+#: Each class's home: (latitude, longitude, day of year).
+HOMES = [(70.0 * np.sin(c * 1.7), -180.0 + 30.0 * c + 7.0, 1 + (c * 53) % 365) for c in range(CLASSES)]
+
+
+def _places(rng, labels, informative: bool):
+    """Latitude, longitude and day of each row: half near its class's home (informative), the
+    rest anywhere."""
+    n = labels.size
+    lat = np.degrees(np.arcsin(rng.uniform(-1, 1, n)))
+    lon = rng.uniform(-180, 180, n)
+    day = rng.integers(1, 366, n).astype(float)
+    if informative:
+        home = rng.random(n) < 0.5
+        lat[home] = np.array([HOMES[c][0] for c in labels[home]]) + rng.normal(0, 4.0, home.sum())
+        lon[home] = np.array([HOMES[c][1] for c in labels[home]]) + rng.normal(0, 4.0, home.sum())
+        lon = (lon + 180) % 360 - 180
+        day[home] = (np.array([HOMES[c][2] for c in labels[home]]) + rng.normal(0, 10, home.sum())).round() % 365 + 1
+    return np.clip(lat, -89.9, 89.9), lon, day
+
+
+def _images(ids, lat, lon, day, rng, holes: bool):
+    images = []
+    for i, (image_id, la, lo, d) in enumerate(zip(ids, lat, lon, day)):
+        date = (np.datetime64("2019-01-01") + int(d) - 1).astype(str) + " 10:00:00+00:00"
+        image = {"id": int(image_id), "file_name": f"{image_id}.jpg", "width": 8, "height": 8,
+                 "latitude": float(la), "longitude": float(lo), "date": date,
+                 "location_uncertainty": int(rng.integers(5, 500))}
+        if holes and i % 17 == 3:
+            image["latitude"] = image["longitude"] = None  # no place
+        if holes and i % 23 == 5:
+            image["date"] = None  # a place without a date
+        images.append(image)
+    return images
+
+
+def _json(path: Path, images, labels=None) -> Path:
+    doc = {"info": {"year": 2021}, "images": images,
+           "categories": [{"id": c, "name": f"c{c}"} for c in range(CLASSES)]}
+    if labels is not None:
+        doc["annotations"] = [{"id": im["id"], "image_id": im["id"], "category_id": int(c)}
+                              for im, c in zip(images, labels)]
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def _store(folder: Path, split: str, logits: np.ndarray, ids: np.ndarray, source: Path) -> None:
+    rows = ids.size
+    sha = hashlib.sha256(source.read_bytes()).hexdigest()
+    manifest = dataclasses.replace(BASE, dataset=DatasetRecord(split, str(source), sha, rows),
+                                   tta=dataclasses.replace(BASE.tta, views=("identity",)))
+    writer = StoreWriter(folder, {**KEY, "dtype": "float32"}, rows=rows, chunk_size=rows)
+    writer.open(manifest)
+    writer.write_chunk(0, logits, np.ones(rows, bool))
+    writer.finish(tuple(ids.tolist()), tuple(f"{i}.jpg" for i in ids.tolist()), manifest)
+
+
+def _world(root: Path, informative: bool = True, seed: int = 0, n_val: int = 360, n_test: int = 240) -> dict:
+    rng = np.random.default_rng(seed)
+    runs, data = root / "runs", root / "data"
+    data.mkdir(parents=True)
+    train_labels = np.repeat(np.arange(CLASSES), 40)
+    lat, lon, day = _places(rng, train_labels, informative)
+    train_images = _images(np.arange(100_000, 100_000 + train_labels.size), lat, lon, day, rng, holes=True)
+    train_images[7]["latitude"] = 200  # a bad value: counted and skipped
+    train = _json(data / "train2019.json", train_images, train_labels)
+    for split, n, first in (("val", n_val, 1000), ("test", n_test, 5000)):
+        labels = rng.integers(0, CLASSES, n)
+        ids = np.arange(first, first + n)
+        lat, lon, day = _places(rng, labels, informative)
+        path = _json(data / f"{split}2019.json", _images(ids, lat, lon, day, rng, holes=True),
+                     labels if split == "val" else None)
+        for m, model in enumerate(MODELS):
+            logits = rng.normal(0, 1.0, (n, CLASSES)).astype(np.float32)
+            logits[np.arange(n), labels] += 0.6 + 0.2 * m
+            _store(runs / model / split, split, logits, ids, path)
+        if split == "test":
+            (data / "test_labels.npy").write_bytes(labels.astype(np.int64).tobytes())
+    return {"runs": runs, "data": data, "train": train, "root": root}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return _world(tmp_path_factory.mktemp("geo"))
+
+
+def _blend(w, out, *args):
+    return ens("blend", "--runs", w["runs"], "--optimize", "val", "--data", w["data"], "--out", out, *args)
+
+
+def _predictions(path: Path) -> list[list[str]]:
+    with open(path, newline="") as fh:
+        return list(csv.reader(fh))
+
+
+def _test_top1(w, out: Path) -> float:
+    labels = np.frombuffer((w["data"] / "test_labels.npy").read_bytes(), dtype=np.int64)
+    rows = _predictions(out / "predictions.csv")[1:]
+    return float(np.mean([int(r[1]) == c for r, c in zip(rows, labels)]))
+
+
+@pytest.fixture(scope="module")
+def fitted(world, tmp_path_factory):
+    """The plain blend and the blend with the geo prior (auto), once for the module."""
+    root = tmp_path_factory.mktemp("blends")
+    plain = ok(_blend(world, root / "plain"))
+    geo = ok(_blend(world, root / "geo", "--geo-prior", world["train"]))
+    return {"plain": (plain, root / "plain"), "geo": (geo, root / "geo")}
+
+
+def test_informative_places_fit_a_positive_beta_and_show_a_cv_gain(world, fitted):
+    result, out = fitted["geo"]
+    record = BlendRecord.read(out / "blend.json")
+    geo = record.geo
+    assert isinstance(geo, GeoCorrection) and geo.fitted and geo.weight == "auto"
+    assert 0.3 < geo.beta <= 3
+    assert record.format == 4
+    rows = {r.name: r for r in record.cv.rows}
+    assert {"uniform+geo", "nll+geo"} <= rows.keys()
+    assert rows["nll+geo"].top1 > rows["nll"].top1 + 0.1
+    assert rows["nll+geo"].nll < rows["nll"].nll
+    assert record.cv.chosen == "nll+geo" and record.cv.geo and len(record.cv.fold_betas) == 5
+    assert all(0 < b <= 3 for b in record.cv.fold_betas)
+    # the test predictions gain too
+    assert _test_top1(world, out) > _test_top1(world, fitted["plain"][1]) + 0.1
+    # the record: the training json, its sha256, observations used and skipped, rows without a place
+    assert geo.file == str(world["train"])
+    assert geo.sha256 == hashlib.sha256(world["train"].read_bytes()).hexdigest()
+    assert geo.skipped["no place"] == sum(1 for i in range(CLASSES * 40) if i % 17 == 3)
+    assert geo.skipped["bad value"] == 1
+    assert geo.used == CLASSES * 40 - geo.skipped_total
+    assert geo.no_place == {"val": sum(1 for i in range(360) if i % 17 == 3),
+                            "test": sum(1 for i in range(240) if i % 17 == 3)}
+    assert geo.settings["k"] == 64
+    out_text = result.stdout
+    assert "nll+geo" in out_text and "+geo: with --geo-prior, beta fitted per fold" in out_text
+    assert f"geo prior: beta {geo.beta:.3f} (fitted on val in the CV" in out_text
+    assert "observations of 12 categories used" in out_text and "first bad value" in out_text
+    assert f"val: {geo.no_place['val']} of 360 images have no usable place" in out_text
+    assert f"test: {geo.no_place['test']} of 240 images have no usable place" in out_text
+
+
+def test_probabilities_written_are_those_of_the_blend_with_the_geo_prior(fitted):
+    rows = _predictions(fitted["geo"][1] / "predictions.csv")[1:]
+    probs = np.array([[float(p) for p in r[6:]] for r in rows])
+    assert (np.diff(probs, axis=1) <= 1e-6).all()  # most probable first
+    assert (probs.sum(axis=1) <= 1 + 1e-5).all() and probs[:, 0].max() <= 1
+
+
+def test_noise_places_keep_beta_near_zero(tmp_path):
+    w = _world(tmp_path / "w", informative=False, seed=3)
+    ok(_blend(w, tmp_path / "b", "--geo-prior", w["train"]))
+    record = BlendRecord.read(tmp_path / "b" / "blend.json")
+    rows = {r.name: r for r in record.cv.rows}
+    assert record.geo.beta < 0.3
+    assert rows["nll+geo"].top1 <= rows["nll"].top1 + 0.03
+
+
+def test_weight_zero_gives_the_predictions_without_it(world, fitted, tmp_path):
+    ok(_blend(world, tmp_path / "zero", "--geo-prior", world["train"], "--geo-weight", "0"))
+    assert (tmp_path / "zero" / "predictions.csv").read_bytes() == (fitted["plain"][1] / "predictions.csv").read_bytes()
+    record = BlendRecord.read(tmp_path / "zero" / "blend.json")
+    assert record.geo.weight == 0 and record.geo.beta == 0 and not record.geo.fitted
+    rows = {r.name: r for r in record.cv.rows}
+    for name in ("uniform", "nll"):
+        same, plain = rows[name + "+geo"], rows[name]
+        assert (same.top1, same.topk) == (plain.top1, plain.topk) and same.nll == pytest.approx(plain.nll, abs=1e-6)
+    assert record.cv.fold_betas == (0.0,) * 5
+
+
+def test_a_given_weight_is_used_in_every_fold(world, tmp_path):
+    result = ok(_blend(world, tmp_path / "given", "--geo-prior", world["train"], "--geo-weight", "0.7"))
+    record = BlendRecord.read(tmp_path / "given" / "blend.json")
+    assert record.geo.weight == 0.7 and record.geo.beta == 0.7 and record.cv.fold_betas == (0.7,) * 5
+    assert "geo prior: beta 0.700 (given)" in result.stdout
+
+
+def test_weights_reuse_the_geo_prior(world, fitted, tmp_path):
+    saved = fitted["geo"][1] / "blend.json"
+    result = ok(ens("blend", "--runs", world["runs"], "--weights", saved, "--out", tmp_path / "again"))
+    assert (tmp_path / "again" / "predictions.csv").read_bytes() == \
+        (fitted["geo"][1] / "predictions.csv").read_bytes()
+    again = BlendRecord.read(tmp_path / "again" / "blend.json")
+    assert again.geo.beta == BlendRecord.read(saved).geo.beta
+    assert "geo prior: beta" in result.stdout and f"from {saved}" in result.stdout
+
+
+def test_weights_refuse_a_changed_or_missing_training_json(world, fitted, tmp_path):
+    saved = fitted["geo"][1] / "blend.json"
+    moved = tmp_path / "moved.json"
+    moved.write_bytes(world["train"].read_bytes())
+    doc = json.loads(saved.read_text())
+    doc["geo"]["file"] = str(tmp_path / "gone.json")
+    missing = tmp_path / "missing" / "blend.json"
+    missing.parent.mkdir()
+    missing.write_text(json.dumps(doc))
+    one_line_error(ens("blend", "--runs", world["runs"], "--weights", missing, "--out", tmp_path / "x"),
+                   "gone.json is not there", "pass --geo-prior")
+    # the file where it is now: accepted
+    ok(ens("blend", "--runs", world["runs"], "--weights", missing, "--geo-prior", moved, "--out", tmp_path / "y"))
+    assert (tmp_path / "y" / "predictions.csv").read_bytes() == (fitted["geo"][1] / "predictions.csv").read_bytes()
+    changed = tmp_path / "changed.json"
+    text = json.loads(world["train"].read_text())
+    text["images"][0]["latitude"] = 1.5
+    changed.write_text(json.dumps(text))
+    one_line_error(ens("blend", "--runs", world["runs"], "--weights", saved, "--geo-prior", changed,
+                       "--out", tmp_path / "z"), "another training json", "sha256")
+    assert not (tmp_path / "z").exists()
+
+
+def test_bad_options_are_one_line(world, fitted, tmp_path):
+    one_line_error(_blend(world, tmp_path / "a", "--geo-weight", "0.5"), "--geo-weight 0.5", "--geo-prior")
+    for bad in ("-1", "3.5", "much", "nan"):
+        one_line_error(_blend(world, tmp_path / "a", "--geo-prior", world["train"], "--geo-weight", bad),
+                       f"--geo-weight {bad}", "auto or a number from 0")
+    one_line_error(ens("blend", "--runs", world["runs"], "--weights", fitted["geo"][1] / "blend.json",
+                       "--geo-weight", "1", "--out", tmp_path / "b"), "--geo-weight")
+    one_line_error(ens("blend", "--runs", world["runs"], "--weights", fitted["plain"][1] / "blend.json",
+                       "--geo-prior", world["train"], "--out", tmp_path / "c"), "without the geo prior")
+    assert not (tmp_path / "a").exists()
+
+
+def test_jsons_without_places_are_one_line(world, tmp_path):
+    doc = json.loads(world["train"].read_text())
+    for image in doc["images"]:
+        image["latitude"] = image["longitude"] = None
+    unplaced = tmp_path / "unplaced.json"
+    unplaced.write_text(json.dumps(doc))
+    one_line_error(_blend(world, tmp_path / "a", "--geo-prior", unplaced), "unplaced.json", "usable")
+    data = tmp_path / "data"
+    data.mkdir()
+    val = json.loads((world["data"] / "val2019.json").read_text())
+    for image in val["images"]:
+        image["latitude"] = None
+    (data / "val2019.json").write_text(json.dumps(val))
+    one_line_error(ens("blend", "--runs", world["runs"], "--optimize", "val", "--data", data, "--out", tmp_path / "b",
+                       "--geo-prior", world["train"]), "none of the val split's 360 images has a usable place")
+    text = json.loads(world["train"].read_text())
+    text["images"][3]["latitude"] = "12.5"
+    (tmp_path / "text.json").write_text(json.dumps(text))
+    one_line_error(_blend(world, tmp_path / "c", "--geo-prior", tmp_path / "text.json"), "text.json", "latitude")
+
+
+def test_a_malformed_geo_record_names_its_key(fitted, tmp_path):
+    doc = json.loads((fitted["geo"][1] / "blend.json").read_text())
+    for key, value in (("sha256", "nope"), ("beta", 7), ("settings", {"k": -1}), ("weight", "often"),
+                       ("no_place", {"val": -1})):
+        bad = json.loads(json.dumps(doc))
+        bad["geo"][key] = value
+        path = tmp_path / f"{key}.json"
+        path.write_text(json.dumps(bad))
+        one_line_error(ens("blend", "--weights", path, "--out", tmp_path / key), f"'geo.{key}'")
+    doc["geo"]["weight"] = 0.5  # a given weight that is not the beta applied
+    (tmp_path / "w.json").write_text(json.dumps(doc))
+    one_line_error(ens("blend", "--weights", tmp_path / "w.json", "--out", tmp_path / "w"), "'geo.beta'")
+
+
+def test_the_record_is_written_back_byte_for_byte(fitted):
+    path = fitted["geo"][1] / "blend.json"
+    assert BlendRecord.read(path).text() == path.read_text()
