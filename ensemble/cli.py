@@ -128,11 +128,12 @@ MemoryOption = Annotated[Optional[str], typer.Option("--memory", metavar="GIB", 
 @app.command()
 def export(
     ctx: typer.Context,
-    checkpoint: Annotated[Path, typer.Argument(help="A state_dict / training checkpoint (.pt, .pth, .safetensors), a pickled model (with --trust-pickle), or a TorchScript archive.", show_default=False)],
-    arch: Annotated[Optional[str], typer.Option(help="Network to build for a state_dict: a torchvision model name (resnet50, inception_v3, ...) or package.module:callable.")] = None,
+    checkpoint: Annotated[Path, typer.Argument(help="A state_dict / training checkpoint (.pt, .pth, .safetensors; a timm train.py checkpoint needs no --arch), a Hugging Face-style folder (config.json + model.safetensors, as timm's save_for_hf writes it), a pickled model (with --trust-pickle), or a TorchScript archive.", show_default=False)],
+    arch: Annotated[Optional[str], typer.Option(help="Network to build for a state_dict: a torchvision model name (resnet50, inception_v3, ...), timm/NAME or timm/NAME.TAG (a timm model; the tag picks its pretrained config, e.g. timm/convnext_tiny.fb_in22k_ft_in1k), or package.module:callable.")] = None,
     arch_kwargs: Annotated[Optional[str], typer.Option("--arch-kwargs", metavar="JSON", help="Keyword arguments for the builder, e.g. '{\"transform_input\": true}'.")] = None,
+    weights_key: Annotated[Optional[str], typer.Option("--weights-key", metavar="NAME", help="The entry of a checkpoint dict that holds the weights, e.g. state_dict_ema for timm's EMA weights \\[default: the first of state_dict, model, model_state_dict, net, ema].")] = None,
     num_classes: Annotated[Optional[int], typer.Option(help="Number of classes; read from the classifier weights when omitted.")] = None,
-    input_size: Annotated[Optional[int], typer.Option(help="Input height and width in pixels \\[default: 299 for inception_v3, else 224].")] = None,
+    input_size: Annotated[Optional[int], typer.Option(help="Input height and width in pixels; a timm model's comes from its checkpoint's args or config \\[default: 299 for inception_v3, else 224].")] = None,
     mean: Annotated[Optional[str], typer.Option(metavar="R,G,B", help=f"Normalisation mean, as fractions of 255 \\[default: {rgb_text(IMAGENET_MEAN)} (ImageNet)].")] = None,
     std: Annotated[Optional[str], typer.Option(metavar="R,G,B", help=f"Normalisation std, as fractions of 255 \\[default: {rgb_text(IMAGENET_STD)} (ImageNet)].")] = None,
     resize: Annotated[Optional[str], typer.Option(help=f"How inference fits images to the input: center-crop (shorter side to size/crop-pct, then centre crop) or squash \\[default: {ModelMetadata.resize}].")] = None,
@@ -142,9 +143,13 @@ def export(
     fp16: Annotated[bool, typer.Option("--fp16", help="Write a float16 model (uint8 input and float32 output kept).")] = False,
     no_cam: Annotated[bool, typer.Option("--no-cam", help="Leave out the cam output (the top-1 class's activation map, added when the head is global average pooling + one linear layer).")] = False,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Load a checkpoint that pickles Python objects beyond tensors (a whole model): that runs code from the file, so only for files you trust. State dicts, TorchScript and safetensors need no flag.")] = False,
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="OUT.onnx", help="Output file \\[default: the checkpoint's path with .onnx, or .fp16.onnx].")] = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="OUT.onnx", help="Output file \\[default: the checkpoint's path with .onnx, or .fp16.onnx; for a folder, FOLDER.onnx beside it].")] = None,
 ) -> None:
     """Export a checkpoint to a verified, self-describing ONNX file.
+
+    For a timm model, each preprocessing value left out comes from the checkpoint's args (or the
+    folder's config.json), else timm's pretrained config for the model or tag; a note names each
+    source. For other networks the defaults below apply.
 
     The graph takes uint8 RGB images (batch, height, width, 3) and returns float32 logits
     (batch, classes), and for a global-average-pooling + linear head also cam (batch, h, w),
@@ -176,6 +181,7 @@ def export(
             arch_kwargs=_json_object(arch_kwargs, "--arch-kwargs") if arch_kwargs else {},
             num_classes=num_classes,
             input_size=input_size,
+            weights_key=weights_key,
             classes=classes,
             fp16=fp16,
             cam=not no_cam,

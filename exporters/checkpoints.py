@@ -52,20 +52,27 @@ class Checkpoint:
     module: nn.Module | None = None
     found_under: str | None = None  #: the nesting key the weights came from, if any
     notes: list[str] = field(default_factory=list)
+    #: The training-checkpoint dict the weights were nested in (epoch, args, ...), if any.
+    container: Mapping[str, object] | None = None
 
 
-def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False,
+                    weights_key: str | None = None) -> Checkpoint:
     """Open ``path`` and classify what it holds; raise :class:`EnsError` if it is no checkpoint.
 
     ``trust_pickle``: also unpickle Python objects beyond tensors (a whole model), which runs
     code named in the file; without it such a file is refused before anything in it runs.
+    ``weights_key``: the entry of a checkpoint dict that holds the weights (``state_dict_ema``,
+    ...); by default the first of :data:`NESTED_KEYS` present.
     """
     path = check_regular_file(path)  # a FIFO or device is refused, never read (it could block)
     if path.stat().st_size == 0:
         raise EnsError(f"{path}: empty file, not a checkpoint")
     if path.suffix == ".safetensors":
+        _no_weights_key(path, weights_key, "a safetensors file, one flat set of weights")
         return Checkpoint(path, "state_dict", state_dict=_load_safetensors(path))
     if _is_torchscript(path):
+        _no_weights_key(path, weights_key, "a TorchScript archive")
         try:
             with warnings.catch_warnings():  # TorchScript is deprecated upstream, still supported in 2.14
                 warnings.simplefilter("ignore", FutureWarning)
@@ -74,9 +81,47 @@ def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Chec
             raise EnsError(f"{path}: unreadable TorchScript archive ({describe(exc, 200)})") from None
         return Checkpoint(path, "torchscript", module=module.eval())
     obj, notes = _torch_load(path, trust_pickle)
-    checkpoint = _classify(path, obj)
+    checkpoint = _classify(path, obj) if weights_key is None else _take_key(path, obj, weights_key)
     checkpoint.notes[:0] = notes
+    if isinstance(obj, Mapping) and checkpoint.found_under is not None:
+        checkpoint.container = obj
+        checkpoint.notes.append(f"weights taken from the checkpoint's {checkpoint.found_under!r} entry")
+        if weights_key is None:
+            checkpoint.notes.extend(_ema_notes(obj, checkpoint.found_under))
     return checkpoint
+
+
+def _no_weights_key(path: Path, weights_key: str | None, what: str) -> None:
+    if weights_key is not None:
+        raise EnsError(f"--weights-key {weights_key}: {path} is {what}, not a dict of entries")
+
+
+def _take_key(path: Path, obj: object, key: str) -> Checkpoint:
+    """The weights under ``obj[key]`` (``--weights-key``)."""
+    if not isinstance(obj, Mapping) or _is_state_dict(obj):
+        what = "a bare state_dict" if _is_state_dict(obj) else f"a {type(obj).__name__}"
+        raise EnsError(f"--weights-key {key}: {path} holds {what}, not a checkpoint dict of entries")
+    if key not in obj:
+        keys = ", ".join(map(str, list(obj)[:12]))
+        raise EnsError(f"--weights-key {key}: {path} has no such entry (it has {keys})")
+    inner = obj[key]
+    if isinstance(inner, nn.Module):
+        return Checkpoint(path, "module", module=inner.eval(), found_under=key)
+    if _is_state_dict(inner):
+        return Checkpoint(path, "state_dict", state_dict=inner, found_under=key)
+    raise EnsError(f"--weights-key {key}: {path}'s {key!r} entry holds a {type(inner).__name__}, not weights")
+
+
+def _ema_notes(obj: Mapping, taken: str) -> list[str]:
+    """A note for each other entry of EMA weights (``state_dict_ema``, ``model_ema``) beside the
+    ones taken: the plain weights are the default, as timm's validate.py loads them."""
+    notes = []
+    for key, value in obj.items():
+        if key != taken and isinstance(key, str) and "ema" in key.lower().split("_") and (
+                _is_state_dict(value) or isinstance(value, nn.Module)):
+            notes.append(f"also holds {key} (EMA weights): took {taken}, as timm's validate.py does; "
+                         f"--weights-key {key} takes the EMA")
+    return notes
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:

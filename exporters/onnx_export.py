@@ -65,18 +65,22 @@ _AUX_PREFIXES = ("AuxLogits.", "aux1.", "aux2.")
 class ExportOptions:
     """How to export. ``None`` means "the architecture's or checkpoint's own value".
 
-    The preprocessing defaults are the ImageNet recipe and :class:`ModelMetadata`'s own.
+    Preprocessing left ``None``: a timm network's comes from its checkpoint's args or folder's
+    config, else timm's config for the model (:mod:`exporters.timm_models`); any other's is the
+    ImageNet recipe and :class:`ModelMetadata`'s own (:data:`ENS_DEFAULTS`).
     """
 
     arch: str | None = None
     arch_kwargs: Mapping[str, Any] = field(default_factory=dict)
     num_classes: int | None = None
     input_size: int | None = None
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    resize: str = ModelMetadata.resize
-    crop_pct: float = ModelMetadata.crop_pct
-    interpolation: str = ModelMetadata.interpolation
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    resize: str | None = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
+    #: The entry of a checkpoint dict that holds the weights (None: the first of NESTED_KEYS).
+    weights_key: str | None = None
     classes: Path | None = None
     fp16: bool = False
     #: Add the ``cam`` output when the network's head allows it (global average pooling + linear).
@@ -85,6 +89,24 @@ class ExportOptions:
     trust_pickle: bool = False
     opset: int = OPSET
     check_batch: int = CHECK_BATCH
+
+
+#: The preprocessing of a network that is no timm model, for each value left out.
+ENS_DEFAULTS = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "resize": ModelMetadata.resize,
+                "crop_pct": ModelMetadata.crop_pct, "interpolation": ModelMetadata.interpolation}
+
+
+@dataclass
+class _Prepared:
+    """The eval-mode network and what the export records about it."""
+
+    model: nn.Module
+    label: str  #: the metadata's architecture
+    default_size: int
+    notes: list[str]
+    #: The preprocessing resolved with its sources (timm networks); None: options or ENS_DEFAULTS.
+    preprocessing: Any = None
+    arch_kwargs: Mapping[str, Any] | None = None  #: what it was built with, when not options.arch_kwargs
 
 
 @dataclass(frozen=True)
@@ -116,7 +138,13 @@ class UInt8NHWC(nn.Module):
 
 
 def default_output_path(checkpoint: Path, fp16: bool) -> Path:
-    return checkpoint.with_suffix(".fp16.onnx" if fp16 else ".onnx")
+    """``model.pt`` -> ``model.onnx``; a Hugging Face-style folder ``convnext_tiny.fb_in1k/`` ->
+    ``convnext_tiny.fb_in1k.onnx`` beside it (its whole name: folder names hold dots)."""
+    suffix = ".fp16.onnx" if fp16 else ".onnx"
+    if checkpoint.is_dir():
+        folder = checkpoint if checkpoint.name else checkpoint.resolve()
+        return folder.with_name(folder.name + suffix)
+    return checkpoint.with_suffix(suffix)
 
 
 def second_size(size: int) -> int:
@@ -142,10 +170,18 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None,
     out = Path(out) if out is not None else default_output_path(checkpoint, options.fp16)
     _check_options(options, out)
     _check_output(out, given)
-    ckpt = load_checkpoint(checkpoint, trust_pickle=options.trust_pickle)
-    model, arch_name, default_size, notes = _prepare_model(ckpt, options)
-    size = options.input_size or default_size
-    wrapper = UInt8NHWC(model, options.mean, options.std).eval()
+    if checkpoint.is_dir():
+        ckpt, spec = _open_folder(checkpoint, options)
+    else:
+        ckpt, spec = load_checkpoint(checkpoint, trust_pickle=options.trust_pickle,
+                                     weights_key=options.weights_key), None
+    prepared = _prepare_model(ckpt, options, spec)
+    model, arch_name, notes = prepared.model, prepared.label, prepared.notes
+    pre = prepared.preprocessing
+    if pre is None:
+        pre = _ens_preprocessing(options, prepared.default_size)
+    size, mean, std = pre.input_size, pre.mean, pre.std
+    wrapper = UInt8NHWC(model, mean, std).eval()
 
     # The torch logits of the check batches, computed once: they prove the model runs at its
     # size (in eval mode, before tracing), give the number of classes, tell whether the
@@ -162,7 +198,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None,
     head = _cam_head(model, wrapper, references, options.check_batch, notes) if options.cam else None
     cams: dict[int, np.ndarray] = {}
     if head is not None:
-        wrapper = UInt8NHWC(WithCam(head), options.mean, options.std).eval()
+        wrapper = UInt8NHWC(WithCam(head), mean, std).eval()
         cams = {s: _reference_cam(head, wrapper, s, references[s], options.check_batch) for s in references}
     dynamic = size2 in references
     graph = _to_onnx(wrapper, size, dynamic, options.opset, cam=head is not None)
@@ -190,17 +226,18 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None,
         architecture=arch_name,
         num_classes=num_classes,
         input_size=size,
-        mean=tuple(float(v) for v in options.mean),
-        std=tuple(float(v) for v in options.std),
-        resize=options.resize,
-        crop_pct=options.crop_pct,
-        interpolation=options.interpolation,
+        mean=tuple(float(v) for v in mean),
+        std=tuple(float(v) for v in std),
+        resize=pre.resize,
+        crop_pct=float(pre.crop_pct),
+        interpolation=pre.interpolation,
         dynamic_size=dynamic,
         precision="fp16" if options.fp16 else "fp32",
         class_ids=class_ids,
-        arch_kwargs=dict(options.arch_kwargs),
-        checkpoint=checkpoint.name,
-        checkpoint_sha256=sha256_file(checkpoint),
+        arch_kwargs=dict(options.arch_kwargs if prepared.arch_kwargs is None else prepared.arch_kwargs),
+        # A folder's weights file is what the hash covers: named with the folder.
+        checkpoint=f"{checkpoint.name}/{ckpt.path.name}" if checkpoint.is_dir() else checkpoint.name,
+        checkpoint_sha256=sha256_file(ckpt.path),
         verification=tuple(checks),
         exporter=f"ens {__version__}",
         opset=options.opset,
@@ -255,13 +292,87 @@ def _check_output(out: Path, given: bool) -> None:
                        f"write somewhere else{hint}")
 
 
-def _prepare_model(ckpt: Checkpoint, options: ExportOptions) -> tuple[nn.Module, str, int, list[str]]:
-    """The eval-mode network, its architecture label, its default input size, and notes."""
+def _ens_preprocessing(options: ExportOptions, default_size: int):
+    """A non-timm network's preprocessing: the options given, ENS_DEFAULTS for the others."""
+    from exporters.timm_models import Preprocessing
+
+    values = {k: getattr(options, k) if getattr(options, k) is not None else v for k, v in ENS_DEFAULTS.items()}
+    return Preprocessing(input_size=options.input_size or default_size, **values)
+
+
+def _open_folder(folder: Path, options: ExportOptions):
+    """A Hugging Face-style folder: its weights file as a checkpoint, and the timm spec of its config."""
+    from exporters import timm_models
+
+    spec, weights = timm_models.read_folder(folder)
+    if options.weights_key is not None and weights.suffix == ".safetensors":
+        raise EnsError(f"--weights-key {options.weights_key}: {weights} is a safetensors file, one flat set of weights")
+    ckpt = load_checkpoint(weights, trust_pickle=options.trust_pickle, weights_key=options.weights_key)
+    ckpt.notes.append(f"weights from {folder.name or folder}/{weights.name}")
+    return ckpt, spec
+
+
+def _timm_spec(ckpt: Checkpoint, options: ExportOptions, spec):
+    """The timm network this export builds, if any: ``--arch timm/NAME[.TAG]``, a folder's
+    config, or (no ``--arch``) a timm train.py checkpoint's args."""
+    from exporters import timm_models
+
+    args = timm_models.train_args(ckpt.container) if options.arch is None or \
+        timm_models.is_timm_arch(options.arch) else None
+    if args is not None:
+        timm_models.import_timm(f"{timm_models.ARCH_PREFIX}{vars(args).get('model')}")
+    from_args = timm_models.spec_from_train_args(args, ckpt.path) if args is not None else None
+    if timm_models.is_timm_arch(options.arch):
+        named = timm_models.spec_from_arch(options.arch)
+        base = from_args or spec
+        if base is not None:  # the command line's network, with the checkpoint's preprocessing
+            if (base.name, base.tag) != (named.name, named.tag):
+                named.notes.append(f"--arch {options.arch} overrides {base.label} of the checkpoint")
+            named.given, named.num_classes = base.given, base.num_classes
+            named.kwargs = dict(base.kwargs) if base.name == named.name else {}
+        return named
+    if spec is not None and options.arch is not None:
+        raise EnsError(f"--arch {options.arch}: a Hugging Face-style folder names its timm model in its "
+                       "config.json; --arch takes timm/NAME[.TAG] there")
+    return spec or from_args
+
+
+def _prepare_timm(ckpt: Checkpoint, options: ExportOptions, spec, notes: list[str]) -> _Prepared:
+    from exporters import timm_models
+
+    registry, registry_cfg = timm_models.registry_source(spec)
+    cli = {"input_size": options.input_size, "mean": options.mean, "std": options.std,
+           "interpolation": options.interpolation, "resize": options.resize, "crop_pct": options.crop_pct}
+    pre, pre_notes = timm_models.resolve_preprocessing(cli, spec.given, registry)
+    notes.extend(spec.notes)
+    if ckpt.kind != "state_dict":  # a whole model or TorchScript archive: --arch timm/... only names it
+        if options.arch_kwargs:
+            raise EnsError(f"{ckpt.path}: holds a whole model, so --arch-kwargs {sorted(options.arch_kwargs)} "
+                           "cannot apply (they are for building a network from a state_dict)")
+        return _Prepared(ckpt.module.float().eval(), spec.label, pre.input_size, notes + pre_notes, pre)
+    build_notes: list[str] = []
+    model, state_dict, kwargs = timm_models.build(
+        spec, ckpt.state_dict, ckpt.path, num_classes=options.num_classes, input_size=pre.input_size,
+        registry_cfg=registry_cfg, extra_kwargs=options.arch_kwargs, notes=build_notes)
+    problem = fit_report(state_dict, model)
+    if problem:
+        raise EnsError(f"{ckpt.path}: weights do not fit {spec.label}: {problem}")
+    model.load_state_dict(with_module_versions(state_dict, model), strict=True)
+    # The num_classes note first, then the preprocessing's, in the order of the metadata.
+    notes.extend(build_notes[1:])
+    return _Prepared(model.eval(), spec.label, pre.input_size, notes + build_notes[:1] + pre_notes, pre,
+                     timm_models.json_kwargs(kwargs))
+
+
+def _prepare_model(ckpt: Checkpoint, options: ExportOptions, spec=None) -> _Prepared:
+    """The eval-mode network, its architecture label, its default input size, and notes.
+    ``spec``: the timm network a Hugging Face-style folder's config names."""
     notes = list(ckpt.notes)
-    if ckpt.found_under:
-        notes.append(f"weights taken from the checkpoint's {ckpt.found_under!r} entry")
+    spec = _timm_spec(ckpt, options, spec)
+    if spec is not None:
+        return _prepare_timm(ckpt, options, spec, notes)
     if ckpt.kind == "state_dict":
-        return _build_from_state_dict(ckpt, options, notes)
+        return _Prepared(*_build_from_state_dict(ckpt, options, notes))
 
     model = ckpt.module
     assert model is not None
@@ -283,14 +394,14 @@ def _prepare_model(ckpt: Checkpoint, options: ExportOptions) -> tuple[nn.Module,
         default_size = architectures.default_size_for_module(model)
     # Models saved in half precision (or bfloat16) run in float32 here; the graph's
     # precision is chosen by --fp16, not by how the file was saved.
-    return model.float().eval(), label, default_size, notes
+    return _Prepared(model.float().eval(), label, default_size, notes)
 
 
 def _build_from_state_dict(ckpt: Checkpoint, options: ExportOptions,
                            notes: list[str]) -> tuple[nn.Module, str, int, list[str]]:
     if not options.arch:
         raise EnsError(f"{ckpt.path}: holds only weights (a state_dict); name the network with --arch, "
-                       "e.g. --arch resnet50")
+                       "e.g. --arch resnet50 or --arch timm/convnext_tiny")
     arch = architectures.resolve(options.arch)
     state_dict = ckpt.state_dict
     assert state_dict is not None
