@@ -317,3 +317,12 @@ def test_the_geo_prior_file_name_is_text_on_the_page(geo_work, tmp_path, monkeyp
     (folder / "blend.json").write_text(json.dumps(doc))
     page = write_report(folder, data=geo_work.data).path.read_text()
     assert "<b>tr&ain" not in page and "&lt;b&gt;tr&amp;ain&lt;i&gt;.json" in page
+
+
+def test_the_geo_page_does_not_depend_on_the_block_size(geo_work, tmp_path):
+    """The prior queried block by block: blocks of 7 rows or the whole split give the same page."""
+    from ensemble.memory import GIB
+
+    one = write_report(geo_work.geo, out=tmp_path / "one.html", memory=4 * GIB)
+    few = write_report(geo_work.geo, out=tmp_path / "few.html", memory=2 * CLASSES * 4 * 4 * 7)
+    assert one.path.read_bytes() == few.path.read_bytes()
