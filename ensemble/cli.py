@@ -582,7 +582,7 @@ def submissions(
 def report(
     ctx: typer.Context,
     blend_dir: Annotated[Path, typer.Argument(metavar="BLEND_DIR", help="A blend folder written by `ens blend` (blends/<name>).", show_default=False)],
-    data: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Dataset folder: the fitted split's labels and image files, and the training json (train2019.json) for the long-tail section.", show_default="the labels file blend.json names")] = None,
+    data: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Dataset folder: the fitted split's labels and image files, and the training json (train2019.json) for the long-tail section and, when moved since the blend, the geo prior's.", show_default="the labels file blend.json names")] = None,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="FILE.html", help="Where to write the page; an existing file there is replaced, never a folder, FIFO or device \\[default: BLEND_DIR/report.html].")] = None,
     runs: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Folder of the logit stores the blend was fitted on, looked in first (stores moved since `ens blend`).", show_default="the folder blend.json records, then runs/ beside blends/, then ./runs")] = None,
     memory: MemoryOption = None,
@@ -591,8 +591,9 @@ def report(
 
     Summary (CV top-1 against uniform and each model, the weights),
     calibration (reliability diagrams, ECE), diversity (error correlation),
-    long tail (accuracy by class frequency), the most confidently wrong
-    images, and CV against the leaderboard from the ledger. Opens offline.
+    long tail (accuracy by class frequency), with a geo prior its gain by
+    region and a map of the images, the most confidently wrong images, and
+    CV against the leaderboard from the ledger. Opens offline.
     """
     with _user_errors(ctx):
         try:
