@@ -184,13 +184,7 @@ def geo_work(tmp_path_factory) -> GeoWork:
     ok(ens("infer", *onnx, "--data", data, "--split", "val", "--workers", 0, "--out", runs))
     fit = ("blend", "--runs", runs, "--optimize", "val", "--cv", 3, "--data", data)
     ok(ens(*fit, "--out", root / "blends" / "plain"))
-    ok(ens(*fit, "--out", root / "blends" / "geo"))  # TEMPORARY until ens blend --geo-prior lands
-    from ensemble.fileio import sha256_file
-    from ensemble.formats.blend import BlendRecord, GeoCorrection
-    rec = BlendRecord.read(root / "blends" / "geo" / "blend.json")
-    rec._with(format=4, geo=GeoCorrection(file=str(data / "train2019.json"), sha256=sha256_file(data / "train2019.json"),
-                                          used=200, skipped={}, settings=GeoSettings().as_dict(), weight=1.5, beta=1.5,
-                                          no_place={"val": 4})).write(root / "blends" / "geo" / "blend.json")
+    ok(ens(*fit, "--geo-prior", data / "train2019.json", "--geo-weight", "1.5", "--out", root / "blends" / "geo"))
     return GeoWork(root, data, runs, root / "blends" / "geo", root / "blends" / "plain")
 
 
