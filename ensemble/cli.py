@@ -428,6 +428,14 @@ def _geo_line(record) -> str:
             f"{geo.skipped_total:,} skipped; images without a usable place: {no_place or 'none'}")
 
 
+def _geo_header(record) -> str:
+    """What the CV table's +geo rows are (none without them)."""
+    if not getattr(record.cv, "geo", None):
+        return ""
+    geo = getattr(record, "geo", None)
+    return ", +geo: with --geo-prior" + (", beta fitted per fold" if geo is not None and geo.fitted else "")
+
+
 def _print_cv_table(record) -> None:
     """The CV table of a fitted BlendRecord."""
     cv = record.cv
@@ -436,8 +444,7 @@ def _print_cv_table(record) -> None:
                + (", temperatures fitted per fold" if cv.temperature else "")
                + (", +prior: corrected for --prior, tau fitted per fold" if cv.prior and record.prior.tau_fitted
                   else ", +prior: corrected for --prior" if cv.prior else "")
-               + (", +geo: with --geo-prior, beta fitted per fold" if cv.geo and record.geo is not None
-                  and record.geo.fitted else ", +geo: with --geo-prior" if cv.geo else ""))
+               + _geo_header(record))
     width = max(len(printable(r.name)) for r in cv.rows) + 2
     nll = max(8, *(len(f"{r.nll:.4f}") + 2 for r in cv.rows))  # an NLL of 100 or more needs a wider column
     _echo(f"{'':<{width}}{'top-1':>7}  {'95% interval':<16}{f'top-{k}':>7}{'NLL':>{nll}}")  # [0.1234, 0.5678]: 16
