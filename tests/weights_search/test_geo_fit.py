@@ -167,3 +167,80 @@ def test_ties_with_the_sparse_classes_rank_the_lower_class_first(beta):
     want = rank_of_true((log_q + np.float32(beta) * _dense_g(terms, 2, 4)).astype(np.float32), labels)
     np.testing.assert_array_equal(want, [3, 1])
     np.testing.assert_array_equal(ranks(fused, beta), want)
+
+
+# ------------------------------------------------------------- the CV of weights_search.cross_validate_and_fit
+
+def _cv_world(seed=0, m=3, n=300, c=10):
+    from weights_search.geo import SparseGeo
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, c, n)
+    logits = rng.normal(size=(m, n, c)).astype(np.float32)
+    logits[:, np.arange(n), labels] += 0.8
+    indptr, cols, vals = [0], [], []
+    for r in range(n):
+        if r % 11 == 0:  # no place
+            indptr.append(len(cols))
+            continue
+        s = set(rng.choice(c, 3, replace=False).tolist()) | ({int(labels[r])} if rng.random() < 0.6 else set())
+        s = sorted(s)
+        cols += s
+        vals += (rng.random(len(s)) + 0.5).tolist()
+        indptr.append(len(cols))
+    geo = SparseGeo(np.array(indptr), np.array(cols), np.array(vals, np.float32), np.arange(n) % 11 != 0)
+    return logits, labels, geo
+
+
+@pytest.mark.parametrize("temperature", [False, True])
+def test_cv_rows_with_the_geo_prior_are_the_dense_held_out_scores(temperature):
+    import weights_search as ws
+    from weights_search.cv import stratified_folds
+
+    logits, labels, geo = _cv_world(1)
+    n, c = labels.size, logits.shape[2]
+    report, final = ws.cross_validate_and_fit(logits, labels, "nll", geo=geo, temperature=temperature, block_rows=64)
+    row = report.row("method", False, True)
+    assert row.name == "nll+geo" and row.geo and report.geo
+    terms = GeoTerms(geo.indptr, geo.column, geo.value, labels)
+    g = _dense_g(terms, n, c)
+    folds = stratified_folds(labels, 5, 0)
+    hits, nll = np.zeros(n, bool), np.zeros(n)
+    for f, held in enumerate(folds):
+        train = np.setdiff1d(np.arange(n), held)
+        blend = ws.fit_blend(logits[:, train], labels[train], "nll", temperature=temperature)
+        # beta: the dense minimiser on the fold's training rows under the fold's blend
+        q_train = blend.log_proba(logits[:, train])
+        best = minimize_scalar(lambda b: -_dense(q_train, g[train], b)[np.arange(train.size), labels[train]].mean(),
+                               bounds=GEO_BOUNDS, method="bounded", options={"xatol": 1e-8})
+        beta = report.fold_betas["method"][f]
+        assert beta == pytest.approx(best.x, abs=2e-3)
+        q_held = _dense(blend.log_proba(logits[:, held]), g[held], beta)
+        hits[held] = q_held.argmax(axis=1) == labels[held]
+        nll[held] = -q_held[np.arange(held.size), labels[held]]
+    assert row.top1 == pytest.approx(hits.mean(), abs=1.5 / n)  # a near tie may fall the other way
+    assert row.nll == pytest.approx(nll.mean(), rel=1e-3)
+    # the final beta: on every row under the final blend
+    q_all = final.log_proba(logits)
+    best = minimize_scalar(lambda b: -_dense(q_all, g, b)[np.arange(n), labels].mean(), bounds=GEO_BOUNDS,
+                           method="bounded", options={"xatol": 1e-8})
+    assert report.geo_beta == pytest.approx(best.x, abs=1e-4)
+
+
+def test_cv_with_a_given_geo_weight_of_zero_repeats_the_rows_without_it():
+    import weights_search as ws
+
+    logits, labels, geo = _cv_world(2)
+    prior = ws.LogitAdjustment(np.log(np.arange(1, 11) / 55.0))
+    report, _ = ws.cross_validate_and_fit(logits, labels, "nll", geo=geo, geo_weight=0.0, prior=prior, block_rows=50)
+    names = [r.name for r in report.rows]
+    assert names[-6:] == ["uniform", "uniform+prior", "uniform+prior+geo", "nll", "nll+prior", "nll+prior+geo"]
+    for kind in ("uniform", "method"):
+        plain, geo_row = report.row(kind, True), report.row(kind, True, True)
+        assert (geo_row.top1, geo_row.topk, geo_row.top1_low) == (plain.top1, plain.topk, plain.top1_low)
+        assert geo_row.nll == pytest.approx(plain.nll, abs=1e-6)
+        assert report.fold_betas[kind] == (0.0,) * 5
+    assert report.geo_beta == 0.0
+    plain_report = ws.cross_validate(logits, labels, "nll", prior=prior, block_rows=50)
+    assert [r for r in report.rows if not r.geo] == list(plain_report.rows)
+    with pytest.raises(ValueError, match="geo_weight"):
+        ws.cross_validate_and_fit(logits, labels, "nll", geo=geo, geo_weight=3.5)
