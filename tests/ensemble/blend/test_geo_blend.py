@@ -285,3 +285,26 @@ def test_a_malformed_geo_record_names_its_key(fitted, tmp_path):
 def test_the_record_is_written_back_byte_for_byte(fitted):
     path = fitted["geo"][1] / "blend.json"
     assert BlendRecord.read(path).text() == path.read_text()
+
+
+def test_with_the_long_tail_prior_temperatures_and_every_kind_of_blend(world, tmp_path):
+    result = ok(_blend(world, tmp_path / "all", "--geo-prior", world["train"], "--prior", world["train"],
+                       "--temperature"))
+    record = BlendRecord.read(tmp_path / "all" / "blend.json")
+    names = [r.name for r in record.cv.rows]
+    assert names[3:] == ["uniform", "uniform+prior", "uniform+prior+geo", "nll", "nll+prior", "nll+prior+geo"]
+    assert record.cv.chosen == "nll+prior+geo" and record.prior is not None and record.geo.beta > 0.3
+    assert "+prior: corrected for --prior, tau fitted per fold, +geo: with --geo-prior, beta fitted per fold" \
+        in result.stdout
+    ok(_blend(world, tmp_path / "uniform", "--geo-prior", world["train"], "--method", "uniform"))
+    uniform = BlendRecord.read(tmp_path / "uniform" / "blend.json")
+    assert uniform.cv.chosen == "uniform+geo" and uniform.geo.beta > 0.3
+    assert [r.name for r in uniform.cv.rows][3:] == ["uniform", "uniform+geo"]
+
+
+def test_fallback_to_uniform_carries_the_geo_prior_of_uniform(world, tmp_path):
+    result = ok(_blend(world, tmp_path / "fb", "--geo-prior", world["train"], "--fallback", "uniform"))
+    record = BlendRecord.read(tmp_path / "fb" / "blend.json")
+    assert "does not beat uniform weights" in result.stdout  # this world's nll loses to uniform on CV
+    assert record.method == "uniform" and record.cv.chosen == "uniform+geo"
+    assert record.geo.beta > 0.3 and len(record.cv.fold_betas) == 5
