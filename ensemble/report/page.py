@@ -26,6 +26,7 @@ from ensemble.report.build import ReportData
 from ensemble.report.geo import OUTCOMES
 from ensemble.report.images import UnreadableImage, thumbnail
 from weights_search import calibration as cal
+from weights_search.cv import GEO_SUFFIX
 
 #: Sections in page order: id -> heading.
 SECTIONS = {
@@ -103,6 +104,7 @@ def summary(data: ReportData) -> str:
                      f'({record.optimize.rows} images)' + (", temperatures fitted per fold" if cv.temperature
                                                           else "")
                      + (", corrected for the training prior (+prior)" if cv.prior else "")
+                     + (", without and with the geo prior (+geo)" if cv.geo else "")
                      + f'. The blend in use: <b data-key="chosen">{_e(chosen)}</b>'
                      + ("" if cv.beats_uniform else
                         " (the method did not beat uniform weights on CV)") + ".</p>")
@@ -245,8 +247,8 @@ def geo(data: ReportData) -> str:
             f"{data.labels.size} images have a place, "
             f'<span data-key="geo_usable" data-value="{g.usable}">{g.usable}</span> a usable one (the others get no '
             "correction). Every other section shows the blend as applied, with the geo prior.</p>")
-    note = ('<p class="note">These figures are in-sample (weights and beta fitted on these rows); the CV table of the '
-            "summary holds the honest estimate with and without it.</p>")
+    note = ('<p class="note">These figures are in-sample (weights and beta fitted on these rows); the cross-validated '
+            "ones below are the honest estimate.</p>") + _geo_cv(data)
     o = g.overall
     overall = (f'<table class="geo-overall"><tr><th></th><th>top-1</th><th>top-{k}</th><th>rows fixed</th>'
                f'<th>rows broken</th></tr>'
@@ -276,6 +278,34 @@ def geo(data: ReportData) -> str:
                 "graticule every 30°, no coastline), each image coloured by what the geo prior did to it.</p>")
     return _section("geo", lead + overall + note + regions_lead + f'<div class="row">{chart}</div>' + table
                     + map_lead + figure)
+
+
+def _geo_cv(data: ReportData) -> str:
+    """The CV table's rows with the geo prior beside those without it (same folds): held-out top-1,
+    its interval and the gain; the fold betas of the blend in use."""
+    cv = data.record.cv if "summary-cv" not in data.missing else None
+    if not cv or not cv.geo:
+        return ""
+    by_name = {r.name: r for r in cv.rows}
+    pairs = [(by_name[r.name[:-len(GEO_SUFFIX)]], r) for r in cv.rows
+             if r.geo and r.name.endswith(GEO_SUFFIX) and r.name[:-len(GEO_SUFFIX)] in by_name]
+    if not pairs:
+        return ""
+    rows = "".join(
+        f'<tr data-row="{_e(a.name)}"{_USED if b.name == cv.chosen else ""}><td>{_e(a.name)}</td>'
+        f'{_num(a.top1, "top1_without")}<td>{a.top1_low:.4f}-{a.top1_high:.4f}</td>'
+        f'{_num(b.top1, "top1_with")}<td>{b.top1_low:.4f}-{b.top1_high:.4f}</td>'
+        f'<td data-key="top1_change" data-value="{_exact(b.top1 - a.top1)}">{_pct(b.top1 - a.top1)}</td>'
+        f'{_num(a.topk, "topk_without")}{_num(b.topk, "topk_with")}</tr>' for a, b in pairs)
+    betas = cv.fold_betas or ()
+    if data.record.geo.fitted:
+        how = "beta fitted on each fold's training rows" + (f": {min(betas):.3f}-{max(betas):.3f}" if betas else "")
+    else:
+        how = "beta as given"
+    return (f'<p class="lead">{cv.folds}-fold cross-validation on {_e(data.split)}, the same folds without and with '
+            f"the geo prior (held-out rows; {how}).</p>"
+            f'<table class="geo-cv"><tr><th></th><th>CV top-1 without</th><th>95% interval</th><th>with</th>'
+            f'<th>95% interval</th><th>change</th><th>top-{cv.top_k} without</th><th>with</th></tr>{rows}</table>')
 
 
 def hardest(data: ReportData) -> str:

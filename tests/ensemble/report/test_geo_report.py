@@ -320,3 +320,15 @@ def test_the_geo_page_does_not_depend_on_the_block_size(geo_work, tmp_path):
     one = write_report(geo_work.geo, out=tmp_path / "one.html", memory=4 * GIB)
     few = write_report(geo_work.geo, out=tmp_path / "few.html", memory=2 * CLASSES * 4 * 4 * 7)
     assert one.path.read_bytes() == few.path.read_bytes()
+
+
+def test_the_cv_rows_without_and_with_the_geo_prior_stand_side_by_side(geo_work):
+    record = json.loads((geo_work.geo / "blend.json").read_text())
+    rows = {r["name"]: r for r in record["cv"]["rows"]}
+    page = write_report(geo_work.geo).path.read_text()
+    table = cells(page, "geo-cv")
+    assert list(table) == ["uniform", "nll"]
+    for name, shown in table.items():
+        assert shown["top1_without"] == rows[name]["top1"] and shown["top1_with"] == rows[name + "+geo"]["top1"]
+        assert shown["top1_change"] == rows[name + "+geo"]["top1"] - rows[name]["top1"]
+    assert re.search(r'<tr data-row="nll" class="used">', page)  # the blend in use: nll+geo
