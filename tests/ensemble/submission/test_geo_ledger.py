@@ -13,9 +13,12 @@ import pytest
 from typer.testing import CliRunner
 
 from ensemble.cli import app
+from ensemble.fileio import sha256_file
 from ensemble.formats.blend import BlendSummary
 from ensemble.formats.ledger import Ledger
 
+from tests.ensemble.conftest import ens as ens_process
+from tests.ensemble.conftest import make_inat, ok, tiny_onnx
 from tests.ensemble.submission.submit_data import BLEND, make_blend, make_data
 
 runner = CliRunner()
@@ -134,3 +137,32 @@ def test_the_summary_reads_the_geo_record_of_blend_json(tmp_path):
     assert (summary.geo_weight, summary.geo_file, summary.geo_sha256) == (0.8125, "data/train.json", SHA)
     path.write_text(json.dumps(BLEND))
     assert BlendSummary.read(path).geo_weight is None
+
+
+def test_a_real_blend_with_the_geo_prior_is_recorded_end_to_end(tmp_path, monkeypatch):
+    """ens infer, ens blend --geo-prior, ens submit: the ledger holds blend.json's beta and the
+    training json's name and sha256."""
+    monkeypatch.chdir(tmp_path)
+    data = make_inat(tmp_path / "data", n_val=20, n_test=6, categories=3)
+    for split in ("val", "test"):
+        doc = json.loads((data / f"{split}2019.json").read_text())
+        for i, image in enumerate(doc["images"]):
+            image["latitude"], image["longitude"] = (10.0 * (i % 3), 20.0 * (i % 3))
+        (data / f"{split}2019.json").write_text(json.dumps(doc))
+    images = [{"id": 100 + i, "file_name": f"t{i}.jpg", "latitude": 10.0 * (i % 3) + 0.1, "longitude": 20.0 * (i % 3)}
+              for i in range(30)]
+    annotations = [{"id": i, "image_id": 100 + i, "category_id": i % 3} for i in range(30)]
+    (data / "train2019.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                                     "categories": [{"id": c} for c in range(3)]}))
+    model = tiny_onnx(tmp_path / "m.onnx", classes=3)
+    ok(ens_process("infer", model, "--data", data, "--split", "val,test", "--workers", 0, "--out", "runs"))
+    ok(ens_process("blend", "--optimize", "val", "--cv", 2, "--data", data, "--geo-prior", data / "train2019.json",
+                   "--out", "blends/geo"))
+    record = json.loads(Path("blends/geo/blend.json").read_text())
+    result = ens("submit", "blends/geo", "--data", data, "--dry-run")
+    assert result.exit_code == 0, result.output
+    sha = sha256_file(data / "train2019.json")
+    assert f"geo prior: weight {record['geo']['beta']:.3f}, train2019.json {sha[:8]}" in result.stdout
+    entry, = Ledger("submissions").entries()
+    assert (entry.geo_weight, entry.geo_file, entry.geo_sha256, entry.test_check) == (
+        record["geo"]["beta"], record["geo"]["file"], sha, "verified")
