@@ -84,6 +84,10 @@ def split_geo(source: GeoSource, json_path: Path, split: Any) -> tuple[SparseGeo
     order) from the places in ``json_path``; the rows without a usable place and a note counting
     them (none when every row has one). An :class:`EnsError` when no row has one."""
     places = read_places(json_path, split.ids, "--geo-prior:")
+    if places.sha256 == source.sha256:
+        raise EnsError(f"--geo-prior {shown_path(source.path)}: is the {split.name} json itself; its images' own labels "
+                       "would be in the prior (each image its own nearest observation), and the CV's estimate would "
+                       "be no estimate: give the training json")
     sparse = source.prior.query(places.lat, places.lon, places.day, places.usable, uncertainty=places.uncertainty)
     rows = len(places)
     no_place = int((~sparse.usable).sum())

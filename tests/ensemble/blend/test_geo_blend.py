@@ -266,6 +266,8 @@ def test_jsons_without_places_are_one_line(world, tmp_path):
     text["images"][3]["latitude"] = "12.5"
     (tmp_path / "text.json").write_text(json.dumps(text))
     one_line_error(_blend(world, tmp_path / "c", "--geo-prior", tmp_path / "text.json"), "text.json", "latitude")
+    one_line_error(_blend(world, tmp_path / "d", "--geo-prior", world["data"] / "val2019.json"),
+                   "is the val json itself", "give the training json")
 
 
 def test_a_malformed_geo_record_names_its_key(fitted, tmp_path):
