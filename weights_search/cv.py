@@ -30,6 +30,8 @@ so memory depends on the block, ``M``, ``C`` and the methods' statistics, never 
   pilot it found is then used by the later folds' passes and the final one from the start.
   :func:`cross_validate_and_fit` checks the final fit too, and reads once more should it
   alone ask (not seen in the tests).
+- with the geo prior (:func:`cross_validate_and_fit`'s ``geo``): **one pass more**, after the
+  final fit, fusing each row under every fold's blend and the final one (:func:`_geo_report`).
 - a source whose rows fit in one block: **1 read**, whatever the options (the block and its
   log-probabilities are kept between passes, see :class:`~weights_search.fitted.Reader`).
 
@@ -254,7 +256,7 @@ def cross_validate_and_fit(logits: MemberSource | np.ndarray | Sequence[np.ndarr
     if geo is not None:
         source = as_source(logits)
         report = _geo_report(Reader(source, block_rows), check_labels(source, labels), report, specs, fitted_folds,
-                             final, wanted, geo, geo_weight, n_boot, seed)
+                             final, geo, geo_weight, n_boot, seed)
     return report, final
 
 
@@ -313,8 +315,7 @@ def _cross_validate(logits, labels, method, params, *, n_folds, temperature, mem
 
 
 def _geo_report(reader: Reader, labels: np.ndarray, report: CvReport, specs: Sequence[_Spec], fitted_folds,
-                final: FittedBlend, final_kind: str, geo: Any, geo_weight: float | None, n_boot: int,
-                seed: int) -> CvReport:
+                final: FittedBlend, geo: Any, geo_weight: float | None, n_boot: int, seed: int) -> CvReport:
     """``report`` with the rows of the geo prior (see :func:`cross_validate_and_fit`).
 
     One pass over the source: each block's rows are fused under every fold's blends of the
@@ -330,6 +331,8 @@ def _geo_report(reader: Reader, labels: np.ndarray, report: CvReport, specs: Seq
     terms = GeoTerms(geo.indptr, geo.column, geo.value, labels)
     used = [i for i, s in enumerate(specs) if (s.prior is not None) == report.prior]
     n_classes = reader.source.n_classes
+    if terms.column.size and int(terms.column.max()) >= n_classes:
+        raise ValueError(f"the geo prior names class column {int(terms.column.max())} of members of {n_classes} classes")
     k = min(report.top_k, n_classes)
     # Fusions that give the same values (uniform weights without a fitted tau or temperatures)
     # share their statistics.
