@@ -332,3 +332,26 @@ def test_the_cv_rows_without_and_with_the_geo_prior_stand_side_by_side(geo_work)
         assert shown["top1_without"] == rows[name]["top1"] and shown["top1_with"] == rows[name + "+geo"]["top1"]
         assert shown["top1_change"] == rows[name + "+geo"]["top1"] - rows[name]["top1"]
     assert re.search(r'<tr data-row="nll" class="used">', page)  # the blend in use: nll+geo
+
+
+def test_bad_places_in_the_val_json_are_no_place_or_one_line(geo_work, tmp_path, monkeypatch):
+    """A latitude of 200 is no place (its own line, no correction); text where a number belongs is
+    one line naming the file, the image and the field, and nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(geo_work.runs, tmp_path / "runs")
+    folder = tmp_path / "blends" / "geo"
+    shutil.copytree(geo_work.geo, folder)
+    data = tmp_path / "data"
+    shutil.copytree(geo_work.data, data)
+    doc = json.loads((data / "val2019.json").read_text())
+    doc["images"][0]["latitude"] = 200
+    (data / "val2019.json").write_text(json.dumps(doc))
+    before = cells(write_report(geo_work.geo).path.read_text(), "geo-regions")["no place"]["rows"]
+    page = write_report(folder, data=data).path.read_text()
+    assert cells(page, "geo-regions")["no place"]["rows"] == before + 1
+    (folder / "report.html").unlink()
+    doc["images"][0]["latitude"] = "north"
+    (data / "val2019.json").write_text(json.dumps(doc))
+    one_line_error(ens("report", folder, "--data", data), "val2019.json", f"image {doc['images'][0]['id']}",
+                   "latitude")
+    assert not (folder / "report.html").exists()
