@@ -310,3 +310,28 @@ def test_fallback_to_uniform_carries_the_geo_prior_of_uniform(world, tmp_path):
     assert "does not beat uniform weights" in result.stdout  # this world's nll loses to uniform on CV
     assert record.method == "uniform" and record.cv.chosen == "uniform+geo"
     assert record.geo.beta > 0.3 and len(record.cv.fold_betas) == 5
+
+
+def test_apply_geo_gives_the_renormalised_blend_with_the_prior():
+    from scipy.special import log_softmax
+
+    from ensemble.blend.geo import apply_geo
+    from weights_search import top_k
+    from weights_search.geo import SparseGeo
+
+    rng = np.random.default_rng(5)
+    log_q = log_softmax(rng.normal(size=(6, 9)) * 2, axis=1).astype(np.float32)
+    sparse = SparseGeo(np.array([0, 0, 2, 3, 3, 5, 5, 6, 8]), np.array([1, 4, 0, 2, 8, 3, 5, 6]),
+                       np.array([0.5, 2.0, 1.0, 3.0, 0.1, 1.5, 2.5, 0.7], np.float32), np.ones(8, bool))
+    g = np.zeros((8, 9), np.float32)
+    for r in range(8):
+        g[r, sparse.column[sparse.indptr[r]:sparse.indptr[r + 1]]] = sparse.value[sparse.indptr[r]:sparse.indptr[r + 1]]
+    beta, start = 1.3, 2
+    dense = log_softmax(log_q.astype(np.float64) + beta * g[start:start + 6], axis=1)
+    block = log_q.copy()
+    scale = apply_geo(sparse, block, start, beta)
+    top, probs = top_k(block, 4)
+    probs = probs * scale
+    np.testing.assert_array_equal(top, np.argsort(-dense, axis=1, kind="stable")[:, :4])
+    np.testing.assert_allclose(probs, np.exp(np.take_along_axis(dense, top, axis=1)), rtol=1e-5)
+    assert apply_geo(sparse, log_q.copy(), start, 0.0) is None
