@@ -156,3 +156,10 @@ def test_days_of_year(tmp_path):
     places = read_places(path, list(range(len(dates))))
     np.testing.assert_array_equal(places.day, np.array([60, 60, np.nan, np.nan, 61, 61, 365, np.nan, 60], np.float32))
     assert places.counts.bad_date == 3
+
+
+def test_an_image_of_two_categories_is_no_observation(tmp_path):
+    path = write(tmp_path / "train.json", [image(1), image(2), image(3)],
+                 [(1, 10), (2, 10), (2, 11), (3, 12), (3, 12), (99, 10)])
+    obs = read_observations(path)
+    assert obs.category.tolist() == [10, 12] and obs.unlabelled == 1 and obs.counts.images == 2
