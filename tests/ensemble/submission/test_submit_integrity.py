@@ -343,7 +343,7 @@ BAD_VALUES = {
     "cv_top1_high": "high", "status": "done", "error": b"\x06", "kaggle_ref": 2.5, "uploaded": b"\x07",
     "kaggle_status": b"\x08", "public_score": "n/a", "private_score": float("inf"), "refreshed": b"\x09",
     "filled": -2, "fill_source": "guess", "prior_tau": "strong", "test_sha256": "XYZ",
-    "test_check": "maybe",
+    "test_check": "maybe", "geo_weight": -0.5, "geo_file": b"\x0a", "geo_sha256": "abc",
 }
 
 
