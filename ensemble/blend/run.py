@@ -162,7 +162,7 @@ def run_blend(options: BlendOptions) -> BlendResult:
             predictions_tmp = stack.enter_context(atomic_path(predictions))
             applied_geo = None
             if geo is not None:
-                sparse, no_place, geo_notes = split_geo(geo, _places_json(split, options.data), split)
+                sparse, no_place, geo_notes = split_geo(geo, _places_json(split, options.data, saved is not None), split)
                 notes.extend(geo_notes)
                 applied_geo = (sparse, record.geo.beta)
                 record = record._with(geo=record.geo.with_no_place(apply, no_place))
@@ -471,17 +471,19 @@ def _cv_table(report: Any, kind: str, geo: bool) -> CvTable:
     return CvTable.of(report, used.name + GEO_SUFFIX, report.fold_betas[used.kind])
 
 
-def _places_json(split: BlendSplit, data: Path | None) -> Path:
+def _places_json(split: BlendSplit, data: Path | None, applying: bool = False) -> Path:
     """The json of ``split``'s images, for their places: its file under ``--data``, else the json
-    its stores were made from."""
+    its stores were made from (``applying``: a saved blend's, which takes no ``--data``)."""
     if data is not None:
         return find_split(data, split.name, folders=False)
     source = split.stores[0].manifest.dataset.source
     if source and str(source).endswith(".json") and Path(source).is_file():
         return Path(source)
-    raise EnsError(f"{split.stores[0].path}: the {split.name} split did not come from a json that is still there, "
-                   f"so its images' places are unknown to the geo prior; give --data DIR (its {split.name} json)"
-                   + (" when fitting" if split.name == "test" else ""))
+    made = (f"was made from {shown_path(source)}, which is not there" if source and str(source).endswith(".json")
+            else "was not made from a json")
+    raise EnsError(f"{split.stores[0].path}: the {split.name} store {made}, so its images' places are unknown to the "
+                   + ("geo prior; give --data DIR (the folder of its json)" if data is None and not applying else
+                      f"geo prior; put the {split.name} json the stores were made from back at that path"))
 
 
 def _check_folds(folds: int, default: bool, split: BlendSplit) -> None:

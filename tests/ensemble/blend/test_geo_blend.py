@@ -335,3 +335,12 @@ def test_apply_geo_gives_the_renormalised_blend_with_the_prior():
     np.testing.assert_array_equal(top, np.argsort(-dense, axis=1, kind="stable")[:, :4])
     np.testing.assert_allclose(probs, np.exp(np.take_along_axis(dense, top, axis=1)), rtol=1e-5)
     assert apply_geo(sparse, log_q.copy(), start, 0.0) is None
+
+
+def test_weights_need_the_applied_split_json_for_its_places(tmp_path):
+    w = _world(tmp_path / "w", n_val=120, n_test=60)
+    ok(_blend(w, tmp_path / "b", "--geo-prior", w["train"]))
+    (w["data"] / "test2019.json").rename(tmp_path / "elsewhere.json")
+    one_line_error(ens("blend", "--runs", w["runs"], "--weights", tmp_path / "b" / "blend.json", "--out", tmp_path / "c"),
+                   "test2019.json, which is not there", "put the test json")
+    assert not (tmp_path / "c").exists()
