@@ -355,3 +355,43 @@ def test_bad_places_in_the_val_json_are_no_place_or_one_line(geo_work, tmp_path,
     one_line_error(ens("report", folder, "--data", data), "val2019.json", f"image {doc['images'][0]['id']}",
                    "latitude")
     assert not (folder / "report.html").exists()
+
+
+@pytest.mark.slow
+def test_a_geo_page_of_500000_images_stays_small(tmp_path):
+    """The geo section at iNat 2021's test size: its tables are per region and its map draws at
+    most MAP_POINTS points, so the page stays far under test_report_size's 5 MB (0.68 MB measured; 33 s,
+    0.8 GB peak with the test's own json)."""
+    from ensemble.fileio import sha256_file
+    from ensemble.formats.blend import BlendRecord, GeoCorrection
+
+    from tests.ensemble.report.test_report_scale import make_blend
+
+    rows, classes = 500_000, 8
+    blend = make_blend(tmp_path, models=2, rows=rows, classes=classes, temperatures=False, prior=False)
+    rng = np.random.default_rng(0)
+    val = tmp_path / "data" / "val2019.json"
+    doc = json.loads(val.read_text())
+    lat, lon = rng.uniform(-60, 70, rows), rng.uniform(-180, 180, rows)
+    for image, a, b in zip(doc["images"], lat.tolist(), lon.tolist()):
+        image["latitude"], image["longitude"] = a, b
+    val.write_text(json.dumps(doc))
+    del doc
+    train = tmp_path / "data" / "train.json"
+    n = 2000
+    tl, to = rng.uniform(-60, 70, n), rng.uniform(-180, 180, n)
+    train.write_text(json.dumps({
+        "images": [{"id": i, "file_name": f"t{i}.jpg", "latitude": a, "longitude": b}
+                   for i, (a, b) in enumerate(zip(tl.tolist(), to.tolist()))],
+        "annotations": [{"id": i, "image_id": i, "category_id": i % classes} for i in range(n)],
+        "categories": [{"id": c} for c in range(classes)]}))
+    record = BlendRecord.read(blend / "blend.json")
+    record._with(format=4, geo=GeoCorrection(
+        file=str(train), sha256=sha256_file(train), used=n, skipped={}, settings=GeoSettings(k=16).as_dict(),
+        weight="auto", beta=1.0, no_place={"val": 0})).write(blend / "blend.json")
+    result = write_report(blend)
+    assert result.sections["geo"] and result.size < 2_000_000, result.size
+    page = result.path.read_text()
+    drawn = _values(re.search(r'<svg[^>]*aria-label="where the images are".*?</svg>', page, re.S).group(0))
+    assert len(drawn["lon"]) == geo.MAP_POINTS and drawn["shown_of"] == rows
+    assert sum(v["rows"] for v in cells(page, "geo-regions").values()) == rows
