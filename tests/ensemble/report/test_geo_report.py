@@ -13,12 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ensemble.fileio import sha256_file
+from ensemble.formats.blend import BlendRecord, GeoCorrection
 from ensemble.report import geo, plots, write_report
 from ensemble.report.build import build_report
 from weights_search.geo import GeoPrior, GeoSettings
 
 from tests.ensemble.conftest import ens, make_inat, ok, one_line_error, tiny_onnx
 from tests.ensemble.report.test_report import cells
+from tests.ensemble.report.test_report_scale import make_blend
 
 
 # ----------------------------------------------------------------------------- regions by boxes
@@ -362,11 +365,6 @@ def test_a_geo_page_of_500000_images_stays_small(tmp_path):
     """The geo section at iNat 2021's test size: its tables are per region and its map draws at
     most MAP_POINTS points, so the page stays far under test_report_size's 5 MB (0.68 MB measured; 33 s,
     0.8 GB peak with the test's own json)."""
-    from ensemble.fileio import sha256_file
-    from ensemble.formats.blend import BlendRecord, GeoCorrection
-
-    from tests.ensemble.report.test_report_scale import make_blend
-
     rows, classes = 500_000, 8
     blend = make_blend(tmp_path, models=2, rows=rows, classes=classes, temperatures=False, prior=False)
     rng = np.random.default_rng(0)
