@@ -329,7 +329,8 @@ def _timm_spec(ckpt: Checkpoint, options: ExportOptions, spec):
             if (base.name, base.tag) != (named.name, named.tag):
                 named.notes.append(f"--arch {options.arch} overrides {base.label} of the checkpoint")
             named.given, named.num_classes = base.given, base.num_classes
-            named.kwargs = dict(base.kwargs) if base.name == named.name else {}
+            if base.name == named.name:  # its build keywords belong to its network
+                named.kwargs, named.kwargs_from = dict(base.kwargs), base.kwargs_from
         return named
     if spec is not None and options.arch is not None:
         raise EnsError(f"--arch {options.arch}: a Hugging Face-style folder names its timm model in its "

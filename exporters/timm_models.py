@@ -54,6 +54,11 @@ CROP_MODES = {"center": "center-crop", "squash": "squash", "border": None}
 KEYS = ("input_size", "mean", "std", "interpolation", "resize", "crop_pct")
 #: ``train.py`` options that change the network's structure or numerics, -> create_model keywords.
 _STRUCTURE_ARGS = {"gp": "global_pool", "bn_eps": "bn_eps"}
+#: create_model's own parameters: where the weights come from and how layers are configured. Keywords
+#: read from a file never set them (``checkpoint_path`` would load another file, ``pretrained``
+#: download); ens sets ``pretrained=False, exportable=True`` itself.
+RESERVED_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir",
+                   "scriptable", "exportable", "no_jit")
 
 
 def import_timm(label: str):
@@ -86,6 +91,7 @@ class TimmSpec:
     name: str  #: the model's name in timm's registry, without tag
     tag: str | None  #: the pretrained tag whose config applies (None: timm's default tag)
     kwargs: dict[str, Any] = field(default_factory=dict)  #: further create_model keywords
+    kwargs_from: str = ""  #: where ``kwargs`` were read, for messages ("c.pth: args.model_kwargs")
     given: Source | None = None  #: the checkpoint's args or the folder's pretrained_cfg
     num_classes: tuple[int, str] | None = None  #: (value, source) from args / config.json
     notes: list[str] = field(default_factory=list)
@@ -147,6 +153,7 @@ def spec_from_train_args(args: argparse.Namespace, path: Path) -> TimmSpec:
         if not isinstance(extra, Mapping) or not all(isinstance(k, str) for k in extra):
             raise EnsError(f"{where}model_kwargs {_shown(extra)}: expected a dict of keyword arguments")
         spec.kwargs.update(extra)
+    spec.kwargs_from = f"{where}model_kwargs"
     channels = _channels(values, where)
     spec.given = Source("the checkpoint's args", _preprocess_values(values, where, channels, from_args=True))
     num_classes = values.get("num_classes")
@@ -192,6 +199,7 @@ def read_folder(folder: Path) -> tuple[TimmSpec, Path]:
             raise EnsError(f"{config_path}: model_args {_shown(model_args)}: expected a JSON object")
         _channels(model_args, f"{config_path}: model_args.")
         spec.kwargs.update(model_args)
+        spec.kwargs_from = f"{config_path}: model_args"
     where = f"{config_path}: {key_prefix}"
     spec.given = Source(label, _preprocess_values(pretrained_cfg, where, _channels(pretrained_cfg, where)))
     num_classes = config.get("num_classes", spec.kwargs.get("num_classes", pretrained_cfg.get("num_classes")))
@@ -408,9 +416,13 @@ def build(spec: TimmSpec, state_dict: Mapping[str, torch.Tensor], source: Path, 
     from exporters.checkpoints import strip_prefixes
 
     timm = import_timm(spec.label)
+    for origin, given in ((spec.kwargs_from, spec.kwargs), ("--arch-kwargs", extra_kwargs)):
+        reserved = [k for k in RESERVED_KWARGS if k in given]
+        if reserved:
+            raise EnsError(f"{origin}: {reserved[0]} is not passed to timm.create_model (ens builds with "
+                           "pretrained=False, exportable=True and loads the checkpoint's own weights)")
     kwargs = {**spec.kwargs, **extra_kwargs}  # --arch-kwargs over the checkpoint's own
     kwargs.pop("num_classes", None)  # settled below, from the weights and what the files claim
-    kwargs.pop("pretrained", None)  # never: nothing is downloaded
     cfg_size = registry_cfg.get("input_size")
     fixed = (registry_cfg.get("fixed_input_size", False) and not kwargs.get("dynamic_img_size", False)
              and kwargs.get("strict_img_size", True))

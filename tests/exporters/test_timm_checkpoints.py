@@ -175,6 +175,20 @@ def test_bad_args_are_one_line_naming_the_key(tmp_path, values, message):
         timm_models.spec_from_train_args(train_args(**values), tmp_path / "c.pth")
 
 
+@pytest.mark.parametrize("key", ["checkpoint_path", "pretrained", "pretrained_cfg_overlay"])
+def test_model_kwargs_never_reach_create_models_own_parameters(tmp_path, key):
+    # checkpoint_path would load another file, pretrained download: data never sets them.
+    torch.save({"state_dict": {"fc.weight": torch.zeros(2, 512)},
+                "args": train_args(model_kwargs={key: "/etc/passwd"}, img_size=SIZE)}, tmp_path / "c.pth")
+    with pytest.raises(EnsError, match=f"^{tmp_path}/c.pth: args.model_kwargs: {key} is not passed to "
+                                       r"timm.create_model \(ens builds with pretrained=False"):
+        export_checkpoint(tmp_path / "c.pth", tmp_path / "c.onnx")
+    torch.save({"state_dict": {"fc.weight": torch.zeros(2, 512)}, "args": train_args(img_size=SIZE)},
+               tmp_path / "d.pth")
+    with pytest.raises(EnsError, match=f"^--arch-kwargs: {key} is not passed"):
+        export_checkpoint(tmp_path / "d.pth", tmp_path / "d.onnx", ExportOptions(arch_kwargs={key: True}))
+
+
 def test_args_values_in_ens_form(tmp_path):
     spec = timm_models.spec_from_train_args(
         train_args(model="resnet18.tv_in1k", input_size=[3, 96, 96], mean=[0.5], std=[0.25, 0.25, 0.25],
