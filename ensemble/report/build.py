@@ -266,10 +266,12 @@ def find_labels(blend_json: Path, record: BlendRecord, blend_dir: Path, data: Pa
                    f"give --data DIR (the folder holding the {split} json)")
 
 
-def find_geo_source(blend_json: Path, record: BlendRecord, blend_dir: Path, data: Path | None) -> Path:
+def find_geo_source(blend_json: Path, record: BlendRecord, blend_dir: Path,
+                    data: Path | None) -> tuple[Path, list[str]]:
     """The training json the blend's geo prior was estimated from: the file blend.json names
     (relative to the work folder, then as given), else ``--data``'s training json; only a file
-    whose sha256 is the recorded one. One line naming what was looked at, else."""
+    whose sha256 is the recorded one; and why the files looked at before it were passed over. One
+    line naming what was looked at, when none is."""
     geo = record.geo
     work = work_folder(blend_dir)
     candidates = ([] if work is None else [work / geo.file]) + [Path(geo.file)]
@@ -285,7 +287,7 @@ def find_geo_source(blend_json: Path, record: BlendRecord, blend_dir: Path, data
         elif sha256_file(path) != geo.sha256:
             problems.append(f"{shown_path(path)} is another file (its sha256 differs)")
         else:
-            return path
+            return path, problems
     raise EnsError(f"{blend_json}: the training json of its geo prior ({shown_path(geo.file)}, sha256 "
                    f"{geo.sha256[:12]}...) is not found ({'; '.join(problems)}); give --data DIR holding it")
 
@@ -570,7 +572,8 @@ def build_report(blend_dir: Path, data: Path | None = None, runs: Path | None = 
     blend_json, record = read_blend_record(blend_dir)
     given = None if runs is None else Path(runs)
     found = open_stores(blend_json, record, blend_dir, given)
-    geo_source = None if record.geo is None else find_geo_source(blend_json, record, blend_dir, data)
+    geo_source, geo_passed = (None, []) if record.geo is None else find_geo_source(blend_json, record, blend_dir,
+                                                                                    data)
     prior, geo_in = None, None
     while True:  # the first folder whose stores the pass finds to be the blend's (its sha256)
         runs, stores = found.runs, found.stores
@@ -604,6 +607,8 @@ def build_report(blend_dir: Path, data: Path | None = None, runs: Path | None = 
         # --runs asked for one folder; a report of other stores must say so where the user looks
         notes.append(f"--runs {shown_path(given)}: passed over ({'; '.join(p for p in found.problems if p)}); "
                      f"read the stores under {shown_path(found.runs)}")
+    if geo_passed:  # the recorded training json is gone or changed: say which file the prior came from
+        notes.append(f"the geo prior's training json: read {shown_path(geo_source)} ({'; '.join(geo_passed)})")
     recorded = stores[0].manifest.dataset
     if str(recorded.source or "").endswith(".json") and recorded.sha256 not in (None, sha256_file(labels_path)):
         notes.append(f"the labels in {labels_path} are not from the json the stores were made from "

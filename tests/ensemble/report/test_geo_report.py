@@ -300,6 +300,8 @@ def test_the_training_json_is_found_by_its_sha256_or_one_line(geo_work, tmp_path
     shutil.copy(moved, other / "train2019.json")  # the recorded file is not the one; --data's training json is
     result = ok(ens("report", folder, "--data", other, "-o", tmp_path / "r.html"))
     assert "6 of 7 sections" in result.stdout and 'id="geo"' in (tmp_path / "r.html").read_text()
+    assert (f"note: the geo prior's training json: read {other / 'train2019.json'} ({data / 'train2019.json'} is "
+            "another file (its sha256 differs))") in result.stdout
 
 
 def test_the_geo_prior_file_name_is_text_on_the_page(geo_work, tmp_path, monkeypatch):
