@@ -319,23 +319,24 @@ def _timm_spec(ckpt: Checkpoint, options: ExportOptions, spec):
 
     args = timm_models.train_args(ckpt.container) if options.arch is None or \
         timm_models.is_timm_arch(options.arch) else None
-    if args is not None:
-        timm_models.import_timm(f"{timm_models.ARCH_PREFIX}{vars(args).get('model')}")
-    from_args = timm_models.spec_from_train_args(args, ckpt.path) if args is not None else None
     if timm_models.is_timm_arch(options.arch):
         named = timm_models.spec_from_arch(options.arch)
-        base = from_args or spec
-        if base is not None:  # the command line's network, with the checkpoint's preprocessing
-            if (base.name, base.tag) != (named.name, named.tag):
-                named.notes.append(f"--arch {options.arch} overrides {base.label} of the checkpoint")
-            named.given, named.num_classes = base.given, base.num_classes
-            if base.name == named.name:  # its build keywords belong to its network
-                named.kwargs, named.kwargs_from = dict(base.kwargs), base.kwargs_from
+        if args is not None:  # the command line's network, with the run's preprocessing
+            return timm_models.spec_from_train_args(args, ckpt.path, named)
+        if spec is not None:  # a folder's config: its preprocessing, and its build keywords for its network
+            if (spec.name, spec.tag) != (named.name, named.tag):
+                named.notes.append(f"--arch {options.arch} overrides {spec.label} of the folder's config.json")
+            named.given, named.num_classes = spec.given, spec.num_classes
+            if spec.name == named.name:
+                named.kwargs, named.kwargs_from = dict(spec.kwargs), spec.kwargs_from
         return named
+    if args is not None:
+        timm_models.import_timm(f"{timm_models.ARCH_PREFIX}{vars(args).get('model')}")
+        return timm_models.spec_from_train_args(args, ckpt.path)
     if spec is not None and options.arch is not None:
         raise EnsError(f"--arch {options.arch}: a Hugging Face-style folder names its timm model in its "
                        "config.json; --arch takes timm/NAME[.TAG] there")
-    return spec or from_args
+    return spec
 
 
 def _prepare_timm(ckpt: Checkpoint, options: ExportOptions, spec, notes: list[str]) -> _Prepared:

@@ -129,16 +129,32 @@ def spec_from_arch(arch: str) -> TimmSpec:
     return TimmSpec(name=_check_name(name, f"--arch {arch}"), tag=tag)
 
 
-def spec_from_train_args(args: argparse.Namespace, path: Path) -> TimmSpec:
+def spec_from_train_args(args: argparse.Namespace, path: Path, named: TimmSpec | None = None) -> TimmSpec:
     """What a timm ``train.py`` run's ``args`` say: the model, the structure keywords, the
-    preprocessing and the number of classes it was trained with."""
+    preprocessing and the number of classes it was trained with. ``named``: the network
+    ``--arch timm/...`` names instead of ``args.model`` (which is then not read)."""
     values = vars(args)
     where = f"{path}: args."
     model = values.get("model")
-    if not isinstance(model, str) or not model.strip():
-        raise EnsError(f"{where}model {_shown(model)}: expected the name of a timm model")
-    name, tag = _split_tag(model.strip())
-    spec = TimmSpec(name=_check_name(name, f"{where}model {model!r}"), tag=tag)
+    if named is not None:
+        spec = TimmSpec(name=named.name, tag=named.tag)
+        if model != named.name and (not isinstance(model, str) or model.partition(".")[0] != named.name):
+            spec.notes.append(f"--arch {named.label} overrides the checkpoint's args.model {_shown(model)}")
+            _structure_args(spec, {}, where)  # another network's build keywords do not apply
+            spec.given, spec.num_classes = _data_args(values, where)
+            return spec
+    else:
+        if not isinstance(model, str) or not model.strip():
+            raise EnsError(f"{where}model {_shown(model)}: expected the name of a timm model")
+        name, tag = _split_tag(_registry_name(model.strip(), f"{where}model {model!r}"))
+        spec = TimmSpec(name=_check_name(name, f"{where}model {model!r}"), tag=tag)
+    _structure_args(spec, values, where)
+    spec.given, spec.num_classes = _data_args(values, where)
+    return spec
+
+
+def _structure_args(spec: TimmSpec, values: Mapping[str, Any], where: str) -> None:
+    """The build keywords of train.py's args (``gp``, ``bn_eps``, ``model_kwargs``) into ``spec``."""
     for key, keyword in _STRUCTURE_ARGS.items():
         value = values.get(key)
         if value is None or value == "":
@@ -154,14 +170,18 @@ def spec_from_train_args(args: argparse.Namespace, path: Path) -> TimmSpec:
             raise EnsError(f"{where}model_kwargs {_shown(extra)}: expected a dict of keyword arguments")
         spec.kwargs.update(extra)
     spec.kwargs_from = f"{where}model_kwargs"
-    channels = _channels(values, where)
-    spec.given = Source("the checkpoint's args", _preprocess_values(values, where, channels, from_args=True))
+
+
+def _data_args(values: Mapping[str, Any], where: str) -> tuple[Source, tuple[int, str] | None]:
+    """The preprocessing and number of classes train.py's args were set to."""
+    given = Source("the checkpoint's args", _preprocess_values(values, where, _channels(values, where),
+                                                               from_args=True))
     num_classes = values.get("num_classes")
-    if num_classes is not None:
-        if not is_count(num_classes, 1):
-            raise EnsError(f"{where}num_classes {_shown(num_classes)}: expected a positive integer")
-        spec.num_classes = (num_classes, "the checkpoint's args")
-    return spec
+    if num_classes is None:
+        return given, None
+    if not is_count(num_classes, 1):
+        raise EnsError(f"{where}num_classes {_shown(num_classes)}: expected a positive integer")
+    return given, (num_classes, "the checkpoint's args")
 
 
 def read_folder(folder: Path) -> tuple[TimmSpec, Path]:
@@ -211,6 +231,22 @@ def read_folder(folder: Path) -> tuple[TimmSpec, Path]:
     if weights is None:
         raise EnsError(f"{folder}: no weights beside {FOLDER_CONFIG} (expected {' or '.join(FOLDER_WEIGHTS)})")
     return spec, weights
+
+
+def _registry_name(model: str, where: str) -> str:
+    """train.py's ``--model`` as timm's registry names it: ``hf-hub:timm/NAME.TAG`` (a run
+    fine-tuned from timm's own Hub weights) is ``NAME.TAG``, whose config timm's registry holds;
+    any other Hub repo or local folder needs its config.json, which ens does not download."""
+    source, colon, rest = model.partition(":")
+    if not colon:
+        return model
+    if source.lower() in ("hf-hub", "hf_hub"):
+        org, slash, name = rest.partition("/")
+        if slash and org == "timm" and name:
+            return name.partition("@")[0]
+    raise EnsError(f"{where}: names a model by its Hugging Face Hub repo or folder, whose config.json ens "
+                   "does not fetch; pass --arch timm/NAME[.TAG] with its config.json's architecture, or "
+                   "export the downloaded folder")
 
 
 def _split_tag(text: str) -> tuple[str, str | None]:

@@ -189,6 +189,26 @@ def test_model_kwargs_never_reach_create_models_own_parameters(tmp_path, key):
         export_checkpoint(tmp_path / "d.pth", tmp_path / "d.onnx", ExportOptions(arch_kwargs={key: True}))
 
 
+def test_args_model_from_timms_hub_repo(tmp_path):
+    # train.py --model hf-hub:timm/NAME.TAG fine-tunes timm's own Hub weights: the registry has their config.
+    spec = timm_models.spec_from_train_args(train_args(model="hf-hub:timm/resnet18.tv_in1k"), tmp_path / "c.pth")
+    assert spec.label == "timm/resnet18.tv_in1k"
+    with pytest.raises(EnsError, match=r"args.model 'hf-hub:someone/model': names a model by its Hugging Face "
+                                       r"Hub repo or folder, whose config.json ens does not fetch; pass --arch"):
+        timm_models.spec_from_train_args(train_args(model="hf-hub:someone/model"), tmp_path / "c.pth")
+
+
+def test_arch_overrides_args_model_and_keeps_the_runs_preprocessing(tmp_path):
+    args = train_args(model="hf-hub:someone/model", gp="avgmax", mean=[0.5], num_classes=4)
+    spec = timm_models.spec_from_train_args(args, tmp_path / "c.pth", timm_models.spec_from_arch("timm/resnet18"))
+    assert spec.label == "timm/resnet18" and spec.kwargs == {}  # another network's build keywords dropped
+    assert spec.given.values == {"mean": (0.5, 0.5, 0.5)} and spec.num_classes == (4, "the checkpoint's args")
+    assert spec.notes == ["--arch timm/resnet18 overrides the checkpoint's args.model 'hf-hub:someone/model'"]
+    same = timm_models.spec_from_train_args(train_args(gp="avgmax"), tmp_path / "c.pth",
+                                            timm_models.spec_from_arch("timm/resnet18.tv_in1k"))
+    assert same.label == "timm/resnet18.tv_in1k" and same.kwargs == {"global_pool": "avgmax"} and not same.notes
+
+
 def test_args_values_in_ens_form(tmp_path):
     spec = timm_models.spec_from_train_args(
         train_args(model="resnet18.tv_in1k", input_size=[3, 96, 96], mean=[0.5], std=[0.25, 0.25, 0.25],
