@@ -26,7 +26,6 @@ Models are always built with ``pretrained=False``: nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 import math
 from collections.abc import Mapping
