@@ -629,10 +629,12 @@ def demo(
     """Run the whole pipeline on a small competition built from real images.
 
     Builds an iNat-2019-layout competition from scikit-learn's digits (a long-tailed training
-    split, balanced validation and test), trains three architectures briefly on the CPU
-    (cached), then runs ens export, ens infer --tta flip,scale, ens blend --optimize val (then
-    again with --prior data/train2019.json) and ens submit --dry-run, and scores the CSV
-    against the answers. Reproducible: the same --threads prints the same table.
+    split, balanced validation and test; every image with iNat 2021's place and date fields,
+    each digit in its own regions), trains three architectures briefly on the CPU (cached),
+    then runs ens export, ens infer --tta flip,scale, ens blend --optimize val (then again with
+    --prior data/train2019.json, and with --geo-prior data/train2019.json too) and ens submit
+    --dry-run, and scores the CSV against the answers. Reproducible: the same --threads prints
+    the same table.
     """
     with _user_errors(ctx):
         try:

@@ -8,11 +8,13 @@
 3. runs the public commands, each in a subprocess, in the work folder: `ens export` for each
    checkpoint, `ens infer --tta flip,scale` on val and test, `ens blend --optimize val` (which
    notes that data/train2019.json could correct the long-tailed training prior), the same with
-   `--prior data/train2019.json`, `ens report` of that blend (its path printed), `ens submit
-   --dry-run` of the corrected blend; then scores
-   the CSV against the answers only the demo holds;
+   `--prior data/train2019.json` (blends/demo), and with `--geo-prior data/train2019.json` too
+   (blends/geo: the place and date of each image, data.RANGES), `ens report` of that blend (its
+   path printed), `ens submit --dry-run` of it; then scores the CSV against the answers only the
+   demo holds;
 4. prints one table: per model, uniform and the nll blend, each without and with the prior
-   correction, CV top-1 on validation and top-1 error on test, and the submission's path.
+   correction, the nll blend with both corrections, CV top-1 on validation and top-1 error on
+   test, and the submission's path.
 """
 
 from __future__ import annotations
@@ -169,20 +171,23 @@ def run_demo(workdir: Path = Path(".demo"), settings: DemoSettings = DemoSetting
     log(f"  ({time.perf_counter() - t:.1f} s)")
 
     t = _step(log, 5, "ens blend: weights fitted on val, cross-validated, applied to test; then corrected for "
-                      "the long-tailed training prior; ens report explains it")
+                      "the long-tailed training prior, and for where and when each image was taken; ens report "
+                      "explains it")
     # --models: blend this run's models only, not stores an earlier demo left in runs/.
     names = ",".join(Path(m).stem for m in models)
     fit = ["blend", "--optimize", "val", "--data", "data", "--models", names, "--cv", str(settings.cv)]
     _ens(workdir, [*fit, "--out", "blends/plain"], log)
     _ens(workdir, [*fit, "--prior", "data/train2019.json", "--out", "blends/demo"], log)
-    blend = BlendRecord.read(workdir / "blends/demo/blend.json")
-    _ens(workdir, ["report", "blends/demo"], log)
-    report = workdir / "blends/demo/report.html"
+    _ens(workdir, [*fit, "--prior", "data/train2019.json", "--geo-prior", "data/train2019.json",
+                   "--out", "blends/geo"], log)
+    blend = BlendRecord.read(workdir / "blends/geo/blend.json")
+    _ens(workdir, ["report", "blends/geo"], log)
+    report = workdir / "blends/geo/report.html"
     log(f"  the blend explained, one page to open in a browser: {report}")
     log(f"  ({time.perf_counter() - t:.1f} s)")
 
     t = _step(log, 6, "ens submit --dry-run: a checked Kaggle CSV, recorded in the ledger")
-    out = _ens(workdir, ["submit", "blends/demo", "--data", "data", "--dry-run", "--name", "demo",
+    out = _ens(workdir, ["submit", "blends/geo", "--data", "data", "--dry-run", "--name", "demo",
                          "--sample", "data/kaggle_sample_submission.csv"], log)
     submission = workdir / out.split("wrote ", 1)[1].split(" (", 1)[0]
     log(f"  ({time.perf_counter() - t:.1f} s)")
@@ -202,9 +207,9 @@ def run_demo(workdir: Path = Path(".demo"), settings: DemoSettings = DemoSetting
 
 def _other_test_errors(workdir: Path, competition: Competition, models: Sequence[str], blend: BlendRecord,
                        answers: dict[int, int]) -> dict[str, float]:
-    """Test top-1 error of each model, of uniform weights and of the plain nll blend
-    (blends/plain), each without and with the prior correction of ``blend`` (uniform's tau
-    fitted here on val, as `ens blend --method uniform --prior` would)."""
+    """Test top-1 error of each model, of uniform weights and of the nll blend, each without
+    (blends/plain) and with the prior correction (blends/demo; uniform's tau fitted here on val,
+    as `ens blend --method uniform --prior` would)."""
     import weights_search as ws
     from ensemble.formats.dataset import load_labels
     from ensemble.formats.store import read_store
@@ -225,6 +230,8 @@ def _other_test_errors(workdir: Path, competition: Competition, models: Sequence
     errors["uniform"] = error(uniform.log_proba(test))
     plain = BlendRecord.read(workdir / "blends/plain/blend.json")
     errors[plain.cv.chosen] = error(plain.fitted().log_proba(test))
+    corrected = BlendRecord.read(workdir / "blends/demo/blend.json")
+    errors[corrected.cv.chosen] = error(corrected.fitted().log_proba(test))
     val, val_ids, _ = stack("val")
     labels = load_labels(competition.root / "val2019.json", val_ids, class_ids.tolist())
     prior = ws.LogitAdjustment(blend.prior.log_prior())

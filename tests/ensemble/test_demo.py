@@ -12,8 +12,10 @@ from typer.testing import CliRunner
 from ensemble.cli import app
 from ensemble.demo.data import CATEGORY_OFFSET, DemoSpec, _split, make_competition, render
 from ensemble.demo.run import DemoSettings, format_table, run_demo
+from ensemble.formats.places import read_observations, read_places
 from ensemble.formats.store import read_store
 from weights_search import FittedBlend, class_log_prior
+from weights_search.geo import GeoPrior, GeoSettings
 
 SMALL = DemoSpec(canvas=48, val_per_class=3, test_per_class=2, train_per_class=3, train_copies=2, long_tail=None)
 
@@ -93,7 +95,7 @@ def test_shortened_demo_end_to_end(tmp_path):
     assert any(line.startswith("  $ ens infer") and "--tta flip,scale" in line for line in lines)
     assert result.submission.is_file() and result.submission.parent == work / "submissions"
     # The report of the demo's blend is written and its path printed (issue 15).
-    assert result.report == work / "blends" / "demo" / "report.html"
+    assert result.report == work / "blends" / "geo" / "report.html"
     assert result.report.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
     assert any(line.startswith("  the blend explained") and line.endswith(str(result.report)) for line in lines)
 
@@ -101,22 +103,39 @@ def test_shortened_demo_end_to_end(tmp_path):
     assert check.exit_code == 0, check.output
 
     names = [row.name for row in result.rows]
-    assert names == ["resnet18", "mobilenet_v3_small", "densenet121", "uniform", "uniform+prior", "nll", "nll+prior"]
-    assert result.method == "nll+prior"
+    assert names == ["resnet18", "mobilenet_v3_small", "densenet121", "uniform", "uniform+prior", "nll", "nll+prior",
+                     "nll+prior+geo"]
+    assert result.method == "nll+prior+geo"
+    # The blends with the long-tail prior, and with the geo prior too, each ran as a user runs them.
+    assert any(line.startswith("  $ ens blend") and "--prior data/train2019.json --out blends/demo" in line
+               for line in lines)
+    assert any(line.startswith("  $ ens blend") and "--geo-prior data/train2019.json --out blends/geo" in line
+               for line in lines)
     assert all(row.cv_low <= row.cv_top1 <= row.cv_high for row in result.rows)
     # The plain blend notes the flag that corrects for the training prior; the demo then uses it.
     assert any(line.startswith("    note: data/train2019.json holds the training labels: add --prior "
                                "data/train2019.json") for line in lines)
     # At toy sizes the models are near chance, so no accuracy is asserted; the stages must agree
     # exactly instead: the submitted top-1 of every test image is the stores fused with
-    # blend.json's weights and corrected with its prior (columns mapped to category ids), and
-    # the table's blend row is that submission scored against the answers only the demo holds.
-    blend = json.loads((work / "blends" / "demo" / "blend.json").read_text())
+    # blend.json's weights, corrected with its prior and raised by beta g' of the geo prior
+    # estimated from the training json's places (columns mapped to category ids), and the
+    # table's blend row is that submission scored against the answers only the demo holds.
+    blend = json.loads((work / "blends" / "geo" / "blend.json").read_text())
     stores = [read_store(work / "runs" / member / "test") for member in blend["members"]]
     prior = blend["prior"]
     fitted = FittedBlend(blend["method"], blend["fusion"], tuple(blend["weights"][m] for m in blend["members"]),
                          log_prior=tuple(class_log_prior(prior["counts"], prior["zero_count"])), tau=prior["tau"])
     fused = fitted.log_proba(np.stack([np.asarray(s.logits, np.float32) for s in stores]))
+    geo = blend["geo"]
+    class_ids = np.asarray(stores[0].class_ids)
+    observations = read_observations(work / "data" / "train2019.json")
+    estimator = GeoPrior.fit(observations.lat, observations.lon, observations.day, observations.columns(class_ids.tolist()),
+                             class_ids.size, GeoSettings.from_dict(geo["settings"]), uncertainty=observations.uncertainty)
+    places = read_places(work / "data" / "test2019.json", stores[0].ids)
+    sparse = estimator.query(places.lat, places.lon, places.day, places.usable, uncertainty=places.uncertainty)
+    assert geo["used"] == estimator.n_used and geo["no_place"]["test"] == int((~sparse.usable).sum()) > 0
+    assert geo["weight"] == "auto" and 0 <= geo["beta"] <= 3
+    sparse.apply(fused, 0, geo["beta"])
     blended = dict(zip(map(int, stores[0].ids), np.asarray(stores[0].class_ids)[fused.argmax(1)].tolist()))
     with open(result.submission, newline="") as fh:
         submitted = {int(r["id"]): int(r["predicted"].split()[0]) for r in csv.DictReader(fh)}
@@ -139,6 +158,6 @@ def test_shortened_demo_end_to_end(tmp_path):
     lines = again.stdout.splitlines()
     assert any(line.startswith("  reused") and "data" in line for line in lines)
     assert sum(line.startswith("  reused") and ".pt" in line for line in lines) == 3
-    blend = json.loads((work / "blends" / "demo" / "blend.json").read_text())
+    blend = json.loads((work / "blends" / "geo" / "blend.json").read_text())
     assert blend["members"] == ["resnet18", "mobilenet_v3_small", "densenet121"]
-    assert any(line.startswith("nll+prior (blend)") for line in lines) and lines[-2].startswith("submission: ")
+    assert any(line.startswith("nll+prior+geo (blend)") for line in lines) and lines[-2].startswith("submission: ")

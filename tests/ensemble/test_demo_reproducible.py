@@ -102,7 +102,7 @@ def test_the_demo_prints_the_same_table_on_one_core_and_on_all(tmp_path):
     one = {min(mine)}
     table_one, numbers_one, stores_one = _demo(tmp_path / "one", one, "1")
     table_all, numbers_all, stores_all = _demo(tmp_path / "all", everything, "3")
-    assert len(table_one) == 8 and table_one == table_all
+    assert len(table_one) == 9 and table_one == table_all
     assert sum(" epoch " in line for line in numbers_one) == 3 and sum("verified" in line for line in numbers_one) >= 6
     assert numbers_one == numbers_all
     assert len(stores_one) == 6 and stores_one.keys() == stores_all.keys()
