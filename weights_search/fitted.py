@@ -256,8 +256,10 @@ def fit_blend(logits: MemberSource | np.ndarray | Sequence[np.ndarray], labels: 
 
 
 #: Threads a :class:`Reader` pass works on its blocks with, beside the reading one (0: all on
-#: the reading thread; None: :func:`~weights_search.parallel.default_workers`, 1 on 2 cores);
-#: never more than 1 (the work must see the blocks in order).
+#: the reading thread; None: :func:`~weights_search.parallel.default_workers`, 2 on 2 cores).
+#: The work on the blocks runs in row order, one block at a time, whatever the number; a second
+#: thread converts the next block from its stored float16 meanwhile (a source with
+#: ``read_raw``, :class:`ensemble.formats.members.Members`; other sources use one thread).
 OVERLAP_WORKERS: int | None = None
 
 
@@ -290,14 +292,27 @@ class Reader:
         yield 0, self._block
 
     def each_block(self, work: Callable[[int, np.ndarray], None]) -> None:
-        """One pass: ``work(start, block)`` of each block of :meth:`blocks`, in row order, on one
-        thread beside this one (:data:`OVERLAP_WORKERS`) while this thread reads the next block
-        (:func:`~weights_search.parallel.ordered_map`: one block more is held, the one read while
-        the one before is worked on; ``work`` runs on one thread, block after block, so a
-        collector sees the rows in order, as in a plain loop, and gives the same values). A
-        source of one block is worked on here. An exception in ``work`` is raised here."""
-        workers = 0 if self.single else (default_workers() if OVERLAP_WORKERS is None else min(OVERLAP_WORKERS, 1))
-        for _ in ordered_map(lambda item: work(*item), self.blocks(), workers):
+        """One pass: ``work(start, block)`` of each block of :meth:`blocks`, in row order, one
+        block at a time, on threads beside this one (:data:`OVERLAP_WORKERS`) while this thread
+        reads the next block (:func:`~weights_search.parallel.ordered_map`; ``work`` sees the
+        blocks in row order, as in a plain loop, so a collector gives the same values). With a
+        source that reads its rows as stored (``read_raw``) and converts them apart
+        (``convert``: :class:`ensemble.formats.members.Members`), this thread only reads, and
+        a block is converted to float32 on one worker while the block before is worked on, on
+        the other (two blocks more held: one read, one converted). A source of one block is
+        worked on here. An exception in ``work`` is raised here."""
+        workers = 0 if self.single else (default_workers(2) if OVERLAP_WORKERS is None else OVERLAP_WORKERS)
+        source = self.source
+        if workers and callable(getattr(source, "read_raw", None)) and callable(getattr(source, "convert", None)):
+            raws = (source.read_raw(start, start + self.rows) for start in range(0, source.n_rows, self.rows))
+
+            def convert(raw: Any) -> tuple[int, np.ndarray]:
+                return raw.start, source.convert(raw)
+
+            for _ in ordered_map(lambda item: work(*item), raws, min(workers, 2), prepare=convert):
+                pass
+            return
+        for _ in ordered_map(lambda item: work(*item), self.blocks(), min(workers, 1)):
             pass
 
     def log_probs(self, block: np.ndarray, temperatures: np.ndarray | None, *, last: bool = False) -> np.ndarray:
@@ -322,17 +337,24 @@ def log_softmax_into(logits: np.ndarray, temperatures: np.ndarray | None) -> np.
     t = None if temperatures is None else np.asarray(temperatures, dtype=np.float32)
     if t is not None and (t.shape != logits.shape[:1] or not (np.isfinite(t).all() and (t > 0).all())):
         return log_softmax(logits, temperatures)  # its own error
-    scratch = np.empty(logits.shape[1:], dtype=np.float32)
-    for m, x in enumerate(logits):
-        if t is not None:
-            x /= t[m]
-        top = x.max(axis=-1, keepdims=True)
-        if not np.isfinite(top).all():
-            raise ValueError("logits have a row whose largest value is not finite (all -inf, +inf or NaN)")
-        x -= top
-        np.exp(x, out=scratch)
-        with np.errstate(divide="ignore"):
-            x -= np.log(scratch.sum(axis=-1, keepdims=True))
+    # A few rows at a time (as mixture_of_logits): each row's values stay in the processor's
+    # cache through the steps; the same operations on each row, so the same values.
+    n_rows, n_classes = logits.shape[1:]
+    step = max(1, CACHE_VALUES // max(n_classes, 1))
+    scratch = np.empty((min(step, n_rows), n_classes), dtype=np.float32)
+    for m, member in enumerate(logits):
+        for first in range(0, n_rows, step):
+            x = member[first:first + step]
+            if t is not None:
+                x /= t[m]
+            top = x.max(axis=-1, keepdims=True)
+            if not np.isfinite(top).all():
+                raise ValueError("logits have a row whose largest value is not finite (all -inf, +inf or NaN)")
+            x -= top
+            e = scratch[:x.shape[0]]
+            np.exp(x, out=e)
+            with np.errstate(divide="ignore"):
+                x -= np.log(e.sum(axis=-1, keepdims=True))
     return logits
 
 

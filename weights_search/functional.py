@@ -91,11 +91,30 @@ def fuse(log_probs: np.ndarray, weights: np.ndarray, fusion: str) -> np.ndarray:
     raise ValueError(f"unknown fusion {fusion!r}; choose from: {', '.join(FUSIONS)}")
 
 
+#: :func:`_normalise` works on about this many values at a time (1 MB of float32, in cache).
+NORMALISE_VALUES = 2**18
+
+
 def _normalise(scores: np.ndarray) -> np.ndarray:
-    """``scores - logsumexp(scores)`` over the last axis, for finite float32 ``(n, C)`` scores."""
-    top = scores.max(axis=-1, keepdims=True)
-    shifted = scores - top
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    """``scores - logsumexp(scores)`` over the last axis, for finite float32 ``(n, C)`` scores
+    (entries of -inf stay -inf), computed in the place of ``scores`` (its callers pass arrays
+    of their own making): a few rows at a time, each through the maximum, the shift, the
+    exponential, the sum and the log in the processor's cache, with no ``(n, C)`` temporary.
+    The same operations on each row as on the whole array, so the same values, bit for bit."""
+    if scores.dtype != np.float32 or scores.ndim != 2 or not scores.flags.c_contiguous or not scores.flags.writeable:
+        top = scores.max(axis=-1, keepdims=True)
+        shifted = scores - top
+        return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    n_rows, n_classes = scores.shape
+    step = max(1, NORMALISE_VALUES // max(n_classes, 1))
+    scratch = np.empty((min(step, n_rows), n_classes), dtype=np.float32)
+    for first in range(0, n_rows, step):
+        x = scores[first:first + step]
+        e = scratch[:x.shape[0]]
+        x -= x.max(axis=-1, keepdims=True)
+        np.exp(x, out=e)
+        x -= np.log(e.sum(axis=-1, keepdims=True))
+    return scores
 
 
 def true_class_log_probs(log_probs: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ import os
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -24,17 +24,18 @@ class _Skipped(Exception):
     """An item not worked on, an earlier one having failed."""
 
 
-def default_workers() -> int:
-    """1 worker thread beside the calling thread where this process may run on two cores or
-    more, else 0 (all on the calling thread)."""
+def default_workers(threads: int = 1) -> int:
+    """``threads`` worker threads beside the calling thread where this process may run on two
+    cores or more, else 0 (all on the calling thread)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    return 1 if cores >= 2 else 0
+    return threads if cores >= 2 else 0
 
 
-def ordered_map(func: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+def ordered_map(func: Callable[[T], R], items: Iterable[T], workers: int,
+                prepare: Callable[[T], Any] | None = None) -> Iterator[R]:
     """``func(item)`` of each item, yielded in the items' order, computed on ``workers`` threads
     of a pool (0: on the calling thread, no pool) while the calling thread draws the next items.
 
@@ -44,37 +45,65 @@ def ordered_map(func: Callable[[T], R], items: Iterable[T], workers: int) -> Ite
     raised here when its item's turn comes (later items are not worked on: cancelled, or skipped
     when a thread takes them first; one already being worked on is awaited); one
     from ``items`` is raised as it happens.
+
+    ``prepare``: each item is first ``prepare(item)``, on the workers, several items at once;
+    then ``func`` of that, one item at a time, in the items' order (the item before's ``func``
+    has returned before the next one's starts, on whichever worker): work that must see the
+    items in order (a collector) keeps its order while the work that need not (converting a
+    block) runs beside it. The value is then ``func(prepare(item))``.
     """
     if workers < 0:
         raise ValueError(f"workers must be at least 0, got {workers}")
     if workers == 0:
         for item in items:
-            yield func(item)
+            yield func(item if prepare is None else prepare(item))
         return
     pending: deque[Future] = deque()
     source = iter(items)
     failed = threading.Event()
+    turn = threading.Condition()
+    done = [0]  # items whose func has returned (with prepare)
 
-    def work(item: T) -> R:
+    def work(index: int, item: T) -> R:
         # After an item's failure the items after it are not worked on: one already submitted
         # may start before the failure is raised here and the rest cancelled (its error is
         # raised first, in order, so what this raises is never seen).
         if failed.is_set():
             raise _Skipped
         try:
-            return func(item)
+            if prepare is None:
+                return func(item)
+            prepared = prepare(item)
+            del item
+            with turn:  # the items before, submitted first, are being worked on or done
+                while done[0] != index and not failed.is_set():
+                    turn.wait()
+            if failed.is_set():
+                raise _Skipped
+            try:
+                return func(prepared)
+            finally:
+                with turn:
+                    done[0] = index + 1
+                    turn.notify_all()
+        except _Skipped:
+            raise
         except BaseException:
             failed.set()
+            with turn:
+                turn.notify_all()
             raise
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         try:
+            index = 0
             while True:
                 try:
                     item = next(source)  # drawn while the items before are worked on
                 except StopIteration:
                     break
-                pending.append(pool.submit(work, item))
+                pending.append(pool.submit(work, index, item))
+                index += 1
                 del item  # the work item holds it until its block is done, no longer
                 if len(pending) > workers:
                     yield pending.popleft().result()
@@ -83,3 +112,7 @@ def ordered_map(func: Callable[[T], R], items: Iterable[T], workers: int) -> Ite
         finally:
             for future in pending:
                 future.cancel()
+            if pending:
+                failed.set()  # the consumer stopped early: threads waiting for their turn go
+                with turn:
+                    turn.notify_all()

@@ -518,15 +518,16 @@ def _write_predictions(path: Path, split: BlendSplit, members: Members, blend: A
     the probabilities written are those of the blend with it, renormalised). A member's NaN or infinite logits are an
     EnsError from the block that holds them (nothing is renamed into place then)."""
     k = min(top_k, len(split.class_ids))
-    # Blocks are read in order on this thread while the one before is fused on another (the
-    # results in row order): two blocks held at once, within FUSE_COPIES.
-    workers = default_workers() if FUSE_WORKERS is None else FUSE_WORKERS
+    # Blocks are read as stored, in order, on this thread while the ones before are converted
+    # to float32 and fused on others (the results in row order): three blocks held at once
+    # with two workers, within FUSE_COPIES.
+    workers = default_workers(2) if FUSE_WORKERS is None else FUSE_WORKERS
     rows = _block_rows(budget, members, FUSE_COPIES)
-    members.reuse_arrays = True  # those two blocks' arrays, not a new one per block
+    members.reuse_arrays = True  # those blocks' arrays, not a new one per block
 
-    def fused(item: tuple[int, np.ndarray]) -> tuple[int, np.ndarray, np.ndarray]:
-        start, block = item
-        del item
+    def fused(raw: Any) -> tuple[int, np.ndarray, np.ndarray]:
+        start, block = raw.start, members.convert(raw)
+        del raw
         log_q = blend.log_proba(block)
         scale = None if geo is None else apply_geo(geo[0], log_q, start, geo[1])
         top, probs = ws.top_k(log_q, k)
@@ -534,28 +535,31 @@ def _write_predictions(path: Path, split: BlendSplit, members: Members, blend: A
             probs *= scale
         return start, top, probs
 
+    raws = (members.read_raw(start, start + rows) for start in range(0, members.n_rows, rows))
     try:
-        return write_predictions(path, split.ids, split.class_ids, ordered_map(fused, members.blocks(rows), workers), k)
+        return write_predictions(path, split.ids, split.class_ids, ordered_map(fused, raws, workers), k)
     except ValueError as exc:
         raise EnsError(f"{split.name}: cannot fuse its stores ({exc})") from None
 
 
 #: Float32 copies of one block of every member that the work on a block holds at once, with
-#: room to spare. The fusion: the block read, the fusion's temporaries, the fused block and its
-#: top-k (3.2 copies measured at the peak, 10,000 classes, 3 members, nll). The fit: the block,
-#: its log-probabilities (in its place) and what the methods' collectors make of them (2.4
-#: copies measured with nll, 3.1 with logit, its per-row summaries included), and the next
-#: block, read while that one is worked on (weights_search.fitted.Reader.each_block): FIT_COPIES.
-FUSE_COPIES = 4
-#: Threads fusing the applied split's blocks beside the one reading them (0: it fuses them too;
-#: None: :func:`weights_search.parallel.default_workers`, 1 on two cores or more). Each holds a
-#: block: the fusion's own arrays are about 1.3 copies of a block with 4 members (the block and
-#: the fused (n, C) array), 2.3 with one, so a block read beside one being fused stays within
-#: FUSE_COPIES (measured applying a blend, 4 members x 20,000 x 10,000: 0.27 GiB peak at
-#: --memory 0.25 and 0.89 GiB at 3, the two blocks' arrays kept for reuse; 0.25 and 0.91 GiB
-#: before, one thread, the row-wide top-k's (n, C) cumulative sum).
+#: room to spare. The fusion: the block read (float16: half a copy), and on each of its two
+#: workers a block converted to float32, the fusion's temporaries, the fused block and its
+#: top-k (3.2 copies measured at the peak with one worker, 10,000 classes, 3 members, nll). The
+#: fit: the block worked on, its log-probabilities (in its place) and what the methods'
+#: collectors make of them (2.4 copies measured with nll, 3.1 with logit, its per-row summaries
+#: included), the next block converted meanwhile on the other worker, and the one after, read
+#: as stored (weights_search.fitted.Reader.each_block): FIT_COPIES.
+FUSE_COPIES = 5
+#: Threads converting and fusing the applied split's blocks beside the one reading them (0: it
+#: does it all; None: :func:`weights_search.parallel.default_workers`, 2 on two cores or more).
+#: Each holds a block: the fusion's own arrays are about 1.3 copies of a block with 4 members
+#: (the block and the fused (n, C) array), 2.3 with one, and a block read as float16 is half a
+#: copy (measured applying a blend, 4 members x 20,000 x 10,000, one worker: 0.27 GiB peak at
+#: --memory 0.25 and 0.89 GiB at 3, the blocks' arrays kept for reuse; 0.25 and 0.91 GiB before,
+#: one thread, the row-wide top-k's (n, C) cumulative sum).
 FUSE_WORKERS: int | None = None
-FIT_COPIES = 5
+FIT_COPIES = 6
 
 
 def _pairs_budget(method: str, budget: int, members: Members, rows: int, prior: bool) -> tuple[int, int | None]:

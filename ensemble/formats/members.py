@@ -37,9 +37,25 @@ from ensemble.formats.store import IDS, LOGITS, VIEWS, LogitStore
 
 
 #: :meth:`Members.block` keeps this many arrays of earlier blocks for reuse: a pass that reads
-#: a block while the one before is worked on (``ens blend``'s fusion) and holds each a while
-#: needs two, the float16 read buffer one more.
-SPARE_ARRAYS = 3
+#: a block while two before are converted and worked on (``ens blend``'s fusion, two worker
+#: threads) holds three float32 blocks and up to three of each float16 member's read buffers.
+SPARE_ARRAYS = 8
+#: :meth:`Members.convert` converts and checks this many values at a time (1 MiB of float32:
+#: in the processor's cache between the conversion and the check).
+CONVERT_VALUES = 2**18
+
+
+@dataclass
+class RawBlock:
+    """Rows of every member as read (:meth:`Members.read_raw`): ``start``, the first row;
+    ``rows``; ``out``, the ``(M, n, C)`` float32 block with float32 members' rows already in
+    it, or None where every member is stored otherwise (:meth:`Members.convert` makes it);
+    ``stored``, per member its rows in their stored dtype, or None where already in ``out``."""
+
+    start: int
+    rows: int
+    out: np.ndarray | None
+    stored: list
 
 
 def _refs_of_unheld() -> int:
@@ -150,6 +166,16 @@ def _open_mapped(file: Path, array: np.ndarray) -> int:
     return fd
 
 
+def _check_finite(member: Member, start: int, rows: np.ndarray) -> None:
+    """An :class:`EnsError` naming the store, ``member`` and the first ids of its rows ``start..``
+    (``rows``, float32) that hold a NaN or an infinity, if any."""
+    finite = np.isfinite(rows.max(axis=1)) & np.isfinite(rows.min(axis=1))
+    if not finite.all():
+        bad = member.store.ids[start + np.flatnonzero(~finite)[:3]]
+        raise EnsError(f"{member.store.path}: {member.name} has NaN or infinite logits, first at image "
+                       f"id{'s' if bad.size > 1 else ''} {', '.join(map(str, bad))}")
+
+
 class Members:
     """The blend members of ``models``' ``stores``: each model, or with ``views`` each
     ``model/view``, read block by block (see the module docstring)."""
@@ -193,6 +219,7 @@ class Members:
         #: (``ens blend``'s fusion: a block read while the one before is fused, two in all).
         self.reuse_arrays = False
         self._spares: list[np.ndarray] = []  # arrays of earlier blocks (see _array)
+        self._lock = threading.Lock()
 
     def fd(self, member: Member) -> int:
         """The descriptor ``member``'s file is read through (open until :meth:`close`)."""
@@ -217,26 +244,70 @@ class Members:
     def block(self, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of every member: ``(M, stop - start, C)`` float32, checked to hold
         only finite values (an :class:`EnsError` naming the store, the member and the first ids
-        otherwise)."""
+        otherwise). :meth:`read_raw` then :meth:`convert`."""
+        return self.convert(self.read_raw(start, stop))
+
+    def read_raw(self, start: int, stop: int) -> "RawBlock":
+        """Rows ``start:stop`` of every member as stored, read on this thread (float32 members
+        straight into the block's array, others into a buffer of their dtype each), each
+        member's rows handed to :attr:`on_read` as read; :meth:`convert` makes the float32
+        block of it, on any thread. A pass reads its blocks in row order on one thread (so a
+        running checksum sees the rows in order) while other threads convert and work on the
+        blocks before (:func:`weights_search.parallel.ordered_map`): the conversion from float16,
+        about as costly per value as reading a cold store, is off the reading thread."""
         stop = min(stop, self.n_rows)
-        out = self._array((self.n_members, stop - start, self.n_classes), np.dtype(np.float32))
-        buffer: np.ndarray | None = None
         if not self._fds:
             raise ValueError("the members' files are closed")
-        for m, member in enumerate(self.members):
-            if member.dtype == np.float32:
-                raw = member.read(start, stop, out[m], self._fds[member.file])
+        shape = (stop - start, self.n_classes)
+        with self._lock:  # the arrays of blocks being converted on other threads are held, not reused
+            # The float32 block is made by convert, on the thread that converts, unless a float32
+            # member is read straight into it: a block waiting to be converted holds its stored
+            # rows only (half a float32 block with float16 stores).
+            out = None
+            if any(m.dtype == np.float32 for m in self.members):
+                out = self._array((self.n_members, *shape), np.dtype(np.float32))
+            others = {m.dtype for m in self.members if m.dtype != np.float32}
+            if len(others) == 1:  # (float16 stores) one array holds every member's rows as stored
+                dtype = others.pop()
+                whole = self._array((self.n_members, *shape), dtype)
+                stored = [None if m.dtype == np.float32 else whole[i] for i, m in enumerate(self.members)]
+                del whole
             else:
-                if buffer is None or buffer.dtype != member.dtype:
-                    buffer = self._array((stop - start, self.n_classes), member.dtype)
-                raw = out[m] = member.read(start, stop, buffer, self._fds[member.file])
+                stored = [None if m.dtype == np.float32 else self._array(shape, m.dtype) for m in self.members]
+        for m, member in enumerate(self.members):
+            raw = member.read(start, stop, out[m] if stored[m] is None else stored[m], self._fds[member.file])
             if self.on_read is not None:
                 self.on_read(member, start, raw)
-            finite = np.isfinite(out[m].max(axis=1)) & np.isfinite(out[m].min(axis=1))
-            if not finite.all():
-                bad = member.store.ids[start + np.flatnonzero(~finite)[:3]]
-                raise EnsError(f"{member.store.path}: {member.name} has NaN or infinite logits, first at image "
-                               f"id{'s' if bad.size > 1 else ''} {', '.join(map(str, bad))}")
+        return RawBlock(start, stop - start, out, stored)
+
+    def convert(self, raw: "RawBlock") -> np.ndarray:
+        """The ``(M, n, C)`` float32 block of ``raw`` (:meth:`read_raw`), checked to hold only
+        finite values (an :class:`EnsError` naming the store, the member and the first ids
+        otherwise). Works :data:`CONVERT_VALUES` values at a time, each converted and checked
+        while in the processor's cache; the conversion is exact, so the block is the same
+        whatever the pieces. Thread-safe for distinct blocks."""
+        out, start = raw.out, raw.start
+        if out is None:
+            with self._lock:
+                out = self._array((self.n_members, raw.rows, self.n_classes), np.dtype(np.float32))
+        raw.out = None
+        rows = max(1, CONVERT_VALUES // max(self.n_classes, 1))
+        for m, member in enumerate(self.members):
+            stored = raw.stored[m]
+            raw.stored[m] = None
+            target = out[m]
+            for a in range(0, target.shape[0], rows):
+                piece = target[a:a + rows]
+                if stored is not None:
+                    np.copyto(piece, stored[a:a + rows])
+                # One sum a piece: finite values sum to a finite value (but for float32 stores of
+                # values near the float32 limit, where the rows are then checked one by one), a
+                # NaN or an infinity makes it NaN or infinite.
+                if not np.isfinite(np.add.reduce(piece, axis=None)):
+                    if stored is not None:
+                        np.copyto(target[a:], stored[a:])
+                    _check_finite(member, start + a, target[a:])
+            del stored
         return out
 
     def _array(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

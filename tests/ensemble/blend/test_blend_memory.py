@@ -111,14 +111,14 @@ def test_a_small_budget_gives_the_same_blend_and_predictions_as_a_large_one(stor
                            for copies in (blend_run.FIT_COPIES, blend_run.FUSE_COPIES))
     assert fit_rows < 800 and fuse_rows < 750
     rows_seen: list[int] = []
-    real = blend_run.Members.block
+    real = blend_run.Members.convert  # every block the passes read (as stored) is converted once
 
-    def spy(self, start, stop):
-        block = real(self, start, stop)
+    def spy(self, raw):
+        block = real(self, raw)
         rows_seen.append(block.shape[1])
         return block
 
-    monkeypatch.setattr(blend_run.Members, "block", spy)
+    monkeypatch.setattr(blend_run.Members, "convert", spy)
     small, large = tmp_path / "small", tmp_path / "large"
     _blend(runs, data, small, "--memory", "0.25", "--method", method)
     assert set(rows_seen) == {fit_rows, 800 % fit_rows, fuse_rows, 1500 % fuse_rows}, rows_seen
