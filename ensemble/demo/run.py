@@ -1,6 +1,7 @@
 """`ens demo` (what `make demo` runs): the whole pipeline on a small competition of real images.
 
-1. builds a competition in the exact iNat 2019 layout from scikit-learn's digits (data.py);
+1. builds a competition in the exact iNat 2019 layout from scikit-learn's digits, each image
+   with iNat 2021's place and date fields (data.py);
 2. trains three torchvision architectures briefly on the CPU and saves their checkpoints the
    ways users do (train.py; cached, so a second run skips training), on a fixed number of
    PyTorch threads with deterministic algorithms, so that the same seed gives the same table
@@ -140,7 +141,8 @@ def run_demo(workdir: Path = Path(".demo"), settings: DemoSettings = DemoSetting
     start = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
 
-    t = _step(log, 1, "data: scikit-learn digits drawn on textured canvases, iNat 2019 layout")
+    t = _step(log, 1, "data: scikit-learn digits drawn on textured canvases, iNat 2019 layout, "
+                      "iNat 2021's places and dates")
     competition, made = _competition(workdir, settings.spec)
     log(f"  {'wrote' if made else 'reused'} {competition.root}: {competition.counts['train']} train, "
         f"{competition.counts['val']} val, {competition.counts['test']} test images "
