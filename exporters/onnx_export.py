@@ -358,7 +358,11 @@ def _prepare_timm(ckpt: Checkpoint, options: ExportOptions, spec, notes: list[st
         registry_cfg=registry_cfg, extra_kwargs=options.arch_kwargs, notes=build_notes)
     problem = fit_report(state_dict, model)
     if problem:
-        raise EnsError(f"{ckpt.path}: weights do not fit {spec.label}: {problem}")
+        hint = ""
+        if options.input_size is not None and "img_size" in kwargs and "pos_embed" in problem:
+            hint = (f"; its position embeddings fix the size it runs at: export without --input-size, "
+                    "or at the size it was trained at")
+        raise EnsError(f"{ckpt.path}: weights do not fit {spec.label}: {problem}{hint}")
     model.load_state_dict(with_module_versions(state_dict, model), strict=True)
     # The num_classes note first, then the preprocessing's, in the order of the metadata.
     notes.extend(build_notes[1:])

@@ -423,6 +423,9 @@ def test_fixed_size_vit_is_built_at_its_size(tmp_path):
     images = random_images(2, SIZE, seed=6)
     np.testing.assert_allclose(onnx_logits(result.path, images),
                                _normalised_logits(model, images, (0.5,) * 3, (0.5,) * 3), atol=1e-3, rtol=1e-4)
+    with pytest.raises(EnsError, match=r"shape mismatches .*pos_embed \(1, 17, 192\) vs \(1, 37, 192\); its "
+                                       "position embeddings fix the size it runs at: export without --input-size"):
+        export_checkpoint(ckpt, tmp_path / "vit96.onnx", ExportOptions(input_size=96))
 
 
 @pytest.mark.slow
