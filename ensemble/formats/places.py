@@ -47,7 +47,8 @@ import pandas as pd
 
 from ensemble.errors import EnsError
 from ensemble.formats.common import is_id, read_json_bytes
-from ensemble.formats.dataset import _labels, check_regular_file, shown
+from ensemble.formats.dataset import INT64_MAX, INT64_MIN, _labels, category_id, check_regular_file, shown
+from ensemble.formats.stream_json import NeedsLoads, grown, records, trusted
 
 #: The fields of an iNat 2021 image record that hold its place and date.
 LATITUDE, LONGITUDE, DATE, UNCERTAINTY = "latitude", "longitude", "date", "location_uncertainty"
@@ -174,7 +175,21 @@ def _read(path: str | os.PathLike, option: str) -> tuple[Path, list, dict, str]:
 def read_observations(path: str | os.PathLike, option: str = "--geo-prior") -> Observations:
     """The observations of the training json at ``path`` (see the module docstring for what each
     value may be). An :class:`EnsError` (starting ``<option> <path>``) when the file is no json
-    of images, has no annotations, or no annotated image has a usable place."""
+    of images, has no annotations, or no annotated image has a usable place.
+
+    Read streaming (:mod:`ensemble.formats.stream_json`: the annotations, then the images, in
+    bounded memory), or whole by json.loads where the streaming parser could read the file
+    otherwise; both give the same observations and the same messages."""
+    path = check_regular_file(path, option)
+    label = f"{option} {path}" if option else str(path)
+    try:
+        return _streamed_observations(path, label)
+    except NeedsLoads:
+        return _loaded_observations(path, option)
+
+
+def _loaded_observations(path: Path, option: str) -> Observations:
+    """:func:`read_observations` of the whole document, parsed by json.loads."""
     path, images, doc, sha256 = _read(path, option)
     label = f"{option} {path}" if option else str(path)
     ids = [image["id"] for image in images]
@@ -188,18 +203,194 @@ def read_observations(path: str | os.PathLike, option: str = "--geo-prior") -> O
             raise EnsError(f"{label}: image {shown(ids[i])} is labelled {shown(labels[i])}; expected an integer or "
                            "a string category id")
     fields, counts = _fields([images[i] for i in keep], label)
+    return _observations(path, sha256, fields, counts, [labels[i] for i in keep], len(images) - len(keep), label)
+
+
+def _observations(path: Path, sha256: str, fields: dict[str, np.ndarray], counts: PlaceCounts,
+                  labels: Sequence[Any] | np.ndarray, unlabelled: int, label: str) -> Observations:
+    """The :class:`Observations` of the annotated images' ``fields`` and ``labels``."""
     placed = np.flatnonzero(fields["usable"])
     if placed.size == 0:
         raise EnsError(f"{label}: no annotated image has a usable latitude and longitude ({counts.summary()}); "
                        "the geo prior needs iNat 2021's training json, whose images carry them")
-    categories = [labels[keep[i]] for i in placed.tolist()]
-    try:
-        category = np.array(categories, dtype=np.int64)
-    except (TypeError, ValueError, OverflowError):  # string ids, or integers beyond int64
-        category = np.array(categories, dtype=object)
+    if isinstance(labels, np.ndarray):
+        category = labels[placed]
+    else:
+        categories = [labels[i] for i in placed.tolist()]
+        try:
+            category = np.array(categories, dtype=np.int64)
+        except (TypeError, ValueError, OverflowError):  # string ids, or integers beyond int64
+            category = np.array(categories, dtype=object)
     return Observations(source=path, sha256=sha256, lat=fields["lat"][placed], lon=fields["lon"][placed],
                         day=fields["day"][placed], uncertainty=fields["uncertainty"][placed], category=category,
-                        counts=counts, unlabelled=len(images) - len(keep))
+                        counts=counts, unlabelled=unlabelled)
+
+
+class _Labels:
+    """Each image's category from the annotations streamed by, as
+    :func:`ensemble.formats.dataset._labels` gives them (``single=False``): integer image and
+    category ids in int64 arrays grown by doubling; from the first annotation with another id
+    (a string, an integer beyond int64, a value that is no id) on, in dicts as ``_labels`` keeps
+    them. ``problem``: the message of the first annotation that lacks a field."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.n = 0
+        self.image = np.empty(0, np.int64)
+        self.category = np.empty(0, np.int64)
+        self.by_image: dict | None = None  # the dicts, once an id is no int64
+        self.several: set = set()
+        self.problem: str | None = None
+
+    def add(self, annotations: list) -> None:
+        start, self.n = self.n, self.n + len(annotations)
+        if self.problem is not None:
+            return
+        try:
+            images = [a["image_id"] for a in annotations]
+            categories = [a["category_id"] for a in annotations]
+            whole = all(a.__class__ is dict for a in annotations)
+        except (KeyError, TypeError, IndexError):
+            whole = False
+        if not whole:
+            for i, a in enumerate(annotations, start):
+                if not isinstance(a, dict) or "image_id" not in a or "category_id" not in a:
+                    self.problem = f"{self.path}: annotations[{i}] lacks \"image_id\" or \"category_id\""
+                    return
+        if self.by_image is None and set(map(type, images)) | set(map(type, categories)) <= {int}:
+            try:
+                image, category = np.array(images, np.int64), np.array(categories, np.int64)
+            except OverflowError:
+                pass
+            else:
+                used = start
+                self.image, self.category = grown(self.image, used, image.size), grown(self.category, used, image.size)
+                self.image[used:used + image.size], self.category[used:used + image.size] = image, category
+                return
+        if self.by_image is None:
+            self._to_dicts(start)
+        by_image, several = self.by_image, self.several
+        for image, raw in zip(images, categories):
+            category = category_id(raw)
+            category = raw if category is None else category
+            if not is_id(image):
+                continue
+            if image in by_image and by_image[image] != category:
+                several.add(image)
+            by_image.setdefault(image, category)
+
+    def _to_dicts(self, used: int) -> None:
+        self.by_image = {}
+        for image, category in zip(self.image[:used].tolist(), self.category[:used].tolist()):
+            if image in self.by_image and self.by_image[image] != category:
+                self.several.add(image)
+            self.by_image.setdefault(image, category)
+        self.image = self.category = np.empty(0, np.int64)
+
+    def finish(self) -> None:
+        """Group the int64 annotations by image: each image's first category, and whether another follows."""
+        if self.by_image is not None:
+            return
+        image, category = self.image[:self.n], self.category[:self.n]
+        order = np.argsort(image, kind="stable")  # file order within an image
+        image, category = image[order], category[order]
+        starts = np.flatnonzero(np.r_[True, image[1:] != image[:-1]]) if image.size else np.zeros(0, np.int64)
+        self.ids, self.first = image[starts], category[starts]
+        other = category != np.repeat(self.first, np.diff(np.r_[starts, image.size]))
+        self.mixed = np.logical_or.reduceat(other, starts) if starts.size else np.zeros(0, bool)
+        self.image = self.category = np.empty(0, np.int64)
+
+    def of(self, ids: list) -> tuple[np.ndarray, list | np.ndarray]:
+        """``(n,)`` bool: the images ``ids`` with one category, and their categories (int64 or a list)."""
+        if self.by_image is not None:
+            labels = [None if i in self.several else self.by_image.get(i) for i in ids]
+            keep = np.fromiter((label is not None for label in labels), bool, count=len(labels))
+            return keep, [label for label in labels if label is not None]
+        if set(map(type, ids)) <= {int}:
+            try:
+                wanted = np.array(ids, np.int64)
+            except OverflowError:
+                wanted = None
+        else:
+            wanted = None
+        if wanted is None:  # strings or integers beyond int64: no int64 annotation names them
+            wanted = np.array([i if type(i) is int and INT64_MIN <= i <= INT64_MAX else 0 for i in ids], np.int64)
+            named = np.array([type(i) is int and INT64_MIN <= i <= INT64_MAX for i in ids], bool)
+        else:
+            named = np.ones(wanted.size, bool)
+        at = np.minimum(np.searchsorted(self.ids, wanted), max(self.ids.size - 1, 0))
+        keep = named & (self.ids.size > 0)
+        if self.ids.size:
+            keep &= (self.ids[at] == wanted) & ~self.mixed[at]
+        return keep, self.first[at[keep]] if self.ids.size else np.zeros(0, np.int64)
+
+
+def _streamed_observations(path: Path, label: str) -> Observations:
+    """:func:`read_observations` streaming: the annotations (the file checked on the way, its
+    sha256), then the images, :data:`~ensemble.formats.stream_json.RECORDS` at a time. The
+    messages are raised in the order the json.loads path raises them."""
+    labels = _Labels(path)
+    annotations = records(path, "annotations.item", label, scan=True)
+    scan = next(annotations)
+    for batch in annotations:
+        labels.add(batch)
+    scan.check(label)
+    if not trusted(scan, "annotations", "images") or labels.n == 0:
+        raise NeedsLoads  # no annotations, or not a list: json.loads's path words it
+    labels.finish()
+    parts: list[tuple[dict[str, np.ndarray], PlaceCounts]] = []
+    kept: list = []
+    problem: str | None = None  # the first image labelled with no id, or with a value of the wrong type
+    field_problems: list[str | None] = [None] * 4
+    n_images = n_kept = 0
+    for images in records(path, "images.item", label):
+        ids = [image.get("id") if type(image) is dict else None for image in images]
+        if not set(map(type, ids)) <= {int, str}:
+            for i, image_id in enumerate(ids, n_images):
+                if not is_id(image_id):
+                    raise EnsError(f"{label}: images[{i}] has no \"id\" (an integer or a string)")
+        n_images += len(images)
+        if labels.problem is not None or problem is not None:
+            continue  # only the ids are checked now: a message of theirs comes first
+        keep, categories = labels.of(ids)
+        if not isinstance(categories, np.ndarray) and not set(map(type, categories)) <= {int, str}:
+            which = np.flatnonzero(keep)
+            for i, category in zip(which.tolist(), categories):
+                if not is_id(category):
+                    problem = (f"{label}: image {shown(ids[i])} is labelled {shown(category)}; expected an integer "
+                               "or a string category id")
+                    break
+        fields, counts, problems = _part([images[i] for i in np.flatnonzero(keep).tolist()], label)
+        field_problems = [old if old is not None else new for old, new in zip(field_problems, problems)]
+        if any(p is not None for p in problems):
+            parts.clear()
+            kept.clear()
+        elif not any(p is not None for p in field_problems):
+            parts.append((fields, counts))
+            kept.append(categories)
+        n_kept += int(keep.sum())
+    if n_images == 0:
+        raise NeedsLoads  # no images, or "images" no list: json.loads's path words it
+    for message in [labels.problem, problem, *field_problems]:
+        if message is not None:
+            raise EnsError(message)
+    if not parts:
+        parts.append(_part([], label)[:2])
+    fields = {key: np.concatenate([part[key] for part, _ in parts]) for key in ("lat", "lon", "day", "uncertainty",
+                                                                               "usable")}
+    counts = _merged([c for _, c in parts])
+    categories = (np.concatenate(kept) if all(isinstance(c, np.ndarray) for c in kept)
+                  else [c for part in kept for c in (part.tolist() if isinstance(part, np.ndarray) else part)])
+    return _observations(path, scan.sha256.hexdigest(), fields, counts, categories, n_images - n_kept, label)
+
+
+def _merged(counts: list[PlaceCounts]) -> PlaceCounts:
+    """The counts of the parts of one json, in order."""
+    first = lambda name: next((getattr(c, name) for c in counts if getattr(c, name) is not None), None)
+    return PlaceCounts(images=sum(c.images for c in counts), no_place=sum(c.no_place for c in counts),
+                       bad_value=sum(c.bad_value for c in counts), no_date=sum(c.no_date for c in counts),
+                       bad_date=sum(c.bad_date for c in counts), first_bad=first("first_bad"),
+                       first_bad_date=first("first_bad_date"))
 
 
 def read_places(path: str | os.PathLike, ids: Sequence[int | str] | np.ndarray, option: str = "") -> Places:
@@ -223,26 +414,27 @@ def read_places(path: str | os.PathLike, ids: Sequence[int | str] | np.ndarray, 
                   uncertainty=fields["uncertainty"], usable=fields["usable"], counts=counts)
 
 
-def _numbers(images: list, field: str, label: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(n,)`` float64 of a numeric field (NaN for null or absent) and ``(n,)`` bool: null or
-    absent (a ``NaN`` spelled in the file is a value, and a bad one). An EnsError naming the
-    first image whose value is of another type."""
+def _numbers(images: list, field: str, label: str) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """``(n,)`` float64 of a numeric field (NaN for null or absent), ``(n,)`` bool: null or
+    absent (a ``NaN`` spelled in the file is a value, and a bad one), and the message naming the
+    first image whose value is of another type (``None`` when there is none)."""
     values = [image.get(field) for image in images]
     if not set(map(type, values)) <= {int, float, type(None)}:  # a bool is no number
         for image, value in zip(images, values):
             if type(value) not in (int, float, type(None)):
-                raise EnsError(f"{label}: image {shown(image['id'])} has {field} {shown(value)}; expected a number "
-                               "or null")
+                return (np.zeros(0), np.zeros(0, bool),
+                        f"{label}: image {shown(image['id'])} has {field} {shown(value)}; expected a number or null")
     null = np.fromiter((v is None for v in values), dtype=bool, count=len(values))
     try:
-        return np.array(values, dtype=np.float64), null  # None -> NaN
+        return np.array(values, dtype=np.float64), null, None  # None -> NaN
     except OverflowError:  # an integer beyond float64: not a place, a bad value
         return np.array([np.inf if isinstance(v, int) and abs(v) > 1e308 else v for v in values],
-                        dtype=np.float64), null
+                        dtype=np.float64), null, None
 
 
-def _day_of_year(images: list, label: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(n,)`` float32 day of year (NaN unknown) and ``(n,)`` bool: a date given but unreadable.
+def _day_of_year(images: list, label: str) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """``(n,)`` float32 day of year (NaN unknown), ``(n,)`` bool: a date given but unreadable,
+    and the message naming the first image whose date is neither text nor null (or ``None``).
 
     iNat's own ``YYYY-MM-DD...`` is read from the text's first 11 characters as a numpy array
     of code points (about 20 times faster than a regular expression per date); the rest (another
@@ -252,8 +444,9 @@ def _day_of_year(images: list, label: str) -> tuple[np.ndarray, np.ndarray]:
     if not set(map(type, values)) <= {str, type(None)}:
         for image, value in zip(images, values):
             if not isinstance(value, (str, type(None))):
-                raise EnsError(f"{label}: image {shown(image['id'])} has {DATE} {shown(value)}; expected text "
-                               "(YYYY-MM-DD...) or null")
+                return (np.zeros(0, np.float32), np.zeros(0, bool),
+                        f"{label}: image {shown(image['id'])} has {DATE} {shown(value)}; expected text "
+                        "(YYYY-MM-DD...) or null")
     given = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
     head = np.array([v or "" for v in values], dtype="U11").view(np.uint32).reshape(len(values), 11)
     digit = (head >= ord("0")) & (head <= ord("9"))
@@ -270,7 +463,7 @@ def _day_of_year(images: list, label: str) -> tuple[np.ndarray, np.ndarray]:
         year[other], month[other], day_of_month[other] = parts[:, 0], parts[:, 1], parts[:, 2]
     day = _calendar_day(year, month, day_of_month)
     day[~given] = np.nan
-    return day, given & np.isnan(day)
+    return day, given & np.isnan(day), None
 
 
 #: Days before each month's first in a year of 365 days.
@@ -290,10 +483,24 @@ def _calendar_day(year: np.ndarray, month: np.ndarray, day: np.ndarray) -> np.nd
 def _fields(images: list, label: str) -> tuple[dict[str, np.ndarray], PlaceCounts]:
     """The place and date arrays of ``images`` (dicts with an ``id``) and their counts: the one
     rule of the module docstring."""
-    lat, null_lat = _numbers(images, LATITUDE, label)
-    lon, null_lon = _numbers(images, LONGITUDE, label)
-    uncertainty, null_unc = _numbers(images, UNCERTAINTY, label)
-    day, bad_date = _day_of_year(images, label)
+    fields, counts, problems = _part(images, label)
+    for problem in problems:
+        if problem is not None:
+            raise EnsError(problem)
+    return fields, counts
+
+
+def _part(images: list, label: str) -> tuple[dict[str, np.ndarray], PlaceCounts, list[str | None]]:
+    """:func:`_fields` of ``images``, a part of a json's: the arrays and counts, and the messages
+    of a value of the wrong type, first image of each field (latitude, longitude, uncertainty,
+    date: the order :func:`_fields` raises them in); the arrays are of no use when one is given."""
+    lat, null_lat, bad_lat_type = _numbers(images, LATITUDE, label)
+    lon, null_lon, bad_lon_type = _numbers(images, LONGITUDE, label)
+    uncertainty, null_unc, bad_unc_type = _numbers(images, UNCERTAINTY, label)
+    day, bad_date, bad_date_type = _day_of_year(images, label)
+    problems = [bad_lat_type, bad_lon_type, bad_unc_type, bad_date_type]
+    if any(problem is not None for problem in problems):
+        return {}, PlaceCounts(0, 0, 0, 0, 0), problems
     no_place = null_lat | null_lon
     with np.errstate(invalid="ignore"):
         bad_lat = ~(np.abs(lat) <= 90)  # NaN too
@@ -320,4 +527,4 @@ def _fields(images: list, label: str) -> tuple[dict[str, np.ndarray], PlaceCount
     with np.errstate(over="ignore"):  # an uncertainty beyond float32 is inf: beyond any limit
         uncertainty = uncertainty.astype(np.float32)
     return {"lat": lat, "lon": lon, "day": day, "uncertainty": uncertainty,
-            "usable": usable}, counts
+            "usable": usable}, counts, problems
