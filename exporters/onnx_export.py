@@ -236,7 +236,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None,
         class_ids=class_ids,
         arch_kwargs=dict(options.arch_kwargs if prepared.arch_kwargs is None else prepared.arch_kwargs),
         # A folder's weights file is what the hash covers: named with the folder.
-        checkpoint=f"{checkpoint.name}/{ckpt.path.name}" if checkpoint.is_dir() else checkpoint.name,
+        checkpoint=f"{ckpt.path.parent.resolve().name}/{ckpt.path.name}" if checkpoint.is_dir() else checkpoint.name,
         checkpoint_sha256=sha256_file(ckpt.path),
         verification=tuple(checks),
         exporter=f"ens {__version__}",
@@ -308,7 +308,7 @@ def _open_folder(folder: Path, options: ExportOptions):
     if options.weights_key is not None and weights.suffix == ".safetensors":
         raise EnsError(f"--weights-key {options.weights_key}: {weights} is a safetensors file, one flat set of weights")
     ckpt = load_checkpoint(weights, trust_pickle=options.trust_pickle, weights_key=options.weights_key)
-    ckpt.notes.append(f"weights from {folder.name or folder}/{weights.name}")
+    ckpt.notes.append(f"weights from {folder.resolve().name}/{weights.name}")
     return ckpt, spec
 
 

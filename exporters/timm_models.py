@@ -190,7 +190,7 @@ def read_folder(folder: Path) -> tuple[TimmSpec, Path]:
         raise EnsError(f"{folder}: a folder without {FOLDER_CONFIG}; name a checkpoint file, or a Hugging "
                        f"Face-style folder ({FOLDER_CONFIG} beside {' or '.join(FOLDER_WEIGHTS)}) as timm's "
                        "save_for_hf writes it")
-    label = f"{folder.name or folder}/{FOLDER_CONFIG}"
+    label = f"{folder.resolve().name}/{FOLDER_CONFIG}"  # "." names the folder it stands for
     config = read_json(config_path)
     if not isinstance(config, dict):
         raise EnsError(f"{config_path}: expected a JSON object with architecture, num_classes, pretrained_cfg")
