@@ -44,6 +44,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from ensemble.fileio import atomic_path, write_json_atomic
+from weights_search.geo import EARTH_RADIUS_KM
 
 CATEGORY_OFFSET = 100
 ICONIC = "Digits"
@@ -102,7 +103,6 @@ class Region:
         return first <= day <= last if first <= last else day >= first or day <= last
 
 
-EARTH_RADIUS_KM = 6371.0088
 #: Regions of the globe the digits live in (overlapping: most regions hold two or three digits).
 _R = {
     "western Europe": (48.0, 5.0, 500), "Scandinavia": (62.0, 15.0, 450),

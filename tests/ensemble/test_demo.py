@@ -129,8 +129,9 @@ def test_shortened_demo_end_to_end(tmp_path):
     geo = blend["geo"]
     class_ids = np.asarray(stores[0].class_ids)
     observations = read_observations(work / "data" / "train2019.json")
-    estimator = GeoPrior.fit(observations.lat, observations.lon, observations.day, observations.columns(class_ids.tolist()),
-                             class_ids.size, GeoSettings.from_dict(geo["settings"]), uncertainty=observations.uncertainty)
+    estimator = GeoPrior.fit(observations.lat, observations.lon, observations.day,
+                             observations.columns(class_ids.tolist()), class_ids.size,
+                             GeoSettings.from_dict(geo["settings"]), uncertainty=observations.uncertainty)
     places = read_places(work / "data" / "test2019.json", stores[0].ids)
     sparse = estimator.query(places.lat, places.lon, places.day, places.usable, uncertainty=places.uncertainty)
     assert geo["used"] == estimator.n_used and geo["no_place"]["test"] == int((~sparse.usable).sum()) > 0
