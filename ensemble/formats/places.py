@@ -105,8 +105,12 @@ class Observations:
     ``lat``, ``lon`` ``(n,)`` float64; ``day`` ``(n,)`` float32 (1..366, NaN unknown);
     ``uncertainty`` ``(n,)`` float32 (metres, NaN not given); ``category`` ``(n,)`` the category
     ids (:func:`ensemble.formats.dataset.category_id`; int64 when all are integers, else object).
-    ``counts``: of the annotated images (one category each; an image with none, or with
-    annotations of two categories, is no observation: ``unlabelled``). ``sha256``: the file's bytes.
+    ``image_id`` ``(n,)`` each observation's image id (int64 when all are integers, else
+    object): a caller leaves out the images of a split it scores (`ens blend` the fitted
+    split's). ``counts``: of the annotated images (one category each; an image with none, or
+    with annotations of two categories, is no observation: ``unlabelled``). ``sha256``: the
+    file's bytes. An image id twice in the json is an :class:`EnsError` naming it (a place
+    would get another image's label).
     """
 
     source: Path
@@ -118,6 +122,7 @@ class Observations:
     category: np.ndarray
     counts: PlaceCounts
     unlabelled: int
+    image_id: np.ndarray
 
     def __len__(self) -> int:
         return self.lat.size
@@ -203,12 +208,55 @@ def _loaded_observations(path: Path, option: str) -> Observations:
             raise EnsError(f"{label}: image {shown(ids[i])} is labelled {shown(labels[i])}; expected an integer or "
                            "a string category id")
     fields, counts = _fields([images[i] for i in keep], label)
-    return _observations(path, sha256, fields, counts, [labels[i] for i in keep], len(images) - len(keep), label)
+    image_ids = _id_array(ids)
+    _check_unique(image_ids, label)
+    if not keep:
+        categories: dict = {}
+        for a in doc["annotations"]:
+            if isinstance(a, dict) and is_id(a.get("image_id")):
+                raw = a.get("category_id")
+                categories.setdefault(a["image_id"], set()).add(category_id(raw) or shown(raw))
+        _no_single_category(sum(len(categories.get(i, ())) > 1 for i in ids), label)
+    return _observations(path, sha256, fields, counts, [labels[i] for i in keep], len(images) - len(keep), label,
+                         image_ids[np.array(keep, dtype=np.int64)])
+
+
+def _id_array(ids: list) -> np.ndarray:
+    """``(n,)`` image ids: int64 when all are integers that fit, else an object array of them."""
+    if set(map(type, ids)) <= {int} and (not ids or (INT64_MIN <= min(ids) and max(ids) <= INT64_MAX)):
+        return np.array(ids, dtype=np.int64)
+    array = np.empty(len(ids), dtype=object)
+    array[:] = ids
+    return array
+
+
+def _check_unique(ids: np.ndarray, label: str) -> None:
+    """An :class:`EnsError` naming the first image id (in file order) that an image before it
+    already has: its place would get another image's label."""
+    if ids.dtype == np.int64:
+        order = np.argsort(ids, kind="stable")
+        again = order[1:][ids[order[1:]] == ids[order[:-1]]]
+        if again.size:
+            raise EnsError(f"{label}: duplicate image id {shown(int(ids[again.min()]))}")
+        return
+    seen: set = set()
+    for image_id in ids.tolist():
+        if image_id in seen:
+            raise EnsError(f"{label}: duplicate image id {shown(image_id)}")
+        seen.add(image_id)
+
+
+def _no_single_category(several: int, label: str) -> None:
+    """The one line for a training json none of whose images has exactly one category."""
+    raise EnsError(f"{label}: no image is annotated with exactly one category ("
+                   + (f"{several:,} have several" if several else "its annotations name none of its images")
+                   + "); the geo prior's observations are images with one category each")
 
 
 def _observations(path: Path, sha256: str, fields: dict[str, np.ndarray], counts: PlaceCounts,
-                  labels: Sequence[Any] | np.ndarray, unlabelled: int, label: str) -> Observations:
-    """The :class:`Observations` of the annotated images' ``fields`` and ``labels``."""
+                  labels: Sequence[Any] | np.ndarray, unlabelled: int, label: str,
+                  ids: np.ndarray) -> Observations:
+    """The :class:`Observations` of the annotated images' ``fields``, ``labels`` and ``ids``."""
     placed = np.flatnonzero(fields["usable"])
     if placed.size == 0:
         raise EnsError(f"{label}: no annotated image has a usable latitude and longitude ({counts.summary()}); "
@@ -221,9 +269,10 @@ def _observations(path: Path, sha256: str, fields: dict[str, np.ndarray], counts
             category = np.array(categories, dtype=np.int64)
         except (TypeError, ValueError, OverflowError):  # string ids, or integers beyond int64
             category = np.array(categories, dtype=object)
+    image_id = ids[placed]
     return Observations(source=path, sha256=sha256, lat=fields["lat"][placed], lon=fields["lon"][placed],
                         day=fields["day"][placed], uncertainty=fields["uncertainty"][placed], category=category,
-                        counts=counts, unlabelled=unlabelled)
+                        counts=counts, unlabelled=unlabelled, image_id=image_id)
 
 
 class _Labels:
@@ -334,12 +383,13 @@ def _streamed_observations(path: Path, label: str) -> Observations:
     scan = next(annotations)
     for batch in annotations:
         labels.add(batch)
-    scan.check(label)
     if not trusted(scan, "annotations", "images") or labels.n == 0:
         raise NeedsLoads  # no annotations, or not a list: json.loads's path words it
     labels.finish()
     parts: list[tuple[dict[str, np.ndarray], PlaceCounts]] = []
     kept: list = []
+    kept_ids: list[np.ndarray] = []  # the kept images' ids, a part per batch
+    all_ids: list[np.ndarray] = []  # every image's id, a part per batch (:func:`_id_array`), for the duplicate check
     problem: str | None = None  # the first image labelled with no id, or with a value of the wrong type
     field_problems: list[str | None] = [None] * 4
     n_images = n_kept = 0
@@ -350,6 +400,7 @@ def _streamed_observations(path: Path, label: str) -> Observations:
                 if not is_id(image_id):
                     raise EnsError(f"{label}: images[{i}] has no \"id\" (an integer or a string)")
         n_images += len(images)
+        all_ids.append(_id_array(ids))
         if labels.problem is not None or problem is not None:
             continue  # only the ids are checked now: a message of theirs comes first
         keep, categories = labels.of(ids)
@@ -365,15 +416,21 @@ def _streamed_observations(path: Path, label: str) -> Observations:
         if any(p is not None for p in problems):
             parts.clear()
             kept.clear()
+            kept_ids.clear()
         elif not any(p is not None for p in field_problems):
             parts.append((fields, counts))
             kept.append(categories)
+            kept_ids.append(all_ids[-1][keep])
         n_kept += int(keep.sum())
     if n_images == 0:
         raise NeedsLoads  # no images, or "images" no list: json.loads's path words it
     for message in [labels.problem, problem, *field_problems]:
         if message is not None:
             raise EnsError(message)
+    _check_unique(_joined(all_ids), label)
+    del all_ids
+    if n_kept == 0:
+        _no_single_category(len(labels.several) if labels.by_image is not None else int(labels.mixed.sum()), label)
     if not parts:
         parts.append(_part([], label)[:2])
     fields = {key: np.concatenate([part[key] for part, _ in parts]) for key in ("lat", "lon", "day", "uncertainty",
@@ -381,7 +438,21 @@ def _streamed_observations(path: Path, label: str) -> Observations:
     counts = _merged([c for _, c in parts])
     categories = (np.concatenate(kept) if all(isinstance(c, np.ndarray) for c in kept)
                   else [c for part in kept for c in (part.tolist() if isinstance(part, np.ndarray) else part)])
-    return _observations(path, scan.sha256.hexdigest(), fields, counts, categories, n_images - n_kept, label)
+    return _observations(path, scan.sha256.hexdigest(), fields, counts, categories, n_images - n_kept, label,
+                         _joined(kept_ids))
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    """The id arrays of :func:`_id_array` end to end: int64 when every part is, else objects (an
+    int64 part's integers as Python integers, as the json holds them)."""
+    if all(part.dtype == np.int64 for part in parts):
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    array = np.empty(sum(part.size for part in parts), dtype=object)
+    at = 0
+    for part in parts:
+        array[at:at + part.size] = part.tolist()
+        at += part.size
+    return array
 
 
 def _merged(counts: list[PlaceCounts]) -> PlaceCounts:

@@ -48,6 +48,7 @@ def same(a, b) -> bool:
                  and np.array_equal(getattr(a, k), getattr(b, k), equal_nan=getattr(a, k).dtype.kind == "f")
                  for k in ("lat", "lon", "day", "uncertainty"))
     return (arrays and a.category.dtype == b.category.dtype and a.category.tolist() == b.category.tolist()
+            and a.image_id.dtype == b.image_id.dtype and a.image_id.tolist() == b.image_id.tolist()
             and (a.counts, a.unlabelled, a.sha256, a.source) == (b.counts, b.unlabelled, b.sha256, b.source))
 
 
@@ -72,7 +73,7 @@ ODD_IMAGES = [
     image(8, lat=-0, lon=-0.0, unc=1e300), image(9, lon=180, date="2016/12/31"),
     image(10, unc=2 ** 63 - 1), image(11, lat=12, lon=13, unc=-1), image(12, date="\u00e9t\u00e9 \"2010\" \\ \u2603"),
     {"id": 13, "latitude": 1.5, "longitude": 2.5}, image(14, nested={"a": [1, {"b": None}], "items": 3}),
-    image(15), image(15, lat=45), image("s\u00e9", lat=5), image(16, lat=7.25, extra="\U0001F600 \u00e9"),
+    image(15), image(17, lat=45), image("s\u00e9", lat=5), image(16, lat=7.25, extra="\U0001F600 \u00e9"),
 ]
 ODD_LABELS = [(1, 10), (2, 11), (3, 10), (4, 10), (5, 10), (6, 12), (7, 10), (8, 10), (9, 10), (9, 10), (10, 10),
               (11, 10), (12, 13), (13, 10), (14, 10), (15, 10), ("s\u00e9", "owl"), (16, 10), (99, 10), (12, 13)]
@@ -84,7 +85,7 @@ def test_observations_equal_the_json_loads_path(tmp_path, ensure_ascii):
     path.write_text(json.dumps(doc(ODD_IMAGES, ODD_LABELS), ensure_ascii=ensure_ascii), encoding="utf-8")
     obs = check(path)
     assert obs.category.dtype == object and len(obs) > 5
-    # integer categories only: the int64 path (duplicate image ids, an image of two categories)
+    # integer categories only: the int64 path (an image of two categories)
     labels = [(i, c) for i, c in ODD_LABELS if i != "s\u00e9"] + [(3, 11)]
     path.write_text(json.dumps(doc(ODD_IMAGES, labels, categories=[{"id": 10}])), encoding="utf-8")
     obs = check(path)
@@ -153,13 +154,18 @@ def test_what_the_streaming_path_hands_to_json_loads(tmp_path, text):
     check(path, streams=False)
 
 
-def test_nesting_deeper_than_json_loads_reads(tmp_path):
+def test_nesting_deeper_than_json_loads_reads(tmp_path, monkeypatch):
     path = tmp_path / "train.json"
     text = json.dumps(doc([image(1)], [(1, 0)]))
-    path.write_text(text[:-1] + ', "info": ' + "[" * 129 + "]" * 129 + "}")
-    assert check(path).endswith(": not a JSON file (nested deeper than 128 levels)")
     path.write_text(text[:-1] + ', "info": ' + "[" * 127 + "]" * 127 + "}")
     assert len(check(path)) == 1
+    deep = text[:-1] + ', "info": ' + "[" * 129 + "]" * 129 + "}"
+    path.write_text(deep)
+    assert check(path, streams=False).endswith(": not a JSON file (nested deeper than 128 levels)")
+    monkeypatch.setattr(stream_json, "SMALL", 0)  # a big file: refused as the scan meets the depth
+    assert check(path).endswith(": not a JSON file (nested deeper than 128 levels)")
+    path.write_text("[" * 100_000 + "]" * 100_000)  # before ijson's paths grow with it
+    assert check(path) == f"EnsError: --geo-prior {path}: not a JSON file (nested deeper than 128 levels)"
 
 
 def test_lone_surrogates_in_bytes(tmp_path):
