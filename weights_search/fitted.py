@@ -10,6 +10,7 @@ the fits then run on the collected statistics, never on the ``(M, N, C)`` stack.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
@@ -291,7 +292,8 @@ class Reader:
             self._block = next(blocks(self.source, self.rows))[1]
         yield 0, self._block
 
-    def each_block(self, work: Callable[[int, np.ndarray], None]) -> None:
+    def each_block(self, work: Callable[[int, Any], None],
+                   prepare: Callable[[int, np.ndarray], Any] | None = None) -> None:
         """One pass: ``work(start, block)`` of each block of :meth:`blocks`, in row order, one
         block at a time, on threads beside this one (:data:`OVERLAP_WORKERS`) while this thread
         reads the next block (:func:`~weights_search.parallel.ordered_map`; ``work`` sees the
@@ -299,17 +301,32 @@ class Reader:
         source that reads its rows as stored (``read_raw``) and converts them apart
         (``convert``: :class:`ensemble.formats.members.Members`), this thread only reads, and
         a block is converted to float32 on one worker while the block before is worked on, on
-        the other (two blocks more held: one read, one converted). A source of one block is
-        worked on here. An exception in ``work`` is raised here."""
+        the other (two blocks more held: one read, one converted).
+
+        ``prepare``: ``work(start, prepare(start, block))`` instead, ``prepare`` on the workers
+        beside the conversion, blocks in any order, two at a time (what does not depend on the
+        rows before: the log-softmax, a collector's per-row sums). A source of one block is
+        worked on here. An exception in ``work`` or ``prepare`` is raised here."""
         workers = 0 if self.single else (default_workers(2) if OVERLAP_WORKERS is None else OVERLAP_WORKERS)
         source = self.source
-        if workers and callable(getattr(source, "read_raw", None)) and callable(getattr(source, "convert", None)):
-            raws = (source.read_raw(start, start + self.rows) for start in range(0, source.n_rows, self.rows))
+        ready = (lambda start, block: block) if prepare is None else prepare
+        if not workers:
+            for start, block in self.blocks():
+                work(start, ready(start, block))
+            return
+        if callable(getattr(source, "read_raw", None)) and callable(getattr(source, "convert", None)):
+            items = (source.read_raw(start, start + self.rows) for start in range(0, source.n_rows, self.rows))
 
-            def convert(raw: Any) -> tuple[int, np.ndarray]:
-                return raw.start, source.convert(raw)
+            def convert(raw: Any) -> tuple[int, Any]:
+                start = raw.start
+                return start, ready(start, source.convert(raw))
 
-            for _ in ordered_map(lambda item: work(*item), raws, min(workers, 2), prepare=convert):
+            for _ in ordered_map(lambda item: work(*item), items, min(workers, 2), prepare=convert):
+                pass
+            return
+        if prepare is not None:
+            for _ in ordered_map(lambda item: work(*item), self.blocks(), min(workers, 2),
+                                 prepare=lambda item: (item[0], prepare(*item))):
                 pass
             return
         for _ in ordered_map(lambda item: work(*item), self.blocks(), min(workers, 1)):
@@ -378,11 +395,29 @@ class StatsPass:
                 # pilots: a fixed pilot for the collectors of these keys (a re-pass, see repass_keys)
                 if pilots is not None and key in pilots:
                     self.collectors[key] = self.collectors[key].with_pilot(pilots[key])
+        self._prepared: dict[int, dict[Hashable, Any]] = {}
+        self._lock = threading.Lock()
+
+    def prepare(self, start: int, log_probs: np.ndarray) -> None:
+        """What the collectors can make of rows ``start..`` apart from the rows before (those
+        with a ``prepare``: a mixture's mass per prior bin), kept for :meth:`add` of the same
+        rows; any thread, blocks in any order (a pass prepares one block on one worker while
+        the block before is added on another)."""
+        prepared = {key: collector.prepare(start, log_probs) for key, collector in self.collectors.items()
+                    if callable(getattr(collector, "prepare", None))}
+        with self._lock:
+            self._prepared[start] = prepared
 
     def add(self, start: int, log_probs: np.ndarray) -> None:
-        """Member log-probabilities ``(M, b, C)`` of rows ``start..start+b`` (in row order)."""
-        for collector in self.collectors.values():
-            collector.add(start, log_probs)
+        """Member log-probabilities ``(M, b, C)`` of rows ``start..start+b`` (in row order),
+        with what :meth:`prepare` made of them, if it did."""
+        with self._lock:
+            prepared = self._prepared.pop(start, {})
+        for key, collector in self.collectors.items():
+            if key in prepared:
+                collector.add(start, log_probs, prepared=prepared[key])
+            else:
+                collector.add(start, log_probs)
 
     def result(self) -> dict[Hashable, Any]:
         return {key: collector.result() for key, collector in self.collectors.items()}
@@ -396,7 +431,13 @@ def collect_stats(reader: Reader, labels: np.ndarray, needs: Sequence[tuple[Blen
     (``(M,)``, or None); ``pilots``: the collectors of these keys expand every row about the
     given pilot (a re-pass: see :func:`far_from_pilots`)."""
     stats = StatsPass(labels, reader.source.n_classes, needs, max_pairs, pilots=pilots)
-    reader.each_block(lambda start, block: stats.add(start, reader.log_probs(block, temperatures, last=True)))
+
+    def prepare(start: int, block: np.ndarray) -> np.ndarray:
+        log_probs = reader.log_probs(block, temperatures, last=True)
+        stats.prepare(start, log_probs)
+        return log_probs
+
+    reader.each_block(stats.add, prepare=prepare)
     return stats.result()
 
 

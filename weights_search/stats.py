@@ -447,8 +447,23 @@ class MixtureCollector:
             if not self.bins.exact:
                 self._bin_shift = np.empty_like(self._bin_probs)
 
-    def add(self, start: int, log_probs: np.ndarray) -> None:
-        """Take ``(M, b, C)`` member log-probabilities of rows ``start .. start + b - 1``."""
+    def prepare(self, start: int, log_probs: np.ndarray) -> list | None:
+        """What :meth:`add` makes of the rows apart from the rows before: with a prior, each
+        member's mass (and offset sums) per bin, the costly part (an exponential and a
+        permutation of every value); None without one. Any thread, blocks in any order; give
+        it to :meth:`add` of the same rows (``prepared``)."""
+        if self.bins is None:
+            return None
+        log_probs = np.asarray(log_probs)
+        if log_probs.ndim != 3 or log_probs.shape[2] != self.n_classes:
+            return None  # add says what is wrong
+        if log_probs.dtype != np.float32:
+            log_probs = log_probs.astype(np.float32)
+        return [self.bins.sum(log_probs[m], exp=True) for m in range(log_probs.shape[0])]
+
+    def add(self, start: int, log_probs: np.ndarray, prepared: list | None = None) -> None:
+        """Take ``(M, b, C)`` member log-probabilities of rows ``start .. start + b - 1``
+        (``prepared``: :meth:`prepare` of the same rows, or None)."""
         log_probs = np.asarray(log_probs)
         if log_probs.ndim != 3 or log_probs.shape[2] != self.n_classes:
             raise ValueError(f"expected a block of shape (n_members, n_rows, {self.n_classes}), got {log_probs.shape}")
@@ -467,8 +482,10 @@ class MixtureCollector:
         true = log_probs[:, np.arange(size), labels]  # (M, b) float32
         self._true_lp[:, start:stop] = true
         if self.bins is not None:
+            if prepared is not None and len(prepared) != n_members:
+                raise ValueError(f"prepared sums of {len(prepared)} members for a block of {n_members}")
             for m in range(n_members):  # one member at a time: (b, C) temporaries
-                mass, offsets = self.bins.sum(log_probs[m], exp=True)
+                mass, offsets = self.bins.sum(log_probs[m], exp=True) if prepared is None else prepared[m]
                 self._bin_probs[m, start:stop] = mass
                 if offsets is not None:
                     self._bin_shift[m, start:stop] = offsets

@@ -278,7 +278,23 @@ class Members:
             raw = member.read(start, stop, out[m] if stored[m] is None else stored[m], self._fds[member.file])
             if self.on_read is not None:
                 self.on_read(member, start, raw)
+        self._read_ahead(stop, 2 * stop - start)
         return RawBlock(start, stop - start, out, stored)
+
+    def _read_ahead(self, start: int, stop: int) -> None:
+        """Ask the kernel to read rows ``start:stop`` of every member into the page cache now
+        (``POSIX_FADV_WILLNEED``: it returns at once), so that a cold store is read from the
+        disk while the blocks before are converted and worked on, not when this thread asks
+        for them. A hint only: where the system has none, nothing happens."""
+        stop = min(stop, self.n_rows)
+        if start >= stop or not hasattr(os, "posix_fadvise"):
+            return
+        for member in self.members:
+            try:
+                os.posix_fadvise(self._fds[member.file], member.offset + start * member.row_bytes,
+                                 (stop - start) * member.row_bytes, os.POSIX_FADV_WILLNEED)
+            except (OSError, KeyError):
+                return
 
     def convert(self, raw: "RawBlock") -> np.ndarray:
         """The ``(M, n, C)`` float32 block of ``raw`` (:meth:`read_raw`), checked to hold only

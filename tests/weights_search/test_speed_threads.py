@@ -182,3 +182,65 @@ def test_log_softmax_into_in_cache_is_the_whole_member_s_bit_for_bit(temperature
     got = log_softmax_into(logits.copy(), t)
     assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
     assert np.array_equal(log_softmax(logits, t).view(np.uint32), expected.view(np.uint32))
+
+
+# ------------------------------------------------------------------------ a stats pass's prepare
+
+def test_the_prior_bins_are_summed_on_the_workers_with_the_same_values(monkeypatch):
+    """collect_stats prepares each block's log-softmax and mass per prior bin on the workers,
+    blocks in any order, and adds them in row order: the statistics of a plain loop, bit for bit
+    (seen red with add ignoring the prepared sums: none were used)."""
+    from weights_search import get_method
+    from weights_search.prior import LogitAdjustment
+    from weights_search.source import ArraySource
+    from weights_search.stats import MixtureCollector
+
+    monkeypatch.setattr(ws_fitted, "OVERLAP_WORKERS", 2)
+    rng = np.random.default_rng(5)
+    logits = (rng.normal(size=(3, 900, 400)) * 3).astype(np.float32)
+    labels = rng.integers(0, 400, 900)
+    counts = rng.integers(1, 60, 400)
+    prior = LogitAdjustment(np.log(counts / counts.sum()), None)
+    blender = get_method("nll")
+    preparing, used = set(), []
+    real_prepare, real_add = MixtureCollector.prepare, MixtureCollector.add
+
+    def spy_prepare(self, start, log_probs):
+        preparing.add(threading.get_ident())
+        return real_prepare(self, start, log_probs)
+
+    def spy_add(self, start, log_probs, prepared=None):
+        used.append(prepared is not None)
+        return real_add(self, start, log_probs, prepared)
+
+    monkeypatch.setattr(MixtureCollector, "prepare", spy_prepare)
+    monkeypatch.setattr(MixtureCollector, "add", spy_add)
+    key = blender.collector_key(prior)
+    got = ws_fitted.collect_stats(Reader(ArraySource(logits), 100), labels, [(blender, prior)], None)[key]
+    assert used and all(used) and threading.get_ident() not in preparing
+    plain = blender.collector(labels, 400, prior)
+    plain.add(0, log_softmax(logits))
+    expected = plain.result()
+    assert np.array_equal(got.true_lp, expected.true_lp)
+    assert np.array_equal(got.bin_probs, expected.bin_probs)
+
+
+def test_each_read_asks_the_kernel_for_the_next_block_s_rows(stores, monkeypatch):
+    """A cold store is read from the disk ahead of the reading thread (POSIX_FADV_WILLNEED of
+    the next block's bytes of every member; seen red without the hint)."""
+    import os
+
+    from ensemble.formats import members as members_module
+
+    found, _ = stores
+    members = Members(["a", "b", "c"], found, views=False)
+    asked = []
+    monkeypatch.setattr(members_module.os, "posix_fadvise",
+                        lambda fd, offset, length, advice: asked.append((fd, offset, length, advice)))
+    members.read_raw(100, 300)
+    row = CLASSES * 2
+    assert sorted(asked) == sorted((members.fd(m), m.offset + 300 * row, 200 * row, os.POSIX_FADV_WILLNEED)
+                                   for m in members.members)
+    asked.clear()
+    members.read_raw(500, ROWS)  # the last block: nothing after it
+    assert asked == []
