@@ -27,6 +27,7 @@ import os
 import re
 import stat
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,6 +36,7 @@ import numpy as np
 
 from ensemble.errors import EnsError
 from ensemble.formats.common import check_regular, is_count, is_id, is_int, read_json, read_json_bytes
+from ensemble.formats.stream_json import NeedsLoads, records, trusted
 
 #: The image ids a store's ``ids.npy`` (int64) holds.
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
@@ -374,8 +376,11 @@ def read_class_counts(path: Path) -> dict[int | str, int]:
     label = f"--prior {path}"
     if path.suffix.lower() == ".csv":
         return _csv_counts(path, label)
-    doc = read_json(path, label, hint="give a COCO/iNat json, a JSON object {\"category_id\": count} or a CSV "
-                                      "category_id,count")
+    try:
+        return streamed_coco_counts(path, label, hint=_COUNTS_HINT)
+    except NeedsLoads:  # not a COCO json with annotations, or one only json.loads reads as ens reads JSON
+        pass
+    doc = read_json(path, label, hint=_COUNTS_HINT)
     if not isinstance(doc, dict):
         raise EnsError(f"{label}: expected a JSON object (a COCO/iNat json or {{\"category_id\": count}})")
     if "annotations" in doc or "images" in doc or "categories" in doc:
@@ -388,6 +393,50 @@ def read_class_counts(path: Path) -> dict[int | str, int]:
         counts[category] = _count(value, f"{label}: the count of category {key!r}")
     if not counts:
         raise EnsError(f"{label}: no categories")
+    return counts
+
+
+#: What a --prior file may be, for the message of one that is not JSON.
+_COUNTS_HINT = "give a COCO/iNat json, a JSON object {\"category_id\": count} or a CSV category_id,count"
+
+
+def streamed_coco_counts(path: Path, label: str, hint: str = "") -> dict[int | str, int]:
+    """:func:`coco_counts` of the COCO/iNat json at ``path``, read streaming
+    (:mod:`ensemble.formats.stream_json`: its annotations, then its categories; memory bounded
+    by the number of categories, not of annotations). :class:`~ensemble.formats.stream_json.NeedsLoads`
+    when the file is to be read whole (no non-empty ``annotations`` list streamed, or a file the
+    streaming parser could read otherwise); :class:`EnsError` as :func:`coco_counts` and
+    :func:`~ensemble.formats.common.read_json` word them, ``hint`` after a refusal of the file."""
+    annotations = records(path, "annotations.item", label, scan=True, hint=hint)
+    scan = next(annotations)
+    counted: Counter = Counter()  # first-seen order, as coco_counts adds them
+    n = 0
+    problem = None
+    for batch in annotations:
+        if problem is None:
+            values = [a.get("category_id") if a.__class__ is dict else None for a in batch]
+            if set(map(type, values)) <= {int}:  # category_id's rule for integers (a bool is none)
+                counted.update(values)
+            else:
+                for i, value in enumerate(values, n):
+                    category = category_id(value)
+                    if category is None:
+                        problem = f"{label}: annotations[{i}] has no category_id"
+                        break
+                    counted[category] += 1
+        n += len(batch)
+    if n == 0 or not trusted(scan, "annotations", "categories"):
+        raise NeedsLoads
+    counts: dict[int | str, int] = {}
+    if scan.keys[b'"categories"']:
+        for batch in records(path, "categories.item", label, hint=hint):
+            for category in batch:
+                if isinstance(category, dict) and category_id(category.get("id")) is not None:
+                    counts.setdefault(category_id(category["id"]), 0)
+    if problem is not None:
+        raise EnsError(problem)
+    for category, number in counted.items():
+        counts[category] = counts.get(category, 0) + number
     return counts
 
 

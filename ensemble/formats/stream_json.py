@@ -30,7 +30,9 @@ and messages are those of every other reader. That is the case
 
 A document nesting deeper than :data:`~ensemble.formats.common.MAX_JSON_DEPTH` is refused in
 ``read_json``'s words, the depth read off the bytes as they stream by (the scan of
-:func:`~ensemble.formats.common.json_depth`, kept from chunk to chunk).
+:func:`~ensemble.formats.common.json_depth`, kept from chunk to chunk), before the parser
+meets it; a file of at most :data:`SMALL` bytes goes to json.loads, whose first word may be a
+syntax error further on.
 """
 
 from __future__ import annotations
@@ -108,6 +110,8 @@ class Scan:
             self.keys[key] += text.count(key) - self.tail.count(key)
         self._surrogates(text, max(0, len(self.tail) - 12), len(text) - 12)
         self._depth(data)
+        if self.deepest > MAX_JSON_DEPTH:
+            raise TooDeep  # before the parser meets it (ijson's paths grow with the depth)
         self.tail = text[-_TAIL:]
         return data
 
@@ -144,11 +148,8 @@ class Scan:
             self.deepest, self.depth = max(self.deepest, int(levels.max())), int(levels[-1])
         self.in_string ^= bool(quotes & 1)
 
-    def check(self, label: str, hint: str = "") -> None:
-        """After the whole file is parsed: read_json's refusal of a deeper document."""
-        if self.deepest > MAX_JSON_DEPTH:
-            raise EnsError(f"{label}: not a JSON file (nested deeper than {MAX_JSON_DEPTH} levels)"
-                           + (f"; {hint}" if hint else ""))
+class TooDeep(Exception):
+    """The scan met a bracket deeper than MAX_JSON_DEPTH."""
 
 
 def _open(path: Path, label: str, hint: str) -> BinaryIO:
@@ -186,6 +187,11 @@ def records(path: Path, prefix: str, label: str, *, scan: bool = False, hint: st
                 batch = list(islice(items, RECORDS))
             except UnicodeDecodeError:
                 raise NeedsLoads from None  # json.loads decodes lone surrogates, and words what it does not
+            except TooDeep:
+                if size <= SMALL:
+                    raise NeedsLoads from None  # a syntax error further on is json.loads's first word
+                raise EnsError(f"{label}: not a JSON file (nested deeper than {MAX_JSON_DEPTH} levels)"
+                               + (f"; {hint}" if hint else "")) from None
             except ijson.JSONError as exc:
                 reason = exc.args[0] if exc.args else ""
                 reason = reason.decode("utf-8", "replace") if isinstance(reason, bytes) else str(reason)
