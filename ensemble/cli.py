@@ -357,7 +357,7 @@ def blend(
     out: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Blend folder, a folder of its own (never a logit store nor a folder of stores) \\[default: blends/<method>; with --weights, <its folder>-<split> beside it].")] = None,
     prior: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Training class counts to correct the blend for (long-tail logit adjustment): a COCO/iNat json (its annotations are counted, e.g. data/train2019.json), a JSON object {\"category_id\": count} or a CSV category_id,count.")] = None,
     prior_tau: Annotated[Optional[str], typer.Option(metavar="auto|FLOAT", help="Strength of the prior correction: auto fits it with the weights on the fitted split; a number from 0 (none) to 3 fixes it (1 divides by the prior once). With --method accuracy a fixed tau also keeps far fewer rival pairs in memory.", show_default="auto, with --prior")] = None,
-    geo_prior: Annotated[Optional[Path], typer.Option(metavar="TRAIN_JSON", help="Training json whose images' latitude, longitude and date (iNat 2021's train.json) give a location/date prior, combined with the blend as p(y | image) (p(y | place) / p(y))^beta, beta from --geo-weight; the places of the fitted and applied images come from their split jsons. With --weights: where the saved blend's training json is now \\[default: the path blend.json records].")] = None,
+    geo_prior: Annotated[Optional[str], typer.Option(metavar="TRAIN_JSON", help="Training json whose images' latitude, longitude and date (iNat 2021's train.json) give a location/date prior, combined with the blend as p(y | image) (p(y | place) / p(y))^beta, beta from --geo-weight; the places of the fitted and applied images come from their split jsons. With --weights: where the saved blend's training json is now \\[default: the path blend.json records].")] = None,
     geo_weight: Annotated[Optional[str], typer.Option(metavar="auto|FLOAT", help="Weight of the geo prior: auto fits it on the fitted split inside the CV; a number from 0 (off) to 3 fixes it.", show_default="auto, with --geo-prior")] = None,
     memory: MemoryOption = None,
 ) -> None:
@@ -370,10 +370,12 @@ def blend(
         from ensemble.blend.run import BlendOptions, run_blend
 
         model_list = tuple(m.strip() for m in models.split(",") if m.strip()) if models else None
+        if geo_prior == "":  # not Path(""), which is "."
+            raise EnsError("--geo-prior: the path is empty; give the training json (e.g. data/train.json)")
         options = BlendOptions(runs=runs, models=model_list, optimize=optimize, apply=apply, data=data,
                                method=method, temperature=temperature, views=views, cv=cv, fallback=fallback,
                                weights=weights, top_k=top_k, out=out, prior=prior, prior_tau=prior_tau,
-                               geo_prior=geo_prior, geo_weight=geo_weight,
+                               geo_prior=None if geo_prior is None else Path(geo_prior), geo_weight=geo_weight,
                                memory=_memory.memory_budget(memory))
         result = run_blend(options)
     record = result.record

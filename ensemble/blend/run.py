@@ -15,7 +15,8 @@ import numpy as np
 import weights_search as ws
 from ensemble import __version__
 from ensemble.blend.checks import class_order_warnings, label_warnings
-from ensemble.blend.geo import GeoSource, apply_geo, fit_geo_prior, geo_cv_note, geo_weight, saved_geo, split_geo
+from ensemble.blend.geo import (GeoSource, apply_geo, fit_geo_prior, geo_cv_note, geo_weight, places_record, saved_geo,
+                                split_geo, split_places)
 from ensemble.blend.prior import prior_cv_note, prior_hint, prior_notes, prior_tau
 from ensemble.blend.stores import BlendSplit, PassDigests, available_models, label_source, open_split
 from ensemble.errors import EnsError
@@ -129,14 +130,20 @@ def run_blend(options: BlendOptions) -> BlendResult:
     # writes is refused before any long work.
     split = open_split(options.runs, models, apply) if apply is not None else None
     _check_room(out, split, options.top_k, saved, fitted, views)
-    # The geo prior's estimator, fitted on the training json before any long work.
-    geo = None
+    # The geo prior's estimator, fitted on the training json, and the applied split's places,
+    # read before any long work (a bad json is found before the fit, not after it).
+    geo = applied_places = None
+    applied_notes: list[str] = []
     if saved is not None:
         geo = saved_geo(saved, options.weights, options.geo_prior, split.class_ids)
         if geo is not None:
             notes.extend(geo.notes)
+            # the training json read: where it is now (--geo-prior), resolved
+            record = record._with(geo=record.geo._with(file=str(geo.path)))
     elif options.geo_prior is not None:
-        geo = fit_geo_prior(options.geo_prior, fitted.class_ids)
+        geo = fit_geo_prior(options.geo_prior, fitted.class_ids, fitted=fitted)
+    if geo is not None and split is not None:
+        applied_places, applied_notes = split_places(geo, _places_json(split, options.data, saved is not None), split)
     if fitted is not None:
         blend, record = _fit(options, fitted, views, notes, budget, geo)
         reference, reference_name = record.provenance, f"{options.optimize} store"
@@ -162,10 +169,10 @@ def run_blend(options: BlendOptions) -> BlendResult:
             predictions_tmp = stack.enter_context(atomic_path(predictions))
             applied_geo = None
             if geo is not None:
-                sparse, no_place, geo_notes = split_geo(geo, _places_json(split, options.data, saved is not None), split)
-                notes.extend(geo_notes)
+                sparse, no_place, geo_notes = split_geo(geo, applied_places, split)
+                notes.extend(applied_notes + geo_notes)
                 applied_geo = (sparse, record.geo.beta)
-                record = record._with(geo=record.geo.with_no_place(apply, no_place))
+                record = record._with(geo=record.geo.with_split(apply, no_place, places_record(applied_places)))
             rows = _write_predictions(predictions_tmp, split, members, blend, options.top_k, budget, applied_geo)
             stores = digests.result()
             members.close()  # its spare block arrays go now, not when a cycle (its digests' hook) is collected
@@ -288,7 +295,7 @@ def _check_options(options: BlendOptions) -> None:
         given = [name for name, used in fitting.items() if used]
         if given:
             raise EnsError(f"--weights applies saved weights (and their prior correction) as they are; "
-                           f"{', '.join(given)} only apply when fitting with --optimize")
+                           f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} when fitting with --optimize")
     if options.prior_tau is not None and options.prior is None:
         raise EnsError(f"--prior-tau {options.prior_tau}: give --prior FILE, the training class counts it weighs")
     prior_tau(options.prior_tau)
@@ -409,10 +416,12 @@ def _fit(options: BlendOptions, split: BlendSplit, views: bool, notes: list[str]
         notes.extend(prior_notes(counts, split.class_ids, options.prior))
         adjustment = ws.LogitAdjustment(ws.class_log_prior(counts), prior_tau(options.prior_tau))
     notes.extend(prior_hint(options.data, options.prior is not None))
-    sparse, no_place, weight = None, 0, geo_weight(options.geo_weight)
+    sparse, no_place, weight, places = None, 0, geo_weight(options.geo_weight), None
     if geo is not None:
         notes.extend(geo.notes)
-        sparse, no_place, geo_notes = split_geo(geo, labels_path, split)
+        # the places' json is the labels': label_warnings notes it when it is not the stores' json
+        places, _ = split_places(geo, labels_path, split)
+        sparse, no_place, geo_notes = split_geo(geo, places, split)
         notes.extend(geo_notes)
     block_budget, max_pairs = _pairs_budget(method_asked, budget, members, labels.size, adjustment is not None)
     block_rows = _block_rows(block_budget, members, FIT_COPIES)
@@ -435,7 +444,7 @@ def _fit(options: BlendOptions, split: BlendSplit, views: bool, notes: list[str]
         if adjustment is not None:
             notes.extend(prior_cv_note(report, method))
         if geo is not None:
-            notes.extend(geo_cv_note(report, method))
+            notes.extend(geo_cv_note(report, method, given=weight is not None))
     except TooManyPairs as exc:
         raise EnsError(_too_many_pairs(exc, method_asked, split.name, budget, adjustment is not None)) from None
     except ValueError as exc:
@@ -456,7 +465,8 @@ def _fit(options: BlendOptions, split: BlendSplit, views: bool, notes: list[str]
         prior=None if adjustment is None else PriorCorrection(
             file=str(options.prior), sha256=sha256_file(options.prior), counts=tuple(counts.tolist()),
             zero_count=ws.ZERO_COUNT, tau=blend.tau, tau_fitted=adjustment.tau is None),
-        geo=None if geo is None else geo.record(weight, report.geo_beta, {split.name: no_place}),
+        geo=None if geo is None else geo.record(weight, report.geo_beta, {split.name: no_place},
+                                                {split.name: places_record(places)}),
         cv=_cv_table(report, "uniform" if fallback_used or method == "uniform" else "method", geo is not None),
     )
     return blend, record

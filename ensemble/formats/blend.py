@@ -22,8 +22,9 @@ Keys, in the order `ens blend` writes them::
     prior               the long-tail prior correction: file, sha256, counts (one per class id),
                         zero_count, tau, tau_fitted; or null
     geo                 the geo prior (`ens blend --geo-prior`, :class:`GeoCorrection`): file,
-                        sha256, used, skipped, settings, weight, beta, no_place; absent without
-                        one (and then the record is format 3, which an older ens applies alike)
+                        sha256, used, skipped, settings, weight, beta, no_place, places,
+                        left_out; absent without one (and then the record is format 3, which an
+                        older ens applies alike)
     cv                  the cross-validated table: folds, top_k, temperature, prior, fold_taus,
                         (with the geo prior: geo, fold_betas), chosen, beats_uniform, rows ({name,
                         kind, top1, top1_low, top1_high, topk, nll, prior, and geo in its rows})
@@ -57,7 +58,7 @@ import numpy as np
 import weights_search as ws
 from ensemble.errors import EnsError, printable
 from ensemble.fileio import json_text
-from ensemble.formats.common import is_count, is_finite, is_int, is_names, is_number, is_sha256, read_json
+from ensemble.formats.common import is_count, is_finite, is_id, is_int, is_names, is_number, is_sha256, read_json
 from ensemble.formats.store import IDS, LOGITS, VIEWS, LogitStore
 from weights_search import geo as ws_geo
 from weights_search.geo_fit import GEO_BOUNDS
@@ -322,8 +323,12 @@ class GeoCorrection(_Json):
     counts them), the estimator's ``settings`` (:class:`weights_search.geo.GeoSettings` as JSON,
     ``inf`` as ``"inf"``), ``weight``: ``"auto"`` (``beta`` fitted on the fitted split, in the
     CV) or the number given, ``beta``: the weight applied (in
-    :data:`weights_search.geo_fit.GEO_BOUNDS`), and ``no_place``: split -> its rows without a
-    usable place (no correction)."""
+    :data:`weights_search.geo_fit.GEO_BOUNDS`), ``no_place``: split -> its rows without a
+    usable place (no correction), and ``places``: split -> the json its rows' places were read
+    from (``file``, resolved and absolute, and ``sha256``; absent in the records of an older ens:
+    None). ``file`` is the resolved, absolute path of the training json `ens blend` read.
+    ``left_out``: the image ids of the fitted split that are in the training json too, left out
+    of the observations (absent when there are none)."""
 
     file: str
     sha256: str
@@ -333,6 +338,8 @@ class GeoCorrection(_Json):
     weight: str | float
     beta: float
     no_place: Mapping[str, int]
+    places: Mapping[str, Mapping[str, str]] | None = None
+    left_out: tuple[int | str, ...] | None = None
     json_keys: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
     kept: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -349,9 +356,12 @@ class GeoCorrection(_Json):
         """The estimator's settings as :mod:`weights_search.geo` takes them."""
         return ws_geo.GeoSettings.from_dict(dict(self.settings))
 
-    def with_no_place(self, split: str, rows: int) -> "GeoCorrection":
-        """This record with ``split``'s rows without a usable place (added after the others)."""
-        return self._with(no_place={**self.no_place, split: int(rows)})
+    _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"places", "left_out"})
+
+    def with_split(self, split: str, rows: int, places: Mapping[str, str]) -> "GeoCorrection":
+        """This record with ``split``'s rows without a usable place and the json its places were
+        read from (each added after the others)."""
+        return self._with(no_place={**self.no_place, split: int(rows)}, places={**(self.places or {}), split: places})
 
     @classmethod
     def problem(cls, doc: Any) -> str | None:
@@ -374,6 +384,11 @@ class GeoCorrection(_Json):
                 return False
             return True
 
+        def sources(value: Any) -> bool:
+            return isinstance(value, dict) and all(
+                isinstance(v, dict) and set(v) == {"file", "sha256"} and isinstance(v["file"], str)
+                and is_sha256(v["sha256"]) for v in value.values())
+
         weight = doc.get("weight")
         checks = (
             ("file", isinstance(doc.get("file"), str), "the training json's path"),
@@ -385,6 +400,9 @@ class GeoCorrection(_Json):
             ("beta", is_finite(doc.get("beta")) and low <= doc["beta"] <= high
              and (weight == "auto" or weight == doc["beta"]), f"{in_range}, the weight when a number was given"),
             ("no_place", counts(doc.get("no_place")), "an object split -> count"),
+            ("places", "places" not in doc or sources(doc["places"]), "an object split -> {file, sha256}"),
+            ("left_out", "left_out" not in doc or (isinstance(doc["left_out"], list) and all(
+                is_id(i) for i in doc["left_out"])), "a list of image ids"),
         )
         return next((f"{key}: expected {expected}" for key, valid, expected in checks if not valid), None)
 
@@ -393,7 +411,7 @@ class GeoCorrection(_Json):
         if doc is None or cls.problem(doc) is not None:
             return None
         typed, kept = _split(doc, {k: _any for k in ("file", "sha256", "used", "skipped", "settings", "weight",
-                                                      "beta", "no_place")})
+                                                      "beta", "no_place", "places", "left_out")})
         return cls(**typed, json_keys=tuple(doc), kept=kept)
 
 

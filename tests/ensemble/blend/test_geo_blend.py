@@ -82,7 +82,10 @@ def _store(folder: Path, split: str, logits: np.ndarray, ids: np.ndarray, source
     writer.finish(tuple(ids.tolist()), tuple(f"{i}.jpg" for i in ids.tolist()), manifest)
 
 
-def _world(root: Path, informative: bool = True, seed: int = 0, n_val: int = 360, n_test: int = 240) -> dict:
+def _world(root: Path, informative: bool = True, seed: int = 0, n_val: int = 360, n_test: int = 240,
+           far: bool = False) -> dict:
+    """Training, val and test jsons and the models' stores; ``far``: val and test rows 8, 27, 46,
+    ... have a location uncertainty of 150 km (beyond the limit: no usable place)."""
     rng = np.random.default_rng(seed)
     runs, data = root / "runs", root / "data"
     data.mkdir(parents=True)
@@ -95,8 +98,10 @@ def _world(root: Path, informative: bool = True, seed: int = 0, n_val: int = 360
         labels = rng.integers(0, CLASSES, n)
         ids = np.arange(first, first + n)
         lat, lon, day = _places(rng, labels, informative)
-        path = _json(data / f"{split}2019.json", _images(ids, lat, lon, day, rng, holes=True),
-                     labels if split == "val" else None)
+        images = _images(ids, lat, lon, day, rng, holes=True)
+        for i in range(8, n, 19) if far else ():
+            images[i]["location_uncertainty"] = 150_000
+        path = _json(data / f"{split}2019.json", images, labels if split == "val" else None)
         for m, model in enumerate(MODELS):
             logits = rng.normal(0, 1.0, (n, CLASSES)).astype(np.float32)
             logits[np.arange(n), labels] += 0.6 + 0.2 * m
@@ -151,7 +156,7 @@ def test_informative_places_fit_a_positive_beta_and_show_a_cv_gain(world, fitted
     # the test predictions gain too
     assert _test_top1(world, out) > _test_top1(world, fitted["plain"][1]) + 0.1
     # the record: the training json, its sha256, observations used and skipped, rows without a place
-    assert geo.file == str(world["train"])
+    assert geo.file == str(world["train"].resolve())
     assert geo.sha256 == hashlib.sha256(world["train"].read_bytes()).hexdigest()
     assert geo.skipped["no place"] == sum(1 for i in range(CLASSES * 40) if i % 17 == 3)
     assert geo.skipped["bad value"] == 1
@@ -159,10 +164,16 @@ def test_informative_places_fit_a_positive_beta_and_show_a_cv_gain(world, fitted
     assert geo.no_place == {"val": sum(1 for i in range(360) if i % 17 == 3),
                             "test": sum(1 for i in range(240) if i % 17 == 3)}
     assert geo.settings["k"] == 64
+    # each split's places: the json read, resolved, and its sha256
+    assert geo.places == {split: {"file": str((world["data"] / f"{split}2019.json").resolve()),
+                                  "sha256": hashlib.sha256((world["data"] / f"{split}2019.json").read_bytes()).hexdigest()}
+                          for split in ("val", "test")}
+    assert geo.left_out is None and "of the fitted split" not in geo.skipped
     out_text = result.stdout
     assert "nll+geo" in out_text and "+geo: with --geo-prior, beta fitted per fold" in out_text
     assert f"geo prior: beta {geo.beta:.3f} (fitted on val in the CV" in out_text
-    assert "observations of 12 categories used" in out_text and "first bad value" in out_text
+    assert "observations of 12 categories used" in out_text
+    assert "1 with a bad value, first image 100007: latitude 200" in out_text  # counts.summary()
     assert f"val: {geo.no_place['val']} of 360 images have no usable place" in out_text
     assert f"test: {geo.no_place['test']} of 240 images have no usable place" in out_text
 
@@ -256,12 +267,13 @@ def test_jsons_without_places_are_one_line(world, tmp_path):
     one_line_error(_blend(world, tmp_path / "a", "--geo-prior", unplaced), "unplaced.json", "usable")
     data = tmp_path / "data"
     data.mkdir()
+    (data / "test2019.json").write_bytes((world["data"] / "test2019.json").read_bytes())
     val = json.loads((world["data"] / "val2019.json").read_text())
     for image in val["images"]:
         image["latitude"] = None
     (data / "val2019.json").write_text(json.dumps(val))
     one_line_error(ens("blend", "--runs", world["runs"], "--optimize", "val", "--data", data, "--out", tmp_path / "b",
-                       "--geo-prior", world["train"]), "none of the val split's 360 images has a usable place")
+                       "--geo-prior", world["train"]), "val json", "none of the val split's 360 images has a usable place")
     text = json.loads(world["train"].read_text())
     text["images"][3]["latitude"] = "12.5"
     (tmp_path / "text.json").write_text(json.dumps(text))
@@ -343,4 +355,188 @@ def test_weights_need_the_applied_split_json_for_its_places(tmp_path):
     (w["data"] / "test2019.json").rename(tmp_path / "elsewhere.json")
     one_line_error(ens("blend", "--runs", w["runs"], "--weights", tmp_path / "b" / "blend.json", "--out", tmp_path / "c"),
                    "test2019.json, which is not there", "put the test json")
+    assert not (tmp_path / "c").exists()
+
+
+# ---------------------------------------------------------------------- the review's fixes
+
+def _doc(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_the_fitted_splits_images_in_the_training_json_are_left_out(world, fitted, tmp_path):
+    """A merged train+val json gives the CV of the training json alone (not 15-23 points more);
+    the val json saved again (other bytes, the same images) is one line; so is val itself."""
+    train, val = _doc(world["train"]), _doc(world["data"] / "val2019.json")
+    merged = {**train, "images": train["images"] + val["images"],
+              "annotations": train["annotations"] + [{**a, "id": 10 ** 6 + a["id"]} for a in val["annotations"]]}
+    (tmp_path / "merged.json").write_text(json.dumps(merged, indent=1))
+    result = ok(_blend(world, tmp_path / "m", "--geo-prior", tmp_path / "merged.json"))
+    # (its images with a place: the 21 without one are no observation anyway)
+    assert ("note: 339 images of the fitted split (val) are in the training json (first id 1000): left out of the "
+            "geo prior so the CV stays honest") in result.stdout
+    honest, record = BlendRecord.read(fitted["geo"][1] / "blend.json"), BlendRecord.read(tmp_path / "m" / "blend.json")
+    assert record.cv.rows == honest.cv.rows and record.cv.fold_betas == honest.cv.fold_betas
+    assert record.geo.beta == honest.geo.beta and record.geo.used == honest.geo.used
+    assert record.geo.skipped["of the fitted split"] == 339
+    assert record.geo.left_out == tuple(i for n, i in enumerate(range(1000, 1360)) if n % 17 != 3)
+    assert (tmp_path / "m" / "predictions.csv").read_bytes() == (fitted["geo"][1] / "predictions.csv").read_bytes()
+    # --weights leaves out the same images (recorded), so it applies the same prior
+    again = ok(ens("blend", "--runs", world["runs"], "--weights", tmp_path / "m" / "blend.json", "--out", tmp_path / "a"))
+    assert "left out" not in again.stdout
+    assert (tmp_path / "a" / "predictions.csv").read_bytes() == (fitted["geo"][1] / "predictions.csv").read_bytes()
+    # val saved again with another indent: nothing of the training json's own is left
+    (tmp_path / "val.json").write_text(json.dumps(val, indent=3))
+    one_line_error(_blend(world, tmp_path / "v", "--geo-prior", tmp_path / "val.json"),
+                   "each of its 339 observations is an image of the val split", "give the training json")
+    assert not (tmp_path / "v").exists()
+
+
+def test_the_places_jsons_are_checked_against_the_stores_and_recorded(world, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "val"):
+        (data / f"{split}2019.json").write_bytes((world["data"] / f"{split}2019.json").read_bytes())
+    test = _doc(world["data"] / "test2019.json")
+    (data / "test2019.json").write_text(json.dumps(test, indent=2))  # the same images, other bytes
+    result = ok(ens("blend", "--runs", world["runs"], "--optimize", "val", "--data", data, "--out", tmp_path / "b",
+                    "--geo-prior", world["train"]))
+    sha = hashlib.sha256((data / "test2019.json").read_bytes()).hexdigest()
+    assert (f"note: the places of the test images are read from {data / 'test2019.json'} (sha256 {sha[:12]}...), "
+            "not from the json the test stores were made from") in result.stdout
+    assert "places of the val images" not in result.stdout  # the same file as its stores'
+    places = BlendRecord.read(tmp_path / "b" / "blend.json").geo.places
+    assert places["test"] == {"file": str((data / "test2019.json").resolve()), "sha256": sha}
+    assert places["val"]["sha256"] == hashlib.sha256((world["data"] / "val2019.json").read_bytes()).hexdigest()
+    # a record that names no file or sha256 there is refused
+    doc = _doc(tmp_path / "b" / "blend.json")
+    doc["geo"]["places"]["val"] = {"file": "x.json"}
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    one_line_error(ens("blend", "--weights", tmp_path / "bad.json", "--out", tmp_path / "c"), "'geo.places'")
+
+
+def test_categories_the_models_do_not_know_are_refused_or_noted(world, tmp_path):
+    doc = _doc(world["train"])
+    for a in doc["annotations"]:
+        a["category_id"] += 100  # another id space
+    (tmp_path / "shifted.json").write_text(json.dumps(doc))
+    one_line_error(_blend(world, tmp_path / "a", "--geo-prior", tmp_path / "shifted.json"),
+                   "shifted.json: 12 of the 12 categories the models predict have no observation (0, 1, 2, 3, 4 and "
+                   "7 more), and it has observations of 12 categories no model predicts (100, 101, 102, 103, 104 and "
+                   "7 more)", "other --classes")
+    doc = _doc(world["train"])
+    doc["annotations"] = [a for a in doc["annotations"] if a["category_id"] not in (4, 9)]
+    (tmp_path / "fewer.json").write_text(json.dumps(doc))
+    result = ok(_blend(world, tmp_path / "b", "--geo-prior", tmp_path / "fewer.json"))
+    assert "fewer.json: 2 of the 12 categories the models predict have no observation with a usable place (4, 9)" \
+        in result.stdout
+
+
+def test_the_test_fusion_in_many_blocks_gives_the_predictions_of_one(world, fitted, tmp_path, monkeypatch):
+    from ensemble.blend import run as blend_run
+
+    seen = []
+    real = blend_run.apply_geo
+    monkeypatch.setattr(blend_run, "_block_rows", lambda budget, members, copies: 7)
+    monkeypatch.setattr(blend_run, "apply_geo", lambda sparse, log_q, start, beta: seen.append(start) or
+                        real(sparse, log_q, start, beta))
+    ok(_blend(world, tmp_path / "small", "--geo-prior", world["train"]))
+    assert sorted(seen) == list(range(0, 240, 7))  # 35 blocks of the test split
+    assert (tmp_path / "small" / "predictions.csv").read_bytes() == \
+        (fitted["geo"][1] / "predictions.csv").read_bytes()
+
+
+def test_rows_with_a_location_uncertainty_beyond_the_limit_get_no_correction(tmp_path):
+    w = _world(tmp_path / "w", n_val=120, n_test=60, far=True)
+    result = ok(_blend(w, tmp_path / "geo", "--geo-prior", w["train"]))
+    ok(_blend(w, tmp_path / "plain"))
+    far = {"val": [i for i in range(8, 120, 19) if i % 17 != 3], "test": [i for i in range(8, 60, 19) if i % 17 != 3]}
+    null = {"val": sum(1 for i in range(120) if i % 17 == 3), "test": sum(1 for i in range(60) if i % 17 == 3)}
+    record = BlendRecord.read(tmp_path / "geo" / "blend.json")
+    assert record.geo.no_place == {split: null[split] + len(far[split]) for split in ("val", "test")}
+    for split, n in (("val", 120), ("test", 60)):
+        assert (f"{split}: {record.geo.no_place[split]} of {n} images have no usable place and get no geo correction "
+                f"({n} images: ") in result.stdout
+        assert f"; {len(far[split])} with a location uncertainty beyond 100000 m)" in result.stdout
+    geo_rows, plain_rows = _predictions(tmp_path / "geo" / "predictions.csv"), _predictions(tmp_path / "plain" /
+                                                                                            "predictions.csv")
+    assert all(geo_rows[1 + i] == plain_rows[1 + i] for i in far["test"])  # no correction: the blend's own
+    assert sum(geo_rows[1 + i] != plain_rows[1 + i] for i in range(60)) > 30  # the others have one
+
+
+def test_bad_training_jsons_are_one_line_and_the_note_counts_every_image(world, tmp_path):
+    doc = _doc(world["train"])
+    doc["images"][5]["id"] = doc["images"][4]["id"]
+    (tmp_path / "twice.json").write_text(json.dumps(doc))
+    one_line_error(_blend(world, tmp_path / "a", "--geo-prior", tmp_path / "twice.json"),
+                   "twice.json: duplicate image id 100004")
+    doc = _doc(world["train"])
+    doc["annotations"] += [{"id": 10 ** 6 + n, "image_id": im["id"], "category_id": (n // 40 + 1) % CLASSES}
+                           for n, im in enumerate(doc["images"])]
+    (tmp_path / "several.json").write_text(json.dumps(doc))
+    one_line_error(_blend(world, tmp_path / "b", "--geo-prior", tmp_path / "several.json"),
+                   "no image is annotated with exactly one category (480 have several)")
+    doc = _doc(world["train"])
+    doc["annotations"][0]["category_id"] = None  # no category
+    doc["annotations"].append({"id": 10 ** 6, "image_id": doc["images"][1]["id"], "category_id": 5})  # two
+    doc["images"][2]["date"] = "April 2019"
+    (tmp_path / "odd.json").write_text(json.dumps(doc))
+    result = ok(_blend(world, tmp_path / "c", "--geo-prior", tmp_path / "odd.json"))
+    assert "; of its 478 images: " in result.stdout and "1 unreadable, first image 100002: \"April 2019\"" \
+        in result.stdout
+    assert "; 2 more images without a single category (none, or several)" in result.stdout
+
+
+def test_a_bad_applied_split_json_is_found_before_the_fit(world, tmp_path, monkeypatch):
+    import weights_search
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "val"):
+        (data / f"{split}2019.json").write_bytes((world["data"] / f"{split}2019.json").read_bytes())
+    test = _doc(world["data"] / "test2019.json")
+    test["images"][3]["latitude"] = "12.5"
+    (data / "test2019.json").write_text(json.dumps(test))
+    monkeypatch.setattr(weights_search, "cross_validate_and_fit", lambda *a, **k: pytest.fail("the fit ran"))
+    one_line_error(ens("blend", "--runs", world["runs"], "--optimize", "val", "--data", data, "--out", tmp_path / "b",
+                       "--geo-prior", world["train"]),
+                   f"test json {data / 'test2019.json'}: image 5003 has latitude \"12.5\"")
+    assert not (tmp_path / "b").exists()
+
+
+def test_weights_record_the_training_json_read_once_where_it_is(world, fitted, tmp_path, monkeypatch):
+    import ensemble.blend.geo as geo_module
+    import ensemble.fileio
+    import ensemble.formats.places
+
+    saved = fitted["geo"][1] / "blend.json"
+    (tmp_path / "moved").mkdir()
+    moved = tmp_path / "moved" / "train.json"
+    moved.write_bytes(world["train"].read_bytes())
+    reads, hashed = [], []
+    real_read, real_hash = ensemble.formats.places.read_observations, ensemble.fileio.sha256_file
+    monkeypatch.setattr(geo_module, "read_observations", lambda *a: reads.append(a) or real_read(*a))
+    for module in (ensemble.fileio, geo_module):
+        monkeypatch.setattr(module, "sha256_file", lambda p, *a: hashed.append(Path(p)) or real_hash(p, *a),
+                            raising=False)
+    monkeypatch.chdir(tmp_path)
+    ok(ens("blend", "--runs", world["runs"], "--weights", saved, "--geo-prior", "moved/train.json",
+           "--out", tmp_path / "again"))
+    assert len(reads) == 1 and moved.resolve() not in [p.resolve() for p in hashed]
+    again = BlendRecord.read(tmp_path / "again" / "blend.json")
+    assert again.geo.file == str(moved.resolve())  # the file read, absolute
+    assert again.geo.places["test"]["file"] == str((world["data"] / "test2019.json").resolve())
+    # a folder: in check_regular_file's words
+    one_line_error(ens("blend", "--runs", world["runs"], "--weights", saved, "--geo-prior", tmp_path / "moved",
+                       "--out", tmp_path / "x"), f"--geo-prior {tmp_path / 'moved'}: a folder, not a regular file")
+
+
+def test_small_wording(world, fitted, tmp_path):
+    result = ok(_blend(world, tmp_path / "zero", "--geo-prior", world["train"], "--geo-weight", "0"))
+    assert "does not beat" not in result.stdout.replace("nll does not beat uniform weights", "")
+    one_line_error(ens("blend", "--runs", world["runs"], "--weights", fitted["geo"][1] / "blend.json",
+                       "--geo-weight", "1", "--out", tmp_path / "b"), "--geo-weight only applies when fitting")
+    one_line_error(ens("blend", "--runs", world["runs"], "--weights", fitted["geo"][1] / "blend.json",
+                       "--geo-weight", "1", "--cv", "3", "--out", tmp_path / "b"), "--cv, --geo-weight only apply when")
+    one_line_error(_blend(world, tmp_path / "c", "--geo-prior", ""), "--geo-prior: the path is empty")
     assert not (tmp_path / "c").exists()
