@@ -239,7 +239,7 @@ def test_the_prior_correction_clearly_lowers_the_test_error(work, tmp_path, monk
     assert f"prior: tau {prior['tau']:.3f} (from blends/prior/blend.json)" in again.stdout
     one_line_error(ens("blend", "--runs", work.runs, "--weights", "blends/prior/blend.json", "--prior", train_json,
                        "--out", "blends/bad"), "--weights applies saved weights (and their prior correction) as",
-                   "--prior only apply when fitting")
+                   "--prior only applies when fitting")
 
 
 def _blend(work: Work, out: Path, *extra) -> tuple[dict, object]:
