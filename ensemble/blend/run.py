@@ -129,7 +129,7 @@ def run_blend(options: BlendOptions) -> BlendResult:
     # The applied split is opened before the fit so that a disk without room for what the run
     # writes is refused before any long work.
     split = open_split(options.runs, models, apply) if apply is not None else None
-    _check_room(out, split, options.top_k, saved, fitted, views)
+    _check_room(out, split, options.top_k, saved, fitted, views, options.geo_prior is not None)
     # The geo prior's estimator, fitted on the training json, and the applied split's places,
     # read before any long work (a bad json is found before the fit, not after it).
     geo = applied_places = None
@@ -626,13 +626,13 @@ def _model_top1(report: Any, members: Members) -> dict[str, float]:
 
 
 def _check_room(out: Path, split: BlendSplit | None, top_k: int, saved: BlendRecord | None,
-                fitted: BlendSplit | None, views: bool) -> None:
+                fitted: BlendSplit | None, views: bool, geo: bool = False) -> None:
     """Refuse, before any long work, a run whose predictions.csv and blend.json the disk under
     ``out`` cannot hold (sizes from :func:`_predictions_bytes` and :func:`_record_bytes`): one
     line naming both. Both files are written beside their final names before an older pair
     there is replaced, so an older pair's room does not count."""
     predictions = 0 if split is None else _predictions_bytes(split, top_k)
-    record = _record_bytes(saved, fitted or split, views)
+    record = _record_bytes(saved, fitted or split, views, geo)
     folder = out
     while not folder.exists() and folder.parent != folder:
         folder = folder.parent
@@ -668,14 +668,17 @@ def _predictions_bytes(split: BlendSplit, top_k: int) -> int:
     return int(ids) + split.ids.size * row + 32 * (2 * k + 1)
 
 
-def _record_bytes(saved: BlendRecord | None, split: BlendSplit, views: bool) -> int:
+def _record_bytes(saved: BlendRecord | None, split: BlendSplit, views: bool, geo: bool = False) -> int:
     """blend.json's size, about: a saved blend's own text, else twice its class ids' (room for
-    --prior's counts beside them), plus a few kB per model and member."""
+    --prior's counts beside them), plus a few kB per model and member; ``geo``: a fit with the
+    geo prior, whose record may list every row id of the fitted ``split`` (``geo.left_out``, its
+    images found in the training json)."""
     members = sum(len(s.view_names) if views and s.view_names else 1 for s in split.stores)
     rest = _RECORD_PER_MEMBER * (len(split.models) + members) + _RECORD_REST
     if saved is not None:
         return len(saved.text().encode("utf-8")) + rest
-    return 2 * len(json_text({"class_ids": list(split.class_ids)}).encode("utf-8")) + rest
+    left_out = len(json_text({"left_out": split.ids.tolist()}).encode("utf-8")) if geo else 0
+    return 2 * len(json_text({"class_ids": list(split.class_ids)}).encode("utf-8")) + left_out + rest
 
 
 def _size(count: int) -> str:

@@ -540,3 +540,12 @@ def test_small_wording(world, fitted, tmp_path):
                        "--geo-weight", "1", "--cv", "3", "--out", tmp_path / "b"), "--cv, --geo-weight only apply when")
     one_line_error(_blend(world, tmp_path / "c", "--geo-prior", ""), "--geo-prior: the path is empty")
     assert not (tmp_path / "c").exists()
+
+
+def test_the_room_asked_for_holds_the_left_out_ids(world, fitted):
+    from ensemble.blend import run as blend_run
+    from ensemble.fileio import json_text
+
+    val = blend_run.open_split(world["runs"], MODELS, "val")
+    extra = blend_run._record_bytes(None, val, False, geo=True) - blend_run._record_bytes(None, val, False)
+    assert extra >= len(json_text({"left_out": val.ids.tolist()}).encode("utf-8"))
