@@ -98,9 +98,9 @@ def fit_geo_prior(path: Path, class_ids: Sequence[int | str], settings: GeoSetti
         keep = ~out
         lat, lon, day, uncertainty, columns = lat[keep], lon[keep], day[keep], uncertainty[keep], columns[keep]
         if fitted is not None:
+            first = shown(observations.image_id[out][:1].tolist()[0])
             notes.append(f"{int(out.sum()):,} images of the fitted split ({fitted.name}) are in the training json "
-                         f"(first id {shown(observations.image_id[out][:1].tolist()[0])}): left out of the geo prior so the CV stays "
-                         "honest")
+                         f"(first id {first}): left out of the geo prior so the CV stays honest")
     try:
         prior = GeoPrior.fit(lat, lon, day, columns, len(class_ids), settings, uncertainty=uncertainty)
     except ValueError as exc:
@@ -131,7 +131,9 @@ def _in(ids: np.ndarray, wanted: Any) -> np.ndarray:
     wanted = np.asarray(wanted)
     if not ids.size or not wanted.size:
         return np.zeros(ids.size, bool)
-    if ids.dtype == np.int64 and wanted.dtype.kind in "iu":
+    if ids.dtype == np.int64:  # only integers can match, in bulk
+        if wanted.dtype.kind not in "iu":
+            wanted = np.array([i for i in wanted.tolist() if type(i) is int and -2 ** 63 <= i < 2 ** 63], np.int64)
         return np.isin(ids, wanted)
     keys = {(type(i) is str, i) for i in wanted.tolist()}
     return np.fromiter(((type(i) is str, i) in keys for i in ids.tolist()), bool, count=ids.size)

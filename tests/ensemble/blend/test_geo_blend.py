@@ -549,3 +549,16 @@ def test_the_room_asked_for_holds_the_left_out_ids(world, fitted):
     val = blend_run.open_split(world["runs"], MODELS, "val")
     extra = blend_run._record_bytes(None, val, False, geo=True) - blend_run._record_bytes(None, val, False)
     assert extra >= len(json_text({"left_out": val.ids.tolist()}).encode("utf-8"))
+
+
+def test_left_out_ids_match_as_the_jsons_hold_them():
+    from ensemble.blend.geo import _in
+
+    mixed = np.empty(3, dtype=object)
+    mixed[:] = ["a", 5, "5"]
+    assert _in(mixed, np.array(["5"])).tolist() == [False, False, True]
+    assert _in(mixed, np.array([5, 7])).tolist() == [False, True, False]
+    recorded = np.empty(3, dtype=object)
+    recorded[:] = [2, "3", 2 ** 70]  # a saved record's ids
+    assert _in(np.array([1, 2, 3], np.int64), recorded).tolist() == [False, True, False]
+    assert _in(np.array([1, 2], np.int64), np.zeros(0)).tolist() == [False, False]
