@@ -221,7 +221,7 @@ def parity(request, photos, tmp_path_factory):
 def test_logits_agree_with_timms_pipeline(parity, record_property):
     case, got, want, *_ = parity
     assert sorted(got) == sorted(want) == ["china.jpg", "hopper.jpg", "tall.png", "wide.png"]
-    # The figures docs/export.md quotes (pytest --junitxml keeps them).
+    # The figures docs/export.md quotes (kept by pytest --junitxml=F -o junit_family=legacy).
     record_property("worst_fraction_of_spread", max(float(np.abs(got[p] - want[p]).max() / np.ptp(want[p]))
                                                     for p in want))
     for photo, reference in want.items():
