@@ -22,23 +22,22 @@ In one fresh process (its own peak memory, the generation's excluded by resettin
   a row's classes (a sanity figure of the estimator on this generated world);
 * peak RSS above the generated data (``VmHWM`` after ``/proc/self/clear_refs``), and the whole
   process's peak;
-* reading: :func:`ensemble.formats.places.read_observations` of a generated iNat 2021-style
-  training json (``--read-images``, default 270,000, a tenth of iNat 2021's; the json of
-  :mod:`benchmarks.json_read`) against the file's read and ``json.loads`` alone, best of 3 in turns.
+* reading (``--read-images N``, default 270,000, a tenth of iNat 2021's; ``--read-only`` skips
+  the rest): a generated iNat 2021-style training json (records like those of
+  :mod:`benchmarks.json_read`) read by :func:`ensemble.formats.places.read_observations` and
+  :func:`ensemble.formats.dataset.read_class_counts` (streaming, ijson) and by their json.loads
+  paths, and by ``json.loads`` alone: each in a fresh process, wall and CPU time and peak RSS.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.json_read import make_split
-from ensemble.formats.places import read_observations
 from weights_search.geo import GeoPrior, GeoSettings, points
 
 N_CLASSES = 10_000
@@ -124,8 +123,13 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=100, help="queries checked by brute force")
     parser.add_argument("--read-images", type=int, default=None,
                         help="images of the training json read (default 270,000; 27,000 with --quick; 0: none)")
+    parser.add_argument("--read-only", action="store_true", help="only the reading of the training json")
+    parser.add_argument("--read-repeat", type=int, default=3, help="runs of each reader (best taken)")
     args = parser.parse_args()
     scale = 0.1 if args.quick else 1.0
+    if args.read_only:
+        reading(args.read_images if args.read_images is not None else int(270_000 * scale), args.read_repeat)
+        return
     rng = np.random.default_rng(args.seed)
     w = world(rng, N_CLASSES)
     per_class = rng.integers(200, 341, N_CLASSES)
@@ -196,25 +200,106 @@ def main() -> None:
 
     n_images = args.read_images if args.read_images is not None else int(270_000 * scale)
     if n_images:
-        reading(n_images)
+        reading(n_images, args.read_repeat)
+
+
+#: The readers of the training json timed by ``--read-images``, each in a process of its own:
+#: (name, statement run on ``path``, the baseline it is compared with).
+READERS = [
+    ("read + json.loads alone", "json.loads(path.read_bytes())", None),
+    ("read_observations, json.loads path", "places._loaded_observations(path, '--geo-prior')", None),
+    ("read_observations (streaming)", "places.read_observations(path)", "read_observations, json.loads path"),
+    ("class counts, json.loads path", "dataset.coco_counts(dataset.read_json(path), 'x')", None),
+    ("read_class_counts (streaming)", "dataset.read_class_counts(path)", "class counts, json.loads path"),
+]
+CHILD = """
+import json, sys
+from pathlib import Path
+from ensemble.formats import dataset, places
+path = Path(sys.argv[1])
+{statement}
+"""
+
+
+def write_train_json(path: Path, n_images: int, seed: int = 0) -> None:
+    """An iNat 2021-style training json of ``n_images`` images, one annotation each (the records
+    of :func:`benchmarks.json_read.make_split`), written 100,000 records at a time."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as fh:
+        fh.write('{"info": {"year": 2021, "version": "2021"}, "images": [')
+        for start in range(0, n_images, 100_000):
+            n = min(100_000, n_images - start)
+            lat, lon = rng.uniform(-60, 70, n).round(5), rng.uniform(-180, 180, n).round(5)
+            day, unc, c = rng.integers(1, 28, n), rng.integers(5, 500, n), rng.integers(0, 10_000, n)
+            fh.write(("," if start else "") + ",".join(
+                f'{{"id": {start + i}, "width": 800, "height": 600, "file_name": "train/{c[i]:05d}_Plantae/'
+                f'{start + i:032x}.jpg", "license": "http://creativecommons.org/licenses/by-nc/4.0/", '
+                f'"rights_holder": "Ken-ichi Ueda", "date": "2018-05-{day[i]:02d} 12:03:00+00:00", '
+                f'"latitude": {lat[i]}, "longitude": {lon[i]}, "location_uncertainty": {unc[i]}}}' for i in range(n)))
+        rng = np.random.default_rng(seed)
+        fh.write('], "categories": [' + ", ".join(
+            f'{{"id": {k}, "name": "Species {k}", "supercategory": "Plants"}}' for k in range(10_000)))
+        fh.write('], "annotations": [')
+        for start in range(0, n_images, 100_000):
+            n = min(100_000, n_images - start)
+            c = rng.integers(0, 10_000, n)
+            fh.write(("," if start else "") + ",".join(
+                f'{{"id": {start + i}, "image_id": {start + i}, "category_id": {c[i]}}}' for i in range(n)))
+        fh.write("]}")
+
+
+#: argv[1]: the file to write to; argv[2:]: the command. A small process of its own starts it
+#: (fork, exec, ``os.wait4``), as tests/rss.py does: a child forked from this process would start
+#: its peak at this one's size.
+LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as fh:
+    fh.write(f"{os.waitstatus_to_exitcode(status)} {usage.ru_utime + usage.ru_stime} {usage.ru_maxrss}")
+"""
+
+
+def _child(statement: str, path: Path) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds (user + system) and peak RSS (bytes) of ``statement`` in a
+    fresh interpreter (its own peak, as its parent sees it at its end: ``os.wait4``)."""
+    import subprocess
+    import sys
+
+    report = path.with_name("child.txt")
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", LAUNCHER, str(report), sys.executable, "-c",
+                    CHILD.format(statement=statement), str(path)], check=True)
+    wall = time.perf_counter() - start
+    code, cpu, peak = report.read_text().split()
+    if int(code) != 0:
+        raise SystemExit(f"{statement}: exit {code}")
+    return wall, float(cpu), int(peak) * 1024
 
 
 def reading(n_images: int, repeat: int = 3) -> None:
-    """Time read_observations against the file's read and json.loads alone."""
+    """The readers of the training json (:data:`READERS`), each in a fresh process, in turns,
+    best of ``repeat`` (wall and CPU apart); peak RSS above an interpreter that imports them."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "train.json"
-        path.write_bytes(make_split(n_images, escapes=False))
-        loads = read = float("inf")
-        for _ in range(repeat):
-            start = time.perf_counter()
-            json.loads(path.read_bytes())
-            loads = min(loads, time.perf_counter() - start)
-            start = time.perf_counter()
-            observations = read_observations(path)
-            read = min(read, time.perf_counter() - start)
+        write_train_json(path, n_images)
         size = path.stat().st_size
-    print(f"  read_observations of a {size / 1e6:.0f} MB training json ({n_images:,} images, {len(observations):,} "
-          f"observations): {read:.2f} s; read + json.loads alone {loads:.2f} s -> {read / loads:.2f}x")
+        _, _, base = _child("pass", path)
+        best = {name: (float("inf"), float("inf"), 0) for name, _, _ in READERS}
+        for _ in range(repeat):
+            for name, statement, _ in READERS:
+                wall, cpu, peak = _child(statement, path)
+                old = best[name]
+                best[name] = (min(old[0], wall), min(old[1], cpu), max(old[2], peak))
+    print(f"  reading a {size / 1e6:,.0f} MB training json ({n_images:,} images and annotations), each reader in a "
+          f"fresh process, best of {repeat}; peak RSS above the interpreter and imports ({base / 2**20:.0f} MiB):")
+    for name, _, baseline in READERS:
+        wall, cpu, peak = best[name]
+        versus = (f"; vs {baseline}: {wall / best[baseline][0]:.2f}x wall, {cpu / best[baseline][1]:.2f}x CPU, "
+                  f"{(peak - base) / max(best[baseline][2] - base, 1):.2f}x memory") if baseline else ""
+        print(f"    {name}: {wall:.2f} s wall, {cpu:.2f} s CPU, peak {(peak - base) / 2**20:,.0f} MiB{versus}")
 
 
 if __name__ == "__main__":
