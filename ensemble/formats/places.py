@@ -7,9 +7,9 @@ carries ``latitude`` and ``longitude`` (degrees), ``date`` (text, e.g.
 of them may be ``null`` (or absent, as in older jsons). Two readers:
 
 * :func:`read_observations`: the training json's annotated images, each with its category id:
-  the observations the geo prior is estimated from (:class:`Observations`); read streaming, in
-  memory that does not grow with the records (:mod:`ensemble.formats.stream_json`: iNat 2021's
-  2.7 M images take about 30 MiB beside the arrays, where json.loads takes several GB);
+  the observations the geo prior is estimated from (:class:`Observations`); read streaming
+  (:mod:`ensemble.formats.stream_json`), about 170 bytes an image (0.46 GiB at iNat 2021's
+  2.7 M) where json.loads of the whole file took 1.8 KB (docs/benchmarks.md);
 * :func:`read_places`: a split json's images in the row order of a store (:class:`Places`).
 
 What a value may be, the one rule of both (:func:`_fields`):

@@ -69,8 +69,9 @@ KEYS = (b'"images"', b'"annotations"', b'"categories"', b'"item"', b'.item"')
 _SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 _HIGH = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}")
 _LOW = re.compile(rb"\\u[dD][c-fC-F][0-9a-fA-F]{2}")
-#: Bytes of a chunk's end looked at again with the next chunk: a key or an escape cut in two.
-_TAIL = 16
+#: Bytes of a chunk's end looked at again with the next chunk: a key or an escape cut in two (an
+#: escape deferred from the last 12 bytes is then seen with the 12 before it: its high half).
+_TAIL = 24
 
 
 class NeedsLoads(Exception):

@@ -108,6 +108,25 @@ def test_numbers_as_json_loads_reads_them(tmp_path):
     assert check(path).endswith("is labelled 1.0; expected an integer or a string category id")
 
 
+def test_without_the_c_backend_the_json_loads_path_reads(tmp_path, monkeypatch):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(doc(ODD_IMAGES, ODD_LABELS)))
+    streamed = places.read_observations(path)
+    monkeypatch.setattr(stream_json, "available", lambda: False)
+    with pytest.raises(NeedsLoads):
+        places._streamed_observations(path, "x")
+    assert same(places.read_observations(path), streamed)
+
+
+def test_surrogate_pairs_cut_between_chunks_stream(tmp_path, monkeypatch):
+    path = tmp_path / "train.json"
+    images = [image(i, extra="\U0001F600" * (i % 3)) for i in range(40)]
+    path.write_text(json.dumps(doc(images, [(i, i % 4) for i in range(40)])))  # ensure_ascii: \ud83d\ude00
+    for chunk in (5, 7, 13, 29):
+        monkeypatch.setattr(stream_json, "CHUNK", chunk)
+        assert len(check(path)) == 40
+
+
 def test_records_in_batches(tmp_path, monkeypatch):
     monkeypatch.setattr(stream_json, "RECORDS", 3)
     monkeypatch.setattr(stream_json, "CHUNK", 7)  # keys, escapes and brackets cut between chunks
