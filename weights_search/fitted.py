@@ -21,7 +21,7 @@ from scipy import special
 from weights_search import temperature as _temperature
 from weights_search.base import Blender
 from weights_search.parallel import default_workers, ordered_map
-from weights_search.functional import FUSIONS, MIXTURE, _check_weights, fuse, log_softmax
+from weights_search.functional import FUSIONS, MIXTURE, _check_weights, _normalise, fuse, log_softmax
 from weights_search.prior import LogitAdjustment, adjust
 from weights_search.registry import DEFAULT_METHOD, get_method
 from weights_search.source import ArraySource, MemberSource, as_source, blocks, check_labels, default_block_rows
@@ -82,7 +82,7 @@ class FittedBlend:
         if self.fusion != MIXTURE:
             return self.fuse_log_probs(log_softmax(logits, temperatures))
         fused = mixture_of_logits(logits, weights, temperatures)
-        return fused if self.tau is None else adjust(fused, log_prior, self.tau)
+        return fused if self.tau is None else adjust_own(fused, log_prior, self.tau)
 
     def fuse_log_probs(self, log_probs: np.ndarray) -> np.ndarray:
         """:meth:`log_proba` of member log-probabilities ``(M, n, C)`` already at the blend's
@@ -90,6 +90,19 @@ class FittedBlend:
         weights, _, log_prior = self._arrays
         fused = fuse(log_probs, weights, self.fusion)
         return fused if self.tau is None else adjust(fused, log_prior, self.tau)
+
+
+def adjust_own(log_probs: np.ndarray, log_prior: np.ndarray, tau: float) -> np.ndarray:
+    """:func:`~weights_search.prior.adjust` of an ``(n, C)`` float32 array the caller made and
+    needs no more (a fused block), computed in its place: no ``(n, C)`` temporary, whose fresh
+    pages cost the kernel about as much as the subtraction itself; the same values, bit for bit
+    (the same subtraction of the same float32 shifts, then the same normalisation)."""
+    log_prior = np.asarray(log_prior)
+    if (tau == 0 or log_probs.dtype != np.float32 or log_probs.ndim != 2 or not log_probs.flags.c_contiguous
+            or not log_probs.flags.writeable or log_prior.shape != log_probs.shape[1:]):
+        return adjust(log_probs, log_prior, tau)  # its own checks and errors
+    log_probs -= np.float32(tau) * log_prior.astype(np.float32)
+    return _normalise(log_probs)
 
 
 #: :func:`mixture_of_logits` recomputes at most this fraction of a block's values exactly; a

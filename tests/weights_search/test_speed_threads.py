@@ -244,3 +244,20 @@ def test_each_read_asks_the_kernel_for_the_next_block_s_rows(stores, monkeypatch
     asked.clear()
     members.read_raw(500, ROWS)  # the last block: nothing after it
     assert asked == []
+
+
+def test_the_prior_adjusts_a_fused_block_in_its_place_bit_for_bit():
+    """FittedBlend.log_proba corrects its own fused block for the prior in place (no (n, C)
+    temporary), with adjust's values bit for bit (seen red with the shift in float64)."""
+    from weights_search.fitted import FittedBlend, adjust_own, mixture_of_logits
+    from weights_search.prior import adjust
+
+    rng = np.random.default_rng(6)
+    logits = (rng.normal(size=(3, 300, 2_000)) * 4).astype(np.float32)
+    log_prior = np.log(rng.dirichlet(np.ones(2_000)))
+    fused = mixture_of_logits(logits, np.array([0.5, 0.3, 0.2]))
+    expected = adjust(fused, log_prior, 1.3)
+    assert np.array_equal(adjust_own(fused.copy(), log_prior, 1.3).view(np.uint32), expected.view(np.uint32))
+    blend = FittedBlend("nll", "mixture", (0.5, 0.3, 0.2), log_prior=tuple(log_prior), tau=1.3)
+    assert np.array_equal(blend.log_proba(logits).view(np.uint32), expected.view(np.uint32))
+    assert adjust_own(fused.copy(), log_prior, 0.0) is not None
