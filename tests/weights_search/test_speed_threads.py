@@ -261,3 +261,24 @@ def test_the_prior_adjusts_a_fused_block_in_its_place_bit_for_bit():
     blend = FittedBlend("nll", "mixture", (0.5, 0.3, 0.2), log_prior=tuple(log_prior), tau=1.3)
     assert np.array_equal(blend.log_proba(logits).view(np.uint32), expected.view(np.uint32))
     assert adjust_own(fused.copy(), log_prior, 0.0) is not None
+
+
+def test_a_thread_fuses_into_its_last_fused_array_once_nothing_holds_it():
+    """mixture_of_logits writes block after block into one array per thread (no fresh pages per
+    block; seen red with a new array each call), never into one still held."""
+    import weakref
+
+    from weights_search.fitted import mixture_of_logits
+
+    rng = np.random.default_rng(7)
+    blocks = [(rng.normal(size=(2, 80, 500)) * 3).astype(np.float32) for _ in range(3)]
+    w = np.array([0.6, 0.4])
+    expected = [mixture_of_logits(b, w).copy() for b in blocks]
+    first = mixture_of_logits(blocks[0], w)
+    kept = weakref.ref(first)
+    del first
+    second = mixture_of_logits(blocks[1], w)
+    assert second is kept()  # the first one's array, nothing holding it
+    third = mixture_of_logits(blocks[2], w)  # the second is held: a new one
+    assert third is not second and not np.shares_memory(third, second)
+    assert np.array_equal(second, expected[1]) and np.array_equal(third, expected[2])
