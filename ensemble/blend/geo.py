@@ -22,7 +22,8 @@ import pandas as pd
 from ensemble.errors import EnsError
 from ensemble.formats.blend import BlendRecord, GeoCorrection, counted, shown_path
 from ensemble.formats.dataset import check_regular_file, shown
-from ensemble.formats.places import Observations, Places, read_observations, read_places
+from ensemble.formats.places import Observations, Places, fit_prior, read_observations, read_places
+from ensemble.formats.places import among as _in  # noqa: F401 (the name the tests use)
 from weights_search.geo import GeoPrior, GeoSettings, SparseGeo, usable_places
 from weights_search.geo_fit import GEO_BOUNDS
 
@@ -89,20 +90,16 @@ def fit_geo_prior(path: Path, class_ids: Sequence[int | str], settings: GeoSetti
     notes = _category_notes(observations, columns, class_ids, label)
     wanted = fitted.ids if fitted is not None else np.asarray(left_out, dtype=object)
     out = _in(observations.image_id, wanted)
-    lat, lon, day, uncertainty = observations.lat, observations.lon, observations.day, observations.uncertainty
     if fitted is not None and out.all():
         raise EnsError(f"{label}: each of its {out.size:,} observations is an image of the {fitted.name} split (its "
                        f"{fitted.name} json saved again?); the geo prior of the fitted images' own labels would make "
                        "the CV's estimate no estimate: give the training json")
-    if out.any():
-        keep = ~out
-        lat, lon, day, uncertainty, columns = lat[keep], lon[keep], day[keep], uncertainty[keep], columns[keep]
-        if fitted is not None:
-            first = shown(observations.image_id[out][:1].tolist()[0])
-            notes.append(f"{int(out.sum()):,} images of the fitted split ({fitted.name}) are in the training json "
-                         f"(first id {first}): left out of the geo prior so the CV stays honest")
+    if out.any() and fitted is not None:
+        first = shown(observations.image_id[out][:1].tolist()[0])
+        notes.append(f"{int(out.sum()):,} images of the fitted split ({fitted.name}) are in the training json "
+                     f"(first id {first}): left out of the geo prior so the CV stays honest")
     try:
-        prior = GeoPrior.fit(lat, lon, day, columns, len(class_ids), settings, uncertainty=uncertainty)
+        prior = fit_prior(observations, columns, len(class_ids), settings, out)
     except ValueError as exc:
         raise EnsError(f"{label}: {exc} (the models predict {counted(len(class_ids), 'category', 'categories')})"
                        ) from None
@@ -123,20 +120,6 @@ def fit_geo_prior(path: Path, class_ids: Sequence[int | str], settings: GeoSetti
                        else ""))
     return GeoSource(prior=prior, path=Path(os.path.abspath(observations.source)).resolve(), sha256=observations.sha256,
                      skipped=skipped, notes=notes, left_out=tuple(observations.image_id[out].tolist()))
-
-
-def _in(ids: np.ndarray, wanted: Any) -> np.ndarray:
-    """``(n,)`` bool: which of the image ``ids`` are among ``wanted`` (ids as the jsons hold
-    them: an integer 5 is not the text "5")."""
-    wanted = np.asarray(wanted)
-    if not ids.size or not wanted.size:
-        return np.zeros(ids.size, bool)
-    if ids.dtype == np.int64:  # only integers can match, in bulk
-        if wanted.dtype.kind not in "iu":
-            wanted = np.array([i for i in wanted.tolist() if type(i) is int and -2 ** 63 <= i < 2 ** 63], np.int64)
-        return np.isin(ids, wanted)
-    keys = {(type(i) is str, i) for i in wanted.tolist()}
-    return np.fromiter(((type(i) is str, i) in keys for i in ids.tolist()), bool, count=ids.size)
 
 
 def _category_notes(observations: Observations, columns: np.ndarray, class_ids: Sequence[int | str],

@@ -12,6 +12,10 @@ of them may be ``null`` (or absent, as in older jsons). Two readers:
   2.7 M) where json.loads of the whole file took 1.8 KB (docs/benchmarks.md);
 * :func:`read_places`: a split json's images in the row order of a store (:class:`Places`).
 
+The one fit of the geo prior from the observations, `ens blend`'s and `ens report`'s alike
+(:func:`fit_prior`), with the images of the split it scores left out (:func:`among`: blend.json's
+``geo.left_out``).
+
 What a value may be, the one rule of both (:func:`_fields`):
 
 * ``latitude``, ``longitude``, ``location_uncertainty``: a JSON number or ``null``. A value of
@@ -51,6 +55,7 @@ from ensemble.errors import EnsError
 from ensemble.formats.common import is_id, read_json_bytes
 from ensemble.formats.dataset import INT64_MAX, INT64_MIN, _labels, category_id, check_regular_file, shown
 from ensemble.formats.stream_json import NeedsLoads, grown, records, trusted
+from weights_search.geo import GeoPrior, GeoSettings
 
 #: The fields of an iNat 2021 image record that hold its place and date.
 LATITUDE, LONGITUDE, DATE, UNCERTAINTY = "latitude", "longitude", "date", "location_uncertainty"
@@ -140,6 +145,32 @@ class Observations:
         column = {c: j for j, c in enumerate(class_ids)}
         return np.fromiter((column.get(c, -1) for c in self.category.tolist()), dtype=np.int64,
                            count=self.category.size)
+
+
+def among(ids: np.ndarray, wanted: Any) -> np.ndarray:
+    """``(n,)`` bool: which of the image ``ids`` (:attr:`Observations.image_id`) are among
+    ``wanted`` (ids as the jsons hold them: an integer 5 is not the text "5")."""
+    wanted = np.asarray(wanted)
+    if not ids.size or not wanted.size:
+        return np.zeros(ids.size, bool)
+    if ids.dtype == np.int64:  # only integers can match, in bulk
+        if wanted.dtype.kind not in "iu":
+            wanted = np.array([i for i in wanted.tolist() if type(i) is int and -2 ** 63 <= i < 2 ** 63], np.int64)
+        return np.isin(ids, wanted)
+    keys = {(type(i) is str, i) for i in wanted.tolist()}
+    return np.fromiter(((type(i) is str, i) in keys for i in ids.tolist()), bool, count=ids.size)
+
+
+def fit_prior(observations: Observations, columns: np.ndarray, n_classes: int, settings: GeoSettings,
+              out: np.ndarray | None = None) -> GeoPrior:
+    """The geo prior's estimator (:meth:`weights_search.geo.GeoPrior.fit`) of ``observations``
+    (``columns``: each one's class column, :meth:`Observations.columns`) but those ``out``
+    (``(n,)`` bool, :func:`among`: the images of the split the prior is scored on, each its own
+    nearest observation otherwise). The one fit: `ens blend` fits with it, and `ens report`
+    fits the blend's again with blend.json's ``geo.left_out``. ValueError as ``GeoPrior.fit``."""
+    keep = slice(None) if out is None or not out.any() else ~out
+    return GeoPrior.fit(observations.lat[keep], observations.lon[keep], observations.day[keep], columns[keep],
+                        n_classes, settings, uncertainty=observations.uncertainty[keep])
 
 
 @dataclass(frozen=True)

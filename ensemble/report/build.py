@@ -294,16 +294,24 @@ def find_geo_source(blend_json: Path, record: BlendRecord, blend_dir: Path,
 
 def geo_prior(record: BlendRecord, source: Path, class_ids: Sequence[Any]) -> Any:
     """The blend's geo prior (a :class:`weights_search.geo.GeoPrior`) estimated again from the
-    observations of ``source``, with blend.json's settings: the estimator `ens blend` used."""
-    from ensemble.formats.places import read_observations
-    from weights_search.geo import GeoPrior
+    observations of ``source``, with blend.json's settings and without the images it left out
+    (``geo.left_out``: the fitted split's images in a merged train+val json), by the fit `ens
+    blend` used (:func:`ensemble.formats.places.fit_prior`); one line when it does not use the
+    number of observations blend.json records."""
+    from ensemble.formats.places import among, fit_prior, read_observations
 
     observations = read_observations(source, option="the geo prior's training json")
+    out = among(observations.image_id, np.asarray(record.geo.left_out or (), dtype=object))
     try:
-        return GeoPrior.fit(observations.lat, observations.lon, observations.day, observations.columns(class_ids),
-                            len(class_ids), record.geo.geo_settings(), uncertainty=observations.uncertainty)
+        prior = fit_prior(observations, observations.columns(class_ids), len(class_ids), record.geo.geo_settings(),
+                          out)
     except ValueError as exc:
         raise EnsError(f"{source}: cannot estimate the geo prior from it ({exc})") from None
+    if prior.n_used != record.geo.used:
+        raise EnsError(f"{source}: the blend's geo prior used {record.geo.used:,} of its observations, the report's "
+                       f"estimate {prior.n_used:,} ({int(out.sum()):,} of the {len(record.geo.left_out or ()):,} "
+                       "images blend.json left out found); the blend folder and the file do not go together")
+    return prior
 
 
 def geo_input(record: BlendRecord, prior: Any, labels_path: Path, ids: np.ndarray) -> GeoInput:
