@@ -145,6 +145,10 @@ class ModelMetadata:
     onnx_version: str = ""
     cam: str | None = None
     cam_feature: str | None = None
+    #: Where each preprocessing value came from (timm exports: ``{"input_size": "the checkpoint's
+    #: args", "mean": "timm's config of resnet18.a1_in1k", ...}``); None: not recorded (other
+    #: exports, and files written before it existed).
+    preprocess_from: Mapping[str, str] | None = None
     format: int = FORMAT_VERSION
 
     def category_id(self, column: int) -> int | str:
@@ -267,6 +271,8 @@ _FIELD_CHECKS: dict[str, list[tuple[Callable[[Any], bool], str]]] = {
     "torch_version": _STRING,
     "onnx_version": _STRING,
     "cam": [(_is_cam, f'expected null or {{"output": "{CAM_OUTPUT}", "feature": NAME}}')],
+    "preprocess_from": [(lambda v: v is None or (isinstance(v, dict) and all(isinstance(x, str) for x in v.values())),
+                         "expected null or a JSON object of strings")],
 }
 
 
