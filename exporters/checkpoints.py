@@ -99,7 +99,7 @@ def _no_weights_key(path: Path, weights_key: str | None, what: str) -> None:
 def _take_key(path: Path, obj: object, key: str) -> Checkpoint:
     """The weights under ``obj[key]`` (``--weights-key``)."""
     if not isinstance(obj, Mapping) or _is_state_dict(obj):
-        what = "a bare state_dict" if _is_state_dict(obj) else f"a {type(obj).__name__}"
+        what = "a bare state_dict" if _is_state_dict(obj) else _a(type(obj).__name__)
         raise EnsError(f"--weights-key {key}: {path} holds {what}, not a checkpoint dict of entries")
     if key not in obj:
         keys = ", ".join(map(str, list(obj)[:12]))
@@ -109,7 +109,12 @@ def _take_key(path: Path, obj: object, key: str) -> Checkpoint:
         return Checkpoint(path, "module", module=inner.eval(), found_under=key)
     if _is_state_dict(inner):
         return Checkpoint(path, "state_dict", state_dict=inner, found_under=key)
-    raise EnsError(f"--weights-key {key}: {path}'s {key!r} entry holds a {type(inner).__name__}, not weights")
+    raise EnsError(f"--weights-key {key}: {path}'s {key!r} entry holds {_a(type(inner).__name__)}, not weights")
+
+
+def _a(noun: str) -> str:
+    """``noun`` with its indefinite article: "an int", "a list"."""
+    return f"{'an' if noun[:1].lower() in ('a', 'e', 'i', 'o', 'u') else 'a'} {noun}"
 
 
 def _ema_notes(obj: Mapping, taken: str) -> list[str]:
@@ -218,10 +223,14 @@ def _classify(path: Path, obj: object) -> Checkpoint:
             if _is_state_dict(inner):
                 return Checkpoint(path, "state_dict", state_dict=inner, found_under=key)
         keys = ", ".join(map(str, list(obj)[:8]))
+        ema = [key for key, value in obj.items() if isinstance(key, str) and "ema" in key.lower().split("_")
+               and (_is_state_dict(value) or isinstance(value, nn.Module))]
+        hint = (f"; it holds EMA weights under {ema[0]!r}: pass --weights-key {ema[0]} to export them"
+                if ema else "")
         raise EnsError(
-            f"{path}: a dict with keys [{keys}] but no weights under any of {', '.join(NESTED_KEYS)}"
+            f"{path}: a dict with keys [{keys}] but no weights under any of {', '.join(NESTED_KEYS)}{hint}"
         )
-    raise EnsError(f"{path}: holds a {type(obj).__name__}, not a state_dict, model or training checkpoint")
+    raise EnsError(f"{path}: holds {_a(type(obj).__name__)}, not a state_dict, model or training checkpoint")
 
 
 def _prefix_variants(keys: list[str]) -> list[tuple[str, ...]]:

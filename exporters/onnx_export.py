@@ -107,6 +107,8 @@ class _Prepared:
     #: The preprocessing resolved with its sources (timm networks); None: options or ENS_DEFAULTS.
     preprocessing: Any = None
     arch_kwargs: Mapping[str, Any] | None = None  #: what it was built with, when not options.arch_kwargs
+    #: Build keywords read from a file ("m/config.json: model_args {...}"): named when the network fails.
+    kwargs_from: str = ""
 
 
 @dataclass(frozen=True)
@@ -186,7 +188,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None,
     # The torch logits of the check batches, computed once: they prove the model runs at its
     # size (in eval mode, before tracing), give the number of classes, tell whether the
     # network takes a second size, and are what the ONNX graph is verified against.
-    references = {size: _reference_logits(wrapper, size, options, checkpoint)}
+    references = {size: _reference_logits(wrapper, size, options, checkpoint, prepared.kwargs_from)}
     num_classes = int(references[size].shape[1])
     class_ids = load_class_ids(options.classes, num_classes) if options.classes else None
 
@@ -245,6 +247,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None,
         onnx_version=onnx.__version__,
         cam=CAM_OUTPUT if head is not None else None,
         cam_feature=head.feature if head is not None else None,
+        preprocess_from=dict(pre.sources) if pre.sources is not None else None,
     )
     _write(graph, metadata, out)
     return ExportResult(path=out, metadata=metadata, notes=tuple(notes),
@@ -366,8 +369,9 @@ def _prepare_timm(ckpt: Checkpoint, options: ExportOptions, spec, notes: list[st
     model.load_state_dict(with_module_versions(state_dict, model), strict=True)
     # The num_classes note first, then the preprocessing's, in the order of the metadata.
     notes.extend(build_notes[1:])
+    kwargs_from = f"{spec.kwargs_from} {timm_models.shown(spec.kwargs)}" if spec.kwargs and spec.kwargs_from else ""
     return _Prepared(model.eval(), spec.label, pre.input_size, notes + build_notes[:1] + pre_notes, pre,
-                     timm_models.json_kwargs(kwargs))
+                     timm_models.json_kwargs(kwargs), kwargs_from)
 
 
 def _prepare_model(ckpt: Checkpoint, options: ExportOptions, spec=None) -> _Prepared:
@@ -471,13 +475,19 @@ def _torch_logits(wrapper: nn.Module, images: torch.Tensor) -> np.ndarray:
     return out.float().numpy()
 
 
-def _reference_logits(wrapper: nn.Module, size: int, options: ExportOptions, source: Path) -> np.ndarray:
-    """Torch logits of the check batch at ``size``; user errors when the model cannot make them."""
+def _reference_logits(wrapper: nn.Module, size: int, options: ExportOptions, source: Path,
+                      kwargs_from: str = "") -> np.ndarray:
+    """Torch logits of the check batch at ``size``; user errors when the model cannot make them.
+    ``kwargs_from``: build keywords a file gave ("m/config.json: model_args {...}"), named first
+    (a wrong-typed one fails here, not when timm builds the network)."""
     try:
         out = _torch_logits(wrapper, check_images(options.check_batch, size))
     except EnsError:
         raise
     except Exception as exc:
+        if kwargs_from:
+            raise EnsError(f"{kwargs_from}: the network built with them does not run on {size} px inputs "
+                           f"({describe(exc, 160)}); check those keywords, or set --input-size") from None
         raise EnsError(f"{source}: the model does not run on {size} px inputs "
                        f"({describe(exc, 160)}); set --input-size") from None
     if out.ndim != 2 or out.shape[0] != options.check_batch:

@@ -81,6 +81,15 @@ class Source:
 
     label: str  #: for notes: "the checkpoint's args", "--mean", "timm's config of resnet18.a1_in1k"
     values: Mapping[str, Any]
+    #: Prefix naming the file and key in messages ("c.pth: args.", "m/config.json: pretrained_cfg."):
+    #: the key is appended. Empty: "LABEL: ".
+    where: str = ""
+
+    def at(self, key: str) -> str:
+        """``where`` + ``key``: "c.pth: args.interpolation"; a command-line option names itself."""
+        if self.label.startswith("--"):
+            return self.label
+        return f"{self.where or self.label + ': '}{key}"
 
 
 @dataclass
@@ -94,6 +103,9 @@ class TimmSpec:
     given: Source | None = None  #: the checkpoint's args or the folder's pretrained_cfg
     num_classes: tuple[int, str] | None = None  #: (value, source) from args / config.json
     notes: list[str] = field(default_factory=list)
+    #: Where a file named the tag ("c.pth: args.model"); empty: --arch named it. A file's tag that
+    #: this timm lacks falls back to the model's default config (timm loads such a folder too).
+    tag_from: str = ""
 
     @property
     def label(self) -> str:
@@ -103,14 +115,19 @@ class TimmSpec:
 # ------------------------------------------------------------------------------------------
 # The three forms
 
+#: Entries only timm's ``CheckpointSaver`` writes (torchvision's reference script: ``model``, ``args``).
+TRAIN_KEYS = ("state_dict", "state_dict_ema", "arch")
+
+
 def train_args(container: Mapping[str, Any] | None) -> argparse.Namespace | None:
     """The ``args`` of a timm ``train.py`` checkpoint dict, or None when it is not one.
 
-    timm's ``CheckpointSaver`` writes ``state_dict``, ``arch`` (= ``args.model``) and
-    ``args``; torchvision's reference script writes ``model`` and ``args`` instead, so
-    ``state_dict`` beside an ``args`` naming a ``model`` is what tells them apart.
+    timm's ``CheckpointSaver`` writes ``state_dict`` (``state_dict_ema`` with ``--model-ema``),
+    ``arch`` (= ``args.model``) and ``args``; torchvision's reference script writes ``model`` and
+    ``args`` instead, so one of :data:`TRAIN_KEYS` beside an ``args`` naming a ``model`` is what
+    tells them apart, whichever entry the weights were taken from (``--weights-key``).
     """
-    if not isinstance(container, Mapping) or "state_dict" not in container:
+    if not isinstance(container, Mapping) or not any(key in container for key in TRAIN_KEYS):
         return None
     args = container.get("args")
     if isinstance(args, argparse.Namespace) and "model" in vars(args):
@@ -125,6 +142,10 @@ def spec_from_arch(arch: str) -> TimmSpec:
         raise EnsError(f"--arch {arch}: name the timm model, e.g. --arch timm/resnet50 or "
                        "--arch timm/convnext_tiny.fb_in22k_ft_in1k")
     name, tag = _split_tag(text)
+    if not name or "/" in text:
+        problem = "the model name before its '.' is empty" if not name else f"{text!r} contains '/'"
+        raise EnsError(f"--arch {arch}: {problem}; expected timm/NAME or timm/NAME.TAG, e.g. timm/resnet50 "
+                       "or timm/convnext_tiny.fb_in22k_ft_in1k")
     return TimmSpec(name=_check_name(name, f"--arch {arch}"), tag=tag)
 
 
@@ -138,15 +159,15 @@ def spec_from_train_args(args: argparse.Namespace, path: Path, named: TimmSpec |
     if named is not None:
         spec = TimmSpec(name=named.name, tag=named.tag)
         if model != named.name and (not isinstance(model, str) or model.partition(".")[0] != named.name):
-            spec.notes.append(f"--arch {named.label} overrides the checkpoint's args.model {_shown(model)}")
+            spec.notes.append(f"--arch {named.label} overrides the checkpoint's args.model {shown(model)}")
             _structure_args(spec, {}, where)  # another network's build keywords do not apply
             spec.given, spec.num_classes = _data_args(values, where)
             return spec
     else:
         if not isinstance(model, str) or not model.strip():
-            raise EnsError(f"{where}model {_shown(model)}: expected the name of a timm model")
+            raise EnsError(f"{where}model {shown(model)}: expected the name of a timm model")
         name, tag = _split_tag(_registry_name(model.strip(), f"{where}model {model!r}"))
-        spec = TimmSpec(name=_check_name(name, f"{where}model {model!r}"), tag=tag)
+        spec = TimmSpec(name=_check_name(name, f"{where}model {model!r}"), tag=tag, tag_from=f"{where}model")
     _structure_args(spec, values, where)
     spec.given, spec.num_classes = _data_args(values, where)
     return spec
@@ -159,14 +180,14 @@ def _structure_args(spec: TimmSpec, values: Mapping[str, Any], where: str) -> No
         if value is None or value == "":
             continue
         if keyword == "global_pool" and not isinstance(value, str):
-            raise EnsError(f"{where}{key} {_shown(value)}: expected a pooling type such as 'avg'")
+            raise EnsError(f"{where}{key} {shown(value)}: expected a pooling type such as 'avg'")
         if keyword == "bn_eps" and not (is_finite(value) and value > 0):
-            raise EnsError(f"{where}{key} {_shown(value)}: expected a positive number")
+            raise EnsError(f"{where}{key} {shown(value)}: expected a positive number")
         spec.kwargs[keyword] = value
     extra = values.get("model_kwargs")
     if extra:
         if not isinstance(extra, Mapping) or not all(isinstance(k, str) for k in extra):
-            raise EnsError(f"{where}model_kwargs {_shown(extra)}: expected a dict of keyword arguments")
+            raise EnsError(f"{where}model_kwargs {shown(extra)}: expected a dict of keyword arguments")
         spec.kwargs.update(extra)
     spec.kwargs_from = f"{where}model_kwargs"
 
@@ -174,12 +195,12 @@ def _structure_args(spec: TimmSpec, values: Mapping[str, Any], where: str) -> No
 def _data_args(values: Mapping[str, Any], where: str) -> tuple[Source, tuple[int, str] | None]:
     """The preprocessing and number of classes train.py's args were set to."""
     given = Source("the checkpoint's args", _preprocess_values(values, where, _channels(values, where),
-                                                               from_args=True))
+                                                               from_args=True), where)
     num_classes = values.get("num_classes")
     if num_classes is None:
         return given, None
     if not is_count(num_classes, 1):
-        raise EnsError(f"{where}num_classes {_shown(num_classes)}: expected a positive integer")
+        raise EnsError(f"{where}num_classes {shown(num_classes)}: expected a positive integer")
     return given, (num_classes, "the checkpoint's args")
 
 
@@ -201,35 +222,39 @@ def read_folder(folder: Path) -> tuple[TimmSpec, Path]:
     else:
         pretrained_cfg, key_prefix = config["pretrained_cfg"], "pretrained_cfg."
         if not isinstance(pretrained_cfg, dict):
-            raise EnsError(f"{config_path}: pretrained_cfg {_shown(pretrained_cfg)}: expected a JSON object")
+            raise EnsError(f"{config_path}: pretrained_cfg {shown(pretrained_cfg)}: expected a JSON object")
     architecture = config.get("architecture")
     if not isinstance(architecture, str) or not architecture.strip():
-        raise EnsError(f"{config_path}: architecture {_shown(architecture)}: expected the name of a timm model")
+        raise EnsError(f"{config_path}: architecture {shown(architecture)}: expected the name of a timm model")
     name, tag = _split_tag(architecture.strip())
+    tag_from = f"{config_path}: architecture"
     cfg_tag = pretrained_cfg.get("tag")
     if tag is None and cfg_tag is not None:
         if not isinstance(cfg_tag, str):
-            raise EnsError(f"{config_path}: {key_prefix}tag {_shown(cfg_tag)}: expected a string")
-        tag = cfg_tag or None
-    spec = TimmSpec(name=_check_name(name, f"{config_path}: architecture {architecture!r}"), tag=tag)
+            raise EnsError(f"{config_path}: {key_prefix}tag {shown(cfg_tag)}: expected a string")
+        tag, tag_from = cfg_tag or None, f"{config_path}: {key_prefix}tag"
+    spec = TimmSpec(name=_check_name(name, f"{config_path}: architecture {architecture!r}"), tag=tag,
+                    tag_from=tag_from)
     model_args = config.get("model_args")
     if model_args is not None:
         if not isinstance(model_args, dict):
-            raise EnsError(f"{config_path}: model_args {_shown(model_args)}: expected a JSON object")
+            raise EnsError(f"{config_path}: model_args {shown(model_args)}: expected a JSON object")
         _channels(model_args, f"{config_path}: model_args.")
         spec.kwargs.update(model_args)
         spec.kwargs_from = f"{config_path}: model_args"
     where = f"{config_path}: {key_prefix}"
-    spec.given = Source(label, _preprocess_values(pretrained_cfg, where, _channels(pretrained_cfg, where)))
+    spec.given = Source(label, _preprocess_values(pretrained_cfg, where, _channels(pretrained_cfg, where)), where)
     num_classes = config.get("num_classes", spec.kwargs.get("num_classes", pretrained_cfg.get("num_classes")))
     if num_classes is not None:
         if not is_count(num_classes, 1):
-            raise EnsError(f"{config_path}: num_classes {_shown(num_classes)}: expected a positive integer")
+            raise EnsError(f"{config_path}: num_classes {shown(num_classes)}: expected a positive integer")
         spec.num_classes = (num_classes, label)
-    weights = next((folder / n for n in FOLDER_WEIGHTS if (folder / n).exists()), None)
-    if weights is None:
+    present = [folder / n for n in FOLDER_WEIGHTS if (folder / n).exists()]
+    if not present:
         raise EnsError(f"{folder}: no weights beside {FOLDER_CONFIG} (expected {' or '.join(FOLDER_WEIGHTS)})")
-    return spec, weights
+    for other in present[1:]:
+        spec.notes.append(f"also holds {other.name}: took {present[0].name}, as timm does")
+    return spec, present[0]
 
 
 def _registry_name(model: str, where: str) -> str:
@@ -263,7 +288,8 @@ def _check_name(name: str, where: str) -> str:
     return name
 
 
-def _shown(value: Any, limit: int = 60) -> str:
+def shown(value: Any, limit: int = 60) -> str:
+    """A value from a file as messages show it: its repr, cut at ``limit`` characters."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
@@ -280,7 +306,7 @@ def _channels(values: Mapping[str, Any], where: str) -> int:
     if channels is None:
         return 3
     if channels != 3 or not is_count(channels):
-        raise EnsError(f"{where}{key} {_shown(values.get(key))}: ens exports models of RGB images (3 channels)")
+        raise EnsError(f"{where}{key} {shown(values.get(key))}: ens exports models of RGB images (3 channels)")
     return 3
 
 
@@ -307,56 +333,67 @@ def _preprocess_values(values: Mapping[str, Any], where: str, channels: int, fro
     if values.get("interpolation"):
         value = values["interpolation"]
         if not isinstance(value, str):
-            raise EnsError(f"{where}interpolation {_shown(value)}: expected a name such as 'bicubic'")
+            raise EnsError(f"{where}interpolation {shown(value)}: expected a name such as 'bicubic'")
         out["interpolation"] = value
     if values.get("crop_mode"):
         value = values["crop_mode"]
         if value not in CROP_MODES:
-            raise EnsError(f"{where}crop_mode {_shown(value)}: expected one of {', '.join(CROP_MODES)}")
+            raise EnsError(f"{where}crop_mode {shown(value)}: expected one of {', '.join(CROP_MODES)}")
         out["crop_mode"] = value
     for key in ("crop_pct",) if from_args else ("crop_pct", "test_crop_pct"):
         value = values.get(key)
         if value is None or value == 0:
             continue
         if not (is_finite(value) and 0 < value <= 1):
-            raise EnsError(f"{where}{key} {_shown(value)}: expected a fraction in (0, 1]")
+            raise EnsError(f"{where}{key} {shown(value)}: expected a fraction in (0, 1]")
         out[key] = float(value)
     return out
 
 
 def _square(pair: Any, value: Any, where: str, expected: str) -> int:
     if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(is_count(v, 1) for v in pair)):
-        raise EnsError(f"{where} {_shown(value)}: expected {expected}")
+        raise EnsError(f"{where} {shown(value)}: expected {expected}")
     height, width = pair
     if height != width:
-        raise EnsError(f"{where} {_shown(value)}: ens exports square inputs, this is {height}x{width}; "
+        raise EnsError(f"{where} {shown(value)}: ens exports square inputs, this is {height}x{width}; "
                        "pass --input-size")
     if not MIN_INPUT_SIZE <= height <= MAX_INPUT_SIZE:
-        raise EnsError(f"{where} {_shown(value)}: expected {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE} pixels")
+        raise EnsError(f"{where} {shown(value)}: expected {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE} pixels")
     return int(height)
 
 
 def _rgb(value: Any, where: str, key: str, channels: int) -> tuple[float, float, float]:
     if not (isinstance(value, (list, tuple)) and all(is_finite(v) for v in value) and len(value) in (1, channels)):
-        raise EnsError(f"{where} {_shown(value)}: expected {channels} numbers (or one for all channels)")
+        raise EnsError(f"{where} {shown(value)}: expected {channels} numbers (or one for all channels)")
     rgb = tuple(float(v) for v in value) * (channels if len(value) == 1 else 1)
     if any(not 0 <= v <= 1 for v in rgb) or (key == "std" and any(v <= 0 for v in rgb)):
-        raise EnsError(f"{where} {_shown(value)}: expected fractions of 255 in {'(0, 1]' if key == 'std' else '[0, 1]'}")
+        raise EnsError(f"{where} {shown(value)}: expected fractions of 255 in {'(0, 1]' if key == 'std' else '[0, 1]'}")
     return rgb  # type: ignore[return-value]
 
 
 def registry_source(spec: TimmSpec) -> tuple[Source, dict]:
     """timm's pretrained config for the model (its default tag) or the spec's tag, in ens's form,
-    and the raw config; an unknown tag is one line naming the known ones."""
+    and the raw config. An unknown tag named by ``--arch`` is one line naming the known ones; one
+    named by a file (a folder or train.py's args, perhaps from a newer timm) falls back to the
+    model's default config, with a note, as timm itself builds such a folder: the spec's tag is
+    then dropped (the network is built by its name)."""
     timm = import_timm(spec.label)
     from timm.models import get_pretrained_cfg
 
     try:
         cfg = get_pretrained_cfg(f"{spec.name}.{spec.tag}" if spec.tag else spec.name)
     except RuntimeError:  # an unknown tag
-        tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{spec.name}.*")]
-        raise EnsError(f"{spec.label}: timm {timm.__version__} has no pretrained tag {spec.tag!r} for "
-                       f"{spec.name} (it has {', '.join(tags[:8]) or 'none'}{', ...' if len(tags) > 8 else ''})") from None
+        if not spec.tag_from:
+            tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{spec.name}.*")]
+            raise EnsError(f"{spec.label}: timm {timm.__version__} has no pretrained tag {spec.tag!r} for "
+                           f"{spec.name} (it has {', '.join(tags[:8]) or 'none'}"
+                           f"{', ...' if len(tags) > 8 else ''})") from None
+        cfg = get_pretrained_cfg(spec.name)
+        default = f"{spec.name}.{cfg.tag}" if cfg is not None and cfg.tag else spec.name
+        given = spec.given.label if spec.given is not None else "the file"
+        spec.notes.append(f"timm {timm.__version__} has no tag {spec.tag!r} ({spec.tag_from}): values from "
+                          f"{given}, the rest from timm's config of {default}")
+        spec.tag = None
     if cfg is None:  # a model without any pretrained config: timm's defaults apply
         return Source("timm's defaults", {}), {}
     raw = cfg.to_dict()
@@ -375,6 +412,8 @@ class Preprocessing:
     resize: str
     crop_pct: float
     interpolation: str
+    #: Each value's source, as the notes name it (timm networks); None: not resolved by sources.
+    sources: Mapping[str, str] | None = None
 
 
 def timm_defaults() -> Source:
@@ -403,7 +442,7 @@ def resolve_preprocessing(command_line: Mapping[str, Any], given: Source | None,
     chosen = {key: pick(key) for key in ("input_size", "mean", "std", "interpolation", "crop_pct")}
     interpolation, source = chosen["interpolation"]
     if interpolation not in INTERPOLATIONS:
-        raise EnsError(f"{source.label}: interpolation {interpolation!r} is not one ens resizes with "
+        raise EnsError(f"{source.at('interpolation')} {shown(interpolation)} is not one ens resizes with "
                        f"({', '.join(INTERPOLATIONS)}); pass --interpolation")
     crop_pct, crop_source = chosen["crop_pct"]
     if "resize" in cli:
@@ -413,19 +452,20 @@ def resolve_preprocessing(command_line: Mapping[str, Any], given: Source | None,
         mode, source = pick("crop_mode")
         resize = CROP_MODES[mode]
         if resize is None:
-            raise EnsError(f"{source.label}: crop_mode {mode!r} is not supported (it pads the image to a square, "
+            raise EnsError(f"{source.at('crop_mode')} {mode!r} is not supported (it pads the image to a square, "
                            "which ens's resize policies do not); pass --resize center-crop or --resize squash")
         if resize == "squash" and crop_pct != 1.0:
-            raise EnsError(f"{source.label}: crop_mode 'squash' with crop_pct {crop_pct:g} (from {crop_source.label}) "
-                           "is not supported: ens's squash resizes the whole image to the input size, as timm's "
-                           "does at crop_pct 1; pass --crop-pct 1, or --resize center-crop")
+            raise EnsError(f"{source.at('crop_mode')} 'squash' with crop_pct {crop_pct:g} "
+                           f"(from {crop_source.at('crop_pct')}) is not supported: ens's squash resizes the whole image "
+                           "to the input size, as timm's does at crop_pct 1; pass --crop-pct 1, or --resize "
+                           "center-crop (docs/export.md: timm)")
         chosen["resize"] = (resize, source)
         resize_note = f"resize {resize} from {source.label} (crop_mode {mode})"
     notes = []
     for key in KEYS:
         value, source = chosen[key]
-        shown = rgb_text(value) if key in ("mean", "std") else f"{value:g}" if key == "crop_pct" else value
-        note = resize_note if key == "resize" else f"{key} {shown} from {source.label}"
+        text = rgb_text(value) if key in ("mean", "std") else f"{value:g}" if key == "crop_pct" else value
+        note = resize_note if key == "resize" else f"{key} {text} from {source.label}"
         test = source.values.get("test_input_size")
         if key == "input_size" and source is not cli.get(key) and test is not None and test != value:
             test_crop = source.values.get("test_crop_pct")
@@ -436,7 +476,8 @@ def resolve_preprocessing(command_line: Mapping[str, Any], given: Source | None,
     values["mean"] = tuple(float(v) for v in values["mean"])
     values["std"] = tuple(float(v) for v in values["std"])
     values["crop_pct"] = float(values["crop_pct"])
-    return Preprocessing(**values), notes
+    sources = {key: chosen[key][1].label for key in KEYS}
+    return Preprocessing(**values, sources=sources), notes
 
 
 # ------------------------------------------------------------------------------------------
@@ -471,8 +512,9 @@ def build(spec: TimmSpec, state_dict: Mapping[str, torch.Tensor], source: Path, 
         try:
             return timm.create_model(name, pretrained=False, exportable=True, num_classes=classes, **kwargs)
         except Exception as exc:  # timm's builders check their arguments with TypeError, AssertionError, ...
-            shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-            raise EnsError(f"{spec.label}: timm cannot build it{f' with {shown}' if shown else ''} "
+            listed = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+            where = f"{spec.kwargs_from} {shown(spec.kwargs)}: " if spec.kwargs and spec.kwargs_from else ""
+            raise EnsError(f"{where}{spec.label}: timm cannot build it{f' with {listed}' if listed else ''} "
                            f"({describe(exc, 200)})") from None
 
     try:

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+import timm
 import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -23,8 +24,6 @@ from exporters.onnx_export import default_output_path
 from exporters.timm_models import Source, resolve_preprocessing
 
 from tests.exporters.helpers import onnx_logits, random_images, reference_logits
-
-timm = pytest.importorskip("timm")
 
 runner = CliRunner()
 SIZE = 64
@@ -100,8 +99,8 @@ def test_crop_modes_map_to_resize_policies(mode, crop, resize):
 
 @pytest.mark.parametrize("values, message", [
     ({"crop_mode": "border"}, "args: crop_mode 'border' is not supported (it pads the image to a square"),
-    ({"crop_mode": "squash", "crop_pct": 0.9}, "args: crop_mode 'squash' with crop_pct 0.9 (from args) is not "
-                                               "supported"),
+    ({"crop_mode": "squash", "crop_pct": 0.9}, "args: crop_mode 'squash' with crop_pct 0.9 (from args: crop_pct) "
+                                               "is not supported"),
     ({"interpolation": "box"}, "args: interpolation 'box' is not one ens resizes with"),
 ])
 def test_unsupported_timm_preprocessing_is_one_line(values, message):
@@ -130,6 +129,8 @@ def test_registry_config_of_model_and_tag():
 @pytest.mark.parametrize("arch, message", [
     ("timm/", "--arch timm/: name the timm model"),
     ("timm/resnet_18", "--arch timm/resnet_18: timm .* has no model 'resnet_18'; did you mean resnet18"),
+    ("timm/../x", r"--arch timm/../x: the model name before its '.' is empty; expected timm/NAME or timm/NAME.TAG"),
+    ("timm/resnet18/x", r"--arch timm/resnet18/x: 'resnet18/x' contains '/'; expected timm/NAME"),
 ])
 def test_unknown_timm_names(arch, message):
     with pytest.raises(EnsError, match="^" + message):
@@ -294,7 +295,7 @@ def test_weights_key_errors(ema_checkpoint, tmp_path):
     with pytest.raises(EnsError, match=r"^--weights-key ema_weights: .* has no such entry \(it has epoch, arch, "
                                        r"state_dict, optimizer, version, args, metric, state_dict_ema\)"):
         load_checkpoint(path, weights_key="ema_weights")
-    with pytest.raises(EnsError, match=r"^--weights-key epoch: .*'epoch' entry holds a int, not weights"):
+    with pytest.raises(EnsError, match=r"^--weights-key epoch: .*'epoch' entry holds an int, not weights"):
         load_checkpoint(path, weights_key="epoch")
     torch.save(model.state_dict(), tmp_path / "bare.pt")
     with pytest.raises(EnsError, match="^--weights-key state_dict: .* holds a bare state_dict, not a checkpoint"):
@@ -349,6 +350,12 @@ def test_train_checkpoint_exports_with_no_flags(tmp_path):
                                _normalised_logits(model, images, (0.5,) * 3, (0.25,) * 3), atol=1e-3, rtol=1e-4)
     info = runner.invoke(app, ["info", str(out)])
     assert "timm/resnet18" in info.stdout and "bilinear" in info.stdout
+    # The values' sources are recorded: the tagless name's config is resnet18.a1_in1k's.
+    assert meta.preprocess_from == {"input_size": "the checkpoint's args", "mean": "the checkpoint's args",
+                                    "std": "the checkpoint's args", "interpolation": "the checkpoint's args",
+                                    "resize": "timm's config of resnet18.a1_in1k",
+                                    "crop_pct": "the checkpoint's args"}
+    assert "preprocess_from" in info.stdout and "timm's config of resnet18.a1_in1k" in info.stdout
 
 
 @pytest.mark.slow
@@ -440,3 +447,81 @@ def test_contradicting_num_classes_and_wrong_model(tmp_path):
     with pytest.raises(EnsError, match=r"weights do not fit timm/resnet34: missing keys"):
         export_checkpoint(ckpt, tmp_path / "c.onnx")
     assert not (tmp_path / "c.onnx").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Review fixes: tags this timm lacks, EMA-only checkpoints, messages naming the file and key
+
+def test_a_files_unknown_tag_falls_back_to_the_models_default_config(tmp_path):
+    # A folder from a newer timm may name a tag this one lacks: timm builds it (local-dir:), so does ens.
+    folder = _folder(tmp_path, {"architecture": "resnet18", "num_classes": 3,
+                                "pretrained_cfg": {"tag": "nosuchtag", "input_size": [3, 96, 96]}})
+    spec, _ = timm_models.read_folder(folder)
+    registry, _ = timm_models.registry_source(spec)
+    assert registry.label == "timm's config of resnet18.a1_in1k" and spec.tag is None
+    assert spec.label == "timm/resnet18"  # built by its name: timm has no config for the tag
+    assert spec.notes == [f"timm {timm.__version__} has no tag 'nosuchtag' ({folder}/config.json: pretrained_cfg.tag): "
+                          "values from resnet18.my_tag/config.json, the rest from timm's config of resnet18.a1_in1k"]
+    args = timm_models.spec_from_train_args(train_args(model="resnet18.nosuchtag"), tmp_path / "c.pth")
+    timm_models.registry_source(args)
+    assert args.notes == [f"timm {timm.__version__} has no tag 'nosuchtag' ({tmp_path}/c.pth: args.model): values "
+                          "from the checkpoint's args, the rest from timm's config of resnet18.a1_in1k"]
+    # --arch names the tag itself: still one line listing the known ones (test_unknown_tag_lists_the_known_ones).
+
+
+def test_a_train_checkpoint_with_only_ema_weights(tmp_path):
+    model = timm_model("resnet18", 2)
+    state = train_checkpoint(model, train_args(num_classes=2))
+    state["state_dict_ema"] = state.pop("state_dict")
+    torch.save(state, tmp_path / "ema.pth.tar")
+    with pytest.raises(EnsError, match=r"^.*ema.pth.tar: a dict with keys \[.*\] but no weights under any of "
+                                       r"state_dict, .*; it holds EMA weights under 'state_dict_ema': pass "
+                                       r"--weights-key state_dict_ema to export them$"):
+        load_checkpoint(tmp_path / "ema.pth.tar")
+    ckpt = load_checkpoint(tmp_path / "ema.pth.tar", weights_key="state_dict_ema")
+    assert timm_models.train_args(ckpt.container) == state["args"]  # still timm's train.py dict
+    # torchvision's reference train.py: "model" and args.model, none of timm's entries.
+    assert timm_models.train_args({"model": {}, "model_ema": {}, "args": train_args()}) is None
+
+
+def test_preprocessing_errors_name_the_file_and_key(tmp_path):
+    spec = timm_models.spec_from_train_args(train_args(interpolation="foo"), tmp_path / "c.pth")
+    registry, _ = timm_models.registry_source(spec)
+    with pytest.raises(EnsError, match=f"^{tmp_path}/c.pth: args.interpolation 'foo' is not one ens resizes with"):
+        resolve_preprocessing(NO_CLI, spec.given, registry)
+    spec = timm_models.spec_from_train_args(train_args(crop_mode="squash", crop_pct=0.9), tmp_path / "c.pth")
+    with pytest.raises(EnsError, match=f"^{tmp_path}/c.pth: args.crop_mode 'squash' with crop_pct 0.9 \\(from "
+                                       f"{tmp_path}/c.pth: args.crop_pct\\) is not supported: .*pass --crop-pct 1"):
+        resolve_preprocessing(NO_CLI, spec.given, registry)
+    folder = _folder(tmp_path, {"architecture": "resnet18", "pretrained_cfg": {"interpolation": "random"}})
+    spec, _ = timm_models.read_folder(folder)
+    with pytest.raises(EnsError, match=f"^{folder}/config.json: pretrained_cfg.interpolation 'random' is not one"):
+        resolve_preprocessing(NO_CLI, spec.given, registry)
+
+
+def test_a_folder_with_both_weight_files_says_which_it_took(tmp_path):
+    folder = _folder(tmp_path, {"architecture": "resnet18", "pretrained_cfg": {}})
+    (folder / "pytorch_model.bin").write_bytes(b"x")
+    spec, weights = timm_models.read_folder(folder)
+    assert weights.name == "model.safetensors"
+    assert spec.notes == ["also holds pytorch_model.bin: took model.safetensors, as timm does"]
+
+
+def test_wrong_build_keywords_from_a_file_are_named(tmp_path):
+    # drop_rate "x" builds, then fails in the first forward pass: the file's model_args are named, not the size.
+    folder = tmp_path / "r18"
+    save_file(timm_model("resnet18", 2).state_dict(), tmp_path / "w.safetensors")
+    folder.mkdir()
+    (tmp_path / "w.safetensors").rename(folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"architecture": "resnet18", "num_classes": 2,
+                                                    "model_args": {"drop_rate": "x"},
+                                                    "pretrained_cfg": {"input_size": [3, 32, 32]}}))
+    with pytest.raises(EnsError, match=f"^{folder}/config.json: model_args {{'drop_rate': 'x'}}: the network built "
+                                       "with them does not run on 32 px inputs"):
+        export_checkpoint(folder, tmp_path / "m.onnx", ExportOptions(cam=False))
+    (folder / "config.json").write_text(json.dumps({"architecture": "resnet18", "model_args": {"nonsense": 1},
+                                                    "pretrained_cfg": {}}))
+    with pytest.raises(EnsError, match=f"^{folder}/config.json: model_args {{'nonsense': 1}}: timm/resnet18: timm "
+                                       "cannot build it"):
+        export_checkpoint(folder, tmp_path / "m.onnx", ExportOptions(cam=False))
+    assert not (tmp_path / "m.onnx").exists()
