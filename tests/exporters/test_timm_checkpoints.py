@@ -331,7 +331,7 @@ def test_train_checkpoint_exports_with_no_flags(tmp_path):
                       interpolation="bilinear")
     ckpt = tmp_path / "model_best.pth.tar"
     torch.save(train_checkpoint(model, args), ckpt)
-    result = runner.invoke(app, ["export", str(ckpt)])
+    result = runner.invoke(app, ["export", str(ckpt), "--no-cam"])  # --no-cam: CAM is test_timm_cam's; quicker
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0].startswith(f"exported timm/resnet18: 6 classes, {SIZE} px (any size), fp32")
@@ -362,7 +362,7 @@ def test_train_checkpoint_exports_with_no_flags(tmp_path):
 def test_command_line_wins_and_ema_by_key(ema_checkpoint, tmp_path):
     path, _, ema = ema_checkpoint
     result = export_checkpoint(path, tmp_path / "ema.onnx", ExportOptions(
-        weights_key="state_dict_ema", crop_pct=1.0, interpolation="lanczos", mean=(0.5, 0.5, 0.5)))
+        weights_key="state_dict_ema", crop_pct=1.0, interpolation="lanczos", mean=(0.5, 0.5, 0.5), cam=False))
     meta = result.metadata
     assert (meta.crop_pct, meta.interpolation, meta.mean, meta.input_size) == (1.0, "lanczos", (0.5, 0.5, 0.5), SIZE)
     assert "crop_pct 1 from --crop-pct" in result.notes and "mean 0.5,0.5,0.5 from --mean" in result.notes
@@ -379,7 +379,7 @@ def test_arch_with_tag_for_safetensors(tmp_path):
     model = timm_model("resnet18", 4)
     save_file({f"module.{k}": v for k, v in model.state_dict().items()}, tmp_path / "r18.safetensors")
     result = runner.invoke(app, ["export", str(tmp_path / "r18.safetensors"), "--arch", "timm/resnet18.tv_in1k",
-                                 "--input-size", str(SIZE)])
+                                 "--input-size", str(SIZE), "--no-cam"])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0].startswith("exported timm/resnet18.tv_in1k: 4 classes")
@@ -399,7 +399,7 @@ def test_hugging_face_folder(tmp_path):
     folder = tmp_path / "resnet18.my_finetune"
     save_for_hf(model, str(folder), safe_serialization=True,
                 data_config={"input_size": (3, SIZE, SIZE), "crop_pct": 0.8, "mean": (0.5,) * 3, "std": (0.5,) * 3})
-    result = runner.invoke(app, ["export", str(folder)])
+    result = runner.invoke(app, ["export", str(folder), "--no-cam"])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     # The folder's config names the model and its tag (timm's default tag when it was created).
