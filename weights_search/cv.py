@@ -46,12 +46,12 @@ from typing import Any, Callable, Hashable, Mapping, Sequence
 import numpy as np
 
 from weights_search.base import Blender
-from weights_search.fitted import (FittedBlend, Reader, StatsPass, collect_stats, far_from_pilots, fitted_temperatures,
-                                   mixture_of_log_probs)
+from weights_search.fitted import (FittedBlend, Reader, StatsPass, adjust_own, collect_stats, far_from_pilots,
+                                   fitted_temperatures, mixture_of_log_probs, mixtures_of_log_probs)
 from weights_search.functional import MIXTURE, log_softmax
 from weights_search.geo_fit import GEO_BOUNDS, FusedRows, GeoTerms, fit_beta, scores
 from weights_search.metrics import bootstrap_ci, rank_of_true
-from weights_search.prior import LogitAdjustment, adjust
+from weights_search.prior import LogitAdjustment
 from weights_search.registry import DEFAULT_METHOD, get_method
 from weights_search.source import MemberSource, as_source, check_labels
 
@@ -293,8 +293,9 @@ def _cross_validate(logits, labels, method, params, *, n_folds, temperature, mem
 
     def score(rows: np.ndarray, log_probs: np.ndarray, local: np.ndarray | None, blends: Sequence[Blender] | None) -> None:
         truth = labels[rows]
+        fused = None if blends is None else _predict_all(blends, log_probs, local)
         for b in range(n_members) if blends is None else range(n_members, n_blends):
-            held_out = log_probs[b] if b < n_members else _predict(blends[b - n_members], log_probs, local)
+            held_out = log_probs[b] if b < n_members else fused[b - n_members]
             rank = rank_of_true(held_out, truth)
             hits[b, 0, rows] = rank < 1
             hits[b, 1, rows] = rank < top_k
@@ -392,11 +393,29 @@ def _geo_report(reader: Reader, labels: np.ndarray, report: CvReport, specs: Seq
 def _predict(blender: Blender, log_probs: np.ndarray, local: np.ndarray | None) -> np.ndarray:
     """``blender.predict_log_proba(log_probs[:, local])`` (all rows when ``local`` is None); a
     mixture fused by :func:`~weights_search.fitted.mixture_of_log_probs` (the same values, a
-    third of the work, the rows gathered member by member)."""
+    third of the work, the rows gathered member by member), its prior correction made in the
+    fused array's place (:func:`~weights_search.fitted.adjust_own`: the same values)."""
     if blender.fusion != MIXTURE:
         return blender.predict_log_proba(log_probs if local is None else log_probs[:, local])
     fused = mixture_of_log_probs(log_probs, blender.weights_, local)
-    return fused if blender.tau_ is None else adjust(fused, blender.log_prior_, blender.tau_)
+    return fused if blender.tau_ is None else adjust_own(fused, blender.log_prior_, blender.tau_)
+
+
+def _predict_all(blenders: Sequence[Blender], log_probs: np.ndarray, local: np.ndarray | None) -> list[np.ndarray]:
+    """``[_predict(b, log_probs, local) for b in blenders]``, the same values, the mixtures'
+    exponentials shared: each member value of the rows is exponentiated once for all the
+    mixtures (:func:`~weights_search.fitted.mixtures_of_log_probs`), each corrected for its
+    prior after, in its place."""
+    mixtures = [i for i, b in enumerate(blenders) if b.fusion == MIXTURE]
+    out: list[Any] = [None] * len(blenders)
+    if mixtures:
+        for i, fused in zip(mixtures, mixtures_of_log_probs(log_probs, [blenders[i].weights_ for i in mixtures], local)):
+            b = blenders[i]
+            out[i] = fused if b.tau_ is None else adjust_own(fused, b.log_prior_, b.tau_)
+    for i, b in enumerate(blenders):
+        if out[i] is None:
+            out[i] = _predict(b, log_probs, local)
+    return out
 
 
 @dataclass(frozen=True)
@@ -414,7 +433,8 @@ class _Spec:
 #: ``score(rows, log_probs, local, blends)``: held-out ``rows`` (absolute, sorted), member
 #: log-probabilities ``(M, n, C)`` at their fold's temperatures holding them (all of it when
 #: ``local`` is None, else its rows ``local``), and the fold's fitted blenders (one per spec, in
-#: spec order), or None: score the single members only.
+#: spec order), or None: score the single members only. Called from two threads at once, on
+#: different rows (see :func:`_evaluate`): it must only write each row's own results.
 _Score = Callable[[np.ndarray, np.ndarray, "np.ndarray | None", "Sequence[Blender] | None"], None]
 
 
@@ -522,13 +542,17 @@ def _evaluate(reader: Reader, fold_of: np.ndarray, fold_blends: Sequence[Sequenc
     the fold's blends, at the fold's temperatures, go to ``score``; ``also`` (a stats pass and
     its temperatures) is fed every block too. Without temperatures the members' log-probabilities
     do not depend on the fold: the block's are scored at once, and each fold's rows are picked
-    out of them by the fusion itself."""
-    def evaluate(start: int, block: np.ndarray) -> None:  # block after block, in row order
+    out of them by the fusion itself.
+
+    Scoring a row needs no other row, and ``score`` writes each row's results in its own places:
+    blocks are scored on the pass's worker threads, two at a time, in any order (the reader's
+    ``prepare``); only ``also``'s collectors, which add rows in order, see the blocks one at a
+    time in row order."""
+
+    def scored(start: int, block: np.ndarray) -> np.ndarray | None:  # any thread, any order
         folds = fold_of[start:start + block.shape[1]]
-        if also is not None:
-            also[0].add(start, reader.log_probs(block, also[1]))
         if fold_temperatures is None:
-            log_probs = reader.log_probs(block, None, last=True)
+            log_probs = reader.log_probs(block, None, last=also is None)
             score(start + np.arange(folds.size), log_probs, None, None)
         for f in np.unique(folds):
             held_out = np.flatnonzero(folds == f)
@@ -540,5 +564,16 @@ def _evaluate(reader: Reader, fold_of: np.ndarray, fold_blends: Sequence[Sequenc
                 log_softmax(block[:, held_out], fold_temperatures[f])
             score(start + held_out, fold_log_probs, None, None)
             score(start + held_out, fold_log_probs, None, fold_blends[f])
+            del fold_log_probs
+        if also is None:
+            return None
+        stats_log_probs = reader.log_probs(block, also[1], last=True)
+        also[0].prepare(start, stats_log_probs)
+        return stats_log_probs
 
-    reader.each_block(evaluate)  # the next block read while this one is scored
+    def add(start: int, stats_log_probs: np.ndarray | None) -> None:  # block after block, in row order
+        if also is not None:
+            also[0].add(start, stats_log_probs)
+
+    reader.each_block(add, prepare=scored)  # the next block read while these are scored
+

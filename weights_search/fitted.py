@@ -249,6 +249,55 @@ def mixture_of_log_probs(log_probs: np.ndarray, weights: np.ndarray, rows: np.nd
     return out
 
 
+def mixtures_of_log_probs(log_probs: np.ndarray, weights: Sequence[np.ndarray],
+                          rows: np.ndarray | None = None) -> list[np.ndarray]:
+    """``[mixture_of_log_probs(log_probs, w, rows) for w in weights]``, the same values bit for
+    bit, with one exponential per member value for all of them instead of one per mixture: a
+    few rows at a time (in cache), each member's probabilities are exponentiated once and added,
+    scaled, into every mixture that uses the member (the same products, added in the same
+    order). Several blends of the same rows (each fold's uniform, method and their
+    prior-corrected variants) share the exponentials this way."""
+    log_probs = np.asarray(log_probs)
+    mixtures = [_mixture_weights(w, log_probs) for w in weights]
+    n_rows, n_classes = (log_probs.shape[1] if rows is None else rows.size), log_probs.shape[2]
+    totals = [np.empty((n_rows, n_classes), dtype=np.float32) for _ in mixtures]
+    position = [{int(m): i for i, m in enumerate(used)} for used, _ in mixtures]
+    members = sorted(set().union(*position))
+    step = max(1, CACHE_VALUES // max(n_classes, 1))
+    chunk = min(step, n_rows)
+    exps = np.empty((chunk, n_classes), dtype=np.float32)
+    scratch = np.empty((chunk, n_classes), dtype=np.float32)
+    for first in range(0, n_rows, step):
+        last = min(first + step, n_rows)
+        e = exps[:last - first]
+        for m in members:
+            if rows is None:
+                np.exp(log_probs[m, first:last], out=e)
+            else:
+                if log_probs.dtype == np.float32:
+                    np.take(log_probs[m], rows[first:last], axis=0, out=e)
+                else:
+                    e[...] = log_probs[m][rows[first:last]]
+                np.exp(e, out=e)
+            for (_, w), at, total in zip(mixtures, position, totals):
+                i = at.get(m)
+                if i is None:
+                    continue
+                part = total[first:last]
+                if i == 0:
+                    np.multiply(e, np.float32(w[i]), out=part)
+                else:
+                    values = scratch[:last - first]
+                    np.multiply(e, np.float32(w[i]), out=values)
+                    part += values
+    picked = (lambda r: r) if rows is None else (lambda r: rows[r])
+    out = []
+    for (used, w), total, given in zip(mixtures, totals, weights):
+        fused = _log_total(total, w, lambda i, r, c, used=used: log_probs[used[i]][picked(r), c])
+        out.append(fuse(log_probs if rows is None else log_probs[:, rows], given, MIXTURE) if fused is None else fused)
+    return out
+
+
 def _log_total(total: np.ndarray, w: np.ndarray, member_log_probs) -> np.ndarray | None:
     """``log(total)`` in place, the values below float32's normal range recomputed as
     ``logsumexp_m(log w_m + member_log_probs(m, rows, cols))`` in float64; None when more than
