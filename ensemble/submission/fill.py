@@ -82,6 +82,8 @@ def train_fill(path: Path, reference: Reference, k: int) -> Fill | None:
     try:
         counted = streamed_coco_counts(path, str(path))
     except NeedsLoads:
+        counted = None
+    if counted is None:  # read whole outside the handler: its errors carry no NeedsLoads context
         doc = read_json(path)
         if not isinstance(doc, dict) or not doc.get("annotations"):
             return None
