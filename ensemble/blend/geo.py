@@ -10,7 +10,6 @@ applied split's fused blocks get ``beta g'`` before their top-k (:func:`apply_ge
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import pandas as pd
 
 from ensemble.errors import EnsError
 from ensemble.formats.blend import BlendRecord, GeoCorrection, counted, shown_path
+from ensemble.formats.common import auto_or_number
 from ensemble.formats.dataset import check_regular_file, shown
 from ensemble.formats.places import Observations, Places, fit_prior, read_observations, read_places
 from ensemble.formats.places import among as _in  # noqa: F401 (the name the tests use)
@@ -30,17 +30,9 @@ from weights_search.geo_fit import GEO_BOUNDS
 
 def geo_weight(text: str | None) -> float | None:
     """``--geo-weight``: None to fit beta (``auto``, the default), else the number given."""
-    if text is None or text == "auto":
-        return None
     low, high = GEO_BOUNDS
-    try:
-        weight = float(text)
-    except ValueError:
-        weight = math.nan
-    if not low <= weight <= high:
-        raise EnsError(f"--geo-weight {text}: expected auto or a number from {low:g} (off) to {high:g} "
-                       "(1: the Bayes combination p(y | image) p(y | place) / p(y))")
-    return weight
+    return auto_or_number(text, GEO_BOUNDS, f"--geo-weight {text}: expected auto or a number from {low:g} (off) to "
+                          f"{high:g} (1: the Bayes combination p(y | image) p(y | place) / p(y))")
 
 
 @dataclass

@@ -3,15 +3,14 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 import weights_search as ws
-from ensemble.errors import EnsError
 from ensemble.formats.blend import counted, shown_ids
+from ensemble.formats.common import auto_or_number
 from ensemble.formats.dataset import find_split
 
 
@@ -40,17 +39,9 @@ def prior_hint(data: Path | None, given: bool) -> list[str]:
 
 def prior_tau(text: str | None) -> float | None:
     """``--prior-tau``: None to fit tau (``auto``, the default), else the number given."""
-    if text is None or text == "auto":
-        return None
     low, high = ws.TAU_BOUNDS
-    try:
-        tau = float(text)
-    except ValueError:
-        tau = math.nan
-    if not low <= tau <= high:
-        raise EnsError(f"--prior-tau {text}: expected auto or a number from {low:g} to {high:g} "
-                       "(0: no correction, 1: divide by the prior once)")
-    return tau
+    return auto_or_number(text, ws.TAU_BOUNDS, f"--prior-tau {text}: expected auto or a number from {low:g} to "
+                          f"{high:g} (0: no correction, 1: divide by the prior once)")
 
 
 def prior_cv_note(report: Any, method: str) -> list[str]:

@@ -261,6 +261,26 @@ def describe(exc: BaseException, limit: int | None = None, *, whole: bool = Fals
 
 
 # --------------------------------------------------------------------------------------------
+# Options that take ``auto`` or a number
+
+
+def auto_or_number(text: str | None, bounds: tuple[float, float], error: str) -> float | None:
+    """An option's ``text``: ``None`` for ``auto`` (or no option given: the value is fitted), else
+    the number it reads as, from ``bounds[0]`` to ``bounds[1]``; anything else (text, NaN, a number
+    out of bounds) is an :class:`EnsError` with the caller's one-line ``error``."""
+    if text is None or text == "auto":
+        return None
+    low, high = bounds
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not low <= value <= high:
+        raise EnsError(error)
+    return value
+
+
+# --------------------------------------------------------------------------------------------
 # Checks of JSON values. ``bool`` is a subclass of ``int`` in Python, and ``true`` must never
 # pass for ``1``: every check below refuses booleans.
 
