@@ -276,13 +276,20 @@ def test_a_blend_without_the_geo_prior_has_no_geo_section(geo_work):
     assert "geo" not in result.sections and 'id="geo"' not in page and "where the images are" not in page
 
 
-def test_the_training_json_is_found_by_its_sha256_or_one_line(geo_work, tmp_path, monkeypatch):
+def _work_copy(geo_work, tmp_path, monkeypatch, *, data: bool = True):
+    """A work folder of its own in ``tmp_path`` (the current folder from now on): the runs, the geo
+    blend in ``blends/geo`` and (``data``) the data folder; the blend's folder and the data's."""
     monkeypatch.chdir(tmp_path)
     shutil.copytree(geo_work.runs, tmp_path / "runs")
     folder = tmp_path / "blends" / "geo"
     shutil.copytree(geo_work.geo, folder)
-    data = tmp_path / "data"
-    shutil.copytree(geo_work.data, data)
+    if data:
+        shutil.copytree(geo_work.data, tmp_path / "data")
+    return folder, tmp_path / "data"
+
+
+def test_the_training_json_is_found_by_its_sha256_or_one_line(geo_work, tmp_path, monkeypatch):
+    folder, data = _work_copy(geo_work, tmp_path, monkeypatch)
     doc = json.loads((folder / "blend.json").read_text())
     doc["geo"]["file"] = "data/train2019.json"  # relative to the work folder, as `ens blend` ran there
     (folder / "blend.json").write_text(json.dumps(doc))
@@ -305,10 +312,7 @@ def test_the_training_json_is_found_by_its_sha256_or_one_line(geo_work, tmp_path
 
 
 def test_the_geo_prior_file_name_is_text_on_the_page(geo_work, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    shutil.copytree(geo_work.runs, tmp_path / "runs")
-    folder = tmp_path / "blends" / "geo"
-    shutil.copytree(geo_work.geo, folder)
+    folder, _ = _work_copy(geo_work, tmp_path, monkeypatch, data=False)
     odd = tmp_path / "<b>tr&ain<i>.json"
     shutil.copy(geo_work.data / "train2019.json", odd)
     doc = json.loads((folder / "blend.json").read_text())
@@ -342,12 +346,7 @@ def test_the_cv_rows_without_and_with_the_geo_prior_stand_side_by_side(geo_work)
 def test_bad_places_in_the_val_json_are_no_place_or_one_line(geo_work, tmp_path, monkeypatch):
     """A latitude of 200 is no place (its own line, no correction); text where a number belongs is
     one line naming the file, the image and the field, and nothing is written."""
-    monkeypatch.chdir(tmp_path)
-    shutil.copytree(geo_work.runs, tmp_path / "runs")
-    folder = tmp_path / "blends" / "geo"
-    shutil.copytree(geo_work.geo, folder)
-    data = tmp_path / "data"
-    shutil.copytree(geo_work.data, data)
+    folder, data = _work_copy(geo_work, tmp_path, monkeypatch)
     doc = json.loads((data / "val2019.json").read_text())
     doc["images"][0]["latitude"] = 200
     (data / "val2019.json").write_text(json.dumps(doc))
