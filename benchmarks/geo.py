@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.rss import measure
 from weights_search.geo import GeoPrior, GeoSettings, points
 
 N_CLASSES = 10_000
@@ -248,35 +249,17 @@ def write_train_json(path: Path, n_images: int, seed: int = 0) -> None:
         fh.write("]}")
 
 
-#: argv[1]: the file to write to; argv[2:]: the command. A small process of its own starts it
-#: (fork, exec, ``os.wait4``), as tests/rss.py does: a child forked from this process would start
-#: its peak at this one's size.
-LAUNCHER = """
-import os, sys
-pid = os.fork()
-if pid == 0:
-    os.execv(sys.argv[2], sys.argv[2:])
-_, status, usage = os.wait4(pid, 0)
-with open(sys.argv[1], "w") as fh:
-    fh.write(f"{os.waitstatus_to_exitcode(status)} {usage.ru_utime + usage.ru_stime} {usage.ru_maxrss}")
-"""
-
-
 def _child(statement: str, path: Path) -> tuple[float, float, int]:
     """Wall seconds, CPU seconds (user + system) and peak RSS (bytes) of ``statement`` in a
-    fresh interpreter (its own peak, as its parent sees it at its end: ``os.wait4``)."""
-    import subprocess
+    fresh interpreter (its own peak, as its parent sees it at its end: :func:`benchmarks.rss.measure`)."""
     import sys
 
-    report = path.with_name("child.txt")
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", LAUNCHER, str(report), sys.executable, "-c",
-                    CHILD.format(statement=statement), str(path)], check=True)
+    done = measure([sys.executable, "-c", CHILD.format(statement=statement), path])
     wall = time.perf_counter() - start
-    code, cpu, peak = report.read_text().split()
-    if int(code) != 0:
-        raise SystemExit(f"{statement}: exit {code}")
-    return wall, float(cpu), int(peak) * 1024
+    if done.returncode != 0:
+        raise SystemExit(f"{statement}: exit {done.returncode}\n{done.stderr.strip()}")
+    return wall, done.cpu_seconds, done.peak_kb * 1024
 
 
 def reading(n_images: int, repeat: int = 3) -> None:
