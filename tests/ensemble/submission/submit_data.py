@@ -4,6 +4,7 @@ Kaggle client at the stand-in (:mod:`tests.ensemble.submission.kaggle_standin`).
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -89,6 +90,31 @@ def make_blend(folder: Path, rows: Mapping[int, Sequence[int]] | None = None, bl
 def write_csv(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+#: The ledger, relative to the work folder the tests run in.
+LEDGER = "submissions/ledger.sqlite"
+
+
+def write_old_ledger(schema: str, row: Mapping[str, object]) -> None:
+    """A ledger as an older ens wrote it, in the current folder: the table ``schema`` (its
+    ``CREATE TABLE``), schema version 1 and one entry, ``row`` (column: value)."""
+    Path(LEDGER).parent.mkdir()
+    with sqlite3.connect(LEDGER) as con:
+        con.execute(schema)
+        con.execute("PRAGMA user_version = 1")
+        con.execute(f"INSERT INTO submissions ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                    tuple(row.values()))
+    con.close()
+
+
+def ledger_columns() -> tuple[list[str], int]:
+    """The ledger's columns, in order, and its schema version."""
+    with sqlite3.connect(LEDGER) as con:
+        columns = [row[1] for row in con.execute("PRAGMA table_info(submissions)")]
+        version = con.execute("PRAGMA user_version").fetchone()[0]
+    con.close()
+    return columns, version
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from ensemble.formats.ledger import Ledger
 
 from tests.ensemble.conftest import ens as ens_process
 from tests.ensemble.conftest import make_inat, ok, tiny_onnx
-from tests.ensemble.submission.submit_data import BLEND, make_blend, make_data
+from tests.ensemble.submission.submit_data import BLEND, ledger_columns, make_blend, make_data, write_old_ledger
 
 runner = CliRunner()
 SHA = "3a04d814be56" + "0" * 52
@@ -96,14 +96,9 @@ CREATE TABLE submissions (
 
 
 def test_a_ledger_written_before_the_geo_prior_reads_and_gains_its_columns(work):
-    Path("submissions").mkdir()
-    with sqlite3.connect("submissions/ledger.sqlite") as con:
-        con.execute(BEFORE_GEO)
-        con.execute("PRAGMA user_version = 1")
-        con.execute("INSERT INTO submissions (file, sha256, created, format, rows, source, status, prior_tau) "
-                    f"VALUES ('old.csv', '{'ab' * 32}', '2026-01-30T10:00:00Z', 'inat2021', 6, 'blends/old', "
-                    "'not-uploaded', 0.75)")
-    con.close()
+    write_old_ledger(BEFORE_GEO, {"file": "old.csv", "sha256": "ab" * 32, "created": "2026-01-30T10:00:00Z",
+                                  "format": "inat2021", "rows": 6, "source": "blends/old", "status": "not-uploaded",
+                                  "prior_tau": 0.75})
     old, = Ledger("submissions").entries()
     assert (old.file, old.prior_tau, old.geo_weight, old.geo_file, old.geo_sha256) == ("old.csv", 0.75, None, None,
                                                                                       None)
@@ -112,11 +107,9 @@ def test_a_ledger_written_before_the_geo_prior_reads_and_gains_its_columns(work)
     assert ens("submit", "blends/geo", "--data", "data", "--dry-run").exit_code == 0
     old, new = Ledger("submissions").entries()
     assert old.geo_weight is None and (new.geo_weight, new.geo_sha256) == (0.8125, SHA)
-    with sqlite3.connect("submissions/ledger.sqlite") as con:
-        columns = [row[1] for row in con.execute("PRAGMA table_info(submissions)")]
-        assert columns[-3:] == ["geo_weight", "geo_file", "geo_sha256"] and columns.count("geo_weight") == 1
-        assert con.execute("PRAGMA user_version").fetchone()[0] == 1
-    con.close()
+    columns, version = ledger_columns()
+    assert columns[-3:] == ["geo_weight", "geo_file", "geo_sha256"] and columns.count("geo_weight") == 1
+    assert version == 1
 
 
 def test_a_hand_edited_geo_value_is_one_line_naming_the_row(work):

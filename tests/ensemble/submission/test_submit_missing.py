@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,8 @@ from typer.testing import CliRunner
 from ensemble.cli import app
 from ensemble.formats.ledger import Ledger
 
-from tests.ensemble.submission.submit_data import (KNOWN, TEST_IDS, make_blend, make_data, ranked, standin,  # noqa: F401
-                                                   write_csv)
+from tests.ensemble.submission.submit_data import (KNOWN, TEST_IDS, ledger_columns, make_blend, make_data,  # noqa: F401
+                                                   ranked, standin, write_csv, write_old_ledger)
 
 runner = CliRunner()
 COMPETITION = "inaturalist-2019-fgvc6"
@@ -184,14 +183,8 @@ CREATE TABLE submissions (
 
 
 def test_a_ledger_of_the_old_schema_gains_the_columns(work):
-    Path("submissions").mkdir()
-    with sqlite3.connect("submissions/ledger.sqlite") as con:
-        con.execute(OLD_SCHEMA)
-        con.execute("PRAGMA user_version = 1")
-        con.execute("INSERT INTO submissions (file, sha256, created, format, rows, source, status) "
-                    f"VALUES ('old.csv', '{'ab' * 32}', '2019-05-30T10:00:00Z', 'inat2019', 6, 'blends/old', "
-                    "'not-uploaded')")
-    con.close()
+    write_old_ledger(OLD_SCHEMA, {"file": "old.csv", "sha256": "ab" * 32, "created": "2019-05-30T10:00:00Z",
+                                  "format": "inat2019", "rows": 6, "source": "blends/old", "status": "not-uploaded"})
 
     table = ens("submissions")
     assert table.exit_code == 0, table.output
@@ -202,10 +195,7 @@ def test_a_ledger_of_the_old_schema_gains_the_columns(work):
     old, new = Ledger("submissions").entries()
     assert (old.file, old.filled, old.fill_source) == ("old.csv", 0, None)
     assert (new.filled, new.fill_source) == (2, "train-prior")
-    with sqlite3.connect("submissions/ledger.sqlite") as con:
-        columns = [row[1] for row in con.execute("PRAGMA table_info(submissions)")]
-        assert columns[-8:] == ["filled", "fill_source", "prior_tau", "test_sha256", "test_check", "geo_weight",
-                                "geo_file", "geo_sha256"]
-        assert columns.count("filled") == 1
-        assert con.execute("PRAGMA user_version").fetchone()[0] == 1
-    con.close()
+    columns, version = ledger_columns()
+    assert columns[-8:] == ["filled", "fill_source", "prior_tau", "test_sha256", "test_check", "geo_weight",
+                            "geo_file", "geo_sha256"]
+    assert columns.count("filled") == 1 and version == 1
