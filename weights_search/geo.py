@@ -183,6 +183,25 @@ def _days(day: Any, n: int) -> np.ndarray | None:
     return day
 
 
+def csr_rows(indptr: Any, column: Any, value: Any, n_rows: int,
+             column_dtype: type = np.int64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``g'`` of ``n_rows`` rows as checked CSR arrays: ``indptr`` ``(n_rows + 1,)`` int64, rising from
+    0 to nnz; ``column`` ``(nnz,)`` of ``column_dtype``, >= 0 (class columns); ``value`` ``(nnz,)``
+    float32, finite and >= 0. A ``ValueError`` saying what is wrong otherwise."""
+    indptr = np.asarray(indptr, dtype=np.int64)
+    column = np.asarray(column, dtype=column_dtype)
+    value = np.asarray(value, dtype=np.float32)
+    if indptr.shape != (n_rows + 1,):
+        raise ValueError(f"indptr of shape {indptr.shape} does not fit {n_rows} rows")
+    if column.shape != value.shape or column.ndim != 1:
+        raise ValueError(f"column {column.shape} and value {value.shape} must be (nnz,) arrays of one size")
+    if indptr[0] != 0 or indptr[-1] != column.size or (np.diff(indptr) < 0).any():
+        raise ValueError("indptr, column and value are no CSR rows: indptr must rise from 0 to nnz")
+    if column.size and (int(column.min()) < 0 or not (value >= 0).all() or not np.isfinite(value).all()):
+        raise ValueError("column must be >= 0 and value finite and >= 0 (non-negative class columns and g')")
+    return indptr, column, value
+
+
 @dataclass(frozen=True)
 class SparseGeo:
     """``g'`` of the query rows (see the module docstring), as CSR rows.
@@ -200,18 +219,10 @@ class SparseGeo:
     usable: np.ndarray
 
     def __post_init__(self) -> None:
-        indptr = np.asarray(self.indptr, dtype=np.int64)
-        column = np.asarray(self.column, dtype=np.int32)
-        value = np.asarray(self.value, dtype=np.float32)
         usable = np.asarray(self.usable, dtype=bool)
-        if indptr.ndim != 1 or indptr.size != usable.size + 1 or usable.ndim != 1:
-            raise ValueError(f"indptr of shape {indptr.shape} does not fit usable of shape {usable.shape}")
-        if column.shape != value.shape or column.ndim != 1:
-            raise ValueError(f"column {column.shape} and value {value.shape} must be (nnz,) arrays of one size")
-        if (indptr[0] != 0 and indptr.size) or indptr[-1] != column.size or (np.diff(indptr) < 0).any():
-            raise ValueError("indptr must rise from 0 to nnz")
-        if column.size and (int(column.min()) < 0 or not (value >= 0).all() or not np.isfinite(value).all()):
-            raise ValueError("column must be >= 0 and value finite and >= 0")
+        if usable.ndim != 1:
+            raise ValueError(f"usable of shape {usable.shape} must be (N,)")
+        indptr, column, value = csr_rows(self.indptr, self.column, self.value, usable.size, np.int32)
         for name, array in (("indptr", indptr), ("column", column), ("value", value), ("usable", usable)):
             object.__setattr__(self, name, array)
 

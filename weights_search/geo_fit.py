@@ -35,6 +35,7 @@ import numpy as np
 from scipy.optimize import brentq
 
 from weights_search.functional import top_k as _top_k
+from weights_search.geo import csr_rows
 
 #: Range of ``beta``: 0 is the blend without the geo prior, 1 its Bayes combination
 #: ``p(y | image) p(y | place) / p(y)``; more than 3 would trust the neighbours' counts beyond
@@ -56,18 +57,12 @@ class GeoTerms:
     labels: np.ndarray
 
     def __post_init__(self) -> None:
-        indptr = np.asarray(self.indptr, dtype=np.int64)
-        column = np.asarray(self.column, dtype=np.int64)
-        value = np.asarray(self.value, dtype=np.float32)
         labels = np.asarray(self.labels, dtype=np.int64)
-        if labels.ndim != 1 or indptr.shape != (labels.size + 1,):
-            raise ValueError(f"indptr of shape {indptr.shape} for {labels.size} labels")
-        if indptr[0] != 0 or (np.diff(indptr) < 0).any() or indptr[-1] != column.size or column.shape != value.shape:
-            raise ValueError("indptr, column and value are no CSR rows")
-        if not (np.isfinite(value).all() and (value >= 0).all()):
-            raise ValueError("the geo prior's values g' must be finite and non-negative")
-        if column.size and (column.min() < 0 or (labels.size and labels.min() < 0)):
-            raise ValueError("column and labels must be non-negative class indices")
+        if labels.ndim != 1:
+            raise ValueError(f"labels of shape {labels.shape} must be (N,)")
+        indptr, column, value = csr_rows(self.indptr, self.column, self.value, labels.size)
+        if column.size and labels.size and labels.min() < 0:
+            raise ValueError("labels must be non-negative class indices")
         rows = np.repeat(np.arange(labels.size), np.diff(indptr))
         if np.unique(rows * (int(column.max(initial=0)) + 1) + column).size != column.size:
             raise ValueError("a row names one class twice")
