@@ -17,7 +17,7 @@ import pytest
 from ensemble.errors import EnsError
 from ensemble.formats.members import Members
 from ensemble.formats.store import read_store
-from tests.ensemble.blend.test_blend_memory import _write_store
+from tests.ensemble.blend.test_blend_memory import _random_stores, _write_store
 from weights_search import fitted as ws_fitted
 from weights_search.fitted import Reader, log_softmax_into
 from weights_search.functional import _normalise, log_softmax
@@ -82,15 +82,7 @@ def test_a_failed_prepare_is_raised_in_order_and_no_later_func_runs():
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
-    root = tmp_path_factory.mktemp("threads")
-    rng = np.random.default_rng(1)
-    ids = np.arange(ROWS)
-    out, logits = [], []
-    for name in ("a", "b", "c"):
-        x = rng.normal(size=(ROWS, CLASSES)).astype(np.float32) * 4
-        _write_store(root / name, "val", x, ids)
-        out.append(read_store(root / name))
-        logits.append(x.astype(np.float16).astype(np.float32))
+    out, logits = _random_stores(tmp_path_factory.mktemp("threads"), ("a", "b", "c"), ROWS, CLASSES, seed=1, scale=4)
     return out, np.stack(logits)
 
 

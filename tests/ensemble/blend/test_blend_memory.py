@@ -60,6 +60,20 @@ def _write_store(folder: Path, split: str, logits: np.ndarray, ids: np.ndarray) 
     writer.finish(tuple(ids.tolist()), tuple(f"{i}.jpg" for i in ids.tolist()), manifest)
 
 
+def _random_stores(root: Path, names, rows: int, classes: int, *, seed: int, scale: float):
+    """A float16 val store of ``rows`` x ``classes`` normal logits times ``scale`` in ``root / name``
+    for each name; the stores read back and each one's logits as float32 (rounded to float16, as stored)."""
+    rng = np.random.default_rng(seed)
+    ids = np.arange(rows)
+    stores, logits = [], []
+    for name in names:
+        x = rng.normal(size=(rows, classes)).astype(np.float32) * scale
+        _write_store(root / name, "val", x, ids)
+        stores.append(read_store(root / name))
+        logits.append(x.astype(np.float16).astype(np.float32))
+    return stores, logits
+
+
 def _write_labels(data: Path, ids: np.ndarray, labels: np.ndarray) -> None:
     data.mkdir(parents=True, exist_ok=True)
     doc = {"images": [{"id": int(i), "file_name": f"{i}.jpg"} for i in ids],

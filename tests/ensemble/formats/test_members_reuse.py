@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from ensemble.formats.members import Members
-from ensemble.formats.store import read_store
-from tests.ensemble.blend.test_blend_memory import _write_store
+from tests.ensemble.blend.test_blend_memory import _random_stores
 
 ROWS, CLASSES = 3_000, 10_000
 
@@ -20,16 +19,7 @@ ROWS, CLASSES = 3_000, 10_000
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory):
     """Two float16 stores of 3,000 rows x 10,000 classes (60 MB each) and their logits."""
-    root = tmp_path_factory.mktemp("reuse")
-    rng = np.random.default_rng(0)
-    ids = np.arange(ROWS)
-    stores, logits = [], []
-    for name in ("a", "b"):
-        x = rng.normal(size=(ROWS, CLASSES)).astype(np.float32) * 3
-        _write_store(root / name, "val", x, ids)
-        stores.append(read_store(root / name))
-        logits.append(x.astype(np.float16).astype(np.float32))
-    return stores, logits
+    return _random_stores(tmp_path_factory.mktemp("reuse"), ("a", "b"), ROWS, CLASSES, seed=0, scale=3)
 
 
 def test_a_pass_reuses_the_block_nothing_holds(wide):
