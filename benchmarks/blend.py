@@ -39,6 +39,7 @@ import numpy as np
 import scipy
 from scipy.optimize import minimize
 
+from benchmarks.rss import proc_status
 from weights_search import (
     METHODS, MIXTURE, FittedBlend, LogitAdjustment, blend_chunks, class_log_prior, cross_validate, fit_blend,
     fit_temperatures, get_method, log_softmax, top_k)
@@ -165,7 +166,7 @@ def write_test_stores(folder: Path, generator: Generator, members: int, n_rows: 
 
 def fuse_child(folder: str, n_members: int) -> None:
     """Runs in a fresh process: fuse the stores in ``folder`` to top-5 and print memory figures."""
-    before = _status("VmRSS")
+    before = proc_status("VmRSS")
     paths = sorted(Path(folder).glob("member*.npy"))[:n_members]
     stores = [np.load(p, mmap_mode="r") for p in paths]
     weights = np.random.default_rng(0).dirichlet(np.ones(n_members))
@@ -177,16 +178,8 @@ def fuse_child(folder: str, n_members: int) -> None:
     for first, chunk in blend_chunks(stores, blend):
         ids[first:first + len(chunk)], probs[first:first + len(chunk)] = top_k(chunk, 5)
     seconds = time.perf_counter() - start
-    print(json.dumps({"rss_before": before, "peak": _status("VmHWM"), "file_backed": _status("RssFile"),
+    print(json.dumps({"rss_before": before, "peak": proc_status("VmHWM"), "file_backed": proc_status("RssFile"),
                       "seconds": seconds, "rows": n_rows}))
-
-
-def _status(key: str) -> int:
-    """A ``/proc/self/status`` figure, in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.rss import measure
+from benchmarks.rss import measure, proc_status
 from weights_search.geo import GeoPrior, GeoSettings, points
 
 N_CLASSES = 10_000
@@ -101,14 +101,6 @@ def brute_force(prior: GeoPrior, train: dict[str, np.ndarray], keep: np.ndarray,
     return out
 
 
-def _status(key: str) -> int:
-    """A ``/proc/self/status`` figure, bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
 def _reset_peak() -> bool:
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
@@ -139,19 +131,19 @@ def main() -> None:
     n_queries = int(N_QUERIES * scale)
     query = draw(rng, rng.choice(N_CLASSES, n_queries, p=per_class / per_class.sum()), w, dated=0.9, unplaced=0.03)
     settings = GeoSettings()
-    data_rss = _status("VmRSS")
+    data_rss = proc_status("VmRSS")
     reset = _reset_peak()
 
     start = time.perf_counter()
     prior = GeoPrior.fit(train["lat"], train["lon"], train["day"], train["column"], N_CLASSES, settings,
                          uncertainty=train["uncertainty"])
     fit_s = time.perf_counter() - start
-    fit_peak = _status("VmHWM")
+    fit_peak = proc_status("VmHWM")
 
     start = time.perf_counter()
     sparse = prior.query(query["lat"], query["lon"], query["day"], uncertainty=query["uncertainty"])
     query_s = time.perf_counter() - start
-    peak = _status("VmHWM")
+    peak = proc_status("VmHWM")
 
     usable = sparse.usable
     q_points = points(query["lat"][usable], query["lon"][usable], query["day"][usable], settings.time_scale)
@@ -197,7 +189,7 @@ def main() -> None:
           f"{true_in_row[usable].mean():.1%} of usable rows")
     base = f" above the generated data ({data_rss / 2**30:.2f} GiB)" if reset else " (peak not reset: whole process)"
     print(f"  peak RSS{base}: fit {(fit_peak - data_rss * reset) / 2**30:.2f} GiB, fit + query "
-          f"{(peak - data_rss * reset) / 2**30:.2f} GiB; whole process now {_status('VmRSS') / 2**30:.2f} GiB")
+          f"{(peak - data_rss * reset) / 2**30:.2f} GiB; whole process now {proc_status('VmRSS') / 2**30:.2f} GiB")
 
     n_images = args.read_images if args.read_images is not None else int(270_000 * scale)
     if n_images:

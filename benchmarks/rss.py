@@ -50,3 +50,11 @@ def measure(command: Sequence[object], *, cwd: Path | None = None, env: Mapping[
                               capture_output=True, text=True, timeout=timeout)
         _, cpu, peak = figures.read_text().split()
         return Measured(int(peak) // 1024, done.returncode, done.stdout, done.stderr, int(peak), float(cpu))
+
+
+def proc_status(key: str) -> int:
+    """A figure of this process's ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ``RssFile``...), bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
