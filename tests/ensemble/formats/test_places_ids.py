@@ -23,10 +23,7 @@ def _doc(ids, labels):
 
 
 def _streamed(path):
-    try:
-        return places._streamed_observations(path, f"--geo-prior {path}")
-    except NeedsLoads:  # an integer beyond 64 bits: the json.loads path reads it ("read" covers it)
-        pytest.skip("yajl reads no integer beyond 64 bits")
+    return places._streamed_observations(path, f"--geo-prior {path}")
 
 
 READERS = {"streamed": _streamed,
@@ -42,6 +39,12 @@ def test_each_observation_carries_its_image_id(tmp_path, reader, ids, dtype):
     doc = _doc(ids, [(ids[0], 1), (ids[2], 2), (ids[3], 1)])
     doc["images"][2]["latitude"] = None
     path.write_text(json.dumps(doc))
+    if reader == "streamed" and dtype is object and 2 ** 64 in ids:
+        # yajl reads no integer beyond 64 bits: the streaming reader hands the file to json.loads
+        # (what "read" does, checked by its own case)
+        with pytest.raises(NeedsLoads):
+            _streamed(path)
+        return
     obs = READERS[reader](path)
     assert obs.image_id.dtype == dtype and obs.image_id.tolist() == [ids[0], ids[3]]
     assert obs.category.tolist() == [1, 1]
@@ -52,6 +55,10 @@ def test_each_observation_carries_its_image_id(tmp_path, reader, ids, dtype):
 def test_an_image_id_twice_is_one_line_naming_it(tmp_path, reader, ids, named):
     path = tmp_path / "train.json"
     path.write_text(json.dumps(_doc(ids, [(i, 1) for i in ids])))
+    if reader == "streamed" and 2 ** 64 in ids:  # handed to json.loads, as above
+        with pytest.raises(NeedsLoads):
+            _streamed(path)
+        return
     with pytest.raises(EnsError, match=rf"train.json: duplicate image id {named}$"):
         READERS[reader](path)
 
